@@ -1,0 +1,54 @@
+"""attn-inject: SE, ECA and CBAM attention inserted into built torchvision and timm CNNs.
+
+    >>> import timm, attn_inject as ai
+    >>> model = timm.create_model("resnet50")
+    >>> print(ai.plan(model, "cbam_after_every_stage"))
+    >>> patched = ai.inject(model, "cbam_after_every_stage")   # identical outputs at insertion
+"""
+from .blocks import BlockParamError, create_block, list_blocks, register_block
+from .graph.shapes import ShapeError
+from .graph.trace import TraceError
+from .inject import InjectError, inject
+from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
+from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, list_recipes, load_recipe
+from .rewrite import AttentionBlocks, InjectionInfo
+from .validate import ValidationError, ValidationReport, validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POSITIONS",
+    "AttentionBlocks",
+    "BlockParamError",
+    "BlockSpec",
+    "InjectError",
+    "InjectionInfo",
+    "InsertionPoint",
+    "Plan",
+    "PlanError",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "ShapeError",
+    "SkippedPoint",
+    "TraceError",
+    "ValidationError",
+    "ValidationReport",
+    "block_parameters",
+    "create_block",
+    "inject",
+    "list_blocks",
+    "list_recipes",
+    "load_recipe",
+    "plan",
+    "register_block",
+    "validate",
+]
+
+
+def block_parameters(patched):
+    """The parameters of the inserted blocks, e.g. for their own optimizer param group."""
+    info = getattr(patched, "attn_inject", None)
+    if info is None:
+        raise ValueError("not a patched model: it has no attn_inject plan")
+    return getattr(patched, info.container).parameters()

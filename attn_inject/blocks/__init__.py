@@ -1,0 +1,101 @@
+"""Attention blocks and their registry.
+
+Every block maps (B, C, H, W) to (B, C, H, W) and takes ``channels`` as its first argument,
+so one registry builds any of them::
+
+    >>> block = create_block("se", 256, ratio=16)
+    >>> register_block("my_gate", MyGate)        # then ``kind: my_gate`` in a recipe
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .cbam import CBAM
+from .eca import EfficientChannelAttention, eca_kernel_size
+from .params import BlockParamError
+from .squeeze_excite import SqueezeExcite, hidden_width
+
+__all__ = [
+    "CBAM",
+    "BlockParamError",
+    "EfficientChannelAttention",
+    "SqueezeExcite",
+    "check_block_params",
+    "create_block",
+    "eca_kernel_size",
+    "hidden_width",
+    "list_blocks",
+    "register_block",
+]
+
+BlockFactory = Callable[..., nn.Module]
+
+_BLOCKS: dict[str, BlockFactory] = {
+    "se": SqueezeExcite,
+    "eca": EfficientChannelAttention,
+    "cbam": CBAM,
+}
+
+
+def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False) -> BlockFactory:
+    """Make ``factory(channels, **params)`` available as block kind ``name``.
+
+    The factory must return a module mapping (B, C, H, W) to (B, C, H, W). Blocks that accept
+    an ``init`` argument receive the recipe's ``init`` ("identity" or "paper").
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"block name {name!r} must be a Python identifier")
+    if not callable(factory):
+        raise TypeError(f"block factory for {name!r} must be callable, got {type(factory).__name__}")
+    if name in _BLOCKS and not overwrite:
+        raise ValueError(f"block {name!r} is already registered; pass overwrite=True to replace it")
+    _BLOCKS[name] = factory
+    return factory
+
+
+def list_blocks() -> list[str]:
+    """Names of the registered block kinds."""
+    return sorted(_BLOCKS)
+
+
+def block_factory(kind: str) -> BlockFactory:
+    try:
+        return _BLOCKS[kind]
+    except KeyError:
+        raise ValueError(f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}") from None
+
+
+def accepts_init(kind: str) -> bool:
+    """Whether the block kind takes an ``init`` argument (all built-in blocks do)."""
+    signature = inspect.signature(block_factory(kind))
+    return "init" in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
+def create_block(kind: str, channels: int, **params: Any) -> nn.Module:
+    """Build block ``kind`` for ``channels`` channels, e.g. ``create_block("cbam", 64)``."""
+    return block_factory(kind)(channels, **params)
+
+
+def check_block_params(kind: str, params: dict[str, Any]) -> None:
+    """Raise ``ValueError`` (``BlockParamError`` for a bad value) unless the parameters build.
+
+    Unknown parameter names are reported with the allowed ones; values are checked by building
+    the block once on the meta device, which allocates nothing.
+    """
+    factory = block_factory(kind)
+    signature = inspect.signature(factory)
+    accepted = [name for name in signature.parameters][1:]
+    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = [name for name in params if name not in accepted]
+    if unknown and not has_var_kw:
+        raise ValueError(
+            f"unknown parameter {unknown[0]!r} for block {kind!r}; allowed: {', '.join(a for a in accepted if a != 'init')}"
+        )
+    with torch.device("meta"):
+        create_block(kind, 64, **params)

@@ -1,0 +1,31 @@
+"""The gate every block multiplies its input by, with the identity-init blend.
+
+A paper block scales its input by an attention map ``a = sigmoid(logits)``. Inserted into a
+trained network, that halves activations on average and damages the network. With
+``init="identity"`` the map is blended with one before it touches the feature map::
+
+    a' = 1 + blend * (a - 1)        blend: one learnable scalar, initialised to 0
+
+so at insertion ``a' == 1`` and ``x * a' == x`` exactly, while ``blend == 1`` is the paper's
+block. The blend acts on the small attention map (B, C, 1, 1) or (B, 1, H, W), never on the
+full feature map, so it costs one tiny kernel. Not in the papers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def make_blend(init: str) -> nn.Parameter | None:
+    """The blend parameter for ``init="identity"`` (a zero scalar), ``None`` for ``"paper"``."""
+    if init == "identity":
+        return nn.Parameter(torch.zeros(()))
+    return None
+
+
+def gate(x: torch.Tensor, logits: torch.Tensor, blend: torch.Tensor | None) -> torch.Tensor:
+    """``x * sigmoid(logits)``, the map blended towards one by ``blend`` when given."""
+    attention = torch.sigmoid(logits)
+    if blend is not None:
+        attention = torch.lerp(torch.ones_like(attention), attention, blend.to(attention.dtype))
+    return x * attention

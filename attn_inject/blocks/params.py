@@ -1,0 +1,65 @@
+"""Checks for block parameters, shared by every built-in block.
+
+Each check raises :class:`BlockParamError` naming the parameter, what it got and what is
+allowed, so that a recipe loader can prefix the file and key.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+INIT_MODES = ("identity", "paper")
+
+
+class BlockParamError(ValueError):
+    """A block parameter has a value the block does not allow."""
+
+    def __init__(self, param: str, value: Any, allowed: str) -> None:
+        self.param = param
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{param}={value!r} is not allowed; {param} must be {allowed}")
+
+
+def positive_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BlockParamError(name, value, "a positive number")
+    return value
+
+
+def number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BlockParamError(name, value, "a number")
+    return value
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BlockParamError(name, value, "an integer >= 1")
+    return value
+
+
+def odd_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise BlockParamError(name, value, "an odd integer >= 1")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BlockParamError(name, value, "true or false")
+    return value
+
+
+def choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
+    if isinstance(value, bool) or value not in allowed:
+        raise BlockParamError(name, value, "one of " + ", ".join(repr(a) for a in allowed))
+    return value
+
+
+def channel_count(channels: Any) -> int:
+    return positive_int("channels", channels)
+
+
+def init_mode(init: Any) -> str:
+    return choice("init", init, INIT_MODES)

@@ -1,0 +1,1 @@
+"""Graph analysis: trace, shapes, layouts, residual additions, stages, insertion positions."""

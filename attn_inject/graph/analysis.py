@@ -1,0 +1,117 @@
+"""The annotated graph every matcher reads: trace, shapes, layouts, ancestry and scopes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from . import ops
+from .layout import annotate_layouts
+from .shapes import propagate_shapes, tensor_meta
+from .trace import trace
+
+__all__ = ["AnnotatedGraph", "annotate", "scope_of"]
+
+
+def scope_of(node: fx.Node) -> str:
+    """Qualified name of the innermost module the node was traced in ('' for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return path[0] if isinstance(path, tuple) else str(path)
+
+
+@dataclass
+class AnnotatedGraph:
+    """A traced model with per-node facts.
+
+    ``ancestors[i]`` is a bitset (a Python int) of the indices of every node that node ``i``
+    depends on; ``from_input`` the bitset of nodes that depend on the model input.
+    """
+
+    gm: fx.GraphModule
+    input_shape: tuple[int, ...]
+    nodes: list[fx.Node]
+    index: dict[fx.Node, int]
+    ancestors: list[int]
+    from_input: int
+    conv_mask: int
+    module_outputs: dict[str, fx.Node] = field(default_factory=dict)
+    module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+
+    def depends_on_input(self, node: fx.Node) -> bool:
+        return bool(self.from_input >> self.index[node] & 1)
+
+    def convs_between(self, start: fx.Node, end: fx.Node) -> int:
+        """Convolutions on the paths from ``start`` (excluded) to ``end`` (included)."""
+        inside = (self.ancestors[self.index[end]] | 1 << self.index[end]) & ~(
+            self.ancestors[self.index[start]] | 1 << self.index[start]
+        )
+        return (inside & self.conv_mask).bit_count()
+
+    def nodes_between(self, start: fx.Node, end: fx.Node) -> int:
+        inside = (self.ancestors[self.index[end]] | 1 << self.index[end]) & ~(
+            self.ancestors[self.index[start]] | 1 << self.index[start]
+        )
+        return inside.bit_count()
+
+    def common_ancestor(self, a: fx.Node, b: fx.Node) -> fx.Node | None:
+        """The latest node both ``a`` and ``b`` depend on (either one itself included)."""
+        both = (self.ancestors[self.index[a]] | 1 << self.index[a]) & (
+            self.ancestors[self.index[b]] | 1 << self.index[b]
+        ) & self.from_input
+        return self.nodes[both.bit_length() - 1] if both else None
+
+    def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
+        """Whether ``b`` depends on ``a``."""
+        return bool(self.ancestors[self.index[b]] >> self.index[a] & 1)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return ops.module_of(node, self.gm)
+
+    def name_of(self, node: fx.Node) -> str:
+        """The module a node's output belongs to: the outermost module whose output it is,
+        else the module it was traced in, else the node's own name."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for path in [p[0] if isinstance(p, tuple) else str(p) for p in stack.values()]:
+            if self.module_outputs.get(path) is node:
+                return path
+        return scope_of(node) or node.name
+
+
+def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
+    """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
+    gm = trace(model)
+    propagate_shapes(gm, input_shape)
+    annotate_layouts(gm)
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    ancestors: list[int] = []
+    from_input = 0
+    conv_mask = 0
+    module_outputs: dict[str, fx.Node] = {}
+    module_inputs: dict[str, fx.Node] = {}
+    for i, node in enumerate(nodes):
+        bits = 0
+        for parent in node.all_input_nodes:
+            j = index[parent]
+            bits |= ancestors[j] | 1 << j
+            if from_input >> j & 1:
+                from_input |= 1 << i
+        ancestors.append(bits)
+        if node.op == "placeholder" and isinstance(tensor_meta(node), torch.Tensor):
+            from_input |= 1 << i
+        if ops.is_conv(node, gm):
+            conv_mask |= 1 << i
+        if node.op != "output":
+            for path in node.meta.get("nn_module_stack", {}).values():
+                name = path[0] if isinstance(path, tuple) else str(path)
+                module_outputs[name] = node
+                module_inputs.setdefault(name, node)
+    return AnnotatedGraph(
+        gm, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs
+    )

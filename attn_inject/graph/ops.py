@@ -1,0 +1,138 @@
+"""What a node does, by module type, function identity and method name (as torch.ao's matchers)."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+__all__ = [
+    "is_activation",
+    "is_add",
+    "is_conv",
+    "is_global_pool",
+    "is_norm",
+    "is_permute",
+    "module_of",
+    "permute_dims",
+]
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+CONV_MODULES = (nn.Conv2d, nn.ConvTranspose2d)
+CONV_FUNCTIONS = {F.conv2d, torch.conv2d, F.conv_transpose2d, torch.conv_transpose2d}
+NORM_MODULES = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.group_norm, F.layer_norm, F.instance_norm}
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardtanh, nn.LeakyReLU, nn.ELU,
+    nn.CELU, nn.SELU, nn.Mish, nn.PReLU, nn.Tanh, nn.Softplus,
+)
+ACTIVATION_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+    torch.tanh, F.hardtanh,
+}
+ACTIVATION_METHODS = {"relu", "relu_", "tanh"}
+SPATIAL_MODULES = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ZeroPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.ConstantPad2d,
+)
+SPATIAL_FUNCTIONS = {
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d,
+}
+
+
+def module_of(node: fx.Node, root: nn.Module) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return root.get_submodule(node.target)
+
+
+def _matches(node: fx.Node, root: nn.Module, modules, functions, methods=frozenset()) -> bool:
+    if node.op == "call_module":
+        return isinstance(module_of(node, root), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def is_conv(node: fx.Node, root: nn.Module) -> bool:
+    return _matches(node, root, CONV_MODULES, CONV_FUNCTIONS)
+
+
+def is_norm(node: fx.Node, root: nn.Module) -> bool:
+    return _matches(node, root, NORM_MODULES, NORM_FUNCTIONS)
+
+
+def is_activation(node: fx.Node, root: nn.Module) -> bool:
+    return _matches(node, root, ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS)
+
+
+def is_spatial(node: fx.Node, root: nn.Module) -> bool:
+    """Pooling, resampling and padding: NCHW in, NCHW out."""
+    return _matches(node, root, SPATIAL_MODULES, SPATIAL_FUNCTIONS)
+
+
+def is_linear(node: fx.Node, root: nn.Module) -> bool:
+    return _matches(node, root, (nn.Linear,), {F.linear})
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def is_permute(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "permute") or (
+        node.op == "call_function" and node.target is torch.permute
+    )
+
+
+def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The permutation of a permute node, when it is given as constants."""
+    args = node.args[1:]
+    if "dims" in node.kwargs:
+        args = (node.kwargs["dims"],)
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    if all(isinstance(a, int) for a in args) and args:
+        return tuple(args)
+    return None
+
+
+DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
+DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
+
+
+def is_data_movement(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in DATA_MOVEMENT_METHODS
+    return node.op == "call_function" and node.target in DATA_MOVEMENT_FUNCTIONS
+
+
+def is_global_pool(node: fx.Node, source: torch.Tensor | None, result: torch.Tensor | None) -> bool:
+    """A reduction of a spatial map to 1x1 or to fewer dimensions (global pooling, flatten)."""
+    if source is None or source.dim() != 4 or source.shape[2] * source.shape[3] <= 1:
+        return False
+    if result is None:
+        return False
+    return result.dim() < 4 or result.shape[2] * result.shape[3] == 1

@@ -1,0 +1,184 @@
+"""Stages: the stretches of a network at one resolution, and the node that ends each.
+
+timm models say where their stages end (``feature_info``; entries at reduction >= 4 are
+used). For any other model, a stage is a stretch of the graph at one spatial resolution at
+stride >= 4, ending at its last node through which every path to the output passes (a
+dominator of the output), before the next downsampling or the global pool. In torchvision's
+ResNet-50 those are the outputs of layer1..layer4, not the first 1x1 conv of the next stage,
+which the downsampling shortcut bypasses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from . import ops
+from .analysis import AnnotatedGraph
+from .layout import NCHW, layout_of, spatial_size
+from .shapes import tensor_meta
+
+__all__ = ["Stage", "find_stages", "output_dominators"]
+
+MIN_STAGE_REDUCTION = 4
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's last node. ``skip_reason`` says why no NCHW block can go there, if so."""
+
+    index: int
+    name: str
+    node: fx.Node
+    channels: int | None
+    reduction: int
+    skip_reason: str | None = None
+
+
+def output_dominators(graph: AnnotatedGraph) -> list[fx.Node]:
+    """Nodes on every path from the model input to the output, in graph order."""
+    idom: dict[int, int] = {}
+    source = None
+    for node in graph.nodes:
+        i = graph.index[node]
+        if not graph.from_input >> i & 1:
+            continue
+        if node.op == "placeholder":
+            if source is None:
+                source = i
+                idom[i] = i
+            continue
+        preds = [graph.index[p] for p in node.all_input_nodes if graph.index[p] in idom]
+        if not preds:
+            continue
+        dom = preds[0]
+        for p in preds[1:]:
+            a, b = dom, p
+            while a != b:
+                while a > b:
+                    a = idom[a]
+                while b > a:
+                    b = idom[b]
+            dom = a
+        idom[i] = dom
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if output is None or graph.index[output] not in idom:
+        return []
+    chain = []
+    i = idom[graph.index[output]]
+    while True:
+        chain.append(graph.nodes[i])
+        if idom[i] == i:
+            break
+        i = idom[i]
+    return chain[::-1]
+
+
+def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
+    hw = spatial_size(node)
+    if hw is None or hw[0] == 0:
+        return None
+    return max(1, round(graph.input_shape[-2] / hw[0]))
+
+
+def _channels(node: fx.Node) -> int | None:
+    t = tensor_meta(node)
+    if t is None or t.dim() != 4 or layout_of(node) is None:
+        return None
+    return t.shape[1] if layout_of(node) == NCHW else t.shape[3]
+
+
+def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
+    t = tensor_meta(node)
+    if t is None or t.dim() != 4:
+        return f"ends at node {node.name!r}, which is not a 4-D feature map"
+    if layout_of(node) != NCHW:
+        return f"ends at node {node.name!r}, whose layout is {layout_of(node) or 'unknown'}, not NCHW"
+    if expected_channels is not None and t.shape[1] != expected_channels:
+        return f"feature_info says {expected_channels} channels, the graph has {t.shape[1]} at node {node.name!r}"
+    return None
+
+
+def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage] | None:
+    try:
+        entries = [dict(e) for e in feature_info]
+    except TypeError:
+        entries = [dict(e) for e in getattr(feature_info, "info", [])]
+    entries = [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+    if not entries:
+        return None
+    stages = []
+    for entry in entries:
+        node = graph.module_outputs.get(entry.get("module", ""))
+        if node is None:
+            return None
+        stages.append(
+            Stage(len(stages), entry["module"], node, _channels(node), int(entry["reduction"]),
+                  _check(node, entry.get("num_chs")))
+        )
+    return stages
+
+
+def _input_size(node: fx.Node) -> tuple[int, int] | None:
+    inputs = node.all_input_nodes
+    return spatial_size(inputs[0]) if inputs else None
+
+
+def _straddles_downsampling(
+    graph: AnnotatedGraph, node: fx.Node, hw: tuple[int, int], next_hw: tuple[int, int] | None
+) -> bool:
+    """Whether ``node`` lies in a module that takes a map at ``hw`` and returns one at the next
+    resolution: the first layers of the next stage's downsampling block (an expansion conv, a
+    transition's norm), which belong to that stage, not this one."""
+    if next_hw is None:
+        return False
+    for value in (node.meta.get("nn_module_stack") or {}).values():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        first, last = graph.module_inputs.get(path), graph.module_outputs.get(path)
+        if last is None or last is node or first is None:
+            continue
+        if _input_size(first) == hw and spatial_size(last) == next_hw:
+            return True
+    return False
+
+
+def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
+    groups: list[list] = []  # [resolution, last node, reduction]
+    dominators = output_dominators(graph)
+    resolutions = []
+    for node in dominators:
+        hw = spatial_size(node)
+        if hw is not None and (not resolutions or resolutions[-1] != hw):
+            resolutions.append(hw)
+    next_resolution = {a: b for a, b in zip(resolutions, resolutions[1:])}
+    for node in dominators:
+        source = node.all_input_nodes[0] if node.all_input_nodes else None
+        if source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node)) and groups:
+            break
+        hw = spatial_size(node)
+        if hw is None:
+            if groups:
+                groups[-1][1] = node
+            continue
+        reduction = _reduction(graph, node)
+        if reduction is None or reduction < MIN_STAGE_REDUCTION:
+            continue
+        if _straddles_downsampling(graph, node, hw, next_resolution.get(hw)):
+            continue
+        if groups and groups[-1][0] == hw:
+            groups[-1][1] = node
+        else:
+            groups.append([hw, node, reduction])
+    return [
+        Stage(i, graph.name_of(node), node, _channels(node), reduction, _check(node))
+        for i, (_, node, reduction) in enumerate(groups)
+    ]
+
+
+def find_stages(graph: AnnotatedGraph, feature_info=None) -> list[Stage]:
+    """The model's stages, from timm's ``feature_info`` when given and resolvable."""
+    if feature_info is not None:
+        stages = _stages_from_feature_info(graph, feature_info)
+        if stages is not None:
+            return stages
+    return _stages_from_dominators(graph)

@@ -1,0 +1,329 @@
+"""The plan: every insertion point a recipe matches in a model, as plain typed data.
+
+``plan(model, recipe)`` traces and annotates the model, matches each rule against the
+candidates of its position, and returns a :class:`Plan`, a sequence of
+:class:`InsertionPoint` in graph order, without changing the model::
+
+    >>> p = plan(torchvision.models.resnet18(), "se_resnet")
+    >>> [pt.channels for pt in p]
+    [64, 64, 128, 128, 256, 256, 512, 512]
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import accepts_init, create_block
+from .graph.analysis import AnnotatedGraph, annotate
+from .graph.shapes import tensor_meta
+from .graph.positions import Candidate, find_candidates, stage_index
+from .graph.stages import Stage, find_stages
+from .recipe import BlockSpec, Recipe, Rule, load_recipe
+
+__all__ = ["InsertionPoint", "Plan", "PlanError", "SkippedPoint", "build_plan", "default_input_size", "plan"]
+
+BATCH = 2  # two samples: batch norm in training mode refuses one value per channel
+
+
+class PlanError(ValueError):
+    """The recipe cannot be matched against this model (e.g. a stage index out of range)."""
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """One block to insert: ``block`` on the output of fx node ``node``, read by ``consumers``
+    (``None``: every user). ``key`` is the block's name under ``patched.attention``."""
+
+    name: str
+    position: str
+    channels: int
+    block: BlockSpec
+    params: int
+    node: str
+    consumers: tuple[str, ...] | None
+    shape: tuple[int, ...]
+    stage: int | None
+    rule: int
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.block} at {self.position} of {self.name} ({self.channels} channels, +{self.params:,} params)"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["block"] = self.block.to_dict()
+        out["consumers"] = None if self.consumers is None else list(self.consumers)
+        out["shape"] = list(self.shape)
+        return out
+
+
+@dataclass(frozen=True)
+class SkippedPoint:
+    """A candidate a rule matched but could not use, and why."""
+
+    name: str
+    position: str
+    node: str
+    rule: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"rule {self.rule} skipped {self.position} of {self.name}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Plan(Sequence[InsertionPoint]):
+    """The insertion points of a recipe in a model, in graph order, and what was skipped."""
+
+    points: tuple[InsertionPoint, ...]
+    recipe: Recipe
+    init: str
+    input_size: tuple[int, ...]
+    model_name: str
+    base_params: int
+    stages: tuple[str, ...] = ()
+    skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.points[i]
+
+    def __iter__(self) -> Iterator[InsertionPoint]:
+        return iter(self.points)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple)):
+            return list(self.points) == list(other)
+        if isinstance(other, Plan):
+            return self.to_dict() == other.to_dict()
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def params_added(self) -> int:
+        return sum(p.params for p in self.points)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "recipe": self.recipe.to_dict(),
+            "init": self.init,
+            "input_size": list(self.input_size),
+            "base_params": self.base_params,
+            "params_added": self.params_added,
+            "stages": list(self.stages),
+            "points": [p.to_dict() for p in self.points],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+    def table(self) -> str:
+        """The plan as a plain-text table."""
+        rows = [("#", "name", "position", "channels", "block", "params")]
+        rows += [
+            (str(i), p.name, p.position, str(p.channels), str(p.block), f"{p.params:,}")
+            for i, p in enumerate(self.points)
+        ]
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        share = 100 * self.params_added / self.base_params if self.base_params else 0.0
+        lines.append(
+            f"{len(self.points)} blocks, +{self.params_added:,} parameters "
+            f"({share:.2f}% of {self.base_params:,}), init={self.init}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """(C, H, W): the user's, else timm's ``pretrained_cfg["input_size"]``, else (C, 224, 224)
+    with C the input channels of the model's first convolution."""
+    if input_size is not None:
+        size = tuple(int(s) for s in input_size)
+        if len(size) == 2:
+            size = (_first_conv_channels(model),) + size
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"input_size must be (C, H, W) or (H, W) with positive sizes, got {tuple(input_size)}")
+        return size  # type: ignore[return-value]
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, Mapping) and cfg.get("input_size"):
+            return tuple(int(s) for s in cfg["input_size"])  # type: ignore[return-value]
+    return (_first_conv_channels(model), 224, 224)
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return 3
+
+
+def model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        return str(cfg["architecture"])
+    info = getattr(model, "attn_inject", None)
+    if info is not None:
+        return info.plan.model_name
+    return type(model).__name__
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+_PARAM_CACHE: dict[tuple, int] = {}
+
+
+def block_params(block: BlockSpec, channels: int, init: str) -> int:
+    """Parameters block ``block`` adds at ``channels`` channels (built once on meta)."""
+    extra = {"init": init} if accepts_init(block.kind) else {}
+    key = (block.kind, repr(sorted(block.params.items())), channels, init)
+    if key not in _PARAM_CACHE:
+        with torch.device("meta"):
+            module = create_block(block.kind, channels, **block.params, **extra)
+        _PARAM_CACHE[key] = count_params(module)
+    return _PARAM_CACHE[key]
+
+
+def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:
+    if rule.stages is not None:
+        wanted = {s % n_stages for s in rule.stages}
+        if stage is None or stage not in wanted:
+            return False
+    channels = candidate.channels
+    if channels is not None:
+        if rule.min_channels is not None and channels < rule.min_channels:
+            return False
+        if rule.max_channels is not None and channels > rule.max_channels:
+            return False
+    if rule.include and not any(re.search(p, candidate.name) for p in rule.include):
+        return False
+    if any(re.search(p, candidate.name) for p in rule.exclude):
+        return False
+    return True
+
+
+def _unique_key(name: str, position: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", f"{name}_{position}" if name else position)
+    if base[0].isdigit():
+        base = "_" + base
+    key, n = base, 2
+    while key in taken:
+        key, n = f"{base}_{n}", n + 1
+    taken.add(key)
+    return key
+
+
+def build_plan(
+    graph: AnnotatedGraph,
+    stages: list[Stage],
+    recipe: Recipe,
+    init: str,
+    name: str,
+    base_params: int,
+) -> Plan:
+    """Match every rule of ``recipe`` against the annotated graph."""
+    chosen: list[tuple[int, int, Candidate, Rule]] = []
+    skipped: list[SkippedPoint] = []
+    taken: dict[tuple, int] = {}
+    for r, rule in enumerate(recipe.rules):
+        if rule.stages is not None:
+            bad = [s for s in rule.stages if not -len(stages) <= s < len(stages)]
+            if bad:
+                raise PlanError(
+                    f"recipe {recipe.name!r} rules[{r}].stages: {bad} out of range; {name} has "
+                    f"{len(stages)} stages ({', '.join(s.name for s in stages) or 'none found'}): "
+                    f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
+                )
+        matches = [
+            c for c in find_candidates(graph, rule.at, stages)
+            if _keep(rule, c, stage_index(graph, stages, c.anchor), len(stages))
+        ]
+        for k, candidate in enumerate(matches):
+            if k % rule.every:
+                continue
+            if candidate.skip_reason:
+                skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, candidate.skip_reason))
+                continue
+            if candidate.edge in taken:
+                skipped.append(SkippedPoint(
+                    candidate.name, rule.at, candidate.node.name, r,
+                    f"rule {taken[candidate.edge]} already puts a block on this edge",
+                ))
+                continue
+            taken[candidate.edge] = r
+            chosen.append((graph.index[candidate.node], r, candidate, rule))
+    chosen.sort(key=lambda item: item[:2])
+    keys: set[str] = set()
+    points = []
+    for _, r, candidate, rule in chosen:
+        t = tensor_meta(candidate.node)
+        channels = int(t.shape[1])
+        points.append(InsertionPoint(
+            name=candidate.name,
+            position=rule.at,
+            channels=channels,
+            block=rule.block,
+            params=block_params(rule.block, channels, init),
+            node=candidate.node.name,
+            consumers=candidate.edge[1],
+            shape=tuple(int(s) for s in t.shape[1:]),
+            stage=stage_index(graph, stages, candidate.anchor),
+            rule=r,
+            key=_unique_key(candidate.name, rule.at, keys),
+        ))
+    return Plan(
+        points=tuple(points),
+        recipe=recipe,
+        init=init,
+        input_size=tuple(graph.input_shape[1:]),
+        model_name=name,
+        base_params=base_params,
+        stages=tuple(s.name for s in stages),
+        skipped=tuple(skipped),
+    )
+
+
+def analyse(
+    model: nn.Module,
+    recipe: str | Mapping[str, Any] | Recipe,
+    *,
+    init: str | None = None,
+    input_size: Sequence[int] | None = None,
+) -> tuple[AnnotatedGraph, Plan]:
+    """Load the recipe, trace and annotate the model, and build the plan."""
+    loaded = load_recipe(recipe)
+    if init is None:
+        init = loaded.init
+    elif init not in ("identity", "paper"):
+        raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+    size = default_input_size(model, input_size)
+    graph = annotate(model, (BATCH,) + size)
+    stages = find_stages(graph, getattr(model, "feature_info", None))
+    return graph, build_plan(graph, stages, loaded, init, model_name(model), count_params(model))
+
+
+def plan(
+    model: nn.Module,
+    recipe: str | Mapping[str, Any] | Recipe,
+    *,
+    init: str | None = None,
+    input_size: Sequence[int] | None = None,
+) -> Plan:
+    """The insertion points ``recipe`` matches in ``model``; the model is not changed.
+
+    ``input_size`` is (C, H, W) (default: the model's own, else 224 x 224). An empty plan
+    means nothing matched.
+    """
+    return analyse(model, recipe, init=init, input_size=input_size)[1]

@@ -1,0 +1,257 @@
+"""Recipes: which block goes where, as YAML, a path, a dict or a built-in name.
+
+A recipe is checked whole before anything is changed; every error names the source (file),
+the key and what is allowed::
+
+    name: cbam_after_every_stage
+    description: CBAM after the last block of every stage
+    init: identity
+    rules:
+      - block: {kind: cbam, ratio: 16, spatial_kernel: 7}
+        at: stage_output
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .blocks import BlockParamError, check_block_params, list_blocks
+
+__all__ = ["POSITIONS", "BlockSpec", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe"]
+
+POSITIONS = (
+    "residual_branch",
+    "pre_block",
+    "post_block",
+    "identity_branch",
+    "stage_output",
+    "conv_output",
+)
+INIT_MODES = ("identity", "paper")
+RECIPE_KEYS = ("name", "description", "init", "rules")
+RULE_KEYS = ("block", "at", "stages", "min_channels", "max_channels", "include", "exclude", "every")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used: the message names the source, the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A block kind with its parameters, e.g. ``cbam(ratio=16, spatial_kernel=7)``."""
+
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.kind}({args})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.params}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a recipe: put ``block`` at ``at`` wherever the filters let it."""
+
+    block: BlockSpec
+    at: str
+    stages: tuple[int, ...] | None = None
+    min_channels: int | None = None
+    max_channels: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    every: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"block": self.block.to_dict(), "at": self.at}
+        if self.stages is not None:
+            out["stages"] = list(self.stages)
+        for key in ("min_channels", "max_channels"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.include:
+            out["include"] = list(self.include)
+        if self.exclude:
+            out["exclude"] = list(self.exclude)
+        if self.every != 1:
+            out["every"] = self.every
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A checked recipe. ``text`` is its YAML, kept for checkpoint manifests."""
+
+    name: str
+    rules: tuple[Rule, ...]
+    init: str = "identity"
+    description: str = ""
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "init": self.init,
+            "rules": [rule.to_dict() for rule in self.rules],
+        }
+
+    @property
+    def text(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _builtin_dir() -> Path:
+    packaged = resources.files("attn_inject") / "builtin_recipes"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipe_paths() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(_builtin_dir().glob("*.yaml"))}
+
+
+def list_recipes() -> list[Recipe]:
+    """The built-in recipes, by name."""
+    return [load_recipe(path) for path in builtin_recipe_paths().values()]
+
+
+def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
+    """A :class:`Recipe` from a built-in name, a YAML path, a dict, or a recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe, source="<dict>")
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        return parse_recipe_text(path.read_text(encoding="utf-8"), source=str(path))
+    if isinstance(recipe, str):
+        builtins = builtin_recipe_paths()
+        if recipe not in builtins:
+            raise RecipeError(
+                f"unknown recipe {recipe!r}: not a built-in recipe ({', '.join(builtins)}) "
+                "and not a path to a .yaml file"
+            )
+        path = builtins[recipe]
+        return parse_recipe_text(path.read_text(encoding="utf-8"), source=str(path))
+    raise RecipeError(f"a recipe must be a name, a path, a dict or a Recipe, got {type(recipe).__name__}")
+
+
+def parse_recipe_text(text: str, source: str) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = ""
+        mark = getattr(error, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(f"{source}: invalid YAML{where}: {problem}") from None
+    return parse_recipe(data, source)
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    """Check ``data`` (a parsed recipe) key by key and build a :class:`Recipe`."""
+    def fail(key: str, message: str) -> RecipeError:
+        return RecipeError(f"{source}: {key}: {message}")
+
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: a recipe must be a mapping with keys {', '.join(RECIPE_KEYS)}")
+    _reject_unknown(data, RECIPE_KEYS, "", fail)
+    name = data.get("name", Path(source).stem if source != "<dict>" else "custom")
+    if not isinstance(name, str) or not name:
+        raise fail("name", f"must be a non-empty string, got {name!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise fail("description", f"must be a string, got {description!r}")
+    init = data.get("init", "identity")
+    if init not in INIT_MODES:
+        raise fail("init", f"{init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
+    rules = data.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise fail("rules", "must be a non-empty list of rules (each with 'block' and 'at')")
+    parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
+    return Recipe(name=name, rules=parsed, init=init, description=description, source=source)
+
+
+def _reject_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str, fail) -> None:
+    for key in data:
+        if key not in allowed:
+            raise fail(f"{prefix}{key}", f"unknown key; allowed keys: {', '.join(allowed)}")
+
+
+def _parse_rule(data: Any, key: str, fail) -> Rule:
+    if not isinstance(data, Mapping):
+        raise fail(key, f"must be a mapping with keys {', '.join(RULE_KEYS)}")
+    _reject_unknown(data, RULE_KEYS, f"{key}.", fail)
+    for required in ("block", "at"):
+        if required not in data:
+            raise fail(f"{key}.{required}", "missing; every rule needs 'block' and 'at'")
+    block = _parse_block(data["block"], f"{key}.block", fail)
+    at = data["at"]
+    if at not in POSITIONS:
+        raise fail(f"{key}.at", f"unknown position {at!r}; allowed: {', '.join(POSITIONS)}")
+    stages = data.get("stages")
+    if stages is not None:
+        if isinstance(stages, int) and not isinstance(stages, bool):
+            stages = [stages]
+        if not isinstance(stages, list) or not stages or any(
+            isinstance(s, bool) or not isinstance(s, int) for s in stages
+        ):
+            raise fail(f"{key}.stages", f"must be a list of stage indices (integers, negatives count from the end), got {stages!r}")
+        stages = tuple(stages)
+    bounds = {}
+    for bound in ("min_channels", "max_channels"):
+        value = data.get(bound)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise fail(f"{key}.{bound}", f"must be an integer >= 1, got {value!r}")
+        bounds[bound] = value
+    if bounds["min_channels"] and bounds["max_channels"] and bounds["min_channels"] > bounds["max_channels"]:
+        raise fail(f"{key}.min_channels", f"{bounds['min_channels']} is greater than max_channels {bounds['max_channels']}")
+    patterns = {}
+    for which in ("include", "exclude"):
+        value = data.get(which, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+            raise fail(f"{key}.{which}", f"must be a regular expression or a list of them, got {value!r}")
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise fail(f"{key}.{which}", f"invalid regular expression {pattern!r}: {error}") from None
+        patterns[which] = tuple(value)
+    every = data.get("every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
+    return Rule(block=block, at=at, stages=stages, every=every, **bounds, **patterns)
+
+
+def _parse_block(data: Any, key: str, fail) -> BlockSpec:
+    if isinstance(data, str):
+        data = {"kind": data}
+    if not isinstance(data, Mapping) or "kind" not in data:
+        raise fail(key, f"must be a block kind ({', '.join(list_blocks())}) or a mapping with 'kind' and its parameters")
+    params = {k: v for k, v in data.items() if k != "kind"}
+    kind = data["kind"]
+    if kind not in list_blocks():
+        raise fail(f"{key}.kind", f"unknown block {kind!r}; allowed: {', '.join(list_blocks())}")
+    if "init" in params:
+        raise fail(f"{key}.init", "init is set for the whole recipe (top-level 'init'), not per block")
+    try:
+        check_block_params(kind, params)
+    except BlockParamError as error:
+        raise fail(f"{key}.{error.param}", f"{error.value!r} is not allowed; must be {error.allowed}") from None
+    except (ValueError, TypeError) as error:
+        raise fail(key, str(error)) from None
+    return BlockSpec(kind=kind, params=dict(params))

@@ -1,0 +1,126 @@
+"""The rewrite pass: add each planned block as a module and a ``call_module`` node.
+
+Following torch.ao's recipe: the blocks live in one ``nn.ModuleDict`` on the root
+(``patched.attention``), each node is created with ``graph.inserting_after(producer)``,
+the planned consumers are rewired to read it, then the graph is linted and recompiled.
+The original model's top-level modules, parameters, buffers and plain attributes are
+re-attached to the new module, so every original ``state_dict`` key stays and timm
+metadata (``pretrained_cfg``, ``num_classes``...) survives; the original model is not changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .blocks import accepts_init, create_block
+from .plan import Plan
+
+__all__ = ["AttentionBlocks", "InjectionInfo", "rewrite"]
+
+CONTAINER = "attention"
+PRESERVED = "_user_preserved_attributes"  # GraphModule restores these on deepcopy
+ANNOTATIONS = ("val", "layout")
+
+
+class AttentionBlocks(nn.ModuleDict):
+    """The inserted blocks of a patched model, keyed by insertion point."""
+
+
+@dataclass(frozen=True)
+class InjectionInfo:
+    """What a patched model remembers: its plan (recipe, init, model name, input size) and
+    where its blocks live. ``patched.attn_inject`` holds it."""
+
+    plan: Plan
+    container: str = CONTAINER
+
+    @property
+    def block_keys(self) -> list[str]:
+        return [f"{self.container}.{p.key}" for p in self.plan]
+
+
+def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in list(model.parameters()) + list(model.buffers()):
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _container_name(model: nn.Module) -> str:
+    existing = getattr(model, CONTAINER, None)
+    if existing is None or isinstance(existing, AttentionBlocks):
+        return CONTAINER
+    name = "attn_inject_blocks"
+    if hasattr(model, name) and not isinstance(getattr(model, name), AttentionBlocks):
+        raise ValueError(f"{type(model).__name__} already has attributes {CONTAINER!r} and {name!r}")
+    return name
+
+
+def build_blocks(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+    blocks = {}
+    for point in plan:
+        extra = {"init": plan.init} if accepts_init(point.block.kind) else {}
+        with torch.device(device):
+            block = create_block(point.block.kind, point.channels, **point.block.params, **extra)
+        block = block.to(dtype=dtype)
+        block._attn_inject_block = True  # a leaf when the patched model is traced again
+        blocks[point.key] = block
+    return blocks
+
+
+def rewrite(gm: fx.GraphModule, plan: Plan, original: nn.Module) -> fx.GraphModule:
+    """Insert the planned blocks into ``gm`` (traced from ``original``) and return it."""
+    container_name = _container_name(original)
+    container = getattr(original, container_name, None)
+    container = AttentionBlocks(container.items() if container is not None else ())
+    device, dtype = _reference_tensor(original)
+    new_blocks = build_blocks(plan, device, dtype)
+    for key in new_blocks:
+        if key in container:
+            raise ValueError(f"the model already has a block named {container_name}.{key}")
+    container.update(new_blocks)
+
+    _reattach(original, gm)
+    gm.add_module(container_name, container)
+    graph = gm.graph
+    by_name = {node.name: node for node in graph.nodes}
+    # Edge insertions first: an all-users insertion on the same producer then wraps them.
+    ordered = sorted(plan, key=lambda p: p.consumers is None)
+    for point in ordered:
+        producer = by_name[point.node]
+        with graph.inserting_after(producer):
+            node = graph.call_module(f"{container_name}.{point.key}", (producer,))
+        if point.consumers is None:
+            producer.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        else:
+            for consumer in point.consumers:
+                by_name[consumer].replace_input_with(producer, node)
+    for node in graph.nodes:
+        for key in ANNOTATIONS:
+            node.meta.pop(key, None)
+    graph.lint()
+    gm.recompile()
+    preserved = gm.meta.setdefault(PRESERVED, {})
+    for key, value in vars(original).items():
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
+            setattr(gm, key, value)
+            preserved[key] = value
+    info = InjectionInfo(plan=plan, container=container_name)
+    gm.attn_inject = info
+    preserved["attn_inject"] = info
+    return gm
+
+
+def _reattach(original: nn.Module, gm: fx.GraphModule) -> None:
+    """Give ``gm`` the original's own top-level modules, parameters and buffers (the traced
+    module holds only those the graph uses, under plain containers)."""
+    for name, child in original.named_children():
+        setattr(gm, name, child)
+    for name, param in original._parameters.items():
+        if param is not None:
+            gm.register_parameter(name, param)
+    for name, buffer in original._buffers.items():
+        if buffer is not None:
+            gm.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)

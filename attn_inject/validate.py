@@ -1,0 +1,139 @@
+"""``validate()``: run the original and the patched model on the same random input and
+report what a user needs to trust the patched one."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .graph.trace import eval_mode
+from .plan import count_params, default_input_size
+
+__all__ = ["ValidationError", "ValidationReport", "validate"]
+
+IDENTITY_TOLERANCE = 1e-5  # of the output's scale, in fp32
+
+
+class ValidationError(ValueError):
+    """The models cannot be validated (e.g. weights on the meta device)."""
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """The outcome of :func:`validate`. ``passed`` is true when every check holds."""
+
+    device: str
+    input_shape: tuple[int, ...]
+    init: str
+    max_abs_diff: float
+    output_scale: float
+    relative_diff: float
+    identity_expected: bool
+    identity_ok: bool
+    params_added: int
+    params_planned: int
+    params_ok: bool
+    finite: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.finite and self.params_ok and (self.identity_ok or not self.identity_expected)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def __str__(self) -> str:
+        identity = (
+            f"identity {'OK' if self.identity_ok else 'FAILED'}: max |patched - original| = "
+            f"{self.max_abs_diff:.3g} ({self.relative_diff:.3g} of output scale {self.output_scale:.3g}, "
+            f"tolerance {IDENTITY_TOLERANCE:g})"
+            if self.identity_expected
+            else f"init={self.init}: max |patched - original| = {self.max_abs_diff:.3g} (no identity expected)"
+        )
+        params = f"parameters added {self.params_added:,} ({'matches' if self.params_ok else 'DIFFERS from'} the plan's {self.params_planned:,})"
+        finite = "outputs finite" if self.finite else "NON-FINITE outputs"
+        return (
+            f"validation on {self.device}, input {tuple(self.input_shape)}: {'PASSED' if self.passed else 'FAILED'}\n"
+            f"  {identity}\n  {params}\n  {finite}"
+        )
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError("device 'cuda' was asked for, but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            try:
+                return _first_tensor(item)
+            except ValidationError:
+                continue
+    raise ValidationError(f"the model returned no tensor ({type(output).__name__})")
+
+
+@torch.no_grad()
+def validate(
+    original: nn.Module,
+    patched: nn.Module,
+    *,
+    input_size: Sequence[int] | None = None,
+    batch: int = 2,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+) -> ValidationReport:
+    """Compare ``patched`` with ``original`` in eval mode on one random batch.
+
+    Checks that outputs are finite, that the parameters added equal the plan's, and, at
+    ``init="identity"``, that max |patched(x) - original(x)| <= 1e-5 x max |original(x)|.
+    Runs on CUDA when available (``device="auto"``); models elsewhere are copied there.
+    """
+    info = getattr(patched, "attn_inject", None)
+    if info is None:
+        raise ValidationError("the second model is not a patched model (it has no attn_inject plan)")
+    if any(p.is_meta for p in patched.parameters()):
+        raise ValidationError("the model's weights are on the meta device; materialise them before validating")
+    target = _resolve_device(device)
+    model_device = next(patched.parameters()).device
+    if model_device != target:
+        original, patched = copy.deepcopy((original, patched))
+        original.to(target)
+        patched.to(target)
+    size = tuple(input_size) if input_size is not None else tuple(info.plan.input_size) or default_input_size(original)
+    dtype = next(p.dtype for p in patched.parameters() if p.is_floating_point())
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch,) + tuple(size), generator=generator).to(target, dtype)
+    with eval_mode(original), eval_mode(patched):
+        reference = _first_tensor(original(x)).float()
+        output = _first_tensor(patched(x)).float()
+    max_abs = float((output - reference).abs().max()) if output.shape == reference.shape else float("inf")
+    scale = float(reference.abs().max())
+    relative = max_abs / scale if scale > 0 else max_abs
+    added = count_params(patched) - count_params(original)
+    identity_expected = info.plan.init == "identity"
+    return ValidationReport(
+        device=str(target) if target.type != "cuda" else f"cuda ({torch.cuda.get_device_name(target)})",
+        input_shape=(batch,) + tuple(size),
+        init=info.plan.init,
+        max_abs_diff=max_abs,
+        output_scale=scale,
+        relative_diff=relative,
+        identity_expected=identity_expected,
+        identity_ok=relative <= IDENTITY_TOLERANCE,
+        params_added=added,
+        params_planned=info.plan.params_added,
+        params_ok=added == info.plan.params_added,
+        finite=bool(torch.isfinite(output).all()),
+    )
