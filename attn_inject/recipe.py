@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .blocks import BlockParamError, check_block_params, list_blocks
+from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
 
-__all__ = ["POSITIONS", "BlockSpec", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe"]
+__all__ = ["POSITIONS", "BlockSpec", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe", "parse_recipe_text"]
 
 POSITIONS = (
     "residual_branch",
@@ -125,11 +125,13 @@ def list_recipes() -> list[Recipe]:
 
 
 def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
-    """A :class:`Recipe` from a built-in name, a YAML path, a dict, or a recipe (returned as is)."""
+    """A :class:`Recipe` from a built-in name, a YAML path, YAML text, a dict, or a recipe."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Mapping):
         return parse_recipe(recipe, source="<dict>")
+    if isinstance(recipe, str) and "\n" in recipe:
+        return parse_recipe_text(recipe, source="<text>")
     if isinstance(recipe, Path) or (isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)):
         path = Path(recipe)
         if not path.is_file():
@@ -147,9 +149,29 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     raise RecipeError(f"a recipe must be a name, a path, a dict or a Recipe, got {type(recipe).__name__}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def parse_recipe_text(text: str, source: str) -> Recipe:
+    """A :class:`Recipe` from YAML text; ``source`` names it in errors."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
         where = ""
         mark = getattr(error, "problem_mark", None)
@@ -166,7 +188,8 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         return RecipeError(f"{source}: {key}: {message}")
 
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{source}: a recipe must be a mapping with keys {', '.join(RECIPE_KEYS)}")
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise RecipeError(f"{source}: a recipe must be a mapping with keys {', '.join(RECIPE_KEYS)}; got {got}")
     _reject_unknown(data, RECIPE_KEYS, "", fail)
     name = data.get("name", Path(source).stem if source != "<dict>" else "custom")
     if not isinstance(name, str) or not name:
@@ -177,9 +200,11 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     init = data.get("init", "identity")
     if init not in INIT_MODES:
         raise fail("init", f"{init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
-    rules = data.get("rules")
+    if "rules" not in data:
+        raise fail("rules", "missing; a recipe needs a non-empty list of rules (each with 'block' and 'at')")
+    rules = data["rules"]
     if not isinstance(rules, list) or not rules:
-        raise fail("rules", "must be a non-empty list of rules (each with 'block' and 'at')")
+        raise fail("rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {rules!r}")
     parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
     return Recipe(name=name, rules=parsed, init=init, description=description, source=source)
 
@@ -248,6 +273,10 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
         raise fail(f"{key}.kind", f"unknown block {kind!r}; allowed: {', '.join(list_blocks())}")
     if "init" in params:
         raise fail(f"{key}.init", "init is set for the whole recipe (top-level 'init'), not per block")
+    allowed = block_param_names(kind)
+    for name in params:
+        if allowed is not None and name not in allowed:
+            raise fail(f"{key}.{name}", f"unknown parameter of block {kind!r}; allowed: {', '.join(allowed)}")
     try:
         check_block_params(kind, params)
     except BlockParamError as error:

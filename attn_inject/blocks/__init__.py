@@ -24,6 +24,7 @@ __all__ = [
     "BlockParamError",
     "EfficientChannelAttention",
     "SqueezeExcite",
+    "block_param_names",
     "check_block_params",
     "create_block",
     "eca_kernel_size",
@@ -82,20 +83,29 @@ def create_block(kind: str, channels: int, **params: Any) -> nn.Module:
     return block_factory(kind)(channels, **params)
 
 
-def check_block_params(kind: str, params: dict[str, Any]) -> None:
-    """Raise ``ValueError`` (``BlockParamError`` for a bad value) unless the parameters build.
+def block_param_names(kind: str) -> list[str] | None:
+    """The parameters block ``kind`` accepts besides ``channels`` and ``init`` (None: any)."""
+    parameters = list(inspect.signature(block_factory(kind)).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.name != "init"]
 
-    Unknown parameter names are reported with the allowed ones; values are checked by building
-    the block once on the meta device, which allocates nothing.
+
+def check_block_params(kind: str, params: dict[str, Any]) -> None:
+    """Raise ``BlockParamError`` unless block ``kind`` builds with ``params``.
+
+    Unknown names are reported with the allowed ones; values are checked by building the
+    block once on the meta device, which allocates nothing.
     """
-    factory = block_factory(kind)
-    signature = inspect.signature(factory)
-    accepted = [name for name in signature.parameters][1:]
-    has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    unknown = [name for name in params if name not in accepted]
-    if unknown and not has_var_kw:
-        raise ValueError(
-            f"unknown parameter {unknown[0]!r} for block {kind!r}; allowed: {', '.join(a for a in accepted if a != 'init')}"
-        )
-    with torch.device("meta"):
-        create_block(kind, 64, **params)
+    allowed = block_param_names(kind)
+    for name, value in params.items():
+        if allowed is not None and name not in allowed:
+            raise BlockParamError(name, value, f"one of the parameters of block {kind!r}: {', '.join(allowed)}")
+    try:
+        with torch.device("meta"):
+            create_block(kind, 64, **params)
+    except BlockParamError:
+        raise
+    except Exception as error:  # a user block's own checks, or torch refusing a size
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"block {kind!r} cannot be built with {params}: {first_line}") from None

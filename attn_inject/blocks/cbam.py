@@ -95,13 +95,17 @@ class CBAM(nn.Module):
     ) -> None:
         super().__init__()
         channels = check.channel_count(channels)
-        check.positive_number("ratio", ratio)
+        check.ratio("ratio", ratio)
         check.boolean("bias", bias)
         if divisor is not None:
             check.positive_int("divisor", divisor)
         check.choice("spatial_kernel", spatial_kernel, (3, 5, 7))
         check.choice("channel", channel, ("fc", "conv"))
         check.boolean("spatial_norm", spatial_norm)
+        check.positive_number("gamma", gamma)
+        check.number("b", b)
+        if kernel_size is not None:
+            check.odd_int("kernel_size", kernel_size)
         self.init = check.init_mode(init)
         self.channel = ChannelAttention(
             channels, channel, ratio, bias, divisor, kernel_size, gamma, b, init

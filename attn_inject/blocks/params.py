@@ -33,15 +33,22 @@ def number(name: str, value: Any) -> float:
     return value
 
 
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BlockParamError(name, value, "an integer >= 1")
+def ratio(name: str, value: Any) -> float:
+    """A reduction ratio: hidden width = channels / ratio, so at least 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        raise BlockParamError(name, value, "a number >= 1 (hidden width = channels / ratio)")
     return value
 
 
-def odd_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
-        raise BlockParamError(name, value, "an odd integer >= 1")
+def positive_int(name: str, value: Any, largest: int = 4096) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+        raise BlockParamError(name, value, f"an integer from 1 to {largest}")
+    return value
+
+
+def odd_int(name: str, value: Any, largest: int = 63) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest or value % 2 == 0:
+        raise BlockParamError(name, value, f"an odd integer from 1 to {largest}")
     return value
 
 
@@ -58,7 +65,7 @@ def choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
 
 
 def channel_count(channels: Any) -> int:
-    return positive_int("channels", channels)
+    return positive_int("channels", channels, largest=1 << 20)
 
 
 def init_mode(init: Any) -> str:

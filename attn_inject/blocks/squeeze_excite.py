@@ -40,7 +40,7 @@ class SqueezeExcite(nn.Module):
     ) -> None:
         super().__init__()
         channels = check.channel_count(channels)
-        check.positive_number("ratio", ratio)
+        check.ratio("ratio", ratio)
         self.pool = check.choice("pool", pool, ("avg", "max"))
         check.boolean("bias", bias)
         if divisor is not None:

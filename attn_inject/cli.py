@@ -1,0 +1,153 @@
+"""The ``attn-inject`` command line (also ``python -m attn_inject``).
+
+Exit codes: 0 success, 1 failure, 2 usage error. Errors are one line on stderr; ``--debug``
+shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import traceback
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+DEMO_MODEL = "timm:resnet50"
+DEMO_RECIPE = "cbam_after_every_stage"
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(
+        prog="attn-inject", description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    recipes = sub.add_parser("recipes", parents=[common], help="list the built-in recipes, or show one")
+    recipes.add_argument("action", nargs="?", choices=["show"], help="show one recipe's YAML")
+    recipes.add_argument("name", nargs="?", help="recipe name (with 'show')")
+
+    sub.add_parser("blocks", parents=[common], help="list the block kinds")
+
+    for name, help_text in (
+        ("plan", "print the insertion points of a recipe in a model"),
+        ("demo", "plan, inject and check identity on a random-init model (default: timm resnet50)"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=help_text)
+        default_model = DEMO_MODEL if name == "demo" else None
+        p.add_argument("model", nargs="?" if name == "demo" else None, default=default_model,
+                       help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)")
+        p.add_argument("--recipe", "-r", default=DEMO_RECIPE if name == "demo" else None,
+                       required=name == "plan", help="built-in recipe name or a YAML path")
+        p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                       help="input size for shape inference (default: the model's own)")
+        p.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
+        p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
+                       help="model builder arguments, e.g. num_classes=10")
+    return parser
+
+
+def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipe import list_recipes, load_recipe
+
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("recipes show needs a recipe name")
+        recipe = load_recipe(args.name)
+        _emit(args, recipe.text.rstrip(), recipe.to_dict())
+        return 0
+    if args.name:
+        raise UsageError(f"unexpected argument {args.name!r}; did you mean 'recipes show {args.name}'?")
+    recipes = list_recipes()
+    width = max(len(r.name) for r in recipes)
+    text = "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes)
+    _emit(args, text, [r.to_dict() for r in recipes])
+    return 0
+
+
+def _cmd_blocks(args: argparse.Namespace) -> int:
+    from .blocks import list_blocks
+
+    _emit(args, "\n".join(list_blocks()), list_blocks())
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .models import build_for_planning, resolve
+    from .plan import plan
+
+    model = build_for_planning(args.model, **_model_kwargs(args.model_kwargs))
+    result = plan(model, args.recipe, init=args.init, input_size=args.input_size)
+    result = dataclasses.replace(result, model_name=":".join(resolve(args.model)))
+    text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
+    if result.skipped:
+        text += "\nskipped:\n" + "\n".join(f"  {s}" for s in result.skipped)
+    _emit(args, text, result.to_dict())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .inject import inject
+    from .models import build_model
+    from .validate import validate
+
+    torch.manual_seed(0)
+    model = build_model(args.model, **_model_kwargs(args.model_kwargs))
+    patched = inject(model, args.recipe, init=args.init, input_size=args.input_size)
+    report = validate(model, patched, input_size=args.input_size)
+    plan = patched.attn_inject.plan
+    text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
+    _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
+    return 0 if report.passed else 1
+
+
+COMMANDS = {"recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"attn-inject: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"attn-inject: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Building a model by name: ``timm:NAME``, ``tv:NAME``, or a bare name (timm first, then
+torchvision). Random init only: nothing is downloaded."""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelNameError", "build_model"]
+
+
+class ModelNameError(ValueError):
+    """No timm or torchvision model has that name."""
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _tv_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models()
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """(source, name) for ``name``; source is "timm" or "tv"."""
+    source, _, bare = name.partition(":")
+    if bare:
+        if source not in ("timm", "tv"):
+            raise ModelNameError(f"unknown model source {source!r} in {name!r}; use 'timm:NAME' or 'tv:NAME'")
+        names = _timm_names() if source == "timm" else _tv_names()
+        if bare not in names:
+            raise ModelNameError(_unknown(bare, names, source))
+        return source, bare
+    if name in _timm_names():
+        return "timm", name
+    if name in _tv_names():
+        return "tv", name
+    raise ModelNameError(_unknown(name, sorted(set(_timm_names()) | set(_tv_names())), "timm or torchvision"))
+
+
+def _unknown(name: str, names: list[str], where: str) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown model {name!r}: not a {where} model name{hint}"
+
+
+def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
+    """Build ``name`` with random weights on ``device`` ("meta" allocates nothing)."""
+    source, bare = resolve(name)
+    with torch.device(device):
+        if source == "timm":
+            import timm
+
+            return timm.create_model(bare, pretrained=False, **kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(bare, weights=None, **kwargs)
+
+
+def build_for_planning(name: str, **kwargs: Any) -> nn.Module:
+    """The model on the meta device when it can be built there, else on the CPU."""
+    try:
+        return build_model(name, device="meta", **kwargs)
+    except ModelNameError:
+        raise
+    except Exception:
+        return build_model(name, device="cpu", **kwargs)

@@ -1,0 +1,36 @@
+"""Shared fixtures: small inputs, random-init models built once per session."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+import torchvision
+
+SIZE = (3, 64, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    source, _, bare = name.partition(":")
+    if source == "tv":
+        model = torchvision.models.get_model(bare, weights=None)
+    else:
+        model = timm.create_model(bare, pretrained=False)
+    return model.eval()
+
+
+@pytest.fixture
+def build():
+    """``build("tv:resnet18")`` / ``build("timm:resnet50")``: a cached random-init model in eval mode."""
+    return _build
+
+
+def meta_model(name: str) -> torch.nn.Module:
+    source, _, bare = name.partition(":")
+    with torch.device("meta"):
+        if source == "tv":
+            return torchvision.models.get_model(bare, weights=None)
+        return timm.create_model(bare, pretrained=False)

@@ -1,0 +1,300 @@
+"""Injection: function preservation, learning, and everything users do with a model next."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attn_inject as ai
+
+from .conftest import SIZE, meta_model
+
+MODELS = [
+    "tv:resnet18",
+    "tv:resnet50",
+    "timm:resnet50",
+    "timm:convnext_tiny",
+    "timm:efficientnet_b0",
+    "timm:mobilenetv3_large_100",
+    "timm:densenet121",
+]
+RECIPES = [r.name for r in ai.list_recipes()]
+RESIDUAL_RECIPES = {"se_resnet", "eca_resnet", "cbam_resnet", "se_pre", "se_post", "se_identity"}
+
+
+def _input(batch: int = 2) -> torch.Tensor:
+    return torch.randn((batch,) + SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", MODELS)
+def test_identity_init_preserves_outputs(build, name, recipe):
+    model = build(name)
+    patched = ai.inject(model, recipe, input_size=SIZE, allow_empty=True)
+    expect_empty = name == "timm:densenet121" and recipe in RESIDUAL_RECIPES
+    assert (len(patched.attn_inject.plan) == 0) == expect_empty
+    x = _input()
+    with torch.no_grad():
+        reference, output = model(x), patched(x)
+    assert (output - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize(
+    "name, recipe, expected",
+    [
+        ("tv:resnet50", "se_resnet", 28_088_024),
+        ("tv:resnet50", "cbam_resnet", 28_089_592),
+        ("timm:resnet50d", "eca_resnet", 25_576_350),
+    ],
+)
+def test_paper_init_parameter_counts_match_the_papers(name, recipe, expected):
+    patched = ai.inject(meta_model(name), recipe, init="paper")
+    assert sum(p.numel() for p in patched.parameters()) == expected
+
+
+def test_identity_init_adds_one_scalar_per_attention_map():
+    base = ai.inject(meta_model("tv:resnet50"), "cbam_resnet", init="paper")
+    identity = ai.inject(meta_model("tv:resnet50"), "cbam_resnet")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(identity) - count(base) == 16 * 2
+
+
+def test_patched_resnet50_with_se_equals_timm_seresnet50():
+    """The papers' placement reproduces timm's hand-built SE-ResNet-50 exactly."""
+    torch.manual_seed(0)
+    patched = ai.inject(timm.create_model("resnet50").eval(), "se_resnet", init="paper", input_size=SIZE)
+    reference = timm.create_model("seresnet50").eval()
+    state = {}
+    for key, value in patched.state_dict().items():
+        if key.startswith("attention."):
+            block, _, rest = key[len("attention."):].partition(".")
+            layer, index = block.split("_")[:2]
+            key = f"{layer}.{index}.se.{rest}"
+        state[key] = value
+    reference.load_state_dict(state)
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), reference(x), rtol=0, atol=0)
+
+
+def test_patched_resnet50d_with_eca_equals_timm_ecaresnet50d():
+    torch.manual_seed(0)
+    patched = ai.inject(timm.create_model("resnet50d").eval(), "eca_resnet", init="paper", input_size=SIZE)
+    reference = timm.create_model("ecaresnet50d").eval()
+    state = {}
+    for key, value in patched.state_dict().items():
+        if key.startswith("attention."):
+            block, _, _ = key[len("attention."):].partition(".")
+            layer, index = block.split("_")[:2]
+            key = f"{layer}.{index}.se.conv.weight"
+        state[key] = value
+    reference.load_state_dict(state)
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), reference(x), rtol=0, atol=0)
+
+
+def _bottleneck_with(block, x, where, attn):
+    """torchvision Bottleneck.forward written out, with ``attn`` applied at ``where``."""
+    identity = x
+    branch_in = attn(x) if where == "pre_block" else x
+    out = block.relu(block.bn1(block.conv1(branch_in)))
+    out = block.relu(block.bn2(block.conv2(out)))
+    out = block.bn3(block.conv3(out))
+    if where == "residual_branch":
+        out = attn(out)
+    if block.downsample is not None:
+        identity = block.downsample(x)
+    if where == "identity_branch":
+        identity = attn(identity)
+    out = out + identity
+    if where == "post_block":
+        out = attn(out)
+    return block.relu(out)
+
+
+@pytest.mark.parametrize("recipe, where", [
+    ("se_resnet", "residual_branch"), ("se_pre", "pre_block"), ("se_post", "post_block"), ("se_identity", "identity_branch"),
+])
+def test_positions_match_a_hand_built_resnet(build, recipe, where):
+    """SENet Table 14's placements, against torchvision's ResNet-50 written out by hand."""
+    model = build("tv:resnet50")
+    patched = ai.inject(model, recipe, init="paper", input_size=SIZE)
+    blocks = iter(patched.attention.values())
+    x = _input()
+    with torch.no_grad():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in layer:
+                h = _bottleneck_with(block, h, where, next(blocks))
+        expected = model.fc(torch.flatten(model.avgpool(h), 1))
+        torch.testing.assert_close(patched(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _nonzero_grads(model, steps, x, target):
+    """Names of block parameters that get a non-zero gradient in ``steps`` SGD steps."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = set()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        seen |= {n for n, p in model.attention.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        optimizer.step()
+    return seen
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage", "se_pre"])
+def test_every_new_parameter_gets_a_gradient_within_two_steps(build, recipe):
+    """Identity init delays learning by at most one step. A parameter may get no gradient
+    with the paper's block either (a ReLU unit of the excitation MLP dead on the whole batch
+    at random init); the comparison is against the same weights at blend = 1, the paper block."""
+    x, target = _input(4), torch.tensor([0, 1, 2, 3])
+    patched = ai.inject(copy.deepcopy(build("tv:resnet18")), recipe, input_size=SIZE).train()
+    as_paper = copy.deepcopy(patched)
+    with torch.no_grad():
+        for name, p in as_paper.attention.named_parameters():
+            if name.endswith("blend"):
+                p.fill_(1.0)
+    learns_as_paper = _nonzero_grads(as_paper, 1, x, target) - {n for n in dict(as_paper.attention.named_parameters()) if n.endswith("blend")}
+    blends = {n for n in dict(patched.attention.named_parameters()) if n.endswith("blend")}
+    inner = set(dict(patched.attention.named_parameters())) - blends
+    assert len(learns_as_paper) >= 0.8 * len(inner)  # the comparison is not vacuous
+    first_step = _nonzero_grads(copy.deepcopy(patched), 1, x, target)
+    assert first_step >= blends
+    seen = _nonzero_grads(patched, 2, x, target)
+    assert seen >= blends | learns_as_paper, sorted(blends | learns_as_paper - seen)
+
+
+def test_state_dict_keeps_every_original_key(build):
+    model = build("timm:efficientnet_b0")
+    patched = ai.inject(model, "cbam_resnet", input_size=SIZE)
+    original_keys = list(model.state_dict())
+    patched_keys = list(patched.state_dict())
+    assert set(original_keys) <= set(patched_keys)
+    assert all(k.startswith("attention.") for k in set(patched_keys) - set(original_keys))
+    result = patched.load_state_dict(model.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert set(result.missing_keys) == set(patched_keys) - set(original_keys)
+
+
+def test_original_model_keeps_working_unchanged(build):
+    model = build("tv:resnet18")
+    x = _input()
+    with torch.no_grad():
+        before = model(x)
+    keys = list(model.state_dict())
+    ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert list(model.state_dict()) == keys
+    assert type(model).__name__ == "ResNet" and not hasattr(model, "attention")
+
+
+def test_meta_device_model_injects_without_allocating():
+    patched = ai.inject(meta_model("timm:resnet50"), "cbam_after_every_stage")
+    assert all(p.is_meta for p in patched.parameters())
+    patched.to_empty(device="cpu")
+    assert patched(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_timm_metadata_survives(build):
+    model = build("timm:resnet50")
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert patched.pretrained_cfg == model.pretrained_cfg
+    assert patched.num_classes == 1000
+    assert patched.feature_info == model.feature_info
+    assert patched.attn_inject.plan.model_name == "resnet50"
+
+
+def test_replacing_the_classifier_head(build):
+    patched = ai.inject(copy.deepcopy(build("timm:resnet50")), "se_resnet", input_size=SIZE)
+    patched.fc = nn.Linear(patched.num_features, 10)
+    assert patched(_input()).shape == (2, 10)
+    assert "fc.weight" in patched.state_dict() and patched.state_dict()["fc.weight"].shape == (10, 2048)
+
+
+def test_deepcopy_and_whole_model_pickling_keep_behaviour(build):
+    model = build("timm:resnet50")
+    patched = ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE)
+    x = _input()
+    with torch.no_grad():
+        expected = patched(x)
+    clone = copy.deepcopy(patched)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (clone, loaded):
+        with torch.no_grad():
+            torch.testing.assert_close(other.eval()(x), expected, rtol=0, atol=0)
+        assert other.attn_inject.plan == patched.attn_inject.plan
+        assert other.pretrained_cfg == model.pretrained_cfg
+        assert list(other.state_dict()) == list(patched.state_dict())
+
+
+def test_dtype_device_and_mode_changes_apply_to_blocks(build):
+    patched = ai.inject(copy.deepcopy(build("tv:resnet18")), {"rules": [{"block": {"kind": "cbam", "spatial_norm": True}, "at": "stage_output"}]}, input_size=SIZE)
+    patched.train()
+    assert all(m.training for m in patched.attention.modules())
+    patched.eval()
+    assert not any(m.training for m in patched.attention.modules())
+    patched.double()
+    assert all(p.dtype == torch.float64 for p in patched.attention.parameters())
+    assert patched(_input().double()).dtype == torch.float64
+    patched.half()
+    assert all(p.dtype == torch.float16 for p in patched.parameters())
+
+
+def test_channels_last_model_gives_same_outputs(build):
+    model = copy.deepcopy(build("tv:resnet18"))
+    patched = ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE)
+    x = _input()
+    with torch.no_grad():
+        expected = patched(x)
+        patched = patched.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(patched(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_plan_raises_unless_allowed(build):
+    model = meta_model("timm:densenet121")
+    with pytest.raises(ai.InjectError, match="matches nothing in densenet121.*allow_empty=True"):
+        ai.inject(model, "se_resnet")
+    patched = ai.inject(model, "se_resnet", allow_empty=True)
+    assert len(patched.attention) == 0
+
+
+def test_patched_model_can_be_patched_again(build):
+    model = build("tv:resnet18")
+    once = ai.inject(model, "se_resnet", input_size=SIZE)
+    twice = ai.inject(once, "cbam_after_every_stage", input_size=SIZE)
+    assert len(twice.attention) == 8 + 4
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), model(x), rtol=0, atol=0)
+
+
+def test_block_parameters_are_the_new_ones(build):
+    patched = ai.inject(build("tv:resnet18"), "se_resnet", input_size=SIZE)
+    new = {id(p) for p in ai.block_parameters(patched)}
+    assert new == {id(p) for p in patched.attention.parameters()}
+    assert sum(p.numel() for p in ai.block_parameters(patched)) == patched.attn_inject.plan.params_added
+
+
+def test_validate_reports_identity_and_parameter_counts(build):
+    model = build("tv:resnet18")
+    report = ai.validate(model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cpu")
+    assert report.passed and report.identity_ok and report.params_ok and report.max_abs_diff == 0
+    paper = ai.validate(model, ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE), device="cpu")
+    assert paper.max_abs_diff > 0 and not paper.identity_expected and paper.passed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_validate_runs_on_cuda(build):
+    model = build("tv:resnet18")
+    report = ai.validate(model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cuda")
+    assert report.device.startswith("cuda") and report.passed

@@ -1,0 +1,146 @@
+"""Planning: which insertion points a recipe finds in the common timm and torchvision CNNs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_inject as ai
+
+from .conftest import SIZE, meta_model
+
+RESNET50 = [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3
+
+# Channel counts written down from each architecture's definition.
+RESIDUAL_CHANNELS = {
+    "tv:resnet18": [64, 64, 128, 128, 256, 256, 512, 512],
+    "tv:resnet50": RESNET50,
+    "timm:resnet50": RESNET50,
+    "timm:convnext_tiny": [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3,
+    "timm:efficientnet_b0": [24, 40, 80, 80, 112, 112, 192, 192, 192],
+    "timm:mobilenetv3_large_100": [16, 24, 40, 40, 80, 80, 80, 112, 160, 160],
+    "timm:densenet121": [],
+}
+STAGE_CHANNELS = {
+    "tv:resnet18": [64, 128, 256, 512],
+    "tv:resnet50": [256, 512, 1024, 2048],
+    "timm:resnet50": [256, 512, 1024, 2048],
+    "timm:convnext_tiny": [96, 192, 384, 768],
+    "timm:efficientnet_b0": [24, 40, 112, 320],
+    "timm:mobilenetv3_large_100": [24, 40, 112, 960],
+    "timm:densenet121": [256, 512, 1024, 1024],
+}
+
+
+@pytest.mark.parametrize("name", RESIDUAL_CHANNELS)
+def test_residual_branch_finds_every_residual_addition(name):
+    plan = ai.plan(meta_model(name), "se_resnet", input_size=SIZE)
+    assert [p.channels for p in plan] == RESIDUAL_CHANNELS[name]
+    assert all(p.position == "residual_branch" for p in plan)
+
+
+@pytest.mark.parametrize("name", STAGE_CHANNELS)
+def test_stage_output_finds_each_stage_end(name):
+    plan = ai.plan(meta_model(name), "cbam_after_every_stage", input_size=SIZE)
+    assert [p.channels for p in plan] == STAGE_CHANNELS[name]
+    assert [p.stage for p in plan] == list(range(len(STAGE_CHANNELS[name])))
+
+
+def test_stage_output_in_torchvision_resnet50_ends_at_layer_outputs_not_next_conv():
+    plan = ai.plan(meta_model("tv:resnet50"), "se_after_every_stage")
+    assert [p.name for p in plan] == ["layer1", "layer2", "layer3", "layer4"]
+    assert [p.shape[1:] for p in plan] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+
+
+def test_stage_output_without_feature_info_uses_dominators_for_torchvision_models():
+    cases = {
+        "tv:mobilenet_v3_large": [24, 40, 112, 960],
+        "tv:densenet121": [256, 512, 1024, 1024],
+        "tv:convnext_tiny": [96, 192, 384, 768],
+        "tv:regnet_y_400mf": [48, 104, 208, 440],
+    }
+    for name, channels in cases.items():
+        model = meta_model(name) if "regnet" not in name else __import__("torchvision").models.regnet_y_400mf()
+        plan = ai.plan(model, "se_after_every_stage", input_size=SIZE)
+        assert [p.channels for p in plan] == channels, name
+
+
+def test_plan_leaves_model_unchanged_and_is_plain_data():
+    model = meta_model("tv:resnet18")
+    before = {k: v for k, v in model.state_dict().items()}
+    modules = list(model.modules())
+    plan = ai.plan(model, "cbam_resnet")
+    assert list(model.state_dict()) == list(before)
+    assert list(model.modules()) == modules
+    assert not hasattr(model, "attention")
+    first = plan[0]
+    assert isinstance(first, ai.InsertionPoint)
+    assert (first.name, first.position, first.channels, first.block.kind) == ("layer1.0", "residual_branch", 64, "cbam")
+    assert first.params == 2 * 64 * 4 + 4 + 64 + 2 * 7 * 7 + 2  # MLP with biases, 7x7 conv, two blends
+    assert plan.to_dict()["points"][0]["name"] == "layer1.0"
+    assert "layer1.0" in plan.table()
+
+
+def test_plan_is_empty_list_when_nothing_matches():
+    plan = ai.plan(meta_model("timm:densenet121"), "se_resnet", input_size=SIZE)
+    assert plan == []
+    assert len(plan) == 0
+
+
+def test_plan_is_in_graph_order_across_rules():
+    recipe = {
+        "rules": [
+            {"block": "se", "at": "stage_output"},
+            {"block": "eca", "at": "residual_branch", "stages": [0]},
+        ]
+    }
+    plan = ai.plan(meta_model("tv:resnet18"), recipe)
+    assert [(p.name, p.block.kind) for p in plan] == [
+        ("layer1.0", "eca"), ("layer1.1", "eca"), ("layer1", "se"), ("layer2", "se"), ("layer3", "se"), ("layer4", "se"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "rule, names",
+    [
+        ({"stages": [-1]}, ["layer4.0", "layer4.1"]),
+        ({"stages": [0, 2]}, ["layer1.0", "layer1.1", "layer3.0", "layer3.1"]),
+        ({"min_channels": 256}, ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]),
+        ({"max_channels": 64}, ["layer1.0", "layer1.1"]),
+        ({"include": r"^layer2"}, ["layer2.0", "layer2.1"]),
+        ({"exclude": [r"\.0$"]}, ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+        ({"every": 3}, ["layer1.0", "layer2.1", "layer4.0"]),
+    ],
+)
+def test_rule_filters_select_points(rule, names):
+    recipe = {"rules": [{"block": "se", "at": "residual_branch", **rule}]}
+    assert [p.name for p in ai.plan(meta_model("tv:resnet18"), recipe)] == names
+
+
+def test_stage_index_out_of_range_is_a_clear_error():
+    recipe = {"rules": [{"block": "se", "at": "residual_branch", "stages": [4]}]}
+    with pytest.raises(ai.PlanError, match=r"stages: \[4\] out of range.*4 stages.*layer1"):
+        ai.plan(meta_model("tv:resnet18"), recipe)
+
+
+def test_channels_last_stretches_never_get_nchw_blocks():
+    # torchvision Swin keeps its features NHWC after the patch embedding.
+    plan = ai.plan(meta_model("tv:swin_t"), "cbam_after_every_stage", input_size=(3, 224, 224))
+    assert plan == []
+    assert plan.skipped and all("NCHW" in s.reason for s in plan.skipped)
+    # ConvNeXt blocks permute to NHWC inside; the residual block goes after the permute back.
+    plan = ai.plan(meta_model("tv:convnext_tiny"), "se_resnet", input_size=SIZE)
+    assert [p.channels for p in plan] == [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3
+
+
+def test_conv_output_follows_conv_norm_activation():
+    plan = ai.plan(meta_model("tv:resnet18"), {"rules": [{"block": "eca", "at": "conv_output"}]}, input_size=SIZE)
+    convs = [n for n, m in meta_model("tv:resnet18").named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [p.name for p in plan] == convs
+    by_name = {p.name: p for p in plan}
+    assert by_name["conv1"].node == "relu"            # conv1 -> bn1 -> relu
+    assert by_name["layer1.0.conv2"].node == "layer1_0_bn2"  # no activation before the addition
+
+
+def test_default_input_size_comes_from_the_model():
+    assert ai.plan(meta_model("timm:resnet50"), "se_resnet").input_size == (3, 224, 224)
+    assert ai.plan(meta_model("tv:resnet18"), "se_resnet", input_size=(3, 96, 96)).input_size == (3, 96, 96)
