@@ -43,4 +43,4 @@ def inject(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} (positions: {positions}){why}. "
             "Pass allow_empty=True to accept an unchanged model."
         )
-    return rewrite(graph.gm, plan, model)
+    return rewrite(graph.graph, plan, model)

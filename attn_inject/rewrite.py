@@ -70,8 +70,9 @@ def build_blocks(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[s
     return blocks
 
 
-def rewrite(gm: fx.GraphModule, plan: Plan, original: nn.Module) -> fx.GraphModule:
-    """Insert the planned blocks into ``gm`` (traced from ``original``) and return it."""
+def rewrite(graph: fx.Graph, plan: Plan, original: nn.Module) -> fx.GraphModule:
+    """Insert the planned blocks into ``graph`` (traced from ``original``) and return the
+    patched module, compiled once."""
     container_name = _container_name(original)
     container = getattr(original, container_name, None)
     container = AttentionBlocks(container.items() if container is not None else ())
@@ -82,9 +83,6 @@ def rewrite(gm: fx.GraphModule, plan: Plan, original: nn.Module) -> fx.GraphModu
             raise ValueError(f"the model already has a block named {container_name}.{key}")
     container.update(new_blocks)
 
-    _reattach(original, gm)
-    gm.add_module(container_name, container)
-    graph = gm.graph
     by_name = {node.name: node for node in graph.nodes}
     # Edge insertions first: an all-users insertion on the same producer then wraps them.
     ordered = sorted(plan, key=lambda p: p.consumers is None)
@@ -100,8 +98,18 @@ def rewrite(gm: fx.GraphModule, plan: Plan, original: nn.Module) -> fx.GraphModu
     for node in graph.nodes:
         for key in ANNOTATIONS:
             node.meta.pop(key, None)
+    holder = nn.Module()
+    _reattach(original, holder)
+    holder.add_module(container_name, container)
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            atom = str(node.target).split(".")[0]
+            if not hasattr(holder, atom):  # e.g. tensor constants the tracer stored on the model
+                setattr(holder, atom, getattr(original, atom))
+    gm = fx.GraphModule(holder, graph, type(original).__name__)
+    _reattach(holder, gm)
+    gm.training = original.training
     graph.lint()
-    gm.recompile()
     preserved = gm.meta.setdefault(PRESERVED, {})
     for key, value in vars(original).items():
         if not key.startswith("_") and key != "training" and not hasattr(gm, key):
@@ -113,14 +121,14 @@ def rewrite(gm: fx.GraphModule, plan: Plan, original: nn.Module) -> fx.GraphModu
     return gm
 
 
-def _reattach(original: nn.Module, gm: fx.GraphModule) -> None:
-    """Give ``gm`` the original's own top-level modules, parameters and buffers (the traced
-    module holds only those the graph uses, under plain containers)."""
-    for name, child in original.named_children():
-        setattr(gm, name, child)
-    for name, param in original._parameters.items():
+def _reattach(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the source's own top-level modules, parameters and buffers (a
+    GraphModule holds only those its graph uses, under plain containers)."""
+    for name, child in source.named_children():
+        setattr(target, name, child)
+    for name, param in source._parameters.items():
         if param is not None:
-            gm.register_parameter(name, param)
-    for name, buffer in original._buffers.items():
+            target.register_parameter(name, param)
+    for name, buffer in source._buffers.items():
         if buffer is not None:
-            gm.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)

@@ -33,7 +33,8 @@ class AnnotatedGraph:
     depends on; ``from_input`` the bitset of nodes that depend on the model input.
     """
 
-    gm: fx.GraphModule
+    root: nn.Module
+    graph: fx.Graph
     input_shape: tuple[int, ...]
     nodes: list[fx.Node]
     index: dict[fx.Node, int]
@@ -71,7 +72,7 @@ class AnnotatedGraph:
         return bool(self.ancestors[self.index[b]] >> self.index[a] & 1)
 
     def module(self, node: fx.Node) -> nn.Module | None:
-        return ops.module_of(node, self.gm)
+        return ops.module_of(node, self.root)
 
     def name_of(self, node: fx.Node) -> str:
         """The module a node's output belongs to: the outermost module whose output it is,
@@ -85,10 +86,10 @@ class AnnotatedGraph:
 
 def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
-    gm = trace(model)
-    propagate_shapes(gm, input_shape)
-    annotate_layouts(gm)
-    nodes = list(gm.graph.nodes)
+    graph = trace(model)
+    propagate_shapes(model, graph, input_shape)
+    annotate_layouts(model, graph)
+    nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     ancestors: list[int] = []
     from_input = 0
@@ -105,7 +106,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         ancestors.append(bits)
         if node.op == "placeholder" and isinstance(tensor_meta(node), torch.Tensor):
             from_input |= 1 << i
-        if ops.is_conv(node, gm):
+        if ops.is_conv(node, model):
             conv_mask |= 1 << i
         if node.op != "output":
             for path in node.meta.get("nn_module_stack", {}).values():
@@ -113,5 +114,5 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
                 module_outputs[name] = node
                 module_inputs.setdefault(name, node)
     return AnnotatedGraph(
-        gm, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs
+        model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs
     )

@@ -105,7 +105,7 @@ def _through_data_movement(node: fx.Node) -> str | None:
     return None
 
 
-def annotate_layouts(gm: fx.GraphModule) -> None:
+def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
     """Write ``meta["layout"]`` on every node (``None`` for what is not a 4-D map)."""
-    for node in gm.graph.nodes:
-        node.meta["layout"] = _infer(node, gm)
+    for node in graph.nodes:
+        node.meta["layout"] = _infer(node, model)

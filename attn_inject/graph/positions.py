@@ -89,13 +89,13 @@ def _residual(graph: AnnotatedGraph, units: list[ResidualUnit], position: str) -
 def _conv_outputs(graph: AnnotatedGraph) -> list[Candidate]:
     out = []
     for node in graph.nodes:
-        if not ops.is_conv(node, graph.gm):
+        if not ops.is_conv(node, graph.root):
             continue
         end = node
         for follows in (ops.is_norm, ops.is_activation):
             if len(end.users) == 1:
                 user = next(iter(end.users))
-                if follows(user, graph.gm):
+                if follows(user, graph.root):
                     end = user
         name = str(node.target) if node.op == "call_module" else graph.name_of(node)
         out.append(_candidate(graph, "conv_output", name, end, None, node))

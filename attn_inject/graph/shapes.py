@@ -1,16 +1,18 @@
 """Shape propagation on the meta device: no real forward pass, no activation memory.
 
 Each node's output is computed on ``meta`` tensors and stored in ``node.meta["val"]`` (as
-torch.fx's FakeTensorProp does). Parameters and buffers are swapped for meta tensors for the
-duration, so a model whose weights are real, on the GPU, or already on the meta device all
-work the same. Modules that keep their input's shape (norms, activations, dropout) are not
-run at all: their output is their input's meta tensor.
+torch.fx's FakeTensorProp does). Leaf modules run with meta copies of their weights, so a
+model whose weights are real, on the GPU, or already on the meta device all work the same
+and nothing of the model changes. Modules that keep their input's shape (norms,
+activations, dropout) are not run at all: their output is their input's meta tensor; plain
+convolutions and linear layers run their functional form on meta weights directly.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
@@ -69,25 +71,31 @@ class _MetaInterpreter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        if (
-            isinstance(module, SHAPE_PRESERVING)
-            and len(args) == 1
-            and not kwargs
-            and isinstance(args[0], torch.Tensor)
-        ):
+        single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+        if single and isinstance(module, SHAPE_PRESERVING):
             return args[0]
-        return super().call_module(target, args, kwargs)
+        forward = type(module).forward
+        if single and forward in _CONV_FORWARDS:
+            return module._conv_forward(args[0], _meta(module.weight), _meta(module.bias))
+        if single and forward is nn.Linear.forward:
+            return F.linear(args[0], _meta(module.weight), _meta(module.bias))
+        state = {
+            name: _meta(t)
+            for name, t in list(module.named_parameters(remove_duplicate=False))
+            + list(module.named_buffers(remove_duplicate=False))
+        }
+        if all(t.is_meta for t in state.values()):
+            return module(*args, **kwargs)
+        return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
 
 
-class _Runner(nn.Module):
-    """Holds the graph module so functional_call can swap every weight for a meta tensor."""
+_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return _MetaInterpreter(self.gm).run(*inputs)
+def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.is_meta:
+        return t
+    return torch.empty_like(t, device="meta")
 
 
 def model_dtype(module: nn.Module) -> torch.dtype:
@@ -97,14 +105,8 @@ def model_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    """Annotate every node of ``gm`` with ``meta["val"]`` for an input of ``input_shape``."""
-    runner = _Runner(gm)
-    meta_state = {
-        name: torch.empty_like(t, device="meta")
-        for name, t in list(runner.named_parameters(remove_duplicate=False))
-        + list(runner.named_buffers(remove_duplicate=False))
-    }
-    x = torch.empty(input_shape, dtype=model_dtype(gm), device="meta")
-    with eval_mode(gm), torch.no_grad():
-        functional_call(runner, meta_state, (x,), tie_weights=False, strict=False)
+def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
+    """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``."""
+    x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
+    with eval_mode(model), torch.no_grad():
+        _MetaInterpreter(model, graph=graph).run(x)

@@ -72,20 +72,21 @@ class ModelTracer(fx.Tracer):
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode for the duration, then restore each module's own flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:
+        m.__dict__["training"] = False  # the flag only: cheaper than Module.__setattr__
     try:
         yield model
     finally:
         for m, flag in flags:
-            m.training = flag
+            m.__dict__["training"] = flag
 
 
 def is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` in eval mode into a GraphModule that shares its submodules."""
+def trace(model: nn.Module) -> fx.Graph:
+    """Trace ``model`` in eval mode; node targets name the model's own submodules."""
     leaf_types: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     if is_timm_model(model) or isinstance(model, fx.GraphModule):
@@ -98,5 +99,4 @@ def trace(model: nn.Module) -> fx.GraphModule:
             raise TraceError(
                 f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: {error}"
             ) from error
-    name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    return graph

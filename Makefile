@@ -1,0 +1,35 @@
+# Two commands from a fresh clone:
+#   make demo    plan and inject cbam_after_every_stage into a random-init timm resnet50, check identity
+#   make test    the test suite (CPU, a few minutes on 2 cores)
+# Both create .venv on first use. `make zoo-test` runs the wider model sweep.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test zoo-test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/attn-inject demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+zoo-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m zoo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_inject.py
+	$(BIN)/python benchmarks/bench_forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
