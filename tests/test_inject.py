@@ -64,39 +64,31 @@ def test_identity_init_adds_one_scalar_per_attention_map():
     assert count(identity) - count(base) == 16 * 2
 
 
-def test_patched_resnet50_with_se_equals_timm_seresnet50():
-    """The papers' placement reproduces timm's hand-built SE-ResNet-50 exactly."""
+def _assert_equals_timm_model(base: str, recipe: str, reference: str, rename) -> None:
+    """Load the patched model's weights into timm's hand-built model and compare outputs."""
     torch.manual_seed(0)
-    patched = ai.inject(timm.create_model("resnet50").eval(), "se_resnet", init="paper", input_size=SIZE)
-    reference = timm.create_model("seresnet50").eval()
+    patched = ai.inject(timm.create_model(base).eval(), recipe, init="paper", input_size=SIZE)
+    model = timm.create_model(reference).eval()
     state = {}
     for key, value in patched.state_dict().items():
         if key.startswith("attention."):
             block, _, rest = key[len("attention."):].partition(".")
             layer, index = block.split("_")[:2]
-            key = f"{layer}.{index}.se.{rest}"
+            key = f"{layer}.{index}.se.{rename(rest)}"
         state[key] = value
-    reference.load_state_dict(state)
+    model.load_state_dict(state)
     x = _input()
     with torch.no_grad():
-        torch.testing.assert_close(patched(x), reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(patched(x), model(x), rtol=0, atol=0)
+
+
+def test_patched_resnet50_with_se_equals_timm_seresnet50():
+    """The papers' placement reproduces timm's hand-built SE-ResNet-50 exactly."""
+    _assert_equals_timm_model("resnet50", "se_resnet", "seresnet50", lambda rest: rest)
 
 
 def test_patched_resnet50d_with_eca_equals_timm_ecaresnet50d():
-    torch.manual_seed(0)
-    patched = ai.inject(timm.create_model("resnet50d").eval(), "eca_resnet", init="paper", input_size=SIZE)
-    reference = timm.create_model("ecaresnet50d").eval()
-    state = {}
-    for key, value in patched.state_dict().items():
-        if key.startswith("attention."):
-            block, _, _ = key[len("attention."):].partition(".")
-            layer, index = block.split("_")[:2]
-            key = f"{layer}.{index}.se.conv.weight"
-        state[key] = value
-    reference.load_state_dict(state)
-    x = _input()
-    with torch.no_grad():
-        torch.testing.assert_close(patched(x), reference(x), rtol=0, atol=0)
+    _assert_equals_timm_model("resnet50d", "eca_resnet", "ecaresnet50d", lambda rest: "conv.weight")
 
 
 def _bottleneck_with(block, x, where, attn):

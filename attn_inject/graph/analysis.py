@@ -54,12 +54,6 @@ class AnnotatedGraph:
         )
         return (inside & self.conv_mask).bit_count()
 
-    def nodes_between(self, start: fx.Node, end: fx.Node) -> int:
-        inside = (self.ancestors[self.index[end]] | 1 << self.index[end]) & ~(
-            self.ancestors[self.index[start]] | 1 << self.index[start]
-        )
-        return inside.bit_count()
-
     def common_ancestor(self, a: fx.Node, b: fx.Node) -> fx.Node | None:
         """The latest node both ``a`` and ``b`` depend on (either one itself included)."""
         both = (self.ancestors[self.index[a]] | 1 << self.index[a]) & (
