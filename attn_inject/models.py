@@ -3,6 +3,7 @@ torchvision). Random init only: nothing is downloaded."""
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any
 
 import torch
@@ -15,12 +16,14 @@ class ModelNameError(ValueError):
     """No timm or torchvision model has that name."""
 
 
+@functools.lru_cache(maxsize=1)
 def _timm_names() -> list[str]:
     import timm
 
     return timm.list_models()
 
 
+@functools.lru_cache(maxsize=1)
 def _tv_names() -> list[str]:
     import torchvision
 
