@@ -51,4 +51,4 @@ def block_parameters(patched):
     info = getattr(patched, "attn_inject", None)
     if info is None:
         raise ValueError("not a patched model: it has no attn_inject plan")
-    return getattr(patched, info.container).parameters()
+    return patched.get_submodule(info.container_path).parameters()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -63,7 +64,33 @@ def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any)
             return timm.create_model(bare, pretrained=False, **kwargs)
         import torchvision
 
-        return torchvision.models.get_model(bare, weights=None, **kwargs)
+        builder = torchvision.models.get_model_builder(bare)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs.setdefault("weights_backbone", None)  # else the backbone's weights are downloaded
+        return builder(weights=None, **kwargs)
+
+
+def input_size_for(name: str) -> tuple[int, ...] | None:
+    """The input size a torchvision model's default weights were trained at: (3, H, W), or
+    (3, T, H, W) for video; None for timm models (they carry ``pretrained_cfg``) and
+    detection / segmentation models (their backbone takes any size)."""
+    source, bare = resolve(name)
+    if source != "tv":
+        return None
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(bare).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+    crop = getattr(weights.transforms, "keywords", {}).get("crop_size")
+    if crop is None:
+        return None
+    h, w = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    frames = weights.meta.get("min_temporal_size")
+    if frames is not None or "video" in type(weights).__module__:
+        return (3, max(int(frames or 0), 16), h, w)
+    return (3, h, w)
 
 
 def build_for_planning(name: str, **kwargs: Any) -> nn.Module:

@@ -11,6 +11,7 @@ candidates of its position, and returns a :class:`Plan`, a sequence of
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -22,7 +23,9 @@ from .graph.analysis import AnnotatedGraph, annotate
 from .graph.shapes import tensor_meta
 from .graph.positions import Candidate, find_candidates, stage_index
 from .graph.stages import Stage, find_stages
+from .graph.trace import OpaqueModule
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
+from .targets import default_target, get_target
 
 __all__ = ["InsertionPoint", "Plan", "PlanError", "SkippedPoint", "build_plan", "default_input_size", "plan"]
 
@@ -36,7 +39,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class InsertionPoint:
     """One block to insert: ``block`` on the output of fx node ``node``, read by ``consumers``
-    (``None``: every user). ``key`` is the block's name under ``patched.attention``."""
+    (``None``: every user). ``key`` is the block's name under ``patched.attention``;
+    ``layout`` "NHWC" means the block is wrapped in permutes (a channels-last map)."""
 
     name: str
     position: str
@@ -49,6 +53,7 @@ class InsertionPoint:
     stage: int | None
     rule: int
     key: str
+    layout: str = "NCHW"
 
     def __str__(self) -> str:
         return f"{self.block} at {self.position} of {self.name} ({self.channels} channels, +{self.params:,} params)"
@@ -87,6 +92,13 @@ class Plan(Sequence[InsertionPoint]):
     base_params: int
     stages: tuple[str, ...] = ()
     skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
+    target: str = ""
+    opaque: tuple[OpaqueModule, ...] = ()
+
+    @property
+    def tracing(self) -> str:
+        """How the model was traced: "whole", or "opaque" when submodules were kept whole."""
+        return "opaque" if self.opaque else "whole"
 
     def __len__(self) -> int:
         return len(self.points)
@@ -119,6 +131,9 @@ class Plan(Sequence[InsertionPoint]):
             "base_params": self.base_params,
             "params_added": self.params_added,
             "stages": list(self.stages),
+            "target": self.target,
+            "tracing": self.tracing,
+            "opaque": [asdict(o) for o in self.opaque],
             "points": [p.to_dict() for p in self.points],
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -134,6 +149,8 @@ class Plan(Sequence[InsertionPoint]):
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         share = 100 * self.params_added / self.base_params if self.base_params else 0.0
+        if self.target:
+            lines.insert(0, f"in {self.target}:")
         lines.append(
             f"{len(self.points)} blocks, +{self.params_added:,} parameters "
             f"({share:.2f}% of {self.base_params:,}), init={self.init}"
@@ -144,28 +161,39 @@ class Plan(Sequence[InsertionPoint]):
         return self.table()
 
 
-def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, int, int]:
+VIDEO_FRAMES = 16
+
+
+def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, ...]:
     """(C, H, W): the user's, else timm's ``pretrained_cfg["input_size"]``, else (C, 224, 224)
-    with C the input channels of the model's first convolution."""
+    with C the input channels of the model's first convolution; (C, 16, 224, 224) when that
+    convolution is 3-D (a video model)."""
+    first = _first_conv(model)
+    channels = first.in_channels if first is not None else 3
+    video = isinstance(first, nn.Conv3d)
     if input_size is not None:
         size = tuple(int(s) for s in input_size)
-        if len(size) == 2:
-            size = (_first_conv_channels(model),) + size
-        if len(size) != 3 or min(size) < 1:
-            raise ValueError(f"input_size must be (C, H, W) or (H, W) with positive sizes, got {tuple(input_size)}")
-        return size  # type: ignore[return-value]
+        spatial = 3 if video else 2
+        if len(size) == spatial:
+            size = (channels,) + size
+        if len(size) != spatial + 1 or min(size) < 1:
+            shape = "(C, T, H, W) or (T, H, W)" if video else "(C, H, W) or (H, W)"
+            raise ValueError(f"input_size must be {shape} with positive sizes, got {tuple(input_size)}")
+        return size
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, Mapping) and cfg.get("input_size"):
-            return tuple(int(s) for s in cfg["input_size"])  # type: ignore[return-value]
-    return (_first_conv_channels(model), 224, 224)
+            return tuple(int(s) for s in cfg["input_size"])
+    if video:
+        return (channels, VIDEO_FRAMES, 224, 224)
+    return (channels, 224, 224)
 
 
-def _first_conv_channels(model: nn.Module) -> int:
+def _first_conv(model: nn.Module) -> nn.Module | None:
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            return m
+    return None
 
 
 def model_name(model: nn.Module) -> str:
@@ -247,7 +275,7 @@ def build_plan(
                     f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
                 )
         matches = [
-            c for c in find_candidates(graph, rule.at, stages)
+            c for c in find_candidates(graph, rule.at, stages, rule.channels_last)
             if _keep(rule, c, stage_index(graph, stages, c.anchor), len(stages))
         ]
         for k, candidate in enumerate(matches):
@@ -269,7 +297,7 @@ def build_plan(
     points = []
     for _, r, candidate, rule in chosen:
         t = tensor_meta(candidate.node)
-        channels = int(t.shape[1])
+        channels = int(candidate.channels)
         points.append(InsertionPoint(
             name=candidate.name,
             position=rule.at,
@@ -282,6 +310,7 @@ def build_plan(
             stage=stage_index(graph, stages, candidate.anchor),
             rule=r,
             key=_unique_key(candidate.name, rule.at, keys),
+            layout=str(candidate.layout),
         ))
     return Plan(
         points=tuple(points),
@@ -292,6 +321,7 @@ def build_plan(
         base_params=base_params,
         stages=tuple(s.name for s in stages),
         skipped=tuple(skipped),
+        opaque=graph.opaque,
     )
 
 
@@ -301,17 +331,24 @@ def analyse(
     *,
     init: str | None = None,
     input_size: Sequence[int] | None = None,
+    target: str | None = None,
 ) -> tuple[AnnotatedGraph, Plan]:
-    """Load the recipe, trace and annotate the model, and build the plan."""
+    """Load the recipe, trace and annotate the model (or its target), and build the plan.
+    The graph is the target's; the plan's ``target`` says which submodule that is."""
     loaded = load_recipe(recipe)
     if init is None:
         init = loaded.init
     elif init not in ("identity", "paper"):
         raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
-    size = default_input_size(model, input_size)
-    graph = annotate(model, (BATCH,) + size)
-    stages = find_stages(graph, getattr(model, "feature_info", None))
-    return graph, build_plan(graph, stages, loaded, init, model_name(model), count_params(model))
+    if target is None:
+        target = loaded.target if loaded.target is not None else default_target(model) or ""
+    sub = get_target(model, target)
+    size = default_input_size(sub if target else model, input_size)
+    graph = annotate(sub, (BATCH,) + size)
+    feature_info = getattr(model, "feature_info", None) if not target else None
+    stages = find_stages(graph, feature_info)
+    result = build_plan(graph, stages, loaded, init, model_name(model), count_params(model))
+    return graph, dataclasses.replace(result, target=target)
 
 
 def plan(
@@ -320,10 +357,13 @@ def plan(
     *,
     init: str | None = None,
     input_size: Sequence[int] | None = None,
+    target: str | None = None,
 ) -> Plan:
     """The insertion points ``recipe`` matches in ``model``; the model is not changed.
 
-    ``input_size`` is (C, H, W) (default: the model's own, else 224 x 224). An empty plan
-    means nothing matched.
+    ``input_size`` is (C, H, W) (default: the model's own, else 224 x 224; (C, T, H, W)
+    for video models). ``target`` names a submodule to plan in instead of the whole model
+    (default: the recipe's ``target``, else a torchvision detection / segmentation model's
+    backbone). Point names are relative to the target. An empty plan means nothing matched.
     """
-    return analyse(model, recipe, init=init, input_size=input_size)[1]
+    return analyse(model, recipe, init=init, input_size=input_size, target=target)[1]

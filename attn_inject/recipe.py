@@ -33,8 +33,9 @@ POSITIONS = (
     "conv_output",
 )
 INIT_MODES = ("identity", "paper")
-RECIPE_KEYS = ("name", "description", "init", "rules")
-RULE_KEYS = ("block", "at", "stages", "min_channels", "max_channels", "include", "exclude", "every")
+RECIPE_KEYS = ("name", "description", "init", "target", "rules")
+RULE_KEYS = ("block", "at", "stages", "min_channels", "max_channels", "include", "exclude", "every", "channels_last")
+CHANNELS_LAST = ("skip", "adapt")
 
 
 class RecipeError(ValueError):
@@ -68,6 +69,7 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     every: int = 1
+    channels_last: str = "skip"  # NHWC maps: "skip" them, or "adapt" (permute around the block)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block": self.block.to_dict(), "at": self.at}
@@ -82,6 +84,8 @@ class Rule:
             out["exclude"] = list(self.exclude)
         if self.every != 1:
             out["every"] = self.every
+        if self.channels_last != "skip":
+            out["channels_last"] = self.channels_last
         return out
 
 
@@ -94,14 +98,14 @@ class Recipe:
     init: str = "identity"
     description: str = ""
     source: str = "<dict>"
+    target: str | None = None  # a submodule to patch, e.g. "backbone.body"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "init": self.init,
-            "rules": [rule.to_dict() for rule in self.rules],
-        }
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "init": self.init}
+        if self.target is not None:
+            out["target"] = self.target
+        out["rules"] = [rule.to_dict() for rule in self.rules]
+        return out
 
     @property
     def text(self) -> str:
@@ -200,13 +204,16 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     init = data.get("init", "identity")
     if init not in INIT_MODES:
         raise fail("init", f"{init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
+    target = data.get("target")
+    if target is not None and (not isinstance(target, str) or not re.fullmatch(r"[\w.]*", target)):
+        raise fail("target", f"must be a dotted submodule name such as 'backbone.body', got {target!r}")
     if "rules" not in data:
         raise fail("rules", "missing; a recipe needs a non-empty list of rules (each with 'block' and 'at')")
     rules = data["rules"]
     if not isinstance(rules, list) or not rules:
         raise fail("rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {rules!r}")
     parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
-    return Recipe(name=name, rules=parsed, init=init, description=description, source=source)
+    return Recipe(name=name, rules=parsed, init=init, description=description, source=source, target=target)
 
 
 def _reject_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str, fail) -> None:
@@ -259,7 +266,10 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
-    return Rule(block=block, at=at, stages=stages, every=every, **bounds, **patterns)
+    channels_last = data.get("channels_last", "skip")
+    if channels_last not in CHANNELS_LAST:
+        raise fail(f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}")
+    return Rule(block=block, at=at, stages=stages, every=every, channels_last=channels_last, **bounds, **patterns)
 
 
 def _parse_block(data: Any, key: str, fail) -> BlockSpec:

@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .blocks import accepts_init, create_block
+from .graph.layout import NHWC
 from .plan import Plan
 
 __all__ = ["AttentionBlocks", "InjectionInfo", "rewrite"]
@@ -37,8 +38,13 @@ class InjectionInfo:
     container: str = CONTAINER
 
     @property
+    def container_path(self) -> str:
+        """Where the blocks live, from the model ``inject`` returned (target included)."""
+        return f"{self.plan.target}.{self.container}" if self.plan.target else self.container
+
+    @property
     def block_keys(self) -> list[str]:
-        return [f"{self.container}.{p.key}" for p in self.plan]
+        return [f"{self.container_path}.{p.key}" for p in self.plan]
 
 
 def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -88,10 +94,19 @@ def rewrite(graph: fx.Graph, plan: Plan, original: nn.Module) -> fx.GraphModule:
     ordered = sorted(plan, key=lambda p: p.consumers is None)
     for point in ordered:
         producer = by_name[point.node]
+        target = f"{container_name}.{point.key}"
         with graph.inserting_after(producer):
-            node = graph.call_module(f"{container_name}.{point.key}", (producer,))
+            if point.layout == NHWC:  # channels-last map: the block sees NCHW, permuted back after
+                to_nchw = graph.call_method("permute", (producer, 0, 3, 1, 2))
+                with graph.inserting_after(to_nchw):
+                    block = graph.call_module(target, (to_nchw,))
+                with graph.inserting_after(block):
+                    node = graph.call_method("permute", (block, 0, 2, 3, 1))
+                reads_producer = to_nchw
+            else:
+                node = reads_producer = graph.call_module(target, (producer,))
         if point.consumers is None:
-            producer.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            producer.replace_all_uses_with(node, delete_user_cb=lambda user: user is not reads_producer)
         else:
             for consumer in point.consumers:
                 by_name[consumer].replace_input_with(producer, node)

@@ -70,18 +70,22 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output (a tensor, or nested dicts / lists / tuples)."""
     if isinstance(output, torch.Tensor):
-        return output
+        return [output]
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, (list, tuple)):
-        for item in output:
-            try:
-                return _first_tensor(item)
-            except ValidationError:
-                continue
-    raise ValidationError(f"the model returned no tensor ({type(output).__name__})")
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    tensors = [t.float() for t in _tensors(model(x))]
+    if not tensors:
+        raise ValidationError(f"{type(model).__name__} returned no tensor")
+    return tensors
 
 
 @torch.no_grad()
@@ -98,6 +102,8 @@ def validate(
 
     Checks that outputs are finite, that the parameters added equal the plan's, and, at
     ``init="identity"``, that max |patched(x) - original(x)| <= 1e-5 x max |original(x)|.
+    Every tensor of the output is compared (a dict of feature maps too). For a plan with a
+    target only that submodule changed, so the two targets are compared.
     Runs on CUDA when available (``device="auto"``); models elsewhere are copied there.
     """
     info = getattr(patched, "attn_inject", None)
@@ -105,6 +111,9 @@ def validate(
         raise ValidationError("the second model is not a patched model (it has no attn_inject plan)")
     if any(p.is_meta for p in patched.parameters()):
         raise ValidationError("the model's weights are on the meta device; materialise them before validating")
+    if info.plan.target:  # only the target changed: compare it, at the plan's input size
+        original = original.get_submodule(info.plan.target)
+        patched = patched.get_submodule(info.plan.target)
     target = _resolve_device(device)
     model_device = next(patched.parameters()).device
     if model_device != target:
@@ -116,10 +125,11 @@ def validate(
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch,) + tuple(size), generator=generator).to(target, dtype)
     with eval_mode(original), eval_mode(patched):
-        reference = _first_tensor(original(x)).float()
-        output = _first_tensor(patched(x)).float()
-    max_abs = float((output - reference).abs().max()) if output.shape == reference.shape else float("inf")
-    scale = float(reference.abs().max())
+        references = _outputs(original, x)
+        outputs = _outputs(patched, x)
+    same_shapes = [r.shape for r in references] == [o.shape for o in outputs]
+    max_abs = max(float((o - r).abs().max()) for o, r in zip(outputs, references)) if same_shapes else float("inf")
+    scale = max(float(r.abs().max()) for r in references)
     relative = max_abs / scale if scale > 0 else max_abs
     added = count_params(patched) - count_params(original)
     identity_expected = info.plan.init == "identity"
@@ -135,5 +145,5 @@ def validate(
         params_added=added,
         params_planned=info.plan.params_added,
         params_ok=added == info.plan.params_added,
-        finite=bool(torch.isfinite(output).all()),
+        finite=all(bool(torch.isfinite(o).all()) for o in outputs),
     )

@@ -32,8 +32,8 @@ BUILTINS = {
 
 POSITIONS = "residual_branch, pre_block, post_block, identity_branch, stage_output, conv_output"
 BLOCK_KINDS = "cbam, eca, se"
-RECIPE_KEYS = "name, description, init, rules"
-RULE_KEYS = "block, at, stages, min_channels, max_channels, include, exclude, every"
+RECIPE_KEYS = "name, description, init, target, rules"
+RULE_KEYS = "block, at, stages, min_channels, max_channels, include, exclude, every, channels_last"
 INIT_MODES = "identity, paper"
 
 SE = {"kind": "se"}

@@ -9,7 +9,7 @@ from torch import fx, nn
 from . import ops
 from .layout import annotate_layouts
 from .shapes import propagate_shapes, tensor_meta
-from .trace import trace
+from .trace import OpaqueModule, trace
 
 __all__ = ["AnnotatedGraph", "annotate", "scope_of"]
 
@@ -43,6 +43,7 @@ class AnnotatedGraph:
     conv_mask: int
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    opaque: tuple[OpaqueModule, ...] = ()
 
     def depends_on_input(self, node: fx.Node) -> bool:
         return bool(self.from_input >> self.index[node] & 1)
@@ -80,7 +81,8 @@ class AnnotatedGraph:
 
 def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
-    graph = trace(model)
+    traced = trace(model)
+    graph = traced.graph
     propagate_shapes(model, graph, input_shape)
     annotate_layouts(model, graph)
     nodes = list(graph.nodes)
@@ -108,5 +110,6 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
                 module_outputs[name] = node
                 module_inputs.setdefault(name, node)
     return AnnotatedGraph(
-        model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs
+        model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs,
+        traced.opaque,
     )

@@ -21,7 +21,7 @@ from torch import fx
 
 from . import ops
 from .analysis import AnnotatedGraph
-from .layout import NCHW, layout_of
+from .layout import NCHW, NHWC, layout_of
 from .residual import ResidualUnit, find_residual_units
 from .shapes import tensor_meta
 from .stages import Stage
@@ -41,9 +41,15 @@ class Candidate:
     skip_reason: str | None = None
 
     @property
+    def layout(self) -> str | None:
+        return layout_of(self.node)
+
+    @property
     def channels(self) -> int | None:
         t = tensor_meta(self.node)
-        return int(t.shape[1]) if t is not None and t.dim() == 4 and layout_of(self.node) == NCHW else None
+        if t is None or t.dim() != 4:
+            return None
+        return {NCHW: int(t.shape[1]), NHWC: int(t.shape[3])}.get(self.layout)
 
     @property
     def edge(self) -> tuple[str, tuple[str, ...] | None]:
@@ -51,42 +57,47 @@ class Candidate:
         return self.node.name, consumers
 
 
-def feature_map_problem(node: fx.Node, input_shape: tuple[int, ...]) -> str | None:
-    """Why ``node``'s output cannot take an NCHW block, or None if it can."""
+def feature_map_problem(node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "skip") -> str | None:
+    """Why ``node``'s output cannot take a block, or None if it can. NHWC maps can when
+    ``channels_last == "adapt"`` (the block is then wrapped in permutes)."""
     t = tensor_meta(node)
     if t is None or t.dim() != 4:
         return f"node {node.name!r} does not produce a 4-D feature map"
-    if layout_of(node) != NCHW:
-        return f"node {node.name!r} is {layout_of(node) or 'of unknown layout'}, not an NCHW feature map"
-    if t.shape[2] * t.shape[3] == 1 and input_shape[-2] * input_shape[-1] > 1:
+    layout = layout_of(node)
+    if layout == NHWC and channels_last != "adapt":
+        return f"node {node.name!r} is a channels-last (NHWC) map; the rule has channels_last: skip"
+    if layout not in (NCHW, NHWC):
+        return f"node {node.name!r} is a 4-D tensor of unknown layout, not a known feature map"
+    h, w = (t.shape[2], t.shape[3]) if layout == NCHW else (t.shape[1], t.shape[2])
+    if h * w == 1 and input_shape[-2] * input_shape[-1] > 1:
         return f"node {node.name!r} is a 1x1 pooled descriptor, not a spatial feature map"
     return None
 
 
-def _candidate(graph, position, name, node, consumers, anchor, reason=None) -> Candidate:
-    reason = reason or feature_map_problem(node, graph.input_shape)
+def _candidate(graph, position, name, node, consumers, anchor, reason=None, channels_last="skip") -> Candidate:
+    reason = reason or feature_map_problem(node, graph.input_shape, channels_last)
     return Candidate(position, name, node, consumers, anchor, reason)
 
 
-def _residual(graph: AnnotatedGraph, units: list[ResidualUnit], position: str) -> list[Candidate]:
+def _residual(graph: AnnotatedGraph, units: list[ResidualUnit], position: str, channels_last: str) -> list[Candidate]:
     out = []
     for unit in units:
         name = graph.name_of(unit.add)
         if position == "residual_branch":
-            out.append(_candidate(graph, position, name, unit.branch_end, (unit.branch_next,), unit.add))
+            out.append(_candidate(graph, position, name, unit.branch_end, (unit.branch_next,), unit.add, channels_last=channels_last))
         elif position == "identity_branch":
-            out.append(_candidate(graph, position, name, unit.shortcut, (unit.add,), unit.add))
+            out.append(_candidate(graph, position, name, unit.shortcut, (unit.add,), unit.add, channels_last=channels_last))
         elif position == "post_block":
-            out.append(_candidate(graph, position, name, unit.add, None, unit.add))
+            out.append(_candidate(graph, position, name, unit.add, None, unit.add, channels_last=channels_last))
         elif position == "pre_block":
             reason = None if unit.branch_entries else (
                 f"the residual branch of {name!r} shares its first op with the shortcut"
             )
-            out.append(_candidate(graph, position, name, unit.fork, unit.branch_entries, unit.add, reason))
+            out.append(_candidate(graph, position, name, unit.fork, unit.branch_entries, unit.add, reason, channels_last))
     return out
 
 
-def _conv_outputs(graph: AnnotatedGraph) -> list[Candidate]:
+def _conv_outputs(graph: AnnotatedGraph, channels_last: str) -> list[Candidate]:
     out = []
     for node in graph.nodes:
         if not ops.is_conv(node, graph.root):
@@ -98,21 +109,24 @@ def _conv_outputs(graph: AnnotatedGraph) -> list[Candidate]:
                 if follows(user, graph.root):
                     end = user
         name = str(node.target) if node.op == "call_module" else graph.name_of(node)
-        out.append(_candidate(graph, "conv_output", name, end, None, node))
+        out.append(_candidate(graph, "conv_output", name, end, None, node, channels_last=channels_last))
     return out
 
 
-def find_candidates(graph: AnnotatedGraph, position: str, stages: list[Stage]) -> list[Candidate]:
+def find_candidates(
+    graph: AnnotatedGraph, position: str, stages: list[Stage], channels_last: str = "skip"
+) -> list[Candidate]:
     """Every candidate for ``position``, in graph order."""
     if position == "stage_output":
         found = [
-            _candidate(graph, position, s.name, s.node, None, s.node, s.skip_reason and f"stage {s.index} {s.skip_reason}")
+            _candidate(graph, position, s.name, s.node, None, s.node,
+                       s.skip_reason and f"stage {s.index} {s.skip_reason}", channels_last)
             for s in stages
         ]
     elif position == "conv_output":
-        found = _conv_outputs(graph)
+        found = _conv_outputs(graph, channels_last)
     else:
-        found = _residual(graph, find_residual_units(graph), position)
+        found = _residual(graph, find_residual_units(graph), position, channels_last)
     return sorted(found, key=lambda c: graph.index[c.node])
 
 

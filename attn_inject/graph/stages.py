@@ -25,7 +25,7 @@ MIN_STAGE_REDUCTION = 4
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage's last node. ``skip_reason`` says why no NCHW block can go there, if so."""
+    """A stage's last node. ``skip_reason`` says why no block can go there, if so."""
 
     index: int
     name: str
@@ -89,13 +89,16 @@ def _channels(node: fx.Node) -> int | None:
 
 
 def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
+    """Why the stage's end cannot take a block, other than being channels-last (a rule may
+    adapt to that), or None."""
     t = tensor_meta(node)
     if t is None or t.dim() != 4:
         return f"ends at node {node.name!r}, which is not a 4-D feature map"
-    if layout_of(node) != NCHW:
-        return f"ends at node {node.name!r}, whose layout is {layout_of(node) or 'unknown'}, not NCHW"
-    if expected_channels is not None and t.shape[1] != expected_channels:
-        return f"feature_info says {expected_channels} channels, the graph has {t.shape[1]} at node {node.name!r}"
+    if layout_of(node) is None:
+        return f"ends at node {node.name!r}, a 4-D tensor of unknown layout"
+    channels = _channels(node)
+    if expected_channels is not None and channels != expected_channels:
+        return f"feature_info says {expected_channels} channels, the graph has {channels} at node {node.name!r}"
     return None
 
 

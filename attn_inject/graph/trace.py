@@ -5,17 +5,33 @@ non-traceable modules, the package's attention blocks (so a patched model can be
 again), and small modules whose forward depends on ``self.training`` (DropPath,
 StochasticDepth): traced through, their train-time behaviour would be frozen to the mode at
 trace time. Functions timm registers as non-traceable are wrapped whole.
+
+Two strategies, tried in order:
+
+1. ``whole``: the model's forward is traced through, with every optional argument of the
+   root's ``forward`` fixed to its default (``concrete_args``: ``mask=None`` stays ``None``
+   instead of becoming a graph input whose ``if mask is not None`` fx cannot decide).
+2. ``opaque``: when tracing fails inside a submodule (control flow on a traced value, a
+   proxy iterated...), that innermost submodule becomes a leaf, kept whole and called as it
+   is, and tracing starts again; up to ``MAX_OPAQUE`` times. The rest of the model stays
+   open to insertion; the opaque modules and why are recorded in :class:`TraceResult`.
+
+A failure in the root's own forward code has no submodule to isolate: it raises
+:class:`TraceError` with fx's reason (``target=`` can then name a traceable submodule).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
 
-__all__ = ["TraceError", "ModelTracer", "eval_mode", "trace"]
+__all__ = ["ModelTracer", "OpaqueModule", "TraceError", "TraceResult", "eval_mode", "trace"]
+
+MAX_OPAQUE = 32
 
 
 class TraceError(RuntimeError):
@@ -52,13 +68,32 @@ def depends_on_training(module: nn.Module) -> bool:
 class ModelTracer(fx.Tracer):
     """An fx tracer with timm's leaves, attention blocks and train-dependent modules as leaves."""
 
-    def __init__(self, leaf_types: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()) -> None:
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...] = (),
+        autowrap_functions: tuple[Callable, ...] = (),
+        opaque: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
         from ..blocks import CBAM, EfficientChannelAttention, SqueezeExcite
 
         self.leaf_types = tuple(leaf_types) + (SqueezeExcite, EfficientChannelAttention, CBAM)
+        self.opaque = opaque
+        self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            if self.failed_in is None:
+                name = self.path_of_module(m)
+                if not self.is_leaf_module(m, name):
+                    self.failed_in = (name, error)
+            raise
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque:
+            return True
         if isinstance(m, self.leaf_types) or getattr(m, "_attn_inject_block", False):
             return True
         if isinstance(m, nn.Sequential):
@@ -85,18 +120,68 @@ def is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
-def trace(model: nn.Module) -> fx.Graph:
+@dataclass(frozen=True)
+class OpaqueModule:
+    """A submodule fx could not trace through, kept whole (no block can go inside it)."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """The traced graph, the strategy that produced it, and the submodules kept opaque."""
+
+    graph: fx.Graph
+    opaque: tuple[OpaqueModule, ...] = ()
+
+    @property
+    def strategy(self) -> str:
+        return "opaque" if self.opaque else "whole"
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:240]
+
+
+def default_concrete_args(model: nn.Module) -> dict[str, Any]:
+    """The root forward's optional arguments fixed to their defaults."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in parameters[1:]
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and (p.default is None or isinstance(p.default, (bool, int, float, str)))
+    }
+
+
+def trace(model: nn.Module) -> TraceResult:
     """Trace ``model`` in eval mode; node targets name the model's own submodules."""
     leaf_types: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     if is_timm_model(model) or isinstance(model, fx.GraphModule):
         leaf_types, functions = _timm_notrace()
-    tracer = ModelTracer(leaf_types, functions)
-    with eval_mode(model):
-        try:
-            graph = tracer.trace(model)
-        except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
-            raise TraceError(
-                f"torch.fx cannot trace {type(model).__name__}: {type(error).__name__}: {error}"
-            ) from error
-    return graph
+    concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
+    opaque: list[OpaqueModule] = []
+    while True:
+        tracer = ModelTracer(leaf_types, functions, frozenset(o.name for o in opaque))
+        with eval_mode(model):
+            try:
+                graph = tracer.trace(model, concrete_args=concrete or None)
+                return TraceResult(graph, tuple(opaque))
+            except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
+                failed = tracer.failed_in
+                if failed is None or len(opaque) >= MAX_OPAQUE:
+                    where = "in its own forward" if failed is None else f"after {len(opaque)} opaque submodules"
+                    raise TraceError(
+                        f"torch.fx cannot trace {type(model).__name__} ({where}): {_reason(error)}"
+                    ) from error
+                opaque.append(OpaqueModule(failed[0], _reason(failed[1])))

@@ -1,0 +1,325 @@
+"""Reading checkpoints without running code from them, and writing safetensors atomically.
+
+    >>> sd = read_state_dict("resnet50_ddp.pth")      # unwraps {"state_dict": {"module.x": ...}}
+    >>> check_fits(model, sd, source="checkpoint resnet50_ddp.pth")
+    >>> write_safetensors("patched.safetensors", model.state_dict(), {"recipe": text})
+
+PyTorch files are loaded with ``torch.load(..., weights_only=True)`` only: a pickle that
+holds anything besides tensors and plain containers is refused, never executed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+__all__ = [
+    "SAFETENSORS_SUFFIX",
+    "TORCH_SUFFIXES",
+    "CheckpointError",
+    "check_fits",
+    "read_safetensors_metadata",
+    "read_state_dict",
+    "unwrap_state_dict",
+    "write_safetensors",
+]
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# Where training scripts keep the weights, in the order they are tried.
+# "state_dict" comes before "state_dict_ema" so the raw weights win when both are present.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model",
+    "state_dict_ema",
+    "model_ema",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+)
+_MAX_DEPTH = 3
+# DataParallel/DistributedDataParallel and torch.compile wrappers.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_SHOWN = 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, does not fit the model, or cannot be written."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file, unwrapped
+    (see :func:`unwrap_state_dict`) and on the CPU."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"cannot read checkpoint {p}: no such file")
+    if not p.is_file():
+        raise CheckpointError(f"cannot read checkpoint {p}: it is a directory, not a file")
+    suffix = p.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        obj: Any = _load_safetensors(p)
+    elif suffix in TORCH_SUFFIXES:
+        obj = _load_torch(p)
+    else:
+        allowed = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES))
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: unknown suffix {p.suffix or '(none)'!r}; allowed: {allowed}"
+        )
+    return unwrap_state_dict(obj, source=f"checkpoint {p}")
+
+
+def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(p, device="cpu")
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}") from e
+
+
+def _load_torch(p: Path) -> Any:
+    try:
+        with warnings.catch_warnings():
+            # Raised for protocol-4 pickles; the weights-only loader copes or refuses on its own.
+            warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
+    except Exception as e:
+        text = str(e)
+        if "Weights only load failed" in text or "WeightsUnpickler error" in text:
+            raise CheckpointError(
+                f"refused checkpoint {p}: {_weights_only_reason(text)}; it is never unpickled as "
+                f"arbitrary objects; if you trust it, re-save its state dict as {SAFETENSORS_SUFFIX}"
+            ) from e
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: not a readable PyTorch checkpoint (truncated, corrupt or "
+            f"another format): {_first_line(e)}"
+        ) from e
+
+
+def _weights_only_reason(text: str) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds objects other than tensors and plain containers (global {found.group(1)})"
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    detail = found.group(1).strip() if found else "no detail given"
+    return (
+        "it may hold objects other than tensors and plain containers "
+        f"(the weights-only loader stopped at: {detail})"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception, on one line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded checkpoint, with wrapper prefixes removed.
+
+    ``obj`` is used as is when all its values are tensors; otherwise the first of
+    ``STATE_DICT_KEYS`` that (recursively, 3 levels) holds one is used, so
+    ``{"epoch": 3, "optimizer": ..., "state_dict": {"module.fc.weight": w}}`` gives
+    ``{"fc.weight": w}``. ``module.`` and ``_orig_mod.`` are stripped, repeatedly and in any
+    order, only while every key carries the prefix. ``source`` names the checkpoint in errors.
+    """
+    found = _find_state_dict(obj, 0)
+    if found is None:
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(
+                f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"
+            )
+        keys = [str(k) for k in obj]
+        seen = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "(none)"
+        raise CheckpointError(
+            f"{source} holds no state dict: top-level keys are {seen}; looked for a mapping of tensors "
+            f"at the top level or under {', '.join(STATE_DICT_KEYS)}"
+        )
+    return _strip_prefixes(found)
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _find_state_dict(obj: Any, depth: int) -> Mapping[str, torch.Tensor] | None:
+    if _is_tensor_mapping(obj):
+        return obj
+    if depth >= _MAX_DEPTH or not isinstance(obj, Mapping):
+        return None
+    for key in STATE_DICT_KEYS:
+        if key in obj:
+            found = _find_state_dict(obj[key], depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    items = list(state_dict.items())
+    stripped = True
+    while stripped and items:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) and len(k) > len(prefix) for k, _ in items):
+                items = [(k[len(prefix):], v) for k, v in items]
+                stripped = True
+    return dict(items)
+
+
+def check_fits(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly the keys and shapes of
+    ``model.state_dict()``. Only shapes are compared, so ``model`` may be on the meta device."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = []
+    for k, v in state_dict.items():
+        want = expected.get(k)
+        if hasattr(v, "shape") and hasattr(want, "shape") and tuple(v.shape) != tuple(want.shape):
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(want.shape)}")
+    problems = [
+        _count(missing, "missing key", "missing keys"),
+        _count(unexpected, "unexpected key", "unexpected keys"),
+        _count(mismatched, "shape mismatch", "shape mismatches"),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: {', '.join(problems)}; "
+            "is it the right architecture and --model-kwargs?"
+        )
+
+
+def _count(names: list[str], one: str, many: str) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+    return f"{len(names)} {one if len(names) == 1 else many} ({shown})"
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+) -> None:
+    """Write ``tensors`` and text ``metadata`` to ``path`` atomically: a temporary file in the
+    same folder is renamed onto ``path`` once complete, and removed on any failure.
+
+    Tensors are moved to the CPU and made contiguous; tensors sharing memory (tied weights)
+    are written as separate copies. An existing ``path`` is replaced only with ``force``.
+    """
+    p = Path(path)
+    if not p.name.lower().endswith(SAFETENSORS_SUFFIX) or p.name.lower() == SAFETENSORS_SUFFIX:
+        raise CheckpointError(f"cannot write {p}: the file name must end with {SAFETENSORS_SUFFIX}")
+    parent = p.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {p}: folder {parent} does not exist")
+    if p.is_dir():
+        raise CheckpointError(f"cannot write {p}: it is a directory")
+    if p.exists() and not force:
+        raise CheckpointError(f"{p} exists; pass --force to overwrite")
+    meta = _check_metadata(p, metadata)
+    prepared = _prepare_tensors(p, tensors)
+
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + p.name + ".", suffix=".tmp")
+    try:
+        os.close(fd)
+        safetensors.torch.save_file(prepared, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(p))
+        os.replace(tmp, p)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, Exception) and not isinstance(e, CheckpointError):
+            raise CheckpointError(f"cannot write {p}: {_first_line(e)}") from e
+        raise
+
+
+def _check_metadata(p: Path, metadata: Mapping[str, str]) -> dict[str, str]:
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            bad = f"key {k!r}" if not isinstance(k, str) else f"value of {k!r} is {type(v).__name__}"
+            raise CheckpointError(
+                f"cannot write {p}: metadata {bad}; safetensors metadata keys and values must be str"
+            )
+    return dict(metadata)
+
+
+def _prepare_tensors(p: Path, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prepared: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(
+                f"cannot write {p}: entry {k!r} is {type(k).__name__} -> {type(v).__name__}; "
+                "only str names mapped to tensors can be written"
+            )
+        if v.is_meta:
+            raise CheckpointError(
+                f"cannot write {p}: tensor {k!r} is on the meta device and holds no data; "
+                "load or initialise the weights first"
+            )
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:  # shares memory with a tensor already written (tied weights)
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if ptr:
+            storages.add(ptr)
+        prepared[k] = t
+    return prepared
+
+
+def _file_mode(p: Path) -> int:
+    """The mode a new file would get (``mkstemp`` creates ``0o600``); an overwritten file keeps its own."""
+    try:
+        return p.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata in a ``.safetensors`` header (``{}`` when it has none)."""
+    p = Path(path)
+    if not p.is_file():
+        what = "it is a directory, not a file" if p.is_dir() else "no such file"
+        raise CheckpointError(f"cannot read metadata of {p}: {what}")
+    try:
+        with safetensors.safe_open(p, "pt") as f:
+            return dict(f.metadata() or {})
+    except OSError as e:
+        raise CheckpointError(f"cannot read metadata of {p}: {e.strerror or e}") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read metadata of {p}: not a valid safetensors file: {_first_line(e)}") from e

@@ -1,0 +1,628 @@
+"""A picture of a plan: the model's stages, left to right, and where each block goes.
+
+``plan_layout(plan)`` places everything and returns a :class:`Diagram`, plain typed data
+(boxes, arrows and text with their coordinates) that can be printed and tested without
+rendering; ``to_svg`` and ``to_png`` draw it; ``save_diagram`` picks the format from the
+file name::
+
+    >>> p = attn_inject.plan(torchvision.models.resnet18(), "cbam_after_every_stage")
+    >>> save_diagram(p, "resnet18_cbam.svg")
+
+draws (the blocks of this recipe sit between stages, on the arrows)::
+
+    ResNet + cbam_after_every_stage (init=identity, input 3×224×224)
+    ■ cbam(ratio=16, spatial_kernel=7)
+    stage = stage output, on the arrow
+              ┌─────────┐   ┌──────────────┐          ┌──────────────┐          ┌─────────┐
+    [ input ]→│  stem   │ → │    layer1    │ (cbam) → │    layer2    │ (cbam) → │ ...     │
+              │no blocks│   │ 64 ch·1 block│          │128 ch·1 block│          │         │
+              └─────────┘   └──────────────┘          └──────────────┘          └─────────┘
+    4 blocks, +44,940 parameters (0.38% of 11,689,512)
+
+One badge per insertion point, coloured by block kind and labelled with its module name and
+position; a column with more than 12 points shows the first 10 and a "+N more" badge.
+``stage_output`` points sit between stages, so they are drawn on the arrow that leaves their
+stage. Points outside every stage go to "stem" when they come before the first staged point
+of the plan, else to "head". In the SVG each badge carries the full insertion point as a
+tooltip, and ``data-point`` (its index in the plan), ``data-kind`` and ``data-position``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable, NamedTuple, Sequence
+from xml.sax.saxutils import escape
+
+from .plan import InsertionPoint, Plan
+
+__all__ = ["Arrow", "Box", "Diagram", "Text", "plan_layout", "save_diagram", "to_png", "to_svg"]
+
+# Colours: block kinds (white text on each), then the picture's neutrals.
+KIND_COLOURS = {"se": "#2F6DB5", "eca": "#2E7D32", "cbam": "#C0392B"}
+OTHER_COLOURS = ("#7B4FA0", "#B35400", "#00838F", "#795548", "#AD1457", "#5D6B00")
+INK = "#1F2328"
+MUTED = "#5F6670"
+BACKGROUND = "#FFFFFF"
+COLUMN_FILL = "#F4F6F9"
+COLUMN_STROKE = "#C5CCD6"
+MORE_FILL = "#E3E7ED"
+ARROW = "#8A929E"
+FONT_FAMILY = "Helvetica, Arial, 'DejaVu Sans', sans-serif"
+
+POSITION_ABBREVIATIONS = {
+    "residual_branch": ("res", "residual branch"),
+    "pre_block": ("pre", "before the block"),
+    "identity_branch": ("id", "identity branch"),
+    "post_block": ("post", "after the addition"),
+    "stage_output": ("stage", "stage output, on the arrow"),
+    "conv_output": ("conv", "after conv-norm-act"),
+}
+
+MAX_BADGES = 12  # a column with more points than this shows SHOWN_BADGES and "+N more"
+SHOWN_BADGES = 10
+MAX_LABEL = 22  # characters of a module name on a badge; longer names keep their end
+
+MARGIN = 24
+TITLE_SIZE = 17
+HEADER_SIZE = 13
+SMALL_SIZE = 11
+BADGE_SIZE = 11
+BADGE_H = 22
+BADGE_GAP = 6
+BADGE_PAD = 7
+COLUMN_PAD = 10
+HEADER_H = 46
+MIN_COLUMN_INNER = 96
+GAP = 36  # between columns when no stage_output marker sits in the gap
+ARROW_HEAD = 7
+
+
+@dataclass(frozen=True)
+class Text:
+    """A line of text; ``(x, y)`` is on its baseline, at its start, middle or end."""
+
+    x: float
+    y: float
+    text: str
+    size: float = SMALL_SIZE
+    color: str = INK
+    anchor: str = "start"  # start | middle | end
+    bold: bool = False
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rounded rectangle with its text.
+
+    ``role`` says what it shows: ``input``, ``column`` (a stem, stage or head), ``badge`` (an
+    insertion point in a column), ``marker`` (a ``stage_output`` point on an arrow), ``more``
+    (the points a full column leaves out, listed in ``hidden``) or ``swatch`` (legend).
+    ``kind`` is the block kind and ``point`` the index of the insertion point in the plan.
+    """
+
+    x: float
+    y: float
+    w: float
+    h: float
+    role: str
+    fill: str
+    stroke: str = "none"
+    radius: float = 0.0
+    texts: tuple[Text, ...] = ()
+    tooltip: str = ""
+    kind: str | None = None
+    position: str | None = None
+    point: int | None = None
+    hidden: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Arrow:
+    """A horizontal or sloped line from ``(x1, y1)`` with its head at ``(x2, y2)``."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    color: str = ARROW
+
+
+@dataclass(frozen=True)
+class Diagram:
+    """Everything to draw, in drawing order: arrows, then boxes, then free text."""
+
+    width: float
+    height: float
+    title: str
+    boxes: tuple[Box, ...]
+    arrows: tuple[Arrow, ...]
+    texts: tuple[Text, ...]
+
+    @property
+    def badges(self) -> tuple[Box, ...]:
+        """The boxes that stand for one insertion point each (badges and markers)."""
+        return tuple(b for b in self.boxes if b.point is not None)
+
+    def __str__(self) -> str:
+        return (
+            f"Diagram {self.width:g}x{self.height:g}: {len(self.boxes)} boxes "
+            f"({len(self.badges)} insertion points), {len(self.arrows)} arrows"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# layout
+
+
+def _char_width(ch: str) -> float:
+    """Width of one character in em, on the wide side of common sans-serif fonts."""
+    if ch in "ijl.,:;'|!` ":
+        return 0.32
+    if ch in "frt()[]{}-/\\\"":
+        return 0.45
+    if ch in "mwMW@%&":
+        return 0.95
+    if ch.isupper() or ch in "<>=+~#_×–…":
+        return 0.76
+    if ch.isdigit():
+        return 0.64
+    return 0.62
+
+
+def _text_width(text: str, size: float, bold: bool = False) -> float:
+    """An upper estimate of how wide ``text`` is drawn at ``size`` px."""
+    return sum(_char_width(ch) for ch in text) * size * (1.1 if bold else 1.0)
+
+
+def _clip(text: str, limit: int = MAX_LABEL) -> str:
+    """``text``, or its last characters after an ellipsis when longer than ``limit``."""
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def _luminance(colour: str) -> float:
+    def channel(v: int) -> float:
+        c = v / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def _ink_on(fill: str) -> str:
+    """White or dark text, whichever contrasts more with ``fill``."""
+    return INK if _luminance(fill) > 0.179 else "#FFFFFF"
+
+
+def _kind_colours(points: Sequence[InsertionPoint]) -> dict[str, str]:
+    """A colour per block kind: fixed for se/eca/cbam, others in order of first appearance."""
+    colours: dict[str, str] = {}
+    others = 0
+    for p in points:
+        kind = p.block.kind
+        if kind in colours:
+            continue
+        if kind in KIND_COLOURS:
+            colours[kind] = KIND_COLOURS[kind]
+        else:
+            colours[kind] = OTHER_COLOURS[others % len(OTHER_COLOURS)]
+            others += 1
+    return colours
+
+
+def _abbreviation(position: str) -> str:
+    return POSITION_ABBREVIATIONS.get(position, (position, position))[0]
+
+
+def _label(p: InsertionPoint) -> str:
+    return _clip(p.name or p.node or "(model)")
+
+
+def _count(n: int) -> str:
+    return "no blocks" if n == 0 else f"{n} block" if n == 1 else f"{n} blocks"
+
+
+def _channels(points: Sequence[InsertionPoint]) -> str:
+    values = sorted({p.channels for p in points})
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]} ch"
+    return f"{values[0]}–{values[-1]} ch"
+
+
+def _assign(plan: Plan) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """Column titles, the points drawn in each column, and the ``stage_output`` points drawn
+    on the arrow that leaves each column (indexes into the plan)."""
+    stages = tuple(plan.stages)
+    titles = ["stem", *stages, "head"] if stages else ["model"]
+    members: list[list[int]] = [[] for _ in titles]
+    markers: list[list[int]] = [[] for _ in titles]
+    staged_seen = False
+    for i, p in enumerate(plan.points):
+        stage = p.stage if p.stage is not None and 0 <= p.stage < len(stages) else None
+        if stage is None:
+            members[-1 if staged_seen else 0].append(i)
+            continue
+        staged_seen = True
+        (markers if p.position == "stage_output" else members)[stage + 1].append(i)
+    return titles, members, markers
+
+
+def _badge(p: InsertionPoint, i: int, x: float, y: float, w: float, fill: str) -> Box:
+    """A point in a column: its module name on the left, its position on the right."""
+    ink = _ink_on(fill)
+    baseline = y + BADGE_H / 2 + BADGE_SIZE * 0.36
+    texts = (
+        Text(x + BADGE_PAD, baseline, _label(p), BADGE_SIZE, ink),
+        Text(x + w - BADGE_PAD, baseline, _abbreviation(p.position), BADGE_SIZE - 1, ink, anchor="end"),
+    )
+    return Box(x, y, w, BADGE_H, "badge", fill, radius=5, texts=texts, tooltip=f"#{i}: {p}",
+               kind=p.block.kind, position=p.position, point=i)
+
+
+def _marker(p: InsertionPoint, i: int, x: float, y: float, w: float, fill: str) -> Box:
+    """A ``stage_output`` point on an arrow between stages: a pill with the block kind."""
+    baseline = y + BADGE_H / 2 + BADGE_SIZE * 0.36
+    texts = (Text(x + w / 2, baseline, p.block.kind, BADGE_SIZE, _ink_on(fill), anchor="middle", bold=True),)
+    return Box(x, y, w, BADGE_H, "marker", fill, radius=BADGE_H / 2, texts=texts, tooltip=f"#{i}: {p}",
+               kind=p.block.kind, position=p.position, point=i)
+
+
+def _badge_width(p: InsertionPoint) -> float:
+    return (
+        BADGE_PAD + _text_width(_label(p), BADGE_SIZE) + 12
+        + _text_width(_abbreviation(p.position), BADGE_SIZE - 1) + BADGE_PAD
+    )
+
+
+def _marker_width(p: InsertionPoint) -> float:
+    return max(40, math.ceil(_text_width(p.block.kind, BADGE_SIZE, bold=True)) + 2 * BADGE_PAD + 4)
+
+
+def _legend(plan: Plan, colours: dict[str, str], top: float, width: float) -> tuple[list[Box], list[Text], float]:
+    """The legend rows below the title: block kinds, then position abbreviations. Returns its
+    boxes, text and bottom."""
+    boxes: list[Box] = []
+    texts: list[Text] = []
+    specs: dict[str, set[str]] = {}
+    for p in plan.points:
+        specs.setdefault(p.block.kind, set()).add(str(p.block) if p.block.params else p.block.kind)
+    x, baseline = MARGIN, top + 12
+    if not specs:
+        texts.append(Text(x, baseline, "no insertion points: the recipe matched nothing", 12, MUTED))
+    for kind, colour in colours.items():
+        label = next(iter(specs[kind])) if len(specs[kind]) == 1 else f"{kind} (several settings)"
+        w = 14 + 6 + _text_width(label, 12) + 22
+        if x > MARGIN and x + w > MARGIN + width:
+            x, baseline = MARGIN, baseline + 20
+        boxes.append(Box(x, baseline - 11, 14, 14, "swatch", colour, radius=3, kind=kind))
+        texts.append(Text(x + 20, baseline, label, 12))
+        x += w
+    used = [pos for pos in POSITION_ABBREVIATIONS if any(p.position == pos for p in plan.points)]
+    used += sorted({p.position for p in plan.points} - set(POSITION_ABBREVIATIONS))
+    if used:
+        baseline += 19
+        x = MARGIN
+        for pos in used:
+            abbreviation, meaning = POSITION_ABBREVIATIONS.get(pos, (pos, pos))
+            label = f"{abbreviation} = {meaning}"
+            w = _text_width(label, SMALL_SIZE) + 22
+            if x > MARGIN and x + w > MARGIN + width:
+                x, baseline = MARGIN, baseline + 17
+            texts.append(Text(x, baseline, label, SMALL_SIZE, MUTED))
+            x += w
+    return boxes, texts, baseline + 6
+
+
+class _Column(NamedTuple):
+    name: str
+    title: str  # the name, shortened to fit
+    subtitle: str
+    shown: list[int]  # points drawn as badges
+    hidden: tuple[int, ...]  # points behind "+N more"
+    width: int
+    rows: int
+
+
+def plan_layout(plan: Plan) -> Diagram:
+    """Place the stages and insertion points of ``plan``: see the module docstring."""
+    points = tuple(plan.points)
+    colours = _kind_colours(points)
+    titles, members, markers = _assign(plan)
+
+    # Column contents and widths.
+    columns: list[_Column] = []
+    for c, name in enumerate(titles):
+        shown = members[c] if len(members[c]) <= MAX_BADGES else members[c][:SHOWN_BADGES]
+        hidden = tuple(members[c][len(shown):])
+        all_points = [points[i] for i in sorted(members[c] + markers[c])]
+        subtitle = " · ".join(s for s in (_channels(all_points), _count(len(all_points))) if s)
+        if not plan.stages:
+            subtitle = "no stages found · " + subtitle
+        title = _clip(name, 28)
+        inner = max(
+            [MIN_COLUMN_INNER, _text_width(title, HEADER_SIZE, bold=True), _text_width(subtitle, SMALL_SIZE)]
+            + [_badge_width(points[i]) for i in shown]
+        )
+        rows = len(shown) + (1 if hidden else 0)
+        columns.append(_Column(name, title, subtitle, shown, hidden, math.ceil(inner) + 2 * COLUMN_PAD, rows))
+    rows = max(col.rows for col in columns)
+    marker_stack = max((len(m) * (BADGE_H + 4) for m in markers), default=0)
+    column_h = HEADER_H + (rows * (BADGE_H + BADGE_GAP) - BADGE_GAP + COLUMN_PAD if rows else 0)
+    column_h = max(column_h, marker_stack + 12)
+    gaps = [max([GAP] + [_marker_width(points[i]) + 32 for i in m]) for m in markers]
+
+    # Title and legend on top; their width depends on the columns' total width.
+    size_text = "×".join(str(s) for s in plan.input_size)
+    input_w = math.ceil(max(_text_width("input", 12, bold=True), _text_width(size_text, SMALL_SIZE))) + 2 * COLUMN_PAD
+    row_w = input_w + GAP + sum(col.width for col in columns) + sum(gaps[:-1])
+    heading = f"{plan.model_name} + {plan.recipe.name} (init={plan.init}, input {size_text})"
+    title_y = MARGIN + TITLE_SIZE - 3
+    legend_boxes, legend_texts, legend_bottom = _legend(plan, colours, title_y + 10, max(row_w, 560.0))
+
+    # The row: input, columns and the arrows between them, all centred on one line.
+    top = round(legend_bottom + 18)
+    mid = top + round(column_h / 2)
+    boxes: list[Box] = []
+    arrows: list[Arrow] = []
+    x = MARGIN
+    boxes.append(Box(
+        x, mid - 20, input_w, 40, "input", BACKGROUND, COLUMN_STROKE, 6,
+        (Text(x + input_w / 2, mid - 4, "input", 12, anchor="middle", bold=True),
+         Text(x + input_w / 2, mid + 12, size_text, SMALL_SIZE, MUTED, anchor="middle")),
+    ))
+    x += input_w
+    badges: list[Box] = []
+    for c, (name, title, subtitle, shown, hidden, w, _) in enumerate(columns):
+        gap = GAP if c == 0 else gaps[c - 1]
+        arrows.append(Arrow(x, mid, x + gap, mid))
+        x += gap
+        boxes.append(Box(
+            x, top, w, column_h, "column", COLUMN_FILL, COLUMN_STROKE, 8,
+            (Text(x + w / 2, top + 19, title, HEADER_SIZE, anchor="middle", bold=True),
+             Text(x + w / 2, top + 36, subtitle, SMALL_SIZE, MUTED, anchor="middle")),
+            tooltip=name,
+        ))
+        y = top + HEADER_H
+        for i in shown:
+            p = points[i]
+            badges.append(_badge(p, i, x + COLUMN_PAD, y, w - 2 * COLUMN_PAD, colours[p.block.kind]))
+            y += BADGE_H + BADGE_GAP
+        if hidden:
+            names = [points[i].name or points[i].node for i in hidden]
+            tooltip = ", ".join(names[:40]) + (f" and {len(names) - 40} more" if len(names) > 40 else "")
+            badges.append(Box(
+                x + COLUMN_PAD, y, w - 2 * COLUMN_PAD, BADGE_H, "more", MORE_FILL, radius=5,
+                texts=(Text(x + w / 2, y + BADGE_H / 2 + BADGE_SIZE * 0.36, f"+{len(hidden)} more", BADGE_SIZE,
+                            INK, anchor="middle"),),
+                tooltip=tooltip, hidden=hidden,
+            ))
+        x += w
+        # stage_output points: stacked on the middle of the arrow that leaves this column.
+        stack = markers[c]
+        y = mid - (len(stack) * (BADGE_H + 4) - 4) // 2
+        for i in stack:
+            p = points[i]
+            mw = _marker_width(p)
+            badges.append(_marker(p, i, x + (gaps[c] - mw) // 2, y, mw, colours[p.block.kind]))
+            y += BADGE_H + 4
+
+    # Footer: totals from the points themselves.
+    added = sum(p.params for p in points)
+    share = ""
+    if plan.base_params:
+        percent = 100 * added / plan.base_params
+        share = f" ({'<0.01' if 0 < percent < 0.01 else format(percent, '.2f')}% of {plan.base_params:,})"
+    footer = f"{_count(len(points)) if points else '0 blocks'}, +{added:,} parameters{share}"
+    footer_y = top + column_h + 30
+    texts = [Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True), *legend_texts,
+             Text(MARGIN, footer_y, footer, 13, bold=True)]
+    bottom = footer_y
+    if plan.skipped:
+        bottom += 18
+        n = len(plan.skipped)
+        texts.append(Text(MARGIN, bottom, f"{n} candidate{'s' if n != 1 else ''} skipped "
+                          "(the plan's skipped list says why)", SMALL_SIZE, MUTED))
+
+    extents = [x] + [t.x + _text_width(t.text, t.size, t.bold) for t in texts] + [b.x + b.w for b in legend_boxes]
+    width = round(max(extents) + MARGIN)
+    height = round(bottom + MARGIN - 4)
+    return Diagram(width, height, heading, tuple(boxes + legend_boxes + badges), tuple(arrows), tuple(texts))
+
+
+# ---------------------------------------------------------------------------------------
+# SVG
+
+
+def _n(v: float) -> str:
+    return f"{v:.1f}".rstrip("0").rstrip(".")
+
+
+def _attr(value: str) -> str:
+    return escape(value, {'"': "&quot;"})
+
+
+def _svg_text(t: Text) -> str:
+    weight = ' font-weight="bold"' if t.bold else ""
+    return (
+        f'<text x="{_n(t.x)}" y="{_n(t.y)}" font-size="{_n(t.size)}" fill="{t.color}" '
+        f'text-anchor="{t.anchor}"{weight}>{escape(t.text)}</text>'
+    )
+
+
+def _arrow_head(a: Arrow) -> tuple[tuple[float, float], ...]:
+    dx, dy = a.x2 - a.x1, a.y2 - a.y1
+    length = max((dx * dx + dy * dy) ** 0.5, 1e-9)
+    ux, uy = dx / length, dy / length
+    bx, by = a.x2 - ux * ARROW_HEAD, a.y2 - uy * ARROW_HEAD
+    half = ARROW_HEAD * 0.55
+    return (a.x2, a.y2), (bx - uy * half, by + ux * half), (bx + uy * half, by - ux * half)
+
+
+def to_svg(diagram: Diagram) -> str:
+    """The diagram as an SVG document (UTF-8 text)."""
+    w, h = _n(diagram.width), _n(diagram.height)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'font-family="{_attr(FONT_FAMILY)}">',
+        f"<title>{escape(diagram.title)}</title>",
+        f'<rect x="0" y="0" width="{w}" height="{h}" fill="{BACKGROUND}"/>',
+    ]
+    for a in diagram.arrows:
+        (tx, ty), p1, p2 = _arrow_head(a)
+        ex, ey = (p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2
+        out.append(
+            f'<g class="arrow"><line x1="{_n(a.x1)}" y1="{_n(a.y1)}" x2="{_n(ex)}" y2="{_n(ey)}" '
+            f'stroke="{a.color}" stroke-width="1.5"/><path d="M{_n(tx)},{_n(ty)} L{_n(p1[0])},{_n(p1[1])} '
+            f'L{_n(p2[0])},{_n(p2[1])} Z" fill="{a.color}"/></g>'
+        )
+    for b in diagram.boxes:
+        cls = "badge marker" if b.role == "marker" else b.role
+        data = ""
+        if b.point is not None:
+            data += f' data-point="{b.point}"'
+        if b.kind is not None:
+            data += f' data-kind="{_attr(b.kind)}"'
+        if b.position is not None:
+            data += f' data-position="{_attr(b.position)}"'
+        if b.role == "more":
+            data += f' data-hidden="{len(b.hidden)}"'
+        out.append(f'<g class="{cls}"{data}>')
+        if b.tooltip:
+            out.append(f"<title>{escape(b.tooltip)}</title>")
+        stroke = "" if b.stroke == "none" else f' stroke="{b.stroke}" stroke-width="1"'
+        out.append(
+            f'<rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="{_n(b.radius)}" '
+            f'fill="{b.fill}"{stroke}/>'
+        )
+        out.extend(_svg_text(t) for t in b.texts)
+        out.append("</g>")
+    out.extend(_svg_text(t) for t in diagram.texts)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# PNG
+
+_SUBSTITUTES = {"×": "x", "–": "-", "—": "-", "…": "..."}
+
+
+class _Fonts:
+    """Pillow's default font at each size, and a check for glyphs it lacks."""
+
+    def __init__(self, image_font, scale: float):
+        self.image_font = image_font
+        self.scale = scale
+        self.cache: dict[float, object] = {}
+        self.missing: dict[tuple[float, str], bool] = {}
+
+    def get(self, size: float):
+        if size not in self.cache:
+            try:
+                self.cache[size] = self.image_font.load_default(size=round(size * self.scale))
+            except TypeError:  # Pillow < 10.1: one bitmap size only
+                self.cache[size] = self.image_font.load_default()
+        return self.cache[size]
+
+    def printable(self, text: str, size: float) -> str:
+        font = self.get(size)
+        if not hasattr(font, "getmask2"):  # the bitmap font covers Latin-1 only
+            return "".join(ch if ord(ch) < 256 else _SUBSTITUTES.get(ch, "?") for ch in text)
+        out = []
+        for ch in text:
+            if ch.isascii():
+                out.append(ch)
+                continue
+            key = (size, ch)
+            if key not in self.missing:
+                blank = font.getmask("\ue000")  # a private-use code point: the font's "no glyph" box
+                mask = font.getmask(ch)
+                self.missing[key] = mask.size == blank.size and bytes(mask) == bytes(blank)
+            out.append(_SUBSTITUTES.get(ch, "?") if self.missing[key] else ch)
+        return "".join(out)
+
+
+def _draw_text(draw, fonts: _Fonts, t: Text, s: float) -> None:
+    font = fonts.get(t.size)
+    text = fonts.printable(t.text, t.size)
+    x, y = t.x * s, t.y * s
+    if hasattr(font, "getmask2"):
+        anchor = {"start": "ls", "middle": "ms", "end": "rs"}[t.anchor]
+        kwargs = {"anchor": anchor}
+    else:
+        width = draw.textlength(text, font=font)
+        x -= {"start": 0, "middle": width / 2, "end": width}[t.anchor]
+        y -= font.getbbox(text)[3] if text else 0
+        kwargs = {}
+    draw.text((x, y), text, fill=t.color, font=font, **kwargs)
+    if t.bold:  # the default font has no bold face: draw it twice, a hair apart
+        draw.text((x + max(1.0, 0.45 * s), y), text, fill=t.color, font=font, **kwargs)
+
+
+def to_png(diagram: Diagram, path: str | os.PathLike, *, scale: float = 2.0) -> None:
+    """Draw the diagram with Pillow into a PNG of ``scale`` times its size (2: sharp on
+    high-density screens), written atomically to ``path``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    s = float(scale)
+    image = Image.new("RGB", (round(diagram.width * s), round(diagram.height * s)), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    fonts = _Fonts(ImageFont, s)
+    for a in diagram.arrows:
+        head = _arrow_head(a)
+        ex, ey = (head[1][0] + head[2][0]) / 2, (head[1][1] + head[2][1]) / 2
+        draw.line([(a.x1 * s, a.y1 * s), (ex * s, ey * s)], fill=a.color, width=max(1, round(1.5 * s)))
+        draw.polygon([(px * s, py * s) for px, py in head], fill=a.color)
+    for b in diagram.boxes:
+        outline = None if b.stroke == "none" else b.stroke
+        draw.rounded_rectangle(
+            [b.x * s, b.y * s, (b.x + b.w) * s, (b.y + b.h) * s], radius=b.radius * s,
+            fill=b.fill, outline=outline, width=max(1, round(s)) if outline else 0,
+        )
+        for t in b.texts:
+            _draw_text(draw, fonts, t, s)
+    for t in diagram.texts:
+        _draw_text(draw, fonts, t, s)
+    _write_atomic(Path(path), lambda f: image.save(f, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------
+# files
+
+SUFFIXES = (".svg", ".png")
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write`` into a new file next to ``path``, then rename it over ``path``; on any
+    error the temporary file is removed and ``path`` is left as it was."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_diagram(plan: Plan, path: str | os.PathLike) -> None:
+    """Draw ``plan`` to ``path``: SVG or PNG, chosen by the suffix (``.svg``, ``.png``)."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"{target}: cannot write a diagram as {suffix or 'a file without a suffix'}; "
+            f"allowed suffixes: {', '.join(SUFFIXES)}"
+        )
+    diagram = plan_layout(plan)
+    if suffix == ".png":
+        to_png(diagram, target)
+    else:
+        _write_atomic(target, lambda f: f.write(to_svg(diagram).encode("utf-8")))

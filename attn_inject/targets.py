@@ -1,0 +1,69 @@
+"""Targets: the submodule a recipe patches, and putting the patched one back.
+
+``inject(model, recipe, target="backbone.body")`` plans and rewrites only that submodule;
+torchvision detection, segmentation and optical-flow models get their backbone (the part
+that is a CNN on images) when no target is given. The patched submodule is put back into
+shallow copies of its ancestors, so the model passed in is never changed and every
+``state_dict`` key keeps its name.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+__all__ = ["TargetError", "default_target", "get_target", "replace_submodule"]
+
+
+class TargetError(ValueError):
+    """The target names no submodule of the model."""
+
+
+def default_target(model: nn.Module) -> str | None:
+    """The backbone of a torchvision detection / segmentation / optical-flow model, else None."""
+    module = type(model).__module__
+    if module.startswith("torchvision.models.optical_flow"):
+        return "feature_encoder" if hasattr(model, "feature_encoder") else None
+    if not module.startswith(("torchvision.models.detection", "torchvision.models.segmentation")):
+        return None
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return None
+    if isinstance(getattr(backbone, "body", None), nn.Module):
+        return "backbone.body"  # BackboneWithFPN: the CNN under the FPN
+    return "backbone"
+
+
+def get_target(model: nn.Module, target: str) -> nn.Module:
+    """The submodule ``target`` names ('' is the model itself), or a clear error."""
+    if not target:
+        return model
+    try:
+        sub = model.get_submodule(target)
+    except AttributeError:
+        parent, _, _ = target.rpartition(".")
+        try:
+            around = model.get_submodule(parent) if parent else model
+            children = ", ".join(name for name, _ in around.named_children()) or "none"
+        except AttributeError:
+            children = ", ".join(name for name, _ in model.named_children()) or "none"
+            parent = ""
+        where = f"{parent!r}" if parent else type(model).__name__
+        raise TargetError(
+            f"target {target!r} is not a submodule of {type(model).__name__}; the children of {where} are: {children}"
+        ) from None
+    return sub
+
+
+def replace_submodule(model: nn.Module, target: str, new: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` whose submodule ``target`` is ``new``; every module on
+    the path is copied (its other children, parameters and buffers are shared), the rest
+    is the original's."""
+    if not target:
+        return new
+    head, _, rest = target.partition(".")
+    top = copy.copy(model)
+    top._modules = type(model._modules)(model._modules)
+    child = model._modules[head]
+    top._modules[head] = replace_submodule(child, rest, new) if rest else new
+    return top
