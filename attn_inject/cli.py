@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
         p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                        help="model builder arguments, e.g. num_classes=10")
+    zoo = sub.add_parser("zoo", parents=[common], help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv")
+    zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
+    zoo.add_argument("--recipes", nargs="+", metavar="R", help="recipes to plan (default: every shipped recipe)")
+    zoo.add_argument("--filter", metavar="GLOB", help="only models whose name matches, e.g. 'resnet*'")
+    zoo.add_argument("--identity-check", action="store_true",
+                     help="also build each model (up to 100M parameters) and check identity on real tensors")
+    zoo.add_argument("--jobs", type=int, help="worker processes (default: one per CPU)")
+    zoo.add_argument("--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)")
     return parser
 
 
@@ -128,7 +136,75 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo}
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .recipe import builtin_recipe_paths, load_recipe
+    from .zoo import list_zoo, sweep
+    from .zoo_report import write_csv, write_markdown
+
+    recipes = args.recipes or list(builtin_recipe_paths())
+    for recipe in recipes:
+        load_recipe(recipe)  # a bad name fails here, before any model is built
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    names = list_zoo(args.source, args.filter)
+    if not names:
+        raise UsageError(f"no model from {args.source!r} matches --filter {args.filter!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
+    start = time.perf_counter()
+    records = []
+    with _progress(f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json) as advance:
+        for result in sweep(names, recipes, identity_check=args.identity_check, jobs=args.jobs):
+            records.extend(result.records)
+            advance(f"{result.source}:{result.model}")
+    seconds = time.perf_counter() - start
+    identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
+    command = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
+    write_csv(records, out / "zoo.csv")
+    write_markdown(records, out / "zoo.md", command=command.strip(), seconds=seconds, identity_seconds=identity_seconds)
+    failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
+    summary = {"models": len(names), "records": len(records), "failed_models": failed, "seconds": round(seconds, 1),
+               "report": str(out / "zoo.md"), "csv": str(out / "zoo.csv")}
+    text = (f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
+            f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}")
+    _emit(args, text, summary)
+    return 0
+
+
+def _progress(description: str, total: int, *, quiet: bool = False):
+    """A context manager yielding ``advance(label)``: a progress bar on stderr."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        except ImportError:  # rich is a dependency; a plain counter if it is missing
+            done = [0]
+
+            def advance(label: str) -> None:
+                done[0] += 1
+                if not quiet:
+                    print(f"[{done[0]}/{total}] {label}", file=sys.stderr)
+
+            yield advance
+            return
+        from rich.console import Console
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[last]}"))
+        with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=False) as progress:
+            task = progress.add_task(description, total=total, last="")
+            yield lambda label: progress.update(task, advance=1, last=label)
+
+    return bar()
+
+
+COMMANDS = {"recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo, "zoo": _cmd_zoo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

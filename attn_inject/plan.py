@@ -25,7 +25,7 @@ from .graph.positions import Candidate, find_candidates, stage_index
 from .graph.stages import Stage, find_stages
 from .graph.trace import OpaqueModule
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
-from .targets import default_target, get_target
+from .targets import default_target, get_target, target_input_size
 
 __all__ = ["InsertionPoint", "Plan", "PlanError", "SkippedPoint", "build_plan", "default_input_size", "plan"]
 
@@ -325,6 +325,48 @@ def build_plan(
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A model (or its target) traced and annotated, with its stages: what every recipe
+    is matched against."""
+
+    graph: AnnotatedGraph
+    stages: tuple[Stage, ...]
+    target: str
+    model_name: str
+    base_params: int
+
+
+def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target: str = "") -> Prepared:
+    """Trace and annotate ``model``'s submodule ``target`` ('' for the whole model) at
+    ``input_size`` (default: the model's own) and find its stages."""
+    sub = get_target(model, target)
+    size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
+    graph = annotate(sub, (BATCH,) + size)
+    feature_info = getattr(model, "feature_info", None) if not target else None
+    stages = tuple(find_stages(graph, feature_info))
+    return Prepared(graph, stages, target, model_name(model), count_params(model))
+
+
+def resolve_target(model: nn.Module, recipe: Recipe, target: str | None) -> str:
+    """The target to use: the caller's, else the recipe's, else the model's default."""
+    if target is not None:
+        return target
+    return recipe.target if recipe.target is not None else default_target(model) or ""
+
+
+def plan_prepared(prepared: Prepared, recipe: Recipe, init: str | None = None) -> Plan:
+    """The plan of ``recipe`` on an already prepared model."""
+    if init is None:
+        init = recipe.init
+    elif init not in ("identity", "paper"):
+        raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+    result = build_plan(
+        prepared.graph, list(prepared.stages), recipe, init, prepared.model_name, prepared.base_params
+    )
+    return dataclasses.replace(result, target=prepared.target)
+
+
 def analyse(
     model: nn.Module,
     recipe: str | Mapping[str, Any] | Recipe,
@@ -336,19 +378,10 @@ def analyse(
     """Load the recipe, trace and annotate the model (or its target), and build the plan.
     The graph is the target's; the plan's ``target`` says which submodule that is."""
     loaded = load_recipe(recipe)
-    if init is None:
-        init = loaded.init
-    elif init not in ("identity", "paper"):
+    if init is not None and init not in ("identity", "paper"):
         raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
-    if target is None:
-        target = loaded.target if loaded.target is not None else default_target(model) or ""
-    sub = get_target(model, target)
-    size = default_input_size(sub if target else model, input_size)
-    graph = annotate(sub, (BATCH,) + size)
-    feature_info = getattr(model, "feature_info", None) if not target else None
-    stages = find_stages(graph, feature_info)
-    result = build_plan(graph, stages, loaded, init, model_name(model), count_params(model))
-    return graph, dataclasses.replace(result, target=target)
+    prepared = prepare(model, input_size=input_size, target=resolve_target(model, loaded, target))
+    return prepared.graph, plan_prepared(prepared, loaded, init)
 
 
 def plan(

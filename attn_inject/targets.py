@@ -12,7 +12,7 @@ import copy
 
 from torch import nn
 
-__all__ = ["TargetError", "default_target", "get_target", "replace_submodule"]
+__all__ = ["TargetError", "default_target", "get_target", "replace_submodule", "target_input_size"]
 
 
 class TargetError(ValueError):
@@ -32,6 +32,17 @@ def default_target(model: nn.Module) -> str | None:
     if isinstance(getattr(backbone, "body", None), nn.Module):
         return "backbone.body"  # BackboneWithFPN: the CNN under the FPN
     return "backbone"
+
+
+def target_input_size(model: nn.Module, target: str) -> tuple[int, int, int] | None:
+    """The size a torchvision detection model's transform resizes images to, which its
+    backbone sees: (3, min_size, min_size); None otherwise."""
+    if not target:
+        return None
+    min_size = getattr(getattr(model, "transform", None), "min_size", None)
+    if isinstance(min_size, (tuple, list)) and min_size:
+        min_size = min_size[0]
+    return (3, int(min_size), int(min_size)) if isinstance(min_size, int) else None
 
 
 def get_target(model: nn.Module, target: str) -> nn.Module:

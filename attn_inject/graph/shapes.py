@@ -63,6 +63,10 @@ class _MetaInterpreter(fx.Interpreter):
         n.meta["val"] = result
         return result
 
+    def call_function(self, target, args, kwargs):
+        # fx hands functions immutable containers; wrapped model functions may edit theirs.
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
@@ -84,9 +88,42 @@ class _MetaInterpreter(fx.Interpreter):
             for name, t in list(module.named_parameters(remove_duplicate=False))
             + list(module.named_buffers(remove_duplicate=False))
         }
-        if all(t.is_meta for t in state.values()):
-            return module(*args, **kwargs)
-        return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+        try:
+            if all(t.is_meta for t in state.values()):
+                return module(*args, **kwargs)
+            return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
+        except Exception as error:
+            return _run_real(module, target, args, kwargs, error)
+
+
+def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Exception) -> Any:
+    """Run a module meta tensors cannot (its forward reads tensor values: ``.item()``,
+    ``if x.any()``) on zeros with its real weights, and return its output as meta tensors."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if any(t.is_meta for t in tensors):
+        raise ShapeError(
+            f"module {name!r} reads tensor values, which meta tensors do not have, and its weights are on the "
+            f"meta device; build the model on the CPU to plan it ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+    device = tensors[0].device if tensors else torch.device("cpu")
+
+    def real(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            return torch.zeros(value.shape, dtype=value.dtype, device=device)
+        return value
+
+    output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
+    return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
 
 
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}

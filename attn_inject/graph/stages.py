@@ -35,8 +35,18 @@ class Stage:
     skip_reason: str | None = None
 
 
+def _deepest_output(graph: AnnotatedGraph) -> fx.Node | None:
+    """The output value computed last: the model's output, or of several (a backbone
+    returning every stage's map), the deepest one."""
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if output is None:
+        return None
+    values = [n for n in output.all_input_nodes if graph.depends_on_input(n)]
+    return max(values, key=graph.index.__getitem__) if values else None
+
+
 def output_dominators(graph: AnnotatedGraph) -> list[fx.Node]:
-    """Nodes on every path from the model input to the output, in graph order."""
+    """Nodes on every path from the model input to its (deepest) output, in graph order."""
     idom: dict[int, int] = {}
     source = None
     for node in graph.nodes:
@@ -61,11 +71,11 @@ def output_dominators(graph: AnnotatedGraph) -> list[fx.Node]:
                     b = idom[b]
             dom = a
         idom[i] = dom
-    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    if output is None or graph.index[output] not in idom:
+    sink = _deepest_output(graph)
+    if sink is None or graph.index[sink] not in idom:
         return []
-    chain = []
-    i = idom[graph.index[output]]
+    chain = [sink]
+    i = idom[graph.index[sink]]
     while True:
         chain.append(graph.nodes[i])
         if idom[i] == i:

@@ -1,0 +1,287 @@
+"""The zoo sweep: every timm and torchvision model, every shipped recipe, one report.
+
+For each model: build it on the meta device (on the CPU when it cannot be), trace and
+annotate it once, plan every recipe, compare its stages with timm's ``feature_info``, and,
+with ``identity_check``, build it for real and check identity at a small input size. The
+results are :class:`ZooRecord` rows (one per model and recipe) that :mod:`.zoo_report`
+turns into ``docs/zoo.md`` and ``docs/zoo.csv``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import multiprocessing
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["IDENTITY_MAX_PARAMS", "ModelResult", "ZooRecord", "list_zoo", "sweep", "sweep_model"]
+
+IDENTITY_MAX_PARAMS = 100_000_000
+IDENTITY_SIZES = (64, 96, 128, 160, 224)  # tried in turn until the model accepts one
+MIN_STAGE_REDUCTION = 4
+
+
+@dataclass(frozen=True)
+class ZooRecord:
+    """One model and one recipe. ``status`` is "ok" or the step that failed ("build",
+    "trace", "shapes", "plan", "inject"); ``reason`` says why."""
+
+    source: str
+    model: str
+    recipe: str
+    status: str
+    reason: str = ""
+    tracing: str = ""
+    opaque: str = ""  # the submodules kept whole, '; '-separated
+    fx_plain: bool | None = None
+    target: str = ""
+    input_size: str = ""
+    stages: int = 0
+    nchw_stages: int = 0
+    points: int = 0
+    params_added: int = 0
+    base_params: int = 0
+    stage_agreement: str = ""
+    identity: str = ""
+    identity_rel_diff: float | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """Every record of one model, and how long it took."""
+
+    source: str
+    model: str
+    records: tuple[ZooRecord, ...] = field(default_factory=tuple)
+    seconds: float = 0.0
+
+
+def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:
+    """Qualified names (``timm:NAME`` / ``tv:NAME``) of the models to sweep."""
+    if source not in ("timm", "torchvision", "all"):
+        raise ValueError(f"source {source!r} is not allowed; allowed: timm, torchvision, all")
+    names: list[str] = []
+    if source in ("timm", "all"):
+        import timm
+
+        names += [f"timm:{n}" for n in timm.list_models()]
+    if source in ("torchvision", "all"):
+        import torchvision
+
+        names += [f"tv:{n}" for n in torchvision.models.list_models()]
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatchcase(n.partition(":")[2], pattern) or fnmatch.fnmatchcase(n, pattern)]
+    return names
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _fx_plain(model: nn.Module) -> bool:
+    from .graph.trace import eval_mode
+
+    try:
+        with eval_mode(model):
+            torch.fx.symbolic_trace(model)
+        return True
+    except Exception:
+        return False
+
+
+def _stage_channels(stage) -> int | None:
+    """A stage's channels: of its feature map (NCHW or NHWC), or of its tokens (B, N, C)."""
+    from .graph.shapes import tensor_meta
+
+    if stage.channels is not None:
+        return int(stage.channels)
+    t = tensor_meta(stage.node)
+    return int(t.shape[-1]) if t is not None and t.dim() == 3 else None
+
+
+def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
+    """Whether the stages found match timm's ``feature_info`` at reduction >= 4:
+    "agree", "n/a" (no feature_info), or "differs: why"."""
+    info = getattr(model, "feature_info", None)
+    if info is None or target:
+        return "n/a"
+    try:
+        entries = [dict(e) for e in info]
+    except TypeError:
+        entries = [dict(e) for e in getattr(info, "info", [])]
+    entries = [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+    if not entries:
+        return "n/a"
+    expected = [(e.get("module", ""), e.get("num_chs")) for e in entries]
+    found = [(s.name, _stage_channels(s)) for s in stages]
+    if found == expected:
+        return "agree"
+    if [c for _, c in found] == [c for _, c in expected]:
+        return "agree"
+    names = {s.name for s in stages}
+    missing = [m for m, _ in expected if m not in names]
+    if missing:
+        return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
+    wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
+    if wrong is not None:
+        return f"differs: {wrong[1][0]} has {wrong[0][1]} channels in the graph, feature_info says {wrong[1][1]}"
+    return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
+
+
+def _identity_size(model: nn.Module, planned: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A small input size ``model`` runs at: its fixed size where it has one, else the
+    first of IDENTITY_SIZES its forward accepts."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size") or len(planned) != 3:
+        candidates = [tuple(planned)]
+    else:
+        candidates = [(planned[0], s, s) for s in IDENTITY_SIZES if s <= max(planned[1:])] + [tuple(planned)]
+    for size in candidates:
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1,) + size))
+            return size
+        except Exception:
+            continue
+    return None
+
+
+def sweep_model(
+    name: str, recipes: Sequence[str], *, identity_check: bool = False, identity_max_params: int = IDENTITY_MAX_PARAMS
+) -> ModelResult:
+    """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
+    from .graph.shapes import ShapeError
+    from .models import build_for_planning, input_size_for
+    from .plan import plan_prepared, prepare, resolve_target
+    from .recipe import load_recipe
+
+    warnings.filterwarnings("ignore")
+    source, _, bare = name.partition(":")
+    start = time.perf_counter()
+    loaded = [load_recipe(r) for r in recipes]
+
+    def fail(status: str, reason: str, **extra) -> ModelResult:
+        seconds = time.perf_counter() - start
+        rows = tuple(ZooRecord(source, bare, r.name, status, reason, seconds=seconds, **extra) for r in loaded)
+        return ModelResult(source, bare, rows, seconds)
+
+    try:
+        model = build_for_planning(name)
+    except Exception as error:
+        return fail("build", _reason(error))
+    target = resolve_target(model, loaded[0], None) if loaded else ""
+    size = input_size_for(name)
+    try:
+        prepared = prepare(model, input_size=size, target=target)
+    except Exception as error:
+        status = "shapes" if isinstance(error, ShapeError) else "trace"
+        return fail(status, _reason(error), fx_plain=_fx_plain(model), target=target)
+    graph = prepared.graph
+    common = dict(
+        tracing=graph.opaque and "opaque" or "whole",
+        opaque="; ".join(o.name for o in graph.opaque),
+        fx_plain=_fx_plain(model) if not target else None,
+        target=target,
+        input_size="x".join(str(s) for s in graph.input_shape[1:]),
+        stages=len(prepared.stages),
+        nchw_stages=sum(1 for s in prepared.stages if s.skip_reason is None and s.channels is not None),
+        base_params=prepared.base_params,
+        stage_agreement=stage_agreement(model, prepared.stages, target),
+    )
+    plans = {}
+    rows = []
+    for recipe in loaded:
+        t0 = time.perf_counter()
+        try:
+            plans[recipe.name] = plan_prepared(prepared, recipe)
+        except Exception as error:
+            rows.append(ZooRecord(source, bare, recipe.name, "plan", _reason(error), **common))
+            continue
+        p = plans[recipe.name]
+        reason = "; ".join(sorted({s.reason for s in p.skipped})[:2]) if not p.points else ""
+        rows.append(ZooRecord(
+            source, bare, recipe.name, "ok", reason, points=len(p), params_added=p.params_added,
+            seconds=time.perf_counter() - t0, **common,
+        ))
+    if identity_check:
+        rows = _check_identity(name, rows, plans, prepared.base_params, identity_max_params, target)
+    seconds = time.perf_counter() - start
+    return ModelResult(source, bare, tuple(rows), seconds)
+
+
+def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
+    from .inject import inject
+    from .models import build_model
+    from .validate import validate
+
+    wanted = [r for r in rows if r.status == "ok" and r.points]
+    if not wanted:
+        return rows
+    if base_params > max_params:
+        skip = f"skipped: {base_params / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M"
+        return [replace(r, identity=skip) if r in wanted else r for r in rows]
+    torch.manual_seed(0)
+    try:
+        model = build_model(name).eval()
+    except Exception as error:
+        return [replace(r, identity=f"error: {_reason(error)}") if r in wanted else r for r in rows]
+    planned = tuple(plans[wanted[0].recipe].input_size)
+    runs_on = model.get_submodule(target) if target else model
+    size = _identity_size(runs_on, planned)
+    out = []
+    for row in rows:
+        if row not in wanted:
+            out.append(row)
+            continue
+        if size is None:
+            out.append(replace(row, identity="skipped: no small input size the model accepts"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            patched = inject(model, row.recipe, input_size=size, target=target)
+            report = validate(model, patched, input_size=size, device="cpu")
+            verdict = "ok" if report.passed else "failed: " + ("identity" if not report.identity_ok else "params/finite")
+            out.append(replace(row, identity=verdict, identity_rel_diff=report.relative_diff,
+                               seconds=row.seconds + time.perf_counter() - t0))
+        except Exception as error:
+            out.append(replace(row, identity=f"error: {_reason(error)}"))
+    return out
+
+
+def _worker(args: tuple) -> ModelResult:
+    name, recipes, identity_check, max_params = args
+    torch.set_num_threads(1)
+    return sweep_model(name, recipes, identity_check=identity_check, identity_max_params=max_params)
+
+
+def sweep(
+    names: Iterable[str],
+    recipes: Sequence[str],
+    *,
+    identity_check: bool = False,
+    identity_max_params: int = IDENTITY_MAX_PARAMS,
+    jobs: int | None = None,
+) -> Iterator[ModelResult]:
+    """Sweep ``names`` in ``jobs`` worker processes (default: one per CPU), yielding each
+    model's result as it finishes."""
+    names = list(names)
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    tasks = [(n, tuple(recipes), identity_check, identity_max_params) for n in names]
+    if jobs == 1:
+        for task in tasks:
+            yield _worker(task)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, maxtasksperchild=25) as pool:
+        yield from pool.imap_unordered(_worker, tasks, chunksize=1)

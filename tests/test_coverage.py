@@ -1,0 +1,243 @@
+"""Model coverage: each tracing strategy, targets, layouts, input sizes and the zoo sweep,
+on a sample that covers every class of model and failure the full sweep meets."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attn_inject as ai
+from attn_inject.cli import main
+from attn_inject.models import build_for_planning, build_model, input_size_for
+from attn_inject.targets import TargetError
+from attn_inject.zoo import stage_agreement, sweep, sweep_model
+from attn_inject.zoo_report import write_csv, write_markdown
+
+from .conftest import SIZE, meta_model
+
+
+class Stage(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class DataDependent(nn.Module):
+    """Control flow on a tensor's value: fx cannot trace through it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.mean() > 100:  # never true for these inputs
+            return x
+        return self.conv(x)
+
+
+class WithOptionalMask(nn.Module):
+    """``mask=None`` by default and ``if mask is not None`` in forward (as timm Hiera)."""
+
+    def __init__(self, opaque_middle: bool = False) -> None:
+        super().__init__()
+        self.stem = Stage(3, 16, 4)
+        self.layer1 = Stage(16, 32, 2)
+        self.middle = DataDependent(32) if opaque_middle else nn.Identity()
+        self.layer2 = Stage(32, 64, 2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x, mask=None):
+        x = self.stem(x)
+        if mask is not None:
+            x = x * mask
+        x = self.layer2(self.middle(self.layer1(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class ShapeInForward(WithOptionalMask):
+    def forward(self, x, mask=None):
+        if x.sum() > 0:  # the root's own code: no submodule to isolate
+            x = x * 2
+        return super().forward(x)
+
+
+def test_optional_forward_arguments_are_fixed_to_their_defaults():
+    model = WithOptionalMask().eval()
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    assert patched.attn_inject.plan.tracing == "whole"
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))
+
+
+def test_untraceable_submodule_is_kept_whole_and_the_rest_is_patched():
+    model = WithOptionalMask(opaque_middle=True).eval()
+    plan = ai.plan(model, "cbam_after_every_stage", input_size=SIZE)
+    assert plan.tracing == "opaque"
+    assert [o.name for o in plan.opaque] == ["middle"]
+    assert "control flow" in plan.opaque[0].reason
+    assert [p.name for p in plan] == ["stem", "middle", "layer2"]  # the opaque module ends stage 1
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))
+    assert isinstance(patched.middle, DataDependent)  # called whole, weights shared
+    assert patched.middle.conv.weight is model.middle.conv.weight
+
+
+def test_failure_in_the_roots_own_forward_names_the_reason():
+    with pytest.raises(ai.TraceError, match=r"ShapeInForward \(in its own forward\).*control flow"):
+        ai.plan(ShapeInForward(), "cbam_after_every_stage", input_size=SIZE)
+
+
+@pytest.mark.parametrize("name, strategy", [("timm:hiera_tiny_224", "whole"), ("timm:gemma4_vit_167m", "opaque")])
+def test_timm_models_plain_fx_cannot_trace_now_plan(name, strategy):
+    model = meta_model(name)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    plan = ai.plan(model, "se_resnet")
+    assert plan.tracing == strategy
+
+
+def test_detection_model_gets_its_backbone_by_default_and_stays_unchanged():
+    torch.manual_seed(0)
+    model = build_model("tv:fasterrcnn_mobilenet_v3_large_320_fpn").eval()
+    keys = set(model.state_dict())
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    plan = patched.attn_inject.plan
+    assert plan.target == "backbone.body"
+    assert [p.channels for p in plan] == [24, 40, 112, 960]  # MobileNetV3-Large stage widths
+    assert type(patched) is type(model) and patched is not model
+    assert model.backbone.body is not patched.backbone.body and not hasattr(model.backbone.body, "attention")
+    new_keys = set(patched.state_dict()) - keys
+    assert keys <= set(patched.state_dict())
+    assert new_keys and all(k.startswith("backbone.body.attention.") for k in new_keys)
+    assert sum(p.numel() for p in ai.block_parameters(patched)) == plan.params_added
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        reference, output = model.backbone(x), patched.backbone(x)
+    assert all(torch.equal(reference[k], output[k]) for k in reference)
+    assert ai.validate(model, patched).passed
+
+
+@pytest.mark.parametrize("name, target, channels", [
+    ("tv:lraspp_mobilenet_v3_large", "backbone", [24, 40, 960]),
+    ("tv:raft_small", "feature_encoder", [64, 128]),
+    ("tv:retinanet_resnet50_fpn_v2", "backbone.body", [256, 512, 1024, 2048]),
+    ("tv:ssd300_vgg16", "backbone", None),
+])
+def test_segmentation_detection_and_flow_models_plan_in_their_backbone(name, target, channels):
+    plan = ai.plan(build_for_planning(name), "cbam_after_every_stage")
+    assert plan.target == target
+    assert len(plan) > 0
+    if channels is not None:
+        assert [p.channels for p in plan] == channels
+
+
+def test_target_argument_and_recipe_key_limit_the_plan_to_a_submodule(build):
+    model = build("tv:resnet18")
+    plan = ai.plan(model, "se_resnet", target="layer3", input_size=(128, 16, 16))
+    assert plan.target == "layer3" and [p.name for p in plan] == ["0", "1"] and plan[0].channels == 256
+    recipe = {"name": "in_layer3", "target": "layer3", "rules": [{"block": "se", "at": "residual_branch"}]}
+    patched = ai.inject(model, recipe, input_size=(128, 16, 16))
+    assert isinstance(patched, torchvision_resnet()) and len(patched.layer3.attention) == 2
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))
+    assert ai.plan(model, recipe, target="", input_size=SIZE).target == ""  # the caller's target wins
+
+
+def torchvision_resnet():
+    import torchvision
+
+    return torchvision.models.ResNet
+
+
+def test_unknown_target_lists_the_children(build):
+    with pytest.raises(TargetError, match=r"'layer9' is not a submodule of ResNet.*conv1, bn1, relu, maxpool, layer1"):
+        ai.plan(build("tv:resnet18"), "se_resnet", target="layer9")
+    with pytest.raises(ai.RecipeError, match="target: must be a dotted submodule name"):
+        ai.load_recipe({"target": "layer 1", "rules": [{"block": "se", "at": "residual_branch"}]})
+
+
+class ChannelsLast(nn.Module):
+    """A stage that runs NHWC: conv, permute, a residual MLP on the last dim, permute back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 4, 4)
+        self.norm = nn.LayerNorm(24)
+        self.fc1, self.fc2 = nn.Linear(24, 48), nn.Linear(48, 24)
+        self.down = nn.Conv2d(24, 40, 2, 2)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.down(x.permute(0, 3, 1, 2)).mean((2, 3))
+
+
+def test_channels_last_maps_are_skipped_unless_the_rule_adapts_to_them():
+    model = ChannelsLast().eval()
+    skipped = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
+    recipe = {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch", "channels_last": "adapt"}]}
+    plan = ai.plan(model, recipe, input_size=SIZE)
+    assert [(p.channels, p.layout) for p in plan] == [(24, "NHWC")]  # the last dim, never H or W (16)
+    patched = ai.inject(model, recipe, input_size=SIZE)
+    seen = []
+    block = patched.attention[plan[0].key]
+    block.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))
+    assert seen == [(2, 24, 16, 16)]  # the block sees NCHW
+
+
+def test_input_sizes_default_to_the_models_own():
+    assert ai.plan(meta_model("timm:vit_tiny_patch16_384"), "se_resnet").input_size == (3, 384, 384)
+    assert input_size_for("tv:inception_v3") == (3, 299, 299)
+    assert input_size_for("tv:r3d_18") == (3, 16, 112, 112)
+    video = ai.plan(build_for_planning("tv:swin3d_t"), "cbam_after_every_stage")
+    assert video.input_size == (3, 16, 224, 224) and video == []  # 5-D maps: no 2-D block
+
+
+def test_stage_agreement_with_feature_info():
+    for name in ("timm:resnet50", "timm:convnext_tiny", "timm:vit_tiny_patch16_224"):
+        model = meta_model(name)
+        prepared = ai.plan(model, "cbam_after_every_stage")
+        from attn_inject.plan import prepare
+
+        assert stage_agreement(model, prepare(model).stages, "") == "agree", (name, prepared.stages)
+
+
+def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
+    names = ["timm:resnet18", "timm:gemma4_vit_167m_enc", "tv:fcn_resnet50", "tv:r3d_18"]
+    recipes = ["cbam_after_every_stage", "se_resnet"]
+    results = {f"{r.source}:{r.model}": r for r in sweep(names, recipes, identity_check=True, jobs=1)}
+    assert set(results) == set(names)
+    resnet = {r.recipe: r for r in results["timm:resnet18"].records}
+    assert resnet["se_resnet"].points == 8 and resnet["se_resnet"].identity == "ok"
+    assert resnet["cbam_after_every_stage"].stage_agreement == "agree"
+    failed = results["timm:gemma4_vit_167m_enc"].records[0]
+    assert failed.status == "trace" and "control flow" in failed.reason
+    assert results["tv:fcn_resnet50"].records[0].target == "backbone"
+    records = [r for result in results.values() for r in result.records]
+    write_csv(records, tmp_path / "zoo.csv")
+    write_markdown(records, tmp_path / "zoo.md", command="test", seconds=1.0)
+    rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))
+    assert len(rows) == len(names) * len(recipes)
+    text = (tmp_path / "zoo.md").read_text()
+    assert text.index("## Summary") < text.index("## Failures")
+    assert "| timm | 2 | 1 (50.0%)" in text and "gemma4_vit_167m_enc" in text
+
+
+def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):
+    assert main(["zoo", "--source", "timm", "--filter", "resnet10t", "--recipes", "se_resnet",
+                 "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "zoo.md").exists() and (tmp_path / "zoo.csv").exists()
+    assert main(["zoo", "--filter", "no_such_model*", "--out", str(tmp_path)]) == 2
+    assert "no model from 'all' matches --filter 'no_such_model*'" in capsys.readouterr().err
+    assert main(["zoo", "--recipes", "no_such_recipe", "--out", str(tmp_path)]) == 1
