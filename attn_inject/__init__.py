@@ -11,16 +11,20 @@ from .graph.trace import TraceError
 from .inject import InjectError, inject
 from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
 from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, list_recipes, load_recipe
+from .checkpoint import CheckpointError
 from .rewrite import AttentionBlocks, InjectionInfo
+from .serialize import Manifest, load, read_manifest, save
 from .validate import ValidationError, ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
+    "Manifest",
     "AttentionBlocks",
     "BlockParamError",
     "BlockSpec",
+    "CheckpointError",
     "InjectError",
     "InjectionInfo",
     "InsertionPoint",
@@ -39,9 +43,12 @@ __all__ = [
     "inject",
     "list_blocks",
     "list_recipes",
+    "load",
     "load_recipe",
     "plan",
+    "read_manifest",
     "register_block",
+    "save",
     "validate",
 ]
 

@@ -99,7 +99,9 @@ def _load_torch(p: Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
     except Exception as e:
         text = str(e)
-        if "Weights only load failed" in text or "WeightsUnpickler error" in text:
+        if not _looks_like_torch_file(p):
+            pass  # garbage that the legacy loader started to unpickle: not a checkpoint at all
+        elif "Weights only load failed" in text or "WeightsUnpickler error" in text:
             raise CheckpointError(
                 f"refused checkpoint {p}: {_weights_only_reason(text)}; it is never unpickled as "
                 f"arbitrary objects; if you trust it, re-save its state dict as {SAFETENSORS_SUFFIX}"
@@ -108,6 +110,13 @@ def _load_torch(p: Path) -> Any:
             f"cannot read checkpoint {p}: not a readable PyTorch checkpoint (truncated, corrupt or "
             f"another format): {_first_line(e)}"
         ) from e
+
+
+def _looks_like_torch_file(p: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle stream (starts with PROTO, 0x80)."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _weights_only_reason(text: str) -> str:

@@ -22,6 +22,10 @@ class UsageError(Exception):
     """Bad command-line input: exit code 2."""
 
 
+class CommandError(Exception):
+    """The command cannot go on (e.g. its output exists): exit code 1."""
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -53,6 +57,30 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
         p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                        help="model builder arguments, e.g. num_classes=10")
+        p.add_argument("--target", help="a submodule to patch, e.g. backbone.body (default: the recipe's, "
+                       "else a detection / segmentation model's backbone)")
+        if name == "plan":
+            p.add_argument("--diagram", metavar="OUT", help="draw the stages and blocks to OUT.svg or OUT.png")
+
+    convert = sub.add_parser("convert", parents=[common], help="turn a timm / torchvision checkpoint into a patched safetensors file")
+    convert.add_argument("--model", required=True, help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)")
+    convert.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="builder arguments, e.g. num_classes=3")
+    convert.add_argument("--checkpoint", required=True, metavar="IN",
+                         help=".pth/.pt/.bin (read with weights_only=True) or .safetensors; a state dict or a training checkpoint")
+    convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
+    convert.add_argument("--out", required=True, metavar="OUT.safetensors")
+    convert.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
+    convert.add_argument("--target", help="a submodule to patch (default: the recipe's, else the model's backbone)")
+    convert.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W for shape inference and validation")
+    convert.add_argument("--validate", action="store_true", help="check the patched model against the original before writing")
+    convert.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where --validate runs (auto: CUDA if available)")
+    convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
+    check = sub.add_parser("validate", parents=[common], help="check a converted file: rebuild, compare with its base weights")
+    check.add_argument("file", metavar="FILE.safetensors")
+    check.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    check.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input size to check at (default: the plan's)")
+
     zoo = sub.add_parser("zoo", parents=[common], help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv")
     zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
     zoo.add_argument("--recipes", nargs="+", metavar="R", help="recipes to plan (default: every shipped recipe)")
@@ -106,16 +134,28 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .models import build_for_planning, resolve
+    from .models import build_for_planning, input_size_for, resolve
     from .plan import plan
 
+    if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
+        raise UsageError(f"--diagram {args.diagram}: the file must end in .svg or .png")
     model = build_for_planning(args.model, **_model_kwargs(args.model_kwargs))
-    result = plan(model, args.recipe, init=args.init, input_size=args.input_size)
+    size = args.input_size or input_size_for(args.model)
+    result = plan(model, args.recipe, init=args.init, input_size=size, target=args.target)
     result = dataclasses.replace(result, model_name=":".join(resolve(args.model)))
     text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
+    if result.opaque:
+        text += "\nkept whole (fx cannot trace through them):\n" + "\n".join(f"  {o}" for o in result.opaque)
     if result.skipped:
         text += "\nskipped:\n" + "\n".join(f"  {s}" for s in result.skipped)
-    _emit(args, text, result.to_dict())
+    data = result.to_dict()
+    if args.diagram:
+        from .diagram import save_diagram
+
+        save_diagram(result, args.diagram)
+        text += f"\ndiagram: {args.diagram}"
+        data["diagram"] = args.diagram
+    _emit(args, text, data)
     return 0
 
 
@@ -128,12 +168,107 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
-    patched = inject(model, args.recipe, init=args.init, input_size=args.input_size)
+    patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
     report = validate(model, patched, input_size=args.input_size)
     plan = patched.attn_inject.plan
     text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
+
+
+def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if len(values) not in (2, 3, 4) or min(values) < 1:
+        raise UsageError(f"--input-size takes C H W (or C T H W for video) positive sizes, got {' '.join(map(str, values))}")
+    return tuple(values)
+
+
+def _check_output(path: str, force: bool) -> None:
+    from pathlib import Path
+
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {path}: the output must be a .safetensors file")
+    if out.exists() and not force:
+        raise CommandError(f"{path} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise CommandError(f"{path}: folder {out.parent} does not exist")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import check_fits, read_state_dict
+    from .inject import inject
+    from .models import build_model, input_size_for, resolve
+    from .recipe import load_recipe
+    from .serialize import save
+    from .validate import validate
+
+    _check_output(args.out, args.force)
+    kwargs = _model_kwargs(args.model_kwargs)
+    size = _input_size(args.input_size)
+    recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
+    name = ":".join(resolve(args.model))
+    with _status(f"reading {args.checkpoint}", quiet=args.json):
+        state = read_state_dict(args.checkpoint)
+    with _status(f"building {name}", quiet=args.json):
+        torch.manual_seed(0)
+        model = build_model(name, **kwargs).eval()
+        check_fits(model, state, source=f"checkpoint {args.checkpoint}")
+        model.load_state_dict(state, strict=True)
+        del state
+    with _status(f"injecting {recipe.name}", quiet=args.json):
+        patched = inject(model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target)
+    plan = patched.attn_inject.plan
+    report = None
+    if args.validate:
+        with _status("validating", quiet=args.json):
+            report = validate(model, patched, device=args.device)
+        if not report.passed:
+            data = {"plan": plan.to_dict(), "validation": report.to_dict(), "written": None}
+            _emit(args, f"{report}\nnothing written: validation failed", data)
+            return 1
+    with _status(f"writing {args.out}", quiet=args.json):
+        save(patched, args.out, model_name=name, model_kwargs=kwargs, force=args.force)
+    text = f"{name} + {plan.recipe.name}\n{plan.table()}"
+    if report is not None:
+        text += f"\n{report}"
+    text += f"\nwrote {args.out}"
+    _emit(args, text, {"plan": plan.to_dict(), "validation": report and report.to_dict(), "written": args.out})
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .serialize import load, load_base_weights, read_manifest
+    from .validate import validate
+
+    size = _input_size(args.input_size)
+    with _status(f"reading {args.file}", quiet=args.json):
+        manifest = read_manifest(args.file)
+        patched = load(args.file).eval()
+        reference = load_base_weights(args.file).eval()
+    with _status("validating", quiet=args.json):
+        report = validate(reference, patched, input_size=size, device=args.device)
+    plan = patched.attn_inject.plan
+    text = (f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
+            f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}")
+    _emit(args, text, {"manifest": json.loads(manifest.to_json()), "validation": report.to_dict()})
+    return 0 if report.passed else 1
+
+
+def _status(message: str, *, quiet: bool = False):
+    """A spinner on stderr while a long step runs (nothing when quiet or without rich)."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext()
+    try:
+        from rich.console import Console
+    except ImportError:
+        return contextlib.nullcontext()
+    return Console(stderr=True).status(message)
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -204,7 +339,10 @@ def _progress(description: str, total: int, *, quiet: bool = False):
     return bar()
 
 
-COMMANDS = {"recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo, "zoo": _cmd_zoo}
+COMMANDS = {
+    "recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo,
+    "convert": _cmd_convert, "validate": _cmd_validate, "zoo": _cmd_zoo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,11 +356,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"attn-inject: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, OSError) as error:
+    except KeyboardInterrupt:
+        print("attn-inject: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"attn-inject: error: {error}", file=sys.stderr)
+        print(f"attn-inject: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    known = (ValueError, RuntimeError, OSError, CommandError)
+    return text if isinstance(error, known) and text else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """``inject()``: plan, then rewrite."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 from torch import fx, nn
 
 from .plan import analyse
 from .recipe import Recipe
-from .rewrite import rewrite
+from .models import base_model_of
+from .rewrite import PRESERVED, rewrite
 from .targets import get_target, replace_submodule
 
 __all__ = ["InjectError", "inject"]
@@ -52,6 +54,10 @@ def inject(
             "Pass allow_empty=True to accept an unchanged model."
         )
     patched = rewrite(graph.graph, plan, get_target(model, plan.target))
+    base = base_model_of(model)
+    if base is not None:
+        info = dataclasses.replace(patched.attn_inject, base_model=base[0], base_kwargs=tuple(sorted(base[1].items())))
+        patched.attn_inject = patched.meta[PRESERVED]["attn_inject"] = info
     if not plan.target:
         return patched
     outer = replace_submodule(model, plan.target, patched)

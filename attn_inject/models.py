@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelNameError", "build_model"]
+__all__ = ["ModelNameError", "base_model_of", "build_model", "input_size_for"]
+
+BASE_ATTRIBUTE = "_attn_inject_base"  # (qualified name, builder kwargs), set by build_model
 
 
 class ModelNameError(ValueError):
@@ -55,19 +57,41 @@ def _unknown(name: str, names: list[str], where: str) -> str:
 
 
 def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
-    """Build ``name`` with random weights on ``device`` ("meta" allocates nothing)."""
+    """Build ``name`` with random weights on ``device`` ("meta" allocates nothing). The
+    model remembers its name and ``kwargs``, so a checkpoint of it can be rebuilt."""
     source, bare = resolve(name)
+    given = dict(kwargs)
     with torch.device(device):
         if source == "timm":
             import timm
 
-            return timm.create_model(bare, pretrained=False, **kwargs)
-        import torchvision
+            model = timm.create_model(bare, pretrained=False, **kwargs)
+        else:
+            import torchvision
 
-        builder = torchvision.models.get_model_builder(bare)
-        if "weights_backbone" in inspect.signature(builder).parameters:
-            kwargs.setdefault("weights_backbone", None)  # else the backbone's weights are downloaded
-        return builder(weights=None, **kwargs)
+            builder = torchvision.models.get_model_builder(bare)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                kwargs.setdefault("weights_backbone", None)  # else the backbone's weights are downloaded
+            model = builder(weights=None, **kwargs)
+    setattr(model, BASE_ATTRIBUTE, (f"{source}:{bare}", given))
+    return model
+
+
+def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """(qualified name, builder kwargs) that rebuild ``model``'s architecture: recorded by
+    :func:`build_model`, else a timm model's architecture and class count; None if unknown
+    (a torchvision model built by the user: its class does not say which builder made it)."""
+    recorded = getattr(model, BASE_ATTRIBUTE, None)
+    if recorded is not None:
+        return recorded[0], dict(recorded[1])
+    info = getattr(model, "attn_inject", None)  # patched again: the first patch's base
+    if info is not None and info.base_model:
+        return info.base_model, dict(info.base_kwargs)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture") and type(model).__module__.startswith("timm."):
+        kwargs = {"num_classes": model.num_classes} if isinstance(getattr(model, "num_classes", None), int) else {}
+        return f"timm:{cfg['architecture']}", kwargs
+    return None
 
 
 def input_size_for(name: str) -> tuple[int, ...] | None:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_init, create_block
 from .graph.analysis import AnnotatedGraph, annotate
@@ -54,6 +55,7 @@ class InsertionPoint:
     rule: int
     key: str
     layout: str = "NCHW"
+    flops: int = 0  # per sample
 
     def __str__(self) -> str:
         return f"{self.block} at {self.position} of {self.name} ({self.channels} channels, +{self.params:,} params)"
@@ -94,6 +96,7 @@ class Plan(Sequence[InsertionPoint]):
     skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
     target: str = ""
     opaque: tuple[OpaqueModule, ...] = ()
+    base_flops: int = 0  # per sample, of the model (or its target)
 
     @property
     def tracing(self) -> str:
@@ -122,6 +125,10 @@ class Plan(Sequence[InsertionPoint]):
     def params_added(self) -> int:
         return sum(p.params for p in self.points)
 
+    @property
+    def flops_added(self) -> int:
+        return sum(p.flops for p in self.points)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_name,
@@ -130,6 +137,8 @@ class Plan(Sequence[InsertionPoint]):
             "input_size": list(self.input_size),
             "base_params": self.base_params,
             "params_added": self.params_added,
+            "base_flops": self.base_flops,
+            "flops_added": self.flops_added,
             "stages": list(self.stages),
             "target": self.target,
             "tracing": self.tracing,
@@ -149,11 +158,13 @@ class Plan(Sequence[InsertionPoint]):
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         share = 100 * self.params_added / self.base_params if self.base_params else 0.0
+        flops_share = 100 * self.flops_added / self.base_flops if self.base_flops else 0.0
         if self.target:
             lines.insert(0, f"in {self.target}:")
         lines.append(
             f"{len(self.points)} blocks, +{self.params_added:,} parameters "
-            f"({share:.2f}% of {self.base_params:,}), init={self.init}"
+            f"({share:.2f}% of {self.base_params:,}), +{_giga(self.flops_added)} FLOPs "
+            f"({flops_share:.2f}% of {_giga(self.base_flops)} per image), init={self.init}"
         )
         return "\n".join(lines)
 
@@ -162,6 +173,10 @@ class Plan(Sequence[InsertionPoint]):
 
 
 VIDEO_FRAMES = 16
+
+
+def _giga(flops: int) -> str:
+    return f"{flops / 1e9:.3g} G" if flops >= 1e8 else f"{flops / 1e6:.3g} M"
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -211,17 +226,32 @@ def count_params(model: nn.Module) -> int:
 
 
 _PARAM_CACHE: dict[tuple, int] = {}
+_FLOP_CACHE: dict[tuple, int] = {}
+
+
+def _meta_block(block: BlockSpec, channels: int, init: str) -> nn.Module:
+    extra = {"init": init} if accepts_init(block.kind) else {}
+    with torch.device("meta"):
+        return create_block(block.kind, channels, **block.params, **extra)
 
 
 def block_params(block: BlockSpec, channels: int, init: str) -> int:
     """Parameters block ``block`` adds at ``channels`` channels (built once on meta)."""
-    extra = {"init": init} if accepts_init(block.kind) else {}
     key = (block.kind, repr(sorted(block.params.items())), channels, init)
     if key not in _PARAM_CACHE:
-        with torch.device("meta"):
-            module = create_block(block.kind, channels, **block.params, **extra)
-        _PARAM_CACHE[key] = count_params(module)
+        _PARAM_CACHE[key] = count_params(_meta_block(block, channels, init))
     return _PARAM_CACHE[key]
+
+
+def block_flops(block: BlockSpec, shape: tuple[int, int, int], init: str) -> int:
+    """FLOPs of block ``block`` on one (C, H, W) map, counted on meta tensors."""
+    key = (block.kind, repr(sorted(block.params.items())), shape, init)
+    if key not in _FLOP_CACHE:
+        module = _meta_block(block, shape[0], init)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(torch.empty((1,) + shape, device="meta"))
+        _FLOP_CACHE[key] = counter.get_total_flops()
+    return _FLOP_CACHE[key]
 
 
 def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:
@@ -240,6 +270,11 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
     if any(re.search(p, candidate.name) for p in rule.exclude):
         return False
     return True
+
+
+def _nchw(shape: Sequence[int], layout: str | None) -> tuple[int, int, int]:
+    c, h, w = (int(s) for s in shape)
+    return (w, c, h) if layout == "NHWC" else (c, h, w)  # NHWC: (H, W, C) -> (C, H, W)
 
 
 def _unique_key(name: str, position: str, taken: set[str]) -> str:
@@ -311,6 +346,7 @@ def build_plan(
             rule=r,
             key=_unique_key(candidate.name, rule.at, keys),
             layout=str(candidate.layout),
+            flops=block_flops(rule.block, _nchw(t.shape[1:], candidate.layout), init),
         ))
     return Plan(
         points=tuple(points),
@@ -322,6 +358,7 @@ def build_plan(
         stages=tuple(s.name for s in stages),
         skipped=tuple(skipped),
         opaque=graph.opaque,
+        base_flops=graph.flops,
     )
 
 

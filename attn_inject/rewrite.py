@@ -10,6 +10,7 @@ metadata (``pretrained_cfg``, ``num_classes``...) survives; the original model i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -36,6 +37,8 @@ class InjectionInfo:
 
     plan: Plan
     container: str = CONTAINER
+    base_model: str | None = None  # e.g. "tv:resnet18": what ``ai.save`` records to rebuild it
+    base_kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def container_path(self) -> str:

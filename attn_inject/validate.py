@@ -132,7 +132,11 @@ def validate(
     scale = max(float(r.abs().max()) for r in references)
     relative = max_abs / scale if scale > 0 else max_abs
     added = count_params(patched) - count_params(original)
-    identity_expected = info.plan.init == "identity"
+    # Identity holds while every blend is still 0 (at insertion; not after training).
+    blocks = patched.get_submodule(info.container)
+    identity_expected = info.plan.init == "identity" and all(
+        float(p.abs().max()) == 0 for name, p in blocks.named_parameters() if name.endswith("blend")
+    )
     return ValidationReport(
         device=str(target) if target.type != "cuda" else f"cuda ({torch.cuda.get_device_name(target)})",
         input_shape=(batch,) + tuple(size),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import ops
 from .layout import annotate_layouts
@@ -44,6 +45,7 @@ class AnnotatedGraph:
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
+    flops: int = 0  # of one sample: the multiply-adds of convolutions, linear layers and matmuls, x2
 
     def depends_on_input(self, node: fx.Node) -> bool:
         return bool(self.from_input >> self.index[node] & 1)
@@ -83,7 +85,8 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
     traced = trace(model)
     graph = traced.graph
-    propagate_shapes(model, graph, input_shape)
+    with FlopCounterMode(display=False) as counter:
+        propagate_shapes(model, graph, input_shape)
     annotate_layouts(model, graph)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
@@ -111,5 +114,5 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
                 module_inputs.setdefault(name, node)
     return AnnotatedGraph(
         model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs,
-        traced.opaque,
+        traced.opaque, counter.get_total_flops() // max(1, input_shape[0]),
     )
