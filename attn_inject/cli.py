@@ -140,7 +140,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
         raise UsageError(f"--diagram {args.diagram}: the file must end in .svg or .png")
     model = build_for_planning(args.model, **_model_kwargs(args.model_kwargs))
-    size = args.input_size or input_size_for(args.model)
+    size = args.input_size or input_size_for(args.model, model)
     result = plan(model, args.recipe, init=args.init, input_size=size, target=args.target)
     result = dataclasses.replace(result, model_name=":".join(resolve(args.model)))
     text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
@@ -315,28 +315,34 @@ def _progress(description: str, total: int, *, quiet: bool = False):
     import contextlib
 
     @contextlib.contextmanager
+    def plain():
+        """Not a terminal (a log file, CI): a line every 5%."""
+        import time
+
+        start, done, step = time.perf_counter(), [0], max(1, total // 20)
+
+        def advance(label: str) -> None:
+            done[0] += 1
+            if not quiet and (done[0] % step == 0 or done[0] == total):
+                elapsed = time.perf_counter() - start
+                left = elapsed / done[0] * (total - done[0])
+                print(f"{description}: {done[0]}/{total} ({elapsed:.0f} s, about {left:.0f} s left) {label}",
+                      file=sys.stderr, flush=True)
+
+        yield advance
+
+    @contextlib.contextmanager
     def bar():
-        try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        except ImportError:  # rich is a dependency; a plain counter if it is missing
-            done = [0]
-
-            def advance(label: str) -> None:
-                done[0] += 1
-                if not quiet:
-                    print(f"[{done[0]}/{total}] {label}", file=sys.stderr)
-
-            yield advance
-            return
         from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[last]}"))
-        with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=False) as progress:
+        with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
             task = progress.add_task(description, total=total, last="")
             yield lambda label: progress.update(task, advance=1, last=label)
 
-    return bar()
+    return bar() if sys.stderr.isatty() else plain()
 
 
 COMMANDS = {

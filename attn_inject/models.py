@@ -94,13 +94,17 @@ def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
-def input_size_for(name: str) -> tuple[int, ...] | None:
+def input_size_for(name: str, model: nn.Module | None = None) -> tuple[int, ...] | None:
     """The input size a torchvision model's default weights were trained at: (3, H, W), or
     (3, T, H, W) for video; None for timm models (they carry ``pretrained_cfg``) and
-    detection / segmentation models (their backbone takes any size)."""
+    detection / segmentation models (their backbone takes any size). Given the built
+    ``model``, a fixed ``image_size`` it was built with wins."""
     source, bare = resolve(name)
     if source != "tv":
         return None
+    image_size = getattr(model, "image_size", None)
+    if isinstance(image_size, int):  # a fixed-size model (ViT) as built, whatever its weights use
+        return (3, image_size, image_size)
     import torchvision
 
     try:

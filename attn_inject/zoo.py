@@ -132,6 +132,10 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     names = {s.name for s in stages}
     missing = [m for m, _ in expected if m not in names]
     if missing:
+        try:
+            model.get_submodule(missing[0])
+        except AttributeError:
+            return f"differs: feature_info names module {missing[0]!r}, which the model does not have"
         return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
     wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
     if wrong is not None:
@@ -161,6 +165,7 @@ def sweep_model(
     name: str, recipes: Sequence[str], *, identity_check: bool = False, identity_max_params: int = IDENTITY_MAX_PARAMS
 ) -> ModelResult:
     """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
+    from .graph.layout import NCHW, layout_of
     from .graph.shapes import ShapeError
     from .models import build_for_planning, input_size_for
     from .plan import plan_prepared, prepare, resolve_target
@@ -181,7 +186,7 @@ def sweep_model(
     except Exception as error:
         return fail("build", _reason(error))
     target = resolve_target(model, loaded[0], None) if loaded else ""
-    size = input_size_for(name)
+    size = input_size_for(name, model)
     try:
         prepared = prepare(model, input_size=size, target=target)
     except Exception as error:
@@ -195,7 +200,7 @@ def sweep_model(
         target=target,
         input_size="x".join(str(s) for s in graph.input_shape[1:]),
         stages=len(prepared.stages),
-        nchw_stages=sum(1 for s in prepared.stages if s.skip_reason is None and s.channels is not None),
+        nchw_stages=sum(1 for s in prepared.stages if s.skip_reason is None and layout_of(s.node) == NCHW),
         base_params=prepared.base_params,
         stage_agreement=stage_agreement(model, prepared.stages, target),
     )

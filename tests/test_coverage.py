@@ -200,8 +200,21 @@ def test_input_sizes_default_to_the_models_own():
     assert ai.plan(meta_model("timm:vit_tiny_patch16_384"), "se_resnet").input_size == (3, 384, 384)
     assert input_size_for("tv:inception_v3") == (3, 299, 299)
     assert input_size_for("tv:r3d_18") == (3, 16, 112, 112)
+    assert input_size_for("tv:vit_h_14", build_for_planning("tv:vit_h_14")) == (3, 224, 224)
     video = ai.plan(build_for_planning("tv:swin3d_t"), "cbam_after_every_stage")
     assert video.input_size == (3, 16, 224, 224) and video == []  # 5-D maps: no 2-D block
+
+
+def test_token_stages_reshaped_back_to_maps_are_known_maps():
+    # PiT turns tokens (B, H*W, C) back into (B, C, H, W) maps between its stages.
+    plan = ai.plan(meta_model("timm:pit_ti_224"), "cbam_after_every_stage")
+    assert [(p.channels, p.shape[1:]) for p in plan] == [(64, (27, 27)), (128, (14, 14)), (256, (7, 7))]
+
+
+def test_planning_twice_is_unaffected_by_caches_the_model_fills():
+    # EfficientFormer caches its attention biases in a dict keyed by str(x.device).
+    model = meta_model("timm:efficientformer_l1")
+    assert ai.plan(model, "cbam_after_every_stage") == ai.plan(model, "cbam_after_every_stage")
 
 
 def test_stage_agreement_with_feature_info():

@@ -123,10 +123,12 @@ def test_stage_index_out_of_range_is_a_clear_error():
 
 
 def test_channels_last_stretches_never_get_nchw_blocks():
-    # torchvision Swin keeps its features NHWC after the patch embedding.
+    # torchvision Swin keeps its stages NHWC, and permutes the last one back to NCHW.
     plan = ai.plan(meta_model("tv:swin_t"), "cbam_after_every_stage", input_size=(3, 224, 224))
-    assert plan == []
-    assert plan.skipped and all("layout" in s.reason for s in plan.skipped)
+    assert [(p.name, p.channels, p.shape) for p in plan] == [("permute", 768, (768, 7, 7))]
+    assert len(plan.skipped) == 3 and all("channels-last (NHWC)" in s.reason for s in plan.skipped)
+    adapted = ai.plan(meta_model("tv:swin_t"), {"rules": [{"block": "cbam", "at": "stage_output", "channels_last": "adapt"}]})
+    assert [(p.channels, p.layout) for p in adapted] == [(96, "NHWC"), (192, "NHWC"), (384, "NHWC"), (768, "NCHW")]
     # ConvNeXt blocks permute to NHWC inside; the residual block goes after the permute back.
     plan = ai.plan(meta_model("tv:convnext_tiny"), "se_resnet", input_size=SIZE)
     assert [p.channels for p in plan] == [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3

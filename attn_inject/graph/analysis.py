@@ -110,8 +110,13 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         if node.op != "output":
             for path in node.meta.get("nn_module_stack", {}).values():
                 name = path[0] if isinstance(path, tuple) else str(path)
-                module_outputs[name] = node
-                module_inputs.setdefault(name, node)
+                # Containers that are never called themselves (a ModuleList of blocks) end
+                # where their last called member ends.
+                parts = name.split(".")
+                for end in range(1, len(parts) + 1):
+                    prefix = ".".join(parts[:end])
+                    module_outputs[prefix] = node
+                    module_inputs.setdefault(prefix, node)
     return AnnotatedGraph(
         model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs,
         traced.opaque, counter.get_total_flops() // max(1, input_shape[0]),

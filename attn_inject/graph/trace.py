@@ -171,6 +171,36 @@ def trace(model: nn.Module) -> TraceResult:
         leaf_types, functions = _timm_notrace()
     concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
     opaque: list[OpaqueModule] = []
+    with _caches_kept(model):
+        return _trace(model, leaf_types, functions, concrete, opaque)
+
+
+@contextlib.contextmanager
+def _caches_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the model's plain dict attributes after tracing: a cache filled while tracing
+    (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep proxies
+    of this graph and hand them to the next trace."""
+    caches = [
+        (value, dict(value))
+        for m in model.modules()
+        for key, value in vars(m).items()
+        if type(value) is dict and not key.startswith("_")
+    ]
+    try:
+        yield
+    finally:
+        for cache, saved in caches:
+            cache.clear()
+            cache.update(saved)
+
+
+def _trace(
+    model: nn.Module,
+    leaf_types: tuple[type, ...],
+    functions: tuple[Callable, ...],
+    concrete: dict[str, Any],
+    opaque: list[OpaqueModule],
+) -> TraceResult:
     while True:
         tracer = ModelTracer(leaf_types, functions, frozenset(o.name for o in opaque))
         with eval_mode(model):
