@@ -1,7 +1,8 @@
 # Two commands from a fresh clone:
 #   make demo    plan and inject cbam_after_every_stage into a random-init timm resnet50, check identity
 #   make test    the test suite (CPU, a few minutes on 2 cores)
-# Both create .venv on first use. `make zoo-test` runs the wider model sweep.
+# Both create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
+# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test zoo-test bench clean
+.PHONY: demo test zoo-test zoo zoo-plan bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ test: $(STAMP)
 
 zoo-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo
+
+zoo: $(STAMP)
+	$(BIN)/attn-inject zoo --identity-check
+
+zoo-plan: $(STAMP)
+	$(BIN)/attn-inject zoo --out build/zoo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_inject.py

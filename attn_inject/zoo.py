@@ -112,7 +112,8 @@ def _stage_channels(stage) -> int | None:
 
 def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     """Whether the stages found match timm's ``feature_info`` at reduction >= 4:
-    "agree", "n/a" (no feature_info), or "differs: why"."""
+    "agree", "n/a" (no feature_info), "unchecked: why" (feature_info names modules the model
+    does not have, so there is nothing to compare with), or "differs: why"."""
     info = getattr(model, "feature_info", None)
     if info is None or target:
         return "n/a"
@@ -135,7 +136,7 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
         try:
             model.get_submodule(missing[0])
         except AttributeError:
-            return f"differs: feature_info names module {missing[0]!r}, which the model does not have"
+            return f"unchecked: feature_info names module {missing[0]!r}, which the model does not have"
         return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
     wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
     if wrong is not None:

@@ -136,14 +136,18 @@ def _stage_summary(models) -> list[str]:
 
 
 def _agreement_summary(models) -> list[str]:
-    rated = [v[0] for v in models.values() if v[0].source == "timm" and v[0].stage_agreement not in ("", "n/a")]
+    timm = [v[0] for v in models.values() if v[0].source == "timm" and v[0].stage_agreement not in ("", "n/a")]
+    unchecked = [r for r in timm if r.stage_agreement.startswith("unchecked")]
+    rated = [r for r in timm if r not in unchecked]
     agree = [r for r in rated if r.stage_agreement == "agree"]
     lines = [
-        f"**Stage agreement with timm `feature_info`** (reduction >= 4, channels of every stage): "
-        f"{len(agree)} of {len(rated)} models ({_pct(len(agree), len(rated))}).",
+        f"**Stage agreement with timm `feature_info`** (reduction >= 4: the channels of every stage "
+        f"equal `feature_info`'s): {len(agree)} of {len(rated)} models whose `feature_info` names their own "
+        f"modules ({_pct(len(agree), len(rated))}); {len(agree)} of {len(timm)} counting every timm model "
+        f"with `feature_info` ({_pct(len(agree), len(timm))}).",
         "",
     ]
-    exceptions = [r for r in rated if r.stage_agreement != "agree"]
+    exceptions = [r for r in timm if r.stage_agreement != "agree"]
     if exceptions:
         lines += ["Exceptions:", ""]
         lines += _table(["model", "why"], [(r.model, r.stage_agreement) for r in exceptions])
