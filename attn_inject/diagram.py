@@ -421,6 +421,11 @@ def plan_layout(plan: Plan) -> Diagram:
     texts = [Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True), *legend_texts,
              Text(MARGIN, footer_y, footer, 13, bold=True)]
     bottom = footer_y
+    if plan.base_flops:
+        flops = sum(p.flops for p in points)
+        bottom += 18
+        texts.append(Text(MARGIN, bottom, f"+{flops / 1e6:,.1f} M FLOPs per image "
+                          f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)", SMALL_SIZE, MUTED))
     if plan.skipped:
         bottom += 18
         n = len(plan.skipped)
