@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -144,21 +144,24 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
 
 
-def _identity_size(model: nn.Module, planned: tuple[int, ...]) -> tuple[int, ...] | None:
-    """A small input size ``model`` runs at: its fixed size where it has one, else the
-    first of IDENTITY_SIZES its forward accepts."""
+def _identity_size(
+    model: nn.Module, planned: tuple[int, ...], fits: Callable[[tuple[int, ...]], bool] = lambda size: True
+) -> tuple[int, ...] | None:
+    """A small input size ``model`` runs at and ``fits`` (every plan keeps its points): its
+    fixed size where it has one, else the first of IDENTITY_SIZES that works."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("fixed_input_size") or len(planned) != 3:
         candidates = [tuple(planned)]
     else:
-        candidates = [(planned[0], s, s) for s in IDENTITY_SIZES if s <= max(planned[1:])] + [tuple(planned)]
+        candidates = [(planned[0], s, s) for s in IDENTITY_SIZES if s < max(planned[1:])] + [tuple(planned)]
     for size in candidates:
         try:
             with torch.no_grad():
                 model(torch.zeros((1,) + size))
-            return size
         except Exception:
             continue
+        if fits(size):
+            return size
     return None
 
 
@@ -229,6 +232,7 @@ def sweep_model(
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
     from .inject import inject
     from .models import build_model
+    from .plan import plan_prepared, prepare
     from .validate import validate
 
     wanted = [r for r in rows if r.status == "ok" and r.points]
@@ -244,14 +248,22 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
         return [replace(r, identity=f"error: {_reason(error)}") if r in wanted else r for r in rows]
     planned = tuple(plans[wanted[0].recipe].input_size)
     runs_on = model.get_submodule(target) if target else model
-    size = _identity_size(runs_on, planned)
+
+    def fits(size: tuple[int, ...]) -> bool:  # deep stages of 1x1 at a small size lose their points
+        try:
+            prepared = prepare(model, input_size=size, target=target)
+            return all(len(plan_prepared(prepared, plans[r.recipe].recipe)) == r.points for r in wanted)
+        except Exception:
+            return False
+
+    size = _identity_size(runs_on, planned, fits)
     out = []
     for row in rows:
         if row not in wanted:
             out.append(row)
             continue
         if size is None:
-            out.append(replace(row, identity="skipped: no small input size the model accepts"))
+            out.append(replace(row, identity="skipped: no input size up to the planned one that the model accepts with the same points"))
             continue
         t0 = time.perf_counter()
         try:

@@ -9,13 +9,13 @@ import platform
 import re
 import tempfile
 from collections import defaultdict
-from dataclasses import astuple
+from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Sequence
 
 from .zoo import ZooRecord
 
-__all__ = ["RESIDUAL_FAMILIES", "write_csv", "write_markdown"]
+__all__ = ["RESIDUAL_FAMILIES", "read_csv", "write_csv", "write_markdown"]
 
 STAGE_RECIPE = "cbam_after_every_stage"
 RESIDUAL_RECIPE = "se_resnet"
@@ -51,6 +51,27 @@ def write_csv(records: Sequence[ZooRecord], path: str | os.PathLike) -> None:
     for r in sorted(records, key=lambda r: (r.source, r.model, r.recipe)):
         writer.writerow(["" if v is None else (f"{v:.3g}" if isinstance(v, float) else v) for v in astuple(r)])
     _atomic_write(Path(path), buffer.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[ZooRecord]:
+    """The records of a ``zoo.csv`` (to rewrite the report without sweeping again)."""
+    types = {f.name: f.type for f in fields(ZooRecord)}
+    records = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {}
+            for key, text in row.items():
+                kind = str(types[key])
+                if kind == "int":
+                    values[key] = int(text or 0)
+                elif "float" in kind:
+                    values[key] = float(text) if text else (None if "None" in kind else 0.0)
+                elif "bool" in kind:
+                    values[key] = None if text == "" else text == "True"
+                else:
+                    values[key] = text
+            records.append(ZooRecord(**values))
+    return records
 
 
 def _pct(part: int, whole: int) -> str:
@@ -125,7 +146,8 @@ def write_markdown(
 def _stage_summary(models) -> list[str]:
     with_stage = [v for v in models.values() if v[0].status == "ok" and v[0].nchw_stages]
     hits = [v for v in with_stage if any(r.recipe == STAGE_RECIPE and r.points for r in v)]
-    misses = [f"{v[0].source}:{v[0].model}" for v in with_stage if v not in hits]
+    misses = [f"{v[0].source}:{v[0].model}" for v in with_stage
+              if not any(r.recipe == STAGE_RECIPE and r.points for r in v)]
     lines = [
         f"**`{STAGE_RECIPE}`**: {len(hits)} of {len(with_stage)} models with an NCHW stage at stride >= 4 "
         f"get at least one block ({_pct(len(hits), len(with_stage))})"
@@ -160,7 +182,7 @@ def _residual_summary(models) -> list[str]:
     for family, pattern in RESIDUAL_FAMILIES.items():
         members = [v for k, v in models.items() if re.search(pattern, k[1]) and v[0].status == "ok"]
         found = [v for v in members if any(r.recipe == RESIDUAL_RECIPE and r.points for r in v)]
-        misses += [(family, v) for v in members if v not in found]
+        misses += [(family, v) for v in members if not any(r.recipe == RESIDUAL_RECIPE and r.points for r in v)]
         rows.append((family, len(members), f"{len(found)} ({_pct(len(found), len(members))})"))
     lines = [f"**`{RESIDUAL_RECIPE}` (residual branch) on residual CNN families**:", ""]
     lines += _table(["family", "models planned", "with residual blocks found"], rows)
@@ -180,7 +202,7 @@ def _identity_summary(models) -> list[str]:
         return ["Identity check: not run in this sweep (`--identity-check`).", ""]
     ok = [r for r in checked if r.identity == "ok"]
     skipped = [r for r in checked if r.identity.startswith("skipped")]
-    bad = [r for r in checked if r not in ok and r not in skipped]
+    bad = [r for r in checked if r.identity != "ok" and not r.identity.startswith("skipped")]
     stage_models = {(r.source, r.model) for r in checked if r.recipe == STAGE_RECIPE}
     stage_ok = {(r.source, r.model) for r in ok if r.recipe == STAGE_RECIPE}
     worst = max((r.identity_rel_diff or 0.0) for r in ok) if ok else 0.0

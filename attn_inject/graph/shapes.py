@@ -60,6 +60,9 @@ class _MetaInterpreter(fx.Interpreter):
             raise ShapeError(
                 f"shape propagation failed at node {n.name!r} ({n.op} {n.target}): {type(error).__name__}: {error}"
             ) from error
+        # Tensors a model creates itself (torch.zeros(shape) with no device, a buffer's
+        # device read at trace time) join the meta tensors here.
+        result = _all_meta(result)
         n.meta["val"] = result
         return result
 
@@ -114,6 +117,18 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
 
     output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
     return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
+
+
+def _all_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _meta(value)
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_all_meta(v) for v in value)
+    if type(value) is list:
+        return [_all_meta(v) for v in value]
+    if type(value) is dict:
+        return {k: _all_meta(v) for k, v in value.items()}
+    return value
 
 
 def _mutable(value: Any) -> Any:
