@@ -14,7 +14,7 @@ from attn_inject.cli import main
 from attn_inject.models import build_for_planning, build_model, input_size_for
 from attn_inject.targets import TargetError
 from attn_inject.zoo import stage_agreement, sweep, sweep_model
-from attn_inject.zoo_report import write_csv, write_markdown
+from attn_inject.zoo_report import read_csv, write_csv, write_markdown
 
 from .conftest import SIZE, meta_model
 
@@ -242,6 +242,9 @@ def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     write_markdown(records, tmp_path / "zoo.md", command="test", seconds=1.0)
     rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))
     assert len(rows) == len(names) * len(recipes)
+    back = {(r.model, r.recipe): r for r in read_csv(tmp_path / "zoo.csv")}
+    assert all(back[(r.model, r.recipe)].points == r.points and back[(r.model, r.recipe)].identity == r.identity
+               for r in records)
     text = (tmp_path / "zoo.md").read_text()
     assert text.index("## Summary") < text.index("## Failures")
     assert "| timm | 2 | 1 (50.0%)" in text and "gemma4_vit_167m_enc" in text
