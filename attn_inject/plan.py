@@ -415,7 +415,7 @@ def analyse(
     """Load the recipe, trace and annotate the model (or its target), and build the plan.
     The graph is the target's; the plan's ``target`` says which submodule that is."""
     loaded = load_recipe(recipe)
-    if init is not None and init not in ("identity", "paper"):
+    if init is not None and init not in ("identity", "paper"):  # before the work of tracing
         raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
     prepared = prepare(model, input_size=input_size, target=resolve_target(model, loaded, target))
     return prepared.graph, plan_prepared(prepared, loaded, init)

@@ -23,7 +23,6 @@ __all__ = ["IDENTITY_MAX_PARAMS", "ModelResult", "ZooRecord", "list_zoo", "sweep
 
 IDENTITY_MAX_PARAMS = 100_000_000
 IDENTITY_SIZES = (64, 96, 128, 160, 224)  # tried in turn until the model accepts one
-MIN_STAGE_REDUCTION = 4
 
 
 @dataclass(frozen=True)
@@ -114,14 +113,12 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     """Whether the stages found match timm's ``feature_info`` at reduction >= 4:
     "agree", "n/a" (no feature_info), "unchecked: why" (feature_info names modules the model
     does not have, so there is nothing to compare with), or "differs: why"."""
+    from .graph.stages import stage_entries
+
     info = getattr(model, "feature_info", None)
     if info is None or target:
         return "n/a"
-    try:
-        entries = [dict(e) for e in info]
-    except TypeError:
-        entries = [dict(e) for e in getattr(info, "info", [])]
-    entries = [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+    entries = stage_entries(info)
     if not entries:
         return "n/a"
     expected = [(e.get("module", ""), e.get("num_chs")) for e in entries]

@@ -18,7 +18,7 @@ from .analysis import AnnotatedGraph
 from .layout import NCHW, layout_of, spatial_size
 from .shapes import tensor_meta
 
-__all__ = ["Stage", "find_stages", "output_dominators"]
+__all__ = ["Stage", "find_stages", "output_dominators", "stage_entries"]
 
 MIN_STAGE_REDUCTION = 4
 
@@ -112,12 +112,17 @@ def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
     return None
 
 
-def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage] | None:
+def stage_entries(feature_info) -> list[dict]:
+    """timm ``feature_info`` entries (a list of dicts or a ``FeatureInfo``) at reduction >= 4."""
     try:
         entries = [dict(e) for e in feature_info]
     except TypeError:
         entries = [dict(e) for e in getattr(feature_info, "info", [])]
-    entries = [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+    return [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+
+
+def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage] | None:
+    entries = stage_entries(feature_info)
     if not entries:
         return None
     stages = []
