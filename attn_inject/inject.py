@@ -1,7 +1,6 @@
 """``inject()``: plan, then rewrite."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 from torch import fx, nn
@@ -9,7 +8,7 @@ from torch import fx, nn
 from .plan import analyse
 from .recipe import Recipe
 from .models import base_model_of
-from .rewrite import PRESERVED, rewrite
+from .rewrite import rewrite
 from .targets import get_target, replace_submodule
 
 __all__ = ["InjectError", "inject"]
@@ -53,11 +52,7 @@ def inject(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} (positions: {positions}){why}. "
             "Pass allow_empty=True to accept an unchanged model."
         )
-    patched = rewrite(graph.graph, plan, get_target(model, plan.target))
-    base = base_model_of(model)
-    if base is not None:
-        info = dataclasses.replace(patched.attn_inject, base_model=base[0], base_kwargs=tuple(sorted(base[1].items())))
-        patched.attn_inject = patched.meta[PRESERVED]["attn_inject"] = info
+    patched = rewrite(graph.graph, plan, get_target(model, plan.target), base_model_of(model))
     if not plan.target:
         return patched
     outer = replace_submodule(model, plan.target, patched)

@@ -24,7 +24,8 @@ from .graph.analysis import AnnotatedGraph, annotate
 from .graph.shapes import tensor_meta
 from .graph.positions import Candidate, find_candidates, stage_index
 from .graph.stages import Stage, find_stages
-from .graph.trace import OpaqueModule
+from .graph.layout import NHWC
+from .graph.trace import OpaqueModule, tracing_strategy
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
 from .targets import default_target, get_target, target_input_size
 
@@ -101,7 +102,7 @@ class Plan(Sequence[InsertionPoint]):
     @property
     def tracing(self) -> str:
         """How the model was traced: "whole", or "opaque" when submodules were kept whole."""
-        return "opaque" if self.opaque else "whole"
+        return tracing_strategy(self.opaque)
 
     def __len__(self) -> int:
         return len(self.points)
@@ -274,7 +275,7 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
 
 def _nchw(shape: Sequence[int], layout: str | None) -> tuple[int, int, int]:
     c, h, w = (int(s) for s in shape)
-    return (w, c, h) if layout == "NHWC" else (c, h, w)  # NHWC: (H, W, C) -> (C, H, W)
+    return (w, c, h) if layout == NHWC else (c, h, w)  # NHWC: (H, W, C) -> (C, H, W)
 
 
 def _unique_key(name: str, position: str, taken: set[str]) -> str:

@@ -79,7 +79,9 @@ def build_blocks(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[s
     return blocks
 
 
-def rewrite(graph: fx.Graph, plan: Plan, original: nn.Module) -> fx.GraphModule:
+def rewrite(
+    graph: fx.Graph, plan: Plan, original: nn.Module, base: tuple[str, dict[str, Any]] | None = None
+) -> fx.GraphModule:
     """Insert the planned blocks into ``graph`` (traced from ``original``) and return the
     patched module, compiled once."""
     container_name = _container_name(original)
@@ -134,6 +136,8 @@ def rewrite(graph: fx.Graph, plan: Plan, original: nn.Module) -> fx.GraphModule:
             setattr(gm, key, value)
             preserved[key] = value
     info = InjectionInfo(plan=plan, container=container_name)
+    if base is not None:  # the model's name and builder arguments, so it can be rebuilt
+        info = InjectionInfo(plan, container_name, base[0], tuple(sorted(base[1].items())))
     gm.attn_inject = info
     preserved["attn_inject"] = info
     return gm

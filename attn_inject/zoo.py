@@ -168,6 +168,7 @@ def sweep_model(
     """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
     from .graph.layout import NCHW, layout_of
     from .graph.shapes import ShapeError
+    from .graph.trace import tracing_strategy
     from .models import build_for_planning, input_size_for
     from .plan import plan_prepared, prepare, resolve_target
     from .recipe import load_recipe
@@ -195,7 +196,7 @@ def sweep_model(
         return fail(status, _reason(error), fx_plain=_fx_plain(model), target=target)
     graph = prepared.graph
     common = dict(
-        tracing=graph.opaque and "opaque" or "whole",
+        tracing=tracing_strategy(graph.opaque),
         opaque="; ".join(o.name for o in graph.opaque),
         fx_plain=_fx_plain(model) if not target else None,
         target=target,

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import fx, nn
 
-__all__ = ["ModelTracer", "OpaqueModule", "TraceError", "TraceResult", "eval_mode", "trace"]
+__all__ = ["ModelTracer", "OpaqueModule", "TraceError", "TraceResult", "eval_mode", "trace", "tracing_strategy"]
 
 MAX_OPAQUE = 32
 
@@ -138,9 +138,10 @@ class TraceResult:
     graph: fx.Graph
     opaque: tuple[OpaqueModule, ...] = ()
 
-    @property
-    def strategy(self) -> str:
-        return "opaque" if self.opaque else "whole"
+
+def tracing_strategy(opaque: tuple[OpaqueModule, ...]) -> str:
+    """How a model was traced: "whole", or "opaque" when submodules were kept whole."""
+    return "opaque" if opaque else "whole"
 
 
 def _reason(error: BaseException) -> str:
