@@ -1,17 +1,18 @@
 """attn-inject: SE, ECA and CBAM attention inserted into built torchvision and timm CNNs.
 
-    >>> import timm, attn_inject as ai
-    >>> model = timm.create_model("resnet50")
-    >>> print(ai.plan(model, "cbam_after_every_stage"))
-    >>> patched = ai.inject(model, "cbam_after_every_stage")   # identical outputs at insertion
+>>> import timm, attn_inject as ai
+>>> model = timm.create_model("resnet50")
+>>> print(ai.plan(model, "cbam_after_every_stage"))
+>>> patched = ai.inject(model, "cbam_after_every_stage")   # identical outputs at insertion
 """
+
 from .blocks import BlockParamError, create_block, list_blocks, register_block
+from .checkpoint import CheckpointError
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
 from .inject import InjectError, inject
 from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
 from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, list_recipes, load_recipe
-from .checkpoint import CheckpointError
 from .rewrite import AttentionBlocks, InjectionInfo
 from .serialize import Manifest, load, read_manifest, save
 from .validate import ValidationError, ValidationReport, validate
@@ -20,7 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
-    "Manifest",
     "AttentionBlocks",
     "BlockParamError",
     "BlockSpec",
@@ -28,6 +28,7 @@ __all__ = [
     "InjectError",
     "InjectionInfo",
     "InsertionPoint",
+    "Manifest",
     "Plan",
     "PlanError",
     "Recipe",

@@ -7,8 +7,10 @@
 PyTorch files are loaded with ``torch.load(..., weights_only=True)`` only: a pickle that
 holds anything besides tensors and plain containers is refused, never executed.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -86,7 +88,9 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}"
+        ) from e
 
 
 def _load_torch(p: Path) -> Any:
@@ -192,7 +196,7 @@ def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if all(k.startswith(prefix) and len(k) > len(prefix) for k, _ in items):
-                items = [(k[len(prefix):], v) for k, v in items]
+                items = [(k[len(prefix) :], v) for k, v in items]
                 stripped = True
     return dict(items)
 
@@ -265,10 +269,8 @@ def write_safetensors(
         os.chmod(tmp, _file_mode(p))
         os.replace(tmp, p)
     except BaseException as e:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        except FileNotFoundError:
-            pass
         if isinstance(e, Exception) and not isinstance(e, CheckpointError):
             raise CheckpointError(f"cannot write {p}: {_first_line(e)}") from e
         raise
@@ -331,4 +333,6 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     except OSError as e:
         raise CheckpointError(f"cannot read metadata of {p}: {e.strerror or e}") from e
     except Exception as e:
-        raise CheckpointError(f"cannot read metadata of {p}: not a valid safetensors file: {_first_line(e)}") from e
+        raise CheckpointError(
+            f"cannot read metadata of {p}: not a valid safetensors file: {_first_line(e)}"
+        ) from e

@@ -3,6 +3,7 @@
 Exit codes: 0 success, 1 failure, 2 usage error. Errors are one line on stderr; ``--debug``
 shows the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,8 @@ import dataclasses
 import json
 import sys
 import traceback
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -31,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
-        prog="attn-inject", description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",
+        prog="attn-inject",
+        description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,47 +51,111 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, parents=[common], help=help_text)
         default_model = DEMO_MODEL if name == "demo" else None
-        p.add_argument("model", nargs="?" if name == "demo" else None, default=default_model,
-                       help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)")
-        p.add_argument("--recipe", "-r", default=DEMO_RECIPE if name == "demo" else None,
-                       required=name == "plan", help="built-in recipe name or a YAML path")
-        p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                       help="input size for shape inference (default: the model's own)")
+        p.add_argument(
+            "model",
+            nargs="?" if name == "demo" else None,
+            default=default_model,
+            help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)",
+        )
+        p.add_argument(
+            "--recipe",
+            "-r",
+            default=DEMO_RECIPE if name == "demo" else None,
+            required=name == "plan",
+            help="built-in recipe name or a YAML path",
+        )
+        p.add_argument(
+            "--input-size",
+            type=int,
+            nargs=3,
+            metavar=("C", "H", "W"),
+            help="input size for shape inference (default: the model's own)",
+        )
         p.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
-        p.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
-                       help="model builder arguments, e.g. num_classes=10")
-        p.add_argument("--target", help="a submodule to patch, e.g. backbone.body (default: the recipe's, "
-                       "else a detection / segmentation model's backbone)")
+        p.add_argument(
+            "--model-kwargs",
+            nargs="*",
+            default=[],
+            metavar="K=V",
+            help="model builder arguments, e.g. num_classes=10",
+        )
+        p.add_argument(
+            "--target",
+            help="a submodule to patch, e.g. backbone.body (default: the recipe's, "
+            "else a detection / segmentation model's backbone)",
+        )
         if name == "plan":
-            p.add_argument("--diagram", metavar="OUT", help="draw the stages and blocks to OUT.svg or OUT.png")
+            p.add_argument(
+                "--diagram", metavar="OUT", help="draw the stages and blocks to OUT.svg or OUT.png"
+            )
 
-    convert = sub.add_parser("convert", parents=[common], help="turn a timm / torchvision checkpoint into a patched safetensors file")
-    convert.add_argument("--model", required=True, help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)")
-    convert.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V", help="builder arguments, e.g. num_classes=3")
-    convert.add_argument("--checkpoint", required=True, metavar="IN",
-                         help=".pth/.pt/.bin (read with weights_only=True) or .safetensors; a state dict or a training checkpoint")
+    convert = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="turn a timm / torchvision checkpoint into a patched safetensors file",
+    )
+    convert.add_argument(
+        "--model", required=True, help="timm:NAME, tv:NAME or a bare name (timm first, then torchvision)"
+    )
+    convert.add_argument(
+        "--model-kwargs", nargs="*", default=[], metavar="K=V", help="builder arguments, e.g. num_classes=3"
+    )
+    convert.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="IN",
+        help=".pth/.pt/.bin (read with weights_only=True) or .safetensors; a state dict or a training checkpoint",
+    )
     convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
     convert.add_argument("--out", required=True, metavar="OUT.safetensors")
     convert.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
-    convert.add_argument("--target", help="a submodule to patch (default: the recipe's, else the model's backbone)")
-    convert.add_argument("--input-size", type=int, nargs="+", metavar="N", help="C H W for shape inference and validation")
-    convert.add_argument("--validate", action="store_true", help="check the patched model against the original before writing")
-    convert.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where --validate runs (auto: CUDA if available)")
+    convert.add_argument(
+        "--target", help="a submodule to patch (default: the recipe's, else the model's backbone)"
+    )
+    convert.add_argument(
+        "--input-size", type=int, nargs="+", metavar="N", help="C H W for shape inference and validation"
+    )
+    convert.add_argument(
+        "--validate", action="store_true", help="check the patched model against the original before writing"
+    )
+    convert.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where --validate runs (auto: CUDA if available)",
+    )
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
-    check = sub.add_parser("validate", parents=[common], help="check a converted file: rebuild, compare with its base weights")
+    check = sub.add_parser(
+        "validate", parents=[common], help="check a converted file: rebuild, compare with its base weights"
+    )
     check.add_argument("file", metavar="FILE.safetensors")
-    check.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
-    check.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input size to check at (default: the plan's)")
+    check.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available"
+    )
+    check.add_argument(
+        "--input-size", type=int, nargs="+", metavar="N", help="input size to check at (default: the plan's)"
+    )
 
-    zoo = sub.add_parser("zoo", parents=[common], help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv")
+    zoo = sub.add_parser(
+        "zoo",
+        parents=[common],
+        help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv",
+    )
     zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
-    zoo.add_argument("--recipes", nargs="+", metavar="R", help="recipes to plan (default: every shipped recipe)")
+    zoo.add_argument(
+        "--recipes", nargs="+", metavar="R", help="recipes to plan (default: every shipped recipe)"
+    )
     zoo.add_argument("--filter", metavar="GLOB", help="only models whose name matches, e.g. 'resnet*'")
-    zoo.add_argument("--identity-check", action="store_true",
-                     help="also build each model (up to 100M parameters) and check identity on real tensors")
+    zoo.add_argument(
+        "--identity-check",
+        action="store_true",
+        help="also build each model (up to 100M parameters) and check identity on real tensors",
+    )
     zoo.add_argument("--jobs", type=int, help="worker processes (default: one per CPU)")
-    zoo.add_argument("--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)")
+    zoo.add_argument(
+        "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
+    )
     return parser
 
 
@@ -180,7 +247,9 @@ def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
     if values is None:
         return None
     if len(values) not in (2, 3, 4) or min(values) < 1:
-        raise UsageError(f"--input-size takes C H W (or C T H W for video) positive sizes, got {' '.join(map(str, values))}")
+        raise UsageError(
+            f"--input-size takes C H W (or C T H W for video) positive sizes, got {' '.join(map(str, values))}"
+        )
     return tuple(values)
 
 
@@ -220,7 +289,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         model.load_state_dict(state, strict=True)
         del state
     with _status(f"injecting {recipe.name}", quiet=args.json):
-        patched = inject(model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target)
+        patched = inject(
+            model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target
+        )
     plan = patched.attn_inject.plan
     report = None
     if args.validate:
@@ -236,7 +307,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if report is not None:
         text += f"\n{report}"
     text += f"\nwrote {args.out}"
-    _emit(args, text, {"plan": plan.to_dict(), "validation": report and report.to_dict(), "written": args.out})
+    _emit(
+        args, text, {"plan": plan.to_dict(), "validation": report and report.to_dict(), "written": args.out}
+    )
     return 0
 
 
@@ -252,8 +325,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     with _status("validating", quiet=args.json):
         report = validate(reference, patched, input_size=size, device=args.device)
     plan = patched.attn_inject.plan
-    text = (f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
-            f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}")
+    text = (
+        f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
+        f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}"
+    )
     _emit(args, text, {"manifest": json.loads(manifest.to_json()), "validation": report.to_dict()})
     return 0 if report.passed else 1
 
@@ -292,7 +367,9 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} is not a folder")
     start = time.perf_counter()
     records = []
-    with _progress(f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json) as advance:
+    with _progress(
+        f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
+    ) as advance:
         for result in sweep(names, recipes, identity_check=args.identity_check, jobs=args.jobs):
             records.extend(result.records)
             advance(f"{result.source}:{result.model}")
@@ -300,12 +377,22 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
     command = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
     write_csv(records, out / "zoo.csv")
-    write_markdown(records, out / "zoo.md", command=command.strip(), seconds=seconds, identity_seconds=identity_seconds)
+    write_markdown(
+        records, out / "zoo.md", command=command.strip(), seconds=seconds, identity_seconds=identity_seconds
+    )
     failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
-    summary = {"models": len(names), "records": len(records), "failed_models": failed, "seconds": round(seconds, 1),
-               "report": str(out / "zoo.md"), "csv": str(out / "zoo.csv")}
-    text = (f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
-            f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}")
+    summary = {
+        "models": len(names),
+        "records": len(records),
+        "failed_models": failed,
+        "seconds": round(seconds, 1),
+        "report": str(out / "zoo.md"),
+        "csv": str(out / "zoo.csv"),
+    }
+    text = (
+        f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
+        f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}"
+    )
     _emit(args, text, summary)
     return 0
 
@@ -326,18 +413,34 @@ def _progress(description: str, total: int, *, quiet: bool = False):
             if not quiet and (done[0] % step == 0 or done[0] == total):
                 elapsed = time.perf_counter() - start
                 left = elapsed / done[0] * (total - done[0])
-                print(f"{description}: {done[0]}/{total} ({elapsed:.0f} s, about {left:.0f} s left) {label}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{description}: {done[0]}/{total} ({elapsed:.0f} s, about {left:.0f} s left) {label}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         yield advance
 
     @contextlib.contextmanager
     def bar():
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[last]}"))
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[last]}"),
+        )
         with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
             task = progress.add_task(description, total=total, last="")
             yield lambda label: progress.update(task, advance=1, last=label)
@@ -346,8 +449,13 @@ def _progress(description: str, total: int, *, quiet: bool = False):
 
 
 COMMANDS = {
-    "recipes": _cmd_recipes, "blocks": _cmd_blocks, "plan": _cmd_plan, "demo": _cmd_demo,
-    "convert": _cmd_convert, "validate": _cmd_validate, "zoo": _cmd_zoo,
+    "recipes": _cmd_recipes,
+    "blocks": _cmd_blocks,
+    "plan": _cmd_plan,
+    "demo": _cmd_demo,
+    "convert": _cmd_convert,
+    "validate": _cmd_validate,
+    "zoo": _cmd_zoo,
 }
 
 

@@ -26,14 +26,16 @@ stage. Points outside every stage go to "stem" when they come before the first s
 of the plan, else to "head". In the SVG each badge carries the full insertion point as a
 tooltip, and ``data-point`` (its index in the plan), ``data-kind`` and ``data-position``.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, NamedTuple, Sequence
+from typing import IO, NamedTuple
 from xml.sax.saxutils import escape
 
 from .plan import InsertionPoint, Plan
@@ -161,7 +163,7 @@ def _char_width(ch: str) -> float:
     """Width of one character in em, on the wide side of common sans-serif fonts."""
     if ch in "ijl.,:;'|!` ":
         return 0.32
-    if ch in "frt()[]{}-/\\\"":
+    if ch in 'frt()[]{}-/\\"':
         return 0.45
     if ch in "mwMW@%&":
         return 0.95
@@ -179,7 +181,7 @@ def _text_width(text: str, size: float, bold: bool = False) -> float:
 
 def _clip(text: str, limit: int = MAX_LABEL) -> str:
     """``text``, or its last characters after an ellipsis when longer than ``limit``."""
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def _luminance(colour: str) -> float:
@@ -187,7 +189,7 @@ def _luminance(colour: str) -> float:
         c = v / 255
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
 
-    r, g, b = (int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
     return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
 
 
@@ -259,22 +261,49 @@ def _badge(p: InsertionPoint, i: int, x: float, y: float, w: float, fill: str) -
         Text(x + BADGE_PAD, baseline, _label(p), BADGE_SIZE, ink),
         Text(x + w - BADGE_PAD, baseline, _abbreviation(p.position), BADGE_SIZE - 1, ink, anchor="end"),
     )
-    return Box(x, y, w, BADGE_H, "badge", fill, radius=5, texts=texts, tooltip=f"#{i}: {p}",
-               kind=p.block.kind, position=p.position, point=i)
+    return Box(
+        x,
+        y,
+        w,
+        BADGE_H,
+        "badge",
+        fill,
+        radius=5,
+        texts=texts,
+        tooltip=f"#{i}: {p}",
+        kind=p.block.kind,
+        position=p.position,
+        point=i,
+    )
 
 
 def _marker(p: InsertionPoint, i: int, x: float, y: float, w: float, fill: str) -> Box:
     """A ``stage_output`` point on an arrow between stages: a pill with the block kind."""
     baseline = y + BADGE_H / 2 + BADGE_SIZE * 0.36
     texts = (Text(x + w / 2, baseline, p.block.kind, BADGE_SIZE, _ink_on(fill), anchor="middle", bold=True),)
-    return Box(x, y, w, BADGE_H, "marker", fill, radius=BADGE_H / 2, texts=texts, tooltip=f"#{i}: {p}",
-               kind=p.block.kind, position=p.position, point=i)
+    return Box(
+        x,
+        y,
+        w,
+        BADGE_H,
+        "marker",
+        fill,
+        radius=BADGE_H / 2,
+        texts=texts,
+        tooltip=f"#{i}: {p}",
+        kind=p.block.kind,
+        position=p.position,
+        point=i,
+    )
 
 
 def _badge_width(p: InsertionPoint) -> float:
     return (
-        BADGE_PAD + _text_width(_label(p), BADGE_SIZE) + 12
-        + _text_width(_abbreviation(p.position), BADGE_SIZE - 1) + BADGE_PAD
+        BADGE_PAD
+        + _text_width(_label(p), BADGE_SIZE)
+        + 12
+        + _text_width(_abbreviation(p.position), BADGE_SIZE - 1)
+        + BADGE_PAD
     )
 
 
@@ -282,7 +311,9 @@ def _marker_width(p: InsertionPoint) -> float:
     return max(40, math.ceil(_text_width(p.block.kind, BADGE_SIZE, bold=True)) + 2 * BADGE_PAD + 4)
 
 
-def _legend(plan: Plan, colours: dict[str, str], top: float, width: float) -> tuple[list[Box], list[Text], float]:
+def _legend(
+    plan: Plan, colours: dict[str, str], top: float, width: float
+) -> tuple[list[Box], list[Text], float]:
     """The legend rows below the title: block kinds, then position abbreviations. Returns its
     boxes, text and bottom."""
     boxes: list[Box] = []
@@ -337,7 +368,7 @@ def plan_layout(plan: Plan) -> Diagram:
     columns: list[_Column] = []
     for c, name in enumerate(titles):
         shown = members[c] if len(members[c]) <= MAX_BADGES else members[c][:SHOWN_BADGES]
-        hidden = tuple(members[c][len(shown):])
+        hidden = tuple(members[c][len(shown) :])
         all_points = [points[i] for i in sorted(members[c] + markers[c])]
         subtitle = " · ".join(s for s in (_channels(all_points), _count(len(all_points))) if s)
         if not plan.stages:
@@ -357,7 +388,10 @@ def plan_layout(plan: Plan) -> Diagram:
 
     # Title and legend on top; their width depends on the columns' total width.
     size_text = "×".join(str(s) for s in plan.input_size)
-    input_w = math.ceil(max(_text_width("input", 12, bold=True), _text_width(size_text, SMALL_SIZE))) + 2 * COLUMN_PAD
+    input_w = (
+        math.ceil(max(_text_width("input", 12, bold=True), _text_width(size_text, SMALL_SIZE)))
+        + 2 * COLUMN_PAD
+    )
     row_w = input_w + GAP + sum(col.width for col in columns) + sum(gaps[:-1])
     heading = f"{plan.model_name} + {plan.recipe.name} (init={plan.init}, input {size_text})"
     title_y = MARGIN + TITLE_SIZE - 3
@@ -369,23 +403,45 @@ def plan_layout(plan: Plan) -> Diagram:
     boxes: list[Box] = []
     arrows: list[Arrow] = []
     x = MARGIN
-    boxes.append(Box(
-        x, mid - 20, input_w, 40, "input", BACKGROUND, COLUMN_STROKE, 6,
-        (Text(x + input_w / 2, mid - 4, "input", 12, anchor="middle", bold=True),
-         Text(x + input_w / 2, mid + 12, size_text, SMALL_SIZE, MUTED, anchor="middle")),
-    ))
+    boxes.append(
+        Box(
+            x,
+            mid - 20,
+            input_w,
+            40,
+            "input",
+            BACKGROUND,
+            COLUMN_STROKE,
+            6,
+            (
+                Text(x + input_w / 2, mid - 4, "input", 12, anchor="middle", bold=True),
+                Text(x + input_w / 2, mid + 12, size_text, SMALL_SIZE, MUTED, anchor="middle"),
+            ),
+        )
+    )
     x += input_w
     badges: list[Box] = []
     for c, (name, title, subtitle, shown, hidden, w, _) in enumerate(columns):
         gap = GAP if c == 0 else gaps[c - 1]
         arrows.append(Arrow(x, mid, x + gap, mid))
         x += gap
-        boxes.append(Box(
-            x, top, w, column_h, "column", COLUMN_FILL, COLUMN_STROKE, 8,
-            (Text(x + w / 2, top + 19, title, HEADER_SIZE, anchor="middle", bold=True),
-             Text(x + w / 2, top + 36, subtitle, SMALL_SIZE, MUTED, anchor="middle")),
-            tooltip=name,
-        ))
+        boxes.append(
+            Box(
+                x,
+                top,
+                w,
+                column_h,
+                "column",
+                COLUMN_FILL,
+                COLUMN_STROKE,
+                8,
+                (
+                    Text(x + w / 2, top + 19, title, HEADER_SIZE, anchor="middle", bold=True),
+                    Text(x + w / 2, top + 36, subtitle, SMALL_SIZE, MUTED, anchor="middle"),
+                ),
+                tooltip=name,
+            )
+        )
         y = top + HEADER_H
         for i in shown:
             p = points[i]
@@ -394,12 +450,29 @@ def plan_layout(plan: Plan) -> Diagram:
         if hidden:
             names = [points[i].name or points[i].node for i in hidden]
             tooltip = ", ".join(names[:40]) + (f" and {len(names) - 40} more" if len(names) > 40 else "")
-            badges.append(Box(
-                x + COLUMN_PAD, y, w - 2 * COLUMN_PAD, BADGE_H, "more", MORE_FILL, radius=5,
-                texts=(Text(x + w / 2, y + BADGE_H / 2 + BADGE_SIZE * 0.36, f"+{len(hidden)} more", BADGE_SIZE,
-                            INK, anchor="middle"),),
-                tooltip=tooltip, hidden=hidden,
-            ))
+            badges.append(
+                Box(
+                    x + COLUMN_PAD,
+                    y,
+                    w - 2 * COLUMN_PAD,
+                    BADGE_H,
+                    "more",
+                    MORE_FILL,
+                    radius=5,
+                    texts=(
+                        Text(
+                            x + w / 2,
+                            y + BADGE_H / 2 + BADGE_SIZE * 0.36,
+                            f"+{len(hidden)} more",
+                            BADGE_SIZE,
+                            INK,
+                            anchor="middle",
+                        ),
+                    ),
+                    tooltip=tooltip,
+                    hidden=hidden,
+                )
+            )
         x += w
         # stage_output points: stacked on the middle of the arrow that leaves this column.
         stack = markers[c]
@@ -418,21 +491,41 @@ def plan_layout(plan: Plan) -> Diagram:
         share = f" ({'<0.01' if 0 < percent < 0.01 else format(percent, '.2f')}% of {plan.base_params:,})"
     footer = f"{_count(len(points)) if points else '0 blocks'}, +{added:,} parameters{share}"
     footer_y = top + column_h + 30
-    texts = [Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True), *legend_texts,
-             Text(MARGIN, footer_y, footer, 13, bold=True)]
+    texts = [
+        Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True),
+        *legend_texts,
+        Text(MARGIN, footer_y, footer, 13, bold=True),
+    ]
     bottom = footer_y
     if plan.base_flops:
         flops = sum(p.flops for p in points)
         bottom += 18
-        texts.append(Text(MARGIN, bottom, f"+{flops / 1e6:,.1f} M FLOPs per image "
-                          f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)", SMALL_SIZE, MUTED))
+        texts.append(
+            Text(
+                MARGIN,
+                bottom,
+                f"+{flops / 1e6:,.1f} M FLOPs per image "
+                f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)",
+                SMALL_SIZE,
+                MUTED,
+            )
+        )
     if plan.skipped:
         bottom += 18
         n = len(plan.skipped)
-        texts.append(Text(MARGIN, bottom, f"{n} candidate{'s' if n != 1 else ''} skipped "
-                          "(the plan's skipped list says why)", SMALL_SIZE, MUTED))
+        texts.append(
+            Text(
+                MARGIN,
+                bottom,
+                f"{n} candidate{'s' if n != 1 else ''} skipped (the plan's skipped list says why)",
+                SMALL_SIZE,
+                MUTED,
+            )
+        )
 
-    extents = [x] + [t.x + _text_width(t.text, t.size, t.bold) for t in texts] + [b.x + b.w for b in legend_boxes]
+    extents = (
+        [x] + [t.x + _text_width(t.text, t.size, t.bold) for t in texts] + [b.x + b.w for b in legend_boxes]
+    )
     width = round(max(extents) + MARGIN)
     height = round(bottom + MARGIN - 4)
     return Diagram(width, height, heading, tuple(boxes + legend_boxes + badges), tuple(arrows), tuple(texts))
@@ -585,8 +678,11 @@ def to_png(diagram: Diagram, path: str | os.PathLike, *, scale: float = 2.0) -> 
     for b in diagram.boxes:
         outline = None if b.stroke == "none" else b.stroke
         draw.rounded_rectangle(
-            [b.x * s, b.y * s, (b.x + b.w) * s, (b.y + b.h) * s], radius=b.radius * s,
-            fill=b.fill, outline=outline, width=max(1, round(s)) if outline else 0,
+            [b.x * s, b.y * s, (b.x + b.w) * s, (b.y + b.h) * s],
+            radius=b.radius * s,
+            fill=b.fill,
+            outline=outline,
+            width=max(1, round(s)) if outline else 0,
         )
         for t in b.texts:
             _draw_text(draw, fonts, t, s)

@@ -1,13 +1,15 @@
 """``inject()``: plan, then rewrite."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
+from .models import base_model_of
 from .plan import analyse
 from .recipe import Recipe
-from .models import base_model_of
 from .rewrite import rewrite
 from .targets import get_target, replace_submodule
 

@@ -1,5 +1,6 @@
 """Building a model by name: ``timm:NAME``, ``tv:NAME``, or a bare name (timm first, then
 torchvision). Random init only: nothing is downloaded."""
+
 from __future__ import annotations
 
 import difflib
@@ -89,7 +90,9 @@ def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
         return info.base_model, dict(info.base_kwargs)
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture") and type(model).__module__.startswith("timm."):
-        kwargs = {"num_classes": model.num_classes} if isinstance(getattr(model, "num_classes", None), int) else {}
+        kwargs = (
+            {"num_classes": model.num_classes} if isinstance(getattr(model, "num_classes", None), int) else {}
+        )
         return f"timm:{cfg['architecture']}", kwargs
     return None
 

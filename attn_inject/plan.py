@@ -8,12 +8,14 @@ candidates of its position, and returns a :class:`Plan`, a sequence of
     >>> [pt.channels for pt in p]
     [64, 64, 128, 128, 256, 256, 512, 512]
 """
+
 from __future__ import annotations
 
-import re
 import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,10 +23,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_init, create_block
 from .graph.analysis import AnnotatedGraph, annotate
-from .graph.shapes import tensor_meta
-from .graph.positions import Candidate, find_candidates, stage_index
-from .graph.stages import Stage, find_stages
 from .graph.layout import NHWC
+from .graph.positions import Candidate, find_candidates, stage_index
+from .graph.shapes import tensor_meta
+from .graph.stages import Stage, find_stages
 from .graph.trace import OpaqueModule, tracing_strategy
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
 from .targets import default_target, get_target, target_input_size
@@ -191,7 +193,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
         size = tuple(int(s) for s in input_size)
         spatial = 3 if video else 2
         if len(size) == spatial:
-            size = (channels,) + size
+            size = (channels, *size)
         if len(size) != spatial + 1 or min(size) < 1:
             shape = "(C, T, H, W) or (T, H, W)" if video else "(C, H, W) or (H, W)"
             raise ValueError(f"input_size must be {shape} with positive sizes, got {tuple(input_size)}")
@@ -250,7 +252,7 @@ def block_flops(block: BlockSpec, shape: tuple[int, int, int], init: str) -> int
     if key not in _FLOP_CACHE:
         module = _meta_block(block, shape[0], init)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            module(torch.empty((1,) + shape, device="meta"))
+            module(torch.empty((1, *shape), device="meta"))
         _FLOP_CACHE[key] = counter.get_total_flops()
     return _FLOP_CACHE[key]
 
@@ -268,9 +270,7 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
             return False
     if rule.include and not any(re.search(p, candidate.name) for p in rule.include):
         return False
-    if any(re.search(p, candidate.name) for p in rule.exclude):
-        return False
-    return True
+    return not any(re.search(p, candidate.name) for p in rule.exclude)
 
 
 def _nchw(shape: Sequence[int], layout: str | None) -> tuple[int, int, int]:
@@ -311,20 +311,28 @@ def build_plan(
                     f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
                 )
         matches = [
-            c for c in find_candidates(graph, rule.at, stages, rule.channels_last)
+            c
+            for c in find_candidates(graph, rule.at, stages, rule.channels_last)
             if _keep(rule, c, stage_index(graph, stages, c.anchor), len(stages))
         ]
         for k, candidate in enumerate(matches):
             if k % rule.every:
                 continue
             if candidate.skip_reason:
-                skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, candidate.skip_reason))
+                skipped.append(
+                    SkippedPoint(candidate.name, rule.at, candidate.node.name, r, candidate.skip_reason)
+                )
                 continue
             if candidate.edge in taken:
-                skipped.append(SkippedPoint(
-                    candidate.name, rule.at, candidate.node.name, r,
-                    f"rule {taken[candidate.edge]} already puts a block on this edge",
-                ))
+                skipped.append(
+                    SkippedPoint(
+                        candidate.name,
+                        rule.at,
+                        candidate.node.name,
+                        r,
+                        f"rule {taken[candidate.edge]} already puts a block on this edge",
+                    )
+                )
                 continue
             taken[candidate.edge] = r
             chosen.append((graph.index[candidate.node], r, candidate, rule))
@@ -334,21 +342,23 @@ def build_plan(
     for _, r, candidate, rule in chosen:
         t = tensor_meta(candidate.node)
         channels = int(candidate.channels)
-        points.append(InsertionPoint(
-            name=candidate.name,
-            position=rule.at,
-            channels=channels,
-            block=rule.block,
-            params=block_params(rule.block, channels, init),
-            node=candidate.node.name,
-            consumers=candidate.edge[1],
-            shape=tuple(int(s) for s in t.shape[1:]),
-            stage=stage_index(graph, stages, candidate.anchor),
-            rule=r,
-            key=_unique_key(candidate.name, rule.at, keys),
-            layout=str(candidate.layout),
-            flops=block_flops(rule.block, _nchw(t.shape[1:], candidate.layout), init),
-        ))
+        points.append(
+            InsertionPoint(
+                name=candidate.name,
+                position=rule.at,
+                channels=channels,
+                block=rule.block,
+                params=block_params(rule.block, channels, init),
+                node=candidate.node.name,
+                consumers=candidate.edge[1],
+                shape=tuple(int(s) for s in t.shape[1:]),
+                stage=stage_index(graph, stages, candidate.anchor),
+                rule=r,
+                key=_unique_key(candidate.name, rule.at, keys),
+                layout=str(candidate.layout),
+                flops=block_flops(rule.block, _nchw(t.shape[1:], candidate.layout), init),
+            )
+        )
     return Plan(
         points=tuple(points),
         recipe=recipe,
@@ -380,7 +390,7 @@ def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target
     ``input_size`` (default: the model's own) and find its stages."""
     sub = get_target(model, target)
     size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
-    graph = annotate(sub, (BATCH,) + size)
+    graph = annotate(sub, (BATCH, *size))
     feature_info = getattr(model, "feature_info", None) if not target else None
     stages = tuple(find_stages(graph, feature_info))
     return Prepared(graph, stages, target, model_name(model), count_params(model))

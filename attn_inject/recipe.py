@@ -10,19 +10,30 @@ the key and what is allowed::
       - block: {kind: cbam, ratio: 16, spatial_kernel: 7}
         at: stage_output
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
 
-__all__ = ["POSITIONS", "BlockSpec", "Recipe", "RecipeError", "Rule", "list_recipes", "load_recipe", "parse_recipe_text"]
+__all__ = [
+    "POSITIONS",
+    "BlockSpec",
+    "Recipe",
+    "RecipeError",
+    "Rule",
+    "list_recipes",
+    "load_recipe",
+    "parse_recipe_text",
+]
 
 POSITIONS = (
     "residual_branch",
@@ -34,7 +45,17 @@ POSITIONS = (
 )
 INIT_MODES = ("identity", "paper")
 RECIPE_KEYS = ("name", "description", "init", "target", "rules")
-RULE_KEYS = ("block", "at", "stages", "min_channels", "max_channels", "include", "exclude", "every", "channels_last")
+RULE_KEYS = (
+    "block",
+    "at",
+    "stages",
+    "min_channels",
+    "max_channels",
+    "include",
+    "exclude",
+    "every",
+    "channels_last",
+)
 CHANNELS_LAST = ("skip", "adapt")
 
 
@@ -136,7 +157,9 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
         return parse_recipe(recipe, source="<dict>")
     if isinstance(recipe, str) and "\n" in recipe:
         return parse_recipe_text(recipe, source="<text>")
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)):
+    if isinstance(recipe, Path) or (
+        isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)
+    ):
         path = Path(recipe)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
@@ -188,12 +211,15 @@ def parse_recipe_text(text: str, source: str) -> Recipe:
 
 def parse_recipe(data: Any, source: str) -> Recipe:
     """Check ``data`` (a parsed recipe) key by key and build a :class:`Recipe`."""
+
     def fail(key: str, message: str) -> RecipeError:
         return RecipeError(f"{source}: {key}: {message}")
 
     if not isinstance(data, Mapping):
         got = "an empty document" if data is None else f"a {type(data).__name__}"
-        raise RecipeError(f"{source}: a recipe must be a mapping with keys {', '.join(RECIPE_KEYS)}; got {got}")
+        raise RecipeError(
+            f"{source}: a recipe must be a mapping with keys {', '.join(RECIPE_KEYS)}; got {got}"
+        )
     _reject_unknown(data, RECIPE_KEYS, "", fail)
     name = data.get("name", Path(source).stem if source != "<dict>" else "custom")
     if not isinstance(name, str) or not name:
@@ -237,10 +263,15 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     if stages is not None:
         if isinstance(stages, int) and not isinstance(stages, bool):
             stages = [stages]
-        if not isinstance(stages, list) or not stages or any(
-            isinstance(s, bool) or not isinstance(s, int) for s in stages
+        if (
+            not isinstance(stages, list)
+            or not stages
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
         ):
-            raise fail(f"{key}.stages", f"must be a list of stage indices (integers, negatives count from the end), got {stages!r}")
+            raise fail(
+                f"{key}.stages",
+                f"must be a list of stage indices (integers, negatives count from the end), got {stages!r}",
+            )
         stages = tuple(stages)
     bounds = {}
     for bound in ("min_channels", "max_channels"):
@@ -249,7 +280,10 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             raise fail(f"{key}.{bound}", f"must be an integer >= 1, got {value!r}")
         bounds[bound] = value
     if bounds["min_channels"] and bounds["max_channels"] and bounds["min_channels"] > bounds["max_channels"]:
-        raise fail(f"{key}.min_channels", f"{bounds['min_channels']} is greater than max_channels {bounds['max_channels']}")
+        raise fail(
+            f"{key}.min_channels",
+            f"{bounds['min_channels']} is greater than max_channels {bounds['max_channels']}",
+        )
     patterns = {}
     for which in ("include", "exclude"):
         value = data.get(which, [])
@@ -268,15 +302,22 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
     channels_last = data.get("channels_last", "skip")
     if channels_last not in CHANNELS_LAST:
-        raise fail(f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}")
-    return Rule(block=block, at=at, stages=stages, every=every, channels_last=channels_last, **bounds, **patterns)
+        raise fail(
+            f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"
+        )
+    return Rule(
+        block=block, at=at, stages=stages, every=every, channels_last=channels_last, **bounds, **patterns
+    )
 
 
 def _parse_block(data: Any, key: str, fail) -> BlockSpec:
     if isinstance(data, str):
         data = {"kind": data}
     if not isinstance(data, Mapping) or "kind" not in data:
-        raise fail(key, f"must be a block kind ({', '.join(list_blocks())}) or a mapping with 'kind' and its parameters")
+        raise fail(
+            key,
+            f"must be a block kind ({', '.join(list_blocks())}) or a mapping with 'kind' and its parameters",
+        )
     params = {k: v for k, v in data.items() if k != "kind"}
     kind = data["kind"]
     if kind not in list_blocks():
@@ -290,7 +331,9 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
     try:
         check_block_params(kind, params)
     except BlockParamError as error:
-        raise fail(f"{key}.{error.param}", f"{error.value!r} is not allowed; must be {error.allowed}") from None
+        raise fail(
+            f"{key}.{error.param}", f"{error.value!r} is not allowed; must be {error.allowed}"
+        ) from None
     except (ValueError, TypeError) as error:
         raise fail(key, str(error)) from None
     return BlockSpec(kind=kind, params=dict(params))

@@ -7,6 +7,7 @@ The original model's top-level modules, parameters, buffers and plain attributes
 re-attached to the new module, so every original ``state_dict`` key stays and timm
 metadata (``pretrained_cfg``, ``num_classes``...) survives; the original model is not changed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

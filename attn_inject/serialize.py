@@ -7,17 +7,25 @@ versions that wrote it. ``load`` rebuilds the base model by name (or takes the o
 injects again per the manifest, checks the plan is the same and loads the weights strictly.
 Nothing is ever unpickled.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, check_fits, read_safetensors_metadata, read_state_dict, write_safetensors
+from .checkpoint import (
+    CheckpointError,
+    check_fits,
+    read_safetensors_metadata,
+    read_state_dict,
+    write_safetensors,
+)
 
 __all__ = ["FORMAT", "Manifest", "load", "read_manifest", "save"]
 
@@ -79,7 +87,9 @@ def save(
     yourself: ``model_name="tv:resnet18"``)."""
     info = getattr(patched, "attn_inject", None)
     if info is None:
-        raise CheckpointError("save() needs a model returned by attn_inject.inject (it has no attn_inject plan)")
+        raise CheckpointError(
+            "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
+        )
     name = model_name or info.base_model
     kwargs = dict(model_kwargs if model_kwargs is not None else (info.base_kwargs if not model_name else {}))
     if name is not None:
@@ -107,7 +117,9 @@ def _check_json(value: Any, what: str) -> None:
     try:
         json.dumps(value)
     except TypeError as error:
-        raise CheckpointError(f"{what} must be plain values (numbers, strings, lists, dicts): {error}") from None
+        raise CheckpointError(
+            f"{what} must be plain values (numbers, strings, lists, dicts): {error}"
+        ) from None
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -171,8 +183,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     manifest = read_manifest(path)
     base = build_base(manifest, path, model)
     patched = inject(
-        base, manifest.recipe, init=manifest.init, input_size=manifest.input_size,
-        target=manifest.target, allow_empty=True,
+        base,
+        manifest.recipe,
+        init=manifest.init,
+        input_size=manifest.input_size,
+        target=manifest.target,
+        allow_empty=True,
     )
     keys = [p.key for p in patched.attn_inject.plan]
     if keys != manifest.block_keys:

@@ -6,6 +6,7 @@ that is a CNN on images) when no target is given. The patched submodule is put b
 shallow copies of its ancestors, so the model passed in is never changed and every
 ``state_dict`` key keeps its name.
 """
+
 from __future__ import annotations
 
 import copy

@@ -1,10 +1,12 @@
 """``validate()``: run the original and the patched model on the same random input and
 report what a user needs to trust the patched one."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +112,9 @@ def validate(
     if info is None:
         raise ValidationError("the second model is not a patched model (it has no attn_inject plan)")
     if any(p.is_meta for p in patched.parameters()):
-        raise ValidationError("the model's weights are on the meta device; materialise them before validating")
+        raise ValidationError(
+            "the model's weights are on the meta device; materialise them before validating"
+        )
     if info.plan.target:  # only the target changed: compare it, at the plan's input size
         original = original.get_submodule(info.plan.target)
         patched = patched.get_submodule(info.plan.target)
@@ -120,15 +124,21 @@ def validate(
         original, patched = copy.deepcopy((original, patched))
         original.to(target)
         patched.to(target)
-    size = tuple(input_size) if input_size is not None else tuple(info.plan.input_size) or default_input_size(original)
+    size = (
+        tuple(input_size)
+        if input_size is not None
+        else tuple(info.plan.input_size) or default_input_size(original)
+    )
     dtype = next(p.dtype for p in patched.parameters() if p.is_floating_point())
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch,) + tuple(size), generator=generator).to(target, dtype)
+    x = torch.randn((batch, *tuple(size)), generator=generator).to(target, dtype)
     with eval_mode(original), eval_mode(patched):
         references = _outputs(original, x)
         outputs = _outputs(patched, x)
     same_shapes = [r.shape for r in references] == [o.shape for o in outputs]
-    max_abs = max(float((o - r).abs().max()) for o, r in zip(outputs, references)) if same_shapes else float("inf")
+    max_abs = (
+        max(float((o - r).abs().max()) for o, r in zip(outputs, references)) if same_shapes else float("inf")
+    )
     scale = max(float(r.abs().max()) for r in references)
     relative = max_abs / scale if scale > 0 else max_abs
     added = count_params(patched) - count_params(original)
@@ -139,7 +149,7 @@ def validate(
     )
     return ValidationReport(
         device=str(target) if target.type != "cuda" else f"cuda ({torch.cuda.get_device_name(target)})",
-        input_shape=(batch,) + tuple(size),
+        input_shape=(batch, *tuple(size)),
         init=info.plan.init,
         max_abs_diff=max_abs,
         output_scale=scale,

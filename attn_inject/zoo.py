@@ -6,6 +6,7 @@ with ``identity_check``, build it for real and check identity at a small input s
 results are :class:`ZooRecord` rows (one per model and recipe) that :mod:`.zoo_report`
 turns into ``docs/zoo.md`` and ``docs/zoo.csv``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -13,8 +14,8 @@ import multiprocessing
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,7 +80,11 @@ def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:
 
         names += [f"tv:{n}" for n in torchvision.models.list_models()]
     if pattern:
-        names = [n for n in names if fnmatch.fnmatchcase(n.partition(":")[2], pattern) or fnmatch.fnmatchcase(n, pattern)]
+        names = [
+            n
+            for n in names
+            if fnmatch.fnmatchcase(n.partition(":")[2], pattern) or fnmatch.fnmatchcase(n, pattern)
+        ]
     return names
 
 
@@ -137,7 +142,9 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
         return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
     wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
     if wrong is not None:
-        return f"differs: {wrong[1][0]} has {wrong[0][1]} channels in the graph, feature_info says {wrong[1][1]}"
+        return (
+            f"differs: {wrong[1][0]} has {wrong[0][1]} channels in the graph, feature_info says {wrong[1][1]}"
+        )
     return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
 
 
@@ -154,7 +161,7 @@ def _identity_size(
     for size in candidates:
         try:
             with torch.no_grad():
-                model(torch.zeros((1,) + size))
+                model(torch.zeros((1, *size)))
         except Exception:
             continue
         if fits(size):
@@ -163,7 +170,11 @@ def _identity_size(
 
 
 def sweep_model(
-    name: str, recipes: Sequence[str], *, identity_check: bool = False, identity_max_params: int = IDENTITY_MAX_PARAMS
+    name: str,
+    recipes: Sequence[str],
+    *,
+    identity_check: bool = False,
+    identity_max_params: int = IDENTITY_MAX_PARAMS,
 ) -> ModelResult:
     """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
     from .graph.layout import NCHW, layout_of
@@ -180,7 +191,9 @@ def sweep_model(
 
     def fail(status: str, reason: str, **extra) -> ModelResult:
         seconds = time.perf_counter() - start
-        rows = tuple(ZooRecord(source, bare, r.name, status, reason, seconds=seconds, **extra) for r in loaded)
+        rows = tuple(
+            ZooRecord(source, bare, r.name, status, reason, seconds=seconds, **extra) for r in loaded
+        )
         return ModelResult(source, bare, rows, seconds)
 
     try:
@@ -217,10 +230,19 @@ def sweep_model(
             continue
         p = plans[recipe.name]
         reason = "; ".join(sorted({s.reason for s in p.skipped})[:2]) if not p.points else ""
-        rows.append(ZooRecord(
-            source, bare, recipe.name, "ok", reason, points=len(p), params_added=p.params_added,
-            seconds=time.perf_counter() - t0, **common,
-        ))
+        rows.append(
+            ZooRecord(
+                source,
+                bare,
+                recipe.name,
+                "ok",
+                reason,
+                points=len(p),
+                params_added=p.params_added,
+                seconds=time.perf_counter() - t0,
+                **common,
+            )
+        )
     if identity_check:
         rows = _check_identity(name, rows, plans, prepared.base_params, identity_max_params, target)
     seconds = time.perf_counter() - start
@@ -261,15 +283,30 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
             out.append(row)
             continue
         if size is None:
-            out.append(replace(row, identity="skipped: no input size up to the planned one that the model accepts with the same points"))
+            out.append(
+                replace(
+                    row,
+                    identity="skipped: no input size up to the planned one that the model accepts with the same points",
+                )
+            )
             continue
         t0 = time.perf_counter()
         try:
             patched = inject(model, row.recipe, input_size=size, target=target)
             report = validate(model, patched, input_size=size, device="cpu")
-            verdict = "ok" if report.passed else "failed: " + ("identity" if not report.identity_ok else "params/finite")
-            out.append(replace(row, identity=verdict, identity_rel_diff=report.relative_diff,
-                               seconds=row.seconds + time.perf_counter() - t0))
+            verdict = (
+                "ok"
+                if report.passed
+                else "failed: " + ("identity" if not report.identity_ok else "params/finite")
+            )
+            out.append(
+                replace(
+                    row,
+                    identity=verdict,
+                    identity_rel_diff=report.relative_diff,
+                    seconds=row.seconds + time.perf_counter() - t0,
+                )
+            )
         except Exception as error:
             out.append(replace(row, identity=f"error: {_reason(error)}"))
     return out

@@ -3,6 +3,7 @@
 Targets: within 1.03x at init="paper", 1.05x at init="identity". Runs on CUDA when there is
 one (batch 32 at 224 px), else on the CPU (batch 4 at 160 px).
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,9 +13,9 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, report  # noqa: E402
+from common import interleaved, report
 
-import attn_inject as ai  # noqa: E402
+import attn_inject as ai
 
 
 def main() -> None:
@@ -32,6 +33,7 @@ def main() -> None:
         def call():
             with torch.inference_mode():
                 model(x)
+
         return call
 
     medians = interleaved(

@@ -1,4 +1,5 @@
 """``inject()`` on timm resnet50 against ``torch.fx.symbolic_trace`` alone (target: <= 2x)."""
+
 from __future__ import annotations
 
 import sys
@@ -8,9 +9,9 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, report  # noqa: E402
+from common import interleaved, report
 
-import attn_inject as ai  # noqa: E402
+import attn_inject as ai
 
 
 def main(rounds: int = 30) -> None:

@@ -1,10 +1,11 @@
 """Interleaved timing: candidates run in turn, round after round, and medians are compared."""
+
 from __future__ import annotations
 
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -14,7 +15,9 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, sync: bool = False) -> dict[str, float]:
+def interleaved(
+    candidates: dict[str, Callable[[], object]], rounds: int, sync: bool = False
+) -> dict[str, float]:
     """Median seconds per call of each candidate, timed in alternation over ``rounds``."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():  # warm-up

@@ -1,4 +1,5 @@
 """Shared fixtures: small inputs, random-init models built once per session."""
+
 from __future__ import annotations
 
 import functools
@@ -11,7 +12,7 @@ import torchvision
 SIZE = (3, 64, 64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     source, _, bare = name.partition(":")

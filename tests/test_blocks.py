@@ -5,13 +5,13 @@ products, shifted sums over a zero-padded tensor), reading only the block's weig
 package function computes an expected value. Hand-written numbers (hidden widths, ECA kernel
 sizes, parameter counts) come from the formulas in ../shared/reference/papers.md.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attn_inject as ai
 import attn_inject.blocks as blocks_module
@@ -235,8 +235,19 @@ def paper_k(channels, gamma=2, b=1):
 
 @pytest.mark.parametrize(
     "channels,gamma,b",
-    [(1, 2, 1), (4, 2, 1), (8, 2, 1), (16, 2, 1), (100, 2, 1), (128, 2, 1), (300, 2, 1), (4096, 2, 1),
-     (64, 1, 0), (64, 3, 2), (256, 1, 1)],
+    [
+        (1, 2, 1),
+        (4, 2, 1),
+        (8, 2, 1),
+        (16, 2, 1),
+        (100, 2, 1),
+        (128, 2, 1),
+        (300, 2, 1),
+        (4096, 2, 1),
+        (64, 1, 0),
+        (64, 3, 2),
+        (256, 1, 1),
+    ],
 )
 def test_eca_adaptive_kernel_size_follows_log2_formula(channels, gamma, b):
     block = make_block("eca", channels, gamma=gamma, b=b)
@@ -269,7 +280,13 @@ def test_cbam_equals_channel_then_spatial_formula_with_max_mean_order(spatial_ke
 def test_cbam_channel_mlp_is_shared_between_avg_and_max():
     block = make_block("cbam", 64, ratio=16).double()
     names = sorted(name for name, _ in block.named_parameters())
-    assert names == ["channel.fc1.bias", "channel.fc1.weight", "channel.fc2.bias", "channel.fc2.weight", "spatial.conv.weight"]
+    assert names == [
+        "channel.fc1.bias",
+        "channel.fc1.weight",
+        "channel.fc2.bias",
+        "channel.fc2.weight",
+        "spatial.conv.weight",
+    ]
     x = rand(2, 64, 5, 5)
     assert close(block(x), cbam_reference(x, block))
 

@@ -1,4 +1,5 @@
 """Checkpoint reading (weights only, unwrapping, prefix stripping), fit checks and atomic writes."""
+
 from __future__ import annotations
 
 import os
@@ -91,7 +92,8 @@ def test_training_checkpoint_is_unwrapped_and_ddp_prefix_stripped(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "module.module.", "_orig_mod.module._orig_mod."]
+    "prefix",
+    ["_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "module.module.", "_orig_mod.module._orig_mod."],
 )
 def test_compile_and_ddp_prefixes_are_stripped_in_any_combination(prefix):
     t = torch.zeros(1)
@@ -453,7 +455,9 @@ def test_metadata_of_a_file_without_any_is_empty(tmp_path):
     assert read_safetensors_metadata(path) == {}
 
 
-@pytest.mark.parametrize("content, expected", [(None, "no such file"), (b"garbage", "not a valid safetensors file")])
+@pytest.mark.parametrize(
+    "content, expected", [(None, "no such file"), (b"garbage", "not a valid safetensors file")]
+)
 def test_metadata_of_missing_or_garbage_file_is_an_error_naming_it(tmp_path, content, expected):
     path = tmp_path / "x.safetensors"
     if content is not None:

@@ -1,5 +1,6 @@
 """``attn-inject convert`` / ``validate``, ``ai.save`` / ``ai.load``: the round trip, and one
 clear failure for every bad input, with nothing left behind."""
+
 from __future__ import annotations
 
 import json
@@ -29,25 +30,41 @@ def checkpoints(tmp_path, resnet18):
     plain = tmp_path / "plain.pth"
     torch.save(resnet18.state_dict(), plain)
     wrapped = tmp_path / "wrapped.pth"
-    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in resnet18.state_dict().items()}}, wrapped)
+    torch.save(
+        {"epoch": 7, "state_dict": {f"module.{k}": v for k, v in resnet18.state_dict().items()}}, wrapped
+    )
     return {"plain": plain, "wrapped": wrapped}
 
 
 def convert(tmp_path, checkpoint, *extra, out="out.safetensors", recipe="se_resnet", model="tv:resnet18"):
     target = tmp_path / out
-    argv = ["convert", "--model", model, "--checkpoint", str(checkpoint), "--recipe", recipe,
-            "--out", str(target), "--input-size", *map(str, SIZE), *extra]
+    argv = [
+        "convert",
+        "--model",
+        model,
+        "--checkpoint",
+        str(checkpoint),
+        "--recipe",
+        recipe,
+        "--out",
+        str(target),
+        "--input-size",
+        *map(str, SIZE),
+        *extra,
+    ]
     return main(argv), target
 
 
 def outputs(model, seed=1):
-    x = torch.randn((2,) + SIZE, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn((2, *SIZE), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model.eval()(x)
 
 
 @pytest.mark.parametrize("kind", ["plain", "wrapped"])
-def test_converted_checkpoint_loads_back_and_computes_what_the_original_did(tmp_path, checkpoints, resnet18, kind):
+def test_converted_checkpoint_loads_back_and_computes_what_the_original_did(
+    tmp_path, checkpoints, resnet18, kind
+):
     code, out = convert(tmp_path, checkpoints[kind], "--validate", "--device", "cpu")
     assert code == 0 and out.exists()
     patched = ai.load(out)
@@ -55,13 +72,13 @@ def test_converted_checkpoint_loads_back_and_computes_what_the_original_did(tmp_
     assert torch.equal(outputs(patched), outputs(resnet18))
     keys = set(patched.state_dict())
     assert set(resnet18.state_dict()) <= keys
-    assert {k for k in keys - set(resnet18.state_dict())} == {
-        k for k in keys if k.startswith("attention.")
-    }
+    assert {k for k in keys - set(resnet18.state_dict())} == {k for k in keys if k.startswith("attention.")}
 
 
 def test_manifest_records_model_recipe_plan_and_versions(tmp_path, checkpoints):
-    code, out = convert(tmp_path, checkpoints["plain"], "--model-kwargs", "num_classes=1000", "--init", "paper")
+    code, out = convert(
+        tmp_path, checkpoints["plain"], "--model-kwargs", "num_classes=1000", "--init", "paper"
+    )
     assert code == 0
     manifest = ai.read_manifest(out)
     assert manifest.base_model == "tv:resnet18" and manifest.base_kwargs == {"num_classes": 1000}
@@ -129,15 +146,41 @@ def _bad_inputs(tmp_path: pathlib.Path, checkpoints) -> dict:
         "malicious pickle": (dict(checkpoint=malicious), "never unpickled as arbitrary objects"),
         "malicious raw pickle": (dict(checkpoint=raw), "refused"),
         "wrong architecture": (dict(checkpoint=checkpoints["plain"], model="tv:resnet34"), "missing keys"),
-        "wrong class count": (dict(checkpoint=checkpoints["plain"], model="tv:resnet18", extra=("--model-kwargs", "num_classes=3")), "shape mismatch"),
-        "unknown model": (dict(checkpoint=checkpoints["plain"], model="tv:resnet19"), "unknown model 'resnet19'"),
-        "unknown recipe": (dict(checkpoint=checkpoints["plain"], recipe="se_everywhere"), "unknown recipe 'se_everywhere'"),
-        "existing output": (dict(checkpoint=checkpoints["plain"], out="existing.safetensors"), "exists; pass --force"),
+        "wrong class count": (
+            dict(
+                checkpoint=checkpoints["plain"],
+                model="tv:resnet18",
+                extra=("--model-kwargs", "num_classes=3"),
+            ),
+            "shape mismatch",
+        ),
+        "unknown model": (
+            dict(checkpoint=checkpoints["plain"], model="tv:resnet19"),
+            "unknown model 'resnet19'",
+        ),
+        "unknown recipe": (
+            dict(checkpoint=checkpoints["plain"], recipe="se_everywhere"),
+            "unknown recipe 'se_everywhere'",
+        ),
+        "existing output": (
+            dict(checkpoint=checkpoints["plain"], out="existing.safetensors"),
+            "exists; pass --force",
+        ),
     }
 
 
-BAD = ["missing file", "garbage bytes", "garbage safetensors", "malicious pickle", "malicious raw pickle",
-       "wrong architecture", "wrong class count", "unknown model", "unknown recipe", "existing output"]
+BAD = [
+    "missing file",
+    "garbage bytes",
+    "garbage safetensors",
+    "malicious pickle",
+    "malicious raw pickle",
+    "wrong architecture",
+    "wrong class count",
+    "unknown model",
+    "unknown recipe",
+    "existing output",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -146,7 +189,7 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(tmp_path, checkp
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     extra = spec.pop("extra", ())
     checkpoint = spec.pop("checkpoint")
-    code, out = convert(tmp_path, checkpoint, *extra, **{"out": "new.safetensors", **spec})
+    code, _out = convert(tmp_path, checkpoint, *extra, **{"out": "new.safetensors", **spec})
     err = capsys.readouterr().err
     assert code == 1
     lines = err.strip().splitlines()
@@ -178,19 +221,36 @@ def test_files_without_manifest_or_from_another_format_are_refused(tmp_path, che
     save_file({"w": torch.zeros(2)}, bare)
     with pytest.raises(ai.CheckpointError, match="no attn-inject manifest"):
         ai.load(bare)
-    code, out = convert(tmp_path, checkpoints["plain"])
+    _code, out = convert(tmp_path, checkpoints["plain"])
     tensors = ai.checkpoint.read_state_dict(out)
     manifest = json.loads(ai.checkpoint.read_safetensors_metadata(out)[MANIFEST_KEY])
     manifest.update(format=99, versions={**manifest["versions"], "attn_inject": "9.0"})
     save_file(tensors, tmp_path / "future.safetensors", metadata={MANIFEST_KEY: json.dumps(manifest)})
-    with pytest.raises(ai.CheckpointError, match="attn-inject 9.0 in file format 99; this attn-inject reads format 1"):
+    with pytest.raises(
+        ai.CheckpointError, match="attn-inject 9.0 in file format 99; this attn-inject reads format 1"
+    ):
         ai.load(tmp_path / "future.safetensors")
 
 
 def test_plan_command_prints_totals_and_draws_a_diagram(tmp_path, capsys):
     svg = tmp_path / "plan.svg"
-    assert main(["plan", "tv:resnet18", "--recipe", "cbam_after_every_stage", "--input-size", "3", "64", "64",
-                 "--diagram", str(svg)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "tv:resnet18",
+                "--recipe",
+                "cbam_after_every_stage",
+                "--input-size",
+                "3",
+                "64",
+                "64",
+                "--diagram",
+                str(svg),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "+44,940 parameters (0.38% of 11,689,512)" in text and "FLOPs" in text
     assert svg.read_text().startswith("<svg") or "<svg" in svg.read_text()[:200]
@@ -199,7 +259,11 @@ def test_plan_command_prints_totals_and_draws_a_diagram(tmp_path, capsys):
 
 
 def test_every_command_speaks_json(tmp_path, capsys):
-    for argv in (["recipes"], ["blocks"], ["recipes", "show", "se_resnet"],
-                 ["plan", "tv:resnet18", "-r", "se_resnet", "--input-size", "3", "64", "64"]):
+    for argv in (
+        ["recipes"],
+        ["blocks"],
+        ["recipes", "show", "se_resnet"],
+        ["plan", "tv:resnet18", "-r", "se_resnet", "--input-size", "3", "64", "64"],
+    ):
         assert main([*argv, "--json"]) == 0
         json.loads(capsys.readouterr().out)

@@ -1,5 +1,6 @@
 """Model coverage: each tracing strategy, targets, layouts, input sizes and the zoo sweep,
 on a sample that covers every class of model and failure the full sweep meets."""
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ import attn_inject as ai
 from attn_inject.cli import main
 from attn_inject.models import build_for_planning, build_model, input_size_for
 from attn_inject.targets import TargetError
-from attn_inject.zoo import stage_agreement, sweep, sweep_model
+from attn_inject.zoo import stage_agreement, sweep
 from attn_inject.zoo_report import read_csv, write_csv, write_markdown
 
 from .conftest import SIZE, meta_model
@@ -95,7 +96,9 @@ def test_failure_in_the_roots_own_forward_names_the_reason():
         ai.plan(ShapeInForward(), "cbam_after_every_stage", input_size=SIZE)
 
 
-@pytest.mark.parametrize("name, strategy", [("timm:hiera_tiny_224", "whole"), ("timm:gemma4_vit_167m", "opaque")])
+@pytest.mark.parametrize(
+    "name, strategy", [("timm:hiera_tiny_224", "whole"), ("timm:gemma4_vit_167m", "opaque")]
+)
 def test_timm_models_plain_fx_cannot_trace_now_plan(name, strategy):
     model = meta_model(name)
     with pytest.raises(Exception):
@@ -125,12 +128,15 @@ def test_detection_model_gets_its_backbone_by_default_and_stays_unchanged():
     assert ai.validate(model, patched).passed
 
 
-@pytest.mark.parametrize("name, target, channels", [
-    ("tv:lraspp_mobilenet_v3_large", "backbone", [24, 40, 960]),
-    ("tv:raft_small", "feature_encoder", [64, 128]),
-    ("tv:retinanet_resnet50_fpn_v2", "backbone.body", [256, 512, 1024, 2048]),
-    ("tv:ssd300_vgg16", "backbone", None),
-])
+@pytest.mark.parametrize(
+    "name, target, channels",
+    [
+        ("tv:lraspp_mobilenet_v3_large", "backbone", [24, 40, 960]),
+        ("tv:raft_small", "feature_encoder", [64, 128]),
+        ("tv:retinanet_resnet50_fpn_v2", "backbone.body", [256, 512, 1024, 2048]),
+        ("tv:ssd300_vgg16", "backbone", None),
+    ],
+)
 def test_segmentation_detection_and_flow_models_plan_in_their_backbone(name, target, channels):
     plan = ai.plan(build_for_planning(name), "cbam_after_every_stage")
     assert plan.target == target
@@ -158,7 +164,9 @@ def torchvision_resnet():
 
 
 def test_unknown_target_lists_the_children(build):
-    with pytest.raises(TargetError, match=r"'layer9' is not a submodule of ResNet.*conv1, bn1, relu, maxpool, layer1"):
+    with pytest.raises(
+        TargetError, match=r"'layer9' is not a submodule of ResNet.*conv1, bn1, relu, maxpool, layer1"
+    ):
         ai.plan(build("tv:resnet18"), "se_resnet", target="layer9")
     with pytest.raises(ai.RecipeError, match="target: must be a dotted submodule name"):
         ai.load_recipe({"target": "layer 1", "rules": [{"block": "se", "at": "residual_branch"}]})
@@ -184,7 +192,9 @@ def test_channels_last_maps_are_skipped_unless_the_rule_adapts_to_them():
     model = ChannelsLast().eval()
     skipped = ai.plan(model, "se_resnet", input_size=SIZE)
     assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
-    recipe = {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch", "channels_last": "adapt"}]}
+    recipe = {
+        "rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch", "channels_last": "adapt"}]
+    }
     plan = ai.plan(model, recipe, input_size=SIZE)
     assert [(p.channels, p.layout) for p in plan] == [(24, "NHWC")]  # the last dim, never H or W (16)
     patched = ai.inject(model, recipe, input_size=SIZE)
@@ -243,16 +253,34 @@ def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))
     assert len(rows) == len(names) * len(recipes)
     back = {(r.model, r.recipe): r for r in read_csv(tmp_path / "zoo.csv")}
-    assert all(back[(r.model, r.recipe)].points == r.points and back[(r.model, r.recipe)].identity == r.identity
-               for r in records)
+    assert all(
+        back[(r.model, r.recipe)].points == r.points and back[(r.model, r.recipe)].identity == r.identity
+        for r in records
+    )
     text = (tmp_path / "zoo.md").read_text()
     assert text.index("## Summary") < text.index("## Failures")
     assert "| timm | 2 | 1 (50.0%)" in text and "gemma4_vit_167m_enc" in text
 
 
 def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):
-    assert main(["zoo", "--source", "timm", "--filter", "resnet10t", "--recipes", "se_resnet",
-                 "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "--source",
+                "timm",
+                "--filter",
+                "resnet10t",
+                "--recipes",
+                "se_resnet",
+                "--jobs",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "zoo.md").exists() and (tmp_path / "zoo.csv").exists()
     assert main(["zoo", "--filter", "no_such_model*", "--out", str(tmp_path)]) == 2
     assert "no model from 'all' matches --filter 'no_such_model*'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The plan diagram: one column per stage, one badge per insertion point, the totals, and
 the SVG / PNG files a user opens."""
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -37,19 +38,40 @@ def cbam_plan(resnet18):
     return ai.plan(resnet18, "cbam_after_every_stage", input_size=SIZE)
 
 
-def point(name: str, stage: int | None, *, kind: str = "se", position: str = "residual_branch",
-          channels: int = 64, params: int = 100) -> InsertionPoint:
+def point(
+    name: str,
+    stage: int | None,
+    *,
+    kind: str = "se",
+    position: str = "residual_branch",
+    channels: int = 64,
+    params: int = 100,
+) -> InsertionPoint:
     node = name.replace(".", "_") or "x"
     return InsertionPoint(
-        name=name, position=position, channels=channels, block=BlockSpec(kind, {}), params=params,
-        node=node, consumers=None, shape=(channels, 16, 16), stage=stage, rule=0, key=node,
+        name=name,
+        position=position,
+        channels=channels,
+        block=BlockSpec(kind, {}),
+        params=params,
+        node=node,
+        consumers=None,
+        shape=(channels, 16, 16),
+        stage=stage,
+        rule=0,
+        key=node,
     )
 
 
 def hand_plan(points, stages=("layer1", "layer2"), model="Net", base_params=10_000) -> Plan:
     return Plan(
-        points=tuple(points), recipe=Recipe(name="hand", rules=()), init="identity",
-        input_size=(3, 64, 64), model_name=model, base_params=base_params, stages=tuple(stages),
+        points=tuple(points),
+        recipe=Recipe(name="hand", rules=()),
+        init="identity",
+        input_size=(3, 64, 64),
+        model_name=model,
+        base_params=base_params,
+        stages=tuple(stages),
     )
 
 
@@ -118,7 +140,8 @@ def test_each_residual_block_is_one_badge_inside_its_stage_column(se_plan):
     labels = {title: [texts_of(g) for g in badges_in(root, box)] for title, box in cols.items()}
     # resnet18 has two BasicBlocks per stage: layerN.0 and layerN.1, on the residual branch.
     assert labels == {
-        "stem": [], "head": [],
+        "stem": [],
+        "head": [],
         **{s: [[f"{s}.0", "res"], [f"{s}.1", "res"]] for s in RESNET18_STAGES},
     }
     assert len(groups(root, "badge")) == len(se_plan.points) == 8
@@ -153,11 +176,14 @@ def test_stage_outputs_sit_on_the_arrow_between_their_stage_and_the_next(cbam_pl
 
 
 def test_colours_differ_by_block_kind_and_match_the_legend(resnet18):
-    recipe = {"name": "mix", "rules": [
-        {"block": "se", "at": "residual_branch", "stages": [0]},
-        {"block": "eca", "at": "residual_branch", "stages": [1]},
-        {"block": "cbam", "at": "stage_output", "stages": [3]},
-    ]}
+    recipe = {
+        "name": "mix",
+        "rules": [
+            {"block": "se", "at": "residual_branch", "stages": [0]},
+            {"block": "eca", "at": "residual_branch", "stages": [1]},
+            {"block": "cbam", "at": "stage_output", "stages": [3]},
+        ],
+    }
     root = svg_root(ai.plan(resnet18, recipe, input_size=SIZE))
     fills: dict[str, set[str]] = {}
     for g in groups(root, "badge"):
@@ -171,7 +197,9 @@ def test_colours_differ_by_block_kind_and_match_the_legend(resnet18):
 
 
 def test_unregistered_block_kinds_get_colours_of_their_own():
-    plan = hand_plan([point("a.0", 0, kind="se"), point("a.1", 0, kind="gate_a"), point("b.0", 1, kind="gate_b")])
+    plan = hand_plan(
+        [point("a.0", 0, kind="se"), point("a.1", 0, kind="gate_a"), point("b.0", 1, kind="gate_b")]
+    )
     fills = {g.get("data-kind"): g.find(f"{SVG}rect").get("fill") for g in groups(svg_root(plan), "badge")}
     assert len(set(fills.values())) == 3
 
@@ -196,8 +224,13 @@ def test_a_full_column_shows_ten_badges_and_how_many_more(n, badges, more):
 
 
 def test_points_outside_every_stage_go_to_stem_before_the_first_stage_else_to_head():
-    plan = hand_plan([point("conv1", None, position="conv_output"), point("layer1.0", 0),
-                      point("pre_logits", None, position="conv_output")])
+    plan = hand_plan(
+        [
+            point("conv1", None, position="conv_output"),
+            point("layer1.0", 0),
+            point("pre_logits", None, position="conv_output"),
+        ]
+    )
     root = svg_root(plan)
     cols = columns(root)
     assert [texts_of(g)[0] for g in badges_in(root, cols["stem"])] == ["conv1"]
@@ -230,7 +263,7 @@ def test_badges_and_columns_do_not_overlap_and_stay_in_the_picture(se_plan, cbam
         column_boxes = [rect(g) for g in groups(root, "column") + groups(root, "input")]
         for group in (badge_boxes, column_boxes):
             for i, (x, y, w, h) in enumerate(group):
-                for (x2, y2, w2, h2) in group[i + 1:]:
+                for x2, y2, w2, h2 in group[i + 1 :]:
                     assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
 
 
@@ -263,7 +296,7 @@ def test_png_is_a_png_twice_the_svg_size_with_the_badge_colours(se_plan, tmp_pat
         assert image.size == (2 * int(root.get("width")), 2 * int(root.get("height")))
         colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20)}
     fill = groups(root, "badge")[0].find(f"{SVG}rect").get("fill")
-    assert tuple(int(fill[i:i + 2], 16) for i in (1, 3, 5)) in colours
+    assert tuple(int(fill[i : i + 2], 16) for i in (1, 3, 5)) in colours
     assert [p.name for p in tmp_path.iterdir()] == ["se.png"]
 
 

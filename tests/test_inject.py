@@ -1,4 +1,5 @@
 """Injection: function preservation, learning, and everything users do with a model next."""
+
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,7 @@ RESIDUAL_RECIPES = {"se_resnet", "eca_resnet", "cbam_resnet", "se_pre", "se_post
 
 
 def _input(batch: int = 2) -> torch.Tensor:
-    return torch.randn((batch,) + SIZE, generator=torch.Generator().manual_seed(1))
+    return torch.randn((batch, *SIZE), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -72,7 +73,7 @@ def _assert_equals_timm_model(base: str, recipe: str, reference: str, rename) ->
     state = {}
     for key, value in patched.state_dict().items():
         if key.startswith("attention."):
-            block, _, rest = key[len("attention."):].partition(".")
+            block, _, rest = key[len("attention.") :].partition(".")
             layer, index = block.split("_")[:2]
             key = f"{layer}.{index}.se.{rename(rest)}"
         state[key] = value
@@ -110,9 +111,15 @@ def _bottleneck_with(block, x, where, attn):
     return block.relu(out)
 
 
-@pytest.mark.parametrize("recipe, where", [
-    ("se_resnet", "residual_branch"), ("se_pre", "pre_block"), ("se_post", "post_block"), ("se_identity", "identity_branch"),
-])
+@pytest.mark.parametrize(
+    "recipe, where",
+    [
+        ("se_resnet", "residual_branch"),
+        ("se_pre", "pre_block"),
+        ("se_post", "post_block"),
+        ("se_identity", "identity_branch"),
+    ],
+)
 def test_positions_match_a_hand_built_resnet(build, recipe, where):
     """SENet Table 14's placements, against torchvision's ResNet-50 written out by hand."""
     model = build("tv:resnet50")
@@ -135,12 +142,16 @@ def _nonzero_grads(model, steps, x, target):
     for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(x), target).backward()
-        seen |= {n for n, p in model.attention.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        seen |= {
+            n for n, p in model.attention.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
         optimizer.step()
     return seen
 
 
-@pytest.mark.parametrize("recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage", "se_pre"])
+@pytest.mark.parametrize(
+    "recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage", "se_pre"]
+)
 def test_every_new_parameter_gets_a_gradient_within_two_steps(build, recipe):
     """Identity init delays learning by at most one step. A parameter may get no gradient
     with the paper's block either (a ReLU unit of the excitation MLP dead on the whole batch
@@ -152,7 +163,9 @@ def test_every_new_parameter_gets_a_gradient_within_two_steps(build, recipe):
         for name, p in as_paper.attention.named_parameters():
             if name.endswith("blend"):
                 p.fill_(1.0)
-    learns_as_paper = _nonzero_grads(as_paper, 1, x, target) - {n for n in dict(as_paper.attention.named_parameters()) if n.endswith("blend")}
+    learns_as_paper = _nonzero_grads(as_paper, 1, x, target) - {
+        n for n in dict(as_paper.attention.named_parameters()) if n.endswith("blend")
+    }
     blends = {n for n in dict(patched.attention.named_parameters()) if n.endswith("blend")}
     inner = set(dict(patched.attention.named_parameters())) - blends
     assert len(learns_as_paper) >= 0.8 * len(inner)  # the comparison is not vacuous
@@ -230,7 +243,11 @@ def test_deepcopy_and_whole_model_pickling_keep_behaviour(build):
 
 
 def test_dtype_device_and_mode_changes_apply_to_blocks(build):
-    patched = ai.inject(copy.deepcopy(build("tv:resnet18")), {"rules": [{"block": {"kind": "cbam", "spatial_norm": True}, "at": "stage_output"}]}, input_size=SIZE)
+    patched = ai.inject(
+        copy.deepcopy(build("tv:resnet18")),
+        {"rules": [{"block": {"kind": "cbam", "spatial_norm": True}, "at": "stage_output"}]},
+        input_size=SIZE,
+    )
     patched.train()
     assert all(m.training for m in patched.attention.modules())
     patched.eval()
@@ -249,7 +266,9 @@ def test_channels_last_model_gives_same_outputs(build):
     with torch.no_grad():
         expected = patched(x)
         patched = patched.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(patched(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            patched(x.to(memory_format=torch.channels_last)), expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_empty_plan_raises_unless_allowed(build):
@@ -279,7 +298,9 @@ def test_block_parameters_are_the_new_ones(build):
 
 def test_validate_reports_identity_and_parameter_counts(build):
     model = build("tv:resnet18")
-    report = ai.validate(model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cpu")
+    report = ai.validate(
+        model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cpu"
+    )
     assert report.passed and report.identity_ok and report.params_ok and report.max_abs_diff == 0
     paper = ai.validate(model, ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE), device="cpu")
     assert paper.max_abs_diff > 0 and not paper.identity_expected and paper.passed
@@ -288,5 +309,7 @@ def test_validate_reports_identity_and_parameter_counts(build):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_validate_runs_on_cuda(build):
     model = build("tv:resnet18")
-    report = ai.validate(model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cuda")
+    report = ai.validate(
+        model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cuda"
+    )
     assert report.device.startswith("cuda") and report.passed

@@ -1,4 +1,5 @@
 """Planning: which insertion points a recipe finds in the common timm and torchvision CNNs."""
+
 from __future__ import annotations
 
 import pytest
@@ -59,7 +60,9 @@ def test_stage_output_without_feature_info_uses_dominators_for_torchvision_model
         "tv:regnet_y_400mf": [48, 104, 208, 440],
     }
     for name, channels in cases.items():
-        model = meta_model(name) if "regnet" not in name else __import__("torchvision").models.regnet_y_400mf()
+        model = (
+            meta_model(name) if "regnet" not in name else __import__("torchvision").models.regnet_y_400mf()
+        )
         plan = ai.plan(model, "se_after_every_stage", input_size=SIZE)
         assert [p.channels for p in plan] == channels, name
 
@@ -74,7 +77,12 @@ def test_plan_leaves_model_unchanged_and_is_plain_data():
     assert not hasattr(model, "attention")
     first = plan[0]
     assert isinstance(first, ai.InsertionPoint)
-    assert (first.name, first.position, first.channels, first.block.kind) == ("layer1.0", "residual_branch", 64, "cbam")
+    assert (first.name, first.position, first.channels, first.block.kind) == (
+        "layer1.0",
+        "residual_branch",
+        64,
+        "cbam",
+    )
     assert first.params == 2 * 64 * 4 + 4 + 64 + 2 * 7 * 7 + 2  # MLP with biases, 7x7 conv, two blends
     assert plan.to_dict()["points"][0]["name"] == "layer1.0"
     assert "layer1.0" in plan.table()
@@ -95,7 +103,12 @@ def test_plan_is_in_graph_order_across_rules():
     }
     plan = ai.plan(meta_model("tv:resnet18"), recipe)
     assert [(p.name, p.block.kind) for p in plan] == [
-        ("layer1.0", "eca"), ("layer1.1", "eca"), ("layer1", "se"), ("layer2", "se"), ("layer3", "se"), ("layer4", "se"),
+        ("layer1.0", "eca"),
+        ("layer1.1", "eca"),
+        ("layer1", "se"),
+        ("layer2", "se"),
+        ("layer3", "se"),
+        ("layer4", "se"),
     ]
 
 
@@ -127,19 +140,29 @@ def test_channels_last_stretches_never_get_nchw_blocks():
     plan = ai.plan(meta_model("tv:swin_t"), "cbam_after_every_stage", input_size=(3, 224, 224))
     assert [(p.name, p.channels, p.shape) for p in plan] == [("permute", 768, (768, 7, 7))]
     assert len(plan.skipped) == 3 and all("channels-last (NHWC)" in s.reason for s in plan.skipped)
-    adapted = ai.plan(meta_model("tv:swin_t"), {"rules": [{"block": "cbam", "at": "stage_output", "channels_last": "adapt"}]})
-    assert [(p.channels, p.layout) for p in adapted] == [(96, "NHWC"), (192, "NHWC"), (384, "NHWC"), (768, "NCHW")]
+    adapted = ai.plan(
+        meta_model("tv:swin_t"),
+        {"rules": [{"block": "cbam", "at": "stage_output", "channels_last": "adapt"}]},
+    )
+    assert [(p.channels, p.layout) for p in adapted] == [
+        (96, "NHWC"),
+        (192, "NHWC"),
+        (384, "NHWC"),
+        (768, "NCHW"),
+    ]
     # ConvNeXt blocks permute to NHWC inside; the residual block goes after the permute back.
     plan = ai.plan(meta_model("tv:convnext_tiny"), "se_resnet", input_size=SIZE)
     assert [p.channels for p in plan] == [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3
 
 
 def test_conv_output_follows_conv_norm_activation():
-    plan = ai.plan(meta_model("tv:resnet18"), {"rules": [{"block": "eca", "at": "conv_output"}]}, input_size=SIZE)
+    plan = ai.plan(
+        meta_model("tv:resnet18"), {"rules": [{"block": "eca", "at": "conv_output"}]}, input_size=SIZE
+    )
     convs = [n for n, m in meta_model("tv:resnet18").named_modules() if isinstance(m, torch.nn.Conv2d)]
     assert [p.name for p in plan] == convs
     by_name = {p.name: p for p in plan}
-    assert by_name["conv1"].node == "relu"            # conv1 -> bn1 -> relu
+    assert by_name["conv1"].node == "relu"  # conv1 -> bn1 -> relu
     assert by_name["layer1.0.conv2"].node == "layer1_0_bn2"  # no activation before the addition
 
 

@@ -4,6 +4,7 @@ Expected values (positions, block kinds, allowed keys and values) are written ou
 here, not read from ``attn_inject.recipe``, so that a change to what the loader allows shows
 up as a failing test rather than passing silently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,7 +62,12 @@ def test_builtin_recipe_loads_by_name_with_its_position_and_block(name):
     assert rule.block.kind == kind
     assert dict(rule.block.params) == params
     assert (rule.stages, rule.min_channels, rule.max_channels, rule.include, rule.exclude, rule.every) == (
-        None, None, None, (), (), 1,
+        None,
+        None,
+        None,
+        (),
+        (),
+        1,
     )
 
 
@@ -137,7 +143,12 @@ def test_recipe_loads_equally_from_name_path_str_and_dict(tmp_path):
     by_path = ai.load_recipe(path)
     by_str = ai.load_recipe(str(path))
     by_dict = ai.load_recipe(CBAM_STAGES_DICT)
-    assert without_source(by_name) == without_source(by_path) == without_source(by_str) == without_source(by_dict)
+    assert (
+        without_source(by_name)
+        == without_source(by_path)
+        == without_source(by_str)
+        == without_source(by_dict)
+    )
     assert Path(by_name.source).name == "cbam_after_every_stage.yaml"
     assert by_path.source == by_str.source == str(path)
     assert by_dict.source == "<dict>"
@@ -147,7 +158,12 @@ def test_recipe_with_every_field_loads_equally_from_path_str_and_dict(tmp_path, 
     path = tmp_path / "full.yaml"
     path.write_text(FULL_YAML)
     monkeypatch.chdir(tmp_path)
-    loaded = [ai.load_recipe(path), ai.load_recipe(str(path)), ai.load_recipe("full.yaml"), ai.load_recipe(FULL_DICT)]
+    loaded = [
+        ai.load_recipe(path),
+        ai.load_recipe(str(path)),
+        ai.load_recipe("full.yaml"),
+        ai.load_recipe(FULL_DICT),
+    ]
     assert len({repr(without_source(r)) for r in loaded}) == 1
     first, second = loaded[0].rules
     assert first == ai.Rule(
@@ -161,7 +177,9 @@ def test_recipe_with_every_field_loads_equally_from_path_str_and_dict(tmp_path, 
         every=2,
     )
     # Shorthands: a bare block kind, a single stage, a single pattern.
-    assert second == ai.Rule(block=ai.BlockSpec("eca", {}), at="conv_output", stages=(2,), include=("layer3",))
+    assert second == ai.Rule(
+        block=ai.BlockSpec("eca", {}), at="conv_output", stages=(2,), include=("layer3",)
+    )
     assert loaded[0].init == "paper"
 
 
@@ -170,7 +188,7 @@ def test_load_recipe_returns_a_recipe_as_is():
     assert ai.load_recipe(recipe) is recipe
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS) + ["<full>"])
+@pytest.mark.parametrize("name", [*sorted(BUILTINS), "<full>"])
 def test_recipe_text_round_trips_through_load_recipe(name, tmp_path):
     recipe = ai.load_recipe(FULL_DICT if name == "<full>" else name)
     path = tmp_path / "round_trip.yaml"
@@ -204,62 +222,97 @@ def block(kind: str = "se", **params: Any) -> dict[str, Any]:
 BAD = {
     "yaml_syntax_error": Bad(
         "name: broken\nrules:\n  - block: se\n    at: residual_branch\n   stages: [1]\n",
-        None, ("invalid YAML", "line 5"), form="yaml",
+        None,
+        ("invalid YAML", "line 5"),
+        form="yaml",
     ),
     "top_level_not_a_mapping": Bad(
-        "- block: se\n  at: residual_branch\n", None, ("must be a mapping", RECIPE_KEYS), form="yaml",
+        "- block: se\n  at: residual_branch\n",
+        None,
+        ("must be a mapping", RECIPE_KEYS),
+        form="yaml",
     ),
     "unknown_top_level_key": Bad(
-        {"rules": [RULE], "descripton": "typo"}, "descripton", ("unknown key", RECIPE_KEYS),
+        {"rules": [RULE], "descripton": "typo"},
+        "descripton",
+        ("unknown key", RECIPE_KEYS),
     ),
     "missing_rules": Bad({"name": "no_rules"}, "rules", ("non-empty list", "'block' and 'at'")),
-    "empty_rules": Bad("name: empty\nrules: []\n", "rules", ("non-empty list", "'block' and 'at'"), form="yaml"),
+    "empty_rules": Bad(
+        "name: empty\nrules: []\n", "rules", ("non-empty list", "'block' and 'at'"), form="yaml"
+    ),
     "rule_not_a_mapping": Bad({"rules": ["se"]}, "rules[0]", ("must be a mapping", RULE_KEYS)),
     "unknown_rule_key": Bad({"rules": [rule(stage=[1])]}, "rules[0].stage", ("unknown key", RULE_KEYS)),
-    "missing_block": Bad({"rules": [{"at": "residual_branch"}]}, "rules[0].block", ("missing", "'block' and 'at'")),
+    "missing_block": Bad(
+        {"rules": [{"at": "residual_branch"}]}, "rules[0].block", ("missing", "'block' and 'at'")
+    ),
     "missing_at": Bad({"rules": [{"block": SE}]}, "rules[0].at", ("missing", "'block' and 'at'")),
     "unknown_block_kind": Bad(block("sk"), "rules[0].block.kind", ("'sk'", BLOCK_KINDS)),
     "unknown_position": Bad(
-        {"rules": [rule(at="after_block")]}, "rules[0].at", ("unknown position 'after_block'", POSITIONS),
+        {"rules": [rule(at="after_block")]},
+        "rules[0].at",
+        ("unknown position 'after_block'", POSITIONS),
     ),
     "ratio_zero": Bad(block(ratio=0), "rules[0].block.ratio", ("0 is not allowed", "a number >= 1")),
     "ratio_negative": Bad(
         "rules:\n  - block: {kind: se, ratio: -2}\n    at: residual_branch\n",
-        "rules[0].block.ratio", ("-2 is not allowed", "a number >= 1"), form="yaml",
+        "rules[0].block.ratio",
+        ("-2 is not allowed", "a number >= 1"),
+        form="yaml",
     ),
     "cbam_spatial_kernel_4": Bad(
-        block("cbam", spatial_kernel=4), "rules[0].block.spatial_kernel", ("4 is not allowed", "3, 5, 7"),
+        block("cbam", spatial_kernel=4),
+        "rules[0].block.spatial_kernel",
+        ("4 is not allowed", "3, 5, 7"),
     ),
     "se_pool_mean": Bad(block(pool="mean"), "rules[0].block.pool", ("'mean' is not allowed", "'avg', 'max'")),
     "eca_kernel_size_4": Bad(
-        block("eca", kernel_size=4), "rules[0].block.kernel_size", ("4 is not allowed", "an odd integer from 1 to"),
+        block("eca", kernel_size=4),
+        "rules[0].block.kernel_size",
+        ("4 is not allowed", "an odd integer from 1 to"),
     ),
     "unknown_block_parameter": Bad(
-        block(ratoi=16), "rules[0].block.ratoi", ("unknown parameter of block 'se'", "ratio, pool, bias, divisor"),
+        block(ratoi=16),
+        "rules[0].block.ratoi",
+        ("unknown parameter of block 'se'", "ratio, pool, bias, divisor"),
     ),
     "init_zeros_at_top_level": Bad(
-        {"init": "zeros", "rules": [RULE]}, "init", ("'zeros' is not allowed", INIT_MODES),
+        {"init": "zeros", "rules": [RULE]},
+        "init",
+        ("'zeros' is not allowed", INIT_MODES),
     ),
     "init_inside_a_block": Bad(block(init="paper"), "rules[0].block.init", ("top-level 'init'",)),
     "stages_not_a_list_of_ints": Bad(
-        {"rules": [RULE, rule(stages="all")]}, "rules[1].stages", ("list of stage indices", "integers", "'all'"),
+        {"rules": [RULE, rule(stages="all")]},
+        "rules[1].stages",
+        ("list of stage indices", "integers", "'all'"),
     ),
     "stages_true": Bad(
         "rules:\n  - block: se\n    at: residual_branch\n  - block: se\n    at: residual_branch\n"
         "    stages: [true]\n",
-        "rules[1].stages", ("list of stage indices", "integers", "[True]"), form="yaml",
+        "rules[1].stages",
+        ("list of stage indices", "integers", "[True]"),
+        form="yaml",
     ),
-    "min_channels_zero": Bad({"rules": [rule(min_channels=0)]}, "rules[0].min_channels", ("integer >= 1", "got 0")),
+    "min_channels_zero": Bad(
+        {"rules": [rule(min_channels=0)]}, "rules[0].min_channels", ("integer >= 1", "got 0")
+    ),
     "min_channels_above_max_channels": Bad(
-        {"rules": [rule(min_channels=512, max_channels=64)]}, "rules[0].min_channels",
+        {"rules": [rule(min_channels=512, max_channels=64)]},
+        "rules[0].min_channels",
         ("512", "greater than max_channels 64"),
     ),
     "every_zero": Bad({"rules": [rule(every=0)]}, "rules[0].every", ("integer >= 1", "got 0")),
     "include_invalid_regex": Bad(
-        {"rules": [rule(include=["layer["])]}, "rules[0].include", ("invalid regular expression 'layer['",),
+        {"rules": [rule(include=["layer["])]},
+        "rules[0].include",
+        ("invalid regular expression 'layer['",),
     ),
     "unknown_recipe_name": Bad(
-        "se_resnett", None, ("unknown recipe 'se_resnett'", *BUILTINS, "path to a .yaml file"), form="name",
+        "se_resnett",
+        None,
+        ("unknown recipe 'se_resnett'", *BUILTINS, "path to a .yaml file"),
+        form="name",
     ),
     "missing_file": Bad(None, None, ("not found",), form="missing_file"),
 }
@@ -321,7 +374,8 @@ def test_unknown_block_parameter_is_named_by_its_full_key():
 
 
 @pytest.mark.parametrize(
-    "params", [{"ratio": 1e-300}, {"divisor": 10**30}, {"kind": "eca", "kernel_size": 10**9 + 1}],
+    "params",
+    [{"ratio": 1e-300}, {"divisor": 10**30}, {"kind": "eca", "kernel_size": 10**9 + 1}],
     ids=["tiny_ratio", "huge_divisor", "huge_kernel"],
 )
 def test_block_parameter_too_large_to_build_gives_a_one_line_message(params):

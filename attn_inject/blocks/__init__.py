@@ -6,10 +6,12 @@ so one registry builds any of them::
     >>> block = create_block("se", 256, ratio=16)
     >>> register_block("my_gate", MyGate)        # then ``kind: my_gate`` in a recipe
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +69,9 @@ def block_factory(kind: str) -> BlockFactory:
     try:
         return _BLOCKS[kind]
     except KeyError:
-        raise ValueError(f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}") from None
+        raise ValueError(
+            f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}"
+        ) from None
 
 
 def accepts_init(kind: str) -> bool:
@@ -100,7 +104,9 @@ def check_block_params(kind: str, params: dict[str, Any]) -> None:
     allowed = block_param_names(kind)
     for name, value in params.items():
         if allowed is not None and name not in allowed:
-            raise BlockParamError(name, value, f"one of the parameters of block {kind!r}: {', '.join(allowed)}")
+            raise BlockParamError(
+                name, value, f"one of the parameters of block {kind!r}: {', '.join(allowed)}"
+            )
     try:
         with torch.device("meta"):
             create_block(kind, 64, **params)

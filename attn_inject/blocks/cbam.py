@@ -14,6 +14,7 @@ official code puts after the spatial convolution (not in paper); ``divisor`` rou
 width like timm (not in paper); ``init="identity"`` blends each map towards one (see
 :mod:`attn_inject.blocks.gate`; not in paper).
 """
+
 from __future__ import annotations
 
 import torch
@@ -107,9 +108,7 @@ class CBAM(nn.Module):
         if kernel_size is not None:
             check.odd_int("kernel_size", kernel_size)
         self.init = check.init_mode(init)
-        self.channel = ChannelAttention(
-            channels, channel, ratio, bias, divisor, kernel_size, gamma, b, init
-        )
+        self.channel = ChannelAttention(channels, channel, ratio, bias, divisor, kernel_size, gamma, b, init)
         self.spatial = SpatialAttention(spatial_kernel, spatial_norm, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ Departures: ``kernel_size`` fixes ``k`` (the paper's fixed-k ablation); timm add
 clamps ``k >= 3``, which this block does not (the paper's formula gives ``k = 1`` for C <= 4);
 ``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper).
 """
+
 from __future__ import annotations
 
 import math

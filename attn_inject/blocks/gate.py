@@ -10,6 +10,7 @@ so at insertion ``a' == 1`` and ``x * a' == x`` exactly, while ``blend == 1`` is
 block. The blend acts on the small attention map (B, C, 1, 1) or (B, 1, H, W), never on the
 full feature map, so it costs one tiny kernel. Not in the papers.
 """
+
 from __future__ import annotations
 
 import torch

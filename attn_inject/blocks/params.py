@@ -3,6 +3,7 @@
 Each check raises :class:`BlockParamError` naming the parameter, what it got and what is
 allowed, so that a recipe loader can prefix the file and key.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,12 @@ class BlockParamError(ValueError):
 
 
 def positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise BlockParamError(name, value, "a positive number")
     return value
 
@@ -35,7 +41,12 @@ def number(name: str, value: Any) -> float:
 
 def ratio(name: str, value: Any) -> float:
     """A reduction ratio: hidden width = channels / ratio, so at least 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 1
+    ):
         raise BlockParamError(name, value, "a number >= 1 (hidden width = channels / ratio)")
     return value
 

@@ -9,6 +9,7 @@ Options that depart from the paper's default: ``pool="max"`` (the paper's squeez
 Table 11), ``bias=False``, ``divisor`` (hidden width rounded to a multiple, as timm does; not
 in paper), ``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The annotated graph every matcher reads: trace, shapes, layouts, ancestry and scopes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -59,9 +60,11 @@ class AnnotatedGraph:
 
     def common_ancestor(self, a: fx.Node, b: fx.Node) -> fx.Node | None:
         """The latest node both ``a`` and ``b`` depend on (either one itself included)."""
-        both = (self.ancestors[self.index[a]] | 1 << self.index[a]) & (
-            self.ancestors[self.index[b]] | 1 << self.index[b]
-        ) & self.from_input
+        both = (
+            (self.ancestors[self.index[a]] | 1 << self.index[a])
+            & (self.ancestors[self.index[b]] | 1 << self.index[b])
+            & self.from_input
+        )
         return self.nodes[both.bit_length() - 1] if both else None
 
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
@@ -118,6 +121,16 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
                     module_outputs[prefix] = node
                     module_inputs.setdefault(prefix, node)
     return AnnotatedGraph(
-        model, graph, tuple(input_shape), nodes, index, ancestors, from_input, conv_mask, module_outputs, module_inputs,
-        traced.opaque, counter.get_total_flops() // max(1, input_shape[0]),
+        model,
+        graph,
+        tuple(input_shape),
+        nodes,
+        index,
+        ancestors,
+        from_input,
+        conv_mask,
+        module_outputs,
+        module_inputs,
+        traced.opaque,
+        counter.get_total_flops() // max(1, input_shape[0]),
     )

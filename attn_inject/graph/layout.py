@@ -7,6 +7,7 @@ feature map by flatten / reshape / transpose, so a vision transformer's tokens r
 to a map (Swin, PiT, DaViT, SAM) are known maps again. Only NCHW maps (and NHWC ones, where
 a rule adapts) are candidates for a block; a map of unknown layout is never guessed at.
 """
+
 from __future__ import annotations
 
 import operator
@@ -63,7 +64,11 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
         if _is_pad(node):  # padding keeps any known layout that keeps its channel count
             t, layout = tensor_meta(first), layout_of(first)
             channel = {NCHW: 1, NHWC: 3}.get(layout)
-            return layout if channel is not None and t.dim() == 4 and t.shape[channel] == out.shape[channel] else None
+            return (
+                layout
+                if channel is not None and t.dim() == 4 and t.shape[channel] == out.shape[channel]
+                else None
+            )
         return NCHW if layout_of(first) == NCHW else None
     if ops.is_permute(node):
         source = layout_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
@@ -115,10 +120,7 @@ def _spatial_match(before: tuple[int, int], after: tuple[int, int]) -> bool:
         return False
     if (h2, w2) == (h, w):
         return True
-    for f in range(2, 65):
-        if (h2, w2) in {(-(-h // f), -(-w // f)), (h // f, w // f), (h * f, w * f)}:
-            return True
-    return False
+    return any((h2, w2) in {(-(-h // f), -(-w // f)), (h // f, w // f), (h * f, w * f)} for f in range(2, 65))
 
 
 def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:

@@ -1,4 +1,5 @@
 """What a node does, by module type, function identity and method name (as torch.ao's matchers)."""
+
 from __future__ import annotations
 
 import operator
@@ -31,12 +32,33 @@ NORM_MODULES = (
 )
 NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.group_norm, F.layer_norm, F.instance_norm}
 ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardtanh, nn.LeakyReLU, nn.ELU,
-    nn.CELU, nn.SELU, nn.Mish, nn.PReLU, nn.Tanh, nn.Softplus,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.PReLU,
+    nn.Tanh,
+    nn.Softplus,
 )
 ACTIVATION_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
-    torch.tanh, F.hardtanh,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
+    torch.tanh,
+    F.hardtanh,
 }
 ACTIVATION_METHODS = {"relu", "relu_", "tanh"}
 SPATIAL_MODULES = (
@@ -53,8 +75,15 @@ SPATIAL_MODULES = (
     nn.ConstantPad2d,
 )
 SPATIAL_FUNCTIONS = {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-    F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+    F.pad,
+    F.pixel_shuffle,
+    F.pixel_unshuffle,
+    torch.max_pool2d,
 }
 
 

@@ -13,6 +13,7 @@ count, and the reason it cannot take an NCHW block, if any::
     stage_output      ... last node of each stage ─[B]─
     conv_output       conv ─ norm ─ act ─[B]─
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ class Candidate:
         return self.node.name, consumers
 
 
-def feature_map_problem(node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "skip") -> str | None:
+def feature_map_problem(
+    node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "skip"
+) -> str | None:
     """Why ``node``'s output cannot take a block, or None if it can. NHWC maps can when
     ``channels_last == "adapt"`` (the block is then wrapped in permutes)."""
     t = tensor_meta(node)
@@ -74,26 +77,52 @@ def feature_map_problem(node: fx.Node, input_shape: tuple[int, ...], channels_la
     return None
 
 
-def _candidate(graph, position, name, node, consumers, anchor, reason=None, channels_last="skip") -> Candidate:
+def _candidate(
+    graph, position, name, node, consumers, anchor, reason=None, channels_last="skip"
+) -> Candidate:
     reason = reason or feature_map_problem(node, graph.input_shape, channels_last)
     return Candidate(position, name, node, consumers, anchor, reason)
 
 
-def _residual(graph: AnnotatedGraph, units: list[ResidualUnit], position: str, channels_last: str) -> list[Candidate]:
+def _residual(
+    graph: AnnotatedGraph, units: list[ResidualUnit], position: str, channels_last: str
+) -> list[Candidate]:
     out = []
     for unit in units:
         name = graph.name_of(unit.add)
         if position == "residual_branch":
-            out.append(_candidate(graph, position, name, unit.branch_end, (unit.branch_next,), unit.add, channels_last=channels_last))
-        elif position == "identity_branch":
-            out.append(_candidate(graph, position, name, unit.shortcut, (unit.add,), unit.add, channels_last=channels_last))
-        elif position == "post_block":
-            out.append(_candidate(graph, position, name, unit.add, None, unit.add, channels_last=channels_last))
-        elif position == "pre_block":
-            reason = None if unit.branch_entries else (
-                f"the residual branch of {name!r} shares its first op with the shortcut"
+            out.append(
+                _candidate(
+                    graph,
+                    position,
+                    name,
+                    unit.branch_end,
+                    (unit.branch_next,),
+                    unit.add,
+                    channels_last=channels_last,
+                )
             )
-            out.append(_candidate(graph, position, name, unit.fork, unit.branch_entries, unit.add, reason, channels_last))
+        elif position == "identity_branch":
+            out.append(
+                _candidate(
+                    graph, position, name, unit.shortcut, (unit.add,), unit.add, channels_last=channels_last
+                )
+            )
+        elif position == "post_block":
+            out.append(
+                _candidate(graph, position, name, unit.add, None, unit.add, channels_last=channels_last)
+            )
+        elif position == "pre_block":
+            reason = (
+                None
+                if unit.branch_entries
+                else (f"the residual branch of {name!r} shares its first op with the shortcut")
+            )
+            out.append(
+                _candidate(
+                    graph, position, name, unit.fork, unit.branch_entries, unit.add, reason, channels_last
+                )
+            )
     return out
 
 
@@ -119,8 +148,16 @@ def find_candidates(
     """Every candidate for ``position``, in graph order."""
     if position == "stage_output":
         found = [
-            _candidate(graph, position, s.name, s.node, None, s.node,
-                       s.skip_reason and f"stage {s.index} {s.skip_reason}", channels_last)
+            _candidate(
+                graph,
+                position,
+                s.name,
+                s.node,
+                None,
+                s.node,
+                s.skip_reason and f"stage {s.index} {s.skip_reason}",
+                channels_last,
+            )
             for s in stages
         ]
     elif position == "conv_output":
@@ -143,4 +180,3 @@ def stage_index(graph: AnnotatedGraph, stages: list[Stage], node: fx.Node) -> in
                         return None
             return stage.index
     return None
-

@@ -10,6 +10,7 @@ On the branch side, drop-path, dropout, identity and layer-scale multiplications
 just before the addition are stepped over, so a block goes where the paper puts it: after the
 branch's last norm, before stochastic depth and layer scale.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +51,10 @@ def _is_transparent(node: fx.Node, graph: AnnotatedGraph) -> fx.Node | None:
             return arg if isinstance(arg, fx.Node) else None
         return None
     if node.op in ("call_function", "call_method") and getattr(node.target, "__name__", node.target) in (
-        "mul", "mul_", "drop_path", "stochastic_depth",
+        "mul",
+        "mul_",
+        "drop_path",
+        "stochastic_depth",
     ):
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
         dependent = [a for a in tensors if graph.depends_on_input(a)]
@@ -91,8 +95,10 @@ def find_residual_units(graph: AnnotatedGraph) -> list[ResidualUnit]:
                 break
             end, nxt = inner, end
         entries = tuple(
-            user for user in fork.users
-            if user is not node and (user is branch or graph.is_ancestor(user, branch))
+            user
+            for user in fork.users
+            if user is not node
+            and (user is branch or graph.is_ancestor(user, branch))
             and not (user is shortcut or graph.is_ancestor(user, shortcut))
         )
         units.append(ResidualUnit(node, branch, shortcut, fork, end, nxt, entries))

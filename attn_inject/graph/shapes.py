@@ -7,6 +7,7 @@ and nothing of the model changes. Modules that keep their input's shape (norms,
 activations, dropout) are not run at all: their output is their input's meta tensor; plain
 convolutions and linear layers run their functional form on meta weights directly.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,8 +7,10 @@ dominator of the output), before the next downsampling or the global pool. In to
 ResNet-50 those are the outputs of layer1..layer4, not the first 1x1 conv of the next stage,
 which the downsampling shortcut bypasses.
 """
+
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from torch import fx
@@ -108,7 +110,9 @@ def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
         return f"ends at node {node.name!r}, a 4-D tensor of unknown layout"
     channels = _channels(node)
     if expected_channels is not None and channels != expected_channels:
-        return f"feature_info says {expected_channels} channels, the graph has {channels} at node {node.name!r}"
+        return (
+            f"feature_info says {expected_channels} channels, the graph has {channels} at node {node.name!r}"
+        )
     return None
 
 
@@ -131,8 +135,14 @@ def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage
         if node is None:
             return None
         stages.append(
-            Stage(len(stages), entry["module"], node, _channels(node), int(entry["reduction"]),
-                  _check(node, entry.get("num_chs")))
+            Stage(
+                len(stages),
+                entry["module"],
+                node,
+                _channels(node),
+                int(entry["reduction"]),
+                _check(node, entry.get("num_chs")),
+            )
         )
     return stages
 
@@ -168,7 +178,7 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
         hw = spatial_size(node)
         if hw is not None and (not resolutions or resolutions[-1] != hw):
             resolutions.append(hw)
-    next_resolution = {a: b for a, b in zip(resolutions, resolutions[1:])}
+    next_resolution = {a: b for a, b in itertools.pairwise(resolutions)}
     for node in dominators:
         source = node.all_input_nodes[0] if node.all_input_nodes else None
         if source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node)) and groups:

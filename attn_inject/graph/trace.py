@@ -19,17 +19,26 @@ Two strategies, tried in order:
 A failure in the root's own forward code has no submodule to isolate: it raises
 :class:`TraceError` with fx's reason (``target=`` can then name a traceable submodule).
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import torch
 from torch import fx, nn
 
-__all__ = ["ModelTracer", "OpaqueModule", "TraceError", "TraceResult", "eval_mode", "trace", "tracing_strategy"]
+__all__ = [
+    "ModelTracer",
+    "OpaqueModule",
+    "TraceError",
+    "TraceResult",
+    "eval_mode",
+    "trace",
+    "tracing_strategy",
+]
 
 MAX_OPAQUE = 32
 
@@ -77,7 +86,7 @@ class ModelTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap_functions)
         from ..blocks import CBAM, EfficientChannelAttention, SqueezeExcite
 
-        self.leaf_types = tuple(leaf_types) + (SqueezeExcite, EfficientChannelAttention, CBAM)
+        self.leaf_types = (*tuple(leaf_types), SqueezeExcite, EfficientChannelAttention, CBAM)
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
 
@@ -211,7 +220,9 @@ def _trace(
             except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
                 failed = tracer.failed_in
                 if failed is None or len(opaque) >= MAX_OPAQUE:
-                    where = "in its own forward" if failed is None else f"after {len(opaque)} opaque submodules"
+                    where = (
+                        "in its own forward" if failed is None else f"after {len(opaque)} opaque submodules"
+                    )
                     raise TraceError(
                         f"torch.fx cannot trace {type(model).__name__} ({where}): {_reason(error)}"
                     ) from error
