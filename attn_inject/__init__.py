@@ -6,6 +6,10 @@
 >>> patched = ai.inject(model, "cbam_after_every_stage")   # identical outputs at insertion
 """
 
+from collections.abc import Iterator
+
+from torch import nn
+
 from .blocks import BlockParamError, create_block, list_blocks, register_block
 from .checkpoint import CheckpointError
 from .graph.shapes import ShapeError
@@ -42,6 +46,7 @@ __all__ = [
     "block_parameters",
     "create_block",
     "inject",
+    "inserted_blocks",
     "list_blocks",
     "list_recipes",
     "load",
@@ -54,9 +59,15 @@ __all__ = [
 ]
 
 
-def block_parameters(patched):
-    """The parameters of the inserted blocks, e.g. for their own optimizer param group."""
-    info = getattr(patched, "attn_inject", None)
-    if info is None:
+def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
+    """The attention blocks ``inject`` inserted into ``patched``, by qualified module name,
+    in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
+    if getattr(patched, "attn_inject", None) is None:
         raise ValueError("not a patched model: it has no attn_inject plan")
-    return patched.get_submodule(info.container_path).parameters()
+    return {name: m for name, m in patched.named_modules() if getattr(m, "_attn_inject_block", False)}
+
+
+def block_parameters(patched: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of the inserted blocks, e.g. for their own optimizer param group."""
+    for block in inserted_blocks(patched).values():
+        yield from block.parameters()
