@@ -140,11 +140,12 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
         except AttributeError:
             return f"unchecked: feature_info names module {missing[0]!r}, which the model does not have"
         return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
-    wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
+    # Every listed module is a stage here: compare each by name, not by position (an extra
+    # stage in the graph would shift every later pair).
+    channels = dict(found)
+    wrong = next(((m, c) for m, c in expected if channels[m] != c), None)
     if wrong is not None:
-        return (
-            f"differs: {wrong[1][0]} has {wrong[0][1]} channels in the graph, feature_info says {wrong[1][1]}"
-        )
+        return f"differs: {wrong[0]} has {channels[wrong[0]]} channels in the graph, feature_info says {wrong[1]}"
     return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
 
 

@@ -236,6 +236,28 @@ def test_stage_agreement_with_feature_info():
         assert stage_agreement(model, prepare(model).stages, "") == "agree", (name, prepared.stages)
 
 
+def test_stage_agreement_compares_stages_by_name_not_position():
+    from attn_inject.graph.stages import Stage
+
+    model = nn.Module()
+    model.feature_info = [
+        {"module": "layer1", "num_chs": 64, "reduction": 4},
+        {"module": "layer2", "num_chs": 128, "reduction": 8},
+    ]
+
+    def stages(*found):
+        return [Stage(i, name, None, chs, 4 * 2**i) for i, (name, chs) in enumerate(found)]
+
+    # An extra stage before the listed ones: the listed ones still agree, only the count differs.
+    extra = stages(("stem", 32), ("layer1", 64), ("layer2", 128))
+    assert stage_agreement(model, extra, "") == "differs: 3 stages found, feature_info lists 2"
+    wrong = stages(("stem", 32), ("layer1", 64), ("layer2", 96))
+    assert stage_agreement(model, wrong, "") == (
+        "differs: layer2 has 96 channels in the graph, feature_info says 128"
+    )
+    assert stage_agreement(model, stages(("layer1", 64), ("layer2", 128)), "") == "agree"
+
+
 def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     names = ["timm:resnet18", "timm:gemma4_vit_167m_enc", "tv:fcn_resnet50", "tv:r3d_18"]
     recipes = ["cbam_after_every_stage", "se_resnet"]
