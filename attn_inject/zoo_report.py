@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import astuple, fields
 from pathlib import Path
+from typing import Any
 
 from .zoo import ZooRecord
 
@@ -56,23 +57,48 @@ def write_csv(records: Sequence[ZooRecord], path: str | os.PathLike) -> None:
     _atomic_write(Path(path), buffer.getvalue())
 
 
+def _parse_cell(kind: str, text: str) -> str | int | float | bool | None:
+    """One ``zoo.csv`` cell as its ``ZooRecord`` field type (``kind``, the annotation):
+    an empty cell is None where the field allows it, else 0 for numbers."""
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if base == "str":
+        return text
+    if text == "" and (optional or base == "bool"):
+        return None
+    if base == "bool":
+        if text not in ("True", "False"):
+            raise ValueError(f"{text!r} is not a boolean (allowed: True, False or empty)")
+        return text == "True"
+    if base == "int":
+        return int(text or 0)
+    if base == "float":
+        return float(text or 0)
+    raise TypeError(f"ZooRecord field of type {kind!r} has no reader")
+
+
 def read_csv(path: str | os.PathLike) -> list[ZooRecord]:
-    """The records of a ``zoo.csv`` (to rewrite the report without sweeping again)."""
-    types = {f.name: f.type for f in fields(ZooRecord)}
+    """The records of a ``zoo.csv`` (to rewrite the report without sweeping again). A missing
+    or unknown column, or a cell that does not read as its column's type, is a ValueError."""
+    kinds = {f.name: str(f.type) for f in fields(ZooRecord)}
     records = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            values = {}
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        unknown = [c for c in header if c not in kinds]
+        missing = [c for c in kinds if c not in header]
+        if unknown or missing:
+            problem = f"unknown column {unknown[0]!r}" if unknown else f"no column {missing[0]!r}"
+            raise ValueError(f"{path}: {problem} (the columns are: {', '.join(kinds)})")
+        for row in reader:
+            values: dict[str, Any] = {}
             for key, text in row.items():
-                kind = str(types[key])
-                if kind == "int":
-                    values[key] = int(text or 0)
-                elif "float" in kind:
-                    values[key] = float(text) if text else (None if "None" in kind else 0.0)
-                elif "bool" in kind:
-                    values[key] = None if text == "" else text == "True"
-                else:
-                    values[key] = text
+                if key is None or text is None:
+                    raise ValueError(f"{path}, line {reader.line_num}: expected {len(kinds)} cells per row")
+                try:
+                    values[key] = _parse_cell(kinds[key], text)
+                except ValueError as error:
+                    raise ValueError(f"{path}, line {reader.line_num}, column {key!r}: {error}") from None
             records.append(ZooRecord(**values))
     return records
 

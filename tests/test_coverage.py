@@ -284,6 +284,29 @@ def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     assert "| timm | 2 | 1 (50.0%)" in text and "gemma4_vit_167m_enc" in text
 
 
+def test_zoo_csv_reads_back_every_field_and_rejects_bad_cells(tmp_path):
+    from attn_inject.zoo import ZooRecord
+
+    records = [
+        ZooRecord(
+            "timm", "a", "se_resnet", "ok", fx_plain=True, points=8, identity_rel_diff=0.25, seconds=1.5
+        ),
+        ZooRecord("timm", "b", "se_resnet", "trace", "control flow", fx_plain=False, identity_rel_diff=None),
+        ZooRecord("tv", "c", "se_resnet", "build", fx_plain=None),
+    ]
+    path = tmp_path / "zoo.csv"
+    write_csv(records, path)
+    assert read_csv(path) == records
+    text = path.read_text()
+    for bad, column in [("True", "fx_plain"), ("8", "points")]:
+        (tmp_path / "bad.csv").write_text(text.replace(f",{bad},", ",maybe,", 1))
+        with pytest.raises(ValueError, match=rf"bad.csv, line 2, column '{column}': "):
+            read_csv(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text(text.replace("fx_plain", "plain_fx", 1))
+    with pytest.raises(ValueError, match="unknown column 'plain_fx'"):
+        read_csv(tmp_path / "bad.csv")
+
+
 def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):
     assert (
         main(
