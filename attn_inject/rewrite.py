@@ -112,7 +112,9 @@ def rewrite(
             else:
                 node = reads_producer = graph.call_module(target, (producer,))
         if point.consumers is None:
-            producer.replace_all_uses_with(node, delete_user_cb=lambda user: user is not reads_producer)
+            producer.replace_all_uses_with(
+                node, delete_user_cb=lambda user, reads=reads_producer: user is not reads
+            )
         else:
             for consumer in point.consumers:
                 by_name[consumer].replace_input_with(producer, node)

@@ -206,6 +206,28 @@ def test_channels_last_maps_are_skipped_unless_the_rule_adapts_to_them():
     assert seen == [(2, 24, 16, 16)]  # the block sees NCHW
 
 
+def test_several_all_user_insertions_each_wrap_only_their_own_producer():
+    """Three blocks that every later node reads (one NHWC, between two permutes): each block
+    reads its producer, and every other reader of the producer reads the block."""
+    model = ChannelsLast().eval()
+    recipe = {
+        "rules": [
+            {"block": "se", "at": "conv_output", "channels_last": "adapt"},
+            {"block": "se", "at": "post_block", "channels_last": "adapt"},
+        ]
+    }
+    patched = ai.inject(model, recipe, init="paper", input_size=SIZE)
+    blocks = patched.attention
+    assert sorted(blocks) == ["add_post_block", "down_conv_output", "stem_conv_output"]
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        h = blocks["stem_conv_output"](model.stem(x)).permute(0, 2, 3, 1)
+        h = h + model.fc2(F.gelu(model.fc1(model.norm(h))))
+        h = blocks["add_post_block"](h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        expected = blocks["down_conv_output"](model.down(h.permute(0, 3, 1, 2))).mean((2, 3))
+        torch.testing.assert_close(patched(x), expected)
+
+
 def test_input_sizes_default_to_the_models_own():
     assert ai.plan(meta_model("timm:vit_tiny_patch16_384"), "se_resnet").input_size == (3, 384, 384)
     assert input_size_for("tv:inception_v3") == (3, 299, 299)
