@@ -104,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="IN",
-        help=".pth/.pt/.bin (read with weights_only=True) or .safetensors; a state dict or a training checkpoint",
+        help=(
+            ".pth/.pt/.bin (read with weights_only=True) or .safetensors; "
+            "a state dict or a training checkpoint"
+        ),
     )
     convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
     convert.add_argument("--out", required=True, metavar="OUT.safetensors")
@@ -140,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser(
         "zoo",
         parents=[common],
-        help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv",
+        help=(
+            "plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv"
+        ),
     )
     zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
     zoo.add_argument(
@@ -248,7 +253,8 @@ def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
         return None
     if len(values) not in (2, 3, 4) or min(values) < 1:
         raise UsageError(
-            f"--input-size takes C H W (or C T H W for video) positive sizes, got {' '.join(map(str, values))}"
+            "--input-size takes C H W (or C T H W for video) positive sizes, "
+            f"got {' '.join(map(str, values))}"
         )
     return tuple(values)
 

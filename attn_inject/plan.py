@@ -61,7 +61,10 @@ class InsertionPoint:
     flops: int = 0  # per sample
 
     def __str__(self) -> str:
-        return f"{self.block} at {self.position} of {self.name} ({self.channels} channels, +{self.params:,} params)"
+        return (
+            f"{self.block} at {self.position} of {self.name} "
+            f"({self.channels} channels, +{self.params:,} params)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -158,7 +161,9 @@ class Plan(Sequence[InsertionPoint]):
             for i, p in enumerate(self.points)
         ]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         share = 100 * self.params_added / self.base_params if self.base_params else 0.0
         flops_share = 100 * self.flops_added / self.base_flops if self.base_flops else 0.0

@@ -128,7 +128,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     text = metadata.get(MANIFEST_KEY)
     if text is None:
         raise CheckpointError(
-            f"{path} has no attn-inject manifest: it was not written by attn_inject.save / attn-inject convert"
+            f"{path} has no attn-inject manifest: "
+            "it was not written by attn_inject.save / attn-inject convert"
         )
     try:
         data = json.loads(text)
@@ -138,7 +139,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if fmt != FORMAT:
         wrote = data.get("versions", {}).get("attn_inject", "an unknown version")
         raise CheckpointError(
-            f"{path} was written by attn-inject {wrote} in file format {fmt}; this attn-inject reads format {FORMAT}"
+            f"{path} was written by attn-inject {wrote} in file format {fmt}; "
+            f"this attn-inject reads format {FORMAT}"
         )
     try:
         return Manifest(

@@ -62,7 +62,8 @@ def get_target(model: nn.Module, target: str) -> nn.Module:
             parent = ""
         where = f"{parent!r}" if parent else type(model).__name__
         raise TargetError(
-            f"target {target!r} is not a submodule of {type(model).__name__}; the children of {where} are: {children}"
+            f"target {target!r} is not a submodule of {type(model).__name__}; "
+            f"the children of {where} are: {children}"
         ) from None
     return sub
 

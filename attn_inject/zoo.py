@@ -145,7 +145,8 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     channels = dict(found)
     wrong = next(((m, c) for m, c in expected if channels[m] != c), None)
     if wrong is not None:
-        return f"differs: {wrong[0]} has {channels[wrong[0]]} channels in the graph, feature_info says {wrong[1]}"
+        module, listed = wrong
+        return f"differs: {module} has {channels[module]} channels in the graph, feature_info says {listed}"
     return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
 
 
@@ -287,7 +288,10 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
             out.append(
                 replace(
                     row,
-                    identity="skipped: no input size up to the planned one that the model accepts with the same points",
+                    identity=(
+                        "skipped: no input size up to the planned one "
+                        "that the model accepts with the same points"
+                    ),
                 )
             )
             continue

@@ -175,8 +175,14 @@ def stage_index(graph: AnnotatedGraph, stages: list[Stage], node: fx.Node) -> in
         if i <= graph.index[stage.node]:
             if stage.index == 0:
                 t, first = tensor_meta(node), tensor_meta(stage.node)
-                if t is not None and first is not None and t.dim() == 4 and first.dim() == 4:
-                    if layout_of(node) == NCHW and t.shape[2] > first.shape[2]:
-                        return None
+                if (
+                    t is not None
+                    and first is not None
+                    and t.dim() == 4
+                    and first.dim() == 4
+                    and layout_of(node) == NCHW
+                    and t.shape[2] > first.shape[2]
+                ):
+                    return None
             return stage.index
     return None
