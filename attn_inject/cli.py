@@ -12,7 +12,12 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .plan import Plan
 
 __all__ = ["main"]
 
@@ -176,6 +181,16 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _plan_of(patched: nn.Module) -> Plan:
+    """The plan ``inject`` recorded on the model it returned."""
+    from .rewrite import InjectionInfo
+
+    info = getattr(patched, "attn_inject", None)
+    if not isinstance(info, InjectionInfo):
+        raise TypeError(f"{type(patched).__name__} has no attn_inject plan: not a model inject returned")
+    return info.plan
+
+
 def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
@@ -242,7 +257,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
     report = validate(model, patched, input_size=args.input_size)
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
@@ -298,7 +313,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         patched = inject(
             model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target
         )
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     report = None
     if args.validate:
         with _status("validating", quiet=args.json):
@@ -330,7 +345,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
         report = validate(reference, patched, input_size=size, device=args.device)
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     text = (
         f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
         f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}"
@@ -357,7 +372,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .recipe import builtin_recipe_paths, load_recipe
-    from .zoo import list_zoo, sweep
+    from .zoo import ZooRecord, list_zoo, sweep
     from .zoo_report import write_csv, write_markdown
 
     recipes = args.recipes or list(builtin_recipe_paths())
@@ -372,7 +387,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder")
     start = time.perf_counter()
-    records = []
+    records: list[ZooRecord] = []
     with _progress(
         f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
     ) as advance:

@@ -181,6 +181,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     file's weights loaded strictly.
     """
     from .inject import inject
+    from .rewrite import InjectionInfo
 
     manifest = read_manifest(path)
     base = build_base(manifest, path, model)
@@ -192,7 +193,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         target=manifest.target,
         allow_empty=True,
     )
-    keys = [p.key for p in patched.attn_inject.plan]
+    info = getattr(patched, "attn_inject", None)
+    assert isinstance(info, InjectionInfo), "inject records its plan on the model it returns"
+    keys = [p.key for p in info.plan]
     if keys != manifest.block_keys:
         raise CheckpointError(
             f"{path}: injecting its recipe into {manifest.base_model or type(base).__name__} gives "
