@@ -112,7 +112,7 @@ class Plan(Sequence[InsertionPoint]):
     def __len__(self) -> int:
         return len(self.points)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.points[i]
 
     def __iter__(self) -> Iterator[InsertionPoint]:
@@ -212,7 +212,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
     return (channels, 224, 224)
 
 
-def _first_conv(model: nn.Module) -> nn.Module | None:
+def _first_conv(model: nn.Module) -> nn.Conv2d | nn.Conv3d | None:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             return m
@@ -345,8 +345,8 @@ def build_plan(
     keys: set[str] = set()
     points = []
     for _, r, candidate, rule in chosen:
-        t = tensor_meta(candidate.node)
-        channels = int(candidate.channels)
+        t, channels = tensor_meta(candidate.node), candidate.channels
+        assert t is not None and channels is not None, "find_candidates skips points with no 4-D map"
         points.append(
             InsertionPoint(
                 name=candidate.name,

@@ -77,6 +77,6 @@ def replace_submodule(model: nn.Module, target: str, new: nn.Module) -> nn.Modul
     head, _, rest = target.partition(".")
     top = copy.copy(model)
     top._modules = type(model._modules)(model._modules)
-    child = model._modules[head]
+    child = model.get_submodule(head)
     top._modules[head] = replace_submodule(child, rest, new) if rest else new
     return top

@@ -210,7 +210,11 @@ def sweep_model(
         status = "shapes" if isinstance(error, ShapeError) else "trace"
         return fail(status, _reason(error), fx_plain=_fx_plain(model), target=target)
     graph = prepared.graph
-    common = dict(
+    common = ZooRecord(  # what every recipe's row shares
+        source,
+        bare,
+        recipe="",
+        status="",
         tracing=tracing_strategy(graph.opaque),
         opaque="; ".join(o.name for o in graph.opaque),
         fx_plain=_fx_plain(model) if not target else None,
@@ -228,21 +232,19 @@ def sweep_model(
         try:
             plans[recipe.name] = plan_prepared(prepared, recipe)
         except Exception as error:
-            rows.append(ZooRecord(source, bare, recipe.name, "plan", _reason(error), **common))
+            rows.append(replace(common, recipe=recipe.name, status="plan", reason=_reason(error)))
             continue
         p = plans[recipe.name]
         reason = "; ".join(sorted({s.reason for s in p.skipped})[:2]) if not p.points else ""
         rows.append(
-            ZooRecord(
-                source,
-                bare,
-                recipe.name,
-                "ok",
-                reason,
+            replace(
+                common,
+                recipe=recipe.name,
+                status="ok",
+                reason=reason,
                 points=len(p),
                 params_added=p.params_added,
                 seconds=time.perf_counter() - t0,
-                **common,
             )
         )
     if identity_check:

@@ -26,7 +26,14 @@ NLC = "NLC"  # tokens: (B, H*W, C)
 NCL = "NCL"  # (B, C, H*W)
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
-PERMUTES = {(NCHW, TO_NHWC): NHWC, (NHWC, TO_NCHW): NCHW, (NLC, (0, 2, 1)): NCL, (NCL, (0, 2, 1)): NLC}
+PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
+    (NCHW, TO_NHWC): NHWC,
+    (NHWC, TO_NCHW): NCHW,
+    (NLC, (0, 2, 1)): NCL,
+    (NCL, (0, 2, 1)): NLC,
+}
+CHANNEL_DIM = {NCHW: 1, NHWC: 3}
+TRANSPOSED = {NLC: NCL, NCL: NLC}
 
 
 def layout_of(node: fx.Node) -> str | None:
@@ -63,12 +70,10 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
             return None
         if _is_pad(node):  # padding keeps any known layout that keeps its channel count
             t, layout = tensor_meta(first), layout_of(first)
-            channel = {NCHW: 1, NHWC: 3}.get(layout)
-            return (
-                layout
-                if channel is not None and t.dim() == 4 and t.shape[channel] == out.shape[channel]
-                else None
-            )
+            channel = CHANNEL_DIM.get(layout) if layout is not None else None
+            if channel is None or t is None or t.dim() != 4:
+                return None
+            return layout if t.shape[channel] == out.shape[channel] else None
         return NCHW if layout_of(first) == NCHW else None
     if ops.is_permute(node):
         source = layout_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
@@ -76,23 +81,25 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
     if ops.is_data_movement(node):
         return _reshaped(node) or _through_data_movement(node) or _space_to_depth(node)
     if node.op == "call_function" and node.target is operator.getitem:
-        source = node.args[0]
-        if isinstance(source, fx.Node):
-            if tensor_meta(source) is None and source.args and isinstance(source.args[0], fx.Node):
-                source = source.args[0]  # an item of chunk()/split()
-            t = tensor_meta(source)
+        container = node.args[0]
+        if isinstance(container, fx.Node):
+            if tensor_meta(container) is None and container.args and isinstance(container.args[0], fx.Node):
+                container = container.args[0]  # an item of chunk()/split()
+            t = tensor_meta(container)
             if t is not None and t.dim() == out.dim():
-                return layout_of(source)
+                return layout_of(container)
         return None
     if node.op == "call_function" and node.target is torch.cat:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        if not isinstance(tensors, (list, tuple)):
+            return None
         layouts = {layout_of(t) for t in tensors if isinstance(t, fx.Node)} - {None}
         return layouts.pop() if len(layouts) == 1 else None  # e.g. a class token before the NLC tokens
     if ops.is_linear(node, root):
         # A linear layer maps the last dimension: channels when the map is NHWC / tokens NLC.
         source = layout_of(first) if first is not None else None
         return source if source in (NHWC, NLC) else None
-    same_shape = {layout_of(n) for n in inputs if tensor_meta(n).shape == out.shape}
+    same_shape = {layout_of(n) for n in inputs if (t := tensor_meta(n)) is not None and t.shape == out.shape}
     known = same_shape - {None}
     if len(known) == 1:
         return known.pop()
@@ -128,7 +135,7 @@ def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:
     CNN block kept as a leaf): the same layout when only that reading of the output's
     dimensions matches the input's spatial size."""
     layout, t = layout_of(source), tensor_meta(source)
-    if layout not in (NCHW, NHWC) or t.dim() != 4 or out.shape[0] != t.shape[0]:
+    if t is None or layout not in (NCHW, NHWC) or t.dim() != 4 or out.shape[0] != t.shape[0]:
         return None
     hw = (t.shape[2], t.shape[3]) if layout == NCHW else (t.shape[1], t.shape[2])
     as_nchw = _spatial_match(hw, (out.shape[2], out.shape[3]))
@@ -143,13 +150,16 @@ def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:
 def _reshaped(node: fx.Node) -> str | None:
     """One reshape / flatten / transpose between a map and its tokens."""
     source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+    if not isinstance(source, fx.Node):
         return None
-    layout, t, out = layout_of(source), tensor_meta(source).shape, tensor_meta(node).shape
+    source_meta, node_meta = tensor_meta(source), tensor_meta(node)
+    if source_meta is None or node_meta is None:
+        return None
+    layout, t, out = layout_of(source), source_meta.shape, node_meta.shape
     if node.target in ("transpose", torch.transpose):
         dims = tuple(a for a in node.args[1:3] if isinstance(a, int))
-        if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2]:
-            return {NLC: NCL, NCL: NLC}.get(layout)
+        if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2] and layout is not None:
+            return TRANSPOSED.get(layout)
         return None
     if len(t) == 4 and len(out) == 3 and out[0] == t[0]:
         if layout == NCHW and tuple(out) == (t[0], t[1], t[2] * t[3]):
@@ -169,30 +179,32 @@ def _space_to_depth(node: fx.Node, depth: int = 8) -> str | None:
     (patch merging: (B, H, W, C) -> (B, H/2, W/2, 4C)) keeps the map's layout, when only
     that reading of the output's dimensions matches."""
     out = tensor_meta(node)
-    if out.dim() != 4:
+    if out is None or out.dim() != 4:
         return None
     current = node
     for _ in range(depth):
         if not ops.is_data_movement(current):
             return None
         source = current.args[0] if current.args else None
-        if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+        if not isinstance(source, fx.Node) or (t := tensor_meta(source)) is None:
             return None
-        if tensor_meta(source).dim() == 4 and layout_of(source) in (NCHW, NHWC):
-            return _resampled(source, out) if tensor_meta(source).numel() == out.numel() else None
+        if t.dim() == 4 and layout_of(source) in (NCHW, NHWC):
+            return _resampled(source, out) if t.numel() == out.numel() else None
         current = source
     return None
 
 
 def _through_data_movement(node: fx.Node) -> str | None:
     """A view/reshape chain that ends in the shape it started from keeps the start's layout."""
-    out_shape = tensor_meta(node).shape
+    out = tensor_meta(node)
+    if out is None:
+        return None
+    out_shape = out.shape
     current = node
     while ops.is_data_movement(current) and not ops.is_permute(current):
         source = current.args[0] if current.args else None
-        if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+        if not isinstance(source, fx.Node) or (t := tensor_meta(source)) is None:
             return None
-        t = tensor_meta(source)
         if t.dim() == len(out_shape) and layout_of(source) is not None:
             return layout_of(source) if t.shape == out_shape else None
         current = source

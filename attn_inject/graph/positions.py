@@ -50,7 +50,10 @@ class Candidate:
         t = tensor_meta(self.node)
         if t is None or t.dim() != 4:
             return None
-        return {NCHW: int(t.shape[1]), NHWC: int(t.shape[3])}.get(self.layout)
+        layout = self.layout
+        if layout == NCHW:
+            return int(t.shape[1])
+        return int(t.shape[3]) if layout == NHWC else None
 
     @property
     def edge(self) -> tuple[str, tuple[str, ...] | None]:

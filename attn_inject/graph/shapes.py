@@ -10,7 +10,7 @@ convolutions and linear layers run their functional form on meta weights directl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,10 @@ def _mutable(value: Any) -> Any:
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
+@overload
+def _meta(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _meta(t: None) -> None: ...
 def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.is_meta:
         return t

@@ -129,7 +129,7 @@ def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage
     entries = stage_entries(feature_info)
     if not entries:
         return None
-    stages = []
+    stages: list[Stage] = []
     for entry in entries:
         node = graph.module_outputs.get(entry.get("module", ""))
         if node is None:
@@ -173,7 +173,7 @@ def _straddles_downsampling(
 def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
     groups: list[list] = []  # [resolution, last node, reduction]
     dominators = output_dominators(graph)
-    resolutions = []
+    resolutions: list[tuple[int, int]] = []
     for node in dominators:
         hw = spatial_size(node)
         if hw is not None and (not resolutions or resolutions[-1] != hw):
