@@ -1,0 +1,326 @@
+"""Scopes: which module's code runs each block, and which module holds it.
+
+The whole model is traced once to find the insertion points; the rewrite itself is local.
+For each point (a producer node and the consumers that read the block's output):
+
+- **append**: the value is what an ``nn.Sequential`` returns and every reader is outside it
+  (a stage's output): the block is appended to the innermost such Sequential (``layer1.cbam``;
+  in ConvNeXt ``stages.0.blocks.cbam``, not the Sequential of stages, whose indices would
+  shift), so no code is traced or rewritten at all;
+- **graph**: otherwise the block lives in the deepest module whose forward holds the
+  producer and the consumers (a residual branch lives in its bottleneck: ``layer1.0.se``),
+  or, for a module's return value read only outside it, the outermost module that returns
+  it. That module alone is traced again and replaced by an ``fx.GraphModule`` that calls
+  the block. Where that module cannot be traced alone (it is called more than once, or its
+  trace differs from what it did inside the model), a wider one is used, up to the root,
+  and the reason is recorded in the plan.
+
+Every module outside those scopes keeps its class and runs its own Python code.
+
+A scope is matched to the whole-model trace node by node: tracing a module alone creates
+the same operations, in the same order, as it did inside the model, so the k-th node of
+its call there is the k-th node of its own trace (:func:`trace_scope` checks this).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from .graph.analysis import AnnotatedGraph
+from .graph.trace import (
+    ModelTracer,
+    ModuleCall,
+    _caches_kept,
+    _timm_notrace,
+    checkpointing_off,
+    eval_mode,
+    hooks_off,
+    is_timm_model,
+)
+
+__all__ = ["Placement", "ScopeError", "ScopeTrace", "place", "trace_scope"]
+
+APPEND = "append"
+GRAPH = "graph"
+
+
+class ScopeError(RuntimeError):
+    """A module cannot be rewritten on its own."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one block goes: a child ``name`` of module ``module`` ('' is the model), run by
+    the code of ``owner`` (``attach="graph"``: that module's forward is rewritten) or by
+    ``module`` itself (``attach="append"``: the last child of a Sequential)."""
+
+    module: str
+    name: str
+    owner: str
+    attach: str
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+@dataclass
+class ScopeTrace:
+    """A module traced alone, and the map from the model's trace nodes to its own."""
+
+    path: str
+    module: nn.Module
+    graph: fx.Graph
+    node_map: dict[fx.Node, fx.Node]
+    traced_through: tuple[str, ...]  # submodules (relative names) whose code was inlined
+
+
+def _relative(path: str, scope: str) -> str:
+    if not scope:
+        return path
+    return path[len(scope) + 1 :] if path.startswith(scope + ".") else path
+
+
+def _signature(node: fx.Node, scope: str) -> tuple:
+    target: Any = node.target
+    if node.op in ("call_module", "get_attr"):
+        target = _relative(str(target), scope)
+        if node.op == "get_attr" and target.startswith("_tensor_constant"):
+            target = "_tensor_constant"
+    return node.op, target, len(node.args), tuple(sorted(node.kwargs))
+
+
+def _arg_nodes(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def _concrete_args(module: nn.Module, passed: tuple[str, ...]) -> dict[str, Any]:
+    """The forward's parameters the caller did not pass, fixed to their defaults."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in passed
+        and p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def trace_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> ScopeTrace:
+    """Trace the module of ``call`` alone, with the whole trace's leaves, and map the nodes of
+    its call in ``graph`` onto its own graph. Raises :class:`ScopeError` when the two differ."""
+    module = root.get_submodule(call.path)
+    leaf_types: tuple[type, ...] = ()
+    functions: tuple = ()
+    if is_timm_model(root) or is_timm_model(module) or isinstance(root, fx.GraphModule):
+        leaf_types, functions = _timm_notrace()
+    prefix = call.path + "."
+    opaque = frozenset(o.name[len(prefix) :] for o in graph.opaque if o.name.startswith(prefix))
+    tracer = ModelTracer(leaf_types, functions, opaque)
+    try:
+        with _caches_kept(module), checkpointing_off(module), hooks_off(module), eval_mode(module):
+            own = tracer.trace(module, concrete_args=_concrete_args(module, call.passed) or None)
+    except Exception as error:
+        raise ScopeError(f"{call.path} cannot be traced alone ({type(error).__name__})") from error
+    own_nodes = [n for n in own.nodes if n.op not in ("placeholder", "output")]
+    if len(own_nodes) != len(call.nodes):
+        raise ScopeError(
+            f"{call.path} traced alone gives {len(own_nodes)} operations, {len(call.nodes)} inside the model"
+        )
+    node_map: dict[fx.Node, fx.Node] = {}
+    for mine, theirs in zip(call.nodes, own_nodes, strict=True):
+        if _signature(mine, call.path) != _signature(theirs, ""):
+            raise ScopeError(f"{call.path} traced alone differs from its trace in the model at {mine.name}")
+        node_map[mine] = theirs
+        for a, b in zip(_arg_nodes(mine), _arg_nodes(theirs), strict=False):
+            if a in node_map:
+                if node_map[a] is not b:
+                    raise ScopeError(f"{call.path} traced alone wires {mine.name} differently")
+            elif b.op == "placeholder":
+                node_map[a] = b
+            else:
+                raise ScopeError(f"{call.path} traced alone wires {mine.name} differently")
+    output = next(n for n in own.nodes if n.op == "output")
+    if call.output is not None and node_map.get(call.output) is not output.args[0]:
+        raise ScopeError(f"{call.path} traced alone returns a different value")
+    traced_through = tuple(c.path for c in tracer.calls if not c.leaf)
+    return ScopeTrace(call.path, module, own, node_map, traced_through)
+
+
+class _Calls:
+    """The module calls of a trace, indexed for scope questions."""
+
+    def __init__(self, graph: AnnotatedGraph) -> None:
+        self.count: dict[str, int] = {}
+        self.single: dict[str, ModuleCall] = {}
+        self.span: dict[str, set[fx.Node]] = {}
+        self.returned_by: dict[fx.Node, list[str]] = {}
+        for call in graph.calls:
+            self.count[call.path] = self.count.get(call.path, 0) + 1
+            if call.leaf:
+                continue
+            self.single[call.path] = call
+            self.span[call.path] = set(call.nodes)
+            if call.output is not None:
+                self.returned_by.setdefault(call.output, []).append(call.path)
+        for path, n in self.count.items():
+            if n > 1:
+                self.single.pop(path, None)
+
+    def why_not(self, path: str) -> str | None:
+        if self.count.get(path, 0) > 1:
+            return f"{path} is called {self.count[path]} times"
+        if path not in self.single:
+            return f"{path} is kept whole"
+        return None
+
+
+def _module_path(node: fx.Node, leaf_calls: dict[fx.Node, str]) -> str:
+    """The innermost module whose forward created ``node`` (a leaf's call is in its parent)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p[0] if isinstance(p, tuple) else str(p) for p in stack.values()]
+    if node in leaf_calls and paths and paths[-1] == leaf_calls[node]:
+        paths = paths[:-1]
+    return paths[-1] if paths else ""
+
+
+def _ancestors(path: str) -> list[str]:
+    """``path`` and every module above it, innermost first, ending with the root ''."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+
+
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+class Placer:
+    """Chooses a scope for each point of one traced model (or target)."""
+
+    def __init__(self, root: nn.Module, graph: AnnotatedGraph) -> None:
+        self.root = root
+        self.graph = graph
+        self.calls = _Calls(graph)
+        self.leaf_calls = {c.output: c.path for c in graph.calls if c.leaf and c.output is not None}
+        self.traceable: dict[str, str | None] = {}  # path -> None, or why it cannot be traced alone
+
+    def _trace_problem(self, path: str) -> str | None:
+        if path not in self.traceable:
+            why = self.calls.why_not(path)
+            if why is None:
+                try:
+                    trace_scope(self.root, self.graph, self.calls.single[path])
+                except ScopeError as error:
+                    why = str(error)
+            self.traceable[path] = why
+        return self.traceable[path]
+
+    def _inside(self, node: fx.Node, path: str) -> bool:
+        return not path or node in self.calls.span.get(path, ())
+
+    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str]:
+        """(module, attach, note) for a block on ``producer`` read by ``consumers`` (None: all)."""
+        readers = list(producer.users) if consumers is None else consumers
+        notes: list[str] = []
+        if consumers is None:
+            returning = [
+                p
+                for p in reversed(self.calls.returned_by.get(producer, []))
+                if self.calls.why_not(p) is None and not any(self._inside(r, p) for r in readers)
+            ]
+            for path in reversed(returning):  # the innermost Sequential: its indices are blocks
+                if _is_plain_sequential(self.root.get_submodule(path)):
+                    return path, APPEND, ""
+            for path in returning:
+                why = self._trace_problem(path)
+                if why is None:
+                    return path, GRAPH, ""
+                notes.append(why)
+        deepest = _common([_module_path(r, self.leaf_calls) for r in readers if r.op != "output"])
+        if any(r.op == "output" for r in readers):
+            deepest = ""
+        for path in _ancestors(deepest):
+            if not path:
+                return "", GRAPH, "; ".join(notes)
+            why = self.calls.why_not(path)
+            if why is None and not all(self._inside(r, path) for r in readers):
+                why = f"{path} does not hold every reader"
+            if why is None and not (
+                self._inside(producer, path) or producer in self.calls.single[path].inputs
+            ):
+                why = f"{path} is not given the block's input"
+            if why is None:
+                why = self._trace_problem(path)
+            if why is None:
+                return path, GRAPH, "; ".join(notes)
+            notes.append(why)
+        raise AssertionError("unreachable: the root always holds a point")
+
+
+def _free(host: nn.Module, name: str, rewritten: bool) -> bool:
+    """Whether a block may take attribute ``name`` of ``host``: an attribute set to None (as
+    timm's ``self.se = None`` in a block built without attention) when ``host``'s own code is
+    rewritten, so nothing else reads it."""
+    return rewritten and name in vars(host) and vars(host)[name] is None and name not in host._modules
+
+
+def place(
+    root: nn.Module,
+    graph: AnnotatedGraph,
+    edges: list[tuple[fx.Node, list[fx.Node] | None]],
+    names: list[str],
+    needs_graph: list[bool],
+) -> list[Placement]:
+    """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique).
+    ``needs_graph[i]`` forbids appending (a block that cannot act on its own)."""
+    placer = Placer(root, graph)
+    chosen = []
+    for (producer, consumers), graph_only in zip(edges, needs_graph, strict=True):
+        module, attach, note = placer.choose(producer, consumers)
+        if attach == APPEND and graph_only:
+            module, attach, note = placer.choose(producer, list(producer.users))
+        chosen.append((module, attach, note))
+    owners = sorted({m for m, a, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0))
+
+    def owner_of(module: str) -> str | None:
+        for path in owners:
+            if not path or module == path or module.startswith(path + "."):
+                return path
+        return None
+
+    taken: dict[str, set[str]] = {}
+    placements = []
+    for (module, attach, note), name in zip(chosen, names, strict=True):
+        owner = owner_of(module)
+        if owner is None:
+            owner = module
+        else:
+            attach = GRAPH
+        used = taken.setdefault(module, set())
+        host = root.get_submodule(module)
+        unique, n = name, 2
+        while unique in used or (hasattr(host, unique) and not _free(host, unique, owner == module)):
+            unique, n = f"{name}_{n}", n + 1
+        used.add(unique)
+        placements.append(Placement(module, unique, owner, attach, note))
+    return placements
