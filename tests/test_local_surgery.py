@@ -62,7 +62,12 @@ def test_model_keeps_its_class_methods_and_outputs(build, name, recipe):
 
 def test_resnet50_blocks_sit_where_timm_seresnet50_has_them(build):
     patched = ai.inject(build("timm:resnet50"), "se_resnet", input_size=SIZE)
-    assert list(ai.inserted_blocks(patched))[:4] == ["layer1.0.se", "layer1.1.se", "layer1.2.se", "layer2.0.se"]
+    assert list(ai.inserted_blocks(patched))[:4] == [
+        "layer1.0.se",
+        "layer1.1.se",
+        "layer1.2.se",
+        "layer2.0.se",
+    ]
     assert "(se): SqueezeExcite(" in repr(patched.layer1[0])
     stages = ai.inject(build("timm:resnet50"), "cbam_after_every_stage", input_size=SIZE)
     assert list(ai.inserted_blocks(stages)) == [f"layer{i}.cbam" for i in (1, 2, 3, 4)]
