@@ -307,7 +307,8 @@ def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     """Whether a block of an earlier injection already sits on the candidate's edge."""
     nodes = [candidate.node, *(candidate.consumers or ())]
     return any(
-        node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False) for node in nodes
+        node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
+        for node in nodes
     )
 
 

@@ -17,6 +17,7 @@ changed, every ``state_dict`` key stays, and everything else keeps its class and
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,11 @@ class _Tree:
         self.writable(parent)._modules[name] = new
 
 
+def _all_but(reader: fx.Node) -> Callable[[fx.Node], bool]:
+    """A ``replace_all_uses_with`` filter keeping ``reader`` (the block's own input) as it is."""
+    return lambda user: user is not reader
+
+
 def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]) -> None:
     """Add a ``call_module`` node for each point to the scope's own graph and rewire."""
     graph = scope.graph
@@ -142,9 +148,7 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
             else:
                 node = reads_producer = graph.call_module(target, (producer,))
         if consumers_in_model is None:
-            producer.replace_all_uses_with(
-                node, delete_user_cb=lambda user, reader=reads_producer: user is not reader
-            )
+            producer.replace_all_uses_with(node, delete_user_cb=_all_but(reads_producer))
         else:
             for consumer in consumers_in_model:
                 scope.node_map[consumer].replace_input_with(producer, node)
@@ -256,7 +260,7 @@ def rewrite(
     if base is None and isinstance(earlier, InjectionInfo) and earlier.base_model:
         base = (earlier.base_model, dict(earlier.base_kwargs))
     info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
-    patched.attn_inject = info
+    vars(patched)["attn_inject"] = info  # a plain attribute, not a module or a tensor
     if isinstance(patched, fx.GraphModule):
         patched.meta.setdefault(PRESERVED, {})["attn_inject"] = info
     return patched

@@ -97,7 +97,12 @@ def _signature(node: fx.Node, scope: str) -> tuple:
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+
+    def visit(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg((node.args, node.kwargs), visit)
     return found
 
 
@@ -300,7 +305,9 @@ def place(
         if attach == APPEND and graph_only:
             module, attach, note = placer.choose(producer, list(producer.users))
         chosen.append((module, attach, note))
-    owners = sorted({m for m, a, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0))
+    owners = sorted(
+        {m for m, a, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
+    )
 
     def owner_of(module: str) -> str | None:
         for path in owners:

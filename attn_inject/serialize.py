@@ -3,8 +3,9 @@
 The file holds every weight of the patched model (the base model's keys unchanged, each
 block's under the module it acts in, e.g. ``layer1.0.se.``) and, in its metadata, a JSON
 manifest: the base model's name and builder arguments, each injection's recipe text, init,
-target and input size, the plan, the blocks' names, and the versions that wrote it. ``load`` rebuilds the base model by name (or takes the one given),
-injects again per the manifest, checks the plan is the same and loads the weights strictly.
+target and input size, the plan, the blocks' names, and the versions that wrote it.
+``load`` rebuilds the base model by name (or takes the one given), injects again per the
+manifest, checks the plan is the same and loads the weights strictly.
 Nothing is ever unpickled.
 """
 
@@ -64,7 +65,9 @@ class Manifest:
         """The injections to repeat, in order."""
         if self.injections:
             return list(self.injections)
-        return [{"recipe": self.recipe, "init": self.init, "target": self.target, "input_size": self.input_size}]
+        return [
+            {"recipe": self.recipe, "init": self.init, "target": self.target, "input_size": self.input_size}
+        ]
 
 
 def versions() -> dict[str, str]:

@@ -273,12 +273,7 @@ HOOK_DICTS = (
 def hooks_off(model: nn.Module) -> Iterator[None]:
     """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
-    saved = [
-        (m, key, value)
-        for m in model.modules()
-        for key in HOOK_DICTS
-        if (value := m.__dict__.get(key))
-    ]
+    saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
     for m, key, value in saved:
         m.__dict__[key] = type(value)()
     try:
