@@ -175,9 +175,9 @@ class Plan(Sequence[InsertionPoint]):
 
     def table(self) -> str:
         """The plan as a plain-text table."""
-        rows = [("#", "name", "position", "channels", "block", "params")]
+        rows = [("#", "name", "position", "channels", "block", "params", "lives in")]
         rows += [
-            (str(i), p.name, p.position, str(p.channels), str(p.block), f"{p.params:,}")
+            (str(i), p.name, p.position, str(p.channels), str(p.block), f"{p.params:,}", p.key)
             for i, p in enumerate(self.points)
         ]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
