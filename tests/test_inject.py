@@ -249,9 +249,10 @@ def test_dtype_device_and_mode_changes_apply_to_blocks(build):
         input_size=SIZE,
     )
     patched.train()
-    assert all(m.training for m in blocks_of(patched).modules())
+    inside = lambda: [m for b in ai.inserted_blocks(patched).values() for m in b.modules()]  # noqa: E731
+    assert all(m.training for m in inside())
     patched.eval()
-    assert not any(m.training for m in blocks_of(patched).modules())
+    assert not any(m.training for m in inside())
     patched.double()
     assert all(p.dtype == torch.float64 for p in blocks_of(patched).parameters())
     assert patched(_input().double()).dtype == torch.float64
