@@ -29,7 +29,7 @@ from .graph.analysis import AnnotatedGraph
 from .graph.layout import NHWC
 from .graph.trace import HOOK_DICTS
 from .plan import InsertionPoint, Plan, merge_plans
-from .scopes import APPEND, ScopeTrace, _relative, trace_scope
+from .scopes import APPEND, ScopeTrace, _relative, extract_scope
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
@@ -155,15 +155,15 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
     graph.lint()
 
 
-def _graph_module(original: nn.Module, graph: fx.Graph, blocks: dict[str, nn.Module]) -> fx.GraphModule:
+def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -> fx.GraphModule:
     """``graph`` as a module that keeps ``original``'s children, parameters, buffers, plain
-    attributes and hooks, named after its class; ``blocks`` are the new modules its graph
-    calls, by name relative to ``original``."""
+    attributes and hooks, named after its class; ``extra`` are the new blocks and tensor
+    constants its graph uses, by name relative to ``original``."""
     used: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             name = str(node.target)
-            used[name] = blocks[name] if name in blocks else _get_path(original, name)
+            used[name] = extra[name] if name in extra else _get_path(original, name)
     gm = fx.GraphModule(used, graph, type(original).__name__)
     _reattach(original, gm)
     gm.training = original.training
@@ -232,7 +232,7 @@ def rewrite(
             owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
     for owner, points in owners.items():
         if owner:
-            scope = trace_scope(sub, graph, calls[owner])
+            scope = extract_scope(sub, graph, calls[owner])
         else:
             whole = fx.Graph()
             copied: dict[fx.Node, fx.Node] = {}
@@ -248,7 +248,7 @@ def rewrite(
             for key, block in blocks.items()
             if not owner or key.startswith(owner + ".")
         }
-        tree.replace(prefix + owner, _graph_module(scope.module, scope.graph, own))
+        tree.replace(prefix + owner, _graph_module(scope.module, scope.graph, {**scope.constants, **own}))
     for point in plan:
         host = tree.writable(prefix + point.module)
         host._modules[point.block_name] = blocks[point.key]

@@ -10,39 +10,27 @@ For each point (a producer node and the consumers that read the block's output):
 - **graph**: otherwise the block lives in the deepest module whose forward holds the
   producer and the consumers (a residual branch lives in its bottleneck: ``layer1.0.se``),
   or, for a module's return value read only outside it, the outermost module that returns
-  it. That module alone is traced again and replaced by an ``fx.GraphModule`` that calls
-  the block. Where that module cannot be traced alone (it is called more than once, or its
-  trace differs from what it did inside the model), a wider one is used, up to the root,
-  and the reason is recorded in the plan.
+  it. That module's own graph is cut out of the model's trace (the nodes its one call
+  created, its parameters as placeholders, its return value as the output) and the module
+  is replaced by an ``fx.GraphModule`` of it that calls the block. Where that module cannot
+  stand alone (it is called more than once, takes ``*args``, is given graph values inside
+  a container, or reads a value it is not given), a wider one is used, up to the root, and
+  the reason is recorded in the plan.
 
 Every module outside those scopes keeps its class and runs its own Python code.
-
-A scope is matched to the whole-model trace node by node: tracing a module alone creates
-the same operations, in the same order, as it did inside the model, so the k-th node of
-its call there is the k-th node of its own trace (:func:`trace_scope` checks this).
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
 from .graph.analysis import AnnotatedGraph
-from .graph.trace import (
-    ModelTracer,
-    ModuleCall,
-    _caches_kept,
-    _timm_notrace,
-    checkpointing_off,
-    eval_mode,
-    hooks_off,
-    is_timm_model,
-)
+from .graph.trace import ModuleCall
 
-__all__ = ["Placement", "ScopeError", "ScopeTrace", "place", "trace_scope"]
+__all__ = ["Placement", "ScopeError", "ScopeTrace", "extract_scope", "place"]
 
 APPEND = "append"
 GRAPH = "graph"
@@ -78,6 +66,7 @@ class ScopeTrace:
     graph: fx.Graph
     node_map: dict[fx.Node, fx.Node]
     traced_through: tuple[str, ...]  # submodules (relative names) whose code was inlined
+    constants: dict[str, Any] = field(default_factory=dict)  # tensor constants its graph reads
 
 
 def _relative(path: str, scope: str) -> str:
@@ -86,80 +75,64 @@ def _relative(path: str, scope: str) -> str:
     return path[len(scope) + 1 :] if path.startswith(scope + ".") else path
 
 
-def _signature(node: fx.Node, scope: str) -> tuple:
-    target: Any = node.target
-    if node.op in ("call_module", "get_attr"):
-        target = _relative(str(target), scope)
-        if node.op == "get_attr" and target.startswith("_tensor_constant"):
-            target = "_tensor_constant"
-    return node.op, target, len(node.args), tuple(sorted(node.kwargs))
+def _holds_nodes(value: Any) -> bool:
+    found = False
 
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, fx.Node)
+        return v
 
-def _arg_nodes(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-
-    def visit(n: fx.Node) -> fx.Node:
-        found.append(n)
-        return n
-
-    fx.node.map_arg((node.args, node.kwargs), visit)
+    fx.node.map_aggregate(value, visit)
     return found
 
 
-def _concrete_args(module: nn.Module, passed: tuple[str, ...]) -> dict[str, Any]:
-    """The forward's parameters the caller did not pass, fixed to their defaults."""
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    return {
-        p.name: p.default
-        for p in parameters
-        if p.name not in passed
-        and p.default is not inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def trace_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> ScopeTrace:
-    """Trace the module of ``call`` alone, with the whole trace's leaves, and map the nodes of
-    its call in ``graph`` onto its own graph. Raises :class:`ScopeError` when the two differ."""
+def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> ScopeTrace:
+    """The module of ``call`` as a graph of its own: the nodes its call created in the
+    model's trace, copied with its parameters as placeholders (values the caller passed as
+    constants stay constants) and what it returned as the output. Raises
+    :class:`ScopeError` when the call cannot stand alone."""
     module = root.get_submodule(call.path)
-    leaf_types: tuple[type, ...] = ()
-    functions: tuple = ()
-    if is_timm_model(root) or is_timm_model(module) or isinstance(root, fx.GraphModule):
-        leaf_types, functions = _timm_notrace()
+    if call.arguments is None:
+        raise ScopeError(f"{call.path} takes *args or **kwargs")
     prefix = call.path + "."
-    opaque = frozenset(o.name[len(prefix) :] for o in graph.opaque if o.name.startswith(prefix))
-    tracer = ModelTracer(leaf_types, functions, opaque)
-    try:
-        with _caches_kept(module), checkpointing_off(module), hooks_off(module), eval_mode(module):
-            own = tracer.trace(module, concrete_args=_concrete_args(module, call.passed) or None)
-    except Exception as error:
-        raise ScopeError(f"{call.path} cannot be traced alone ({type(error).__name__})") from error
-    own_nodes = [n for n in own.nodes if n.op not in ("placeholder", "output")]
-    if len(own_nodes) != len(call.nodes):
-        raise ScopeError(
-            f"{call.path} traced alone gives {len(own_nodes)} operations, {len(call.nodes)} inside the model"
-        )
+    own = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
-    for mine, theirs in zip(call.nodes, own_nodes, strict=True):
-        if _signature(mine, call.path) != _signature(theirs, ""):
-            raise ScopeError(f"{call.path} traced alone differs from its trace in the model at {mine.name}")
-        node_map[mine] = theirs
-        for a, b in zip(_arg_nodes(mine), _arg_nodes(theirs), strict=False):
-            if a in node_map:
-                if node_map[a] is not b:
-                    raise ScopeError(f"{call.path} traced alone wires {mine.name} differently")
-            elif b.op == "placeholder":
-                node_map[a] = b
+    constants: dict[str, Any] = {}
+    for name, value in call.arguments:
+        placeholder = own.placeholder(name)
+        if isinstance(value, fx.Node):
+            node_map.setdefault(value, placeholder)
+        elif _holds_nodes(value):
+            raise ScopeError(f"{call.path} is given graph values inside a container ({name})")
+
+    def value_of(node: fx.Node) -> fx.Node:
+        if node in node_map:
+            return node_map[node]
+        if node.op == "get_attr" and str(node.target).startswith(prefix):  # fetched before the call
+            node_map[node] = own.get_attr(str(node.target)[len(prefix) :])
+            return node_map[node]
+        raise ScopeError(f"{call.path} reads {node.name}, which it is not given")
+
+    for node in call.nodes:
+        copied = own.node_copy(node, value_of)
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            if target.startswith(prefix):
+                copied.target = target[len(prefix) :]
+            elif node.op == "get_attr" and "." not in target and hasattr(root, target):
+                constants[target] = getattr(root, target)  # a tensor constant the tracer stored
             else:
-                raise ScopeError(f"{call.path} traced alone wires {mine.name} differently")
-    output = next(n for n in own.nodes if n.op == "output")
-    if call.output is not None and node_map.get(call.output) is not output.args[0]:
-        raise ScopeError(f"{call.path} traced alone returns a different value")
-    traced_through = tuple(c.path for c in tracer.calls if not c.leaf)
-    return ScopeTrace(call.path, module, own, node_map, traced_through)
+                raise ScopeError(f"{call.path} uses {target}, which is not its own")
+        node_map[node] = copied
+    own.output(fx.node.map_aggregate(call.result, lambda v: value_of(v) if isinstance(v, fx.Node) else v))
+    span = set(call.nodes)
+    inner = tuple(
+        c.path[len(prefix) :]
+        for c in graph.calls
+        if not c.leaf and c.nodes and c.nodes[0] in span and c.path.startswith(prefix)
+    )
+    return ScopeTrace(call.path, module, own, node_map, inner, constants)
 
 
 class _Calls:
@@ -234,7 +207,7 @@ class Placer:
             why = self.calls.why_not(path)
             if why is None:
                 try:
-                    trace_scope(self.root, self.graph, self.calls.single[path])
+                    extract_scope(self.root, self.graph, self.calls.single[path])
                 except ScopeError as error:
                     why = str(error)
             self.traceable[path] = why

@@ -320,3 +320,31 @@ def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module
 def test_wrapped_models_are_refused_with_how_to_unwrap(build):
     with pytest.raises(ai.InjectError, match=r"model\.module"):
         ai.inject(nn.DataParallel(build("tv:resnet18")), "se_resnet")
+
+
+class _StarUnit(_Unit):
+    """A residual unit whose forward takes *args: it cannot stand alone as a graph."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return super().forward(xs[0])
+
+
+class _HoldsStarUnit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(_StarUnit(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x)).mean((2, 3))
+
+
+def test_scope_that_cannot_stand_alone_falls_back_to_its_parent():
+    model = _HoldsStarUnit().eval()
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    (point,) = patched.attn_inject.plan
+    assert point.owner == "body" and "body.0 takes *args" in point.scope_note
+    assert type(patched) is _HoldsStarUnit and isinstance(patched.body, fx.GraphModule)
+    assert point.key == "body.se"
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))

@@ -121,14 +121,17 @@ class ModelTracer(fx.Tracer):
                     break
                 node = node.next
         inputs = [p.node for p in _proxies((args, kwargs))]
+        leaf = self.is_leaf_module(m, name)
         self.calls.append(
             ModuleCall(
                 path=name,
-                leaf=self.is_leaf_module(m, name),
+                leaf=leaf,
                 nodes=tuple(nodes),
                 inputs=tuple(inputs),
                 output=result.node if isinstance(result, fx.Proxy) else None,
                 passed=_passed_arguments(m, args, kwargs),
+                arguments=None if leaf else _bound_arguments(m, args, kwargs),
+                result=None if leaf else _as_nodes(result),
             )
         )
 
@@ -169,6 +172,8 @@ class ModuleCall:
     inputs: tuple[fx.Node, ...]
     output: fx.Node | None
     passed: tuple[str, ...]
+    arguments: tuple[tuple[str, Any], ...] | None = None  # parameter -> value (graph values as nodes)
+    result: Any = None  # what the call returned, graph values as nodes
 
 
 def _last_node(graph: fx.Graph) -> fx.Node | None:
@@ -195,6 +200,22 @@ def _passed_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...
     except (TypeError, ValueError):
         return ()
     return tuple(names[: len(args)]) + tuple(k for k in kwargs if k in names)
+
+
+def _as_nodes(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+
+
+def _bound_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[str, Any], ...] | None:
+    """The call's arguments by ``forward`` parameter name, in order (None: *args / **kwargs)."""
+    try:
+        signature = inspect.signature(m.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return None
+    return tuple((name, _as_nodes(value)) for name, value in bound.arguments.items())
 
 
 def is_timm_model(model: nn.Module) -> bool:
