@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -257,18 +258,24 @@ def sweep_model(
     return ModelResult(source, bare, tuple(rows), seconds)
 
 
-def _class_kept(plan) -> dict[str, object]:
+class _ClassKept(TypedDict, total=False):
+    keeps_class: bool
+    rewritten: int
+    class_reason: str
+
+
+def _class_kept(plan) -> _ClassKept:
     """Whether the planned model (or target) keeps its class: no point is run by its own
     rewritten forward; and if not, why (the first scope note)."""
     if not plan.points:
-        return {}
+        return _ClassKept()
     owners = {p.owner for p in plan if p.attach == "graph"}
     root = [p for p in plan if p.attach == "graph" and p.owner == ""]
     reason = ""
     if root:
         notes = [p.scope_note for p in root if p.scope_note]
         reason = notes[0][:200] if notes else "a point lies in the model's own forward"
-    return {"keeps_class": not root, "rewritten": len(owners), "class_reason": reason}
+    return _ClassKept(keeps_class=not root, rewritten=len(owners), class_reason=reason)
 
 
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
