@@ -22,6 +22,7 @@ Every module outside those scopes keeps its class and runs its own Python code.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,25 @@ def _holds_nodes(value: Any) -> bool:
     return found
 
 
+def _unpack(
+    graph: fx.Graph, source: fx.Node, value: Any, node_map: dict[fx.Node, fx.Node], what: str
+) -> None:
+    """Map the graph values inside an argument (a node, or lists, tuples and dicts of them,
+    as HRNet's branches pass) to ``source`` or the items taken from it."""
+    if isinstance(value, fx.Node):
+        node_map.setdefault(value, source)
+    elif isinstance(value, (list, tuple)) and _holds_nodes(value):
+        for i, item in enumerate(value):
+            _unpack(graph, graph.call_function(operator.getitem, (source, i)), item, node_map, what)
+    elif isinstance(value, dict) and _holds_nodes(value):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ScopeError(f"{what} is a dict with {type(key).__name__} keys")
+            _unpack(graph, graph.call_function(operator.getitem, (source, key)), item, node_map, what)
+    elif _holds_nodes(value):
+        raise ScopeError(f"{what} holds graph values in a {type(value).__name__}")
+
+
 def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> ScopeTrace:
     """The module of ``call`` as a graph of its own: the nodes its call created in the
     model's trace, copied with its parameters as placeholders (values the caller passed as
@@ -100,11 +120,7 @@ def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> S
     node_map: dict[fx.Node, fx.Node] = {}
     constants: dict[str, Any] = {}
     for name, value in call.arguments:
-        placeholder = own.placeholder(name)
-        if isinstance(value, fx.Node):
-            node_map.setdefault(value, placeholder)
-        elif _holds_nodes(value):
-            raise ScopeError(f"{call.path} is given graph values inside a container ({name})")
+        _unpack(own, own.placeholder(name), value, node_map, f"{call.path} argument {name}")
 
     def value_of(node: fx.Node) -> fx.Node:
         if node in node_map:

@@ -93,6 +93,12 @@ class ModelTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         before = _last_node(self.graph)
+        arguments = None  # read before the call, which may edit a list it is given (HRNet)
+        try:
+            if not self.is_leaf_module(m, self.path_of_module(m)):
+                arguments = _bound_arguments(m, args, kwargs)
+        except NameError:
+            pass
         try:
             result = super().call_module(m, forward, args, kwargs)
         except Exception as error:
@@ -101,11 +107,17 @@ class ModelTracer(fx.Tracer):
                 if not self.is_leaf_module(m, name):
                     self.failed_in = (name, error)
             raise
-        self._record_call(m, before, args, kwargs, result)
+        self._record_call(m, before, args, kwargs, arguments, result)
         return result
 
     def _record_call(
-        self, m: nn.Module, before: fx.Node | None, args: tuple, kwargs: dict, result: Any
+        self,
+        m: nn.Module,
+        before: fx.Node | None,
+        args: tuple,
+        kwargs: dict,
+        arguments: tuple[tuple[str, Any], ...] | None,
+        result: Any,
     ) -> None:
         try:
             name = self.path_of_module(m)
@@ -130,7 +142,7 @@ class ModelTracer(fx.Tracer):
                 inputs=tuple(inputs),
                 output=result.node if isinstance(result, fx.Proxy) else None,
                 passed=_passed_arguments(m, args, kwargs),
-                arguments=None if leaf else _bound_arguments(m, args, kwargs),
+                arguments=None if leaf else arguments,
                 result=None if leaf else _as_nodes(result),
             )
         )
