@@ -7,7 +7,9 @@ a sigmoid gate, a channel-wise scale. ``k`` adapts to the channel count (Eq. 12)
 
 Departures: ``kernel_size`` fixes ``k`` (the paper's fixed-k ablation); timm additionally
 clamps ``k >= 3``, which this block does not (the paper's formula gives ``k = 1`` for C <= 4);
-``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper).
+``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper). ``layout`` (see
+:mod:`attn_inject.blocks.layout`): the same 1-D convolution over the last dimension of a
+channels-last descriptor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from . import params as check
 from .gate import gate, make_blend
+from .layout import NCHW, LayoutBlock, spatial_dims
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -41,13 +44,13 @@ class ChannelConv(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, C, 1, 1) pooled descriptors -> (N, C, 1, 1) logits."""
-        n, c = pooled.shape[:2]
-        return self.conv(pooled.reshape(n, 1, c)).reshape(n, c, 1, 1)
+        """(N, C, 1, 1) or (N, 1, 1, C) pooled descriptors -> logits of the same shape."""
+        return self.conv(pooled.reshape(pooled.shape[0], 1, -1)).reshape(pooled.shape)
 
 
-class EfficientChannelAttention(nn.Module):
-    """ECA block (arXiv 1910.03151, Fig. 2): (B, C, H, W) -> (B, C, H, W)."""
+class EfficientChannelAttention(LayoutBlock):
+    """ECA block (arXiv 1910.03151, Fig. 2): (B, C, H, W) -> (B, C, H, W), or the same on
+    (B, H, W, C) or (B, N, C) tokens (``layout``)."""
 
     def __init__(
         self,
@@ -56,12 +59,16 @@ class EfficientChannelAttention(nn.Module):
         gamma: float = 2,
         b: float = 1,
         init: str = "paper",
+        layout: str = NCHW,
+        prefix: int = 0,
+        grid: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(layout, prefix, grid)
         channels = check.channel_count(channels)
         self.init = check.init_mode(init)
         self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
         self.blend = make_blend(init)
+        self.dims = spatial_dims(self.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gate(x, self.channel_conv(x.mean((2, 3), keepdim=True)), self.blend)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return gate(x, self.channel_conv(x.mean(self.dims, keepdim=True)), self.blend)

@@ -1,0 +1,96 @@
+"""The tensor layouts a block acts on natively, with no permute of the feature map.
+
+- ``"NCHW"``: a convolutional map (B, C, H, W), the papers' layout;
+- ``"NHWC"``: a channels-last map (B, H, W, C), as inside ConvNeXt, Swin or MambaOut blocks:
+  pooling over dimensions 1 and 2, the channel MLP as a linear layer on the last dimension;
+- ``"tokens"``: a transformer's tokens (B, N, C) with ``N = prefix + H' * W'``: ``prefix``
+  class / register / distillation tokens in front of the H' x W' patch grid in raster order.
+  The block acts on the grid tokens, viewed (not copied) as a (B, H', W', C) map, and passes
+  the prefix tokens through unchanged: squeezing over the grid tokens is the papers' global
+  average pooling over spatial positions (not in the papers, which only treat maps).
+
+:class:`LayoutBlock` holds the layout and does the token bookkeeping; a block implements
+``attend`` for an NCHW or (``self.channels_last``) NHWC map. Everything here compiles with
+``torch.jit.script``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .params import BlockParamError
+
+__all__ = [
+    "LAYOUTS",
+    "LAYOUT_PARAMS",
+    "NCHW",
+    "NHWC",
+    "TOKENS",
+    "LayoutBlock",
+    "check_layout",
+    "spatial_dims",
+]
+
+NCHW = "NCHW"
+NHWC = "NHWC"
+TOKENS = "tokens"
+LAYOUTS = (NCHW, NHWC, TOKENS)
+LAYOUT_PARAMS = ("layout", "prefix", "grid")  # set by the planner from the graph, never by a recipe
+
+
+def check_layout(layout: Any, prefix: Any, grid: Any) -> tuple[str, int, tuple[int, int]]:
+    """The validated ``(layout, prefix, grid)``; grid is (0, 0) for a map layout."""
+    if layout not in LAYOUTS:
+        raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        raise BlockParamError("prefix", prefix, "a non-negative integer (tokens before the grid)")
+    if layout != TOKENS:
+        if prefix or grid is not None:
+            raise BlockParamError(
+                "layout", layout, "'tokens' when prefix or grid is given (maps have neither)"
+            )
+        return layout, 0, (0, 0)
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid)
+    ):
+        raise BlockParamError("grid", grid, "two positive integers (H', W') for layout='tokens'")
+    return layout, prefix, (int(grid[0]), int(grid[1]))
+
+
+def spatial_dims(channels_last: bool) -> list[int]:
+    """The dimensions of H and W in an NCHW or NHWC map."""
+    return [1, 2] if channels_last else [2, 3]
+
+
+class LayoutBlock(nn.Module):
+    """Base of the built-in blocks: the layout, and the tokens-to-grid view around ``attend``."""
+
+    def __init__(self, layout: str, prefix: int, grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.layout, self.prefix, self.grid = check_layout(layout, prefix, grid)
+        self.channels_last = self.layout != NCHW
+        self.tokens = self.layout == TOKENS
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on an NCHW map, or an NHWC one when ``self.channels_last``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tokens:
+            return self.attend(x)
+        tokens = x[:, self.prefix :]
+        b, n, c = tokens.shape
+        out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+        if self.prefix == 0:
+            return out
+        return torch.cat([x[:, : self.prefix], out], dim=1)
+
+    def extra_repr(self) -> str:
+        if self.layout == TOKENS:
+            return f"layout={self.layout!r}, prefix={self.prefix}, grid={self.grid}"
+        return "" if self.layout == NCHW else f"layout={self.layout!r}"
