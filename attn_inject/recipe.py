@@ -56,7 +56,7 @@ RULE_KEYS = (
     "every",
     "channels_last",
 )
-CHANNELS_LAST = ("skip", "adapt")
+CHANNELS_LAST = ("native", "skip")
 
 
 class RecipeError(ValueError):
@@ -90,7 +90,7 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     every: int = 1
-    channels_last: str = "skip"  # NHWC maps: "skip" them, or "adapt" (permute around the block)
+    channels_last: str = "native"  # NHWC maps and token grids: blocks act on them "native"ly, or "skip"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block": self.block.to_dict(), "at": self.at}
@@ -105,7 +105,7 @@ class Rule:
             out["exclude"] = list(self.exclude)
         if self.every != 1:
             out["every"] = self.every
-        if self.channels_last != "skip":
+        if self.channels_last != "native":
             out["channels_last"] = self.channels_last
         return out
 
@@ -300,7 +300,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
-    channels_last = data.get("channels_last", "skip")
+    channels_last = data.get("channels_last", "native")
     if channels_last not in CHANNELS_LAST:
         raise fail(
             f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_inject as ai
+from attn_inject.blocks import layout_kwargs
 from attn_inject.cli import main
 from attn_inject.models import build_for_planning, build_model, input_size_for
 from attn_inject.targets import TargetError
@@ -188,22 +189,23 @@ class ChannelsLast(nn.Module):
         return self.down(x.permute(0, 3, 1, 2)).mean((2, 3))
 
 
-def test_channels_last_maps_are_skipped_unless_the_rule_adapts_to_them():
+def test_channels_last_maps_get_native_blocks_unless_the_rule_skips_them():
     model = ChannelsLast().eval()
-    skipped = ai.plan(model, "se_resnet", input_size=SIZE)
-    assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
-    recipe = {
-        "rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch", "channels_last": "adapt"}]
-    }
-    plan = ai.plan(model, recipe, input_size=SIZE)
-    assert [(p.channels, p.layout) for p in plan] == [(24, "NHWC")]  # the last dim, never H or W (16)
-    patched = ai.inject(model, recipe, input_size=SIZE)
-    seen = []
-    block = patched.attention[plan[0].key]
-    block.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    plan = ai.plan(
+        model, {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch"}]}, input_size=SIZE
+    )
+    # the last dim (24), never H or W (16); the block's shape is (H, W, C)
+    assert [(p.channels, p.layout, p.shape) for p in plan] == [(24, "NHWC", (16, 16, 24))]
+    assert layout_kwargs(plan[0]) == {"layout": "NHWC"}
+    patched = ai.inject(
+        model, {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch"}]}, input_size=SIZE
+    )
     x = torch.randn(2, *SIZE)
     assert torch.equal(patched(x), model(x))
-    assert seen == [(2, 24, 16, 16)]  # the block sees NCHW
+    skipped = ai.plan(
+        model, {"rules": [{"block": "se", "at": "residual_branch", "channels_last": "skip"}]}, input_size=SIZE
+    )
+    assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
 
 
 def test_input_sizes_default_to_the_models_own():
