@@ -1,7 +1,8 @@
 # Two commands from a fresh clone:
 #   make demo    plan and inject cbam_after_every_stage into a random-init timm resnet50, check identity
 #   make test    the test suite (CPU, a few minutes on 2 cores)
-# Both create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
+#   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
+# All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
 # the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv).
 
 PYTHON ?= python3
@@ -10,13 +11,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test zoo-test zoo zoo-plan bench clean
+.PHONY: demo test lint zoo-test zoo zoo-plan bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 zoo-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo

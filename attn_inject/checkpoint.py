@@ -212,6 +212,8 @@ def check_fits(
     mismatched = []
     for k, v in state_dict.items():
         want = expected.get(k)
+        if want is None:  # an unexpected key, reported above
+            continue
         if hasattr(v, "shape") and hasattr(want, "shape") and tuple(v.shape) != tuple(want.shape):
             mismatched.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(want.shape)}")
     problems = [

@@ -12,7 +12,12 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .plan import Plan
 
 __all__ = ["main"]
 
@@ -104,7 +109,10 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="IN",
-        help=".pth/.pt/.bin (read with weights_only=True) or .safetensors; a state dict or a training checkpoint",
+        help=(
+            ".pth/.pt/.bin (read with weights_only=True) or .safetensors; "
+            "a state dict or a training checkpoint"
+        ),
     )
     convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
     convert.add_argument("--out", required=True, metavar="OUT.safetensors")
@@ -140,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser(
         "zoo",
         parents=[common],
-        help="plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv",
+        help=(
+            "plan every shipped recipe on every timm / torchvision model; write docs/zoo.md and docs/zoo.csv"
+        ),
     )
     zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
     zoo.add_argument(
@@ -169,6 +179,16 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--model-kwargs takes KEY=VALUE pairs, got {pair!r}")
         out[key] = yaml.safe_load(value)
     return out
+
+
+def _plan_of(patched: nn.Module) -> Plan:
+    """The plan ``inject`` recorded on the model it returned."""
+    from .rewrite import InjectionInfo
+
+    info = getattr(patched, "attn_inject", None)
+    if not isinstance(info, InjectionInfo):
+        raise TypeError(f"{type(patched).__name__} has no attn_inject plan: not a model inject returned")
+    return info.plan
 
 
 def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
@@ -237,7 +257,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
     report = validate(model, patched, input_size=args.input_size)
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
@@ -248,7 +268,8 @@ def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
         return None
     if len(values) not in (2, 3, 4) or min(values) < 1:
         raise UsageError(
-            f"--input-size takes C H W (or C T H W for video) positive sizes, got {' '.join(map(str, values))}"
+            "--input-size takes C H W (or C T H W for video) positive sizes, "
+            f"got {' '.join(map(str, values))}"
         )
     return tuple(values)
 
@@ -292,7 +313,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         patched = inject(
             model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target
         )
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     report = None
     if args.validate:
         with _status("validating", quiet=args.json):
@@ -324,7 +345,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
         report = validate(reference, patched, input_size=size, device=args.device)
-    plan = patched.attn_inject.plan
+    plan = _plan_of(patched)
     text = (
         f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
         f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}"
@@ -351,7 +372,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .recipe import builtin_recipe_paths, load_recipe
-    from .zoo import list_zoo, sweep
+    from .zoo import ZooRecord, list_zoo, sweep
     from .zoo_report import write_csv, write_markdown
 
     recipes = args.recipes or list(builtin_recipe_paths())
@@ -366,7 +387,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder")
     start = time.perf_counter()
-    records = []
+    records: list[ZooRecord] = []
     with _progress(
         f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
     ) as advance:

@@ -321,7 +321,8 @@ def _legend(
     specs: dict[str, set[str]] = {}
     for p in plan.points:
         specs.setdefault(p.block.kind, set()).add(str(p.block) if p.block.params else p.block.kind)
-    x, baseline = MARGIN, top + 12
+    x: float = MARGIN
+    baseline: float = top + 12
     if not specs:
         texts.append(Text(x, baseline, "no insertion points: the recipe matched nothing", 12, MUTED))
     for kind, colour in colours.items():
@@ -402,7 +403,7 @@ def plan_layout(plan: Plan) -> Diagram:
     mid = top + round(column_h / 2)
     boxes: list[Box] = []
     arrows: list[Arrow] = []
-    x = MARGIN
+    x: float = MARGIN
     boxes.append(
         Box(
             x,
@@ -697,7 +698,7 @@ def to_png(diagram: Diagram, path: str | os.PathLike, *, scale: float = 2.0) -> 
 SUFFIXES = (".svg", ".png")
 
 
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """``write`` into a new file next to ``path``, then rename it over ``path``; on any
     error the temporary file is removed and ``path`` is left as it was."""
     if not path.parent.is_dir():

@@ -51,7 +51,8 @@ def inject(
         why = f"; skipped: {'; '.join(reasons)}" if reasons else ""
         positions = ", ".join(sorted({r.at for r in plan.recipe.rules}))
         raise InjectError(
-            f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} (positions: {positions}){why}. "
+            f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
+            f"(positions: {positions}){why}. "
             "Pass allow_empty=True to accept an unchanged model."
         )
     patched = rewrite(graph.graph, plan, get_target(model, plan.target), base_model_of(model))

@@ -70,7 +70,10 @@ class InsertionPoint:
             object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
 
     def __str__(self) -> str:
-        return f"{self.block} at {self.position} of {self.name} ({self.channels} channels, +{self.params:,} params)"
+        return (
+            f"{self.block} at {self.position} of {self.name} "
+            f"({self.channels} channels, +{self.params:,} params)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -119,7 +122,7 @@ class Plan(Sequence[InsertionPoint]):
     def __len__(self) -> int:
         return len(self.points)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.points[i]
 
     def __iter__(self) -> Iterator[InsertionPoint]:
@@ -168,7 +171,9 @@ class Plan(Sequence[InsertionPoint]):
             for i, p in enumerate(self.points)
         ]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         share = 100 * self.params_added / self.base_params if self.base_params else 0.0
         flops_share = 100 * self.flops_added / self.base_flops if self.base_flops else 0.0
@@ -217,7 +222,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
     return (channels, 224, 224)
 
 
-def _first_conv(model: nn.Module) -> nn.Module | None:
+def _first_conv(model: nn.Module) -> nn.Conv2d | nn.Conv3d | None:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             return m
@@ -363,8 +368,8 @@ def build_plan(
     keys: set[str] = set()
     points = []
     for _, r, candidate, rule in chosen:
-        t = tensor_meta(candidate.node)
-        channels = int(candidate.channels)
+        t, channels = tensor_meta(candidate.node), candidate.channels
+        assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
         shape = tuple(int(s) for s in t.shape[1:])
         grid = candidate.token_grid
         point = InsertionPoint(

@@ -273,7 +273,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
                 f"must be a list of stage indices (integers, negatives count from the end), got {stages!r}",
             )
         stages = tuple(stages)
-    bounds = {}
+    bounds: dict[str, int | None] = {}
     for bound in ("min_channels", "max_channels"):
         value = data.get(bound)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -284,7 +284,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             f"{key}.min_channels",
             f"{bounds['min_channels']} is greater than max_channels {bounds['max_channels']}",
         )
-    patterns = {}
+    patterns: dict[str, tuple[str, ...]] = {}
     for which in ("include", "exclude"):
         value = data.get(which, [])
         if isinstance(value, str):
@@ -306,7 +306,15 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"
         )
     return Rule(
-        block=block, at=at, stages=stages, every=every, channels_last=channels_last, **bounds, **patterns
+        block=block,
+        at=at,
+        stages=stages,
+        every=every,
+        channels_last=channels_last,
+        min_channels=bounds["min_channels"],
+        max_channels=bounds["max_channels"],
+        include=patterns["include"],
+        exclude=patterns["exclude"],
     )
 
 

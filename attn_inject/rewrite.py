@@ -75,7 +75,9 @@ def build_blocks(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[s
         with torch.device(device):
             block = create_block(point.block.kind, point.channels, **point.block.params, **extra)
         block = block.to(dtype=dtype)
-        block._attn_inject_block = True  # a leaf when the patched model is traced again
+        # a leaf when the patched model is traced again (a plain attribute: nn.Module's
+        # __setattr__ is typed for tensors and modules only)
+        block._attn_inject_block = True  # type: ignore[assignment]
         blocks[point.key] = block
     return blocks
 
@@ -86,8 +88,7 @@ def rewrite(
     """Insert the planned blocks into ``graph`` (traced from ``original``) and return the
     patched module, compiled once."""
     container_name = _container_name(original)
-    container = getattr(original, container_name, None)
-    container = AttentionBlocks(container.items() if container is not None else ())
+    container = AttentionBlocks(getattr(original, container_name, None))  # None or AttentionBlocks
     device, dtype = _reference_tensor(original)
     new_blocks = build_blocks(plan, device, dtype)
     for key in new_blocks:
@@ -112,7 +113,9 @@ def rewrite(
             else:
                 node = reads_producer = graph.call_module(target, (producer,))
         if point.consumers is None:
-            producer.replace_all_uses_with(node, delete_user_cb=lambda user: user is not reads_producer)
+            producer.replace_all_uses_with(
+                node, delete_user_cb=lambda user, reads=reads_producer: user is not reads
+            )
         else:
             for consumer in point.consumers:
                 by_name[consumer].replace_input_with(producer, node)
@@ -139,7 +142,7 @@ def rewrite(
     info = InjectionInfo(plan=plan, container=container_name)
     if base is not None:  # the model's name and builder arguments, so it can be rebuilt
         info = InjectionInfo(plan, container_name, base[0], tuple(sorted(base[1].items())))
-    gm.attn_inject = info
+    gm.attn_inject = info  # type: ignore[assignment]  # a plain attribute, see build_blocks
     preserved["attn_inject"] = info
     return gm
 

@@ -128,7 +128,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     text = metadata.get(MANIFEST_KEY)
     if text is None:
         raise CheckpointError(
-            f"{path} has no attn-inject manifest: it was not written by attn_inject.save / attn-inject convert"
+            f"{path} has no attn-inject manifest: "
+            "it was not written by attn_inject.save / attn-inject convert"
         )
     try:
         data = json.loads(text)
@@ -138,7 +139,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if fmt != FORMAT:
         wrote = data.get("versions", {}).get("attn_inject", "an unknown version")
         raise CheckpointError(
-            f"{path} was written by attn-inject {wrote} in file format {fmt}; this attn-inject reads format {FORMAT}"
+            f"{path} was written by attn-inject {wrote} in file format {fmt}; "
+            f"this attn-inject reads format {FORMAT}"
         )
     try:
         return Manifest(
@@ -179,6 +181,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     file's weights loaded strictly.
     """
     from .inject import inject
+    from .rewrite import InjectionInfo
 
     manifest = read_manifest(path)
     base = build_base(manifest, path, model)
@@ -190,7 +193,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         target=manifest.target,
         allow_empty=True,
     )
-    keys = [p.key for p in patched.attn_inject.plan]
+    info = getattr(patched, "attn_inject", None)
+    assert isinstance(info, InjectionInfo), "inject records its plan on the model it returns"
+    keys = [p.key for p in info.plan]
     if keys != manifest.block_keys:
         raise CheckpointError(
             f"{path}: injecting its recipe into {manifest.base_model or type(base).__name__} gives "

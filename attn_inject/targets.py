@@ -62,7 +62,8 @@ def get_target(model: nn.Module, target: str) -> nn.Module:
             parent = ""
         where = f"{parent!r}" if parent else type(model).__name__
         raise TargetError(
-            f"target {target!r} is not a submodule of {type(model).__name__}; the children of {where} are: {children}"
+            f"target {target!r} is not a submodule of {type(model).__name__}; "
+            f"the children of {where} are: {children}"
         ) from None
     return sub
 
@@ -76,6 +77,6 @@ def replace_submodule(model: nn.Module, target: str, new: nn.Module) -> nn.Modul
     head, _, rest = target.partition(".")
     top = copy.copy(model)
     top._modules = type(model._modules)(model._modules)
-    child = model._modules[head]
+    child = model.get_submodule(head)
     top._modules[head] = replace_submodule(child, rest, new) if rest else new
     return top

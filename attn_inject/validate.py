@@ -53,12 +53,15 @@ class ValidationReport:
             f"{self.max_abs_diff:.3g} ({self.relative_diff:.3g} of output scale {self.output_scale:.3g}, "
             f"tolerance {IDENTITY_TOLERANCE:g})"
             if self.identity_expected
-            else f"init={self.init}: max |patched - original| = {self.max_abs_diff:.3g} (no identity expected)"
+            else f"init={self.init}: max |patched - original| = {self.max_abs_diff:.3g} "
+            "(no identity expected)"
         )
-        params = f"parameters added {self.params_added:,} ({'matches' if self.params_ok else 'DIFFERS from'} the plan's {self.params_planned:,})"
+        agreement = "matches" if self.params_ok else "DIFFERS from"
+        params = f"parameters added {self.params_added:,} ({agreement} the plan's {self.params_planned:,})"
         finite = "outputs finite" if self.finite else "NON-FINITE outputs"
+        verdict = "PASSED" if self.passed else "FAILED"
         return (
-            f"validation on {self.device}, input {tuple(self.input_shape)}: {'PASSED' if self.passed else 'FAILED'}\n"
+            f"validation on {self.device}, input {tuple(self.input_shape)}: {verdict}\n"
             f"  {identity}\n  {params}\n  {finite}"
         )
 
@@ -137,7 +140,9 @@ def validate(
         outputs = _outputs(patched, x)
     same_shapes = [r.shape for r in references] == [o.shape for o in outputs]
     max_abs = (
-        max(float((o - r).abs().max()) for o, r in zip(outputs, references)) if same_shapes else float("inf")
+        max(float((o - r).abs().max()) for o, r in zip(outputs, references, strict=True))
+        if same_shapes
+        else float("inf")
     )
     scale = max(float(r.abs().max()) for r in references)
     relative = max_abs / scale if scale > 0 else max_abs

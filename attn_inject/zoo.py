@@ -140,11 +140,13 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
         except AttributeError:
             return f"unchecked: feature_info names module {missing[0]!r}, which the model does not have"
         return f"differs: feature_info module {missing[0]!r} is not in the traced graph"
-    wrong = next(((f, e) for f, e in zip(found, expected) if f[1] != e[1]), None)
+    # Every listed module is a stage here: compare each by name, not by position (an extra
+    # stage in the graph would shift every later pair).
+    channels = dict(found)
+    wrong = next(((m, c) for m, c in expected if channels[m] != c), None)
     if wrong is not None:
-        return (
-            f"differs: {wrong[1][0]} has {wrong[0][1]} channels in the graph, feature_info says {wrong[1][1]}"
-        )
+        module, listed = wrong
+        return f"differs: {module} has {channels[module]} channels in the graph, feature_info says {listed}"
     return f"differs: {len(found)} stages found, feature_info lists {len(expected)}"
 
 
@@ -208,7 +210,11 @@ def sweep_model(
         status = "shapes" if isinstance(error, ShapeError) else "trace"
         return fail(status, _reason(error), fx_plain=_fx_plain(model), target=target)
     graph = prepared.graph
-    common = dict(
+    common = ZooRecord(  # what every recipe's row shares
+        source,
+        bare,
+        recipe="",
+        status="",
         tracing=tracing_strategy(graph.opaque),
         opaque="; ".join(o.name for o in graph.opaque),
         fx_plain=_fx_plain(model) if not target else None,
@@ -226,21 +232,19 @@ def sweep_model(
         try:
             plans[recipe.name] = plan_prepared(prepared, recipe)
         except Exception as error:
-            rows.append(ZooRecord(source, bare, recipe.name, "plan", _reason(error), **common))
+            rows.append(replace(common, recipe=recipe.name, status="plan", reason=_reason(error)))
             continue
         p = plans[recipe.name]
         reason = "; ".join(sorted({s.reason for s in p.skipped})[:2]) if not p.points else ""
         rows.append(
-            ZooRecord(
-                source,
-                bare,
-                recipe.name,
-                "ok",
-                reason,
+            replace(
+                common,
+                recipe=recipe.name,
+                status="ok",
+                reason=reason,
                 points=len(p),
                 params_added=p.params_added,
                 seconds=time.perf_counter() - t0,
-                **common,
             )
         )
     if identity_check:
@@ -286,7 +290,10 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
             out.append(
                 replace(
                     row,
-                    identity="skipped: no input size up to the planned one that the model accepts with the same points",
+                    identity=(
+                        "skipped: no input size up to the planned one "
+                        "that the model accepts with the same points"
+                    ),
                 )
             )
             continue

@@ -12,7 +12,8 @@ import torch
 
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
 
 
 def interleaved(

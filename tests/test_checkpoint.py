@@ -163,7 +163,7 @@ def test_top_level_keys_listed_are_capped_at_eight():
 
 @pytest.mark.parametrize("obj", [[torch.zeros(1)], torch.zeros(1), {}, {"state_dict": {}}])
 def test_checkpoint_that_is_not_a_tensor_mapping_is_refused(obj):
-    with pytest.raises(CheckpointError, match="^checkpoint holds"):
+    with pytest.raises(CheckpointError, match=r"^checkpoint holds"):
         unwrap_state_dict(obj)
 
 
@@ -266,7 +266,7 @@ def test_refusal_names_the_global_that_is_not_allowed(tmp_path):
     import argparse
 
     path = save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match="argparse.Namespace"):
+    with pytest.raises(CheckpointError, match=r"argparse\.Namespace"):
         read_state_dict(path)
 
 

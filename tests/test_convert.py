@@ -227,7 +227,7 @@ def test_files_without_manifest_or_from_another_format_are_refused(tmp_path, che
     manifest.update(format=99, versions={**manifest["versions"], "attn_inject": "9.0"})
     save_file(tensors, tmp_path / "future.safetensors", metadata={MANIFEST_KEY: json.dumps(manifest)})
     with pytest.raises(
-        ai.CheckpointError, match="attn-inject 9.0 in file format 99; this attn-inject reads format 1"
+        ai.CheckpointError, match=r"attn-inject 9\.0 in file format 99; this attn-inject reads format 1"
     ):
         ai.load(tmp_path / "future.safetensors")
 

@@ -102,7 +102,7 @@ def test_failure_in_the_roots_own_forward_names_the_reason():
 )
 def test_timm_models_plain_fx_cannot_trace_now_plan(name, strategy):
     model = meta_model(name)
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, torch.fx.proxy.TraceError)):
         torch.fx.symbolic_trace(model)
     plan = ai.plan(model, "se_resnet")
     assert plan.tracing == strategy
@@ -208,6 +208,34 @@ def test_channels_last_maps_get_native_blocks_unless_the_rule_skips_them():
     assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
 
 
+def test_several_all_user_insertions_each_wrap_only_their_own_producer():
+    """Three blocks that every later node reads (one NHWC, between two permutes): each block
+    reads its producer, and every other reader of the producer reads the block."""
+    model = ChannelsLast().eval()
+    recipe = {
+        "rules": [
+            {"block": "se", "at": "conv_output"},
+            {"block": "se", "at": "post_block"},
+        ]
+    }
+    patched = ai.inject(model, recipe, init="paper", input_size=SIZE)
+    blocks = patched.attention
+    assert sorted(blocks) == ["add_post_block", "down_conv_output", "stem_conv_output"]
+    x = torch.randn(2, *SIZE)
+
+    def on_nhwc(block: nn.Module, h: torch.Tensor) -> torch.Tensor:  # a native block, or one between permutes
+        if getattr(block, "layout", "NCHW") == "NHWC":
+            return block(h)
+        return block(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    with torch.no_grad():
+        h = blocks["stem_conv_output"](model.stem(x)).permute(0, 2, 3, 1)
+        h = h + model.fc2(F.gelu(model.fc1(model.norm(h))))
+        h = on_nhwc(blocks["add_post_block"], h)
+        expected = blocks["down_conv_output"](model.down(h.permute(0, 3, 1, 2))).mean((2, 3))
+        torch.testing.assert_close(patched(x), expected)
+
+
 def test_input_sizes_default_to_the_models_own():
     assert ai.plan(meta_model("timm:vit_tiny_patch16_384"), "se_resnet").input_size == (3, 384, 384)
     assert input_size_for("tv:inception_v3") == (3, 299, 299)
@@ -238,6 +266,28 @@ def test_stage_agreement_with_feature_info():
         assert stage_agreement(model, prepare(model).stages, "") == "agree", (name, prepared.stages)
 
 
+def test_stage_agreement_compares_stages_by_name_not_position():
+    from attn_inject.graph.stages import Stage
+
+    model = nn.Module()
+    model.feature_info = [
+        {"module": "layer1", "num_chs": 64, "reduction": 4},
+        {"module": "layer2", "num_chs": 128, "reduction": 8},
+    ]
+
+    def stages(*found):
+        return [Stage(i, name, None, chs, 4 * 2**i) for i, (name, chs) in enumerate(found)]
+
+    # An extra stage before the listed ones: the listed ones still agree, only the count differs.
+    extra = stages(("stem", 32), ("layer1", 64), ("layer2", 128))
+    assert stage_agreement(model, extra, "") == "differs: 3 stages found, feature_info lists 2"
+    wrong = stages(("stem", 32), ("layer1", 64), ("layer2", 96))
+    assert stage_agreement(model, wrong, "") == (
+        "differs: layer2 has 96 channels in the graph, feature_info says 128"
+    )
+    assert stage_agreement(model, stages(("layer1", 64), ("layer2", 128)), "") == "agree"
+
+
 def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     names = ["timm:resnet18", "timm:gemma4_vit_167m_enc", "tv:fcn_resnet50", "tv:r3d_18"]
     recipes = ["cbam_after_every_stage", "se_resnet"]
@@ -252,7 +302,8 @@ def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     records = [r for result in results.values() for r in result.records]
     write_csv(records, tmp_path / "zoo.csv")
     write_markdown(records, tmp_path / "zoo.md", command="test", seconds=1.0)
-    rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))
+    with open(tmp_path / "zoo.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == len(names) * len(recipes)
     back = {(r.model, r.recipe): r for r in read_csv(tmp_path / "zoo.csv")}
     assert all(
@@ -262,6 +313,29 @@ def test_sweep_records_every_model_and_recipe_and_writes_the_report(tmp_path):
     text = (tmp_path / "zoo.md").read_text()
     assert text.index("## Summary") < text.index("## Failures")
     assert "| timm | 2 | 1 (50.0%)" in text and "gemma4_vit_167m_enc" in text
+
+
+def test_zoo_csv_reads_back_every_field_and_rejects_bad_cells(tmp_path):
+    from attn_inject.zoo import ZooRecord
+
+    records = [
+        ZooRecord(
+            "timm", "a", "se_resnet", "ok", fx_plain=True, points=8, identity_rel_diff=0.25, seconds=1.5
+        ),
+        ZooRecord("timm", "b", "se_resnet", "trace", "control flow", fx_plain=False, identity_rel_diff=None),
+        ZooRecord("tv", "c", "se_resnet", "build", fx_plain=None),
+    ]
+    path = tmp_path / "zoo.csv"
+    write_csv(records, path)
+    assert read_csv(path) == records
+    text = path.read_text()
+    for bad, column in [("True", "fx_plain"), ("8", "points")]:
+        (tmp_path / "bad.csv").write_text(text.replace(f",{bad},", ",maybe,", 1))
+        with pytest.raises(ValueError, match=rf"bad.csv, line 2, column '{column}': "):
+            read_csv(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text(text.replace("fx_plain", "plain_fx", 1))
+    with pytest.raises(ValueError, match="unknown column 'plain_fx'"):
+        read_csv(tmp_path / "bad.csv")
 
 
 def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):

@@ -149,7 +149,7 @@ def test_each_residual_block_is_one_badge_inside_its_stage_column(se_plan):
 
 def test_column_headers_show_channels_and_block_count(se_plan):
     text = all_text(svg_root(se_plan))
-    for stage, channels in zip(RESNET18_STAGES, (64, 128, 256, 512)):
+    for stage, channels in zip(RESNET18_STAGES, (64, 128, 256, 512), strict=True):
         assert stage in text
         assert f"{channels} ch · 2 blocks" in text
     assert text.count("no blocks") == 2  # stem and head
@@ -163,7 +163,7 @@ def test_stage_outputs_sit_on_the_arrow_between_their_stage_and_the_next(cbam_pl
     assert all(badges_in(root, box) == [] for box in cols.values())  # nothing inside the columns
     arrows = [g.find(f"{SVG}line") for g in groups(root, "arrow")]
     titles = list(cols)
-    for marker, stage in zip(markers, RESNET18_STAGES):
+    for marker, stage in zip(markers, RESNET18_STAGES, strict=True):
         assert marker.get("data-kind") == "cbam" and texts_of(marker) == ["cbam"]
         x, y, w, h = rect(marker)
         before, after = cols[stage], cols[titles[titles.index(stage) + 1]]

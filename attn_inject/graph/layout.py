@@ -35,7 +35,14 @@ NLC = "NLC"  # tokens: (B, H*W, C)
 NCL = "NCL"  # (B, C, H*W)
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
-PERMUTES = {(NCHW, TO_NHWC): NHWC, (NHWC, TO_NCHW): NCHW, (NLC, (0, 2, 1)): NCL, (NCL, (0, 2, 1)): NLC}
+PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
+    (NCHW, TO_NHWC): NHWC,
+    (NHWC, TO_NCHW): NCHW,
+    (NLC, (0, 2, 1)): NCL,
+    (NCL, (0, 2, 1)): NLC,
+}
+CHANNEL_DIM = {NCHW: 1, NHWC: 3}
+TRANSPOSED = {NLC: NCL, NCL: NLC}
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,10 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
             return None
         if _is_pad(node):  # padding keeps any known layout that keeps its channel count
             t, layout = tensor_meta(first), layout_of(first)
-            channel = {NCHW: 1, NHWC: 3}.get(layout)
-            return (
-                layout
-                if channel is not None and t.dim() == 4 and t.shape[channel] == out.shape[channel]
-                else None
-            )
+            channel = CHANNEL_DIM.get(layout) if layout is not None else None
+            if channel is None or t is None or t.dim() != 4:
+                return None
+            return layout if t.shape[channel] == out.shape[channel] else None
         return NCHW if layout_of(first) == NCHW else None
     if ops.is_permute(node):
         source = layout_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
@@ -110,23 +115,25 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
     if ops.is_data_movement(node):
         return _reshaped(node) or _through_data_movement(node) or _space_to_depth(node)
     if node.op == "call_function" and node.target is operator.getitem:
-        source = node.args[0]
-        if isinstance(source, fx.Node):
-            if tensor_meta(source) is None and source.args and isinstance(source.args[0], fx.Node):
-                source = source.args[0]  # an item of chunk()/split()
-            t = tensor_meta(source)
+        container = node.args[0]
+        if isinstance(container, fx.Node):
+            if tensor_meta(container) is None and container.args and isinstance(container.args[0], fx.Node):
+                container = container.args[0]  # an item of chunk()/split()
+            t = tensor_meta(container)
             if t is not None and t.dim() == out.dim():
-                return layout_of(source)
+                return layout_of(container)
         return None
     if node.op == "call_function" and node.target is torch.cat:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        if not isinstance(tensors, (list, tuple)):
+            return None
         layouts = {layout_of(t) for t in tensors if isinstance(t, fx.Node)} - {None}
         return layouts.pop() if len(layouts) == 1 else None  # e.g. a class token before the NLC tokens
     if ops.is_linear(node, root):
         # A linear layer maps the last dimension: channels when the map is NHWC / tokens NLC.
         source = layout_of(first) if first is not None else None
         return source if source in (NHWC, NLC) else None
-    same_shape = {layout_of(n) for n in inputs if tensor_meta(n).shape == out.shape}
+    same_shape = {layout_of(n) for n in inputs if (t := tensor_meta(n)) is not None and t.shape == out.shape}
     known = same_shape - {None}
     if len(known) == 1:
         return known.pop()
@@ -162,7 +169,7 @@ def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:
     CNN block kept as a leaf): the same layout when only that reading of the output's
     dimensions matches the input's spatial size."""
     layout, t = layout_of(source), tensor_meta(source)
-    if layout not in (NCHW, NHWC) or t.dim() != 4 or out.shape[0] != t.shape[0]:
+    if t is None or layout not in (NCHW, NHWC) or t.dim() != 4 or out.shape[0] != t.shape[0]:
         return None
     hw = (t.shape[2], t.shape[3]) if layout == NCHW else (t.shape[1], t.shape[2])
     as_nchw = _spatial_match(hw, (out.shape[2], out.shape[3]))
@@ -177,13 +184,16 @@ def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:
 def _reshaped(node: fx.Node) -> str | None:
     """One reshape / flatten / transpose between a map and its tokens."""
     source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+    if not isinstance(source, fx.Node):
         return None
-    layout, t, out = layout_of(source), tensor_meta(source).shape, tensor_meta(node).shape
+    source_meta, node_meta = tensor_meta(source), tensor_meta(node)
+    if source_meta is None or node_meta is None:
+        return None
+    layout, t, out = layout_of(source), source_meta.shape, node_meta.shape
     if node.target in ("transpose", torch.transpose):
         dims = tuple(a for a in node.args[1:3] if isinstance(a, int))
-        if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2]:
-            return {NLC: NCL, NCL: NLC}.get(layout)
+        if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2] and layout is not None:
+            return TRANSPOSED.get(layout)
         return None
     if len(t) == 4 and len(out) == 3 and out[0] == t[0]:
         if layout == NCHW and tuple(out) == (t[0], t[1], t[2] * t[3]):
@@ -203,30 +213,32 @@ def _space_to_depth(node: fx.Node, depth: int = 8) -> str | None:
     (patch merging: (B, H, W, C) -> (B, H/2, W/2, 4C)) keeps the map's layout, when only
     that reading of the output's dimensions matches."""
     out = tensor_meta(node)
-    if out.dim() != 4:
+    if out is None or out.dim() != 4:
         return None
     current = node
     for _ in range(depth):
         if not ops.is_data_movement(current):
             return None
         source = current.args[0] if current.args else None
-        if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+        if not isinstance(source, fx.Node) or (t := tensor_meta(source)) is None:
             return None
-        if tensor_meta(source).dim() == 4 and layout_of(source) in (NCHW, NHWC):
-            return _resampled(source, out) if tensor_meta(source).numel() == out.numel() else None
+        if t.dim() == 4 and layout_of(source) in (NCHW, NHWC):
+            return _resampled(source, out) if t.numel() == out.numel() else None
         current = source
     return None
 
 
 def _through_data_movement(node: fx.Node) -> str | None:
     """A view/reshape chain that ends in the shape it started from keeps the start's layout."""
-    out_shape = tensor_meta(node).shape
+    out = tensor_meta(node)
+    if out is None:
+        return None
+    out_shape = out.shape
     current = node
     while ops.is_data_movement(current) and not ops.is_permute(current):
         source = current.args[0] if current.args else None
-        if not isinstance(source, fx.Node) or tensor_meta(source) is None:
+        if not isinstance(source, fx.Node) or (t := tensor_meta(source)) is None:
             return None
-        t = tensor_meta(source)
         if t.dim() == len(out_shape) and layout_of(source) is not None:
             return layout_of(source) if t.shape == out_shape else None
         current = source
@@ -238,7 +250,7 @@ TOKEN_DIM = {NLC: 1, NCL: 2}
 
 def _token_count(node: fx.Node) -> int | None:
     t, layout = tensor_meta(node), layout_of(node)
-    if t is None or t.dim() != 3 or layout not in TOKEN_DIM:
+    if t is None or t.dim() != 3 or layout is None or layout not in TOKEN_DIM:
         return None
     return int(t.shape[TOKEN_DIM[layout]])
 
@@ -258,28 +270,35 @@ def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
     ``cat`` over channels of tokens on one grid: that grid."""
     tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or not tensors:
+    out, layout = tensor_meta(node), layout_of(node)
+    if out is None or layout not in TOKEN_DIM or not isinstance(dim, int):
         return None
-    if not all(isinstance(t, fx.Node) and tensor_meta(t) is not None for t in tensors):
+    if not isinstance(tensors, (list, tuple)) or not tensors:
         return None
-    rank, layout = tensor_meta(node).dim(), layout_of(node)
-    if layout not in TOKEN_DIM or dim % rank != TOKEN_DIM[layout]:
-        return _same_grid(list(tensors)) if all(layout_of(t) == layout for t in tensors) else None
-    *front, last = tensors
+    parts = [t for t in tensors if isinstance(t, fx.Node)]
+    metas = [tensor_meta(t) for t in parts]
+    if len(parts) != len(tensors) or any(m is None for m in metas):
+        return None
+    token_dim = TOKEN_DIM[layout]
+    if dim % out.dim() != token_dim:
+        return _same_grid(parts) if all(layout_of(t) == layout for t in parts) else None
+    *front, last = parts
     grid = grid_of(last)
     if grid is None or any(grid_of(t) is not None or layout_of(t) is not None for t in front):
         return None  # the grid must come last, after tokens that are not positions of a map
-    extra = sum(int(tensor_meta(t).shape[TOKEN_DIM[layout]]) for t in front)
+    extra = sum(int(m.shape[token_dim]) for m in metas[:-1] if m is not None)
     return TokenGrid(grid.prefix + extra, grid.height, grid.width)
 
 
 def _sliced_grid(node: fx.Node) -> TokenGrid | None:
     """``x[:, k:]`` on (B, N, C) tokens with ``k <= prefix``: the prefix shortened by ``k``."""
     source, index = node.args[0], node.args[1]
-    grid = grid_of(source) if isinstance(source, fx.Node) else None
-    if grid is None or layout_of(source) != NLC or not isinstance(index, tuple) or len(index) < 2:
+    if not isinstance(source, fx.Node) or layout_of(source) != NLC:
         return None
-    if index[0] != slice(None) or any(i not in (slice(None), Ellipsis) for i in index[2:]):
+    grid = grid_of(source)
+    if grid is None or not isinstance(index, tuple) or len(index) < 2:
+        return None
+    if index[0] != slice(None) or any(i != slice(None) and i is not Ellipsis for i in index[2:]):
         return None
     cut = index[1]
     if not isinstance(cut, slice) or cut.stop is not None or cut.step not in (None, 1):
@@ -295,12 +314,14 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
     t = tensor_meta(node)
     inputs = _tensor_inputs(node)
     source = inputs[0] if inputs else None
+    if t is None:
+        return None
     if ops.is_data_movement(node) and source is not None:
         s = tensor_meta(source)
-        if s.dim() == 4 and layout_of(source) in (NCHW, NHWC):  # a map flattened into tokens
-            h, w = spatial_size(source) or (0, 0)
-            return _fits(TokenGrid(0, h, w), node)
-        if s.dim() == 3:  # transpose between NLC and NCL, or a reshape that keeps the tokens
+        hw = spatial_size(source)
+        if s is not None and s.dim() == 4 and hw is not None:  # a map flattened into tokens
+            return _fits(TokenGrid(0, hw[0], hw[1]), node)
+        if s is not None and s.dim() == 3:  # transpose between NLC and NCL, a reshape keeping tokens
             return _fits(grid_of(source), node)
         return None
     if node.op == "call_function" and node.target is torch.cat:
@@ -309,7 +330,7 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
         return _fits(_sliced_grid(node), node)
     if ops.is_linear(node, root) and source is not None:
         return _fits(grid_of(source), node)
-    same_shape = [n for n in inputs if tensor_meta(n).shape == t.shape]
+    same_shape = [n for n in inputs if (m := tensor_meta(n)) is not None and m.shape == t.shape]
     return _fits(_same_grid(same_shape), node)
 
 
@@ -317,10 +338,10 @@ def _grid_reshaped_to_map(node: fx.Node) -> bool:
     """Whether a token-to-map reshape splits the tokens along their proven grid (or has no
     grid to contradict)."""
     source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node) or tensor_meta(source) is None or tensor_meta(source).dim() != 3:
+    if not isinstance(source, fx.Node):
         return True
-    grid, out = grid_of(source), tensor_meta(node)
-    if grid is None or out.dim() != 4:
+    s, out, grid = tensor_meta(source), tensor_meta(node), grid_of(source)
+    if s is None or out is None or grid is None or s.dim() != 3 or out.dim() != 4:
         return True
     hw = (out.shape[1], out.shape[2]) if layout_of(node) == NHWC else (out.shape[2], out.shape[3])
     return grid.prefix == 0 and tuple(hw) == (grid.height, grid.width)
@@ -352,16 +373,21 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
     try:
         propagate_shapes(model, graph, probe)
-        changed = [n for n in gridded if _shape(n) is not None and _shape(n) != tuple(saved[n].shape)]
+        changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n]))]
     except Exception:  # the model runs at its own size only: its grids are fixed
         changed = []
     finally:
         for node, value in saved.items():
             node.meta["val"] = value
     for node in changed:
-        node.meta["grid"] = replace(grid_of(node), dynamic=True)
+        grid = grid_of(node)
+        if grid is not None:
+            node.meta["grid"] = replace(grid, dynamic=True)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    t = tensor_meta(node)
-    return None if t is None else tuple(t.shape)
+    return _shape_of(node.meta.get("val"))
+
+
+def _shape_of(value: object) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

@@ -90,7 +90,7 @@ SPATIAL_FUNCTIONS = {
 def module_of(node: fx.Node, root: nn.Module) -> nn.Module | None:
     if node.op != "call_module":
         return None
-    return root.get_submodule(node.target)
+    return root.get_submodule(str(node.target))
 
 
 def _matches(node: fx.Node, root: nn.Module, modules, functions, methods=frozenset()) -> bool:
@@ -143,9 +143,8 @@ def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
         args = (node.kwargs["dims"],)
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
         args = tuple(args[0])
-    if all(isinstance(a, int) for a in args) and args:
-        return tuple(args)
-    return None
+    dims = [a for a in args if isinstance(a, int)]
+    return tuple(dims) if args and len(dims) == len(args) else None
 
 
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}

@@ -89,8 +89,9 @@ def _tokens_problem(node: fx.Node, grid: TokenGrid | None, channels_last: str) -
         what = "(B, C, N) tokens" if layout else "a 3-D tensor of unknown layout"
         return f"node {node.name!r} is {what}, not (B, N, C) tokens of a known grid"
     if grid is None:
+        size = "" if t is None else f" (B, {t.shape[1]}, {t.shape[2]})"
         return (
-            f"node {node.name!r} is (B, {t.shape[1]}, {t.shape[2]}) tokens whose count is not proven to be "
+            f"node {node.name!r} is{size} tokens whose count is not proven to be "
             "prefix + H' x W' of a patch grid (pooled, windowed or reordered tokens)"
         )
     if grid.dynamic:
@@ -235,8 +236,14 @@ def stage_index(graph: AnnotatedGraph, stages: list[Stage], node: fx.Node) -> in
         if i <= graph.index[stage.node]:
             if stage.index == 0:
                 t, first = tensor_meta(node), tensor_meta(stage.node)
-                if t is not None and first is not None and t.dim() == 4 and first.dim() == 4:
-                    if layout_of(node) == NCHW and t.shape[2] > first.shape[2]:
-                        return None
+                if (
+                    t is not None
+                    and first is not None
+                    and t.dim() == 4
+                    and first.dim() == 4
+                    and layout_of(node) == NCHW
+                    and t.shape[2] > first.shape[2]
+                ):
+                    return None
             return stage.index
     return None

@@ -10,7 +10,7 @@ convolutions and linear layers run their functional form on meta weights directl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,8 @@ class _MetaInterpreter(fx.Interpreter):
             result = super().run_node(n)
         except Exception as error:
             raise ShapeError(
-                f"shape propagation failed at node {n.name!r} ({n.op} {n.target}): {type(error).__name__}: {error}"
+                f"shape propagation failed at node {n.name!r} ({n.op} {n.target}): "
+                f"{type(error).__name__}: {error}"
             ) from error
         # Tensors a model creates itself (torch.zeros(shape) with no device, a buffer's
         # device read at trace time) join the meta tensors here.
@@ -106,8 +107,9 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
     tensors = list(module.parameters()) + list(module.buffers())
     if any(t.is_meta for t in tensors):
         raise ShapeError(
-            f"module {name!r} reads tensor values, which meta tensors do not have, and its weights are on the "
-            f"meta device; build the model on the CPU to plan it ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"module {name!r} reads tensor values, which meta tensors do not have, and its weights are "
+            "on the meta device; build the model on the CPU to plan it "
+            f"({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
     device = tensors[0].device if tensors else torch.device("cpu")
 
@@ -145,6 +147,10 @@ def _mutable(value: Any) -> Any:
 _CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
+@overload
+def _meta(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _meta(t: None) -> None: ...
 def _meta(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None or t.is_meta:
         return t

@@ -99,9 +99,10 @@ CHANNEL_DIM = {(4, NCHW): 1, (4, NHWC): 3, (3, NLC): 2}
 
 
 def _channels(node: fx.Node) -> int | None:
-    t = tensor_meta(node)
-    dim = CHANNEL_DIM.get((t.dim(), layout_of(node))) if t is not None else None
-    return None if dim is None else int(t.shape[dim])
+    t, layout = tensor_meta(node), layout_of(node)
+    if t is None or layout is None or (t.dim(), layout) not in CHANNEL_DIM:
+        return None
+    return int(t.shape[CHANNEL_DIM[(t.dim(), layout)]])
 
 
 def _spatial_size(node: fx.Node) -> tuple[int, int] | None:
@@ -141,7 +142,7 @@ def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage
     entries = stage_entries(feature_info)
     if not entries:
         return None
-    stages = []
+    stages: list[Stage] = []
     for entry in entries:
         node = graph.module_outputs.get(entry.get("module", ""))
         if node is None:
@@ -185,7 +186,7 @@ def _straddles_downsampling(
 def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
     groups: list[list] = []  # [resolution, last node, reduction]
     dominators = output_dominators(graph)
-    resolutions = []
+    resolutions: list[tuple[int, int]] = []
     for node in dominators:
         hw = _spatial_size(node)
         if hw is not None and (not resolutions or resolutions[-1] != hw):
