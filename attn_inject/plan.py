@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import accepts_init, accepts_layout, create_block, layout_kwargs
+from .blocks import accepts_init, accepts_layout, create_block, layout_kwargs, uses_grid
 from .graph.analysis import AnnotatedGraph, annotate
 from .graph.layout import NCHW
 from .graph.positions import Candidate, find_candidates, stage_index
@@ -347,6 +347,12 @@ def build_plan(
                 reason = (
                     f"node {candidate.node.name!r} is {candidate.layout} and block {rule.block.kind!r} "
                     "takes NCHW maps only (its factory has no layout argument)"
+                )
+            grid = candidate.token_grid
+            if reason is None and grid is not None and grid.dynamic and uses_grid(rule.block.kind):
+                reason = (
+                    f"the token grid of node {candidate.node.name!r} ({grid}) changes with the input size "
+                    f"(dynamic image size); block {rule.block.kind!r} needs a fixed H' x W' grid"
                 )
             if reason:
                 skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))

@@ -133,15 +133,32 @@ def test_channels_last_mlp_is_linear_on_the_last_dimension_with_the_same_paramet
     ("kwargs", "message"),
     [
         ({"layout": "NLC"}, r"layout='NLC' is not allowed; layout must be one of 'NCHW', 'NHWC', 'tokens'"),
-        ({"layout": "tokens"}, r"grid=None is not allowed; grid must be two positive integers"),
+        (
+            {"layout": "tokens", "kind": "cbam"},
+            r"grid=None is not allowed; grid must be two positive integers",
+        ),
         ({"layout": "tokens", "grid": (0, 3)}, r"grid=\(0, 3\) is not allowed"),
         ({"layout": "tokens", "grid": (2, 2), "prefix": -1}, r"prefix=-1 is not allowed"),
         ({"layout": "NHWC", "grid": (2, 2)}, r"layout='NHWC' is not allowed; layout must be 'tokens' when"),
     ],
 )
 def test_bad_layout_arguments_raise_one_clear_error(kwargs, message):
+    kind = kwargs.pop("kind", "se")
     with pytest.raises(BlockParamError, match=message):
-        ai.create_block("se", 16, **kwargs)
+        ai.create_block(kind, 16, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["se", "eca"])
+def test_channel_blocks_on_tokens_need_no_grid_and_run_at_any_token_count(kind):
+    """SE and ECA pool over the grid tokens, so a grid that follows the input size is fine."""
+    assert not ai.blocks.uses_grid(kind) and ai.blocks.uses_grid("cbam")
+    reference = trained(ai.create_block(kind, C, init="paper"))
+    block = same_weights(reference, ai.create_block(kind, C, init="paper", layout="tokens", prefix=1))
+    for h, w in ((2, 3), (4, 4)):
+        x = torch.randn(2, 1 + h * w, C)
+        expected = reference(x[:, 1:].reshape(2, h, w, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(block(x)[:, 1:], expected.reshape(2, h * w, C), rtol=0, atol=1e-6)
+        assert torch.equal(block(x)[:, :1], x[:, :1])
 
 
 def test_a_recipe_cannot_set_the_layout_the_planner_owns():
@@ -161,3 +178,20 @@ def test_layout_kwargs_contract():
     assert layout_kwargs(point("tokens", 1, (14, 14))) == {"layout": "tokens", "prefix": 1, "grid": (14, 14)}
     with pytest.raises(ValueError, match=r"layout 'NLC' .* allowed: NCHW, NHWC, tokens"):
         layout_kwargs(point("NLC"))
+
+
+def test_layout_benchmark_runs_both_forms_and_times_each(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_layouts.py"
+    spec = importlib.util.spec_from_file_location("bench_layouts", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke"])
+    assert len(results) == 2 * len(module.KINDS)  # forward and forward + backward, each block
+    for medians in results.values():
+        assert set(medians) == {"native NHWC", "permute + NCHW + permute"}
+        assert all(seconds > 0 for seconds in medians.values())
+    assert "ratio to permute + NCHW + permute" in capsys.readouterr().out

@@ -45,6 +45,7 @@ __all__ = [
     "layout_kwargs",
     "list_blocks",
     "register_block",
+    "uses_grid",
 ]
 
 BlockFactory = Callable[..., nn.Module]
@@ -101,6 +102,13 @@ def accepts_layout(kind: str) -> bool:
     return "layout" in signature.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
     )
+
+
+def uses_grid(kind: str) -> bool:
+    """Whether block ``kind`` on tokens needs the grid's H' x W' shape (CBAM's spatial map),
+    so that the grid must be fixed; SE and ECA only pool over the grid tokens. True for a
+    block that does not say (``uses_grid = False`` on its class)."""
+    return bool(getattr(block_factory(kind), "uses_grid", True))
 
 
 class HasLayout(Protocol):

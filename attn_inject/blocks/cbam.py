@@ -25,7 +25,7 @@ from torch import nn
 from . import params as check
 from .eca import ChannelConv
 from .gate import gate, make_blend
-from .layout import NCHW, LayoutBlock, spatial_dims
+from .layout import NCHW, LayoutBlock
 from .squeeze_excite import channel_layer, hidden_width
 
 
@@ -42,7 +42,7 @@ class ChannelAttention(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = channel_layer(hidden, channels, bias, channels_last)
         self.blend = make_blend(init)
-        self.dims = spatial_dims(channels_last)
+        self.dims = [1, 2] if channels_last else [2, 3]
 
     def excite(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(pooled)))
@@ -64,7 +64,7 @@ class ConvChannelAttention(ChannelAttention):
         nn.Module.__init__(self)
         self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
         self.blend = make_blend(init)
-        self.dims = spatial_dims(channels_last)
+        self.dims = [1, 2] if channels_last else [2, 3]
 
     def excite(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.channel_conv(pooled)
@@ -91,7 +91,9 @@ class SpatialAttention(nn.Module):
 
 class CBAM(LayoutBlock):
     """CBAM block (arXiv 1807.06521, Fig. 1-2): (B, C, H, W) -> (B, C, H, W), or the same on
-    (B, H, W, C) or (B, N, C) tokens (``layout``)."""
+    (B, H, W, C) or (B, N, C) tokens (``layout``; the spatial map needs the grid's shape)."""
+
+    uses_grid = True
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import params as check
 from .gate import gate, make_blend
-from .layout import NCHW, LayoutBlock, spatial_dims
+from .layout import NCHW, LayoutBlock
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -50,7 +50,9 @@ class ChannelConv(nn.Module):
 
 class EfficientChannelAttention(LayoutBlock):
     """ECA block (arXiv 1910.03151, Fig. 2): (B, C, H, W) -> (B, C, H, W), or the same on
-    (B, H, W, C) or (B, N, C) tokens (``layout``)."""
+    (B, H, W, C) or (B, N, C) tokens (``layout``; the grid's shape is not needed)."""
+
+    uses_grid = False
 
     def __init__(
         self,
@@ -68,7 +70,6 @@ class EfficientChannelAttention(LayoutBlock):
         self.init = check.init_mode(init)
         self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
         self.blend = make_blend(init)
-        self.dims = spatial_dims(self.channels_last)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return gate(x, self.channel_conv(x.mean(self.dims, keepdim=True)), self.blend)
+        return gate(x, self.channel_conv(x.mean(self.map_dims, keepdim=True)), self.blend)

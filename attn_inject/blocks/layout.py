@@ -5,13 +5,16 @@
   pooling over dimensions 1 and 2, the channel MLP as a linear layer on the last dimension;
 - ``"tokens"``: a transformer's tokens (B, N, C) with ``N = prefix + H' * W'``: ``prefix``
   class / register / distillation tokens in front of the H' x W' patch grid in raster order.
-  The block acts on the grid tokens, viewed (not copied) as a (B, H', W', C) map, and passes
-  the prefix tokens through unchanged: squeezing over the grid tokens is the papers' global
-  average pooling over spatial positions (not in the papers, which only treat maps).
+  The block acts on the grid tokens and passes the prefix tokens through unchanged:
+  squeezing over the grid tokens is the papers' global average pooling over spatial
+  positions (not in the papers, which only treat maps). A block that needs the grid's shape
+  (``uses_grid``: CBAM's spatial convolution) views the grid tokens (no copy) as a
+  (B, H', W', C) map; one that does not (SE, ECA) pools over the token dimension, so it
+  also runs at another input size.
 
 :class:`LayoutBlock` holds the layout and does the token bookkeeping; a block implements
-``attend`` for an NCHW or (``self.channels_last``) NHWC map. Everything here compiles with
-``torch.jit.script``.
+``attend`` for an NCHW map, an NHWC one (``self.channels_last``), or (B, N', C) grid tokens
+(pooling over ``self.map_dims``). Everything here compiles with ``torch.jit.script``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ __all__ = [
     "TOKENS",
     "LayoutBlock",
     "check_layout",
-    "spatial_dims",
 ]
 
 NCHW = "NCHW"
@@ -41,8 +43,11 @@ LAYOUTS = (NCHW, NHWC, TOKENS)
 LAYOUT_PARAMS = ("layout", "prefix", "grid")  # set by the planner from the graph, never by a recipe
 
 
-def check_layout(layout: Any, prefix: Any, grid: Any) -> tuple[str, int, tuple[int, int]]:
-    """The validated ``(layout, prefix, grid)``; grid is (0, 0) for a map layout."""
+def check_layout(
+    layout: Any, prefix: Any, grid: Any, uses_grid: bool = True
+) -> tuple[str, int, tuple[int, int]]:
+    """The validated ``(layout, prefix, grid)``; grid is (0, 0) for a map layout, and for
+    tokens given no grid when the block does not use one."""
     if layout not in LAYOUTS:
         raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
     if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
@@ -53,6 +58,8 @@ def check_layout(layout: Any, prefix: Any, grid: Any) -> tuple[str, int, tuple[i
                 "layout", layout, "'tokens' when prefix or grid is given (maps have neither)"
             )
         return layout, 0, (0, 0)
+    if grid is None and not uses_grid:
+        return layout, prefix, (0, 0)
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
@@ -62,35 +69,43 @@ def check_layout(layout: Any, prefix: Any, grid: Any) -> tuple[str, int, tuple[i
     return layout, prefix, (int(grid[0]), int(grid[1]))
 
 
-def spatial_dims(channels_last: bool) -> list[int]:
-    """The dimensions of H and W in an NCHW or NHWC map."""
-    return [1, 2] if channels_last else [2, 3]
-
-
 class LayoutBlock(nn.Module):
-    """Base of the built-in blocks: the layout, and the tokens-to-grid view around ``attend``."""
+    """Base of the built-in blocks: the layout, and the prefix / grid bookkeeping of tokens
+    around ``attend``. ``uses_grid``: the block needs the grid's H' x W' shape."""
+
+    uses_grid = True
 
     def __init__(self, layout: str, prefix: int, grid: tuple[int, int] | None) -> None:
         super().__init__()
-        self.layout, self.prefix, self.grid = check_layout(layout, prefix, grid)
+        self.layout, self.prefix, self.grid = check_layout(layout, prefix, grid, type(self).uses_grid)
         self.channels_last = self.layout != NCHW
         self.tokens = self.layout == TOKENS
+        self.grid_view = self.tokens and type(self).uses_grid
+        # the spatial dimensions of what ``attend`` gets: H, W of a map, or the grid tokens
+        self.map_dims = (
+            [1] if self.tokens and not self.grid_view else [1, 2] if self.channels_last else [2, 3]
+        )
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on an NCHW map, or an NHWC one when ``self.channels_last``."""
+        """The block on an NCHW map, an NHWC one (``self.channels_last``) or (B, N', C) grid
+        tokens (``self.tokens`` without ``self.grid_view``)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tokens:
             return self.attend(x)
         tokens = x[:, self.prefix :]
-        b, n, c = tokens.shape
-        out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+        if self.grid_view:
+            b, n, c = tokens.shape
+            out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+        else:
+            out = self.attend(tokens)
         if self.prefix == 0:
             return out
         return torch.cat([x[:, : self.prefix], out], dim=1)
 
     def extra_repr(self) -> str:
         if self.layout == TOKENS:
-            return f"layout={self.layout!r}, prefix={self.prefix}, grid={self.grid}"
+            grid = f", grid={self.grid}" if self.grid != (0, 0) else ""
+            return f"layout={self.layout!r}, prefix={self.prefix}{grid}"
         return "" if self.layout == NCHW else f"layout={self.layout!r}"

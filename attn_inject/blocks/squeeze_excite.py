@@ -20,7 +20,7 @@ from torch import nn
 
 from . import params as check
 from .gate import gate, make_blend
-from .layout import NCHW, LayoutBlock, spatial_dims
+from .layout import NCHW, LayoutBlock
 
 
 def hidden_width(channels: int, ratio: float, divisor: int | None = None) -> int:
@@ -41,7 +41,9 @@ def channel_layer(channels_in: int, channels_out: int, bias: bool, channels_last
 
 class SqueezeExcite(LayoutBlock):
     """SE block (arXiv 1709.01507, Fig. 2 and Eq. 2-4): (B, C, H, W) -> (B, C, H, W), or the
-    same on (B, H, W, C) or (B, N, C) tokens (``layout``)."""
+    same on (B, H, W, C) or (B, N, C) tokens (``layout``; the grid's shape is not needed)."""
+
+    uses_grid = False
 
     def __init__(
         self,
@@ -68,11 +70,10 @@ class SqueezeExcite(LayoutBlock):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = channel_layer(hidden, channels, bias, self.channels_last)
         self.blend = make_blend(init)
-        self.dims = spatial_dims(self.channels_last)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool == "avg":
-            squeezed = x.mean(self.dims, keepdim=True)
+            squeezed = x.mean(self.map_dims, keepdim=True)
         else:
-            squeezed = x.amax(self.dims, keepdim=True)
+            squeezed = x.amax(self.map_dims, keepdim=True)
         return gate(x, self.fc2(self.act(self.fc1(squeezed))), self.blend)

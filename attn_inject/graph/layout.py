@@ -327,6 +327,10 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
     if node.op == "call_function" and node.target is torch.cat:
         return _fits(_concatenated_grid(node), node)
     if node.op == "call_function" and node.target is operator.getitem:
+        whole = node.args[0]
+        if isinstance(whole, fx.Node) and tensor_meta(whole) is None and whole.args:
+            split = whole.args[0]  # an item of chunk() / split() over channels keeps the tokens
+            return _fits(grid_of(split), node) if isinstance(split, fx.Node) else None
         return _fits(_sliced_grid(node), node)
     if ops.is_linear(node, root) and source is not None:
         return _fits(grid_of(source), node)

@@ -94,11 +94,6 @@ def _tokens_problem(node: fx.Node, grid: TokenGrid | None, channels_last: str) -
             f"node {node.name!r} is{size} tokens whose count is not proven to be "
             "prefix + H' x W' of a patch grid (pooled, windowed or reordered tokens)"
         )
-    if grid.dynamic:
-        return (
-            f"the token grid of node {node.name!r} ({grid}) changes with the input size (dynamic image "
-            "size); a block needs a fixed grid"
-        )
     if channels_last == "skip":
         return f"node {node.name!r} is tokens ({grid} grid, channels last); the rule has channels_last: skip"
     if grid.height * grid.width == 1:

@@ -79,7 +79,7 @@ def find_residual_units(graph: AnnotatedGraph) -> list[ResidualUnit]:
         ta, tb = tensor_meta(a), tensor_meta(b)
         if ta is None or tb is None or ta.shape != tb.shape:
             continue
-        if ta.dim() != 4 and not (ta.dim() == 3 and layout_of(node) == NLC):
+        if ta.dim() not in (3, 4) or (ta.dim() == 3 and layout_of(node) not in (NLC, None)):
             continue
         if not (graph.depends_on_input(a) and graph.depends_on_input(b)):
             continue

@@ -115,14 +115,14 @@ def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
     """Why the stage's end cannot take a block, other than being channels-last or tokens
     (which the positions judge, with the rule), or None."""
     t = tensor_meta(node)
-    if t is not None and t.dim() == 3 and layout_of(node) == NLC:
-        pass  # tokens: whether their grid is proven is the position's to say
+    if t is not None and t.dim() == 3:
+        pass  # tokens: whether they are (B, N, C) of a proven grid is the position's to say
     elif t is None or t.dim() != 4:
         return f"ends at node {node.name!r}, which is not a 4-D feature map or (B, N, C) tokens"
     elif layout_of(node) is None:
         return f"ends at node {node.name!r}, a 4-D tensor of unknown layout"
     channels = _channels(node)
-    if expected_channels is not None and channels != expected_channels:
+    if expected_channels is not None and channels is not None and channels != expected_channels:
         return (
             f"feature_info says {expected_channels} channels, the graph has {channels} at node {node.name!r}"
         )
