@@ -309,6 +309,16 @@ def _sliced_grid(node: fx.Node) -> TokenGrid | None:
     return TokenGrid(grid.prefix - start, grid.height, grid.width)
 
 
+SPLITS = {"chunk", "split", "tensor_split", "unbind"}
+
+
+def _is_split(node: fx.Node) -> bool:
+    return (
+        node.op in ("call_method", "call_function")
+        and getattr(node.target, "__name__", node.target) in SPLITS
+    )
+
+
 def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
     """The token grid of a node already given an NLC or NCL layout."""
     t = tensor_meta(node)
@@ -328,8 +338,8 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
         return _fits(_concatenated_grid(node), node)
     if node.op == "call_function" and node.target is operator.getitem:
         whole = node.args[0]
-        if isinstance(whole, fx.Node) and tensor_meta(whole) is None and whole.args:
-            split = whole.args[0]  # an item of chunk() / split() over channels keeps the tokens
+        if isinstance(whole, fx.Node) and tensor_meta(whole) is None:
+            split = whole.args[0] if _is_split(whole) else None  # chunk() over channels keeps the tokens
             return _fits(grid_of(split), node) if isinstance(split, fx.Node) else None
         return _fits(_sliced_grid(node), node)
     if ops.is_linear(node, root) and source is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from . import ops
-from .analysis import AnnotatedGraph
+from .analysis import AnnotatedGraph, scope_of
 from .layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
 from .residual import ResidualUnit, find_residual_units
 from .shapes import tensor_meta
@@ -144,7 +144,8 @@ def _residual(
 ) -> list[Candidate]:
     out = []
     for unit in units:
-        name = graph.name_of(unit.add)
+        # the innermost module of the addition: the block, not a container it happens to end
+        name = scope_of(unit.add) or graph.name_of(unit.add)
         if position == "residual_branch":
             out.append(
                 _candidate(

@@ -194,7 +194,9 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
     next_resolution = {a: b for a, b in itertools.pairwise(resolutions)}
     for node in dominators:
         source = node.all_input_nodes[0] if node.all_input_nodes else None
-        if source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node)) and groups:
+        # a map flattened into the tokens of its grid is not pooled (a patch embedding)
+        pooled = source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node))
+        if pooled and grid_of(node) is None and groups:
             break
         hw = _spatial_size(node)
         if hw is None and source is not None and grid_of(source) is not None and groups:
