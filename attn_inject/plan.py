@@ -69,6 +69,14 @@ class InsertionPoint:
         if self.grid is not None:  # from a manifest's lists: keep the tuple the dataclass declares
             object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
 
+    @property
+    def layout_text(self) -> str:
+        """The layout as the plan's table shows it: "NHWC", "tokens 1+14x14"."""
+        if self.grid is None:
+            return self.layout
+        front = f"{self.prefix}+" if self.prefix else ""
+        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}"
+
     def __str__(self) -> str:
         return (
             f"{self.block} at {self.position} of {self.name} "
@@ -164,10 +172,20 @@ class Plan(Sequence[InsertionPoint]):
         }
 
     def table(self) -> str:
-        """The plan as a plain-text table."""
-        rows = [("#", "name", "position", "channels", "block", "params")]
+        """The plan as a plain-text table (with a layout column when a block is not on an
+        NCHW map)."""
+        layouts = any(p.layout != NCHW for p in self.points)
+        rows = [("#", "name", "position", "channels", *(("layout",) if layouts else ()), "block", "params")]
         rows += [
-            (str(i), p.name, p.position, str(p.channels), str(p.block), f"{p.params:,}")
+            (
+                str(i),
+                p.name,
+                p.position,
+                str(p.channels),
+                *((p.layout_text,) if layouts else ()),
+                str(p.block),
+                f"{p.params:,}",
+            )
             for i, p in enumerate(self.points)
         ]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
