@@ -183,9 +183,10 @@ FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_
     ("xcit_nano_12_p16_224", {"img_size": 64}, 64, {"tokens"}, set()),  # a dynamic grid: no CBAM
     ("levit_128s", {"img_size": 128}, 128, {"tokens"}, {"tokens"}),
     ("mvitv2_tiny", {}, 224, {"tokens", "NCHW"}, {"NCHW"}),
-    ("swin_tiny_patch4_window7_224", {}, 224, {"tokens"}, {"NHWC"}),
+    ("swin_tiny_patch4_window7_224", {}, 224, {"tokens", "NHWC"}, {"NHWC"}),  # windowed attention: NHWC
     ("mambaout_femto", {}, 64, {"NHWC"}, {"NHWC"}),
     ("volo_d1_224", {"img_size": 64}, 64, {"NHWC"}, {"NHWC"}),
+    ("samvit_base_patch16", {"img_size": 64}, 64, {"tokens", "NHWC"}, {"NHWC"}),  # SAM's image encoder
     ("hiera_tiny_224", {}, 224, set(), set()),  # unrolled tokens: no grid, every point skipped
 ]
 

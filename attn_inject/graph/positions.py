@@ -38,15 +38,15 @@ TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens
 CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: 2}
 
 
-def block_layout(node: fx.Node, grid: TokenGrid | None = None) -> str | None:
+def block_layout(node: fx.Node) -> str | None:
     """The layout a block on ``node``'s output acts on: "NCHW", "NHWC", "tokens" (B, N, C)
-    with a grid (``grid``, else the node's own), or None."""
+    of a proven grid, or None."""
     t, layout = tensor_meta(node), layout_of(node)
     if t is None:
         return None
     if t.dim() == 4 and layout in (NCHW, NHWC):
         return layout
-    if t.dim() == 3 and (grid is not None or (layout == NLC and grid_of(node) is not None)):
+    if t.dim() == 3 and layout == NLC and grid_of(node) is not None:
         return TOKENS
     return None
 
@@ -54,7 +54,8 @@ def block_layout(node: fx.Node, grid: TokenGrid | None = None) -> str | None:
 @dataclass(frozen=True)
 class Candidate:
     """A place a block could go: after ``node``, read by ``consumers`` (``None``: all users).
-    ``grid``: the token grid, when the node's own is not known but the position proves it."""
+    ``like``: a node whose layout (and token grid) ``node``'s output shares, when its own is
+    not known but the position proves it (a residual branch added to its stream)."""
 
     position: str
     name: str
@@ -62,15 +63,15 @@ class Candidate:
     consumers: tuple[fx.Node, ...] | None
     anchor: fx.Node
     skip_reason: str | None = None
-    grid: TokenGrid | None = None
+    like: fx.Node | None = None
 
     @property
     def layout(self) -> str | None:
-        return block_layout(self.node, self.grid)
+        return block_layout(self.like or self.node)
 
     @property
     def token_grid(self) -> TokenGrid | None:
-        return (self.grid or grid_of(self.node)) if self.layout == TOKENS else None
+        return grid_of(self.like or self.node) if self.layout == TOKENS else None
 
     @property
     def channels(self) -> int | None:
@@ -83,9 +84,9 @@ class Candidate:
         return self.node.name, consumers
 
 
-def _tokens_problem(node: fx.Node, grid: TokenGrid | None, channels_last: str) -> str | None:
-    t, layout = tensor_meta(node), layout_of(node)
-    if layout != NLC and grid is None:
+def _tokens_problem(node: fx.Node, like: fx.Node, channels_last: str) -> str | None:
+    t, layout, grid = tensor_meta(node), layout_of(like), grid_of(like)
+    if layout != NLC:
         what = "(B, C, N) tokens" if layout else "a 3-D tensor of unknown layout"
         return f"node {node.name!r} is {what}, not (B, N, C) tokens of a known grid"
     if grid is None:
@@ -102,17 +103,17 @@ def _tokens_problem(node: fx.Node, grid: TokenGrid | None, channels_last: str) -
 
 
 def feature_map_problem(
-    node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "native", grid: TokenGrid | None = None
+    node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "native", like: fx.Node | None = None
 ) -> str | None:
     """Why ``node``'s output cannot take a block, or None if it can: an NCHW map, an NHWC
-    map or (B, N, C) tokens of a fixed grid (``grid``, else the node's own), the last two
-    unless ``channels_last == "skip"``."""
-    t = tensor_meta(node)
+    map or (B, N, C) tokens of a proven grid (the layout of ``like`` when given, else the
+    node's own), the last two unless ``channels_last == "skip"``."""
+    t, like = tensor_meta(node), like or node
     if t is not None and t.dim() == 3:
-        return _tokens_problem(node, grid or grid_of(node), channels_last)
+        return _tokens_problem(node, like, channels_last)
     if t is None or t.dim() != 4:
         return f"node {node.name!r} does not produce a 4-D feature map or (B, N, C) tokens"
-    layout = layout_of(node)
+    layout = layout_of(like)
     if layout == NHWC and channels_last == "skip":
         return f"node {node.name!r} is a channels-last (NHWC) map; the rule has channels_last: skip"
     if layout not in (NCHW, NHWC):
@@ -124,19 +125,21 @@ def feature_map_problem(
 
 
 def _candidate(
-    graph, position, name, node, consumers, anchor, reason=None, channels_last="native", grid=None
+    graph, position, name, node, consumers, anchor, reason=None, channels_last="native", like=None
 ) -> Candidate:
-    reason = reason or feature_map_problem(node, graph.input_shape, channels_last, grid)
-    return Candidate(position, name, node, consumers, anchor, reason, grid)
+    reason = reason or feature_map_problem(node, graph.input_shape, channels_last, like)
+    return Candidate(position, name, node, consumers, anchor, reason, like)
 
 
-def _branch_grid(unit: ResidualUnit) -> TokenGrid | None:
-    """The grid of a transformer branch's output: that of the residual stream it is added to
-    (attention and MLP keep the token order), when the branch's own is not known."""
+def _stream(unit: ResidualUnit) -> fx.Node | None:
+    """The addition, when the branch's output layout is not known but is the residual
+    stream's: the two are added element by element, so they share their layout (Swin's
+    windowed attention reversed to a map, a transformer's attention output on the tokens'
+    grid)."""
     end, add = tensor_meta(unit.branch_end), tensor_meta(unit.add)
-    if grid_of(unit.branch_end) is not None or end is None or add is None or end.dim() != 3:
+    if block_layout(unit.branch_end) is not None or end is None or add is None or end.shape != add.shape:
         return None
-    return grid_of(unit.add) if end.shape == add.shape and layout_of(unit.add) == NLC else None
+    return unit.add if block_layout(unit.add) is not None else None
 
 
 def _residual(
@@ -156,7 +159,7 @@ def _residual(
                     (unit.branch_next,),
                     unit.add,
                     channels_last=channels_last,
-                    grid=_branch_grid(unit),
+                    like=_stream(unit),
                 )
             )
         elif position == "identity_branch":
