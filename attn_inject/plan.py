@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import accepts_init, create_block
+from .blocks import accepts_init, accepts_layout, create_block, layout_kwargs, uses_grid
 from .graph.analysis import AnnotatedGraph, annotate
-from .graph.layout import NHWC
+from .graph.layout import NCHW
 from .graph.positions import Candidate, find_candidates, stage_index
 from .graph.shapes import tensor_meta
 from .graph.stages import Stage, find_stages
@@ -54,8 +54,11 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class InsertionPoint:
     """One block to insert: ``block`` on the output of fx node ``node``, read by ``consumers``
-    (``None``: every user). ``key`` is the block's qualified module name (``layer1.0.se``);
-    ``layout`` "NHWC" means the block is wrapped in permutes (a channels-last map)."""
+    (``None``: every user). ``key`` is the block's qualified module name (``layer1.0.se``).
+
+    ``layout`` is what the block acts on: "NCHW" or "NHWC" maps (``shape`` (C, H, W) or
+    (H, W, C)), or "tokens" (``shape`` (N, C)) with N = ``prefix`` + H' x W' (``grid``, None
+    for maps). ``blocks.layout_kwargs(point)`` gives the block's arguments for it."""
 
     name: str
     position: str
@@ -70,6 +73,21 @@ class InsertionPoint:
     key: str
     layout: str = "NCHW"
     flops: int = 0  # per sample
+    prefix: int = 0  # tokens before the grid (class, register, distillation tokens)
+    grid: tuple[int, int] | None = None  # (H', W') of tokens
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:  # from a manifest's lists: keep the tuple the dataclass declares
+            object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
+
+    @property
+    def layout_text(self) -> str:
+        """The layout as the plan's table shows it: "NHWC", "tokens 1+14x14"."""
+        if self.grid is None:
+            return self.layout
+        front = f"{self.prefix}+" if self.prefix else ""
+        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}"
+
     module: str = ""  # the module the block is a child of ('' is the model or its target)
     block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
     owner: str = ""  # the module whose forward runs it (rewritten), unless attach == "append"
@@ -91,6 +109,7 @@ class InsertionPoint:
         out["block"] = self.block.to_dict()
         out["consumers"] = None if self.consumers is None else list(self.consumers)
         out["shape"] = list(self.shape)
+        out["grid"] = None if self.grid is None else list(self.grid)
         return out
 
 
@@ -174,10 +193,32 @@ class Plan(Sequence[InsertionPoint]):
         }
 
     def table(self) -> str:
-        """The plan as a plain-text table."""
-        rows = [("#", "name", "position", "channels", "block", "params", "lives in")]
+        """The plan as a plain-text table (with a layout column when a block is not on an
+        NCHW map), and where each block lives."""
+        layouts = any(p.layout != NCHW for p in self.points)
+        rows = [
+            (
+                "#",
+                "name",
+                "position",
+                "channels",
+                *(("layout",) if layouts else ()),
+                "block",
+                "params",
+                "lives in",
+            )
+        ]
         rows += [
-            (str(i), p.name, p.position, str(p.channels), str(p.block), f"{p.params:,}", p.key)
+            (
+                str(i),
+                p.name,
+                p.position,
+                str(p.channels),
+                *((p.layout_text,) if layouts else ()),
+                str(p.block),
+                f"{p.params:,}",
+                p.key,
+            )
             for i, p in enumerate(self.points)
         ]
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
@@ -257,25 +298,39 @@ _PARAM_CACHE: dict[tuple, int] = {}
 _FLOP_CACHE: dict[tuple, int] = {}
 
 
-def _meta_block(block: BlockSpec, channels: int, init: str) -> nn.Module:
+def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> nn.Module:
     extra = {"init": init} if accepts_init(block.kind) else {}
     with torch.device("meta"):
-        return create_block(block.kind, channels, **block.params, **extra)
+        return create_block(block.kind, channels, **block.params, **extra, **layout)
 
 
-def block_params(block: BlockSpec, channels: int, init: str) -> int:
-    """Parameters block ``block`` adds at ``channels`` channels (built once on meta)."""
-    key = (block.kind, repr(sorted(block.params.items())), channels, init)
+def _cache_key(block: BlockSpec, size: Any, init: str, layout: Mapping[str, Any]) -> tuple:
+    return (block.kind, repr(sorted(block.params.items())), size, init, repr(sorted(layout.items())))
+
+
+def block_params(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any] | None = None) -> int:
+    """Parameters block ``block`` adds at ``channels`` channels (built once on meta);
+    ``layout``: the block's layout arguments (``blocks.layout_kwargs``), NCHW by default."""
+    layout = layout or {}
+    key = _cache_key(block, channels, init, layout)
     if key not in _PARAM_CACHE:
-        _PARAM_CACHE[key] = count_params(_meta_block(block, channels, init))
+        _PARAM_CACHE[key] = count_params(_meta_block(block, channels, init, layout))
     return _PARAM_CACHE[key]
 
 
-def block_flops(block: BlockSpec, shape: tuple[int, int, int], init: str) -> int:
-    """FLOPs of block ``block`` on one (C, H, W) map, counted on meta tensors."""
-    key = (block.kind, repr(sorted(block.params.items())), shape, init)
+def block_flops(
+    block: BlockSpec,
+    shape: tuple[int, ...],
+    channels: int,
+    init: str,
+    layout: Mapping[str, Any] | None = None,
+) -> int:
+    """FLOPs of block ``block`` on one sample of ``shape`` ((C, H, W), or the shape of its
+    ``layout``), counted on meta tensors."""
+    layout = layout or {}
+    key = _cache_key(block, (shape, channels), init, layout)
     if key not in _FLOP_CACHE:
-        module = _meta_block(block, shape[0], init)
+        module = _meta_block(block, channels, init, layout)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             module(torch.empty((1, *shape), device="meta"))
         _FLOP_CACHE[key] = counter.get_total_flops()
@@ -296,11 +351,6 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
     if rule.include and not any(re.search(p, candidate.name) for p in rule.include):
         return False
     return not any(re.search(p, candidate.name) for p in rule.exclude)
-
-
-def _nchw(shape: Sequence[int], layout: str | None) -> tuple[int, int, int]:
-    c, h, w = (int(s) for s in shape)
-    return (w, c, h) if layout == NHWC else (c, h, w)  # NHWC: (H, W, C) -> (C, H, W)
 
 
 def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
@@ -341,10 +391,20 @@ def build_plan(
         for k, candidate in enumerate(matches):
             if k % rule.every:
                 continue
-            if candidate.skip_reason:
-                skipped.append(
-                    SkippedPoint(candidate.name, rule.at, candidate.node.name, r, candidate.skip_reason)
+            reason = candidate.skip_reason
+            if reason is None and candidate.layout != NCHW and not accepts_layout(rule.block.kind):
+                reason = (
+                    f"node {candidate.node.name!r} is {candidate.layout} and block {rule.block.kind!r} "
+                    "takes NCHW maps only (its factory has no layout argument)"
                 )
+            grid = candidate.token_grid
+            if reason is None and grid is not None and grid.dynamic and uses_grid(rule.block.kind):
+                reason = (
+                    f"the token grid of node {candidate.node.name!r} ({grid}) changes with the input size "
+                    f"(dynamic image size); block {rule.block.kind!r} needs a fixed H' x W' grid"
+                )
+            if reason:
+                skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
                 continue
             if _earlier_block(candidate, graph):
                 skipped.append(
@@ -374,22 +434,31 @@ def build_plan(
     points = []
     for _, r, candidate, rule in chosen:
         t, channels = tensor_meta(candidate.node), candidate.channels
-        assert t is not None and channels is not None, "find_candidates skips points with no 4-D map"
+        assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
+        shape = tuple(int(s) for s in t.shape[1:])
+        grid = candidate.token_grid
+        point = InsertionPoint(
+            name=candidate.name,
+            position=rule.at,
+            channels=channels,
+            block=rule.block,
+            params=0,
+            node=candidate.node.name,
+            consumers=candidate.edge[1],
+            shape=shape,
+            stage=stage_index(graph, stages, candidate.anchor),
+            rule=r,
+            key="",  # set by place_points
+            layout=str(candidate.layout),
+            prefix=grid.prefix if grid is not None else 0,
+            grid=(grid.height, grid.width) if grid is not None else None,
+        )
+        layout = layout_kwargs(point)
         points.append(
-            InsertionPoint(
-                name=candidate.name,
-                position=rule.at,
-                channels=channels,
-                block=rule.block,
-                params=block_params(rule.block, channels, init),
-                node=candidate.node.name,
-                consumers=candidate.edge[1],
-                shape=tuple(int(s) for s in t.shape[1:]),
-                stage=stage_index(graph, stages, candidate.anchor),
-                rule=r,
-                key="",  # set by place_points
-                layout=str(candidate.layout),
-                flops=block_flops(rule.block, _nchw(t.shape[1:], candidate.layout), init),
+            dataclasses.replace(
+                point,
+                params=block_params(rule.block, channels, init, layout),
+                flops=block_flops(rule.block, shape, channels, init, layout),
             )
         )
     return Plan(
@@ -456,7 +525,7 @@ def place_points(graph: AnnotatedGraph, result: Plan) -> tuple[InsertionPoint, .
         (by_name[p.node], None if p.consumers is None else [by_name[c] for c in p.consumers]) for p in result
     ]
     names = [result.recipe.rules[p.rule].block_name for p in result]
-    placements = place(graph.root, graph, edges, names, [p.layout == NHWC for p in result])
+    placements = place(graph.root, graph, edges, names)
     return tuple(
         dataclasses.replace(
             point,

@@ -57,7 +57,7 @@ RULE_KEYS = (
     "channels_last",
     "name",
 )
-CHANNELS_LAST = ("skip", "adapt")
+CHANNELS_LAST = ("native", "skip")
 
 
 class RecipeError(ValueError):
@@ -91,7 +91,7 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     every: int = 1
-    channels_last: str = "skip"  # NHWC maps: "skip" them, or "adapt" (permute around the block)
+    channels_last: str = "native"  # NHWC maps and token grids: blocks act on them "native"ly, or "skip"
     name: str | None = None  # the block's attribute name in its module (default: its kind)
 
     @property
@@ -112,7 +112,7 @@ class Rule:
             out["exclude"] = list(self.exclude)
         if self.every != 1:
             out["every"] = self.every
-        if self.channels_last != "skip":
+        if self.channels_last != "native":
             out["channels_last"] = self.channels_last
         if self.name is not None:
             out["name"] = self.name
@@ -309,7 +309,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
-    channels_last = data.get("channels_last", "skip")
+    channels_last = data.get("channels_last", "native")
     if channels_last not in CHANNELS_LAST:
         raise fail(
             f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"

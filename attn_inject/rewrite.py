@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .blocks import accepts_init, create_block
+from .blocks import accepts_init, create_block, layout_kwargs
 from .graph.analysis import AnnotatedGraph
-from .graph.layout import NHWC
 from .graph.trace import HOOK_DICTS
 from .plan import InsertionPoint, Plan, merge_plans
 from .scopes import APPEND, ScopeTrace, _relative, extract_scope
@@ -76,10 +75,12 @@ def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The block of ``point``, on ``device`` in ``dtype``, flagged as inserted."""
+    """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted."""
     extra = {"init": init} if accepts_init(point.block.kind) else {}
     with torch.device(device):
-        block = create_block(point.block.kind, point.channels, **point.block.params, **extra)
+        block = create_block(
+            point.block.kind, point.channels, **point.block.params, **extra, **layout_kwargs(point)
+        )
     block = block.to(dtype=dtype)
     setattr(block, BLOCK_FLAG, True)
     return block
@@ -137,18 +138,10 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
     for point, producer_in_model, consumers_in_model in sorted(points, key=lambda p: p[2] is None):
         producer = scope.node_map[producer_in_model]
         target = point.key[len(scope.path) + 1 :] if scope.path else point.key
-        with graph.inserting_after(producer):
-            if point.layout == NHWC:  # channels-last map: the block sees NCHW, permuted back after
-                to_nchw = graph.call_method("permute", (producer, 0, 3, 1, 2))
-                with graph.inserting_after(to_nchw):
-                    block = graph.call_module(target, (to_nchw,))
-                with graph.inserting_after(block):
-                    node = graph.call_method("permute", (block, 0, 2, 3, 1))
-                reads_producer = to_nchw
-            else:
-                node = reads_producer = graph.call_module(target, (producer,))
+        with graph.inserting_after(producer):  # the block acts on the point's layout natively
+            node = graph.call_module(target, (producer,))
         if consumers_in_model is None:
-            producer.replace_all_uses_with(node, delete_user_cb=_all_but(reads_producer))
+            producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
         else:
             for consumer in consumers_in_model:
                 scope.node_map[consumer].replace_input_with(producer, node)

@@ -283,17 +283,10 @@ def place(
     graph: AnnotatedGraph,
     edges: list[tuple[fx.Node, list[fx.Node] | None]],
     names: list[str],
-    needs_graph: list[bool],
 ) -> list[Placement]:
-    """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique).
-    ``needs_graph[i]`` forbids appending (a block that cannot act on its own)."""
+    """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique)."""
     placer = Placer(root, graph)
-    chosen = []
-    for (producer, consumers), graph_only in zip(edges, needs_graph, strict=True):
-        module, attach, note = placer.choose(producer, consumers)
-        if attach == APPEND and graph_only:
-            module, attach, note = placer.choose(producer, list(producer.users))
-        chosen.append((module, attach, note))
+    chosen = [placer.choose(producer, consumers) for producer, consumers in edges]
     owners = sorted(
         {m for m, a, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
     )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_inject as ai
+from attn_inject.blocks import layout_kwargs
 from attn_inject.cli import main
 from attn_inject.models import build_for_planning, build_model, input_size_for
 from attn_inject.targets import TargetError
@@ -194,22 +195,23 @@ class ChannelsLast(nn.Module):
         return self.down(x.permute(0, 3, 1, 2)).mean((2, 3))
 
 
-def test_channels_last_maps_are_skipped_unless_the_rule_adapts_to_them():
+def test_channels_last_maps_get_native_blocks_unless_the_rule_skips_them():
     model = ChannelsLast().eval()
-    skipped = ai.plan(model, "se_resnet", input_size=SIZE)
-    assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
-    recipe = {
-        "rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch", "channels_last": "adapt"}]
-    }
-    plan = ai.plan(model, recipe, input_size=SIZE)
-    assert [(p.channels, p.layout) for p in plan] == [(24, "NHWC")]  # the last dim, never H or W (16)
-    patched = ai.inject(model, recipe, input_size=SIZE)
-    seen = []
-    block = patched.get_submodule(plan[0].key)
-    block.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    plan = ai.plan(
+        model, {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch"}]}, input_size=SIZE
+    )
+    # the last dim (24), never H or W (16); the block's shape is (H, W, C)
+    assert [(p.channels, p.layout, p.shape) for p in plan] == [(24, "NHWC", (16, 16, 24))]
+    assert layout_kwargs(plan[0]) == {"layout": "NHWC"}
+    patched = ai.inject(
+        model, {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch"}]}, input_size=SIZE
+    )
     x = torch.randn(2, *SIZE)
     assert torch.equal(patched(x), model(x))
-    assert seen == [(2, 24, 16, 16)]  # the block sees NCHW
+    skipped = ai.plan(
+        model, {"rules": [{"block": "se", "at": "residual_branch", "channels_last": "skip"}]}, input_size=SIZE
+    )
+    assert skipped == [] and "channels-last (NHWC)" in skipped.skipped[0].reason
 
 
 def test_several_all_user_insertions_each_wrap_only_their_own_producer():
@@ -218,18 +220,24 @@ def test_several_all_user_insertions_each_wrap_only_their_own_producer():
     model = ChannelsLast().eval()
     recipe = {
         "rules": [
-            {"block": "se", "at": "conv_output", "channels_last": "adapt"},
-            {"block": "se", "at": "post_block", "channels_last": "adapt"},
+            {"block": "se", "at": "conv_output"},
+            {"block": "se", "at": "post_block"},
         ]
     }
     patched = ai.inject(model, recipe, init="paper", input_size=SIZE)
     blocks = {p.name + "_" + p.position: patched.get_submodule(p.key) for p in patched.attn_inject.plan}
     assert sorted(blocks) == ["add_post_block", "down_conv_output", "stem_conv_output"]
     x = torch.randn(2, *SIZE)
+
+    def on_nhwc(block: nn.Module, h: torch.Tensor) -> torch.Tensor:  # a native block, or one between permutes
+        if getattr(block, "layout", "NCHW") == "NHWC":
+            return block(h)
+        return block(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
     with torch.no_grad():
         h = blocks["stem_conv_output"](model.stem(x)).permute(0, 2, 3, 1)
         h = h + model.fc2(F.gelu(model.fc1(model.norm(h))))
-        h = blocks["add_post_block"](h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        h = on_nhwc(blocks["add_post_block"], h)
         expected = blocks["down_conv_output"](model.down(h.permute(0, 3, 1, 2))).mean((2, 3))
         torch.testing.assert_close(patched(x), expected)
 

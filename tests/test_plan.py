@@ -135,21 +135,21 @@ def test_stage_index_out_of_range_is_a_clear_error():
         ai.plan(meta_model("tv:resnet18"), recipe)
 
 
-def test_channels_last_stretches_never_get_nchw_blocks():
+def test_channels_last_stretches_get_native_nhwc_blocks_or_are_skipped():
     # torchvision Swin keeps its stages NHWC, and permutes the last one back to NCHW.
     plan = ai.plan(meta_model("tv:swin_t"), "cbam_after_every_stage", input_size=(3, 224, 224))
-    assert [(p.name, p.channels, p.shape) for p in plan] == [("permute", 768, (768, 7, 7))]
-    assert len(plan.skipped) == 3 and all("channels-last (NHWC)" in s.reason for s in plan.skipped)
-    adapted = ai.plan(
-        meta_model("tv:swin_t"),
-        {"rules": [{"block": "cbam", "at": "stage_output", "channels_last": "adapt"}]},
-    )
-    assert [(p.channels, p.layout) for p in adapted] == [
-        (96, "NHWC"),
-        (192, "NHWC"),
-        (384, "NHWC"),
-        (768, "NCHW"),
+    assert [(p.channels, p.layout, p.shape) for p in plan] == [
+        (96, "NHWC", (56, 56, 96)),
+        (192, "NHWC", (28, 28, 192)),
+        (384, "NHWC", (14, 14, 384)),
+        (768, "NCHW", (768, 7, 7)),
     ]
+    skipped = ai.plan(
+        meta_model("tv:swin_t"),
+        {"rules": [{"block": "cbam", "at": "stage_output", "channels_last": "skip"}]},
+    )
+    assert [(p.name, p.channels, p.shape) for p in skipped] == [("permute", 768, (768, 7, 7))]
+    assert len(skipped.skipped) == 3 and all("channels-last (NHWC)" in s.reason for s in skipped.skipped)
     # ConvNeXt blocks permute to NHWC inside; the residual block goes after the permute back.
     plan = ai.plan(meta_model("tv:convnext_tiny"), "se_resnet", input_size=SIZE)
     assert [p.channels for p in plan] == [96] * 3 + [192] * 3 + [384] * 9 + [768] * 3

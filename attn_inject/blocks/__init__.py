@@ -5,34 +5,47 @@ so one registry builds any of them::
 
     >>> block = create_block("se", 256, ratio=16)
     >>> register_block("my_gate", MyGate)        # then ``kind: my_gate`` in a recipe
+
+The built-in blocks also act natively on channels-last maps and on token grids (see
+:mod:`attn_inject.blocks.layout`); ``layout_kwargs(point)`` gives the arguments for the
+layout of an insertion point::
+
+    >>> create_block(point.block.kind, point.channels, **point.block.params, init="identity",
+    ...              **layout_kwargs(point))
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
+from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock
 from .params import BlockParamError
 from .squeeze_excite import SqueezeExcite, hidden_width
 
 __all__ = [
     "CBAM",
+    "LAYOUTS",
     "BlockParamError",
     "EfficientChannelAttention",
+    "LayoutBlock",
     "SqueezeExcite",
+    "accepts_layout",
     "block_param_names",
     "check_block_params",
     "create_block",
     "eca_kernel_size",
     "hidden_width",
+    "layout_kwargs",
     "list_blocks",
     "register_block",
+    "uses_grid",
 ]
 
 BlockFactory = Callable[..., nn.Module]
@@ -82,6 +95,57 @@ def accepts_init(kind: str) -> bool:
     )
 
 
+def accepts_layout(kind: str) -> bool:
+    """Whether the block kind takes a ``layout`` argument (all built-in blocks do); a block
+    that does not is only given NCHW maps."""
+    signature = inspect.signature(block_factory(kind))
+    return "layout" in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
+def uses_grid(kind: str) -> bool:
+    """Whether block ``kind`` on tokens needs the grid's H' x W' shape (CBAM's spatial map),
+    so that the grid must be fixed; SE and ECA only pool over the grid tokens. True for a
+    block that does not say (``uses_grid = False`` on its class)."""
+    return bool(getattr(block_factory(kind), "uses_grid", True))
+
+
+class HasLayout(Protocol):
+    """What :func:`layout_kwargs` reads from an insertion point."""
+
+    @property
+    def layout(self) -> str: ...
+    @property
+    def prefix(self) -> int: ...
+    @property
+    def grid(self) -> tuple[int, int] | None: ...
+
+
+def layout_kwargs(point: HasLayout) -> dict[str, Any]:
+    """The block arguments for the layout of ``point`` (an ``InsertionPoint``):
+
+    - ``{}`` for an NCHW map (every block's default, so a block without a ``layout``
+      argument can take it);
+    - ``{"layout": "NHWC"}`` for a channels-last map (B, H, W, C);
+    - ``{"layout": "tokens", "prefix": P, "grid": (H, W)}`` for tokens (B, P + H*W, C).
+    """
+    if point.layout == NCHW:
+        return {}
+    if point.layout == NHWC:
+        return {"layout": NHWC}
+    if point.layout == TOKENS and point.grid is not None:
+        return {
+            "layout": TOKENS,
+            "prefix": int(point.prefix),
+            "grid": (int(point.grid[0]), int(point.grid[1])),
+        }
+    raise ValueError(
+        f"insertion point layout {point.layout!r} (grid {point.grid}) is not one a block can take; "
+        f"allowed: {', '.join(LAYOUTS)} (tokens with a grid)"
+    )
+
+
 def create_block(kind: str, channels: int, **params: Any) -> nn.Module:
     """Build block ``kind`` for ``channels`` channels, e.g. ``create_block("cbam", 64)``."""
     return block_factory(kind)(channels, **params)
@@ -92,7 +156,7 @@ def block_param_names(kind: str) -> list[str] | None:
     parameters = list(inspect.signature(block_factory(kind)).parameters.values())[1:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
-    return [p.name for p in parameters if p.name != "init"]
+    return [p.name for p in parameters if p.name != "init" and p.name not in LAYOUT_PARAMS]
 
 
 def check_block_params(kind: str, params: dict[str, Any]) -> None:
@@ -103,6 +167,10 @@ def check_block_params(kind: str, params: dict[str, Any]) -> None:
     """
     allowed = block_param_names(kind)
     for name, value in params.items():
+        if name in LAYOUT_PARAMS:
+            raise BlockParamError(
+                name, value, "set by the planner from the graph (the layout at each point), not by a recipe"
+            )
         if allowed is not None and name not in allowed:
             raise BlockParamError(
                 name, value, f"one of the parameters of block {kind!r}: {', '.join(allowed)}"

@@ -12,7 +12,9 @@ Departures, each an option: ``channel="conv"`` replaces the MLP by ECA's 1-D con
 shared over both descriptors (not in paper); ``spatial_norm=True`` adds the BatchNorm the
 official code puts after the spatial convolution (not in paper); ``divisor`` rounds the MLP
 width like timm (not in paper); ``init="identity"`` blends each map towards one (see
-:mod:`attn_inject.blocks.gate`; not in paper).
+:mod:`attn_inject.blocks.gate`; not in paper). ``layout`` (see :mod:`attn_inject.blocks.layout`):
+on a channels-last map the channel MLP is linear on the last dimension and the spatial map
+pools over it; on tokens both maps are over the H' x W' grid.
 """
 
 from __future__ import annotations
@@ -23,62 +25,75 @@ from torch import nn
 from . import params as check
 from .eca import ChannelConv
 from .gate import gate, make_blend
-from .squeeze_excite import hidden_width
+from .layout import NCHW, LayoutBlock
+from .squeeze_excite import channel_layer, hidden_width
 
 
 class ChannelAttention(nn.Module):
-    """CBAM's channel attention map over average- and max-pooled descriptors (Eq. 2)."""
+    """CBAM's channel attention map over average- and max-pooled descriptors (Eq. 2), through
+    a shared MLP. ``excite`` maps the pooled descriptors to logits."""
 
     def __init__(
-        self,
-        channels: int,
-        kind: str,
-        ratio: float,
-        bias: bool,
-        divisor: int | None,
-        kernel_size: int | None,
-        gamma: float,
-        b: float,
-        init: str,
+        self, channels: int, ratio: float, bias: bool, divisor: int | None, init: str, channels_last: bool
     ) -> None:
         super().__init__()
-        self.kind = kind
-        if kind == "fc":
-            hidden = hidden_width(channels, ratio, divisor)
-            self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
-            self.act = nn.ReLU(inplace=True)
-            self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
-        else:
-            self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
+        hidden = hidden_width(channels, ratio, divisor)
+        self.fc1 = channel_layer(channels, hidden, bias, channels_last)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = channel_layer(hidden, channels, bias, channels_last)
         self.blend = make_blend(init)
+        self.dims = [1, 2] if channels_last else [2, 3]
+
+    def excite(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Both descriptors go through the shared layers as one batch of 2B.
-        pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])
-        if self.kind == "fc":
-            logits = self.fc2(self.act(self.fc1(pooled)))
-        else:
-            logits = self.channel_conv(pooled)
-        avg_logits, max_logits = logits.chunk(2)
+        pooled = torch.cat([x.mean(self.dims, keepdim=True), x.amax(self.dims, keepdim=True)])
+        avg_logits, max_logits = self.excite(pooled).chunk(2)
         return gate(x, avg_logits + max_logits, self.blend)
+
+
+class ConvChannelAttention(ChannelAttention):
+    """CBAM's channel map with ECA's 1-D convolution instead of the MLP (``channel="conv"``,
+    not in paper)."""
+
+    def __init__(
+        self, channels: int, kernel_size: int | None, gamma: float, b: float, init: str, channels_last: bool
+    ) -> None:
+        nn.Module.__init__(self)
+        self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
+        self.blend = make_blend(init)
+        self.dims = [1, 2] if channels_last else [2, 3]
+
+    def excite(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.channel_conv(pooled)
 
 
 class SpatialAttention(nn.Module):
     """CBAM's spatial attention map from the channel-wise ``[max, mean]`` maps (Eq. 3)."""
 
-    def __init__(self, kernel_size: int, norm: bool, init: str) -> None:
+    def __init__(self, kernel_size: int, norm: bool, init: str, channels_last: bool) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = nn.BatchNorm2d(1) if norm else nn.Identity()
         self.blend = make_blend(init)
+        self.channel_dim = 3 if channels_last else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return gate(x, self.norm(self.conv(maps)), self.blend)
+        # (B, 2, H, W) whatever the layout: the maps are small, the feature map is not moved.
+        maps = torch.stack([x.amax(self.channel_dim), x.mean(self.channel_dim)], dim=1)
+        logits = self.norm(self.conv(maps))
+        if self.channel_dim == 3:
+            logits = logits.reshape(x.shape[0], x.shape[1], x.shape[2], 1)  # (B, 1, H, W) as (B, H, W, 1)
+        return gate(x, logits, self.blend)
 
 
-class CBAM(nn.Module):
-    """CBAM block (arXiv 1807.06521, Fig. 1-2): (B, C, H, W) -> (B, C, H, W)."""
+class CBAM(LayoutBlock):
+    """CBAM block (arXiv 1807.06521, Fig. 1-2): (B, C, H, W) -> (B, C, H, W), or the same on
+    (B, H, W, C) or (B, N, C) tokens (``layout``; the spatial map needs the grid's shape)."""
+
+    uses_grid = True
 
     def __init__(
         self,
@@ -93,8 +108,11 @@ class CBAM(nn.Module):
         b: float = 1,
         spatial_norm: bool = False,
         init: str = "paper",
+        layout: str = NCHW,
+        prefix: int = 0,
+        grid: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(layout, prefix, grid)
         channels = check.channel_count(channels)
         check.ratio("ratio", ratio)
         check.boolean("bias", bias)
@@ -108,8 +126,12 @@ class CBAM(nn.Module):
         if kernel_size is not None:
             check.odd_int("kernel_size", kernel_size)
         self.init = check.init_mode(init)
-        self.channel = ChannelAttention(channels, channel, ratio, bias, divisor, kernel_size, gamma, b, init)
-        self.spatial = SpatialAttention(spatial_kernel, spatial_norm, init)
+        self.channel: ChannelAttention
+        if channel == "fc":
+            self.channel = ChannelAttention(channels, ratio, bias, divisor, init, self.channels_last)
+        else:
+            self.channel = ConvChannelAttention(channels, kernel_size, gamma, b, init, self.channels_last)
+        self.spatial = SpatialAttention(spatial_kernel, spatial_norm, init, self.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))

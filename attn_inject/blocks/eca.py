@@ -7,7 +7,9 @@ a sigmoid gate, a channel-wise scale. ``k`` adapts to the channel count (Eq. 12)
 
 Departures: ``kernel_size`` fixes ``k`` (the paper's fixed-k ablation); timm additionally
 clamps ``k >= 3``, which this block does not (the paper's formula gives ``k = 1`` for C <= 4);
-``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper).
+``init="identity"`` (see :mod:`attn_inject.blocks.gate`; not in paper). ``layout`` (see
+:mod:`attn_inject.blocks.layout`): the same 1-D convolution over the last dimension of a
+channels-last descriptor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from . import params as check
 from .gate import gate, make_blend
+from .layout import NCHW, LayoutBlock
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -27,27 +30,31 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-class ChannelConv(nn.Module):
-    """The 1-D convolution across channels shared by ECA and CBAM's ``channel="conv"``."""
+class ChannelConv(nn.Conv1d):
+    """The 1-D convolution across channels shared by ECA and CBAM's ``channel="conv"``: a
+    ``Conv1d(1, 1, k)`` without bias, so its weight is ``conv.weight`` as in timm's
+    ``EcaModule`` (``ecaresnet50d`` checkpoints load as they are)."""
 
     def __init__(self, channels: int, kernel_size: int | None, gamma: float, b: float) -> None:
-        super().__init__()
         check.positive_number("gamma", gamma)
         check.number("b", b)
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, b)
         else:
             check.odd_int("kernel_size", kernel_size)
-        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        super().__init__(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(N, C, 1, 1) pooled descriptors -> (N, C, 1, 1) logits."""
-        n, c = pooled.shape[:2]
-        return self.conv(pooled.reshape(n, 1, c)).reshape(n, c, 1, 1)
+        """(N, C, 1, 1) or (N, 1, 1, C) pooled descriptors -> logits of the same shape."""
+        flat = pooled.reshape(pooled.shape[0], 1, -1)
+        return self._conv_forward(flat, self.weight, self.bias).reshape(pooled.shape)
 
 
-class EfficientChannelAttention(nn.Module):
-    """ECA block (arXiv 1910.03151, Fig. 2): (B, C, H, W) -> (B, C, H, W)."""
+class EfficientChannelAttention(LayoutBlock):
+    """ECA block (arXiv 1910.03151, Fig. 2): (B, C, H, W) -> (B, C, H, W), or the same on
+    (B, H, W, C) or (B, N, C) tokens (``layout``; the grid's shape is not needed)."""
+
+    uses_grid = False
 
     def __init__(
         self,
@@ -56,12 +63,15 @@ class EfficientChannelAttention(nn.Module):
         gamma: float = 2,
         b: float = 1,
         init: str = "paper",
+        layout: str = NCHW,
+        prefix: int = 0,
+        grid: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(layout, prefix, grid)
         channels = check.channel_count(channels)
         self.init = check.init_mode(init)
-        self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
+        self.conv = ChannelConv(channels, kernel_size, gamma, b)
         self.blend = make_blend(init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gate(x, self.channel_conv(x.mean((2, 3), keepdim=True)), self.blend)
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return gate(x, self.conv(x.mean(self.map_dims, keepdim=True)), self.blend)

@@ -9,7 +9,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ops
-from .layout import annotate_layouts
+from .layout import annotate_grid_dynamics, annotate_layouts
 from .shapes import propagate_shapes, tensor_meta
 from .trace import ModuleCall, OpaqueModule, trace
 
@@ -92,6 +92,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     with FlopCounterMode(display=False) as counter:
         propagate_shapes(model, graph, input_shape)
     annotate_layouts(model, graph)
+    annotate_grid_dynamics(model, graph, input_shape)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     ancestors: list[int] = []

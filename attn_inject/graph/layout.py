@@ -1,24 +1,33 @@
-"""Which 4-D tensors are NCHW feature maps.
+"""Which tensors are feature maps, and which are tokens of a known patch grid.
 
 Every node with a 4-D output gets ``meta["layout"]``: ``"NCHW"``, ``"NHWC"`` (after a
 ``permute(0, 2, 3, 1)``, as inside ConvNeXt or Swin blocks) or ``None`` (unknown); 3-D
-token tensors get ``"NLC"`` (B, H*W, C) or ``"NCL"`` (B, C, H*W) when they come from a
+token tensors get ``"NLC"`` (B, N, C) or ``"NCL"`` (B, C, N) when they come from a
 feature map by flatten / reshape / transpose, so a vision transformer's tokens reshaped back
-to a map (Swin, PiT, DaViT, SAM) are known maps again. Only NCHW maps (and NHWC ones, where
-a rule adapts) are candidates for a block; a map of unknown layout is never guessed at.
+to a map (Swin, PiT, DaViT, SAM) are known maps again.
+
+Tokens also get ``meta["grid"]``, a :class:`TokenGrid`, where the graph proves that
+``N = prefix + H' * W'``: the H' x W' map's positions in raster order (a patch embedding
+flattened), after ``prefix`` tokens concatenated in front (class, register, distillation
+tokens, as in timm's ViT, DeiT, EVA, CaiT). Element-wise ops, norms and linear layers keep
+the grid; slicing the prefix off (``x[:, 1:]``) shortens it; anything else that moves tokens
+(pooling, windows, Hiera's unrolling) loses it. ``annotate_grid_dynamics`` marks grids whose
+size depends on the input size. Blocks go on NCHW maps, NHWC maps and tokens with a grid;
+a tensor of unknown layout is never guessed at.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
 from . import ops
-from .shapes import tensor_meta
+from .shapes import propagate_shapes, tensor_meta
 
-__all__ = ["annotate_layouts", "layout_of", "spatial_size"]
+__all__ = ["TokenGrid", "annotate_grid_dynamics", "annotate_layouts", "grid_of", "layout_of", "spatial_size"]
 
 NCHW = "NCHW"
 NHWC = "NHWC"
@@ -36,8 +45,33 @@ CHANNEL_DIM = {NCHW: 1, NHWC: 3}
 TRANSPOSED = {NLC: NCL, NCL: NLC}
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    """Tokens (B, prefix + height * width, C): ``prefix`` tokens, then a height x width grid
+    in raster order. ``dynamic``: the grid's size follows the input size (a block with a
+    fixed grid would break at another size)."""
+
+    prefix: int
+    height: int
+    width: int
+    dynamic: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.height * self.width
+
+    def __str__(self) -> str:
+        front = f"{self.prefix} + " if self.prefix else ""
+        return f"{front}{self.height}x{self.width}"
+
+
 def layout_of(node: fx.Node) -> str | None:
     return node.meta.get("layout")
+
+
+def grid_of(node: fx.Node) -> TokenGrid | None:
+    """The token grid of a node's (B, N, C) or (B, C, N) output, when proven."""
+    return node.meta.get("grid")
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:
@@ -211,8 +245,163 @@ def _through_data_movement(node: fx.Node) -> str | None:
     return None
 
 
+TOKEN_DIM = {NLC: 1, NCL: 2}
+
+
+def _token_count(node: fx.Node) -> int | None:
+    t, layout = tensor_meta(node), layout_of(node)
+    if t is None or t.dim() != 3 or layout is None or layout not in TOKEN_DIM:
+        return None
+    return int(t.shape[TOKEN_DIM[layout]])
+
+
+def _fits(grid: TokenGrid | None, node: fx.Node) -> TokenGrid | None:
+    """``grid`` if it accounts for exactly the node's tokens."""
+    return grid if grid is not None and _token_count(node) == grid.tokens else None
+
+
+def _same_grid(nodes: list[fx.Node]) -> TokenGrid | None:
+    grids = {grid_of(n) for n in nodes if layout_of(n) in TOKEN_DIM}
+    return grids.pop() if len(grids) == 1 else None
+
+
+def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
+    """``cat([prefix tokens..., grid tokens], token dim)``: the grid with a longer prefix;
+    ``cat`` over channels of tokens on one grid: that grid."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out, layout = tensor_meta(node), layout_of(node)
+    if out is None or layout not in TOKEN_DIM or not isinstance(dim, int):
+        return None
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    parts = [t for t in tensors if isinstance(t, fx.Node)]
+    metas = [tensor_meta(t) for t in parts]
+    if len(parts) != len(tensors) or any(m is None for m in metas):
+        return None
+    token_dim = TOKEN_DIM[layout]
+    if dim % out.dim() != token_dim:
+        return _same_grid(parts) if all(layout_of(t) == layout for t in parts) else None
+    *front, last = parts
+    grid = grid_of(last)
+    if grid is None or any(grid_of(t) is not None or layout_of(t) is not None for t in front):
+        return None  # the grid must come last, after tokens that are not positions of a map
+    extra = sum(int(m.shape[token_dim]) for m in metas[:-1] if m is not None)
+    return TokenGrid(grid.prefix + extra, grid.height, grid.width)
+
+
+def _sliced_grid(node: fx.Node) -> TokenGrid | None:
+    """``x[:, k:]`` on (B, N, C) tokens with ``k <= prefix``: the prefix shortened by ``k``."""
+    source, index = node.args[0], node.args[1]
+    if not isinstance(source, fx.Node) or layout_of(source) != NLC:
+        return None
+    grid = grid_of(source)
+    if grid is None or not isinstance(index, tuple) or len(index) < 2:
+        return None
+    if index[0] != slice(None) or any(i != slice(None) and i is not Ellipsis for i in index[2:]):
+        return None
+    cut = index[1]
+    if not isinstance(cut, slice) or cut.stop is not None or cut.step not in (None, 1):
+        return None
+    start = cut.start or 0
+    if not isinstance(start, int) or not 0 <= start <= grid.prefix:
+        return None
+    return TokenGrid(grid.prefix - start, grid.height, grid.width)
+
+
+SPLITS = {"chunk", "split", "tensor_split", "unbind"}
+
+
+def _is_split(node: fx.Node) -> bool:
+    return (
+        node.op in ("call_method", "call_function")
+        and getattr(node.target, "__name__", node.target) in SPLITS
+    )
+
+
+def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
+    """The token grid of a node already given an NLC or NCL layout."""
+    t = tensor_meta(node)
+    inputs = _tensor_inputs(node)
+    source = inputs[0] if inputs else None
+    if t is None:
+        return None
+    if ops.is_data_movement(node) and source is not None:
+        s = tensor_meta(source)
+        hw = spatial_size(source)
+        if s is not None and s.dim() == 4 and hw is not None:  # a map flattened into tokens
+            return _fits(TokenGrid(0, hw[0], hw[1]), node)
+        if s is not None and s.dim() == 3:  # transpose between NLC and NCL, a reshape keeping tokens
+            return _fits(grid_of(source), node)
+        return None
+    if node.op == "call_function" and node.target is torch.cat:
+        return _fits(_concatenated_grid(node), node)
+    if node.op == "call_function" and node.target is operator.getitem:
+        whole = node.args[0]
+        if isinstance(whole, fx.Node) and tensor_meta(whole) is None:
+            split = whole.args[0] if _is_split(whole) else None  # chunk() over channels keeps the tokens
+            return _fits(grid_of(split), node) if isinstance(split, fx.Node) else None
+        return _fits(_sliced_grid(node), node)
+    if ops.is_linear(node, root) and source is not None:
+        return _fits(grid_of(source), node)
+    same_shape = [n for n in inputs if (m := tensor_meta(n)) is not None and m.shape == t.shape]
+    return _fits(_same_grid(same_shape), node)
+
+
+def _grid_reshaped_to_map(node: fx.Node) -> bool:
+    """Whether a token-to-map reshape splits the tokens along their proven grid (or has no
+    grid to contradict)."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return True
+    s, out, grid = tensor_meta(source), tensor_meta(node), grid_of(source)
+    if s is None or out is None or grid is None or s.dim() != 3 or out.dim() != 4:
+        return True
+    hw = (out.shape[1], out.shape[2]) if layout_of(node) == NHWC else (out.shape[2], out.shape[3])
+    return grid.prefix == 0 and tuple(hw) == (grid.height, grid.width)
+
+
 def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
     """Write ``meta["layout"]`` on every node (``None`` for what is neither a known map nor
-    known tokens)."""
+    known tokens) and ``meta["grid"]`` on tokens of a proven grid."""
     for node in graph.nodes:
-        node.meta["layout"] = _infer(node, model)
+        layout = _infer(node, model)
+        node.meta["layout"] = layout
+        node.meta["grid"] = _infer_grid(node, model) if layout in TOKEN_DIM else None
+        if layout in (NCHW, NHWC) and ops.is_data_movement(node) and not _grid_reshaped_to_map(node):
+            node.meta["layout"] = None
+
+
+def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
+    """Mark the token grids whose size follows the input size (``TokenGrid.dynamic``).
+
+    Shapes are propagated once more at twice the input's height and width: a grid whose
+    token count changes there is dynamic (a timm ViT built with ``dynamic_img_size``); a
+    model that cannot run at that size (a fixed position embedding) has fixed grids. The
+    shapes of the planned size are restored.
+    """
+    gridded = [n for n in graph.nodes if grid_of(n) is not None]
+    if not gridded:
+        return
+    saved = {n: n.meta.get("val") for n in graph.nodes}
+    probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
+    try:
+        propagate_shapes(model, graph, probe)
+        changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n]))]
+    except Exception:  # the model runs at its own size only: its grids are fixed
+        changed = []
+    finally:
+        for node, value in saved.items():
+            node.meta["val"] = value
+    for node in changed:
+        grid = grid_of(node)
+        if grid is not None:
+            node.meta["grid"] = replace(grid, dynamic=True)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    return _shape_of(node.meta.get("val"))
+
+
+def _shape_of(value: object) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

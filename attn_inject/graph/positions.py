@@ -2,7 +2,8 @@
 
 Each position yields candidates: an edge of the graph (a producer node and the consumers
 that will read the block's output instead, ``None`` for all of them) with a name, a channel
-count, and the reason it cannot take an NCHW block, if any::
+count, the layout a block there acts on (an NCHW map, an NHWC map, or tokens of a proven
+grid), and the reason it cannot take a block, if any::
 
     residual_branch   x ─┬─ conv..bn ─[B]─ (+) ─      the papers' placement
                          └────────────────┘
@@ -12,6 +13,10 @@ count, and the reason it cannot take an NCHW block, if any::
     post_block        x ── residual unit ── (+) ─[B]─ SE-POST
     stage_output      ... last node of each stage ─[B]─
     conv_output       conv ─ norm ─ act ─[B]─
+
+In a transformer block the attention and the MLP are two residual branches:
+``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``; their outputs are tokens of the same grid as
+the residual stream they are added to.
 """
 
 from __future__ import annotations
@@ -21,18 +26,36 @@ from dataclasses import dataclass
 from torch import fx
 
 from . import ops
-from .analysis import AnnotatedGraph
-from .layout import NCHW, NHWC, layout_of
+from .analysis import AnnotatedGraph, scope_of
+from .layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
 from .residual import ResidualUnit, find_residual_units
 from .shapes import tensor_meta
 from .stages import Stage
 
-__all__ = ["Candidate", "feature_map_problem", "find_candidates", "stage_index"]
+__all__ = ["TOKENS", "Candidate", "block_layout", "feature_map_problem", "find_candidates", "stage_index"]
+
+TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens
+CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: 2}
+
+
+def block_layout(node: fx.Node) -> str | None:
+    """The layout a block on ``node``'s output acts on: "NCHW", "NHWC", "tokens" (B, N, C)
+    of a proven grid, or None."""
+    t, layout = tensor_meta(node), layout_of(node)
+    if t is None:
+        return None
+    if t.dim() == 4 and layout in (NCHW, NHWC):
+        return layout
+    if t.dim() == 3 and layout == NLC and grid_of(node) is not None:
+        return TOKENS
+    return None
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A place a block could go: after ``node``, read by ``consumers`` (``None``: all users)."""
+    """A place a block could go: after ``node``, read by ``consumers`` (``None``: all users).
+    ``like``: a node whose layout (and token grid) ``node``'s output shares, when its own is
+    not known but the position proves it (a residual branch added to its stream)."""
 
     position: str
     name: str
@@ -40,20 +63,20 @@ class Candidate:
     consumers: tuple[fx.Node, ...] | None
     anchor: fx.Node
     skip_reason: str | None = None
+    like: fx.Node | None = None
 
     @property
     def layout(self) -> str | None:
-        return layout_of(self.node)
+        return block_layout(self.like or self.node)
+
+    @property
+    def token_grid(self) -> TokenGrid | None:
+        return grid_of(self.like or self.node) if self.layout == TOKENS else None
 
     @property
     def channels(self) -> int | None:
-        t = tensor_meta(self.node)
-        if t is None or t.dim() != 4:
-            return None
-        layout = self.layout
-        if layout == NCHW:
-            return int(t.shape[1])
-        return int(t.shape[3]) if layout == NHWC else None
+        t, dim = tensor_meta(self.node), CHANNEL_DIM.get(self.layout or "")
+        return None if t is None or dim is None else int(t.shape[dim])
 
     @property
     def edge(self) -> tuple[str, tuple[str, ...] | None]:
@@ -61,16 +84,37 @@ class Candidate:
         return self.node.name, consumers
 
 
+def _tokens_problem(node: fx.Node, like: fx.Node, channels_last: str) -> str | None:
+    t, layout, grid = tensor_meta(node), layout_of(like), grid_of(like)
+    if layout != NLC:
+        what = "(B, C, N) tokens" if layout else "a 3-D tensor of unknown layout"
+        return f"node {node.name!r} is {what}, not (B, N, C) tokens of a known grid"
+    if grid is None:
+        size = "" if t is None else f" (B, {t.shape[1]}, {t.shape[2]})"
+        return (
+            f"node {node.name!r} is{size} tokens whose count is not proven to be "
+            "prefix + H' x W' of a patch grid (pooled, windowed or reordered tokens)"
+        )
+    if channels_last == "skip":
+        return f"node {node.name!r} is tokens ({grid} grid, channels last); the rule has channels_last: skip"
+    if grid.height * grid.width == 1:
+        return f"node {node.name!r} has a 1x1 token grid, not spatial positions"
+    return None
+
+
 def feature_map_problem(
-    node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "skip"
+    node: fx.Node, input_shape: tuple[int, ...], channels_last: str = "native", like: fx.Node | None = None
 ) -> str | None:
-    """Why ``node``'s output cannot take a block, or None if it can. NHWC maps can when
-    ``channels_last == "adapt"`` (the block is then wrapped in permutes)."""
-    t = tensor_meta(node)
+    """Why ``node``'s output cannot take a block, or None if it can: an NCHW map, an NHWC
+    map or (B, N, C) tokens of a proven grid (the layout of ``like`` when given, else the
+    node's own), the last two unless ``channels_last == "skip"``."""
+    t, like = tensor_meta(node), like or node
+    if t is not None and t.dim() == 3:
+        return _tokens_problem(node, like, channels_last)
     if t is None or t.dim() != 4:
-        return f"node {node.name!r} does not produce a 4-D feature map"
-    layout = layout_of(node)
-    if layout == NHWC and channels_last != "adapt":
+        return f"node {node.name!r} does not produce a 4-D feature map or (B, N, C) tokens"
+    layout = layout_of(like)
+    if layout == NHWC and channels_last == "skip":
         return f"node {node.name!r} is a channels-last (NHWC) map; the rule has channels_last: skip"
     if layout not in (NCHW, NHWC):
         return f"node {node.name!r} is a 4-D tensor of unknown layout, not a known feature map"
@@ -81,10 +125,21 @@ def feature_map_problem(
 
 
 def _candidate(
-    graph, position, name, node, consumers, anchor, reason=None, channels_last="skip"
+    graph, position, name, node, consumers, anchor, reason=None, channels_last="native", like=None
 ) -> Candidate:
-    reason = reason or feature_map_problem(node, graph.input_shape, channels_last)
-    return Candidate(position, name, node, consumers, anchor, reason)
+    reason = reason or feature_map_problem(node, graph.input_shape, channels_last, like)
+    return Candidate(position, name, node, consumers, anchor, reason, like)
+
+
+def _stream(unit: ResidualUnit) -> fx.Node | None:
+    """The addition, when the branch's output layout is not known but is the residual
+    stream's: the two are added element by element, so they share their layout (Swin's
+    windowed attention reversed to a map, a transformer's attention output on the tokens'
+    grid)."""
+    end, add = tensor_meta(unit.branch_end), tensor_meta(unit.add)
+    if block_layout(unit.branch_end) is not None or end is None or add is None or end.shape != add.shape:
+        return None
+    return unit.add if block_layout(unit.add) is not None else None
 
 
 def _residual(
@@ -92,7 +147,8 @@ def _residual(
 ) -> list[Candidate]:
     out = []
     for unit in units:
-        name = graph.name_of(unit.add)
+        # the innermost module of the addition: the block, not a container it happens to end
+        name = scope_of(unit.add) or graph.name_of(unit.add)
         if position == "residual_branch":
             out.append(
                 _candidate(
@@ -103,6 +159,7 @@ def _residual(
                     (unit.branch_next,),
                     unit.add,
                     channels_last=channels_last,
+                    like=_stream(unit),
                 )
             )
         elif position == "identity_branch":
@@ -146,7 +203,7 @@ def _conv_outputs(graph: AnnotatedGraph, channels_last: str) -> list[Candidate]:
 
 
 def find_candidates(
-    graph: AnnotatedGraph, position: str, stages: list[Stage], channels_last: str = "skip"
+    graph: AnnotatedGraph, position: str, stages: list[Stage], channels_last: str = "native"
 ) -> list[Candidate]:
     """Every candidate for ``position``, in graph order."""
     if position == "stage_output":

@@ -9,6 +9,10 @@ the fork itself (a conv-free branch such as PoolFormer's pooling mixer).
 On the branch side, drop-path, dropout, identity and layer-scale multiplications that sit
 just before the addition are stepped over, so a block goes where the paper puts it: after the
 branch's last norm, before stochastic depth and layer scale.
+
+Additions of (B, N, C) tokens count too: a transformer block has two residual units, the
+attention branch ``x + attn(norm1(x))`` and the MLP branch ``x + mlp(norm2(x))``; neither
+branch has a convolution, so the fork itself is the shortcut.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import fx, nn
 
 from . import ops
 from .analysis import AnnotatedGraph
+from .layout import NLC, layout_of
 from .shapes import tensor_meta
 
 __all__ = ["ResidualUnit", "find_residual_units"]
@@ -72,7 +77,9 @@ def find_residual_units(graph: AnnotatedGraph) -> list[ResidualUnit]:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         ta, tb = tensor_meta(a), tensor_meta(b)
-        if ta is None or tb is None or ta.dim() != 4 or ta.shape != tb.shape:
+        if ta is None or tb is None or ta.shape != tb.shape:
+            continue
+        if ta.dim() not in (3, 4) or (ta.dim() == 3 and layout_of(node) not in (NLC, None)):
             continue
         if not (graph.depends_on_input(a) and graph.depends_on_input(b)):
             continue

@@ -5,7 +5,9 @@ used). For any other model, a stage is a stretch of the graph at one spatial res
 stride >= 4, ending at its last node through which every path to the output passes (a
 dominator of the output), before the next downsampling or the global pool. In torchvision's
 ResNet-50 those are the outputs of layer1..layer4, not the first 1x1 conv of the next stage,
-which the downsampling shortcut bypasses.
+which the downsampling shortcut bypasses. Tokens of a proven grid are at the grid's
+resolution, so a single-resolution vision transformer's blocks make one stretch (timm's
+``feature_info`` lists each block as a stage, and those are used when given).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import fx
 
 from . import ops
 from .analysis import AnnotatedGraph
-from .layout import NCHW, layout_of, spatial_size
+from .layout import NCHW, NHWC, NLC, grid_of, layout_of, spatial_size
 from .shapes import tensor_meta
 
 __all__ = ["Stage", "find_stages", "output_dominators", "stage_entries"]
@@ -87,29 +89,40 @@ def output_dominators(graph: AnnotatedGraph) -> list[fx.Node]:
 
 
 def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
-    hw = spatial_size(node)
+    hw = _spatial_size(node)
     if hw is None or hw[0] == 0:
         return None
     return max(1, round(graph.input_shape[-2] / hw[0]))
 
 
+CHANNEL_DIM = {(4, NCHW): 1, (4, NHWC): 3, (3, NLC): 2}
+
+
 def _channels(node: fx.Node) -> int | None:
-    t = tensor_meta(node)
-    if t is None or t.dim() != 4 or layout_of(node) is None:
+    t, layout = tensor_meta(node), layout_of(node)
+    if t is None or layout is None or (t.dim(), layout) not in CHANNEL_DIM:
         return None
-    return t.shape[1] if layout_of(node) == NCHW else t.shape[3]
+    return int(t.shape[CHANNEL_DIM[(t.dim(), layout)]])
+
+
+def _spatial_size(node: fx.Node) -> tuple[int, int] | None:
+    """(H, W) of a map, or (H', W') of tokens with a proven grid."""
+    grid = grid_of(node)
+    return (grid.height, grid.width) if grid is not None else spatial_size(node)
 
 
 def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
-    """Why the stage's end cannot take a block, other than being channels-last (a rule may
-    adapt to that), or None."""
+    """Why the stage's end cannot take a block, other than being channels-last or tokens
+    (which the positions judge, with the rule), or None."""
     t = tensor_meta(node)
-    if t is None or t.dim() != 4:
-        return f"ends at node {node.name!r}, which is not a 4-D feature map"
-    if layout_of(node) is None:
+    if t is not None and t.dim() == 3:
+        pass  # tokens: whether they are (B, N, C) of a proven grid is the position's to say
+    elif t is None or t.dim() != 4:
+        return f"ends at node {node.name!r}, which is not a 4-D feature map or (B, N, C) tokens"
+    elif layout_of(node) is None:
         return f"ends at node {node.name!r}, a 4-D tensor of unknown layout"
     channels = _channels(node)
-    if expected_channels is not None and channels != expected_channels:
+    if expected_channels is not None and channels is not None and channels != expected_channels:
         return (
             f"feature_info says {expected_channels} channels, the graph has {channels} at node {node.name!r}"
         )
@@ -149,7 +162,7 @@ def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage
 
 def _input_size(node: fx.Node) -> tuple[int, int] | None:
     inputs = node.all_input_nodes
-    return spatial_size(inputs[0]) if inputs else None
+    return _spatial_size(inputs[0]) if inputs else None
 
 
 def _straddles_downsampling(
@@ -165,7 +178,7 @@ def _straddles_downsampling(
         first, last = graph.module_inputs.get(path), graph.module_outputs.get(path)
         if last is None or last is node or first is None:
             continue
-        if _input_size(first) == hw and spatial_size(last) == next_hw:
+        if _input_size(first) == hw and _spatial_size(last) == next_hw:
             return True
     return False
 
@@ -175,15 +188,19 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
     dominators = output_dominators(graph)
     resolutions: list[tuple[int, int]] = []
     for node in dominators:
-        hw = spatial_size(node)
+        hw = _spatial_size(node)
         if hw is not None and (not resolutions or resolutions[-1] != hw):
             resolutions.append(hw)
     next_resolution = {a: b for a, b in itertools.pairwise(resolutions)}
     for node in dominators:
         source = node.all_input_nodes[0] if node.all_input_nodes else None
-        if source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node)) and groups:
+        # a map flattened into the tokens of its grid is not pooled (a patch embedding)
+        pooled = source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node))
+        if pooled and grid_of(node) is None and groups:
             break
-        hw = spatial_size(node)
+        hw = _spatial_size(node)
+        if hw is None and source is not None and grid_of(source) is not None and groups:
+            break  # tokens pooled or sliced off their grid: the head
         if hw is None:
             if groups:
                 groups[-1][1] = node

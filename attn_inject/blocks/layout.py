@@ -1,0 +1,111 @@
+"""The tensor layouts a block acts on natively, with no permute of the feature map.
+
+- ``"NCHW"``: a convolutional map (B, C, H, W), the papers' layout;
+- ``"NHWC"``: a channels-last map (B, H, W, C), as inside ConvNeXt, Swin or MambaOut blocks:
+  pooling over dimensions 1 and 2, the channel MLP as a linear layer on the last dimension;
+- ``"tokens"``: a transformer's tokens (B, N, C) with ``N = prefix + H' * W'``: ``prefix``
+  class / register / distillation tokens in front of the H' x W' patch grid in raster order.
+  The block acts on the grid tokens and passes the prefix tokens through unchanged:
+  squeezing over the grid tokens is the papers' global average pooling over spatial
+  positions (not in the papers, which only treat maps). A block that needs the grid's shape
+  (``uses_grid``: CBAM's spatial convolution) views the grid tokens (no copy) as a
+  (B, H', W', C) map; one that does not (SE, ECA) pools over the token dimension, so it
+  also runs at another input size.
+
+:class:`LayoutBlock` holds the layout and does the token bookkeeping; a block implements
+``attend`` for an NCHW map, an NHWC one (``self.channels_last``), or (B, N', C) grid tokens
+(pooling over ``self.map_dims``). Everything here compiles with ``torch.jit.script``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .params import BlockParamError
+
+__all__ = [
+    "LAYOUTS",
+    "LAYOUT_PARAMS",
+    "NCHW",
+    "NHWC",
+    "TOKENS",
+    "LayoutBlock",
+    "check_layout",
+]
+
+NCHW = "NCHW"
+NHWC = "NHWC"
+TOKENS = "tokens"
+LAYOUTS = (NCHW, NHWC, TOKENS)
+LAYOUT_PARAMS = ("layout", "prefix", "grid")  # set by the planner from the graph, never by a recipe
+
+
+def check_layout(
+    layout: Any, prefix: Any, grid: Any, uses_grid: bool = True
+) -> tuple[str, int, tuple[int, int]]:
+    """The validated ``(layout, prefix, grid)``; grid is (0, 0) for a map layout, and for
+    tokens given no grid when the block does not use one."""
+    if layout not in LAYOUTS:
+        raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        raise BlockParamError("prefix", prefix, "a non-negative integer (tokens before the grid)")
+    if layout != TOKENS:
+        if prefix or grid is not None:
+            raise BlockParamError(
+                "layout", layout, "'tokens' when prefix or grid is given (maps have neither)"
+            )
+        return layout, 0, (0, 0)
+    if grid is None and not uses_grid:
+        return layout, prefix, (0, 0)
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid)
+    ):
+        raise BlockParamError("grid", grid, "two positive integers (H', W') for layout='tokens'")
+    return layout, prefix, (int(grid[0]), int(grid[1]))
+
+
+class LayoutBlock(nn.Module):
+    """Base of the built-in blocks: the layout, and the prefix / grid bookkeeping of tokens
+    around ``attend``. ``uses_grid``: the block needs the grid's H' x W' shape."""
+
+    uses_grid = True
+
+    def __init__(self, layout: str, prefix: int, grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.layout, self.prefix, self.grid = check_layout(layout, prefix, grid, type(self).uses_grid)
+        self.channels_last = self.layout != NCHW
+        self.tokens = self.layout == TOKENS
+        self.grid_view = self.tokens and type(self).uses_grid
+        # the spatial dimensions of what ``attend`` gets: H, W of a map, or the grid tokens
+        self.map_dims = (
+            [1] if self.tokens and not self.grid_view else [1, 2] if self.channels_last else [2, 3]
+        )
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on an NCHW map, an NHWC one (``self.channels_last``) or (B, N', C) grid
+        tokens (``self.tokens`` without ``self.grid_view``)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tokens:
+            return self.attend(x)
+        tokens = x[:, self.prefix :]
+        if self.grid_view:
+            b, n, c = tokens.shape
+            out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+        else:
+            out = self.attend(tokens)
+        if self.prefix == 0:
+            return out
+        return torch.cat([x[:, : self.prefix], out], dim=1)
+
+    def extra_repr(self) -> str:
+        if self.layout == TOKENS:
+            grid = f", grid={self.grid}" if self.grid != (0, 0) else ""
+            return f"layout={self.layout!r}, prefix={self.prefix}{grid}"
+        return "" if self.layout == NCHW else f"layout={self.layout!r}"
