@@ -16,6 +16,8 @@ from torch import nn
 import attn_inject as ai
 from attn_inject.blocks import layout_kwargs
 
+from .conftest import blocks_of
+
 DIM, GRID, PATCH = 32, 4, 8
 SIZE = (3, GRID * PATCH, GRID * PATCH)
 
@@ -57,23 +59,13 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def with_layout_blocks(patched: nn.Module) -> nn.Module:
-    """Each token point's block built for its layout (``layout_kwargs``), in place of the
-    NCHW block, so the patched model runs natively on tokens."""
-    plan = patched.attn_inject.plan
-    for point in plan:
-        if point.layout == "tokens":
-            params = {**point.block.params, **layout_kwargs(point)}
-            patched.attention[point.key] = ai.create_block(
-                point.block.kind, point.channels, init=plan.init, **params
-            )
-    return patched
-
-
 def patched_model(model: nn.Module, recipe, input_size=SIZE, init=None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return with_layout_blocks(ai.inject(model, recipe, input_size=input_size, init=init))
+        patched = ai.inject(model, recipe, input_size=input_size, init=init)
+    for point in patched.attn_inject.plan:  # each block was built for its point's layout
+        assert patched.get_submodule(point.key).layout == point.layout
+    return patched
 
 
 def test_transformer_blocks_give_attention_and_mlp_branches_on_the_token_grid():
@@ -106,7 +98,7 @@ def test_token_blocks_are_identity_at_insertion_and_act_once_trained(recipe):
     report = ai.validate(model, patched, input_size=SIZE)
     assert report.passed and report.max_abs_diff == 0
     with torch.no_grad():
-        for name, parameter in patched.attention.named_parameters():
+        for name, parameter in blocks_of(patched).named_parameters():
             if name.endswith("blend"):
                 parameter.fill_(1.0)  # the papers' blocks
         x = torch.randn(2, *SIZE)
