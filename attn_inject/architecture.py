@@ -22,6 +22,7 @@ from .messages import shown
 __all__ = ["Architecture", "ModuleEntry", "architecture", "first_difference"]
 
 ModuleEntry = tuple[str, str, str]  # (qualified name, class name, extra_repr)
+_SHOWN = 70  # characters of a module's description quoted in a difference
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # a function's repr: differs from run to run
 
 
@@ -46,27 +47,54 @@ def architecture(model: nn.Module) -> Architecture:
     return Architecture(modules, tensors)
 
 
-def _describe(entry: ModuleEntry | None) -> str:
+def _describe(entry: ModuleEntry | None, other: ModuleEntry | None) -> str:
+    """``Class(extra_repr)``, cut around where it differs from ``other`` when long."""
     if entry is None:
         return "nothing"
-    return shown(f"{entry[1]}({entry[2]})", 100)
+    text = f"{entry[1]}({entry[2]})"
+    if len(text) <= _SHOWN or other is None:
+        return shown(text, _SHOWN)
+    theirs = f"{other[1]}({other[2]})"
+    pairs = enumerate(zip(text, theirs, strict=False))
+    same = next((i for i, (a, b) in pairs if a != b), min(len(text), len(theirs)))
+    start = max(0, same - _SHOWN // 2)
+    cut = (
+        ("..." if start else "")
+        + text[start : start + _SHOWN]
+        + ("..." if start + _SHOWN < len(text) else "")
+    )
+    return repr(cut)
 
 
 def first_difference(
-    saved: Architecture, rebuilt: Architecture, *, names: Sequence[str] = ("saved", "rebuilt")
+    saved: Architecture,
+    rebuilt: Architecture,
+    *,
+    names: Sequence[str] = ("saved", "rebuilt"),
+    partial: bool = False,
 ) -> str | None:
     """The first module or tensor where ``rebuilt`` differs from ``saved``, in words; None if
-    they are the same network. ``saved.tensors`` empty means tensors are not compared."""
+    they are the same network. ``saved.tensors`` empty means tensors are not compared.
+    ``partial``: ``rebuilt`` is part of ``saved`` (a base model without its blocks); only
+    its own modules are compared."""
     first, second = names
+    if partial:
+        ours = dict((e[0], e) for e in saved.modules)
+        for entry in rebuilt.modules:
+            if entry[0] and ours.get(entry[0]) != entry:
+                mine = ours.get(entry[0])
+                return f"{entry[0]}: {first} {_describe(mine, entry)}, {second} {_describe(entry, mine)}"
+        return None
     theirs = dict((e[0], e) for e in rebuilt.modules)
     for entry in saved.modules:
         other = theirs.get(entry[0])
         if other != entry:
-            return f"{entry[0] or '(root)'}: {first} {_describe(entry)}, {second} {_describe(other)}"
-    ours = {e[0] for e in saved.modules}
+            where = entry[0] or "(root)"
+            return f"{where}: {first} {_describe(entry, other)}, {second} {_describe(other, entry)}"
+    names_saved = {e[0] for e in saved.modules}
     for entry in rebuilt.modules:
-        if entry[0] not in ours:
-            return f"{entry[0]}: {first} nothing, {second} {_describe(entry)}"
+        if entry[0] not in names_saved:
+            return f"{entry[0]}: {first} nothing, {second} {_describe(entry, None)}"
     if saved.tensors:
         mine, other_tensors = dict(saved.tensors), dict(rebuilt.tensors)
         for name, shape in saved.tensors:

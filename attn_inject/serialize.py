@@ -175,22 +175,42 @@ def _check_rebuilds(
 ) -> None:
     """Refuse to save what ``name(**kwargs)`` + the recipe would not rebuild."""
     fix = (
-        "pass the builder arguments it was made with, e.g. ai.save(model, path, model_kwargs={'global_pool': "
-        "'max'}), or build it with attn_inject.models.build_model, which records them"
+        "pass the arguments it was built with: ai.save(model, path, model_kwargs={...}), "
+        "or build it with attn_inject.models.build_model, which records them"
     )
+    from .models import build_model
+
+    given = shown(kwargs, 200)
     try:
-        rebuilt = _rebuild_on_meta(name, kwargs, recipe, init, input_size, target)
+        base = build_model(name, device="meta", **kwargs)
     except Exception as error:
         raise CheckpointError(
-            f"cannot save: {name} with {shown(kwargs, 200)} cannot be rebuilt on the meta device "
-            f"({type(error).__name__}: {shown(str(error))}); {fix}"
+            f"cannot save: {name} with {given} cannot be built on the meta device to check that the file "
+            f"will rebuild this model ({type(error).__name__}: {shown(str(error))}); {fix}"
         ) from None
-    diff = first_difference(saved, architecture(rebuilt), names=("this model has", "the rebuilt one"))
+    names = ("this model has", "the rebuilt one")
+    diff = first_difference(saved, architecture(base), names=names, partial=True)
+    if diff is None:
+        try:
+            rebuilt = _inject_on(base, recipe, init, input_size, target)
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot save: {name} with {given}, rebuilt on the meta device, does not take the recipe "
+                f"({type(error).__name__}: {shown(str(error))}); {fix}"
+            ) from None
+        diff = first_difference(saved, architecture(rebuilt), names=names)
     if diff is not None:
         raise CheckpointError(
-            f"cannot save: rebuilding {name} with {shown(kwargs, 200)} gives a different network "
-            f"({diff}); {fix}"
+            f"cannot save: rebuilding {name} with {given} gives a different network ({diff}); {fix}"
         )
+
+
+def _inject_on(
+    base: nn.Module, recipe: Recipe, init: str, input_size: tuple[int, ...], target: str
+) -> nn.Module:
+    from .inject import inject
+
+    return inject(base, recipe, init=init, input_size=input_size, target=target, allow_empty=True)
 
 
 def _rebuild_on_meta(
@@ -202,11 +222,9 @@ def _rebuild_on_meta(
     target: str,
 ) -> nn.Module:
     """``name(**kwargs)`` with ``recipe`` injected, on the meta device: nothing allocated."""
-    from .inject import inject
     from .models import build_model
 
-    base = build_model(name, device="meta", **kwargs)
-    return inject(base, recipe, init=init, input_size=input_size, target=target, allow_empty=True)
+    return _inject_on(build_model(name, device="meta", **kwargs), recipe, init, input_size, target)
 
 
 # --- reading: every field is untrusted --------------------------------------------------------
@@ -375,16 +393,7 @@ def _recipe_of(manifest: Manifest, path: str | os.PathLike) -> Recipe:
 
 
 def _inject(base: nn.Module, manifest: Manifest, recipe: Recipe) -> nn.Module:
-    from .inject import inject
-
-    return inject(
-        base,
-        recipe,
-        init=manifest.init,
-        input_size=manifest.input_size,
-        target=manifest.target,
-        allow_empty=True,
-    )
+    return _inject_on(base, recipe, manifest.init, manifest.input_size, manifest.target)
 
 
 def _check_against_file(
