@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_SHOWN", "shown"]
+__all__ = ["MAX_SHOWN", "cut", "shown"]
 
 MAX_SHOWN = 80  # characters of a value that an error message quotes
 
@@ -24,4 +24,10 @@ _repr.maxlong = 24
 def shown(value: Any, limit: int = MAX_SHOWN) -> str:
     """``repr(value)`` cut to ``limit`` characters, on one line."""
     text = _repr.repr(value).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """Plain ``text`` (a message, not a value) on one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
