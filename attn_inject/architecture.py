@@ -82,8 +82,8 @@ def first_difference(
         ours = dict((e[0], e) for e in saved.modules)
         for entry in rebuilt.modules:
             if entry[0] and ours.get(entry[0]) != entry:
-                mine = ours.get(entry[0])
-                return f"{entry[0]}: {first} {_describe(mine, entry)}, {second} {_describe(entry, mine)}"
+                own = ours.get(entry[0])
+                return f"{entry[0]}: {first} {_describe(own, entry)}, {second} {_describe(entry, own)}"
         return None
     theirs = dict((e[0], e) for e in rebuilt.modules)
     for entry in saved.modules:
@@ -96,7 +96,7 @@ def first_difference(
         if entry[0] not in names_saved:
             return f"{entry[0]}: {first} nothing, {second} {_describe(entry, None)}"
     if saved.tensors:
-        mine, other_tensors = dict(saved.tensors), dict(rebuilt.tensors)
+        saved_tensors, other_tensors = dict(saved.tensors), dict(rebuilt.tensors)
         for name, shape in saved.tensors:
             if other_tensors.get(name) != shape:
                 got = other_tensors.get(name)
@@ -104,6 +104,6 @@ def first_difference(
                     f"{name}: {first} shape {shape}, {second} {'nothing' if got is None else f'shape {got}'}"
                 )
         for name, shape in rebuilt.tensors:
-            if name not in mine:
+            if name not in saved_tensors:
                 return f"{name}: {first} nothing, {second} shape {shape}"
     return None

@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "check_model_kwargs",
     "input_size_for",
+    "wrapper_of",
 ]
 
 BASE_ATTRIBUTE = "_attn_inject_base"  # (qualified name, builder kwargs), set by build_model
@@ -245,3 +246,15 @@ def build_for_planning(name: str, **kwargs: Any) -> nn.Module:
         raise
     except Exception:
         return build_model(name, device="cpu", **kwargs)
+
+
+def wrapper_of(model: nn.Module) -> str | None:
+    """For a model inside a DataParallel / DistributedDataParallel / torch.compile wrapper,
+    what to pass instead (``"a DataParallel wrapper; pass model.module"``); None otherwise."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        return f"a {type(model).__name__} wrapper; pass the model inside it: model.module"
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "a torch.compile wrapper (OptimizedModule); pass the model inside it: model._orig_mod"
+    return None

@@ -95,17 +95,11 @@ def versions() -> dict[str, str]:
 
 def refuse_wrapper(model: nn.Module, where: str) -> None:
     """A clear error for a model inside a DataParallel / DDP / torch.compile wrapper."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from .models import wrapper_of
 
-    if isinstance(model, (DataParallel, DistributedDataParallel)):
-        raise CheckpointError(
-            f"{where} got a {type(model).__name__} wrapper; pass the model inside it: model.module"
-        )
-    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-        raise CheckpointError(
-            f"{where} got a torch.compile wrapper (OptimizedModule); "
-            "pass the model inside it: model._orig_mod"
-        )
+    hint = wrapper_of(model)
+    if hint is not None:
+        raise CheckpointError(f"{where} got {hint}")
 
 
 def save(
