@@ -207,20 +207,6 @@ def _inject_on(
     return inject(base, recipe, init=init, input_size=input_size, target=target, allow_empty=True)
 
 
-def _rebuild_on_meta(
-    name: str,
-    kwargs: Mapping[str, Any],
-    recipe: Recipe,
-    init: str,
-    input_size: tuple[int, ...],
-    target: str,
-) -> nn.Module:
-    """``name(**kwargs)`` with ``recipe`` injected, on the meta device: nothing allocated."""
-    from .models import build_model
-
-    return _inject_on(build_model(name, device="meta", **kwargs), recipe, init, input_size, target)
-
-
 # --- reading: every field is untrusted --------------------------------------------------------
 
 
@@ -423,6 +409,23 @@ def _check_against_file(
             )
 
 
+def _check_base_against_file(
+    base: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: str | os.PathLike, what: str
+) -> None:
+    """Every tensor of the (meta) base model must be in the file with the same shape."""
+    wrong = [
+        f"{k}: file {shapes.get(k, 'nothing')}, model {tuple(t.shape)}"
+        for k, t in base.state_dict().items()
+        if shapes.get(k) != tuple(t.shape)
+    ]
+    if wrong:
+        shown_wrong = "; ".join(wrong[:3]) + ("; ..." if len(wrong) > 3 else "")
+        raise CheckpointError(
+            f"{path}: {what} does not fit the file's tensors ({len(wrong)} differ: {shown_wrong}); "
+            "the manifest does not describe these weights"
+        )
+
+
 def _version_drift(manifest: Manifest) -> str:
     changed = [
         f"{name} {shown(wrote, 40).strip(chr(39))} -> {now}"
@@ -444,6 +447,7 @@ def _checked_base(
     shapes = read_safetensors_shapes(path)
     if model is not None:
         refuse_wrapper(model, "load(model=...)")
+        _check_base_against_file(model, shapes, path, f"the model given ({type(model).__name__})")
         return manifest, recipe, model, shapes
     if manifest.base_model is None:
         raise CheckpointError(
@@ -456,14 +460,20 @@ def _checked_base(
         raise CheckpointError(f"{path}: manifest field 'base_model': {error}") from None
     what = f"{name} with {shown(dict(manifest.base_kwargs), 200)}"
     try:
-        twin = _rebuild_on_meta(
-            name, manifest.base_kwargs, recipe, manifest.init, manifest.input_size, manifest.target
-        )
+        twin_base = build_model(name, device="meta", **manifest.base_kwargs)
     except Exception as error:
         raise CheckpointError(
-            f"{path}: {what} cannot be built and injected on the meta device, where the file is checked "
-            f"before anything is allocated ({type(error).__name__}: {shown(str(error))}); "
+            f"{path}: {what} cannot be built on the meta device, where the file is checked before anything "
+            f"is allocated ({type(error).__name__}: {shown(str(error))}); "
             "pass the base model: attn_inject.load(path, model=...)"
+        ) from None
+    _check_base_against_file(twin_base, shapes, path, what)
+    try:
+        twin = _inject(twin_base, manifest, recipe)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: its recipe cannot be injected into {what} at input size {manifest.input_size} "
+            f"({type(error).__name__}: {shown(str(error))})"
         ) from None
     _check_against_file(twin, manifest, shapes, path, what)
     return manifest, recipe, build_model(name, **manifest.base_kwargs), shapes
