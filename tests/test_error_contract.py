@@ -54,7 +54,8 @@ def one_line_error(call) -> str:
         (
             RULE.replace("ratio: 8", "ratio: 1e9"),
             "rules[0].block.ratio: '1e9' is not allowed; must be a number >= 1 "
-            "(hidden width = channels / ratio) (YAML reads '1e9' as text, not a number; write it as 1000000000.0)",
+            "(hidden width = channels / ratio) "
+            "(YAML reads '1e9' as text, not a number; write it as 1000000000.0)",
         ),
         ("a: &a [*a]\n" + RULE, "an alias refers to a value that contains it"),
     ],
