@@ -26,6 +26,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .messages import cut
+
 __all__ = [
     "SAFETENSORS_SUFFIX",
     "TORCH_SUFFIXES",
@@ -162,7 +164,7 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
             raise CheckpointError(
                 f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"
             )
-        keys = [str(k) for k in obj]
+        keys = [cut(str(k), 80) for k in obj]
         seen = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "(none)"
         raise CheckpointError(
             f"{source} holds no state dict: top-level keys are {seen}; looked for a mapping of tensors "
@@ -233,7 +235,7 @@ def check_fits(
 def _count(names: list[str], one: str, many: str) -> str:
     if not names:
         return ""
-    shown = ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+    shown = ", ".join(cut(n, 160) for n in names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
     return f"{len(names)} {one if len(names) == 1 else many} ({shown})"
 
 

@@ -37,7 +37,7 @@ from .checkpoint import (
     read_state_dict,
     write_safetensors,
 )
-from .messages import shown
+from .messages import cut, shown
 from .recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
 
 __all__ = ["FORMAT", "Manifest", "load", "read_manifest", "save"]
@@ -414,7 +414,7 @@ def _check_base_against_file(
 ) -> None:
     """Every tensor of the (meta) base model must be in the file with the same shape."""
     wrong = [
-        f"{k}: file {shapes.get(k, 'nothing')}, model {tuple(t.shape)}"
+        cut(f"{k}: file {shapes.get(k, 'nothing')}, model {tuple(t.shape)}", 160)
         for k, t in base.state_dict().items()
         if shapes.get(k) != tuple(t.shape)
     ]

@@ -223,6 +223,16 @@ def test_a_garbled_manifest_field_gets_one_line_naming_it(saved, tmp_path, case)
     assert info.value.__cause__ is None
 
 
+def test_a_huge_tensor_name_in_the_file_is_cut_in_the_message(saved, tmp_path):
+    tensors = safetensors.torch.load_file(saved)
+    tensors["x" * 100_000] = torch.zeros(1)
+    metadata = ai.checkpoint.read_safetensors_metadata(saved)
+    safetensors.torch.save_file(tensors, tmp_path / "x.safetensors", metadata=metadata)
+    with pytest.raises(ai.CheckpointError, match="1 unexpected key") as info:
+        ai.load(tmp_path / "x.safetensors")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+
+
 def test_manifest_that_is_not_json_or_not_an_object_is_refused(saved, tmp_path):
     tensors = safetensors.torch.load_file(saved)
     for text, says in (("{", "is not valid JSON"), ("[1]", "must be a JSON object"), ("[" * 100_000, "JSON")):
