@@ -138,9 +138,7 @@ def save(
     plan = info.plan
     saved = architecture(patched)
     if name is not None:
-        _check_rebuilds(
-            patched, saved, name, kwargs, plan.recipe, plan.init, tuple(plan.input_size), plan.target
-        )
+        _check_rebuilds(saved, name, kwargs, plan.recipe, plan.init, tuple(plan.input_size), plan.target)
     manifest = Manifest(
         base_model=name,
         base_kwargs=kwargs,
@@ -158,7 +156,6 @@ def save(
 
 
 def _check_rebuilds(
-    patched: nn.Module,
     saved: Architecture,
     name: str,
     kwargs: dict[str, Any],
@@ -183,15 +180,17 @@ def _check_rebuilds(
             f"will rebuild this model ({type(error).__name__}: {shown(str(error))}); {fix}"
         ) from None
     names = ("this model has", "the rebuilt one")
-    diff = first_difference(saved, architecture(base), names=names, partial=True)
-    if diff is None:
-        try:
-            rebuilt = _inject_on(base, recipe, init, input_size, target)
-        except Exception as error:
+    try:
+        rebuilt = _inject_on(base, recipe, init, input_size, target)
+    except Exception as error:
+        # Most often the base itself differs (in_chans): say where, else why injection failed.
+        diff = first_difference(saved, architecture(base), names=names, partial=True)
+        if diff is None:
             raise CheckpointError(
                 f"cannot save: {name} with {given}, rebuilt on the meta device, does not take the recipe "
                 f"({type(error).__name__}: {shown(str(error))}); {fix}"
             ) from None
+    else:
         diff = first_difference(saved, architecture(rebuilt), names=names)
     if diff is not None:
         raise CheckpointError(
