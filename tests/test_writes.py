@@ -26,8 +26,9 @@ def leftovers(folder: pathlib.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
-# A process that writes OUT and stops mid-write (after the data, before the rename) until
-# signalled; READY is touched once the temporary file is complete on disk.
+# A process that writes OUT and stops mid-write (after the data, before the move into place)
+# until a file "go" appears next to READY, or it is signalled; READY is touched once the
+# temporary file is complete on disk.
 STALLED_WRITER = textwrap.dedent(
     """
     import pathlib, sys, time
@@ -35,8 +36,11 @@ STALLED_WRITER = textwrap.dedent(
     real = safetensors.torch.save_file
     def stalled(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
-        pathlib.Path(sys.argv[2]).touch()
-        time.sleep(120)
+        ready = pathlib.Path(sys.argv[2])
+        ready.touch()
+        deadline = time.monotonic() + 120
+        while not (ready.parent / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
     safetensors.torch.save_file = stalled
     mode, out = sys.argv[1], sys.argv[3]
     if mode == "convert":
@@ -44,34 +48,60 @@ STALLED_WRITER = textwrap.dedent(
         sys.exit(main(["convert", "--model", "timm:resnet10t", "--checkpoint", sys.argv[4],
                        "--recipe", "se_resnet", "--out", out, "--input-size", "3", "64", "64"]))
     import torch
-    from attn_inject.checkpoint import write_safetensors
-    write_safetensors(out, {"w": torch.zeros(1000, 1000)}, {})
+    from attn_inject.checkpoint import CheckpointError, write_safetensors
+    try:
+        write_safetensors(out, {"w": torch.zeros(1000, 1000)}, {"writer": sys.argv[2]})
+    except CheckpointError as error:
+        sys.exit(f"refused: {error}")
+    print("wrote", out)
     """
 )
 
 
-def stalled_writer(tmp_path: pathlib.Path, mode: str, *extra: str) -> subprocess.Popen:
-    ready = tmp_path / "ready"
-    process = subprocess.Popen(
-        [sys.executable, "-c", STALLED_WRITER, mode, str(ready), str(tmp_path / "out.safetensors"), *extra],
+def start_stalled_writer(
+    tmp_path: pathlib.Path, mode: str, *extra: str, ready: str = "ready"
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            STALLED_WRITER,
+            mode,
+            str(tmp_path / ready),
+            str(tmp_path / "out.safetensors"),
+            *extra,
+        ],
         cwd=ROOT,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def wait_until_stalled(process: subprocess.Popen, ready: pathlib.Path) -> None:
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
         assert time.monotonic() < deadline, "the writer never got to the write"
         time.sleep(0.05)
+
+
+def stalled_writer(tmp_path: pathlib.Path, mode: str, *extra: str) -> subprocess.Popen:
+    process = start_stalled_writer(tmp_path, mode, *extra)
+    wait_until_stalled(process, tmp_path / "ready")
     return process
 
 
-def test_sigterm_during_convert_leaves_no_file(tmp_path):
-    checkpoint = tmp_path / "in.pth"
+def resnet10t_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     import timm
 
+    checkpoint = tmp_path / "in.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), checkpoint)
-    process = stalled_writer(tmp_path, "convert", str(checkpoint))
+    return checkpoint
+
+
+def test_sigterm_during_convert_leaves_no_file(tmp_path):
+    process = stalled_writer(tmp_path, "convert", str(resnet10t_checkpoint(tmp_path)))
     assert len(leftovers(tmp_path)) == 1  # the complete temporary file, not yet renamed
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == -signal.SIGTERM  # ended by the signal, as asked
@@ -107,6 +137,24 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert leftovers(tmp_path) == sorted([live.name, other.name])
     assert stale not in leftovers(tmp_path)
     assert remove_stale_temporaries(tmp_path / "out.safetensors") == []
+
+
+def test_two_writer_processes_past_the_existence_check_never_both_write(tmp_path):
+    # What two converts to one --out do at their last step: both found OUT absent and wrote
+    # their temporary file; then both move it into place.
+    first = start_stalled_writer(tmp_path, "write", ready="ready1")
+    second = start_stalled_writer(tmp_path, "write", ready="ready2")
+    wait_until_stalled(first, tmp_path / "ready1")
+    wait_until_stalled(second, tmp_path / "ready2")
+    (tmp_path / "go").touch()
+    results = [(p.wait(timeout=120), *p.communicate()) for p in (first, second)]
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    (winner,) = [out for code, out, _ in results if code == 0]
+    (loser,) = [err.strip() for code, _, err in results if code == 1]
+    assert winner.startswith("wrote") and loser.endswith("out.safetensors exists; pass --force to overwrite")
+    metadata = safetensors.safe_open(tmp_path / "out.safetensors", "pt").metadata()
+    assert metadata["writer"] == str(tmp_path / ("ready1" if results[0][0] == 0 else "ready2"))
+    assert leftovers(tmp_path) == []
 
 
 def test_a_file_appearing_mid_write_is_not_overwritten_without_force(tmp_path, monkeypatch):
