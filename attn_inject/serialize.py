@@ -114,7 +114,8 @@ def save(
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
     name the base model when the patched model cannot tell (a torchvision model you built
     yourself: ``model_name="tv:resnet18"``; a timm model built with ``global_pool="max"``:
-    ``model_kwargs={"global_pool": "max"}``).
+    ``model_kwargs={"global_pool": "max"}``). ``model_name=""`` records no name: the file is
+    then loaded with ``load(path, model=...)``.
 
     The model named is rebuilt on the meta device and compared with ``patched``; if they
     differ the file is not written and the error says where."""
@@ -127,8 +128,8 @@ def save(
         raise CheckpointError(
             "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
         )
-    name = model_name or getattr(info, "base_model", None)
-    recorded = dict(getattr(info, "base_kwargs", ()) or ()) if not model_name else {}
+    name = getattr(info, "base_model", None) if model_name is None else model_name or None
+    recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
     try:
         kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
     except ModelKwargsError as error:
@@ -167,7 +168,8 @@ def _check_rebuilds(
     """Refuse to save what ``name(**kwargs)`` + the recipe would not rebuild."""
     fix = (
         "pass the arguments it was built with: ai.save(model, path, model_kwargs={...}), "
-        "or build it with attn_inject.models.build_model, which records them"
+        "or build it with attn_inject.models.build_model, which records them, "
+        'or save it unnamed (model_name="") and load it with ai.load(path, model=...)'
     )
     from .models import build_model
 

@@ -76,6 +76,12 @@ def test_save_refuses_a_timm_model_whose_arguments_it_cannot_know_until_they_are
     assert not list(tmp_path.iterdir())  # nothing written
     ai.save(patched, path, model_kwargs=kwargs)  # how the message says to fix it
     assert_same_network(ai.load(path), patched, kwargs)
+    assert 'model_name="")' in message and "ai.load(path, model=...)" in message  # the other way
+    ai.save(patched, tmp_path / "unnamed.safetensors", model_name="")
+    with pytest.raises(ai.CheckpointError, match="does not name its base model"):
+        ai.load(tmp_path / "unnamed.safetensors")
+    base = timm.create_model("resnet10t", **kwargs)
+    assert_same_network(ai.load(tmp_path / "unnamed.safetensors", model=base), patched, kwargs)
 
 
 def test_save_names_the_first_module_that_differs(tmp_path):
