@@ -219,3 +219,20 @@ def test_wrapped_models_are_refused_saying_what_to_pass(tmp_path, wrap, says):
     patched = ai.inject(model, "se_resnet", input_size=(3, 64, 64))
     with pytest.raises(ai.CheckpointError, match=says.replace("(", r"\(").replace(")", r"\)")):
         ai.save(wrap(patched), tmp_path / "m.safetensors")
+
+
+def test_a_ddp_wrapped_model_is_refused_saying_what_to_pass(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = timm.create_model("resnet10t").eval()
+        with pytest.raises(
+            ai.PlanError, match=r"got a DistributedDataParallel wrapper; pass .*: model\.module"
+        ):
+            ai.plan(torch.nn.parallel.DistributedDataParallel(model), "se_resnet", input_size=(3, 64, 64))
+        patched = ai.inject(model, "se_resnet", input_size=(3, 64, 64))
+        with pytest.raises(ai.CheckpointError, match=r"got a DistributedDataParallel wrapper"):
+            ai.save(torch.nn.parallel.DistributedDataParallel(patched), tmp_path / "m.safetensors")
+    finally:
+        dist.destroy_process_group()
