@@ -3,12 +3,13 @@ torchvision). Random init only: nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "ModelNameError",
     "base_model_of",
     "build_model",
+    "build_shapes_only",
     "check_model_kwargs",
     "input_size_for",
     "wrapper_of",
@@ -246,6 +248,46 @@ def build_for_planning(name: str, **kwargs: Any) -> nn.Module:
         raise
     except Exception:
         return build_model(name, device="cpu", **kwargs)
+
+
+def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
+    """``name`` with every parameter and buffer on the meta device: its architecture and
+    shapes, no weights. Built on the meta device; a builder that computes its layer widths
+    from tensor values (torchvision RegNet) is run on the CPU instead, each parameter and
+    buffer moved to the meta device as it is registered, before it is initialised."""
+    try:
+        return build_model(name, device="meta", **kwargs)
+    except (ModelNameError, ModelKwargsError):
+        raise
+    except Exception:
+        with _registered_on_meta():
+            return build_model(name, device="cpu", **kwargs)
+
+
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Move each parameter and buffer to the meta device as a module registers it."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer_on_meta(
+        module: nn.Module, name: str, buffer: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        register_buffer(module, name, buffer, persistent=persistent)
+        if buffer is not None:
+            module._buffers[name] = buffer.to("meta")
+
+    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign,assignment]
+    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
 def wrapper_of(model: nn.Module) -> str | None:

@@ -171,11 +171,11 @@ def _check_rebuilds(
         "or build it with attn_inject.models.build_model, which records them, "
         'or save it unnamed (model_name="") and load it with ai.load(path, model=...)'
     )
-    from .models import build_model
+    from .models import build_shapes_only
 
     given = shown(kwargs, 200)
     try:
-        base = build_model(name, device="meta", **kwargs)
+        base = build_shapes_only(name, **kwargs)
     except Exception as error:
         raise CheckpointError(
             f"cannot save: {name} with {given} cannot be built on the meta device to check that the file "
@@ -441,7 +441,7 @@ def _checked_base(
 ) -> tuple[Manifest, Recipe, nn.Module, Mapping[str, tuple[int, ...]]]:
     """The manifest, its recipe, and the base model to load into: ``model`` when given, else
     the model it names, built only after its meta-device twin has matched the file."""
-    from .models import ModelNameError, build_model, resolve
+    from .models import ModelNameError, build_model, build_shapes_only, resolve
 
     manifest = read_manifest(path)
     recipe = _recipe_of(manifest, path)
@@ -461,7 +461,7 @@ def _checked_base(
         raise CheckpointError(f"{path}: manifest field 'base_model': {error}") from None
     what = f"{name} with {shown(dict(manifest.base_kwargs), 200)}"
     try:
-        twin_base = build_model(name, device="meta", **manifest.base_kwargs)
+        twin_base = build_shapes_only(name, **manifest.base_kwargs)
     except Exception as error:
         raise CheckpointError(
             f"{path}: {what} cannot be built on the meta device, where the file is checked before anything "

@@ -11,9 +11,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
 
 import attn_inject as ai
-from attn_inject.models import build_model
+from attn_inject.models import build_model, build_shapes_only
+
+REGISTER_PARAMETER = torch.nn.Module.register_parameter
 
 ARGUMENTS = {
     "global_pool": {"num_classes": 10, "global_pool": "max"},
@@ -111,4 +114,22 @@ def test_a_head_replaced_after_injection_is_caught_at_save(tmp_path):
     ):
         ai.save(patched, tmp_path / "m.safetensors")
     ai.save(patched, tmp_path / "m.safetensors", model_kwargs={"num_classes": 7})
+    assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, {})
+
+
+def test_a_model_whose_builder_needs_real_tensors_is_checked_without_allocating_its_weights(tmp_path):
+    # torchvision RegNet computes its widths from tensor values: it cannot be built on meta.
+    with pytest.raises(NotImplementedError), torch.device("meta"):
+        torchvision.models.regnet_x_400mf()
+    shapes = build_shapes_only("tv:regnet_x_400mf")
+    assert {t.device.type for t in [*shapes.parameters(), *shapes.buffers()]} == {"meta"}
+    assert torch.nn.Module.register_parameter is REGISTER_PARAMETER  # put back
+    real = torchvision.models.regnet_x_400mf()
+    assert repr(shapes) == repr(real)
+    assert {k: v.shape for k, v in shapes.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
+    torch.manual_seed(0)
+    patched = patched_model(build_model("tv:regnet_x_400mf"), {})
+    ai.save(patched, tmp_path / "m.safetensors")
     assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, {})
