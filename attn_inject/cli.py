@@ -176,7 +176,7 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
     against the builder arguments that shape the architecture."""
     import yaml
 
-    from .messages import shown
+    from .messages import cut, shown
     from .models import ModelKwargsError, check_model_kwargs
 
     out = {}
@@ -190,7 +190,7 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
             problem = getattr(error, "problem", None) or "not a plain value"
             raise UsageError(
                 f"--model-kwargs {shown(pair)}: the value must be a number, a string, true/false or a "
-                f"list ({problem})"
+                f"list ({cut(problem, 100)})"
             ) from None
     try:
         return check_model_kwargs(out, "--model-kwargs")

@@ -58,7 +58,15 @@ ARCHITECTURE_KWARGS: dict[str, str] = {
     "min_size": "count",
     "max_size": "count",
     "trainable_backbone_layers": "count",
+    "patch_size": "count",
+    "embed_dim": "count",
+    "depth": "count",
+    "num_heads": "count",
     "img_size": "size",
+    "mlp_ratio": "factor",
+    "channel_multiplier": "factor",
+    "depth_multiplier": "factor",
+    "width_mult": "factor",
     "global_pool": "name",
     "act_layer": "name",
     "norm_layer": "name",
@@ -66,9 +74,14 @@ ARCHITECTURE_KWARGS: dict[str, str] = {
     "drop_rate": "rate",
     "drop_path_rate": "rate",
     "drop_block_rate": "rate",
+    "pos_drop_rate": "rate",
+    "proj_drop_rate": "rate",
+    "attn_drop_rate": "rate",
     "dropout": "rate",
     "attention_dropout": "rate",
     "features_only": "flag",
+    "class_token": "flag",
+    "qkv_bias": "flag",
     "aux_logits": "flag",
     "transform_input": "flag",
     "zero_init_residual": "flag",
@@ -80,6 +93,7 @@ _KINDS = {
     "size": "an integer or a list of 2 integers from 1 to 8192",
     "name": "a layer name (letters, digits, _; at most 64)",
     "rate": "a number from 0 to 1",
+    "factor": "a number above 0, at most 64",
     "flag": "true or false",
     "indices": "an integer or a list of up to 16 integers from -64 to 64",
     "flags": "a list of up to 8 true / false",
@@ -101,6 +115,9 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "rate":
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return number and math.isfinite(value) and 0 <= value <= 1
+    if kind == "factor":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value) and 0 < value <= 64
     if kind == "flag":
         return isinstance(value, bool)
     if kind == "indices":
