@@ -318,7 +318,7 @@ def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module
 
 
 def test_wrapped_models_are_refused_with_how_to_unwrap(build):
-    with pytest.raises(ai.InjectError, match=r"model\.module"):
+    with pytest.raises(ai.PlanError, match=r"model\.module"):
         ai.inject(nn.DataParallel(build("tv:resnet18")), "se_resnet")
 
 
