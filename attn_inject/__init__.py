@@ -17,7 +17,7 @@ from .graph.trace import TraceError
 from .inject import InjectError, inject
 from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
 from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, list_recipes, load_recipe
-from .rewrite import AttentionBlocks, InjectionInfo
+from .rewrite import InjectionInfo, find_blocks
 from .serialize import Manifest, load, read_manifest, save
 from .validate import ValidationError, ValidationReport, validate
 
@@ -25,7 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
-    "AttentionBlocks",
     "BlockParamError",
     "BlockSpec",
     "CheckpointError",
@@ -64,7 +63,7 @@ def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
     in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
     if getattr(patched, "attn_inject", None) is None:
         raise ValueError("not a patched model: it has no attn_inject plan")
-    return {name: m for name, m in patched.named_modules() if getattr(m, "_attn_inject_block", False)}
+    return find_blocks(patched)
 
 
 def block_parameters(patched: nn.Module) -> Iterator[nn.Parameter]:

@@ -258,7 +258,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
     report = validate(model, patched, input_size=args.input_size)
     plan = _plan_of(patched)
-    text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
+    kept = "keeps its class" if type(patched) is type(model) else "became a GraphModule"
+    owners = sorted({p.owner for p in plan if p.attach == "graph"})
+    surgery = (
+        f"{type(model).__name__} {kept}; modules rewritten: {', '.join(owners) or 'none'}; "
+        f"blocks appended to a Sequential: {sum(p.attach == 'append' for p in plan)}"
+    )
+    text = (
+        f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n"
+        f"{surgery}\n{report}"
+    )
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
 

@@ -10,14 +10,13 @@ from torch import nn
 from .models import base_model_of
 from .plan import analyse
 from .recipe import Recipe
-from .rewrite import rewrite
-from .targets import get_target, replace_submodule
+from .rewrite import RewriteError, rewrite
 
 __all__ = ["InjectError", "inject"]
 
 
 class InjectError(ValueError):
-    """The recipe matched nothing in the model."""
+    """The recipe matched nothing in the model, or the model cannot be patched as it is."""
 
 
 def inject(
@@ -29,22 +28,23 @@ def inject(
     input_size: Sequence[int] | None = None,
     target: str | None = None,
 ) -> nn.Module:
-    """Return ``model`` with the recipe's attention blocks inserted.
+    """Return ``model`` with the recipe's attention blocks inserted where they act.
 
-    The patched model shares the original's modules and weights (no copy; the original
-    model is not changed and still runs as before). With ``init="identity"`` (the recipes'
-    default) it computes exactly what the original did until the blocks learn. ``init``
-    overrides the recipe's; ``input_size`` (C, H, W) is used for shape inference only.
+    The result is the user's model: same class, same methods, same code, except the modules
+    that hold an insertion point. Each block is a child of the module it acts in
+    (``layer1.0.se``, ``layer1.cbam``); modules on the path to a changed one are shallow
+    copies, everything else (weights included) is shared with ``model``, which is not
+    changed. With ``init="identity"`` (the recipes' default) the result computes exactly
+    what the original did until the blocks learn. ``init`` overrides the recipe's;
+    ``input_size`` (C, H, W) is used for shape inference only; ``target`` (default: the
+    recipe's; for torchvision detection and segmentation models their backbone) plans only
+    in that submodule. ``result.attn_inject`` holds the plan; injecting into a patched
+    model adds the new recipe's points to it.
 
-    ``target`` (default: the recipe's; for torchvision detection and segmentation models
-    their backbone) patches only that submodule: the result is then a shallow copy of
-    ``model`` with the patched submodule (an ``fx.GraphModule``) in its place. Without a
-    target the result is the patched ``fx.GraphModule`` itself. Either way
-    ``result.attn_inject`` holds the plan.
-
-        >>> patched = inject(timm.create_model("resnet50"), "cbam_after_every_stage")
-        >>> patched.attention            # the new blocks, one per insertion point
+        >>> patched = inject(timm.create_model("resnet50"), "se_resnet")
+        >>> patched.layer1[0].se             # the new block, where timm's seresnet50 has it
     """
+    model = unwrap(model)
     graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
     if not plan.points and not allow_empty:
         reasons = sorted({s.reason for s in plan.skipped})[:3]
@@ -52,12 +52,22 @@ def inject(
         positions = ", ".join(sorted({r.at for r in plan.recipe.rules}))
         raise InjectError(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
-            f"(positions: {positions}){why}. "
-            "Pass allow_empty=True to accept an unchanged model."
+            f"(positions: {positions}){why}. Pass allow_empty=True to accept an unchanged model."
         )
-    patched = rewrite(graph.graph, plan, get_target(model, plan.target), base_model_of(model))
-    if not plan.target:
-        return patched
-    outer = replace_submodule(model, plan.target, patched)
-    outer.attn_inject = patched.attn_inject
-    return outer
+    try:
+        return rewrite(model, graph, plan, base_model_of(model))
+    except RewriteError as error:
+        raise InjectError(str(error)) from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / DDP / ``torch.compile`` wrappers: patch that one."""
+    if isinstance(model, nn.parallel.DataParallel | nn.parallel.DistributedDataParallel):
+        raise InjectError(
+            f"{type(model).__name__} wraps the model: inject into model.module, then wrap the result again"
+        )
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise InjectError(
+            "a torch.compile'd model: inject into model._orig_mod, then torch.compile the result"
+        )
+    return model

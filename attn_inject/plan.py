@@ -29,9 +29,20 @@ from .graph.shapes import tensor_meta
 from .graph.stages import Stage, find_stages
 from .graph.trace import OpaqueModule, tracing_strategy
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
+from .scopes import place
 from .targets import default_target, get_target, target_input_size
 
-__all__ = ["InsertionPoint", "Plan", "PlanError", "SkippedPoint", "build_plan", "default_input_size", "plan"]
+__all__ = [
+    "InsertionPoint",
+    "Plan",
+    "PlanError",
+    "SkippedPoint",
+    "build_plan",
+    "default_input_size",
+    "merge_plans",
+    "place_points",
+    "plan",
+]
 
 BATCH = 2  # two samples: batch norm in training mode refuses one value per channel
 
@@ -43,7 +54,7 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class InsertionPoint:
     """One block to insert: ``block`` on the output of fx node ``node``, read by ``consumers``
-    (``None``: every user). ``key`` is the block's name under ``patched.attention``.
+    (``None``: every user). ``key`` is the block's qualified module name (``layer1.0.se``).
 
     ``layout`` is what the block acts on: "NCHW" or "NHWC" maps (``shape`` (C, H, W) or
     (H, W, C)), or "tokens" (``shape`` (N, C)) with N = ``prefix`` + H' x W' (``grid``, None
@@ -76,6 +87,16 @@ class InsertionPoint:
             return self.layout
         front = f"{self.prefix}+" if self.prefix else ""
         return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}"
+
+    module: str = ""  # the module the block is a child of ('' is the model or its target)
+    block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
+    owner: str = ""  # the module whose forward runs it (rewritten), unless attach == "append"
+    attach: str = "graph"  # "graph": a call in owner's rewritten forward; "append": last child
+    scope_note: str = ""  # why a wider module than the block's own runs it, if one does
+
+    def qualified_key(self, target: str = "") -> str:
+        """The block's name from the model ``inject`` returned (its target included)."""
+        return f"{target}.{self.key}" if target else self.key
 
     def __str__(self) -> str:
         return (
@@ -173,9 +194,20 @@ class Plan(Sequence[InsertionPoint]):
 
     def table(self) -> str:
         """The plan as a plain-text table (with a layout column when a block is not on an
-        NCHW map)."""
+        NCHW map), and where each block lives."""
         layouts = any(p.layout != NCHW for p in self.points)
-        rows = [("#", "name", "position", "channels", *(("layout",) if layouts else ()), "block", "params")]
+        rows = [
+            (
+                "#",
+                "name",
+                "position",
+                "channels",
+                *(("layout",) if layouts else ()),
+                "block",
+                "params",
+                "lives in",
+            )
+        ]
         rows += [
             (
                 str(i),
@@ -185,6 +217,7 @@ class Plan(Sequence[InsertionPoint]):
                 *((p.layout_text,) if layouts else ()),
                 str(p.block),
                 f"{p.params:,}",
+                p.key,
             )
             for i, p in enumerate(self.points)
         ]
@@ -320,15 +353,13 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
     return not any(re.search(p, candidate.name) for p in rule.exclude)
 
 
-def _unique_key(name: str, position: str, taken: set[str]) -> str:
-    base = re.sub(r"\W", "_", f"{name}_{position}" if name else position)
-    if base[0].isdigit():
-        base = "_" + base
-    key, n = base, 2
-    while key in taken:
-        key, n = f"{base}_{n}", n + 1
-    taken.add(key)
-    return key
+def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
+    """Whether a block of an earlier injection already sits on the candidate's edge."""
+    nodes = [candidate.node, *(candidate.consumers or ())]
+    return any(
+        node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
+        for node in nodes
+    )
 
 
 def build_plan(
@@ -375,6 +406,17 @@ def build_plan(
             if reason:
                 skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
                 continue
+            if _earlier_block(candidate, graph):
+                skipped.append(
+                    SkippedPoint(
+                        candidate.name,
+                        rule.at,
+                        candidate.node.name,
+                        r,
+                        "a block of an earlier injection already acts on this edge",
+                    )
+                )
+                continue
             if candidate.edge in taken:
                 skipped.append(
                     SkippedPoint(
@@ -389,7 +431,6 @@ def build_plan(
             taken[candidate.edge] = r
             chosen.append((graph.index[candidate.node], r, candidate, rule))
     chosen.sort(key=lambda item: item[:2])
-    keys: set[str] = set()
     points = []
     for _, r, candidate, rule in chosen:
         t, channels = tensor_meta(candidate.node), candidate.channels
@@ -407,7 +448,7 @@ def build_plan(
             shape=shape,
             stage=stage_index(graph, stages, candidate.anchor),
             rule=r,
-            key=_unique_key(candidate.name, rule.at, keys),
+            key="",  # set by place_points
             layout=str(candidate.layout),
             prefix=grid.prefix if grid is not None else 0,
             grid=(grid.height, grid.width) if grid is not None else None,
@@ -473,7 +514,59 @@ def plan_prepared(prepared: Prepared, recipe: Recipe, init: str | None = None) -
     result = build_plan(
         prepared.graph, list(prepared.stages), recipe, init, prepared.model_name, prepared.base_params
     )
-    return dataclasses.replace(result, target=prepared.target)
+    return dataclasses.replace(result, target=prepared.target, points=place_points(prepared.graph, result))
+
+
+def place_points(graph: AnnotatedGraph, result: Plan) -> tuple[InsertionPoint, ...]:
+    """The plan's points with the module each block lives in and the module that runs it
+    (:mod:`attn_inject.scopes`)."""
+    by_name = {node.name: node for node in graph.graph.nodes}
+    edges = [
+        (by_name[p.node], None if p.consumers is None else [by_name[c] for c in p.consumers]) for p in result
+    ]
+    names = [result.recipe.rules[p.rule].block_name for p in result]
+    placements = place(graph.root, graph, edges, names)
+    return tuple(
+        dataclasses.replace(
+            point,
+            key=placement.key,
+            module=placement.module,
+            block_name=placement.name,
+            owner=placement.owner,
+            attach=placement.attach,
+            scope_note=placement.note,
+        )
+        for point, placement in zip(result, placements, strict=True)
+    )
+
+
+def merge_plans(plans: Sequence[Plan]) -> Plan:
+    """The plans of successive injections into one model as one plan: every point in order,
+    the recipes' rules one after the other (each point's ``rule`` index shifted to match)."""
+    first = plans[0]
+    points: list[InsertionPoint] = []
+    skipped: list[SkippedPoint] = []
+    rules: list[Rule] = []
+    for p in plans:
+        points += [dataclasses.replace(pt, rule=pt.rule + len(rules)) for pt in p.points]
+        skipped += [dataclasses.replace(sk, rule=sk.rule + len(rules)) for sk in p.skipped]
+        rules += p.recipe.rules
+    inits = {p.init for p in plans}
+    recipe = Recipe(
+        name=" + ".join(p.recipe.name for p in plans),
+        rules=tuple(rules),
+        init=first.init if len(inits) == 1 else "mixed",
+        description="successive injections",
+        source="<merged>",
+    )
+    return dataclasses.replace(
+        first,
+        points=tuple(points),
+        skipped=tuple(skipped),
+        recipe=recipe,
+        init=recipe.init,
+        opaque=tuple(o for p in plans for o in p.opaque),
+    )
 
 
 def analyse(

@@ -55,6 +55,7 @@ RULE_KEYS = (
     "exclude",
     "every",
     "channels_last",
+    "name",
 )
 CHANNELS_LAST = ("native", "skip")
 
@@ -91,6 +92,12 @@ class Rule:
     exclude: tuple[str, ...] = ()
     every: int = 1
     channels_last: str = "native"  # NHWC maps and token grids: blocks act on them "native"ly, or "skip"
+    name: str | None = None  # the block's attribute name in its module (default: its kind)
+
+    @property
+    def block_name(self) -> str:
+        """The name each block of this rule gets as a child of the module it acts in."""
+        return self.name or self.block.kind
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block": self.block.to_dict(), "at": self.at}
@@ -107,6 +114,8 @@ class Rule:
             out["every"] = self.every
         if self.channels_last != "native":
             out["channels_last"] = self.channels_last
+        if self.name is not None:
+            out["name"] = self.name
         return out
 
 
@@ -305,12 +314,16 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
         raise fail(
             f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"
         )
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not name.isidentifier() or len(name) > 64):
+        raise fail(f"{key}.name", "must be a Python identifier of at most 64 characters (e.g. se, attn)")
     return Rule(
         block=block,
         at=at,
         stages=stages,
         every=every,
         channels_last=channels_last,
+        name=name,
         min_channels=bounds["min_channels"],
         max_channels=bounds["max_channels"],
         include=patterns["include"],

@@ -1,54 +1,70 @@
-"""The rewrite pass: add each planned block as a module and a ``call_module`` node.
+"""The rewrite pass: local surgery.
 
-Following torch.ao's recipe: the blocks live in one ``nn.ModuleDict`` on the root
-(``patched.attention``), each node is created with ``graph.inserting_after(producer)``,
-the planned consumers are rewired to read it, then the graph is linted and recompiled.
-The original model's top-level modules, parameters, buffers and plain attributes are
-re-attached to the new module, so every original ``state_dict`` key stays and timm
-metadata (``pretrained_cfg``, ``num_classes``...) survives; the original model is not changed.
+Each planned block becomes a child of the module where it acts (``layer1.0.se``), as in a
+hand-built model. Only the modules that run a block change (see :mod:`attn_inject.scopes`):
+
+- an ``nn.Sequential`` whose output takes a block gets it appended as its last child;
+- a module whose forward holds a point is traced alone, the block is inserted following
+  torch.ao's recipe (``graph.inserting_after(producer)``, ``call_module``, rewire the planned
+  consumers, lint, recompile) and the module is replaced by that ``fx.GraphModule``, which
+  keeps the module's children, parameters, buffers, plain attributes and hooks.
+
+Every module on the path from the model to a changed module is a shallow copy (its other
+children, parameters and buffers are the original's), so the model passed in is not
+changed, every ``state_dict`` key stays, and everything else keeps its class and its code.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .blocks import accepts_init, create_block
-from .graph.layout import NHWC
-from .plan import Plan
+from .blocks import accepts_init, create_block, layout_kwargs
+from .graph.analysis import AnnotatedGraph
+from .graph.trace import HOOK_DICTS
+from .plan import InsertionPoint, Plan, merge_plans
+from .scopes import APPEND, ScopeTrace, _relative, extract_scope
 
-__all__ = ["AttentionBlocks", "InjectionInfo", "rewrite"]
+__all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
-CONTAINER = "attention"
+ANNOTATIONS = ("val", "layout", "tensor_meta")
 PRESERVED = "_user_preserved_attributes"  # GraphModule restores these on deepcopy
-ANNOTATIONS = ("val", "layout")
+BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 
 
-class AttentionBlocks(nn.ModuleDict):
-    """The inserted blocks of a patched model, keyed by insertion point."""
+class RewriteError(ValueError):
+    """A module that must be rewritten cannot be, e.g. a hook would be baked into its trace."""
 
 
 @dataclass(frozen=True)
 class InjectionInfo:
-    """What a patched model remembers: its plan (recipe, init, model name, input size) and
-    where its blocks live. ``patched.attn_inject`` holds it."""
+    """What a patched model remembers: the plan of each injection, in order (recipe, init,
+    model name, input size, where each block lives), and the base model's builder.
+    ``patched.attn_inject`` holds it."""
 
-    plan: Plan
-    container: str = CONTAINER
+    plans: tuple[Plan, ...]
     base_model: str | None = None  # e.g. "tv:resnet18": what ``ai.save`` records to rebuild it
     base_kwargs: tuple[tuple[str, Any], ...] = ()
 
     @property
-    def container_path(self) -> str:
-        """Where the blocks live, from the model ``inject`` returned (target included)."""
-        return f"{self.plan.target}.{self.container}" if self.plan.target else self.container
+    def plan(self) -> Plan:
+        """Every point of every injection, in order, as one plan."""
+        return self.plans[0] if len(self.plans) == 1 else merge_plans(self.plans)
 
     @property
     def block_keys(self) -> list[str]:
-        return [f"{self.container_path}.{p.key}" for p in self.plan]
+        """The inserted blocks' qualified names, from the model ``inject`` returned."""
+        return [p.qualified_key(plan.target) for plan in self.plans for p in plan]
+
+
+def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Every inserted block in ``model``, by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if getattr(m, BLOCK_FLAG, False)}
 
 
 def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -58,97 +74,112 @@ def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _container_name(model: nn.Module) -> str:
-    existing = getattr(model, CONTAINER, None)
-    if existing is None or isinstance(existing, AttentionBlocks):
-        return CONTAINER
-    name = "attn_inject_blocks"
-    if hasattr(model, name) and not isinstance(getattr(model, name), AttentionBlocks):
-        raise ValueError(f"{type(model).__name__} already has attributes {CONTAINER!r} and {name!r}")
-    return name
+def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted."""
+    extra = {"init": init} if accepts_init(point.block.kind) else {}
+    with torch.device(device):
+        block = create_block(
+            point.block.kind, point.channels, **point.block.params, **extra, **layout_kwargs(point)
+        )
+    block = block.to(dtype=dtype)
+    setattr(block, BLOCK_FLAG, True)
+    return block
 
 
-def build_blocks(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
-    blocks = {}
-    for point in plan:
-        extra = {"init": plan.init} if accepts_init(point.block.kind) else {}
-        with torch.device(device):
-            block = create_block(point.block.kind, point.channels, **point.block.params, **extra)
-        block = block.to(dtype=dtype)
-        # a leaf when the patched model is traced again (a plain attribute: nn.Module's
-        # __setattr__ is typed for tensors and modules only)
-        block._attn_inject_block = True  # type: ignore[assignment]
-        blocks[point.key] = block
-    return blocks
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing every child, parameter and buffer, with
+    its own registries of them (adding a child to it leaves the original alone). Hooks stay
+    shared: a hook the user registered before ``inject`` acts on both, and its handle's
+    ``remove()`` removes it from both."""
+    new = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, (dict, set)) and key.startswith("_") and key not in HOOK_DICTS:
+            new.__dict__[key] = copy.copy(value)
+    return new
 
 
-def rewrite(
-    graph: fx.Graph, plan: Plan, original: nn.Module, base: tuple[str, dict[str, Any]] | None = None
-) -> fx.GraphModule:
-    """Insert the planned blocks into ``graph`` (traced from ``original``) and return the
-    patched module, compiled once."""
-    container_name = _container_name(original)
-    container = AttentionBlocks(getattr(original, container_name, None))  # None or AttentionBlocks
-    device, dtype = _reference_tensor(original)
-    new_blocks = build_blocks(plan, device, dtype)
-    for key in new_blocks:
-        if key in container:
-            raise ValueError(f"the model already has a block named {container_name}.{key}")
-    container.update(new_blocks)
+class _Tree:
+    """The patched model under construction: modules on a changed path are copied once."""
 
-    by_name = {node.name: node for node in graph.nodes}
+    def __init__(self, model: nn.Module) -> None:
+        self.root = shallow_copy(model)
+        self.fresh = {id(self.root)}
+
+    def writable(self, path: str) -> nn.Module:
+        module = self.root
+        for part in path.split(".") if path else []:
+            child = module._modules[part]
+            assert child is not None
+            if id(child) not in self.fresh:
+                child = shallow_copy(child)
+                self.fresh.add(id(child))
+                module._modules[part] = child
+            module = child
+        return module
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        self.fresh.add(id(new))
+        if not path:
+            self.root = new
+            return
+        parent, _, name = path.rpartition(".")
+        self.writable(parent)._modules[name] = new
+
+
+def _all_but(reader: fx.Node) -> Callable[[fx.Node], bool]:
+    """A ``replace_all_uses_with`` filter keeping ``reader`` (the block's own input) as it is."""
+    return lambda user: user is not reader
+
+
+def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]) -> None:
+    """Add a ``call_module`` node for each point to the scope's own graph and rewire."""
+    graph = scope.graph
     # Edge insertions first: an all-users insertion on the same producer then wraps them.
-    ordered = sorted(plan, key=lambda p: p.consumers is None)
-    for point in ordered:
-        producer = by_name[point.node]
-        target = f"{container_name}.{point.key}"
-        with graph.inserting_after(producer):
-            if point.layout == NHWC:  # channels-last map: the block sees NCHW, permuted back after
-                to_nchw = graph.call_method("permute", (producer, 0, 3, 1, 2))
-                with graph.inserting_after(to_nchw):
-                    block = graph.call_module(target, (to_nchw,))
-                with graph.inserting_after(block):
-                    node = graph.call_method("permute", (block, 0, 2, 3, 1))
-                reads_producer = to_nchw
-            else:
-                node = reads_producer = graph.call_module(target, (producer,))
-        if point.consumers is None:
-            producer.replace_all_uses_with(
-                node, delete_user_cb=lambda user, reads=reads_producer: user is not reads
-            )
+    for point, producer_in_model, consumers_in_model in sorted(points, key=lambda p: p[2] is None):
+        producer = scope.node_map[producer_in_model]
+        target = point.key[len(scope.path) + 1 :] if scope.path else point.key
+        with graph.inserting_after(producer):  # the block acts on the point's layout natively
+            node = graph.call_module(target, (producer,))
+        if consumers_in_model is None:
+            producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
         else:
-            for consumer in point.consumers:
-                by_name[consumer].replace_input_with(producer, node)
-    for node in graph.nodes:
-        for key in ANNOTATIONS:
-            node.meta.pop(key, None)
-    holder = nn.Module()
-    _reattach(original, holder)
-    holder.add_module(container_name, container)
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            atom = str(node.target).split(".")[0]
-            if not hasattr(holder, atom):  # e.g. tensor constants the tracer stored on the model
-                setattr(holder, atom, getattr(original, atom))
-    gm = fx.GraphModule(holder, graph, type(original).__name__)
-    _reattach(holder, gm)
-    gm.training = original.training
+            for consumer in consumers_in_model:
+                scope.node_map[consumer].replace_input_with(producer, node)
     graph.lint()
+
+
+def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -> fx.GraphModule:
+    """``graph`` as a module that keeps ``original``'s children, parameters, buffers, plain
+    attributes and hooks, named after its class; ``extra`` are the new blocks and tensor
+    constants its graph uses, by name relative to ``original``."""
+    used: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            name = str(node.target)
+            used[name] = extra[name] if name in extra else _get_path(original, name)
+    gm = fx.GraphModule(used, graph, type(original).__name__)
+    _reattach(original, gm)
+    gm.training = original.training
     preserved = gm.meta.setdefault(PRESERVED, {})
     for key, value in vars(original).items():
         if not key.startswith("_") and key != "training" and not hasattr(gm, key):
             setattr(gm, key, value)
             preserved[key] = value
-    info = InjectionInfo(plan=plan, container=container_name)
-    if base is not None:  # the model's name and builder arguments, so it can be rebuilt
-        info = InjectionInfo(plan, container_name, base[0], tuple(sorted(base[1].items())))
-    gm.attn_inject = info  # type: ignore[assignment]  # a plain attribute, see build_blocks
-    preserved["attn_inject"] = info
+    for key in HOOK_DICTS:  # shared, as in shallow_copy: the user's handles keep working
+        if key in vars(original):
+            setattr(gm, key, vars(original)[key])
     return gm
 
 
+def _get_path(module: nn.Module, path: str) -> Any:
+    value: Any = module
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _reattach(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the source's own top-level modules, parameters and buffers (a
+    """Give ``target`` the source's own children, parameters and buffers, in their order (a
     GraphModule holds only those its graph uses, under plain containers)."""
     for name, child in source.named_children():
         setattr(target, name, child)
@@ -158,3 +189,71 @@ def _reattach(source: nn.Module, target: nn.Module) -> None:
     for name, buffer in source._buffers.items():
         if buffer is not None:
             target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+
+
+def _refuse_hooks(scope: ScopeTrace, where: str) -> None:
+    for name in scope.traced_through:
+        module = scope.module.get_submodule(name)
+        if any(getattr(module, key, None) for key in HOOK_DICTS):
+            full = f"{where}.{name}" if where else name
+            raise RewriteError(
+                f"module {full!r} has hooks, and its code is traced into the rewritten {where or 'model'}, "
+                "where they would not run: remove them before inject and register them on the patched model"
+            )
+
+
+def rewrite(
+    model: nn.Module,
+    graph: AnnotatedGraph,
+    plan: Plan,
+    base: tuple[str, dict[str, Any]] | None = None,
+) -> nn.Module:
+    """``model`` with the planned blocks inserted where ``plan`` places them. ``graph`` is the
+    whole trace of ``model`` (or of its ``plan.target``) the plan was made on."""
+    sub = model.get_submodule(plan.target) if plan.target else model
+    device, dtype = _reference_tensor(sub)
+    prefix = f"{plan.target}." if plan.target else ""
+    by_name = {node.name: node for node in graph.nodes}
+    calls = {c.path: c for c in graph.calls if not c.leaf}
+    tree = _Tree(model)
+
+    blocks = {point.key: build_block(point, plan.init, device, dtype) for point in plan}
+    owners: dict[str, list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]] = {}
+    for point in plan:
+        if point.attach != APPEND:
+            consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
+            owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
+    for owner, points in owners.items():
+        if owner:
+            scope = extract_scope(sub, graph, calls[owner])
+        else:
+            whole = fx.Graph()
+            copied: dict[fx.Node, fx.Node] = {}
+            whole.output(whole.graph_copy(graph.graph, copied))
+            for node in whole.nodes:
+                for key in ANNOTATIONS:
+                    node.meta.pop(key, None)
+            scope = ScopeTrace("", sub, whole, copied, tuple(c.path for c in graph.calls if not c.leaf))
+        _refuse_hooks(scope, prefix + owner)
+        _insert(scope, points)
+        own = {
+            _relative(key, owner): block
+            for key, block in blocks.items()
+            if not owner or key.startswith(owner + ".")
+        }
+        tree.replace(prefix + owner, _graph_module(scope.module, scope.graph, {**scope.constants, **own}))
+    for point in plan:
+        host = tree.writable(prefix + point.module)
+        host._modules[point.block_name] = blocks[point.key]
+        host.__dict__.pop(point.block_name, None)  # a plain attribute of that name (e.g. se = None)
+
+    patched = tree.root
+    earlier = getattr(model, "attn_inject", None)
+    plans = (*earlier.plans, plan) if isinstance(earlier, InjectionInfo) else (plan,)
+    if base is None and isinstance(earlier, InjectionInfo) and earlier.base_model:
+        base = (earlier.base_model, dict(earlier.base_kwargs))
+    info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
+    vars(patched)["attn_inject"] = info  # a plain attribute, not a module or a tensor
+    if isinstance(patched, fx.GraphModule):
+        patched.meta.setdefault(PRESERVED, {})["attn_inject"] = info
+    return patched

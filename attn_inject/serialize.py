@@ -1,10 +1,11 @@
 """``save`` / ``load``: a patched model as one safetensors file with a manifest.
 
-The file holds every weight of the patched model (the base model's keys unchanged, the
-blocks' under ``attention.``) and, in its metadata, a JSON manifest: the base model's name
-and builder arguments, the recipe's full text, init, target, input size, the plan, and the
-versions that wrote it. ``load`` rebuilds the base model by name (or takes the one given),
-injects again per the manifest, checks the plan is the same and loads the weights strictly.
+The file holds every weight of the patched model (the base model's keys unchanged, each
+block's under the module it acts in, e.g. ``layer1.0.se.``) and, in its metadata, a JSON
+manifest: the base model's name and builder arguments, each injection's recipe text, init,
+target and input size, the plan, the blocks' names, and the versions that wrote it.
+``load`` rebuilds the base model by name (or takes the one given), injects again per the
+manifest, checks the plan is the same and loads the weights strictly.
 Nothing is ever unpickled.
 """
 
@@ -45,17 +46,28 @@ class Manifest:
     input_size: tuple[int, ...]
     plan: Mapping[str, Any]
     versions: Mapping[str, str]
-    container: str = "attention"  # where the blocks' weights are: "<container>.<key>.*"
+    blocks: tuple[str, ...] = ()  # each block's qualified module name: its weights are "<name>.*"
+    injections: tuple[Mapping[str, Any], ...] = ()  # every injection: recipe, init, target, input_size
     format: int = FORMAT
 
     def to_json(self) -> str:
         out = asdict(self)
         out["input_size"] = list(self.input_size)
+        out["blocks"] = list(self.blocks)
+        out["injections"] = [dict(i) for i in self.injections]
         return json.dumps(out, sort_keys=True)
 
     @property
     def block_keys(self) -> list[str]:
-        return [p["key"] for p in self.plan.get("points", [])]
+        return list(self.blocks)
+
+    def steps(self) -> list[Mapping[str, Any]]:
+        """The injections to repeat, in order."""
+        if self.injections:
+            return list(self.injections)
+        return [
+            {"recipe": self.recipe, "init": self.init, "target": self.target, "input_size": self.input_size}
+        ]
 
 
 def versions() -> dict[str, str]:
@@ -107,7 +119,11 @@ def save(
         input_size=tuple(plan.input_size),
         plan=plan.to_dict(),
         versions=versions(),
-        container=info.container_path,
+        blocks=tuple(info.block_keys),
+        injections=tuple(
+            {"recipe": p.recipe.text, "init": p.init, "target": p.target, "input_size": list(p.input_size)}
+            for p in info.plans
+        ),
     )
     write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
@@ -152,11 +168,23 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             input_size=tuple(int(s) for s in data["input_size"]),
             plan=dict(data["plan"]),
             versions=dict(data["versions"]),
-            container=str(data["container"]),
+            blocks=tuple(str(b) for b in data["blocks"]),
+            injections=tuple(_injection(i) for i in data.get("injections", [])),
             format=fmt,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its attn-inject manifest lacks or garbles {error}") from None
+
+
+def _injection(data: Any) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise TypeError("injections")
+    return {
+        "recipe": str(data["recipe"]),
+        "init": str(data["init"]),
+        "target": str(data["target"]),
+        "input_size": tuple(int(s) for s in data["input_size"]),
+    }
 
 
 def build_base(manifest: Manifest, path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -185,17 +213,19 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
 
     manifest = read_manifest(path)
     base = build_base(manifest, path, model)
-    patched = inject(
-        base,
-        manifest.recipe,
-        init=manifest.init,
-        input_size=manifest.input_size,
-        target=manifest.target,
-        allow_empty=True,
-    )
+    patched = base
+    for step in manifest.steps():
+        patched = inject(
+            patched,
+            step["recipe"],
+            init=step["init"],
+            input_size=step["input_size"],
+            target=step["target"],
+            allow_empty=True,
+        )
     info = getattr(patched, "attn_inject", None)
     assert isinstance(info, InjectionInfo), "inject records its plan on the model it returns"
-    keys = [p.key for p in info.plan]
+    keys = info.block_keys
     if keys != manifest.block_keys:
         raise CheckpointError(
             f"{path}: injecting its recipe into {manifest.base_model or type(base).__name__} gives "
@@ -213,8 +243,8 @@ def load_base_weights(path: str | os.PathLike, model: nn.Module | None = None) -
     saved patched model is validated against."""
     manifest = read_manifest(path)
     base = build_base(manifest, path, model)
-    prefix = f"{manifest.container}."
-    tensors = {k: v for k, v in read_state_dict(path).items() if not k.startswith(prefix)}
+    prefixes = tuple(f"{b}." for b in manifest.blocks)
+    tensors = {k: v for k, v in read_state_dict(path).items() if not k.startswith(prefixes)}
     check_fits(base, tensors, source=f"checkpoint {path}")
     base.load_state_dict(tensors, strict=True)
     return base

@@ -13,6 +13,7 @@ from torch import nn
 
 from .graph.trace import eval_mode
 from .plan import count_params, default_input_size
+from .rewrite import find_blocks
 
 __all__ = ["ValidationError", "ValidationReport", "validate"]
 
@@ -148,10 +149,11 @@ def validate(
     relative = max_abs / scale if scale > 0 else max_abs
     added = count_params(patched) - count_params(original)
     # Identity holds while every blend is still 0 (at insertion; not after training).
-    blocks = patched.get_submodule(info.container)
-    identity_expected = info.plan.init == "identity" and all(
-        float(p.abs().max()) == 0 for name, p in blocks.named_parameters() if name.endswith("blend")
-    )
+    blends = [
+        [p for name, p in block.named_parameters() if name.endswith("blend")]
+        for block in find_blocks(patched).values()
+    ]
+    identity_expected = all(b and all(float(p.abs().max()) == 0 for p in b) for b in blends)
     return ValidationReport(
         device=str(target) if target.type != "cuda" else f"cuda ({torch.cuda.get_device_name(target)})",
         input_shape=(batch, *tuple(size)),

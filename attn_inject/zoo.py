@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -52,6 +53,9 @@ class ZooRecord:
     identity: str = ""
     identity_rel_diff: float | None = None
     seconds: float = 0.0
+    keeps_class: bool | None = None  # None: no block; False: the planned module itself is rewritten
+    rewritten: int = 0  # modules whose forward is rewritten (the rest keep their code)
+    class_reason: str = ""  # why the planned module itself is rewritten
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -249,12 +253,33 @@ def sweep_model(
                 token_points=sum(1 for point in p if point.layout == "tokens"),
                 params_added=p.params_added,
                 seconds=time.perf_counter() - t0,
+                **_class_kept(p),
             )
         )
     if identity_check:
         rows = _check_identity(name, rows, plans, prepared.base_params, identity_max_params, target)
     seconds = time.perf_counter() - start
     return ModelResult(source, bare, tuple(rows), seconds)
+
+
+class _ClassKept(TypedDict, total=False):
+    keeps_class: bool
+    rewritten: int
+    class_reason: str
+
+
+def _class_kept(plan) -> _ClassKept:
+    """Whether the planned model (or target) keeps its class: no point is run by its own
+    rewritten forward; and if not, why (the first scope note)."""
+    if not plan.points:
+        return _ClassKept()
+    owners = {p.owner for p in plan if p.attach == "graph"}
+    root = [p for p in plan if p.attach == "graph" and p.owner == ""]
+    reason = ""
+    if root:
+        notes = [p.scope_note for p in root if p.scope_note]
+        reason = notes[0][:200] if notes else "a point lies in the model's own forward"
+    return _ClassKept(keeps_class=not root, rewritten=len(owners), class_reason=reason)
 
 
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:

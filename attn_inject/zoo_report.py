@@ -185,6 +185,7 @@ def write_markdown(
         rows,
     )
     lines += _stage_summary(models)
+    lines += _class_summary(models)
     lines += _agreement_summary(models)
     lines += _residual_summary(models)
     lines += _identity_summary(models)
@@ -237,6 +238,30 @@ def _uncovered(models) -> list[str]:
         *_table(["model", "recipe", "reason"], rows),
         "",
     ]
+
+
+def _class_summary(models) -> list[str]:
+    """How many models that get a block keep their class, and why the others do not."""
+    with_block = [v for v in models.values() if any(r.keeps_class is not None for r in v)]
+    kept = [v for v in with_block if all(r.keeps_class is not False for r in v)]
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for v in with_block:
+        lost = [r for r in v if r.keeps_class is False]
+        if lost:
+            reason = re.sub(r"\d+", "N", lost[0].class_reason)
+            reasons[reason].append(f"{v[0].source}:{v[0].model}")
+    lines = [
+        f"**The model keeps its class** (no block in its own forward code, under every recipe): "
+        f"{len(kept)} of {len(with_block)} models that get a block ({_pct(len(kept), len(with_block))}).",
+        "",
+    ]
+    if reasons:
+        rows = [
+            (reason, len(names), ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+            for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1]))
+        ]
+        lines += ["Why the others do not:", "", *_table(["reason", "models", "e.g."], rows)]
+    return lines
 
 
 def _agreement_summary(models) -> list[str]:

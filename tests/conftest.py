@@ -35,3 +35,10 @@ def meta_model(name: str) -> torch.nn.Module:
         if source == "tv":
             return torchvision.models.get_model(bare, weights=None)
         return timm.create_model(bare, pretrained=False)
+
+
+def blocks_of(patched: torch.nn.Module) -> torch.nn.ModuleDict:
+    """The inserted blocks of a patched model as one ModuleDict (dots in names become '/')."""
+    import attn_inject as ai
+
+    return torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ai.inserted_blocks(patched).items()})

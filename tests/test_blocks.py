@@ -103,7 +103,7 @@ def cbam_reference(x, block, order=("max", "mean"), channel="fc", bn=None):
             mx, block.channel.fc1, block.channel.fc2
         )
     else:
-        w = block.channel.channel_conv.conv.weight.reshape(-1)
+        w = block.channel.channel_conv.weight.reshape(-1)
         logits = conv1d_channels_reference(avg, w) + conv1d_channels_reference(mx, w)
     x1 = x * torch.sigmoid(logits)[:, :, None, None]
     pooled = {"max": x1.amax(1, keepdim=True), "mean": x1.mean(1, keepdim=True)}

@@ -72,7 +72,9 @@ def test_converted_checkpoint_loads_back_and_computes_what_the_original_did(
     assert torch.equal(outputs(patched), outputs(resnet18))
     keys = set(patched.state_dict())
     assert set(resnet18.state_dict()) <= keys
-    assert {k for k in keys - set(resnet18.state_dict())} == {k for k in keys if k.startswith("attention.")}
+    blocks = tuple(f"{b}." for b in ai.inserted_blocks(patched))
+    assert blocks == tuple(f"layer{i}.{j}.se." for i in (1, 2, 3, 4) for j in (0, 1))
+    assert {k for k in keys - set(resnet18.state_dict())} == {k for k in keys if k.startswith(blocks)}
 
 
 def test_manifest_records_model_recipe_plan_and_versions(tmp_path, checkpoints):
@@ -94,7 +96,7 @@ def test_save_and_load_in_python_including_a_custom_architecture(tmp_path):
     named = build_model("timm:resnet18", num_classes=5).eval()
     patched = ai.inject(named, "cbam_after_every_stage", input_size=SIZE)
     with torch.no_grad():  # a trained state: blends away from 0
-        for block in patched.attention.values():
+        for block in ai.inserted_blocks(patched).values():
             block.channel.blend.fill_(0.5)
     ai.save(patched, tmp_path / "named.safetensors")
     again = ai.load(tmp_path / "named.safetensors")

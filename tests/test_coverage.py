@@ -117,10 +117,13 @@ def test_detection_model_gets_its_backbone_by_default_and_stays_unchanged():
     assert plan.target == "backbone.body"
     assert [p.channels for p in plan] == [24, 40, 112, 960]  # MobileNetV3-Large stage widths
     assert type(patched) is type(model) and patched is not model
-    assert model.backbone.body is not patched.backbone.body and not hasattr(model.backbone.body, "attention")
+    assert model.backbone.body is not patched.backbone.body
+    assert not any(getattr(m, "_attn_inject_block", False) for m in model.modules())
     new_keys = set(patched.state_dict()) - keys
     assert keys <= set(patched.state_dict())
-    assert new_keys and all(k.startswith("backbone.body.attention.") for k in new_keys)
+    blocks = list(ai.inserted_blocks(patched))
+    assert len(blocks) == 4 and all(b.startswith("backbone.body.") for b in blocks)
+    assert new_keys and all(k.startswith(tuple(f"{b}." for b in blocks)) for k in new_keys)
     assert sum(p.numel() for p in ai.block_parameters(patched)) == plan.params_added
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
@@ -152,7 +155,10 @@ def test_target_argument_and_recipe_key_limit_the_plan_to_a_submodule(build):
     assert plan.target == "layer3" and [p.name for p in plan] == ["0", "1"] and plan[0].channels == 256
     recipe = {"name": "in_layer3", "target": "layer3", "rules": [{"block": "se", "at": "residual_branch"}]}
     patched = ai.inject(model, recipe, input_size=(128, 16, 16))
-    assert isinstance(patched, torchvision_resnet()) and len(patched.layer3.attention) == 2
+    assert isinstance(patched, torchvision_resnet()) and list(ai.inserted_blocks(patched)) == [
+        "layer3.0.se",
+        "layer3.1.se",
+    ]
     x = torch.randn(2, *SIZE)
     assert torch.equal(patched(x), model(x))
     assert ai.plan(model, recipe, target="", input_size=SIZE).target == ""  # the caller's target wins
@@ -219,7 +225,7 @@ def test_several_all_user_insertions_each_wrap_only_their_own_producer():
         ]
     }
     patched = ai.inject(model, recipe, init="paper", input_size=SIZE)
-    blocks = patched.attention
+    blocks = {p.name + "_" + p.position: patched.get_submodule(p.key) for p in patched.attn_inject.plan}
     assert sorted(blocks) == ["add_post_block", "down_conv_output", "stem_conv_output"]
     x = torch.randn(2, *SIZE)
 

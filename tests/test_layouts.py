@@ -117,7 +117,7 @@ def test_every_block_compiles_with_torchscript_and_matches_eager(kind, params, i
 
 def test_cbam_channel_modes_keep_their_own_state_dict_keys():
     assert sorted(ai.create_block("cbam", 32, channel="conv").state_dict()) == [
-        "channel.channel_conv.conv.weight",
+        "channel.channel_conv.weight",
         "spatial.conv.weight",
     ]
     assert "channel.fc1.weight" in ai.create_block("cbam", 32, channel="fc").state_dict()

@@ -30,22 +30,24 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-class ChannelConv(nn.Module):
-    """The 1-D convolution across channels shared by ECA and CBAM's ``channel="conv"``."""
+class ChannelConv(nn.Conv1d):
+    """The 1-D convolution across channels shared by ECA and CBAM's ``channel="conv"``: a
+    ``Conv1d(1, 1, k)`` without bias, so its weight is ``conv.weight`` as in timm's
+    ``EcaModule`` (``ecaresnet50d`` checkpoints load as they are)."""
 
     def __init__(self, channels: int, kernel_size: int | None, gamma: float, b: float) -> None:
-        super().__init__()
         check.positive_number("gamma", gamma)
         check.number("b", b)
         if kernel_size is None:
             kernel_size = eca_kernel_size(channels, gamma, b)
         else:
             check.odd_int("kernel_size", kernel_size)
-        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        super().__init__(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, C, 1, 1) or (N, 1, 1, C) pooled descriptors -> logits of the same shape."""
-        return self.conv(pooled.reshape(pooled.shape[0], 1, -1)).reshape(pooled.shape)
+        flat = pooled.reshape(pooled.shape[0], 1, -1)
+        return self._conv_forward(flat, self.weight, self.bias).reshape(pooled.shape)
 
 
 class EfficientChannelAttention(LayoutBlock):
@@ -68,8 +70,8 @@ class EfficientChannelAttention(LayoutBlock):
         super().__init__(layout, prefix, grid)
         channels = check.channel_count(channels)
         self.init = check.init_mode(init)
-        self.channel_conv = ChannelConv(channels, kernel_size, gamma, b)
+        self.conv = ChannelConv(channels, kernel_size, gamma, b)
         self.blend = make_blend(init)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        return gate(x, self.channel_conv(x.mean(self.map_dims, keepdim=True)), self.blend)
+        return gate(x, self.conv(x.mean(self.map_dims, keepdim=True)), self.blend)

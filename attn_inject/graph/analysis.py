@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import ops
 from .layout import annotate_grid_dynamics, annotate_layouts
 from .shapes import propagate_shapes, tensor_meta
-from .trace import OpaqueModule, trace
+from .trace import ModuleCall, OpaqueModule, trace
 
 __all__ = ["AnnotatedGraph", "annotate", "scope_of"]
 
@@ -46,6 +46,7 @@ class AnnotatedGraph:
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
+    calls: tuple[ModuleCall, ...] = ()  # every submodule call of the trace, in the order they ended
     flops: int = 0  # of one sample: the multiply-adds of convolutions, linear layers and matmuls, x2
 
     def depends_on_input(self, node: fx.Node) -> bool:
@@ -132,6 +133,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         conv_mask,
         module_outputs,
         module_inputs,
-        traced.opaque,
-        counter.get_total_flops() // max(1, input_shape[0]),
+        opaque=traced.opaque,
+        calls=traced.calls,
+        flops=counter.get_total_flops() // max(1, input_shape[0]),
     )

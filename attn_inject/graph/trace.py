@@ -89,16 +89,63 @@ class ModelTracer(fx.Tracer):
         self.leaf_types = (*tuple(leaf_types), SqueezeExcite, EfficientChannelAttention, CBAM)
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
+        self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        before = _last_node(self.graph)
+        arguments = None  # read before the call, which may edit a list it is given (HRNet)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if not self.is_leaf_module(m, self.path_of_module(m)):
+                arguments = _bound_arguments(m, args, kwargs)
+        except NameError:
+            pass
+        try:
+            result = super().call_module(m, forward, args, kwargs)
         except Exception as error:
             if self.failed_in is None:
                 name = self.path_of_module(m)
                 if not self.is_leaf_module(m, name):
                     self.failed_in = (name, error)
             raise
+        self._record_call(m, before, args, kwargs, arguments, result)
+        return result
+
+    def _record_call(
+        self,
+        m: nn.Module,
+        before: fx.Node | None,
+        args: tuple,
+        kwargs: dict,
+        arguments: tuple[tuple[str, Any], ...] | None,
+        result: Any,
+    ) -> None:
+        try:
+            name = self.path_of_module(m)
+        except NameError:
+            return
+        after = _last_node(self.graph)
+        nodes: list[fx.Node] = []
+        if after is not None and after is not before:
+            node = before.next if before is not None else next(iter(self.graph.nodes))
+            while True:
+                nodes.append(node)
+                if node is after:
+                    break
+                node = node.next
+        inputs = [p.node for p in _proxies((args, kwargs))]
+        leaf = self.is_leaf_module(m, name)
+        self.calls.append(
+            ModuleCall(
+                path=name,
+                leaf=leaf,
+                nodes=tuple(nodes),
+                inputs=tuple(inputs),
+                output=result.node if isinstance(result, fx.Proxy) else None,
+                passed=_passed_arguments(m, args, kwargs),
+                arguments=None if leaf else arguments,
+                result=None if leaf else _as_nodes(result),
+            )
+        )
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
@@ -125,6 +172,64 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.__dict__["training"] = flag
 
 
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a submodule while tracing: the graph nodes its forward created (in order),
+    the graph values it was given, the node it returned (None: not a single tensor), and
+    which ``forward`` parameters the caller passed (the rest took their defaults)."""
+
+    path: str
+    leaf: bool
+    nodes: tuple[fx.Node, ...]
+    inputs: tuple[fx.Node, ...]
+    output: fx.Node | None
+    passed: tuple[str, ...]
+    arguments: tuple[tuple[str, Any], ...] | None = None  # parameter -> value (graph values as nodes)
+    result: Any = None  # what the call returned, graph values as nodes
+
+
+def _last_node(graph: fx.Graph) -> fx.Node | None:
+    for node in reversed(graph.nodes):
+        return node
+    return None
+
+
+def _proxies(value: Any) -> list[fx.Proxy]:
+    found: list[fx.Proxy] = []
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, fx.Proxy):
+            found.append(v)
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
+
+
+def _passed_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    try:
+        names = list(inspect.signature(m.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(names[: len(args)]) + tuple(k for k in kwargs if k in names)
+
+
+def _as_nodes(value: Any) -> Any:
+    return fx.node.map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+
+
+def _bound_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[str, Any], ...] | None:
+    """The call's arguments by ``forward`` parameter name, in order (None: *args / **kwargs)."""
+    try:
+        signature = inspect.signature(m.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        return None
+    return tuple((name, _as_nodes(value)) for name, value in bound.arguments.items())
+
+
 def is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
@@ -146,6 +251,7 @@ class TraceResult:
 
     graph: fx.Graph
     opaque: tuple[OpaqueModule, ...] = ()
+    calls: tuple[ModuleCall, ...] = ()
 
 
 def tracing_strategy(opaque: tuple[OpaqueModule, ...]) -> str:
@@ -181,8 +287,56 @@ def trace(model: nn.Module) -> TraceResult:
         leaf_types, functions = _timm_notrace()
     concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
     opaque: list[OpaqueModule] = []
-    with _caches_kept(model):
+    with _caches_kept(model), checkpointing_off(model), hooks_off(model):
         return _trace(model, leaf_types, functions, concrete, opaque)
+
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@contextlib.contextmanager
+def hooks_off(model: nn.Module) -> Iterator[None]:
+    """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
+    (a capture hook would keep them) and be baked into the graph. They are put back after."""
+    saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
+    for m, key, value in saved:
+        m.__dict__[key] = type(value)()
+    try:
+        yield
+    finally:
+        for m, key, value in saved:
+            m.__dict__[key] = value
+
+
+CHECKPOINT_FLAGS = ("grad_checkpointing", "memory_efficient")  # timm's and torchvision's
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing switched off for the duration: the checkpointed path reads
+    ``x.requires_grad`` and calls ``torch.utils.checkpoint``, which a trace cannot keep.
+    The flags are restored afterwards; code that is not rewritten still checkpoints."""
+    flags = [
+        (m, key)
+        for m in model.modules()
+        for key in CHECKPOINT_FLAGS
+        if isinstance(m.__dict__.get(key), bool) and m.__dict__[key]
+    ]
+    for m, key in flags:
+        m.__dict__[key] = False
+    try:
+        yield
+    finally:
+        for m, key in flags:
+            m.__dict__[key] = True
 
 
 @contextlib.contextmanager
@@ -216,7 +370,7 @@ def _trace(
         with eval_mode(model):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
-                return TraceResult(graph, tuple(opaque))
+                return TraceResult(graph, tuple(opaque), tuple(tracer.calls))
             except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
                 failed = tracer.failed_in
                 if failed is None or len(opaque) >= MAX_OPAQUE:

@@ -1,0 +1,350 @@
+"""The patched model stays the user's model: its class, methods and code, with each block a
+child of the module where it acts; only modules that hold an insertion point are rewritten."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import fx, nn
+from torch.autograd.graph import saved_tensors_hooks
+
+import attn_inject as ai
+
+from .conftest import SIZE, meta_model
+
+X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def _rewritten(patched: nn.Module) -> set[str]:
+    return {name for name, m in patched.named_modules() if isinstance(m, fx.GraphModule)}
+
+
+@pytest.mark.parametrize(
+    "name, recipe",
+    [
+        ("timm:resnet50", "se_resnet"),
+        ("timm:convnext_tiny", "cbam_after_every_stage"),
+        ("timm:efficientnet_b0", "se_resnet"),
+        ("tv:resnet50", "cbam_resnet"),
+        ("tv:mobilenet_v3_large", "eca_after_every_stage"),
+    ],
+)
+def test_model_keeps_its_class_methods_and_outputs(build, name, recipe):
+    model = build(name)
+    patched = ai.inject(model, recipe, input_size=SIZE)
+    assert type(patched) is type(model)
+    assert patched is not model
+    assert not isinstance(patched, fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))
+    blocks = ai.inserted_blocks(patched)
+    assert list(blocks) == [p.key for p in patched.attn_inject.plan]
+    for key in blocks:  # each block is a child of the module where it acts
+        parent, _, child = key.rpartition(".")
+        assert child in dict(patched.get_submodule(parent).named_children())
+    # only modules that run a block were rewritten, and the model's own code was not
+    assert _rewritten(patched) == {p.owner for p in patched.attn_inject.plan if p.attach == "graph"}
+    assert "" not in _rewritten(patched)
+    if name.startswith("timm:"):
+        with torch.no_grad():
+            features = patched.forward_features(X)
+            torch.testing.assert_close(patched.forward_head(features), patched(X), rtol=0, atol=0)
+        assert patched.get_classifier() is model.get_classifier()
+        assert patched.group_matcher() == model.group_matcher()
+        if hasattr(model, "no_weight_decay"):
+            assert patched.no_weight_decay() == model.no_weight_decay()
+
+
+def test_resnet50_blocks_sit_where_timm_seresnet50_has_them(build):
+    patched = ai.inject(build("timm:resnet50"), "se_resnet", input_size=SIZE)
+    assert list(ai.inserted_blocks(patched))[:4] == [
+        "layer1.0.se",
+        "layer1.1.se",
+        "layer1.2.se",
+        "layer2.0.se",
+    ]
+    assert "(se): SqueezeExcite(" in repr(patched.layer1[0])
+    stages = ai.inject(build("timm:resnet50"), "cbam_after_every_stage", input_size=SIZE)
+    assert list(ai.inserted_blocks(stages)) == [f"layer{i}.cbam" for i in (1, 2, 3, 4)]
+    assert [p.attach for p in stages.attn_inject.plan] == ["append"] * 4  # no code rewritten at all
+    assert _rewritten(stages) == set()
+
+
+def test_rule_name_key_names_the_block():
+    recipe = {"rules": [{"block": "eca", "at": "residual_branch", "name": "attn"}]}
+    patched = ai.inject(meta_model("tv:resnet18"), recipe)
+    assert list(ai.inserted_blocks(patched))[:2] == ["layer1.0.attn", "layer1.1.attn"]
+    with pytest.raises(ai.RecipeError, match=r"rules\[0\]\.name"):
+        ai.load_recipe({"rules": [{"block": "se", "at": "post_block", "name": "not an identifier"}]})
+
+
+def test_reset_classifier_and_head_swap_work(build):
+    patched = ai.inject(copy.deepcopy(build("timm:resnet18")), "se_resnet", input_size=SIZE)
+    patched.reset_classifier(10)
+    assert patched(X).shape == (2, 10)
+    mobile = ai.inject(build("timm:mobilenetv3_small_050"), "se_resnet", input_size=SIZE)
+    assert type(mobile.classifier).__module__.startswith("timm")  # timm's own Linear
+    mobile.classifier = nn.Identity()
+    assert mobile(X).shape == (2, mobile.head_hidden_size)
+
+
+def test_layer_decay_groups_like_the_original_with_blocks_in_their_layers(build):
+    from timm.optim import create_optimizer_v2
+
+    model = build("timm:convnext_atto")
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    original = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.75)
+    ours = create_optimizer_v2(patched, "adamw", lr=1e-3, layer_decay=0.75)
+    assert len(ours.param_groups) == len(original.param_groups)
+
+    def scales(optimizer, model):
+        ids = {id(p): n for n, p in model.named_parameters()}
+        return {ids[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+
+    before, after = scales(original, model), scales(ours, patched)
+    assert all(after[n] == s for n, s in before.items())  # every original parameter keeps its scale
+    for key in ai.inserted_blocks(patched):  # a block gets the scale of the module it acts in
+        host = key.rpartition(".")[0]
+        block_scales = {s for n, s in after.items() if n.startswith(key + ".")}
+        host_scales = {s for n, s in before.items() if n.startswith(host + ".")}
+        assert block_scales and block_scales <= host_scales
+
+
+def test_dropout_in_the_models_own_forward_still_trains():
+    model = timm.create_model("resnet18", drop_rate=0.3)
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    model.train(), patched.train()
+    torch.manual_seed(1)
+    expected = model(X)
+    torch.manual_seed(1)
+    assert torch.equal(patched(X), expected)
+    torch.manual_seed(2)
+    assert not torch.equal(patched(X), expected)  # dropout is live: another draw differs
+
+
+def _saved_tensors(model: nn.Module) -> tuple[int, dict[str, torch.Tensor]]:
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        return t
+
+    model.zero_grad()
+    torch.manual_seed(0)
+    with saved_tensors_hooks(pack, lambda t: t):
+        model(X).square().mean().backward()
+    return count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_still_checkpoints(when):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18").train()
+    plain = ai.inject(copy.deepcopy(model), "se_resnet", init="paper", input_size=SIZE).train()
+    if when == "before":
+        model.set_grad_checkpointing(True)
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE).train()
+    patched.load_state_dict(plain.state_dict())
+    if when == "after":
+        patched.set_grad_checkpointing(True)
+    saved_plain, grads_plain = _saved_tensors(plain)
+    saved, grads = _saved_tensors(patched)
+    assert saved < saved_plain / 2
+    assert grads.keys() == grads_plain.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_densenet_with_checkpointing_on_can_be_injected():
+    model = timm.create_model("densenet121")
+    model.set_grad_checkpointing(True)
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    with torch.no_grad():
+        assert torch.equal(patched.eval()(X), model.eval()(X))
+
+
+def test_hooks_on_untouched_modules_keep_firing(build):
+    model = copy.deepcopy(build("timm:resnet18"))
+    seen = []
+    model.layer4.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    handle = model.layer2.register_forward_hook(lambda m, a, out: out * 0.5)
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    with torch.no_grad():
+        halved = patched(X)
+        assert len(seen) == 1
+        handle.remove()
+        assert not torch.equal(patched(X), halved)  # removing the hook removes its effect
+        assert torch.equal(patched(X), model(X))
+    assert len(seen) == 4  # three patched forwards and one original: never at inject time
+
+
+def test_hook_inside_a_rewritten_module_is_refused_by_name(build):
+    model = copy.deepcopy(build("tv:resnet18"))
+    model.layer1[0].register_forward_hook(lambda m, a, out: out)  # hooks on the scope itself are kept
+    model.layer1[1].bn2.register_forward_hook(lambda m, a, out: out * 2)  # a leaf: still called
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))
+    nested = nn.Sequential(nn.Conv2d(3, 8, 3), _Unit(8))
+    nested[1].inner.register_forward_hook(lambda m, a, out: out)
+    with pytest.raises(ai.InjectError, match=r"module '1\.inner' has hooks"):
+        ai.inject(nested, "se_resnet", input_size=SIZE)
+
+
+class _Inner(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) * 1.0
+
+
+class _Unit(nn.Module):
+    """A residual unit whose branch is traced through a submodule."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = _Inner(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(self.inner(x)) + x)
+
+
+class _SharedUnit(nn.Module):
+    """The same unit called twice: a block inside it would act at both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.unit = _Unit(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit(self.unit(self.stem(x)))
+
+
+def test_scope_called_twice_falls_back_to_a_wider_one_and_says_why():
+    model = _SharedUnit().eval()
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
+    plan = patched.attn_inject.plan
+    assert len(plan) == 2
+    assert {p.owner for p in plan} == {""}
+    assert all("unit is called 2 times" in p.scope_note for p in plan)
+    with torch.no_grad():
+        se, se_2 = patched.se, patched.se_2
+        h = model.stem(X)
+        h = torch.relu(se(model.unit.conv(model.unit.inner(h))) + h)
+        expected = torch.relu(se_2(model.unit.conv(model.unit.inner(h))) + h)
+        torch.testing.assert_close(patched(X), expected)
+
+
+def test_patched_model_traces_again_and_computes_the_same(build):
+    patched = ai.inject(build("timm:resnet18"), "cbam_resnet", init="paper", input_size=SIZE)
+    traced = fx.symbolic_trace(patched)
+    with torch.no_grad():
+        assert torch.equal(traced(X), patched(X))
+    graph = ai.plan(patched, "se_after_every_stage", input_size=SIZE)  # blocks are leaves to our tracer
+    assert len(graph) == 4
+
+
+def test_inject_twice_then_save_load_validate(build, tmp_path):
+    model = build("timm:resnet18")
+    once = ai.inject(model, "se_resnet", input_size=SIZE)
+    twice = ai.inject(once, "cbam_after_every_stage", input_size=SIZE)
+    plan = twice.attn_inject.plan
+    assert [p.key for p in plan] == [p.key for p in once.attn_inject.plan] + [
+        f"layer{i}.cbam" for i in (1, 2, 3, 4)
+    ]
+    assert plan.recipe.name == "se_resnet + cbam_after_every_stage"
+    again = ai.inject(twice, "se_resnet", input_size=SIZE, allow_empty=True)
+    assert len(again.attn_inject.plans[-1]) == 0
+    assert all("earlier injection" in s.reason for s in again.attn_inject.plans[-1].skipped)
+    with torch.no_grad():
+        for block in ai.inserted_blocks(twice).values():
+            for name, p in block.named_parameters():
+                if name.endswith("blend"):
+                    p.fill_(0.3)
+    report = ai.validate(model, twice, device="cpu")
+    assert report.params_ok and report.finite
+    ai.save(twice, tmp_path / "twice.safetensors", model_name="timm:resnet18")
+    loaded = ai.load(tmp_path / "twice.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(X), twice.eval()(X))
+    assert [p.key for p in loaded.attn_inject.plan] == [p.key for p in plan]
+
+
+def test_torchscript_and_export_of_a_patched_model(build):
+    patched = ai.inject(build("timm:resnet18"), "se_resnet", input_size=SIZE).eval()
+    with torch.no_grad():
+        scripted = torch.jit.script(patched)
+        assert torch.equal(scripted(X), patched(X))
+        exported = torch.export.export(patched, (X,))
+        torch.testing.assert_close(exported.module()(X), patched(X))
+
+
+def test_whole_model_pickling_and_original_untouched(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert not any(getattr(m, "_attn_inject_block", False) for m in model.modules())
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert model.layer1[0].conv1 is patched.layer1[0].conv1  # weights are shared, not copied
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(X), patched(X))
+    assert list(ai.inserted_blocks(loaded)) == list(ai.inserted_blocks(patched))
+
+
+def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module(build):
+    model = copy.deepcopy(build("tv:resnet18"))
+    handle = model.layer1[0].register_forward_hook(lambda m, a, out: out * 0.5)
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert isinstance(patched.layer1[0], fx.GraphModule)
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))
+        handle.remove()
+        assert torch.equal(patched(X), model(X))
+        assert not patched.layer1[0]._forward_hooks
+
+
+def test_wrapped_models_are_refused_with_how_to_unwrap(build):
+    with pytest.raises(ai.InjectError, match=r"model\.module"):
+        ai.inject(nn.DataParallel(build("tv:resnet18")), "se_resnet")
+
+
+class _StarUnit(_Unit):
+    """A residual unit whose forward takes *args: it cannot stand alone as a graph."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return super().forward(xs[0])
+
+
+class _HoldsStarUnit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(_StarUnit(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x)).mean((2, 3))
+
+
+def test_scope_that_cannot_stand_alone_falls_back_to_its_parent():
+    model = _HoldsStarUnit().eval()
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    (point,) = patched.attn_inject.plan
+    assert point.owner == "body" and "body.0 takes *args" in point.scope_note
+    assert type(patched) is _HoldsStarUnit and isinstance(patched.body, fx.GraphModule)
+    assert point.key == "body.se"
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))
