@@ -57,23 +57,10 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-def with_layout_blocks(patched: nn.Module) -> nn.Module:
-    """Each token point's block built for its layout (``layout_kwargs``), in place of the
-    NCHW block, so the patched model runs natively on tokens."""
-    plan = patched.attn_inject.plan
-    for point in plan:
-        if point.layout == "tokens":
-            params = {**point.block.params, **layout_kwargs(point)}
-            patched.attention[point.key] = ai.create_block(
-                point.block.kind, point.channels, init=plan.init, **params
-            )
-    return patched
-
-
 def patched_model(model: nn.Module, recipe, input_size=SIZE, init=None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return with_layout_blocks(ai.inject(model, recipe, input_size=input_size, init=init))
+        return ai.inject(model, recipe, input_size=input_size, init=init)
 
 
 def test_transformer_blocks_give_attention_and_mlp_branches_on_the_token_grid():
@@ -106,9 +93,12 @@ def test_token_blocks_are_identity_at_insertion_and_act_once_trained(recipe):
     report = ai.validate(model, patched, input_size=SIZE)
     assert report.passed and report.max_abs_diff == 0
     with torch.no_grad():
-        for name, parameter in patched.attention.named_parameters():
-            if name.endswith("blend"):
-                parameter.fill_(1.0)  # the papers' blocks
+        blocks = ai.inserted_blocks(patched)
+        assert {b.layout for b in blocks.values()} == {"tokens"}  # built for the grid, no permutes
+        for block in blocks.values():
+            for name, parameter in block.named_parameters():
+                if name.endswith("blend"):
+                    parameter.fill_(1.0)  # the papers' blocks
         x = torch.randn(2, *SIZE)
         assert not torch.allclose(patched(x), model(x))
 
