@@ -45,6 +45,8 @@ class ZooRecord:
     stages: int = 0
     nchw_stages: int = 0
     points: int = 0
+    nhwc_points: int = 0  # of ``points``: blocks on channels-last maps
+    token_points: int = 0  # of ``points``: blocks on token grids
     params_added: int = 0
     base_params: int = 0
     stage_agreement: str = ""
@@ -247,6 +249,8 @@ def sweep_model(
                 status="ok",
                 reason=reason,
                 points=len(p),
+                nhwc_points=sum(1 for point in p if point.layout == "NHWC"),
+                token_points=sum(1 for point in p if point.layout == "tokens"),
                 params_added=p.params_added,
                 seconds=time.perf_counter() - t0,
                 **_class_kept(p),

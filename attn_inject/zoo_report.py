@@ -190,12 +190,14 @@ def write_markdown(
     lines += _residual_summary(models)
     lines += _identity_summary(models)
     lines += _recipe_summary(records)
+    lines += _uncovered(models)
     lines += _failures(models)
     _atomic_write(Path(path), "\n".join(lines).rstrip() + "\n")
 
 
 def _stage_summary(models) -> list[str]:
-    with_stage = [v for v in models.values() if v[0].status == "ok" and v[0].nchw_stages]
+    planned = [v for v in models.values() if v[0].status == "ok"]
+    with_stage = [v for v in planned if v[0].nchw_stages]
     hits = [v for v in with_stage if any(r.recipe == STAGE_RECIPE and r.points for r in v)]
     misses = [
         f"{v[0].source}:{v[0].model}"
@@ -209,7 +211,33 @@ def _stage_summary(models) -> list[str]:
         + ".",
         "",
     ]
+    for recipe in (STAGE_RECIPE, RESIDUAL_RECIPE):
+        rows = [r for v in planned for r in v if r.recipe == recipe]
+        hit = [r for r in rows if r.points]
+        lines += [
+            f"**`{recipe}` on every planned model**: {len(hit)} of {len(rows)} get at least one block "
+            f"({_pct(len(hit), len(rows))}).",
+            "",
+        ]
     return lines
+
+
+def _uncovered(models) -> list[str]:
+    """The planned models still without a block from the stage or the residual recipe, and why."""
+    rows = [
+        (f"{r.source}:{r.model}", f"`{r.recipe}`", r.reason.replace("|", "/"))
+        for v in models.values()
+        for r in v
+        if r.status == "ok" and r.recipe in (STAGE_RECIPE, RESIDUAL_RECIPE) and not r.points
+    ]
+    if not rows:
+        return []
+    return [
+        "**Models without a block**, with the reason:",
+        "",
+        *_table(["model", "recipe", "reason"], rows),
+        "",
+    ]
 
 
 def _class_summary(models) -> list[str]:
@@ -322,13 +350,23 @@ def _recipe_summary(records) -> list[str]:
     for recipe, rs in sorted(by_recipe.items()):
         ok = [r for r in rs if r.status == "ok"]
         hit = [r for r in ok if r.points]
+        nhwc, tokens = sum(r.nhwc_points for r in ok), sum(r.token_points for r in ok)
+        total = sum(r.points for r in ok)
         rows.append(
-            (f"`{recipe}`", len(ok), f"{len(hit)} ({_pct(len(hit), len(ok))})", sum(r.points for r in ok))
+            (
+                f"`{recipe}`",
+                len(ok),
+                f"{len(hit)} ({_pct(len(hit), len(ok))})",
+                total,
+                total - nhwc - tokens,
+                nhwc,
+                tokens,
+            )
         )
     return [
-        "**Per recipe**:",
+        "**Per recipe** (blocks by layout: NCHW maps, NHWC maps, tokens):",
         "",
-        *_table(["recipe", "models planned", "models with blocks", "blocks"], rows),
+        *_table(["recipe", "models planned", "models with blocks", "blocks", "NCHW", "NHWC", "tokens"], rows),
     ]
 
 

@@ -195,3 +195,15 @@ def test_layout_benchmark_runs_both_forms_and_times_each(capsys):
         assert set(medians) == {"native NHWC", "permute + NCHW + permute"}
         assert all(seconds > 0 for seconds in medians.values())
     assert "ratio to permute + NCHW + permute" in capsys.readouterr().out
+
+
+def test_every_shipped_recipe_gives_channels_last_maps_and_tokens_native_blocks():
+    for name in ai.list_recipes():
+        assert {rule.channels_last for rule in ai.load_recipe(name).rules} == {"native"}, name
+    skip = ai.load_recipe({"rules": [{"block": "se", "at": "stage_output", "channels_last": "skip"}]})
+    assert skip.rules[0].channels_last == "skip" and skip.rules[0].to_dict()["channels_last"] == "skip"
+
+
+def test_the_permute_sandwich_is_no_longer_a_channels_last_mode():
+    with pytest.raises(ai.RecipeError, match=r"channels_last: 'adapt' is not allowed; allowed: native, skip"):
+        ai.load_recipe({"rules": [{"block": "se", "at": "stage_output", "channels_last": "adapt"}]})

@@ -16,8 +16,6 @@ from torch import nn
 import attn_inject as ai
 from attn_inject.blocks import layout_kwargs
 
-from .conftest import blocks_of
-
 DIM, GRID, PATCH = 32, 4, 8
 SIZE = (3, GRID * PATCH, GRID * PATCH)
 
@@ -98,9 +96,12 @@ def test_token_blocks_are_identity_at_insertion_and_act_once_trained(recipe):
     report = ai.validate(model, patched, input_size=SIZE)
     assert report.passed and report.max_abs_diff == 0
     with torch.no_grad():
-        for name, parameter in blocks_of(patched).named_parameters():
-            if name.endswith("blend"):
-                parameter.fill_(1.0)  # the papers' blocks
+        blocks = ai.inserted_blocks(patched)
+        assert {b.layout for b in blocks.values()} == {"tokens"}  # built for the grid, no permutes
+        for block in blocks.values():
+            for name, parameter in block.named_parameters():
+                if name.endswith("blend"):
+                    parameter.fill_(1.0)  # the papers' blocks
         x = torch.randn(2, *SIZE)
         assert not torch.allclose(patched(x), model(x))
 
