@@ -57,4 +57,3 @@ def inject(
         return rewrite(model, graph, plan, base_model_of(model))
     except RewriteError as error:
         raise InjectError(str(error)) from None
-
