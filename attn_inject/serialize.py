@@ -47,6 +47,7 @@ class Manifest:
     versions: Mapping[str, str]
     container: str = "attention"  # where the blocks' weights are: "<container>.<key>.*"
     format: int = FORMAT
+    training: Mapping[str, Any] | None = None  # the fine-tuning run that wrote it, if any
 
     def to_json(self) -> str:
         out = asdict(self)
@@ -80,11 +81,13 @@ def save(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     force: bool = False,
+    training: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write ``patched`` (a model returned by ``inject``) to ``path`` (``.safetensors``),
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
     name the base model when the patched model cannot tell (a torchvision model you built
-    yourself: ``model_name="tv:resnet18"``)."""
+    yourself: ``model_name="tv:resnet18"``). ``training`` (plain values) records the
+    fine-tuning run that produced the weights in the manifest."""
     info = getattr(patched, "attn_inject", None)
     if info is None:
         raise CheckpointError(
@@ -108,7 +111,10 @@ def save(
         plan=plan.to_dict(),
         versions=versions(),
         container=info.container_path,
+        training=dict(training) if training is not None else None,
     )
+    if training is not None:
+        _check_json(training, "training")
     write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
 
@@ -152,9 +158,16 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             versions=dict(data["versions"]),
             container=str(data["container"]),
             format=fmt,
+            training=_training(data.get("training")),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its attn-inject manifest lacks or garbles {error}") from None
+
+
+def _training(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError("'training' (not a mapping)")
+    return value
 
 
 def build_base(manifest: Manifest, path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
