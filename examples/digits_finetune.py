@@ -39,15 +39,18 @@ SIZE = 32
 SEED = 0
 
 
-def write_digits(root: Path, size: int = SIZE, seed: int = SEED) -> Path:
+def write_digits(root: Path, size: int = SIZE, seed: int = SEED, per_class: int | None = None) -> Path:
     """The digits as ``root/train/<digit>/*.png`` and ``root/val/<digit>/*.png`` (grey as
-    RGB, upscaled with bicubic resampling), a stratified 80/20 split fixed by ``seed``."""
+    RGB, upscaled with bicubic resampling), a stratified 80/20 split fixed by ``seed``;
+    ``per_class`` keeps the first images of each digit only (for quick checks)."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     index = list(range(len(digits.target)))
+    if per_class is not None:
+        index = [i for i in index if sum(digits.target[:i] == digits.target[i]) < per_class]
     train, val = train_test_split(index, test_size=0.2, random_state=seed, stratify=digits.target)
     for split, chosen in (("train", train), ("val", val)):
         for i in chosen:
@@ -84,11 +87,15 @@ def train_baseline(root: Path, out: Path, epochs: int) -> tuple[torch.nn.Module,
     )
     updates = 0
     for epoch in range(epochs):
-        metrics, updates = train_one_epoch(model, train_loader, optimizer, context, scheduler=scheduler,
-                                           num_updates=updates)
+        metrics, updates = train_one_epoch(
+            model, train_loader, optimizer, context, scheduler=scheduler, num_updates=updates
+        )
         result = evaluate(model, val_loader, context)
-        print(f"baseline epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, "
-              f"val top-1 {result['top1']:.2f}", flush=True)
+        print(
+            f"baseline epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, "
+            f"val top-1 {result['top1']:.2f}",
+            flush=True,
+        )
     import safetensors.torch
 
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
@@ -115,7 +122,9 @@ def main() -> int:
     if not (data / "train").is_dir():
         write_digits(data)
     folders = check_folders(data)
-    print(f"digits: {folders.counts['train']} train, {folders.counts['val']} val images, {SIZE} px", flush=True)
+    print(
+        f"digits: {folders.counts['train']} train, {folders.counts['val']} val images, {SIZE} px", flush=True
+    )
 
     base_path = out / "resnet10t_digits.safetensors"
     baseline, baseline_top1 = train_baseline(data, base_path, args.baseline_epochs)
@@ -126,18 +135,60 @@ def main() -> int:
     runs = {}
     for init in ("identity", "paper"):
         converted = out / f"cbam_{init}.safetensors"
-        attn_inject("convert", "--model", MODEL, "--model-kwargs", "num_classes=10", "--checkpoint",
-                    str(base_path), "--recipe", RECIPE, "--init", init, "--input-size", "3", str(SIZE), str(SIZE),
-                    "--out", str(converted), "--force")
+        attn_inject(
+            "convert",
+            "--model",
+            MODEL,
+            "--model-kwargs",
+            "num_classes=10",
+            "--checkpoint",
+            str(base_path),
+            "--recipe",
+            RECIPE,
+            "--init",
+            init,
+            "--input-size",
+            "3",
+            str(SIZE),
+            str(SIZE),
+            "--out",
+            str(converted),
+            "--force",
+        )
         patched = ai.load(converted).eval()
         pred = predict(patched, val_loader)
-        inserted = 100 * float((pred == torch.as_tensor([t for _, t in val_loader.dataset.samples])).float().mean())
+        inserted = 100 * float(
+            (pred == torch.as_tensor([t for _, t in val_loader.dataset.samples])).float().mean()
+        )
         same = int((pred == baseline_pred).sum())
         run_dir = out / f"finetune_{init}"
-        attn_inject("finetune", "--checkpoint", str(converted), "--data", str(data), "--epochs",
-                    str(args.finetune_epochs), "--out", str(run_dir), "--image-size", str(SIZE), "--lr", "1e-3",
-                    "--attn-lr-scale", "10", "--hflip", "0", "--scale", "0.6", "1.0", "--workers", "0",
-                    "--seed", str(SEED), "--force")
+        attn_inject(
+            "finetune",
+            "--checkpoint",
+            str(converted),
+            "--data",
+            str(data),
+            "--epochs",
+            str(args.finetune_epochs),
+            "--out",
+            str(run_dir),
+            "--image-size",
+            str(SIZE),
+            "--lr",
+            "1e-3",
+            "--attn-lr-scale",
+            "10",
+            "--hflip",
+            "0",
+            "--scale",
+            "0.6",
+            "1.0",
+            "--workers",
+            "0",
+            "--seed",
+            str(SEED),
+            "--force",
+        )
         history = read_summary(run_dir / "summary.csv")
         runs[f"init={init}"] = history
         rows[init] = {
@@ -156,17 +207,25 @@ def main() -> int:
         f"| baseline resnet10t, {args.baseline_epochs} epochs from random init | {baseline_top1:.2f} | {n} |",
     ]
     for init, r in rows.items():
-        lines.append(f"| + CBAM after every stage, init={init}, right after insertion | "
-                     f"{r['inserted_top1']:.2f} | {r['same_predictions']} |")
+        lines.append(
+            f"| + CBAM after every stage, init={init}, right after insertion | "
+            f"{r['inserted_top1']:.2f} | {r['same_predictions']} |"
+        )
     for init, r in rows.items():
         gate = "" if r["gate"] != r["gate"] else f", mean blend gate {r['gate']:.3f}"
-        lines.append(f"| + CBAM, init={init}, after {args.finetune_epochs} fine-tuning epochs{gate} | "
-                     f"{r['finetuned_top1']:.2f} (best epoch {r['best_top1']:.2f}) | |")
+        lines.append(
+            f"| + CBAM, init={init}, after {args.finetune_epochs} fine-tuning epochs{gate} | "
+            f"{r['finetuned_top1']:.2f} (best epoch {r['best_top1']:.2f}) | |"
+        )
     table = "\n".join(lines)
     print(table)
     print(f"total time {total / 60:.1f} min")
-    (out / "results.md").write_text(table + f"\n\ntotal time {total / 60:.1f} min, {torch.get_num_threads()} threads\n")
-    (out / "results.json").write_text(json.dumps({"baseline_top1": baseline_top1, **rows, "seconds": total}, indent=2))
+    (out / "results.md").write_text(
+        table + f"\n\ntotal time {total / 60:.1f} min, {torch.get_num_threads()} threads\n"
+    )
+    (out / "results.json").write_text(
+        json.dumps({"baseline_top1": baseline_top1, **rows, "seconds": total}, indent=2)
+    )
     plot_curves(runs, out / "curves.png")
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)

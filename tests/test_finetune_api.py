@@ -17,7 +17,9 @@ from attn_inject.models import build_model
 SIZE = (3, 32, 32)
 
 
-def patched_model(name: str = "timm:resnet10t", recipe: str = "cbam_after_every_stage", init: str = "identity"):
+def patched_model(
+    name: str = "timm:resnet10t", recipe: str = "cbam_after_every_stage", init: str = "identity"
+):
     torch.manual_seed(0)
     base = build_model(name, num_classes=5)
     return ai.inject(base, recipe, init=init, input_size=SIZE)
@@ -50,7 +52,12 @@ def test_biases_norms_and_blend_gates_get_no_weight_decay(patched):
     gates = [n for n in decay_of if n.endswith("blend")]
     assert len(gates) == 2 * len(ai.inserted_blocks(patched))  # CBAM: channel and spatial
     assert all(decay_of[n] == 0 for n in gates)
-    norms = {f"{m}.{p}" for m, mod in patched.named_modules() if isinstance(mod, nn.BatchNorm2d) for p in ("weight", "bias")}
+    norms = {
+        f"{m}.{p}"
+        for m, mod in patched.named_modules()
+        if isinstance(mod, nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert norms and all(decay_of[n] == 0 for n in norms)
     assert all(decay_of[n] == 0 for n in decay_of if n.endswith(".bias"))
     convs = [f"{m}.weight" for m, mod in patched.named_modules() if isinstance(mod, nn.Conv2d)]
@@ -127,7 +134,12 @@ def test_layer_decay_matches_timm_for_the_base_and_puts_each_block_in_its_layer(
     base = build_model("timm:resnet10t", num_classes=5)
     reference = timm.optim.param_groups_layer_decay(base, weight_decay=0.05, layer_decay=0.5)
     base_params = dict(base.named_parameters())
-    timm_scale = {n: g["lr_scale"] for g in reference for n, p in base_params.items() if any(p is q for q in g["params"])}
+    timm_scale = {
+        n: g["lr_scale"]
+        for g in reference
+        for n, p in base_params.items()
+        if any(p is q for q in g["params"])
+    }
     groups = ai.param_groups(patched, 1e-3, layer_decay=0.5, attn_lr_scale=10.0)
     ours = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
     blocks = ai.inserted_blocks(patched)

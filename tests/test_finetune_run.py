@@ -25,6 +25,7 @@ from attn_inject.finetune.loop import evaluate, predict
 from attn_inject.models import build_model
 
 PX = 32
+MODEL = "timm:test_resnet"  # a 0.4 M-parameter timm ResNet: fast on two cores
 CLASSES = ("cat", "dog", "fox")
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_COLUMNS = ["epoch", "train_loss", "train_gate", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -50,7 +51,7 @@ def data(tmp_path_factory) -> Path:
 
 def save_patched(path: Path, num_classes: int = len(CLASSES), init: str = "identity") -> Path:
     torch.manual_seed(0)
-    base = build_model("timm:resnet10t", num_classes=num_classes)
+    base = build_model(MODEL, num_classes=num_classes)
     ai.save(ai.inject(base, "cbam_after_every_stage", init=init, input_size=(3, PX, PX)), path)
     return path
 
@@ -62,8 +63,22 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def finetune_args(checkpoint: Path, data: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
     return [
-        "finetune", "--checkpoint", str(checkpoint), "--data", str(data), "--epochs", str(epochs),
-        "--out", str(out), "--batch-size", "4", "--image-size", str(PX), "--workers", "0", *extra,
+        "finetune",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--image-size",
+        str(PX),
+        "--workers",
+        "0",
+        *extra,
     ]
 
 
@@ -138,7 +153,7 @@ def test_a_new_class_count_keeps_every_weight_but_the_head(tmp_path, data, capsy
     assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("fc."))
     assert state["fc.weight"].shape == (3, start.model.num_features)
     # identity insertion kept: the rebuilt model computes what its base (same weights) does
-    base = build_model("timm:resnet10t", num_classes=3).eval()
+    base = build_model(MODEL, num_classes=3).eval()
     base.load_state_dict({k: v for k, v in state.items() if k in base.state_dict()})
     x = torch.randn(2, 3, PX, PX)
     assert torch.equal(start.model.eval()(x), base(x))
@@ -156,9 +171,9 @@ def test_digits_accuracy_at_step_zero_equals_the_base_model(tmp_path):
         import digits_finetune
     finally:
         sys.path.remove(str(REPO / "examples"))
-    root = digits_finetune.write_digits(tmp_path / "digits", size=PX)
+    root = digits_finetune.write_digits(tmp_path / "digits", size=PX, per_class=25)
     torch.manual_seed(0)
-    base = build_model("timm:resnet10t", num_classes=10)
+    base = build_model(MODEL, num_classes=10)
     train_loader, val_loader = digits_finetune.loaders(root, base, batch_size=128)
     # a few steps so the base model predicts more than one class
     optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
@@ -224,7 +239,7 @@ def test_bad_data_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys, c
 
 def test_a_checkpoint_without_manifest_is_one_line(data, tmp_path, capsys):
     plain = tmp_path / "plain.safetensors"
-    safetensors.torch.save_file(build_model("timm:resnet10t", num_classes=3).state_dict(), plain)
+    safetensors.torch.save_file(build_model(MODEL, num_classes=3).state_dict(), plain)
     assert main(finetune_args(plain, data, tmp_path / "run")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no attn-inject manifest" in err
@@ -247,7 +262,9 @@ def test_an_earlier_run_is_kept_unless_resume_or_force(checkpoint, data, tmp_pat
     assert main(finetune_args(checkpoint, data, out)) == 1
     err = capsys.readouterr().err
     assert "--resume" in err and "--force" in err
-    assert [p.name for p in out.iterdir()] == ["summary.csv"] and (out / "summary.csv").read_text() == "earlier\n"
+    assert [p.name for p in out.iterdir()] == ["summary.csv"] and (
+        out / "summary.csv"
+    ).read_text() == "earlier\n"
     assert main(finetune_args(checkpoint, data, out, "--resume")) == 1
     assert "no run to resume" in capsys.readouterr().err
     assert main(finetune_args(checkpoint, data, out, "--force")) == 0
@@ -268,15 +285,23 @@ def test_torchrun_two_processes_on_gloo(checkpoint, data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-        "-m", "attn_inject", *finetune_args(checkpoint, data, out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "attn_inject",
+        *finetune_args(checkpoint, data, out),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out / "summary.csv")
     assert len(rows) == 1
     # metrics reduced over both ranks: the same top-1 as one process over every val image
-    assert val_top1(ai.load(out / "last.safetensors").eval(), data) == pytest.approx(float(rows[0]["eval_top1"]))
+    assert val_top1(ai.load(out / "last.safetensors").eval(), data) == pytest.approx(
+        float(rows[0]["eval_top1"])
+    )
     assert done.stderr.count("epoch 1/1:") == 1  # only rank 0 reports
 
 

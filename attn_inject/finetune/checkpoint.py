@@ -59,7 +59,9 @@ def load_for_finetuning(path: str | Path, num_classes: int | None = None) -> Sta
             raise CheckpointError(f"{path}: cannot tell how many classes its model has; pass --num-classes")
         return StartingPoint(model, count)
     if manifest.base_model is None:
-        raise CheckpointError(f"{path} does not name its base model, so it cannot be rebuilt with new classes")
+        raise CheckpointError(
+            f"{path} does not name its base model, so it cannot be rebuilt with new classes"
+        )
     torch.manual_seed(0)
     base = build_model(manifest.base_model, **{**manifest.base_kwargs, "num_classes": num_classes})
     model = inject(

@@ -51,7 +51,9 @@ class FinetuneConfig:
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"--num-classes must be at least 1, got {self.num_classes}")
         if not 0 <= self.frozen_epochs <= self.epochs:
-            raise ValueError(f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}")
+            raise ValueError(
+                f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}"
+            )
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs must be between 0 and --epochs - 1, got {self.warmup_epochs}")
         if self.image_size is not None and self.image_size < 8:

@@ -20,7 +20,10 @@ __all__ = ["plot_curves", "read_summary"]
 def read_summary(path: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of a ``summary.csv``, numbers as floats (empty cells as NaN)."""
     with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
 
 
 def _column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:

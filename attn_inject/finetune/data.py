@@ -50,7 +50,9 @@ def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
     if not root.is_dir():
         raise DataError(f"--data {root}: not a folder")
     if not any(root.iterdir()):
-        raise DataError(f"--data {root}: the folder is empty; expected train/ and val/ with a folder per class")
+        raise DataError(
+            f"--data {root}: the folder is empty; expected train/ and val/ with a folder per class"
+        )
     classes: dict[str, tuple[str, ...]] = {}
     counts: dict[str, int] = {}
     for split in SPLITS:
@@ -85,8 +87,10 @@ def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
     if train != val:
         only_train = sorted(set(train) - set(val))
         only_val = sorted(set(val) - set(train))
-        parts = [f"only in train/: {', '.join(only_train)}" if only_train else "",
-                 f"only in val/: {', '.join(only_val)}" if only_val else ""]
+        parts = [
+            f"only in train/: {', '.join(only_train)}" if only_train else "",
+            f"only in val/: {', '.join(only_val)}" if only_val else "",
+        ]
         raise DataError(
             f"--data {root}: the class folders of train/ and val/ differ ({'; '.join(p for p in parts if p)})"
         )

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["Context", "setup", "teardown"]
+__all__ = ["Context", "setup", "teardown", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,18 @@ def setup() -> Context:
 def teardown(context: Context) -> None:
     if context.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel and torch.compile wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
+            continue
+        return model

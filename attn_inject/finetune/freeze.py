@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .gates import _unwrap
+from .distributed import unwrap
 
 __all__ = ["freeze_base", "head_names"]
 
@@ -42,7 +42,7 @@ def freeze_base(model: nn.Module, frozen: bool = True, *, head: bool = False) ->
     parameters that train afterwards."""
     from .. import inserted_blocks
 
-    model = _unwrap(model)
+    model = unwrap(model)
     trained = list(inserted_blocks(model))
     if head:
         heads = head_names(model)

@@ -14,6 +14,8 @@ import math
 
 from torch import nn
 
+from .distributed import unwrap
+
 __all__ = ["gates", "mean_gate"]
 
 BLEND = "blend"
@@ -26,7 +28,7 @@ def gates(model: nn.Module) -> dict[str, float]:
     from .. import inserted_blocks
 
     out: dict[str, float] = {}
-    for block_name, block in inserted_blocks(_unwrap(model)).items():
+    for block_name, block in inserted_blocks(unwrap(model)).items():
         for name, param in block.named_parameters():
             if name == BLEND or name.endswith("." + BLEND):
                 out[f"{block_name}.{name}"] = float(param.detach().float().mean())
@@ -37,12 +39,3 @@ def mean_gate(model: nn.Module) -> float:
     """The mean of :func:`gates` (NaN when the blocks have no blend)."""
     values = list(gates(model).values())
     return sum(values) / len(values) if values else math.nan
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module) or getattr(model, "attn_inject", None) is not None:
-            return model
-        model = inner

@@ -32,7 +32,8 @@ from typing import Any
 
 from torch import nn
 
-from .gates import BLEND, _unwrap
+from .distributed import unwrap
+from .gates import BLEND
 
 __all__ = ["GroupKey", "param_groups"]
 
@@ -65,7 +66,7 @@ def param_groups(
     is ``{"params", "param_names", "name", "lr", "initial_lr", "lr_scale", "weight_decay"}``."""
     from .. import inserted_blocks
 
-    model = _unwrap(model)
+    model = unwrap(model)
     for label, value in (("lr", lr), ("attn_lr_scale", attn_lr_scale)):
         if not value > 0:
             raise ValueError(f"{label} must be positive, got {value}")

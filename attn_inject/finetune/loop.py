@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import Context
+from .distributed import Context, unwrap
 
 __all__ = ["Precision", "evaluate", "predict", "train_one_epoch"]
 
@@ -58,7 +58,7 @@ def train_one_epoch(
     ``NativeScaler`` for fp16. Returns ``({"loss": mean over all ranks}, num_updates)``."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     model.train()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for images, targets in _batches(loader, context.device, channels_last):
         with precision.autocast(context.device):
             loss = loss_fn(model(images), targets)
@@ -75,7 +75,7 @@ def train_one_epoch(
             optimizer.step()
         num_updates += 1
         if ema is not None:
-            ema.update(model, step=num_updates)
+            ema.update(unwrap(model), step=num_updates)
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
         total += float(loss.detach()) * len(targets)

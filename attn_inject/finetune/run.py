@@ -87,7 +87,9 @@ def check_out(config: FinetuneConfig) -> None:
         differ = config.differences(saved)
         if differ:
             shown = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
-            raise RunError(f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones")
+            raise RunError(
+                f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones"
+            )
     elif found and not config.force:
         raise RunError(
             f"--out {out} holds the results of an earlier run ({', '.join(found)}); "
@@ -99,7 +101,7 @@ def check_out(config: FinetuneConfig) -> None:
 # writing
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
@@ -154,7 +156,7 @@ def _loaders(config: FinetuneConfig, folders: Folders, model: nn.Module, context
 
     cfg = data_config(model, config.image_size)
     train, val = image_folders(folders, cfg, no_aug=config.no_aug, hflip=config.hflip, scale=config.scale)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler = DistributedSampler(
         train, num_replicas=context.world, rank=context.rank, shuffle=True, seed=config.seed
     )
     pin = context.device.type == "cuda"
@@ -163,7 +165,9 @@ def _loaders(config: FinetuneConfig, folders: Folders, model: nn.Module, context
     )
     # Each rank evaluates its own images (no padding, none twice); the sums are reduced.
     val_share = Subset(val, range(context.rank, len(val), context.world))
-    val_loader = DataLoader(val_share, batch_size=config.batch_size, num_workers=config.workers, pin_memory=pin)
+    val_loader = DataLoader(
+        val_share, batch_size=config.batch_size, num_workers=config.workers, pin_memory=pin
+    )
     return cfg, sampler, train_loader, val_loader
 
 
@@ -180,8 +184,13 @@ def _progress(context: Context, label: str, total: int) -> Iterator[Callable[[fl
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+    )
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(label, total=total, loss=math.nan)
         yield lambda loss: progress.update(task, advance=1, loss=loss)
@@ -235,12 +244,16 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
         if not config.resume:
-            _atomic(out / ARGS, lambda tmp: tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+            text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+            _atomic(out / ARGS, lambda tmp: tmp.write_text(text))
     context.barrier()
 
     model = start.model.to(context.device)
     if start.reinitialised:
-        _log(context, f"left at init (shape changed for {start.num_classes} classes): {', '.join(start.reinitialised)}")
+        _log(
+            context,
+            f"left at init (shape changed for {start.num_classes} classes): {', '.join(start.reinitialised)}",
+        )
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     _seed(config, 0, context.rank)
@@ -255,7 +268,10 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
         lr=config.lr,
         weight_decay=config.weight_decay,
         param_group_fn=lambda m: param_groups(
-            m, config.lr, weight_decay=config.weight_decay, attn_lr_scale=config.attn_lr_scale,
+            m,
+            config.lr,
+            weight_decay=config.weight_decay,
+            attn_lr_scale=config.attn_lr_scale,
             layer_decay=config.layer_decay,
         ),
     )
@@ -303,15 +319,26 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
         label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
         with _progress(context, label, len(train_loader)) as on_step:
             train_metrics, num_updates = train_one_epoch(
-                wrapped, train_loader, optimizer, context, scheduler=scheduler, num_updates=num_updates,
-                precision=precision, scaler=scaler, clip_grad=config.clip_grad, ema=ema,
-                channels_last=config.channels_last, on_step=on_step,
+                wrapped,
+                train_loader,
+                optimizer,
+                context,
+                scheduler=scheduler,
+                num_updates=num_updates,
+                precision=precision,
+                scaler=scaler,
+                clip_grad=config.clip_grad,
+                ema=ema,
+                channels_last=config.channels_last,
+                on_step=on_step,
             )
         # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
         base_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
         scheduler.step(epoch + 1)
         scored = ema.module if ema is not None else model
-        eval_metrics = evaluate(scored, val_loader, context, precision=precision, channels_last=config.channels_last)
+        eval_metrics = evaluate(
+            scored, val_loader, context, precision=precision, channels_last=config.channels_last
+        )
         row = {
             "epoch": float(epoch),
             "train_loss": train_metrics["loss"],
@@ -366,7 +393,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
         context.barrier()
     _log(
         context,
-        f"done in {time.perf_counter() - started:.1f} s: best top-1 {best_top1:.2f} at epoch {best_epoch + 1}; "
-        f"wrote {out}/{{{', '.join(OUTPUTS)}}}",
+        f"done in {time.perf_counter() - started:.1f} s: best top-1 {best_top1:.2f} "
+        f"at epoch {best_epoch + 1}; wrote {out}/{{{', '.join(OUTPUTS)}}}",
     )
     return RunResult(out, history, best_epoch, best_top1, start.reinitialised)
