@@ -157,9 +157,8 @@ def main() -> int:
         )
         patched = ai.load(converted).eval()
         pred = predict(patched, val_loader)
-        inserted = 100 * float(
-            (pred == torch.as_tensor([t for _, t in val_loader.dataset.samples])).float().mean()
-        )
+        targets = torch.as_tensor([t for _, t in val_loader.dataset.samples])
+        inserted = 100 * float((pred == targets).double().mean())
         same = int((pred == baseline_pred).sum())
         run_dir = out / f"finetune_{init}"
         attn_inject(
@@ -208,14 +207,14 @@ def main() -> int:
     ]
     for init, r in rows.items():
         lines.append(
-            f"| + CBAM after every stage, init={init}, right after insertion | "
+            f"| + CBAM, init={init}, right after insertion | "
             f"{r['inserted_top1']:.2f} | {r['same_predictions']} |"
         )
     for init, r in rows.items():
-        gate = "" if r["gate"] != r["gate"] else f", mean blend gate {r['gate']:.3f}"
+        gate = "" if r["gate"] != r["gate"] else f" (mean blend gate {r['gate']:.3f})"
         lines.append(
             f"| + CBAM, init={init}, after {args.finetune_epochs} fine-tuning epochs{gate} | "
-            f"{r['finetuned_top1']:.2f} (best epoch {r['best_top1']:.2f}) | |"
+            f"{r['finetuned_top1']:.2f} | – |"
         )
     table = "\n".join(lines)
     print(table)
@@ -226,10 +225,10 @@ def main() -> int:
     (out / "results.json").write_text(
         json.dumps({"baseline_top1": baseline_top1, **rows, "seconds": total}, indent=2)
     )
-    plot_curves(runs, out / "curves.png")
+    plot_curves(runs, out / "curves.png", baseline_top1=baseline_top1)
     if args.docs:
         args.docs.mkdir(parents=True, exist_ok=True)
-        plot_curves(runs, args.docs / "curves.png")
+        plot_curves(runs, args.docs / "curves.png", baseline_top1=baseline_top1)
     return 0
 
 

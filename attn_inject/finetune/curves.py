@@ -30,8 +30,14 @@ def _column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:
     return [float(r.get(key, math.nan)) for r in rows]
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike) -> None:
-    """Draw ``runs`` (label -> summary rows) to ``path`` (PNG or SVG), written atomically."""
+def plot_curves(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike,
+    *,
+    baseline_top1: float | None = None,
+) -> None:
+    """Draw ``runs`` (label -> summary rows) to ``path`` (PNG or SVG), written atomically;
+    ``baseline_top1`` adds a reference line to the accuracy panel."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(12, 3.6), dpi=120, layout="constrained")
@@ -48,6 +54,8 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | o
         gates = _column(rows, "train_gate")
         if any(not math.isnan(g) for g in gates):
             gate.plot(epochs, gates, "-o", color=colour, ms=3, label=label)
+    if baseline_top1 is not None:
+        accuracy.axhline(baseline_top1, color="0.4", linewidth=1, linestyle="-.", label="baseline top-1")
     loss.set(title="loss", xlabel="epoch")
     accuracy.set(title="val accuracy (%)", xlabel="epoch")
     gate.set(title="mean blend gate (0 = identity, 1 = paper block)", xlabel="epoch")
