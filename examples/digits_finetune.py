@@ -50,8 +50,15 @@ def write_digits(root: Path, size: int = SIZE, seed: int = SEED, per_class: int 
     digits = load_digits()
     index = list(range(len(digits.target)))
     if per_class is not None:
-        index = [i for i in index if sum(digits.target[:i] == digits.target[i]) < per_class]
-    train, val = train_test_split(index, test_size=0.2, random_state=seed, stratify=digits.target)
+        counts: dict[int, int] = {}
+        kept = []
+        for i in index:
+            label = int(digits.target[i])
+            if counts.get(label, 0) < per_class:
+                kept.append(i)
+                counts[label] = counts.get(label, 0) + 1
+        index = kept
+    train, val = train_test_split(index, test_size=0.2, random_state=seed, stratify=digits.target[index])
     for split, chosen in (("train", train), ("val", val)):
         for i in chosen:
             folder = root / split / str(digits.target[i])

@@ -113,6 +113,7 @@ def test_one_epoch_writes_summary_curves_and_checkpoints_that_load(checkpoint, d
     # the file holds what was scored: its top-1, measured again here, is the summary's
     assert val_top1(last.eval(), data) == pytest.approx(float(rows[0]["eval_top1"]))
     assert set(best.state_dict()) == set(last.state_dict())
+    assert main(["validate", str(out / "last.safetensors"), "--device", "cpu"]) == 0
     state = torch.load(out / "resume.pth", weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "scheduler", "ema"} <= set(state)
     err = capsys.readouterr().err
@@ -174,16 +175,15 @@ def test_digits_accuracy_at_step_zero_equals_the_base_model(tmp_path):
     root = digits_finetune.write_digits(tmp_path / "digits", size=PX, per_class=25)
     torch.manual_seed(0)
     base = build_model(MODEL, num_classes=10)
-    train_loader, val_loader = digits_finetune.loaders(root, base, batch_size=128)
-    # a few steps so the base model predicts more than one class
+    train_loader, val_loader = digits_finetune.loaders(root, base, batch_size=25)
+    # two short epochs so the base model predicts more than one class
     optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
     base.train()
-    for step, (images, targets) in enumerate(train_loader):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(base(images), targets).backward()
-        optimizer.step()
-        if step == 3:
-            break
+    for _ in range(2):
+        for images, targets in train_loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(base(images), targets).backward()
+            optimizer.step()
     base.eval()
     path = tmp_path / "base.safetensors"
     ai.save(ai.inject(base, "cbam_after_every_stage", input_size=(3, PX, PX)), path)
@@ -284,25 +284,19 @@ def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsy
 def test_torchrun_two_processes_on_gloo(checkpoint, data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "-m",
-        "attn_inject",
-        *finetune_args(checkpoint, data, out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    args = finetune_args(checkpoint, data, out, "--frozen-epochs", "1", epochs=2)
+    run = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "attn_inject"]
+    done = subprocess.run([sys.executable, *run, *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out / "summary.csv")
-    assert len(rows) == 1
-    # metrics reduced over both ranks: the same top-1 as one process over every val image
-    assert val_top1(ai.load(out / "last.safetensors").eval(), data) == pytest.approx(
-        float(rows[0]["eval_top1"])
-    )
-    assert done.stderr.count("epoch 1/1:") == 1  # only rank 0 reports
+    assert len(rows) == 2
+    # Metrics reduced over both ranks, each evaluating its own share with its own copy of the
+    # weights (DDP keeps them equal, in the frozen epoch and after): the same top-1 as one
+    # process evaluating rank 0's weights over every val image.
+    top1 = val_top1(ai.load(out / "last.safetensors").eval(), data)
+    assert top1 == pytest.approx(float(rows[1]["eval_top1"]))
+    assert done.stderr.count("epoch 1/2 (base frozen):") == 1  # only rank 0 reports
+    assert done.stderr.count("epoch 2/2:") == 1
 
 
 # --- CUDA ------------------------------------------------------------------------------------
