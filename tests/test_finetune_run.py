@@ -255,6 +255,21 @@ def test_zero_classes_and_a_wrong_class_count_are_refused(checkpoint, data, tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unknown_optimizer_and_layer_decay_without_group_matcher_write_nothing(
+    checkpoint, data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, "--opt", "nosuchopt")) == 1
+    assert "--opt nosuchopt: not a timm optimizer" in capsys.readouterr().err
+    torchvision_file = tmp_path / "tv.safetensors"
+    base = build_model("tv:resnet18", num_classes=len(CLASSES))  # torchvision: no group_matcher
+    ai.save(ai.inject(base, "cbam_after_every_stage", input_size=(3, PX, PX)), torchvision_file)
+    assert main(finetune_args(torchvision_file, data, out, "--layer-decay", "0.75")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "group_matcher" in err
+    assert not out.exists()
+
+
 def test_an_earlier_run_is_kept_unless_resume_or_force(checkpoint, data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -210,6 +210,26 @@ def _wrap(model: nn.Module, config: FinetuneConfig, context: Context) -> nn.Modu
     return wrapped
 
 
+def _check_optimizer(config: FinetuneConfig, model: nn.Module) -> None:
+    """The optimizer name and the parameter groups, checked before anything is written."""
+    from timm.optim import get_optimizer_info
+
+    try:
+        get_optimizer_info(config.opt.lower().split("_")[-1])
+    except ValueError:
+        raise RunError(
+            f"--opt {config.opt}: not a timm optimizer; e.g. adamw, sgd, lamb, lion "
+            "(timm.optim.list_optimizers() lists them)"
+        ) from None
+    param_groups(
+        model,
+        config.lr,
+        weight_decay=config.weight_decay,
+        attn_lr_scale=config.attn_lr_scale,
+        layer_decay=config.layer_decay,
+    )
+
+
 def run(config: FinetuneConfig) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured."""
     config.check()
@@ -221,6 +241,7 @@ def run(config: FinetuneConfig) -> RunResult:
             f"the model has {start.num_classes} classes, --data {config.data} has {len(folders.classes)}; "
             f"pass --num-classes {len(folders.classes)} to train a new classifier"
         )
+    _check_optimizer(config, start.model)
     context = setup()
     try:
         return _train(config, folders, start, context)
