@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -195,6 +196,17 @@ def test_digits_accuracy_at_step_zero_equals_the_base_model(tmp_path):
     assert evaluate(patched, val_loader, context) == evaluate(base, val_loader, context)
 
 
+def test_bfloat16_autocast_channels_last_and_clipping_run_on_the_cpu(checkpoint, data, tmp_path):
+    out = tmp_path / "run"
+    args = finetune_args(
+        checkpoint, data, out, "--amp", "--channels-last", "--clip-grad", "1.0", "--opt", "sgd"
+    )
+    assert main(args) == 0
+    row = read_rows(out / "summary.csv")[0]
+    assert all(math.isfinite(float(row[k])) for k in ("train_loss", "eval_loss", "eval_top1"))
+    assert "scaler" not in torch.load(out / "resume.pth", weights_only=True)  # bf16 needs no loss scaler
+
+
 # --- bad input: one line, nothing written ------------------------------------------------
 
 
@@ -321,6 +333,17 @@ def test_torchrun_two_processes_on_gloo(checkpoint, data, tmp_path):
 def test_cuda_amp_channels_last_and_compile(checkpoint, data, tmp_path):
     out = tmp_path / "cuda"
     assert main(finetune_args(checkpoint, data, out, "--amp", "--channels-last", "--compile")) == 0
+    assert len(read_rows(out / "summary.csv")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_torchrun_two_processes_on_nccl(checkpoint, data, tmp_path):
+    out = tmp_path / "nccl"
+    run = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "attn_inject"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = finetune_args(checkpoint, data, out, "--amp")
+    done = subprocess.run([sys.executable, *run, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     assert len(read_rows(out / "summary.csv")) == 1
 
 
