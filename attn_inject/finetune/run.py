@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import StartingPoint, load_for_finetuning
 from .config import FinetuneConfig
 from .data import Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
@@ -35,6 +34,7 @@ from .freeze import freeze_base
 from .gates import mean_gate
 from .groups import param_groups
 from .loop import Precision, evaluate, train_one_epoch
+from .starting_point import StartingPoint, load_for_finetuning
 
 __all__ = ["OUTPUTS", "RunError", "RunResult", "run"]
 
