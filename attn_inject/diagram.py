@@ -570,6 +570,7 @@ def figure(diagram: Diagram):
             ha=ha,
             va="baseline",
             fontweight="bold" if t.bold else "normal",
+            parse_math=False,  # a module name is text, "$" included
             gid=gid,
         )
         artist.set_clip_on(False)

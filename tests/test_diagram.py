@@ -304,12 +304,12 @@ def test_badges_and_columns_do_not_overlap_and_stay_in_the_picture(se_plan, cbam
 
 
 def test_names_with_markup_characters_are_escaped():
-    plan = hand_plan([point("a<b>&c", 0)], stages=("stage<1>&",), model="Net<&>")
+    plan = hand_plan([point("a<b>&c", 0), point("x$y$", 0)], stages=("stage<1>&",), model="Net<&>")
     svg = to_svg(plan_layout(plan))
     assert "<b>" not in svg
     root = ET.fromstring(svg)  # parses
     text = all_text(root)
-    assert "a<b>&c" in text and "stage<1>&" in text
+    assert "a<b>&c" in text and "stage<1>&" in text and "x$y$" in text  # no mathtext either
     assert any(t.startswith("Net<&> + hand") for t in text)
     assert "a<b>&c" in "".join(groups(root, "badge")[0].find(f"{SVG}title").itertext())
 
