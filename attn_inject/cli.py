@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument(
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
     )
+    from .finetune.command import add_parser as add_finetune
+
+    add_finetune(sub, common)
     return parser
 
 
@@ -533,6 +536,12 @@ def _progress(description: str, total: int, *, quiet: bool = False):
     return bar() if sys.stderr.isatty() else plain()
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune.command import command
+
+    return command(args)
+
+
 COMMANDS = {
     "recipes": _cmd_recipes,
     "blocks": _cmd_blocks,
@@ -541,6 +550,7 @@ COMMANDS = {
     "convert": _cmd_convert,
     "validate": _cmd_validate,
     "zoo": _cmd_zoo,
+    "finetune": _cmd_finetune,
 }
 
 

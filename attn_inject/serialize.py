@@ -79,6 +79,7 @@ class Manifest:
     blocks: tuple[str, ...] = ()  # the inserted blocks' qualified module names
     later: tuple[Injection, ...] = ()  # injections into the patched model after the first
     format: int = FORMAT
+    training: Mapping[str, Any] | None = None  # the fine-tuning run that wrote it, if any
 
     def to_json(self) -> str:
         out = asdict(self)
@@ -129,6 +130,7 @@ def save(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     force: bool = False,
+    training: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write ``patched`` (a model returned by ``inject``) to ``path`` (``.safetensors``),
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
@@ -138,7 +140,8 @@ def save(
     then loaded with ``load(path, model=...)``.
 
     The model named is rebuilt on the meta device and compared with ``patched``; if they
-    differ the file is not written and the error says where."""
+    differ the file is not written and the error says where. ``training`` (plain values)
+    records the fine-tuning run that produced the weights in the manifest."""
     from . import inserted_blocks
     from .models import ModelKwargsError, check_model_kwargs, resolve
 
@@ -176,7 +179,16 @@ def save(
         architecture=saved.modules,
         blocks=tuple(inserted_blocks(patched)),
         later=tuple(steps[1:]),
+        training=dict(training) if training is not None else None,
     )
+    if training is not None:
+        try:
+            json.dumps(training)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                "save(training=...) must be plain values (numbers, strings, lists, dicts): "
+                f"{shown(str(error))}"
+            ) from None
     write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
 
@@ -322,6 +334,7 @@ class _ManifestReader:
             architecture=self.architecture(),
             blocks=self.blocks(),
             later=self.later(),
+            training=self.training(),
             format=FORMAT,
         )
 
@@ -399,6 +412,12 @@ class _ManifestReader:
                 "architecture", f"must be a list of [name, class, extra_repr] strings, got {shown(value)}"
             )
         return tuple((e[0], e[1], e[2]) for e in value)
+
+    def training(self) -> dict[str, Any] | None:
+        value = self.get("training", None)
+        if value is not None and not isinstance(value, dict):
+            raise self.fail("training", f"must be an object or null, got {shown(value)}")
+        return value
 
     def blocks(self) -> tuple[str, ...]:
         value = self.get("blocks", [])
