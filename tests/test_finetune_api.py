@@ -122,13 +122,6 @@ def test_layer_decay_out_of_range_is_refused(patched, value):
         ai.param_groups(patched, 1e-3, layer_decay=value)
 
 
-_patched = patched_model()
-
-
-@pytest.mark.skipif(
-    not hasattr(_patched, "group_matcher"),
-    reason="the patched model does not expose timm's group_matcher yet (it is a GraphModule)",
-)
 def test_layer_decay_matches_timm_for_the_base_and_puts_each_block_in_its_layer():
     patched = patched_model()
     base = build_model("timm:resnet10t", num_classes=5)
