@@ -87,15 +87,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, source=f"checkpoint {p}")
 
 
-def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _reading_safetensors(p: Path) -> Iterator[None]:
+    """One clear error for a safetensors file that cannot be read or is not one."""
     try:
-        return safetensors.torch.load_file(p, device="cpu")
+        yield
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}"
         ) from e
+
+
+def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    with _reading_safetensors(p):
+        return safetensors.torch.load_file(p, device="cpu")
 
 
 def _load_torch(p: Path) -> Any:
@@ -444,12 +453,5 @@ def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...
     """The name and shape of every tensor in a ``.safetensors`` file, read from its header
     only: nothing is allocated for the tensors."""
     p = Path(path)
-    try:
-        with safetensors.safe_open(p, "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
-    except Exception as e:
-        raise CheckpointError(
-            f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}"
-        ) from e
+    with _reading_safetensors(p), safetensors.safe_open(p, "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118

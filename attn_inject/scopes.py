@@ -22,7 +22,6 @@ Every module outside those scopes keeps its class and runs its own Python code.
 
 from __future__ import annotations
 
-import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +29,9 @@ from typing import Any
 from torch import fx, nn
 
 from .graph.analysis import AnnotatedGraph
-from .graph.trace import ModuleCall
+from .graph.trace import ModuleCall, reads_training
 
-__all__ = ["Placement", "ScopeError", "ScopeTrace", "extract_scope", "place"]
+__all__ = ["Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
 
 APPEND = "append"
 GRAPH = "graph"
@@ -288,24 +287,6 @@ def _common(paths: list[str]) -> str:
             break
         common.append(level[0])
     return ".".join(common)
-
-
-_READS_TRAINING: dict[type, bool] = {}
-
-
-def reads_training(module: nn.Module) -> bool:
-    """Whether the module's own forward reads ``self.training`` (inline dropout, a
-    train-only branch): rewriting it would fix that to the mode it was traced in."""
-    cls = type(module)
-    if isinstance(module, fx.GraphModule):
-        return False
-    if cls not in _READS_TRAINING:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _READS_TRAINING[cls] = "self.training" in source
-    return _READS_TRAINING[cls]
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:

@@ -57,19 +57,27 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(get_notrace_modules()), functions
 
 
-_TRAINING_DEPENDENT: dict[type, bool] = {}
+_READS_TRAINING: dict[type, bool] = {}
 
 
-def depends_on_training(module: nn.Module) -> bool:
-    """A module without parametrised children whose forward reads ``self.training``."""
+def reads_training(module: nn.Module) -> bool:
+    """Whether the module's own forward reads ``self.training`` (an inline dropout, a
+    train-only branch): traced, that code would be fixed to the mode it was traced in."""
     cls = type(module)
-    if cls not in _TRAINING_DEPENDENT:
+    if isinstance(module, fx.GraphModule):
+        return False
+    if cls not in _READS_TRAINING:
         try:
             source = inspect.getsource(cls.forward)
         except (OSError, TypeError):
             source = ""
-        _TRAINING_DEPENDENT[cls] = "self.training" in source
-    if not _TRAINING_DEPENDENT[cls]:
+        _READS_TRAINING[cls] = "self.training" in source
+    return _READS_TRAINING[cls]
+
+
+def depends_on_training(module: nn.Module) -> bool:
+    """A module without parametrised children whose forward reads ``self.training``."""
+    if not reads_training(module):
         return False
     return not any(True for child in module.children() for _ in child.parameters())
 
