@@ -2,6 +2,7 @@
 #   make demo    plan and inject cbam_after_every_stage into a random-init timm resnet50, check identity
 #   make test    the test suite (CPU, a few minutes on 2 cores)
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
+#   make finetune-demo   the digits fine-tuning evidence (examples/digits_finetune.py; minutes on 2 cores)
 # All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
 # the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv).
 
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint zoo-test zoo zoo-plan bench clean
+.PHONY: demo test lint zoo-test zoo zoo-plan bench finetune-demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,9 @@ zoo: $(STAMP)
 
 zoo-plan: $(STAMP)
 	$(BIN)/attn-inject zoo --out build/zoo
+
+finetune-demo: $(STAMP)
+	$(BIN)/python examples/digits_finetune.py --out build/digits --docs docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_inject.py

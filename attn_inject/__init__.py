@@ -12,6 +12,7 @@ from torch import nn
 
 from .blocks import BlockParamError, create_block, list_blocks, register_block
 from .checkpoint import CheckpointError
+from .finetune import freeze_base, gates, param_groups
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
 from .inject import InjectError, inject
@@ -44,12 +45,15 @@ __all__ = [
     "ValidationReport",
     "block_parameters",
     "create_block",
+    "freeze_base",
+    "gates",
     "inject",
     "inserted_blocks",
     "list_blocks",
     "list_recipes",
     "load",
     "load_recipe",
+    "param_groups",
     "plan",
     "read_manifest",
     "register_block",

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import tempfile
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,15 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .messages import cut
+
 __all__ = [
     "SAFETENSORS_SUFFIX",
     "TORCH_SUFFIXES",
     "CheckpointError",
     "check_fits",
     "read_safetensors_metadata",
+    "read_safetensors_shapes",
     "read_state_dict",
     "unwrap_state_dict",
     "write_safetensors",
@@ -159,7 +164,7 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
             raise CheckpointError(
                 f"{source} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors)"
             )
-        keys = [str(k) for k in obj]
+        keys = [cut(str(k), 80) for k in obj]
         seen = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "(none)"
         raise CheckpointError(
             f"{source} holds no state dict: top-level keys are {seen}; looked for a mapping of tensors "
@@ -232,7 +237,7 @@ def check_fits(
 def _count(names: list[str], one: str, many: str) -> str:
     if not names:
         return ""
-    shown = ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+    shown = ", ".join(cut(n, 160) for n in names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
     return f"{len(names)} {one if len(names) == 1 else many} ({shown})"
 
 
@@ -244,10 +249,13 @@ def write_safetensors(
     force: bool = False,
 ) -> None:
     """Write ``tensors`` and text ``metadata`` to ``path`` atomically: a temporary file in the
-    same folder is renamed onto ``path`` once complete, and removed on any failure.
+    same folder is moved onto ``path`` once complete, and removed on any failure, on SIGTERM
+    and on SIGINT. Temporary files that a killed run left for ``path`` are removed first.
 
     Tensors are moved to the CPU and made contiguous; tensors sharing memory (tied weights)
-    are written as separate copies. An existing ``path`` is replaced only with ``force``.
+    are written as separate copies. An existing ``path`` is replaced only with ``force``;
+    without it the final step is a hard link, which fails if ``path`` appeared meanwhile, so
+    of two writers racing for one ``path`` exactly one succeeds.
     """
     p = Path(path)
     if not p.name.lower().endswith(SAFETENSORS_SUFFIX) or p.name.lower() == SAFETENSORS_SUFFIX:
@@ -261,21 +269,113 @@ def write_safetensors(
         raise CheckpointError(f"{p} exists; pass --force to overwrite")
     meta = _check_metadata(p, metadata)
     prepared = _prepare_tensors(p, tensors)
-
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + p.name + ".", suffix=".tmp")
+    remove_stale_temporaries(p)
     try:
-        os.close(fd)
-        safetensors.torch.save_file(prepared, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(p))
-        os.replace(tmp, p)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(p), suffix=_TEMP_SUFFIX)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {p}: folder {parent}: {e.strerror or e}") from None
+    try:
+        with _removed_on_signals(tmp):
+            os.close(fd)
+            safetensors.torch.save_file(prepared, tmp, metadata=meta)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode(p))
+            _move_into_place(tmp, p, force)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+            raise CheckpointError(f"cannot write {p}: {e.strerror or _first_line(e)}") from None
         if isinstance(e, Exception) and not isinstance(e, CheckpointError):
             raise CheckpointError(f"cannot write {p}: {_first_line(e)}") from e
         raise
+
+
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(p: Path) -> str:
+    """``.NAME.attn-inject-PID-``: hidden, and naming the process that writes it."""
+    return f".{p.name}.attn-inject-{os.getpid()}-"
+
+
+def remove_stale_temporaries(p: Path) -> list[Path]:
+    """Remove the temporary files for ``p`` whose writing process is gone (killed mid-write);
+    those of a live process are left alone. Returns what was removed."""
+    pattern = re.compile(re.escape(f".{p.name}.attn-inject-") + r"(\d+)-\w+" + re.escape(_TEMP_SUFFIX))
+    removed = []
+    for candidate in p.parent.glob(f".{glob_escape(p.name)}.attn-inject-*{_TEMP_SUFFIX}"):
+        found = pattern.fullmatch(candidate.name)
+        if found is None or _process_alive(int(found.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _move_into_place(tmp: str, p: Path, force: bool) -> None:
+    if force:
+        os.replace(tmp, p)
+        return
+    try:
+        os.link(tmp, p)  # fails if p exists: the no-overwrite check and the write are one step
+    except FileExistsError:
+        raise CheckpointError(f"{p} exists; pass --force to overwrite") from None
+    except OSError:  # a file system without hard links: reserve the name exclusively instead
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise CheckpointError(f"{p} exists; pass --force to overwrite") from None
+        os.replace(tmp, p)
+        return
+    os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _removed_on_signals(tmp: str) -> Iterator[None]:
+    """Remove ``tmp`` if SIGTERM or SIGINT arrives, then let the signal act as it would have
+    (the process ends, or KeyboardInterrupt). Only in the main thread, where handlers run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        signal.signal(signum, previous[signum])
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:
+            os.kill(os.getpid(), signum)  # the default action: end the process, as the signal asked
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for held, before in previous.items():
+            if signal.getsignal(held) is handler:
+                signal.signal(held, before)
 
 
 def _check_metadata(p: Path, metadata: Mapping[str, str]) -> dict[str, str]:
@@ -337,4 +437,19 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     except Exception as e:
         raise CheckpointError(
             f"cannot read metadata of {p}: not a valid safetensors file: {_first_line(e)}"
+        ) from e
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a ``.safetensors`` file, read from its header
+    only: nothing is allocated for the tensors."""
+    p = Path(path)
+    try:
+        with safetensors.safe_open(p, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: not a valid safetensors file: {_first_line(e)}"
         ) from e

@@ -1,7 +1,12 @@
 """The ``attn-inject`` command line (also ``python -m attn_inject``).
 
-Exit codes: 0 success, 1 failure, 2 usage error. Errors are one line on stderr; ``--debug``
-shows the traceback.
+Exit codes: 0 success; 2 the command line is wrong (an unknown option, a malformed or
+disallowed option value such as ``--model-kwargs pretrained=true`` or ``--input-size 64 64``):
+fix the command; 1 a well-formed request that could not be carried out (a model or recipe
+that does not exist, an input file that is missing, invalid or refused, a failed validation,
+an output that exists or cannot be written); 130 interrupted (SIGINT); SIGTERM ends the
+process as the signal does (143 in a shell), removing any partly written output. Errors are
+one line on stderr; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -33,15 +38,22 @@ class CommandError(Exception):
     """The command cannot go on (e.g. its output exists): exit code 1."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common_flags(default: Any) -> argparse.ArgumentParser:
+    """--json and --debug, accepted before and after the command. The command's copies
+    default to SUPPRESS, so they never undo a flag given before the command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attn-inject",
         description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",
-        parents=[common],
+        parents=[_common_flags(False)],
     )
+    common = _common_flags(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     recipes = sub.add_parser("recipes", parents=[common], help="list the built-in recipes, or show one")
@@ -166,19 +178,37 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument(
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
     )
+    from .finetune.command import add_parser as add_finetune
+
+    add_finetune(sub, common)
     return parser
 
 
 def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    """``--model-kwargs K=V ...``: each V read as a YAML scalar or list, each K checked
+    against the builder arguments that shape the architecture."""
     import yaml
+
+    from .messages import cut, shown
+    from .models import ModelKwargsError, check_model_kwargs
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs, got {shown(pair)}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "not a plain value"
+            raise UsageError(
+                f"--model-kwargs {shown(pair)}: the value must be a number, a string, true/false or a "
+                f"list ({cut(problem, 100)})"
+            ) from None
+    try:
+        return check_model_kwargs(out, "--model-kwargs")
+    except ModelKwargsError as error:
+        raise UsageError(str(error)) from None
 
 
 def _plan_of(patched: nn.Module) -> Plan:
@@ -221,14 +251,17 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .models import build_for_planning, input_size_for, resolve
+    from .models import build_for_planning, resolve
     from .plan import plan
+    from .recipe import load_recipe
 
     if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
         raise UsageError(f"--diagram {args.diagram}: the file must end in .svg or .png")
+    _positive_sizes(args.input_size)
     model = build_for_planning(args.model, **_model_kwargs(args.model_kwargs))
-    size = args.input_size or input_size_for(args.model, model)
-    result = plan(model, args.recipe, init=args.init, input_size=size, target=args.target)
+    recipe = load_recipe(args.recipe)
+    size = args.input_size or _default_input_size(args.model, model, recipe, args.target)
+    result = plan(model, recipe, init=args.init, input_size=size, target=args.target)
     result = dataclasses.replace(result, model_name=":".join(resolve(args.model)))
     text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
     if result.opaque:
@@ -253,6 +286,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .models import build_model
     from .validate import validate
 
+    _positive_sizes(args.input_size)
     torch.manual_seed(0)
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
@@ -272,18 +306,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
+def _positive_sizes(values: Sequence[int] | None) -> None:
+    if values is not None and (min(values) < 1 or max(values) > 8192):
+        raise UsageError(f"--input-size takes sizes from 1 to 8192, got {' '.join(map(str, values))}")
+
+
+def _input_size(values: Sequence[int] | None, like: Sequence[int] | None = None) -> tuple[int, ...] | None:
+    """``--input-size`` as a tuple: C H W, or C T H W for video; with ``like`` (the size the
+    model was planned at), as many values and the same channel count."""
     if values is None:
         return None
-    if len(values) not in (2, 3, 4) or min(values) < 1:
-        raise UsageError(
-            "--input-size takes C H W (or C T H W for video) positive sizes, "
-            f"got {' '.join(map(str, values))}"
-        )
+    _positive_sizes(values)
+    got = " ".join(map(str, values))
+    if like is not None:
+        wanted = " ".join(map(str, like))
+        if len(values) != len(like) or values[0] != like[0]:
+            raise UsageError(
+                f"--input-size {got}: the model takes {len(like)} sizes with {like[0]} channels first, "
+                f"like its plan's {wanted}"
+            )
+    elif len(values) not in (3, 4):
+        raise UsageError(f"--input-size takes C H W (or C T H W for video), got {got}")
     return tuple(values)
 
 
+def _default_input_size(name: str, model: Any, recipe: Any, target: str | None) -> tuple[int, ...] | None:
+    """The whole model's input size for shape inference, or None when a submodule is
+    patched (the API then infers the submodule's own)."""
+    from .models import input_size_for
+    from .plan import resolve_target
+
+    return None if resolve_target(model, recipe, target) else input_size_for(name, model)
+
+
 def _check_output(path: str, force: bool) -> None:
+    import os
     from pathlib import Path
 
     out = Path(path)
@@ -293,6 +350,8 @@ def _check_output(path: str, force: bool) -> None:
         raise CommandError(f"{path} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
         raise CommandError(f"{path}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{path}: folder {out.parent} is not writable (permission denied)")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -300,7 +359,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from .checkpoint import check_fits, read_state_dict
     from .inject import inject
-    from .models import build_model, input_size_for, resolve
+    from .models import build_model, resolve
     from .recipe import load_recipe
     from .serialize import save
     from .validate import validate
@@ -319,9 +378,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         model.load_state_dict(state, strict=True)
         del state
     with _status(f"injecting {recipe.name}", quiet=args.json):
-        patched = inject(
-            model, recipe, init=args.init, input_size=size or input_size_for(name), target=args.target
-        )
+        size = size or _default_input_size(name, model, recipe, args.target)
+        patched = inject(model, recipe, init=args.init, input_size=size, target=args.target)
     plan = _plan_of(patched)
     report = None
     if args.validate:
@@ -347,9 +405,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .serialize import load, load_base_weights, read_manifest
     from .validate import validate
 
-    size = _input_size(args.input_size)
     with _status(f"reading {args.file}", quiet=args.json):
         manifest = read_manifest(args.file)
+        size = _input_size(args.input_size, like=manifest.input_size)
         patched = load(args.file).eval()
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
@@ -478,6 +536,12 @@ def _progress(description: str, total: int, *, quiet: bool = False):
     return bar() if sys.stderr.isatty() else plain()
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune.command import command
+
+    return command(args)
+
+
 COMMANDS = {
     "recipes": _cmd_recipes,
     "blocks": _cmd_blocks,
@@ -486,6 +550,7 @@ COMMANDS = {
     "convert": _cmd_convert,
     "validate": _cmd_validate,
     "zoo": _cmd_zoo,
+    "finetune": _cmd_finetune,
 }
 
 
@@ -511,8 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
+    from .messages import cut
+
     lines = str(error).strip().splitlines()
-    text = lines[0] if lines else ""
+    text = cut(lines[0], 600) if lines else ""
     known = (ValueError, RuntimeError, OSError, CommandError)
     return text if isinstance(error, known) and text else f"{type(error).__name__}: {text}"
 

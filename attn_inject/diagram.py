@@ -2,8 +2,8 @@
 
 ``plan_layout(plan)`` places everything and returns a :class:`Diagram`, plain typed data
 (boxes, arrows and text with their coordinates) that can be printed and tested without
-rendering; ``to_svg`` and ``to_png`` draw it; ``save_diagram`` picks the format from the
-file name::
+rendering; ``figure`` draws it as one matplotlib figure, which ``to_svg`` and ``to_png``
+save; ``save_diagram`` picks the format from the file name::
 
     >>> p = attn_inject.plan(torchvision.models.resnet18(), "cbam_after_every_stage")
     >>> save_diagram(p, "resnet18_cbam.svg")
@@ -25,6 +25,7 @@ position; a column with more than 12 points shows the first 10 and a "+N more" b
 stage. Points outside every stage go to "stem" when they come before the first staged point
 of the plan, else to "head". In the SVG each badge carries the full insertion point as a
 tooltip, and ``data-point`` (its index in the plan), ``data-kind`` and ``data-position``.
+Text stays text in the SVG (matplotlib's ``svg.fonttype = "none"``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
-from xml.sax.saxutils import escape
+from typing import IO, Any, NamedTuple
 
 from .plan import InsertionPoint, Plan
 
@@ -52,7 +52,6 @@ COLUMN_FILL = "#F4F6F9"
 COLUMN_STROKE = "#C5CCD6"
 MORE_FILL = "#E3E7ED"
 ARROW = "#8A929E"
-FONT_FAMILY = "Helvetica, Arial, 'DejaVu Sans', sans-serif"
 
 POSITION_ABBREVIATIONS = {
     "residual_branch": ("res", "residual branch"),
@@ -533,163 +532,141 @@ def plan_layout(plan: Plan) -> Diagram:
 
 
 # ---------------------------------------------------------------------------------------
-# SVG
+# drawing: one matplotlib figure, saved as SVG or PNG
+
+POINTS_PER_INCH = 72  # the layout's units are SVG user units: 1 px = 1 pt at 72 dpi
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+_GID = "attn-inject-"
+_RC: dict[str, Any] = {"svg.fonttype": "none", "svg.hashsalt": "attn-inject", "font.family": "sans-serif"}
 
 
-def _n(v: float) -> str:
-    return f"{v:.1f}".rstrip("0").rstrip(".")
+def _box_gid(index: int) -> str:
+    return f"{_GID}box-{index}"
 
 
-def _attr(value: str) -> str:
-    return escape(value, {'"': "&quot;"})
+def figure(diagram: Diagram):
+    """The diagram as a matplotlib ``Figure`` (no pyplot state): one axes over the whole
+    figure in the layout's coordinates (y down), every box a ``FancyBboxPatch``, every arrow a
+    ``FancyArrowPatch``, every text a ``Text`` on its baseline."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-
-def _svg_text(t: Text) -> str:
-    weight = ' font-weight="bold"' if t.bold else ""
-    return (
-        f'<text x="{_n(t.x)}" y="{_n(t.y)}" font-size="{_n(t.size)}" fill="{t.color}" '
-        f'text-anchor="{t.anchor}"{weight}>{escape(t.text)}</text>'
+    fig = Figure(
+        figsize=(diagram.width / POINTS_PER_INCH, diagram.height / POINTS_PER_INCH), dpi=POINTS_PER_INCH
     )
+    fig.patch.set_facecolor(BACKGROUND)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, diagram.width)
+    ax.set_ylim(diagram.height, 0)
+    ax.set_axis_off()
+
+    def text(t: Text, gid: str) -> None:
+        ha = {"start": "left", "middle": "center", "end": "right"}[t.anchor]
+        artist = ax.text(
+            t.x,
+            t.y,
+            t.text,
+            fontsize=t.size,
+            color=t.color,
+            ha=ha,
+            va="baseline",
+            fontweight="bold" if t.bold else "normal",
+            parse_math=False,  # a module name is text, "$" included
+            gid=gid,
+        )
+        artist.set_clip_on(False)
+
+    for i, a in enumerate(diagram.arrows):
+        ax.add_patch(
+            FancyArrowPatch(
+                (a.x1, a.y1),
+                (a.x2, a.y2),
+                arrowstyle=f"-|>,head_length={ARROW_HEAD * 0.1:.2f},head_width={ARROW_HEAD * 0.055:.3f}",
+                mutation_scale=10,
+                color=a.color,
+                linewidth=1.5,
+                shrinkA=0,
+                shrinkB=0,
+                gid=f"{_GID}arrow-{i}",
+            )
+        )
+    for j, b in enumerate(diagram.boxes):
+        ax.add_patch(
+            FancyBboxPatch(
+                (b.x, b.y),
+                b.w,
+                b.h,
+                boxstyle=f"round,pad=0,rounding_size={b.radius}" if b.radius else "square,pad=0",
+                facecolor=b.fill,
+                edgecolor="none" if b.stroke == "none" else b.stroke,
+                linewidth=1,
+                gid=_box_gid(j),
+            )
+        )
+        for k, t in enumerate(b.texts):
+            text(t, f"{_box_gid(j)}-text-{k}")
+    for k, t in enumerate(diagram.texts):
+        text(t, f"{_GID}text-{k}")
+    return fig
 
 
-def _arrow_head(a: Arrow) -> tuple[tuple[float, float], ...]:
-    dx, dy = a.x2 - a.x1, a.y2 - a.y1
-    length = max((dx * dx + dy * dy) ** 0.5, 1e-9)
-    ux, uy = dx / length, dy / length
-    bx, by = a.x2 - ux * ARROW_HEAD, a.y2 - uy * ARROW_HEAD
-    half = ARROW_HEAD * 0.55
-    return (a.x2, a.y2), (bx - uy * half, by + ux * half), (bx + uy * half, by - ux * half)
+def _classes(b: Box) -> str:
+    return "badge marker" if b.role == "marker" else b.role
 
 
 def to_svg(diagram: Diagram) -> str:
-    """The diagram as an SVG document (UTF-8 text)."""
-    w, h = _n(diagram.width), _n(diagram.height)
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-        f'font-family="{_attr(FONT_FAMILY)}">',
-        f"<title>{escape(diagram.title)}</title>",
-        f'<rect x="0" y="0" width="{w}" height="{h}" fill="{BACKGROUND}"/>',
-    ]
-    for a in diagram.arrows:
-        (tx, ty), p1, p2 = _arrow_head(a)
-        ex, ey = (p1[0] + p2[0]) / 2, (p1[1] + p2[1]) / 2
-        out.append(
-            f'<g class="arrow"><line x1="{_n(a.x1)}" y1="{_n(a.y1)}" x2="{_n(ex)}" y2="{_n(ey)}" '
-            f'stroke="{a.color}" stroke-width="1.5"/><path d="M{_n(tx)},{_n(ty)} L{_n(p1[0])},{_n(p1[1])} '
-            f'L{_n(p2[0])},{_n(p2[1])} Z" fill="{a.color}"/></g>'
-        )
-    for b in diagram.boxes:
-        cls = "badge marker" if b.role == "marker" else b.role
-        data = ""
+    """The diagram as an SVG document (UTF-8 text), drawn by matplotlib with text kept as
+    text. Each box and its text are grouped in ``<g class="ROLE">`` with the box's tooltip
+    as ``<title>`` and, for insertion points, ``data-point``, ``data-kind`` and
+    ``data-position`` (the tooltip technique of matplotlib's SVG tooltip example)."""
+    import io
+    import xml.etree.ElementTree as ET
+
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):  # type: ignore[arg-type]
+        buffer = io.BytesIO()
+        figure(diagram).savefig(buffer, format="svg", metadata={"Date": None, "Title": diagram.title})
+    ET.register_namespace("", SVG_NAMESPACE)
+    ET.register_namespace("xlink", "http://www.w3.org/1999/xlink")
+    root = ET.fromstring(buffer.getvalue())
+    parents = {child: parent for parent in root.iter() for child in parent}
+    by_id = {e.get("id"): e for e in root.iter() if e.get("id", "").startswith(_GID)}
+    for j, b in enumerate(diagram.boxes):
+        shape = by_id[_box_gid(j)]
+        parent = parents[shape]
+        group = ET.Element(f"{{{SVG_NAMESPACE}}}g", {"class": _classes(b)})
         if b.point is not None:
-            data += f' data-point="{b.point}"'
+            group.set("data-point", str(b.point))
         if b.kind is not None:
-            data += f' data-kind="{_attr(b.kind)}"'
+            group.set("data-kind", b.kind)
         if b.position is not None:
-            data += f' data-position="{_attr(b.position)}"'
+            group.set("data-position", b.position)
         if b.role == "more":
-            data += f' data-hidden="{len(b.hidden)}"'
-        out.append(f'<g class="{cls}"{data}>')
+            group.set("data-hidden", str(len(b.hidden)))
         if b.tooltip:
-            out.append(f"<title>{escape(b.tooltip)}</title>")
-        stroke = "" if b.stroke == "none" else f' stroke="{b.stroke}" stroke-width="1"'
-        out.append(
-            f'<rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="{_n(b.radius)}" '
-            f'fill="{b.fill}"{stroke}/>'
-        )
-        out.extend(_svg_text(t) for t in b.texts)
-        out.append("</g>")
-    out.extend(_svg_text(t) for t in diagram.texts)
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------------------------------
-# PNG
-
-_SUBSTITUTES = {"×": "x", "–": "-", "—": "-", "…": "..."}
-
-
-class _Fonts:
-    """Pillow's default font at each size, and a check for glyphs it lacks."""
-
-    def __init__(self, image_font, scale: float):
-        self.image_font = image_font
-        self.scale = scale
-        self.cache: dict[float, object] = {}
-        self.missing: dict[tuple[float, str], bool] = {}
-
-    def get(self, size: float):
-        if size not in self.cache:
-            try:
-                self.cache[size] = self.image_font.load_default(size=round(size * self.scale))
-            except TypeError:  # Pillow < 10.1: one bitmap size only
-                self.cache[size] = self.image_font.load_default()
-        return self.cache[size]
-
-    def printable(self, text: str, size: float) -> str:
-        font = self.get(size)
-        if not hasattr(font, "getmask2"):  # the bitmap font covers Latin-1 only
-            return "".join(ch if ord(ch) < 256 else _SUBSTITUTES.get(ch, "?") for ch in text)
-        out = []
-        for ch in text:
-            if ch.isascii():
-                out.append(ch)
-                continue
-            key = (size, ch)
-            if key not in self.missing:
-                blank = font.getmask("\ue000")  # a private-use code point: the font's "no glyph" box
-                mask = font.getmask(ch)
-                self.missing[key] = mask.size == blank.size and bytes(mask) == bytes(blank)
-            out.append(_SUBSTITUTES.get(ch, "?") if self.missing[key] else ch)
-        return "".join(out)
-
-
-def _draw_text(draw, fonts: _Fonts, t: Text, s: float) -> None:
-    font = fonts.get(t.size)
-    text = fonts.printable(t.text, t.size)
-    x, y = t.x * s, t.y * s
-    if hasattr(font, "getmask2"):
-        anchor = {"start": "ls", "middle": "ms", "end": "rs"}[t.anchor]
-        kwargs = {"anchor": anchor}
-    else:
-        width = draw.textlength(text, font=font)
-        x -= {"start": 0, "middle": width / 2, "end": width}[t.anchor]
-        y -= font.getbbox(text)[3] if text else 0
-        kwargs = {}
-    draw.text((x, y), text, fill=t.color, font=font, **kwargs)
-    if t.bold:  # the default font has no bold face: draw it twice, a hair apart
-        draw.text((x + max(1.0, 0.45 * s), y), text, fill=t.color, font=font, **kwargs)
+            ET.SubElement(group, f"{{{SVG_NAMESPACE}}}title").text = b.tooltip
+        parent.insert(list(parent).index(shape), group)
+        for member in [shape] + [by_id[f"{_box_gid(j)}-text-{k}"] for k in range(len(b.texts))]:
+            parents[member].remove(member)
+            group.append(member)
+            parents[member] = group
+    for i in range(len(diagram.arrows)):
+        by_id[f"{_GID}arrow-{i}"].set("class", "arrow")
+    return ET.tostring(root, encoding="unicode", xml_declaration=False) + "\n"
 
 
 def to_png(diagram: Diagram, path: str | os.PathLike, *, scale: float = 2.0) -> None:
-    """Draw the diagram with Pillow into a PNG of ``scale`` times its size (2: sharp on
-    high-density screens), written atomically to ``path``."""
-    from PIL import Image, ImageDraw, ImageFont
+    """The diagram as a PNG of ``scale`` times its size (2: sharp on high-density screens),
+    drawn by matplotlib and written atomically to ``path``."""
+    import matplotlib
 
-    s = float(scale)
-    image = Image.new("RGB", (round(diagram.width * s), round(diagram.height * s)), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    fonts = _Fonts(ImageFont, s)
-    for a in diagram.arrows:
-        head = _arrow_head(a)
-        ex, ey = (head[1][0] + head[2][0]) / 2, (head[1][1] + head[2][1]) / 2
-        draw.line([(a.x1 * s, a.y1 * s), (ex * s, ey * s)], fill=a.color, width=max(1, round(1.5 * s)))
-        draw.polygon([(px * s, py * s) for px, py in head], fill=a.color)
-    for b in diagram.boxes:
-        outline = None if b.stroke == "none" else b.stroke
-        draw.rounded_rectangle(
-            [b.x * s, b.y * s, (b.x + b.w) * s, (b.y + b.h) * s],
-            radius=b.radius * s,
-            fill=b.fill,
-            outline=outline,
-            width=max(1, round(s)) if outline else 0,
+    with matplotlib.rc_context(_RC):  # type: ignore[arg-type]
+        fig = figure(diagram)
+        _write_atomic(
+            Path(path),
+            lambda f: fig.savefig(f, format="png", dpi=POINTS_PER_INCH * scale, metadata={"Software": None}),
         )
-        for t in b.texts:
-            _draw_text(draw, fonts, t, s)
-    for t in diagram.texts:
-        _draw_text(draw, fonts, t, s)
-    _write_atomic(Path(path), lambda f: image.save(f, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ def inject(
         >>> patched = inject(timm.create_model("resnet50"), "se_resnet")
         >>> patched.layer1[0].se             # the new block, where timm's seresnet50 has it
     """
-    model = unwrap(model)
     graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
     if not plan.points and not allow_empty:
         reasons = sorted({s.reason for s in plan.skipped})[:3]
@@ -58,16 +57,3 @@ def inject(
         return rewrite(model, graph, plan, base_model_of(model))
     except RewriteError as error:
         raise InjectError(str(error)) from None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``nn.DataParallel`` / DDP / ``torch.compile`` wrappers: patch that one."""
-    if isinstance(model, nn.parallel.DataParallel | nn.parallel.DistributedDataParallel):
-        raise InjectError(
-            f"{type(model).__name__} wraps the model: inject into model.module, then wrap the result again"
-        )
-    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-        raise InjectError(
-            "a torch.compile'd model: inject into model._orig_mod, then torch.compile the result"
-        )
-    return model

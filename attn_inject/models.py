@@ -3,21 +3,149 @@ torchvision). Random init only: nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
+import math
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModelNameError", "base_model_of", "build_model", "input_size_for"]
+from .messages import shown
+
+__all__ = [
+    "ARCHITECTURE_KWARGS",
+    "ModelKwargsError",
+    "ModelNameError",
+    "base_model_of",
+    "build_model",
+    "build_shapes_only",
+    "check_model_kwargs",
+    "input_size_for",
+    "wrapper_of",
+]
 
 BASE_ATTRIBUTE = "_attn_inject_base"  # (qualified name, builder kwargs), set by build_model
 
 
 class ModelNameError(ValueError):
     """No timm or torchvision model has that name."""
+
+
+class ModelKwargsError(ValueError):
+    """A builder argument that is not allowed: it does not shape the architecture (it loads,
+    downloads or points at a file), or its value has the wrong type or range."""
+
+
+_LARGEST = 1 << 24  # a count beyond this is no architecture anyone builds
+_NAME = re.compile(r"[A-Za-z0-9_]{0,64}")  # a registered layer / pool name, never a path or module
+
+# The builder arguments a model may be rebuilt with, by the kind of value each takes. Only
+# arguments that shape the architecture: none loads weights, downloads or names a file
+# (``pretrained``, ``checkpoint_path``, ``weights``, ``pretrained_cfg_overlay``... are refused).
+ARCHITECTURE_KWARGS: dict[str, str] = {
+    "num_classes": "count",
+    "in_chans": "count",
+    "output_stride": "count",
+    "stem_width": "count",
+    "groups": "count",
+    "width_per_group": "count",
+    "image_size": "count",
+    "min_size": "count",
+    "max_size": "count",
+    "trainable_backbone_layers": "count",
+    "patch_size": "count",
+    "embed_dim": "count",
+    "depth": "count",
+    "num_heads": "count",
+    "img_size": "size",
+    "mlp_ratio": "factor",
+    "channel_multiplier": "factor",
+    "depth_multiplier": "factor",
+    "width_mult": "factor",
+    "global_pool": "name",
+    "act_layer": "name",
+    "norm_layer": "name",
+    "stem_type": "name",
+    "drop_rate": "rate",
+    "drop_path_rate": "rate",
+    "drop_block_rate": "rate",
+    "pos_drop_rate": "rate",
+    "proj_drop_rate": "rate",
+    "attn_drop_rate": "rate",
+    "dropout": "rate",
+    "attention_dropout": "rate",
+    "features_only": "flag",
+    "class_token": "flag",
+    "qkv_bias": "flag",
+    "aux_logits": "flag",
+    "transform_input": "flag",
+    "zero_init_residual": "flag",
+    "out_indices": "indices",
+    "replace_stride_with_dilation": "flags",
+}
+_KINDS = {
+    "count": f"an integer from 0 to {_LARGEST}",
+    "size": "an integer or a list of 2 integers from 1 to 8192",
+    "name": "a layer name (letters, digits, _; at most 64)",
+    "rate": "a number from 0 to 1",
+    "factor": "a number above 0, at most 64",
+    "flag": "true or false",
+    "indices": "an integer or a list of up to 16 integers from -64 to 64",
+    "flags": "a list of up to 8 true / false",
+}
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if kind == "count":
+        return _is_int(value, 0, _LARGEST)
+    if kind == "size":
+        items = value if isinstance(value, list) and len(value) == 2 else [value]
+        return all(_is_int(v, 1, 8192) for v in items)
+    if kind == "name":
+        return isinstance(value, str) and _NAME.fullmatch(value) is not None
+    if kind == "rate":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value) and 0 <= value <= 1
+    if kind == "factor":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value) and 0 < value <= 64
+    if kind == "flag":
+        return isinstance(value, bool)
+    if kind == "indices":
+        items = value if isinstance(value, list) and len(value) <= 16 else [value]
+        return all(_is_int(v, -64, 64) for v in items)
+    if kind == "flags":
+        return isinstance(value, list) and len(value) <= 8 and all(isinstance(v, bool) for v in value)
+    raise AssertionError(kind)
+
+
+def check_model_kwargs(kwargs: Any, source: str = "model kwargs") -> dict[str, Any]:
+    """``kwargs`` as a dict, if every argument is in :data:`ARCHITECTURE_KWARGS` with a value
+    of its kind; else :class:`ModelKwargsError` naming ``source``, the argument and what is
+    allowed. Checked before any builder sees them, for files and command lines alike."""
+    if not isinstance(kwargs, Mapping):
+        raise ModelKwargsError(f"{source} must be a mapping of argument names to values, got {shown(kwargs)}")
+    for key, value in kwargs.items():
+        kind = ARCHITECTURE_KWARGS.get(key) if isinstance(key, str) else None
+        if kind is None:
+            raise ModelKwargsError(
+                f"{source}: {shown(key)} is not allowed: only arguments that shape the architecture are "
+                f"(never ones that load, download or name a file); allowed: {', '.join(ARCHITECTURE_KWARGS)}"
+            )
+        if not _fits(kind, value):
+            raise ModelKwargsError(
+                f"{source}: {key}={shown(value)} is not allowed; {key} must be {_KINDS[kind]}"
+            )
+    return dict(kwargs)
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,10 +164,14 @@ def _tv_names() -> list[str]:
 
 def resolve(name: str) -> tuple[str, str]:
     """(source, name) for ``name``; source is "timm" or "tv"."""
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ModelNameError(f"a model name must be 'timm:NAME', 'tv:NAME' or a bare name, got {shown(name)}")
     source, _, bare = name.partition(":")
     if bare:
         if source not in ("timm", "tv"):
-            raise ModelNameError(f"unknown model source {source!r} in {name!r}; use 'timm:NAME' or 'tv:NAME'")
+            raise ModelNameError(
+                f"unknown model source {shown(source)} in {shown(name)}; use 'timm:NAME' or 'tv:NAME'"
+            )
         names = _timm_names() if source == "timm" else _tv_names()
         if bare not in names:
             raise ModelNameError(_unknown(bare, names, source))
@@ -54,14 +186,15 @@ def resolve(name: str) -> tuple[str, str]:
 def _unknown(name: str, names: list[str], where: str) -> str:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown model {name!r}: not a {where} model name{hint}"
+    return f"unknown model {shown(name)}: not a {where} model name{hint}"
 
 
 def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
     """Build ``name`` with random weights on ``device`` ("meta" allocates nothing). The
-    model remembers its name and ``kwargs``, so a checkpoint of it can be rebuilt."""
+    model remembers its name and ``kwargs``, so a checkpoint of it can be rebuilt.
+    ``kwargs`` are limited to :data:`ARCHITECTURE_KWARGS` (nothing that loads or downloads)."""
     source, bare = resolve(name)
-    given = dict(kwargs)
+    given = check_model_kwargs(kwargs)
     with torch.device(device):
         if source == "timm":
             import timm
@@ -132,3 +265,55 @@ def build_for_planning(name: str, **kwargs: Any) -> nn.Module:
         raise
     except Exception:
         return build_model(name, device="cpu", **kwargs)
+
+
+def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
+    """``name`` with every parameter and buffer on the meta device: its architecture and
+    shapes, no weights. Built on the meta device; a builder that computes its layer widths
+    from tensor values (torchvision RegNet) is run on the CPU instead, each parameter and
+    buffer moved to the meta device as it is registered, before it is initialised."""
+    try:
+        return build_model(name, device="meta", **kwargs)
+    except (ModelNameError, ModelKwargsError):
+        raise
+    except Exception:
+        with _registered_on_meta():
+            return build_model(name, device="cpu", **kwargs)
+
+
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Move each parameter and buffer to the meta device as a module registers it."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer_on_meta(
+        module: nn.Module, name: str, buffer: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        register_buffer(module, name, buffer, persistent=persistent)
+        if buffer is not None:
+            module._buffers[name] = buffer.to("meta")
+
+    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign,assignment]
+    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
+def wrapper_of(model: nn.Module) -> str | None:
+    """For a model inside a DataParallel / DistributedDataParallel / torch.compile wrapper,
+    what to pass instead (``"a DataParallel wrapper; pass model.module"``); None otherwise."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        return f"a {type(model).__name__} wrapper; pass the model inside it: model.module"
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "a torch.compile wrapper (OptimizedModule); pass the model inside it: model._orig_mod"
+    return None

@@ -28,6 +28,7 @@ from .graph.positions import Candidate, find_candidates, stage_index
 from .graph.shapes import tensor_meta
 from .graph.stages import Stage, find_stages
 from .graph.trace import OpaqueModule, tracing_strategy
+from .models import wrapper_of
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
 from .scopes import place
 from .targets import default_target, get_target, target_input_size
@@ -579,6 +580,9 @@ def analyse(
 ) -> tuple[AnnotatedGraph, Plan]:
     """Load the recipe, trace and annotate the model (or its target), and build the plan.
     The graph is the target's; the plan's ``target`` says which submodule that is."""
+    hint = wrapper_of(model)
+    if hint is not None:
+        raise PlanError(f"got {hint} (fx traces the model itself, not its wrapper)")
     loaded = load_recipe(recipe)
     if init is not None and init not in ("identity", "paper"):  # before the work of tracing
         raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")

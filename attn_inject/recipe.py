@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
+from .messages import cut, shown
 
 __all__ = [
     "POSITIONS",
@@ -169,33 +170,107 @@ def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:
     if isinstance(recipe, Path) or (
         isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or "/" in recipe)
     ):
-        path = Path(recipe)
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
-        return parse_recipe_text(path.read_text(encoding="utf-8"), source=str(path))
+        return parse_recipe_text(read_recipe_file(Path(recipe)), source=str(recipe))
     if isinstance(recipe, str):
         builtins = builtin_recipe_paths()
         if recipe not in builtins:
             raise RecipeError(
-                f"unknown recipe {recipe!r}: not a built-in recipe ({', '.join(builtins)}) "
+                f"unknown recipe {shown(recipe)}: not a built-in recipe ({', '.join(builtins)}) "
                 "and not a path to a .yaml file"
             )
         path = builtins[recipe]
-        return parse_recipe_text(path.read_text(encoding="utf-8"), source=str(path))
+        return parse_recipe_text(read_recipe_file(path), source=str(path))
     raise RecipeError(f"a recipe must be a name, a path, a dict or a Recipe, got {type(recipe).__name__}")
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000  # values a recipe may hold once its aliases are expanded
+
+
+def read_recipe_file(path: Path) -> str:
+    """The text of a recipe file: UTF-8, at most ``MAX_RECIPE_BYTES``; else one clear error."""
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, not a recipe file")
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read the recipe file: {error.strerror or error}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: a recipe file is at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bom = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+        what = "UTF-16 (save it as UTF-8)" if bom else f"not UTF-8 text (byte {error.start})"
+        raise RecipeError(f"{path}: the recipe file must be UTF-8 text; it is {what}") from None
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice in one mapping."""
+    """A YAML loader that refuses a key given twice in one mapping, keys that are not plain
+    values, and aliases that expand past ``MAX_YAML_VALUES`` values (an alias bomb: a few
+    hundred bytes that expand to billions). Merge keys (``<<: *defaults``) are allowed."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Refuse a document that holds more than ``MAX_YAML_VALUES`` values once every alias is
+    expanded, or an alias inside itself. Counted on the node graph, which aliases share:
+    linear in the document's size, whatever it expands to."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to a value that contains it", node.start_mark
+            )
+        visiting.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        visiting.discard(key)
+        sizes[key] = min(total, MAX_YAML_VALUES + 1)
+        if total > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"the document expands to more than {MAX_YAML_VALUES} values (aliases included); "
+                "a recipe is far smaller",
+                node.start_mark,
+            )
+        return sizes[key]
+
+    if root is not None:
+        size(root)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # '<<: *defaults': its keys may be overridden by the mapping's own
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice", key_node.start_mark
+                None, None, f"key {shown(key)} is given twice", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
@@ -206,6 +281,10 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def parse_recipe_text(text: str, source: str) -> Recipe:
     """A :class:`Recipe` from YAML text; ``source`` names it in errors."""
+    if not isinstance(text, str):
+        raise RecipeError(f"{source}: recipe text must be a string, got a {type(text).__name__}")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source}: a recipe is at most {MAX_RECIPE_BYTES} characters")
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
@@ -214,7 +293,9 @@ def parse_recipe_text(text: str, source: str) -> Recipe:
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(error, "problem", None) or str(error)
-        raise RecipeError(f"{source}: invalid YAML{where}: {problem}") from None
+        raise RecipeError(f"{source}: invalid YAML{where}: {cut(problem)}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
     return parse_recipe(data, source)
 
 
@@ -232,21 +313,23 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     _reject_unknown(data, RECIPE_KEYS, "", fail)
     name = data.get("name", Path(source).stem if source != "<dict>" else "custom")
     if not isinstance(name, str) or not name:
-        raise fail("name", f"must be a non-empty string, got {name!r}")
+        raise fail("name", f"must be a non-empty string, got {shown(name)}")
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise fail("description", f"must be a string, got {description!r}")
+        raise fail("description", f"must be a string, got {shown(description)}")
     init = data.get("init", "identity")
     if init not in INIT_MODES:
-        raise fail("init", f"{init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
+        raise fail("init", f"{shown(init)} is not allowed; allowed: {', '.join(INIT_MODES)}")
     target = data.get("target")
     if target is not None and (not isinstance(target, str) or not re.fullmatch(r"[\w.]*", target)):
-        raise fail("target", f"must be a dotted submodule name such as 'backbone.body', got {target!r}")
+        raise fail("target", f"must be a dotted submodule name such as 'backbone.body', got {shown(target)}")
     if "rules" not in data:
         raise fail("rules", "missing; a recipe needs a non-empty list of rules (each with 'block' and 'at')")
     rules = data["rules"]
     if not isinstance(rules, list) or not rules:
-        raise fail("rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {rules!r}")
+        raise fail(
+            "rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {shown(rules)}"
+        )
     parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
     return Recipe(name=name, rules=parsed, init=init, description=description, source=source, target=target)
 
@@ -254,7 +337,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
 def _reject_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str, fail) -> None:
     for key in data:
         if key not in allowed:
-            raise fail(f"{prefix}{key}", f"unknown key; allowed keys: {', '.join(allowed)}")
+            raise fail(f"{prefix}{_key_name(key)}", f"unknown key; allowed keys: {', '.join(allowed)}")
 
 
 def _parse_rule(data: Any, key: str, fail) -> Rule:
@@ -267,7 +350,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     block = _parse_block(data["block"], f"{key}.block", fail)
     at = data["at"]
     if at not in POSITIONS:
-        raise fail(f"{key}.at", f"unknown position {at!r}; allowed: {', '.join(POSITIONS)}")
+        raise fail(f"{key}.at", f"unknown position {shown(at)}; allowed: {', '.join(POSITIONS)}")
     stages = data.get("stages")
     if stages is not None:
         if isinstance(stages, int) and not isinstance(stages, bool):
@@ -279,14 +362,15 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
         ):
             raise fail(
                 f"{key}.stages",
-                f"must be a list of stage indices (integers, negatives count from the end), got {stages!r}",
+                "must be a list of stage indices (integers, negatives count from the end), "
+                f"got {shown(stages)}",
             )
         stages = tuple(stages)
     bounds: dict[str, int | None] = {}
     for bound in ("min_channels", "max_channels"):
         value = data.get(bound)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise fail(f"{key}.{bound}", f"must be an integer >= 1, got {value!r}")
+            raise fail(f"{key}.{bound}", f"must be an integer >= 1, got {shown(value)}")
         bounds[bound] = value
     if bounds["min_channels"] and bounds["max_channels"] and bounds["min_channels"] > bounds["max_channels"]:
         raise fail(
@@ -299,20 +383,25 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
-            raise fail(f"{key}.{which}", f"must be a regular expression or a list of them, got {value!r}")
+            raise fail(
+                f"{key}.{which}", f"must be a regular expression or a list of them, got {shown(value)}"
+            )
         for pattern in value:
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise fail(f"{key}.{which}", f"invalid regular expression {pattern!r}: {error}") from None
+                raise fail(
+                    f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}"
+                ) from None
         patterns[which] = tuple(value)
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {every!r}")
+        raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {shown(every)}")
     channels_last = data.get("channels_last", "native")
     if channels_last not in CHANNELS_LAST:
         raise fail(
-            f"{key}.channels_last", f"{channels_last!r} is not allowed; allowed: {', '.join(CHANNELS_LAST)}"
+            f"{key}.channels_last",
+            f"{shown(channels_last)} is not allowed; allowed: {', '.join(CHANNELS_LAST)}",
         )
     name = data.get("name")
     if name is not None and (not isinstance(name, str) or not name.isidentifier() or len(name) > 64):
@@ -342,19 +431,39 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
     params = {k: v for k, v in data.items() if k != "kind"}
     kind = data["kind"]
     if kind not in list_blocks():
-        raise fail(f"{key}.kind", f"unknown block {kind!r}; allowed: {', '.join(list_blocks())}")
+        raise fail(f"{key}.kind", f"unknown block {shown(kind)}; allowed: {', '.join(list_blocks())}")
     if "init" in params:
         raise fail(f"{key}.init", "init is set for the whole recipe (top-level 'init'), not per block")
     allowed = block_param_names(kind)
     for name in params:
         if allowed is not None and name not in allowed:
-            raise fail(f"{key}.{name}", f"unknown parameter of block {kind!r}; allowed: {', '.join(allowed)}")
+            raise fail(
+                f"{key}.{_key_name(name)}",
+                f"unknown parameter of block {shown(kind)}; allowed: {', '.join(allowed)}",
+            )
     try:
         check_block_params(kind, params)
     except BlockParamError as error:
         raise fail(
-            f"{key}.{error.param}", f"{error.value!r} is not allowed; must be {error.allowed}"
+            f"{key}.{error.param}",
+            f"{shown(error.value)} is not allowed; must be {error.allowed}{_text_number_hint(error.value)}",
         ) from None
     except (ValueError, TypeError) as error:
         raise fail(key, str(error)) from None
     return BlockSpec(kind=kind, params=dict(params))
+
+
+def _text_number_hint(value: Any) -> str:
+    """Why YAML read a number as text: ``1e9`` (YAML 1.1 needs a dot and a signed exponent)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {shown(value, 30)} as text, not a number; write it as {number!r})"
+    return ""
+
+
+def _key_name(key: Any) -> str:
+    """A mapping key as an error names it: a string as is (cut), anything else as its repr."""
+    return cut(key, 40) if isinstance(key, str) else shown(key, 40)

@@ -17,6 +17,7 @@ changed, every ``state_dict`` key stays, and everything else keeps its class and
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from .blocks import accepts_init, create_block, layout_kwargs
 from .graph.analysis import AnnotatedGraph
 from .graph.trace import HOOK_DICTS
 from .plan import InsertionPoint, Plan, merge_plans
-from .scopes import APPEND, ScopeTrace, _relative, extract_scope
+from .scopes import APPEND, ScopeTrace, _relative, extract_scope, reads_training
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
@@ -191,6 +192,16 @@ def _reattach(source: nn.Module, target: nn.Module) -> None:
             target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
 
 
+def _reading_training(scope: ScopeTrace, where: str) -> list[str]:
+    """The modules whose code the rewritten scope inlines and that read ``self.training``."""
+    names = ["", *scope.traced_through]
+    return [
+        ".".join(p for p in (where, name) if p) or type(scope.module).__name__
+        for name in names
+        if reads_training(scope.module.get_submodule(name) if name else scope.module)
+    ]
+
+
 def _refuse_hooks(scope: ScopeTrace, where: str) -> None:
     for name in scope.traced_through:
         module = scope.module.get_submodule(name)
@@ -219,13 +230,16 @@ def rewrite(
 
     blocks = {point.key: build_block(point, plan.init, device, dtype) for point in plan}
     owners: dict[str, list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]] = {}
+    baked: list[str] = []
     for point in plan:
         if point.attach != APPEND:
             consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
             owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
     for owner, points in owners.items():
         if owner:
-            scope = extract_scope(sub, graph, calls[owner])
+            producers = {producer for _, producer, _ in points}
+            readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
+            scope = extract_scope(sub, graph, calls[owner], producers, readers)
         else:
             whole = fx.Graph()
             copied: dict[fx.Node, fx.Node] = {}
@@ -235,6 +249,7 @@ def rewrite(
                     node.meta.pop(key, None)
             scope = ScopeTrace("", sub, whole, copied, tuple(c.path for c in graph.calls if not c.leaf))
         _refuse_hooks(scope, prefix + owner)
+        baked += _reading_training(scope, prefix + owner)
         _insert(scope, points)
         own = {
             _relative(key, owner): block
@@ -247,6 +262,13 @@ def rewrite(
         host._modules[point.block_name] = blocks[point.key]
         host.__dict__.pop(point.block_name, None)  # a plain attribute of that name (e.g. se = None)
 
+    if baked:
+        more = " ..." if len(baked) > 3 else ""
+        warnings.warn(
+            f"the forward of {', '.join(baked[:3])}{more} reads self.training and holds an insertion point, "
+            "so its rewritten code runs as in eval mode (e.g. an inline dropout is off in training)",
+            stacklevel=3,
+        )
     patched = tree.root
     earlier = getattr(model, "attn_inject", None)
     plans = (*earlier.plans, plan) if isinstance(earlier, InjectionInfo) else (plan,)

@@ -22,6 +22,7 @@ Every module outside those scopes keeps its class and runs its own Python code.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,11 +108,75 @@ def _unpack(
         raise ScopeError(f"{what} holds graph values in a {type(value).__name__}")
 
 
-def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> ScopeTrace:
+SIMPLE_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _simple(value: Any) -> bool:
+    """A value a graph can hold as an argument: a node, a plain constant, or tuples/lists of them."""
+    if isinstance(value, (fx.Node, *SIMPLE_CONSTANTS)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_simple(v) for v in value)
+    return False
+
+
+def _result_nodes(result: Any) -> list[tuple[fx.Node, tuple[int, ...]]]:
+    """Each graph value a call returned, with its index path in the returned structure."""
+    if isinstance(result, fx.Node):
+        return [(result, ())]
+    if isinstance(result, (tuple, list)):
+        out: list[tuple[fx.Node, tuple[int, ...]]] = []
+        for i, item in enumerate(result):
+            out += [(node, (i, *path)) for node, path in _result_nodes(item)]
+        return out
+    return []
+
+
+def _kept_whole(
+    graph: AnnotatedGraph, call: ModuleCall, producers: set[fx.Node], readers: set[fx.Node]
+) -> list[ModuleCall]:
+    """The outermost submodule calls inside ``call`` that can stay calls of the submodule (its
+    own code runs as written): no block's reader lies inside and no block's producer except
+    what it returns, values leave it only through what it returns, and its arguments are
+    graph values or plain constants."""
+    prefix = call.path + "."
+    span = set(call.nodes)
+    kept: list[ModuleCall] = []
+    covered: set[fx.Node] = set()
+    inner = [
+        c for c in graph.calls if not c.leaf and c.nodes and c.nodes[0] in span and c.path.startswith(prefix)
+    ]
+    for child in sorted(inner, key=lambda c: c.path.count(".")):
+        if child.nodes[0] in covered or child.arguments is None:
+            continue
+        if sum(1 for c in graph.calls if c.path == child.path) != 1:
+            continue
+        results = {node for node, _ in _result_nodes(child.result)}
+        own = set(child.nodes)
+        if not results or not results <= own or own & readers or (own - results) & producers:
+            continue
+        if any(u not in own for n in own - results for u in n.users):
+            continue
+        if not all(_simple(v) for _, v in child.arguments):
+            continue
+        kept.append(child)
+        covered |= own
+    return kept
+
+
+def extract_scope(
+    root: nn.Module,
+    graph: AnnotatedGraph,
+    call: ModuleCall,
+    producers: set[fx.Node] | None = None,
+    readers: set[fx.Node] | None = None,
+) -> ScopeTrace:
     """The module of ``call`` as a graph of its own: the nodes its call created in the
     model's trace, copied with its parameters as placeholders (values the caller passed as
-    constants stay constants) and what it returned as the output. Raises
-    :class:`ScopeError` when the call cannot stand alone."""
+    constants stay constants) and what it returned as the output. Submodules that hold no
+    block's reader and no producer but their result stay single ``call_module`` nodes, so
+    their own code runs as written. Raises :class:`ScopeError` when the call cannot stand
+    alone."""
     module = root.get_submodule(call.path)
     if call.arguments is None:
         raise ScopeError(f"{call.path} takes *args or **kwargs")
@@ -130,7 +195,28 @@ def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> S
             return node_map[node]
         raise ScopeError(f"{call.path} reads {node.name}, which it is not given")
 
+    def mapped(value: Any) -> Any:
+        return fx.node.map_aggregate(value, lambda v: value_of(v) if isinstance(v, fx.Node) else v)
+
+    kept = _kept_whole(graph, call, producers or set(), readers or set())
+    whole = {child.nodes[0]: child for child in kept}
+    skip: set[fx.Node] = set()
     for node in call.nodes:
+        if node in skip:
+            continue
+        child = whole.get(node)
+        if child is not None:
+            assert child.arguments is not None
+            called = own.call_module(
+                child.path[len(prefix) :], kwargs={k: mapped(v) for k, v in child.arguments}
+            )
+            for result, path in _result_nodes(child.result):
+                item = called
+                for index in path:
+                    item = own.call_function(operator.getitem, (item, index))
+                node_map[result] = item
+            skip |= set(child.nodes)
+            continue
         copied = own.node_copy(node, value_of)
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
@@ -141,8 +227,8 @@ def extract_scope(root: nn.Module, graph: AnnotatedGraph, call: ModuleCall) -> S
             else:
                 raise ScopeError(f"{call.path} uses {target}, which is not its own")
         node_map[node] = copied
-    own.output(fx.node.map_aggregate(call.result, lambda v: value_of(v) if isinstance(v, fx.Node) else v))
-    span = set(call.nodes)
+    own.output(mapped(call.result))
+    span = set(call.nodes) - skip
     inner = tuple(
         c.path[len(prefix) :]
         for c in graph.calls
@@ -204,6 +290,24 @@ def _common(paths: list[str]) -> str:
     return ".".join(common)
 
 
+_READS_TRAINING: dict[type, bool] = {}
+
+
+def reads_training(module: nn.Module) -> bool:
+    """Whether the module's own forward reads ``self.training`` (inline dropout, a
+    train-only branch): rewriting it would fix that to the mode it was traced in."""
+    cls = type(module)
+    if isinstance(module, fx.GraphModule):
+        return False
+    if cls not in _READS_TRAINING:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _READS_TRAINING[cls] = "self.training" in source
+    return _READS_TRAINING[cls]
+
+
 def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
@@ -221,6 +325,8 @@ class Placer:
     def _trace_problem(self, path: str) -> str | None:
         if path not in self.traceable:
             why = self.calls.why_not(path)
+            if why is None and reads_training(self.root.get_submodule(path)):
+                why = f"{path}'s forward reads self.training, which a rewrite would fix to eval"
             if why is None:
                 try:
                     extract_scope(self.root, self.graph, self.calls.single[path])
@@ -232,8 +338,19 @@ class Placer:
     def _inside(self, node: fx.Node, path: str) -> bool:
         return not path or node in self.calls.span.get(path, ())
 
-    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str]:
-        """(module, attach, note) for a block on ``producer`` read by ``consumers`` (None: all)."""
+    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str, str]:
+        """(module, attach, note, via) for a block on ``producer`` read by ``consumers`` (None:
+        all). ``via``: the module whose output the block takes, when a wider one holds it."""
+        module, attach, note = self._choose(producer, consumers)
+        returning = self.calls.returned_by.get(producer, [])
+        via = ""
+        if attach == GRAPH and returning and module not in returning:
+            outer = returning[-1]
+            if outer.startswith(module + ".") or not module:
+                via = _relative(outer, module).split(".")[0]
+        return module, attach, note, via
+
+    def _choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str]:
         readers = list(producer.users) if consumers is None else consumers
         notes: list[str] = []
         if consumers is None:
@@ -286,9 +403,12 @@ def place(
 ) -> list[Placement]:
     """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique)."""
     placer = Placer(root, graph)
-    chosen = [placer.choose(producer, consumers) for producer, consumers in edges]
+    chosen = []
+    for (producer, consumers), name in zip(edges, names, strict=True):
+        module, attach, note, via = placer.choose(producer, consumers)
+        chosen.append((module, attach, note, f"{via}_{name}" if via and not via.isdigit() else name))
     owners = sorted(
-        {m for m, a, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
+        {m for m, a, _, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
     )
 
     def owner_of(module: str) -> str | None:
@@ -299,7 +419,7 @@ def place(
 
     taken: dict[str, set[str]] = {}
     placements = []
-    for (module, attach, note), name in zip(chosen, names, strict=True):
+    for module, attach, note, name in chosen:
         owner = owner_of(module)
         if owner is None:
             owner = module

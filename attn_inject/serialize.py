@@ -1,18 +1,26 @@
 """``save`` / ``load``: a patched model as one safetensors file with a manifest.
 
-The file holds every weight of the patched model (the base model's keys unchanged, each
-block's under the module it acts in, e.g. ``layer1.0.se.``) and, in its metadata, a JSON
-manifest: the base model's name and builder arguments, each injection's recipe text, init,
-target and input size, the plan, the blocks' names, and the versions that wrote it.
-``load`` rebuilds the base model by name (or takes the one given), injects again per the
-manifest, checks the plan is the same and loads the weights strictly.
-Nothing is ever unpickled.
+The file holds every weight of the patched model (the base model's keys unchanged, the
+blocks' next to them) and, in its metadata, a JSON manifest: the base model's name and
+builder arguments, the recipe's full text, init, target, input size, the plan, the
+architecture (every module's name, class and ``extra_repr``) and the versions that wrote it.
+
+A saved file rebuilds exactly the saved network, or nothing:
+
+- ``save`` rebuilds the model from what it records, on the meta device, and refuses when
+  that is not the network being saved (a builder argument it could not know);
+- ``load`` treats the file as untrusted data: the manifest is checked field by field, its
+  recipe is parsed as recipe text only (never as a name or a path), its builder arguments
+  are limited to those that shape the architecture (never ones that load, download or name
+  a file), and the model is rebuilt on the meta device and compared with the file's tensor
+  shapes and recorded architecture before anything is allocated. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,18 +28,39 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architecture import Architecture, ModuleEntry, architecture, first_difference
 from .checkpoint import (
     CheckpointError,
     check_fits,
     read_safetensors_metadata,
+    read_safetensors_shapes,
     read_state_dict,
     write_safetensors,
 )
+from .messages import cut, shown
+from .recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
 
 __all__ = ["FORMAT", "Manifest", "load", "read_manifest", "save"]
 
 FORMAT = 1
 MANIFEST_KEY = "attn_inject.manifest"
+MAX_MANIFEST_CHARS = 4 << 20  # a manifest is a few kB per hundred modules
+MAX_RECIPE_CHARS = 1 << 16
+MAX_INPUT_ELEMENTS = 1 << 24  # one sample of the shape-inference input: 64 MB in float32
+_TARGET = re.compile(r"[\w.]{0,200}")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One ``inject`` call a saved model went through: recipe text, init, target, input size."""
+
+    recipe: str
+    init: str
+    target: str
+    input_size: tuple[int, ...]
+
+
+MAX_INJECTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -46,28 +75,28 @@ class Manifest:
     input_size: tuple[int, ...]
     plan: Mapping[str, Any]
     versions: Mapping[str, str]
-    blocks: tuple[str, ...] = ()  # each block's qualified module name: its weights are "<name>.*"
-    injections: tuple[Mapping[str, Any], ...] = ()  # every injection: recipe, init, target, input_size
+    architecture: tuple[ModuleEntry, ...] = ()  # the patched model's modules, in order
+    blocks: tuple[str, ...] = ()  # the inserted blocks' qualified module names
+    later: tuple[Injection, ...] = ()  # injections into the patched model after the first
     format: int = FORMAT
+    training: Mapping[str, Any] | None = None  # the fine-tuning run that wrote it, if any
 
     def to_json(self) -> str:
         out = asdict(self)
         out["input_size"] = list(self.input_size)
+        out["architecture"] = [list(entry) for entry in self.architecture]
         out["blocks"] = list(self.blocks)
-        out["injections"] = [dict(i) for i in self.injections]
+        out["later"] = [{**asdict(step), "input_size": list(step.input_size)} for step in self.later]
         return json.dumps(out, sort_keys=True)
 
     @property
-    def block_keys(self) -> list[str]:
-        return list(self.blocks)
+    def injections(self) -> tuple[Injection, ...]:
+        """Every injection the saved model went through, in order."""
+        return (Injection(self.recipe, self.init, self.target, self.input_size), *self.later)
 
-    def steps(self) -> list[Mapping[str, Any]]:
-        """The injections to repeat, in order."""
-        if self.injections:
-            return list(self.injections)
-        return [
-            {"recipe": self.recipe, "init": self.init, "target": self.target, "input_size": self.input_size}
-        ]
+    @property
+    def block_keys(self) -> list[str]:
+        return [p["key"] for p in self.plan.get("points", [])]
 
 
 def versions() -> dict[str, str]:
@@ -85,6 +114,15 @@ def versions() -> dict[str, str]:
     return out
 
 
+def refuse_wrapper(model: nn.Module, where: str) -> None:
+    """A clear error for a model inside a DataParallel / DDP / torch.compile wrapper."""
+    from .models import wrapper_of
+
+    hint = wrapper_of(model)
+    if hint is not None:
+        raise CheckpointError(f"{where} got {hint}")
+
+
 def save(
     patched: nn.Module,
     path: str | os.PathLike,
@@ -92,54 +130,122 @@ def save(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     force: bool = False,
+    training: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write ``patched`` (a model returned by ``inject``) to ``path`` (``.safetensors``),
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
     name the base model when the patched model cannot tell (a torchvision model you built
-    yourself: ``model_name="tv:resnet18"``)."""
+    yourself: ``model_name="tv:resnet18"``; a timm model built with ``global_pool="max"``:
+    ``model_kwargs={"global_pool": "max"}``). ``model_name=""`` records no name: the file is
+    then loaded with ``load(path, model=...)``.
+
+    The model named is rebuilt on the meta device and compared with ``patched``; if they
+    differ the file is not written and the error says where. ``training`` (plain values)
+    records the fine-tuning run that produced the weights in the manifest."""
+    from . import inserted_blocks
+    from .models import ModelKwargsError, check_model_kwargs, resolve
+
+    refuse_wrapper(patched, "save()")
     info = getattr(patched, "attn_inject", None)
     if info is None:
         raise CheckpointError(
             "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
         )
-    name = model_name or info.base_model
-    kwargs = dict(model_kwargs if model_kwargs is not None else (info.base_kwargs if not model_name else {}))
+    name = getattr(info, "base_model", None) if model_name is None else model_name or None
+    recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
+    try:
+        kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
+    except ModelKwargsError as error:
+        raise CheckpointError(f"cannot save: {error}") from None
     if name is not None:
-        from .models import resolve
-
         name = ":".join(resolve(name))
-    _check_json(kwargs, "model_kwargs")
-    plan = info.plan
+    steps = [
+        Injection(p.recipe.text, p.init, p.target, tuple(p.input_size))
+        for p in getattr(info, "plans", (info.plan,))
+    ]
+    saved = architecture(patched)
+    if name is not None:
+        _check_rebuilds(saved, name, kwargs, steps)
+    first = steps[0]
     manifest = Manifest(
         base_model=name,
         base_kwargs=kwargs,
-        recipe=plan.recipe.text,
-        init=plan.init,
-        target=plan.target,
-        input_size=tuple(plan.input_size),
-        plan=plan.to_dict(),
+        recipe=first.recipe,
+        init=first.init,
+        target=first.target,
+        input_size=first.input_size,
+        plan=info.plan.to_dict(),
         versions=versions(),
-        blocks=tuple(info.block_keys),
-        injections=tuple(
-            {"recipe": p.recipe.text, "init": p.init, "target": p.target, "input_size": list(p.input_size)}
-            for p in info.plans
-        ),
+        architecture=saved.modules,
+        blocks=tuple(inserted_blocks(patched)),
+        later=tuple(steps[1:]),
+        training=dict(training) if training is not None else None,
     )
+    if training is not None:
+        try:
+            json.dumps(training)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(
+                "save(training=...) must be plain values (numbers, strings, lists, dicts): "
+                f"{shown(str(error))}"
+            ) from None
     write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
 
 
-def _check_json(value: Any, what: str) -> None:
+def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], steps: list[Injection]) -> None:
+    """Refuse to save what ``name(**kwargs)`` + the recipe would not rebuild."""
+    fix = (
+        "pass the arguments it was built with: ai.save(model, path, model_kwargs={...}), "
+        "or build it with attn_inject.models.build_model, which records them, "
+        'or save it unnamed (model_name="") and load it with ai.load(path, model=...)'
+    )
+    from .models import build_shapes_only
+
+    given = shown(kwargs, 200)
     try:
-        json.dumps(value)
-    except TypeError as error:
+        base = build_shapes_only(name, **kwargs)
+    except Exception as error:
         raise CheckpointError(
-            f"{what} must be plain values (numbers, strings, lists, dicts): {error}"
+            f"cannot save: {name} with {given} cannot be built on the meta device to check that the file "
+            f"will rebuild this model ({type(error).__name__}: {shown(str(error))}); {fix}"
         ) from None
+    names = ("this model has", "the rebuilt one")
+    try:
+        rebuilt = _inject_all(base, [(parse_recipe_text(st.recipe, source="<saved>"), st) for st in steps])
+    except Exception as error:
+        # Most often the base itself differs (in_chans): say where, else why injection failed.
+        diff = first_difference(saved, architecture(base), names=names, partial=True)
+        if diff is None:
+            raise CheckpointError(
+                f"cannot save: {name} with {given}, rebuilt on the meta device, does not take the recipe "
+                f"({type(error).__name__}: {shown(str(error))}); {fix}"
+            ) from None
+    else:
+        diff = first_difference(saved, architecture(rebuilt), names=names)
+    if diff is not None:
+        raise CheckpointError(
+            f"cannot save: rebuilding {name} with {given} gives a different network ({diff}); {fix}"
+        )
+
+
+def _inject_all(base: nn.Module, steps: list[tuple[Recipe, Injection]]) -> nn.Module:
+    """``base`` with each injection repeated, in order."""
+    from .inject import inject
+
+    patched = base
+    for recipe, step in steps:
+        patched = inject(
+            patched, recipe, init=step.init, input_size=step.input_size, target=step.target, allow_empty=True
+        )
+    return patched
+
+
+# --- reading: every field is untrusted --------------------------------------------------------
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """The manifest of a file written by :func:`save`, or a clear error."""
+    """The manifest of a file written by :func:`save`, checked field by field, or a clear error."""
     metadata = read_safetensors_metadata(path)
     text = metadata.get(MANIFEST_KEY)
     if text is None:
@@ -147,103 +253,334 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             f"{path} has no attn-inject manifest: "
             "it was not written by attn_inject.save / attn-inject convert"
         )
+    if len(text) > MAX_MANIFEST_CHARS:
+        raise CheckpointError(
+            f"{path}: its attn-inject manifest is {len(text)} characters; "
+            f"at most {MAX_MANIFEST_CHARS} are read"
+        )
     try:
         data = json.loads(text)
-        fmt = int(data.get("format", 0))
-    except (ValueError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{path}: its attn-inject manifest is not valid JSON ({error})") from None
-    if fmt != FORMAT:
-        wrote = data.get("versions", {}).get("attn_inject", "an unknown version")
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(
-            f"{path} was written by attn-inject {wrote} in file format {fmt}; "
+            f"{path}: its attn-inject manifest is not valid JSON ({shown(str(error))})"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: its attn-inject manifest must be a JSON object, got {shown(data)}")
+    fmt = data.get("format")
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt != FORMAT:
+        wrote = (
+            data.get("versions", {}).get("attn_inject") if isinstance(data.get("versions"), dict) else None
+        )
+        wrote = shown(wrote, 40) if isinstance(wrote, str) else "an unknown version"
+        wrote = wrote.strip("'")
+        raise CheckpointError(
+            f"{path} was written by attn-inject {wrote} in file format {shown(fmt, 40)}; "
             f"this attn-inject reads format {FORMAT}"
         )
-    try:
+    return _ManifestReader(str(path), data).manifest()
+
+
+class _ManifestReader:
+    """Checks each manifest field's type and range; errors name the file and the field."""
+
+    def __init__(self, path: str, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    def fail(self, key: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: manifest field {key!r}: {message}")
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise self.fail(key, "missing; the file is damaged or was not written by attn-inject")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, limit: int, pattern: re.Pattern[str] | None = None) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or len(value) > limit:
+            raise self.fail(key, f"must be a string of at most {limit} characters, got {shown(value)}")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(key, f"must be a dotted module name, got {shown(value)}")
+        return value
+
+    def manifest(self) -> Manifest:
+        from .models import ModelKwargsError, check_model_kwargs
+
+        base_model = self.get("base_model")
+        if base_model is not None and (not isinstance(base_model, str) or not 0 < len(base_model) <= 200):
+            raise self.fail(
+                "base_model", f"must be a model name such as 'timm:resnet50' or null, got {shown(base_model)}"
+            )
+        try:
+            base_kwargs = check_model_kwargs(
+                self.get("base_kwargs"), f"{self.path}: manifest field 'base_kwargs'"
+            )
+        except ModelKwargsError as error:
+            raise CheckpointError(str(error)) from None
+        init = self.get("init")
+        if init not in INIT_MODES or not isinstance(init, str):
+            raise self.fail("init", f"must be one of {', '.join(INIT_MODES)}, got {shown(init)}")
         return Manifest(
-            base_model=data["base_model"],
-            base_kwargs=dict(data["base_kwargs"]),
-            recipe=str(data["recipe"]),
-            init=str(data["init"]),
-            target=str(data["target"]),
-            input_size=tuple(int(s) for s in data["input_size"]),
-            plan=dict(data["plan"]),
-            versions=dict(data["versions"]),
-            blocks=tuple(str(b) for b in data["blocks"]),
-            injections=tuple(_injection(i) for i in data.get("injections", [])),
-            format=fmt,
+            base_model=base_model,
+            base_kwargs=base_kwargs,
+            recipe=self.string("recipe", MAX_RECIPE_CHARS),
+            init=init,
+            target=self.string("target", 200, _TARGET),
+            input_size=self.input_size(),
+            plan=self.plan(),
+            versions=self.versions(),
+            architecture=self.architecture(),
+            blocks=self.blocks(),
+            later=self.later(),
+            training=self.training(),
+            format=FORMAT,
         )
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its attn-inject manifest lacks or garbles {error}") from None
+
+    def later(self) -> tuple[Injection, ...]:
+        value = self.get("later", [])
+        if not isinstance(value, list) or len(value) > MAX_INJECTIONS:
+            raise self.fail(
+                "later", f"must be a list of at most {MAX_INJECTIONS} injections, got {shown(value)}"
+            )
+        steps = []
+        for i, step in enumerate(value):
+            if not isinstance(step, dict) or set(step) != {"recipe", "init", "target", "input_size"}:
+                raise self.fail(
+                    f"later[{i}]",
+                    f"must be an object with recipe, init, target, input_size; got {shown(step)}",
+                )
+            reader = _ManifestReader(self.path, step)
+            init = step["init"]
+            if init not in INIT_MODES or not isinstance(init, str):
+                raise reader.fail("init", f"must be one of {', '.join(INIT_MODES)}, got {shown(init)}")
+            steps.append(
+                Injection(
+                    reader.string("recipe", MAX_RECIPE_CHARS),
+                    init,
+                    reader.string("target", 200, _TARGET),
+                    reader.input_size(),
+                )
+            )
+        return tuple(steps)
+
+    def input_size(self) -> tuple[int, ...]:
+        value = self.get("input_size")
+        ok = (
+            isinstance(value, list)
+            and 2 <= len(value) <= 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192 for v in value)
+        )
+        if not ok or _product(value) > MAX_INPUT_ELEMENTS:
+            raise self.fail(
+                "input_size",
+                f"must be 2 to 4 sizes from 1 to 8192 (C H W) with at most {MAX_INPUT_ELEMENTS} elements, "
+                f"got {shown(value)}",
+            )
+        return tuple(value)
+
+    def plan(self) -> dict[str, Any]:
+        value = self.get("plan")
+        points = value.get("points") if isinstance(value, dict) else None
+        if not isinstance(points, list) or len(points) > 100_000:
+            raise self.fail("plan", f"must be an object whose 'points' is a list, got {shown(value)}")
+        for i, point in enumerate(points):
+            if not isinstance(point, dict) or not isinstance(point.get("key"), str):
+                raise self.fail(
+                    "plan", f"points[{i}] must be an object with a string 'key', got {shown(point)}"
+                )
+        return value
+
+    def versions(self) -> dict[str, str]:
+        value = self.get("versions")
+        if (
+            not isinstance(value, dict)
+            or len(value) > 16
+            or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 64 for k, v in value.items())
+        ):
+            raise self.fail("versions", f"must map package names to version strings, got {shown(value)}")
+        return value
+
+    def architecture(self) -> tuple[ModuleEntry, ...]:
+        value = self.get("architecture", [])
+        ok = isinstance(value, list) and all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(s, str) for s in e) for e in value
+        )
+        if not ok:
+            raise self.fail(
+                "architecture", f"must be a list of [name, class, extra_repr] strings, got {shown(value)}"
+            )
+        return tuple((e[0], e[1], e[2]) for e in value)
+
+    def training(self) -> dict[str, Any] | None:
+        value = self.get("training", None)
+        if value is not None and not isinstance(value, dict):
+            raise self.fail("training", f"must be an object or null, got {shown(value)}")
+        return value
+
+    def blocks(self) -> tuple[str, ...]:
+        value = self.get("blocks", [])
+        if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+            raise self.fail("blocks", f"must be a list of module names, got {shown(value)}")
+        return tuple(value)
 
 
-def _injection(data: Any) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise TypeError("injections")
-    return {
-        "recipe": str(data["recipe"]),
-        "init": str(data["init"]),
-        "target": str(data["target"]),
-        "input_size": tuple(int(s) for s in data["input_size"]),
-    }
+def _product(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
-def build_base(manifest: Manifest, path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """The base model a manifest names (random weights), or ``model`` when given."""
+def _recipe_of(manifest: Manifest, path: str | os.PathLike) -> Recipe:
+    """The manifest's recipe, parsed as recipe text only: never a built-in name or a path."""
+    return _recipe_text(manifest.recipe, path)
+
+
+def _recipe_text(text: str, path: str | os.PathLike) -> Recipe:
+    try:
+        return parse_recipe_text(text, source=f"{path}: manifest recipe")
+    except RecipeError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def _inject(base: nn.Module, manifest: Manifest, recipe: Recipe, path: str | os.PathLike) -> nn.Module:
+    """Every injection of the manifest repeated on ``base`` (the first recipe already parsed)."""
+    later = [(_recipe_text(step.recipe, path), step) for step in manifest.later]
+    return _inject_all(base, [(recipe, manifest.injections[0]), *later])
+
+
+def _check_against_file(
+    patched: nn.Module,
+    manifest: Manifest,
+    shapes: Mapping[str, tuple[int, ...]],
+    path: str | os.PathLike,
+    what: str,
+) -> None:
+    """Refuse unless ``patched`` (meta or real) has the file's blocks, tensor names and
+    shapes, and the architecture its manifest records."""
+    written = f"written by attn-inject {manifest.versions.get('attn_inject', '?')}"
+    info: Any = getattr(patched, "attn_inject", None)
+    keys = [p.key for p in info.plan]
+    if keys != manifest.block_keys:
+        raise CheckpointError(
+            f"{path}: injecting its recipe into {what} gives {len(keys)} blocks, the file has "
+            f"{len(manifest.block_keys)} ({written}); is it the same model?"
+        )
+    as_meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    check_fits(patched, as_meta, source=f"checkpoint {path}")
+    if manifest.architecture:
+        diff = first_difference(
+            Architecture(manifest.architecture),
+            architecture(patched),
+            names=("the file has", "the rebuilt model"),
+        )
+        if diff is not None:
+            drift = _version_drift(manifest)
+            raise CheckpointError(
+                f"{path}: {what} is not the network saved in the file ({diff}){drift}; "
+                "pass the model it was saved from: attn_inject.load(path, model=...)"
+            )
+
+
+def _check_base_against_file(
+    base: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: str | os.PathLike, what: str
+) -> None:
+    """Every tensor of the (meta) base model must be in the file with the same shape."""
+    wrong = [
+        cut(f"{k}: file {shapes.get(k, 'nothing')}, model {tuple(t.shape)}", 160)
+        for k, t in base.state_dict().items()
+        if shapes.get(k) != tuple(t.shape)
+    ]
+    if wrong:
+        shown_wrong = "; ".join(wrong[:3]) + ("; ..." if len(wrong) > 3 else "")
+        raise CheckpointError(
+            f"{path}: {what} does not fit the file's tensors ({len(wrong)} differ: {shown_wrong}); "
+            "the manifest does not describe these weights"
+        )
+
+
+def _version_drift(manifest: Manifest) -> str:
+    changed = [
+        f"{name} {shown(wrote, 40).strip(chr(39))} -> {now}"
+        for name, now in versions().items()
+        if name != "attn_inject" and (wrote := manifest.versions.get(name)) is not None and wrote != now
+    ]
+    return f" (written with other versions: {', '.join(changed)})" if changed else ""
+
+
+def _checked_base(
+    path: str | os.PathLike, model: nn.Module | None
+) -> tuple[Manifest, Recipe, nn.Module, Mapping[str, tuple[int, ...]]]:
+    """The manifest, its recipe, and the base model to load into: ``model`` when given, else
+    the model it names, built only after its meta-device twin has matched the file."""
+    from .models import ModelNameError, build_model, build_shapes_only, resolve
+
+    manifest = read_manifest(path)
+    recipe = _recipe_of(manifest, path)
+    shapes = read_safetensors_shapes(path)
     if model is not None:
-        return model
+        refuse_wrapper(model, "load(model=...)")
+        _check_base_against_file(model, shapes, path, f"the model given ({type(model).__name__})")
+        return manifest, recipe, model, shapes
     if manifest.base_model is None:
         raise CheckpointError(
             f"{path} does not name its base model (it was saved from a model built outside timm / "
             "attn_inject.models); pass the base model: attn_inject.load(path, model=...)"
         )
-    from .models import build_model
-
-    return build_model(manifest.base_model, **manifest.base_kwargs)
+    try:
+        name = ":".join(resolve(manifest.base_model))
+    except ModelNameError as error:
+        raise CheckpointError(f"{path}: manifest field 'base_model': {error}") from None
+    what = f"{name} with {shown(dict(manifest.base_kwargs), 200)}"
+    try:
+        twin_base = build_shapes_only(name, **manifest.base_kwargs)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: {what} cannot be built on the meta device, where the file is checked before anything "
+            f"is allocated ({type(error).__name__}: {shown(str(error))}); "
+            "pass the base model: attn_inject.load(path, model=...)"
+        ) from None
+    _check_base_against_file(twin_base, shapes, path, what)
+    try:
+        twin = _inject(twin_base, manifest, recipe, path)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: its recipe cannot be injected into {what} at input size {manifest.input_size} "
+            f"({type(error).__name__}: {shown(str(error))})"
+        ) from None
+    _check_against_file(twin, manifest, shapes, path, what)
+    return manifest, recipe, build_model(name, **manifest.base_kwargs), shapes
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """The patched model saved at ``path``, with its weights.
 
-    The base model is rebuilt by name from the manifest, or ``model`` (the base, unpatched
-    architecture) is used for a custom one; the manifest's recipe is injected again and the
-    file's weights loaded strictly.
+    The base model is rebuilt by name from the manifest (checked first on the meta device
+    against every tensor shape and the recorded architecture), or ``model`` (the base,
+    unpatched architecture) is used for a custom one; the manifest's recipe is injected
+    again and the file's weights loaded strictly.
     """
-    from .inject import inject
-    from .rewrite import InjectionInfo
-
-    manifest = read_manifest(path)
-    base = build_base(manifest, path, model)
-    patched = base
-    for step in manifest.steps():
-        patched = inject(
-            patched,
-            step["recipe"],
-            init=step["init"],
-            input_size=step["input_size"],
-            target=step["target"],
-            allow_empty=True,
-        )
-    info = getattr(patched, "attn_inject", None)
-    assert isinstance(info, InjectionInfo), "inject records its plan on the model it returns"
-    keys = info.block_keys
-    if keys != manifest.block_keys:
-        raise CheckpointError(
-            f"{path}: injecting its recipe into {manifest.base_model or type(base).__name__} gives "
-            f"{len(keys)} blocks, the file has {len(manifest.block_keys)} "
-            f"(written by attn-inject {manifest.versions.get('attn_inject', '?')}); is it the same model?"
-        )
-    tensors = read_state_dict(path)
-    check_fits(patched, tensors, source=f"checkpoint {path}")
-    patched.load_state_dict(tensors, strict=True)
+    manifest, recipe, base, shapes = _checked_base(path, model)
+    patched = _inject(base, manifest, recipe, path)
+    _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
+    patched.load_state_dict(read_state_dict(path), strict=True)
     return patched
+
+
+def block_weight_names(patched: nn.Module) -> tuple[str, ...]:
+    """The prefixes (``"<module>."``) of the inserted blocks' weights in ``patched``."""
+    from . import inserted_blocks
+
+    return tuple(f"{name}." for name in inserted_blocks(patched))
 
 
 def load_base_weights(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """The base model with the file's base weights (the blocks' left out): the reference a
     saved patched model is validated against."""
-    manifest = read_manifest(path)
-    base = build_base(manifest, path, model)
-    prefixes = tuple(f"{b}." for b in manifest.blocks)
+    manifest, recipe, base, _ = _checked_base(path, model)
+    prefixes = block_weight_names(_inject(base, manifest, recipe, path))
     tensors = {k: v for k, v in read_state_dict(path).items() if not k.startswith(prefixes)}
     check_fits(base, tensors, source=f"checkpoint {path}")
     base.load_state_dict(tensors, strict=True)

@@ -1,10 +1,13 @@
 """The plan diagram: one column per stage, one badge per insertion point, the totals, and
-the SVG / PNG files a user opens."""
+the SVG / PNG files a user opens. The SVG is read back as a user's browser would: groups,
+the paths matplotlib drew and the text it kept as text."""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 
+import matplotlib.figure
 import pytest
 from PIL import Image
 
@@ -90,13 +93,33 @@ def groups(root: ET.Element, cls: str) -> list[ET.Element]:
     return [g for g in root.iter(f"{SVG}g") if cls in g.get("class", "").split()]
 
 
+def points_of(path: ET.Element) -> list[tuple[float, float]]:
+    numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", path.get("d"))]
+    return list(zip(numbers[::2], numbers[1::2], strict=True))
+
+
+def shape(group: ET.Element) -> ET.Element:
+    """The path matplotlib drew for a box: the first one in its group."""
+    return next(group.iter(f"{SVG}path"))
+
+
 def rect(group: ET.Element) -> tuple[float, float, float, float]:
-    r = group.find(f"{SVG}rect")
-    return float(r.get("x")), float(r.get("y")), float(r.get("width")), float(r.get("height"))
+    """The bounding box of a box's outline (a rounded rectangle's corner control points lie
+    on its edges, so this is the rectangle)."""
+    xs, ys = zip(*points_of(shape(group)), strict=True)
+    return min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)
+
+
+def fill(group: ET.Element) -> str:
+    return re.search(r"fill: (#[0-9a-fA-F]{6})", shape(group).get("style")).group(1).upper()
 
 
 def texts_of(group: ET.Element) -> list[str]:
-    return ["".join(t.itertext()) for t in group.findall(f"{SVG}text")]
+    return ["".join(t.itertext()) for t in group.iter(f"{SVG}text")]
+
+
+def size_of(root: ET.Element) -> tuple[float, float]:
+    return float(root.get("width").removesuffix("pt")), float(root.get("height").removesuffix("pt"))
 
 
 def columns(root: ET.Element) -> dict[str, tuple[float, float, float, float]]:
@@ -121,9 +144,23 @@ def badges_in(root: ET.Element, column) -> list[ET.Element]:
 def test_svg_parses_and_declares_width_height_and_viewbox(se_plan):
     root = svg_root(se_plan)
     assert root.tag == f"{SVG}svg"
-    width, height = float(root.get("width")), float(root.get("height"))
-    assert width > 0 and height > 0
-    assert root.get("viewBox").split() == ["0", "0", root.get("width"), root.get("height")]
+    width, height = size_of(root)
+    layout = plan_layout(se_plan)
+    assert (width, height) == (layout.width, layout.height)
+    assert [float(v) for v in root.get("viewBox").split()] == [0, 0, width, height]
+
+
+def test_every_box_is_drawn_where_the_layout_put_it(cbam_plan):
+    layout = plan_layout(cbam_plan)
+    root = svg_root(cbam_plan)
+    drawn = [
+        g for g in root.iter(f"{SVG}g") if g.get("class") in ("input", "column", "badge marker", "swatch")
+    ]
+    assert len(drawn) == len(layout.boxes)
+    for group, box in zip(drawn, layout.boxes, strict=True):
+        assert rect(group) == pytest.approx((box.x, box.y, box.w, box.h), abs=0.01)
+        assert fill(group) == box.fill.upper()
+        assert texts_of(group) == [t.text for t in box.texts]
 
 
 def test_columns_are_input_stem_each_stage_and_head_left_to_right(se_plan):
@@ -161,17 +198,16 @@ def test_stage_outputs_sit_on_the_arrow_between_their_stage_and_the_next(cbam_pl
     markers = sorted(groups(root, "marker"), key=lambda g: rect(g)[0])
     assert len(markers) == 4
     assert all(badges_in(root, box) == [] for box in cols.values())  # nothing inside the columns
-    arrows = [g.find(f"{SVG}line") for g in groups(root, "arrow")]
+    arrows = [points_of(shape(g)) for g in groups(root, "arrow")]
     titles = list(cols)
     for marker, stage in zip(markers, RESNET18_STAGES, strict=True):
         assert marker.get("data-kind") == "cbam" and texts_of(marker) == ["cbam"]
         x, y, w, h = rect(marker)
         before, after = cols[stage], cols[titles[titles.index(stage) + 1]]
         assert before[0] + before[2] <= x and x + w <= after[0]
-        assert any(
-            float(a.get("x1")) <= x + w / 2 <= float(a.get("x2")) + 10 and y <= float(a.get("y1")) <= y + h
-            for a in arrows
-        ), f"the {stage} marker is not on an arrow"
+        assert any(a[0][0] <= x + w / 2 <= a[-1][0] + 10 and y <= a[0][1] <= y + h for a in arrows), (
+            f"the {stage} marker is not on an arrow"
+        )
     assert "64 ch · 1 block" in all_text(root)
 
 
@@ -187,12 +223,12 @@ def test_colours_differ_by_block_kind_and_match_the_legend(resnet18):
     root = svg_root(ai.plan(resnet18, recipe, input_size=SIZE))
     fills: dict[str, set[str]] = {}
     for g in groups(root, "badge"):
-        fills.setdefault(g.get("data-kind"), set()).add(g.find(f"{SVG}rect").get("fill"))
+        fills.setdefault(g.get("data-kind"), set()).add(fill(g))
     assert set(fills) == {"se", "eca", "cbam"}
     assert all(len(f) == 1 for f in fills.values())  # one colour per kind
     colour = {kind: next(iter(f)) for kind, f in fills.items()}
     assert len(set(colour.values())) == 3
-    legend = {g.get("data-kind"): g.find(f"{SVG}rect").get("fill") for g in groups(root, "swatch")}
+    legend = {g.get("data-kind"): fill(g) for g in groups(root, "swatch")}
     assert legend == colour
 
 
@@ -200,7 +236,7 @@ def test_unregistered_block_kinds_get_colours_of_their_own():
     plan = hand_plan(
         [point("a.0", 0, kind="se"), point("a.1", 0, kind="gate_a"), point("b.0", 1, kind="gate_b")]
     )
-    fills = {g.get("data-kind"): g.find(f"{SVG}rect").get("fill") for g in groups(svg_root(plan), "badge")}
+    fills = {g.get("data-kind"): fill(g) for g in groups(svg_root(plan), "badge")}
     assert len(set(fills.values())) == 3
 
 
@@ -256,7 +292,7 @@ def test_an_empty_plan_draws_the_stages_and_zero_totals():
 def test_badges_and_columns_do_not_overlap_and_stay_in_the_picture(se_plan, cbam_plan):
     for plan in (se_plan, cbam_plan):
         root = svg_root(plan)
-        picture = (0, 0, float(root.get("width")), float(root.get("height")))
+        picture = (0, 0, *size_of(root))
         boxes = [rect(g) for g in groups(root, "badge") + groups(root, "column") + groups(root, "input")]
         assert all(inside(b, picture) for b in boxes)
         badge_boxes = [rect(g) for g in groups(root, "badge")]
@@ -268,12 +304,12 @@ def test_badges_and_columns_do_not_overlap_and_stay_in_the_picture(se_plan, cbam
 
 
 def test_names_with_markup_characters_are_escaped():
-    plan = hand_plan([point("a<b>&c", 0)], stages=("stage<1>&",), model="Net<&>")
+    plan = hand_plan([point("a<b>&c", 0), point("x$y$", 0)], stages=("stage<1>&",), model="Net<&>")
     svg = to_svg(plan_layout(plan))
     assert "<b>" not in svg
     root = ET.fromstring(svg)  # parses
     text = all_text(root)
-    assert "a<b>&c" in text and "stage<1>&" in text
+    assert "a<b>&c" in text and "stage<1>&" in text and "x$y$" in text  # no mathtext either
     assert any(t.startswith("Net<&> + hand") for t in text)
     assert "a<b>&c" in "".join(groups(root, "badge")[0].find(f"{SVG}title").itertext())
 
@@ -291,12 +327,16 @@ def test_png_is_a_png_twice_the_svg_size_with_the_badge_colours(se_plan, tmp_pat
     path = tmp_path / "se.png"
     save_diagram(se_plan, path)
     root = svg_root(se_plan)
+    badge = groups(root, "badge")[0]
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.size == (2 * int(root.get("width")), 2 * int(root.get("height")))
-        colours = {c for _, c in image.convert("RGB").getcolors(maxcolors=1 << 20)}
-    fill = groups(root, "badge")[0].find(f"{SVG}rect").get("fill")
-    assert tuple(int(fill[i : i + 2], 16) for i in (1, 3, 5)) in colours
+        width, height = size_of(root)
+        assert image.size == (2 * width, 2 * height)
+        x, y, _, h = rect(badge)
+        # the middle of the badge's left padding, in the 2x picture, is the badge colour
+        colour = image.convert("RGB").getpixel((round(2 * (x + 3)), round(2 * (y + h / 2))))
+    expected = fill(badge)
+    assert colour == tuple(int(expected[i : i + 2], 16) for i in (1, 3, 5))
     assert [p.name for p in tmp_path.iterdir()] == ["se.png"]
 
 
@@ -331,7 +371,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(se_plan, tmp_path, 
         fp.write(b"\x89PNG partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", half_written)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
     with pytest.raises(OSError):
         save_diagram(se_plan, png)
     assert svg.read_text() == "old"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import timm
@@ -191,10 +192,22 @@ def test_hook_inside_a_rewritten_module_is_refused_by_name(build):
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
-    nested = nn.Sequential(nn.Conv2d(3, 8, 3), _Unit(8))
-    nested[1].inner.register_forward_hook(lambda m, a, out: out)
-    with pytest.raises(ai.InjectError, match=r"module '1\.inner' has hooks"):
-        ai.inject(nested, "se_resnet", input_size=SIZE)
+    nested = nn.Sequential(nn.Conv2d(3, 8, 3), _Unit(8)).eval()
+    seen = []
+    nested[1].inner.register_forward_hook(lambda m, a, out: seen.append(1))  # kept whole in unit 1
+    patched_nested = ai.inject(nested, "se_resnet", input_size=SIZE)
+    assert isinstance(patched_nested[1], fx.GraphModule)
+    with torch.no_grad():
+        patched_nested(X)
+    assert seen == [1]
+    vit = meta_model("timm:vit_tiny_patch16_224")
+    vit.blocks[0].attn.register_forward_hook(lambda m, a, out: out)  # its code is traced into blocks.0
+    with (
+        pytest.raises(ai.InjectError, match=r"module 'blocks\.0\.attn' has hooks"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        ai.inject(vit, "se_resnet")
 
 
 class _Inner(nn.Module):
@@ -318,7 +331,7 @@ def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module
 
 
 def test_wrapped_models_are_refused_with_how_to_unwrap(build):
-    with pytest.raises(ai.InjectError, match=r"model\.module"):
+    with pytest.raises(ai.PlanError, match=r"model\.module"):
         ai.inject(nn.DataParallel(build("tv:resnet18")), "se_resnet")
 
 
@@ -348,3 +361,44 @@ def test_scope_that_cannot_stand_alone_falls_back_to_its_parent():
     assert point.key == "body.se"
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
+
+
+class _DroppedBranch(nn.Module):
+    """A branch whose own forward reads self.training (an inline dropout)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.bn(self.conv(x)), 0.5, self.training)
+
+
+class _DroppedUnit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = _DroppedBranch(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return torch.relu(x + self.branch(x))
+
+
+def test_a_module_reading_self_training_is_kept_whole_when_its_output_takes_the_block():
+    model = nn.Sequential(_DroppedUnit(), nn.Conv2d(8, 4, 1))
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    (point,) = patched.attn_inject.plan
+    assert point.owner == "0" and point.key == "0.branch_se"  # the unit runs it, named after its branch
+    assert isinstance(patched[0], fx.GraphModule) and not isinstance(patched[0].branch, fx.GraphModule)
+    model.train(), patched.train()
+    torch.manual_seed(3)
+    expected = model(X)
+    torch.manual_seed(3)
+    assert torch.equal(patched(X), expected)  # the dropout still drops, the same elements
+
+
+def test_rewriting_code_that_reads_self_training_warns():
+    with pytest.warns(UserWarning, match=r"blocks\.0\.attn.* reads self\.training"):
+        ai.inject(meta_model("timm:vit_tiny_patch16_224"), "se_resnet")

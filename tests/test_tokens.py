@@ -60,7 +60,10 @@ class TinyViT(nn.Module):
 def patched_model(model: nn.Module, recipe, input_size=SIZE, init=None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ai.inject(model, recipe, input_size=input_size, init=init)
+        patched = ai.inject(model, recipe, input_size=input_size, init=init)
+    for point in patched.attn_inject.plan:  # each block was built for its point's layout
+        assert patched.get_submodule(point.key).layout == point.layout
+    return patched
 
 
 def test_transformer_blocks_give_attention_and_mlp_branches_on_the_token_grid():

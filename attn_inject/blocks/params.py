@@ -70,7 +70,8 @@ def boolean(name: str, value: Any) -> bool:
 
 
 def choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    if isinstance(value, bool) or value not in allowed:
+    """One of ``allowed``, of the same type too: ``7.0`` is not the kernel size ``7``."""
+    if isinstance(value, bool) or not any(type(value) is type(a) and value == a for a in allowed):
         raise BlockParamError(name, value, "one of " + ", ".join(repr(a) for a in allowed))
     return value
 

@@ -1,0 +1,109 @@
+"""A built model's architecture as plain data, to tell whether two models are one network.
+
+Two models are the same network here when they have the same modules, in order, each with
+the same qualified name, class and ``extra_repr`` (kernel sizes, strides, dilations,
+pooling and activation types...), and the same parameter and buffer names and shapes.
+Weight values are not compared. Both sides may live on the meta device::
+
+    >>> diff = first_difference(architecture(saved), architecture(rebuilt))
+    'global_pool.pool: saved AdaptiveMaxPool2d(output_size=1), rebuilt AdaptiveAvgPool2d(output_size=1)'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .messages import shown
+
+__all__ = ["Architecture", "ModuleEntry", "architecture", "first_difference"]
+
+ModuleEntry = tuple[str, str, str]  # (qualified name, class name, extra_repr)
+_SHOWN = 70  # characters of a module's description quoted in a difference
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # a function's repr: differs from run to run
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Every module (name, class, extra_repr) and every parameter and buffer (name, shape)."""
+
+    modules: tuple[ModuleEntry, ...]
+    tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The architecture of ``model`` (see the module docstring)."""
+    modules = tuple(
+        (name, type(module).__name__, _ADDRESS.sub("", module.extra_repr()))
+        for name, module in model.named_modules()
+    )
+    tensors = tuple(
+        (name, tuple(t.shape))
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    )
+    return Architecture(modules, tensors)
+
+
+def _describe(entry: ModuleEntry | None, other: ModuleEntry | None) -> str:
+    """``Class(extra_repr)``, cut around where it differs from ``other`` when long."""
+    if entry is None:
+        return "nothing"
+    text = f"{entry[1]}({entry[2]})"
+    if len(text) <= _SHOWN or other is None:
+        return shown(text, _SHOWN)
+    theirs = f"{other[1]}({other[2]})"
+    pairs = enumerate(zip(text, theirs, strict=False))
+    same = next((i for i, (a, b) in pairs if a != b), min(len(text), len(theirs)))
+    start = max(0, same - _SHOWN // 2)
+    cut = (
+        ("..." if start else "")
+        + text[start : start + _SHOWN]
+        + ("..." if start + _SHOWN < len(text) else "")
+    )
+    return repr(cut)
+
+
+def first_difference(
+    saved: Architecture,
+    rebuilt: Architecture,
+    *,
+    names: Sequence[str] = ("saved", "rebuilt"),
+    partial: bool = False,
+) -> str | None:
+    """The first module or tensor where ``rebuilt`` differs from ``saved``, in words; None if
+    they are the same network. ``saved.tensors`` empty means tensors are not compared.
+    ``partial``: ``rebuilt`` is part of ``saved`` (a base model without its blocks); only
+    its own modules are compared."""
+    first, second = names
+    if partial:
+        ours = dict((e[0], e) for e in saved.modules)
+        for entry in rebuilt.modules:
+            if entry[0] and ours.get(entry[0]) != entry:
+                own = ours.get(entry[0])
+                return f"{entry[0]}: {first} {_describe(own, entry)}, {second} {_describe(entry, own)}"
+        return None
+    theirs = dict((e[0], e) for e in rebuilt.modules)
+    for entry in saved.modules:
+        other = theirs.get(entry[0])
+        if other != entry:
+            where = entry[0] or "(root)"
+            return f"{where}: {first} {_describe(entry, other)}, {second} {_describe(other, entry)}"
+    names_saved = {e[0] for e in saved.modules}
+    for entry in rebuilt.modules:
+        if entry[0] not in names_saved:
+            return f"{entry[0]}: {first} nothing, {second} {_describe(entry, None)}"
+    if saved.tensors:
+        saved_tensors, other_tensors = dict(saved.tensors), dict(rebuilt.tensors)
+        for name, shape in saved.tensors:
+            if other_tensors.get(name) != shape:
+                got = other_tensors.get(name)
+                return (
+                    f"{name}: {first} shape {shape}, {second} {'nothing' if got is None else f'shape {got}'}"
+                )
+        for name, shape in rebuilt.tensors:
+            if name not in saved_tensors:
+                return f"{name}: {first} nothing, {second} shape {shape}"
+    return None

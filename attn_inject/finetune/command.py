@@ -1,0 +1,128 @@
+"""The ``attn-inject finetune`` subcommand: its arguments and its handler."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_parser", "command"]
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune a patched model on an ImageFolder (one process, or DDP under torchrun)",
+        description="Fine-tune a file written by convert / ai.save on DIR/train and DIR/val "
+        "(ImageFolder layout). Under torchrun --nproc_per_node=N it runs DDP.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="P.safetensors", help="a file written by convert / ai.save"
+    )
+    p.add_argument("--data", required=True, metavar="DIR", help="DIR/train and DIR/val, a folder per class")
+    p.add_argument("--epochs", required=True, type=int, metavar="N")
+    p.add_argument("--out", required=True, metavar="RUNDIR", help="where the results go")
+    p.add_argument("--batch-size", type=int, default=64, help="per process (default: 64)")
+    p.add_argument("--image-size", type=int, metavar="PX", help="default: the model's own input size")
+    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default: 1e-3)")
+    p.add_argument(
+        "--attn-lr-scale",
+        type=float,
+        default=10.0,
+        help="learning-rate multiplier of the new blocks (default: 10)",
+    )
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        metavar="F",
+        help="timm layer-wise lr decay (needs the model's group_matcher)",
+    )
+    p.add_argument(
+        "--frozen-epochs",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first train only the new blocks and the classifier for K epochs (default: 0)",
+    )
+    p.add_argument(
+        "--opt", default="adamw", help="a timm optimizer name: adamw, sgd, lamb, ... (default: adamw)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.05, help="(default: 0.05)")
+    p.add_argument(
+        "--warmup-epochs", type=int, default=0, help="linear warm-up before cosine decay (default: 0)"
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="C",
+        help="a new classifier with C classes (default: the checkpoint's)",
+    )
+    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16; fp16 uses the loss scaler)")
+    p.add_argument("--amp-dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--model-ema", action="store_true", help="keep a timm ModelEmaV3 (with warm-up); evaluate and save it"
+    )
+    p.add_argument("--model-ema-decay", type=float, default=0.998)
+    p.add_argument("--no-aug", action="store_true", help="no training augmentation (resize and crop only)")
+    p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
+    p.add_argument(
+        "--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop scale range"
+    )
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last epoch")
+    p.add_argument("--force", action="store_true", help="start over in a RUNDIR that holds results")
+
+
+def command(args: argparse.Namespace) -> int:
+    from .config import FinetuneConfig
+    from .run import run
+
+    config = FinetuneConfig(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        epochs=args.epochs,
+        out=args.out,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        lr=args.lr,
+        attn_lr_scale=args.attn_lr_scale,
+        frozen_epochs=args.frozen_epochs,
+        opt=args.opt,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        layer_decay=args.layer_decay,
+        num_classes=args.num_classes,
+        clip_grad=args.clip_grad,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        model_ema=args.model_ema,
+        model_ema_decay=args.model_ema_decay,
+        no_aug=args.no_aug,
+        hflip=args.hflip,
+        scale=tuple(args.scale) if args.scale else None,
+        workers=args.workers,
+        seed=args.seed,
+        resume=args.resume,
+        force=args.force,
+    )
+    result = run(config)
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {
+                    "out": str(result.out),
+                    "best_epoch": result.best_epoch + 1,
+                    "best_top1": result.best_top1,
+                    "history": result.history,
+                },
+                indent=2,
+            )
+        )
+    return 0

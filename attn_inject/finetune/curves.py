@@ -1,0 +1,77 @@
+"""Training curves drawn with matplotlib: loss, accuracy and the mean blend gate per epoch,
+from the rows of ``summary.csv`` (timm's ``update_summary`` columns). Several runs can share
+one figure (one colour per run)::
+
+    >>> plot_curves({"identity": read_summary("runs/a/summary.csv")}, "runs/a/curves.png")
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["plot_curves", "read_summary"]
+
+
+def read_summary(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a ``summary.csv``, numbers as floats (empty cells as NaN)."""
+    with open(path, newline="") as f:
+        return [
+            {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _column(rows: Sequence[Mapping[str, float]], key: str) -> list[float]:
+    return [float(r.get(key, math.nan)) for r in rows]
+
+
+def plot_curves(
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike,
+    *,
+    baseline_top1: float | None = None,
+) -> None:
+    """Draw ``runs`` (label -> summary rows) to ``path`` (PNG or SVG), written atomically;
+    ``baseline_top1`` adds a reference line to the accuracy panel."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 3.6), dpi=120, layout="constrained")
+    loss, accuracy, gate = figure.subplots(1, 3)
+    colours = [f"C{i}" for i in range(10)]
+    for i, (label, rows) in enumerate(runs.items()):
+        colour = colours[i % len(colours)]
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        epochs = [int(e) + 1 for e in _column(rows, "epoch")]
+        loss.plot(epochs, _column(rows, "train_loss"), "--", color=colour, label=f"{prefix}train")
+        loss.plot(epochs, _column(rows, "eval_loss"), "-o", color=colour, ms=3, label=f"{prefix}val")
+        accuracy.plot(epochs, _column(rows, "eval_top1"), "-o", color=colour, ms=3, label=f"{prefix}top-1")
+        accuracy.plot(epochs, _column(rows, "eval_top5"), ":", color=colour, label=f"{prefix}top-5")
+        gates = _column(rows, "train_gate")
+        if any(not math.isnan(g) for g in gates):
+            gate.plot(epochs, gates, "-o", color=colour, ms=3, label=label)
+    if baseline_top1 is not None:
+        accuracy.axhline(baseline_top1, color="0.4", linewidth=1, linestyle="-.", label="baseline top-1")
+    loss.set(title="loss", xlabel="epoch")
+    accuracy.set(title="val accuracy (%)", xlabel="epoch")
+    gate.set(title="mean blend gate (0 = identity, 1 = paper block)", xlabel="epoch")
+    gate.title.set_fontsize(9)
+    for axes in (loss, accuracy, gate):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    if not gate.get_lines():
+        gate.text(0.5, 0.5, "no blend gates (init=paper)", ha="center", va="center", transform=gate.transAxes)
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}")
+    try:
+        figure.savefig(tmp, metadata={"Software": None} if target.suffix.lower() == ".png" else None)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,126 @@
+"""The fine-tuning data: ``DIR/train`` and ``DIR/val`` in torchvision ImageFolder layout,
+checked before anything runs, and transforms from the model's own timm data config.
+
+    DIR/train/<class>/*.png      DIR/val/<class>/*.png      (the same class folders)
+
+Every image is opened and verified once up front: an image that cannot be decoded stops
+the run with its file name (before any output is written), rather than failing mid-epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["DataError", "Folders", "check_folders", "data_config", "image_folders"]
+
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """The data folder is missing, incomplete or holds an unreadable image."""
+
+
+@dataclass(frozen=True)
+class Folders:
+    """A checked data folder: its class names (sorted, as ImageFolder orders them) and the
+    number of images per split."""
+
+    root: Path
+    classes: tuple[str, ...]
+    counts: dict[str, int]
+
+
+def _images(folder: Path) -> list[Path]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
+    """Check ``root`` (see the module docstring); raise :class:`DataError` with one line."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"--data {root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a folder")
+    if not any(root.iterdir()):
+        raise DataError(
+            f"--data {root}: the folder is empty; expected train/ and val/ with a folder per class"
+        )
+    classes: dict[str, tuple[str, ...]] = {}
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(
+                f"--data {root}: no {split}/ folder; expected {'/ and '.join(SPLITS)}/ "
+                "with a folder per class (torchvision ImageFolder layout)"
+            )
+        names = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir()))
+        if not names:
+            raise DataError(f"--data {root}: {split}/ has no class folders")
+        files = []
+        for name in names:
+            found = _images(folder / name)
+            if not found:
+                raise DataError(f"--data {root}: {split}/{name}/ holds no image")
+            files += found
+        classes[split] = names
+        counts[split] = len(files)
+        if verify:
+            for path in files:
+                try:
+                    with Image.open(path) as image:
+                        image.verify()
+                except Exception as error:
+                    raise DataError(
+                        f"cannot decode image {path}: {type(error).__name__}: {str(error) or 'unreadable'}; "
+                        "remove or replace it"
+                    ) from None
+    train, val = classes["train"], classes["val"]
+    if train != val:
+        only_train = sorted(set(train) - set(val))
+        only_val = sorted(set(val) - set(train))
+        parts = [
+            f"only in train/: {', '.join(only_train)}" if only_train else "",
+            f"only in val/: {', '.join(only_val)}" if only_val else "",
+        ]
+        raise DataError(
+            f"--data {root}: the class folders of train/ and val/ differ ({'; '.join(p for p in parts if p)})"
+        )
+    return Folders(root, train, counts)
+
+
+def data_config(model: nn.Module, image_size: int | None) -> dict[str, Any]:
+    """timm's data config for ``model`` (its ``pretrained_cfg``: mean, std, crop), the
+    input size overridden by ``image_size``."""
+    from timm.data import resolve_data_config
+
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    return resolve_data_config(args, model=model)
+
+
+def image_folders(
+    folders: Folders,
+    config: dict[str, Any],
+    *,
+    no_aug: bool = False,
+    hflip: float = 0.5,
+    scale: tuple[float, float] | None = None,
+) -> tuple[Any, Any]:
+    """The train and val ImageFolder datasets with timm's ``create_transform``."""
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    common = {k: config[k] for k in ("input_size", "interpolation", "mean", "std")}
+    train_tf = create_transform(**common, is_training=True, no_aug=no_aug, hflip=hflip, scale=scale)
+    val_tf = create_transform(**common, is_training=False, crop_pct=config["crop_pct"])
+    train = ImageFolder(str(folders.root / "train"), transform=train_tf)
+    val = ImageFolder(str(folders.root / "val"), transform=val_tf)
+    return train, val

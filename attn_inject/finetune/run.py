@@ -1,0 +1,420 @@
+"""``attn-inject finetune``: fine-tune a patched model on an ImageFolder, on one process or
+under torchrun (DDP), with timm's optimizer, scheduler, EMA, data config and summary.
+
+    checks (data, checkpoint, RUNDIR) ─ nothing written on failure
+      └─ load (new head if --num-classes) ─ timm data config + transforms
+           └─ epochs: [frozen: blocks + head] train ─ evaluate ─ rank 0 writes
+                RUNDIR/args.yaml, summary.csv, curves.png, last/best.safetensors, resume.pth
+
+Randomness is re-seeded from (seed, epoch, rank) at every epoch start, so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FinetuneConfig
+from .data import Folders, check_folders, data_config, image_folders
+from .distributed import Context, setup, teardown
+from .freeze import freeze_base
+from .gates import mean_gate
+from .groups import param_groups
+from .loop import Precision, evaluate, train_one_epoch
+from .starting_point import StartingPoint, load_for_finetuning
+
+__all__ = ["OUTPUTS", "RunError", "RunResult", "run"]
+
+ARGS, SUMMARY, CURVES, LAST, BEST, RESUME = (
+    "args.yaml",
+    "summary.csv",
+    "curves.png",
+    "last.safetensors",
+    "best.safetensors",
+    "resume.pth",
+)
+OUTPUTS = (ARGS, SUMMARY, CURVES, LAST, BEST, RESUME)
+
+
+class RunError(ValueError):
+    """The run cannot start: its output folder or resume state is not what it should be."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run measured: the summary rows and the best epoch."""
+
+    out: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_top1: float
+    reinitialised: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# checks before anything is written
+
+
+def check_out(config: FinetuneConfig) -> None:
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: exists and is not a folder")
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    if config.resume:
+        if not (out / RESUME).is_file() or not (out / ARGS).is_file():
+            raise RunError(f"--resume: {out} holds no run to resume (no {RESUME} and {ARGS})")
+        import yaml
+
+        try:
+            saved = yaml.safe_load((out / ARGS).read_text())
+        except yaml.YAMLError as error:
+            raise RunError(f"--resume: {out / ARGS} is not valid YAML ({error})") from None
+        if not isinstance(saved, dict):
+            raise RunError(f"--resume: {out / ARGS} does not hold the run's settings")
+        differ = config.differences(saved)
+        if differ:
+            shown = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            raise RunError(
+                f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones"
+            )
+    elif found and not config.force:
+        raise RunError(
+            f"--out {out} holds the results of an earlier run ({', '.join(found)}); "
+            "pass --resume to continue it or --force to start over"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_summary(history: list[dict[str, float]], path: Path) -> None:
+    """All rows so far, in timm's ``update_summary`` format, replacing ``path`` atomically."""
+    from timm.utils import update_summary
+
+    def write(tmp: Path) -> None:
+        for i, row in enumerate(history):
+            train = {k[len("train_") :]: v for k, v in row.items() if k.startswith("train_")}
+            evaluation = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
+            update_summary(int(row["epoch"]), train, evaluation, str(tmp), lr=row["lr"], write_header=i == 0)
+
+    _atomic(path, write)
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The resume state, read with ``weights_only=True`` (tensors and plain containers)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"--resume: cannot read {path}: {first}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+def _seed(config: FinetuneConfig, epoch: int, rank: int) -> None:
+    value = config.seed + 1000 * epoch + rank
+    random.seed(value)
+    torch.manual_seed(value)
+    with contextlib.suppress(ImportError):
+        import numpy
+
+        numpy.random.seed(value % 2**32)
+
+
+def _loaders(config: FinetuneConfig, folders: Folders, model: nn.Module, context: Context):
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    cfg = data_config(model, config.image_size)
+    train, val = image_folders(folders, cfg, no_aug=config.no_aug, hflip=config.hflip, scale=config.scale)
+    sampler: DistributedSampler = DistributedSampler(
+        train, num_replicas=context.world, rank=context.rank, shuffle=True, seed=config.seed
+    )
+    pin = context.device.type == "cuda"
+    train_loader = DataLoader(
+        train, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, pin_memory=pin
+    )
+    # Each rank evaluates its own images (no padding, none twice); the sums are reduced.
+    val_share = Subset(val, range(context.rank, len(val), context.world))
+    val_loader = DataLoader(
+        val_share, batch_size=config.batch_size, num_workers=config.workers, pin_memory=pin
+    )
+    return cfg, sampler, train_loader, val_loader
+
+
+def _log(context: Context, text: str) -> None:
+    if context.main:
+        print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _progress(context: Context, label: str, total: int) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar on a terminal; nothing otherwise (the epoch line says it all)."""
+    if not context.main or not sys.stderr.isatty():
+        yield lambda loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+    )
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task(label, total=total, loss=math.nan)
+        yield lambda loss: progress.update(task, advance=1, loss=loss)
+
+
+def _wrap(model: nn.Module, config: FinetuneConfig, context: Context) -> nn.Module:
+    """DDP around the model under torchrun (rebuilt whenever the trainable set changes),
+    then torch.compile when asked."""
+    wrapped = model
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [context.device.index] if context.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=ids)
+    if config.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    return wrapped
+
+
+def _check_optimizer(config: FinetuneConfig, model: nn.Module) -> None:
+    """The optimizer name and the parameter groups, checked before anything is written."""
+    from timm.optim import get_optimizer_info
+
+    try:
+        get_optimizer_info(config.opt.lower().split("_")[-1])
+    except ValueError:
+        raise RunError(
+            f"--opt {config.opt}: not a timm optimizer; e.g. adamw, sgd, lamb, lion "
+            "(timm.optim.list_optimizers() lists them)"
+        ) from None
+    param_groups(
+        model,
+        config.lr,
+        weight_decay=config.weight_decay,
+        attn_lr_scale=config.attn_lr_scale,
+        layer_decay=config.layer_decay,
+    )
+
+
+def run(config: FinetuneConfig) -> RunResult:
+    """Fine-tune per ``config`` (see the module docstring); returns what was measured."""
+    config.check()
+    folders = check_folders(config.data)
+    check_out(config)
+    start = load_for_finetuning(config.checkpoint, config.num_classes)
+    if start.num_classes != len(folders.classes):
+        raise RunError(
+            f"the model has {start.num_classes} classes, --data {config.data} has {len(folders.classes)}; "
+            f"pass --num-classes {len(folders.classes)} to train a new classifier"
+        )
+    _check_optimizer(config, start.model)
+    context = setup()
+    try:
+        return _train(config, folders, start, context)
+    finally:
+        teardown(context)
+
+
+def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, context: Context) -> RunResult:
+    import yaml
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    from .. import save
+    from .curves import plot_curves
+
+    out = Path(config.out)
+    if context.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.force and not config.resume:
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+        if not config.resume:
+            text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+            _atomic(out / ARGS, lambda tmp: tmp.write_text(text))
+    context.barrier()
+
+    model = start.model.to(context.device)
+    if start.reinitialised:
+        _log(
+            context,
+            f"left at init (shape changed for {start.num_classes} classes): {', '.join(start.reinitialised)}",
+        )
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _seed(config, 0, context.rank)
+    cfg, sampler, train_loader, val_loader = _loaders(config, folders, model, context)
+    dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
+    precision = Precision(config.amp, dtype)
+    scaler = NativeScaler(device=context.device.type) if config.amp and dtype == torch.float16 else None
+
+    optimizer = create_optimizer_v2(
+        model,
+        config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        param_group_fn=lambda m: param_groups(
+            m,
+            config.lr,
+            weight_decay=config.weight_decay,
+            attn_lr_scale=config.attn_lr_scale,
+            layer_decay=config.layer_decay,
+        ),
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        "cosine",
+        num_epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.lr * 0.01,
+        min_lr=config.lr * 0.01,
+        step_on_epochs=False,
+        updates_per_epoch=len(train_loader),
+    )
+    ema = ModelEmaV3(model, decay=config.model_ema_decay, use_warmup=True) if config.model_ema else None
+
+    first_epoch, num_updates = 0, 0
+    history: list[dict[str, float]] = []
+    best_top1, best_epoch = -math.inf, -1
+    if config.resume:
+        state = load_state(out / RESUME)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        first_epoch, num_updates = int(state["epoch"]), int(state["num_updates"])
+        history = [dict(r) for r in state["history"]]
+        best_top1, best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+        _log(context, f"resuming {out} at epoch {first_epoch + 1} of {config.epochs}")
+    else:
+        scheduler.step_update(num_updates=0)  # every group at its lr_scale from the first step
+
+    wrapped, frozen = None, None
+    started = time.perf_counter()
+    for epoch in range(first_epoch, config.epochs):
+        want_frozen = epoch < config.frozen_epochs
+        if want_frozen != frozen:
+            freeze_base(model, want_frozen, head=True)
+            frozen, wrapped = want_frozen, _wrap(model, config, context)
+        assert wrapped is not None
+        _seed(config, epoch, context.rank)
+        sampler.set_epoch(epoch)
+        label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
+        with _progress(context, label, len(train_loader)) as on_step:
+            train_metrics, num_updates = train_one_epoch(
+                wrapped,
+                train_loader,
+                optimizer,
+                context,
+                scheduler=scheduler,
+                num_updates=num_updates,
+                precision=precision,
+                scaler=scaler,
+                clip_grad=config.clip_grad,
+                ema=ema,
+                channels_last=config.channels_last,
+                on_step=on_step,
+            )
+        # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
+        base_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+        scheduler.step(epoch + 1)
+        scored = ema.module if ema is not None else model
+        eval_metrics = evaluate(
+            scored, val_loader, context, precision=precision, channels_last=config.channels_last
+        )
+        row = {
+            "epoch": float(epoch),
+            "train_loss": train_metrics["loss"],
+            "train_gate": mean_gate(scored),
+            **{f"eval_{k}": v for k, v in eval_metrics.items()},
+            "lr": base_lr,
+        }
+        history.append(row)
+        improved = eval_metrics["top1"] > best_top1
+        if improved:
+            best_top1, best_epoch = eval_metrics["top1"], epoch
+        _log(
+            context,
+            f"{label}: train loss {row['train_loss']:.4f}, val loss {row['eval_loss']:.4f}, "
+            f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {base_lr:.3g}, "
+            f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
+        )
+        if context.main:
+            training = {
+                "source": str(config.checkpoint),
+                "data": str(config.data),
+                "classes": list(folders.classes),
+                "epoch": epoch + 1,
+                "epochs": config.epochs,
+                "weights": "ema" if ema is not None else "model",
+                "val": {k: round(v, 4) for k, v in eval_metrics.items()},
+                "reinitialised": list(start.reinitialised),
+                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                "args": config.to_dict(),
+            }
+            save(scored, out / LAST, force=True, training=training)
+            if improved:
+                save(scored, out / BEST, force=True, training=training)
+            state = {
+                "epoch": epoch + 1,
+                "num_updates": num_updates,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "best_top1": best_top1,
+                "best_epoch": best_epoch,
+                "seed": config.seed,
+            }
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            save_state(out / RESUME, state)
+            write_summary(history, out / SUMMARY)
+            plot_curves({Path(config.out).name or "run": history}, out / CURVES)
+        context.barrier()
+    _log(
+        context,
+        f"done in {time.perf_counter() - started:.1f} s: best top-1 {best_top1:.2f} "
+        f"at epoch {best_epoch + 1}; wrote {out}/{{{', '.join(OUTPUTS)}}}",
+    )
+    return RunResult(out, history, best_epoch, best_top1, start.reinitialised)

@@ -1,0 +1,33 @@
+"""Bounded renderings of untrusted values for one-line error messages.
+
+A value read from a file or the command line may be huge (a YAML alias bomb expands to
+millions of items) or span lines; ``shown(value)`` is always short and on one line, and costs
+time in proportion to what it prints, not to the size of the value.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+__all__ = ["MAX_SHOWN", "cut", "shown"]
+
+MAX_SHOWN = 80  # characters of a value that an error message quotes
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxlist = _repr.maxtuple = _repr.maxset = _repr.maxdict = 4
+_repr.maxstring = _repr.maxother = MAX_SHOWN
+_repr.maxlong = 24
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, on one line."""
+    text = _repr.repr(value).replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """Plain ``text`` (a message, not a value) on one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

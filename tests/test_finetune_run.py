@@ -1,0 +1,354 @@
+"""``attn-inject finetune`` on a tiny ImageFolder written here: one process, torchrun DDP
+(gloo), resume, a new class count, and each bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+import attn_inject as ai
+from attn_inject.cli import main
+from attn_inject.finetune import run as run_module
+from attn_inject.finetune.data import check_folders, data_config, image_folders
+from attn_inject.finetune.distributed import Context
+from attn_inject.finetune.loop import evaluate, predict
+from attn_inject.finetune.starting_point import load_for_finetuning
+from attn_inject.models import build_model
+
+PX = 32
+MODEL = "timm:test_resnet"  # a 0.4 M-parameter timm ResNet: fast on two cores
+CLASSES = ("cat", "dog", "fox")
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_COLUMNS = ["epoch", "train_loss", "train_gate", "eval_loss", "eval_top1", "eval_top5", "lr"]
+
+
+def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """``root/<split>/<class>/*.png``: each class a different mean colour plus noise."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.normal(60 + 60 * c, 40, size=(PX, PX, 3)).clip(0, 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data"), {"train": 4, "val": 3})
+
+
+def save_patched(path: Path, num_classes: int = len(CLASSES), init: str = "identity") -> Path:
+    torch.manual_seed(0)
+    base = build_model(MODEL, num_classes=num_classes)
+    ai.save(ai.inject(base, "cbam_after_every_stage", init=init, input_size=(3, PX, PX)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_patched(tmp_path_factory.mktemp("ckpt") / "cbam.safetensors")
+
+
+def finetune_args(checkpoint: Path, data: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return [
+        "finetune",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--image-size",
+        str(PX),
+        "--workers",
+        "0",
+        *extra,
+    ]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def val_top1(model: torch.nn.Module, data: Path) -> float:
+    """Top-1 of ``model`` over every val image, computed here on one process."""
+    folders = check_folders(data)
+    _, val = image_folders(folders, data_config(model, PX))
+    loader = torch.utils.data.DataLoader(val, batch_size=5)
+    return evaluate(model, loader, Context(0, 1, 0, torch.device("cpu")))["top1"]
+
+
+# --- one process -------------------------------------------------------------------------
+
+
+def test_one_epoch_writes_summary_curves_and_checkpoints_that_load(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, "--frozen-epochs", "1", "--model-ema")) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(run_module.OUTPUTS)
+    rows = read_rows(out / "summary.csv")
+    assert len(rows) == 1 and list(rows[0]) == SUMMARY_COLUMNS
+    with Image.open(out / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+    best, last = ai.load(out / "best.safetensors"), ai.load(out / "last.safetensors")
+    manifest = ai.read_manifest(out / "last.safetensors")
+    assert manifest.training["epoch"] == 1 and manifest.training["weights"] == "ema"
+    assert manifest.training["classes"] == list(CLASSES)
+    # the file holds what was scored: its top-1, measured again here, is the summary's
+    assert val_top1(last.eval(), data) == pytest.approx(float(rows[0]["eval_top1"]))
+    assert set(best.state_dict()) == set(last.state_dict())
+    assert main(["validate", str(out / "last.safetensors"), "--device", "cpu"]) == 0
+    state = torch.load(out / "resume.pth", weights_only=True)
+    assert state["epoch"] == 1 and {"model", "optimizer", "scheduler", "ema"} <= set(state)
+    err = capsys.readouterr().err
+    assert "epoch 1/1 (base frozen)" in err and "top-1" in err
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(checkpoint, data, tmp_path, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(finetune_args(checkpoint, data, whole, epochs=2)) == 0
+
+    calls = []
+    real = run_module.train_one_epoch
+
+    def stop_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_one_epoch", stop_in_second_epoch)
+    assert main(finetune_args(checkpoint, data, parts, epochs=2)) == 130
+    assert len(read_rows(parts / "summary.csv")) == 1
+    monkeypatch.setattr(run_module, "train_one_epoch", real)
+    assert main(finetune_args(checkpoint, data, parts, "--resume", epochs=2)) == 0
+
+    assert read_rows(parts / "summary.csv") == read_rows(whole / "summary.csv")
+    a = safetensors.torch.load_file(whole / "last.safetensors")
+    b = safetensors.torch.load_file(parts / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_class_count_keeps_every_weight_but_the_head(tmp_path, data, capsys):
+    five = save_patched(tmp_path / "five.safetensors", num_classes=5)
+    start = load_for_finetuning(five, num_classes=3)
+    assert start.num_classes == 3 and start.reinitialised == ("fc.weight", "fc.bias")
+    saved = safetensors.torch.load_file(five)
+    state = start.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("fc."))
+    assert state["fc.weight"].shape == (3, start.model.num_features)
+    # identity insertion kept: the rebuilt model computes what its base (same weights) does
+    base = build_model(MODEL, num_classes=3).eval()
+    base.load_state_dict({k: v for k, v in state.items() if k in base.state_dict()})
+    x = torch.randn(2, 3, PX, PX)
+    assert torch.equal(start.model.eval()(x), base(x))
+
+    out = tmp_path / "run"
+    assert main(finetune_args(five, data, out, "--num-classes", "3")) == 0
+    assert "left at init" in capsys.readouterr().err
+    assert ai.load(out / "last.safetensors").num_classes == 3
+
+
+def test_digits_accuracy_at_step_zero_equals_the_base_model(tmp_path):
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import digits_finetune
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    root = digits_finetune.write_digits(tmp_path / "digits", size=PX, per_class=25)
+    torch.manual_seed(0)
+    base = build_model(MODEL, num_classes=10)
+    train_loader, val_loader = digits_finetune.loaders(root, base, batch_size=25)
+    # two short epochs so the base model predicts more than one class
+    optimizer = torch.optim.AdamW(base.parameters(), lr=3e-3)
+    base.train()
+    for _ in range(2):
+        for images, targets in train_loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(base(images), targets).backward()
+            optimizer.step()
+    base.eval()
+    path = tmp_path / "base.safetensors"
+    ai.save(ai.inject(base, "cbam_after_every_stage", input_size=(3, PX, PX)), path)
+    patched = ai.load(path).eval()
+    context = Context(0, 1, 0, torch.device("cpu"))
+    expected = predict(base, val_loader)
+    assert len(expected.unique()) > 1
+    assert torch.equal(predict(patched, val_loader), expected)
+    assert evaluate(patched, val_loader, context) == evaluate(base, val_loader, context)
+
+
+def test_bfloat16_autocast_channels_last_and_clipping_run_on_the_cpu(checkpoint, data, tmp_path):
+    out = tmp_path / "run"
+    args = finetune_args(
+        checkpoint, data, out, "--amp", "--channels-last", "--clip-grad", "1.0", "--opt", "sgd"
+    )
+    assert main(args) == 0
+    row = read_rows(out / "summary.csv")[0]
+    assert all(math.isfinite(float(row[k])) for k in ("train_loss", "eval_loss", "eval_top1"))
+    assert "scaler" not in torch.load(out / "resume.pth", weights_only=True)  # bf16 needs no loss scaler
+
+
+# --- bad input: one line, nothing written ------------------------------------------------
+
+
+def _bad_data(tmp_path: Path, case: str) -> Path:
+    root = tmp_path / "bad"
+    if case == "missing":
+        return root
+    root.mkdir()
+    if case == "empty":
+        return root
+    if case == "no val":
+        write_folder(root, {"train": 1})
+    elif case == "different classes":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "val" / "fox").rename(root / "val" / "wolf")
+    elif case == "undecodable image":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "train" / "dog" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "no such folder"),
+        ("empty", "the folder is empty"),
+        ("no val", "no val/ folder"),
+        ("different classes", "only in train/: fox; only in val/: wolf"),
+        ("undecodable image", "cannot decode image"),
+    ],
+)
+def test_bad_data_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys, case, expected):
+    data = _bad_data(tmp_path, case)
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    if case == "undecodable image":
+        assert "dog/0.png" in err
+    assert not out.exists()
+
+
+def test_a_checkpoint_without_manifest_is_one_line(data, tmp_path, capsys):
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(build_model(MODEL, num_classes=3).state_dict(), plain)
+    assert main(finetune_args(plain, data, tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no attn-inject manifest" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_classes_and_a_wrong_class_count_are_refused(checkpoint, data, tmp_path, capsys):
+    assert main(finetune_args(checkpoint, data, tmp_path / "run", "--num-classes", "0")) == 1
+    assert "--num-classes must be at least 1" in capsys.readouterr().err
+    four = save_patched(tmp_path / "four.safetensors", num_classes=4)
+    assert main(finetune_args(four, data, tmp_path / "run")) == 1
+    assert "pass --num-classes 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_optimizer_and_layer_decay_without_group_matcher_write_nothing(
+    checkpoint, data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, "--opt", "nosuchopt")) == 1
+    assert "--opt nosuchopt: not a timm optimizer" in capsys.readouterr().err
+    torchvision_file = tmp_path / "tv.safetensors"
+    base = build_model("tv:resnet18", num_classes=len(CLASSES))  # torchvision: no group_matcher
+    ai.save(ai.inject(base, "cbam_after_every_stage", input_size=(3, PX, PX)), torchvision_file)
+    assert main(finetune_args(torchvision_file, data, out, "--layer-decay", "0.75")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "group_matcher" in err
+    assert not out.exists()
+
+
+def test_an_earlier_run_is_kept_unless_resume_or_force(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.csv").write_text("earlier\n")
+    assert main(finetune_args(checkpoint, data, out)) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--force" in err
+    assert [p.name for p in out.iterdir()] == ["summary.csv"] and (
+        out / "summary.csv"
+    ).read_text() == "earlier\n"
+    assert main(finetune_args(checkpoint, data, out, "--resume")) == 1
+    assert "no run to resume" in capsys.readouterr().err
+    assert main(finetune_args(checkpoint, data, out, "--force")) == 0
+    assert len(read_rows(out / "summary.csv")) == 1
+
+
+def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out)) == 0
+    assert main(finetune_args(checkpoint, data, out, "--resume", "--lr", "0.5")) == 1
+    assert "lr=0.001" in capsys.readouterr().err
+
+
+# --- many processes ------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_on_gloo(checkpoint, data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = finetune_args(checkpoint, data, out, "--frozen-epochs", "1", epochs=2)
+    run = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "attn_inject"]
+    done = subprocess.run([sys.executable, *run, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(out / "summary.csv")
+    assert len(rows) == 2
+    # Metrics reduced over both ranks, each evaluating its own share with its own copy of the
+    # weights (DDP keeps them equal, in the frozen epoch and after): the same top-1 as one
+    # process evaluating rank 0's weights over every val image.
+    top1 = val_top1(ai.load(out / "last.safetensors").eval(), data)
+    assert top1 == pytest.approx(float(rows[1]["eval_top1"]))
+    assert done.stderr.count("epoch 1/2 (base frozen):") == 1  # only rank 0 reports
+    assert done.stderr.count("epoch 2/2:") == 1
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_channels_last_and_compile(checkpoint, data, tmp_path):
+    out = tmp_path / "cuda"
+    assert main(finetune_args(checkpoint, data, out, "--amp", "--channels-last", "--compile")) == 0
+    assert len(read_rows(out / "summary.csv")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_torchrun_two_processes_on_nccl(checkpoint, data, tmp_path):
+    out = tmp_path / "nccl"
+    run = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "attn_inject"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = finetune_args(checkpoint, data, out, "--amp")
+    done = subprocess.run([sys.executable, *run, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(read_rows(out / "summary.csv")) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_uses_the_loss_scaler(checkpoint, data, tmp_path):
+    out = tmp_path / "fp16"
+    assert main(finetune_args(checkpoint, data, out, "--amp", "--amp-dtype", "float16")) == 0
+    assert "scaler" in torch.load(out / "resume.pth", weights_only=True)

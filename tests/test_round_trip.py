@@ -1,0 +1,135 @@
+"""A saved file rebuilds exactly the network that was saved, or the save (or load) refuses.
+
+timm's builder arguments change the network without changing the model's name: a model
+built with ``global_pool="max"`` and rebuilt without it loads strictly (same keys and
+shapes) and computes something else. The references here are independent of the code under
+test: the models' own ``repr`` and their outputs on the same batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import attn_inject as ai
+from attn_inject.models import build_model, build_shapes_only
+
+REGISTER_PARAMETER = torch.nn.Module.register_parameter
+
+ARGUMENTS = {
+    "global_pool": {"num_classes": 10, "global_pool": "max"},
+    "output_stride": {"output_stride": 8},
+    "act_layer": {"act_layer": "gelu"},
+    "in_chans": {"in_chans": 1},
+    "drop_path_rate": {"drop_path_rate": 0.2},
+    "features_only": {"features_only": True},
+}
+
+
+def size_for(kwargs: dict) -> tuple[int, int, int]:
+    return (kwargs.get("in_chans", 3), 64, 64)
+
+
+def patched_model(model: torch.nn.Module, kwargs: dict) -> torch.nn.Module:
+    patched = ai.inject(model.eval(), "se_resnet", input_size=size_for(kwargs))
+    with torch.no_grad():  # a trained state: the blocks no longer compute the identity
+        for block in ai.inserted_blocks(patched).values():
+            for name, p in block.named_parameters():
+                if name.endswith("blend"):
+                    p.fill_(0.5)
+    return patched
+
+
+def outputs(model: torch.nn.Module, kwargs: dict) -> list[torch.Tensor]:
+    x = torch.randn((2, *size_for(kwargs)), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.eval()(x)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def assert_same_network(loaded: torch.nn.Module, saved: torch.nn.Module, kwargs: dict) -> None:
+    assert repr(loaded) == repr(saved)
+    got, want = outputs(loaded, kwargs), outputs(saved, kwargs)
+    assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("case", list(ARGUMENTS))
+def test_model_built_by_name_round_trips_to_the_same_network(tmp_path, case):
+    kwargs = ARGUMENTS[case]
+    torch.manual_seed(0)
+    patched = patched_model(build_model("timm:resnet10t", **kwargs), kwargs)
+    ai.save(patched, tmp_path / "m.safetensors")
+    assert ai.read_manifest(tmp_path / "m.safetensors").base_kwargs == kwargs
+    assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, kwargs)
+
+
+@pytest.mark.parametrize("case", list(ARGUMENTS))
+def test_save_refuses_a_timm_model_whose_arguments_it_cannot_know_until_they_are_given(tmp_path, case):
+    kwargs = ARGUMENTS[case]
+    torch.manual_seed(0)
+    patched = patched_model(timm.create_model("resnet10t", **kwargs), kwargs)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ai.CheckpointError) as info:
+        ai.save(patched, path)
+    message = str(info.value)
+    assert "\n" not in message and "gives a different network" in message
+    assert "model_kwargs={...}" in message and "build_model" in message
+    assert not list(tmp_path.iterdir())  # nothing written
+    ai.save(patched, path, model_kwargs=kwargs)  # how the message says to fix it
+    assert_same_network(ai.load(path), patched, kwargs)
+    assert 'model_name="")' in message and "ai.load(path, model=...)" in message  # the other way
+    ai.save(patched, tmp_path / "unnamed.safetensors", model_name="")
+    with pytest.raises(ai.CheckpointError, match="does not name its base model"):
+        ai.load(tmp_path / "unnamed.safetensors")
+    base = timm.create_model("resnet10t", **kwargs)
+    assert_same_network(ai.load(tmp_path / "unnamed.safetensors", model=base), patched, kwargs)
+
+
+def test_save_names_the_first_module_that_differs(tmp_path):
+    patched = patched_model(timm.create_model("resnet10t", num_classes=10, global_pool="max"), {})
+    with pytest.raises(ai.CheckpointError, match=r"global_pool\.pool: this model has 'AdaptiveMaxPool2d"):
+        ai.save(patched, tmp_path / "m.safetensors")
+
+
+def test_load_refuses_a_given_model_that_is_not_the_saved_network(tmp_path):
+    kwargs = ARGUMENTS["global_pool"]
+    ai.save(patched_model(build_model("timm:resnet10t", **kwargs), kwargs), tmp_path / "m.safetensors")
+    other = timm.create_model("resnet10t", num_classes=10)  # same keys and shapes, average pooling
+    with pytest.raises(ai.CheckpointError) as info:
+        ai.load(tmp_path / "m.safetensors", model=other)
+    message = str(info.value)
+    assert "\n" not in message and "is not the network saved in the file" in message
+    assert "global_pool.pool: the file has 'AdaptiveMaxPool2d" in message
+    same = timm.create_model("resnet10t", **kwargs)
+    assert repr(ai.load(tmp_path / "m.safetensors", model=same).global_pool) == repr(same.global_pool)
+
+
+def test_a_head_replaced_after_injection_is_caught_at_save(tmp_path):
+    patched = patched_model(build_model("timm:resnet10t"), {})
+    patched.fc = torch.nn.Linear(512, 7)
+    with pytest.raises(
+        ai.CheckpointError, match=r"fc: this model has 'Linear\(in_features=512, out_features=7"
+    ):
+        ai.save(patched, tmp_path / "m.safetensors")
+    ai.save(patched, tmp_path / "m.safetensors", model_kwargs={"num_classes": 7})
+    assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, {})
+
+
+def test_a_model_whose_builder_needs_real_tensors_is_checked_without_allocating_its_weights(tmp_path):
+    # torchvision RegNet computes its widths from tensor values: it cannot be built on meta.
+    with pytest.raises(NotImplementedError), torch.device("meta"):
+        torchvision.models.regnet_x_400mf()
+    shapes = build_shapes_only("tv:regnet_x_400mf")
+    assert {t.device.type for t in [*shapes.parameters(), *shapes.buffers()]} == {"meta"}
+    assert torch.nn.Module.register_parameter is REGISTER_PARAMETER  # put back
+    real = torchvision.models.regnet_x_400mf()
+    assert repr(shapes) == repr(real)
+    assert {k: v.shape for k, v in shapes.state_dict().items()} == {
+        k: v.shape for k, v in real.state_dict().items()
+    }
+    torch.manual_seed(0)
+    patched = patched_model(build_model("tv:regnet_x_400mf"), {})
+    ai.save(patched, tmp_path / "m.safetensors")
+    assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, {})

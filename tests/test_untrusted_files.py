@@ -1,0 +1,242 @@
+"""A saved file is untrusted data: whatever its manifest says, loading it never reads a local
+file, downloads, unpickles or allocates what the file's own tensors do not justify, and a
+refusal is one line, fast and small.
+
+Each hostile file is the tensors of a real saved model with one manifest field changed. They
+are loaded in a fresh process so that its peak memory (``ru_maxrss``) measures the load alone.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import torch
+
+import attn_inject as ai
+from attn_inject.cli import main
+from attn_inject.models import build_model
+from attn_inject.serialize import MANIFEST_KEY
+
+SIZE = (3, 64, 64)
+SECONDS = 2.0
+MEGABYTES = 500
+
+# 9 levels of 9 aliases: 727 bytes that expand to 9**9 (387 million) strings.
+ALIAS_BOMB = "\n".join(
+    [
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *(f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)),
+        "rules: *i",
+    ]
+)
+
+
+class Payload:
+    """Unpickling this runs ``Path.touch(marker)``."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> pathlib.Path:
+    """A real file: timm resnet10t with 10 classes (head 10 x 512) and SE after every stage."""
+    folder = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    model = build_model("timm:resnet10t", num_classes=10).eval()
+    ai.save(ai.inject(model, "se_after_every_stage", input_size=SIZE), folder / "good.safetensors")
+    return folder / "good.safetensors"
+
+
+def with_manifest(saved: pathlib.Path, out: pathlib.Path, **changes) -> pathlib.Path:
+    """A copy of ``saved`` whose manifest has ``changes`` (``None`` values remove the field)."""
+    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    manifest.update(changes)
+    manifest = {k: v for k, v in manifest.items() if v is not None}
+    tensors = safetensors.torch.load_file(saved)
+    safetensors.torch.save_file(tensors, out, metadata={MANIFEST_KEY: json.dumps(manifest)})
+    return out
+
+
+def hostile_cases(saved: pathlib.Path, folder: pathlib.Path) -> dict[str, tuple[dict, str]]:
+    """name -> (manifest changes, what the refusal must say)."""
+    secret = folder / "secret.yaml"
+    secret.write_text("secret_key_XYZ: 1\nrules: []\n")
+    pickled = folder / "payload.pth"
+    torch.save({"state_dict": {}, "x": Payload(folder / "payload_ran")}, pickled)
+    return {
+        "local-path recipe": ({"recipe": str(secret)}, "manifest recipe: a recipe must be a mapping"),
+        "built-in-name recipe": ({"recipe": "se_resnet"}, "manifest recipe: a recipe must be a mapping"),
+        "file-loading kwargs": (
+            {"base_kwargs": {"num_classes": 10, "checkpoint_path": str(pickled)}},
+            "'checkpoint_path' is not allowed",
+        ),
+        "downloading kwargs (timm)": (
+            {"base_kwargs": {"num_classes": 10, "pretrained": True}},
+            "'pretrained' is not allowed",
+        ),
+        "downloading kwargs (torchvision)": (
+            {"base_model": "tv:resnet18", "base_kwargs": {"weights_backbone": "DEFAULT"}},
+            "'weights_backbone' is not allowed",
+        ),
+        "config overlay kwargs": (
+            {"base_kwargs": {"pretrained_cfg_overlay": {"file": str(pickled)}}},
+            "'pretrained_cfg_overlay' is not allowed",
+        ),
+        "huge kwargs": (
+            {"base_kwargs": {"num_classes": 2_000_000}},
+            "fc.weight: file (10, 512), model (2000000, 512)",
+        ),
+        "huge model name": (
+            {"base_model": "timm:vit_giant_patch14_224"},
+            "does not fit the file's tensors",
+        ),
+        "alias bomb recipe": ({"recipe": ALIAS_BOMB}, "expands to more than 10000 values"),
+        "huge input size": ({"input_size": [3, 100_000, 100_000]}, "manifest field 'input_size'"),
+    }
+
+
+LOADER = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import attn_inject as ai
+    from attn_inject.models import resolve
+    resolve("timm:resnet10t")  # the model lists, read once by any load
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results = {}
+    for name, path in json.loads(sys.argv[1]).items():
+        start = time.perf_counter()
+        try:
+            ai.load(path)
+            outcome = {"loaded": True}
+        except Exception as error:
+            outcome = {"loaded": False, "type": type(error).__name__, "message": str(error)}
+        outcome["seconds"] = time.perf_counter() - start
+        outcome["megabytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        results[name] = outcome
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def refusals(saved, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    cases = hostile_cases(saved, folder)
+    paths = {
+        name: str(with_manifest(saved, folder / f"{i}.safetensors", **changes))
+        for i, (name, (changes, _)) in enumerate(cases.items())
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    return folder, cases, json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "local-path recipe",
+        "built-in-name recipe",
+        "file-loading kwargs",
+        "downloading kwargs (timm)",
+        "downloading kwargs (torchvision)",
+        "config overlay kwargs",
+        "huge kwargs",
+        "huge model name",
+        "alias bomb recipe",
+        "huge input size",
+    ],
+)
+def test_hostile_manifest_is_refused_in_one_line_fast_and_small(refusals, case):
+    folder, cases, results = refusals
+    outcome, says = results[case], cases[case][1]
+    assert not outcome["loaded"] and outcome["type"] == "CheckpointError", outcome
+    message = outcome["message"]
+    assert "\n" not in message and len(message) < 1000 and says in message, message
+    assert outcome["seconds"] < SECONDS, outcome
+    assert outcome["megabytes"] < MEGABYTES, outcome
+    assert "secret_key_XYZ" not in message  # a local file's content never shows
+    assert not (folder / "payload_ran").exists()  # nothing was unpickled
+
+
+def test_the_command_line_refuses_a_hostile_file_in_one_line(saved, tmp_path, capsys):
+    hostile = with_manifest(saved, tmp_path / "h.safetensors", base_kwargs={"pretrained": True})
+    assert main(["validate", str(hostile), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'pretrained' is not allowed" in err[0], err
+
+
+def test_an_architecture_argument_edited_in_the_manifest_is_caught_before_loading(saved, tmp_path):
+    # Same tensor names and shapes, another network: only the recorded architecture tells.
+    edited = with_manifest(
+        saved, tmp_path / "e.safetensors", base_kwargs={"num_classes": 10, "global_pool": "max"}
+    )
+    with pytest.raises(ai.CheckpointError, match=r"is not the network saved in the file \(global_pool\.pool"):
+        ai.load(edited)
+
+
+BAD_FIELDS = {
+    "format 1.9": ({"format": 1.9}, "in file format 1.9; this attn-inject reads format 1"),
+    "format true": ({"format": True}, "in file format True; this attn-inject reads format 1"),
+    "format missing": ({"format": None}, "in file format None; this attn-inject reads format 1"),
+    "base_model 5": ({"base_model": 5}, "manifest field 'base_model': must be a model name"),
+    "base_model unknown": ({"base_model": "timm:resnet_nope"}, "unknown model 'resnet_nope'"),
+    "plan.points not a list": (
+        {"plan": {"points": 3}},
+        "manifest field 'plan': must be an object whose 'points'",
+    ),
+    "plan not an object": ({"plan": [1, 2]}, "manifest field 'plan'"),
+    "norm_layer not a string": ({"base_kwargs": {"norm_layer": 3}}, "norm_layer=3 is not allowed"),
+    "base_kwargs not an object": ({"base_kwargs": [1]}, "must be a mapping of argument names"),
+    "init unknown": ({"init": "zeros"}, "manifest field 'init': must be one of identity, paper"),
+    "target not a name": ({"target": "a/b"}, "manifest field 'target': must be a dotted module name"),
+    "recipe missing": ({"recipe": None}, "manifest field 'recipe': missing"),
+    "versions not strings": ({"versions": {"torch": 2}}, "manifest field 'versions'"),
+    "architecture garbled": ({"architecture": [[1, 2]]}, "manifest field 'architecture'"),
+    "huge value in a message": ({"base_model": "x" * 100_000}, "manifest field 'base_model'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIELDS))
+def test_a_garbled_manifest_field_gets_one_line_naming_it(saved, tmp_path, case):
+    changes, says = BAD_FIELDS[case]
+    path = with_manifest(saved, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(ai.CheckpointError) as info:
+        ai.load(path)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600 and says in message, message
+    assert info.value.__cause__ is None
+
+
+def test_a_huge_tensor_name_in_the_file_is_cut_in_the_message(saved, tmp_path):
+    tensors = safetensors.torch.load_file(saved)
+    tensors["x" * 100_000] = torch.zeros(1)
+    metadata = ai.checkpoint.read_safetensors_metadata(saved)
+    safetensors.torch.save_file(tensors, tmp_path / "x.safetensors", metadata=metadata)
+    with pytest.raises(ai.CheckpointError, match="1 unexpected key") as info:
+        ai.load(tmp_path / "x.safetensors")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 1000
+
+
+def test_manifest_that_is_not_json_or_not_an_object_is_refused(saved, tmp_path):
+    tensors = safetensors.torch.load_file(saved)
+    for text, says in (("{", "is not valid JSON"), ("[1]", "must be a JSON object"), ("[" * 100_000, "JSON")):
+        path = tmp_path / "x.safetensors"
+        safetensors.torch.save_file(tensors, path, metadata={MANIFEST_KEY: text})
+        with pytest.raises(ai.CheckpointError, match=says):
+            ai.load(path)
