@@ -203,3 +203,20 @@ def test_token_and_channels_last_families_plan_with_identity(name, kwargs, size,
         patched = patched_model(model, recipe, input_size)
         report = ai.validate(model, patched, input_size=input_size)
         assert report.passed and report.max_abs_diff == 0, (recipe, report)
+
+
+def test_torchvision_vit_attention_output_joins_the_grid_of_the_stream_it_is_added_to():
+    """torchvision's encoder block adds nn.MultiheadAttention's output (a tuple item, whose
+    grid is not known by itself) to its input: the sum keeps the input's grid."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=DIM, mlp_dim=2 * DIM
+    ).eval()
+    patched = patched_model(model, "se_resnet", input_size=SIZE)
+    plan = patched.attn_inject.plan
+    assert [(p.name, p.layout, p.prefix, p.grid) for p in plan] == [
+        (f"encoder.layers.encoder_layer_{i}", "tokens", 1, (GRID, GRID)) for i in (0, 0, 1, 1)
+    ]
+    assert ai.validate(model, patched, input_size=SIZE).max_abs_diff == 0

@@ -261,7 +261,9 @@ def _fits(grid: TokenGrid | None, node: fx.Node) -> TokenGrid | None:
 
 
 def _same_grid(nodes: list[fx.Node]) -> TokenGrid | None:
-    grids = {grid_of(n) for n in nodes if layout_of(n) in TOKEN_DIM}
+    """The one grid of tokens combined element by element (a residual addition), where the
+    others' is not known: token i of the result is token i of each input."""
+    grids = {grid_of(n) for n in nodes if layout_of(n) in TOKEN_DIM} - {None}
     return grids.pop() if len(grids) == 1 else None
 
 
