@@ -33,6 +33,12 @@ class CommandError(Exception):
     """The command cannot go on (e.g. its output exists): exit code 1."""
 
 
+CHECKS_HELP = (
+    "validation checks, comma-separated, or 'all' (default: all but compile, which takes minutes "
+    "on a CPU): reference, identity, train, gradients, parameters, shapes, finite, compile, export, autocast"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
             help="a submodule to patch, e.g. backbone.body (default: the recipe's, "
             "else a detection / segmentation model's backbone)",
         )
+        if name == "demo":
+            p.add_argument("--checks", help=CHECKS_HELP)
         if name == "plan":
             p.add_argument(
                 "--diagram", metavar="OUT", help="draw the stages and blocks to OUT.svg or OUT.png"
@@ -133,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where --validate runs (auto: CUDA if available)",
     )
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    convert.add_argument("--checks", help=CHECKS_HELP)
 
     check = sub.add_parser(
         "validate", parents=[common], help="check a converted file: rebuild, compare with its base weights"
@@ -144,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--input-size", type=int, nargs="+", metavar="N", help="input size to check at (default: the plan's)"
     )
+    check.add_argument("--checks", help=CHECKS_HELP)
 
     zoo = sub.add_parser(
         "zoo",
@@ -256,11 +266,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
-    report = validate(model, patched, input_size=args.input_size)
+    report = validate(model, patched, input_size=args.input_size, checks=_checks(args.checks))
     plan = _plan_of(patched)
     text = f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n{report}"
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
+
+
+def _checks(value: str | None) -> tuple[str, ...] | None:
+    """``--checks``: None (every check) for 'all'; by default every check but compile."""
+    from .validate import CHECKS
+
+    if value is None:
+        return tuple(c for c in CHECKS if c != "compile")
+    if value.strip() == "all":
+        return None
+    names = tuple(c.strip() for c in value.split(",") if c.strip())
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown or not names:
+        raise UsageError(
+            f"--checks {value}: unknown {', '.join(unknown) or 'empty'}; allowed: all, {', '.join(CHECKS)}"
+        )
+    return names
 
 
 def _input_size(values: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -317,7 +344,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = None
     if args.validate:
         with _status("validating", quiet=args.json):
-            report = validate(model, patched, device=args.device)
+            report = validate(model, patched, device=args.device, checks=_checks(args.checks))
         if not report.passed:
             data = {"plan": plan.to_dict(), "validation": report.to_dict(), "written": None}
             _emit(args, f"{report}\nnothing written: validation failed", data)
@@ -344,7 +371,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         patched = load(args.file).eval()
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
-        report = validate(reference, patched, input_size=size, device=args.device)
+        report = validate(
+            reference, patched, input_size=size, device=args.device, checks=_checks(args.checks)
+        )
     plan = _plan_of(patched)
     text = (
         f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
