@@ -3,7 +3,8 @@
 #   make test    the test suite (CPU, a few minutes on 2 cores)
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
 # All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
-# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv).
+# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv);
+# `make bench` every benchmark, on an idle machine (writes docs/benchmarks.md).
 
 PYTHON ?= python3
 VENV := .venv
@@ -40,9 +41,12 @@ zoo: $(STAMP)
 zoo-plan: $(STAMP)
 	$(BIN)/attn-inject zoo --out build/zoo
 
+BENCH := build/bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_inject.py
-	$(BIN)/python benchmarks/bench_forward.py
+	$(BIN)/python benchmarks/bench_inject.py --out $(BENCH)/1-inject.md
+	$(BIN)/python benchmarks/bench_models.py --out $(BENCH)/2-models.md
+	$(BIN)/python benchmarks/bench_blocks.py --out $(BENCH)/3-blocks.md
+	$(BIN)/python benchmarks/collect.py $(BENCH)/1-inject.md $(BENCH)/2-models.md $(BENCH)/3-blocks.md --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
