@@ -307,15 +307,15 @@ def _input_hook(apply: Callable[[Any], torch.Tensor], site: HookSite) -> Callabl
                     raise ReferenceError(f"{site.module or 'the model'} was not given input {slot!r}")
             return tuple(args), kwargs
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        named = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        if len(tensors) + len(named) != 1:
+        tensor_keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        if len(tensors) + len(tensor_keys) != 1:
             raise ReferenceError(
-                f"{site.module or 'the model'} was given {len(tensors) + len(named)} tensors; "
+                f"{site.module or 'the model'} was given {len(tensors) + len(tensor_keys)} tensors; "
                 "the hook expected exactly one"
             )
         for i in tensors:
             args[i] = apply(args[i])
-        for k in named:
+        for k in tensor_keys:
             kwargs[k] = apply(kwargs[k])
         return tuple(args), kwargs
 

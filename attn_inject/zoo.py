@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -257,7 +258,7 @@ def sweep_model(
     return ModelResult(source, bare, tuple(rows), seconds)
 
 
-def _class_kept(plan) -> dict[str, object]:
+def _class_kept(plan) -> dict[str, Any]:
     """Whether the planned model (or target) keeps its class: no point is run by its own
     rewritten forward; and if not, why (the first scope note)."""
     if not plan.points:
