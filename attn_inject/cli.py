@@ -273,14 +273,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _checks(value: str | None) -> tuple[str, ...] | None:
-    """``--checks``: None (every check) for 'all'; by default every check but compile."""
+def _checks(value: str | None) -> tuple[str, ...] | str | None:
+    """``--checks``: 'all', a comma-separated list, or None (validate's default: all but compile)."""
     from .validate import CHECKS
 
-    if value is None:
-        return tuple(c for c in CHECKS if c != "compile")
-    if value.strip() == "all":
-        return None
+    if value is None or value.strip() == "all":
+        return value and "all"
     names = tuple(c.strip() for c in value.split(",") if c.strip())
     unknown = [c for c in names if c not in CHECKS]
     if unknown or not names:

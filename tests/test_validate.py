@@ -205,6 +205,28 @@ def test_export_and_compile_checks(build, monkeypatch):
     assert "backend='eager'" in report.check("compile").detail
 
 
+class DataDependentHead(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 100:  # a branch on a tensor's value: fx keeps it whole, torch.export refuses it
+            x = x * 2
+        return super().forward(x)
+
+
+class DataDependentNet(SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = DataDependentHead(8, 4)
+
+
+def test_export_is_skipped_when_the_original_does_not_export():
+    torch.manual_seed(0)
+    model = DataDependentNet().eval()
+    patched = ai.inject(model, SMALL_RECIPE, input_size=SMALL)
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("export", "reference"))
+    assert statuses(report) == {"reference": "passed", "export": "skipped"}, report
+    assert "the original does not export" in report.check("export").detail
+
+
 def test_report_serialises_to_json_with_every_check(build):
     model = build("tv:resnet18")
     report = ai.validate(
