@@ -248,6 +248,20 @@ def test_unknown_checks_and_missing_cuda_are_refused(build):
             ai.validate(model, patched, device="cuda")
 
 
+def test_running_out_of_memory_is_one_clear_error(build, monkeypatch):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+
+    def out_of_memory(run, wanted):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(validation, "_eval_checks", out_of_memory)
+    with pytest.raises(
+        ai.ValidationError, match=r"out of memory on cpu .* during the forward passes at batch 2"
+    ):
+        ai.validate(model, patched, device="cpu", seeds=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_runs_autocast_in_bf16_and_fp16(build):
     model = build("tv:resnet18")
