@@ -32,13 +32,13 @@ from .graph.shapes import tensor_meta
 from .plan import InsertionPoint, Plan, prepare
 from .rewrite import InjectionInfo, find_blocks
 
-__all__ = ["PointHooks", "Reference", "ReferenceError", "common_target"]
+__all__ = ["HookError", "PointHooks", "Reference", "common_target"]
 
 OUTPUT = "output"  # a forward hook: the module's output goes through the block
 INPUT = "input"  # a forward pre-hook: the module's input(s) at ``slots`` go through the block
 
 
-class ReferenceError(RuntimeError):
+class HookError(RuntimeError):
     """A hook met something at run time that the trace did not show (e.g. no tensor input)."""
 
 
@@ -277,7 +277,7 @@ def _applier(
 ) -> Callable[[Any], torch.Tensor]:
     def apply(value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
-            raise ReferenceError(f"the hook for {key} met a {type(value).__name__}, not a tensor")
+            raise HookError(f"the hook for {key} met a {type(value).__name__}, not a tensor")
         if record is not None:
             record.setdefault(key, value.detach().clone())
         if layout == NHWC:
@@ -304,12 +304,12 @@ def _input_hook(apply: Callable[[Any], torch.Tensor], site: HookSite) -> Callabl
                 elif isinstance(slot, str) and slot in kwargs:
                     kwargs[slot] = apply(kwargs[slot])
                 else:
-                    raise ReferenceError(f"{site.module or 'the model'} was not given input {slot!r}")
+                    raise HookError(f"{site.module or 'the model'} was not given input {slot!r}")
             return tuple(args), kwargs
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         tensor_keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         if len(tensors) + len(tensor_keys) != 1:
-            raise ReferenceError(
+            raise HookError(
                 f"{site.module or 'the model'} was given {len(tensors) + len(tensor_keys)} tensors; "
                 "the hook expected exactly one"
             )

@@ -27,7 +27,7 @@ from torch import nn
 
 from .graph.trace import eval_mode
 from .plan import count_params, default_input_size
-from .reference import PointHooks, Reference, _join
+from .reference import HookError, PointHooks, Reference, _join
 from .rewrite import InjectionInfo
 
 __all__ = ["CHECKS", "Check", "ValidationError", "ValidationReport", "validate"]
@@ -364,7 +364,12 @@ def _eval_checks(run: _Run, wanted: set[str]) -> tuple[list[Check], float, float
         with eval_mode(run.original), eval_mode(run.patched), torch.no_grad():
             plain = _outputs(run.original, x)
             ref_record: dict[str, torch.Tensor] = {}
-            expected = run.expected(x, ref_record) if not run.invalid else plain
+            expected = plain
+            if not run.invalid:
+                try:
+                    expected = run.expected(x, ref_record)
+                except HookError as error:  # a hook met what the trace did not show
+                    run.invalid = f"the reference could not run: {error}"
             got_record: dict[str, torch.Tensor] = {}
             with _block_inputs(run.reference.blocks, got_record):
                 got = _outputs(run.patched, x)
@@ -549,9 +554,9 @@ def _gradient_check(run: _Run) -> Check:
                 torch.manual_seed(0)
                 loss = _loss(_outputs(run.original, x))
             reference = (
-                torch.autograd.grad(loss, [p for _, p in own], allow_unused=True)
+                list(torch.autograd.grad(loss, [p for _, p in own], allow_unused=True))
                 if own and loss.requires_grad
-                else []
+                else [None] * len(own)
             )
             del loss
             buffers.restore()
@@ -559,9 +564,9 @@ def _gradient_check(run: _Run) -> Check:
                 torch.manual_seed(0)
                 loss = _loss(_outputs(run.patched, x))
             grads = (
-                torch.autograd.grad(loss, [p for _, p in patched], allow_unused=True)
-                if loss.requires_grad
-                else []
+                list(torch.autograd.grad(loss, [p for _, p in patched], allow_unused=True))
+                if patched and loss.requires_grad
+                else [None] * len(patched)
             )
             del loss
             buffers.restore()
@@ -577,11 +582,11 @@ def _gradient_check(run: _Run) -> Check:
                     f"{len(lost)} parameters of the original get no gradient ({', '.join(lost[:3])})"
                 )
             if run.identity and reference:
-                pairs = [
-                    (by_name[n], g)
-                    for (n, _), g in zip(own, reference, strict=True)
-                    if g is not None and by_name.get(n) is not None
-                ]
+                pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+                for (n, _), g in zip(own, reference, strict=True):
+                    have = by_name.get(n)
+                    if g is not None and have is not None:
+                        pairs.append((have, g))
                 if pairs:
                     diff, scale = _max_diff([a for a, _ in pairs], [b for _, b in pairs])
                     if _relative(diff, scale) > GRADIENT_TOLERANCE:
