@@ -64,14 +64,16 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
     working = {label: fn for label, fn in candidates.items() if label not in failed}
     medians = interleaved(working, rounds, warmup=0)
     peer = medians.get("torch.fx.symbolic_trace")
+    blocks = {f"ai.inject({r})": str(len(ai.plan(model, r))) for r in recipes}
     rows = []
     for label in candidates:
+        size = f"{params / 1e6:.1f} M"
         if label in failed:
-            rows.append([name, f"{params / 1e6:.1f} M", label, failed[label], "", ""])
+            rows.append([name, size, label, "", failed[label], "", ""])
             continue
         peak = peak_memory(working[label])
         ratio = f"{medians[label] / peer:.2f}" if peer else "n/a"
-        rows.append([name, f"{params / 1e6:.1f} M", label, ms(medians[label]), ratio, mib(peak)])
+        rows.append([name, size, label, blocks.get(label, ""), ms(medians[label]), ratio, mib(peak)])
     return rows
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> str:
     rounds = 1 if args.quick else 15
     table = Table(
         "inject() vs symbolic_trace vs create_model (CPU, random init, eval)",
-        ["model", "params", "call", "median ms", "ratio to symbolic_trace", "peak MiB"],
+        ["model", "params", "call", "blocks", "median ms", "ratio to symbolic_trace", "peak MiB"],
         note=(
             f"Medians of {rounds} interleaved rounds. `ai.inject` traces the whole model, infers shapes "
             "on the meta device, plans, and rewrites only the modules that run a block."
