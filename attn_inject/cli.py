@@ -322,6 +322,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .validate import validate
 
     _check_output(args.out, args.force)
+    checks = _checks(args.checks)  # bad input fails before any work
     kwargs = _model_kwargs(args.model_kwargs)
     size = _input_size(args.input_size)
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
@@ -342,7 +343,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = None
     if args.validate:
         with _status("validating", quiet=args.json):
-            report = validate(model, patched, device=args.device, checks=_checks(args.checks))
+            report = validate(model, patched, device=args.device, checks=checks)
         if not report.passed:
             data = {"plan": plan.to_dict(), "validation": report.to_dict(), "written": None}
             _emit(args, f"{report}\nnothing written: validation failed", data)
@@ -364,14 +365,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import validate
 
     size = _input_size(args.input_size)
+    checks = _checks(args.checks)
     with _status(f"reading {args.file}", quiet=args.json):
         manifest = read_manifest(args.file)
         patched = load(args.file).eval()
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
-        report = validate(
-            reference, patched, input_size=size, device=args.device, checks=_checks(args.checks)
-        )
+        report = validate(reference, patched, input_size=size, device=args.device, checks=checks)
     plan = _plan_of(patched)
     text = (
         f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
