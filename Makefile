@@ -4,7 +4,8 @@
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
 #   make finetune-demo   the digits fine-tuning evidence (examples/digits_finetune.py; minutes on 2 cores)
 # All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
-# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv).
+# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv);
+# `make bench` every benchmark, on an idle machine (writes docs/benchmarks.md).
 
 PYTHON ?= python3
 VENV := .venv
@@ -44,9 +45,12 @@ zoo-plan: $(STAMP)
 finetune-demo: $(STAMP)
 	$(BIN)/python examples/digits_finetune.py --out build/digits --docs docs
 
+BENCH := build/bench
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_inject.py
-	$(BIN)/python benchmarks/bench_forward.py
+	$(BIN)/python benchmarks/bench_inject.py --out $(BENCH)/1-inject.md
+	$(BIN)/python benchmarks/bench_models.py --out $(BENCH)/2-models.md
+	$(BIN)/python benchmarks/bench_blocks.py --out $(BENCH)/3-blocks.md
+	$(BIN)/python benchmarks/collect.py $(BENCH)/1-inject.md $(BENCH)/2-models.md $(BENCH)/3-blocks.md --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -38,6 +38,12 @@ class CommandError(Exception):
     """The command cannot go on (e.g. its output exists): exit code 1."""
 
 
+CHECKS_HELP = (
+    "validation checks, comma-separated, or 'all' (default: all but compile, which takes minutes "
+    "on a CPU): reference, identity, train, gradients, parameters, shapes, finite, compile, export, autocast"
+)
+
+
 def _common_flags(default: Any) -> argparse.ArgumentParser:
     """--json and --debug, accepted before and after the command. The command's copies
     default to SUPPRESS, so they never undo a flag given before the command."""
@@ -101,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
             help="a submodule to patch, e.g. backbone.body (default: the recipe's, "
             "else a detection / segmentation model's backbone)",
         )
+        if name == "demo":
+            p.add_argument("--checks", help=CHECKS_HELP)
         if name == "plan":
             p.add_argument(
                 "--diagram", metavar="OUT", help="draw the stages and blocks to OUT.svg or OUT.png"
@@ -145,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where --validate runs (auto: CUDA if available)",
     )
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    convert.add_argument("--checks", help=CHECKS_HELP)
 
     check = sub.add_parser(
         "validate", parents=[common], help="check a converted file: rebuild, compare with its base weights"
@@ -156,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--input-size", type=int, nargs="+", metavar="N", help="input size to check at (default: the plan's)"
     )
+    check.add_argument("--checks", help=CHECKS_HELP)
 
     zoo = sub.add_parser(
         "zoo",
@@ -290,7 +300,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = build_model(args.model, **_model_kwargs(args.model_kwargs))
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
-    report = validate(model, patched, input_size=args.input_size)
+    report = validate(model, patched, input_size=args.input_size, checks=_checks(args.checks))
     plan = _plan_of(patched)
     kept = "keeps its class" if type(patched) is type(model) else "became a GraphModule"
     owners = sorted({p.owner for p in plan if p.attach == "graph"})
@@ -304,6 +314,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
     return 0 if report.passed else 1
+
+
+def _checks(value: str | None) -> tuple[str, ...] | str | None:
+    """``--checks``: 'all', a comma-separated list, or None (validate's default: all but compile)."""
+    from .validate import CHECKS
+
+    if value is None or value.strip() == "all":
+        return value and "all"
+    names = tuple(c.strip() for c in value.split(",") if c.strip())
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown or not names:
+        raise UsageError(
+            f"--checks {value}: unknown {', '.join(unknown) or 'empty'}; allowed: all, {', '.join(CHECKS)}"
+        )
+    return names
 
 
 def _positive_sizes(values: Sequence[int] | None) -> None:
@@ -365,6 +390,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .validate import validate
 
     _check_output(args.out, args.force)
+    checks = _checks(args.checks)  # bad input fails before any work
     kwargs = _model_kwargs(args.model_kwargs)
     size = _input_size(args.input_size)
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
@@ -384,7 +410,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = None
     if args.validate:
         with _status("validating", quiet=args.json):
-            report = validate(model, patched, device=args.device)
+            report = validate(model, patched, device=args.device, checks=checks)
         if not report.passed:
             data = {"plan": plan.to_dict(), "validation": report.to_dict(), "written": None}
             _emit(args, f"{report}\nnothing written: validation failed", data)
@@ -405,13 +431,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from .serialize import load, load_base_weights, read_manifest
     from .validate import validate
 
+    checks = _checks(args.checks)
     with _status(f"reading {args.file}", quiet=args.json):
         manifest = read_manifest(args.file)
         size = _input_size(args.input_size, like=manifest.input_size)
         patched = load(args.file).eval()
         reference = load_base_weights(args.file).eval()
     with _status("validating", quiet=args.json):
-        report = validate(reference, patched, input_size=size, device=args.device)
+        report = validate(reference, patched, input_size=size, device=args.device, checks=checks)
     plan = _plan_of(patched)
     text = (
         f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "

@@ -1,31 +1,99 @@
-"""``inject()`` on timm resnet50 against ``torch.fx.symbolic_trace`` alone (target: <= 2x)."""
+"""The engine: ``ai.inject()`` against ``torch.fx.symbolic_trace`` and ``timm.create_model``.
+
+Goals: ``inject`` at most 2x ``symbolic_trace`` on resnet50; a model of over 1B parameters
+built on the meta device (timm ``regnety_2560``, 1.28 B) injected in seconds with no
+parameter memory. Peak memory is the rise of the process's peak resident set during one call.
+
+    python benchmarks/bench_inject.py [--quick] [--out build/bench/inject.md]
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved, report
+from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
 
+MODELS = (
+    ("resnet50", ("se_resnet", "cbam_after_every_stage")),
+    ("convnext_base", ("se_after_every_stage",)),
+    ("efficientnet_b3", ("cbam_after_every_stage",)),
+    ("regnety_160", ("cbam_after_every_stage",)),
+    ("swin_base_patch4_window7_224", ("se_after_every_stage",)),
+)
+META_MODEL = ("regnety_2560", ("cbam_after_every_stage",))  # 1.28 B parameters
+QUICK_MODELS = (("resnet18", ("se_resnet",)),)
+QUICK_META_MODEL = ("regnety_008", ("cbam_after_every_stage",))
 
-def main(rounds: int = 30) -> None:
-    model = timm.create_model("resnet50").eval()
-    medians = interleaved(
-        {
-            "torch.fx.symbolic_trace": lambda: torch.fx.symbolic_trace(model),
-            "ai.plan(cbam_after_every_stage)": lambda: ai.plan(model, "cbam_after_every_stage"),
-            "ai.inject(cbam_after_every_stage)": lambda: ai.inject(model, "cbam_after_every_stage"),
-            "ai.inject(se_resnet)": lambda: ai.inject(model, "se_resnet"),
-        },
-        rounds,
+
+def _symbolic_trace(model: torch.nn.Module) -> Callable[[], object]:
+    return lambda: torch.fx.symbolic_trace(model)
+
+
+def _runs(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except Exception as error:
+        return f"fails: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return ""
+
+
+def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = False) -> list[list[str]]:
+    def build() -> torch.nn.Module:
+        if meta:
+            with torch.device("meta"):
+                return timm.create_model(name)
+        return timm.create_model(name)
+
+    model = build().eval()
+    params = sum(p.numel() for p in model.parameters())
+    candidates: dict[str, Callable[[], object]] = {
+        f"timm.create_model{' (meta)' if meta else ''}": build,
+        "torch.fx.symbolic_trace": _symbolic_trace(model),
+    }
+    for recipe in recipes:
+        candidates[f"ai.inject({recipe})"] = lambda r=recipe: ai.inject(model, r, allow_empty=True)
+    failed = {label: why for label, fn in candidates.items() if (why := _runs(fn))}
+    working = {label: fn for label, fn in candidates.items() if label not in failed}
+    medians = interleaved(working, rounds, warmup=0)
+    peer = medians.get("torch.fx.symbolic_trace")
+    blocks = {f"ai.inject({r})": str(len(ai.plan(model, r))) for r in recipes}
+    rows = []
+    for label in candidates:
+        size = f"{params / 1e6:.1f} M"
+        if label in failed:
+            rows.append([name, size, label, "", failed[label], "", ""])
+            continue
+        peak = peak_memory(working[label])
+        ratio = f"{medians[label] / peer:.2f}" if peer else "n/a"
+        rows.append([name, size, label, blocks.get(label, ""), ms(medians[label]), ratio, mib(peak)])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    models = QUICK_MODELS if args.quick else MODELS
+    meta_name, meta_recipes = QUICK_META_MODEL if args.quick else META_MODEL
+    rounds = 1 if args.quick else 15
+    table = Table(
+        "inject() vs symbolic_trace vs create_model (CPU, random init, eval)",
+        ["model", "params", "call", "blocks", "median ms", "ratio to symbolic_trace", "peak MiB"],
+        note=(
+            f"Medians of {rounds} interleaved rounds. `ai.inject` traces the whole model, infers shapes "
+            "on the meta device, plans, and rewrites only the modules that run a block."
+        ),
     )
-    report("inject() vs symbolic_trace, timm resnet50 (random init)", medians, "torch.fx.symbolic_trace")
+    for name, recipes in models:
+        table.rows += bench_model(name, recipes, rounds)
+    table.rows += bench_model(meta_name, meta_recipes, max(1, rounds // 5), meta=True)
+    return emit("Engine", [table], args.out, args.quick)
 
 
 if __name__ == "__main__":

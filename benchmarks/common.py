@@ -1,28 +1,52 @@
-"""Interleaved timing: candidates run in turn, round after round, and medians are compared."""
+"""What every benchmark shares: the machine's name, interleaved timing (candidates run in
+turn, round after round, medians compared), peak memory, and markdown output.
+
+Each script takes ``--quick`` (a smoke run at tiny sizes: checks the script still works,
+its figures mean nothing) and ``--out FILE.md`` (its results as a markdown section, which
+``collect.py`` gathers into ``docs/benchmarks.md``).
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
+    """CPU model, cores, torch threads, GPU, torch version."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], rounds: int, sync: bool = False
+    candidates: dict[str, Callable[[], object]], rounds: int, sync: bool = False, warmup: int = 1
 ) -> dict[str, float]:
     """Median seconds per call of each candidate, timed in alternation over ``rounds``."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for fn in candidates.values():  # warm-up
-        fn()
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
     for _ in range(rounds):
         for name, fn in candidates.items():
             if sync:
@@ -35,7 +59,108 @@ def interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def report(title: str, medians: dict[str, float], peer: str) -> None:
-    print(f"{title}\n  machine: {machine()}")
-    for name, seconds in medians.items():
-        print(f"  {name:<34} median {seconds * 1e3:9.2f} ms   ratio to {peer}: {seconds / medians[peer]:.3f}")
+def _rss_peak_kib() -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
+
+
+def _rss_kib() -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> float | None:
+    """MiB by which one call of ``fn`` raises peak memory above what was in use before it:
+    CUDA's peak allocation on a GPU, the process's peak resident set on Linux (reset through
+    ``/proc/self/clear_refs``); ``None`` where neither can be measured."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = _rss_kib()
+    fn()
+    peak = _rss_peak_kib()
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) / 1024
+
+
+@dataclass
+class Table:
+    """One result table: a title, a note, column names and rows."""
+
+    title: str
+    columns: Sequence[str]
+    rows: list[Sequence[str]] = field(default_factory=list)
+    note: str = ""
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.note:
+            lines += [self.note, ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def text(self) -> str:
+        cells = [list(self.columns), *[list(r) for r in self.rows]]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        lines = [self.title]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+        return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="smoke run at tiny sizes (figures mean nothing)")
+    p.add_argument("--out", metavar="FILE.md", help="write the results as a markdown section")
+    return p
+
+
+def emit(section: str, tables: Sequence[Table], out: str | None, quick: bool) -> str:
+    """Print the tables; write them to ``out`` as a markdown section naming the machine."""
+    for table in tables:
+        print(table.text())
+        print()
+    text = f"## {section}\n\nMachine: {machine()}.\n\n"
+    if quick:
+        text += "**Smoke run (`--quick`): tiny sizes, one round; these figures mean nothing.**\n\n"
+    text += "\n".join(t.markdown() for t in tables)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    return text
+
+
+@contextlib.contextmanager
+def no_autotune() -> Iterator[None]:
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark

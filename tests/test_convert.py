@@ -119,6 +119,17 @@ def test_validate_command_checks_a_converted_file(tmp_path, checkpoints, capsys)
     assert report["manifest"]["base_model"] == "tv:resnet18"
 
 
+def test_validate_command_runs_the_checks_asked_for(tmp_path, checkpoints, capsys):
+    code, out = convert(tmp_path, checkpoints["plain"])
+    assert code == 0
+    capsys.readouterr()
+    assert main(["validate", str(out), "--device", "cpu", "--json", "--checks", "reference,train"]) == 0
+    checks = json.loads(capsys.readouterr().out)["validation"]["checks"]
+    assert [(c["name"], c["status"]) for c in checks] == [("reference", "passed"), ("train", "passed")]
+    assert main(["validate", str(out), "--checks", "speed"]) == 2
+    assert "--checks speed: unknown speed" in capsys.readouterr().err
+
+
 class Payload:
     """Unpickling this runs ``Path.touch(marker)``."""
 

@@ -1,0 +1,54 @@
+"""A smoke run of each benchmark at tiny sizes (``--quick``), so that they never rot, and the
+page ``make bench`` collects from their sections."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.parametrize(
+    "script, rows",
+    [
+        ("bench_inject", ["ai.inject(se_resnet)", "torch.fx.symbolic_trace", "timm.create_model (meta)"]),
+        ("bench_models", ["resnet18 + se_resnet", "train step batch 2"]),
+        ("bench_blocks", ["cbam (channel=conv)", "channels_last"]),
+    ],
+)
+def test_benchmark_smoke_run_writes_its_section(tmp_path, script, rows):
+    out = tmp_path / f"{script}.md"
+    text = load(script).main(["--quick", "--out", str(out)])
+    assert out.read_text() == text
+    assert "Machine: " in text and "torch " in text and "--quick" in text
+    assert all(row in text for row in rows)
+    assert "fails:" not in text
+
+
+def test_collect_gathers_sections_into_one_page(tmp_path):
+    sections = []
+    for i in range(2):
+        sections.append(tmp_path / f"{i}.md")
+        sections[-1].write_text(f"## Section {i}\n\nMachine: x.\n")
+    load("collect").main([*map(str, sections), "--out", str(tmp_path / "docs" / "benchmarks.md")])
+    page = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert page.startswith("# Benchmarks") and page.index("Section 0") < page.index("Section 1")
+    with pytest.raises(SystemExit, match="no such section"):
+        load("collect").main([str(tmp_path / "missing.md"), "--out", str(tmp_path / "x.md")])

@@ -1,0 +1,273 @@
+"""``ai.validate``: the checks pass on correct models (identity, paper, trained blends,
+frozen parameters) and fail, naming the point, on broken rewrites; the models are left as
+they were; the report serialises."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import attn_inject as ai
+
+validation = importlib.import_module("attn_inject.validate")
+
+SMALL = (3, 32, 32)
+FAST = ("reference", "identity", "parameters", "shapes", "finite")
+
+
+def set_blends(patched: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for block in ai.inserted_blocks(patched).values():
+            for name, p in block.named_parameters():
+                if name.split(".")[-1] == "blend":
+                    p.fill_(value)
+
+
+def statuses(report: ai.ValidationReport) -> dict[str, str]:
+    return {c.name: c.status for c in report.checks}
+
+
+def owner_graph(patched: nn.Module, owner: str) -> tuple[fx.GraphModule, fx.Node]:
+    module = patched.get_submodule(owner)
+    assert isinstance(module, fx.GraphModule)
+    block = next(n for n in module.graph.nodes if n.op == "call_module" and n.target == "se")
+    return module, block
+
+
+def test_identity_injection_passes_and_matches_the_plain_original_bit_for_bit(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    report = ai.validate(model, patched, device="cpu", checks=FAST)
+    assert statuses(report) == dict.fromkeys(FAST, "passed")
+    assert report.max_abs_diff == 0 and report.identity_expected and report.params_ok
+    assert "bit for bit" in report.check("identity").detail
+    assert report.check("reference").where.startswith("cpu float32 eval")
+
+
+@pytest.mark.parametrize("recipe", ["cbam_resnet", "cbam_after_every_stage"])
+def test_paper_init_is_checked_against_the_reference(build, recipe):
+    model = build("tv:resnet18")  # timm zero-inits each block's last BatchNorm: a branch would be 0
+    patched = ai.inject(model, recipe, init="paper", input_size=SMALL)
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=FAST)
+    assert report.passed and report.max_abs_diff > 0
+    assert statuses(report)["reference"] == "passed" and statuses(report)["identity"] == "skipped"
+
+
+def test_trained_blends_of_two_injections_are_checked_in_eval_and_train_mode(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(ai.inject(model, "se_resnet", input_size=SMALL), "cbam_after_every_stage")
+    set_blends(patched, 0.4)
+    report = ai.validate(model, patched, device="cpu", seeds=2, checks=("reference", "train"))
+    assert statuses(report) == {"reference": "passed", "train": "passed"}, report
+    assert not report.unreachable
+
+
+def test_a_negated_block_output_fails_naming_its_point(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    owner, block = owner_graph(patched, "layer2.0")
+    with owner.graph.inserting_after(block):
+        negated = owner.graph.call_function(torch.neg, (block,))
+    block.replace_all_uses_with(negated, delete_user_cb=lambda user: user is not negated)
+    owner.recompile()
+    at_identity = ai.validate(model, patched, device="cpu", seeds=1, checks=("identity", "reference"))
+    assert not at_identity.passed and not at_identity.identity_ok
+    assert at_identity.check("identity").point == "layer2.0.se"
+    set_blends(patched, 0.5)
+    trained = ai.validate(model, patched, device="cpu", seeds=1, checks=("reference",))
+    assert trained.check("reference").status == "failed" and trained.check("reference").point == "layer2.0.se"
+    assert "layer2.0.se" in str(trained)
+
+
+def test_a_consumer_wired_to_the_wrong_node_fails_naming_its_point(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    set_blends(patched, 0.5)
+    owner, block = owner_graph(patched, "layer3.1")
+    for user in list(block.users):
+        user.replace_input_with(block, block.args[0])  # the residual add reads the block's input
+    owner.recompile()
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("reference",))
+    assert report.check("reference").status == "failed" and report.check("reference").point == "layer3.1.se"
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.bn(self.conv(x)))
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(DropoutBlock(), DropoutBlock())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(self.body(self.stem(x)), 0.2, self.training)
+        return self.head(x.mean((2, 3)))
+
+
+SMALL_RECIPE = {
+    "name": "se_branch",
+    "rules": [{"at": "residual_branch", "block": {"kind": "se", "ratio": 4}}],
+}
+
+
+def test_train_mode_catches_a_dropout_lost_in_the_rewrite():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    patched = ai.inject(model, SMALL_RECIPE, input_size=SMALL)
+    set_blends(patched, 0.5)
+    assert ai.validate(model, patched, device="cpu", seeds=1, checks=("reference", "train")).passed
+    owner = patched.body[0]
+    drop = next(n for n in owner.graph.nodes if n.op == "call_module" and n.target == "drop")
+    drop.replace_all_uses_with(drop.args[0])  # what a trace in eval mode would bake in
+    owner.graph.erase_node(drop)
+    owner.recompile()
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("reference", "train"))
+    assert statuses(report) == {"reference": "passed", "train": "failed"}
+    assert report.check("train").point == "body.0.se"
+
+
+def test_gradients_with_frozen_parameters_and_a_cut_gradient(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    frozen = [p for name, p in model.named_parameters() if name.startswith(("conv1", "bn1", "layer1"))]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        report = ai.validate(model, patched, device="cpu", seeds=1, checks=("gradients",))
+        assert report.passed, report
+        trainable = sum(p.requires_grad for p in model.parameters())
+        assert f"{trainable} trainable parameters" in report.check("gradients").detail
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    owner, block = owner_graph(patched, "layer2.0")
+    with owner.graph.inserting_before(block):
+        cut = owner.graph.call_method("detach", (block.args[0],))
+    block.replace_input_with(block.args[0], cut)
+    owner.recompile()
+    cut_report = ai.validate(model, patched, device="cpu", seeds=1, checks=("gradients",))
+    assert cut_report.check("gradients").status == "failed"
+    assert "get no gradient" in cut_report.check("gradients").detail
+
+
+def test_validate_leaves_both_models_as_they_were(build):
+    model = build("timm:resnet18")
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SMALL)
+    set_blends(patched, 0.3)
+    patched.train()
+    patched.layer2.eval()
+    before = {k: v.clone() for k, v in patched.state_dict().items()}
+    modes = [m.training for m in patched.modules()]
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("train", "gradients", "reference"))
+    assert report.passed, report
+    assert [m.training for m in patched.modules()] == modes and not model.training
+    assert all(torch.equal(before[k], v) for k, v in patched.state_dict().items())
+    assert all(p.grad is None for p in patched.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    patched.eval()
+
+
+def test_points_no_hook_reaches_are_reported_not_guessed(build):
+    model = build("tv:resnet18")  # torchvision calls one ReLU twice in a block
+    patched = ai.inject(model, "se_post", input_size=SMALL)
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("reference", "identity"))
+    assert report.passed and len(report.unreachable) == len(patched.attn_inject.plan) > 0
+    assert all("called more than once" in why for _, why in report.unreachable)
+    set_blends(patched, 0.5)
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("reference",))
+    assert (
+        report.check("reference").status == "skipped"
+        and "no hook reaches" in report.check("reference").detail
+    )
+
+
+def test_export_and_compile_checks(build, monkeypatch):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    monkeypatch.setattr(validation, "_compile_backend", lambda device: ("eager", "no compiler in this test"))
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("compile", "export"))
+    assert statuses(report) == {"compile": "passed", "export": "passed"}, report
+    assert "backend='eager'" in report.check("compile").detail
+
+
+class DataDependentHead(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 100:  # a branch on a tensor's value: fx keeps it whole, torch.export refuses it
+            x = x * 2
+        return super().forward(x)
+
+
+class DataDependentNet(SmallNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = DataDependentHead(8, 4)
+
+
+def test_export_is_skipped_when_the_original_does_not_export():
+    torch.manual_seed(0)
+    model = DataDependentNet().eval()
+    patched = ai.inject(model, SMALL_RECIPE, input_size=SMALL)
+    report = ai.validate(model, patched, device="cpu", seeds=1, checks=("export", "reference"))
+    assert statuses(report) == {"reference": "passed", "export": "skipped"}, report
+    assert "the original does not export" in report.check("export").detail
+
+
+def test_report_serialises_to_json_with_every_check(build):
+    model = build("tv:resnet18")
+    report = ai.validate(
+        model, ai.inject(model, "eca_resnet", input_size=SMALL), device="cpu", seeds=1, checks=FAST
+    )
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] and data["identity_ok"] and data["params_ok"]
+    assert [c["name"] for c in data["checks"]] == list(FAST)
+    assert all({"status", "where", "detail", "point"} <= set(c) for c in data["checks"])
+
+
+def test_unknown_checks_and_missing_cuda_are_refused(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    with pytest.raises(ValueError, match="unknown checks"):
+        ai.validate(model, patched, device="cpu", checks=("speed",))
+    if not torch.cuda.is_available():
+        with pytest.raises(ai.ValidationError, match="CUDA is not available"):
+            ai.validate(model, patched, device="cuda")
+
+
+def test_running_out_of_memory_is_one_clear_error(build, monkeypatch):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+
+    def out_of_memory(run, wanted):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(validation, "_eval_checks", out_of_memory)
+    with pytest.raises(
+        ai.ValidationError, match=r"out of memory on cpu .* during the forward passes at batch 2"
+    ):
+        ai.validate(model, patched, device="cpu", seeds=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_runs_autocast_in_bf16_and_fp16(build):
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "cbam_resnet", input_size=SMALL)
+    set_blends(patched, 0.5)
+    report = ai.validate(model, patched, device="cuda", seeds=1, checks=("reference", "autocast"))
+    assert report.passed, report
+    assert {"autocast bfloat16", "autocast float16"} <= {c.name for c in report.checks}
+    assert report.device.startswith("cuda") and next(model.parameters()).device.type == "cpu"
