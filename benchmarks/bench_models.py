@@ -157,14 +157,20 @@ def bench_pair(
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default: 7 on a CPU, 30 on a GPU)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if args.quick:
         pairs, batches, size, rounds = (QUICK_PAIR,), (1, 2), 32, 1
     else:
         pairs, batches, size, rounds = PAIRS, (1, 16), 224, 7 if not cuda else 30
+    rounds = args.rounds or rounds
     variants = GPU_VARIANTS if cuda and not args.quick else (Variant(),)
+    if args.no_compile:
+        variants = tuple(v for v in variants if not v.compiled)
     table = Table(
         f"Patched vs hand-built, {size} px, on {'the GPU' if cuda else 'the CPU'}",
         [
