@@ -40,7 +40,7 @@ def _conv1d_channels(pooled: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 
 
 def plain_eca(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    conv = block.channel_conv.conv
+    conv = block.conv
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(_conv1d_channels(x.mean((2, 3)), conv))[:, :, None, None]
@@ -52,10 +52,10 @@ def plain_cbam(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     channel, spatial = block.channel, block.spatial
 
     def mlp(v: torch.Tensor) -> torch.Tensor:
-        if channel.kind == "fc":
+        if hasattr(channel, "fc1"):  # the MLP; else ECA's 1-D convolution
             hidden = F.relu(F.conv2d(v, channel.fc1.weight, channel.fc1.bias))
             return F.conv2d(hidden, channel.fc2.weight, channel.fc2.bias)
-        return _conv1d_channels(v.flatten(1), channel.channel_conv.conv)[:, :, None, None]
+        return _conv1d_channels(v.flatten(1), channel.channel_conv)[:, :, None, None]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x * torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
