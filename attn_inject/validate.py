@@ -547,6 +547,7 @@ def _gradient_check(run: _Run) -> Check:
     patched = [(n, p) for n, p in run.patched.named_parameters() if p.requires_grad]
     buffers = _Buffers(run.original, run.patched)
     problems: list[str] = []
+    unreached: list[str] = []
     point = ""
     try:
         with _train_mode(run.original, run.patched):
@@ -560,14 +561,35 @@ def _gradient_check(run: _Run) -> Check:
             )
             del loss
             buffers.restore()
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)
-                loss = _loss(_outputs(run.patched, x))
+            block_outputs: dict[str, torch.Tensor] = {}
+            handles = [
+                block.register_forward_hook(_keep_output(block_outputs, key))
+                for key, block in run.reference.blocks.items()
+            ]
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(0)
+                    loss = _loss(_outputs(run.patched, x))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            outs = [t for t in block_outputs.values() if t.requires_grad]
             grads = (
-                list(torch.autograd.grad(loss, [p for _, p in patched], allow_unused=True))
+                list(torch.autograd.grad(loss, [p for _, p in patched] + outs, allow_unused=True))
                 if patched and loss.requires_grad
-                else [None] * len(patched)
+                else [None] * (len(patched) + len(outs))
             )
+            out_grads = dict(
+                zip(
+                    [k for k, t in block_outputs.items() if t.requires_grad],
+                    grads[len(patched) :],
+                    strict=True,
+                )
+            )
+            grads = grads[: len(patched)]
+            # A block whose output never reaches the model's output (grid tokens after the last
+            # block of a class-token model) gets no gradient by construction: said, not failed.
+            unreached = [k for k in block_outputs if not _nonzero(out_grads.get(k))]
             del loss
             buffers.restore()
             by_id = {id(p): g for (_, p), g in zip(patched, grads, strict=False)}
@@ -594,14 +616,27 @@ def _gradient_check(run: _Run) -> Check:
                             "the original's gradients changed at identity "
                             f"({_relative(diff, scale):.3g} of {scale:.3g})"
                         )
-            blends = _blends(run.reference)
+            late_all = _late_weights(run, x, by_id, devices, buffers)
+            # Nothing of a block reaches the output: its blend gets no gradient and its weights
+            # none within two steps (the grid tokens of a class-token model's last block).
+            blend_map = _blends(run.reference)
+            late_keys = {k for k, _ in late_all}
+            unreached = sorted(
+                set(unreached)
+                | {
+                    k
+                    for k in run.reference.blocks
+                    if k in late_keys and not any(_nonzero(by_id.get(id(p))) for p in blend_map[k])
+                }
+            )
+            blends = {k: v for k, v in _blends(run.reference).items() if k not in unreached}
             for key, params in blends.items():
                 for p in params:
                     g = by_id.get(id(p))
                     if g is None or (run.identity and not bool(g.abs().max() > 0)):
                         problems.append(f"the blend of {key} gets {'no' if g is None else 'a zero'} gradient")
                         point = point or key
-            late = _late_weights(run, x, by_id, devices, buffers)
+            late = [(k, n) for k, n in late_all if k not in unreached]
             for key, name in late:
                 problems.append(f"{key}.{name} gets no gradient within two SGD steps")
                 point = point or key
@@ -609,15 +644,32 @@ def _gradient_check(run: _Run) -> Check:
         buffers.restore()
     n_blends = sum(len(b) for b in _blends(run.reference).values())
     counted = f"{len(own)} trainable parameters of the original, {n_blends} blends"
+    if unreached:
+        counted += (
+            f"; {len(unreached)} blocks cannot reach the output (zero gradient at their output): "
+            f"{', '.join(unreached[:3])}{' ...' if len(unreached) > 3 else ''}"
+        )
     if problems:
         return Check("gradients", FAILED, where, "; ".join(problems[:4]) + f" ({counted})", point)
     return Check(
         "gradients",
         PASSED,
         where,
-        f"{counted}: every original parameter gets its gradient, every blend "
+        f"{counted}: every original parameter gets its gradient, every blend that reaches the output "
         f"{'a non-zero one' if run.identity else 'one'}, every inserted weight one within two SGD steps",
     )
+
+
+def _nonzero(grad: torch.Tensor | None) -> bool:
+    return grad is not None and bool(grad.abs().max() > 0)
+
+
+def _keep_output(store: dict[str, torch.Tensor], key: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            store[key] = output
+
+    return hook
 
 
 def _late_weights(

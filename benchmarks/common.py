@@ -125,6 +125,13 @@ class Table:
         return "\n".join(lines)
 
 
+def report(title: str, medians: dict[str, float], peer: str) -> None:
+    """Print each candidate's median and its ratio to ``peer``, naming the machine."""
+    print(f"{title}\n  machine: {machine()}")
+    for name, seconds in medians.items():
+        print(f"  {name:<34} median {seconds * 1e3:9.2f} ms   ratio to {peer}: {seconds / medians[peer]:.3f}")
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
