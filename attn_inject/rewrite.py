@@ -158,6 +158,16 @@ def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -
         if node.op in ("call_module", "get_attr"):
             name = str(node.target)
             used[name] = extra[name] if name in extra else _get_path(original, name)
+    # fx sets a dotted target on the modules it finds on the way (``mlp.grn.se`` on the
+    # ``mlp.grn`` it was given): give it copies, so the original never gains a block.
+    copied: set[str] = set()
+    for name in extra:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if prefix not in copied and isinstance(used.get(prefix), nn.Module):
+                used[prefix] = shallow_copy(used[prefix])
+                copied.add(prefix)
     gm = fx.GraphModule(used, graph, type(original).__name__)
     _reattach(original, gm)
     gm.training = original.training

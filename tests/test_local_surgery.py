@@ -402,3 +402,14 @@ def test_a_module_reading_self_training_is_kept_whole_when_its_output_takes_the_
 def test_rewriting_code_that_reads_self_training_warns():
     with pytest.warns(UserWarning, match=r"blocks\.0\.attn.* reads self\.training"):
         ai.inject(meta_model("timm:vit_tiny_patch16_224"), "se_resnet")
+
+
+def test_a_block_living_below_the_rewritten_module_leaves_the_original_unchanged():
+    model = meta_model("timm:convnextv2_pico")
+    modules = {name: type(m) for name, m in model.named_modules()}
+    patched = ai.inject(model, "se_post", input_size=SIZE)
+    deeper = [p for p in patched.attn_inject.plan if p.attach == "graph" and p.module != p.owner]
+    assert deeper  # e.g. stages.0.blocks.0.mlp.grn.se, run by stages.0.blocks.0
+    assert {name: type(m) for name, m in model.named_modules()} == modules
+    count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
+    assert count(patched) - count(model) == patched.attn_inject.plan.params_added
