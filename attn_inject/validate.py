@@ -192,9 +192,9 @@ def _on_device(original: nn.Module, patched: nn.Module, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def _comparison_settings(device: torch.device) -> Iterator[None]:
-    """cuDNN autotuning off (it may pick different kernels for the two runs); TF32 is left
-    as it is, the same for both models."""
+def cudnn_autotune_off() -> Iterator[None]:
+    """cuDNN autotuning off for the duration (it may pick different kernels for two runs
+    that are compared); TF32 is left as it is, the same for both."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
@@ -927,7 +927,7 @@ def validate(
     results: list[Check] = []
     current = "the forward passes"
     try:
-        with _comparison_settings(target):
+        with cudnn_autotune_off():
             evaluated, max_abs, scale, finite = _eval_checks(run, wanted)
             results += evaluated
             steps: list[tuple[str, Callable[[], list[Check]]]] = [

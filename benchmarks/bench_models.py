@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Table, emit, interleaved, mib, ms, no_autotune, parser, peak_memory
+from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
+from attn_inject.validate import cudnn_autotune_off
 
 QUICK_PAIR = ("resnet18", "se_resnet", "seresnet18", {})
 PAIRS = (
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> str:
             "different blocks."
         ),
     )
-    with no_autotune() if not cuda else contextlib.nullcontext():
+    with cudnn_autotune_off() if not cuda else contextlib.nullcontext():
         for base, recipe, hand, kwargs in pairs:
             for variant in variants:
                 table.rows += bench_pair(base, recipe, hand, kwargs, variant, device, batches, size, rounds)

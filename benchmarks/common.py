@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,13 +161,3 @@ def emit(section: str, tables: Sequence[Table], out: str | None, quick: bool) ->
         Path(out).write_text(text)
         print(f"wrote {out}")
     return text
-
-
-@contextlib.contextmanager
-def no_autotune() -> Iterator[None]:
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
