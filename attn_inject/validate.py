@@ -561,35 +561,14 @@ def _gradient_check(run: _Run) -> Check:
             )
             del loss
             buffers.restore()
-            block_outputs: dict[str, torch.Tensor] = {}
-            handles = [
-                block.register_forward_hook(_keep_output(block_outputs, key))
-                for key, block in run.reference.blocks.items()
-            ]
-            try:
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(0)
-                    loss = _loss(_outputs(run.patched, x))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            outs = [t for t in block_outputs.values() if t.requires_grad]
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                loss = _loss(_outputs(run.patched, x))
             grads = (
-                list(torch.autograd.grad(loss, [p for _, p in patched] + outs, allow_unused=True))
+                list(torch.autograd.grad(loss, [p for _, p in patched], allow_unused=True))
                 if patched and loss.requires_grad
-                else [None] * (len(patched) + len(outs))
+                else [None] * len(patched)
             )
-            out_grads = dict(
-                zip(
-                    [k for k, t in block_outputs.items() if t.requires_grad],
-                    grads[len(patched) :],
-                    strict=True,
-                )
-            )
-            grads = grads[: len(patched)]
-            # A block whose output never reaches the model's output (grid tokens after the last
-            # block of a class-token model) gets no gradient by construction: said, not failed.
-            unreached = [k for k in block_outputs if not _nonzero(out_grads.get(k))]
             del loss
             buffers.restore()
             by_id = {id(p): g for (_, p), g in zip(patched, grads, strict=False)}
@@ -622,12 +601,9 @@ def _gradient_check(run: _Run) -> Check:
             blend_map = _blends(run.reference)
             late_keys = {k for k, _ in late_all}
             unreached = sorted(
-                set(unreached)
-                | {
-                    k
-                    for k in run.reference.blocks
-                    if k in late_keys and not any(_nonzero(by_id.get(id(p))) for p in blend_map[k])
-                }
+                k
+                for k in run.reference.blocks
+                if k in late_keys and not any(_nonzero(by_id.get(id(p))) for p in blend_map[k])
             )
             blends = {k: v for k, v in _blends(run.reference).items() if k not in unreached}
             for key, params in blends.items():
@@ -646,7 +622,7 @@ def _gradient_check(run: _Run) -> Check:
     counted = f"{len(own)} trainable parameters of the original, {n_blends} blends"
     if unreached:
         counted += (
-            f"; {len(unreached)} blocks cannot reach the output (zero gradient at their output): "
+            f"; {len(unreached)} blocks cannot reach the output (no gradient for their blend or weights): "
             f"{', '.join(unreached[:3])}{' ...' if len(unreached) > 3 else ''}"
         )
     if problems:
@@ -662,14 +638,6 @@ def _gradient_check(run: _Run) -> Check:
 
 def _nonzero(grad: torch.Tensor | None) -> bool:
     return grad is not None and bool(grad.abs().max() > 0)
-
-
-def _keep_output(store: dict[str, torch.Tensor], key: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            store[key] = output
-
-    return hook
 
 
 def _late_weights(
@@ -742,17 +710,9 @@ def _compile_check(run: _Run) -> Check:
                 )
     finally:
         torch._dynamo.reset()
-    diff, scale = _max_diff(compiled, eager)
-    rel = _relative(diff, scale)
     tol = COMPILE_TOLERANCE if run.dtype == torch.float32 else run.tolerance()
     note = f"; {why}, so backend='eager'" if why else ""
-    return Check(
-        "compile",
-        PASSED if rel <= tol else FAILED,
-        where,
-        f"compiled vs eager: {rel:.3g} of output scale {scale:.3g} (tolerance {tol:g}){note}",
-        values={"relative_diff": rel},
-    )
+    return _against_eager("compile", where, compiled, eager, tol, "compiled vs eager", note)
 
 
 def _export_check(run: _Run) -> Check:
@@ -774,14 +734,28 @@ def _export_check(run: _Run) -> Check:
         with torch.no_grad():
             eager = _outputs(run.patched, x)
             exported = _outputs(program.module(), x)
-    diff, scale = _max_diff(exported, eager)
+    return _against_eager(
+        "export", where, exported, eager, run.tolerance(), "torch.export.export runs; its module vs eager"
+    )
+
+
+def _against_eager(
+    name: str,
+    where: str,
+    outputs: list[torch.Tensor],
+    eager: list[torch.Tensor],
+    tol: float,
+    what: str,
+    note: str = "",
+) -> Check:
+    """A check comparing another runtime's outputs with eager, relative to the output scale."""
+    diff, scale = _max_diff(outputs, eager)
     rel = _relative(diff, scale)
-    tol = run.tolerance()
     return Check(
-        "export",
+        name,
         PASSED if rel <= tol else FAILED,
         where,
-        f"torch.export.export runs; its module vs eager: {rel:.3g} of {scale:.3g} (tolerance {tol:g})",
+        f"{what}: {rel:.3g} of output scale {scale:.3g} (tolerance {tol:g}){note}",
         values={"relative_diff": rel},
     )
 

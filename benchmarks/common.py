@@ -59,20 +59,21 @@ def interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _rss_peak_kib() -> int | None:
+def _proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in KiB, None where absent."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return None
+
+
+def _rss_peak_kib() -> int | None:
+    return _proc_status_kib("VmHWM")
 
 
 def _rss_kib() -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
+    return _proc_status_kib("VmRSS")
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> float | None:

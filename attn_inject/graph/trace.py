@@ -149,7 +149,6 @@ class ModelTracer(fx.Tracer):
                 nodes=tuple(nodes),
                 inputs=tuple(inputs),
                 output=result.node if isinstance(result, fx.Proxy) else None,
-                passed=_passed_arguments(m, args, kwargs),
                 arguments=None if leaf else arguments,
                 result=None if leaf else _as_nodes(result),
             )
@@ -183,15 +182,13 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @dataclass(frozen=True)
 class ModuleCall:
     """One call of a submodule while tracing: the graph nodes its forward created (in order),
-    the graph values it was given, the node it returned (None: not a single tensor), and
-    which ``forward`` parameters the caller passed (the rest took their defaults)."""
+    the graph values it was given, and the node it returned (None: not a single tensor)."""
 
     path: str
     leaf: bool
     nodes: tuple[fx.Node, ...]
     inputs: tuple[fx.Node, ...]
     output: fx.Node | None
-    passed: tuple[str, ...]
     arguments: tuple[tuple[str, Any], ...] | None = None  # parameter -> value (graph values as nodes)
     result: Any = None  # what the call returned, graph values as nodes
 
@@ -212,14 +209,6 @@ def _proxies(value: Any) -> list[fx.Proxy]:
 
     fx.node.map_aggregate(value, visit)
     return found
-
-
-def _passed_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[str, ...]:
-    try:
-        names = list(inspect.signature(m.forward).parameters)
-    except (TypeError, ValueError):
-        return ()
-    return tuple(names[: len(args)]) + tuple(k for k in kwargs if k in names)
 
 
 def _as_nodes(value: Any) -> Any:
