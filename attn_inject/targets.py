@@ -1,19 +1,17 @@
-"""Targets: the submodule a recipe patches, and putting the patched one back.
+"""Targets: the submodule a recipe patches.
 
 ``inject(model, recipe, target="backbone.body")`` plans and rewrites only that submodule;
 torchvision detection, segmentation and optical-flow models get their backbone (the part
-that is a CNN on images) when no target is given. The patched submodule is put back into
-shallow copies of its ancestors, so the model passed in is never changed and every
-``state_dict`` key keeps its name.
+that is a CNN on images) when no target is given. The rewrite (:mod:`attn_inject.rewrite`)
+puts the changed modules back into shallow copies of their ancestors, so the model passed in
+is never changed and every ``state_dict`` key keeps its name.
 """
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
-__all__ = ["TargetError", "default_target", "get_target", "replace_submodule", "target_input_size"]
+__all__ = ["TargetError", "default_target", "get_target", "target_input_size"]
 
 
 class TargetError(ValueError):
@@ -66,17 +64,3 @@ def get_target(model: nn.Module, target: str) -> nn.Module:
             f"the children of {where} are: {children}"
         ) from None
     return sub
-
-
-def replace_submodule(model: nn.Module, target: str, new: nn.Module) -> nn.Module:
-    """A shallow copy of ``model`` whose submodule ``target`` is ``new``; every module on
-    the path is copied (its other children, parameters and buffers are shared), the rest
-    is the original's."""
-    if not target:
-        return new
-    head, _, rest = target.partition(".")
-    top = copy.copy(model)
-    top._modules = type(model._modules)(model._modules)
-    child = model.get_submodule(head)
-    top._modules[head] = replace_submodule(child, rest, new) if rest else new
-    return top
