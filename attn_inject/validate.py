@@ -539,6 +539,18 @@ def _loss(outputs: list[torch.Tensor], seed: int = 1234) -> torch.Tensor:
     return total
 
 
+def _seeded_grads(
+    model: nn.Module, x: torch.Tensor, params: list[nn.Parameter], devices: list
+) -> list[torch.Tensor | None]:
+    """The gradients of ``params`` after one forward under seed 0 (no ``.grad`` written)."""
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        loss = _loss(_outputs(model, x))
+    if not params or not loss.requires_grad:
+        return [None] * len(params)
+    return list(torch.autograd.grad(loss, params, allow_unused=True))
+
+
 def _gradient_check(run: _Run) -> Check:
     where = _where(run.device, run.dtype, "train")
     x = run.inputs[0]
@@ -551,25 +563,9 @@ def _gradient_check(run: _Run) -> Check:
     point = ""
     try:
         with _train_mode(run.original, run.patched):
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)
-                loss = _loss(_outputs(run.original, x))
-            reference = (
-                list(torch.autograd.grad(loss, [p for _, p in own], allow_unused=True))
-                if own and loss.requires_grad
-                else [None] * len(own)
-            )
-            del loss
+            reference = _seeded_grads(run.original, x, [p for _, p in own], devices)
             buffers.restore()
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)
-                loss = _loss(_outputs(run.patched, x))
-            grads = (
-                list(torch.autograd.grad(loss, [p for _, p in patched], allow_unused=True))
-                if patched and loss.requires_grad
-                else [None] * len(patched)
-            )
-            del loss
+            grads = _seeded_grads(run.patched, x, [p for _, p in patched], devices)
             buffers.restore()
             by_id = {id(p): g for (_, p), g in zip(patched, grads, strict=False)}
             by_name = {n: g for (n, _), g in zip(patched, grads, strict=False)}
