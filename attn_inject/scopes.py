@@ -3,10 +3,11 @@
 The whole model is traced once to find the insertion points; the rewrite itself is local.
 For each point (a producer node and the consumers that read the block's output):
 
-- **append**: the value is what an ``nn.Sequential`` returns and every reader is outside it
-  (a stage's output): the block is appended to the innermost such Sequential (``layer1.cbam``;
-  in ConvNeXt ``stages.0.blocks.cbam``, not the Sequential of stages, whose indices would
-  shift), so no code is traced or rewritten at all;
+- **append**: the value is what an ``nn.Sequential`` returns, the block applies to every
+  reader and every reader is outside it (a stage's output; a residual branch that is one
+  Sequential, as torchvision MobileNetV2's ``conv``): the block is appended to the innermost
+  such Sequential (``layer1.cbam``; in ConvNeXt ``stages.0.blocks.cbam``, not the Sequential
+  of stages, whose indices would shift), so no code is traced or rewritten at all;
 - **graph**: otherwise the block lives in the deepest module whose forward holds the
   producer and the consumers (a residual branch lives in its bottleneck: ``layer1.0.se``),
   or, for a module's return value read only outside it, the outermost module that returns
@@ -334,7 +335,7 @@ class Placer:
     def _choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str]:
         readers = list(producer.users) if consumers is None else consumers
         notes: list[str] = []
-        if consumers is None:
+        if consumers is None or set(consumers) == set(producer.users):
             returning = [
                 p
                 for p in reversed(self.calls.returned_by.get(producer, []))
@@ -343,6 +344,7 @@ class Placer:
             for path in reversed(returning):  # the innermost Sequential: its indices are blocks
                 if _is_plain_sequential(self.root.get_submodule(path)):
                     return path, APPEND, ""
+        if consumers is None:
             for path in returning:
                 why = self._trace_problem(path)
                 if why is None:

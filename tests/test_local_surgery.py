@@ -413,3 +413,54 @@ def test_a_block_living_below_the_rewritten_module_leaves_the_original_unchanged
     assert {name: type(m) for name, m in model.named_modules()} == modules
     count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
     assert count(patched) - count(model) == patched.attn_inject.plan.params_added
+
+
+class _SequentialBranchUnit(nn.Module):
+    """A residual unit written in the model's own forward, whose branch is one Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return torch.relu(self.branch(x) + x)
+
+
+def test_a_residual_branch_that_is_one_sequential_takes_the_block_as_its_last_child():
+    model = _SequentialBranchUnit().eval()
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
+    (point,) = patched.attn_inject.plan
+    assert (point.key, point.attach) == ("branch.se", "append")
+    assert type(patched) is _SequentialBranchUnit and not _rewritten(patched)
+    with torch.no_grad():
+        h = model.stem(X)
+        torch.testing.assert_close(patched(X), torch.relu(patched.branch.se(model.branch(h)) + h))
+
+
+class _PositionalEmbedding(nn.Module):
+    """Adds an embedding built from the input's size alone (as XCiT's Fourier positions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(2, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        grid = x.new_ones((b, 2, h, w))
+        return x + self.pos(grid)
+
+
+def test_a_value_built_from_the_inputs_shape_alone_is_no_residual_branch():
+    plan = ai.plan(_PositionalEmbedding(), "se_resnet", input_size=SIZE)
+    assert len(plan) == 0  # the embedding does not depend on the input's values
+
+
+def test_xcit_keeps_its_class_under_se_resnet():
+    model = meta_model("timm:xcit_nano_12_p16_224")
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert type(patched) is type(model)
+    assert all(p.owner for p in patched.attn_inject.plan)

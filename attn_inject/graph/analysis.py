@@ -32,7 +32,9 @@ class AnnotatedGraph:
     """A traced model with per-node facts.
 
     ``ancestors[i]`` is a bitset (a Python int) of the indices of every node that node ``i``
-    depends on; ``from_input`` the bitset of nodes that depend on the model input.
+    depends on; ``from_input`` the bitset of nodes that depend on the values of the model input (a
+    shape query such as ``x.shape`` ends that dependence: a positional embedding built from
+    the input's size is not a function of its values).
     """
 
     root: nn.Module
@@ -105,7 +107,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         for parent in node.all_input_nodes:
             j = index[parent]
             bits |= ancestors[j] | 1 << j
-            if from_input >> j & 1:
+            if from_input >> j & 1 and not ops.reads_shape_only(node):
                 from_input |= 1 << i
         ancestors.append(bits)
         if node.op == "placeholder" and isinstance(tensor_meta(node), torch.Tensor):

@@ -147,6 +147,30 @@ def permute_dims(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(dims) if args and len(dims) == len(args) else None
 
 
+SHAPE_METHODS = {"size", "dim", "numel", "new_ones", "new_zeros", "new_empty", "new_full"}
+SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device"}
+SHAPE_FUNCTIONS = {
+    torch.zeros_like,
+    torch.ones_like,
+    torch.empty_like,
+    torch.full_like,
+    torch.rand_like,
+    torch.randn_like,
+}
+
+
+def reads_shape_only(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.new_zeros(...)``, ``torch.ones_like(x)`` and the like:
+    what the node gives depends on its tensor's shape, not on its values."""
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in SHAPE_ATTRIBUTES
+    return node.target in SHAPE_FUNCTIONS
+
+
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
 
