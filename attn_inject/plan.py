@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,6 +128,25 @@ class SkippedPoint:
         return f"rule {self.rule} skipped {self.position} of {self.name}: {self.reason}"
 
 
+class LazyCount:
+    """A count computed on first use and kept: the model's FLOPs take a second pass over the
+    graph, which injecting does not need. Pickling and copying compute it first, so a plan
+    never carries the graph it came from."""
+
+    def __init__(self, source: int | Callable[[], int]) -> None:
+        self._value = source if isinstance(source, int) else None
+        self._compute = None if isinstance(source, int) else source
+
+    def value(self) -> int:
+        if self._value is None:
+            assert self._compute is not None
+            self._value, self._compute = self._compute(), None
+        return self._value
+
+    def __reduce__(self) -> tuple[type[LazyCount], tuple[int]]:
+        return LazyCount, (self.value(),)
+
+
 @dataclass(frozen=True)
 class Plan(Sequence[InsertionPoint]):
     """The insertion points of a recipe in a model, in graph order, and what was skipped."""
@@ -142,7 +161,12 @@ class Plan(Sequence[InsertionPoint]):
     skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
     target: str = ""
     opaque: tuple[OpaqueModule, ...] = ()
-    base_flops: int = 0  # per sample, of the model (or its target)
+    flop_count: LazyCount = field(default_factory=lambda: LazyCount(0), compare=False, repr=False)
+
+    @property
+    def base_flops(self) -> int:
+        """FLOPs per sample of the model (or its target), counted on first use."""
+        return self.flop_count.value()
 
     @property
     def tracing(self) -> str:
@@ -472,7 +496,7 @@ def build_plan(
         stages=tuple(s.name for s in stages),
         skipped=tuple(skipped),
         opaque=graph.opaque,
-        base_flops=graph.flops,
+        flop_count=LazyCount(graph.count_flops),
     )
 
 

@@ -464,3 +464,11 @@ def test_xcit_keeps_its_class_under_se_resnet():
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
     assert type(patched) is type(model)
     assert all(p.owner for p in patched.attn_inject.plan)
+
+
+def test_normfree_blocks_without_skipinit_are_traced_through_and_keep_identity():
+    model = timm.create_model("nf_resnet26").eval()
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.conv3_se"
+    with torch.no_grad():
+        assert torch.equal(patched(X), model(X))

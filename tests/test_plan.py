@@ -20,6 +20,8 @@ RESIDUAL_CHANNELS = {
     "timm:efficientnet_b0": [24, 40, 80, 80, 112, 112, 192, 192, 192],
     "timm:mobilenetv3_large_100": [16, 24, 40, 40, 80, 80, 80, 112, 160, 160],
     "timm:densenet121": [],
+    "timm:nf_resnet26": [256] * 2 + [512] * 2 + [1024] * 2 + [2048] * 2,  # NormFreeBlock traced through
+    "timm:dm_nfnet_f0": [],  # skipinit's in-place gain keeps timm's NormFreeBlock whole
 }
 STAGE_CHANNELS = {
     "tv:resnet18": [64, 128, 256, 512],

@@ -49,7 +49,13 @@ class AnnotatedGraph:
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
     calls: tuple[ModuleCall, ...] = ()  # every submodule call of the trace, in the order they ended
-    flops: int = 0  # of one sample: the multiply-adds of convolutions, linear layers and matmuls, x2
+
+    def count_flops(self) -> int:
+        """FLOPs of one sample (the multiply-adds of convolutions, linear layers and matmuls,
+        x2): a second pass over the meta graph, run only when a figure asks for it."""
+        with FlopCounterMode(display=False) as counter:
+            propagate_shapes(self.root, self.graph, self.input_shape)
+        return counter.get_total_flops() // max(1, self.input_shape[0])
 
     def depends_on_input(self, node: fx.Node) -> bool:
         return bool(self.from_input >> self.index[node] & 1)
@@ -91,8 +97,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
     traced = trace(model)
     graph = traced.graph
-    with FlopCounterMode(display=False) as counter:
-        propagate_shapes(model, graph, input_shape)
+    propagate_shapes(model, graph, input_shape)
     annotate_layouts(model, graph)
     annotate_grid_dynamics(model, graph, input_shape)
     nodes = list(graph.nodes)
@@ -137,5 +142,4 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         module_inputs,
         opaque=traced.opaque,
         calls=traced.calls,
-        flops=counter.get_total_flops() // max(1, input_shape[0]),
     )

@@ -82,6 +82,25 @@ def depends_on_training(module: nn.Module) -> bool:
     return not any(True for child in module.children() for _ in child.parameters())
 
 
+def _skipinit_off(module: nn.Module) -> bool:
+    return getattr(module, "skipinit_gain", None) is None
+
+
+# timm modules registered as not traceable, with the condition under which the reason timm
+# gives does not apply to an instance. NormFreeBlock: "mul_ causes FX to drop a relevant
+# node", an in-place ``out.mul_(self.skipinit_gain)`` that runs only when skipinit is on.
+TRACEABLE_WHEN: dict[str, Callable[[nn.Module], bool]] = {
+    "timm.models.nfnet.NormFreeBlock": _skipinit_off,
+}
+
+
+def traceable_despite_notrace(module: nn.Module) -> bool:
+    """Whether a module timm keeps whole can be traced through in this instance."""
+    cls = type(module)
+    condition = TRACEABLE_WHEN.get(f"{cls.__module__}.{cls.__qualname__}")
+    return condition is not None and condition(module)
+
+
 class ModelTracer(fx.Tracer):
     """An fx tracer with timm's leaves, attention blocks and train-dependent modules as leaves."""
 
@@ -157,7 +176,9 @@ class ModelTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if isinstance(m, self.leaf_types) or getattr(m, "_attn_inject_block", False):
+        if getattr(m, "_attn_inject_block", False):
+            return True
+        if isinstance(m, self.leaf_types) and not traceable_despite_notrace(m):
             return True
         if isinstance(m, nn.Sequential):
             return False
