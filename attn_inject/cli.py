@@ -184,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also build each model (up to 100M parameters) and check identity on real tensors",
     )
+    zoo.add_argument(
+        "--identity-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --identity-check, check every Nth model of the sorted list only (default: 1, all)",
+    )
     zoo.add_argument("--jobs", type=int, help="worker processes (default: one per CPU)")
     zoo.add_argument(
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
@@ -472,6 +479,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     recipes = args.recipes or list(builtin_recipe_paths())
     for recipe in recipes:
         load_recipe(recipe)  # a bad name fails here, before any model is built
+    if args.identity_every < 1:
+        raise UsageError(f"--identity-every must be at least 1, got {args.identity_every}")
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     names = list_zoo(args.source, args.filter)
@@ -485,7 +494,13 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     with _progress(
         f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
     ) as advance:
-        for result in sweep(names, recipes, identity_check=args.identity_check, jobs=args.jobs):
+        for result in sweep(
+            names,
+            recipes,
+            identity_check=args.identity_check,
+            identity_every=args.identity_every,
+            jobs=args.jobs,
+        ):
             records.extend(result.records)
             advance(f"{result.source}:{result.model}")
     seconds = time.perf_counter() - start
@@ -493,7 +508,12 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     command = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
     write_csv(records, out / "zoo.csv")
     write_markdown(
-        records, out / "zoo.md", command=command.strip(), seconds=seconds, identity_seconds=identity_seconds
+        records,
+        out / "zoo.md",
+        command=command.strip(),
+        seconds=seconds,
+        identity_seconds=identity_seconds,
+        identity_every=args.identity_every if args.identity_check else None,
     )
     failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
     summary = {

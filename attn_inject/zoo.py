@@ -362,14 +362,19 @@ def sweep(
     recipes: Sequence[str],
     *,
     identity_check: bool = False,
+    identity_every: int = 1,
     identity_max_params: int = IDENTITY_MAX_PARAMS,
     jobs: int | None = None,
 ) -> Iterator[ModelResult]:
     """Sweep ``names`` in ``jobs`` worker processes (default: one per CPU), yielding each
-    model's result as it finishes."""
+    model's result as it finishes. With ``identity_check``, models 0, N, 2N... of ``names``
+    (N = ``identity_every``) are also built and checked for identity."""
     names = list(names)
     jobs = max(1, jobs or os.cpu_count() or 1)
-    tasks = [(n, tuple(recipes), identity_check, identity_max_params) for n in names]
+    tasks = [
+        (n, tuple(recipes), identity_check and i % identity_every == 0, identity_max_params)
+        for i, n in enumerate(names)
+    ]
     if jobs == 1:
         for task in tasks:
             yield _worker(task)

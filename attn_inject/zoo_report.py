@@ -130,6 +130,7 @@ def write_markdown(
     command: str,
     seconds: float,
     identity_seconds: float | None = None,
+    identity_every: int | None = None,
     machine: str | None = None,
 ) -> None:
     """Write the report: summary first, then the exceptions, each with its reason."""
@@ -146,7 +147,14 @@ def write_markdown(
             else ""
         )
         + ". Every model is built with random weights; plans use the meta device. "
-        "One row per model and recipe is in [zoo.csv](zoo.csv).",
+        + (
+            f"The identity check ran on one model in every {identity_every} of the sorted list "
+            f"({sum(1 for v in models.values() if any(r.identity for r in v))} models), so the "
+            "identity figures below count those models only. "
+            if identity_every and identity_every > 1
+            else ""
+        )
+        + "One row per model and recipe is in [zoo.csv](zoo.csv).",
         "",
         "## Summary",
         "",

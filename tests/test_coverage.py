@@ -367,3 +367,15 @@ def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):
     assert main(["zoo", "--filter", "no_such_model*", "--out", str(tmp_path)]) == 2
     assert "no model from 'all' matches --filter 'no_such_model*'" in capsys.readouterr().err
     assert main(["zoo", "--recipes", "no_such_recipe", "--out", str(tmp_path)]) == 1
+
+
+def test_identity_every_n_checks_every_nth_model_and_says_so(tmp_path, capsys):
+    args = ["zoo", "--source", "timm", "--filter", "resnet1[04]t", "--recipes", "se_resnet", "--jobs", "1"]
+    assert main([*args, "--identity-check", "--identity-every", "2", "--out", str(tmp_path)]) == 0
+    rows = {r.model: r for r in read_csv(tmp_path / "zoo.csv")}
+    assert sorted(rows) == ["resnet10t", "resnet14t"]
+    assert rows["resnet10t"].identity == "ok" and rows["resnet14t"].identity == ""
+    text = (tmp_path / "zoo.md").read_text()
+    assert "identity check ran on one model in every 2 of the sorted list (1 models)" in text
+    assert main([*args, "--identity-every", "0", "--out", str(tmp_path)]) == 2
+    assert "--identity-every must be at least 1, got 0" in capsys.readouterr().err

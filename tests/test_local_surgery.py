@@ -472,3 +472,10 @@ def test_normfree_blocks_without_skipinit_are_traced_through_and_keep_identity()
     assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.conv3_se"
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
+
+
+def test_a_pool_to_a_fixed_size_starts_the_head_so_vgg_keeps_its_class():
+    model = meta_model("tv:vgg11")
+    plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))
+    assert [p.key for p in plan][-1] == "features.cbam_4"  # not after the 7 x 7 adaptive pool
+    assert all(p.attach == "append" for p in plan)

@@ -120,6 +120,16 @@ def is_spatial(node: fx.Node, root: nn.Module) -> bool:
     return _matches(node, root, SPATIAL_MODULES, SPATIAL_FUNCTIONS)
 
 
+def is_adaptive_pool(node: fx.Node, root: nn.Module) -> bool:
+    """A pool to a fixed output size, whatever the input's (torchvision VGG's 7 x 7)."""
+    return _matches(
+        node,
+        root,
+        (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd),
+        {F.adaptive_avg_pool2d, F.adaptive_max_pool2d},
+    )
+
+
 def is_linear(node: fx.Node, root: nn.Module) -> bool:
     return _matches(node, root, (nn.Linear,), {F.linear})
 

@@ -198,6 +198,8 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
         pooled = source is not None and ops.is_global_pool(node, tensor_meta(source), tensor_meta(node))
         if pooled and grid_of(node) is None and groups:
             break
+        if groups and ops.is_adaptive_pool(node, graph.root):
+            break  # a pool to a fixed size starts the head, even where it keeps the resolution
         hw = _spatial_size(node)
         if hw is None and source is not None and grid_of(source) is not None and groups:
             break  # tokens pooled or sliced off their grid: the head
