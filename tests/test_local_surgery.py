@@ -478,4 +478,5 @@ def test_a_pool_to_a_fixed_size_starts_the_head_so_vgg_keeps_its_class():
     model = meta_model("tv:vgg11")
     plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))
     assert [p.key for p in plan][-1] == "features.cbam_4"  # not after the 7 x 7 adaptive pool
-    assert all(p.attach == "append" for p in plan)
+    assert {p.owner for p in plan} == {"features"}  # the root's forward is not rewritten
+    assert type(ai.inject(model, "cbam_after_every_stage", input_size=(3, 224, 224))) is type(model)
