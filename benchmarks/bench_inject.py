@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
+from attn_inject.plan import plan_prepared, prepare
+from attn_inject.recipe import load_recipe
+from attn_inject.rewrite import build_block, rewrite
 
 MODELS = (
     ("resnet50", ("se_resnet", "cbam_after_every_stage")),
@@ -31,6 +34,8 @@ MODELS = (
 META_MODEL = ("regnety_2560", ("cbam_after_every_stage",))  # 1.28 B parameters
 QUICK_MODELS = (("resnet18", ("se_resnet",)),)
 QUICK_META_MODEL = ("regnety_008", ("cbam_after_every_stage",))
+PHASES = (("resnet50", "se_resnet"), ("resnet50", "cbam_after_every_stage"))
+QUICK_PHASES = (("resnet18", "se_resnet"),)
 
 
 def _symbolic_trace(model: torch.nn.Module) -> Callable[[], object]:
@@ -77,6 +82,28 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
     return rows
 
 
+def bench_phases(name: str, recipe: str, rounds: int) -> list[list[str]]:
+    """Where ``inject``'s time goes: tracing and shape inference, matching and placing, the
+    rewrite, and inside the rewrite the construction of the blocks alone (their weights'
+    random init, which a hand-built model with the same blocks pays in ``create_model``)."""
+    model = timm.create_model(name).eval()
+    loaded = load_recipe(recipe)
+    prepared = prepare(model)
+    plan = plan_prepared(prepared, loaded)
+    device, dtype = torch.device("cpu"), torch.float32
+    phases: dict[str, Callable[[], object]] = {
+        "torch.fx.symbolic_trace": _symbolic_trace(model),
+        "trace + shapes + stages": lambda: prepare(model),
+        "match + place": lambda: plan_prepared(prepared, loaded),
+        "rewrite": lambda: rewrite(model, prepared.graph, plan),
+        "  of which: building the blocks": lambda: [build_block(p, plan.init, device, dtype) for p in plan],
+        "ai.inject (all of it)": lambda: ai.inject(model, recipe),
+    }
+    medians = interleaved(phases, rounds)
+    peer = medians["torch.fx.symbolic_trace"]
+    return [[name, recipe, label, ms(seconds), f"{seconds / peer:.2f}"] for label, seconds in medians.items()]
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     models = QUICK_MODELS if args.quick else MODELS
@@ -93,7 +120,14 @@ def main(argv: list[str] | None = None) -> str:
     for name, recipes in models:
         table.rows += bench_model(name, recipes, rounds)
     table.rows += bench_model(meta_name, meta_recipes, max(1, rounds // 5), meta=True)
-    return emit("Engine", [table], args.out, args.quick)
+    phases = Table(
+        "Where inject's time goes (CPU)",
+        ["model", "recipe", "phase", "median ms", "ratio to symbolic_trace"],
+        note=f"Medians of {rounds} interleaved rounds of each phase alone.",
+    )
+    for name, recipe in QUICK_PHASES if args.quick else PHASES:
+        phases.rows += bench_phases(name, recipe, rounds)
+    return emit("Engine", [table, phases], args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ def load(name: str):
 @pytest.mark.parametrize(
     "script, rows",
     [
-        ("bench_inject", ["ai.inject(se_resnet)", "torch.fx.symbolic_trace", "timm.create_model (meta)"]),
+        (
+            "bench_inject",
+            [
+                "ai.inject(se_resnet)",
+                "torch.fx.symbolic_trace",
+                "timm.create_model (meta)",
+                "of which: building",
+            ],
+        ),
         ("bench_models", ["resnet18 + se_resnet", "train step batch 2"]),
         ("bench_blocks", ["cbam (channel=conv)", "channels_last"]),
     ],
