@@ -27,7 +27,6 @@ import torch
 from torch import fx, nn
 
 from .graph.analysis import AnnotatedGraph
-from .graph.layout import NHWC
 from .graph.shapes import tensor_meta
 from .plan import InsertionPoint, Plan, prepare
 from .rewrite import InjectionInfo, find_blocks
@@ -227,7 +226,7 @@ class Reference:
             for hooks in self.points:
                 if hooks.unreachable or hooks.key in skip:
                     continue
-                apply = _applier(self.blocks[hooks.key], hooks.key, hooks.point.layout, record)
+                apply = _applier(self.blocks[hooks.key], hooks.key, record)
                 for site in hooks.sites:
                     module = model.get_submodule(site.module) if site.module else model
                     if site.kind == OUTPUT:
@@ -273,16 +272,14 @@ def _place(sites: _Sites, point: InsertionPoint, earlier: set[str]) -> tuple[tup
 
 
 def _applier(
-    block: nn.Module, key: str, layout: str, record: dict[str, torch.Tensor] | None
+    block: nn.Module, key: str, record: dict[str, torch.Tensor] | None
 ) -> Callable[[Any], torch.Tensor]:
     def apply(value: Any) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise HookError(f"the hook for {key} met a {type(value).__name__}, not a tensor")
         if record is not None:
             record.setdefault(key, value.detach().clone())
-        if layout == NHWC:
-            return block(value.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return block(value)
+        return block(value)  # a block takes its point's layout as it is (NCHW, NHWC, tokens)
 
     return apply
 

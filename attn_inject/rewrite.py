@@ -166,8 +166,13 @@ def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i])
             if prefix not in copied and isinstance(used.get(prefix), nn.Module):
-                used[prefix] = shallow_copy(used[prefix])
+                module = used[prefix] = shallow_copy(used[prefix])
                 copied.add(prefix)
+                for part in parts[i:-1]:  # and the modules below it on the way to the block
+                    child = module._modules.get(part)
+                    if child is None:
+                        break
+                    module._modules[part] = module = shallow_copy(child)
     gm = fx.GraphModule(used, graph, type(original).__name__)
     _reattach(original, gm)
     gm.training = original.training

@@ -407,6 +407,11 @@ def place(
         if owner is None:
             owner = module
         else:
+            if attach == APPEND and owner and module != owner:
+                # The owner's graph calls the Sequential whole, and a child of it would run
+                # twice (in the Sequential and after it): the block lives in the owner.
+                via = _relative(module, owner).split(".")[0]
+                module, name = owner, f"{via}_{name}" if not via.isdigit() else name
             attach = GRAPH
         used = taken.setdefault(module, set())
         host = root.get_submodule(module)

@@ -636,11 +636,15 @@ def _nonzero(grad: torch.Tensor | None) -> bool:
     return grad is not None and bool(grad.abs().max() > 0)
 
 
+STEP = 1e-2
+
+
 def _late_weights(
     run: _Run, x: torch.Tensor, grads: Mapping[int, torch.Tensor | None], devices: list, buffers: _Buffers
 ) -> list[tuple[str, str]]:
-    """The inserted weights with no non-zero gradient after one SGD step (lr 1) on the blocks'
-    parameters, run functionally: the models' own parameters are not changed."""
+    """The inserted weights with no non-zero gradient after one step on the blocks' parameters
+    (each moved against its gradient by ``STEP`` at most: small, so no activation overflows
+    in a deep model), run functionally: the models' own parameters are not changed."""
     from torch.func import functional_call
 
     prefix = {key: f"{key}." for key in run.reference.blocks}
@@ -653,7 +657,7 @@ def _late_weights(
             g = grads.get(id(p))
             full = prefix[key] + name
             first[full] = g is not None and bool(g.abs().max() > 0)
-            step = p.detach() - (g.detach() if g is not None else 0)
+            step = p.detach() - (g.detach() * (STEP / g.abs().max()) if g is not None and first[full] else 0)
             stepped[full] = step.requires_grad_()
     if all(first.values()):
         return []

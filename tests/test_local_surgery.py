@@ -480,3 +480,49 @@ def test_a_pool_to_a_fixed_size_starts_the_head_so_vgg_keeps_its_class():
     assert [p.key for p in plan][-1] == "features.cbam_4"  # not after the 7 x 7 adaptive pool
     assert {p.owner for p in plan} == {"features"}  # the root's forward is not rewritten
     assert type(ai.inject(model, "cbam_after_every_stage", input_size=(3, 224, 224))) is type(model)
+
+
+class _Projected(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Conv2d(c, c, 1)
+        self.proj = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.qkv(x))
+
+
+class _Mixer(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).relu()
+
+
+class _TwoBranchBlock(nn.Module):
+    """LeViT's shape: one branch ends in a Sequential returned by its module, the other not."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.attn = _Projected(c)
+        self.mlp = _Mixer(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+def test_a_sequential_called_whole_by_a_rewritten_module_does_not_hold_its_block():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _TwoBranchBlock(16)).eval()
+    before = {name: p.numel() for name, p in model.named_parameters()}
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
+    assert [p.key for p in patched.attn_inject.plan] == ["1.attn_se", "1.mlp_se"]
+    assert {name: p.numel() for name, p in model.named_parameters()} == before  # original untouched
+    block = patched[1]
+    with torch.no_grad():
+        h = model[0](X)
+        h = h + block.attn_se(model[1].attn(h))  # once, not again inside attn.proj
+        torch.testing.assert_close(patched(X), h + block.mlp_se(model[1].mlp(h)))
+    assert ai.validate(model, patched, input_size=SIZE).passed

@@ -16,6 +16,8 @@ from torch import nn
 import attn_inject as ai
 from attn_inject.blocks import layout_kwargs
 
+from .conftest import meta_model
+
 DIM, GRID, PATCH = 32, 4, 8
 SIZE = (3, GRID * PATCH, GRID * PATCH)
 
@@ -179,7 +181,7 @@ FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_
     ("cait_xxs24_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),
     ("xcit_nano_12_p16_224", {"img_size": 64}, 64, {"tokens"}, set()),  # a dynamic grid: no CBAM
     ("levit_128s", {"img_size": 128}, 128, {"tokens"}, {"tokens"}),
-    ("mvitv2_tiny", {}, 224, {"tokens", "NCHW"}, {"NCHW"}),
+    ("mvitv2_tiny", {}, 224, {"tokens"}, {"NCHW"}),  # CBAM on the patch embedding's map (grid dynamic)
     ("swin_tiny_patch4_window7_224", {}, 224, {"tokens", "NHWC"}, {"NHWC"}),  # windowed attention: NHWC
     ("mambaout_femto", {}, 64, {"NHWC"}, {"NHWC"}),
     ("volo_d1_224", {"img_size": 64}, 64, {"NHWC"}, {"NHWC"}),
@@ -224,3 +226,11 @@ def test_torchvision_vit_attention_output_joins_the_grid_of_the_stream_it_is_add
         (f"encoder.layers.encoder_layer_{i}", "tokens", 1, (GRID, GRID)) for i in (0, 0, 1, 1)
     ]
     assert ai.validate(model, patched, input_size=SIZE).max_abs_diff == 0
+
+
+def test_an_item_of_a_function_returning_a_tuple_does_not_take_its_arguments_layout():
+    """MViTv2's ``reshape_post_pool(x, ...)`` returns (attention heads' tokens, size): its first
+    item is (B, heads, N, d), not the NCHW map it was given, and gets no block."""
+    plan = ai.plan(meta_model("timm:mvitv2_tiny"), "se_resnet")
+    assert plan and {p.layout for p in plan} == {"tokens"}
+    assert all(p.channels == p.shape[1] for p in plan)

@@ -271,3 +271,49 @@ def test_cuda_runs_autocast_in_bf16_and_fp16(build):
     assert report.passed, report
     assert {"autocast bfloat16", "autocast float16"} <= {c.name for c in report.checks}
     assert report.device.startswith("cuda") and next(model.parameters()).device.type == "cpu"
+
+
+class _ChannelsLastResidual(nn.Module):
+    """A residual unit on an NHWC map (as inside ConvNeXt, Swin, MambaOut blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, stride=4, padding=1)
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = x + self.fc(self.norm(x))
+        return x.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("init", ["paper", "identity"])
+def test_channels_last_blocks_are_checked_in_their_own_layout(init):
+    model = _ChannelsLastResidual().eval()
+    patched = ai.inject(model, "se_resnet", init=init, input_size=SMALL)
+    assert [p.layout for p in patched.attn_inject.plan] == ["NHWC"]
+    set_blends(patched, 0.5)
+    report = ai.validate(model, patched, input_size=SMALL, checks=FAST)
+    assert report.passed, report
+
+
+class _LoudHead(nn.Module):
+    """A stage whose output the rest of the network scales up a lot (as a deep residual
+    stream grows): a gradient step of size one on a blend there would overflow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 128, 3, stride=4, padding=1), nn.ReLU())
+        self.head = nn.Linear(128, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage(x).mean((2, 3)) * 1e8) * 1e8
+
+
+def test_every_inserted_weight_is_reached_after_a_small_step_even_where_gradients_are_huge():
+    model = _LoudHead().eval()
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SMALL)
+    assert [p.key for p in patched.attn_inject.plan] == ["stage.cbam"]
+    report = ai.validate(model, patched, input_size=SMALL, checks=("gradients",))
+    assert report.passed, report

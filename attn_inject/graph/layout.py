@@ -117,7 +117,8 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
     if node.op == "call_function" and node.target is operator.getitem:
         container = node.args[0]
         if isinstance(container, fx.Node):
-            if tensor_meta(container) is None and container.args and isinstance(container.args[0], fx.Node):
+            if tensor_meta(container) is None and _splits(container):
+                assert isinstance(container.args[0], fx.Node)
                 container = container.args[0]  # an item of chunk()/split()
             t = tensor_meta(container)
             if t is not None and t.dim() == out.dim():
@@ -144,6 +145,20 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
         if name.endswith("2d"):
             return NCHW
     return None
+
+
+SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.functional.split}
+
+
+def _splits(node: fx.Node) -> bool:
+    """A chunk()/split() of a tensor, whose items keep its layout (not any function that
+    returns a tuple, such as MViTv2's ``reshape_post_pool``, whose first item is reshaped)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in SPLIT_METHODS
+    return node.op == "call_function" and node.target in SPLIT_FUNCTIONS
 
 
 def _is_pad(node: fx.Node) -> bool:

@@ -216,10 +216,27 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
             groups[-1][1] = node
         else:
             groups.append([hw, node, reduction])
+    ends = [(_as_map(node), reduction) for _, node, reduction in groups]
     return [
         Stage(i, graph.name_of(node), node, _channels(node), reduction, _check(node))
-        for i, (_, node, reduction) in enumerate(groups)
+        for i, (node, reduction) in enumerate(ends)
     ]
+
+
+def _as_map(node: fx.Node) -> fx.Node:
+    """A stage end that is only its map flattened into tokens (a patch embedding's
+    ``proj(x).flatten(2).transpose(1, 2)``) whose grid follows the input size: the map
+    itself. Same values, and a block on a map needs no grid at run time."""
+    end = node
+    while ops.is_data_movement(end) and (grid := grid_of(end)) is not None and grid.dynamic:
+        source = end.all_input_nodes[0] if end.all_input_nodes else None
+        if source is None or sum(1 for u in source.users if not ops.reads_shape_only(u)) != 1:
+            break
+        t = tensor_meta(source)
+        if t is not None and t.dim() == 4 and layout_of(source) in (NCHW, NHWC):
+            return source
+        end = source
+    return node
 
 
 def find_stages(graph: AnnotatedGraph, feature_info=None) -> list[Stage]:
