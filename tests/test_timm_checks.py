@@ -24,7 +24,12 @@ X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(
     params=[pytest.param((m, r), id=f"{m}-{r}") for m in MODELS for r in RECIPES]
-    + [pytest.param((m, r), id=f"{m}-{r}", marks=pytest.mark.zoo) for m in WIDER for r in RECIPES]
+    + [
+        pytest.param((m, r), id=f"{m}-{r}", marks=pytest.mark.zoo)
+        for m in WIDER
+        for r in RECIPES
+        if (m, r) != ("densenet121", "se_resnet")  # DenseNet concatenates: no residual addition
+    ]
 )
 def pair(request):
     name, recipe = request.param
@@ -69,7 +74,11 @@ def test_features_only_model_takes_blocks_and_keeps_its_features(pair):
     torch.manual_seed(0)
     features = timm.create_model(name, features_only=True).eval()
     patched = ai.inject(features, recipe, input_size=SIZE)
-    assert type(patched) is type(features) and ai.inserted_blocks(patched)
+    assert ai.inserted_blocks(patched)
+    # The class is kept unless a point lies in the root's own code: in DenseNet's feature
+    # list, the last stage ends at norm5, a leaf whose output the root's forward reads.
+    in_root = [p.key for p in patched.attn_inject.plan if not p.owner and p.attach == "graph"]
+    assert (type(patched) is type(features)) == (not in_root), in_root
     with torch.no_grad():
         for ours, theirs in zip(patched(X), features(X), strict=True):
             assert torch.equal(ours, theirs)
