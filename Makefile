@@ -37,7 +37,7 @@ zoo-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo
 
 zoo: $(STAMP)
-	$(BIN)/attn-inject zoo --identity-check
+	$(BIN)/attn-inject zoo --identity-check --identity-every 15
 
 zoo-plan: $(STAMP)
 	$(BIN)/attn-inject zoo --out build/zoo
@@ -50,7 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_inject.py --out $(BENCH)/1-inject.md
 	$(BIN)/python benchmarks/bench_models.py --out $(BENCH)/2-models.md
 	$(BIN)/python benchmarks/bench_blocks.py --out $(BENCH)/3-blocks.md
-	$(BIN)/python benchmarks/collect.py $(BENCH)/1-inject.md $(BENCH)/2-models.md $(BENCH)/3-blocks.md --out docs/benchmarks.md
+	$(BIN)/python benchmarks/collect.py $(BENCH)/1-inject.md $(BENCH)/2-models.md $(wildcard docs/gpu/*.md) \
+		$(BENCH)/3-blocks.md --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -188,6 +188,13 @@ def main(argv: list[str] | None = None) -> str:
             "<= 1.05 identity). Random init. timm's CBAM is not the paper's block (no MLP biases, a "
             "BatchNorm after the spatial convolution, two MLP calls): that row compares costs of "
             "different blocks."
+            + (
+                ""
+                if cuda
+                else " On a CPU the training peak is the rise of the process's resident set, which depends "
+                "on what the allocator kept from earlier calls: a rough figure (a GPU's allocator counts "
+                "exactly)."
+            )
         ),
     )
     with cudnn_autotune_off() if not cuda else contextlib.nullcontext():
