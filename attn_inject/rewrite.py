@@ -160,19 +160,27 @@ def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -
             used[name] = extra[name] if name in extra else _get_path(original, name)
     # fx sets a dotted target on the modules it finds on the way (``mlp.grn.se`` on the
     # ``mlp.grn`` it was given): give it copies, so the original never gains a block.
-    copied: set[str] = set()
+    fresh: set[int] = set()  # ids of the copies made here
+
+    def own(module: nn.Module) -> nn.Module:
+        if id(module) in fresh:
+            return module
+        copy_ = shallow_copy(module)
+        fresh.add(id(copy_))
+        return copy_
+
     for name in extra:
         parts = name.split(".")
         for i in range(1, len(parts)):
             prefix = ".".join(parts[:i])
-            if prefix not in copied and isinstance(used.get(prefix), nn.Module):
-                module = used[prefix] = shallow_copy(used[prefix])
-                copied.add(prefix)
-                for part in parts[i:-1]:  # and the modules below it on the way to the block
-                    child = module._modules.get(part)
-                    if child is None:
-                        break
-                    module._modules[part] = module = shallow_copy(child)
+            if not isinstance(used.get(prefix), nn.Module):
+                continue
+            module = used[prefix] = own(used[prefix])
+            for part in parts[i:-1]:  # and every module below it on the way to the block
+                child = module._modules.get(part)
+                if child is None:
+                    break
+                module._modules[part] = module = own(child)
     gm = fx.GraphModule(used, graph, type(original).__name__)
     _reattach(original, gm)
     gm.training = original.training

@@ -526,3 +526,19 @@ def test_a_sequential_called_whole_by_a_rewritten_module_does_not_hold_its_block
         h = h + block.attn_se(model[1].attn(h))  # once, not again inside attn.proj
         torch.testing.assert_close(patched(X), h + block.mlp_se(model[1].mlp(h)))
     assert ai.validate(model, patched, input_size=SIZE).passed
+
+
+def test_blocks_under_two_children_of_a_module_called_whole_leave_the_original_alone():
+    from attn_inject.rewrite import _graph_module
+
+    inner = nn.Module()
+    inner.b, inner.c = nn.Identity(), nn.Identity()
+    inner.forward = lambda x: x  # type: ignore[method-assign]
+    original = nn.Module()
+    original.a = inner
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("a.c.se", (graph.call_module("a.b.se", (graph.call_module("a", (x,)),)),))
+    graph.output(y)
+    _graph_module(original, graph, {"a.b.se": nn.ReLU(), "a.c.se": nn.ReLU()})
+    assert not hasattr(inner.b, "se") and not hasattr(inner.c, "se")

@@ -171,3 +171,28 @@ def test_conv_output_follows_conv_norm_activation():
 def test_default_input_size_comes_from_the_model():
     assert ai.plan(meta_model("timm:resnet50"), "se_resnet").input_size == (3, 224, 224)
     assert ai.plan(meta_model("tv:resnet18"), "se_resnet", input_size=(3, 96, 96)).input_size == (3, 96, 96)
+
+
+class _FilledBuffer(torch.nn.Module):
+    """A buffer made from the input's shape, then filled with its values in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, stride=4, padding=1)
+        self.mix = torch.nn.Conv2d(48, 48, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        out = y.new_zeros(y.shape[0], 48, y.shape[2], y.shape[3])
+        out.narrow(1, 0, 32).copy_(y)
+        return self.mix(out).mean((2, 3))
+
+
+def test_a_buffer_filled_in_place_with_the_input_carries_it():
+    model = _FilledBuffer().eval()
+    plan = ai.plan(model, "cbam_after_every_stage", input_size=SIZE)
+    assert [(p.node, p.channels) for p in plan] == [("mix", 48)]
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=SIZE)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))

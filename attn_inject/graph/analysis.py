@@ -117,6 +117,11 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         ancestors.append(bits)
         if node.op == "placeholder" and isinstance(tensor_meta(node), torch.Tensor):
             from_input |= 1 << i
+        written = ops.written_in_place(node)
+        if written is not None and from_input >> i & 1:
+            # A buffer made from the input's shape and filled with its values in place
+            # (``out = x.new_zeros(...); out[:, :c] = y``) carries them to its later readers.
+            from_input |= 1 << index[written]
         if ops.is_conv(node, model):
             conv_mask |= 1 << i
         if node.op != "output":

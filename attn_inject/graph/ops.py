@@ -181,6 +181,27 @@ def reads_shape_only(node: fx.Node) -> bool:
     return node.target in SHAPE_FUNCTIONS
 
 
+VIEW_METHODS = {"narrow", "select", "view", "reshape", "transpose", "permute", "flatten", "unflatten"}
+VIEW_METHODS |= {"squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "__getitem__"}
+VIEW_FUNCTIONS = {operator.getitem, torch.narrow, torch.select, torch.reshape, torch.transpose}
+
+
+def written_in_place(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes into: ``buf`` for ``buf.copy_(y)``,
+    ``buf.narrow(1, 0, 32).copy_(y)`` or ``buf[:, :32] = y``; None for any other node."""
+    name = str(node.target)
+    in_place = node.op == "call_method" and name.endswith("_") and not name.startswith("_")
+    if not (in_place or (node.op == "call_function" and node.target is operator.setitem)):
+        return None
+    target = node.args[0] if node.args else None
+    while isinstance(target, fx.Node) and (
+        (target.op == "call_method" and target.target in VIEW_METHODS)
+        or (target.op == "call_function" and target.target in VIEW_FUNCTIONS)
+    ):
+        target = target.args[0] if target.args else None
+    return target if isinstance(target, fx.Node) else None
+
+
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
 

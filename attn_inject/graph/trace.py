@@ -83,7 +83,9 @@ def depends_on_training(module: nn.Module) -> bool:
 
 
 def _skipinit_off(module: nn.Module) -> bool:
-    return getattr(module, "skipinit_gain", None) is None
+    """timm sets ``skipinit_gain = None`` when skipinit is off (a parameter when on); a
+    module without the attribute is not the one this rule knows, and stays whole."""
+    return "skipinit_gain" in vars(module) and vars(module)["skipinit_gain"] is None
 
 
 # timm modules registered as not traceable, with the condition under which the reason timm
