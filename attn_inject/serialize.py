@@ -464,9 +464,16 @@ def _check_against_file(
     info: Any = getattr(patched, "attn_inject", None)
     keys = [p.key for p in info.plan]
     if keys != manifest.block_keys:
+        if len(keys) != len(manifest.block_keys):
+            why = f"gives {len(keys)} blocks, the file has {len(manifest.block_keys)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(keys, manifest.block_keys, strict=True)) if a != b)
+            why = (
+                f"places block {i} at {cut(keys[i])}, the file has it at {cut(manifest.block_keys[i])} "
+                "(the model, or where this version places blocks, differs)"
+            )
         raise CheckpointError(
-            f"{path}: injecting its recipe into {what} gives {len(keys)} blocks, the file has "
-            f"{len(manifest.block_keys)} ({written}); is it the same model?"
+            f"{path}: injecting its recipe into {what} {why} ({written}); is it the same model?"
         )
     as_meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     check_fits(patched, as_meta, source=f"checkpoint {path}")

@@ -240,3 +240,14 @@ def test_manifest_that_is_not_json_or_not_an_object_is_refused(saved, tmp_path):
         safetensors.torch.save_file(tensors, path, metadata={MANIFEST_KEY: text})
         with pytest.raises(ai.CheckpointError, match=says):
             ai.load(path)
+
+
+def test_a_block_placed_elsewhere_than_in_the_file_is_named(saved, tmp_path):
+    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    plan = manifest["plan"]
+    plan["points"][0]["key"] = "layer1.moved_se"
+    edited = with_manifest(saved, tmp_path / "moved.safetensors", plan=plan)
+    with pytest.raises(
+        ai.CheckpointError, match=r"places block 0 at layer1\.\S+, the file has it at layer1\.moved_se"
+    ):
+        ai.load(edited)
