@@ -37,7 +37,7 @@ zoo-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo
 
 zoo: $(STAMP)
-	$(BIN)/attn-inject zoo --identity-check --identity-every 15
+	$(BIN)/attn-inject zoo --identity-check --identity-every 5
 
 zoo-plan: $(STAMP)
 	$(BIN)/attn-inject zoo --out build/zoo
