@@ -181,9 +181,12 @@ def reads_shape_only(node: fx.Node) -> bool:
     return node.target in SHAPE_FUNCTIONS
 
 
-VIEW_METHODS = {"narrow", "select", "view", "reshape", "transpose", "permute", "flatten", "unflatten"}
-VIEW_METHODS |= {"squeeze", "unsqueeze", "expand", "chunk", "split", "unbind", "__getitem__"}
-VIEW_FUNCTIONS = {operator.getitem, torch.narrow, torch.select, torch.reshape, torch.transpose}
+DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
+DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
+# What an in-place write can go through to reach the tensor it writes into.
+VIEW_METHODS = DATA_MOVEMENT_METHODS | {"narrow", "select", "squeeze", "unsqueeze", "expand", "__getitem__"}
+VIEW_METHODS |= {"chunk", "split", "unbind"}
+VIEW_FUNCTIONS = DATA_MOVEMENT_FUNCTIONS | {operator.getitem, torch.narrow, torch.select}
 
 
 def written_in_place(node: fx.Node) -> fx.Node | None:
@@ -200,10 +203,6 @@ def written_in_place(node: fx.Node) -> fx.Node | None:
     ):
         target = target.args[0] if target.args else None
     return target if isinstance(target, fx.Node) else None
-
-
-DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
-DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
 
 
 def is_data_movement(node: fx.Node) -> bool:
