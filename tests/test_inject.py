@@ -313,4 +313,4 @@ def test_validate_runs_on_cuda(build):
     report = ai.validate(
         model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cuda"
     )
-    assert report.device.startswith("cuda") and report.passed
+    assert report.device.startswith("cuda") and report.passed, str(report)

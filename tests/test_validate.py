@@ -317,3 +317,12 @@ def test_every_inserted_weight_is_reached_after_a_small_step_even_where_gradient
     assert [p.key for p in patched.attn_inject.plan] == ["stage.cbam"]
     report = ai.validate(model, patched, input_size=SMALL, checks=("gradients",))
     assert report.passed, report
+
+
+def test_cudnn_deterministic_is_restored():
+    from attn_inject.validate import cudnn_deterministic
+
+    before = torch.backends.cudnn.deterministic
+    with cudnn_deterministic():
+        assert torch.backends.cudnn.deterministic
+    assert torch.backends.cudnn.deterministic == before

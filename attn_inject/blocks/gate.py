@@ -8,7 +8,8 @@ trained network, that halves activations on average and damages the network. Wit
 
 so at insertion ``a' == 1`` and ``x * a' == x`` exactly, while ``blend == 1`` is the paper's
 block. The blend acts on the small attention map (B, C, 1, 1) or (B, 1, H, W), never on the
-full feature map, so it costs one tiny kernel. Not in the papers.
+full feature map: a fill and a ``torch.lerp`` on the map, in the map's own dtype under
+autocast (the blend, a 0-dim weight, is not cast). Not in the papers.
 """
 
 from __future__ import annotations
@@ -28,5 +29,5 @@ def gate(x: torch.Tensor, logits: torch.Tensor, blend: torch.Tensor | None) -> t
     """``x * sigmoid(logits)``, the map blended towards one by ``blend`` when given."""
     attention = torch.sigmoid(logits)
     if blend is not None:
-        attention = torch.lerp(torch.ones_like(attention), attention, blend.to(attention.dtype))
+        attention = torch.lerp(torch.ones_like(attention), attention, blend)
     return x * attention
