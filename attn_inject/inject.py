@@ -48,7 +48,7 @@ def inject(
     if not plan.points and not allow_empty:
         reasons = sorted({s.reason for s in plan.skipped})[:3]
         why = f"; skipped: {'; '.join(reasons)}" if reasons else ""
-        positions = ", ".join(sorted({r.at for r in plan.recipe.rules}))
+        positions = ", ".join(sorted({r.at for r in plan.recipe.all_rules}))
         raise InjectError(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
             f"(positions: {positions}){why}. Pass allow_empty=True to accept an unchanged model."

@@ -192,6 +192,11 @@ class Plan(Sequence[InsertionPoint]):
     __hash__ = None  # type: ignore[assignment]
 
     @property
+    def used_fallback(self) -> bool:
+        """Whether the recipe's rules placed no block here, so its ``fallback`` rules did."""
+        return any(p.rule >= len(self.recipe.rules) for p in self.points)
+
+    @property
     def params_added(self) -> int:
         return sum(p.params for p in self.points)
 
@@ -213,6 +218,7 @@ class Plan(Sequence[InsertionPoint]):
             "target": self.target,
             "tracing": self.tracing,
             "opaque": [asdict(o) for o in self.opaque],
+            "used_fallback": self.used_fallback,
             "points": [p.to_dict() for p in self.points],
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -260,6 +266,9 @@ class Plan(Sequence[InsertionPoint]):
             f"({share:.2f}% of {self.base_params:,}), +{_giga(self.flops_added)} FLOPs "
             f"({flops_share:.2f}% of {_giga(self.base_flops)} per image), init={self.init}"
         )
+        if self.used_fallback:
+            primary = ", ".join(dict.fromkeys(r.at for r in self.recipe.rules))
+            lines.append(f"no block at {primary} in this model: the recipe's fallback rules placed these")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -379,8 +388,10 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
 
 
 def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
-    """Whether a block of an earlier injection already sits on the candidate's edge."""
-    nodes = [candidate.node, *(candidate.consumers or ())]
+    """Whether a block of an earlier injection already sits on the candidate's edge (for an
+    edge to every user, on any of them)."""
+    users = candidate.node.users if candidate.consumers is None else candidate.consumers
+    nodes = [candidate.node, *users]
     return any(
         node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
         for node in nodes
@@ -395,16 +406,39 @@ def build_plan(
     name: str,
     base_params: int,
 ) -> Plan:
-    """Match every rule of ``recipe`` against the annotated graph."""
-    chosen: list[tuple[int, int, Candidate, Rule]] = []
+    """Match every rule of ``recipe`` against the annotated graph; where they match nothing
+    (no such position in the model, whether or not it could take a block), its ``fallback``
+    rules (numbered after ``rules``). A point skipped for its layout, or taken by an earlier
+    injection, still counts as a match: the fallback is for models without the position."""
     skipped: list[SkippedPoint] = []
+    chosen, matched = _match_rules(graph, stages, recipe, name, recipe.rules, 0, skipped)
+    if not matched and recipe.fallback:
+        chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
+    return _plan_of(graph, stages, recipe, init, name, base_params, chosen, skipped)
+
+
+def _match_rules(
+    graph: AnnotatedGraph,
+    stages: list[Stage],
+    recipe: Recipe,
+    model: str,
+    rules: Sequence[Rule],
+    first: int,
+    skipped: list[SkippedPoint],
+) -> tuple[list[tuple[int, int, Candidate, Rule]], int]:
+    """(graph index, rule index, candidate, rule) of every point ``rules`` choose, their
+    indices counted from ``first``, and how many candidates they matched; what they match
+    but cannot use goes to ``skipped``."""
+    chosen: list[tuple[int, int, Candidate, Rule]] = []
+    matched = 0
     taken: dict[tuple, int] = {}
-    for r, rule in enumerate(recipe.rules):
+    for r, rule in enumerate(rules, start=first):
+        key = f"rules[{r}]" if r < len(recipe.rules) else f"fallback[{r - len(recipe.rules)}]"
         if rule.stages is not None:
             bad = [s for s in rule.stages if not -len(stages) <= s < len(stages)]
             if bad:
                 raise PlanError(
-                    f"recipe {recipe.name!r} rules[{r}].stages: {bad} out of range; {name} has "
+                    f"recipe {recipe.name!r} {key}.stages: {bad} out of range; {model} has "
                     f"{len(stages)} stages ({', '.join(s.name for s in stages) or 'none found'}): "
                     f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
                 )
@@ -413,6 +447,7 @@ def build_plan(
             for c in find_candidates(graph, rule.at, stages, rule.channels_last)
             if _keep(rule, c, stage_index(graph, stages, c.anchor), len(stages))
         ]
+        matched += len(matches)
         for k, candidate in enumerate(matches):
             if k % rule.every:
                 continue
@@ -455,6 +490,19 @@ def build_plan(
                 continue
             taken[candidate.edge] = r
             chosen.append((graph.index[candidate.node], r, candidate, rule))
+    return chosen, matched
+
+
+def _plan_of(
+    graph: AnnotatedGraph,
+    stages: list[Stage],
+    recipe: Recipe,
+    init: str,
+    name: str,
+    base_params: int,
+    chosen: list[tuple[int, int, Candidate, Rule]],
+    skipped: list[SkippedPoint],
+) -> Plan:
     chosen.sort(key=lambda item: item[:2])
     points = []
     for _, r, candidate, rule in chosen:
@@ -549,7 +597,7 @@ def place_points(graph: AnnotatedGraph, result: Plan) -> tuple[InsertionPoint, .
     edges = [
         (by_name[p.node], None if p.consumers is None else [by_name[c] for c in p.consumers]) for p in result
     ]
-    names = [result.recipe.rules[p.rule].block_name for p in result]
+    names = [result.recipe.all_rules[p.rule].block_name for p in result]
     placements = place(graph.root, graph, edges, names)
     return tuple(
         dataclasses.replace(
@@ -575,7 +623,7 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
     for p in plans:
         points += [dataclasses.replace(pt, rule=pt.rule + len(rules)) for pt in p.points]
         skipped += [dataclasses.replace(sk, rule=sk.rule + len(rules)) for sk in p.skipped]
-        rules += p.recipe.rules
+        rules += p.recipe.all_rules
     inits = {p.init for p in plans}
     recipe = Recipe(
         name=" + ".join(p.recipe.name for p in plans),

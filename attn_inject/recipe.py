@@ -9,6 +9,11 @@ the key and what is allowed::
     rules:
       - block: {kind: cbam, ratio: 16, spatial_kernel: 7}
         at: stage_output
+
+``fallback`` (optional) is a second list of rules, used only in a model where ``rules``
+match no position at all: ``se_resnet`` puts SE on the residual branches, and in a network with
+no residual unit (VGG, DenseNet, Inception, MobileNetV1) after the activation of every
+convolution, the paper's integration into non-residual networks (arXiv 1709.01507, Sec. 3.3).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ POSITIONS = (
     "conv_output",
 )
 INIT_MODES = ("identity", "paper")
-RECIPE_KEYS = ("name", "description", "init", "target", "rules")
+RECIPE_KEYS = ("name", "description", "init", "target", "rules", "fallback")
 RULE_KEYS = (
     "block",
     "at",
@@ -130,12 +135,20 @@ class Recipe:
     description: str = ""
     source: str = "<dict>"
     target: str | None = None  # a submodule to patch, e.g. "backbone.body"
+    fallback: tuple[Rule, ...] = ()  # used only where ``rules`` place no block
+
+    @property
+    def all_rules(self) -> tuple[Rule, ...]:
+        """``rules`` then ``fallback``: what a plan point's ``rule`` index counts in."""
+        return self.rules + self.fallback
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "description": self.description, "init": self.init}
         if self.target is not None:
             out["target"] = self.target
         out["rules"] = [rule.to_dict() for rule in self.rules]
+        if self.fallback:
+            out["fallback"] = [rule.to_dict() for rule in self.fallback]
         return out
 
     @property
@@ -331,7 +344,23 @@ def parse_recipe(data: Any, source: str) -> Recipe:
             "rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {shown(rules)}"
         )
     parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
-    return Recipe(name=name, rules=parsed, init=init, description=description, source=source, target=target)
+    fallback = data.get("fallback", [])
+    if not isinstance(fallback, list):
+        raise fail(
+            "fallback",
+            "must be a list of rules (each with 'block' and 'at'), used where 'rules' place no block; "
+            f"got {shown(fallback)}",
+        )
+    backup = tuple(_parse_rule(rule, f"fallback[{i}]", fail) for i, rule in enumerate(fallback))
+    return Recipe(
+        name=name,
+        rules=parsed,
+        init=init,
+        description=description,
+        source=source,
+        target=target,
+        fallback=backup,
+    )
 
 
 def _reject_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str, fail) -> None:

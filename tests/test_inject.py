@@ -37,8 +37,13 @@ def _input(batch: int = 2) -> torch.Tensor:
 def test_identity_init_preserves_outputs(build, name, recipe):
     model = build(name)
     patched = ai.inject(model, recipe, input_size=SIZE, allow_empty=True)
-    expect_empty = name == "timm:densenet121" and recipe in RESIDUAL_RECIPES
-    assert (len(patched.attn_inject.plan) == 0) == expect_empty
+    plan = patched.attn_inject.plan
+    residual_free = name == "timm:densenet121" and recipe in RESIDUAL_RECIPES
+    has_fallback = bool(ai.load_recipe(recipe).fallback)
+    assert (len(plan) == 0) == (residual_free and not has_fallback)
+    assert plan.used_fallback == (residual_free and has_fallback)
+    if plan.used_fallback:  # DenseNet: no residual unit, so after every convolution's activation
+        assert {p.position for p in plan} == {"conv_output"}
     x = _input()
     with torch.no_grad():
         reference, output = model(x), patched(x)
@@ -275,8 +280,8 @@ def test_channels_last_model_gives_same_outputs(build):
 def test_empty_plan_raises_unless_allowed(build):
     model = meta_model("timm:densenet121")
     with pytest.raises(ai.InjectError, match=r"matches nothing in densenet121.*allow_empty=True"):
-        ai.inject(model, "se_resnet")
-    patched = ai.inject(model, "se_resnet", allow_empty=True)
+        ai.inject(model, "se_pre")
+    patched = ai.inject(model, "se_pre", allow_empty=True)
     assert ai.inserted_blocks(patched) == {}
 
 
@@ -314,3 +319,28 @@ def test_validate_runs_on_cuda(build):
         model, ai.inject(model, "cbam_resnet", input_size=SIZE), input_size=SIZE, device="cuda"
     )
     assert report.device.startswith("cuda") and report.passed, str(report)
+
+
+def test_a_residual_free_model_gets_the_recipes_fallback_and_round_trips(build, tmp_path):
+    model = build("timm:mobilenetv1_100")  # no residual unit: depthwise-separable convolutions only
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    plan = patched.attn_inject.plan
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert plan.used_fallback and plan.to_dict()["used_fallback"]
+    assert [p.name for p in plan] == convs  # SE after the activation of every convolution
+    assert {p.position for p in plan} == {"conv_output"} and all(p.rule == 1 for p in plan)
+    assert "the recipe's fallback rules placed these" in plan.table()
+    assert type(patched) is type(model)
+    x = _input()
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+    path = tmp_path / "mobilenet_se.safetensors"
+    ai.save(patched, path, model_name="timm:mobilenetv1_100")
+    loaded = ai.load(path)
+    assert loaded.state_dict().keys() == patched.state_dict().keys()
+    assert [p.key for p in loaded.attn_inject.plan] == [p.key for p in plan]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), patched(x))
+    # a second residual recipe on the same model falls back again, next to the first blocks
+    twice = ai.inject(patched, "eca_resnet", input_size=SIZE, allow_empty=True)
+    assert len(twice.attn_inject.plans[-1]) == 0  # every conv output already holds a block

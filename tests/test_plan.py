@@ -37,8 +37,11 @@ STAGE_CHANNELS = {
 @pytest.mark.parametrize("name", RESIDUAL_CHANNELS)
 def test_residual_branch_finds_every_residual_addition(name):
     plan = ai.plan(meta_model(name), "se_resnet", input_size=SIZE)
+    if not RESIDUAL_CHANNELS[name]:  # no residual unit: the recipe's fallback, after each conv
+        assert plan.used_fallback and {p.position for p in plan} == {"conv_output"}
+        return
     assert [p.channels for p in plan] == RESIDUAL_CHANNELS[name]
-    assert all(p.position == "residual_branch" for p in plan)
+    assert all(p.position == "residual_branch" for p in plan) and not plan.used_fallback
 
 
 @pytest.mark.parametrize("name", STAGE_CHANNELS)
@@ -91,7 +94,7 @@ def test_plan_leaves_model_unchanged_and_is_plain_data():
 
 
 def test_plan_is_empty_list_when_nothing_matches():
-    plan = ai.plan(meta_model("timm:densenet121"), "se_resnet", input_size=SIZE)
+    plan = ai.plan(meta_model("timm:densenet121"), "se_pre", input_size=SIZE)
     assert plan == []
     assert len(plan) == 0
 

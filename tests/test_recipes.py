@@ -33,7 +33,9 @@ BUILTINS = {
 
 POSITIONS = "residual_branch, pre_block, post_block, identity_branch, stage_output, conv_output"
 BLOCK_KINDS = "cbam, eca, se"
-RECIPE_KEYS = "name, description, init, target, rules"
+RECIPE_KEYS = "name, description, init, target, rules, fallback"
+# the residual recipes fall back to "after every convolution" in a network with no residual unit
+WITH_FALLBACK = {"se_resnet", "eca_resnet", "cbam_resnet"}
 RULE_KEYS = "block, at, stages, min_channels, max_channels, include, exclude, every, channels_last"
 INIT_MODES = "identity, paper"
 
@@ -69,6 +71,19 @@ def test_builtin_recipe_loads_by_name_with_its_position_and_block(name):
         (),
         1,
     )
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtin_fallback_is_the_same_block_after_every_convolution(name):
+    recipe = ai.load_recipe(name)
+    if name not in WITH_FALLBACK:
+        assert recipe.fallback == () and recipe.all_rules == recipe.rules
+        return
+    (rule,) = recipe.rules
+    (backup,) = recipe.fallback
+    assert backup.at == "conv_output"
+    assert (backup.block, backup.name) == (rule.block, rule.name)
+    assert recipe.all_rules == (rule, backup)
 
 
 def test_list_recipes_gives_the_same_recipes_as_load_by_name():
@@ -315,6 +330,14 @@ BAD = {
         form="name",
     ),
     "missing_file": Bad(None, None, ("not found",), form="missing_file"),
+    "fallback_not_a_list": Bad(
+        {"rules": [RULE], "fallback": RULE}, "fallback", ("must be a list of rules", "'rules' place no block")
+    ),
+    "fallback_unknown_position": Bad(
+        {"rules": [RULE], "fallback": [rule(at="after_conv")]},
+        "fallback[0].at",
+        ("unknown position 'after_conv'", POSITIONS),
+    ),
 }
 
 

@@ -138,8 +138,11 @@ class MapsOnlyGate(nn.Module):
         return x * self.scale
 
 
-def test_a_block_without_a_layout_argument_is_kept_off_tokens():
-    ai.register_block("maps_only_gate", MapsOnlyGate, overwrite=True)
+def test_a_block_without_a_layout_argument_is_kept_off_tokens(monkeypatch):
+    from attn_inject import blocks
+
+    monkeypatch.setattr(blocks, "_BLOCKS", dict(blocks._BLOCKS))  # registered for this test only
+    ai.register_block("maps_only_gate", MapsOnlyGate)
     plan = ai.plan(
         TinyViT().eval(), {"rules": [{"block": "maps_only_gate", "at": "residual_branch"}]}, input_size=SIZE
     )
