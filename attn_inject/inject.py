@@ -46,12 +46,11 @@ def inject(
     """
     graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
     if not plan.points and not allow_empty:
-        reasons = sorted({s.reason for s in plan.skipped})[:3]
-        why = f"; skipped: {'; '.join(reasons)}" if reasons else ""
         positions = ", ".join(sorted({r.at for r in plan.recipe.all_rules}))
         raise InjectError(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
-            f"(positions: {positions}){why}. Pass allow_empty=True to accept an unchanged model."
+            f"(positions: {positions}): {plan.empty_reason}. Pass allow_empty=True to accept an "
+            "unchanged model."
         )
     try:
         return rewrite(model, graph, plan, base_model_of(model))

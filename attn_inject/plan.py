@@ -192,6 +192,20 @@ class Plan(Sequence[InsertionPoint]):
     __hash__ = None  # type: ignore[assignment]
 
     @property
+    def empty_reason(self) -> str:
+        """Why the plan has no point: its skipped points' reasons, else the modules kept whole
+        (untraceable), else that the model has none of the recipe's positions."""
+        if self.points:
+            return ""
+        if self.skipped:
+            return "; ".join(sorted({s.reason for s in self.skipped})[:2])
+        positions = ", ".join(dict.fromkeys(r.at for r in self.recipe.all_rules))
+        if self.opaque:
+            whole = "; ".join(str(o) for o in self.opaque[:2])
+            return f"no {positions} outside the modules kept whole, which fx cannot trace ({whole})"
+        return f"the model has no {positions}"
+
+    @property
     def used_fallback(self) -> bool:
         """Whether the recipe's rules placed no block here, so its ``fallback`` rules did."""
         return any(p.rule >= len(self.recipe.rules) for p in self.points)

@@ -241,7 +241,7 @@ def sweep_model(
             rows.append(replace(common, recipe=recipe.name, status="plan", reason=_reason(error)))
             continue
         p = plans[recipe.name]
-        reason = "; ".join(sorted({s.reason for s in p.skipped})[:2]) if not p.points else ""
+        reason = p.empty_reason
         rows.append(
             replace(
                 common,

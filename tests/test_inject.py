@@ -279,7 +279,10 @@ def test_channels_last_model_gives_same_outputs(build):
 
 def test_empty_plan_raises_unless_allowed(build):
     model = meta_model("timm:densenet121")
-    with pytest.raises(ai.InjectError, match=r"matches nothing in densenet121.*allow_empty=True"):
+    with pytest.raises(
+        ai.InjectError,
+        match=r"matches nothing in densenet121 .*: the model has no pre_block\. .*allow_empty=True",
+    ):
         ai.inject(model, "se_pre")
     patched = ai.inject(model, "se_pre", allow_empty=True)
     assert ai.inserted_blocks(patched) == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import attn_inject as ai
 
@@ -199,3 +200,37 @@ def test_a_buffer_filled_in_place_with_the_input_carries_it():
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         assert torch.equal(patched(x), model(x))
+
+
+class _Untraceable(nn.Module):
+    """A body fx cannot trace (control flow on a tensor's value), so it is kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if bool(y.sum() > 0) else -y
+
+
+class _Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _Untraceable()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean((2, 3))
+
+
+def test_an_empty_plan_says_why_when_nothing_was_skipped():
+    plan = ai.plan(_Wrapper(), "se_pre", input_size=SIZE)
+    assert plan == [] and not plan.skipped and [o.name for o in plan.opaque] == ["body"]
+    assert plan.empty_reason.startswith(
+        "no pre_block outside the modules kept whole, which fx cannot trace (body: "
+    )
+    with pytest.raises(ai.InjectError, match="kept whole"):
+        ai.inject(_Wrapper(), "se_pre", input_size=SIZE)
+    assert ai.plan(meta_model("timm:densenet121"), "se_pre", input_size=SIZE).empty_reason == (
+        "the model has no pre_block"
+    )

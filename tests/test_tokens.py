@@ -237,3 +237,30 @@ def test_an_item_of_a_function_returning_a_tuple_does_not_take_its_arguments_lay
     plan = ai.plan(meta_model("timm:mvitv2_tiny"), "se_resnet")
     assert plan and {p.layout for p in plan} == {"tokens"}
     assert all(p.channels == p.shape[1] for p in plan)
+
+
+class ComputedPrefixViT(nn.Module):
+    """A class token computed from the tokens (CrossViT takes it from the other branch), put
+    in front of the grid: the grid still comes last, so its positions are known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.summary = nn.Linear(DIM, DIM)
+        self.blocks = nn.Sequential(Block(DIM), Block(DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        cls = self.summary(x[:, :1])  # tokens, but no grid's positions
+        return self.blocks(torch.cat([cls, x], dim=1))[:, 0]
+
+
+def test_a_computed_token_before_the_grid_is_a_prefix_and_passes_through():
+    torch.manual_seed(0)
+    model = ComputedPrefixViT().eval()
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert len(plan) == 4 and {(p.layout, p.prefix, p.grid) for p in plan} == {("tokens", 1, (GRID, GRID))}
+    patched = patched_model(model, "se_resnet")
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))

@@ -9,8 +9,9 @@ to a map (Swin, PiT, DaViT, SAM) are known maps again.
 Tokens also get ``meta["grid"]``, a :class:`TokenGrid`, where the graph proves that
 ``N = prefix + H' * W'``: the H' x W' map's positions in raster order (a patch embedding
 flattened), after ``prefix`` tokens concatenated in front (class, register, distillation
-tokens, as in timm's ViT, DeiT, EVA, CaiT). Element-wise ops, norms and linear layers keep
-the grid; slicing the prefix off (``x[:, 1:]``) shortens it; anything else that moves tokens
+tokens, as in timm's ViT, DeiT, EVA, CaiT; or any tokens that are not a grid's, such as
+CrossViT's class token from the other branch: blocks pass them through). Element-wise ops,
+norms and linear layers keep the grid; slicing the prefix off (``x[:, 1:]``) shortens it; anything else that moves tokens
 (pooling, windows, Hiera's unrolling) loses it. ``annotate_grid_dynamics`` marks grids whose
 size depends on the input size. Blocks go on NCHW maps, NHWC maps and tokens with a grid;
 a tensor of unknown layout is never guessed at.
@@ -301,8 +302,8 @@ def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
         return _same_grid(parts) if all(layout_of(t) == layout for t in parts) else None
     *front, last = parts
     grid = grid_of(last)
-    if grid is None or any(grid_of(t) is not None or layout_of(t) is not None for t in front):
-        return None  # the grid must come last, after tokens that are not positions of a map
+    if grid is None or any(grid_of(t) is not None for t in front):
+        return None  # one grid, last: what comes before it is passed through as prefix tokens
     extra = sum(int(m.shape[token_dim]) for m in metas[:-1] if m is not None)
     return TokenGrid(grid.prefix + extra, grid.height, grid.width)
 
