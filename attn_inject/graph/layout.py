@@ -11,10 +11,10 @@ Tokens also get ``meta["grid"]``, a :class:`TokenGrid`, where the graph proves t
 flattened), after ``prefix`` tokens concatenated in front (class, register, distillation
 tokens, as in timm's ViT, DeiT, EVA, CaiT; or any tokens that are not a grid's, such as
 CrossViT's class token from the other branch: blocks pass them through). Element-wise ops,
-norms and linear layers keep the grid; slicing the prefix off (``x[:, 1:]``) shortens it; anything else that moves tokens
-(pooling, windows, Hiera's unrolling) loses it. ``annotate_grid_dynamics`` marks grids whose
-size depends on the input size. Blocks go on NCHW maps, NHWC maps and tokens with a grid;
-a tensor of unknown layout is never guessed at.
+norms and linear layers keep the grid; slicing the prefix off (``x[:, 1:]``) shortens it;
+anything else that moves tokens (pooling, windows, Hiera's unrolling) loses it.
+``annotate_grid_dynamics`` marks grids whose size depends on the input size. Blocks go on
+NCHW maps, NHWC maps and tokens with a grid; a tensor of unknown layout is never guessed at.
 """
 
 from __future__ import annotations
