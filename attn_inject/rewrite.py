@@ -16,6 +16,7 @@ changed, every ``state_dict`` key stays, and everything else keeps its class and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -78,7 +79,10 @@ def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted."""
     extra = {"init": init} if accepts_init(point.block.kind) else {}
-    with torch.device(device):
+    # A device context routes every torch call of the block's __init__ through Python: only
+    # when the default device is not already the model's.
+    on_device = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
+    with on_device:
         block = create_block(
             point.block.kind, point.channels, **point.block.params, **extra, **layout_kwargs(point)
         )
