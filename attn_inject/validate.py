@@ -582,12 +582,7 @@ def _gradient_check(run: _Run) -> Check:
             if run.device.type == "cuda":  # some CUDA backward kernels sum with atomics
                 again = _seeded_grads(run.original, x, [p for _, p in own], devices)
                 buffers.restore()
-                runs = [
-                    (a, b) for a, b in zip(again, reference, strict=True) if a is not None and b is not None
-                ]
-                if runs:
-                    spread = _relative(*_max_diff([a for a, _ in runs], [b for _, b in runs]))
-                    tolerance = max(tolerance, 4 * spread)  # the original's own run-to-run spread
+                tolerance = gradient_tolerance(reference, again)
             grads = _seeded_grads(run.patched, x, [p for _, p in patched], devices)
             buffers.restore()
             by_id = {id(p): g for (_, p), g in zip(patched, grads, strict=False)}
@@ -653,6 +648,17 @@ def _gradient_check(run: _Run) -> Check:
         f"{counted}: every original parameter gets its gradient, every blend that reaches the output "
         f"{'a non-zero one' if run.identity else 'one'}, every inserted weight one within two SGD steps",
     )
+
+
+def gradient_tolerance(first: list[torch.Tensor | None], second: list[torch.Tensor | None]) -> float:
+    """The tolerance for the original's gradients at identity, given two backward passes of
+    the original alone: ``GRADIENT_TOLERANCE``, or 4 times the passes' own relative spread
+    where that is larger (a device whose backward kernels sum in a varying order)."""
+    runs = [(a, b) for a, b in zip(first, second, strict=True) if a is not None and b is not None]
+    if not runs:
+        return GRADIENT_TOLERANCE
+    spread = _relative(*_max_diff([b for _, b in runs], [a for a, _ in runs]))
+    return max(GRADIENT_TOLERANCE, 4 * spread)
 
 
 def _nonzero(grad: torch.Tensor | None) -> bool:

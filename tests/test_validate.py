@@ -326,3 +326,15 @@ def test_cudnn_deterministic_is_restored():
     with cudnn_deterministic():
         assert torch.backends.cudnn.deterministic
     assert torch.backends.cudnn.deterministic == before
+
+
+def test_gradient_tolerance_grows_with_the_originals_own_spread_only():
+    from attn_inject.validate import GRADIENT_TOLERANCE, gradient_tolerance
+
+    grads = [torch.tensor([100.0, -50.0]), None, torch.tensor([1.0])]
+    assert gradient_tolerance(grads, [g.clone() if g is not None else None for g in grads]) == (
+        GRADIENT_TOLERANCE
+    )
+    noisy = [torch.tensor([100.0, -50.03]), None, torch.tensor([1.0])]  # 0.03 of a largest 100
+    assert gradient_tolerance(grads, noisy) == pytest.approx(4 * 0.03 / 100, rel=1e-3)
+    assert gradient_tolerance([None], [None]) == GRADIENT_TOLERANCE
