@@ -361,7 +361,8 @@ def _move_into_place(tmp: str, p: Path, force: bool) -> None:
 @contextlib.contextmanager
 def _removed_on_signals(tmp: str) -> Iterator[None]:
     """Remove ``tmp`` if SIGTERM or SIGINT arrives, then let the signal act as it would have
-    (the process ends, or KeyboardInterrupt). Only in the main thread, where handlers run."""
+    (the process ends, or KeyboardInterrupt). Only in the main thread, where handlers run,
+    and not for a signal the process ignores (a background job's SIGINT): the write goes on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -374,11 +375,12 @@ def _removed_on_signals(tmp: str) -> Iterator[None]:
         before = previous[signum]
         if callable(before):
             before(signum, frame)
-        elif before != signal.SIG_IGN:
+        else:
             os.kill(os.getpid(), signum)  # the default action: end the process, as the signal asked
 
     for number in (signal.SIGTERM, signal.SIGINT):
-        previous[number] = signal.signal(number, handler)
+        if signal.getsignal(number) != signal.SIG_IGN:
+            previous[number] = signal.signal(number, handler)
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_init, accepts_layout, create_block, layout_kwargs, uses_grid
@@ -161,6 +161,8 @@ class Plan(Sequence[InsertionPoint]):
     skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
     target: str = ""
     opaque: tuple[OpaqueModule, ...] = ()
+    used_fallback: bool = False  # the recipe's rules matched nothing here; its fallback placed the points
+    fallback_refused: str = ""  # why the fallback was not used where the rules matched nothing
     flop_count: LazyCount = field(default_factory=lambda: LazyCount(0), compare=False, repr=False)
 
     @property
@@ -199,16 +201,13 @@ class Plan(Sequence[InsertionPoint]):
             return ""
         if self.skipped:
             return "; ".join(sorted({s.reason for s in self.skipped})[:2])
+        if self.fallback_refused:
+            return self.fallback_refused
         positions = ", ".join(dict.fromkeys(r.at for r in self.recipe.all_rules))
         if self.opaque:
             whole = "; ".join(str(o) for o in self.opaque[:2])
             return f"no {positions} outside the modules kept whole, which fx cannot trace ({whole})"
         return f"the model has no {positions}"
-
-    @property
-    def used_fallback(self) -> bool:
-        """Whether the recipe's rules placed no block here, so its ``fallback`` rules did."""
-        return any(p.rule >= len(self.recipe.rules) for p in self.points)
 
     @property
     def params_added(self) -> int:
@@ -233,6 +232,7 @@ class Plan(Sequence[InsertionPoint]):
             "tracing": self.tracing,
             "opaque": [asdict(o) for o in self.opaque],
             "used_fallback": self.used_fallback,
+            "fallback_refused": self.fallback_refused,
             "points": [p.to_dict() for p in self.points],
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -402,14 +402,17 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
 
 
 def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
-    """Whether a block of an earlier injection already sits on the candidate's edge (for an
-    edge to every user, on any of them)."""
-    users = candidate.node.users if candidate.consumers is None else candidate.consumers
-    nodes = [candidate.node, *users]
-    return any(
-        node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
-        for node in nodes
-    )
+    """Whether a block of an earlier injection already sits on the candidate's edge: the
+    node is one, a consumer is one, or (an edge to every user) every user is one."""
+
+    def is_block(node: fx.Node) -> bool:
+        return node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
+
+    if is_block(candidate.node):
+        return True
+    if candidate.consumers is not None:
+        return any(is_block(n) for n in candidate.consumers)
+    return bool(candidate.node.users) and all(is_block(n) for n in candidate.node.users)
 
 
 def build_plan(
@@ -426,9 +429,46 @@ def build_plan(
     injection, still counts as a match: the fallback is for models without the position."""
     skipped: list[SkippedPoint] = []
     chosen, matched = _match_rules(graph, stages, recipe, name, recipe.rules, 0, skipped)
+    used_fallback, refused = False, ""
     if not matched and recipe.fallback:
-        chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
-    return _plan_of(graph, stages, recipe, init, name, base_params, chosen, skipped)
+        hidden = _hidden_modules(graph, stages)
+        if hidden:
+            positions = ", ".join(dict.fromkeys(r.at for r in recipe.rules))
+            more = f" and {len(hidden) - 2} more" if len(hidden) > 2 else ""
+            refused = (
+                f"no {positions} found, but {', '.join(hidden[:2])}{more} are kept whole and may hold "
+                "them, so the recipe's fallback is not used"
+            )
+        else:
+            chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
+            used_fallback = bool(chosen)
+    result = _plan_of(graph, stages, recipe, init, name, base_params, chosen, skipped)
+    return dataclasses.replace(result, used_fallback=used_fallback, fallback_refused=refused)
+
+
+def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
+    """Modules before the head that the trace keeps whole (fx could not trace them, or timm
+    marks them not traceable) and that hold convolutions or linear layers: positions may
+    lie inside them. A head's kept-whole MLP (timm VGG's ``pre_logits``) does not count."""
+    opaque = {o.name for o in graph.opaque}
+    last = max((graph.index[s.node] for s in stages), default=None)
+    hidden = []
+    for node in graph.nodes:
+        module = graph.module(node)
+        if module is None or getattr(module, "_attn_inject_block", False):
+            continue
+        if last is not None and graph.index[node] > last:
+            break
+        if str(node.target) in opaque:
+            hidden.append(str(node.target))
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            continue
+        inner = module.modules()
+        next(inner)  # the module itself
+        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in inner):
+            hidden.append(f"{node.target} ({type(module).__name__})")
+    return hidden
 
 
 def _match_rules(
@@ -472,6 +512,11 @@ def _match_rules(
                     "takes NCHW maps only (its factory has no layout argument)"
                 )
             grid = candidate.token_grid
+            if reason is None and grid is not None and grid.prefix_varies:
+                reason = (
+                    f"the number of tokens before the grid of node {candidate.node.name!r} ({grid}) changes "
+                    "with the input size; a block passes a fixed number of them through"
+                )
             if reason is None and grid is not None and grid.dynamic and uses_grid(rule.block.kind):
                 reason = (
                     f"the token grid of node {candidate.node.name!r} ({grid}) changes with the input size "
@@ -653,6 +698,8 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
         recipe=recipe,
         init=recipe.init,
         opaque=tuple(o for p in plans for o in p.opaque),
+        used_fallback=any(p.used_fallback for p in plans),
+        fallback_refused="; ".join(p.fallback_refused for p in plans if p.fallback_refused),
     )
 
 

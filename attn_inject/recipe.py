@@ -11,9 +11,10 @@ the key and what is allowed::
         at: stage_output
 
 ``fallback`` (optional) is a second list of rules, used only in a model where ``rules``
-match no position at all: ``se_resnet`` puts SE on the residual branches, and in a network with
-no residual unit (VGG, DenseNet, Inception, MobileNetV1) after the activation of every
-convolution, the paper's integration into non-residual networks (arXiv 1709.01507, Sec. 3.3).
+match no position at all and no module before the head is kept whole with layers inside.
+``se_resnet`` puts SE on the residual branches, and in a network with no residual unit (VGG,
+DenseNet, Inception, MobileNetV1) after the activation of every convolution, the paper's
+integration into non-residual networks (arXiv 1709.01507, Sec. 3.3).
 """
 
 from __future__ import annotations

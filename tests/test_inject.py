@@ -347,3 +347,4 @@ def test_a_residual_free_model_gets_the_recipes_fallback_and_round_trips(build, 
     # a second residual recipe on the same model falls back again, next to the first blocks
     twice = ai.inject(patched, "eca_resnet", input_size=SIZE, allow_empty=True)
     assert len(twice.attn_inject.plans[-1]) == 0  # every conv output already holds a block
+    assert twice.attn_inject.plan.used_fallback  # the merged plan still says so

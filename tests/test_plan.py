@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import attn_inject as ai
@@ -38,6 +39,10 @@ STAGE_CHANNELS = {
 @pytest.mark.parametrize("name", RESIDUAL_CHANNELS)
 def test_residual_branch_finds_every_residual_addition(name):
     plan = ai.plan(meta_model(name), "se_resnet", input_size=SIZE)
+    if name == "timm:dm_nfnet_f0":  # its residual blocks are kept whole: no fallback
+        assert plan == [] and not plan.used_fallback
+        assert "NormFreeBlock) and " in plan.fallback_refused and "kept whole" in plan.empty_reason
+        return
     if not RESIDUAL_CHANNELS[name]:  # no residual unit: the recipe's fallback, after each conv
         assert plan.used_fallback and {p.position for p in plan} == {"conv_output"}
         return
@@ -234,3 +239,35 @@ def test_an_empty_plan_says_why_when_nothing_was_skipped():
     assert ai.plan(meta_model("timm:densenet121"), "se_pre", input_size=SIZE).empty_reason == (
         "the model has no pre_block"
     )
+
+
+class _HiddenResidual(nn.Module):
+    """A residual unit fx cannot trace into (control flow on a value), kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return x + (y if bool(y.sum() > 0) else -y)
+
+
+def test_no_fallback_where_the_rules_positions_may_hide_in_modules_kept_whole():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _HiddenResidual(), _HiddenResidual())
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert [o.name for o in plan.opaque] == ["2", "3"]
+    assert plan == [] and not plan.used_fallback
+    assert plan.empty_reason == (
+        "no residual_branch found, but 2, 3 are kept whole and may hold them, so the recipe's "
+        "fallback is not used"
+    )
+    with pytest.raises(ai.InjectError, match="fallback is not used"):
+        ai.inject(model, "se_resnet", input_size=SIZE)
+
+
+def test_a_block_on_one_edge_leaves_the_other_users_edge_free():
+    model = torchvision.models.resnet18().eval()
+    pre = ai.inject(model, "se_pre", input_size=SIZE)  # SE-PRE on x -> conv1 of every unit
+    stages = ai.plan(pre, "cbam_after_every_stage", input_size=SIZE)
+    assert [p.name for p in stages] == ["layer1", "layer2", "layer3", "layer4"]

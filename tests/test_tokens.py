@@ -264,3 +264,24 @@ def test_a_computed_token_before_the_grid_is_a_prefix_and_passes_through():
     x = torch.randn(2, *SIZE)
     with torch.no_grad():
         assert torch.equal(patched(x), model(x))
+
+
+class PooledPrefixViT(nn.Module):
+    """Pooled summary tokens in front of the grid: their number grows with the input size, so
+    the prefix a block would pass through is not fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.blocks = nn.Sequential(Block(DIM), Block(DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        front = F.avg_pool1d(x.transpose(1, 2), 4).transpose(1, 2)
+        return self.blocks(torch.cat([front, x], dim=1)).mean(1)
+
+
+def test_a_prefix_that_grows_with_the_input_is_not_guessed_at():
+    plan = ai.plan(PooledPrefixViT().eval(), "se_resnet", input_size=SIZE)
+    assert plan == [] and len(plan.skipped) == 4
+    assert all("tokens before the grid" in s.reason for s in plan.skipped)

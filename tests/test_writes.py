@@ -118,10 +118,31 @@ def test_sigint_during_a_write_removes_the_temporary_file_and_raises_keyboard_in
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data is on disk
 
     monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_safetensors(tmp_path / "out.safetensors", {"w": torch.ones(3)}, {})
+        assert os.listdir(tmp_path) == []
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_sigint_the_process_ignores_leaves_the_write_to_finish(tmp_path, monkeypatch):
+    real = safetensors.torch.save_file
+
+    def interrupted(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+    try:
         write_safetensors(tmp_path / "out.safetensors", {"w": torch.ones(3)}, {})
-    assert os.listdir(tmp_path) == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):

@@ -50,12 +50,14 @@ TRANSPOSED = {NLC: NCL, NCL: NLC}
 class TokenGrid:
     """Tokens (B, prefix + height * width, C): ``prefix`` tokens, then a height x width grid
     in raster order. ``dynamic``: the grid's size follows the input size (a block with a
-    fixed grid would break at another size)."""
+    fixed grid would break at another size); ``prefix_varies``: so does the number of tokens
+    before it (a block passing a fixed prefix through would take some for grid tokens)."""
 
     prefix: int
     height: int
     width: int
     dynamic: bool = False
+    prefix_varies: bool = False
 
     @property
     def tokens(self) -> int:
@@ -394,27 +396,33 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     """Mark the token grids whose size follows the input size (``TokenGrid.dynamic``).
 
     Shapes are propagated once more at twice the input's height and width: a grid whose
-    token count changes there is dynamic (a timm ViT built with ``dynamic_img_size``); a
-    model that cannot run at that size (a fixed position embedding) has fixed grids. The
-    shapes of the planned size are restored.
+    token count changes there is dynamic (a timm ViT built with ``dynamic_img_size``), and
+    its ``prefix_varies`` where the grids inferred at that size put a different number of
+    tokens before it; a model that cannot run at that size (a fixed position embedding) has
+    fixed grids. The shapes, layouts and grids of the planned size are restored.
     """
     gridded = [n for n in graph.nodes if grid_of(n) is not None]
     if not gridded:
         return
-    saved = {n: n.meta.get("val") for n in graph.nodes}
+    saved = {n: (n.meta.get("val"), n.meta.get("layout"), n.meta.get("grid")) for n in graph.nodes}
     probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
+    probed: dict[fx.Node, TokenGrid | None] = {}
     try:
         propagate_shapes(model, graph, probe)
-        changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n]))]
+        changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n][0]))]
+        if changed:  # the grids at the probe size: does the prefix stay?
+            annotate_layouts(model, graph)
+            probed = {n: grid_of(n) for n in changed}
     except Exception:  # the model runs at its own size only: its grids are fixed
         changed = []
     finally:
-        for node, value in saved.items():
-            node.meta["val"] = value
+        for node, (value, layout, grid) in saved.items():
+            node.meta["val"], node.meta["layout"], node.meta["grid"] = value, layout, grid
     for node in changed:
-        grid = grid_of(node)
+        grid, at_probe = grid_of(node), probed.get(node)
         if grid is not None:
-            node.meta["grid"] = replace(grid, dynamic=True)
+            varies = at_probe is not None and at_probe.prefix != grid.prefix
+            node.meta["grid"] = replace(grid, dynamic=True, prefix_varies=varies)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
