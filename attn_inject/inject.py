@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .models import base_model_of
-from .plan import analyse
+from .plan import analyse, positions_of
 from .recipe import Recipe
 from .rewrite import RewriteError, rewrite
 
@@ -46,7 +46,7 @@ def inject(
     """
     graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
     if not plan.points and not allow_empty:
-        positions = ", ".join(sorted({r.at for r in plan.recipe.all_rules}))
+        positions = positions_of(plan.recipe.all_rules)
         raise InjectError(
             f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
             f"(positions: {positions}): {plan.empty_reason}. Pass allow_empty=True to accept an "

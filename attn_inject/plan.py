@@ -203,7 +203,7 @@ class Plan(Sequence[InsertionPoint]):
             return "; ".join(sorted({s.reason for s in self.skipped})[:2])
         if self.fallback_refused:
             return self.fallback_refused
-        positions = ", ".join(dict.fromkeys(r.at for r in self.recipe.all_rules))
+        positions = positions_of(self.recipe.all_rules)
         if self.opaque:
             whole = "; ".join(str(o) for o in self.opaque[:2])
             return f"no {positions} outside the modules kept whole, which fx cannot trace ({whole})"
@@ -281,7 +281,7 @@ class Plan(Sequence[InsertionPoint]):
             f"({flops_share:.2f}% of {_giga(self.base_flops)} per image), init={self.init}"
         )
         if self.used_fallback:
-            primary = ", ".join(dict.fromkeys(r.at for r in self.recipe.rules))
+            primary = positions_of(self.recipe.rules)
             lines.append(f"no block at {primary} in this model: the recipe's fallback rules placed these")
         return "\n".join(lines)
 
@@ -401,6 +401,11 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
     return not any(re.search(p, candidate.name) for p in rule.exclude)
 
 
+def positions_of(rules: Sequence[Rule]) -> str:
+    """The positions ``rules`` name, each once, in order: "residual_branch, conv_output"."""
+    return ", ".join(dict.fromkeys(r.at for r in rules))
+
+
 def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     """Whether a block of an earlier injection already sits on the candidate's edge: the
     node is one, a consumer is one, or (an edge to every user) every user is one."""
@@ -433,7 +438,7 @@ def build_plan(
     if not matched and recipe.fallback:
         hidden = _hidden_modules(graph, stages)
         if hidden:
-            positions = ", ".join(dict.fromkeys(r.at for r in recipe.rules))
+            positions = positions_of(recipe.rules)
             more = f" and {len(hidden) - 2} more" if len(hidden) > 2 else ""
             refused = (
                 f"no {positions} found, but {', '.join(hidden[:2])}{more} are kept whole and may hold "
@@ -442,8 +447,51 @@ def build_plan(
         else:
             chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
             used_fallback = bool(chosen)
-    result = _plan_of(graph, stages, recipe, init, name, base_params, chosen, skipped)
-    return dataclasses.replace(result, used_fallback=used_fallback, fallback_refused=refused)
+    chosen.sort(key=lambda item: item[:2])
+    points = []
+    for _, r, candidate, rule in chosen:
+        t, channels = tensor_meta(candidate.node), candidate.channels
+        assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
+        shape = tuple(int(s) for s in t.shape[1:])
+        grid = candidate.token_grid
+        point = InsertionPoint(
+            name=candidate.name,
+            position=rule.at,
+            channels=channels,
+            block=rule.block,
+            params=0,
+            node=candidate.node.name,
+            consumers=candidate.edge[1],
+            shape=shape,
+            stage=stage_index(graph, stages, candidate.anchor),
+            rule=r,
+            key="",  # set by place_points
+            layout=str(candidate.layout),
+            prefix=grid.prefix if grid is not None else 0,
+            grid=(grid.height, grid.width) if grid is not None else None,
+        )
+        layout = layout_kwargs(point)
+        points.append(
+            dataclasses.replace(
+                point,
+                params=block_params(rule.block, channels, init, layout),
+                flops=block_flops(rule.block, shape, channels, init, layout),
+            )
+        )
+    return Plan(
+        points=tuple(points),
+        recipe=recipe,
+        init=init,
+        input_size=tuple(graph.input_shape[1:]),
+        model_name=name,
+        base_params=base_params,
+        stages=tuple(s.name for s in stages),
+        skipped=tuple(skipped),
+        opaque=graph.opaque,
+        flop_count=LazyCount(graph.count_flops),
+        used_fallback=used_fallback,
+        fallback_refused=refused,
+    )
 
 
 def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
@@ -550,61 +598,6 @@ def _match_rules(
             taken[candidate.edge] = r
             chosen.append((graph.index[candidate.node], r, candidate, rule))
     return chosen, matched
-
-
-def _plan_of(
-    graph: AnnotatedGraph,
-    stages: list[Stage],
-    recipe: Recipe,
-    init: str,
-    name: str,
-    base_params: int,
-    chosen: list[tuple[int, int, Candidate, Rule]],
-    skipped: list[SkippedPoint],
-) -> Plan:
-    chosen.sort(key=lambda item: item[:2])
-    points = []
-    for _, r, candidate, rule in chosen:
-        t, channels = tensor_meta(candidate.node), candidate.channels
-        assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
-        shape = tuple(int(s) for s in t.shape[1:])
-        grid = candidate.token_grid
-        point = InsertionPoint(
-            name=candidate.name,
-            position=rule.at,
-            channels=channels,
-            block=rule.block,
-            params=0,
-            node=candidate.node.name,
-            consumers=candidate.edge[1],
-            shape=shape,
-            stage=stage_index(graph, stages, candidate.anchor),
-            rule=r,
-            key="",  # set by place_points
-            layout=str(candidate.layout),
-            prefix=grid.prefix if grid is not None else 0,
-            grid=(grid.height, grid.width) if grid is not None else None,
-        )
-        layout = layout_kwargs(point)
-        points.append(
-            dataclasses.replace(
-                point,
-                params=block_params(rule.block, channels, init, layout),
-                flops=block_flops(rule.block, shape, channels, init, layout),
-            )
-        )
-    return Plan(
-        points=tuple(points),
-        recipe=recipe,
-        init=init,
-        input_size=tuple(graph.input_shape[1:]),
-        model_name=name,
-        base_params=base_params,
-        stages=tuple(s.name for s in stages),
-        skipped=tuple(skipped),
-        opaque=graph.opaque,
-        flop_count=LazyCount(graph.count_flops),
-    )
 
 
 @dataclass(frozen=True)

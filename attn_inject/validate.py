@@ -192,28 +192,19 @@ def _on_device(original: nn.Module, patched: nn.Module, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def cudnn_autotune_off() -> Iterator[None]:
-    """cuDNN autotuning off for the duration (it may pick different kernels for two runs
-    that are compared); TF32 is left as it is, the same for both."""
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+def cudnn_settings(**flags: bool) -> Iterator[None]:
+    """``torch.backends.cudnn`` flags set for the duration, then restored; TF32 is left as it
+    is, the same for both runs compared. ``benchmark=False``: autotuning may pick different
+    kernels for two runs. ``deterministic=True``: the fastest backward convolutions sum with
+    atomics in an order that changes from run to run."""
+    before = {name: getattr(torch.backends.cudnn, name) for name in flags}
+    for name, value in flags.items():
+        setattr(torch.backends.cudnn, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = benchmark
-
-
-@contextlib.contextmanager
-def cudnn_deterministic() -> Iterator[None]:
-    """cuDNN's deterministic kernels for the duration: its fastest backward convolutions sum
-    with atomics, in an order that changes from run to run, so two backward passes of the
-    same weights would differ in the last bits."""
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+        for name, value in before.items():
+            setattr(torch.backends.cudnn, name, value)
 
 
 def _where(device: torch.device, dtype: torch.dtype | str, mode: str) -> str:
@@ -575,7 +566,7 @@ def _gradient_check(run: _Run) -> Check:
     unreached: list[str] = []
     point = ""
     try:
-        with _train_mode(run.original, run.patched), cudnn_deterministic():
+        with _train_mode(run.original, run.patched), cudnn_settings(deterministic=True):
             reference = _seeded_grads(run.original, x, [p for _, p in own], devices)
             buffers.restore()
             tolerance = GRADIENT_TOLERANCE
@@ -930,7 +921,7 @@ def validate(
     results: list[Check] = []
     current = "the forward passes"
     try:
-        with cudnn_autotune_off():
+        with cudnn_settings(benchmark=False):
             evaluated, max_abs, scale, finite = _eval_checks(run, wanted)
             results += evaluated
             steps: list[tuple[str, Callable[[], list[Check]]]] = [

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
-from attn_inject.validate import cudnn_autotune_off
+from attn_inject.validate import cudnn_settings
 
 QUICK_PAIR = ("resnet18", "se_resnet", "seresnet18", {})
 PAIRS = (
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> str:
             )
         ),
     )
-    with cudnn_autotune_off() if not cuda else contextlib.nullcontext():
+    with cudnn_settings(benchmark=False) if not cuda else contextlib.nullcontext():
         for base, recipe, hand, kwargs in pairs:
             for variant in variants:
                 table.rows += bench_pair(base, recipe, hand, kwargs, variant, device, batches, size, rounds)

@@ -320,10 +320,10 @@ def test_every_inserted_weight_is_reached_after_a_small_step_even_where_gradient
 
 
 def test_cudnn_deterministic_is_restored():
-    from attn_inject.validate import cudnn_deterministic
+    from attn_inject.validate import cudnn_settings
 
     before = torch.backends.cudnn.deterministic
-    with cudnn_deterministic():
+    with cudnn_settings(deterministic=True):
         assert torch.backends.cudnn.deterministic
     assert torch.backends.cudnn.deterministic == before
 

@@ -408,13 +408,14 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
     probed: dict[fx.Node, TokenGrid | None] = {}
     try:
-        propagate_shapes(model, graph, probe)
-        changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n][0]))]
+        try:
+            propagate_shapes(model, graph, probe)
+            changed = [n for n in gridded if _shape(n) not in (None, _shape_of(saved[n][0]))]
+        except Exception:  # the model runs at its own size only: its grids are fixed
+            changed = []
         if changed:  # the grids at the probe size: does the prefix stay?
             annotate_layouts(model, graph)
             probed = {n: grid_of(n) for n in changed}
-    except Exception:  # the model runs at its own size only: its grids are fixed
-        changed = []
     finally:
         for node, (value, layout, grid) in saved.items():
             node.meta["val"], node.meta["layout"], node.meta["grid"] = value, layout, grid
