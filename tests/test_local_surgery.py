@@ -476,6 +476,39 @@ def test_normfree_blocks_without_skipinit_are_traced_through_and_keep_identity()
         assert torch.equal(patched(X), model(X))
 
 
+class _InPlaceGain(nn.Module):
+    """A residual unit whose branch is scaled in place, as timm's NormFreeBlock skipinit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        out.mul_(self.gain)
+        return x + 0.2 * out  # NFNet's alpha
+
+
+def test_an_in_place_gain_on_the_branch_is_kept_in_the_data_flow():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _InPlaceGain()).eval()
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert [p.position for p in plan] == ["residual_branch"]
+    patched = ai.inject(model, "se_resnet", input_size=SIZE, init="paper")
+    report = ai.validate(model, patched, input_size=SIZE, checks=["reference"])
+    assert report.passed, report  # the block sees the scaled branch; the gain is not lost
+    with torch.no_grad():
+        identity = ai.inject(model, "se_resnet", input_size=SIZE)
+        assert torch.equal(identity(X), model(X))
+
+
+def test_normfree_blocks_with_skipinit_are_traced_through():
+    model = meta_model("timm:dm_nfnet_f0")
+    patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.attn_last_se"
+    assert "mul_" in patched.stages[0][0].code
+
+
 def test_a_pool_to_a_fixed_size_starts_the_head_so_vgg_keeps_its_class():
     model = meta_model("tv:vgg11")
     plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))

@@ -82,17 +82,20 @@ def depends_on_training(module: nn.Module) -> bool:
     return not any(True for child in module.children() for _ in child.parameters())
 
 
-def _skipinit_off(module: nn.Module) -> bool:
-    """timm sets ``skipinit_gain = None`` when skipinit is off (a parameter when on); a
-    module without the attribute is not the one this rule knows, and stays whole."""
+def _skipinit_known(module: nn.Module) -> bool:
+    """timm's skipinit gain: ``None`` when off, a parameter when on, applied in place by
+    ``out.mul_(gain)``, which :func:`thread_in_place` makes part of the data flow. A module
+    without the attribute is not the one this rule knows, and stays whole."""
+    if "skipinit_gain" in module._parameters:
+        return True
     return "skipinit_gain" in vars(module) and vars(module)["skipinit_gain"] is None
 
 
 # timm modules registered as not traceable, with the condition under which the reason timm
 # gives does not apply to an instance. NormFreeBlock: "mul_ causes FX to drop a relevant
-# node", an in-place ``out.mul_(self.skipinit_gain)`` that runs only when skipinit is on.
+# node", the in-place skipinit gain, which the trace threads into the data flow.
 TRACEABLE_WHEN: dict[str, Callable[[nn.Module], bool]] = {
-    "timm.models.nfnet.NormFreeBlock": _skipinit_off,
+    "timm.models.nfnet.NormFreeBlock": _skipinit_known,
 }
 
 
@@ -279,6 +282,25 @@ def tracing_strategy(opaque: tuple[OpaqueModule, ...]) -> str:
     return "opaque" if opaque else "whole"
 
 
+def thread_in_place(graph: fx.Graph) -> None:
+    """Make in-place tensor methods part of the data flow: ``out.mul_(gain)`` (timm's
+    NormFreeBlock skipinit) is traced as a node that nothing reads, while the code after it
+    reads ``out``, which it changed. Nodes after it now read its result instead, which is the
+    same tensor at run time, so the generated code computes what the model's does and a
+    block after ``out`` sees the changed value."""
+    for node in graph.nodes:
+        if not (node.op == "call_method" and _is_in_place(node.target)):
+            continue
+        source = node.args[0] if node.args else None
+        if isinstance(source, fx.Node):
+            later = {user for user in source.users if user > node}
+            source.replace_all_uses_with(node, delete_user_cb=later.__contains__)
+
+
+def _is_in_place(name: object) -> bool:
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_")
+
+
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:240]
@@ -390,6 +412,7 @@ def _trace(
         with eval_mode(model):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
+                thread_in_place(graph)
                 return TraceResult(graph, tuple(opaque), tuple(tracer.calls))
             except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
                 failed = tracer.failed_in
