@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import accepts_init, accepts_layout, create_block, layout_kwargs, uses_grid
+from .blocks import accepts_init, accepts_layout, accepts_order, create_block, layout_kwargs, uses_grid
 from .graph.analysis import AnnotatedGraph, annotate
 from .graph.layout import NCHW
 from .graph.positions import Candidate, find_candidates, stage_index
@@ -58,8 +58,10 @@ class InsertionPoint:
     (``None``: every user). ``key`` is the block's qualified module name (``layer1.0.se``).
 
     ``layout`` is what the block acts on: "NCHW" or "NHWC" maps (``shape`` (C, H, W) or
-    (H, W, C)), or "tokens" (``shape`` (N, C)) with N = ``prefix`` + H' x W' (``grid``, None
-    for maps). ``blocks.layout_kwargs(point)`` gives the block's arguments for it."""
+    (H, W, C)), or "tokens" (``shape`` (N, C), or (T, N, C) for tokens over two dimensions)
+    with N = ``prefix`` + H' x W' (``grid``, None for maps), ``reordered`` where the tokens
+    hold the grid in another order than raster (``order``, each token's raster position, for a
+    block that needs the grid). ``blocks.layout_kwargs(point)`` gives the block's arguments."""
 
     name: str
     position: str
@@ -76,10 +78,14 @@ class InsertionPoint:
     flops: int = 0  # per sample
     prefix: int = 0  # tokens before the grid (class, register, distillation tokens)
     grid: tuple[int, int] | None = None  # (H', W') of tokens
+    reordered: bool = False  # tokens hold the grid in another order than raster (Hiera, Nest)
+    order: tuple[int, ...] | None = None  # each token's raster position, for a block that needs it
 
     def __post_init__(self) -> None:
         if self.grid is not None:  # from a manifest's lists: keep the tuple the dataclass declares
             object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
+        if self.order is not None:
+            object.__setattr__(self, "order", tuple(int(i) for i in self.order))
 
     @property
     def layout_text(self) -> str:
@@ -87,7 +93,8 @@ class InsertionPoint:
         if self.grid is None:
             return self.layout
         front = f"{self.prefix}+" if self.prefix else ""
-        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}"
+        reordered = " reordered" if self.reordered else ""
+        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}{reordered}"
 
     module: str = ""  # the module the block is a child of ('' is the model or its target)
     block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
@@ -111,6 +118,7 @@ class InsertionPoint:
         out["consumers"] = None if self.consumers is None else list(self.consumers)
         out["shape"] = list(self.shape)
         out["grid"] = None if self.grid is None else list(self.grid)
+        out["order"] = None if self.order is None else list(self.order)
         return out
 
 
@@ -469,6 +477,8 @@ def build_plan(
             layout=str(candidate.layout),
             prefix=grid.prefix if grid is not None else 0,
             grid=(grid.height, grid.width) if grid is not None else None,
+            reordered=grid is not None and grid.order is not None,
+            order=grid.order if grid is not None and uses_grid(rule.block.kind) else None,
         )
         layout = layout_kwargs(point)
         points.append(
@@ -564,6 +574,17 @@ def _match_rules(
                 reason = (
                     f"the number of tokens before the grid of node {candidate.node.name!r} ({grid}) changes "
                     "with the input size; a block passes a fixed number of them through"
+                )
+            if (
+                reason is None
+                and grid is not None
+                and grid.order is not None
+                and uses_grid(rule.block.kind)
+                and not accepts_order(rule.block.kind)
+            ):
+                reason = (
+                    f"node {candidate.node.name!r} holds its token grid ({grid}) in another order than "
+                    f"raster and block {rule.block.kind!r} needs the grid but takes no 'order' argument"
                 )
             if reason is None and grid is not None and grid.dynamic and uses_grid(rule.block.kind):
                 reason = (

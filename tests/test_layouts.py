@@ -84,6 +84,56 @@ def test_token_block_acts_on_grid_as_on_map_and_passes_prefix_tokens_through(kin
     assert torch.equal(x.grad[:, prefix:], torch.zeros(2, H * W, C))
 
 
+@pytest.mark.parametrize(("kind", "params"), KINDS, ids=KIND_IDS)
+def test_reordered_tokens_act_as_their_grid_in_raster_order_values_and_gradients(kind, params):
+    """Tokens holding the grid in another order (Hiera's unrolling), here also over two
+    dimensions (Nest's (B, T, N, C) blocks): the block on them equals the NCHW block on the
+    map they hold, put back in their order."""
+    reference = trained(ai.create_block(kind, C, init="paper", **params))
+    order = torch.randperm(H * W, generator=torch.Generator().manual_seed(5))
+    block = same_weights(
+        reference,
+        ai.create_block(kind, C, init="paper", layout="tokens", grid=(H, W), order=order.tolist(), **params),
+    )
+    raster = torch.randn(2, H * W, C, generator=torch.Generator().manual_seed(3))
+    for shape in ((2, H * W, C), (2, H, W, C)):  # (B, N, C) and (B, T, N, C)
+        x = raster[:, order].reshape(shape).requires_grad_()  # token i holds position order[i]
+        x_map = x.reshape(2, H * W, C)[:, torch.argsort(order)].reshape(2, H, W, C).permute(0, 3, 1, 2)
+        expected = reference(x_map).permute(0, 2, 3, 1).reshape(2, H * W, C)[:, order].reshape(shape)
+        out = block(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(shape)).sum(), x)
+        (want,) = torch.autograd.grad((expected * torch.linspace(-1, 1, out.numel()).view(shape)).sum(), x)
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-6)
+    identity = ai.create_block(kind, C, init="identity", layout="tokens", grid=(H, W), order=order.tolist())
+    assert torch.equal(identity(raster), raster)
+
+
+@pytest.mark.parametrize(
+    ("order", "prefix", "message"),
+    [
+        ([0] * (H * W), 0, r"order=\[0, 0, .* \(35 items\)\] is not allowed; order must be a permutation"),
+        (list(range(H * W - 1)), 0, r"order must be a permutation of 0..34"),
+        (list(range(H * W)), 1, r"with prefix 0"),
+        ("0123", 0, r"order='0123' is not allowed"),
+    ],
+)
+def test_a_bad_token_order_raises_one_clear_error(order, prefix, message):
+    with pytest.raises(BlockParamError, match=message):
+        ai.create_block("cbam", C, layout="tokens", prefix=prefix, grid=(H, W), order=order)
+
+
+def test_a_reordered_block_scripts_and_keeps_its_order_out_of_the_saved_state():
+    order = torch.randperm(H * W, generator=torch.Generator().manual_seed(1)).tolist()
+    block = trained(ai.create_block("cbam", C, layout="tokens", grid=(H, W), order=order))
+    assert "order" not in block.state_dict() and "reordered" in repr(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(block)
+    x = torch.randn(2, H * W, C)
+    assert torch.equal(scripted(x), block(x))
+
+
 @pytest.mark.parametrize(
     "layout",
     [{}, {"layout": "NHWC"}, {"layout": "tokens", "prefix": 1, "grid": (H, W)}],
@@ -170,12 +220,18 @@ def test_a_recipe_cannot_set_the_layout_the_planner_owns():
 
 
 def test_layout_kwargs_contract():
-    def point(layout, prefix=0, grid=None):
-        return SimpleNamespace(layout=layout, prefix=prefix, grid=grid)
+    def point(layout, prefix=0, grid=None, order=None):
+        return SimpleNamespace(layout=layout, prefix=prefix, grid=grid, order=order)
 
     assert layout_kwargs(point("NCHW")) == {}
     assert layout_kwargs(point("NHWC")) == {"layout": "NHWC"}
     assert layout_kwargs(point("tokens", 1, (14, 14))) == {"layout": "tokens", "prefix": 1, "grid": (14, 14)}
+    assert layout_kwargs(point("tokens", 0, (1, 2), (1, 0))) == {
+        "layout": "tokens",
+        "prefix": 0,
+        "grid": (1, 2),
+        "order": [1, 0],
+    }
     with pytest.raises(ValueError, match=r"layout 'NLC' .* allowed: NCHW, NHWC, tokens"):
         layout_kwargs(point("NLC"))
 

@@ -15,6 +15,8 @@ from torch import nn
 
 import attn_inject as ai
 from attn_inject.blocks import layout_kwargs
+from attn_inject.graph.analysis import annotate
+from attn_inject.graph.layout import layout_of
 
 from .conftest import meta_model
 
@@ -33,7 +35,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        x = x + self.proj((q @ k.transpose(1, 2) / DIM**0.5).softmax(-1) @ v)
+        x = x + self.proj((q @ k.transpose(-2, -1) / DIM**0.5).softmax(-1) @ v)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -189,7 +191,8 @@ FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_
     ("mambaout_femto", {}, 64, {"NHWC"}, {"NHWC"}),
     ("volo_d1_224", {"img_size": 64}, 64, {"NHWC"}, {"NHWC"}),
     ("samvit_base_patch16", {"img_size": 64}, 64, {"tokens", "NHWC"}, {"NHWC"}),  # SAM's image encoder
-    ("hiera_tiny_224", {}, 224, set(), set()),  # unrolled tokens: no grid, every point skipped
+    ("hiera_tiny_224", {}, 224, {"tokens"}, {"tokens"}),  # unrolled and pooled tokens, reordered
+    ("nest_tiny", {}, 224, {"tokens"}, {"NCHW"}),  # (B, T, N, C) blocks of tokens; stages end in maps
 ]
 
 
@@ -208,7 +211,7 @@ def test_token_and_channels_last_families_plan_with_identity(name, kwargs, size,
             assert plan.skipped and all(s.reason for s in plan.skipped)
             continue
         for point in plan:  # channels are the real widths: the block builds and runs on the tensor
-            assert point.channels == point.shape[{"NCHW": 0, "NHWC": 2, "tokens": 1}[point.layout]]
+            assert point.channels == point.shape[{"NCHW": 0, "NHWC": 2, "tokens": -1}[point.layout]]
         patched = patched_model(model, recipe, input_size)
         report = ai.validate(model, patched, input_size=input_size)
         assert report.passed and report.max_abs_diff == 0, (recipe, report)
@@ -285,3 +288,127 @@ def test_a_prefix_that_grows_with_the_input_is_not_guessed_at():
     plan = ai.plan(PooledPrefixViT().eval(), "se_resnet", input_size=SIZE)
     assert plan == [] and len(plan.skipped) == 4
     assert all("tokens before the grid" in s.reason for s in plan.skipped)
+
+
+class Unrolled(nn.Module):
+    """Hiera in miniature: the patch grid unrolled so that the four tokens of each 2 x 2
+    window lie N/4 apart, a block, the tokens max-pooled over those windows (or over four
+    neighbouring tokens, which are not a window), a block on the coarser grid."""
+
+    def __init__(self, windows: bool = True, fixed_size: bool = True) -> None:
+        super().__init__()
+        self.windows = windows
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        # a position embedding fixes the input size, as Hiera's does
+        self.pos = nn.Parameter(torch.randn(1, GRID * GRID, DIM)) if fixed_size else None
+        self.block1, self.proj, self.block2 = Block(DIM), nn.Linear(DIM, 2 * DIM), Block(2 * DIM)
+        self.head = nn.Linear(2 * DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c)
+        if self.pos is not None:
+            x = x + self.pos
+        x = self.proj(self.block1(x))
+        x = x.view(b, 4, -1, 2 * c).amax(dim=1) if self.windows else x.view(b, -1, 4, 2 * c).amax(dim=2)
+        return self.head(self.block2(x).mean(1))
+
+
+def unrolled_order() -> list[int]:
+    """The raster position of each token of :class:`Unrolled`: token (dy, dx, i, j)."""
+    steps = range(GRID // 2)
+    return [(2 * i + dy) * GRID + 2 * j + dx for dy in (0, 1) for dx in (0, 1) for i in steps for j in steps]
+
+
+def test_unrolled_tokens_are_followed_through_reshapes_and_window_pooling():
+    plan = ai.plan(Unrolled().eval(), "cbam_resnet", input_size=SIZE)
+    assert [(p.name, p.grid, p.reordered) for p in plan] == [
+        ("block1", (GRID, GRID), True),
+        ("block1", (GRID, GRID), True),
+        ("block2", (GRID // 2, GRID // 2), False),  # each 2 x 2 window pooled: the coarse grid, raster
+        ("block2", (GRID // 2, GRID // 2), False),
+    ]
+    assert plan[0].order == tuple(unrolled_order()) and plan[2].order is None
+    assert "tokens 4x4 reordered" in str(plan)
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "cbam_resnet"])
+def test_blocks_on_unrolled_tokens_are_identity_at_insertion_and_match_the_reference(recipe):
+    torch.manual_seed(0)
+    model = Unrolled().eval()
+    report = ai.validate(model, patched_model(model, recipe), input_size=SIZE)
+    assert report.passed and report.max_abs_diff == 0, report
+    report = ai.validate(model, patched_model(model, recipe, init="paper"), input_size=SIZE)
+    assert report.passed, report
+
+
+def test_reordered_tokens_of_a_model_that_runs_at_any_size_are_proven_again_at_twice_it():
+    model = Unrolled(fixed_size=False).eval()
+    se = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert [(p.name, p.reordered, p.order) for p in se][:2] == [("block1", True, None)] * 2
+    cbam = ai.plan(model, "cbam_resnet", input_size=SIZE)
+    assert [p.name for p in cbam] == []  # CBAM needs a fixed grid
+    assert all("changes with the input size" in s.reason for s in cbam.skipped)
+    x = torch.randn(2, 3, 2 * SIZE[1], 2 * SIZE[2])  # SE pools over every token at any size
+    assert torch.equal(patched_model(model, "se_resnet")(x), model(x))
+
+
+def test_pooled_tokens_that_are_not_windows_are_not_guessed_at():
+    plan = ai.plan(Unrolled(windows=False).eval(), "se_resnet", input_size=SIZE)
+    assert [p.name for p in plan] == ["block1", "block1"]
+    assert [s.node for s in plan.skipped] == ["block2_proj", "block2_fc2"]
+    assert all("not (B, N, C) tokens of a known grid" in s.reason for s in plan.skipped)
+
+
+def blockify(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, T, N, C): T blocks of size x size tokens, as timm's Nest."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // size, size, w // size, size, c).transpose(2, 3)
+    return x.reshape(b, (h // size) * (w // size), -1, c)
+
+
+def deblockify(x: torch.Tensor, size: int) -> torch.Tensor:
+    b, t, _, c = x.shape
+    side = int(t**0.5)
+    return x.reshape(b, side, side, size, size, c).transpose(2, 3).reshape(b, side * size, side * size, c)
+
+
+torch.fx.wrap("blockify")  # kept whole by the trace, as timm registers Nest's
+torch.fx.wrap("deblockify")
+
+
+class Blocked(nn.Module):
+    """Nest in miniature: the map cut into 2 x 2 blocks of tokens (B, T, N, C), a transformer
+    block within each, the blocks put back into the map, a convolution on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch, self.block = nn.Conv2d(3, DIM, PATCH, PATCH), Block(DIM)
+        self.pos = nn.Parameter(torch.randn(1, 4, 4, DIM))  # per block, as Nest's
+        self.conv, self.head = nn.Conv2d(DIM, DIM, 3, padding=1), nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = blockify(self.patch(x).permute(0, 2, 3, 1), 2) + self.pos
+        x = deblockify(self.block(x), 2).permute(0, 3, 1, 2)
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_blocks_of_tokens_are_a_reordered_grid_and_the_map_they_are_put_back_into_is_known():
+    torch.manual_seed(0)
+    model = Blocked().eval()
+    plan = ai.plan(model, "cbam_resnet", input_size=SIZE)
+    assert [(p.grid, p.reordered, p.shape) for p in plan] == [((GRID, GRID), True, (4, 4, DIM))] * 2
+    steps = range(2)  # token (block row a, block column b, row r, column c in the block)
+    order = [(2 * a + r) * GRID + 2 * b + c for a in steps for b in steps for r in steps for c in steps]
+    assert plan[0].order == tuple(order)
+    stages = ai.plan(model, "cbam_after_every_stage", input_size=SIZE)
+    assert [(p.node, p.layout) for p in stages] == [("conv", "NCHW")]
+    graph = annotate(model, (1, *SIZE))
+    layouts = {n.name: layout_of(n) for n in graph.nodes}
+    assert (layouts["deblockify"], layouts["permute_1"]) == ("NHWC", "NCHW")  # the map put back
+    cbam = {"rules": [{"block": {"kind": "cbam", "ratio": 4}, "at": "residual_branch"}]}  # 8 hidden units
+    for recipe in (cbam, "se_resnet"):
+        for init in ("identity", "paper"):
+            report = ai.validate(model, patched_model(model, recipe, init=init), input_size=SIZE)
+            assert report.passed and (init == "paper" or report.max_abs_diff == 0), report

@@ -37,6 +37,7 @@ __all__ = [
     "LayoutBlock",
     "SqueezeExcite",
     "accepts_layout",
+    "accepts_order",
     "block_param_names",
     "check_block_params",
     "create_block",
@@ -104,6 +105,15 @@ def accepts_layout(kind: str) -> bool:
     )
 
 
+def accepts_order(kind: str) -> bool:
+    """Whether the block kind takes an ``order`` argument: tokens holding the grid in
+    another order than raster (all built-in blocks do)."""
+    signature = inspect.signature(block_factory(kind))
+    return "order" in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+
+
 def uses_grid(kind: str) -> bool:
     """Whether block ``kind`` on tokens needs the grid's H' x W' shape (CBAM's spatial map),
     so that the grid must be fixed; SE and ECA only pool over the grid tokens. True for a
@@ -120,6 +130,8 @@ class HasLayout(Protocol):
     def prefix(self) -> int: ...
     @property
     def grid(self) -> tuple[int, int] | None: ...
+    @property
+    def order(self) -> tuple[int, ...] | None: ...
 
 
 def layout_kwargs(point: HasLayout) -> dict[str, Any]:
@@ -128,18 +140,23 @@ def layout_kwargs(point: HasLayout) -> dict[str, Any]:
     - ``{}`` for an NCHW map (every block's default, so a block without a ``layout``
       argument can take it);
     - ``{"layout": "NHWC"}`` for a channels-last map (B, H, W, C);
-    - ``{"layout": "tokens", "prefix": P, "grid": (H, W)}`` for tokens (B, P + H*W, C).
+    - ``{"layout": "tokens", "prefix": P, "grid": (H, W)}`` for tokens (B, P + H*W, C),
+      with ``"order"`` (each token's raster position) where the tokens hold the grid in
+      another order and the block uses the grid.
     """
     if point.layout == NCHW:
         return {}
     if point.layout == NHWC:
         return {"layout": NHWC}
     if point.layout == TOKENS and point.grid is not None:
-        return {
+        kwargs: dict[str, Any] = {
             "layout": TOKENS,
             "prefix": int(point.prefix),
             "grid": (int(point.grid[0]), int(point.grid[1])),
         }
+        if point.order is not None:
+            kwargs["order"] = [int(i) for i in point.order]
+        return kwargs
     raise ValueError(
         f"insertion point layout {point.layout!r} (grid {point.grid}) is not one a block can take; "
         f"allowed: {', '.join(LAYOUTS)} (tokens with a grid)"

@@ -111,8 +111,9 @@ class CBAM(LayoutBlock):
         layout: str = NCHW,
         prefix: int = 0,
         grid: tuple[int, int] | None = None,
+        order: list[int] | None = None,
     ) -> None:
-        super().__init__(layout, prefix, grid)
+        super().__init__(layout, prefix, grid, order)
         channels = check.channel_count(channels)
         check.ratio("ratio", ratio)
         check.boolean("bias", bias)

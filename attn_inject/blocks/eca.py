@@ -66,8 +66,9 @@ class EfficientChannelAttention(LayoutBlock):
         layout: str = NCHW,
         prefix: int = 0,
         grid: tuple[int, int] | None = None,
+        order: list[int] | None = None,
     ) -> None:
-        super().__init__(layout, prefix, grid)
+        super().__init__(layout, prefix, grid, order)
         channels = check.channel_count(channels)
         self.init = check.init_mode(init)
         self.conv = ChannelConv(channels, kernel_size, gamma, b)

@@ -12,6 +12,11 @@
   (B, H', W', C) map; one that does not (SE, ECA) pools over the token dimension, so it
   also runs at another input size.
 
+  Tokens may also hold the grid in another ``order`` (token i holds raster position
+  ``order[i]``, as after Hiera's unrolling) and span more than one dimension (Nest's
+  (B, T, N, C) blocks), with no prefix: SE and ECA pool over all of them, a block that needs
+  the grid gathers the tokens into raster order and puts its output back in theirs.
+
 :class:`LayoutBlock` holds the layout and does the token bookkeeping; a block implements
 ``attend`` for an NCHW map, an NHWC one (``self.channels_last``), or (B, N', C) grid tokens
 (pooling over ``self.map_dims``). Everything here compiles with ``torch.jit.script``.
@@ -19,7 +24,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,33 +45,61 @@ NCHW = "NCHW"
 NHWC = "NHWC"
 TOKENS = "tokens"
 LAYOUTS = (NCHW, NHWC, TOKENS)
-LAYOUT_PARAMS = ("layout", "prefix", "grid")  # set by the planner from the graph, never by a recipe
+LAYOUT_PARAMS = ("layout", "prefix", "grid", "order")  # set by the planner from the graph, never by a recipe
 
 
 def check_layout(
-    layout: Any, prefix: Any, grid: Any, uses_grid: bool = True
-) -> tuple[str, int, tuple[int, int]]:
-    """The validated ``(layout, prefix, grid)``; grid is (0, 0) for a map layout, and for
-    tokens given no grid when the block does not use one."""
+    layout: Any, prefix: Any, grid: Any, uses_grid: bool = True, order: Any = None
+) -> tuple[str, int, tuple[int, int], list[int] | None]:
+    """The validated ``(layout, prefix, grid, order)``; grid is (0, 0) for a map layout, and
+    for tokens given no grid when the block does not use one."""
     if layout not in LAYOUTS:
         raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
     if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
         raise BlockParamError("prefix", prefix, "a non-negative integer (tokens before the grid)")
     if layout != TOKENS:
-        if prefix or grid is not None:
+        if prefix or grid is not None or order is not None:
             raise BlockParamError(
-                "layout", layout, "'tokens' when prefix or grid is given (maps have neither)"
+                "layout", layout, "'tokens' when prefix, grid or order is given (maps have none)"
             )
-        return layout, 0, (0, 0)
-    if grid is None and not uses_grid:
-        return layout, prefix, (0, 0)
+        return layout, 0, (0, 0), None
+    if grid is None and not uses_grid and order is None:
+        return layout, prefix, (0, 0), None
     if (
         not isinstance(grid, (tuple, list))
         or len(grid) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid)
     ):
         raise BlockParamError("grid", grid, "two positive integers (H', W') for layout='tokens'")
-    return layout, prefix, (int(grid[0]), int(grid[1]))
+    size = (int(grid[0]), int(grid[1]))
+    return layout, prefix, size, _checked_order(order, prefix, size[0] * size[1])
+
+
+def _checked_order(order: Any, prefix: int, count: int) -> list[int] | None:
+    if order is None:
+        return None
+    allowed = f"a permutation of 0..{count - 1} (the raster position of each grid token), with prefix 0"
+    if prefix or not isinstance(order, (tuple, list)) or len(order) != count:
+        raise BlockParamError("order", _short(order), allowed)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in order) or sorted(order) != list(
+        range(count)
+    ):
+        raise BlockParamError("order", _short(order), allowed)
+    return [int(i) for i in order]
+
+
+class _Shortened:
+    """A long list shown by its start in an error message."""
+
+    def __init__(self, items: tuple | list) -> None:
+        self.text = f"[{', '.join(map(repr, items[:8]))}, ... ({len(items)} items)]"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _short(value: Any) -> Any:
+    return _Shortened(value) if isinstance(value, (tuple, list)) and len(value) > 8 else value
 
 
 class LayoutBlock(nn.Module):
@@ -74,10 +107,15 @@ class LayoutBlock(nn.Module):
     around ``attend``. ``uses_grid``: the block needs the grid's H' x W' shape."""
 
     uses_grid = True
+    __constants__: ClassVar[list[str]] = ["reordered"]  # TorchScript compiles the gathers only where used
 
-    def __init__(self, layout: str, prefix: int, grid: tuple[int, int] | None) -> None:
+    def __init__(
+        self, layout: str, prefix: int, grid: tuple[int, int] | None, order: list[int] | None = None
+    ) -> None:
         super().__init__()
-        self.layout, self.prefix, self.grid = check_layout(layout, prefix, grid, type(self).uses_grid)
+        self.layout, self.prefix, self.grid, order = check_layout(
+            layout, prefix, grid, type(self).uses_grid, order
+        )
         self.channels_last = self.layout != NCHW
         self.tokens = self.layout == TOKENS
         self.grid_view = self.tokens and type(self).uses_grid
@@ -85,6 +123,13 @@ class LayoutBlock(nn.Module):
         self.map_dims = (
             [1] if self.tokens and not self.grid_view else [1, 2] if self.channels_last else [2, 3]
         )
+        # tokens in another order: ``order[i]`` is token i's raster position; ``raster[j]``
+        # the token at raster position j (derived from the point, not state: not saved)
+        self.reordered = order is not None and self.grid_view
+        if self.reordered:
+            positions = torch.tensor(order, dtype=torch.long)
+            self.register_buffer("order", positions, persistent=False)
+            self.register_buffer("raster", torch.argsort(positions), persistent=False)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The block on an NCHW map, an NHWC one (``self.channels_last``) or (B, N', C) grid
@@ -94,18 +139,28 @@ class LayoutBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tokens:
             return self.attend(x)
+        shape = x.shape
+        if x.dim() != 3:  # tokens over more than one dimension: (B, T, N, C)
+            x = x.flatten(1, -2)
         tokens = x[:, self.prefix :]
         if self.grid_view:
             b, n, c = tokens.shape
+            if self.reordered:
+                assert isinstance(self.raster, torch.Tensor)
+                tokens = tokens.index_select(1, self.raster)
             out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+            if self.reordered:
+                assert isinstance(self.order, torch.Tensor)
+                out = out.index_select(1, self.order)
         else:
             out = self.attend(tokens)
-        if self.prefix == 0:
-            return out
-        return torch.cat([x[:, : self.prefix], out], dim=1)
+        if self.prefix:
+            out = torch.cat([x[:, : self.prefix], out], dim=1)
+        return out.reshape(shape)
 
     def extra_repr(self) -> str:
         if self.layout == TOKENS:
             grid = f", grid={self.grid}" if self.grid != (0, 0) else ""
-            return f"layout={self.layout!r}, prefix={self.prefix}{grid}"
+            order = ", reordered" if self.reordered else ""
+            return f"layout={self.layout!r}, prefix={self.prefix}{grid}{order}"
         return "" if self.layout == NCHW else f"layout={self.layout!r}"

@@ -56,8 +56,9 @@ class SqueezeExcite(LayoutBlock):
         layout: str = NCHW,
         prefix: int = 0,
         grid: tuple[int, int] | None = None,
+        order: list[int] | None = None,
     ) -> None:
-        super().__init__(layout, prefix, grid)
+        super().__init__(layout, prefix, grid, order)
         channels = check.channel_count(channels)
         check.ratio("ratio", ratio)
         self.pool = check.choice("pool", pool, ("avg", "max"))

@@ -11,16 +11,25 @@ Tokens also get ``meta["grid"]``, a :class:`TokenGrid`, where the graph proves t
 flattened), after ``prefix`` tokens concatenated in front (class, register, distillation
 tokens, as in timm's ViT, DeiT, EVA, CaiT; or any tokens that are not a grid's, such as
 CrossViT's class token from the other branch: blocks pass them through). Element-wise ops,
-norms and linear layers keep the grid; slicing the prefix off (``x[:, 1:]``) shortens it;
-anything else that moves tokens (pooling, windows, Hiera's unrolling) loses it.
+norms and linear layers keep the grid; slicing the prefix off (``x[:, 1:]``) shortens it.
+
+Tokens moved by reshapes and permutes (Nest's blocks of (B, T, N, C), Hiera's unrolled
+order, windows reversed to a map) are followed by replaying the chain of data movement on an
+index tensor that encodes each element's batch, grid position and channel: where the result
+keeps batch and channels and holds each grid position once, its tokens are that grid in a
+known ``order`` (or the map itself, NHWC, when the order is raster). Hiera's token pooling
+(``amax`` over a token dimension) gives the coarser grid when every pooled group is an
+aligned s x s window. Anything else that moves tokens loses the grid.
 ``annotate_grid_dynamics`` marks grids whose size depends on the input size. Blocks go on
 NCHW maps, NHWC maps and tokens with a grid; a tensor of unknown layout is never guessed at.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -49,8 +58,10 @@ TRANSPOSED = {NLC: NCL, NCL: NLC}
 @dataclass(frozen=True)
 class TokenGrid:
     """Tokens (B, prefix + height * width, C): ``prefix`` tokens, then a height x width grid
-    in raster order. ``dynamic``: the grid's size follows the input size (a block with a
-    fixed grid would break at another size); ``prefix_varies``: so does the number of tokens
+    in raster order, or in ``order`` (then without a prefix, and the tokens may span more
+    than one dimension: (B, T, N, C) with T * N = height * width). ``dynamic``: the grid's
+    size follows the input size (a block with a fixed grid would break at another size);
+    ``prefix_varies``: so does the number of tokens
     before it (a block passing a fixed prefix through would take some for grid tokens)."""
 
     prefix: int
@@ -58,14 +69,21 @@ class TokenGrid:
     width: int
     dynamic: bool = False
     prefix_varies: bool = False
+    order: tuple[int, ...] | None = None  # raster position of each grid token; None: raster
 
     @property
     def tokens(self) -> int:
         return self.prefix + self.height * self.width
 
+    def positions(self) -> torch.Tensor:
+        """The raster position of each grid token, in token order."""
+        count = self.height * self.width
+        return torch.arange(count) if self.order is None else torch.tensor(self.order, dtype=torch.long)
+
     def __str__(self) -> str:
         front = f"{self.prefix} + " if self.prefix else ""
-        return f"{front}{self.height}x{self.width}"
+        reordered = " reordered" if self.order is not None else ""
+        return f"{front}{self.height}x{self.width}{reordered}"
 
 
 def layout_of(node: fx.Node) -> str | None:
@@ -81,7 +99,7 @@ def spatial_size(node: fx.Node) -> tuple[int, int] | None:
     """(H, W) of a node's 4-D output of known layout."""
     t = tensor_meta(node)
     lay = layout_of(node)
-    if t is None or t.dim() != 4 or lay is None:
+    if t is None or t.dim() != 4 or lay not in (NCHW, NHWC):
         return None
     return (t.shape[2], t.shape[3]) if lay == NCHW else (t.shape[1], t.shape[2])
 
@@ -137,6 +155,8 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
         # A linear layer maps the last dimension: channels when the map is NHWC / tokens NLC.
         source = layout_of(first) if first is not None else None
         return source if source in (NHWC, NLC) else None
+    if ops.moves_data_only(node):
+        return None  # a function that only moves elements: replayed, never read by its shape
     same_shape = {layout_of(n) for n in inputs if (t := tensor_meta(n)) is not None and t.shape == out.shape}
     known = same_shape - {None}
     if len(known) == 1:
@@ -268,9 +288,11 @@ TOKEN_DIM = {NLC: 1, NCL: 2}
 
 def _token_count(node: fx.Node) -> int | None:
     t, layout = tensor_meta(node), layout_of(node)
-    if t is None or t.dim() != 3 or layout is None or layout not in TOKEN_DIM:
+    if t is None or layout is None or layout not in TOKEN_DIM:
         return None
-    return int(t.shape[TOKEN_DIM[layout]])
+    if layout == NLC and t.dim() >= 3:  # (B, N, C), or reordered tokens over more dimensions
+        return int(torch.Size(t.shape[1:-1]).numel())
+    return int(t.shape[TOKEN_DIM[layout]]) if t.dim() == 3 else None
 
 
 def _fits(grid: TokenGrid | None, node: fx.Node) -> TokenGrid | None:
@@ -369,8 +391,8 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
 
 
 def _grid_reshaped_to_map(node: fx.Node) -> bool:
-    """Whether a token-to-map reshape splits the tokens along their proven grid (or has no
-    grid to contradict)."""
+    """Whether a token-to-map reshape splits the tokens along their proven grid, in raster
+    order (or has no grid to contradict)."""
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return True
@@ -378,7 +400,7 @@ def _grid_reshaped_to_map(node: fx.Node) -> bool:
     if s is None or out is None or grid is None or s.dim() != 3 or out.dim() != 4:
         return True
     hw = (out.shape[1], out.shape[2]) if layout_of(node) == NHWC else (out.shape[2], out.shape[3])
-    return grid.prefix == 0 and tuple(hw) == (grid.height, grid.width)
+    return grid.prefix == 0 and grid.order is None and tuple(hw) == (grid.height, grid.width)
 
 
 def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
@@ -389,7 +411,183 @@ def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
         node.meta["layout"] = layout
         node.meta["grid"] = _infer_grid(node, model) if layout in TOKEN_DIM else None
         if layout in (NCHW, NHWC) and ops.is_data_movement(node) and not _grid_reshaped_to_map(node):
-            node.meta["layout"] = None
+            node.meta["layout"] = layout = None
+        if layout is None and (moved := _replayed(node) or _pooled(node)) is not None:
+            node.meta["layout"], node.meta["grid"] = moved
+
+
+REPLAY_DEPTH = 16  # data-movement ops followed back from a node to a tensor of known layout
+
+
+class _NotReplayable(Exception):
+    pass
+
+
+def _encodable(node: fx.Node) -> tuple[int, int, int] | None:
+    """(batch, grid positions, channels) of a map, or of tokens of a fixed grid without a
+    prefix, whose elements :func:`_encoding` can number."""
+    t, layout = tensor_meta(node), layout_of(node)
+    if t is None or t.dim() < 3:
+        return None
+    if layout in (NCHW, NHWC) and t.dim() == 4:
+        h, w = spatial_size(node) or (0, 0)
+        return int(t.shape[0]), h * w, int(t.shape[CHANNEL_DIM[layout]])
+    grid = grid_of(node)
+    if layout == NLC and grid is not None and grid.prefix == 0 and not grid.dynamic:
+        return int(t.shape[0]), grid.height * grid.width, int(t.shape[-1])
+    return None
+
+
+def _encoding(node: fx.Node) -> torch.Tensor:
+    """Every element of an :func:`_encodable` node's output numbered
+    ``(batch * positions + grid position) * channels + channel``."""
+    t, layout = tensor_meta(node), layout_of(node)
+    assert t is not None
+    batch, count, channels = _encodable(node) or (0, 0, 0)
+    b = torch.arange(batch).view(batch, *[1] * (t.dim() - 1))
+    if layout == NCHW:
+        position = torch.arange(count).view(1, 1, *t.shape[2:])
+        channel = torch.arange(channels).view(1, channels, 1, 1)
+    else:
+        grid = grid_of(node)
+        position = torch.arange(count) if grid is None else grid.positions()
+        position = position.view(1, *t.shape[1:-1], 1)
+        channel = torch.arange(channels)
+    return ((b * count + position) * channels + channel).expand(*t.shape).contiguous()
+
+
+def _replay(node: fx.Node, values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
+    """Run a data-movement node on the encodings in ``values`` (constants from the shape
+    probe for its other arguments)."""
+
+    def value(arg: fx.Node) -> Any:
+        if arg in values:
+            return values[arg]
+        known = arg.meta.get("val")
+        if isinstance(known, (int, torch.Size)) or (
+            isinstance(known, (tuple, list)) and all(isinstance(i, int) for i in known)
+        ):
+            return known
+        raise _NotReplayable(arg.name)
+
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
+    if node.op == "call_method":
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    assert callable(node.target)
+    return node.target(*args, **kwargs)
+
+
+def _positions_of(encoded: torch.Tensor, batch: int, count: int, channels: int) -> torch.Tensor | None:
+    """The grid position of each token of a replayed (B, *tokens, C) encoding, when batch
+    and channels are where they were and every token holds one position."""
+    if encoded.dim() < 3 or encoded.shape[0] != batch or encoded.shape[-1] != channels:
+        return None
+    channel, rest = encoded % channels, encoded // channels
+    position, b = rest % count, rest // count
+    if not torch.equal(channel, torch.arange(channels).expand_as(channel)):
+        return None
+    if not torch.equal(b, torch.arange(batch).view(batch, *[1] * (encoded.dim() - 1)).expand_as(b)):
+        return None
+    tokens = position[0, ..., 0]
+    if not torch.equal(position, tokens[None, ..., None].expand_as(position)):
+        return None
+    return tokens
+
+
+def _as_layout(
+    tokens: torch.Tensor, height: int, width: int, rank: int
+) -> tuple[str, TokenGrid | None] | None:
+    """The layout of a (B, *tokens, C) tensor whose tokens hold these grid positions: an
+    NHWC map, tokens in raster order, or tokens in another order; None unless each position
+    of the height x width grid is held once."""
+    count = height * width
+    flat = tokens.flatten()
+    if rank not in (3, 4) or flat.numel() != count:
+        return None
+    raster = torch.arange(count)
+    if not torch.equal(flat.sort().values, raster):
+        return None
+    if torch.equal(flat, raster):
+        if rank == 4 and tuple(tokens.shape) == (height, width):
+            return NHWC, None
+        if rank == 3:
+            return NLC, TokenGrid(0, height, width)
+    return NLC, TokenGrid(0, height, width, order=tuple(int(i) for i in flat))
+
+
+def _grid_size(node: fx.Node) -> tuple[int, int]:
+    grid = grid_of(node)
+    return (grid.height, grid.width) if grid is not None else spatial_size(node) or (0, 0)
+
+
+def _moves(node: fx.Node) -> bool:
+    return ops.is_data_movement(node) or ops.moves_data_only(node)
+
+
+def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
+    """The layout of a chain of reshapes / permutes from a tensor of known layout, found by
+    replaying the chain on that tensor's :func:`_encoding`."""
+    out = tensor_meta(node)
+    if out is None or out.dim() not in (3, 4) or not _moves(node):
+        return None
+    chain, current = [], node
+    for _ in range(REPLAY_DEPTH):
+        if not _moves(current):
+            return None
+        chain.append(current)
+        source = current.args[0] if current.args else None
+        if not isinstance(source, fx.Node):
+            return None
+        known = _encodable(source)
+        if known is not None:
+            break
+        current = source
+    else:
+        return None
+    batch, count, channels = known
+    if out.shape[0] != batch or out.shape[-1] != channels:
+        return None  # the channels are split or moved: not tokens of the grid
+    values = {source: _encoding(source)}
+    try:
+        for step in reversed(chain):
+            values[step] = _replay(step, values)
+    except (_NotReplayable, RuntimeError, TypeError, ValueError, IndexError):
+        return None
+    tokens = _positions_of(values[node], batch, count, channels)
+    if tokens is None:
+        return None
+    return _as_layout(tokens, *_grid_size(source), out.dim())
+
+
+def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
+    """Max pooling over one token dimension of reordered tokens (Hiera's
+    ``x.view(B, 4, -1, C).amax(dim=1)``): the grid at stride s when each pooled group of
+    s * s tokens is an aligned s x s window."""
+    if not (node.op == "call_method" and node.target == "amax") or node.kwargs.get("keepdim", False):
+        return None
+    source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(source, fx.Node) or layout_of(source) != NLC or not isinstance(dim, int):
+        return None
+    t, grid = tensor_meta(source), grid_of(source)
+    if t is None or grid is None or grid.prefix or grid.dynamic or t.dim() < 4:
+        return None
+    dim %= t.dim()
+    if not 1 <= dim <= t.dim() - 2:
+        return None
+    groups = grid.positions().view(*t.shape[1:-1]).movedim(dim - 1, -1)
+    size = groups.shape[-1]
+    stride = math.isqrt(size)
+    if stride < 2 or stride * stride != size or grid.height % stride or grid.width % stride:
+        return None
+    rows, columns = groups // grid.width, groups % grid.width
+    top, left = rows.amin(-1), columns.amin(-1)
+    window = (rows.amax(-1) - top == stride - 1) & (columns.amax(-1) - left == stride - 1)
+    if not bool(window.all()) or bool((top % stride).any()) or bool((left % stride).any()):
+        return None  # distinct positions in an aligned s x s box: exactly that window
+    height, width = grid.height // stride, grid.width // stride
+    coarse = (top // stride) * width + left // stride
+    return _as_layout(coarse, height, width, t.dim() - 1)
 
 
 def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
@@ -399,7 +597,8 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     token count changes there is dynamic (a timm ViT built with ``dynamic_img_size``), and
     its ``prefix_varies`` where the grids inferred at that size put a different number of
     tokens before it; a model that cannot run at that size (a fixed position embedding) has
-    fixed grids. The shapes, layouts and grids of the planned size are restored.
+    fixed grids. Reordered tokens whose grid is not proven again at that size lose it. The
+    shapes, layouts and grids of the planned size are restored.
     """
     gridded = [n for n in graph.nodes if grid_of(n) is not None]
     if not gridded:
@@ -421,7 +620,9 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
             node.meta["val"], node.meta["layout"], node.meta["grid"] = value, layout, grid
     for node in changed:
         grid, at_probe = grid_of(node), probed.get(node)
-        if grid is not None:
+        if grid is not None and grid.order is not None and at_probe is None:
+            node.meta["grid"] = None  # reordered tokens proven at the planned size only
+        elif grid is not None:
             varies = at_probe is not None and at_probe.prefix != grid.prefix
             node.meta["grid"] = replace(grid, dynamic=True, prefix_varies=varies)
 

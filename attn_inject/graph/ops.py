@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import types
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,25 @@ def written_in_place(node: fx.Node) -> fx.Node | None:
     ):
         target = target.args[0] if target.args else None
     return target if isinstance(target, fx.Node) else None
+
+
+# The names a function may use and still only move its tensor's elements (timm's leaf
+# functions such as Nest's ``blockify`` / ``deblockify`` or Swin's ``window_partition``).
+MOVING_NAMES = frozenset(
+    {"shape", "size", "dim", "view", "reshape", "permute", "transpose", "contiguous", "flatten"}
+    | {"unflatten", "roll", "torch", "int", "len", "math", "sqrt", "floor", "ceil", "_assert"}
+)
+
+
+def moves_data_only(node: fx.Node) -> bool:
+    """A call of a plain Python function (a leaf the trace kept whole) whose code names only
+    reshapes, permutes and shape arithmetic: it moves its first argument's elements and
+    computes nothing from their values."""
+    if node.op != "call_function" or not isinstance(node.target, types.FunctionType):
+        return False
+    code = node.target.__code__
+    nested = any(isinstance(c, types.CodeType) for c in code.co_consts)
+    return not nested and set(code.co_names) <= MOVING_NAMES
 
 
 def is_data_movement(node: fx.Node) -> bool:

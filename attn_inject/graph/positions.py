@@ -34,8 +34,8 @@ from .stages import Stage
 
 __all__ = ["TOKENS", "Candidate", "block_layout", "feature_map_problem", "find_candidates", "stage_index"]
 
-TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens
-CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: 2}
+TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens, or (B, T, N, C) reordered
+CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: -1}
 
 
 def block_layout(node: fx.Node) -> str | None:
@@ -46,7 +46,8 @@ def block_layout(node: fx.Node) -> str | None:
         return None
     if t.dim() == 4 and layout in (NCHW, NHWC):
         return layout
-    if t.dim() == 3 and layout == NLC and grid_of(node) is not None:
+    grid = grid_of(node)
+    if layout == NLC and grid is not None and (t.dim() == 3 or (t.dim() == 4 and grid.order is not None)):
         return TOKENS
     return None
 
@@ -90,7 +91,7 @@ def _tokens_problem(node: fx.Node, like: fx.Node, channels_last: str) -> str | N
         what = "(B, C, N) tokens" if layout else "a 3-D tensor of unknown layout"
         return f"node {node.name!r} is {what}, not (B, N, C) tokens of a known grid"
     if grid is None:
-        size = "" if t is None else f" (B, {t.shape[1]}, {t.shape[2]})"
+        size = "" if t is None else f" (B, {', '.join(str(n) for n in t.shape[1:])})"
         return (
             f"node {node.name!r} is{size} tokens whose count is not proven to be "
             "prefix + H' x W' of a patch grid (pooled, windowed or reordered tokens)"
@@ -109,7 +110,7 @@ def feature_map_problem(
     map or (B, N, C) tokens of a proven grid (the layout of ``like`` when given, else the
     node's own), the last two unless ``channels_last == "skip"``."""
     t, like = tensor_meta(node), like or node
-    if t is not None and t.dim() == 3:
+    if t is not None and (t.dim() == 3 or (t.dim() == 4 and layout_of(like) == NLC)):
         return _tokens_problem(node, like, channels_last)
     if t is None or t.dim() != 4:
         return f"node {node.name!r} does not produce a 4-D feature map or (B, N, C) tokens"

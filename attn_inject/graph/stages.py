@@ -95,7 +95,7 @@ def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
     return max(1, round(graph.input_shape[-2] / hw[0]))
 
 
-CHANNEL_DIM = {(4, NCHW): 1, (4, NHWC): 3, (3, NLC): 2}
+CHANNEL_DIM = {(4, NCHW): 1, (4, NHWC): 3, (3, NLC): 2, (4, NLC): 3}
 
 
 def _channels(node: fx.Node) -> int | None:
