@@ -412,3 +412,36 @@ def test_blocks_of_tokens_are_a_reordered_grid_and_the_map_they_are_put_back_int
         for init in ("identity", "paper"):
             report = ai.validate(model, patched_model(model, recipe, init=init), input_size=SIZE)
             assert report.passed and (init == "paper" or report.max_abs_diff == 0), report
+
+
+def test_maxvit_windows_and_grids_are_followed_back_to_the_map():
+    model = meta_model("tv:maxvit_t")  # partitions swapped with swapaxes, put back as (B, C, H, W)
+    stages = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))
+    assert [(p.layout, p.channels) for p in stages] == [("NCHW", c) for c in (64, 128, 256, 512)]
+    se = ai.plan(model, "se_resnet", input_size=(3, 224, 224))
+    assert len(se) == 55 and {p.layout_text for p in se if p.layout == "tokens"} == {
+        f"tokens {s}x{s} reordered" for s in (56, 28, 14, 7)
+    }
+
+
+@pytest.mark.zoo
+def test_hiera_token_order_is_the_one_timm_rerolls_its_maps_with():
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224").eval()
+    plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))
+    assert [p.name for p in plan] == [f"blocks.{i}" for i in model.stage_ends]
+    captured = {}
+    hooks = [
+        model.get_submodule(p.name).register_forward_hook(lambda m, i, o, k=p.name: captured.setdefault(k, o))
+        for p in plan
+    ]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=len(plan), output_fmt="NHWC", intermediates_only=True)
+    for hook in hooks:
+        hook.remove()
+    for point, expected in zip(plan, maps, strict=True):
+        tokens = captured[point.name]  # token i holds raster position order[i]
+        order = torch.tensor(point.order) if point.reordered else torch.arange(tokens.shape[1])
+        raster = tokens[:, torch.argsort(order)]
+        assert torch.equal(raster.reshape(expected.shape), expected), point.name

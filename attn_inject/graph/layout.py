@@ -546,14 +546,19 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     else:
         return None
     batch, count, channels = known
-    if out.shape[0] != batch or out.shape[-1] != channels:
-        return None  # the channels are split or moved: not tokens of the grid
+    channels_first = out.dim() == 4 and out.shape[1] == channels != out.shape[-1]
+    if out.shape[0] != batch or (out.shape[-1] != channels and not channels_first):
+        return None  # the channels are split or moved: neither tokens of the grid nor its map
     values = {source: _encoding(source)}
     try:
         for step in reversed(chain):
             values[step] = _replay(step, values)
     except (_NotReplayable, RuntimeError, TypeError, ValueError, IndexError):
         return None
+    if channels_first:  # a map put back as (B, C, H, W): NCHW when its positions are raster
+        tokens = _positions_of(values[node].movedim(1, -1), batch, count, channels)
+        moved = None if tokens is None else _as_layout(tokens, *_grid_size(source), 4)
+        return (NCHW, None) if moved == (NHWC, None) else None
     tokens = _positions_of(values[node], batch, count, channels)
     if tokens is None:
         return None

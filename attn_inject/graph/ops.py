@@ -183,7 +183,9 @@ def reads_shape_only(node: fx.Node) -> bool:
 
 
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
+DATA_MOVEMENT_METHODS |= {"swapaxes", "swapdims", "movedim", "moveaxis"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
+DATA_MOVEMENT_FUNCTIONS |= {torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis}
 # What an in-place write can go through to reach the tensor it writes into.
 VIEW_METHODS = DATA_MOVEMENT_METHODS | {"narrow", "select", "squeeze", "unsqueeze", "expand", "__getitem__"}
 VIEW_METHODS |= {"chunk", "split", "unbind"}

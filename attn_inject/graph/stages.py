@@ -201,7 +201,8 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
         if groups and ops.is_adaptive_pool(node, graph.root):
             break  # a pool to a fixed size starts the head, even where it keeps the resolution
         hw = _spatial_size(node)
-        if hw is None and source is not None and grid_of(source) is not None and groups:
+        moved = ops.is_data_movement(node) or ops.moves_data_only(node)  # e.g. a window reversed
+        if hw is None and source is not None and grid_of(source) is not None and groups and not moved:
             break  # tokens pooled or sliced off their grid: the head
         if hw is None:
             if groups:
