@@ -417,6 +417,7 @@ def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
 
 
 REPLAY_DEPTH = 16  # data-movement ops followed back from a node to a tensor of known layout
+MAX_REPLAY_ELEMENTS = 1 << 24  # a larger tensor is not replayed (its int64 numbering: 128 MB)
 
 
 class _NotReplayable(Exception):
@@ -546,6 +547,9 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     else:
         return None
     batch, count, channels = known
+    source_meta = tensor_meta(source)
+    if source_meta is None or source_meta.numel() > MAX_REPLAY_ELEMENTS:
+        return None
     channels_first = out.dim() == 4 and out.shape[1] == channels != out.shape[-1]
     if out.shape[0] != batch or (out.shape[-1] != channels and not channels_first):
         return None  # the channels are split or moved: neither tokens of the grid nor its map
@@ -569,7 +573,9 @@ def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     """Max pooling over one token dimension of reordered tokens (Hiera's
     ``x.view(B, 4, -1, C).amax(dim=1)``): the grid at stride s when each pooled group of
     s * s tokens is an aligned s x s window."""
-    if not (node.op == "call_method" and node.target == "amax") or node.kwargs.get("keepdim", False):
+    if not (node.op == "call_method" and node.target == "amax") or len(node.args) > 2:
+        return None
+    if node.kwargs.get("keepdim", False):
         return None
     source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if not isinstance(source, fx.Node) or layout_of(source) != NLC or not isinstance(dim, int):
