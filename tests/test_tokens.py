@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import attn_inject as ai
 from attn_inject.blocks import layout_kwargs
@@ -376,6 +376,25 @@ def deblockify(x: torch.Tensor, size: int) -> torch.Tensor:
 
 torch.fx.wrap("blockify")  # kept whole by the trace, as timm registers Nest's
 torch.fx.wrap("deblockify")
+
+
+def doubled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def sorted_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.sort(dim=1).values.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    ("function", "moves"), [(blockify, True), (deblockify, True), (doubled, False), (sorted_tokens, False)]
+)
+def test_a_kept_whole_function_is_replayed_only_when_its_code_only_moves_elements(function, moves):
+    from attn_inject.graph.ops import moves_data_only
+
+    graph = fx.Graph()
+    node = graph.call_function(function, (graph.placeholder("x"),))
+    assert moves_data_only(node) is moves
 
 
 class Blocked(nn.Module):

@@ -210,21 +210,22 @@ def written_in_place(node: fx.Node) -> fx.Node | None:
 
 # The names a function may use and still only move its tensor's elements (timm's leaf
 # functions such as Nest's ``blockify`` / ``deblockify`` or Swin's ``window_partition``).
-MOVING_NAMES = frozenset(
-    {"shape", "size", "dim", "view", "reshape", "permute", "transpose", "contiguous", "flatten"}
-    | {"unflatten", "roll", "torch", "int", "len", "math", "sqrt", "floor", "ceil", "_assert"}
-)
+MOVES = frozenset({"view", "reshape", "permute", "transpose", "flatten", "unflatten", "roll"})
+MOVING_NAMES = MOVES | {"shape", "size", "dim", "contiguous", "torch", "int", "len", "math", "sqrt"}
+MOVING_NAMES |= {"floor", "ceil", "_assert"}
 
 
 def moves_data_only(node: fx.Node) -> bool:
-    """A call of a plain Python function (a leaf the trace kept whole) whose code names only
-    reshapes, permutes and shape arithmetic: it moves its first argument's elements and
-    computes nothing from their values."""
+    """A call of a plain Python function (a leaf the trace kept whole) whose code names
+    reshapes or permutes and nothing but shape arithmetic besides: it moves its first
+    argument's elements. (Arithmetic on the values names nothing; replaying the call on
+    numbered elements exposes it.)"""
     if node.op != "call_function" or not isinstance(node.target, types.FunctionType):
         return False
     code = node.target.__code__
+    names = set(code.co_names)
     nested = any(isinstance(c, types.CodeType) for c in code.co_consts)
-    return not nested and set(code.co_names) <= MOVING_NAMES
+    return not nested and bool(names & MOVES) and names <= MOVING_NAMES
 
 
 def is_data_movement(node: fx.Node) -> bool:
