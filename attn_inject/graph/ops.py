@@ -209,7 +209,7 @@ def written_in_place(node: fx.Node) -> fx.Node | None:
 
 
 # The names a function may use and still only move its tensor's elements (timm's leaf
-# functions such as Nest's ``blockify`` / ``deblockify`` or Swin's ``window_partition``).
+# functions such as Nest's ``deblockify`` or Swin's ``window_reverse``).
 MOVES = frozenset({"view", "reshape", "permute", "transpose", "flatten", "unflatten", "roll"})
 MOVING_NAMES = MOVES | {"shape", "size", "dim", "contiguous", "torch", "int", "len", "math", "sqrt"}
 MOVING_NAMES |= {"floor", "ceil", "_assert"}
