@@ -504,6 +504,9 @@ def build_plan(
     )
 
 
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # where a block position can lie
+
+
 def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
     """Modules before the head that the trace keeps whole (fx could not trace them, or timm
     marks them not traceable) and that hold convolutions or linear layers: positions may
@@ -520,11 +523,11 @@ def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
         if str(node.target) in opaque:
             hidden.append(str(node.target))
             continue
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if isinstance(module, LAYERS):
             continue
         inner = module.modules()
         next(inner)  # the module itself
-        if any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in inner):
+        if any(isinstance(m, LAYERS) for m in inner):
             hidden.append(f"{node.target} ({type(module).__name__})")
     return hidden
 

@@ -112,7 +112,7 @@ def test_reordered_tokens_act_as_their_grid_in_raster_order_values_and_gradients
 @pytest.mark.parametrize(
     ("order", "prefix", "message"),
     [
-        ([0] * (H * W), 0, r"order=\[0, 0, .* \(35 items\)\] is not allowed; order must be a permutation"),
+        ([0] * (H * W), 0, r"order=\[0, 0, 0, 0, \.\.\.\] is not allowed; order must be a permutation"),
         (list(range(H * W - 1)), 0, r"order must be a permutation of 0..34"),
         (list(range(H * W)), 1, r"with prefix 0"),
         ("0123", 0, r"order='0123' is not allowed"),

@@ -78,28 +78,17 @@ def check_layout(
 def _checked_order(order: Any, prefix: int, count: int) -> list[int] | None:
     if order is None:
         return None
-    allowed = f"a permutation of 0..{count - 1} (the raster position of each grid token), with prefix 0"
-    if prefix or not isinstance(order, (tuple, list)) or len(order) != count:
-        raise BlockParamError("order", _short(order), allowed)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in order) or sorted(order) != list(
-        range(count)
-    ):
-        raise BlockParamError("order", _short(order), allowed)
+    valid = (
+        not prefix
+        and isinstance(order, (tuple, list))
+        and len(order) == count
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+        and sorted(order) == list(range(count))
+    )
+    if not valid:
+        allowed = f"a permutation of 0..{count - 1} (the raster position of each grid token), with prefix 0"
+        raise BlockParamError("order", order, allowed)
     return [int(i) for i in order]
-
-
-class _Shortened:
-    """A long list shown by its start in an error message."""
-
-    def __init__(self, items: tuple | list) -> None:
-        self.text = f"[{', '.join(map(repr, items[:8]))}, ... ({len(items)} items)]"
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _short(value: Any) -> Any:
-    return _Shortened(value) if isinstance(value, (tuple, list)) and len(value) > 8 else value
 
 
 class LayoutBlock(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..messages import shown
+
 INIT_MODES = ("identity", "paper")
 
 
@@ -19,7 +21,7 @@ class BlockParamError(ValueError):
         self.param = param
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{param}={value!r} is not allowed; {param} must be {allowed}")
+        super().__init__(f"{param}={shown(value)} is not allowed; {param} must be {allowed}")
 
 
 def positive_number(name: str, value: Any) -> float:

@@ -37,7 +37,15 @@ from torch import fx, nn
 from . import ops
 from .shapes import propagate_shapes, tensor_meta
 
-__all__ = ["TokenGrid", "annotate_grid_dynamics", "annotate_layouts", "grid_of", "layout_of", "spatial_size"]
+__all__ = [
+    "TokenGrid",
+    "annotate_grid_dynamics",
+    "annotate_layouts",
+    "grid_of",
+    "grid_size",
+    "layout_of",
+    "spatial_size",
+]
 
 NCHW = "NCHW"
 NHWC = "NHWC"
@@ -102,6 +110,12 @@ def spatial_size(node: fx.Node) -> tuple[int, int] | None:
     if t is None or t.dim() != 4 or lay not in (NCHW, NHWC):
         return None
     return (t.shape[2], t.shape[3]) if lay == NCHW else (t.shape[1], t.shape[2])
+
+
+def grid_size(node: fx.Node) -> tuple[int, int] | None:
+    """(H', W') of tokens with a proven grid, else (H, W) of a map of known layout."""
+    grid = grid_of(node)
+    return (grid.height, grid.width) if grid is not None else spatial_size(node)
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -439,12 +453,11 @@ def _encodable(node: fx.Node) -> tuple[int, int, int] | None:
     return None
 
 
-def _encoding(node: fx.Node) -> torch.Tensor:
-    """Every element of an :func:`_encodable` node's output numbered
-    ``(batch * positions + grid position) * channels + channel``."""
+def _encoding(node: fx.Node, batch: int, count: int, channels: int) -> torch.Tensor:
+    """Every element of an :func:`_encodable` node's output (its ``batch``, grid positions
+    and ``channels``) numbered ``(batch * positions + grid position) * channels + channel``."""
     t, layout = tensor_meta(node), layout_of(node)
     assert t is not None
-    batch, count, channels = _encodable(node) or (0, 0, 0)
     b = torch.arange(batch).view(batch, *[1] * (t.dim() - 1))
     if layout == NCHW:
         position = torch.arange(count).view(1, 1, *t.shape[2:])
@@ -517,11 +530,6 @@ def _as_layout(
     return NLC, TokenGrid(0, height, width, order=tuple(int(i) for i in flat))
 
 
-def _grid_size(node: fx.Node) -> tuple[int, int]:
-    grid = grid_of(node)
-    return (grid.height, grid.width) if grid is not None else spatial_size(node) or (0, 0)
-
-
 def _moves(node: fx.Node) -> bool:
     return ops.is_data_movement(node) or ops.moves_data_only(node)
 
@@ -553,7 +561,7 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     channels_first = out.dim() == 4 and out.shape[1] == channels != out.shape[-1]
     if out.shape[0] != batch or (out.shape[-1] != channels and not channels_first):
         return None  # the channels are split or moved: neither tokens of the grid nor its map
-    values = {source: _encoding(source)}
+    values = {source: _encoding(source, batch, count, channels)}
     try:
         for step in reversed(chain):
             values[step] = _replay(step, values)
@@ -561,12 +569,12 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
         return None
     if channels_first:  # a map put back as (B, C, H, W): NCHW when its positions are raster
         tokens = _positions_of(values[node].movedim(1, -1), batch, count, channels)
-        moved = None if tokens is None else _as_layout(tokens, *_grid_size(source), 4)
+        moved = None if tokens is None else _as_layout(tokens, *(grid_size(source) or (0, 0)), 4)
         return (NCHW, None) if moved == (NHWC, None) else None
     tokens = _positions_of(values[node], batch, count, channels)
     if tokens is None:
         return None
-    return _as_layout(tokens, *_grid_size(source), out.dim())
+    return _as_layout(tokens, *(grid_size(source) or (0, 0)), out.dim())
 
 
 def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:

@@ -19,7 +19,7 @@ from torch import fx
 
 from . import ops
 from .analysis import AnnotatedGraph
-from .layout import NCHW, NHWC, NLC, grid_of, layout_of, spatial_size
+from .layout import NCHW, NHWC, NLC, grid_of, grid_size, layout_of
 from .shapes import tensor_meta
 
 __all__ = ["Stage", "find_stages", "output_dominators", "stage_entries"]
@@ -89,7 +89,7 @@ def output_dominators(graph: AnnotatedGraph) -> list[fx.Node]:
 
 
 def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
-    hw = _spatial_size(node)
+    hw = grid_size(node)
     if hw is None or hw[0] == 0:
         return None
     return max(1, round(graph.input_shape[-2] / hw[0]))
@@ -103,12 +103,6 @@ def _channels(node: fx.Node) -> int | None:
     if t is None or layout is None or (t.dim(), layout) not in CHANNEL_DIM:
         return None
     return int(t.shape[CHANNEL_DIM[(t.dim(), layout)]])
-
-
-def _spatial_size(node: fx.Node) -> tuple[int, int] | None:
-    """(H, W) of a map, or (H', W') of tokens with a proven grid."""
-    grid = grid_of(node)
-    return (grid.height, grid.width) if grid is not None else spatial_size(node)
 
 
 def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
@@ -162,7 +156,7 @@ def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage
 
 def _input_size(node: fx.Node) -> tuple[int, int] | None:
     inputs = node.all_input_nodes
-    return _spatial_size(inputs[0]) if inputs else None
+    return grid_size(inputs[0]) if inputs else None
 
 
 def _straddles_downsampling(
@@ -178,7 +172,7 @@ def _straddles_downsampling(
         first, last = graph.module_inputs.get(path), graph.module_outputs.get(path)
         if last is None or last is node or first is None:
             continue
-        if _input_size(first) == hw and _spatial_size(last) == next_hw:
+        if _input_size(first) == hw and grid_size(last) == next_hw:
             return True
     return False
 
@@ -188,7 +182,7 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
     dominators = output_dominators(graph)
     resolutions: list[tuple[int, int]] = []
     for node in dominators:
-        hw = _spatial_size(node)
+        hw = grid_size(node)
         if hw is not None and (not resolutions or resolutions[-1] != hw):
             resolutions.append(hw)
     next_resolution = {a: b for a, b in itertools.pairwise(resolutions)}
@@ -200,7 +194,7 @@ def _stages_from_dominators(graph: AnnotatedGraph) -> list[Stage]:
             break
         if groups and ops.is_adaptive_pool(node, graph.root):
             break  # a pool to a fixed size starts the head, even where it keeps the resolution
-        hw = _spatial_size(node)
+        hw = grid_size(node)
         moved = ops.is_data_movement(node) or ops.moves_data_only(node)  # e.g. a window reversed
         if hw is None and source is not None and grid_of(source) is not None and groups and not moved:
             break  # tokens pooled or sliced off their grid: the head
