@@ -19,6 +19,7 @@ integration into non-residual networks (arXiv 1709.01507, Sec. 3.3).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -293,12 +294,26 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+CACHED_RECIPE_CHARS = 1 << 16  # recipes up to this size are parsed once per text
+
+
 def parse_recipe_text(text: str, source: str) -> Recipe:
     """A :class:`Recipe` from YAML text; ``source`` names it in errors."""
     if not isinstance(text, str):
         raise RecipeError(f"{source}: recipe text must be a string, got a {type(text).__name__}")
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{source}: a recipe is at most {MAX_RECIPE_BYTES} characters")
+    if len(text) <= CACHED_RECIPE_CHARS:
+        return _parsed_once(text, source)  # a Recipe is frozen: one object serves every call
+    return _parse_yaml(text, source)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_once(text: str, source: str) -> Recipe:
+    return _parse_yaml(text, source)
+
+
+def _parse_yaml(text: str, source: str) -> Recipe:
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
+from typing import Any
 
 import pytest
 import timm
@@ -193,6 +194,13 @@ FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_
     ("samvit_base_patch16", {"img_size": 64}, 64, {"tokens", "NHWC"}, {"NHWC"}),  # SAM's image encoder
     ("hiera_tiny_224", {}, 224, {"tokens"}, {"tokens"}),  # unrolled and pooled tokens, reordered
     ("nest_tiny", {}, 224, {"tokens"}, {"NCHW"}),  # (B, T, N, C) blocks of tokens; stages end in maps
+    (
+        "naflexvit_base_patch16_gap",
+        {},
+        64,
+        {"tokens"},
+        set(),
+    ),  # patchified in a kept-whole module; dynamic grid
 ]
 
 
@@ -464,3 +472,95 @@ def test_hiera_token_order_is_the_one_timm_rerolls_its_maps_with():
         order = torch.tensor(point.order) if point.reordered else torch.arange(tokens.shape[1])
         raster = tokens[:, torch.argsort(order)]
         assert torch.equal(raster.reshape(expected.shape), expected), point.name
+
+
+def patchify(x: torch.Tensor, patch: int, channels_last: bool) -> torch.Tensor:
+    """(B, C, H, W) cut into p x p patches, each flattened to one token (as timm's
+    ``batch_patchify``): (B, H/p * W/p, p * p * C)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 3, 5, 1) if channels_last else x.permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class PatchEmbed(nn.Module):
+    """NaFlex's embedding in miniature: an image cut into patches by a reshape, a linear
+    layer, a class token in front. Its code branches on the input's rank (cut patches come
+    in as 3-D), which fx cannot follow, so the trace keeps it whole. ``cut="strips"``
+    reshapes the image's memory into tokens instead, which are not patches."""
+
+    def __init__(self, channels_last: bool = True, cut: str = "patches") -> None:
+        super().__init__()
+        self.channels_last, self.cut = channels_last, cut
+        self.proj = nn.Linear(3 * PATCH * PATCH, DIM)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.ndim == 4:
+            b, _, h, w = x.shape
+            if self.cut == "patches":
+                x = patchify(x, PATCH, self.channels_last)
+            else:
+                x = x.reshape(b, (h // PATCH) * (w // PATCH), -1)
+        x = self.proj(x)
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1), (GRID, GRID)
+
+
+class PatchifiedViT(nn.Module):
+    def __init__(self, **embed: Any) -> None:
+        super().__init__()
+        self.embed = PatchEmbed(**embed)
+        self.blocks = nn.Sequential(Block(DIM), Block(DIM))
+        self.head = nn.Linear(DIM, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.embed(x)
+        return self.head(self.blocks(x)[:, 0])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_kept_whole_module_is_read_inside_for_the_patch_grid_it_returns(channels_last):
+    torch.manual_seed(0)
+    model = PatchifiedViT(channels_last=channels_last).eval()
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert [o.name for o in plan.opaque] == ["embed"]  # kept whole: no block inside it
+    assert [(p.name, p.prefix, p.grid) for p in plan] == [
+        (f"blocks.{i}", 1, (GRID, GRID)) for i in (0, 0, 1, 1)
+    ]
+    patched = patched_model(model, "se_resnet")
+    assert type(patched.embed) is PatchEmbed and patched.embed.forward.__func__ is PatchEmbed.forward
+    report = ai.validate(model, patched, input_size=SIZE)
+    assert report.passed and report.max_abs_diff == 0, report
+    x = torch.randn(2, 3, 2 * SIZE[1], 2 * SIZE[2])  # the grid follows the input size
+    assert torch.equal(patched(x), model(x))
+    cbam = ai.plan(model, "cbam_resnet", input_size=SIZE)
+    assert cbam == [] and all("changes with the input size" in s.reason for s in cbam.skipped)
+
+
+def test_tokens_cut_from_the_image_memory_are_not_a_patch_grid():
+    plan = ai.plan(PatchifiedViT(cut="strips").eval(), "se_resnet", input_size=SIZE)
+    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+
+
+def test_timm_naflex_vit_gets_se_on_the_grid_of_its_patchified_image():
+    plan = ai.plan(meta_model("timm:naflexvit_base_patch16_gap"), "se_resnet", input_size=(3, 64, 64))
+    assert len(plan) == 24 and {(p.layout, p.prefix, p.grid) for p in plan} == {("tokens", 4, (4, 4))}
+    cbam = ai.plan(
+        meta_model("timm:naflexvit_base_patch16_gap"), "cbam_after_every_stage", input_size=(3, 64, 64)
+    )
+    assert cbam == [] and all("changes with the input size" in s.reason for s in cbam.skipped)
+
+
+class ValueBranch(PatchEmbed):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.sum() > 0:  # a branch on the values: no trace at these shapes decides it
+            x = x.flip(-1)
+        return super().forward(x)
+
+
+def test_a_kept_whole_module_that_branches_on_values_stays_unread():
+    model = PatchifiedViT()
+    model.embed = ValueBranch()
+    plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)
+    assert [o.name for o in plan.opaque] == ["embed"]
+    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)

@@ -26,7 +26,7 @@ NCHW maps, NHWC maps and tokens with a grid; a tensor of unknown layout is never
 
 from __future__ import annotations
 
-import math
+import inspect
 import operator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from . import ops
+from .inside import trace_at
 from .shapes import propagate_shapes, tensor_meta
 
 __all__ = [
@@ -152,6 +153,8 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
     if node.op == "call_function" and node.target is operator.getitem:
         container = node.args[0]
         if isinstance(container, fx.Node):
+            if (returned := _returned_item(node)) is not None:
+                return returned[0]
             if tensor_meta(container) is None and _splits(container):
                 assert isinstance(container.args[0], fx.Node)
                 container = container.args[0]  # an item of chunk()/split()
@@ -394,6 +397,8 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
         return _fits(_concatenated_grid(node), node)
     if node.op == "call_function" and node.target is operator.getitem:
         whole = node.args[0]
+        if (returned := _returned_item(node)) is not None:
+            return _fits(returned[1], node)
         if isinstance(whole, fx.Node) and tensor_meta(whole) is None:
             split = whole.args[0] if _is_split(whole) else None  # chunk() over channels keeps the tokens
             return _fits(grid_of(split), node) if isinstance(split, fx.Node) else None
@@ -417,17 +422,77 @@ def _grid_reshaped_to_map(node: fx.Node) -> bool:
     return grid.prefix == 0 and grid.order is None and tuple(hw) == (grid.height, grid.width)
 
 
-def annotate_layouts(model: nn.Module, graph: fx.Graph) -> None:
+def annotate_layouts(
+    model: nn.Module, graph: fx.Graph, inputs: dict[str, tuple[str | None, TokenGrid | None]] | None = None
+) -> None:
     """Write ``meta["layout"]`` on every node (``None`` for what is neither a known map nor
-    known tokens) and ``meta["grid"]`` on tokens of a proven grid."""
+    known tokens) and ``meta["grid"]`` on tokens of a proven grid. ``inputs``: the layout and
+    grid of each placeholder by name, for a graph traced from one module of a larger model
+    (by default a 4-D input is an NCHW image)."""
     for node in graph.nodes:
+        node.meta.pop("returned", None)
+        if inputs is not None and node.op == "placeholder":
+            node.meta["layout"], node.meta["grid"] = inputs.get(str(node.target), (None, None))
+            continue
         layout = _infer(node, model)
+        if layout is None and (returned := _read_inside(node, model)) is not None:
+            if tensor_meta(node) is not None:
+                node.meta["layout"], node.meta["grid"] = returned[0] or (None, None)
+                continue
+            node.meta["returned"] = returned
         node.meta["layout"] = layout
         node.meta["grid"] = _infer_grid(node, model) if layout in TOKEN_DIM else None
         if layout in (NCHW, NHWC) and ops.is_data_movement(node) and not _grid_reshaped_to_map(node):
             node.meta["layout"] = layout = None
         if layout is None and (moved := _replayed(node) or _pooled(node)) is not None:
             node.meta["layout"], node.meta["grid"] = moved
+
+
+def _read_inside(
+    node: fx.Node, root: nn.Module
+) -> tuple[tuple[str | None, TokenGrid | None] | None, ...] | None:
+    """The layout and grid of each tensor a kept-whole module returns (one item for a
+    tensor, one per item for a tuple), read from its graph traced at this node's shapes
+    (:mod:`.inside`): for a module of the model's own code given a map or tokens of known
+    layout, whose output is 3-D or 4-D (or a tuple holding such)."""
+    module = ops.module_of(node, root)
+    if module is None or type(module).__module__.startswith("torch."):
+        return None
+    value = node.meta.get("val")
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    if not any(isinstance(v, torch.Tensor) and v.dim() in (3, 4) for v in items):
+        return None
+    if not any(layout_of(n) is not None for n in _tensor_inputs(node)):
+        return None
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    graph = trace_at(module, args, kwargs)
+    if graph is None:
+        return None
+    names = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
+    known = {
+        name: (layout_of(outer), grid_of(outer))
+        for name, outer in names.items()
+        if isinstance(outer, fx.Node)
+    }
+    annotate_layouts(module, graph, inputs=known)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    result = output.args[0]
+    returned = result if isinstance(result, (tuple, list)) else (result,)
+    if len(returned) != len(items):
+        return None
+    return tuple((layout_of(r), grid_of(r)) if isinstance(r, fx.Node) else None for r in returned)
+
+
+def _returned_item(node: fx.Node) -> tuple[str | None, TokenGrid | None] | None:
+    """``(layout, grid)`` of ``module(...)[i]``, where the kept-whole module's tuple output
+    was read from inside it."""
+    container, index = node.args[0], node.args[1] if len(node.args) > 1 else None
+    if not isinstance(container, fx.Node) or not isinstance(index, int):
+        return None
+    returned = container.meta.get("returned")
+    if returned is None or not -len(returned) <= index < len(returned):
+        return None
+    return returned[index]
 
 
 REPLAY_DEPTH = 16  # data-movement ops followed back from a node to a tensor of known layout
@@ -559,7 +624,8 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     if source_meta is None or source_meta.numel() > MAX_REPLAY_ELEMENTS:
         return None
     channels_first = out.dim() == 4 and out.shape[1] == channels != out.shape[-1]
-    if out.shape[0] != batch or (out.shape[-1] != channels and not channels_first):
+    patchified = out.dim() == 3 and out.shape[-1] != channels and out.shape[-1] % channels == 0
+    if out.shape[0] != batch or (out.shape[-1] != channels and not (channels_first or patchified)):
         return None  # the channels are split or moved: neither tokens of the grid nor its map
     values = {source: _encoding(source, batch, count, channels)}
     try:
@@ -567,6 +633,8 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
             values[step] = _replay(step, values)
     except (_NotReplayable, RuntimeError, TypeError, ValueError, IndexError):
         return None
+    if patchified:
+        return _patches(values[node], batch, count, channels, grid_size(source) or (0, 0))
     if channels_first:  # a map put back as (B, C, H, W): NCHW when its positions are raster
         tokens = _positions_of(values[node].movedim(1, -1), batch, count, channels)
         moved = None if tokens is None else _as_layout(tokens, *(grid_size(source) or (0, 0)), 4)
@@ -577,10 +645,56 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     return _as_layout(tokens, *(grid_size(source) or (0, 0)), out.dim())
 
 
+def _patches(
+    encoded: torch.Tensor, batch: int, count: int, channels: int, size: tuple[int, int]
+) -> tuple[str, TokenGrid | None] | None:
+    """Tokens (B, N, K) of a patchify (NaFlex's ``batch_patchify``: (B, C, H, W) viewed as
+    p x p patches, permuted and flattened): the grid at stride p when every element of the
+    source is held once, batch in place, and each token holds every channel of one aligned
+    window."""
+    height, width = size
+    if encoded.numel() != batch * count * channels or count != height * width:
+        return None
+    if not torch.equal(encoded.flatten().sort().values, torch.arange(encoded.numel())):
+        return None  # an element dropped or repeated
+    rest = encoded // channels
+    position, b = rest % count, rest // count
+    if not torch.equal(b, torch.arange(batch).view(batch, 1, 1).expand_as(b)):
+        return None
+    if not torch.equal(position, position[:1].expand_as(position)):
+        return None
+    return _windowed(position[0], height, width, per_position=channels)
+
+
+def _windowed(
+    groups: torch.Tensor, height: int, width: int, per_position: int = 1
+) -> tuple[str, TokenGrid | None] | None:
+    """The coarse grid of groups of distinct elements (the last dimension; each grid
+    position ``per_position`` times) that each fill one aligned window of the same size."""
+    rows, columns = groups // width, groups % width
+    top, left = rows.amin(-1), columns.amin(-1)
+    spans = {
+        (int(h), int(w))
+        for h, w in zip(
+            (rows.amax(-1) - top + 1).flatten(), (columns.amax(-1) - left + 1).flatten(), strict=True
+        )
+    }
+    if len(spans) != 1:
+        return None
+    ((window_h, window_w),) = spans
+    if window_h * window_w * per_position != groups.shape[-1] or window_h * window_w < 2:
+        return None  # distinct elements in an aligned box of as many positions: exactly that window
+    if height % window_h or width % window_w or bool((top % window_h).any()) or bool((left % window_w).any()):
+        return None
+    coarse_width = width // window_w
+    coarse = (top // window_h) * coarse_width + left // window_w
+    return _as_layout(coarse, height // window_h, coarse_width, groups.dim() + 1)
+
+
 def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     """Max pooling over one token dimension of reordered tokens (Hiera's
-    ``x.view(B, 4, -1, C).amax(dim=1)``): the grid at stride s when each pooled group of
-    s * s tokens is an aligned s x s window."""
+    ``x.view(B, 4, -1, C).amax(dim=1)``): the coarser grid when each pooled group of
+    tokens is an aligned window."""
     if not (node.op == "call_method" and node.target == "amax") or len(node.args) > 2:
         return None
     if node.kwargs.get("keepdim", False):
@@ -595,18 +709,7 @@ def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
     if not 1 <= dim <= t.dim() - 2:
         return None
     groups = grid.positions().view(*t.shape[1:-1]).movedim(dim - 1, -1)
-    size = groups.shape[-1]
-    stride = math.isqrt(size)
-    if stride < 2 or stride * stride != size or grid.height % stride or grid.width % stride:
-        return None
-    rows, columns = groups // grid.width, groups % grid.width
-    top, left = rows.amin(-1), columns.amin(-1)
-    window = (rows.amax(-1) - top == stride - 1) & (columns.amax(-1) - left == stride - 1)
-    if not bool(window.all()) or bool((top % stride).any()) or bool((left % stride).any()):
-        return None  # distinct positions in an aligned s x s box: exactly that window
-    height, width = grid.height // stride, grid.width // stride
-    coarse = (top // stride) * width + left // stride
-    return _as_layout(coarse, height, width, t.dim() - 1)
+    return _windowed(groups, grid.height, grid.width)
 
 
 def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
@@ -622,7 +725,10 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     gridded = [n for n in graph.nodes if grid_of(n) is not None]
     if not gridded:
         return
-    saved = {n: (n.meta.get("val"), n.meta.get("layout"), n.meta.get("grid")) for n in graph.nodes}
+    saved = {
+        n: (n.meta.get("val"), n.meta.get("layout"), n.meta.get("grid"), n.meta.get("returned"))
+        for n in graph.nodes
+    }
     probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
     probed: dict[fx.Node, TokenGrid | None] = {}
     try:
@@ -635,8 +741,9 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
             annotate_layouts(model, graph)
             probed = {n: grid_of(n) for n in changed}
     finally:
-        for node, (value, layout, grid) in saved.items():
+        for node, (value, layout, grid, returned) in saved.items():
             node.meta["val"], node.meta["layout"], node.meta["grid"] = value, layout, grid
+            node.meta["returned"] = returned
     for node in changed:
         grid, at_probe = grid_of(node), probed.get(node)
         if grid is not None and grid.order is not None and at_probe is None:

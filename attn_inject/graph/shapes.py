@@ -10,6 +10,7 @@ convolutions and linear layers run their functional form on meta weights directl
 
 from __future__ import annotations
 
+import operator
 from typing import Any, overload
 
 import torch
@@ -19,7 +20,7 @@ from torch.func import functional_call
 
 from .trace import eval_mode
 
-__all__ = ["ShapeError", "propagate_shapes", "tensor_meta"]
+__all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
 
 SHAPE_PRESERVING = (
     nn.modules.batchnorm._NormBase,
@@ -53,7 +54,26 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-class _MetaInterpreter(fx.Interpreter):
+SAME_SHAPE_ARITHMETIC = frozenset({operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub})
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """Two floating meta tensors of one shape, dtype and layout in memory."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.is_meta
+        and b.is_meta
+        and a.is_floating_point()
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
+
+
+class MetaInterpreter(fx.Interpreter):
+    """Runs a graph on meta tensors; modules that read tensor values run on zeros."""
+
     def run_node(self, n: fx.Node) -> Any:
         try:
             result = super().run_node(n)
@@ -64,11 +84,13 @@ class _MetaInterpreter(fx.Interpreter):
             ) from error
         # Tensors a model creates itself (torch.zeros(shape) with no device, a buffer's
         # device read at trace time) join the meta tensors here.
-        result = _all_meta(result)
+        result = all_meta(result)
         n.meta["val"] = result
         return result
 
     def call_function(self, target, args, kwargs):
+        if target in SAME_SHAPE_ARITHMETIC and not kwargs and len(args) == 2 and _alike(*args):
+            return torch.empty_like(args[0])  # a residual addition: what the meta kernel gives, sooner
         # fx hands functions immutable containers; wrapped model functions may edit theirs.
         return super().call_function(target, _mutable(args), _mutable(kwargs))
 
@@ -122,15 +144,16 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
     return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
 
 
-def _all_meta(value: Any) -> Any:
+def all_meta(value: Any) -> Any:
+    """``value`` with every tensor in it (in tuples, lists, dicts) on the meta device."""
     if isinstance(value, torch.Tensor):
         return _meta(value)
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_all_meta(v) for v in value)
+        return tuple(all_meta(v) for v in value)
     if type(value) is list:
-        return [_all_meta(v) for v in value]
+        return [all_meta(v) for v in value]
     if type(value) is dict:
-        return {k: _all_meta(v) for k, v in value.items()}
+        return {k: all_meta(v) for k, v in value.items()}
     return value
 
 
@@ -168,4 +191,4 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, 
     """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
     with eval_mode(model), torch.no_grad():
-        _MetaInterpreter(model, graph=graph).run(x)
+        MetaInterpreter(model, graph=graph).run(x)

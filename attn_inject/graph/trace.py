@@ -36,6 +36,8 @@ __all__ = [
     "TraceError",
     "TraceResult",
     "eval_mode",
+    "thread_in_place",
+    "timm_notrace",
     "trace",
     "tracing_strategy",
 ]
@@ -47,7 +49,8 @@ class TraceError(RuntimeError):
     """torch.fx could not trace the model."""
 
 
-def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+def timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """The module types and functions timm registers as not traceable."""
     try:
         import timm.models  # noqa: F401  (registers every model's non-traceable modules)
         from timm.layers import get_notrace_functions, get_notrace_modules
@@ -326,7 +329,7 @@ def trace(model: nn.Module) -> TraceResult:
     leaf_types: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     if is_timm_model(model) or isinstance(model, fx.GraphModule):
-        leaf_types, functions = _timm_notrace()
+        leaf_types, functions = timm_notrace()
     concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
     opaque: list[OpaqueModule] = []
     with _caches_kept(model), checkpointing_off(model), hooks_off(model):

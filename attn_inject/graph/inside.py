@@ -1,0 +1,119 @@
+"""The layout of what a kept-whole module returns, read from inside it.
+
+A module fx cannot trace (its code branches on its input's rank or size, as NaFlex's patch
+embedding does, which timm registers as not traceable) stays one ``call_module`` node, and
+the layout of its output would be unknown. Here that module alone is traced once more with
+every proxy carrying the meta tensor of its value, as Hugging Face's ``HFTracer`` does:
+ranks, shapes and sizes are plain numbers, so each branch on them goes the way this input
+goes. That graph holds for these shapes only, so it is read for layouts and never used to
+rewrite: the module stays whole, with no block inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .shapes import MetaInterpreter, all_meta, tensor_meta
+from .trace import eval_mode, thread_in_place, timm_notrace
+
+__all__ = ["ShapedTracer", "trace_at"]
+
+try:  # fx's patches of Module.__call__ / __getattr__ set aside while a node is evaluated
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _patches_reverted
+except ImportError:  # pragma: no cover - an older torch: evaluation then fails, the module stays unread
+    _patches_reverted = contextlib.nullcontext  # type: ignore[assignment]
+
+# Read from a proxy's meta tensor, so code can branch on them.
+CONCRETE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "is_meta"})
+CONCRETE_METHODS = frozenset({"dim", "size", "numel", "ndimension", "is_floating_point", "is_complex"})
+
+
+class ShapedProxy(fx.Proxy):
+    """A proxy whose shape, rank, dtype and device are those of its meta tensor."""
+
+    def __getattr__(self, name: str) -> Any:
+        value = self.node.meta.get("val")
+        if isinstance(value, torch.Tensor) and name in CONCRETE_ATTRIBUTES | CONCRETE_METHODS:
+            return getattr(value, name)
+        return super().__getattr__(name)
+
+    def __len__(self) -> int:
+        value = self.node.meta.get("val")
+        if isinstance(value, (torch.Tensor, tuple, list)):
+            return len(value)
+        raise RuntimeError(f"len() of {self.node.name}, whose value is not known")
+
+    def __iter__(self):
+        value = self.node.meta.get("val")
+        if isinstance(value, (tuple, list)):
+            items: Any = self  # fx adds __getitem__ at run time
+            return iter([items[i] for i in range(len(value))])
+        return super().__iter__()
+
+
+class ShapedTracer(fx.Tracer):
+    """Traces one module for given inputs, evaluating every node on meta tensors as it is
+    created; timm's non-traceable modules and torch.nn's own are leaves."""
+
+    def __init__(
+        self, root: nn.Module, leaf_types: tuple[type, ...], functions: tuple[Callable, ...]
+    ) -> None:
+        super().__init__(autowrap_functions=functions)
+        self.leaf_types = leaf_types
+        self.root_module = root
+        self.inputs: dict[str, Any] = {}
+        self.evaluator: MetaInterpreter | None = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapedProxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if m is not self.root_module and isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind == "placeholder":
+            node.meta["val"] = self.inputs.get(str(target))
+        elif kind in ("call_function", "call_method", "call_module", "get_attr"):
+            if self.evaluator is None:
+                self.evaluator = MetaInterpreter(self.root_module, graph=self.graph)
+            values = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+            with _patches_reverted():
+                node.meta["val"] = all_meta(getattr(self.evaluator, kind)(node.target, *values))
+        return proxy
+
+
+def trace_at(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> fx.Graph | None:
+    """``module``'s graph for these arguments (meta tensors and plain values), with each
+    node's value in ``meta["val"]``; None where it cannot be traced even so."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+    concrete = {k: v for k, v in bound.arguments.items() if k not in tensors}
+    if any(isinstance(v, (nn.Module, fx.Node)) for v in concrete.values()):
+        return None
+    leaf_types, functions = timm_notrace()
+    tracer = ShapedTracer(module, leaf_types, functions)
+    tracer.inputs = tensors
+    try:
+        with eval_mode(module), torch.no_grad():
+            graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception:  # fx and the meta kernels raise many kinds: the module stays unread
+        return None
+    thread_in_place(graph)
+    for node in graph.nodes:
+        if node.op == "placeholder" and tensor_meta(node) is None and str(node.target) in tensors:
+            return None
+    return graph
