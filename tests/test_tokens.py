@@ -564,3 +564,30 @@ def test_a_kept_whole_module_that_branches_on_values_stays_unread():
     plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)
     assert [o.name for o in plan.opaque] == ["embed"]
     assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+
+
+class CachingEmbed(PatchEmbed):
+    """Keeps a value it computed, keyed by device (as timm's LeViT keeps attention biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.cls * 1
+        tokens, grid = super().forward(x)
+        return tokens + self.cache[key], grid
+
+
+def test_reading_a_kept_whole_module_leaves_its_caches_as_they_were():
+    torch.manual_seed(0)
+    model = PatchifiedViT()
+    model.embed = CachingEmbed()
+    model.eval()
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert len(plan) == 4 and model.embed.cache == {}  # no proxy or meta tensor kept
+    patched = patched_model(model, "se_resnet")
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from .shapes import MetaInterpreter, all_meta, tensor_meta
-from .trace import eval_mode, thread_in_place, timm_notrace
+from .trace import eval_mode, thread_in_place, timm_notrace, tracing_guards
 
 __all__ = ["ShapedTracer", "trace_at"]
 
@@ -86,10 +86,17 @@ class ShapedTracer(fx.Tracer):
         elif kind in ("call_function", "call_method", "call_module", "get_attr"):
             if self.evaluator is None:
                 self.evaluator = MetaInterpreter(self.root_module, graph=self.graph)
-            values = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+            evaluator = self.evaluator
             with _patches_reverted():
-                node.meta["val"] = all_meta(getattr(self.evaluator, kind)(node.target, *values))
+                values = fx.node.map_arg((node.args, node.kwargs), self._value)
+                node.meta["val"] = all_meta(getattr(evaluator, kind)(node.target, *values))
         return proxy
+
+    def _value(self, node: fx.Node) -> Any:
+        """A node's value; for a tensor constant fx stored on the module itself, that tensor."""
+        if "val" not in node.meta and node.op == "get_attr" and self.evaluator is not None:
+            node.meta["val"] = all_meta(self.evaluator.fetch_attr(str(node.target)))
+        return node.meta.get("val")
 
 
 def trace_at(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> fx.Graph | None:
@@ -108,7 +115,7 @@ def trace_at(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     tracer = ShapedTracer(module, leaf_types, functions)
     tracer.inputs = tensors
     try:
-        with eval_mode(module), torch.no_grad():
+        with tracing_guards(module), eval_mode(module), torch.no_grad():
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception:  # fx and the meta kernels raise many kinds: the module stays unread
         return None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-from .trace import eval_mode
+from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
 
@@ -190,5 +190,5 @@ def model_dtype(module: nn.Module) -> torch.dtype:
 def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
     """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), caches_kept(model), torch.no_grad():
         MetaInterpreter(model, graph=graph).run(x)

@@ -35,10 +35,12 @@ __all__ = [
     "OpaqueModule",
     "TraceError",
     "TraceResult",
+    "caches_kept",
     "eval_mode",
     "thread_in_place",
     "timm_notrace",
     "trace",
+    "tracing_guards",
     "tracing_strategy",
 ]
 
@@ -332,8 +334,16 @@ def trace(model: nn.Module) -> TraceResult:
         leaf_types, functions = timm_notrace()
     concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
     opaque: list[OpaqueModule] = []
-    with _caches_kept(model), checkpointing_off(model), hooks_off(model):
+    with tracing_guards(model):
         return _trace(model, leaf_types, functions, concrete, opaque)
+
+
+@contextlib.contextmanager
+def tracing_guards(model: nn.Module) -> Iterator[None]:
+    """What tracing ``model`` needs set aside and put back: its caches, gradient
+    checkpointing and hooks (below)."""
+    with caches_kept(model), checkpointing_off(model), hooks_off(model):
+        yield
 
 
 HOOK_DICTS = (
@@ -385,7 +395,7 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _caches_kept(model: nn.Module) -> Iterator[None]:
+def caches_kept(model: nn.Module) -> Iterator[None]:
     """Restore the model's plain dict attributes after tracing: a cache filled while tracing
     (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep proxies
     of this graph and hand them to the next trace."""
