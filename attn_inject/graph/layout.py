@@ -655,8 +655,10 @@ def _patches(
     height, width = size
     if encoded.numel() != batch * count * channels or count != height * width:
         return None
-    if not torch.equal(encoded.flatten().sort().values, torch.arange(encoded.numel())):
-        return None  # an element dropped or repeated
+    seen = torch.zeros(encoded.numel(), dtype=torch.bool)
+    seen[encoded.flatten()] = True
+    if not bool(seen.all()):
+        return None  # an element dropped (so another one repeated)
     rest = encoded // channels
     position, b = rest % count, rest // count
     if not torch.equal(b, torch.arange(batch).view(batch, 1, 1).expand_as(b)):
