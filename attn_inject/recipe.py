@@ -19,6 +19,7 @@ integration into non-residual networks (arXiv 1709.01507, Sec. 3.3).
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from collections.abc import Mapping
@@ -294,7 +295,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-CACHED_RECIPE_CHARS = 1 << 16  # recipes up to this size are parsed once per text
+CACHED_RECIPE_CHARS = 1 << 16  # recipes up to this size are read as YAML once per text
 
 
 def parse_recipe_text(text: str, source: str) -> Recipe:
@@ -304,18 +305,20 @@ def parse_recipe_text(text: str, source: str) -> Recipe:
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"{source}: a recipe is at most {MAX_RECIPE_BYTES} characters")
     if len(text) <= CACHED_RECIPE_CHARS:
-        return _parsed_once(text, source)  # a Recipe is frozen: one object serves every call
-    return _parse_yaml(text, source)
+        data = copy.deepcopy(_read_yaml_once(text, source))  # the checks below may not change it
+    else:
+        data = _read_yaml(text, source)
+    return parse_recipe(data, source)  # checked every time: the registered blocks may change
 
 
 @functools.lru_cache(maxsize=64)
-def _parsed_once(text: str, source: str) -> Recipe:
-    return _parse_yaml(text, source)
+def _read_yaml_once(text: str, source: str) -> Any:
+    return _read_yaml(text, source)
 
 
-def _parse_yaml(text: str, source: str) -> Recipe:
+def _read_yaml(text: str, source: str) -> Any:
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as error:
         where = ""
         mark = getattr(error, "problem_mark", None)
@@ -325,7 +328,6 @@ def _parse_yaml(text: str, source: str) -> Recipe:
         raise RecipeError(f"{source}: invalid YAML{where}: {cut(problem)}") from None
     except RecursionError:
         raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
-    return parse_recipe(data, source)
 
 
 def parse_recipe(data: Any, source: str) -> Recipe:

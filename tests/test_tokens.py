@@ -591,3 +591,67 @@ def test_reading_a_kept_whole_module_leaves_its_caches_as_they_were():
     patched = patched_model(model, "se_resnet")
     x = torch.randn(2, *SIZE)
     assert torch.equal(patched(x), model(x))
+
+
+class ArgumentEmbed(PatchEmbed):
+    """Takes the patch size as a plain argument, which the trace of it fixes."""
+
+    def forward(
+        self, x: torch.Tensor, patch: int = 0, scale: float = 1.0
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        assert patch == PATCH and scale == 1.0
+        return super().forward(x)
+
+
+class ArgumentViT(PatchifiedViT):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = ArgumentEmbed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.embed(x, PATCH)
+        return self.head(self.blocks(x)[:, 0])
+
+
+def test_a_kept_whole_module_given_plain_arguments_is_read_with_them():
+    plan = ai.plan(ArgumentViT().eval(), "se_resnet", input_size=SIZE)
+    assert [o.name for o in plan.opaque] == ["embed"]
+    assert [(p.prefix, p.grid) for p in plan] == [(1, (GRID, GRID))] * 4
+
+
+class DroppingEmbed(PatchEmbed):
+    """Keeps a random half of the patch tokens in training (as timm's PatchDropout)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens, grid = super().forward(x)
+        if self.training:
+            keep = torch.randperm(tokens.shape[1] - 1, device=tokens.device)[: tokens.shape[1] // 2] + 1
+            tokens = torch.cat([tokens[:, :1], tokens[:, keep]], dim=1)
+        return tokens, grid
+
+
+def test_a_kept_whole_module_whose_tokens_differ_in_training_gives_no_grid():
+    model = PatchifiedViT()
+    model.embed = DroppingEmbed()
+    plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)
+    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+    assert not model.training and not model.embed.training  # the modes are put back
+
+
+def doubled_patches(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 8, 8, w // 8, 8).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, 64 * c) * 2
+
+
+torch.fx.wrap("doubled_patches")  # names only data movement, but changes the values
+
+
+class DoubledPatchViT(PatchifiedViT):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed.proj(doubled_patches(x))
+        return self.head(self.blocks(x)[:, 0])
+
+
+def test_a_kept_whole_function_that_changes_values_is_no_patch_grid():
+    plan = ai.plan(DoubledPatchViT().eval(), "se_resnet", input_size=SIZE)
+    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)

@@ -17,10 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .shapes import MetaInterpreter, all_meta, tensor_meta
-from .trace import eval_mode, thread_in_place, timm_notrace, tracing_guards
+from .trace import mode, thread_in_place, timm_notrace, tracing_guards
 
 __all__ = ["ShapedTracer", "trace_at"]
 
@@ -51,7 +52,7 @@ class ShapedProxy(fx.Proxy):
 
     def __iter__(self):
         value = self.node.meta.get("val")
-        if isinstance(value, (tuple, list)):
+        if isinstance(value, (tuple, list, torch.Tensor)):
             items: Any = self  # fx adds __getitem__ at run time
             return iter([items[i] for i in range(len(value))])
         return super().__iter__()
@@ -67,7 +68,8 @@ class ShapedTracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
         self.leaf_types = leaf_types
         self.root_module = root
-        self.inputs: dict[str, Any] = {}
+        self.inputs: dict[str, Any] = {}  # tensor arguments by name
+        self.concrete: dict[str, Any] = {}  # the other arguments by name, fixed in the trace
         self.evaluator: MetaInterpreter | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -82,7 +84,7 @@ class ShapedTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if kind == "placeholder":
-            node.meta["val"] = self.inputs.get(str(target))
+            node.meta["val"] = self._placeholder_value(str(target))
         elif kind in ("call_function", "call_method", "call_module", "get_attr"):
             if self.evaluator is None:
                 self.evaluator = MetaInterpreter(self.root_module, graph=self.graph)
@@ -92,6 +94,18 @@ class ShapedTracer(fx.Tracer):
                 node.meta["val"] = all_meta(getattr(evaluator, kind)(node.target, *values))
         return proxy
 
+    def _placeholder_value(self, target: str) -> Any:
+        """A tensor argument's meta tensor; for a fixed argument, fx's placeholder
+        ``name_k`` stands for the k-th leaf of its value (checked by an assert in the graph)."""
+        if target in self.inputs:
+            return self.inputs[target]
+        name, _, count = target.rpartition("_")
+        if name in self.concrete and count.isdigit():
+            leaves = pytree.tree_leaves(self.concrete[name])
+            index = int(count) - 1
+            return leaves[index] if 0 <= index < len(leaves) else None
+        return None
+
     def _value(self, node: fx.Node) -> Any:
         """A node's value; for a tensor constant fx stored on the module itself, that tensor."""
         if "val" not in node.meta and node.op == "get_attr" and self.evaluator is not None:
@@ -99,23 +113,32 @@ class ShapedTracer(fx.Tracer):
         return node.meta.get("val")
 
 
-def trace_at(module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> fx.Graph | None:
-    """``module``'s graph for these arguments (meta tensors and plain values), with each
-    node's value in ``meta["val"]``; None where it cannot be traced even so."""
+def _copy(value: torch.Tensor) -> torch.Tensor:
+    """A meta tensor like ``value``: the module read may change its input in place."""
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+
+
+def trace_at(
+    module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any], training: bool = False
+) -> fx.Graph | None:
+    """``module``'s graph for these arguments (meta tensors and plain values), in eval or
+    ``training`` mode, with each node's value in ``meta["val"]``; None where it cannot be
+    traced even so."""
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
     bound.apply_defaults()
-    tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: _copy(v) for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
     concrete = {k: v for k, v in bound.arguments.items() if k not in tensors}
-    if any(isinstance(v, (nn.Module, fx.Node)) for v in concrete.values()):
-        return None
+    plain = (type(None), bool, int, float, str, torch.dtype, torch.device)
+    if not all(isinstance(leaf, plain) for leaf in pytree.tree_leaves(concrete)):
+        return None  # tensors in containers, modules, graph values: not fixed here
     leaf_types, functions = timm_notrace()
     tracer = ShapedTracer(module, leaf_types, functions)
-    tracer.inputs = tensors
+    tracer.inputs, tracer.concrete = tensors, concrete
     try:
-        with tracing_guards(module), eval_mode(module), torch.no_grad():
+        with tracing_guards(module), mode(module, training), torch.no_grad():
             graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception:  # fx and the meta kernels raise many kinds: the module stays unread
         return None

@@ -453,8 +453,9 @@ def _read_inside(
 ) -> tuple[tuple[str | None, TokenGrid | None] | None, ...] | None:
     """The layout and grid of each tensor a kept-whole module returns (one item for a
     tensor, one per item for a tuple), read from its graph traced at this node's shapes
-    (:mod:`.inside`): for a module of the model's own code given a map or tokens of known
-    layout, whose output is 3-D or 4-D (or a tuple holding such)."""
+    (:mod:`.inside`), in eval and in train mode, which must agree: for a module of the
+    model's own code given a map or tokens of known layout, whose output is 3-D or 4-D (or
+    a tuple holding such)."""
     module = ops.module_of(node, root)
     if module is None or type(module).__module__.startswith("torch."):
         return None
@@ -465,22 +466,27 @@ def _read_inside(
     if not any(layout_of(n) is not None for n in _tensor_inputs(node)):
         return None
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-    graph = trace_at(module, args, kwargs)
-    if graph is None:
-        return None
     names = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
     known = {
         name: (layout_of(outer), grid_of(outer))
         for name, outer in names.items()
         if isinstance(outer, fx.Node)
     }
-    annotate_layouts(module, graph, inputs=known)
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    result = output.args[0]
-    returned = result if isinstance(result, (tuple, list)) else (result,)
-    if len(returned) != len(items):
-        return None
-    return tuple((layout_of(r), grid_of(r)) if isinstance(r, fx.Node) else None for r in returned)
+    readings = []
+    for training in (False, True):  # a module that drops tokens in training has no grid then
+        graph = trace_at(module, args, kwargs, training=training)
+        if graph is None:
+            return None
+        annotate_layouts(module, graph, inputs=known)
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        result = output.args[0]
+        returned = result if isinstance(result, (tuple, list)) else (result,)
+        if len(returned) != len(items):
+            return None
+        readings.append(
+            tuple((layout_of(r), grid_of(r)) if isinstance(r, fx.Node) else None for r in returned)
+        )
+    return readings[0] if readings[0] == readings[1] else None
 
 
 def _returned_item(node: fx.Node) -> tuple[str | None, TokenGrid | None] | None:
@@ -655,6 +661,8 @@ def _patches(
     height, width = size
     if encoded.numel() != batch * count * channels or count != height * width:
         return None
+    if encoded.dtype != torch.long or int(encoded.min()) < 0 or int(encoded.max()) >= encoded.numel():
+        return None  # values changed on the way: not the numbering moved
     seen = torch.zeros(encoded.numel(), dtype=torch.bool)
     seen[encoded.flatten()] = True
     if not bool(seen.all()):
@@ -688,6 +696,8 @@ def _windowed(
         return None  # distinct elements in an aligned box of as many positions: exactly that window
     if height % window_h or width % window_w or bool((top % window_h).any()) or bool((left % window_w).any()):
         return None
+    if (height // window_h) * (width // window_w) < 2:
+        return None  # one token holding every position is no grid
     coarse_width = width // window_w
     coarse = (top // window_h) * coarse_width + left // window_w
     return _as_layout(coarse, height // window_h, coarse_width, groups.dim() + 1)

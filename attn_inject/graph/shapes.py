@@ -54,11 +54,12 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-SAME_SHAPE_ARITHMETIC = frozenset({operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub})
+SAME_SHAPE_ARITHMETIC = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub)
 
 
 def _alike(a: Any, b: Any) -> bool:
-    """Two floating meta tensors of one shape, dtype and layout in memory."""
+    """Two contiguous floating meta tensors of one shape and dtype (whose sum or product
+    the meta kernel makes contiguous too)."""
     return (
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
@@ -67,7 +68,8 @@ def _alike(a: Any, b: Any) -> bool:
         and a.is_floating_point()
         and a.dtype == b.dtype
         and a.shape == b.shape
-        and a.stride() == b.stride()
+        and a.is_contiguous()
+        and b.is_contiguous()
     )
 
 
@@ -89,8 +91,15 @@ class MetaInterpreter(fx.Interpreter):
         return result
 
     def call_function(self, target, args, kwargs):
-        if target in SAME_SHAPE_ARITHMETIC and not kwargs and len(args) == 2 and _alike(*args):
-            return torch.empty_like(args[0])  # a residual addition: what the meta kernel gives, sooner
+        if (
+            any(target is f for f in SAME_SHAPE_ARITHMETIC)
+            and not kwargs
+            and len(args) == 2
+            and _alike(*args)
+        ):
+            return torch.empty(
+                args[0].shape, dtype=args[0].dtype, device="meta"
+            )  # the meta kernel's result, sooner
         # fx hands functions immutable containers; wrapped model functions may edit theirs.
         return super().call_function(target, _mutable(args), _mutable(kwargs))
 

@@ -37,6 +37,7 @@ __all__ = [
     "TraceResult",
     "caches_kept",
     "eval_mode",
+    "mode",
     "thread_in_place",
     "timm_notrace",
     "trace",
@@ -200,9 +201,16 @@ class ModelTracer(fx.Tracer):
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode for the duration, then restore each module's own flag."""
+    with mode(model, training=False):
+        yield model
+
+
+@contextlib.contextmanager
+def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Every module in train (or eval) mode for the duration, then each one's own flag back."""
     flags = [(m, m.training) for m in model.modules()]
     for m, _ in flags:
-        m.__dict__["training"] = False  # the flag only: cheaper than Module.__setattr__
+        m.__dict__["training"] = training  # the flag only: cheaper than Module.__setattr__
     try:
         yield model
     finally:
