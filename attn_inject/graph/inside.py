@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .shapes import MetaInterpreter, all_meta, tensor_meta
-from .trace import mode, thread_in_place, timm_notrace, tracing_guards
+from .trace import ModelTracer, mode, thread_in_place, timm_notrace, tracing_guards
 
 __all__ = ["ShapedTracer", "trace_at"]
 
@@ -58,15 +58,14 @@ class ShapedProxy(fx.Proxy):
         return super().__iter__()
 
 
-class ShapedTracer(fx.Tracer):
+class ShapedTracer(ModelTracer):
     """Traces one module for given inputs, evaluating every node on meta tensors as it is
-    created; timm's non-traceable modules and torch.nn's own are leaves."""
+    created; its leaves are the model trace's (:class:`ModelTracer`)."""
 
     def __init__(
         self, root: nn.Module, leaf_types: tuple[type, ...], functions: tuple[Callable, ...]
     ) -> None:
-        super().__init__(autowrap_functions=functions)
-        self.leaf_types = leaf_types
+        super().__init__(leaf_types, functions)
         self.root_module = root
         self.inputs: dict[str, Any] = {}  # tensor arguments by name
         self.concrete: dict[str, Any] = {}  # the other arguments by name, fixed in the trace
@@ -74,11 +73,6 @@ class ShapedTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapedProxy(node, self)
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if m is not self.root_module and isinstance(m, self.leaf_types):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

@@ -563,16 +563,37 @@ def _replay(node: fx.Node, values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
     return node.target(*args, **kwargs)
 
 
+def _is_moved_numbering(encoded: torch.Tensor, total: int) -> bool:
+    """Whether a replayed result holds elements of the :func:`_encoding` of ``total``
+    elements, each at most once: a chain that changed values (``* 2``) or repeated elements
+    moved no data."""
+    flat = encoded.flatten()
+    if encoded.dtype != torch.long or flat.numel() > total:
+        return False
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
+        return False
+    seen = torch.zeros(total, dtype=torch.bool)
+    seen[flat] = True
+    return int(seen.sum()) == flat.numel()
+
+
+def _decoded(encoded: torch.Tensor, count: int, channels: int) -> tuple[torch.Tensor, ...]:
+    """(batch, grid position, channel) of every element of an :func:`_encoding`."""
+    rest = encoded // channels
+    return rest // count, rest % count, encoded % channels
+
+
+def _batch_in_place(b: torch.Tensor) -> bool:
+    return torch.equal(b, torch.arange(b.shape[0]).view(-1, *[1] * (b.dim() - 1)).expand_as(b))
+
+
 def _positions_of(encoded: torch.Tensor, batch: int, count: int, channels: int) -> torch.Tensor | None:
     """The grid position of each token of a replayed (B, *tokens, C) encoding, when batch
     and channels are where they were and every token holds one position."""
     if encoded.dim() < 3 or encoded.shape[0] != batch or encoded.shape[-1] != channels:
         return None
-    channel, rest = encoded % channels, encoded // channels
-    position, b = rest % count, rest // count
-    if not torch.equal(channel, torch.arange(channels).expand_as(channel)):
-        return None
-    if not torch.equal(b, torch.arange(batch).view(batch, *[1] * (encoded.dim() - 1)).expand_as(b)):
+    b, position, channel = _decoded(encoded, count, channels)
+    if not torch.equal(channel, torch.arange(channels).expand_as(channel)) or not _batch_in_place(b):
         return None
     tokens = position[0, ..., 0]
     if not torch.equal(position, tokens[None, ..., None].expand_as(position)):
@@ -639,6 +660,8 @@ def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
             values[step] = _replay(step, values)
     except (_NotReplayable, RuntimeError, TypeError, ValueError, IndexError):
         return None
+    if not _is_moved_numbering(values[node], source_meta.numel()):
+        return None
     if patchified:
         return _patches(values[node], batch, count, channels, grid_size(source) or (0, 0))
     if channels_first:  # a map put back as (B, C, H, W): NCHW when its positions are raster
@@ -660,16 +683,9 @@ def _patches(
     window."""
     height, width = size
     if encoded.numel() != batch * count * channels or count != height * width:
-        return None
-    if encoded.dtype != torch.long or int(encoded.min()) < 0 or int(encoded.max()) >= encoded.numel():
-        return None  # values changed on the way: not the numbering moved
-    seen = torch.zeros(encoded.numel(), dtype=torch.bool)
-    seen[encoded.flatten()] = True
-    if not bool(seen.all()):
-        return None  # an element dropped (so another one repeated)
-    rest = encoded // channels
-    position, b = rest % count, rest // count
-    if not torch.equal(b, torch.arange(batch).view(batch, 1, 1).expand_as(b)):
+        return None  # with each element at most once: unless every element is held
+    b, position, _ = _decoded(encoded, count, channels)
+    if encoded.shape[0] != batch or not _batch_in_place(b):
         return None
     if not torch.equal(position, position[:1].expand_as(position)):
         return None

@@ -92,14 +92,12 @@ class MetaInterpreter(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         if (
-            any(target is f for f in SAME_SHAPE_ARITHMETIC)
+            len(args) == 2
             and not kwargs
-            and len(args) == 2
+            and any(target is f for f in SAME_SHAPE_ARITHMETIC)
             and _alike(*args)
         ):
-            return torch.empty(
-                args[0].shape, dtype=args[0].dtype, device="meta"
-            )  # the meta kernel's result, sooner
+            return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")  # the meta kernel's
         # fx hands functions immutable containers; wrapped model functions may edit theirs.
         return super().call_function(target, _mutable(args), _mutable(kwargs))
 
