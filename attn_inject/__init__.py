@@ -12,6 +12,7 @@ from torch import nn
 
 from .blocks import BlockParamError, create_block, list_blocks, register_block
 from .checkpoint import CheckpointError
+from .derive import base_class, rewritten_forward
 from .finetune import freeze_base, gates, param_groups
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
@@ -43,6 +44,7 @@ __all__ = [
     "TraceError",
     "ValidationError",
     "ValidationReport",
+    "base_class",
     "block_parameters",
     "create_block",
     "freeze_base",
@@ -57,6 +59,7 @@ __all__ = [
     "plan",
     "read_manifest",
     "register_block",
+    "rewritten_forward",
     "save",
     "validate",
 ]

@@ -309,11 +309,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
     report = validate(model, patched, input_size=args.input_size, checks=_checks(args.checks))
     plan = _plan_of(patched)
-    kept = "keeps its class" if type(patched) is type(model) else "became a GraphModule"
+    kept = "keeps its class" if isinstance(patched, type(model)) else "lost its class"
     owners = sorted({p.owner for p in plan if p.attach == "graph"})
+    around = sorted({p.owner for p in plan if p.attach in ("after", "before")})
     surgery = (
-        f"{type(model).__name__} {kept}; modules rewritten: {', '.join(owners) or 'none'}; "
-        f"blocks appended to a Sequential: {sum(p.attach == 'append' for p in plan)}"
+        f"{type(model).__name__} {kept}; blocks in a slot of the module's own code: "
+        f"{sum(p.attach == 'slot' for p in plan)}; modules running blocks around their own forward: "
+        f"{len(around)}; modules with a rewritten forward: {', '.join(owners) or 'none'}"
     )
     text = (
         f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n"

@@ -98,8 +98,9 @@ class InsertionPoint:
 
     module: str = ""  # the module the block is a child of ('' is the model or its target)
     block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
-    owner: str = ""  # the module whose forward runs it (rewritten), unless attach == "append"
-    attach: str = "graph"  # "graph": a call in owner's rewritten forward; "append": last child
+    owner: str = ""  # the module whose forward runs it (``scopes.Attach`` says how)
+    attach: str = "graph"  # a ``scopes.Attach`` value: "slot", "after", "before" or "graph"
+    argument: str = ""  # attach == "before": the parameter of the module's forward it acts on
     scope_note: str = ""  # why a wider module than the block's own runs it, if one does
 
     def qualified_key(self, target: str = "") -> str:
@@ -305,9 +306,10 @@ def _giga(flops: int) -> str:
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, ...]:
-    """(C, H, W): the user's, else timm's ``pretrained_cfg["input_size"]``, else (C, 224, 224)
-    with C the input channels of the model's first convolution; (C, 16, 224, 224) when that
-    convolution is 3-D (a video model)."""
+    """(C, H, W): the user's; else the size the model was built for, where timm records it
+    (``patch_embed.img_size``, ``img_size``); else timm's ``pretrained_cfg["input_size"]``;
+    else (C, 224, 224) with C the input channels of the model's first convolution;
+    (C, 16, 224, 224) when that convolution is 3-D (a video model)."""
     first = _first_conv(model)
     channels = first.in_channels if first is not None else 3
     video = isinstance(first, nn.Conv3d)
@@ -320,13 +322,32 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
             shape = "(C, T, H, W) or (T, H, W)" if video else "(C, H, W) or (H, W)"
             raise ValueError(f"input_size must be {shape} with positive sizes, got {tuple(input_size)}")
         return size
+    built = _built_size(model)
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, Mapping) and cfg.get("input_size"):
-            return tuple(int(s) for s in cfg["input_size"])
+            size = tuple(int(s) for s in cfg["input_size"])
+            return (size[0], *built) if built is not None and len(size) == 3 else size
+    if built is not None and not video:
+        return (channels, *built)
     if video:
         return (channels, VIDEO_FRAMES, 224, 224)
     return (channels, 224, 224)
+
+
+def _built_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) the model was built for, where timm records it (``img_size=`` at creation)."""
+    for owner in (getattr(model, "patch_embed", None), model):
+        size = getattr(owner, "img_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return (size, size)
+        if (
+            isinstance(size, (tuple, list))
+            and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+        ):
+            return (int(size[0]), int(size[1]))
+    return None
 
 
 def _first_conv(model: nn.Module) -> nn.Conv2d | nn.Conv3d | None:
@@ -683,6 +704,7 @@ def place_points(graph: AnnotatedGraph, result: Plan) -> tuple[InsertionPoint, .
             block_name=placement.name,
             owner=placement.owner,
             attach=placement.attach,
+            argument=placement.argument,
             scope_note=placement.note,
         )
         for point, placement in zip(result, placements, strict=True)

@@ -1,13 +1,15 @@
 """The rewrite pass: local surgery.
 
 Each planned block becomes a child of the module where it acts (``layer1.0.se``), as in a
-hand-built model. Only the modules that run a block change (see :mod:`attn_inject.scopes`):
+hand-built model. Only the modules that run a block change (see :mod:`attn_inject.scopes`),
+and each stays an instance of its own class (:mod:`attn_inject.derive`):
 
-- an ``nn.Sequential`` whose output takes a block gets it appended as its last child;
-- a module whose forward holds a point is traced alone, the block is inserted following
-  torch.ao's recipe (``graph.inserting_after(producer)``, ``call_module``, rewire the planned
-  consumers, lint, recompile) and the module is replaced by that ``fx.GraphModule``, which
-  keeps the module's children, parameters, buffers, plain attributes and hooks.
+- a slot: the block takes the module's None attribute, and its code calls it as written;
+- after / before: the module becomes a generated subclass that runs the block on what it
+  returns, or on one argument, around its own forward;
+- graph: the module is traced alone, the block is inserted following torch.ao's recipe
+  (``graph.inserting_after(producer)``, ``call_module``, rewire the planned consumers, lint)
+  and the graph's code becomes the forward of a generated subclass, with the same signature.
 
 Every module on the path from the model to a changed module is a shallow copy (its other
 children, parameters and buffers are the original's), so the model passed in is not
@@ -27,15 +29,15 @@ import torch
 from torch import fx, nn
 
 from .blocks import accepts_init, create_block, layout_kwargs
+from .derive import Around, derive_around, derive_graph
 from .graph.analysis import AnnotatedGraph
 from .graph.trace import HOOK_DICTS
 from .plan import InsertionPoint, Plan, merge_plans
-from .scopes import APPEND, ScopeTrace, _relative, extract_scope, reads_training
+from .scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
 ANNOTATIONS = ("val", "layout", "tensor_meta")
-PRESERVED = "_user_preserved_attributes"  # GraphModule restores these on deepcopy
 BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 
 
@@ -153,70 +155,19 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
     graph.lint()
 
 
-def _graph_module(original: nn.Module, graph: fx.Graph, extra: dict[str, Any]) -> fx.GraphModule:
-    """``graph`` as a module that keeps ``original``'s children, parameters, buffers, plain
-    attributes and hooks, named after its class; ``extra`` are the new blocks and tensor
-    constants its graph uses, by name relative to ``original``."""
-    used: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr"):
-            name = str(node.target)
-            used[name] = extra[name] if name in extra else _get_path(original, name)
-    # fx sets a dotted target on the modules it finds on the way (``mlp.grn.se`` on the
-    # ``mlp.grn`` it was given): give it copies, so the original never gains a block.
-    fresh: set[int] = set()  # ids of the copies made here
-
-    def own(module: nn.Module) -> nn.Module:
-        if id(module) in fresh:
-            return module
-        copy_ = shallow_copy(module)
-        fresh.add(id(copy_))
-        return copy_
-
-    for name in extra:
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            prefix = ".".join(parts[:i])
-            if not isinstance(used.get(prefix), nn.Module):
-                continue
-            module = used[prefix] = own(used[prefix])
-            for part in parts[i:-1]:  # and every module below it on the way to the block
-                child = module._modules.get(part)
-                if child is None:
-                    break
-                module._modules[part] = module = own(child)
-    gm = fx.GraphModule(used, graph, type(original).__name__)
-    _reattach(original, gm)
-    gm.training = original.training
-    preserved = gm.meta.setdefault(PRESERVED, {})
-    for key, value in vars(original).items():
-        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
-            setattr(gm, key, value)
-            preserved[key] = value
-    for key in HOOK_DICTS:  # shared, as in shallow_copy: the user's handles keep working
-        if key in vars(original):
-            setattr(gm, key, vars(original)[key])
-    return gm
-
-
-def _get_path(module: nn.Module, path: str) -> Any:
-    value: Any = module
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _reattach(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the source's own children, parameters and buffers, in their order (a
-    GraphModule holds only those its graph uses, under plain containers)."""
-    for name, child in source.named_children():
-        setattr(target, name, child)
-    for name, param in source._parameters.items():
-        if param is not None:
-            target.register_parameter(name, param)
-    for name, buffer in source._buffers.items():
-        if buffer is not None:
-            target.register_buffer(name, buffer, persistent=name not in source._non_persistent_buffers_set)
+def _rewritten(original: nn.Module, scope: ScopeTrace, where: str) -> nn.Module:
+    """A copy of ``original`` whose forward runs the scope's graph; the graph's tensor
+    constants become non-persistent buffers (they move with the module, and ``state_dict``
+    gains nothing but the blocks)."""
+    module = shallow_copy(original)
+    for name, value in scope.constants.items():
+        if isinstance(value, torch.Tensor):
+            module.register_buffer(name, value, persistent=False)
+        else:
+            setattr(module, name, value)
+    call_arguments = scope.arguments if scope.arguments is not None else ()
+    derive_graph(module, scope.graph, call_arguments, where or type(original).__name__)
+    return module
 
 
 def _reading_training(scope: ScopeTrace, where: str) -> list[str]:
@@ -257,11 +208,17 @@ def rewrite(
 
     blocks = {point.key: build_block(point, plan.init, device, dtype) for point in plan}
     owners: dict[str, list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]] = {}
+    around: dict[str, Around] = {}
     baked: list[str] = []
     for point in plan:
-        if point.attach != APPEND:
+        if point.attach == GRAPH:
             consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
             owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
+        elif point.attach == AFTER:
+            around[point.module] = around.get(point.module, Around()).add(after="", block=point.block_name)
+        elif point.attach == BEFORE:
+            wrapped = around.get(point.module, Around())
+            around[point.module] = wrapped.add(before=point.argument, block=point.block_name)
     for owner, points in owners.items():
         if owner:
             producers = {producer for _, producer, _ in points}
@@ -274,20 +231,20 @@ def rewrite(
             for node in whole.nodes:
                 for key in ANNOTATIONS:
                     node.meta.pop(key, None)
-            scope = ScopeTrace("", sub, whole, copied, tuple(c.path for c in graph.calls if not c.leaf))
+            arguments = tuple((str(n.target), n) for n in whole.nodes if n.op == "placeholder")
+            scope = ScopeTrace(
+                "", sub, whole, copied, tuple(c.path for c in graph.calls if not c.leaf), arguments=arguments
+            )
         _refuse_hooks(scope, prefix + owner)
         baked += _reading_training(scope, prefix + owner)
         _insert(scope, points)
-        own = {
-            _relative(key, owner): block
-            for key, block in blocks.items()
-            if not owner or key.startswith(owner + ".")
-        }
-        tree.replace(prefix + owner, _graph_module(scope.module, scope.graph, {**scope.constants, **own}))
+        tree.replace(prefix + owner, _rewritten(scope.module, scope, prefix + owner))
     for point in plan:
         host = tree.writable(prefix + point.module)
         host._modules[point.block_name] = blocks[point.key]
         host.__dict__.pop(point.block_name, None)  # a plain attribute of that name (e.g. se = None)
+    for module, wrapped in around.items():
+        derive_around(tree.writable(prefix + module), wrapped)
 
     if baked:
         more = " ..." if len(baked) > 3 else ""
@@ -303,6 +260,4 @@ def rewrite(
         base = (earlier.base_model, dict(earlier.base_kwargs))
     info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
     vars(patched)["attn_inject"] = info  # a plain attribute, not a module or a tensor
-    if isinstance(patched, fx.GraphModule):
-        patched.meta.setdefault(PRESERVED, {})["attn_inject"] = info
     return patched

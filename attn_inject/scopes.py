@@ -1,28 +1,38 @@
-"""Scopes: which module's code runs each block, and which module holds it.
+"""Scopes: which module runs each block, and which module holds it.
 
-The whole model is traced once to find the insertion points; the rewrite itself is local.
-For each point (a producer node and the consumers that read the block's output):
+The whole model is traced once to find the insertion points; the surgery itself is local and
+every module it changes stays an instance of its own class (:mod:`attn_inject.derive`). For
+each point (a producer node and the consumers that read the block's output), the first of
+these that applies:
 
-- **append**: the value is what an ``nn.Sequential`` returns, the block applies to every
-  reader and every reader is outside it (a stage's output; a residual branch that is one
-  Sequential, as torchvision MobileNetV2's ``conv``): the block is appended to the innermost
-  such Sequential (``layer1.cbam``; in ConvNeXt ``stages.0.blocks.cbam``, not the Sequential
-  of stages, whose indices would shift), so no code is traced or rewritten at all;
+- **slot**: the module whose code holds the point already calls an attribute that is None
+  there (timm's ``self.se = None`` in a bottleneck built without attention), at exactly this
+  point: the block takes that attribute and no code changes at all (``layer1.0.se``, as in
+  timm's ``seresnet50``);
+- **after**: the block applies to every reader of what a module (called once) returns: that
+  module runs its own forward as written, then the block (a stage's output: ``layer1.2.cbam``
+  in the stage's last block, so containers keep their length and ``checkpoint_seq``,
+  ``forward_intermediates`` and ``prune_intermediate_layers`` see it where they see the stage);
+- **before**: the block applies to one argument of a module (called once) that is the only
+  reader: that module runs the block on the argument, then its own forward;
 - **graph**: otherwise the block lives in the deepest module whose forward holds the
-  producer and the consumers (a residual branch lives in its bottleneck: ``layer1.0.se``),
-  or, for a module's return value read only outside it, the outermost module that returns
-  it. That module's own graph is cut out of the model's trace (the nodes its one call
-  created, its parameters as placeholders, its return value as the output) and the module
-  is replaced by an ``fx.GraphModule`` of it that calls the block. Where that module cannot
-  stand alone (it is called more than once, takes ``*args``, is given graph values inside
-  a container, or reads a value it is not given), a wider one is used, up to the root, and
-  the reason is recorded in the plan.
+  producer and the consumers, or, for a module's return value read only outside it, the
+  outermost module that returns it. That module's own graph is cut out of the model's trace
+  (the nodes its one call created, its parameters as placeholders, its return value as the
+  output) and becomes its forward, with its signature. Where that module cannot stand alone
+  (it is called more than once, takes ``*args``, is given graph values inside a container,
+  or reads a value it is not given), a wider one is used, up to the root, and the reason is
+  recorded in the plan.
 
-Every module outside those scopes keeps its class and runs its own Python code.
+Every other module keeps its code, and every module its class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import enum
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +42,19 @@ from torch import fx, nn
 from .graph.analysis import AnnotatedGraph
 from .graph.trace import ModuleCall, reads_training
 
-__all__ = ["Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
+__all__ = ["Attach", "Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
 
-APPEND = "append"
-GRAPH = "graph"
+
+class Attach(str, enum.Enum):
+    """How a block is run (see the module's docstring)."""
+
+    SLOT = "slot"
+    AFTER = "after"
+    BEFORE = "before"
+    GRAPH = "graph"
+
+
+SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT.value, Attach.AFTER.value, Attach.BEFORE.value, Attach.GRAPH.value
 
 
 class ScopeError(RuntimeError):
@@ -45,14 +64,15 @@ class ScopeError(RuntimeError):
 @dataclass(frozen=True)
 class Placement:
     """Where one block goes: a child ``name`` of module ``module`` ('' is the model), run by
-    the code of ``owner`` (``attach="graph"``: that module's forward is rewritten) or by
-    ``module`` itself (``attach="append"``: the last child of a Sequential)."""
+    the code of ``owner`` as ``attach`` says (``argument``: the parameter a "before" block
+    takes)."""
 
     module: str
     name: str
     owner: str
     attach: str
     note: str = ""
+    argument: str = ""
 
     @property
     def key(self) -> str:
@@ -69,6 +89,7 @@ class ScopeTrace:
     node_map: dict[fx.Node, fx.Node]
     traced_through: tuple[str, ...]  # submodules (relative names) whose code was inlined
     constants: dict[str, Any] = field(default_factory=dict)  # tensor constants its graph reads
+    arguments: tuple[tuple[str, Any], ...] | None = None  # the call's, by parameter (see ModuleCall)
 
 
 def _relative(path: str, scope: str) -> str:
@@ -234,7 +255,7 @@ def extract_scope(
         for c in graph.calls
         if not c.leaf and c.nodes and c.nodes[0] in span and c.path.startswith(prefix)
     )
-    return ScopeTrace(call.path, module, own, node_map, inner, constants)
+    return ScopeTrace(call.path, module, own, node_map, inner, constants, call.arguments)
 
 
 class _Calls:
@@ -294,6 +315,37 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+CHILD_LOOPS = ("self.children()", "self.named_children()", "self.items()", "self.values()", "in self:")
+
+
+def iterates_children(module: nn.Module) -> bool:
+    """Whether code walks the module's children as a list (a container, or a forward that
+    loops over them, as timm's RegStage and DenseNet's dense block do): a block added as its
+    child would be run, counted or dropped with them."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return True
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return any(loop in source for loop in CHILD_LOOPS)
+
+
+class _SlotTracer(fx.Tracer):
+    """Traces one module alone, torch.nn's layers and ``marker`` kept as calls."""
+
+    def __init__(self, marker: nn.Module) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is self.marker or super().is_leaf_module(m, module_qualified_name)
+
+
+class _Marker(nn.Identity):
+    """Stands in a slot while its owner is traced, to see where its code calls it."""
+
+
 class Placer:
     """Chooses a scope for each point of one traced model (or target)."""
 
@@ -303,6 +355,14 @@ class Placer:
         self.calls = _Calls(graph)
         self.leaf_calls = {c.output: c.path for c in graph.calls if c.leaf and c.output is not None}
         self.traceable: dict[str, str | None] = {}  # path -> None, or why it cannot be traced alone
+        objects: dict[int, int] = {}
+        for call in graph.calls:
+            with contextlib.suppress(AttributeError):
+                key = id(root.get_submodule(call.path))
+                objects[key] = objects.get(key, 0) + 1
+        # Module calls of objects called once (a module shared under two names is called twice).
+        self.once = [c for c in graph.calls if c.path and objects.get(id(root.get_submodule(c.path)), 0) == 1]
+        self.slots: dict[tuple[str, str, str], bool] = {}
 
     def _trace_problem(self, path: str) -> str | None:
         if path not in self.traceable:
@@ -320,42 +380,114 @@ class Placer:
     def _inside(self, node: fx.Node, path: str) -> bool:
         return not path or node in self.calls.span.get(path, ())
 
-    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str, str]:
-        """(module, attach, note, via) for a block on ``producer`` read by ``consumers`` (None:
-        all). ``via``: the module whose output the block takes, when a wider one holds it."""
-        module, attach, note = self._choose(producer, consumers)
+    def _derivable(self, path: str) -> bool:
+        from .derive import derived_spec  # derive imports nothing of the engine
+
+        spec = derived_spec(self.root.get_submodule(path))
+        return spec is None or spec.graph is None
+
+    def after_site(self, producer: fx.Node, readers: list[fx.Node]) -> str | None:
+        """The module that runs a block on everything ``producer`` gives its readers: called
+        once, it computed and returns the value, no reader lies inside. The innermost such
+        module with code of its own (not a plain Sequential, whose length would change), or
+        else the innermost layer."""
+        found = [
+            c
+            for c in self.once
+            if c.output is producer
+            and producer in c.nodes
+            and not any(r in c.nodes for r in readers)
+            and self._derivable(c.path)
+        ]
+        for call in found:  # innermost first: calls are listed in the order they ended
+            if not call.leaf and not iterates_children(self.root.get_submodule(call.path)):
+                return call.path
+        leaves = [c for c in found if c.leaf]
+        return leaves[0].path if leaves else None
+
+    def before_site(self, producer: fx.Node, readers: list[fx.Node]) -> tuple[str, str] | None:
+        """(module, parameter) for a block on the one argument of a module (called once)
+        that holds every reader of ``producer`` and takes it as that parameter."""
+        for call in self.once:
+            if producer in call.nodes or not all(r in call.nodes for r in readers):
+                continue
+            if any(u in call.nodes for u in producer.users if u not in readers):
+                continue
+            if not self._derivable(call.path) or iterates_children(self.root.get_submodule(call.path)):
+                continue
+            if call.leaf:
+                reader = readers[0] if len(readers) == 1 else None
+                if reader is None or reader.op != "call_module":
+                    continue
+                name = _parameter_of(self.root.get_submodule(call.path), reader, producer)
+            else:
+                given = [n for n, v in call.arguments or () if v is producer]
+                name = given[0] if len(given) == 1 and set(call.inputs) == {producer} else None
+            return (call.path, name) if name else None
+        return None
+
+    def slot_site(self, producer: fx.Node, readers: list[fx.Node], name: str) -> str | None:
+        """The module whose own code calls its attribute ``name`` (None there) at this point."""
+        deepest = _common([_module_path(r, self.leaf_calls) for r in readers if r.op != "output"])
+        if not deepest or any(r.op == "output" for r in readers) or producer.op != "call_module":
+            return None
+        if self.calls.why_not(deepest) is not None or not self._inside(producer, deepest):
+            return None
+        host = self.root.get_submodule(deepest)
+        if name not in vars(host) or vars(host)[name] is not None or name in host._modules:
+            return None
+        target = str(producer.target)
+        if not target.startswith(deepest + "."):
+            return None
+        key = (deepest, name, target[len(deepest) + 1 :])
+        if key not in self.slots:
+            self.slots[key] = _calls_slot(
+                host, name, key[2], every_reader=set(readers) == set(producer.users)
+            )
+        return deepest if self.slots[key] else None
+
+    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None, name: str) -> Placement:
+        """Where a block on ``producer`` read by ``consumers`` (None: all) goes."""
+        readers = list(producer.users) if consumers is None else consumers
+        every = set(readers) == set(producer.users)
+        slot = self.slot_site(producer, readers, name)
+        if slot is not None:
+            return Placement(slot, name, slot, SLOT)
+        after = self.after_site(producer, readers) if every else None
+        if after is not None:
+            return Placement(after, name, after, AFTER)
+        before = self.before_site(producer, readers)
+        if before is not None:
+            return Placement(before[0], name, before[0], BEFORE, argument=before[1])
+        module, note = self._graph_owner(producer, consumers)
         returning = self.calls.returned_by.get(producer, [])
-        via = ""
-        if attach == GRAPH and returning and module not in returning:
+        if returning and module not in returning:
             outer = returning[-1]
             if outer.startswith(module + ".") or not module:
                 via = _relative(outer, module).split(".")[0]
-        return module, attach, note, via
+                name = f"{via}_{name}" if not via.isdigit() else name
+        return Placement(module, name, module, GRAPH, note)
 
-    def _choose(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str, str]:
+    def _graph_owner(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str]:
         readers = list(producer.users) if consumers is None else consumers
         notes: list[str] = []
-        if consumers is None or set(consumers) == set(producer.users):
+        if consumers is None:
             returning = [
                 p
                 for p in reversed(self.calls.returned_by.get(producer, []))
                 if self.calls.why_not(p) is None and not any(self._inside(r, p) for r in readers)
             ]
-            for path in reversed(returning):  # the innermost Sequential: its indices are blocks
-                if _is_plain_sequential(self.root.get_submodule(path)):
-                    return path, APPEND, ""
-        if consumers is None:
             for path in returning:
                 why = self._trace_problem(path)
                 if why is None:
-                    return path, GRAPH, ""
+                    return path, ""
                 notes.append(why)
         deepest = _common([_module_path(r, self.leaf_calls) for r in readers if r.op != "output"])
         if any(r.op == "output" for r in readers):
             deepest = ""
         for path in _ancestors(deepest):
             if not path:
-                return "", GRAPH, "; ".join(notes)
+                return "", "; ".join(notes)
             why = self.calls.why_not(path)
             if why is None and not all(self._inside(r, path) for r in readers):
                 why = f"{path} does not hold every reader"
@@ -366,9 +498,60 @@ class Placer:
             if why is None:
                 why = self._trace_problem(path)
             if why is None:
-                return path, GRAPH, "; ".join(notes)
+                return path, "; ".join(notes)
             notes.append(why)
         raise AssertionError("unreachable: the root always holds a point")
+
+
+def _parameter_of(module: nn.Module, call: fx.Node, producer: fx.Node) -> str | None:
+    """The parameter of ``module``'s forward that ``call`` (a call_module node) gives
+    ``producer``, when it is given it once and as nothing else."""
+    try:
+        bound = inspect.signature(type(module).forward).bind(None, *call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return None
+    names = [name for name, value in bound.arguments.items() if value is producer]
+    if len(names) != 1 or any(
+        _holds(value, producer) for name, value in bound.arguments.items() if name != names[0]
+    ):
+        return None
+    param = inspect.signature(type(module).forward).parameters[names[0]]
+    return names[0] if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD) else None
+
+
+def _holds(value: Any, node: fx.Node) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or v is node
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
+
+
+def _calls_slot(host: nn.Module, name: str, producer: str, every_reader: bool) -> bool:
+    """Whether ``host``'s own code, with a block in its None attribute ``name``, calls the
+    block on the output of its submodule ``producer`` and on nothing else: traced alone, with
+    a marker in the slot (on a copy: ``host`` is left as it is)."""
+    trial = copy.copy(host)
+    trial.__dict__ = dict(vars(host))
+    trial._modules = dict(host._modules)
+    del trial.__dict__[name]
+    marker = _Marker()
+    trial._modules[name] = marker
+    try:
+        graph = _SlotTracer(marker).trace(trial)
+    except Exception:  # any code fx cannot trace alone: no slot, the other ways are tried
+        return False
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
+        return False
+    given = calls[0].args[0]
+    if not isinstance(given, fx.Node) or given.op != "call_module" or given.target != producer:
+        return False
+    return not every_reader or list(given.users) == [calls[0]]
 
 
 def _free(host: nn.Module, name: str, rewritten: bool) -> bool:
@@ -386,12 +569,12 @@ def place(
 ) -> list[Placement]:
     """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique)."""
     placer = Placer(root, graph)
-    chosen = []
-    for (producer, consumers), name in zip(edges, names, strict=True):
-        module, attach, note, via = placer.choose(producer, consumers)
-        chosen.append((module, attach, note, f"{via}_{name}" if via and not via.isdigit() else name))
+    chosen = [
+        placer.choose(producer, consumers, name)
+        for (producer, consumers), name in zip(edges, names, strict=True)
+    ]
     owners = sorted(
-        {m for m, a, _, _ in chosen if a == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
+        {c.owner for c in chosen if c.attach == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
     )
 
     def owner_of(module: str) -> str | None:
@@ -402,22 +585,24 @@ def place(
 
     taken: dict[str, set[str]] = {}
     placements = []
-    for module, attach, note, name in chosen:
-        owner = owner_of(module)
-        if owner is None:
-            owner = module
-        else:
-            if attach == APPEND and owner and module != owner:
-                # The owner's graph calls the Sequential whole, and a child of it would run
-                # twice (in the Sequential and after it): the block lives in the owner.
-                via = _relative(module, owner).split(".")[0]
-                module, name = owner, f"{via}_{name}" if not via.isdigit() else name
-            attach = GRAPH
+    for placement in chosen:
+        module, name, attach, owner = placement.module, placement.name, placement.attach, placement.owner
+        outer = owner_of(module)
+        if outer is not None and (attach != GRAPH or outer != owner):
+            # A rewritten forward inlines the code of what it holds: the block is run by it.
+            if module != outer:
+                via = _relative(module, outer).split(".")[0]
+                module, name = outer, f"{via}_{name}" if not via.isdigit() else name
+            attach, owner = GRAPH, outer
         used = taken.setdefault(module, set())
         host = root.get_submodule(module)
+        slot = attach == SLOT
         unique, n = name, 2
-        while unique in used or (hasattr(host, unique) and not _free(host, unique, owner == module)):
+        while unique in used or (
+            hasattr(host, unique) and not (slot or _free(host, unique, attach == GRAPH))
+        ):
             unique, n = f"{name}_{n}", n + 1
         used.add(unique)
-        placements.append(Placement(module, unique, owner, attach, note))
+        argument = placement.argument if attach == BEFORE else ""
+        placements.append(Placement(module, unique, owner, attach, placement.note, argument))
     return placements

@@ -73,7 +73,7 @@ def test_converted_checkpoint_loads_back_and_computes_what_the_original_did(
     keys = set(patched.state_dict())
     assert set(resnet18.state_dict()) <= keys
     blocks = tuple(f"{b}." for b in ai.inserted_blocks(patched))
-    assert blocks == tuple(f"layer{i}.{j}.se." for i in (1, 2, 3, 4) for j in (0, 1))
+    assert blocks == tuple(f"layer{i}.{j}.bn2.se." for i in (1, 2, 3, 4) for j in (0, 1))  # after bn2
     assert {k for k in keys - set(resnet18.state_dict())} == {k for k in keys if k.startswith(blocks)}
 
 

@@ -156,8 +156,8 @@ def test_target_argument_and_recipe_key_limit_the_plan_to_a_submodule(build):
     recipe = {"name": "in_layer3", "target": "layer3", "rules": [{"block": "se", "at": "residual_branch"}]}
     patched = ai.inject(model, recipe, input_size=(128, 16, 16))
     assert isinstance(patched, torchvision_resnet()) and list(ai.inserted_blocks(patched)) == [
-        "layer3.0.se",
-        "layer3.1.se",
+        "layer3.0.bn2.se",
+        "layer3.1.bn2.se",
     ]
     x = torch.randn(2, *SIZE)
     assert torch.equal(patched(x), model(x))

@@ -22,7 +22,13 @@ X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
 
 
 def _rewritten(patched: nn.Module) -> set[str]:
-    return {name for name, m in patched.named_modules() if isinstance(m, fx.GraphModule)}
+    """The modules whose forward is a rewritten graph (every other one runs its own code)."""
+    return {name for name, m in patched.named_modules() if ai.rewritten_forward(m)}
+
+
+def _changed(patched: nn.Module) -> set[str]:
+    """The modules surgery changed: each an instance of a generated subclass of its class."""
+    return {name for name, m in patched.named_modules() if type(m) is not ai.base_class(m)}
 
 
 @pytest.mark.parametrize(
@@ -51,6 +57,10 @@ def test_model_keeps_its_class_methods_and_outputs(build, name, recipe):
     # only modules that run a block were rewritten, and the model's own code was not
     assert _rewritten(patched) == {p.owner for p in patched.attn_inject.plan if p.attach == "graph"}
     assert "" not in _rewritten(patched)
+    originals = dict(model.named_modules())
+    for name in _changed(patched):  # a changed module is still an instance of its own class
+        assert isinstance(patched.get_submodule(name), type(originals[name]))
+        assert type(patched.get_submodule(name)).__name__ == type(originals[name]).__name__
     if name.startswith("timm:"):
         with torch.no_grad():
             features = patched.forward_features(X)
@@ -70,16 +80,27 @@ def test_resnet50_blocks_sit_where_timm_seresnet50_has_them(build):
         "layer2.0.se",
     ]
     assert "(se): SqueezeExcite(" in repr(patched.layer1[0])
+    assert [p.attach for p in patched.attn_inject.plan] == ["slot"] * 16  # timm's own `se` slot
+    assert _changed(patched) == set()  # the bottlenecks' own code calls the blocks
+    paper = ai.inject(build("timm:resnet50"), "se_resnet", init="paper", input_size=SIZE)
+    assert set(paper.state_dict()) == set(meta_model("timm:seresnet50").state_dict())
     stages = ai.inject(build("timm:resnet50"), "cbam_after_every_stage", input_size=SIZE)
-    assert list(ai.inserted_blocks(stages)) == [f"layer{i}.cbam" for i in (1, 2, 3, 4)]
-    assert [p.attach for p in stages.attn_inject.plan] == ["append"] * 4  # no code rewritten at all
+    # each stage's last block runs it after its own forward: the stages keep their length
+    assert list(ai.inserted_blocks(stages)) == [
+        "layer1.2.cbam",
+        "layer2.3.cbam",
+        "layer3.5.cbam",
+        "layer4.2.cbam",
+    ]
+    assert [p.attach for p in stages.attn_inject.plan] == ["after"] * 4  # no code rewritten at all
     assert _rewritten(stages) == set()
+    assert [len(getattr(stages, f"layer{i}")) for i in (1, 2, 3, 4)] == [3, 4, 6, 3]
 
 
 def test_rule_name_key_names_the_block():
     recipe = {"rules": [{"block": "eca", "at": "residual_branch", "name": "attn"}]}
-    patched = ai.inject(meta_model("tv:resnet18"), recipe)
-    assert list(ai.inserted_blocks(patched))[:2] == ["layer1.0.attn", "layer1.1.attn"]
+    patched = ai.inject(meta_model("tv:resnet18"), recipe)  # after bn2, a child of it
+    assert list(ai.inserted_blocks(patched))[:2] == ["layer1.0.bn2.attn", "layer1.1.bn2.attn"]
     with pytest.raises(ai.RecipeError, match=r"rules\[0\]\.name"):
         ai.load_recipe({"rules": [{"block": "se", "at": "post_block", "name": "not an identifier"}]})
 
@@ -196,18 +217,14 @@ def test_hook_inside_a_rewritten_module_is_refused_by_name(build):
     seen = []
     nested[1].inner.register_forward_hook(lambda m, a, out: seen.append(1))  # kept whole in unit 1
     patched_nested = ai.inject(nested, "se_resnet", input_size=SIZE)
-    assert isinstance(patched_nested[1], fx.GraphModule)
+    assert _rewritten(patched_nested) == set()  # the block runs after 1.conv, the unit's code as written
     with torch.no_grad():
         patched_nested(X)
     assert seen == [1]
-    vit = meta_model("timm:vit_tiny_patch16_224")
-    vit.blocks[0].attn.register_forward_hook(lambda m, a, out: out)  # its code is traced into blocks.0
-    with (
-        pytest.raises(ai.InjectError, match=r"module 'blocks\.0\.attn' has hooks"),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        ai.inject(vit, "se_resnet")
+    twice = nn.Sequential(nn.Conv2d(3, 8, 3), _TwiceUnit(8)).eval()
+    twice[1].inner.register_forward_hook(lambda m, a, out: out)  # called twice: its code is inlined
+    with pytest.raises(ai.InjectError, match=r"module '1\.inner' has hooks"):
+        ai.inject(twice, "se_resnet", input_size=SIZE)
 
 
 class _Inner(nn.Module):
@@ -230,6 +247,23 @@ class _Unit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.conv(self.inner(x)) + x)
+
+
+class _TwiceUnit(nn.Module):
+    """A residual unit whose branch calls one submodule twice and ends in a function: the
+    block can only be run by the unit's rewritten forward, which inlines the submodule."""
+
+    def __init__(self, c: int, inner: type[nn.Module] = _Inner) -> None:
+        super().__init__()
+        self.inner = inner(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.inner(self.inner(x)) * 0.5 + x)
+
+
+class _TrainingInner(_Inner):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.bn(self.conv(x)), 0.5, self.training)
 
 
 class _SharedUnit(nn.Module):
@@ -274,7 +308,7 @@ def test_inject_twice_then_save_load_validate(build, tmp_path):
     twice = ai.inject(once, "cbam_after_every_stage", input_size=SIZE)
     plan = twice.attn_inject.plan
     assert [p.key for p in plan] == [p.key for p in once.attn_inject.plan] + [
-        f"layer{i}.cbam" for i in (1, 2, 3, 4)
+        f"layer{i}.1.cbam" for i in (1, 2, 3, 4)
     ]
     assert plan.recipe.name == "se_resnet + cbam_after_every_stage"
     again = ai.inject(twice, "se_resnet", input_size=SIZE, allow_empty=True)
@@ -322,7 +356,7 @@ def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module
     model = copy.deepcopy(build("tv:resnet18"))
     handle = model.layer1[0].register_forward_hook(lambda m, a, out: out * 0.5)
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
-    assert isinstance(patched.layer1[0], fx.GraphModule)
+    assert _changed(patched) >= {"layer1.0.bn2"}  # the block runs after bn2, layer1.0 is a copy
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
         handle.remove()
@@ -356,9 +390,9 @@ def test_scope_that_cannot_stand_alone_falls_back_to_its_parent():
     model = _HoldsStarUnit().eval()
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
     (point,) = patched.attn_inject.plan
-    assert point.owner == "body" and "body.0 takes *args" in point.scope_note
-    assert type(patched) is _HoldsStarUnit and isinstance(patched.body, fx.GraphModule)
-    assert point.key == "body.se"
+    assert (point.owner, point.attach, point.key) == ("body.0.conv", "after", "body.0.conv.se")
+    assert type(patched) is _HoldsStarUnit and _rewritten(patched) == set()
+    assert isinstance(patched.body, nn.Sequential) and len(patched.body) == 1
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
 
@@ -390,8 +424,8 @@ def test_a_module_reading_self_training_is_kept_whole_when_its_output_takes_the_
     model = nn.Sequential(_DroppedUnit(), nn.Conv2d(8, 4, 1))
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
     (point,) = patched.attn_inject.plan
-    assert point.owner == "0" and point.key == "0.branch_se"  # the unit runs it, named after its branch
-    assert isinstance(patched[0], fx.GraphModule) and not isinstance(patched[0].branch, fx.GraphModule)
+    assert (point.owner, point.key, point.attach) == ("0.branch", "0.branch.se", "after")
+    assert _rewritten(patched) == set()  # the branch runs its own code, its dropout included
     model.train(), patched.train()
     torch.manual_seed(3)
     expected = model(X)
@@ -400,16 +434,20 @@ def test_a_module_reading_self_training_is_kept_whole_when_its_output_takes_the_
 
 
 def test_rewriting_code_that_reads_self_training_warns():
-    with pytest.warns(UserWarning, match=r"blocks\.0\.attn.* reads self\.training"):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _TwiceUnit(8, _TrainingInner)).eval()
+    with pytest.warns(UserWarning, match=r"1\.inner.* reads self\.training"):
+        patched = ai.inject(model, "se_resnet", input_size=SIZE)
+    assert _rewritten(patched) == {"1"} and isinstance(patched[1], _TwiceUnit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a block run around a module's own code bakes nothing
         ai.inject(meta_model("timm:vit_tiny_patch16_224"), "se_resnet")
 
 
-def test_a_block_living_below_the_rewritten_module_leaves_the_original_unchanged():
+def test_blocks_living_deep_in_changed_modules_leave_the_original_unchanged():
     model = meta_model("timm:convnextv2_pico")
     modules = {name: type(m) for name, m in model.named_modules()}
     patched = ai.inject(model, "se_post", input_size=SIZE)
-    deeper = [p for p in patched.attn_inject.plan if p.attach == "graph" and p.module != p.owner]
-    assert deeper  # e.g. stages.0.blocks.0.mlp.grn.se, run by stages.0.blocks.0
+    assert patched.attn_inject.plan and _changed(patched)
     assert {name: type(m) for name, m in model.named_modules()} == modules
     count = lambda m: sum(t.numel() for t in m.parameters())  # noqa: E731
     assert count(patched) - count(model) == patched.attn_inject.plan.params_added
@@ -432,11 +470,11 @@ def test_a_residual_branch_that_is_one_sequential_takes_the_block_as_its_last_ch
     model = _SequentialBranchUnit().eval()
     patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
     (point,) = patched.attn_inject.plan
-    assert (point.key, point.attach) == ("branch.se", "append")
-    assert type(patched) is _SequentialBranchUnit and not _rewritten(patched)
+    assert (point.key, point.attach) == ("branch.1.se", "after")  # after its last layer: same length
+    assert type(patched) is _SequentialBranchUnit and not _rewritten(patched) and len(patched.branch) == 2
     with torch.no_grad():
         h = model.stem(X)
-        torch.testing.assert_close(patched(X), torch.relu(patched.branch.se(model.branch(h)) + h))
+        torch.testing.assert_close(patched(X), torch.relu(patched.branch[1].se(model.branch(h)) + h))
 
 
 class _PositionalEmbedding(nn.Module):
@@ -471,7 +509,7 @@ def test_xcit_keeps_its_class_under_se_resnet():
 def test_normfree_blocks_without_skipinit_are_traced_through_and_keep_identity():
     model = timm.create_model("nf_resnet26").eval()
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
-    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.conv3_se"
+    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.conv3.se"
     with torch.no_grad():
         assert torch.equal(patched(X), model(X))
 
@@ -505,15 +543,17 @@ def test_an_in_place_gain_on_the_branch_is_kept_in_the_data_flow():
 def test_normfree_blocks_with_skipinit_are_traced_through():
     model = meta_model("timm:dm_nfnet_f0")
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
-    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.attn_last_se"
-    assert "mul_" in patched.stages[0][0].code
+    assert type(patched) is type(model) and patched.attn_inject.plan[0].key == "stages.0.0.attn_last.se"
+    assert not _rewritten(patched)  # its in-place skipinit scale runs as written
 
 
 def test_a_pool_to_a_fixed_size_starts_the_head_so_vgg_keeps_its_class():
     model = meta_model("tv:vgg11")
     plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, 224, 224))
-    assert [p.key for p in plan][-1] == "features.cbam_4"  # not after the 7 x 7 adaptive pool
-    assert {p.owner for p in plan} == {"features"}  # the root's forward is not rewritten
+    assert [p.key for p in plan][-1] == "features.20.cbam"  # not after the 7 x 7 adaptive pool
+    assert {p.attach for p in plan} == {"after"} and "" not in {
+        p.owner for p in plan
+    }  # the root's forward is not rewritten
     assert type(ai.inject(model, "cbam_after_every_stage", input_size=(3, 224, 224))) is type(model)
 
 
@@ -553,27 +593,15 @@ def test_a_sequential_called_whole_by_a_rewritten_module_does_not_hold_its_block
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _TwoBranchBlock(16)).eval()
     before = {name: p.numel() for name, p in model.named_parameters()}
     patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
-    assert [p.key for p in patched.attn_inject.plan] == ["1.attn_se", "1.mlp_se"]
+    # each after the module that returns its branch: attn (not inside attn.proj) and mlp
+    assert [(p.key, p.attach) for p in patched.attn_inject.plan] == [
+        ("1.attn.se", "after"),
+        ("1.mlp.se", "after"),
+    ]
     assert {name: p.numel() for name, p in model.named_parameters()} == before  # original untouched
     block = patched[1]
     with torch.no_grad():
         h = model[0](X)
-        h = h + block.attn_se(model[1].attn(h))  # once, not again inside attn.proj
-        torch.testing.assert_close(patched(X), h + block.mlp_se(model[1].mlp(h)))
+        h = h + block.attn.se(model[1].attn(h))  # once, not again inside attn.proj
+        torch.testing.assert_close(patched(X), h + block.mlp.se(model[1].mlp(h)))
     assert ai.validate(model, patched, input_size=SIZE).passed
-
-
-def test_blocks_under_two_children_of_a_module_called_whole_leave_the_original_alone():
-    from attn_inject.rewrite import _graph_module
-
-    inner = nn.Module()
-    inner.b, inner.c = nn.Identity(), nn.Identity()
-    inner.forward = lambda x: x  # type: ignore[method-assign]
-    original = nn.Module()
-    original.a = inner
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    y = graph.call_module("a.c.se", (graph.call_module("a.b.se", (graph.call_module("a", (x,)),)),))
-    graph.output(y)
-    _graph_module(original, graph, {"a.b.se": nn.ReLU(), "a.c.se": nn.ReLU()})
-    assert not hasattr(inner.b, "se") and not hasattr(inner.c, "se")

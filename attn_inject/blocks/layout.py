@@ -129,11 +129,15 @@ class LayoutBlock(nn.Module):
         if not self.tokens:
             return self.attend(x)
         shape = x.shape
-        if x.dim() != 3:  # tokens over more than one dimension: (B, T, N, C)
-            x = x.flatten(1, -2)
+        x = x.flatten(1, -2)  # tokens over more than one dimension, (B, T, N, C), as (B, T * N, C)
         tokens = x[:, self.prefix :]
         if self.grid_view:
-            b, n, c = tokens.shape
+            b, n, c = tokens.shape[0], tokens.shape[1], tokens.shape[2]
+            torch._assert(
+                n == self.grid[0] * self.grid[1],
+                "this block was planned for a token grid of a size the model no longer gives (after "
+                "set_input_size or at another input size): inject into the model as it is now",
+            )
             if self.reordered:
                 assert isinstance(self.raster, torch.Tensor)
                 tokens = tokens.index_select(1, self.raster)

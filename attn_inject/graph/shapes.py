@@ -82,7 +82,8 @@ class MetaInterpreter(fx.Interpreter):
         except Exception as error:
             raise ShapeError(
                 f"shape propagation failed at node {n.name!r} ({n.op} {n.target}): "
-                f"{type(error).__name__}: {error}"
+                f"{type(error).__name__}: {error}. If the model takes another input size or "
+                "channel count, pass it: input_size=(C, H, W) (CLI: --input-size C H W)"
             ) from error
         # Tensors a model creates itself (torch.zeros(shape) with no device, a buffer's
         # device read at trace time) join the meta tensors here.

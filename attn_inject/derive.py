@@ -1,0 +1,309 @@
+"""A changed module stays what it was: an instance of a generated subclass of its own class.
+
+Surgery changes a module in one of two ways, and both keep ``isinstance``, every method, the
+container protocol and the forward's signature (its optional arguments included):
+
+- **around**: blocks run on what the module is given (``before``, one argument each) or on
+  what it returns (``after``); in between, the class's own ``forward`` runs as written, so
+  its keyword arguments, ``self.training`` branches and ``checkpoint_seq`` keep working::
+
+      class Bottleneck(timm.models.resnet.Bottleneck):
+          def forward(self, x):
+              return self.cbam(self.forward_without_attention(x))
+
+- **graph**: the module's forward is the code of its rewritten fx graph; arguments the trace
+  fixed to a constant keep their place in the signature and are checked at every call.
+
+The generated code is real source (registered with ``linecache``), so ``torch.jit.script``,
+``torch.fx.symbolic_trace``, ``inspect`` and ``copy.deepcopy`` treat the subclass as any
+other. The subclass keeps its base's name, qualified name and ``__module__``: tracers that
+treat ``torch.nn``'s own layers as leaves still do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import linecache
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+__all__ = [
+    "INNER_FORWARD",
+    "Around",
+    "base_class",
+    "derive_around",
+    "derive_graph",
+    "derived_spec",
+    "rewritten_forward",
+]
+
+INNER_FORWARD = "forward_without_attention"  # the base class's forward, as a method of the subclass
+GRAPH_FORWARD = "forward_rewritten"  # the rewritten graph's code, as a method of the subclass
+SPEC = "_attn_inject_derived"  # on a generated class: what it adds to its base
+_counter = itertools.count()
+SIMPLE = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class Around:
+    """Blocks a module runs around its own forward: ``before`` maps a parameter name to the
+    blocks applied to that argument, in order; ``after`` the blocks applied to its result."""
+
+    before: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    after: tuple[str, ...] = ()
+
+    def add(self, *, before: str | None = None, after: str | None = None, block: str) -> Around:
+        if after is not None or before is None:
+            return Around(self.before, (*self.after, block))
+        names = dict(self.before)
+        names[before] = (*names.get(before, ()), block)
+        return Around(tuple(names.items()), self.after)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What a generated class adds to ``base``: blocks ``around`` its forward, or a rewritten
+    forward (``graph``: the graph's code and its globals, and the checks of the signature)."""
+
+    base: type[nn.Module]
+    around: Around = field(default_factory=Around)
+    graph: tuple[str, dict[str, Any], tuple[str, ...], tuple[str, ...]] | None = None
+
+
+def _restore(spec: _Spec) -> nn.Module:
+    """An empty instance of the class ``spec`` describes (unpickling; the state follows)."""
+    cls = (
+        _around_class(spec.base, spec.around) if spec.graph is None else _graph_class(spec.base, *spec.graph)
+    )
+    return cls.__new__(cls)
+
+
+def _reduce(self: nn.Module, protocol: int) -> tuple[Any, ...]:
+    """Pickle a module of a generated class by what its class adds, not by its name."""
+    return (_restore, (type(self).__dict__[SPEC],), self.__getstate__())
+
+
+def derived_spec(module: nn.Module) -> _Spec | None:
+    """What the module's generated class adds to its base (None: not a generated class)."""
+    spec = type(module).__dict__.get(SPEC)
+    return spec if isinstance(spec, _Spec) else None
+
+
+def rewritten_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is a rewritten graph (not its class's own code)."""
+    spec = derived_spec(module)
+    return spec is not None and spec.graph is not None
+
+
+def base_class(module: nn.Module) -> type[nn.Module]:
+    """The user's class of ``module`` (its own class unless it is a generated one)."""
+    spec = derived_spec(module)
+    return spec.base if spec is not None else type(module)
+
+
+def _compile(source: str, name: str, namespace: dict[str, Any]) -> Any:
+    """Run ``source`` as a file of its own that ``inspect`` and TorchScript can read back."""
+    filename = f"<attn-inject-{next(_counter)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[name]
+
+
+def _signature_text(signature: inspect.Signature, defaults: dict[str, Any]) -> tuple[str, list[str]]:
+    """The parameter list (defaults by name in ``defaults``) and the call that passes them on."""
+    params: list[str] = []
+    call: list[str] = []
+    star = False
+    for i, param in enumerate(signature.parameters.values()):
+        if i == 0:
+            params.append(param.name)  # self
+            continue
+        text = param.name
+        if param.annotation is not inspect.Parameter.empty:
+            key = f"_annotation_{param.name}"
+            defaults[key] = param.annotation
+            text += f": {param.annotation if isinstance(param.annotation, str) else key}"
+        if param.default is not inspect.Parameter.empty:
+            key = f"_default_{param.name}"
+            defaults[key] = param.default
+            text += f"={key}"
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            text, star = f"*{param.name}", True  # (annotations of *args are left out)
+            call.append(f"*{param.name}")
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            text = f"**{param.name}"
+            call.append(f"**{param.name}")
+        elif param.kind is inspect.Parameter.KEYWORD_ONLY:
+            if not star:
+                params.append("*")
+                star = True
+            call.append(f"{param.name}={param.name}")
+        elif param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            call.append(param.name)
+        else:
+            call.append(param.name)
+        params.append(text)
+    text = ", ".join(params)
+    if signature.return_annotation is not inspect.Signature.empty:
+        defaults["_annotation_return"] = signature.return_annotation
+        returned = signature.return_annotation
+        text += f") -> {returned if isinstance(returned, str) else '_annotation_return'}"
+    else:
+        text += ")"
+    return text, call
+
+
+def _namespace(base: type[nn.Module]) -> dict[str, Any]:
+    """The base forward's globals (its annotations resolve there), for the generated code."""
+    forward = base.forward
+    return dict(getattr(forward, "__globals__", {}))
+
+
+def _make_class(base: type[nn.Module], attributes: Mapping[str, Any], spec: _Spec) -> type[nn.Module]:
+    namespace = {
+        **attributes,
+        SPEC: spec,
+        "__reduce_ex__": _reduce,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    return type(base.__name__, (base,), namespace)
+
+
+_AROUND_CLASSES: dict[tuple[type[nn.Module], Around], type[nn.Module]] = {}
+
+
+def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
+    if (base, around) in _AROUND_CLASSES:
+        return _AROUND_CLASSES[(base, around)]
+    signature = inspect.signature(base.forward)
+    names = [p.name for p in signature.parameters.values()][1:]
+    missing = [name for name, _ in around.before if name not in names]
+    if missing:
+        raise ValueError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
+    namespace = _namespace(base)
+    params, call = _signature_text(signature, namespace)
+    lines = [f"def forward({params}:"]
+    for name, blocks in around.before:
+        for block in blocks:
+            lines.append(f"    {name} = self.{block}({name})")
+    lines.append(f"    out = self.{INNER_FORWARD}({', '.join(call)})")
+    lines += [f"    out = self.{block}(out)" for block in around.after]
+    lines.append("    return out")
+    forward = _compile("\n".join(lines) + "\n", "forward", namespace)
+    forward.__signature__ = signature
+    forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
+    attributes = {"forward": forward, INNER_FORWARD: _renamed(base.forward, INNER_FORWARD)}
+    cls = _make_class(base, attributes, _Spec(base, around))
+    _AROUND_CLASSES[(base, around)] = cls
+    return cls
+
+
+def derive_around(module: nn.Module, around: Around) -> None:
+    """Make ``module`` (a copy the caller owns) run ``around``'s blocks, which must be its
+    children, around its class's forward. A module already derived keeps its earlier blocks."""
+    spec = derived_spec(module)
+    if spec is not None and spec.graph is not None:
+        raise ValueError(f"{spec.base.__qualname__}'s forward is already rewritten")
+    if spec is not None:
+        merged = spec.around
+        for name, blocks in around.before:
+            for block in blocks:
+                merged = merged.add(before=name, block=block)
+        for block in around.after:
+            merged = merged.add(after="", block=block)
+        around = merged
+    module.__class__ = _around_class(base_class(module), around)
+
+
+def _guard(name: str, value: Any, where: str) -> list[str]:
+    """Lines that refuse an argument other than the constant the trace fixed it to."""
+    if value is None:
+        test = f"{name} is not None"
+    elif isinstance(value, SIMPLE):
+        test = f"{name} != {value!r}"
+    else:
+        return []
+    message = (
+        f"{where}'s forward was rewritten with {name}={value!r}; call it with that value, "
+        "or inject into a model whose rewritten modules are not given it"
+    )
+    return [f"    if {test}:", f"        raise RuntimeError({message!r})"]
+
+
+def derive_graph(
+    module: nn.Module,
+    graph: fx.Graph,
+    arguments: tuple[tuple[str, Any], ...],
+    where: str,
+) -> None:
+    """Make ``module`` (a copy the caller owns) run ``graph`` as its forward, with its class's
+    signature. ``arguments`` are the call's arguments the graph was traced with, by parameter
+    (graph values as nodes); any other parameter, or a constant argument, is checked against
+    the value the trace fixed."""
+    base = base_class(module)
+    signature = inspect.signature(base.forward)
+    traced = dict(arguments)
+    checks: list[str] = []
+    passed: list[str] = []
+    for i, param in enumerate(signature.parameters.values()):
+        if i == 0 or param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if param.name in traced:
+            value = traced[param.name]
+            passed.append(param.name)
+            if not _holds_node(value):
+                checks += _guard(param.name, value, where)
+        elif param.default is not inspect.Parameter.empty:
+            checks += _guard(param.name, param.default, where)
+    code = graph.python_code(root_module="self")
+    module.__class__ = _graph_class(base, code.src.lstrip(), dict(code.globals), tuple(checks), tuple(passed))
+
+
+def _graph_class(
+    base: type[nn.Module], source: str, code_globals: dict[str, Any], checks: tuple[str, ...], passed: tuple[str, ...]
+) -> type[nn.Module]:
+    signature = inspect.signature(base.forward)
+    namespace = {**_namespace(base), **code_globals}
+    method = _compile(source, "forward", namespace)
+    method.__name__ = method.__qualname__ = GRAPH_FORWARD
+    params, _ = _signature_text(signature, namespace)
+    lines = [f"def forward({params}:", *checks, f"    return self.{GRAPH_FORWARD}({', '.join(passed)})"]
+    forward = _compile("\n".join(lines) + "\n", "forward", namespace)
+    forward.__signature__ = signature
+    forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
+    attributes = {
+        "forward": forward,
+        GRAPH_FORWARD: method,
+        INNER_FORWARD: _renamed(base.forward, INNER_FORWARD),
+    }
+    return _make_class(base, attributes, _Spec(base, graph=(source, code_globals, checks, passed)))
+
+
+def _renamed(function: Any, name: str) -> Any:
+    """``function`` under another name (TorchScript compiles a method under its own name)."""
+    copy = types.FunctionType(
+        function.__code__, function.__globals__, name, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__annotations__ = dict(function.__annotations__)
+    copy.__qualname__ = function.__qualname__.rpartition(".")[0] + "." + name
+    return copy
+
+
+def _holds_node(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, fx.Node)
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
