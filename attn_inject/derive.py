@@ -200,9 +200,45 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     forward.__signature__ = signature
     forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
     attributes = {"forward": forward, INNER_FORWARD: _renamed(base.forward, INNER_FORWARD)}
+    if issubclass(base, nn.ModuleDict):
+        blocks = {*around.after, *(b for _, names in around.before for b in names)}
+        attributes.update(_dict_without(blocks))
     cls = _make_class(base, attributes, _Spec(base, around))
     _AROUND_CLASSES[(base, around)] = cls
     return cls
+
+
+def _dict_without(blocks: set[str]) -> dict[str, Any]:
+    """A ModuleDict's protocol without ``blocks`` (a dense block iterates its own items): its
+    length, keys and iteration stay the original's; the blocks stay its children, so
+    ``state_dict``, ``.to()`` and ``named_modules`` still see them."""
+
+    def items(self: nn.ModuleDict) -> list[tuple[str, nn.Module]]:
+        return [(k, v) for k, v in self._modules.items() if k not in blocks and v is not None]
+
+    def keys(self: nn.ModuleDict) -> list[str]:
+        return [k for k, _ in items(self)]
+
+    def values(self: nn.ModuleDict) -> list[nn.Module]:
+        return [v for _, v in items(self)]
+
+    def length(self: nn.ModuleDict) -> int:
+        return len(items(self))
+
+    def iterate(self: nn.ModuleDict) -> Any:
+        return iter(keys(self))
+
+    def contains(self: nn.ModuleDict, key: object) -> bool:
+        return key in keys(self)
+
+    return {
+        "items": items,
+        "keys": keys,
+        "values": values,
+        "__len__": length,
+        "__iter__": iterate,
+        "__contains__": contains,
+    }
 
 
 def derive_around(module: nn.Module, around: Around) -> None:
@@ -267,7 +303,11 @@ def derive_graph(
 
 
 def _graph_class(
-    base: type[nn.Module], source: str, code_globals: dict[str, Any], checks: tuple[str, ...], passed: tuple[str, ...]
+    base: type[nn.Module],
+    source: str,
+    code_globals: dict[str, Any],
+    checks: tuple[str, ...],
+    passed: tuple[str, ...],
 ) -> type[nn.Module]:
     signature = inspect.signature(base.forward)
     namespace = {**_namespace(base), **code_globals}

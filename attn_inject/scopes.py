@@ -318,6 +318,15 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 CHILD_LOOPS = ("self.children()", "self.named_children()", "self.items()", "self.values()", "in self:")
 
 
+def _loops_children(module: nn.Module) -> bool:
+    """Whether the module's forward walks ``self.children()`` (which sees every child)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "self.children()" in source or "self.named_children()" in source or "self._modules" in source
+
+
 def iterates_children(module: nn.Module) -> bool:
     """Whether code walks the module's children as a list (a container, or a forward that
     loops over them, as timm's RegStage and DenseNet's dense block do): a block added as its
@@ -403,7 +412,14 @@ class Placer:
             if not call.leaf and not iterates_children(self.root.get_submodule(call.path)):
                 return call.path
         leaves = [c for c in found if c.leaf]
-        return leaves[0].path if leaves else None
+        if leaves:
+            return leaves[0].path
+        for call in found:  # a dict of modules that loops over its own items: it hides its blocks
+            if isinstance(self.root.get_submodule(call.path), nn.ModuleDict) and not _loops_children(
+                self.root.get_submodule(call.path)
+            ):
+                return call.path
+        return None
 
     def before_site(self, producer: fx.Node, readers: list[fx.Node]) -> tuple[str, str] | None:
         """(module, parameter) for a block on the one argument of a module (called once)

@@ -1,0 +1,277 @@
+"""Every module surgery changes stays what it was: its class and methods, its container's
+length, its forward's signature, its checkpointing, tracing and scripting, and its
+``state_dict`` gains exactly the blocks' keys."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import timm
+import torch
+import torch.utils.checkpoint
+from torch import fx, nn
+
+import attn_inject as ai
+
+X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _vit(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, **kwargs).eval()
+
+
+def _swin() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=112, window_size=7).eval()
+
+
+def _changed(patched: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in patched.named_modules() if type(m) is not ai.base_class(m)}
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "cbam_after_every_stage"])
+def test_every_changed_module_is_an_instance_of_its_own_class_with_its_methods(recipe):
+    model = _swin()
+    patched = ai.inject(model, recipe)
+    originals = dict(model.named_modules())
+    changed = _changed(patched)
+    assert changed  # blocks run around these modules' own forwards
+    for name, module in changed.items():
+        original = originals[name]
+        assert isinstance(module, type(original)) and type(module).__name__ == type(original).__name__
+        assert inspect.signature(module.forward) == inspect.signature(original.forward)
+        public = {m for m in dir(type(original)) if not m.startswith("_")}
+        assert public <= set(dir(type(module)))  # every method is still there
+    # the model's own methods walk the changed modules as they walk the originals
+    model.set_input_size(img_size=(168, 168), window_size=7)
+    patched.set_input_size(img_size=(168, 168), window_size=7)
+    x = torch.randn(1, 3, 168, 168)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))  # identity at the new size too
+
+
+def test_containers_keep_their_length_and_intermediates_carry_the_blocks():
+    model = _vit()
+    patched = ai.inject(model, "cbam_after_every_stage", init="paper")
+    assert len(patched.blocks) == len(model.blocks) == 12
+    assert [type(b) for b in patched.blocks] == [type(b) for b in patched.blocks]
+    assert all(isinstance(b, type(model.blocks[0])) for b in patched.blocks)
+    with torch.no_grad():
+        final, inner = patched.forward_intermediates(X64)
+        _, plain = model.forward_intermediates(X64)
+        assert len(inner) == len(plain) == 12
+        assert torch.equal(final, patched.forward_features(X64))
+        h = patched.patch_embed(X64)
+        h = patched.norm_pre(patched.patch_drop(patched._pos_embed(h)))
+        for i, block in enumerate(patched.blocks):  # each tensor is its block's output, CBAM included
+            h = block(h)
+            expected = h[:, patched.num_prefix_tokens :].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
+            assert torch.equal(inner[i], expected)
+            assert not torch.equal(inner[i], plain[i])
+
+
+def test_pruning_intermediate_layers_keeps_every_block_before_a_kept_feature():
+    torch.manual_seed(0)
+    model = timm.create_model("densenet121").eval()
+    patched = ai.inject(model, "cbam_after_every_stage", init="paper", input_size=(3, 64, 64))
+    with torch.no_grad():
+        _, before = patched.forward_intermediates(X64, indices=[1])
+    kept = [k for k in ai.inserted_blocks(patched) if k.startswith("features.denseblock1.")]
+    assert kept  # the dense block runs its block itself: feature 1 carries it
+    assert len(patched.features.denseblock1) == len(model.features.denseblock1)  # hidden from its items
+    patched.prune_intermediate_layers([1], prune_head=False)
+    assert set(ai.inserted_blocks(patched)) == set(kept)  # the later ones act after the last kept feature
+    with torch.no_grad():
+        _, after = patched.forward_intermediates(X64, indices=[1])
+    assert torch.equal(after[0], before[0])
+
+
+class _Optional(nn.Module):
+    """A forward with optional arguments, as timm's ViT blocks (attn_mask, is_causal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.bn(self.conv(x) * scale)
+        return out if mask is None else out * mask
+
+
+class _HoldsOptional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.unit = _Optional()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.stem(x)
+        return x + self.unit(x, mask=mask)
+
+
+def test_a_changed_forward_keeps_its_optional_arguments():
+    torch.manual_seed(0)
+    model = _HoldsOptional().eval()
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=(3, 16, 16))
+    (point,) = patched.attn_inject.plan
+    assert (point.key, point.attach) == ("unit.se", "after")
+    assert inspect.signature(patched.unit.forward) == inspect.signature(model.unit.forward)
+    x, mask = torch.randn(2, 3, 16, 16), torch.rand(2, 8, 16, 16)
+    with torch.no_grad():
+        h = model.stem(x)
+        assert torch.equal(patched.unit(h, 2.0, mask=mask), patched.unit.se(model.unit(h, 2.0, mask=mask)))
+        assert torch.equal(patched(x, mask=mask), h + patched.unit.se(model.unit(h, mask=mask)))
+    scripted = torch.jit.script(patched)
+    with torch.no_grad():
+        assert torch.equal(scripted(x, mask), patched(x, mask=mask))
+
+
+def test_vit_forward_features_takes_an_attention_mask_and_scripts():
+    model = _vit()
+    patched = ai.inject(model, "se_resnet", init="paper")
+    n = patched.patch_embed.num_patches + patched.num_prefix_tokens
+    mask = torch.zeros(n, n).masked_fill(torch.rand(n, n) > 0.7, float("-inf")).fill_diagonal_(0)
+    identity = ai.inject(model, "se_resnet")
+    with torch.no_grad():
+        masked = patched.forward_features(X64, attn_mask=mask)
+        assert not torch.equal(masked, patched.forward_features(X64))  # the mask is used
+        assert not torch.equal(masked, model.forward_features(X64, attn_mask=mask))  # so are the blocks
+        expected = model.forward_features(X64, attn_mask=mask)
+        assert torch.equal(identity.forward_features(X64, attn_mask=mask), expected)
+    with timm.layers.set_scriptable(True):
+        scriptable = ai.inject(_vit(), "cbam_after_every_stage", init="paper")
+    scripted = torch.jit.script(scriptable)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(X64), scriptable(X64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "levit"])
+def test_inserted_blocks_trace_with_fx_and_both_feature_extractors(name):
+    from timm.models import create_feature_extractor as timm_features
+    from torchvision.models.feature_extraction import create_feature_extractor as tv_features
+
+    if name == "levit":
+        torch.manual_seed(0)
+        model = timm.create_model("levit_128s").eval()
+        x = torch.randn(1, 3, 224, 224)
+    else:
+        model, x = (_vit(), X64) if name == "vit" else (_swin(), torch.randn(1, 3, 112, 112))
+    for recipe in ("se_resnet", "cbam_after_every_stage"):
+        patched = ai.inject(model, recipe, init="paper", allow_empty=True)
+        with torch.no_grad():
+            expected = patched(x)
+            assert torch.equal(fx.symbolic_trace(patched)(x), expected) if name == "vit" else True
+            for extractor in (timm_features, tv_features):
+                graph_nodes = _last_node(patched, extractor)
+                features = extractor(patched, return_nodes={graph_nodes: "out"})
+                assert torch.equal(features(x)["out"], expected)
+
+
+def _last_node(model: nn.Module, extractor) -> str:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    if extractor.__module__.startswith("timm"):
+        from timm.models._features_fx import get_graph_node_names as timm_names
+
+        return timm_names(model)[1][-1]
+    return get_graph_node_names(model)[1][-1]
+
+
+class _ConstantUnit(nn.Module):
+    """A residual unit whose branch ends in a function with a tensor constant: its forward is
+    rewritten, and the constant must not become a state_dict key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return torch.relu(x + self.conv(self.conv(x)) * torch.tensor(0.5))  # conv is called twice
+
+
+@pytest.mark.parametrize("which", ["swin", "vit", "constant"])
+def test_state_dict_gains_exactly_the_blocks_keys(which):
+    model = {"swin": _swin, "vit": _vit, "constant": lambda: _ConstantUnit().eval()}[which]()
+    size = (3, 16, 16) if which == "constant" else None
+    patched = ai.inject(model, "se_resnet", input_size=size)
+    if which == "constant":
+        assert ai.rewritten_forward(patched)  # the root's own forward holds the point
+    blocks = tuple(f"{key}." for key in ai.inserted_blocks(patched))
+    added = set(patched.state_dict()) - set(model.state_dict())
+    assert added and all(k.startswith(blocks) for k in added)
+    assert set(model.state_dict()) <= set(patched.state_dict())
+    assert {k for k in patched.state_dict() if k.startswith(blocks)} == added
+
+
+def _checkpoint_calls(model: nn.Module, x: torch.Tensor, monkeypatch) -> int:
+    calls = 0
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+        model.train()
+        model(x).sum().backward()
+    return calls
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "convnext_atto", "vit", "efficientnet_b0", "swin"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_makes_as_many_checkpoint_calls_as_the_original(name, when, monkeypatch):
+    torch.manual_seed(0)
+    if name == "vit":
+        model, x = _vit(), X64
+    elif name == "swin":
+        model, x = _swin(), torch.randn(2, 3, 112, 112)
+    else:
+        model, x = timm.create_model(name).eval(), X64
+    model.set_grad_checkpointing(True)
+    expected = _checkpoint_calls(model, x, monkeypatch)
+    assert expected > 0
+    if when == "after":
+        model.set_grad_checkpointing(False)
+    patched = ai.inject(model, "cbam_after_every_stage", init="paper", input_size=tuple(x.shape[1:]))
+    if when == "after":
+        patched.set_grad_checkpointing(True)
+    assert _checkpoint_calls(patched, x, monkeypatch) == expected
+
+
+def test_a_token_grid_changed_after_inject_is_one_clear_error():
+    patched = ai.inject(_vit(), "cbam_after_every_stage")  # CBAM needs the 4 x 4 grid
+    patched.set_input_size(img_size=96)
+    with pytest.raises(AssertionError, match="token grid of a size the model no longer gives"):
+        patched(torch.randn(1, 3, 96, 96))
+
+
+def test_input_size_defaults_to_the_size_the_model_was_built_for():
+    with torch.device("meta"):
+        swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=(224, 288))
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=96)
+    assert ai.plan(swin, "se_resnet").input_size == (3, 224, 288)
+    assert ai.plan(vit, "cbam_after_every_stage").input_size == (3, 96, 96)
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    with pytest.raises(ai.ShapeError, match=r"input_size=\(C, H, W\)"):
+        ai.plan(fixed, "se_after_every_stage")
+
+
+def test_deep_copies_and_ema_keep_every_changed_class():
+    from timm.utils import ModelEmaV3
+
+    patched = ai.inject(_swin(), "se_resnet")
+    copied = copy.deepcopy(patched)
+    assert {n: type(m) for n, m in copied.named_modules()} == {n: type(m) for n, m in patched.named_modules()}
+    ema = ModelEmaV3(patched, decay=0.9)
+    ema.update(patched)
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(ema.module(x), patched(x))
