@@ -201,8 +201,7 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
     attributes = {"forward": forward, INNER_FORWARD: _renamed(base.forward, INNER_FORWARD)}
     if issubclass(base, nn.ModuleDict):
-        blocks = {*around.after, *(b for _, names in around.before for b in names)}
-        attributes.update(_dict_without(blocks))
+        attributes.update(_dict_without({*around.after, *(b for _, names in around.before for b in names)}))
     cls = _make_class(base, attributes, _Spec(base, around))
     _AROUND_CLASSES[(base, around)] = cls
     return cls

@@ -149,8 +149,11 @@ def test_vit_forward_features_takes_an_attention_mask_and_scripts():
         torch.testing.assert_close(scripted(X64), scriptable(X64), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "levit"])
-def test_inserted_blocks_trace_with_fx_and_both_feature_extractors(name):
+@pytest.mark.parametrize(
+    "name, recipe",
+    [("vit", "se_resnet"), ("vit", "cbam_after_every_stage"), ("swin", "se_resnet"), ("levit", "se_resnet")],
+)
+def test_inserted_blocks_trace_with_fx_and_both_feature_extractors(name, recipe):
     from timm.models import create_feature_extractor as timm_features
     from torchvision.models.feature_extraction import create_feature_extractor as tv_features
 
@@ -160,15 +163,14 @@ def test_inserted_blocks_trace_with_fx_and_both_feature_extractors(name):
         x = torch.randn(1, 3, 224, 224)
     else:
         model, x = (_vit(), X64) if name == "vit" else (_swin(), torch.randn(1, 3, 112, 112))
-    for recipe in ("se_resnet", "cbam_after_every_stage"):
-        patched = ai.inject(model, recipe, init="paper", allow_empty=True)
-        with torch.no_grad():
-            expected = patched(x)
-            assert torch.equal(fx.symbolic_trace(patched)(x), expected) if name == "vit" else True
-            for extractor in (timm_features, tv_features):
-                graph_nodes = _last_node(patched, extractor)
-                features = extractor(patched, return_nodes={graph_nodes: "out"})
-                assert torch.equal(features(x)["out"], expected)
+    patched = ai.inject(model, recipe, init="paper")
+    with torch.no_grad():
+        expected = patched(x)
+        if name == "vit":
+            assert torch.equal(fx.symbolic_trace(patched)(x), expected)
+        for extractor in (timm_features, tv_features):
+            features = extractor(patched, return_nodes={_last_node(patched, extractor): "out"})
+            assert torch.equal(features(x)["out"], expected)
 
 
 def _last_node(model: nn.Module, extractor) -> str:
