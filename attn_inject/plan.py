@@ -12,7 +12,6 @@ candidates of its position, and returns a :class:`Plan`, a sequence of
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from .graph.shapes import tensor_meta
 from .graph.stages import Stage, find_stages
 from .graph.trace import OpaqueModule, tracing_strategy
 from .models import wrapper_of
+from .patterns import search
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
 from .scopes import place
 from .targets import default_target, get_target, target_input_size
@@ -425,9 +425,9 @@ def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) ->
             return False
         if rule.max_channels is not None and channels > rule.max_channels:
             return False
-    if rule.include and not any(re.search(p, candidate.name) for p in rule.include):
+    if rule.include and not any(search(p, candidate.name) for p in rule.include):
         return False
-    return not any(re.search(p, candidate.name) for p in rule.exclude)
+    return not any(search(p, candidate.name) for p in rule.exclude)
 
 
 def positions_of(rules: Sequence[Rule]) -> str:

@@ -32,6 +32,7 @@ import yaml
 
 from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
 from .messages import cut, shown
+from .patterns import PatternError, compile_pattern
 
 __all__ = [
     "POSITIONS",
@@ -435,11 +436,9 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             )
         for pattern in value:
             try:
-                re.compile(pattern)
-            except re.error as error:
-                raise fail(
-                    f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}"
-                ) from None
+                compile_pattern(pattern)
+            except PatternError as error:
+                raise fail(f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}") from None
         patterns[which] = tuple(value)
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:

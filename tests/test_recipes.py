@@ -463,3 +463,58 @@ def test_cbam_checks_conv_only_parameters_even_with_the_mlp():
         ai.load_recipe(block("cbam", kernel_size=4))
     with pytest.raises(ai.RecipeError, match=r"rules\[0\]\.block\.gamma: -1 is not allowed"):
         ai.load_recipe(block("cbam", gamma=-1))
+
+
+class _Unit(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.nn.functional.relu(self.conv(x))
+
+
+def _LongNames() -> torch.nn.Module:
+    """A residual unit under a 60-character module name: backtracking regexes blow up on it."""
+    from collections import OrderedDict
+
+    return torch.nn.Sequential(
+        OrderedDict([("stem", torch.nn.Conv2d(3, 8, 3, padding=1)), ("a" * 60, _Unit())])
+    )
+
+
+def test_a_catastrophic_backtracking_pattern_runs_in_linear_time():
+    import signal
+
+    hostile = "^(.*a){12}X$"  # Python's re takes hours on a 60-character name
+    recipe = {"rules": [{"block": "se", "at": "residual_branch", "include": [hostile]}]}
+
+    def too_slow(*_):
+        raise TimeoutError("a recipe pattern ran for 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        plan = ai.plan(_LongNames(), recipe, input_size=(3, 8, 8))
+        matched = ai.plan(
+            _LongNames(), {"rules": [{"block": "se", "at": "residual_branch", "include": ["^a+$"]}]}
+        )
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(plan) == 0 and len(matched) == 1
+
+
+@pytest.mark.parametrize(
+    "pattern, why",
+    [
+        ("(a)\\1", "invalid escape sequence"),
+        ("(?=layer)", "missing argument to repetition operator|invalid perl"),
+        ("a" * 1001, "at most 1,000"),
+    ],
+)
+def test_patterns_a_linear_engine_cannot_run_are_refused_in_one_line(pattern, why):
+    with pytest.raises(ai.RecipeError, match=r"rules\[0\]\.include: invalid regular expression") as info:
+        ai.load_recipe({"rules": [{"block": "se", "at": "residual_branch", "include": [pattern]}]})
+    assert "\n" not in str(info.value)
+    assert __import__("re").search(why, str(info.value))
