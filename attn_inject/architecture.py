@@ -2,8 +2,9 @@
 
 Two models are the same network here when they have the same modules, in order, each with
 the same qualified name, class and ``extra_repr`` (kernel sizes, strides, dilations,
-pooling and activation types...), and the same parameter and buffer names and shapes.
-Weight values are not compared. Both sides may live on the meta device::
+pooling and activation types...) and the same plain attributes (timm's ``drop_rate``,
+``global_pool``: settings its ``extra_repr`` does not show), and the same parameter and
+buffer names and shapes. Weight values are not compared. Both sides may live on the meta device::
 
     >>> diff = first_difference(architecture(saved), architecture(rebuilt))
     'global_pool.pool: saved AdaptiveMaxPool2d(output_size=1), rebuilt AdaptiveAvgPool2d(output_size=1)'
@@ -32,6 +33,29 @@ class Architecture:
 
     modules: tuple[ModuleEntry, ...]
     tensors: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    attributes: tuple[tuple[str, str], ...] = ()  # (qualified name, its plain attributes) where it has any
+
+
+# Plain attributes that do not change what a model computes (the head's size is compared by
+# its tensors' shapes; checkpointing trades memory for time), or that a model sets as it runs.
+UNCOMPARED = frozenset({"training", "grad_checkpointing", "num_classes", "attn_inject"})
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, _SIMPLE):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, _SIMPLE) for v in value)
+
+
+def plain_attributes(module: nn.Module) -> str:
+    """The module's own plain settings (numbers, strings, flags and short tuples of them that
+    it holds as attributes), as ``name=value`` in name order."""
+    return ", ".join(
+        f"{key}={value!r}"
+        for key, value in sorted(vars(module).items())
+        if not key.startswith("_") and key not in UNCOMPARED and _plain(value)
+    )
 
 
 def architecture(model: nn.Module) -> Architecture:
@@ -44,7 +68,10 @@ def architecture(model: nn.Module) -> Architecture:
         (name, tuple(t.shape))
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
     )
-    return Architecture(modules, tensors)
+    attributes = tuple(
+        (name, text) for name, module in model.named_modules() if (text := plain_attributes(module))
+    )
+    return Architecture(modules, tensors, attributes)
 
 
 def _describe(entry: ModuleEntry | None, other: ModuleEntry | None) -> str:
@@ -64,6 +91,12 @@ def _describe(entry: ModuleEntry | None, other: ModuleEntry | None) -> str:
         + ("..." if start + _SHOWN < len(text) else "")
     )
     return repr(cut)
+
+
+def _differing(text: str, other: str) -> str:
+    """The ``name=value`` items of ``text`` that ``other`` does not have ("nothing" if none)."""
+    theirs = set(other.split(", "))
+    return ", ".join(item for item in text.split(", ") if item and item not in theirs) or "nothing"
 
 
 def first_difference(
@@ -95,6 +128,15 @@ def first_difference(
     for entry in rebuilt.modules:
         if entry[0] not in names_saved:
             return f"{entry[0]}: {first} nothing, {second} {_describe(entry, None)}"
+    if saved.attributes:
+        other_attributes = dict(rebuilt.attributes)
+        for name, text in saved.attributes:
+            if other_attributes.get(name, "") != text:
+                theirs_text = other_attributes.get(name, "")
+                return (
+                    f"{name or '(root)'}: {first} {shown(_differing(text, theirs_text), _SHOWN)}, "
+                    f"{second} {shown(_differing(theirs_text, text), _SHOWN)}"
+                )
     if saved.tensors:
         saved_tensors, other_tensors = dict(saved.tensors), dict(rebuilt.tensors)
         for name, shape in saved.tensors:

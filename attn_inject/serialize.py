@@ -76,6 +76,7 @@ class Manifest:
     plan: Mapping[str, Any]
     versions: Mapping[str, str]
     architecture: tuple[ModuleEntry, ...] = ()  # the patched model's modules, in order
+    attributes: tuple[tuple[str, str], ...] = ()  # their plain attributes (see architecture.py)
     blocks: tuple[str, ...] = ()  # the inserted blocks' qualified module names
     later: tuple[Injection, ...] = ()  # injections into the patched model after the first
     format: int = FORMAT
@@ -85,6 +86,7 @@ class Manifest:
         out = asdict(self)
         out["input_size"] = list(self.input_size)
         out["architecture"] = [list(entry) for entry in self.architecture]
+        out["attributes"] = [list(entry) for entry in self.attributes]
         out["blocks"] = list(self.blocks)
         out["later"] = [{**asdict(step), "input_size": list(step.input_size)} for step in self.later]
         return json.dumps(out, sort_keys=True)
@@ -177,6 +179,7 @@ def save(
         plan=info.plan.to_dict(),
         versions=versions(),
         architecture=saved.modules,
+        attributes=saved.attributes,
         blocks=tuple(inserted_blocks(patched)),
         later=tuple(steps[1:]),
         training=dict(training) if training is not None else None,
@@ -332,6 +335,7 @@ class _ManifestReader:
             plan=self.plan(),
             versions=self.versions(),
             architecture=self.architecture(),
+            attributes=self.attributes(),
             blocks=self.blocks(),
             later=self.later(),
             training=self.training(),
@@ -413,6 +417,15 @@ class _ManifestReader:
             )
         return tuple((e[0], e[1], e[2]) for e in value)
 
+    def attributes(self) -> tuple[tuple[str, str], ...]:
+        value = self.get("attributes", [])
+        ok = isinstance(value, list) and all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e) for e in value
+        )
+        if not ok:
+            raise self.fail("attributes", f"must be a list of [name, attributes] strings, got {shown(value)}")
+        return tuple((e[0], e[1]) for e in value)
+
     def training(self) -> dict[str, Any] | None:
         value = self.get("training", None)
         if value is not None and not isinstance(value, dict):
@@ -477,9 +490,10 @@ def _check_against_file(
         )
     as_meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     check_fits(patched, as_meta, source=f"checkpoint {path}")
+    _check_plan(info.plan, manifest, path, what, written)
     if manifest.architecture:
         diff = first_difference(
-            Architecture(manifest.architecture),
+            Architecture(manifest.architecture, attributes=manifest.attributes),
             architecture(patched),
             names=("the file has", "the rebuilt model"),
         )
@@ -489,6 +503,25 @@ def _check_against_file(
                 f"{path}: {what} is not the network saved in the file ({diff}){drift}; "
                 "pass the model it was saved from: attn_inject.load(path, model=...)"
             )
+
+
+# What a point says about the network: where its block acts, how it is run, what it is.
+NETWORK_FIELDS = ("key", "node", "consumers", "position", "attach", "argument", "block", "channels", "layout")
+
+
+def _check_plan(plan: Any, manifest: Manifest, path: str | os.PathLike, what: str, written: str) -> None:
+    """Refuse a file whose plan is not the plan its recipe gives: its weights were trained
+    for blocks acting elsewhere, or differently, than the rebuilt network's."""
+    saved = manifest.plan.get("points", [])
+    for i, (ours, theirs) in enumerate(zip((p.to_dict() for p in plan), saved, strict=False)):
+        for field in NETWORK_FIELDS:
+            if not isinstance(theirs, Mapping) or theirs.get(field) != ours[field]:
+                given = theirs.get(field) if isinstance(theirs, Mapping) else theirs
+                raise CheckpointError(
+                    f"{path}: plan point {i} ({cut(ours['key'])}) has {field}={shown(given, 80)}, but its "
+                    f"recipe gives {field}={shown(ours[field], 80)} on {what} ({written}); the weights were "
+                    "saved for another network"
+                )
 
 
 def _check_base_against_file(

@@ -251,3 +251,57 @@ def test_a_block_placed_elsewhere_than_in_the_file_is_named(saved, tmp_path):
         ai.CheckpointError, match=r"places block 0 at layer1\.\S+, the file has it at layer1\.moved_se"
     ):
         ai.load(edited)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("position", "post_block"), ("consumers", ["add_3"]), ("attach", "graph"), ("node", "bn1")],
+)
+def test_a_plan_that_disagrees_with_its_recipe_is_refused(saved, tmp_path, field, value):
+    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    plan = manifest["plan"]
+    plan["points"][1][field] = value  # same keys, so the weights would load into another network
+    edited = with_manifest(saved, tmp_path / "edited.safetensors", plan=plan)
+    with pytest.raises(
+        ai.CheckpointError, match=rf"plan point 1 \(\S+\) has {field}=.*saved for another network"
+    ):
+        ai.load(edited)
+    from attn_inject.serialize import load_base_weights  # validate's reference: the same door
+
+    with pytest.raises(ai.CheckpointError, match=rf"plan point 1 .* has {field}="):
+        load_base_weights(edited)
+
+
+def test_attributes_that_change_what_the_model_computes_are_compared(tmp_path):
+    torch.manual_seed(0)
+    dropped = ai.inject(build_model("timm:resnet10t", drop_rate=0.5), "se_resnet", input_size=SIZE)
+    ai.save(dropped, tmp_path / "kept.safetensors")  # recorded by build_model: it rebuilds
+    assert ai.load(tmp_path / "kept.safetensors").drop_rate == 0.5
+    import timm
+
+    hand_built = ai.inject(timm.create_model("resnet10t", drop_rate=0.5), "se_resnet", input_size=SIZE)
+    with pytest.raises(
+        ai.CheckpointError, match=r"\(root\): this model has 'drop_rate=0\.5'.*'drop_rate=0\.0'"
+    ):
+        ai.save(hand_built, tmp_path / "m.safetensors", model_name="timm:resnet10t")
+    pooled = ai.inject(timm.create_model("vit_tiny_patch16_224", img_size=32), "se_resnet")
+    pooled.reset_classifier(1000, global_pool="avg")  # pools another way; no module shows it
+    with pytest.raises(ai.CheckpointError, match=r"global_pool='avg'"):
+        ai.save(
+            pooled,
+            tmp_path / "v.safetensors",
+            model_name="timm:vit_tiny_patch16_224",
+            model_kwargs={"img_size": 32},
+        )
+    assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob("v.*"))
+    manifest = json.loads(
+        ai.checkpoint.read_safetensors_metadata(tmp_path / "kept.safetensors")[MANIFEST_KEY]
+    )
+    manifest["attributes"] = [
+        [n, t.replace("drop_rate=0.5", "drop_rate=0.0")] for n, t in manifest["attributes"]
+    ]
+    edited = with_manifest(
+        tmp_path / "kept.safetensors", tmp_path / "edited.safetensors", attributes=manifest["attributes"]
+    )
+    with pytest.raises(ai.CheckpointError, match=r"not the network saved in the file .*drop_rate"):
+        ai.load(edited)
