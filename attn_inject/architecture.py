@@ -45,7 +45,9 @@ _SIMPLE = (bool, int, float, str, type(None))
 def _plain(value: object) -> bool:
     if isinstance(value, _SIMPLE):
         return True
-    return isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, _SIMPLE) for v in value)
+    return (
+        isinstance(value, (tuple, list)) and len(value) <= 16 and all(isinstance(v, _SIMPLE) for v in value)
+    )
 
 
 def plain_attributes(module: nn.Module) -> str:

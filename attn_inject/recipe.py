@@ -438,7 +438,9 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             try:
                 compile_pattern(pattern)
             except PatternError as error:
-                raise fail(f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}") from None
+                raise fail(
+                    f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}"
+                ) from None
         patterns[which] = tuple(value)
     every = data.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:

@@ -458,7 +458,9 @@ def _recipe_text(text: str, path: str | os.PathLike) -> Recipe:
         raise CheckpointError(str(error)) from None
 
 
-def _inject(base: nn.Module, manifest: Manifest, recipe: Recipe, path: str | os.PathLike) -> nn.Module:
+def inject_recorded(
+    base: nn.Module, manifest: Manifest, recipe: Recipe, path: str | os.PathLike
+) -> nn.Module:
     """Every injection of the manifest repeated on ``base`` (the first recipe already parsed)."""
     later = [(_recipe_text(step.recipe, path), step) for step in manifest.later]
     return _inject_all(base, [(recipe, manifest.injections[0]), *later])
@@ -551,10 +553,11 @@ def _version_drift(manifest: Manifest) -> str:
 
 
 def _checked_base(
-    path: str | os.PathLike, model: nn.Module | None
-) -> tuple[Manifest, Recipe, nn.Module, Mapping[str, tuple[int, ...]]]:
+    path: str | os.PathLike, model: nn.Module | None, *, build: bool = True
+) -> tuple[Manifest, Recipe, nn.Module | None, Mapping[str, tuple[int, ...]]]:
     """The manifest, its recipe, and the base model to load into: ``model`` when given, else
-    the model it names, built only after its meta-device twin has matched the file."""
+    the model it names, built (unless ``build`` is false) only after its meta-device twin has
+    matched the file."""
     from .models import ModelNameError, build_model, build_shapes_only, resolve
 
     manifest = read_manifest(path)
@@ -584,14 +587,22 @@ def _checked_base(
         ) from None
     _check_base_against_file(twin_base, shapes, path, what)
     try:
-        twin = _inject(twin_base, manifest, recipe, path)
+        twin = inject_recorded(twin_base, manifest, recipe, path)
     except Exception as error:
         raise CheckpointError(
             f"{path}: its recipe cannot be injected into {what} at input size {manifest.input_size} "
             f"({type(error).__name__}: {shown(str(error))})"
         ) from None
     _check_against_file(twin, manifest, shapes, path, what)
-    return manifest, recipe, build_model(name, **manifest.base_kwargs), shapes
+    return manifest, recipe, build_model(name, **manifest.base_kwargs) if build else None, shapes
+
+
+def check_file(path: str | os.PathLike) -> tuple[Manifest, Recipe, Mapping[str, tuple[int, ...]]]:
+    """Every check ``load`` makes before it allocates anything: the manifest, its recipe (from
+    its text only), the base model it names rebuilt on the meta device and patched, against
+    every tensor shape, the plan and the architecture the file records."""
+    manifest, recipe, _, shapes = _checked_base(path, None, build=False)
+    return manifest, recipe, shapes
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -603,7 +614,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     again and the file's weights loaded strictly.
     """
     manifest, recipe, base, shapes = _checked_base(path, model)
-    patched = _inject(base, manifest, recipe, path)
+    assert base is not None
+    patched = inject_recorded(base, manifest, recipe, path)
     _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
     patched.load_state_dict(read_state_dict(path), strict=True)
     return patched
@@ -620,7 +632,8 @@ def load_base_weights(path: str | os.PathLike, model: nn.Module | None = None) -
     """The base model with the file's base weights (the blocks' left out): the reference a
     saved patched model is validated against."""
     manifest, recipe, base, _ = _checked_base(path, model)
-    prefixes = block_weight_names(_inject(base, manifest, recipe, path))
+    assert base is not None
+    prefixes = block_weight_names(inject_recorded(base, manifest, recipe, path))
     tensors = {k: v for k, v in read_state_dict(path).items() if not k.startswith(prefixes)}
     check_fits(base, tensors, source=f"checkpoint {path}")
     base.load_state_dict(tensors, strict=True)

@@ -102,6 +102,10 @@ def hostile_cases(saved: pathlib.Path, folder: pathlib.Path) -> dict[str, tuple[
         ),
         "alias bomb recipe": ({"recipe": ALIAS_BOMB}, "expands to more than 10000 values"),
         "huge input size": ({"input_size": [3, 100_000, 100_000]}, "manifest field 'input_size'"),
+        "huge in_chans": (
+            {"base_kwargs": {"num_classes": 10, "in_chans": 20_000}},
+            "does not fit the file's tensors",
+        ),
     }
 
 
@@ -109,20 +113,23 @@ LOADER = textwrap.dedent(
     """
     import json, resource, sys, time
     import attn_inject as ai
+    from attn_inject.finetune.starting_point import load_for_finetuning
     from attn_inject.models import resolve
     resolve("timm:resnet10t")  # the model lists, read once by any load
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results = {}
+    doors = {"load": ai.load, "finetune": lambda path: load_for_finetuning(path, num_classes=3)}
     for name, path in json.loads(sys.argv[1]).items():
-        start = time.perf_counter()
-        try:
-            ai.load(path)
-            outcome = {"loaded": True}
-        except Exception as error:
-            outcome = {"loaded": False, "type": type(error).__name__, "message": str(error)}
-        outcome["seconds"] = time.perf_counter() - start
-        outcome["megabytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-        results[name] = outcome
+        for door, open_file in doors.items():
+            start = time.perf_counter()
+            try:
+                open_file(path)
+                outcome = {"loaded": True}
+            except Exception as error:
+                outcome = {"loaded": False, "type": type(error).__name__, "message": str(error)}
+            outcome["seconds"] = time.perf_counter() - start
+            outcome["megabytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+            results[f"{door}: {name}"] = outcome
     print(json.dumps(results))
     """
 )
@@ -160,11 +167,13 @@ def refusals(saved, tmp_path_factory):
         "huge model name",
         "alias bomb recipe",
         "huge input size",
+        "huge in_chans",
     ],
 )
-def test_hostile_manifest_is_refused_in_one_line_fast_and_small(refusals, case):
+@pytest.mark.parametrize("door", ["load", "finetune"])  # finetune --num-classes rebuilds: the same checks
+def test_hostile_manifest_is_refused_in_one_line_fast_and_small(refusals, case, door):
     folder, cases, results = refusals
-    outcome, says = results[case], cases[case][1]
+    outcome, says = results[f"{door}: {case}"], cases[case][1]
     assert not outcome["loaded"] and outcome["type"] == "CheckpointError", outcome
     message = outcome["message"]
     assert "\n" not in message and len(message) < 1000 and says in message, message

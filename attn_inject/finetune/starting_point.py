@@ -9,8 +9,8 @@ which stay at their initialisation and are reported.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,16 +43,18 @@ def _class_count(model: nn.Module) -> int | None:
     return None
 
 
-def load_for_finetuning(path: str | Path, num_classes: int | None = None) -> StartingPoint:
-    """The patched model saved at ``path``; see the module docstring."""
-    from .. import inject, load, read_manifest
-    from ..models import build_model
+def load_for_finetuning(path: str | os.PathLike, num_classes: int | None = None) -> StartingPoint:
+    """The patched model saved at ``path``; see the module docstring. Every path goes through
+    ``load``'s checks first: the file is checked on the meta device, and the model rebuilt
+    with new classes is checked there too, before any real weight is allocated."""
+    from .. import load, read_manifest
+    from ..models import build_model, build_shapes_only, resolve
+    from ..serialize import check_file, inject_recorded
 
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"--num-classes must be at least 1, got {num_classes}")
     manifest = read_manifest(path)  # a file without a manifest fails here, with its name
-    saved = manifest.base_kwargs.get("num_classes")
-    if num_classes is None or num_classes == saved:
+    if num_classes is None or num_classes == manifest.base_kwargs.get("num_classes"):
         model = load(path)
         count = _class_count(model)
         if count is None:
@@ -62,26 +64,22 @@ def load_for_finetuning(path: str | Path, num_classes: int | None = None) -> Sta
         raise CheckpointError(
             f"{path} does not name its base model, so it cannot be rebuilt with new classes"
         )
-    torch.manual_seed(0)
-    base = build_model(manifest.base_model, **{**manifest.base_kwargs, "num_classes": num_classes})
-    model = inject(
-        base,
-        manifest.recipe,
-        init=manifest.init,
-        input_size=manifest.input_size,
-        target=manifest.target,
-        allow_empty=True,
-    )
-    tensors = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    manifest, recipe, shapes = check_file(path)  # everything load checks, on the meta device
+    name = ":".join(resolve(manifest.base_model or ""))
+    kwargs = {**manifest.base_kwargs, "num_classes": num_classes}
+    twin = inject_recorded(build_shapes_only(name, **kwargs), manifest, recipe, path)
+    expected = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     if missing or unexpected:
         shown = ", ".join((missing + unexpected)[:3])
         raise CheckpointError(
-            f"{path}: rebuilding {manifest.base_model} with num_classes={num_classes} gives other keys "
+            f"{path}: rebuilding {name} with num_classes={num_classes} gives other keys "
             f"than the file's ({len(missing)} missing, {len(unexpected)} unexpected: {shown})"
         )
-    changed = tuple(k for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape))
+    changed = tuple(k for k, shape in expected.items() if tuple(shapes[k]) != shape)
+    torch.manual_seed(0)
+    model = inject_recorded(build_model(name, **kwargs), manifest, recipe, path)
+    tensors = read_state_dict(path)
     model.load_state_dict({k: v for k, v in tensors.items() if k not in changed}, strict=False)
     return StartingPoint(model, num_classes, changed)
