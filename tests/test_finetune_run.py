@@ -50,10 +50,15 @@ def data(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("data"), {"train": 4, "val": 3})
 
 
-def save_patched(path: Path, num_classes: int = len(CLASSES), init: str = "identity") -> Path:
+def save_patched(
+    path: Path,
+    num_classes: int = len(CLASSES),
+    init: str = "identity",
+    recipe: str = "cbam_after_every_stage",
+) -> Path:
     torch.manual_seed(0)
     base = build_model(MODEL, num_classes=num_classes)
-    ai.save(ai.inject(base, "cbam_after_every_stage", init=init, input_size=(3, PX, PX)), path)
+    ai.save(ai.inject(base, recipe, init=init, input_size=(3, PX, PX)), path)
     return path
 
 
@@ -97,6 +102,18 @@ def val_top1(model: torch.nn.Module, data: Path) -> float:
 
 
 # --- one process -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "recipe, init", [("se_resnet", "identity"), ("eca_resnet", "paper"), ("cbam_resnet", "identity")]
+)
+def test_model_ema_trains_and_saves_every_recipe_that_changes_modules(recipe, init, data, tmp_path):
+    checkpoint = save_patched(tmp_path / "in.safetensors", init=init, recipe=recipe)
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, "--model-ema", epochs=2)) == 0
+    saved = ai.load(out / "last.safetensors")
+    assert ai.read_manifest(out / "last.safetensors").training["weights"] == "ema"
+    assert list(ai.inserted_blocks(saved)) == list(ai.inserted_blocks(ai.load(checkpoint)))
 
 
 def test_one_epoch_writes_summary_curves_and_checkpoints_that_load(checkpoint, data, tmp_path, capsys):

@@ -277,3 +277,18 @@ def test_deep_copies_and_ema_keep_every_changed_class():
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
         assert torch.equal(ema.module(x), patched(x))
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage"])
+@pytest.mark.parametrize("init", ["identity", "paper"])
+def test_a_deep_copy_of_every_patched_model_saves_and_loads(recipe, init, tmp_path):
+    from attn_inject.models import build_model
+
+    torch.manual_seed(0)
+    patched = ai.inject(build_model("timm:resnet10t"), recipe, init=init, input_size=(3, 32, 32))
+    copied = copy.deepcopy(patched)
+    ai.save(copied, tmp_path / "copy.safetensors")
+    loaded = ai.load(tmp_path / "copy.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), patched.eval()(x))
