@@ -242,6 +242,26 @@ def _bad_data(tmp_path: Path, case: str) -> Path:
     elif case == "undecodable image":
         write_folder(root, {"train": 1, "val": 1})
         (root / "train" / "dog" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    elif case == "truncated jpeg":  # its header is whole: Image.verify() passes it
+        write_folder(root, {"train": 1, "val": 1})
+        jpeg = root / "train" / "dog" / "0.jpg"
+        Image.fromarray(np.full((PX, PX, 3), 90, "uint8")).save(jpeg, quality=95)
+        jpeg.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    elif case == "fifo":
+        write_folder(root, {"train": 1, "val": 1})
+        os.mkfifo(root / "train" / "dog" / "x.png")
+    elif case == "link loop":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "train" / "dog" / "again").symlink_to("..")
+    elif case == "one folder twice":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "train" / "dog" / "copy").symlink_to(root / "train" / "cat")
+    elif case == "dangling link":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "train" / "dog" / "gone.png").symlink_to(root / "nowhere.png")
+    elif case == "link to a device":
+        write_folder(root, {"train": 1, "val": 1})
+        (root / "train" / "dog" / "zero.png").symlink_to("/dev/zero")
     return root
 
 
@@ -253,6 +273,12 @@ def _bad_data(tmp_path: Path, case: str) -> Path:
         ("no val", "no val/ folder"),
         ("different classes", "only in train/: fox; only in val/: wolf"),
         ("undecodable image", "cannot decode image"),
+        ("truncated jpeg", "cannot decode image"),
+        ("fifo", "x.png is not a regular file"),
+        ("link loop", "leads to the folder"),
+        ("one folder twice", "leads to the folder"),
+        ("dangling link", "gone.png cannot be read"),
+        ("link to a device", "zero.png is not a regular file"),
     ],
 )
 def test_bad_data_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys, case, expected):
@@ -261,9 +287,16 @@ def test_bad_data_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys, c
     assert main(finetune_args(checkpoint, data, out)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
-    if case == "undecodable image":
-        assert "dog/0.png" in err
+    if case in ("undecodable image", "truncated jpeg"):
+        assert "dog/0." in err
     assert not out.exists()
+
+
+def test_a_last_training_batch_of_one_image_is_dropped(checkpoint, tmp_path):
+    data = write_folder(tmp_path / "data", {"train": 3, "val": 1})  # 9 images: batches of 4, 4 and 1
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, "--batch-size", "4")) == 0  # BatchNorm needs 2
+    assert (out / "last.safetensors").is_file()
 
 
 def test_a_checkpoint_without_manifest_is_one_line(data, tmp_path, capsys):

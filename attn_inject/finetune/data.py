@@ -3,12 +3,17 @@ checked before anything runs, and transforms from the model's own timm data conf
 
     DIR/train/<class>/*.png      DIR/val/<class>/*.png      (the same class folders)
 
-Every image is opened and verified once up front: an image that cannot be decoded stops
-the run with its file name (before any output is written), rather than failing mid-epoch.
+Everything is checked once up front, before any output is written: only regular files and
+folders (links resolved once; a link that leads back into the folders, or to a folder seen
+twice, is refused, as is a FIFO, a device or a dangling link named like an image), and
+every image fully decoded (``Image.load()``, not just its header), so that nothing fails
+mid-epoch. Each bad file is named.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +39,58 @@ class Folders:
     counts: dict[str, int]
 
 
-def _images(folder: Path) -> list[Path]:
+def _images(folder: Path, seen: dict[str, Path]) -> list[Path]:
+    """Every image file under ``folder``, walked as ImageFolder walks it (links followed),
+    with each real folder visited once: a second visit (a link loop, or two links to one
+    folder) and anything named like an image that is not a regular file raise DataError."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    found: list[Path] = []
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            raise DataError(
+                f"--data: {current} leads to the folder {seen[real]} already read (a link loop, or two links "
+                "to one folder, whose images would be read twice); remove the link"
+            )
+        seen[real] = current
+        for entry in sorted(os.scandir(current), key=lambda e: e.name):
+            path = Path(entry.path)
+            try:
+                mode = os.stat(path).st_mode  # follows a link once
+            except OSError as error:
+                if path.suffix.lower() in IMG_EXTENSIONS:
+                    raise DataError(f"--data: {path} cannot be read ({error.strerror}); remove it") from None
+                continue
+            if stat.S_ISDIR(mode):
+                stack.append(path)
+            elif path.suffix.lower() in IMG_EXTENSIONS:
+                if not stat.S_ISREG(mode):
+                    raise DataError(
+                        f"--data: {path} is not a regular file (a FIFO, device or socket); remove it"
+                    )
+                found.append(path)
+    return sorted(found)
+
+
+def _decode(path: Path) -> None:
+    """Decode the whole image once (``verify()`` reads headers only: a truncated JPEG passes it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:
+        raise DataError(
+            f"cannot decode image {path}: {type(error).__name__}: {str(error) or 'unreadable'}; "
+            "remove or replace it"
+        ) from None
 
 
 def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
     """Check ``root`` (see the module docstring); raise :class:`DataError` with one line."""
-    from PIL import Image
-
     root = Path(root)
     if not root.exists():
         raise DataError(f"--data {root}: no such folder")
@@ -66,8 +113,9 @@ def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
         if not names:
             raise DataError(f"--data {root}: {split}/ has no class folders")
         files = []
+        seen: dict[str, Path] = {}
         for name in names:
-            found = _images(folder / name)
+            found = _images(folder / name, seen)
             if not found:
                 raise DataError(f"--data {root}: {split}/{name}/ holds no image")
             files += found
@@ -75,14 +123,7 @@ def check_folders(root: str | Path, *, verify: bool = True) -> Folders:
         counts[split] = len(files)
         if verify:
             for path in files:
-                try:
-                    with Image.open(path) as image:
-                        image.verify()
-                except Exception as error:
-                    raise DataError(
-                        f"cannot decode image {path}: {type(error).__name__}: {str(error) or 'unreadable'}; "
-                        "remove or replace it"
-                    ) from None
+                _decode(path)
     train, val = classes["train"], classes["val"]
     if train != val:
         only_train = sorted(set(train) - set(val))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import FinetuneConfig
-from .data import Folders, check_folders, data_config, image_folders
+from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
 from .freeze import freeze_base
 from .gates import mean_gate
@@ -160,8 +160,15 @@ def _loaders(config: FinetuneConfig, folders: Folders, model: nn.Module, context
         train, num_replicas=context.world, rank=context.rank, shuffle=True, seed=config.seed
     )
     pin = context.device.type == "cuda"
+    # A last batch of one image stops BatchNorm in training: drop it, as timm's loader drops
+    # an incomplete last batch.
     train_loader = DataLoader(
-        train, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, pin_memory=pin
+        train,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        pin_memory=pin,
+        drop_last=len(sampler) % config.batch_size == 1,
     )
     # Each rank evaluates its own images (no padding, none twice); the sums are reduced.
     val_share = Subset(val, range(context.rank, len(val), context.world))
@@ -244,6 +251,12 @@ def run(config: FinetuneConfig) -> RunResult:
     _check_optimizer(config, start.model)
     context = setup()
     try:
+        share = math.ceil(folders.counts["train"] / context.world)
+        if share < 2:  # checked before anything is written
+            raise DataError(
+                f"--data {config.data}: each of the {context.world} processes gets {share} training image; "
+                "BatchNorm needs at least 2 in a batch: add images or use fewer processes"
+            )
         return _train(config, folders, start, context)
     finally:
         teardown(context)
