@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,24 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
         return safetensors.torch.load_file(p, device="cpu")
 
 
+def _refuse_compressed(p: Path) -> None:
+    """``torch.save`` stores every record of its zip uncompressed; a compressed one could
+    expand to any size before a single key is checked."""
+    try:
+        with zipfile.ZipFile(p) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip: the loader says what it is
+    if packed:
+        raise CheckpointError(
+            f"refused checkpoint {p}: record {cut(packed[0], 120)} is compressed, which torch.save never "
+            "writes, and could expand without bound; re-save it with torch.save"
+        )
+
+
 def _load_torch(p: Path) -> Any:
+    if _looks_like_torch_file(p):
+        _refuse_compressed(p)
     try:
         with warnings.catch_warnings():
             # Raised for protocol-4 pickles; the weights-only loader copes or refuses on its own.
@@ -240,6 +258,26 @@ def check_fits(
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__}: {', '.join(problems)}; "
             "is it the right architecture and --model-kwargs?"
+        )
+    for key, value in state_dict.items():
+        _check_kind(key, value, expected[key], source)
+
+
+def _check_kind(key: str, value: Any, want: Any, source: str) -> None:
+    """One line for a tensor the model's own could not take without losing what it holds:
+    sparse, complex, or not floating point where the model's is (int8 or bool weights)."""
+    if not isinstance(value, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return
+    if value.layout != torch.strided:
+        raise CheckpointError(
+            f"{source}: {cut(key, 160)} is a {value.layout} tensor; only dense ones are read"
+        )
+    if value.is_complex():
+        raise CheckpointError(f"{source}: {cut(key, 160)} is complex ({value.dtype}); weights must be real")
+    if want.is_floating_point() and not value.is_floating_point():
+        raise CheckpointError(
+            f"{source}: {cut(key, 160)} holds {value.dtype} values where the model's {cut(key, 160)} is "
+            f"{want.dtype}; a quantized or integer checkpoint is not read as weights"
         )
 
 

@@ -280,3 +280,51 @@ def test_every_command_speaks_json(tmp_path, capsys):
     ):
         assert main([*argv, "--json"]) == 0
         json.loads(capsys.readouterr().out)
+
+
+def _weights_as(resnet18, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    state = dict(resnet18.state_dict())
+    state[key] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("int8", "conv1.weight holds torch.int8 values where the model's conv1.weight is torch.float32"),
+        ("bool", "holds torch.bool values"),
+        ("complex", "conv1.weight is complex (torch.complex64)"),
+        ("sparse", "conv1.weight is a torch.sparse_coo tensor"),
+    ],
+)
+def test_weights_that_are_not_dense_real_floats_are_refused_in_one_line(
+    tmp_path, resnet18, capsys, kind, says
+):
+    weight = resnet18.conv1.weight.detach()
+    value = {
+        "int8": weight.to(torch.int8),
+        "bool": weight > 0,
+        "complex": weight.to(torch.complex64),
+        "sparse": weight.to_sparse(),
+    }[kind]
+    path = tmp_path / f"{kind}.pth"
+    torch.save(_weights_as(resnet18, "conv1.weight", value), path)
+    code, out = convert(tmp_path, path)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not out.exists()
+    assert len(err.splitlines()) == 1 and says in err, err
+
+
+def test_a_compressed_record_in_a_torch_zip_is_refused_before_it_is_read(tmp_path, resnet18, capsys):
+    import zipfile
+
+    stored = tmp_path / "stored.pth"
+    torch.save(resnet18.state_dict(), stored)
+    packed = tmp_path / "packed.pth"
+    with zipfile.ZipFile(stored) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    code, out = convert(tmp_path, packed)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and not out.exists()
+    assert len(err.splitlines()) == 1 and "is compressed, which torch.save never writes" in err, err
