@@ -295,6 +295,38 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+MAX_NUMBER_CHARS = 40  # characters of a number read from YAML
+
+
+def _bounded_number(kind: str):
+    """YAML's int / float constructor, refusing base-60 (``1:30:00``, YAML 1.1) and numbers
+    longer than ``MAX_NUMBER_CHARS``: converting them costs time quadratic in their length."""
+    construct = getattr(yaml.SafeLoader, f"construct_yaml_{kind}")
+
+    def bounded(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
+        text = str(node.value).replace("_", "")
+        if ":" in text:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"{shown(text, 40)} is a base-60 number; quote it or write it in base 10",
+                node.start_mark,
+            )
+        if len(text) > MAX_NUMBER_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a number of {len(text):,} characters; at most {MAX_NUMBER_CHARS} are read",
+                node.start_mark,
+            )
+        return construct(loader, node)
+
+    return bounded
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_number("int"))
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _bounded_number("float"))
+
 
 CACHED_RECIPE_CHARS = 1 << 16  # recipes up to this size are read as YAML once per text
 
@@ -314,6 +346,12 @@ def parse_recipe_text(text: str, source: str) -> Recipe:
 
 @functools.lru_cache(maxsize=64)
 def _read_yaml_once(text: str, source: str) -> Any:
+    return _read_yaml(text, source)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text read with every limit a recipe has (safe tags, keys once, aliases expanding
+    to at most ``MAX_YAML_VALUES`` values, bounded numbers and nesting); one clear error."""
     return _read_yaml(text, source)
 
 

@@ -247,6 +247,12 @@ def _inject_all(base: nn.Module, steps: list[tuple[Recipe, Injection]]) -> nn.Mo
 # --- reading: every field is untrusted --------------------------------------------------------
 
 
+def _bounded_int(text: str) -> int:
+    if len(text) > 40:
+        raise ValueError(f"an integer of {len(text):,} digits; at most 40 are read")
+    return int(text)
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest of a file written by :func:`save`, checked field by field, or a clear error."""
     metadata = read_safetensors_metadata(path)
@@ -262,8 +268,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             f"at most {MAX_MANIFEST_CHARS} are read"
         )
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as error:
+        data = json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise CheckpointError(f"{path}: its attn-inject manifest is nested too deeply to be one") from None
+    except ValueError as error:
         raise CheckpointError(
             f"{path}: its attn-inject manifest is not valid JSON ({shown(str(error))})"
         ) from None

@@ -352,7 +352,59 @@ def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsy
     out = tmp_path / "run"
     assert main(finetune_args(checkpoint, data, out)) == 0
     assert main(finetune_args(checkpoint, data, out, "--resume", "--lr", "0.5")) == 1
-    assert "lr=0.001" in capsys.readouterr().err
+    assert "lr=0.001 in the run, 0.5 now" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def finished_run(checkpoint, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "run"
+    assert main(finetune_args(checkpoint, data, out)) == 0
+    return out
+
+
+def _resume_refused(checkpoint, data, run: Path, tmp_path: Path, capsys, edit) -> str:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    edit(copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert main(finetune_args(checkpoint, data, copy, "--resume")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 1000, err
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # nothing written
+    return err
+
+
+def test_an_alias_bomb_in_args_yaml_is_refused_in_one_line(checkpoint, data, finished_run, tmp_path, capsys):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    bomb = "\n".join(levels) + "\nlr: *a11\n"
+    err = _resume_refused(
+        checkpoint, data, finished_run, tmp_path, capsys, lambda d: (d / "args.yaml").write_text(bomb)
+    )
+    assert "expands to more than 10000 values" in err
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"model": None}, "'model' is missing or not a mapping"),
+        ({"epoch": -5}, "'epoch' must be an integer from 0 to 1, got -5"),
+        ({"epoch": 1, "history": []}, "'history' must be 1 rows of numbers"),
+        ({"best_top1": "high"}, "'best_top1' must be a number"),
+    ],
+)
+def test_a_resume_state_with_wrong_fields_is_refused_in_one_line(
+    checkpoint, data, finished_run, tmp_path, capsys, change, says
+):
+    def edit(folder: Path) -> None:
+        state = torch.load(folder / "resume.pth", weights_only=True)
+        state.update(change)
+        state = {k: v for k, v in state.items() if v is not None}
+        torch.save(state, folder / "resume.pth")
+
+    assert says in _resume_refused(checkpoint, data, finished_run, tmp_path, capsys, edit)
 
 
 # --- many processes ------------------------------------------------------------------------

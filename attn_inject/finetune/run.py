@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..messages import cut, shown
 from .config import FinetuneConfig
 from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
@@ -76,17 +77,25 @@ def check_out(config: FinetuneConfig) -> None:
     if config.resume:
         if not (out / RESUME).is_file() or not (out / ARGS).is_file():
             raise RunError(f"--resume: {out} holds no run to resume (no {RESUME} and {ARGS})")
-        import yaml
+        from ..messages import shown as quoted
+        from ..recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
 
+        with open(out / ARGS, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RunError(f"--resume: {out / ARGS} is over {MAX_RECIPE_BYTES} bytes; it is not this run's")
         try:
-            saved = yaml.safe_load((out / ARGS).read_text())
-        except yaml.YAMLError as error:
-            raise RunError(f"--resume: {out / ARGS} is not valid YAML ({error})") from None
+            saved = read_yaml(raw.decode("utf-8", "replace"), f"--resume: {out / ARGS}")
+        except RecipeError as error:
+            raise RunError(str(error)) from None
         if not isinstance(saved, dict):
             raise RunError(f"--resume: {out / ARGS} does not hold the run's settings")
         differ = config.differences(saved)
         if differ:
-            shown = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            now = config.to_dict()
+            shown = ", ".join(
+                f"{k}={quoted(saved.get(k), 60)} in the run, {quoted(now[k], 60)} now" for k in differ
+            )
             raise RunError(
                 f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones"
             )
@@ -128,13 +137,55 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """The resume state, read with ``weights_only=True`` (tensors and plain containers)."""
+def load_state(path: Path, epochs: int | None = None) -> dict[str, Any]:
+    """The resume state, read with ``weights_only=True`` (tensors and plain containers), its
+    fields checked for type and range (``epochs``: the run's)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunError(f"--resume: cannot read {path}: {first}") from None
+        raise RunError(f"--resume: cannot read {cut(first)}") from None
+    return _checked_state(state, path, epochs)
+
+
+def _checked_state(state: Any, path: Path, epochs: int | None) -> dict[str, Any]:
+    def fail(what: str) -> RunError:
+        return RunError(f"--resume: {path} is not a resume state of this run: {what}")
+
+    if not isinstance(state, dict):
+        raise fail(f"it holds a {type(state).__name__}, not a mapping")
+    for key in ("model", "optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            raise fail(f"'{key}' is missing or not a mapping")
+
+    def whole(key: str, low: int, high: int | None) -> int:
+        value = state.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            allowed = f"an integer from {low}" + (f" to {high}" if high is not None else "")
+            raise fail(f"'{key}' must be {allowed}, got {shown(value)}")
+        return value
+
+    epoch = whole("epoch", 0, epochs)
+    whole("num_updates", 0, None)
+    whole("best_epoch", -1, max(epoch - 1, -1))
+    if isinstance(state.get("best_top1"), bool) or not isinstance(state.get("best_top1"), (int, float)):
+        raise fail(f"'best_top1' must be a number, got {shown(state.get('best_top1'))}")
+    history = state.get("history")
+    if (
+        not isinstance(history, list)
+        or len(history) != epoch
+        or not all(
+            isinstance(row, dict) and all(isinstance(v, (int, float)) for v in row.values())
+            for row in history
+        )
+    ):
+        raise fail(f"'history' must be {epoch} rows of numbers, one per epoch done")
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,7 +376,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
     history: list[dict[str, float]] = []
     best_top1, best_epoch = -math.inf, -1
     if config.resume:
-        state = load_state(out / RESUME)
+        state = load_state(out / RESUME, config.epochs)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
