@@ -614,9 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"attn-inject: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("attn-inject: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        print(f"attn-inject: {str(error).strip() or 'interrupted'}", file=sys.stderr)
+        return int(getattr(error, "code", 130))
     except Exception as error:  # every failure: one line, the traceback only with --debug
         if args.debug:
             traceback.print_exc()

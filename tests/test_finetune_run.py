@@ -407,6 +407,41 @@ def test_a_resume_state_with_wrong_fields_is_refused_in_one_line(
     assert says in _resume_refused(checkpoint, data, finished_run, tmp_path, capsys, edit)
 
 
+def test_sigterm_ends_the_run_with_how_to_resume_and_no_temporary_file(checkpoint, data, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = finetune_args(checkpoint, data, out, epochs=200)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "attn_inject", *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "resume.pth").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last and "--resume" in last, last
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(checkpoint, data, tmp_path):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out)) == 0
+    stale = [
+        out / ".resume.pth.0badf00d.tmp",
+        out / ".curves.png.0badf00d.tmp.png",
+        out / ".summary.csv.1.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"half written")
+    assert main(finetune_args(checkpoint, data, out, "--force")) == 0
+    assert not any(path.exists() for path in stale)
+
+
 # --- many processes ------------------------------------------------------------------------
 
 

@@ -17,7 +17,9 @@ import math
 import os
 import random
 import secrets
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -288,8 +290,45 @@ def _check_optimizer(config: FinetuneConfig, model: nn.Module) -> None:
     )
 
 
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGINT); its message says how to go on."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _stoppable(config: FinetuneConfig) -> Iterator[None]:
+    """SIGTERM and SIGINT end the run as an exception, so that no temporary file is left
+    and the message says how to resume (SIGTERM would otherwise kill the process as is)."""
+    hint = (
+        f"the last finished epoch is kept: continue with the same command and --resume (--out {config.out})"
+    )
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Stopped(f"stopped by SIGTERM; {hint}", 143)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        yield
+    except Stopped:
+        raise
+    except KeyboardInterrupt:
+        raise Stopped(f"interrupted (SIGINT); {hint}", 130) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run(config: FinetuneConfig) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured."""
+    with _stoppable(config):
+        return _run(config)
+
+
+def _run(config: FinetuneConfig) -> RunResult:
     config.check()
     folders = check_folders(config.data)
     check_out(config)
@@ -325,6 +364,9 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
     out = Path(config.out)
     if context.main:
         out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:  # left by a run killed while writing (as convert cleans its own)
+            for stale in out.glob(f".{name}.*.tmp*"):
+                stale.unlink(missing_ok=True)
         if config.force and not config.resume:
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
