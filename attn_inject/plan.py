@@ -307,7 +307,7 @@ def _giga(flops: int) -> str:
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, ...]:
     """(C, H, W): the user's; else the size the model was built for, where timm records it
-    (``patch_embed.img_size``, ``img_size``); else timm's ``pretrained_cfg["input_size"]``;
+    (``in_chans``, ``patch_embed.img_size``, ``img_size``); else timm's ``pretrained_cfg["input_size"]``;
     else (C, 224, 224) with C the input channels of the model's first convolution;
     (C, 16, 224, 224) when that convolution is 3-D (a video model)."""
     first = _first_conv(model)
@@ -327,6 +327,9 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
         cfg = getattr(model, attr, None)
         if isinstance(cfg, Mapping) and cfg.get("input_size"):
             size = tuple(int(s) for s in cfg["input_size"])
+            chans = getattr(model, "in_chans", None)  # timm records in_chans=
+            if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
+                size = (chans, *size[1:])
             return (size[0], *built) if built is not None and len(size) == 3 else size
     if built is not None and not video:
         return (channels, *built)

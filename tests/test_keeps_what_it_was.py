@@ -292,3 +292,13 @@ def test_a_deep_copy_of_every_patched_model_saves_and_loads(recipe, init, tmp_pa
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), patched.eval()(x))
+
+
+def test_channels_the_model_was_built_for_are_used_and_a_shape_error_is_one_line():
+    with torch.device("meta"):
+        gray = timm.create_model("resnet18", in_chans=1)
+    assert ai.plan(gray, "se_resnet").input_size == (1, 224, 224)
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    with pytest.raises(ai.ShapeError) as info:
+        ai.plan(fixed, "se_after_every_stage")
+    assert "\n" not in str(info.value) and "input_size=(C, H, W)" in str(info.value)

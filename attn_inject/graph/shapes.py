@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
+from ..messages import cut
 from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
@@ -46,6 +47,9 @@ SHAPE_PRESERVING = (
 
 class ShapeError(RuntimeError):
     """A node could not be evaluated on meta tensors."""
+
+    def __str__(self) -> str:  # fx appends the node's code and a traceback hint: one line is enough
+        return str(self.args[0]).split("\n")[0] if self.args else ""
 
 
 def tensor_meta(node: fx.Node) -> torch.Tensor | None:
@@ -80,9 +84,11 @@ class MetaInterpreter(fx.Interpreter):
         try:
             result = super().run_node(n)
         except Exception as error:
+            first = cut((str(error).strip().splitlines() or [""])[0], 300).rstrip(".")
             raise ShapeError(
                 f"shape propagation failed at node {n.name!r} ({n.op} {n.target}): "
-                f"{type(error).__name__}: {error}. If the model takes another input size or "
+                f"{type(error).__name__}: {first}. "
+                "If the model takes another input size or "
                 "channel count, pass it: input_size=(C, H, W) (CLI: --input-size C H W)"
             ) from error
         # Tensors a model creates itself (torch.zeros(shape) with no device, a buffer's
