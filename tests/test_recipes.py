@@ -518,3 +518,17 @@ def test_patterns_a_linear_engine_cannot_run_are_refused_in_one_line(pattern, wh
         ai.load_recipe({"rules": [{"block": "se", "at": "residual_branch", "include": [pattern]}]})
     assert "\n" not in str(info.value)
     assert __import__("re").search(why, str(info.value))
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("9" * 5000, "a number of 5,000 characters; at most 40 are read"),
+        ("1:" * 200_000 + "1", "is a base-60 number; quote it or write it in base 10"),
+    ],
+)
+def test_numbers_that_cost_unbounded_time_are_refused_in_one_line(value, says):
+    text = f"rules:\n  - block: se\n    at: residual_branch\n    every: {value}\n"
+    with pytest.raises(ai.RecipeError, match=r"<text>: invalid YAML at line 4") as info:
+        ai.load_recipe(text)
+    assert says in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 500

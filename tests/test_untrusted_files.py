@@ -314,3 +314,17 @@ def test_attributes_that_change_what_the_model_computes_are_compared(tmp_path):
     )
     with pytest.raises(ai.CheckpointError, match=r"not the network saved in the file .*drop_rate"):
         ai.load(edited)
+
+
+def test_a_manifest_nested_too_deeply_or_with_a_huge_integer_is_one_line(saved, tmp_path):
+    tensors = safetensors.torch.load_file(saved)
+    for name, text, says in [
+        ("deep", '{"format": 1, "training": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ("digits", '{"format": 1, "epoch": 1' + "0" * 5000 + "}", "an integer of 5,001 digits"),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        safetensors.torch.save_file(tensors, path, metadata={MANIFEST_KEY: text})
+        with pytest.raises(ai.CheckpointError) as info:
+            ai.read_manifest(path)
+        message = str(info.value)
+        assert says in message and "\n" not in message and "recursion" not in message, message
