@@ -18,7 +18,7 @@ from .graph.shapes import ShapeError
 from .graph.trace import TraceError
 from .inject import InjectError, inject
 from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
-from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, list_recipes, load_recipe
+from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, get_recipe, list_recipes, load_recipe
 from .rewrite import InjectionInfo, find_blocks
 from .serialize import Manifest, load, read_manifest, save
 from .validate import ValidationError, ValidationReport, validate
@@ -49,6 +49,7 @@ __all__ = [
     "create_block",
     "freeze_base",
     "gates",
+    "get_recipe",
     "inject",
     "inserted_blocks",
     "list_blocks",

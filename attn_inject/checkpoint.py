@@ -313,7 +313,7 @@ def write_safetensors(
     if p.is_dir():
         raise CheckpointError(f"cannot write {p}: it is a directory")
     if p.exists() and not force:
-        raise CheckpointError(f"{p} exists; pass --force to overwrite")
+        raise CheckpointError(f"{p} exists; pass force=True (attn-inject: --force) to overwrite")
     meta = _check_metadata(p, metadata)
     prepared = _prepare_tensors(p, tensors)
     remove_stale_temporaries(p)
@@ -385,12 +385,14 @@ def _move_into_place(tmp: str, p: Path, force: bool) -> None:
     try:
         os.link(tmp, p)  # fails if p exists: the no-overwrite check and the write are one step
     except FileExistsError:
-        raise CheckpointError(f"{p} exists; pass --force to overwrite") from None
+        raise CheckpointError(f"{p} exists; pass force=True (attn-inject: --force) to overwrite") from None
     except OSError:  # a file system without hard links: reserve the name exclusively instead
         try:
             os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
-            raise CheckpointError(f"{p} exists; pass --force to overwrite") from None
+            raise CheckpointError(
+                f"{p} exists; pass force=True (attn-inject: --force) to overwrite"
+            ) from None
         os.replace(tmp, p)
         return
     os.remove(tmp)

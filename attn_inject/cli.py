@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -243,7 +244,7 @@ def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from .recipe import list_recipes, load_recipe
+    from .recipe import get_recipe, list_recipes, load_recipe
 
     if args.action == "show":
         if not args.name:
@@ -253,7 +254,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     if args.name:
         raise UsageError(f"unexpected argument {args.name!r}; did you mean 'recipes show {args.name}'?")
-    recipes = list_recipes()
+    recipes = [get_recipe(name) for name in list_recipes()]
     width = max(len(r.name) for r in recipes)
     text = "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes)
     _emit(args, text, [r.to_dict() for r in recipes])
@@ -611,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader went away (``| head``): end quietly, as git does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except UsageError as error:
         print(f"attn-inject: error: {error}", file=sys.stderr)
         return 2

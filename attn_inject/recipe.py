@@ -40,6 +40,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "Rule",
+    "get_recipe",
     "list_recipes",
     "load_recipe",
     "parse_recipe_text",
@@ -171,9 +172,18 @@ def builtin_recipe_paths() -> dict[str, Path]:
     return {p.stem: p for p in sorted(_builtin_dir().glob("*.yaml"))}
 
 
-def list_recipes() -> list[Recipe]:
-    """The built-in recipes, by name."""
-    return [load_recipe(path) for path in builtin_recipe_paths().values()]
+def list_recipes() -> list[str]:
+    """The names of the built-in recipes (``get_recipe(name)`` gives one), as ``list_blocks``
+    gives the blocks' names."""
+    return list(builtin_recipe_paths())
+
+
+def get_recipe(name: str) -> Recipe:
+    """The built-in recipe ``name``, parsed; a clear error listing the names otherwise."""
+    paths = builtin_recipe_paths()
+    if name not in paths:
+        raise RecipeError(f"unknown recipe {shown(name)}: the built-in recipes are {', '.join(paths)}")
+    return load_recipe(paths[name])
 
 
 def load_recipe(recipe: str | Path | Mapping[str, Any] | Recipe) -> Recipe:

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from .architecture import Architecture, ModuleEntry, architecture, first_difference
 from .checkpoint import (
+    TORCH_SUFFIXES,
     CheckpointError,
     check_fits,
     read_safetensors_metadata,
@@ -138,8 +140,9 @@ def save(
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
     name the base model when the patched model cannot tell (a torchvision model you built
     yourself: ``model_name="tv:resnet18"``; a timm model built with ``global_pool="max"``:
-    ``model_kwargs={"global_pool": "max"}``). ``model_name=""`` records no name: the file is
-    then loaded with ``load(path, model=...)``.
+    ``model_kwargs={"global_pool": "max"}``). A model whose builder is not known is refused
+    unless ``model_name=""``, which records no name: the file is then loaded with
+    ``load(path, model=...)``.
 
     The model named is rebuilt on the meta device and compared with ``patched``; if they
     differ the file is not written and the error says where. ``training`` (plain values)
@@ -154,6 +157,13 @@ def save(
             "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
         )
     name = getattr(info, "base_model", None) if model_name is None else model_name or None
+    if name is None and model_name is None:
+        raise CheckpointError(
+            f"cannot save: which builder made this {type(patched).__name__} is not known (it was not built "
+            "by timm.create_model or attn_inject.models.build_model), so ai.load(path) could not rebuild "
+            "it; pass model_name='tv:NAME' or 'timm:NAME' (and model_kwargs=), or model_name='' to save it "
+            "unnamed and load it with ai.load(path, model=...)"
+        )
     recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
     try:
         kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
@@ -247,6 +257,21 @@ def _inject_all(base: nn.Module, steps: list[tuple[Recipe, Injection]]) -> nn.Mo
 # --- reading: every field is untrusted --------------------------------------------------------
 
 
+def _refuse_torch_file(path: str | os.PathLike) -> None:
+    """A PyTorch checkpoint given where a converted file is expected: say how to convert it."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # the safetensors reader says what is wrong with the path
+    if p.suffix.lower() in TORCH_SUFFIXES or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{p} is a PyTorch checkpoint, not a file written by attn-inject; convert it first: "
+            f"attn-inject convert --model NAME --checkpoint {p} --recipe RECIPE --out OUT.safetensors"
+        )
+
+
 def _bounded_int(text: str) -> int:
     if len(text) > 40:
         raise ValueError(f"an integer of {len(text):,} digits; at most 40 are read")
@@ -255,6 +280,7 @@ def _bounded_int(text: str) -> int:
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest of a file written by :func:`save`, checked field by field, or a clear error."""
+    _refuse_torch_file(path)
     metadata = read_safetensors_metadata(path)
     text = metadata.get(MANIFEST_KEY)
     if text is None:

@@ -337,7 +337,9 @@ def test_fit_check_works_on_a_meta_device_model():
 def test_existing_file_is_refused_without_force_and_left_unchanged(tmp_path):
     path = tmp_path / "out.safetensors"
     path.write_bytes(b"precious")
-    with pytest.raises(CheckpointError, match="exists; pass --force to overwrite") as err:
+    with pytest.raises(
+        CheckpointError, match=r"exists; pass force=True \(attn-inject: --force\) to overwrite"
+    ) as err:
         write_safetensors(path, {"w": torch.ones(2)}, {})
     assert str(path) in str(err.value)
     assert path.read_bytes() == b"precious"

@@ -102,7 +102,11 @@ def test_save_and_load_in_python_including_a_custom_architecture(tmp_path):
     again = ai.load(tmp_path / "named.safetensors")
     assert torch.equal(outputs(again), outputs(patched))
     custom = torchvision.models.resnet18(num_classes=3).eval()
-    ai.save(ai.inject(custom, "se_resnet", input_size=SIZE), tmp_path / "custom.safetensors")
+    unknown = ai.inject(custom, "se_resnet", input_size=SIZE)
+    with pytest.raises(ai.CheckpointError, match=r"could not rebuild it; pass model_name=.*or model_name=''"):
+        ai.save(unknown, tmp_path / "custom.safetensors")  # a file load(path) could not rebuild
+    assert not (tmp_path / "custom.safetensors").exists()
+    ai.save(unknown, tmp_path / "custom.safetensors", model_name="")
     with pytest.raises(ai.CheckpointError, match=r"does not name its base model.*model=\.\.\."):
         ai.load(tmp_path / "custom.safetensors")
     loaded = ai.load(tmp_path / "custom.safetensors", model=torchvision.models.resnet18(num_classes=3))

@@ -236,3 +236,20 @@ def test_a_ddp_wrapped_model_is_refused_saying_what_to_pass(tmp_path):
             ai.save(torch.nn.parallel.DistributedDataParallel(patched), tmp_path / "m.safetensors")
     finally:
         dist.destroy_process_group()
+
+
+def test_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = f"{sys.executable} -m attn_inject --json recipes | head -c 300"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert len(done.stdout) == 300
+    assert done.stderr == "" and done.returncode == 0, done.stderr

@@ -122,6 +122,7 @@ def test_one_epoch_writes_summary_curves_and_checkpoints_that_load(checkpoint, d
     assert sorted(p.name for p in out.iterdir()) == sorted(run_module.OUTPUTS)
     rows = read_rows(out / "summary.csv")
     assert len(rows) == 1 and list(rows[0]) == SUMMARY_COLUMNS
+    assert rows[0]["epoch"] == "1"  # numbered from 1, as the log ("epoch 1/1") and the manifest
     with Image.open(out / "curves.png") as image:
         assert image.format == "PNG" and image.size[0] > 400
     best, last = ai.load(out / "best.safetensors"), ai.load(out / "last.safetensors")
@@ -297,6 +298,17 @@ def test_a_last_training_batch_of_one_image_is_dropped(checkpoint, tmp_path):
     out = tmp_path / "run"
     assert main(finetune_args(checkpoint, data, out, "--batch-size", "4")) == 0  # BatchNorm needs 2
     assert (out / "last.safetensors").is_file()
+
+
+def test_a_pytorch_checkpoint_given_to_finetune_says_to_convert_it(data, tmp_path, capsys):
+    path = tmp_path / "resnet.pth"
+    torch.save(build_model(MODEL, num_classes=3).state_dict(), path)
+    assert main(finetune_args(path, data, tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a PyTorch checkpoint" in err and "attn-inject convert" in err, (
+        err
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_without_manifest_is_one_line(data, tmp_path, capsys):

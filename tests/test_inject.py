@@ -24,7 +24,7 @@ MODELS = [
     "timm:mobilenetv3_large_100",
     "timm:densenet121",
 ]
-RECIPES = [r.name for r in ai.list_recipes()]
+RECIPES = ai.list_recipes()
 RESIDUAL_RECIPES = {"se_resnet", "eca_resnet", "cbam_resnet", "se_pre", "se_post", "se_identity"}
 
 

@@ -47,7 +47,8 @@ RULE = {"block": SE, "at": "residual_branch"}
 
 
 def test_list_recipes_lists_exactly_the_shipped_recipes():
-    assert sorted(r.name for r in ai.list_recipes()) == sorted(BUILTINS)
+    assert sorted(ai.list_recipes()) == sorted(BUILTINS)
+    assert all(isinstance(name, str) for name in ai.list_recipes())  # names, as list_blocks gives
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -86,9 +87,11 @@ def test_builtin_fallback_is_the_same_block_after_every_convolution(name):
     assert recipe.all_rules == (rule, backup)
 
 
-def test_list_recipes_gives_the_same_recipes_as_load_by_name():
-    for listed in ai.list_recipes():
-        assert listed == ai.load_recipe(listed.name)
+def test_get_recipe_gives_the_same_recipes_as_load_by_name():
+    for name in ai.list_recipes():
+        assert ai.get_recipe(name) == ai.load_recipe(name) and ai.get_recipe(name).name == name
+    with pytest.raises(ai.RecipeError, match=r"unknown recipe 'se_resnt': the built-in recipes are "):
+        ai.get_recipe("se_resnt")
 
 
 # --- 2. name, Path, str path and dict load the same recipe; text round-trips -------------

@@ -172,7 +172,9 @@ def test_two_writer_processes_past_the_existence_check_never_both_write(tmp_path
     assert sorted(code for code, _, _ in results) == [0, 1], results
     (winner,) = [out for code, out, _ in results if code == 0]
     (loser,) = [err.strip() for code, _, err in results if code == 1]
-    assert winner.startswith("wrote") and loser.endswith("out.safetensors exists; pass --force to overwrite")
+    assert winner.startswith("wrote") and loser.endswith(
+        "out.safetensors exists; pass force=True (attn-inject: --force) to overwrite"
+    )
     metadata = safetensors.safe_open(tmp_path / "out.safetensors", "pt").metadata()
     assert metadata["writer"] == str(tmp_path / ("ready1" if results[0][0] == 0 else "ready2"))
     assert leftovers(tmp_path) == []
@@ -187,7 +189,7 @@ def test_a_file_appearing_mid_write_is_not_overwritten_without_force(tmp_path, m
         path.write_bytes(b"the other writer's file")  # another convert finished first
 
     monkeypatch.setattr(safetensors.torch, "save_file", racing)
-    with pytest.raises(CheckpointError, match="exists; pass --force"):
+    with pytest.raises(CheckpointError, match="exists; pass force=True"):
         write_safetensors(path, {"w": torch.ones(1)}, {})
     assert path.read_bytes() == b"the other writer's file"
     assert os.listdir(tmp_path) == ["out.safetensors"]

@@ -46,7 +46,7 @@ def plot_curves(
     for i, (label, rows) in enumerate(runs.items()):
         colour = colours[i % len(colours)]
         prefix = f"{label}: " if len(runs) > 1 else ""
-        epochs = [int(e) + 1 for e in _column(rows, "epoch")]
+        epochs = [int(e) for e in _column(rows, "epoch")]
         loss.plot(epochs, _column(rows, "train_loss"), "--", color=colour, label=f"{prefix}train")
         loss.plot(epochs, _column(rows, "eval_loss"), "-o", color=colour, ms=3, label=f"{prefix}val")
         accuracy.plot(epochs, _column(rows, "eval_top1"), "-o", color=colour, ms=3, label=f"{prefix}top-1")

@@ -467,7 +467,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
             scored, val_loader, context, precision=precision, channels_last=config.channels_last
         )
         row = {
-            "epoch": float(epoch),
+            "epoch": float(epoch + 1),  # numbered from 1, as the log and the manifest number them
             "train_loss": train_metrics["loss"],
             "train_gate": mean_gate(scored),
             **{f"eval_{k}": v for k, v in eval_metrics.items()},
