@@ -501,3 +501,23 @@ def test_cuda_fp16_uses_the_loss_scaler(checkpoint, data, tmp_path):
     out = tmp_path / "fp16"
     assert main(finetune_args(checkpoint, data, out, "--amp", "--amp-dtype", "float16")) == 0
     assert "scaler" in torch.load(out / "resume.pth", weights_only=True)
+
+
+def test_threads_are_chosen_stated_first_and_put_back(checkpoint, data, tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    seen = []
+    real = run_module._train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_train", spy)
+    assert main(finetune_args(checkpoint, data, tmp_path / "one", "--threads", "1", "--workers", "0")) == 0
+    first = capsys.readouterr().err.strip().splitlines()[0]
+    assert first.startswith("finetune: 1 intra-op thread and 0 data loader workers per process, 1 process on")
+    assert seen == [1] and torch.get_num_threads() == before
+    monkeypatch.setattr(run_module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert run_module.default_threads(workers=2) == (7, 8)  # a core left for the workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert run_module.default_threads(workers=0) == (4, 8)  # torchrun's two processes share them

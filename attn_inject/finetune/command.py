@@ -71,6 +71,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--scale", type=float, nargs=2, metavar=("MIN", "MAX"), help="random-resized-crop scale range"
     )
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads per process (default: the process's share of the cores, less one "
+        "for the data loader workers)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last epoch")
     p.add_argument("--force", action="store_true", help="start over in a RUNDIR that holds results")
@@ -106,6 +112,7 @@ def command(args: argparse.Namespace) -> int:
         hflip=args.hflip,
         scale=tuple(args.scale) if args.scale else None,
         workers=args.workers,
+        threads=args.threads,
         seed=args.seed,
         resume=args.resume,
         force=args.force,

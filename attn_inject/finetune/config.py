@@ -8,7 +8,7 @@ from typing import Any
 __all__ = ["RESUME_FREE", "FinetuneConfig"]
 
 # Settings a resumed run may change: they do not change what is computed.
-RESUME_FREE = ("resume", "force", "workers", "out")
+RESUME_FREE = ("resume", "force", "workers", "threads", "out")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class FinetuneConfig:
     hflip: float = 0.5
     scale: tuple[float, float] | None = None
     workers: int = 2
+    threads: int | None = None  # intra-op threads per process (None: the cores left for it)
     seed: int = 0
     resume: bool = False
     force: bool = False
@@ -62,6 +63,8 @@ class FinetuneConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
         if not 0 <= self.hflip <= 1:

@@ -92,6 +92,7 @@ def check_out(config: FinetuneConfig) -> None:
             raise RunError(str(error)) from None
         if not isinstance(saved, dict):
             raise RunError(f"--resume: {out / ARGS} does not hold the run's settings")
+        load_state(out / RESUME, config.epochs)  # its fields too, before anything is written
         differ = config.differences(saved)
         if differ:
             now = config.to_dict()
@@ -324,8 +325,45 @@ def _stoppable(config: FinetuneConfig) -> Iterator[None]:
 
 def run(config: FinetuneConfig) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured."""
-    with _stoppable(config):
+    with _stoppable(config), _threads(config):
         return _run(config)
+
+
+def default_threads(workers: int) -> tuple[int, int]:
+    """(intra-op threads per process, cores): this process's share of the cores it may run
+    on (torchrun's processes on one machine share them), less one for the data loader
+    workers when there are any."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, share - (1 if workers > 0 and share > 1 else 0)), cores
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n} {noun}{plural if n != 1 else ''}"
+
+
+@contextlib.contextmanager
+def _threads(config: FinetuneConfig) -> Iterator[None]:
+    """Run with the chosen intra-op threads; the caller's setting is put back afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads or default_threads(config.workers)[0])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _threads_line(config: FinetuneConfig, context: Context) -> str:
+    """The log's first line: how the run uses the machine's cores."""
+    _, cores = default_threads(config.workers)
+    threads, processes = torch.get_num_threads(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = _count(config.workers, "data loader worker")
+    where = f"{_count(processes, 'process', 'es')} on {_count(cores, 'core')}"
+    threads_text = _count(threads, "intra-op thread")
+    return f"finetune: {threads_text} and {workers} per process, {where} (--threads, --workers)"
 
 
 def _run(config: FinetuneConfig) -> RunResult:
@@ -362,6 +400,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
     from .curves import plot_curves
 
     out = Path(config.out)
+    _log(context, _threads_line(config, context))
     if context.main:
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:  # left by a run killed while writing (as convert cleans its own)
