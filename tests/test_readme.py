@@ -1,4 +1,4 @@
-"""The plans printed in the README are what the code prints today."""
+"""The plans printed in the docs are what the code prints today."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import attn_inject as ai
 
 from .conftest import meta_model
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PRINTED_PLAN = re.compile(
     r"^>>> print\(ai\.plan\(timm\.create_model\('(?P<model>[\w.]+)'\), '(?P<recipe>\w+)'\)\)\n"
     r"(?P<out>.*?)^```",
     re.MULTILINE | re.DOTALL,
 )
-EXAMPLES = [m.groupdict() for m in PRINTED_PLAN.finditer(README.read_text())]
+EXAMPLES = [m.groupdict() for page in PAGES for m in PRINTED_PLAN.finditer(page.read_text())]
 
 
 def test_the_readme_prints_plans():
