@@ -1,0 +1,69 @@
+"""The wheel a user installs: built from the repository without warnings of ours, installed
+into a fresh virtual environment outside it, it carries its recipes, its type hints
+(``py.typed``) and its licence, and its command and one ``inject`` run from there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
+    build = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        ROOT,
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp_path / "dist",
+        cwd=tmp_path,
+    )
+    ours = [
+        line
+        for line in (build.stdout + build.stderr).splitlines()
+        if "warning" in line.lower() and "byte-compil" not in line.lower()  # pip's own setting
+    ]
+    assert not ours, ours
+    (wheel,) = (tmp_path / "dist").glob("attn_inject-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "attn_inject/py.typed" in names and "attn_inject/builtin_recipes/se_resnet.yaml" in names
+    assert any(n.endswith("licenses/LICENSE") for n in names)
+    assert not any(n.startswith(("tests/", "benchmarks/", "examples/")) for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
+
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path)
+    # The dependencies (torch, timm, ...) are this environment's: a path entry, not a site
+    # directory, so its editable install of the repository is not seen there.
+    deps = sysconfig.get_paths()["purelib"]
+    Path(site.stdout.strip(), "dependencies.pth").write_text(deps + "\n")
+    run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    where = run(python, "-c", "import attn_inject; print(attn_inject.__file__)", cwd=tmp_path)
+    assert str(venv) in where.stdout and str(ROOT) not in where.stdout
+    recipes = run(venv / "bin" / "attn-inject", "recipes", cwd=tmp_path)
+    assert "se_resnet" in recipes.stdout
+    code = (
+        "import torchvision, attn_inject as ai; "
+        "m = ai.inject(torchvision.models.resnet18(), 'se_resnet', input_size=(3, 64, 64)); "
+        "print(len(ai.inserted_blocks(m)))"
+    )
+    assert run(python, "-c", code, cwd=tmp_path).stdout.strip() == "8"
