@@ -129,7 +129,7 @@ def test_tokens_after_the_grid_are_not_guessed_at():
 def test_channels_last_skip_leaves_tokens_alone():
     recipe = {"rules": [{"block": "se", "at": "residual_branch", "channels_last": "skip"}]}
     plan = ai.plan(TinyViT().eval(), recipe, input_size=SIZE)
-    assert plan == [] and all("channels_last: skip" in s.reason for s in plan.skipped)
+    assert plan == [] and plan.skipped and all("channels_last: skip" in s.reason for s in plan.skipped)
 
 
 class MapsOnlyGate(nn.Module):
@@ -534,12 +534,14 @@ def test_a_kept_whole_module_is_read_inside_for_the_patch_grid_it_returns(channe
     x = torch.randn(2, 3, 2 * SIZE[1], 2 * SIZE[2])  # the grid follows the input size
     assert torch.equal(patched(x), model(x))
     cbam = ai.plan(model, "cbam_resnet", input_size=SIZE)
-    assert cbam == [] and all("changes with the input size" in s.reason for s in cbam.skipped)
+    assert (
+        cbam == [] and cbam.skipped and all("changes with the input size" in s.reason for s in cbam.skipped)
+    )
 
 
 def test_tokens_cut_from_the_image_memory_are_not_a_patch_grid():
     plan = ai.plan(PatchifiedViT(cut="strips").eval(), "se_resnet", input_size=SIZE)
-    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+    assert plan == [] and plan.skipped and all("unknown layout" in s.reason for s in plan.skipped)
 
 
 def test_timm_naflex_vit_gets_se_on_the_grid_of_its_patchified_image():
@@ -548,7 +550,9 @@ def test_timm_naflex_vit_gets_se_on_the_grid_of_its_patchified_image():
     cbam = ai.plan(
         meta_model("timm:naflexvit_base_patch16_gap"), "cbam_after_every_stage", input_size=(3, 64, 64)
     )
-    assert cbam == [] and all("changes with the input size" in s.reason for s in cbam.skipped)
+    assert (
+        cbam == [] and cbam.skipped and all("changes with the input size" in s.reason for s in cbam.skipped)
+    )
 
 
 class ValueBranch(PatchEmbed):
@@ -563,7 +567,7 @@ def test_a_kept_whole_module_that_branches_on_values_stays_unread():
     model.embed = ValueBranch()
     plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)
     assert [o.name for o in plan.opaque] == ["embed"]
-    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+    assert plan == [] and plan.skipped and all("unknown layout" in s.reason for s in plan.skipped)
 
 
 class CachingEmbed(PatchEmbed):
@@ -634,7 +638,7 @@ def test_a_kept_whole_module_whose_tokens_differ_in_training_gives_no_grid():
     model = PatchifiedViT()
     model.embed = DroppingEmbed()
     plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)
-    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+    assert plan == [] and plan.skipped and all("unknown layout" in s.reason for s in plan.skipped)
     assert not model.training and not model.embed.training  # the modes are put back
 
 
@@ -654,4 +658,4 @@ class DoubledPatchViT(PatchifiedViT):
 
 def test_a_kept_whole_function_that_changes_values_is_no_patch_grid():
     plan = ai.plan(DoubledPatchViT().eval(), "se_resnet", input_size=SIZE)
-    assert plan == [] and all("unknown layout" in s.reason for s in plan.skipped)
+    assert plan == [] and plan.skipped and all("unknown layout" in s.reason for s in plan.skipped)

@@ -246,3 +246,14 @@ def test_convert_into_a_read_only_folder_fails_in_one_line(tmp_path, capsys):
         folder.chmod(0o700)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "is not writable" in err[0], err
+
+
+def test_convert_where_the_output_folder_is_a_file_fails_in_one_line(tmp_path, capsys):
+    """What a read-only folder tests for non-root users, in a way that holds as root too."""
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file, not a folder")
+    code = main(["convert", "--model", "timm:resnet10t", "--checkpoint", "x.pth", "--recipe", "se_resnet",
+                 "--out", str(in_the_way / "out.safetensors")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and str(in_the_way) in err[0], err
+    assert in_the_way.read_text() == "a file, not a folder"
