@@ -309,7 +309,8 @@ def write_safetensors(
         raise CheckpointError(f"cannot write {p}: the file name must end with {SAFETENSORS_SUFFIX}")
     parent = p.parent
     if not parent.is_dir():
-        raise CheckpointError(f"cannot write {p}: folder {parent} does not exist")
+        what = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise CheckpointError(f"cannot write {p}: folder {parent} {what}")
     if p.is_dir():
         raise CheckpointError(f"cannot write {p}: it is a directory")
     if p.exists() and not force:

@@ -384,7 +384,8 @@ def _check_output(path: str, force: bool) -> None:
     if out.exists() and not force:
         raise CommandError(f"{path} exists; pass --force to overwrite it")
     if not out.parent.is_dir():
-        raise CommandError(f"{path}: folder {out.parent} does not exist")
+        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise CommandError(f"{path}: folder {out.parent} {what}")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise CommandError(f"{path}: folder {out.parent} is not writable (permission denied)")
 
