@@ -265,7 +265,10 @@ def _refuse_torch_file(path: str | os.PathLike) -> None:
             head = f.read(4)
     except OSError:
         return  # the safetensors reader says what is wrong with the path
-    if p.suffix.lower() in TORCH_SUFFIXES or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # A zip (torch.save) cannot be a safetensors file (its header would be 67 MB); a pickle's
+    # first byte (0x80) can start a safetensors header length, so it counts only by suffix.
+    pickled = head[:1] == b"\x80" and p.suffix.lower() != ".safetensors"
+    if p.suffix.lower() in TORCH_SUFFIXES or head.startswith(b"PK\x03\x04") or pickled:
         raise CheckpointError(
             f"{p} is a PyTorch checkpoint, not a file written by attn-inject; convert it first: "
             f"attn-inject convert --model NAME --checkpoint {p} --recipe RECIPE --out OUT.safetensors"
