@@ -12,6 +12,7 @@ buffer names and shapes. Weight values are not compared. Both sides may live on 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,12 +53,27 @@ def _plain(value: object) -> bool:
 
 def plain_attributes(module: nn.Module) -> str:
     """The module's own plain settings (numbers, strings, flags and short tuples of them that
-    it holds as attributes), as ``name=value`` in name order."""
-    return ", ".join(
+    it holds as attributes), as ``name=value`` in name order; for a module surgery changed,
+    also what its generated class runs (``forward=`` a digest of a rewritten forward's code,
+    ``around=`` the blocks it runs around its own)."""
+    items = [
         f"{key}={value!r}"
         for key, value in sorted(vars(module).items())
         if not key.startswith("_") and key not in UNCOMPARED and _plain(value)
-    )
+    ]
+    return ", ".join(items + _changed_code(module))
+
+
+def _changed_code(module: nn.Module) -> list[str]:
+    from .derive import derived_spec
+
+    spec = derived_spec(module)
+    if spec is None:
+        return []
+    if spec.graph is not None:
+        return [f"forward={hashlib.sha256(spec.graph[0].encode()).hexdigest()[:16]}"]
+    before = [f"{name}:{'+'.join(blocks)}" for name, blocks in spec.around.before]
+    return [f"around=before({';'.join(before)}) after({'+'.join(spec.around.after)})"]
 
 
 def architecture(model: nn.Module) -> Architecture:

@@ -328,3 +328,22 @@ def test_a_manifest_nested_too_deeply_or_with_a_huge_integer_is_one_line(saved, 
             ai.read_manifest(path)
         message = str(info.value)
         assert says in message and "\n" not in message and "recursion" not in message, message
+
+
+def test_what_a_changed_module_runs_is_part_of_the_architecture(tmp_path):
+    torch.manual_seed(0)
+    patched = ai.inject(build_model("timm:resnet10t"), "cbam_after_every_stage", input_size=SIZE)
+    ai.save(patched, tmp_path / "m.safetensors")
+    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(tmp_path / "m.safetensors")[MANIFEST_KEY])
+    changed = [[n, t] for n, t in manifest["attributes"] if "around=" in t]
+    assert changed and all("after(cbam)" in t for _, t in changed)  # each stage's last block runs one
+    edited_attributes = [
+        [n, t.replace("before() after(cbam)", "before(x:cbam) after()")] for n, t in manifest["attributes"]
+    ]
+    edited = with_manifest(
+        tmp_path / "m.safetensors", tmp_path / "e.safetensors", attributes=edited_attributes
+    )
+    with pytest.raises(
+        ai.CheckpointError, match=r"not the network saved in the file .*around=before\(x:cbam\)"
+    ):
+        ai.load(edited)
