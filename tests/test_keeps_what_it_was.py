@@ -279,8 +279,15 @@ def test_deep_copies_and_ema_keep_every_changed_class():
         assert torch.equal(ema.module(x), patched(x))
 
 
-@pytest.mark.parametrize("recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage"])
-@pytest.mark.parametrize("init", ["identity", "paper"])
+@pytest.mark.parametrize(
+    "recipe, init",
+    [
+        ("se_resnet", "identity"),
+        ("eca_resnet", "paper"),
+        ("cbam_resnet", "identity"),
+        ("cbam_after_every_stage", "paper"),
+    ],
+)
 def test_a_deep_copy_of_every_patched_model_saves_and_loads(recipe, init, tmp_path):
     from attn_inject.models import build_model
 
