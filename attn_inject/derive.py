@@ -22,6 +22,7 @@ treat ``torch.nn``'s own layers as leaves still do.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import itertools
 import linecache
@@ -72,20 +73,41 @@ class _Spec:
 
     base: type[nn.Module]
     around: Around = field(default_factory=Around)
-    graph: tuple[str, dict[str, Any], tuple[str, ...], tuple[str, ...]] | None = None
+    graph: tuple[str, dict[str, Any], tuple[str, ...], tuple[str, ...], Any] | None = None
 
 
 def _restore(spec: _Spec) -> nn.Module:
     """An empty instance of the class ``spec`` describes (unpickling; the state follows)."""
-    cls = (
-        _around_class(spec.base, spec.around) if spec.graph is None else _graph_class(spec.base, *spec.graph)
-    )
+    if spec.graph is None:
+        cls = _around_class(spec.base, spec.around)
+    else:
+        source, code_globals, checks, passed, forward = spec.graph
+        named = {
+            k: importlib.import_module(v.name) if isinstance(v, _Imported) else v
+            for k, v in code_globals.items()
+        }
+        cls = _graph_class(spec.base, source, named, checks, passed, forward)
     return cls.__new__(cls)
+
+
+@dataclass(frozen=True)
+class _Imported:
+    """A module the generated code names, pickled by its name."""
+
+    name: str
 
 
 def _reduce(self: nn.Module, protocol: int) -> tuple[Any, ...]:
     """Pickle a module of a generated class by what its class adds, not by its name."""
-    return (_restore, (type(self).__dict__[SPEC],), self.__getstate__())
+    spec = type(self).__dict__[SPEC]
+    if spec.graph is not None:
+        source, code_globals, checks, passed, forward = spec.graph
+        portable = {
+            k: _Imported(v.__name__) if isinstance(v, types.ModuleType) else v
+            for k, v in code_globals.items()
+        }
+        spec = _Spec(spec.base, spec.around, (source, portable, checks, passed, forward))
+    return (_restore, (spec,), self.__getstate__())
 
 
 def derived_spec(module: nn.Module) -> _Spec | None:
@@ -277,13 +299,16 @@ def derive_graph(
     graph: fx.Graph,
     arguments: tuple[tuple[str, Any], ...],
     where: str,
+    forward: Any = None,
 ) -> None:
     """Make ``module`` (a copy the caller owns) run ``graph`` as its forward, with its class's
-    signature. ``arguments`` are the call's arguments the graph was traced with, by parameter
-    (graph values as nodes); any other parameter, or a constant argument, is checked against
-    the value the trace fixed."""
+    signature (or that of ``forward``, the function an instance used as its forward).
+    ``arguments`` are the call's arguments the graph was traced with, by parameter (graph
+    values as nodes); any other parameter, or a constant argument, is checked against the
+    value the trace fixed."""
     base = base_class(module)
-    signature = inspect.signature(base.forward)
+    forward = forward or base.forward
+    signature = inspect.signature(forward)
     traced = dict(arguments)
     checks: list[str] = []
     passed: list[str] = []
@@ -298,7 +323,9 @@ def derive_graph(
         elif param.default is not inspect.Parameter.empty:
             checks += _guard(param.name, param.default, where)
     code = graph.python_code(root_module="self")
-    module.__class__ = _graph_class(base, code.src.lstrip(), dict(code.globals), tuple(checks), tuple(passed))
+    module.__class__ = _graph_class(
+        base, code.src.lstrip(), dict(code.globals), tuple(checks), tuple(passed), forward
+    )
 
 
 def _graph_class(
@@ -307,22 +334,24 @@ def _graph_class(
     code_globals: dict[str, Any],
     checks: tuple[str, ...],
     passed: tuple[str, ...],
+    forward: Any,
 ) -> type[nn.Module]:
-    signature = inspect.signature(base.forward)
+    signature = inspect.signature(forward)
     namespace = {**_namespace(base), **code_globals}
     method = _compile(source, "forward", namespace)
     method.__name__ = method.__qualname__ = GRAPH_FORWARD
     params, _ = _signature_text(signature, namespace)
     lines = [f"def forward({params}:", *checks, f"    return self.{GRAPH_FORWARD}({', '.join(passed)})"]
-    forward = _compile("\n".join(lines) + "\n", "forward", namespace)
-    forward.__signature__ = signature
-    forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
+    wrapper = _compile("\n".join(lines) + "\n", "forward", namespace)
+    wrapper.__signature__ = signature
+    wrapper.__annotations__ = dict(getattr(forward, "__annotations__", {}))
     attributes = {
-        "forward": forward,
+        "forward": wrapper,
         GRAPH_FORWARD: method,
-        INNER_FORWARD: _renamed(base.forward, INNER_FORWARD),
+        INNER_FORWARD: _renamed(forward, INNER_FORWARD),
     }
-    return _make_class(base, attributes, _Spec(base, graph=(source, code_globals, checks, passed)))
+    graph = (source, code_globals, checks, passed, forward)
+    return _make_class(base, attributes, _Spec(base, graph=graph))
 
 
 def _renamed(function: Any, name: str) -> Any:

@@ -151,8 +151,26 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
             producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
         else:
             for consumer in consumers_in_model:
-                scope.node_map[consumer].replace_input_with(producer, node)
+                if consumer in scope.node_map:
+                    scope.node_map[consumer].replace_input_with(producer, node)
+            if any(c not in scope.node_map for c in consumers_in_model):
+                _returned_through(scope, producer_in_model, consumers_in_model, producer, node)
     graph.lint()
+
+
+def _returned_through(
+    scope: ScopeTrace, producer_in_model: fx.Node, consumers: list[fx.Node], producer: fx.Node, node: fx.Node
+) -> None:
+    """Readers outside the scope read the block through what the scope returns: only when
+    every reader outside it takes the block."""
+    outside = [u for u in producer_in_model.users if u not in scope.node_map]
+    if not set(outside) <= set(consumers):
+        raise RewriteError(
+            f"a block on {producer_in_model.name} is read outside {scope.path or 'the model'} by some of "
+            "its readers only"
+        )
+    output = next(n for n in scope.graph.nodes if n.op == "output")
+    output.replace_input_with(producer, node)
 
 
 def _rewritten(original: nn.Module, scope: ScopeTrace, where: str) -> nn.Module:
@@ -160,13 +178,16 @@ def _rewritten(original: nn.Module, scope: ScopeTrace, where: str) -> nn.Module:
     constants become non-persistent buffers (they move with the module, and ``state_dict``
     gains nothing but the blocks)."""
     module = shallow_copy(original)
+    own = module.__dict__.pop("forward", None)  # a forward set on the instance: the graph replaces it
     for name, value in scope.constants.items():
         if isinstance(value, torch.Tensor):
             module.register_buffer(name, value, persistent=False)
         else:
             setattr(module, name, value)
     call_arguments = scope.arguments if scope.arguments is not None else ()
-    derive_graph(module, scope.graph, call_arguments, where or type(original).__name__)
+    derive_graph(
+        module, scope.graph, call_arguments, where or type(original).__name__, getattr(own, "__func__", None)
+    )
     return module
 
 

@@ -390,10 +390,13 @@ class Placer:
         return not path or node in self.calls.span.get(path, ())
 
     def _derivable(self, path: str) -> bool:
+        """Whether a block can run around the module's own forward: its class's (a forward
+        set on the instance, as timm's FasterNet does, is not a method a subclass replaces)."""
         from .derive import derived_spec  # derive imports nothing of the engine
 
-        spec = derived_spec(self.root.get_submodule(path))
-        return spec is None or spec.graph is None
+        module = self.root.get_submodule(path)
+        spec = derived_spec(module)
+        return "forward" not in vars(module) and (spec is None or spec.graph is None)
 
     def after_site(self, producer: fx.Node, readers: list[fx.Node]) -> str | None:
         """The module that runs a block on everything ``producer`` gives its readers: called
