@@ -605,3 +605,64 @@ def test_a_sequential_called_whole_by_a_rewritten_module_does_not_hold_its_block
         h = h + block.attn.se(model[1].attn(h))  # once, not again inside attn.proj
         torch.testing.assert_close(patched(X), h + block.mlp.se(model[1].mlp(h)))
     assert ai.validate(model, patched, input_size=SIZE).passed
+
+
+class _InstanceForward(nn.Module):
+    """A forward chosen per instance, as timm's FasterNet picks its partial convolution."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.forward = self.forward_split  # type: ignore[method-assign]
+
+    def forward_split(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = torch.split(x, [x.shape[1] // 2, x.shape[1] // 2], dim=1)
+        return torch.cat([self.conv(first), second], dim=1)
+
+
+class _HoldsInstanceForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mixer = _InstanceForward(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return torch.relu(x + self.mixer(x))
+
+
+def test_a_forward_set_on_the_instance_is_run_and_pickled_with_its_block():
+    import io
+
+    torch.manual_seed(0)
+    model = _HoldsInstanceForward().eval()
+    patched = ai.inject(model, "se_resnet", init="paper", input_size=SIZE)
+    (point,) = patched.attn_inject.plan
+    assert point.module != "mixer" or point.attach == "graph"  # never around a per-instance forward
+    with torch.no_grad():
+        h = model.stem(X)
+        block = patched.get_submodule(point.key)
+        torch.testing.assert_close(patched(X), torch.relu(h + block(model.mixer(h))), rtol=0, atol=0)
+    before = ai.inject(model, "se_pre", init="paper", input_size=SIZE)  # on the mixer's input
+    assert all(p.module != "mixer" or p.attach == "graph" for p in before.attn_inject.plan)
+    with torch.no_grad():
+        block = before.get_submodule(before.attn_inject.plan[0].key)
+        torch.testing.assert_close(before(X), torch.relu(h + model.mixer(block(h))), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(before, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(X), before(X))
+
+
+def test_a_block_read_outside_a_rewritten_owner_is_applied_to_what_it_returns():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformerv2_s0").eval()
+    patched = ai.inject(model, "se_resnet", input_size=(3, 224, 224))
+    outside = [p for p in patched.attn_inject.plan if p.attach == "graph" and p.key.endswith("proj_se")]
+    assert outside  # its readers (the block's layer scale) lie outside the rewritten token mixer
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+    report = ai.validate(model, patched, input_size=(3, 224, 224), checks=("reference",), seeds=1)
+    assert report.passed, report
