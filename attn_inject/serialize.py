@@ -299,7 +299,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     try:
         data = json.loads(text, parse_int=_bounded_int)
     except RecursionError:
-        raise CheckpointError(f"{path}: its attn-inject manifest is not valid JSON (nested too deeply)") from None
+        raise CheckpointError(
+            f"{path}: its attn-inject manifest is not valid JSON (nested too deeply)"
+        ) from None
     except ValueError as error:
         raise CheckpointError(
             f"{path}: its attn-inject manifest is not valid JSON ({shown(str(error))})"
