@@ -40,6 +40,7 @@ __all__ = [
     "derive_around",
     "derive_graph",
     "derived_spec",
+    "holds_nodes",
     "rewritten_forward",
 ]
 
@@ -318,7 +319,7 @@ def derive_graph(
         if param.name in traced:
             value = traced[param.name]
             passed.append(param.name)
-            if not _holds_node(value):
+            if not holds_nodes(value):
                 checks += _guard(param.name, value, where)
         elif param.default is not inspect.Parameter.empty:
             checks += _guard(param.name, param.default, where)
@@ -365,7 +366,8 @@ def _renamed(function: Any, name: str) -> Any:
     return copy
 
 
-def _holds_node(value: Any) -> bool:
+def holds_nodes(value: Any) -> bool:
+    """Whether ``value`` (a node, or containers of them) holds a graph value."""
     found = False
 
     def visit(v: Any) -> Any:

@@ -39,6 +39,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from .derive import holds_nodes
 from .graph.analysis import AnnotatedGraph
 from .graph.trace import ModuleCall, reads_training
 
@@ -98,18 +99,6 @@ def _relative(path: str, scope: str) -> str:
     return path[len(scope) + 1 :] if path.startswith(scope + ".") else path
 
 
-def _holds_nodes(value: Any) -> bool:
-    found = False
-
-    def visit(v: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(v, fx.Node)
-        return v
-
-    fx.node.map_aggregate(value, visit)
-    return found
-
-
 def _unpack(
     graph: fx.Graph, source: fx.Node, value: Any, node_map: dict[fx.Node, fx.Node], what: str
 ) -> None:
@@ -117,15 +106,15 @@ def _unpack(
     as HRNet's branches pass) to ``source`` or the items taken from it."""
     if isinstance(value, fx.Node):
         node_map.setdefault(value, source)
-    elif isinstance(value, (list, tuple)) and _holds_nodes(value):
+    elif isinstance(value, (list, tuple)) and holds_nodes(value):
         for i, item in enumerate(value):
             _unpack(graph, graph.call_function(operator.getitem, (source, i)), item, node_map, what)
-    elif isinstance(value, dict) and _holds_nodes(value):
+    elif isinstance(value, dict) and holds_nodes(value):
         for key, item in value.items():
             if not isinstance(key, (str, int)):
                 raise ScopeError(f"{what} is a dict with {type(key).__name__} keys")
             _unpack(graph, graph.call_function(operator.getitem, (source, key)), item, node_map, what)
-    elif _holds_nodes(value):
+    elif holds_nodes(value):
         raise ScopeError(f"{what} holds graph values in a {type(value).__name__}")
 
 
