@@ -3,8 +3,8 @@ inserted block applied at its point by hooks on the original's own modules.
 
 The planner's whole-model trace of the original names every point's producer node and its
 consumers. A point whose readers all take the block becomes a forward hook on a module that
-returns the producer's value (``layer1.0.bn3`` for an SE block in a bottleneck, ``layer1``
-for a block appended to a stage); a point on an edge to some readers only becomes forward
+returns the producer's value (``layer1.0.bn3`` for an SE block in a bottleneck, ``layer1.2``
+for a block on a stage's output); a point on an edge to some readers only becomes forward
 pre-hooks on the consumer modules, replacing that one input. The hooks call the patched
 model's own block objects (no weight is copied); they exist only inside :meth:`Reference.hooked`.
 A point no hook can reach (its producer is a function whose readers are functions too, or
