@@ -130,6 +130,8 @@ def _load_torch(p: Path) -> Any:
         with warnings.catch_warnings():
             # Raised for protocol-4 pickles; the weights-only loader copes or refuses on its own.
             warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
+            # A sparse tensor is refused in one line once read; torch's note about checking it is noise.
+            warnings.filterwarnings("ignore", message=".*Validating sparse tensor invariants")
             return torch.load(p, map_location="cpu", weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
