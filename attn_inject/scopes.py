@@ -300,10 +300,6 @@ def _common(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _is_plain_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
 CHILD_LOOPS = ("self.children()", "self.named_children()", "self.items()", "self.values()", "in self:")
 
 
