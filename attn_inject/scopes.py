@@ -174,6 +174,11 @@ def _kept_whole(
     return kept
 
 
+# The module itself, as a graph of its own forward reads it (``self.forward.__self__`` is
+# ``self``): the owner of a size-only method call recorded by the trace.
+ITSELF = "forward.__self__"
+
+
 def extract_scope(
     root: nn.Module,
     graph: AnnotatedGraph,
@@ -202,6 +207,9 @@ def extract_scope(
             return node_map[node]
         if node.op == "get_attr" and str(node.target).startswith(prefix):  # fetched before the call
             node_map[node] = own.get_attr(str(node.target)[len(prefix) :])
+            return node_map[node]
+        if node.op == "get_attr" and node.target == call.path:  # the module itself (a size-only call)
+            node_map[node] = own.get_attr(ITSELF)
             return node_map[node]
         raise ScopeError(f"{call.path} reads {node.name}, which it is not given")
 
@@ -232,6 +240,8 @@ def extract_scope(
             target = str(node.target)
             if target.startswith(prefix):
                 copied.target = target[len(prefix) :]
+            elif node.op == "get_attr" and target == call.path:
+                copied.target = ITSELF
             elif node.op == "get_attr" and "." not in target and hasattr(root, target):
                 constants[target] = getattr(root, target)  # a tensor constant the tracer stored
             else:

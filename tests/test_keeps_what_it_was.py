@@ -255,6 +255,40 @@ def test_a_token_grid_changed_after_inject_is_one_clear_error():
         patched(torch.randn(1, 3, 96, 96))
 
 
+@pytest.mark.parametrize("recipe", ["se_resnet", "cbam_after_every_stage", "se_post"])
+def test_static_and_dynamic_size_swin_get_the_same_points_and_load_each_others_weights(recipe):
+    """``strict_img_size=False`` builds each shifted-window mask from the input's sizes
+    (``get_attn_mask(x)``): traced as one call, the blocks around it stay open to insertion."""
+    torch.manual_seed(0)
+    static = _swin()
+    dynamic = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=112, window_size=7, strict_img_size=False
+    ).eval()
+    static_plan, dynamic_plan = ai.plan(static, recipe), ai.plan(dynamic, recipe)
+    assert not dynamic_plan.opaque
+    assert [p.key for p in dynamic_plan] == [p.key for p in static_plan]
+    patched_static = ai.inject(static, recipe, init="paper")
+    patched_dynamic = ai.inject(dynamic, recipe, init="paper")
+    patched_dynamic.load_state_dict(patched_static.state_dict())
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(patched_dynamic(x), patched_static(x))
+    assert not any("get_attn_mask" in vars(m) for m in patched_dynamic.modules())  # nothing left set
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "se_post"])  # se_post rewrites each block's forward
+def test_a_dynamic_size_swin_patched_at_identity_is_exact_at_another_size(recipe):
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=112, window_size=7, strict_img_size=False
+    ).eval()
+    patched = ai.inject(model, recipe)
+    assert len(ai.inserted_blocks(patched)) > 0
+    x = torch.randn(1, 3, 140, 140)  # a mask of another size, built at the call
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+
+
 def test_input_size_defaults_to_the_size_the_model_was_built_for():
     with torch.device("meta"):
         swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=(224, 288))

@@ -105,6 +105,61 @@ TRACEABLE_WHEN: dict[str, Callable[[nn.Module], bool]] = {
 }
 
 
+# Methods whose result depends only on the sizes, dtype and device of their tensor argument
+# (timm's shifted-window masks: ``get_attn_mask(x)`` fills a mask by item assignment at
+# sizes read from ``x``, which fx cannot trace). Traced, such a call is one ``call_method``
+# node on the module, run as written at every call, so the module around it stays open to
+# insertion and its static and dynamic-size variants get the same points.
+SIZE_ONLY_METHODS: dict[str, tuple[str, ...]] = {
+    "timm.models.swin_transformer.SwinTransformerBlock": ("get_attn_mask",),
+    "timm.models.swin_transformer_v2.SwinTransformerV2Block": ("get_attn_mask",),
+    "timm.models.swin_transformer_v2_cr.SwinTransformerBlock": ("get_attn_mask",),
+}
+
+
+def size_only_methods(module: nn.Module) -> tuple[str, ...]:
+    """The methods of ``module`` that :data:`SIZE_ONLY_METHODS` records as one call."""
+    cls = type(module)
+    for klass in cls.__mro__:
+        names = SIZE_ONLY_METHODS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if names:
+            return tuple(n for n in names if callable(getattr(module, n, None)))
+    return ()
+
+
+@contextlib.contextmanager
+def size_only_calls_recorded(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]:
+    """While ``tracer`` traces ``model``, a call of a size-only method with a traced value
+    becomes one ``call_method`` node on its module (reached by ``get_attr``)."""
+    patched: list[tuple[nn.Module, str]] = []
+    for path, module in model.named_modules():
+        for name in size_only_methods(module):
+            if name in vars(module):
+                continue
+            module.__dict__[name] = _recording(tracer, path, name, getattr(module, name))
+            patched.append((module, name))
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            module.__dict__.pop(name, None)
+
+
+def _recording(tracer: fx.Tracer, path: str, name: str, method: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _proxies((args, kwargs)):
+            return method(*args, **kwargs)
+        before = _last_node(tracer.graph)
+        try:
+            return method(*args, **kwargs)  # traceable as written (no mask: returns None)
+        except Exception:
+            _erase_after(tracer.graph, before)
+        owner = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_method", name, (owner, *args), kwargs)
+
+    return call
+
+
 def traceable_despite_notrace(module: nn.Module) -> bool:
     """Whether a module timm keeps whole can be traced through in this instance."""
     cls = type(module)
@@ -236,6 +291,12 @@ def _last_node(graph: fx.Graph) -> fx.Node | None:
     for node in reversed(graph.nodes):
         return node
     return None
+
+
+def _erase_after(graph: fx.Graph, last: fx.Node | None) -> None:
+    """Remove the nodes a failed attempt added after ``last``, newest first."""
+    while (node := _last_node(graph)) is not None and node is not last:
+        graph.erase_node(node)
 
 
 def _proxies(value: Any) -> list[fx.Proxy]:
@@ -430,7 +491,7 @@ def _trace(
 ) -> TraceResult:
     while True:
         tracer = ModelTracer(leaf_types, functions, frozenset(o.name for o in opaque))
-        with eval_mode(model):
+        with eval_mode(model), size_only_calls_recorded(model, tracer):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
                 thread_in_place(graph)
