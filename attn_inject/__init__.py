@@ -13,20 +13,23 @@ from torch import nn
 from .blocks import BlockParamError, create_block, list_blocks, register_block
 from .checkpoint import CheckpointError
 from .derive import base_class, rewritten_forward
+from .errors import AttnInjectError, InputError
 from .finetune import freeze_base, gates, param_groups
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
-from .inject import InjectError, inject
-from .plan import InsertionPoint, Plan, PlanError, SkippedPoint, plan
+from .injection import InjectError, inject
+from .planning import InsertionPoint, Plan, PlanError, SkippedPoint, plan
 from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, get_recipe, list_recipes, load_recipe
-from .rewrite import InjectionInfo, find_blocks
+from .record import InjectionInfo, patched_record
+from .rewrite import find_blocks
 from .serialize import Manifest, load, read_manifest, save
-from .validate import ValidationError, ValidationReport, validate
+from .validation import ValidationError, ValidationReport, register_check, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
+    "AttnInjectError",
     "BlockParamError",
     "BlockSpec",
     "CheckpointError",
@@ -60,6 +63,7 @@ __all__ = [
     "plan",
     "read_manifest",
     "register_block",
+    "register_check",
     "rewritten_forward",
     "save",
     "validate",
@@ -69,8 +73,8 @@ __all__ = [
 def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
     """The attention blocks ``inject`` inserted into ``patched``, by qualified module name,
     in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
-    if getattr(patched, "attn_inject", None) is None:
-        raise ValueError("not a patched model: it has no attn_inject plan")
+    if patched_record(patched) is None:
+        raise InputError("not a patched model: it has no attn_inject plan")
     return find_blocks(patched)
 
 

@@ -27,7 +27,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .messages import cut
+from .errors import AttnInjectError
+from .messages import cut, first_line
 
 __all__ = [
     "SAFETENSORS_SUFFIX",
@@ -63,7 +64,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AttnInjectError, ValueError):
     """A checkpoint cannot be read, does not fit the model, or cannot be written."""
 
 
@@ -171,8 +172,7 @@ def _weights_only_reason(text: str) -> str:
 
 def _first_line(e: BaseException) -> str:
     """``Type: first sentence`` of an exception, on one line."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text.split(". ")[0].rstrip(".")
+    text = first_line(e, limit=10_000).split(". ")[0].rstrip(".")
     if len(text) > 160:
         text = text[:157] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

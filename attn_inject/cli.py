@@ -20,10 +20,12 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .errors import AttnInjectError, InputTypeError
+
 if TYPE_CHECKING:
     from torch import nn
 
-    from .plan import Plan
+    from .planning import Plan
 
 __all__ = ["main"]
 
@@ -31,11 +33,11 @@ DEMO_MODEL = "timm:resnet50"
 DEMO_RECIPE = "cbam_after_every_stage"
 
 
-class UsageError(Exception):
+class UsageError(AttnInjectError):
     """Bad command-line input: exit code 2."""
 
 
-class CommandError(Exception):
+class CommandError(AttnInjectError):
     """The command cannot go on (e.g. its output exists): exit code 1."""
 
 
@@ -231,11 +233,11 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _plan_of(patched: nn.Module) -> Plan:
     """The plan ``inject`` recorded on the model it returned."""
-    from .rewrite import InjectionInfo
+    from .record import patched_record
 
-    info = getattr(patched, "attn_inject", None)
-    if not isinstance(info, InjectionInfo):
-        raise TypeError(f"{type(patched).__name__} has no attn_inject plan: not a model inject returned")
+    info = patched_record(patched)
+    if info is None:
+        raise InputTypeError(f"{type(patched).__name__} has no attn_inject plan: not a model inject returned")
     return info.plan
 
 
@@ -270,7 +272,7 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .models import build_for_planning, resolve
-    from .plan import plan
+    from .planning import plan
     from .recipe import load_recipe
 
     if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
@@ -300,9 +302,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .inject import inject
+    from .injection import inject
     from .models import build_model
-    from .validate import validate
+    from .validation import validate
 
     _positive_sizes(args.input_size)
     torch.manual_seed(0)
@@ -328,15 +330,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _checks(value: str | None) -> tuple[str, ...] | str | None:
     """``--checks``: 'all', a comma-separated list, or None (validate's default: all but compile)."""
-    from .validate import CHECKS
+    from .validation import check_names
 
     if value is None or value.strip() == "all":
         return value and "all"
     names = tuple(c.strip() for c in value.split(",") if c.strip())
-    unknown = [c for c in names if c not in CHECKS]
+    unknown = [c for c in names if c not in check_names()]
     if unknown or not names:
         raise UsageError(
-            f"--checks {value}: unknown {', '.join(unknown) or 'empty'}; allowed: all, {', '.join(CHECKS)}"
+            f"--checks {value}: unknown {', '.join(unknown) or 'empty'}; "
+            f"allowed: all, {', '.join(check_names())}"
         )
     return names
 
@@ -369,7 +372,7 @@ def _default_input_size(name: str, model: Any, recipe: Any, target: str | None) 
     """The whole model's input size for shape inference, or None when a submodule is
     patched (the API then infers the submodule's own)."""
     from .models import input_size_for
-    from .plan import resolve_target
+    from .planning import resolve_target
 
     return None if resolve_target(model, recipe, target) else input_size_for(name, model)
 
@@ -394,11 +397,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import check_fits, read_state_dict
-    from .inject import inject
+    from .injection import inject
     from .models import build_model, resolve
     from .recipe import load_recipe
     from .serialize import save
-    from .validate import validate
+    from .validation import validate
 
     _check_output(args.out, args.force)
     checks = _checks(args.checks)  # bad input fails before any work
@@ -440,7 +443,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .serialize import load, load_base_weights, read_manifest
-    from .validate import validate
+    from .validation import validate
 
     checks = _checks(args.checks)
     with _status(f"reading {args.file}", quiet=args.json):
@@ -623,20 +626,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         print(f"attn-inject: {str(error).strip() or 'interrupted'}", file=sys.stderr)
         return int(getattr(error, "code", 130))
-    except Exception as error:  # every failure: one line, the traceback only with --debug
+    except (AttnInjectError, OSError) as error:  # a refusal of ours, or a file: one line
         if args.debug:
             traceback.print_exc()
         print(f"attn-inject: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except Exception as error:  # a library's error or a bug: one line with its type
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"attn-inject: error: {type(error).__name__}: {_one_line(error)} (--debug shows where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _one_line(error: BaseException) -> str:
-    from .messages import cut
+    from .messages import first_line
 
-    lines = str(error).strip().splitlines()
-    text = cut(lines[0], 600) if lines else ""
-    known = (ValueError, RuntimeError, OSError, CommandError)
-    return text if isinstance(error, known) and text else f"{type(error).__name__}: {text}"
+    return first_line(error, 600) or type(error).__name__
 
 
 if __name__ == "__main__":

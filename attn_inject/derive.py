@@ -33,6 +33,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from .errors import InputError
+
 __all__ = [
     "INNER_FORWARD",
     "Around",
@@ -209,7 +211,7 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     names = [p.name for p in signature.parameters.values()][1:]
     missing = [name for name, _ in around.before if name not in names]
     if missing:
-        raise ValueError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
+        raise InputError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
     namespace = _namespace(base)
     params, call = _signature_text(signature, namespace)
     lines = [f"def forward({params}:"]
@@ -268,7 +270,7 @@ def derive_around(module: nn.Module, around: Around) -> None:
     children, around its class's forward. A module already derived keeps its earlier blocks."""
     spec = derived_spec(module)
     if spec is not None and spec.graph is not None:
-        raise ValueError(f"{spec.base.__qualname__}'s forward is already rewritten")
+        raise InputError(f"{spec.base.__qualname__}'s forward is already rewritten")
     if spec is not None:
         merged = spec.around
         for name, blocks in around.before:

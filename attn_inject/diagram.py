@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from .plan import InsertionPoint, Plan
+from .errors import InputError
+from .files import atomic_path
+from .planning import InsertionPoint, Plan
 
 __all__ = ["Arrow", "Box", "Diagram", "Text", "plan_layout", "save_diagram", "to_png", "to_svg"]
 
@@ -680,15 +681,8 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     error the temporary file is removed and ``path`` is left as it was."""
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        write(f)
 
 
 def save_diagram(plan: Plan, path: str | os.PathLike) -> None:
@@ -696,7 +690,7 @@ def save_diagram(plan: Plan, path: str | os.PathLike) -> None:
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"{target}: cannot write a diagram as {suffix or 'a file without a suffix'}; "
             f"allowed suffixes: {', '.join(SUFFIXES)}"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_SHOWN", "cut", "shown"]
+__all__ = ["MAX_SHOWN", "cut", "error_line", "first_line", "shown"]
 
 MAX_SHOWN = 80  # characters of a value that an error message quotes
 
@@ -31,3 +31,15 @@ def cut(text: str, limit: int = 200) -> str:
     """Plain ``text`` (a message, not a value) on one line, cut to ``limit`` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error's message (a library's message may run to a traceback of
+    its own), cut to ``limit`` characters; '' for an empty message."""
+    lines = str(error).strip().splitlines()
+    return cut(lines[0], limit) if lines else ""
+
+
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line`` of an error, for a report that quotes a library's failure."""
+    return f"{type(error).__name__}: {first_line(error, limit)}"

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import AttnInjectError
 from .messages import shown
+from .values import is_int
 
 __all__ = [
     "ARCHITECTURE_KWARGS",
@@ -32,11 +34,11 @@ __all__ = [
 BASE_ATTRIBUTE = "_attn_inject_base"  # (qualified name, builder kwargs), set by build_model
 
 
-class ModelNameError(ValueError):
+class ModelNameError(AttnInjectError, ValueError):
     """No timm or torchvision model has that name."""
 
 
-class ModelKwargsError(ValueError):
+class ModelKwargsError(AttnInjectError, ValueError):
     """A builder argument that is not allowed: it does not shape the architecture (it loads,
     downloads or points at a file), or its value has the wrong type or range."""
 
@@ -101,7 +103,7 @@ _KINDS = {
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    return is_int(value) and low <= value <= high
 
 
 def _fits(kind: str, value: Any) -> bool:
@@ -218,7 +220,9 @@ def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     recorded = getattr(model, BASE_ATTRIBUTE, None)
     if recorded is not None:
         return recorded[0], dict(recorded[1])
-    info = getattr(model, "attn_inject", None)  # patched again: the first patch's base
+    from .record import patched_record
+
+    info = patched_record(model)  # patched again: the first patch's base
     if info is not None and info.base_model:
         return info.base_model, dict(info.base_kwargs)
     cfg = getattr(model, "pretrained_cfg", None)

@@ -13,13 +13,15 @@ from typing import Any
 
 import re2
 
+from .errors import AttnInjectError
+
 __all__ = ["MAX_PATTERN", "PatternError", "compile_pattern", "search"]
 
 MAX_PATTERN = 1_000  # characters
 MAX_MEMORY = 8 << 20  # bytes RE2 may use for one compiled pattern
 
 
-class PatternError(ValueError):
+class PatternError(AttnInjectError, ValueError):
     """A pattern RE2 cannot run in linear time and bounded memory, or that is too long."""
 
 

@@ -31,8 +31,10 @@ from typing import Any
 import yaml
 
 from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
+from .errors import AttnInjectError
 from .messages import cut, shown
 from .patterns import PatternError, compile_pattern
+from .values import is_int
 
 __all__ = [
     "POSITIONS",
@@ -71,7 +73,7 @@ RULE_KEYS = (
 CHANNELS_LAST = ("native", "skip")
 
 
-class RecipeError(ValueError):
+class RecipeError(AttnInjectError, ValueError):
     """A recipe that cannot be used: the message names the source, the key and what is allowed."""
 
 
@@ -449,13 +451,9 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
         raise fail(f"{key}.at", f"unknown position {shown(at)}; allowed: {', '.join(POSITIONS)}")
     stages = data.get("stages")
     if stages is not None:
-        if isinstance(stages, int) and not isinstance(stages, bool):
+        if is_int(stages):
             stages = [stages]
-        if (
-            not isinstance(stages, list)
-            or not stages
-            or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
-        ):
+        if not isinstance(stages, list) or not stages or any(not is_int(s) for s in stages):
             raise fail(
                 f"{key}.stages",
                 "must be a list of stage indices (integers, negatives count from the end), "
@@ -465,7 +463,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     bounds: dict[str, int | None] = {}
     for bound in ("min_channels", "max_channels"):
         value = data.get(bound)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise fail(f"{key}.{bound}", f"must be an integer >= 1, got {shown(value)}")
         bounds[bound] = value
     if bounds["min_channels"] and bounds["max_channels"] and bounds["min_channels"] > bounds["max_channels"]:
@@ -491,7 +489,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
                 ) from None
         patterns[which] = tuple(value)
     every = data.get("every", 1)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    if not is_int(every) or every < 1:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {shown(every)}")
     channels_last = data.get("channels_last", "native")
     if channels_last not in CHANNELS_LAST:

@@ -26,10 +26,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .errors import AttnInjectError, InputError
 from .graph.analysis import AnnotatedGraph
 from .graph.shapes import tensor_meta
-from .plan import InsertionPoint, Plan, prepare
-from .rewrite import InjectionInfo, find_blocks
+from .names import join_names, relative_name
+from .planning import InsertionPoint, Plan, prepare
+from .record import patched_record
+from .rewrite import find_blocks
 
 __all__ = ["HookError", "PointHooks", "Reference", "common_target"]
 
@@ -37,7 +40,7 @@ OUTPUT = "output"  # a forward hook: the module's output goes through the block
 INPUT = "input"  # a forward pre-hook: the module's input(s) at ``slots`` go through the block
 
 
-class HookError(RuntimeError):
+class HookError(AttnInjectError, RuntimeError):
     """A hook met something at run time that the trace did not show (e.g. no tensor input)."""
 
 
@@ -75,16 +78,6 @@ def common_target(plans: tuple[Plan, ...]) -> str:
     if any(len(p) < len(common) for p in parts):
         common = common[: min(len(p) for p in parts)]
     return ".".join(common)
-
-
-def _relative(path: str, root: str) -> str:
-    if not root:
-        return path
-    return path[len(root) + 1 :] if path.startswith(root + ".") else ("" if path == root else path)
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
 
 
 class _Sites:
@@ -171,9 +164,9 @@ class Reference:
     def build(cls, original: nn.Module, patched: nn.Module, *, trace: bool = True) -> Reference:
         """The hooks for every point of every injection into ``patched`` (``trace=False``:
         the blocks only, no hook)."""
-        info = getattr(patched, "attn_inject", None)
-        if not isinstance(info, InjectionInfo):
-            raise ValueError("not a patched model: it has no attn_inject plan")
+        info = patched_record(patched)
+        if info is None:
+            raise InputError("not a patched model: it has no attn_inject plan")
         root = common_target(info.plans)
         prefix = f"{root}." if root else ""
         blocks = {
@@ -192,12 +185,12 @@ class Reference:
                 size = plan.input_size or None
                 traces[where] = _Sites(prepare(original, input_size=size, target=plan.target).graph)
             sites = traces[where]
-            inner = _relative(plan.target, root)
+            inner = relative_name(plan.target, root)
             producers: list[tuple[str, fx.Node]] = []
             for point in plan:
-                key = _join(inner, point.key)
+                key = join_names(inner, point.key)
                 hooks, reason = _place(sites, point, earlier)
-                hooks = tuple(HookSite(h.kind, _join(inner, h.module), h.slots) for h in hooks)
+                hooks = tuple(HookSite(h.kind, join_names(inner, h.module), h.slots) for h in hooks)
                 if key not in blocks:
                     reason = reason or f"the patched model has no block {key!r}"
                 producer = sites.by_name.get(point.node)
@@ -209,7 +202,7 @@ class Reference:
                 if producer is not None:
                     producers.append((key, producer))
                 points.append(PointHooks(key, point, hooks, reason, upstream))
-            earlier |= {_join(inner, p.key) for p in plan}
+            earlier |= {join_names(inner, p.key) for p in plan}
         return cls(root, tuple(points), blocks)
 
     @contextlib.contextmanager

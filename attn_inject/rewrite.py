@@ -22,7 +22,6 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,9 +29,11 @@ from torch import fx, nn
 
 from .blocks import accepts_init, create_block, layout_kwargs
 from .derive import Around, derive_around, derive_graph
+from .errors import AttnInjectError
 from .graph.analysis import AnnotatedGraph
 from .graph.trace import HOOK_DICTS
-from .plan import InsertionPoint, Plan, merge_plans
+from .planning import InsertionPoint, Plan
+from .record import InjectionInfo, patched_record, set_record
 from .scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
@@ -41,29 +42,8 @@ ANNOTATIONS = ("val", "layout", "tensor_meta")
 BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 
 
-class RewriteError(ValueError):
+class RewriteError(AttnInjectError, ValueError):
     """A module that must be rewritten cannot be, e.g. a hook would be baked into its trace."""
-
-
-@dataclass(frozen=True)
-class InjectionInfo:
-    """What a patched model remembers: the plan of each injection, in order (recipe, init,
-    model name, input size, where each block lives), and the base model's builder.
-    ``patched.attn_inject`` holds it."""
-
-    plans: tuple[Plan, ...]
-    base_model: str | None = None  # e.g. "tv:resnet18": what ``ai.save`` records to rebuild it
-    base_kwargs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def plan(self) -> Plan:
-        """Every point of every injection, in order, as one plan."""
-        return self.plans[0] if len(self.plans) == 1 else merge_plans(self.plans)
-
-    @property
-    def block_keys(self) -> list[str]:
-        """The inserted blocks' qualified names, from the model ``inject`` returned."""
-        return [p.qualified_key(plan.target) for plan in self.plans for p in plan]
 
 
 def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -275,10 +255,10 @@ def rewrite(
             stacklevel=3,
         )
     patched = tree.root
-    earlier = getattr(model, "attn_inject", None)
-    plans = (*earlier.plans, plan) if isinstance(earlier, InjectionInfo) else (plan,)
-    if base is None and isinstance(earlier, InjectionInfo) and earlier.base_model:
+    earlier = patched_record(model)
+    plans = (*earlier.plans, plan) if earlier is not None else (plan,)
+    if base is None and earlier is not None and earlier.base_model:
         base = (earlier.base_model, dict(earlier.base_kwargs))
     info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
-    vars(patched)["attn_inject"] = info  # a plain attribute, not a module or a tensor
+    set_record(patched, info)
     return patched

@@ -40,8 +40,10 @@ from typing import Any
 from torch import fx, nn
 
 from .derive import holds_nodes
-from .graph.analysis import AnnotatedGraph
+from .errors import AttnInjectError
+from .graph.analysis import AnnotatedGraph, module_stack
 from .graph.trace import ModuleCall, reads_training
+from .names import relative_name
 
 __all__ = ["Attach", "Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
 
@@ -58,7 +60,7 @@ class Attach(str, enum.Enum):
 SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT.value, Attach.AFTER.value, Attach.BEFORE.value, Attach.GRAPH.value
 
 
-class ScopeError(RuntimeError):
+class ScopeError(AttnInjectError, RuntimeError):
     """A module cannot be rewritten on its own."""
 
 
@@ -91,12 +93,6 @@ class ScopeTrace:
     traced_through: tuple[str, ...]  # submodules (relative names) whose code was inlined
     constants: dict[str, Any] = field(default_factory=dict)  # tensor constants its graph reads
     arguments: tuple[tuple[str, Any], ...] | None = None  # the call's, by parameter (see ModuleCall)
-
-
-def _relative(path: str, scope: str) -> str:
-    if not scope:
-        return path
-    return path[len(scope) + 1 :] if path.startswith(scope + ".") else path
 
 
 def _unpack(
@@ -287,8 +283,7 @@ class _Calls:
 
 def _module_path(node: fx.Node, leaf_calls: dict[fx.Node, str]) -> str:
     """The innermost module whose forward created ``node`` (a leaf's call is in its parent)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [p[0] if isinstance(p, tuple) else str(p) for p in stack.values()]
+    paths = module_stack(node)
     if node in leaf_calls and paths and paths[-1] == leaf_calls[node]:
         paths = paths[:-1]
     return paths[-1] if paths else ""
@@ -478,7 +473,7 @@ class Placer:
         if returning and module not in returning:
             outer = returning[-1]
             if outer.startswith(module + ".") or not module:
-                via = _relative(outer, module).split(".")[0]
+                via = relative_name(outer, module).split(".")[0]
                 name = f"{via}_{name}" if not via.isdigit() else name
         return Placement(module, name, module, GRAPH, note)
 
@@ -605,7 +600,7 @@ def place(
         if outer is not None and (attach != GRAPH or outer != owner):
             # A rewritten forward inlines the code of what it holds: the block is run by it.
             if module != outer:
-                via = _relative(module, outer).split(".")[0]
+                via = relative_name(module, outer).split(".")[0]
                 module, name = outer, f"{via}_{name}" if not via.isdigit() else name
             attach, owner = GRAPH, outer
         used = taken.setdefault(module, set())

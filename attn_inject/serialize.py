@@ -39,8 +39,11 @@ from .checkpoint import (
     read_state_dict,
     write_safetensors,
 )
+from .errors import InputError
 from .messages import cut, shown
 from .recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
+from .record import patched_record
+from .values import is_int
 
 __all__ = ["FORMAT", "Manifest", "load", "read_manifest", "save"]
 
@@ -151,7 +154,7 @@ def save(
     from .models import ModelKwargsError, check_model_kwargs, resolve
 
     refuse_wrapper(patched, "save()")
-    info = getattr(patched, "attn_inject", None)
+    info = patched_record(patched)
     if info is None:
         raise CheckpointError(
             "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
@@ -244,7 +247,7 @@ def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], step
 
 def _inject_all(base: nn.Module, steps: list[tuple[Recipe, Injection]]) -> nn.Module:
     """``base`` with each injection repeated, in order."""
-    from .inject import inject
+    from .injection import inject
 
     patched = base
     for recipe, step in steps:
@@ -277,7 +280,7 @@ def _refuse_torch_file(path: str | os.PathLike) -> None:
 
 def _bounded_int(text: str) -> int:
     if len(text) > 40:
-        raise ValueError(f"an integer of {len(text):,} digits; at most 40 are read")
+        raise InputError(f"an integer of {len(text):,} digits; at most 40 are read")
     return int(text)
 
 
@@ -309,7 +312,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: its attn-inject manifest must be a JSON object, got {shown(data)}")
     fmt = data.get("format")
-    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt != FORMAT:
+    if not is_int(fmt) or fmt != FORMAT:
         wrote = (
             data.get("versions", {}).get("attn_inject") if isinstance(data.get("versions"), dict) else None
         )
@@ -413,7 +416,7 @@ class _ManifestReader:
         ok = (
             isinstance(value, list)
             and 2 <= len(value) <= 4
-            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 8192 for v in value)
+            and all(is_int(v) and 1 <= v <= 8192 for v in value)
         )
         if not ok or _product(value) > MAX_INPUT_ELEMENTS:
             raise self.fail(
@@ -515,7 +518,8 @@ def _check_against_file(
     """Refuse unless ``patched`` (meta or real) has the file's blocks, tensor names and
     shapes, and the architecture its manifest records."""
     written = f"written by attn-inject {manifest.versions.get('attn_inject', '?')}"
-    info: Any = getattr(patched, "attn_inject", None)
+    info = patched_record(patched)
+    assert info is not None, "checked against a model built from the manifest's plan"
     keys = [p.key for p in info.plan]
     if keys != manifest.block_keys:
         if len(keys) != len(manifest.block_keys):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import AttnInjectError
+
 __all__ = ["TargetError", "default_target", "get_target", "target_input_size"]
 
 
-class TargetError(ValueError):
+class TargetError(AttnInjectError, ValueError):
     """The target names no submodule of the model."""
 
 

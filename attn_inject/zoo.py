@@ -21,6 +21,8 @@ from typing import TypedDict
 import torch
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["IDENTITY_MAX_PARAMS", "ModelResult", "ZooRecord", "list_zoo", "sweep", "sweep_model"]
 
 IDENTITY_MAX_PARAMS = 100_000_000
@@ -75,7 +77,7 @@ class ModelResult:
 def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:
     """Qualified names (``timm:NAME`` / ``tv:NAME``) of the models to sweep."""
     if source not in ("timm", "torchvision", "all"):
-        raise ValueError(f"source {source!r} is not allowed; allowed: timm, torchvision, all")
+        raise InputError(f"source {source!r} is not allowed; allowed: timm, torchvision, all")
     names: list[str] = []
     if source in ("timm", "all"):
         import timm
@@ -189,7 +191,7 @@ def sweep_model(
     from .graph.shapes import ShapeError
     from .graph.trace import tracing_strategy
     from .models import build_for_planning, input_size_for
-    from .plan import plan_prepared, prepare, resolve_target
+    from .planning import plan_prepared, prepare, resolve_target
     from .recipe import load_recipe
 
     warnings.filterwarnings("ignore")
@@ -286,10 +288,10 @@ IDENTITY_CHECKS = ("identity", "parameters", "shapes", "finite")
 
 
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
-    from .inject import inject
+    from .injection import inject
     from .models import build_model
-    from .plan import plan_prepared, prepare
-    from .validate import validate
+    from .planning import plan_prepared, prepare
+    from .validation import validate
 
     wanted = [r for r in rows if r.status == "ok" and r.points]
     if not wanted:

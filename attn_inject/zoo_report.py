@@ -8,13 +8,14 @@ import io
 import os
 import platform
 import re
-import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError, InputTypeError
+from .files import write_text_atomic
 from .zoo import ZooRecord
 
 __all__ = ["RESIDUAL_FAMILIES", "read_csv", "write_csv", "write_markdown"]
@@ -39,14 +40,7 @@ RESIDUAL_FAMILIES = {
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def write_csv(records: Sequence[ZooRecord], path: str | os.PathLike) -> None:
@@ -71,13 +65,13 @@ def _parse_cell(kind: str, text: str) -> str | int | float | bool | None:
         return None
     if base == "bool":
         if text not in ("True", "False"):
-            raise ValueError(f"{text!r} is not a boolean (allowed: True, False or empty)")
+            raise InputError(f"{text!r} is not a boolean (allowed: True, False or empty)")
         return text == "True"
     if base == "int":
         return int(text or 0)
     if base == "float":
         return float(text or 0)
-    raise TypeError(f"ZooRecord field of type {kind!r} has no reader")
+    raise InputTypeError(f"ZooRecord field of type {kind!r} has no reader")
 
 
 def read_csv(path: str | os.PathLike) -> list[ZooRecord]:
@@ -92,16 +86,16 @@ def read_csv(path: str | os.PathLike) -> list[ZooRecord]:
         missing = [c for c in kinds if c not in header]
         if unknown or missing:
             problem = f"unknown column {unknown[0]!r}" if unknown else f"no column {missing[0]!r}"
-            raise ValueError(f"{path}: {problem} (the columns are: {', '.join(kinds)})")
+            raise InputError(f"{path}: {problem} (the columns are: {', '.join(kinds)})")
         for row in reader:
             values: dict[str, Any] = {}
             for key, text in row.items():
                 if key is None or text is None:
-                    raise ValueError(f"{path}, line {reader.line_num}: expected {len(kinds)} cells per row")
+                    raise InputError(f"{path}, line {reader.line_num}: expected {len(kinds)} cells per row")
                 try:
                     values[key] = _parse_cell(kinds[key], text)
                 except ValueError as error:
-                    raise ValueError(f"{path}, line {reader.line_num}, column {key!r}: {error}") from None
+                    raise InputError(f"{path}, line {reader.line_num}, column {key!r}: {error}") from None
             records.append(ZooRecord(**values))
     return records
 

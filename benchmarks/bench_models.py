@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
-from attn_inject.validate import cudnn_settings
+from attn_inject.validation import cudnn_settings
 
 QUICK_PAIR = ("resnet18", "se_resnet", "seresnet18", {})
 PAIRS = (

@@ -267,7 +267,7 @@ def test_stage_agreement_with_feature_info():
     for name in ("timm:resnet50", "timm:convnext_tiny", "timm:vit_tiny_patch16_224"):
         model = meta_model(name)
         prepared = ai.plan(model, "cbam_after_every_stage")
-        from attn_inject.plan import prepare
+        from attn_inject.planning import prepare
 
         assert stage_agreement(model, prepare(model).stages, "") == "agree", (name, prepared.stages)
 

@@ -14,7 +14,7 @@ from PIL import Image
 import attn_inject as ai
 from attn_inject import diagram as diagram_module
 from attn_inject.diagram import plan_layout, save_diagram, to_svg
-from attn_inject.plan import InsertionPoint, Plan
+from attn_inject.planning import InsertionPoint, Plan
 from attn_inject.recipe import BlockSpec, Recipe
 
 from .conftest import SIZE, meta_model

@@ -15,7 +15,8 @@ from torch import nn
 
 import attn_inject as ai
 
-validation = importlib.import_module("attn_inject.validate")
+runtimes = importlib.import_module("attn_inject.validation.runtimes")
+running = importlib.import_module("attn_inject.validation.run")
 
 SMALL = (3, 32, 32)
 FAST = ("reference", "identity", "parameters", "shapes", "finite")
@@ -196,7 +197,7 @@ def test_points_no_hook_reaches_are_reported_not_guessed(build):
 def test_export_and_compile_checks(build, monkeypatch):
     model = build("tv:resnet18")
     patched = ai.inject(model, "se_resnet", input_size=SMALL)
-    monkeypatch.setattr(validation, "_compile_backend", lambda device: ("eager", "no compiler in this test"))
+    monkeypatch.setattr(runtimes, "compile_backend", lambda device: ("eager", "no compiler in this test"))
     report = ai.validate(model, patched, device="cpu", seeds=1, checks=("compile", "export"))
     assert statuses(report) == {"compile": "passed", "export": "passed"}, report
     assert "backend='eager'" in report.check("compile").detail
@@ -249,10 +250,10 @@ def test_running_out_of_memory_is_one_clear_error(build, monkeypatch):
     model = build("tv:resnet18")
     patched = ai.inject(model, "se_resnet", input_size=SMALL)
 
-    def out_of_memory(run, wanted):
+    def out_of_memory(context):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(validation, "_eval_checks", out_of_memory)
+    monkeypatch.setattr(running, "measure", out_of_memory)
     with pytest.raises(
         ai.ValidationError, match=r"out of memory on cpu .* during the forward passes at batch 2"
     ):
@@ -317,7 +318,7 @@ def test_every_inserted_weight_is_reached_after_a_small_step_even_where_gradient
 
 
 def test_cudnn_deterministic_is_restored():
-    from attn_inject.validate import cudnn_settings
+    from attn_inject.validation import cudnn_settings
 
     before = torch.backends.cudnn.deterministic
     with cudnn_settings(deterministic=True):
@@ -326,7 +327,7 @@ def test_cudnn_deterministic_is_restored():
 
 
 def test_gradient_tolerance_grows_with_the_originals_own_spread_only():
-    from attn_inject.validate import GRADIENT_TOLERANCE, gradient_tolerance
+    from attn_inject.validation import GRADIENT_TOLERANCE, gradient_tolerance
 
     grads = [torch.tensor([100.0, -50.0]), None, torch.tensor([1.0])]
     assert gradient_tolerance(grads, [g.clone() if g is not None else None for g in grads]) == (

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..values import is_int
 from .params import BlockParamError
 
 __all__ = [
@@ -55,7 +56,7 @@ def check_layout(
     for tokens given no grid when the block does not use one."""
     if layout not in LAYOUTS:
         raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
-    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+    if not is_int(prefix) or prefix < 0:
         raise BlockParamError("prefix", prefix, "a non-negative integer (tokens before the grid)")
     if layout != TOKENS:
         if prefix or grid is not None or order is not None:
@@ -65,11 +66,7 @@ def check_layout(
         return layout, 0, (0, 0), None
     if grid is None and not uses_grid and order is None:
         return layout, prefix, (0, 0), None
-    if (
-        not isinstance(grid, (tuple, list))
-        or len(grid) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in grid)
-    ):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(is_int(s) and s > 0 for s in grid):
         raise BlockParamError("grid", grid, "two positive integers (H', W') for layout='tokens'")
     size = (int(grid[0]), int(grid[1]))
     return layout, prefix, size, _checked_order(order, prefix, size[0] * size[1])
@@ -82,7 +79,7 @@ def _checked_order(order: Any, prefix: int, count: int) -> list[int] | None:
         not prefix
         and isinstance(order, (tuple, list))
         and len(order) == count
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+        and all(is_int(i) for i in order)
         and sorted(order) == list(range(count))
     )
     if not valid:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..errors import AttnInjectError
 from ..messages import shown
+from ..values import is_int, is_number
 
 INIT_MODES = ("identity", "paper")
 
 
-class BlockParamError(ValueError):
+class BlockParamError(AttnInjectError, ValueError):
     """A block parameter has a value the block does not allow."""
 
     def __init__(self, param: str, value: Any, allowed: str) -> None:
@@ -36,7 +38,7 @@ def positive_number(name: str, value: Any) -> float:
 
 
 def number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise BlockParamError(name, value, "a number")
     return value
 
@@ -54,13 +56,13 @@ def ratio(name: str, value: Any) -> float:
 
 
 def positive_int(name: str, value: Any, largest: int = 4096) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
+    if not is_int(value) or not 1 <= value <= largest:
         raise BlockParamError(name, value, f"an integer from 1 to {largest}")
     return value
 
 
 def odd_int(name: str, value: Any, largest: int = 63) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest or value % 2 == 0:
+    if not is_int(value) or not 1 <= value <= largest or value % 2 == 0:
         raise BlockParamError(name, value, f"an odd integer from 1 to {largest}")
     return value
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = ["RESUME_FREE", "FinetuneConfig"]
 
 # Settings a resumed run may change: they do not change what is computed.
@@ -46,29 +48,29 @@ class FinetuneConfig:
     def check(self) -> None:
         """Raise ValueError (one line) for a setting out of range."""
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be at least 1, got {self.epochs}")
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"--num-classes must be at least 1, got {self.num_classes}")
+            raise InputError(f"--num-classes must be at least 1, got {self.num_classes}")
         if not 0 <= self.frozen_epochs <= self.epochs:
-            raise ValueError(
+            raise InputError(
                 f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}"
             )
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup-epochs must be between 0 and --epochs - 1, got {self.warmup_epochs}")
+            raise InputError(f"--warmup-epochs must be between 0 and --epochs - 1, got {self.warmup_epochs}")
         if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"--image-size must be at least 8, got {self.image_size}")
+            raise InputError(f"--image-size must be at least 8, got {self.image_size}")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise InputError(f"--lr must be positive, got {self.lr}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+            raise InputError(f"--workers must be 0 or more, got {self.workers}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+            raise InputError(f"--threads must be at least 1, got {self.threads}")
         if self.amp_dtype not in ("bfloat16", "float16"):
-            raise ValueError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
+            raise InputError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
         if not 0 <= self.hflip <= 1:
-            raise ValueError(f"--hflip must be a probability in [0, 1], got {self.hflip}")
+            raise InputError(f"--hflip must be a probability in [0, 1], got {self.hflip}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from ..files import write_atomic
 
 __all__ = ["plot_curves", "read_summary"]
 
@@ -68,10 +69,5 @@ def plot_curves(
     if not gate.get_lines():
         gate.text(0.5, 0.5, "no blend gates (init=paper)", ha="center", va="center", transform=gate.transAxes)
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}")
-    try:
-        figure.savefig(tmp, metadata={"Software": None} if target.suffix.lower() == ".png" else None)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    metadata = {"Software": None} if target.suffix.lower() == ".png" else None
+    write_atomic(target, lambda tmp: figure.savefig(tmp, metadata=metadata), suffix=target.suffix)

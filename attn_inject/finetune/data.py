@@ -20,12 +20,14 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import AttnInjectError
+
 __all__ = ["DataError", "Folders", "check_folders", "data_config", "image_folders"]
 
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(AttnInjectError, ValueError):
     """The data folder is missing, incomplete or holds an unreadable image."""
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import InputError
 from .distributed import unwrap
 
 __all__ = ["freeze_base", "head_names"]
@@ -47,7 +48,7 @@ def freeze_base(model: nn.Module, frozen: bool = True, *, head: bool = False) ->
     if head:
         heads = head_names(model)
         if not heads:
-            raise ValueError(f"head=True: {type(model).__name__} has no classifier to keep training")
+            raise InputError(f"head=True: {type(model).__name__} has no classifier to keep training")
         trained += heads
 
     def is_trained(name: str) -> bool:

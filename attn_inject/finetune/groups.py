@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InputError
 from .distributed import unwrap
 from .gates import BLEND
 
@@ -69,11 +70,11 @@ def param_groups(
     model = unwrap(model)
     for label, value in (("lr", lr), ("attn_lr_scale", attn_lr_scale)):
         if not value > 0:
-            raise ValueError(f"{label} must be positive, got {value}")
+            raise InputError(f"{label} must be positive, got {value}")
     if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be zero or positive, got {weight_decay}")
+        raise InputError(f"weight_decay must be zero or positive, got {weight_decay}")
     if layer_decay is not None and not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        raise InputError(f"layer_decay must be in (0, 1], got {layer_decay}")
 
     blocks = inserted_blocks(model)
     block_of = {
@@ -126,7 +127,7 @@ def _layers(
     blocks in the layer of the deepest base parameter of the module they sit in."""
     matcher = getattr(model, "group_matcher", None)
     if not callable(matcher):
-        raise ValueError(
+        raise InputError(
             f"layer_decay needs the model's group_matcher() to tell its layers apart; "
             f"{type(model).__name__} has none (timm models have one); leave layer_decay unset"
         )

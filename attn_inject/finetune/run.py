@@ -16,7 +16,6 @@ import contextlib
 import math
 import os
 import random
-import secrets
 import signal
 import sys
 import threading
@@ -29,7 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..messages import cut, shown
+from ..errors import AttnInjectError
+from ..files import write_atomic
+from ..messages import first_line, shown
+from ..values import is_number
 from .config import FinetuneConfig
 from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
@@ -52,7 +54,7 @@ ARGS, SUMMARY, CURVES, LAST, BEST, RESUME = (
 OUTPUTS = (ARGS, SUMMARY, CURVES, LAST, BEST, RESUME)
 
 
-class RunError(ValueError):
+class RunError(AttnInjectError, ValueError):
     """The run cannot start: its output folder or resume state is not what it should be."""
 
 
@@ -113,16 +115,6 @@ def check_out(config: FinetuneConfig) -> None:
 # writing
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_summary(history: list[dict[str, float]], path: Path) -> None:
     """All rows so far, in timm's ``update_summary`` format, replacing ``path`` atomically."""
     from timm.utils import update_summary
@@ -133,11 +125,11 @@ def write_summary(history: list[dict[str, float]], path: Path) -> None:
             evaluation = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
             update_summary(int(row["epoch"]), train, evaluation, str(tmp), lr=row["lr"], write_header=i == 0)
 
-    _atomic(path, write)
+    write_atomic(path, write)
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path, epochs: int | None = None) -> dict[str, Any]:
@@ -146,8 +138,7 @@ def load_state(path: Path, epochs: int | None = None) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunError(f"--resume: cannot read {cut(first)}") from None
+        raise RunError(f"--resume: cannot read {first_line(error) or type(error).__name__}") from None
     return _checked_state(state, path, epochs)
 
 
@@ -176,7 +167,7 @@ def _checked_state(state: Any, path: Path, epochs: int | None) -> dict[str, Any]
     epoch = whole("epoch", 0, epochs)
     whole("num_updates", 0, None)
     whole("best_epoch", -1, max(epoch - 1, -1))
-    if isinstance(state.get("best_top1"), bool) or not isinstance(state.get("best_top1"), (int, float)):
+    if not is_number(state.get("best_top1")):
         raise fail(f"'best_top1' must be a number, got {shown(state.get('best_top1'))}")
     history = state.get("history")
     if (
@@ -411,7 +402,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
                 (out / name).unlink(missing_ok=True)
         if not config.resume:
             text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-            _atomic(out / ARGS, lambda tmp: tmp.write_text(text))
+            write_atomic(out / ARGS, lambda tmp: tmp.write_text(text))
     context.barrier()
 
     model = start.model.to(context.device)

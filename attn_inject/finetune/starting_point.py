@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, read_state_dict
+from ..errors import InputError
 
 __all__ = ["StartingPoint", "load_for_finetuning"]
 
@@ -52,7 +53,7 @@ def load_for_finetuning(path: str | os.PathLike, num_classes: int | None = None)
     from ..serialize import check_file, inject_recorded
 
     if num_classes is not None and num_classes < 1:
-        raise ValueError(f"--num-classes must be at least 1, got {num_classes}")
+        raise InputError(f"--num-classes must be at least 1, got {num_classes}")
     manifest = read_manifest(path)  # a file without a manifest fails here, with its name
     if num_classes is None or num_classes == manifest.base_kwargs.get("num_classes"):
         model = load(path)

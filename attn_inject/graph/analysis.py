@@ -16,15 +16,19 @@ from .trace import ModuleCall, OpaqueModule, trace
 __all__ = ["AnnotatedGraph", "annotate", "scope_of"]
 
 
+def module_stack(node: fx.Node) -> list[str]:
+    """The qualified names of the modules ``node`` was traced in, outermost first (fx's
+    ``nn_module_stack``, whose values are ``(path, type)`` pairs or, in older torch, paths)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [value[0] if isinstance(value, tuple) else str(value) for value in stack.values()]
+
+
 def scope_of(node: fx.Node) -> str:
     """Qualified name of the innermost module the node was traced in ('' for the root)."""
     if node.op == "call_module":
         return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1]
-    return path[0] if isinstance(path, tuple) else str(path)
+    stack = module_stack(node)
+    return stack[-1] if stack else ""
 
 
 @dataclass
@@ -86,8 +90,7 @@ class AnnotatedGraph:
     def name_of(self, node: fx.Node) -> str:
         """The module a node's output belongs to: the outermost module whose output it is,
         else the module it was traced in, else the node's own name."""
-        stack = node.meta.get("nn_module_stack") or {}
-        for path in [p[0] if isinstance(p, tuple) else str(p) for p in stack.values()]:
+        for path in module_stack(node):
             if self.module_outputs.get(path) is node:
                 return path
         return scope_of(node) or node.name
@@ -125,8 +128,7 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         if ops.is_conv(node, model):
             conv_mask |= 1 << i
         if node.op != "output":
-            for path in node.meta.get("nn_module_stack", {}).values():
-                name = path[0] if isinstance(path, tuple) else str(path)
+            for name in module_stack(node):
                 # Containers that are never called themselves (a ModuleList of blocks) end
                 # where their last called member ends.
                 parts = name.split(".")

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-from ..messages import cut
+from ..errors import AttnInjectError
+from ..messages import cut, error_line
 from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
@@ -45,7 +46,7 @@ SHAPE_PRESERVING = (
 )
 
 
-class ShapeError(RuntimeError):
+class ShapeError(AttnInjectError, RuntimeError):
     """A node could not be evaluated on meta tensors."""
 
     def __str__(self) -> str:  # fx appends the node's code and a traceback hint: one line is enough
@@ -145,7 +146,7 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
         raise ShapeError(
             f"module {name!r} reads tensor values, which meta tensors do not have, and its weights are "
             "on the meta device; build the model on the CPU to plan it "
-            f"({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"({error_line(error)})"
         ) from error
     device = tensors[0].device if tensors else torch.device("cpu")
 

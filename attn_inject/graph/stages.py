@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from . import ops
-from .analysis import AnnotatedGraph
+from .analysis import AnnotatedGraph, module_stack
 from .layout import NCHW, NHWC, NLC, grid_of, grid_size, layout_of
 from .shapes import tensor_meta
 
@@ -167,8 +167,7 @@ def _straddles_downsampling(
     transition's norm), which belong to that stage, not this one."""
     if next_hw is None:
         return False
-    for value in (node.meta.get("nn_module_stack") or {}).values():
-        path = value[0] if isinstance(value, tuple) else str(value)
+    for path in module_stack(node):
         first, last = graph.module_inputs.get(path), graph.module_outputs.get(path)
         if last is None or last is node or first is None:
             continue

@@ -30,6 +30,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from ..errors import AttnInjectError
+
 __all__ = [
     "ModelTracer",
     "OpaqueModule",
@@ -48,7 +50,7 @@ __all__ = [
 MAX_OPAQUE = 32
 
 
-class TraceError(RuntimeError):
+class TraceError(AttnInjectError, RuntimeError):
     """torch.fx could not trace the model."""
 
 

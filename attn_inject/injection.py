@@ -7,15 +7,16 @@ from typing import Any
 
 from torch import nn
 
+from .errors import AttnInjectError
 from .models import base_model_of
-from .plan import analyse, positions_of
+from .planning import analyse, positions_of
 from .recipe import Recipe
 from .rewrite import RewriteError, rewrite
 
 __all__ = ["InjectError", "inject"]
 
 
-class InjectError(ValueError):
+class InjectError(AttnInjectError, ValueError):
     """The recipe matched nothing in the model, or the model cannot be patched as it is."""
 
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_init, accepts_layout, accepts_order, create_block, layout_kwargs, uses_grid
+from .errors import AttnInjectError, InputError
 from .graph.analysis import AnnotatedGraph, annotate
 from .graph.layout import NCHW
 from .graph.positions import Candidate, find_candidates, stage_index
@@ -30,8 +31,10 @@ from .graph.trace import OpaqueModule, tracing_strategy
 from .models import wrapper_of
 from .patterns import search
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
-from .scopes import place
+from .scopes import Placement, place
+from .tables import render_table
 from .targets import default_target, get_target, target_input_size
+from .values import is_int
 
 __all__ = [
     "InsertionPoint",
@@ -41,14 +44,13 @@ __all__ = [
     "build_plan",
     "default_input_size",
     "merge_plans",
-    "place_points",
     "plan",
 ]
 
 BATCH = 2  # two samples: batch norm in training mode refuses one value per channel
 
 
-class PlanError(ValueError):
+class PlanError(AttnInjectError, ValueError):
     """The recipe cannot be matched against this model (e.g. a stage index out of range)."""
 
 
@@ -250,19 +252,17 @@ class Plan(Sequence[InsertionPoint]):
         """The plan as a plain-text table (with a layout column when a block is not on an
         NCHW map), and where each block lives."""
         layouts = any(p.layout != NCHW for p in self.points)
+        header = (
+            "#",
+            "name",
+            "position",
+            "channels",
+            *(("layout",) if layouts else ()),
+            "block",
+            "params",
+            "lives in",
+        )
         rows = [
-            (
-                "#",
-                "name",
-                "position",
-                "channels",
-                *(("layout",) if layouts else ()),
-                "block",
-                "params",
-                "lives in",
-            )
-        ]
-        rows += [
             (
                 str(i),
                 p.name,
@@ -275,11 +275,7 @@ class Plan(Sequence[InsertionPoint]):
             )
             for i, p in enumerate(self.points)
         ]
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = render_table(header, rows).split("\n")
         share = 100 * self.params_added / self.base_params if self.base_params else 0.0
         flops_share = 100 * self.flops_added / self.base_flops if self.base_flops else 0.0
         if self.target:
@@ -320,7 +316,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
             size = (channels, *size)
         if len(size) != spatial + 1 or min(size) < 1:
             shape = "(C, T, H, W) or (T, H, W)" if video else "(C, H, W) or (H, W)"
-            raise ValueError(f"input_size must be {shape} with positive sizes, got {tuple(input_size)}")
+            raise InputError(f"input_size must be {shape} with positive sizes, got {tuple(input_size)}")
         return size
     built = _built_size(model)
     for attr in ("pretrained_cfg", "default_cfg"):
@@ -328,7 +324,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
         if isinstance(cfg, Mapping) and cfg.get("input_size"):
             size = tuple(int(s) for s in cfg["input_size"])
             chans = getattr(model, "in_chans", None)  # timm records in_chans=
-            if isinstance(chans, int) and not isinstance(chans, bool) and chans > 0:
+            if is_int(chans) and chans > 0:
                 size = (chans, *size[1:])
             return (size[0], *built) if built is not None and len(size) == 3 else size
     if built is not None and not video:
@@ -342,13 +338,9 @@ def _built_size(model: nn.Module) -> tuple[int, int] | None:
     """(H, W) the model was built for, where timm records it (``img_size=`` at creation)."""
     for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None)
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        if is_int(size) and size > 0:
             return (size, size)
-        if (
-            isinstance(size, (tuple, list))
-            and len(size) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
-        ):
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(is_int(s) and s > 0 for s in size):
             return (int(size[0]), int(size[1]))
     return None
 
@@ -364,7 +356,9 @@ def model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("architecture"):
         return str(cfg["architecture"])
-    info = getattr(model, "attn_inject", None)
+    from .record import patched_record  # the record holds plans
+
+    info = patched_record(model)
     if info is not None:
         return info.plan.model_name
     return type(model).__name__
@@ -374,47 +368,44 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-_PARAM_CACHE: dict[tuple, int] = {}
-_FLOP_CACHE: dict[tuple, int] = {}
-
-
 def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> nn.Module:
     extra = {"init": init} if accepts_init(block.kind) else {}
     with torch.device("meta"):
         return create_block(block.kind, channels, **block.params, **extra, **layout)
 
 
-def _cache_key(block: BlockSpec, size: Any, init: str, layout: Mapping[str, Any]) -> tuple:
-    return (block.kind, repr(sorted(block.params.items())), size, init, repr(sorted(layout.items())))
+class BlockCosts:
+    """The parameters and FLOPs each block adds, built once on the meta device per distinct
+    block, size, init and layout, for the plan being built (a block kind registered again
+    between two plans is counted afresh)."""
 
+    def __init__(self) -> None:
+        self._params: dict[tuple, int] = {}
+        self._flops: dict[tuple, int] = {}
 
-def block_params(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any] | None = None) -> int:
-    """Parameters block ``block`` adds at ``channels`` channels (built once on meta);
-    ``layout``: the block's layout arguments (``blocks.layout_kwargs``), NCHW by default."""
-    layout = layout or {}
-    key = _cache_key(block, channels, init, layout)
-    if key not in _PARAM_CACHE:
-        _PARAM_CACHE[key] = count_params(_meta_block(block, channels, init, layout))
-    return _PARAM_CACHE[key]
+    @staticmethod
+    def _key(block: BlockSpec, size: Any, init: str, layout: Mapping[str, Any]) -> tuple:
+        return (block.kind, repr(sorted(block.params.items())), size, init, repr(sorted(layout.items())))
 
+    def params(self, block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> int:
+        """Parameters ``block`` adds at ``channels`` channels; ``layout``: its layout
+        arguments (``blocks.layout_kwargs``)."""
+        key = self._key(block, channels, init, layout)
+        if key not in self._params:
+            self._params[key] = count_params(_meta_block(block, channels, init, layout))
+        return self._params[key]
 
-def block_flops(
-    block: BlockSpec,
-    shape: tuple[int, ...],
-    channels: int,
-    init: str,
-    layout: Mapping[str, Any] | None = None,
-) -> int:
-    """FLOPs of block ``block`` on one sample of ``shape`` ((C, H, W), or the shape of its
-    ``layout``), counted on meta tensors."""
-    layout = layout or {}
-    key = _cache_key(block, (shape, channels), init, layout)
-    if key not in _FLOP_CACHE:
-        module = _meta_block(block, channels, init, layout)
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            module(torch.empty((1, *shape), device="meta"))
-        _FLOP_CACHE[key] = counter.get_total_flops()
-    return _FLOP_CACHE[key]
+    def flops(
+        self, block: BlockSpec, shape: tuple[int, ...], channels: int, init: str, layout: Mapping[str, Any]
+    ) -> int:
+        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape)."""
+        key = self._key(block, (shape, channels), init, layout)
+        if key not in self._flops:
+            module = _meta_block(block, channels, init, layout)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                module(torch.empty((1, *shape), device="meta"))
+            self._flops[key] = counter.get_total_flops()
+        return self._flops[key]
 
 
 def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:
@@ -459,6 +450,7 @@ def build_plan(
     init: str,
     name: str,
     base_params: int,
+    target: str = "",
 ) -> Plan:
     """Match every rule of ``recipe`` against the annotated graph; where they match nothing
     (no such position in the model, whether or not it could take a block), its ``fallback``
@@ -480,40 +472,17 @@ def build_plan(
             chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
             used_fallback = bool(chosen)
     chosen.sort(key=lambda item: item[:2])
-    points = []
-    for _, r, candidate, rule in chosen:
-        t, channels = tensor_meta(candidate.node), candidate.channels
-        assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
-        shape = tuple(int(s) for s in t.shape[1:])
-        grid = candidate.token_grid
-        point = InsertionPoint(
-            name=candidate.name,
-            position=rule.at,
-            channels=channels,
-            block=rule.block,
-            params=0,
-            node=candidate.node.name,
-            consumers=candidate.edge[1],
-            shape=shape,
-            stage=stage_index(graph, stages, candidate.anchor),
-            rule=r,
-            key="",  # set by place_points
-            layout=str(candidate.layout),
-            prefix=grid.prefix if grid is not None else 0,
-            grid=(grid.height, grid.width) if grid is not None else None,
-            reordered=grid is not None and grid.order is not None,
-            order=grid.order if grid is not None and uses_grid(rule.block.kind) else None,
-        )
-        layout = layout_kwargs(point)
-        points.append(
-            dataclasses.replace(
-                point,
-                params=block_params(rule.block, channels, init, layout),
-                flops=block_flops(rule.block, shape, channels, init, layout),
-            )
-        )
+    edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
+    names = [rule.block_name for _, _, _, rule in chosen]
+    placements = place(graph.root, graph, edges, names)
+    costs = BlockCosts()
+    points = tuple(
+        _point(graph, stages, candidate, rule, r, init, placement, costs)
+        for (_, r, candidate, rule), placement in zip(chosen, placements, strict=True)
+    )
     return Plan(
-        points=tuple(points),
+        points=points,
+        target=target,
         recipe=recipe,
         init=init,
         input_size=tuple(graph.input_shape[1:]),
@@ -526,6 +495,66 @@ def build_plan(
         used_fallback=used_fallback,
         fallback_refused=refused,
     )
+
+
+def _point(
+    graph: AnnotatedGraph,
+    stages: list[Stage],
+    candidate: Candidate,
+    rule: Rule,
+    r: int,
+    init: str,
+    placement: Placement,
+    costs: BlockCosts,
+) -> InsertionPoint:
+    """The point of ``rule`` (number ``r``) at ``candidate``, whole: its tensor, layout,
+    block cost and where the block lives (``placement``)."""
+    t, channels = tensor_meta(candidate.node), candidate.channels
+    assert t is not None and channels is not None, "find_candidates skips points with no map or tokens"
+    shape = tuple(int(s) for s in t.shape[1:])
+    grid = candidate.token_grid
+    layout = PointLayout(
+        str(candidate.layout),
+        grid.prefix if grid is not None else 0,
+        (grid.height, grid.width) if grid is not None else None,
+        grid.order if grid is not None and uses_grid(rule.block.kind) else None,
+    )
+    block_layout = layout_kwargs(layout)
+    return InsertionPoint(
+        name=candidate.name,
+        position=rule.at,
+        channels=channels,
+        block=rule.block,
+        params=costs.params(rule.block, channels, init, block_layout),
+        node=candidate.node.name,
+        consumers=candidate.edge[1],
+        shape=shape,
+        stage=stage_index(graph, stages, candidate.anchor),
+        rule=r,
+        key=placement.key,
+        layout=layout.layout,
+        flops=costs.flops(rule.block, shape, channels, init, block_layout),
+        prefix=layout.prefix,
+        grid=layout.grid,
+        reordered=grid is not None and grid.order is not None,
+        order=layout.order,
+        module=placement.module,
+        block_name=placement.name,
+        owner=placement.owner,
+        attach=placement.attach,
+        argument=placement.argument,
+        scope_note=placement.note,
+    )
+
+
+@dataclass(frozen=True)
+class PointLayout:
+    """What a block's layout arguments are made of (:func:`blocks.layout_kwargs`)."""
+
+    layout: str
+    prefix: int
+    grid: tuple[int, int] | None
+    order: tuple[int, ...] | None
 
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # where a block position can lie
@@ -683,34 +712,15 @@ def plan_prepared(prepared: Prepared, recipe: Recipe, init: str | None = None) -
     if init is None:
         init = recipe.init
     elif init not in ("identity", "paper"):
-        raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
-    result = build_plan(
-        prepared.graph, list(prepared.stages), recipe, init, prepared.model_name, prepared.base_params
-    )
-    return dataclasses.replace(result, target=prepared.target, points=place_points(prepared.graph, result))
-
-
-def place_points(graph: AnnotatedGraph, result: Plan) -> tuple[InsertionPoint, ...]:
-    """The plan's points with the module each block lives in and the module that runs it
-    (:mod:`attn_inject.scopes`)."""
-    by_name = {node.name: node for node in graph.graph.nodes}
-    edges = [
-        (by_name[p.node], None if p.consumers is None else [by_name[c] for c in p.consumers]) for p in result
-    ]
-    names = [result.recipe.all_rules[p.rule].block_name for p in result]
-    placements = place(graph.root, graph, edges, names)
-    return tuple(
-        dataclasses.replace(
-            point,
-            key=placement.key,
-            module=placement.module,
-            block_name=placement.name,
-            owner=placement.owner,
-            attach=placement.attach,
-            argument=placement.argument,
-            scope_note=placement.note,
-        )
-        for point, placement in zip(result, placements, strict=True)
+        raise InputError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+    return build_plan(
+        prepared.graph,
+        list(prepared.stages),
+        recipe,
+        init,
+        prepared.model_name,
+        prepared.base_params,
+        prepared.target,
     )
 
 
@@ -760,7 +770,7 @@ def analyse(
         raise PlanError(f"got {hint} (fx traces the model itself, not its wrapper)")
     loaded = load_recipe(recipe)
     if init is not None and init not in ("identity", "paper"):  # before the work of tracing
-        raise ValueError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+        raise InputError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
     prepared = prepare(model, input_size=input_size, target=resolve_target(model, loaded, target))
     return prepared.graph, plan_prepared(prepared, loaded, init)
 

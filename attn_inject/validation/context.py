@@ -1,0 +1,122 @@
+"""What every check reads: the two models on the device, the reference, the inputs, and the
+:class:`Measurement` of one evaluation pass. Both are frozen: no check changes what another
+sees."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..graph.trace import eval_mode
+from ..reference import HookError, Reference
+from .compare import block_inputs, locate, max_diff, outputs, share_of_scale
+from .report import IDENTITY_TOLERANCE
+
+__all__ = ["Measurement", "ValidationContext", "measure"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One pass of every input through the plain original, the reference and the patched
+    model, in eval mode: the worst differences over the inputs and what they show."""
+
+    reference_diff: float  # max |patched - reference|
+    reference_scale: float
+    identity_diff: float  # max |patched - plain original|
+    identity_scale: float
+    shape_note: str  # '' when shapes and dtypes agree, else both
+    finite: bool
+    located: tuple[str, str] | None  # (point, how) where a failing batch departs first
+    reference_error: str  # why the reference could not run ('' when it ran)
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """Both compared modules on the device (the plan's target, or the models), the
+    reference, the random inputs, and what validation was asked for."""
+
+    original: nn.Module
+    patched: nn.Module
+    reference: Reference
+    inputs: tuple[torch.Tensor, ...]
+    device: torch.device
+    dtype: torch.dtype
+    dtypes: tuple[torch.dtype, ...]  # autocast dtypes asked for, with the models' own
+    identity: bool  # every block has a blend and every blend is 0
+    skip: frozenset[str]  # unreachable points, skipped by the reference (identity there)
+    unreachable: str  # why no reference can be built ('' when it can)
+    params_added: int
+    params_planned: int
+    measurement: Measurement | None = None
+
+    @property
+    def reference_problem(self) -> str:
+        """Why the reference cannot be compared with ('' when it can)."""
+        if self.unreachable:
+            return self.unreachable
+        return self.measurement.reference_error if self.measurement is not None else ""
+
+    def expected(self, x: torch.Tensor, record: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """What the patched model must return for ``x``: the original with the blocks hooked in."""
+        with self.reference.hooked(self.original, record, self.skip):
+            return outputs(self.original, x)
+
+    def tolerance(self) -> float:
+        return IDENTITY_TOLERANCE if self.dtype == torch.float32 else torch.finfo(self.dtype).eps * 8
+
+    def blends(self) -> dict[str, list[nn.Parameter]]:
+        """Each block's blend parameters, by block key."""
+        return {
+            key: [p for name, p in block.named_parameters() if name.split(".")[-1] == "blend"]
+            for key, block in self.reference.blocks.items()
+        }
+
+
+def measure(context: ValidationContext) -> Measurement:
+    """Run every input once through the three models (see :class:`Measurement`)."""
+    tol = context.tolerance()
+    worst_ref = worst_id = ref_scale = id_scale = 0.0
+    located: tuple[str, str] | None = None
+    shape_note, finite, error = "", True, context.unreachable
+    for x in context.inputs:
+        plain, expected, ref_record, error = _expected(context, x, error)
+        got_record: dict[str, torch.Tensor] = {}
+        with eval_mode(context.patched), torch.no_grad(), block_inputs(context.reference.blocks, got_record):
+            got = outputs(context.patched, x)
+        if [(g.shape, g.dtype) for g in got] != [(p.shape, p.dtype) for p in plain]:
+            shape_note = (
+                f"patched {[(tuple(g.shape), str(g.dtype)) for g in got]} vs "
+                f"original {[(tuple(p.shape), str(p.dtype)) for p in plain]}"
+            )
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in got)
+        diff, scale = max_diff(got, plain)
+        if diff >= worst_id:
+            worst_id, id_scale = diff, scale
+        diff, scale = max_diff(got, expected)
+        if diff >= worst_ref:
+            worst_ref, ref_scale = diff, scale
+        failing = share_of_scale(diff, scale) > tol or (
+            context.identity and share_of_scale(*max_diff(got, plain)) > tol
+        )
+        if failing and located is None:
+            located = locate(context.reference.points, ref_record, got_record)
+    reference_error = "" if error == context.unreachable else error
+    return Measurement(worst_ref, ref_scale, worst_id, id_scale, shape_note, finite, located, reference_error)
+
+
+def _expected(
+    context: ValidationContext, x: torch.Tensor, error: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor], str]:
+    """The plain original's outputs for ``x``, the reference's (the plain ones when the
+    reference cannot run), the blocks' inputs the reference saw, and why it could not run."""
+    record: dict[str, torch.Tensor] = {}
+    with eval_mode(context.original), eval_mode(context.patched), torch.no_grad():  # blocks: the patched's
+        plain = outputs(context.original, x)
+        if error:
+            return plain, plain, record, error
+        try:
+            return plain, context.expected(x, record), record, ""
+        except HookError as hook_error:  # a hook met what the trace did not show
+            return plain, plain, record, f"the reference could not run: {hook_error}"

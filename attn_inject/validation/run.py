@@ -1,0 +1,174 @@
+"""``validate(original, patched)``: build the context once, measure once, run each check
+asked for in report order, and gather the report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..messages import first_line
+from ..names import join_names
+from ..planning import Plan, count_params, default_input_size
+from ..record import patched_record
+from ..reference import Reference
+from .context import Measurement, ValidationContext, measure
+from .devices import cudnn_settings, device_name, on_device, resolve_device, tensors_of, where
+from .registry import TRACE, CheckSpec, checks_for, registered
+from .report import SKIPPED, Check, ValidationError, ValidationReport
+
+__all__ = ["validate"]
+
+
+def validate(
+    original: nn.Module,
+    patched: nn.Module,
+    *,
+    input_size: Sequence[int] | None = None,
+    device: str | torch.device = "auto",
+    batch: int = 2,
+    seeds: int = 3,
+    dtypes: Sequence[torch.dtype] | None = None,
+    checks: Sequence[str] | str | None = None,
+) -> ValidationReport:
+    """Check ``patched`` against ``original`` and report each check (see :data:`CHECKS`).
+
+    ``seeds`` random batches of ``batch`` at ``input_size`` (C, H, W; default the plan's)
+    run through the patched model, the plain original and the reference (the original with
+    the patched model's blocks applied by hooks): patched vs reference within 1e-5 of the
+    output scale in fp32 for any blend, and vs the plain original while every blend is 0;
+    the same in train mode under one RNG state, BatchNorm statistics compared; gradients;
+    parameters added vs the plan; shapes, dtypes, finiteness; ``torch.compile`` and
+    ``torch.export`` against eager; bf16 / fp16 autocast (``dtypes``, default on CUDA).
+    ``checks`` picks a subset; by default every check but ``compile`` (a compilation takes
+    minutes on a CPU), which is then reported as skipped; ``checks="all"`` runs it too.
+    Runs on CUDA when available (``device="auto"``); the models
+    are not changed (modes, buffers and parameters are as they were). For a plan with a
+    target, the targets are compared.
+    """
+    if patched_record(patched) is None:
+        raise ValidationError("the second model is not a patched model (it has no attn_inject plan)")
+    if any(t.is_meta for t in tensors_of(original, patched)):
+        raise ValidationError(
+            "the model's weights are on the meta device; materialise them before validating"
+        )
+    if batch < 1 or seeds < 1:
+        raise InputError(f"batch and seeds must be at least 1, got batch={batch}, seeds={seeds}")
+    specs = checks_for(checks)
+    target = resolve_device(device)
+    original, patched = on_device(original, patched, target)
+    context = _context(original, patched, specs, target, input_size, batch, seeds, dtypes)
+    results, measured = _run_checks(context, specs, batch)
+    if checks is None:  # the checks not run by default, said so
+        results += [
+            Check(
+                s.name, SKIPPED, where(target, context.dtype, "eval"), "not asked for: checks='all' runs it"
+            )
+            for s in registered()
+            if not s.default
+        ]
+    order = {spec.name: i for i, spec in enumerate(registered())}
+    results.sort(key=lambda c: order.get(c.name.split()[0], len(order)))
+    root = context.reference.root
+    if root:  # points by their name in the model passed in
+        results = [dataclasses.replace(c, point=f"{root}.{c.point}") if c.point else c for c in results]
+    return ValidationReport(
+        device=device_name(target),
+        input_shape=tuple(context.inputs[0].shape),
+        init=_record_plan(patched).init,
+        checks=tuple(results),
+        unreachable=tuple((join_names(root, p.key), p.unreachable) for p in context.reference.unreachable),
+        max_abs_diff=measured.identity_diff,
+        output_scale=measured.identity_scale,
+        identity_expected=context.identity,
+        params_added=context.params_added,
+        params_planned=context.params_planned,
+        finite=measured.finite,
+    )
+
+
+def _record_plan(patched: nn.Module) -> Plan:
+    record = patched_record(patched)
+    assert record is not None
+    return record.plan
+
+
+def _context(
+    original: nn.Module,
+    patched: nn.Module,
+    specs: Sequence[CheckSpec],
+    device: torch.device,
+    input_size: Sequence[int] | None,
+    batch: int,
+    seeds: int,
+    dtypes: Sequence[torch.dtype] | None,
+) -> ValidationContext:
+    """The context every check reads: the compared roots, the reference (traced only when a
+    check compares with it; else the blocks are enough), the inputs, identity or not."""
+    plan = _record_plan(patched)
+    reference = Reference.build(original, patched, trace=any(TRACE in s.needs for s in specs))
+    root = reference.root
+    original_root = original.get_submodule(root) if root else original
+    patched_root = patched.get_submodule(root) if root else patched
+    size = (
+        tuple(input_size)
+        if input_size is not None
+        else tuple(plan.input_size) or default_input_size(original_root)
+    )
+    dtype = next((p.dtype for p in patched_root.parameters() if p.is_floating_point()), torch.float32)
+    inputs = tuple(
+        torch.randn((batch, *size), generator=torch.Generator().manual_seed(s)).to(device, dtype)
+        for s in range(seeds)
+    )
+    blends = {
+        key: [p for name, p in block.named_parameters() if name.split(".")[-1] == "blend"]
+        for key, block in reference.blocks.items()
+    }
+    at_identity = {key: bool(b) and all(not bool(p.detach().any()) for p in b) for key, b in blends.items()}
+    not_identity = [p.key for p in reference.unreachable if not at_identity.get(p.key, False)]
+    if dtypes is None:
+        dtypes = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
+    return ValidationContext(
+        original=original_root,
+        patched=patched_root,
+        reference=reference,
+        inputs=inputs,
+        device=device,
+        dtype=dtype,
+        dtypes=tuple(dtypes),
+        identity=bool(blends) and all(at_identity.values()),
+        skip=frozenset(p.key for p in reference.unreachable),
+        unreachable=(
+            f"no hook reaches {', '.join(not_identity[:3])}, whose blocks are not at identity"
+            if not_identity
+            else ""
+        ),
+        params_added=count_params(patched) - count_params(original),
+        params_planned=plan.params_added,
+    )
+
+
+def _run_checks(
+    context: ValidationContext, specs: Sequence[CheckSpec], batch: int
+) -> tuple[list[Check], Measurement]:
+    """Measure once, then run each check on the measured context; running out of memory is
+    one error naming what ran."""
+    current = "the forward passes"
+    results: list[Check] = []
+    try:
+        with cudnn_settings(benchmark=False):
+            measured = measure(context)
+            context = dataclasses.replace(context, measurement=measured)
+            for spec in specs:
+                current = spec.name
+                outcome = spec.run(context)
+                results += [outcome] if isinstance(outcome, Check) else list(outcome)
+    except torch.OutOfMemoryError as error:
+        raise ValidationError(
+            f"out of memory on {device_name(context.device)} during {current} at batch {batch}: "
+            f"validate with batch=1 or device='cpu' ({first_line(error, 100)})"
+        ) from None
+    return results, measured
