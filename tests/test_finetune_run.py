@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from PIL import Image
 
 import attn_inject as ai
@@ -358,6 +359,22 @@ def test_an_earlier_run_is_kept_unless_resume_or_force(checkpoint, data, tmp_pat
     assert "no run to resume" in capsys.readouterr().err
     assert main(finetune_args(checkpoint, data, out, "--force")) == 0
     assert len(read_rows(out / "summary.csv")) == 1
+
+
+def test_resume_with_more_epochs_extends_the_run_at_the_schedules_floor(checkpoint, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, epochs=1)) == 0
+    first = read_rows(out / "summary.csv")
+    assert main(finetune_args(checkpoint, data, out, "--resume", epochs=3)) == 0
+    err = capsys.readouterr().err
+    assert "extended from 1 to 3 epochs" in err and "holds its floor (min lr 1e-05)" in err
+    rows = read_rows(out / "summary.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0] == first[0]  # the first epoch kept
+    assert [float(r["lr"]) for r in rows[1:]] == pytest.approx([1e-05, 1e-05])  # past the cosine's end
+    assert yaml.safe_load((out / "args.yaml").read_text())["epochs"] == 3  # resumable again as extended
+    assert main(finetune_args(checkpoint, data, out, "--resume", epochs=3)) == 0  # nothing left: no error
+    assert main(finetune_args(checkpoint, data, out, "--resume", epochs=2)) == 1  # fewer: refused
+    assert "epochs=3 in the run, 2 now" in capsys.readouterr().err
 
 
 def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsys):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import InputError
+from ..values import is_int
 
 __all__ = ["RESUME_FREE", "FinetuneConfig"]
 
@@ -80,7 +81,9 @@ class FinetuneConfig:
 
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """The settings that differ from a saved run's ``args.yaml`` (those that change what
-        is computed)."""
+        is computed). More ``epochs`` than the run's is not a difference: the run is extended
+        (see :func:`attn_inject.finetune.run.check_out`)."""
         mine = self.to_dict()
         names = [f.name for f in fields(self) if f.name not in RESUME_FREE]
-        return [n for n in names if saved.get(n) != mine[n]]
+        extended = is_int(saved.get("epochs")) and self.epochs > saved["epochs"]
+        return [n for n in names if saved.get(n) != mine[n] and not (n == "epochs" and extended)]

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import AttnInjectError
 from ..files import write_atomic
 from ..messages import first_line, shown
-from ..values import is_number
+from ..values import is_int, is_number
 from .config import FinetuneConfig
 from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
@@ -94,7 +94,6 @@ def check_out(config: FinetuneConfig) -> None:
             raise RunError(str(error)) from None
         if not isinstance(saved, dict):
             raise RunError(f"--resume: {out / ARGS} does not hold the run's settings")
-        load_state(out / RESUME, config.epochs)  # its fields too, before anything is written
         differ = config.differences(saved)
         if differ:
             now = config.to_dict()
@@ -103,7 +102,9 @@ def check_out(config: FinetuneConfig) -> None:
             )
             raise RunError(
                 f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones"
+                + (" (more --epochs extend the run)" if "epochs" in differ else "")
             )
+        load_state(out / RESUME, config.epochs)  # its fields too, before anything is written
     elif found and not config.force:
         raise RunError(
             f"--out {out} holds the results of an earlier run ({', '.join(found)}); "
@@ -130,6 +131,19 @@ def write_summary(history: list[dict[str, float]], path: Path) -> None:
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def _saved_epochs(out: Path) -> int:
+    """The ``epochs`` an earlier run in ``out`` recorded (0 when there is none readable)."""
+    from ..recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
+
+    try:
+        with open(out / ARGS, "rb") as f:
+            saved = read_yaml(f.read(MAX_RECIPE_BYTES).decode("utf-8", "replace"), str(out / ARGS))
+    except (OSError, RecipeError):
+        return 0
+    epochs = saved.get("epochs") if isinstance(saved, dict) else None
+    return epochs if is_int(epochs) else 0
 
 
 def load_state(path: Path, epochs: int | None = None) -> dict[str, Any]:
@@ -400,7 +414,7 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
         if config.force and not config.resume:
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
-        if not config.resume:
+        if not config.resume or config.epochs > _saved_epochs(out):  # a new run, or one extended
             text = yaml.safe_dump(config.to_dict(), sort_keys=False)
             write_atomic(out / ARGS, lambda tmp: tmp.write_text(text))
     context.barrier()
@@ -460,6 +474,13 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
         history = [dict(r) for r in state["history"]]
         best_top1, best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         _log(context, f"resuming {out} at epoch {first_epoch + 1} of {config.epochs}")
+        planned = int(scheduler.t_initial / max(len(train_loader), 1))  # the schedule's own length
+        if config.epochs > planned:
+            _log(
+                context,
+                f"extended from {planned} to {config.epochs} epochs: the cosine schedule runs its "
+                f"{planned} epochs as planned, then holds its floor (min lr {config.lr * 0.01:g})",
+            )
     else:
         scheduler.step_update(num_updates=0)  # every group at its lr_scale from the first step
 
