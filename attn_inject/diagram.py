@@ -364,23 +364,7 @@ def plan_layout(plan: Plan) -> Diagram:
     points = tuple(plan.points)
     colours = _kind_colours(points)
     titles, members, markers = _assign(plan)
-
-    # Column contents and widths.
-    columns: list[_Column] = []
-    for c, name in enumerate(titles):
-        shown = members[c] if len(members[c]) <= MAX_BADGES else members[c][:SHOWN_BADGES]
-        hidden = tuple(members[c][len(shown) :])
-        all_points = [points[i] for i in sorted(members[c] + markers[c])]
-        subtitle = " · ".join(s for s in (_channels(all_points), _count(len(all_points))) if s)
-        if not plan.stages:
-            subtitle = "no stages found · " + subtitle
-        title = _clip(name, 28)
-        inner = max(
-            [MIN_COLUMN_INNER, _text_width(title, HEADER_SIZE, bold=True), _text_width(subtitle, SMALL_SIZE)]
-            + [_badge_width(points[i]) for i in shown]
-        )
-        rows = len(shown) + (1 if hidden else 0)
-        columns.append(_Column(name, title, subtitle, shown, hidden, math.ceil(inner) + 2 * COLUMN_PAD, rows))
+    columns = _columns(plan, points, titles, members, markers)
     rows = max(col.rows for col in columns)
     marker_stack = max((len(m) * (BADGE_H + 4) for m in markers), default=0)
     column_h = HEADER_H + (rows * (BADGE_H + BADGE_GAP) - BADGE_GAP + COLUMN_PAD if rows else 0)
@@ -401,135 +385,170 @@ def plan_layout(plan: Plan) -> Diagram:
     # The row: input, columns and the arrows between them, all centred on one line.
     top = round(legend_bottom + 18)
     mid = top + round(column_h / 2)
-    boxes: list[Box] = []
-    arrows: list[Arrow] = []
-    x: float = MARGIN
-    boxes.append(
-        Box(
-            x,
-            mid - 20,
-            input_w,
-            40,
-            "input",
-            BACKGROUND,
-            COLUMN_STROKE,
-            6,
-            (
-                Text(x + input_w / 2, mid - 4, "input", 12, anchor="middle", bold=True),
-                Text(x + input_w / 2, mid + 12, size_text, SMALL_SIZE, MUTED, anchor="middle"),
-            ),
-        )
+    row = _Row(top, mid, column_h, gaps, points, colours)
+    row.boxes.append(_input_box(MARGIN, mid, input_w, size_text))
+    x: float = MARGIN + input_w
+    for c, column in enumerate(columns):
+        x = row.add_column(c, column, x, markers[c])
+
+    texts = [Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True), *legend_texts]
+    footer, bottom = _footer(plan, points, top + column_h + 30)
+    texts += footer
+    extents = (
+        [x] + [t.x + _text_width(t.text, t.size, t.bold) for t in texts] + [b.x + b.w for b in legend_boxes]
     )
-    x += input_w
-    badges: list[Box] = []
-    for c, (name, title, subtitle, shown, hidden, w, _) in enumerate(columns):
-        gap = GAP if c == 0 else gaps[c - 1]
-        arrows.append(Arrow(x, mid, x + gap, mid))
+    width = round(max(extents) + MARGIN)
+    height = round(bottom + MARGIN - 4)
+    boxes = tuple(row.boxes + legend_boxes + row.badges)
+    return Diagram(width, height, heading, boxes, tuple(row.arrows), tuple(texts))
+
+
+def _columns(
+    plan: Plan,
+    points: tuple[InsertionPoint, ...],
+    titles: list[str],
+    members: list[list[int]],
+    markers: list[list[int]],
+) -> list[_Column]:
+    """Each column's contents and width: its badges (the first ones, when there are too
+    many to show), title and subtitle."""
+    columns: list[_Column] = []
+    for c, name in enumerate(titles):
+        shown = members[c] if len(members[c]) <= MAX_BADGES else members[c][:SHOWN_BADGES]
+        hidden = tuple(members[c][len(shown) :])
+        all_points = [points[i] for i in sorted(members[c] + markers[c])]
+        subtitle = " · ".join(s for s in (_channels(all_points), _count(len(all_points))) if s)
+        if not plan.stages:
+            subtitle = "no stages found · " + subtitle
+        title = _clip(name, 28)
+        inner = max(
+            [MIN_COLUMN_INNER, _text_width(title, HEADER_SIZE, bold=True), _text_width(subtitle, SMALL_SIZE)]
+            + [_badge_width(points[i]) for i in shown]
+        )
+        rows = len(shown) + (1 if hidden else 0)
+        columns.append(_Column(name, title, subtitle, shown, hidden, math.ceil(inner) + 2 * COLUMN_PAD, rows))
+    return columns
+
+
+def _input_box(x: float, mid: float, width: float, size_text: str) -> Box:
+    return Box(
+        x,
+        mid - 20,
+        width,
+        40,
+        "input",
+        BACKGROUND,
+        COLUMN_STROKE,
+        6,
+        (
+            Text(x + width / 2, mid - 4, "input", 12, anchor="middle", bold=True),
+            Text(x + width / 2, mid + 12, size_text, SMALL_SIZE, MUTED, anchor="middle"),
+        ),
+    )
+
+
+class _Row:
+    """The row being laid out: columns left to right, the arrows between them, the badges
+    in each column and the stage-output markers on the arrow that leaves it."""
+
+    def __init__(
+        self,
+        top: float,
+        mid: float,
+        column_h: float,
+        gaps: list[float],
+        points: tuple[InsertionPoint, ...],
+        colours: dict[str, str],
+    ) -> None:
+        self.top, self.mid, self.column_h, self.gaps = top, mid, column_h, gaps
+        self.points, self.colours = points, colours
+        self.boxes: list[Box] = []
+        self.arrows: list[Arrow] = []
+        self.badges: list[Box] = []
+
+    def add_column(self, c: int, column: _Column, x: float, stack: list[int]) -> float:
+        """Column ``c`` after an arrow from ``x``; returns where the next arrow starts."""
+        name, title, subtitle, shown, hidden, w, _ = column
+        gap = GAP if c == 0 else self.gaps[c - 1]
+        self.arrows.append(Arrow(x, self.mid, x + gap, self.mid))
         x += gap
-        boxes.append(
-            Box(
-                x,
-                top,
-                w,
-                column_h,
-                "column",
-                COLUMN_FILL,
-                COLUMN_STROKE,
-                8,
-                (
-                    Text(x + w / 2, top + 19, title, HEADER_SIZE, anchor="middle", bold=True),
-                    Text(x + w / 2, top + 36, subtitle, SMALL_SIZE, MUTED, anchor="middle"),
-                ),
-                tooltip=name,
-            )
+        top = self.top
+        header = (
+            Text(x + w / 2, top + 19, title, HEADER_SIZE, anchor="middle", bold=True),
+            Text(x + w / 2, top + 36, subtitle, SMALL_SIZE, MUTED, anchor="middle"),
+        )
+        self.boxes.append(
+            Box(x, top, w, self.column_h, "column", COLUMN_FILL, COLUMN_STROKE, 8, header, tooltip=name)
         )
         y = top + HEADER_H
         for i in shown:
-            p = points[i]
-            badges.append(_badge(p, i, x + COLUMN_PAD, y, w - 2 * COLUMN_PAD, colours[p.block.kind]))
+            p = self.points[i]
+            self.badges.append(
+                _badge(p, i, x + COLUMN_PAD, y, w - 2 * COLUMN_PAD, self.colours[p.block.kind])
+            )
             y += BADGE_H + BADGE_GAP
         if hidden:
-            names = [points[i].name or points[i].node for i in hidden]
-            tooltip = ", ".join(names[:40]) + (f" and {len(names) - 40} more" if len(names) > 40 else "")
-            badges.append(
-                Box(
-                    x + COLUMN_PAD,
-                    y,
-                    w - 2 * COLUMN_PAD,
-                    BADGE_H,
-                    "more",
-                    MORE_FILL,
-                    radius=5,
-                    texts=(
-                        Text(
-                            x + w / 2,
-                            y + BADGE_H / 2 + BADGE_SIZE * 0.36,
-                            f"+{len(hidden)} more",
-                            BADGE_SIZE,
-                            INK,
-                            anchor="middle",
-                        ),
-                    ),
-                    tooltip=tooltip,
-                    hidden=hidden,
-                )
-            )
+            self.badges.append(self._more(hidden, x, y, w))
         x += w
         # stage_output points: stacked on the middle of the arrow that leaves this column.
-        stack = markers[c]
-        y = mid - (len(stack) * (BADGE_H + 4) - 4) // 2
+        y = self.mid - (len(stack) * (BADGE_H + 4) - 4) // 2
         for i in stack:
-            p = points[i]
+            p = self.points[i]
             mw = _marker_width(p)
-            badges.append(_marker(p, i, x + (gaps[c] - mw) // 2, y, mw, colours[p.block.kind]))
+            self.badges.append(_marker(p, i, x + (self.gaps[c] - mw) // 2, y, mw, self.colours[p.block.kind]))
             y += BADGE_H + 4
+        return x
 
-    # Footer: totals from the points themselves.
+    def _more(self, hidden: tuple[int, ...], x: float, y: float, w: float) -> Box:
+        """The "+N more" badge of a column with more points than it shows."""
+        names = [self.points[i].name or self.points[i].node for i in hidden]
+        tooltip = ", ".join(names[:40]) + (f" and {len(names) - 40} more" if len(names) > 40 else "")
+        label = Text(
+            x + w / 2,
+            y + BADGE_H / 2 + BADGE_SIZE * 0.36,
+            f"+{len(hidden)} more",
+            BADGE_SIZE,
+            INK,
+            anchor="middle",
+        )
+        return Box(
+            x + COLUMN_PAD,
+            y,
+            w - 2 * COLUMN_PAD,
+            BADGE_H,
+            "more",
+            MORE_FILL,
+            radius=5,
+            texts=(label,),
+            tooltip=tooltip,
+            hidden=hidden,
+        )
+
+
+def _footer(plan: Plan, points: tuple[InsertionPoint, ...], footer_y: float) -> tuple[list[Text], float]:
+    """Totals from the points themselves, FLOPs and skipped candidates; and the last line's y."""
     added = sum(p.params for p in points)
     share = ""
     if plan.base_params:
         percent = 100 * added / plan.base_params
         share = f" ({'<0.01' if 0 < percent < 0.01 else format(percent, '.2f')}% of {plan.base_params:,})"
     footer = f"{_count(len(points)) if points else '0 blocks'}, +{added:,} parameters{share}"
-    footer_y = top + column_h + 30
-    texts = [
-        Text(MARGIN, title_y, heading, TITLE_SIZE, bold=True),
-        *legend_texts,
-        Text(MARGIN, footer_y, footer, 13, bold=True),
-    ]
+    texts = [Text(MARGIN, footer_y, footer, 13, bold=True)]
     bottom = footer_y
     if plan.base_flops:
         flops = sum(p.flops for p in points)
         bottom += 18
-        texts.append(
-            Text(
-                MARGIN,
-                bottom,
-                f"+{flops / 1e6:,.1f} M FLOPs per image "
-                f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)",
-                SMALL_SIZE,
-                MUTED,
-            )
+        line = (
+            f"+{flops / 1e6:,.1f} M FLOPs per image "
+            f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)"
         )
+        texts.append(Text(MARGIN, bottom, line, SMALL_SIZE, MUTED))
     if plan.skipped:
         bottom += 18
         n = len(plan.skipped)
-        texts.append(
-            Text(
-                MARGIN,
-                bottom,
-                f"{n} candidate{'s' if n != 1 else ''} skipped (the plan's skipped list says why)",
-                SMALL_SIZE,
-                MUTED,
-            )
-        )
-
-    extents = (
-        [x] + [t.x + _text_width(t.text, t.size, t.bold) for t in texts] + [b.x + b.w for b in legend_boxes]
-    )
-    width = round(max(extents) + MARGIN)
-    height = round(bottom + MARGIN - 4)
-    return Diagram(width, height, heading, tuple(boxes + legend_boxes + badges), tuple(arrows), tuple(texts))
+        line = f"{n} candidate{'s' if n != 1 else ''} skipped (the plan's skipped list says why)"
+        texts.append(Text(MARGIN, bottom, line, SMALL_SIZE, MUTED))
+    return texts, bottom
 
 
 # ---------------------------------------------------------------------------------------
