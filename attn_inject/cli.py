@@ -57,6 +57,9 @@ def _common_flags(default: Any) -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line, every command and option. Long on purpose: a flat declaration,
+    one statement per option in the order ``--help`` shows them, reads better whole than
+    split into helpers that each hold a few."""
     parser = argparse.ArgumentParser(
         prog="attn-inject",
         description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",

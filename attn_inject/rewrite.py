@@ -203,39 +203,12 @@ def rewrite(
     sub = model.get_submodule(plan.target) if plan.target else model
     device, dtype = _reference_tensor(sub)
     prefix = f"{plan.target}." if plan.target else ""
-    by_name = {node.name: node for node in graph.nodes}
-    calls = {c.path: c for c in graph.calls if not c.leaf}
     tree = _Tree(model)
-
     blocks = {point.key: build_block(point, plan.init, device, dtype) for point in plan}
-    owners: dict[str, list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]] = {}
-    around: dict[str, Around] = {}
+    owners, around = _by_attach(plan, graph)
     baked: list[str] = []
-    for point in plan:
-        if point.attach == GRAPH:
-            consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
-            owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
-        elif point.attach == AFTER:
-            around[point.module] = around.get(point.module, Around()).add(after="", block=point.block_name)
-        elif point.attach == BEFORE:
-            wrapped = around.get(point.module, Around())
-            around[point.module] = wrapped.add(before=point.argument, block=point.block_name)
     for owner, points in owners.items():
-        if owner:
-            producers = {producer for _, producer, _ in points}
-            readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
-            scope = extract_scope(sub, graph, calls[owner], producers, readers)
-        else:
-            whole = fx.Graph()
-            copied: dict[fx.Node, fx.Node] = {}
-            whole.output(whole.graph_copy(graph.graph, copied))
-            for node in whole.nodes:
-                for key in ANNOTATIONS:
-                    node.meta.pop(key, None)
-            arguments = tuple((str(n.target), n) for n in whole.nodes if n.op == "placeholder")
-            scope = ScopeTrace(
-                "", sub, whole, copied, tuple(c.path for c in graph.calls if not c.leaf), arguments=arguments
-            )
+        scope = _owner_scope(sub, graph, owner, points)
         _refuse_hooks(scope, prefix + owner)
         baked += _reading_training(scope, prefix + owner)
         _insert(scope, points)
@@ -246,7 +219,6 @@ def rewrite(
         host.__dict__.pop(point.block_name, None)  # a plain attribute of that name (e.g. se = None)
     for module, wrapped in around.items():
         derive_around(tree.writable(prefix + module), wrapped)
-
     if baked:
         more = " ..." if len(baked) > 3 else ""
         warnings.warn(
@@ -255,10 +227,60 @@ def rewrite(
             stacklevel=3,
         )
     patched = tree.root
+    set_record(patched, _record(model, plan, base))
+    return patched
+
+
+GraphPoints = dict[str, list[tuple[InsertionPoint, fx.Node, "list[fx.Node] | None"]]]
+
+
+def _by_attach(plan: Plan, graph: AnnotatedGraph) -> tuple[GraphPoints, dict[str, Around]]:
+    """The points each rewritten owner runs in its graph (with their producer and readers),
+    and the blocks each module runs around its own forward."""
+    by_name = {node.name: node for node in graph.nodes}
+    owners: GraphPoints = {}
+    around: dict[str, Around] = {}
+    for point in plan:
+        if point.attach == GRAPH:
+            consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
+            owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
+        elif point.attach == AFTER:
+            around[point.module] = around.get(point.module, Around()).add(after="", block=point.block_name)
+        elif point.attach == BEFORE:
+            wrapped = around.get(point.module, Around())
+            around[point.module] = wrapped.add(before=point.argument, block=point.block_name)
+    return owners, around
+
+
+def _owner_scope(
+    sub: nn.Module,
+    graph: AnnotatedGraph,
+    owner: str,
+    points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]],
+) -> ScopeTrace:
+    """The graph ``owner``'s forward becomes: its own call traced alone, or for the root
+    ('') the whole trace without the analysis' annotations."""
+    if owner:
+        calls = {c.path: c for c in graph.calls if not c.leaf}
+        producers = {producer for _, producer, _ in points}
+        readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
+        return extract_scope(sub, graph, calls[owner], producers, readers)
+    whole = fx.Graph()
+    copied: dict[fx.Node, fx.Node] = {}
+    whole.output(whole.graph_copy(graph.graph, copied))
+    for node in whole.nodes:
+        for key in ANNOTATIONS:
+            node.meta.pop(key, None)
+    arguments = tuple((str(n.target), n) for n in whole.nodes if n.op == "placeholder")
+    inner = tuple(c.path for c in graph.calls if not c.leaf)
+    return ScopeTrace("", sub, whole, copied, inner, arguments=arguments)
+
+
+def _record(model: nn.Module, plan: Plan, base: tuple[str, dict[str, Any]] | None) -> InjectionInfo:
+    """What the patched model remembers: the plans of earlier injections into ``model``,
+    then this one, and the base model's builder."""
     earlier = patched_record(model)
     plans = (*earlier.plans, plan) if earlier is not None else (plan,)
     if base is None and earlier is not None and earlier.base_model:
         base = (earlier.base_model, dict(earlier.base_kwargs))
-    info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
-    set_record(patched, info)
-    return patched
+    return InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())

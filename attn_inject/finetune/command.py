@@ -8,6 +8,8 @@ __all__ = ["add_parser", "command"]
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """``attn-inject finetune`` and its options. Long on purpose: a flat declaration, one
+    statement per option in the order ``--help`` shows them."""
     p = sub.add_parser(
         "finetune",
         parents=[common],
