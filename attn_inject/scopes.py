@@ -191,27 +191,7 @@ def extract_scope(
     module = root.get_submodule(call.path)
     if call.arguments is None:
         raise ScopeError(f"{call.path} takes *args or **kwargs")
-    prefix = call.path + "."
-    own = fx.Graph()
-    node_map: dict[fx.Node, fx.Node] = {}
-    constants: dict[str, Any] = {}
-    for name, value in call.arguments:
-        _unpack(own, own.placeholder(name), value, node_map, f"{call.path} argument {name}")
-
-    def value_of(node: fx.Node) -> fx.Node:
-        if node in node_map:
-            return node_map[node]
-        if node.op == "get_attr" and str(node.target).startswith(prefix):  # fetched before the call
-            node_map[node] = own.get_attr(str(node.target)[len(prefix) :])
-            return node_map[node]
-        if node.op == "get_attr" and node.target == call.path:  # the module itself (a size-only call)
-            node_map[node] = own.get_attr(ITSELF)
-            return node_map[node]
-        raise ScopeError(f"{call.path} reads {node.name}, which it is not given")
-
-    def mapped(value: Any) -> Any:
-        return fx.node.map_aggregate(value, lambda v: value_of(v) if isinstance(v, fx.Node) else v)
-
+    copy = _ScopeCopy(root, call)
     kept = _kept_whole(graph, call, producers or set(), readers or set())
     whole = {child.nodes[0]: child for child in kept}
     skip: set[fx.Node] = set()
@@ -220,37 +200,74 @@ def extract_scope(
             continue
         child = whole.get(node)
         if child is not None:
-            assert child.arguments is not None
-            called = own.call_module(
-                child.path[len(prefix) :], kwargs={k: mapped(v) for k, v in child.arguments}
-            )
-            for result, path in _result_nodes(child.result):
-                item = called
-                for index in path:
-                    item = own.call_function(operator.getitem, (item, index))
-                node_map[result] = item
+            copy.call_whole(child)
             skip |= set(child.nodes)
-            continue
-        copied = own.node_copy(node, value_of)
-        if node.op in ("call_module", "get_attr"):
-            target = str(node.target)
-            if target.startswith(prefix):
-                copied.target = target[len(prefix) :]
-            elif node.op == "get_attr" and target == call.path:
-                copied.target = ITSELF
-            elif node.op == "get_attr" and "." not in target and hasattr(root, target):
-                constants[target] = getattr(root, target)  # a tensor constant the tracer stored
-            else:
-                raise ScopeError(f"{call.path} uses {target}, which is not its own")
-        node_map[node] = copied
-    own.output(mapped(call.result))
+        else:
+            copy.copy(node)
+    copy.own.output(copy.mapped(call.result))
     span = set(call.nodes) - skip
     inner = tuple(
-        c.path[len(prefix) :]
+        c.path[len(copy.prefix) :]
         for c in graph.calls
-        if not c.leaf and c.nodes and c.nodes[0] in span and c.path.startswith(prefix)
+        if not c.leaf and c.nodes and c.nodes[0] in span and c.path.startswith(copy.prefix)
     )
-    return ScopeTrace(call.path, module, own, node_map, inner, constants, call.arguments)
+    return ScopeTrace(call.path, module, copy.own, copy.node_map, inner, copy.constants, call.arguments)
+
+
+class _ScopeCopy:
+    """The graph of one module's call being copied out of the model's trace: each node of
+    the trace mapped to its copy, targets made relative to the module."""
+
+    def __init__(self, root: nn.Module, call: ModuleCall) -> None:
+        self.root, self.call, self.prefix = root, call, call.path + "."
+        self.own = fx.Graph()
+        self.node_map: dict[fx.Node, fx.Node] = {}
+        self.constants: dict[str, Any] = {}
+        for name, value in call.arguments or ():
+            _unpack(
+                self.own, self.own.placeholder(name), value, self.node_map, f"{call.path} argument {name}"
+            )
+
+    def value_of(self, node: fx.Node) -> fx.Node:
+        if node in self.node_map:
+            return self.node_map[node]
+        if node.op == "get_attr" and str(node.target).startswith(self.prefix):  # fetched before the call
+            self.node_map[node] = self.own.get_attr(str(node.target)[len(self.prefix) :])
+            return self.node_map[node]
+        if node.op == "get_attr" and node.target == self.call.path:  # the module itself (a size-only call)
+            self.node_map[node] = self.own.get_attr(ITSELF)
+            return self.node_map[node]
+        raise ScopeError(f"{self.call.path} reads {node.name}, which it is not given")
+
+    def mapped(self, value: Any) -> Any:
+        return fx.node.map_aggregate(value, lambda v: self.value_of(v) if isinstance(v, fx.Node) else v)
+
+    def call_whole(self, child: ModuleCall) -> None:
+        """A submodule's call as one ``call_module`` node, its results unpacked."""
+        assert child.arguments is not None
+        called = self.own.call_module(
+            child.path[len(self.prefix) :], kwargs={k: self.mapped(v) for k, v in child.arguments}
+        )
+        for result, path in _result_nodes(child.result):
+            item = called
+            for index in path:
+                item = self.own.call_function(operator.getitem, (item, index))
+            self.node_map[result] = item
+
+    def copy(self, node: fx.Node) -> None:
+        """One node, its module or attribute named from inside the module."""
+        copied = self.own.node_copy(node, self.value_of)
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            if target.startswith(self.prefix):
+                copied.target = target[len(self.prefix) :]
+            elif node.op == "get_attr" and target == self.call.path:
+                copied.target = ITSELF
+            elif node.op == "get_attr" and "." not in target and hasattr(self.root, target):
+                self.constants[target] = getattr(self.root, target)  # a tensor constant the tracer stored
+            else:
+                raise ScopeError(f"{self.call.path} uses {target}, which is not its own")
+        self.node_map[node] = copied
 
 
 class _Calls:
