@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .blocks import BlockParamError, create_block, list_blocks, register_block
+from .blocks import BlockInfo, BlockParamError, create_block, describe_blocks, list_blocks, register_block
 from .checkpoint import CheckpointError
 from .derive import base_class, rewritten_forward
 from .errors import AttnInjectError, InputError
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "POSITIONS",
     "AttnInjectError",
+    "BlockInfo",
     "BlockParamError",
     "BlockSpec",
     "CheckpointError",
@@ -50,6 +51,7 @@ __all__ = [
     "base_class",
     "block_parameters",
     "create_block",
+    "describe_blocks",
     "freeze_base",
     "gates",
     "get_recipe",

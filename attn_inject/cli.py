@@ -267,9 +267,21 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
-    from .blocks import list_blocks
+    from .blocks import describe_blocks
+    from .tables import render_table
 
-    _emit(args, "\n".join(list_blocks()), list_blocks())
+    infos = describe_blocks()
+    offered = [i for i in infos if i.offered]
+    refused = [i for i in infos if not i.offered]
+    rows = [
+        (i.kind, i.source, "any" if i.parameters is None else ", ".join(i.parameters) or "-", i.paper)
+        for i in offered
+    ]
+    text = render_table(("kind", "source", "parameters", "paper"), rows, rule_under_last=False)
+    if refused:
+        text += "\n\nnot offered (the installed timm's kinds that are not an attention over their input):\n"
+        text += "\n".join(f"  {i.kind}: {i.reason}" for i in refused)
+    _emit(args, text, [dataclasses.asdict(i) for i in infos])
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import accepts_init, accepts_layout, accepts_order, create_block, layout_kwargs, uses_grid
+from .blocks import accepts_order, layout_kwargs, make_block, permutes, uses_grid
 from .errors import AttnInjectError, InputError
 from .graph.analysis import AnnotatedGraph, annotate
 from .graph.layout import NCHW
@@ -369,9 +369,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> nn.Module:
-    extra = {"init": init} if accepts_init(block.kind) else {}
     with torch.device("meta"):
-        return create_block(block.kind, channels, **block.params, **extra, **layout)
+        return make_block(block.kind, channels, block.params, init, layout)
 
 
 class BlockCosts:
@@ -620,10 +619,15 @@ def _match_rules(
             if k % rule.every:
                 continue
             reason = candidate.skip_reason
-            if reason is None and candidate.layout != NCHW and not accepts_layout(rule.block.kind):
+            if (
+                reason is None
+                and candidate.layout != NCHW
+                and rule.channels_last != "permute"
+                and permutes(rule.block.kind)
+            ):
                 reason = (
                     f"node {candidate.node.name!r} is {candidate.layout} and block {rule.block.kind!r} "
-                    "takes NCHW maps only (its factory has no layout argument)"
+                    "takes NCHW maps only; the rule's channels_last: permute applies it through a permute"
                 )
             grid = candidate.token_grid
             if reason is None and grid is not None and grid.prefix_varies:

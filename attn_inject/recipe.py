@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
+from .blocks.timm_attention import PREFIX as TIMM_PREFIX
 from .errors import AttnInjectError
 from .messages import cut, shown
 from .patterns import PatternError, compile_pattern
@@ -70,7 +71,10 @@ RULE_KEYS = (
     "channels_last",
     "name",
 )
-CHANNELS_LAST = ("native", "skip")
+# NHWC maps and token grids: blocks that act on them natively do ("native"); NCHW-only blocks
+# (timm's, a user's without a layout argument) are skipped there, or run through a permute
+# ("permute"); or no block goes there ("skip").
+CHANNELS_LAST = ("native", "permute", "skip")
 
 
 class RecipeError(AttnInjectError, ValueError):
@@ -104,13 +108,13 @@ class Rule:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     every: int = 1
-    channels_last: str = "native"  # NHWC maps and token grids: blocks act on them "native"ly, or "skip"
-    name: str | None = None  # the block's attribute name in its module (default: its kind)
+    channels_last: str = "native"  # NHWC maps and token grids: one of CHANNELS_LAST
+    name: str | None = None  # its attribute name in its module (default: its kind, "gc" for "timm:gc")
 
     @property
     def block_name(self) -> str:
         """The name each block of this rule gets as a child of the module it acts in."""
-        return self.name or self.block.kind
+        return self.name or self.block.kind.rpartition(":")[2]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block": self.block.to_dict(), "at": self.at}
@@ -525,7 +529,13 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
     params = {k: v for k, v in data.items() if k != "kind"}
     kind = data["kind"]
     if kind not in list_blocks():
-        raise fail(f"{key}.kind", f"unknown block {shown(kind)}; allowed: {', '.join(list_blocks())}")
+        known = isinstance(kind, str) and kind.startswith(TIMM_PREFIX)
+        where = (
+            "the installed timm has no such attention, or does not offer it (attn-inject blocks); "
+            if known
+            else ""
+        )
+        raise fail(f"{key}.kind", f"unknown block {shown(kind)}: {where}allowed: {', '.join(list_blocks())}")
     if "init" in params:
         raise fail(f"{key}.init", "init is set for the whole recipe (top-level 'init'), not per block")
     allowed = block_param_names(kind)

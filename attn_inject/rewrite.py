@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .blocks import accepts_init, create_block, layout_kwargs
+from .blocks import layout_kwargs, make_block
 from .derive import Around, derive_around, derive_graph
 from .errors import AttnInjectError
 from .graph.analysis import AnnotatedGraph
@@ -60,14 +60,11 @@ def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted."""
-    extra = {"init": init} if accepts_init(point.block.kind) else {}
     # A device context routes every torch call of the block's __init__ through Python: only
     # when the default device is not already the model's.
     on_device = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
     with on_device:
-        block = create_block(
-            point.block.kind, point.channels, **point.block.params, **extra, **layout_kwargs(point)
-        )
+        block = make_block(point.block.kind, point.channels, point.block.params, init, layout_kwargs(point))
     block = block.to(dtype=dtype)
     setattr(block, BLOCK_FLAG, True)
     return block

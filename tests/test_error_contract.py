@@ -147,10 +147,13 @@ def test_bad_model_kwargs_exit_2_with_one_line_naming_the_option(capsys, value, 
 
 
 def test_json_and_debug_before_the_command_are_honoured(capsys):
-    code, _, out = cli(capsys, "--json", "blocks")
-    assert code == 0 and json.loads(out) == ai.list_blocks()
-    code, _, out = cli(capsys, "blocks", "--json")
-    assert code == 0 and json.loads(out) == ai.list_blocks()
+    for argv in (("--json", "blocks"), ("blocks", "--json")):
+        code, _, out = cli(capsys, *argv)
+        listed = json.loads(out)
+        assert code == 0 and [b["kind"] for b in listed if b["offered"]] == [
+            b.kind for b in ai.describe_blocks() if b.offered
+        ]
+        assert sorted(b["kind"] for b in listed if b["offered"]) == ai.list_blocks()
     code, err, _ = cli(capsys, "--debug", "plan", "timm:resnet10t", "--recipe", "no_such_recipe")
     assert code == 1 and err[0] == "Traceback (most recent call last):"
     code, err, _ = cli(capsys, "plan", "timm:resnet10t", "--recipe", "no_such_recipe")

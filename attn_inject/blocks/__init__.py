@@ -8,43 +8,61 @@ so one registry builds any of them::
 
 The built-in blocks also act natively on channels-last maps and on token grids (see
 :mod:`attn_inject.blocks.layout`); ``layout_kwargs(point)`` gives the arguments for the
-layout of an insertion point::
+layout of an insertion point, and :func:`make_block` builds the block of a point::
 
-    >>> create_block(point.block.kind, point.channels, **point.block.params, init="identity",
-    ...              **layout_kwargs(point))
+    >>> make_block(point.block.kind, point.channels, point.block.params, "identity", layout_kwargs(point))
+
+timm's attention modules are kinds too (``create_block("timm:gc", 256)``, see
+:mod:`attn_inject.blocks.timm_attention`); a block without a blend of its own is made
+function-preserving at ``init="identity"``, and one that takes NCHW maps only runs on
+other layouts through a permute (:mod:`attn_inject.blocks.wrapped`).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from ..errors import InputError, InputTypeError
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock
 from .params import BlockParamError
+from .simam import SimAM
 from .squeeze_excite import SqueezeExcite, hidden_width
+from .timm_attention import PREFIX as TIMM_PREFIX
+from .timm_attention import module_class, parameter_names, timm_block, timm_kinds
+from .wrapped import Blended
 
 __all__ = [
     "CBAM",
     "LAYOUTS",
+    "Blended",
+    "BlockInfo",
     "BlockParamError",
     "EfficientChannelAttention",
     "LayoutBlock",
+    "SimAM",
     "SqueezeExcite",
     "accepts_layout",
     "accepts_order",
     "block_param_names",
     "check_block_params",
     "create_block",
+    "describe_blocks",
     "eca_kernel_size",
     "hidden_width",
     "layout_kwargs",
     "list_blocks",
+    "make_block",
+    "permutes",
     "register_block",
     "uses_grid",
 ]
@@ -55,6 +73,13 @@ _BLOCKS: dict[str, BlockFactory] = {
     "se": SqueezeExcite,
     "eca": EfficientChannelAttention,
     "cbam": CBAM,
+    "simam": SimAM,
+}
+BUILT_IN = {
+    "se": "Hu et al., Squeeze-and-Excitation Networks, https://arxiv.org/abs/1709.01507",
+    "eca": "Wang et al., ECA-Net, https://arxiv.org/abs/1910.03151",
+    "cbam": "Woo et al., CBAM, https://arxiv.org/abs/1807.06521",
+    "simam": "Yang et al., SimAM, ICML 2021 (PMLR 139)",
 }
 
 
@@ -62,56 +87,79 @@ def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False)
     """Make ``factory(channels, **params)`` available as block kind ``name``.
 
     The factory must return a module mapping (B, C, H, W) to (B, C, H, W). Blocks that accept
-    an ``init`` argument receive the recipe's ``init`` ("identity" or "paper").
+    an ``init`` argument receive the recipe's ``init`` ("identity" or "paper"); one that does
+    not is blended with its input at ``init="identity"`` (:class:`Blended`), so that it is
+    inserted function-preserving too.
     """
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"block name {name!r} must be a Python identifier")
+        raise InputError(f"block name {name!r} must be a Python identifier ('timm:' names are timm's kinds)")
     if not callable(factory):
-        raise TypeError(f"block factory for {name!r} must be callable, got {type(factory).__name__}")
+        raise InputTypeError(f"block factory for {name!r} must be callable, got {type(factory).__name__}")
     if name in _BLOCKS and not overwrite:
-        raise ValueError(f"block {name!r} is already registered; pass overwrite=True to replace it")
+        raise InputError(f"block {name!r} is already registered; pass overwrite=True to replace it")
     _BLOCKS[name] = factory
     return factory
 
 
 def list_blocks() -> list[str]:
-    """Names of the registered block kinds."""
-    return sorted(_BLOCKS)
+    """Names of every block kind: built-in, registered, and the installed timm's offered
+    attention kinds (``timm:gc``)."""
+    return sorted([*_BLOCKS, *(k.kind for k in timm_kinds() if not k.refused)])
+
+
+@functools.cache
+def _timm_factory(kind: str) -> BlockFactory:
+    return timm_block(kind)
 
 
 def block_factory(kind: str) -> BlockFactory:
-    try:
+    if kind in _BLOCKS:
         return _BLOCKS[kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}"
-        ) from None
+    if isinstance(kind, str) and kind.startswith(TIMM_PREFIX):
+        known = {k.kind: k for k in timm_kinds()}
+        if kind in known and known[kind].refused:
+            raise InputError(
+                f"block kind {kind!r} is not offered: timm's {known[kind].module} {known[kind].refused}"
+            )
+        if kind in known:
+            return _timm_factory(kind)
+        offered = ", ".join(k.kind for k in timm_kinds() if not k.refused) or "none"
+        raise InputError(
+            f"unknown block kind {kind!r}: the installed timm has no such attention; it offers {offered}"
+        )
+    raise InputError(f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}")
+
+
+def _accepts(kind: str, argument: str) -> bool:
+    signature = inspect.signature(block_factory(kind))
+    return argument in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
 
 
 def accepts_init(kind: str) -> bool:
-    """Whether the block kind takes an ``init`` argument (all built-in blocks do)."""
-    signature = inspect.signature(block_factory(kind))
-    return "init" in signature.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
-    )
+    """Whether the block kind takes an ``init`` argument (built-in and timm kinds do; a
+    block that does not is blended with its input at ``init="identity"``)."""
+    return _accepts(kind, "init")
 
 
 def accepts_layout(kind: str) -> bool:
-    """Whether the block kind takes a ``layout`` argument (all built-in blocks do); a block
-    that does not is only given NCHW maps."""
-    signature = inspect.signature(block_factory(kind))
-    return "layout" in signature.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
-    )
+    """Whether the block kind takes a ``layout`` argument (built-in and timm kinds do); a
+    block that does not is given NCHW maps, or other layouts through a permute."""
+    return _accepts(kind, "layout")
 
 
 def accepts_order(kind: str) -> bool:
     """Whether the block kind takes an ``order`` argument: tokens holding the grid in
-    another order than raster (all built-in blocks do)."""
-    signature = inspect.signature(block_factory(kind))
-    return "order" in signature.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
-    )
+    another order than raster (built-in and timm kinds do)."""
+    return _accepts(kind, "order")
+
+
+def permutes(kind: str) -> bool:
+    """Whether block ``kind`` acts on NCHW maps only, so that it runs on a channels-last map
+    or a token grid through a permute (a rule's ``channels_last: permute``): timm's kinds,
+    and a registered block whose factory takes no ``layout``."""
+    return bool(getattr(block_factory(kind), "permutes", False)) or not accepts_layout(kind)
 
 
 def uses_grid(kind: str) -> bool:
@@ -157,19 +205,86 @@ def layout_kwargs(point: HasLayout) -> dict[str, Any]:
         if point.order is not None:
             kwargs["order"] = [int(i) for i in point.order]
         return kwargs
-    raise ValueError(
+    raise InputError(
         f"insertion point layout {point.layout!r} (grid {point.grid}) is not one a block can take; "
         f"allowed: {', '.join(LAYOUTS)} (tokens with a grid)"
     )
 
 
 def create_block(kind: str, channels: int, **params: Any) -> nn.Module:
-    """Build block ``kind`` for ``channels`` channels, e.g. ``create_block("cbam", 64)``."""
+    """Build block ``kind`` for ``channels`` channels, e.g. ``create_block("cbam", 64)``,
+    ``create_block("timm:gc", 256)``."""
     return block_factory(kind)(channels, **params)
+
+
+def make_block(
+    kind: str, channels: int, params: Mapping[str, Any], init: str, layout: Mapping[str, Any]
+) -> nn.Module:
+    """The block of an insertion point: ``kind`` with ``params``, for ``init`` and the
+    point's ``layout`` arguments (:func:`layout_kwargs`). A block that takes no ``init`` is
+    blended with its input at ``init="identity"``; one that takes no ``layout`` runs on
+    other layouts through a permute (:class:`Blended`, its keys under ``block.``)."""
+    native = accepts_layout(kind) or not layout
+    takes_init = accepts_init(kind)
+    kwargs = dict(params)
+    if takes_init:
+        kwargs["init"] = init
+    if native:
+        kwargs.update(layout)
+    block = create_block(kind, channels, **kwargs)
+    if native and (takes_init or init == "paper"):
+        return block
+    # a block on its own layout is only blended: the blend is elementwise on any shape
+    return Blended(block, "paper" if takes_init else init, **({} if native else layout))
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """A block kind as ``attn-inject blocks`` lists it."""
+
+    kind: str
+    source: str  # "built-in", "timm" or "registered"
+    paper: str
+    parameters: tuple[str, ...] | None  # None: any (the factory takes **kwargs)
+    offered: bool = True
+    reason: str = ""  # why a timm kind is not offered
+
+
+def describe_blocks() -> list[BlockInfo]:
+    """Every block kind with its source, paper and parameters; timm's kinds that are not
+    offered too, with the reason."""
+    infos = [
+        BlockInfo(
+            kind, "built-in" if kind in BUILT_IN else "registered", BUILT_IN.get(kind, ""), _names(kind)
+        )
+        for kind in sorted(_BLOCKS)
+    ]
+    for k in timm_kinds():
+        if k.refused:
+            infos.append(BlockInfo(k.kind, "timm", _timm_paper(k.name), None, False, k.refused))
+        else:
+            infos.append(BlockInfo(k.kind, "timm", _timm_paper(k.name), parameter_names(k.name)))
+    return infos
+
+
+def _names(kind: str) -> tuple[str, ...] | None:
+    names = block_param_names(kind)
+    return None if names is None else tuple(names)
+
+
+def _timm_paper(name: str) -> str:
+    """The title line and arXiv address of the docstring of timm's module for kind ``name``."""
+    doc = getattr(inspect.getmodule(module_class(name)), "__doc__", None) or ""
+    found = re.search(r"https?://arxiv\.org/abs/[\d.]+", doc)
+    title = (doc.strip().splitlines() or [""])[0].strip()
+    return ", ".join(s for s in (title, found.group(0) if found else "") if s)
 
 
 def block_param_names(kind: str) -> list[str] | None:
     """The parameters block ``kind`` accepts besides ``channels`` and ``init`` (None: any)."""
+    if isinstance(kind, str) and kind.startswith(TIMM_PREFIX):
+        block_factory(kind)  # refuses a kind that is not offered
+        return list(parameter_names(kind[len(TIMM_PREFIX) :]))
     parameters = list(inspect.signature(block_factory(kind)).parameters.values())[1:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
@@ -199,4 +314,4 @@ def check_block_params(kind: str, params: dict[str, Any]) -> None:
         raise
     except Exception as error:  # a user block's own checks, or torch refusing a size
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"block {kind!r} cannot be built with {params}: {first_line}") from None
+        raise InputError(f"block {kind!r} cannot be built with {params}: {first_line}") from None

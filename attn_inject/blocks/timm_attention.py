@@ -1,0 +1,175 @@
+"""timm's attention modules as block kinds: ``timm:gc``, ``timm:coord``, ...
+
+The kinds come from the installed timm: the names its ``create_attn`` factory knows, read
+from the code of ``timm.layers.create_attn.get_attn``. A kind is offered when it is an
+attention over its input, by this rule, checked on the module itself:
+
+1. its class takes no ``stride``: the kinds that do (``sk``, ``splat``, ``lambda``,
+   ``bottleneck``, ``halo``) replace a convolution and may downsample;
+2. it builds from the channel count alone, as a recipe gives it (no argument that no recipe
+   can infer, such as a fixed feature size);
+3. it maps a (2, 64, 8, 12) map to the same shape.
+
+A kind that fails the rule is listed with the reason and refused. An offered kind is built
+with timm's own ``create_attn(kind, channels, **params)``, wrapped in
+:class:`~attn_inject.blocks.wrapped.Blended`: the identity blend at ``init="identity"``, and
+a permute on channels-last maps and token grids (a rule's ``channels_last: permute``).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layout import NCHW
+from .params import BlockParamError
+from .wrapped import Blended
+
+__all__ = ["PREFIX", "TimmKind", "module_class", "parameter_names", "timm_block", "timm_kinds"]
+
+PREFIX = "timm:"
+PROBE = (2, 64, 8, 12)  # the map the rule's shape check runs on
+LARGEST_INT = 8192  # an integer parameter larger than this is refused (a recipe must not allocate unbounded)
+
+
+@dataclass(frozen=True)
+class TimmKind:
+    """One of timm's attention kinds: its module class, and why it is not offered ('' when it is)."""
+
+    name: str
+    module: str
+    refused: str = ""
+
+    @property
+    def kind(self) -> str:
+        return PREFIX + self.name
+
+
+def _names() -> list[str]:
+    """The kind names ``timm.layers.create_attn.get_attn`` compares its argument with."""
+    import importlib
+
+    factory = importlib.import_module("timm.layers.create_attn")
+    tree = ast.parse(inspect.getsource(factory.get_attn))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "attn_type":
+            for value in node.comparators:
+                if (
+                    isinstance(value, ast.Constant)
+                    and isinstance(value.value, str)
+                    and value.value not in names
+                ):
+                    names.append(value.value)
+    return names
+
+
+def _classify(name: str) -> TimmKind:
+    from timm.layers import create_attn
+
+    target = module_class(name)
+    label = getattr(target, "__name__", str(target))
+    if "stride" in inspect.signature(target).parameters:
+        return TimmKind(name, label, "takes a stride: it replaces a convolution and may downsample")
+    try:
+        with torch.no_grad():
+            module = create_attn(name, PROBE[1])
+            out = module(torch.randn(PROBE, generator=torch.Generator().manual_seed(0)))
+    except Exception as error:
+        text = str(error).strip().splitlines()
+        why = f"{type(error).__name__}: {text[0][:120]}" if text else type(error).__name__
+        return TimmKind(name, label, f"does not build and run from the channel count alone ({why})")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != PROBE:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return TimmKind(name, label, f"maps {PROBE} to {shape}, not to the same shape")
+    return TimmKind(name, label)
+
+
+@functools.cache
+def timm_kinds() -> tuple[TimmKind, ...]:
+    """Every attention kind of the installed timm, offered or with the reason it is not."""
+    try:
+        names = _names()
+    except (ImportError, OSError, TypeError, SyntaxError):
+        return ()
+    return tuple(_classify(name) for name in names)
+
+
+def offered(kind: str) -> TimmKind | None:
+    """The offered timm kind called ``kind`` (``"timm:gc"``), None for any other name."""
+    if not kind.startswith(PREFIX):
+        return None
+    return next((k for k in timm_kinds() if k.kind == kind and not k.refused), None)
+
+
+def module_class(name: str) -> Any:
+    """The class (or function) timm's ``get_attn(name)`` builds, seen through a ``partial``."""
+    from timm.layers import get_attn
+
+    cls = get_attn(name)
+    return getattr(cls, "func", cls)
+
+
+def parameter_names(name: str) -> tuple[str, ...]:
+    """The keyword arguments of timm's kind ``name`` a recipe may set: all but the channel
+    count and where the module lives (``device``, ``dtype``: the model's, set on insertion)."""
+    parameters = list(inspect.signature(module_class(name)).parameters.values())[1:]
+    return tuple(
+        p.name
+        for p in parameters
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in ("device", "dtype")
+    )
+
+
+def _checked_params(kind: str, params: dict[str, Any]) -> None:
+    """Its own parameters, plain values only, integers bounded: a recipe shapes the module,
+    never its size unbounded, nor where it lives."""
+    allowed = parameter_names(kind[len(PREFIX) :])
+    for name, value in params.items():
+        if name not in allowed:
+            raise BlockParamError(
+                name, value, f"one of the parameters of block {kind!r}: {', '.join(allowed)}"
+            )
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) and not 0 <= value <= LARGEST_INT:
+            raise BlockParamError(name, value, f"an integer from 0 to {LARGEST_INT} for block {kind!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BlockParamError(name, value, f"a finite number for block {kind!r}")
+        if not isinstance(value, (int, float, str)):
+            raise BlockParamError(name, value, f"a number, a string or a boolean for block {kind!r}")
+
+
+def timm_block(kind: str) -> Any:
+    """The factory of ``kind`` (an offered ``"timm:..."`` name): ``factory(channels, init=...,
+    layout=..., **params)`` builds timm's module and wraps it."""
+    found = offered(kind)
+    if found is None:
+        raise KeyError(kind)
+
+    def build(
+        channels: int,
+        init: str = "paper",
+        layout: str = NCHW,
+        prefix: int = 0,
+        grid: tuple[int, int] | None = None,
+        order: list[int] | None = None,
+        **params: Any,
+    ) -> nn.Module:
+        from timm.layers import create_attn
+
+        _checked_params(kind, params)
+        return Blended(create_attn(found.name, channels, **params), init, layout, prefix, grid, order)
+
+    build.__name__ = build.__qualname__ = f"timm_{found.name}"
+    build.__doc__ = f"timm's {found.module} (``create_attn({found.name!r}, channels, **params)``)."
+    build.uses_grid = True  # type: ignore[attr-defined]
+    build.permutes = True  # type: ignore[attr-defined]
+    return build
