@@ -182,7 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     zoo.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
     zoo.add_argument(
-        "--recipes", nargs="+", metavar="R", help="recipes to plan (default: every shipped recipe)"
+        "--recipes",
+        nargs="+",
+        metavar="R",
+        help="recipes to plan (default: every shipped recipe of the built-in blocks)",
     )
     zoo.add_argument("--filter", metavar="GLOB", help="only models whose name matches, e.g. 'resnet*'")
     zoo.add_argument(
@@ -494,11 +497,11 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from .recipe import builtin_recipe_paths, load_recipe
-    from .zoo import ZooRecord, list_zoo, sweep
+    from .recipe import load_recipe
+    from .zoo import ZooRecord, default_recipes, list_zoo, sweep
     from .zoo_report import write_csv, write_markdown
 
-    recipes = args.recipes or list(builtin_recipe_paths())
+    recipes = args.recipes or default_recipes()
     for recipe in recipes:
         load_recipe(recipe)  # a bad name fails here, before any model is built
     if args.identity_every < 1:

@@ -23,7 +23,15 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["IDENTITY_MAX_PARAMS", "ModelResult", "ZooRecord", "list_zoo", "sweep", "sweep_model"]
+__all__ = [
+    "IDENTITY_MAX_PARAMS",
+    "ModelResult",
+    "ZooRecord",
+    "default_recipes",
+    "list_zoo",
+    "sweep",
+    "sweep_model",
+]
 
 IDENTITY_MAX_PARAMS = 100_000_000
 IDENTITY_SIZES = (64, 96, 128, 160, 224)  # tried in turn until the model accepts one
@@ -72,6 +80,19 @@ class ModelResult:
     model: str
     records: tuple[ZooRecord, ...] = field(default_factory=tuple)
     seconds: float = 0.0
+
+
+def default_recipes() -> list[str]:
+    """The recipes a sweep plans by default: every shipped recipe of the built-in blocks. The
+    shipped recipes of timm's kinds run on a sample with ``--recipes`` (docs/zoo.md)."""
+    from .blocks import BUILT_IN
+    from .recipe import get_recipe, list_recipes
+
+    def built_in(name: str) -> bool:
+        recipe = get_recipe(name)
+        return all(rule.block.kind in BUILT_IN for rule in (*recipe.rules, *recipe.fallback))
+
+    return [name for name in list_recipes() if built_in(name)]
 
 
 def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:

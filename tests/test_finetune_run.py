@@ -538,3 +538,25 @@ def test_threads_are_chosen_stated_first_and_put_back(checkpoint, data, tmp_path
     assert run_module.default_threads(workers=2) == (7, 8)  # a core left for the workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert run_module.default_threads(workers=0) == (4, 8)  # torchrun's two processes share them
+
+
+def test_sigterm_inside_code_that_wraps_the_exception_still_stops_as_sigterm(tmp_path):
+    import signal
+    import types
+
+    from attn_inject.finetune.run import Stopped, _stoppable
+
+    def import_like() -> None:  # a class body's __set_name__ wraps what it raises
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Stopped as error:
+            raise RuntimeError("Error calling __set_name__") from error
+
+    import time
+
+    with pytest.raises(Stopped) as stopped, _stoppable(types.SimpleNamespace(out=tmp_path)):
+        import_like()
+    assert stopped.value.code == 143 and "--resume" in str(stopped.value)
+    with pytest.raises(RuntimeError), _stoppable(types.SimpleNamespace(out=tmp_path)):
+        raise RuntimeError("a real error stays one")

@@ -25,7 +25,16 @@ MODELS = [
     "timm:densenet121",
 ]
 RECIPES = ai.list_recipes()
-RESIDUAL_RECIPES = {"se_resnet", "eca_resnet", "cbam_resnet", "se_pre", "se_post", "se_identity"}
+RESIDUAL_RECIPES = {
+    "se_resnet",
+    "eca_resnet",
+    "cbam_resnet",
+    "se_pre",
+    "se_post",
+    "se_identity",
+    "gc_resnet",
+    "coord_resnet",
+}
 
 
 def _input(batch: int = 2) -> torch.Tensor:

@@ -29,7 +29,10 @@ BUILTINS = {
     "se_pre": ("pre_block", "se", {"ratio": 16}),
     "se_post": ("post_block", "se", {"ratio": 16}),
     "se_identity": ("identity_branch", "se", {"ratio": 16}),
+    "gc_resnet": ("residual_branch", "timm:gc", {"rd_ratio": 1 / 16}),  # GCNet: c3-c5
+    "coord_resnet": ("residual_branch", "timm:coord", {"rd_ratio": 1 / 32}),
 }
+STAGES = {"gc_resnet": (-3, -2, -1)}
 
 POSITIONS = "residual_branch, pre_block, post_block, identity_branch, stage_output, conv_output"
 BLOCK_KINDS = "cbam, eca, se"
@@ -65,7 +68,7 @@ def test_builtin_recipe_loads_by_name_with_its_position_and_block(name):
     assert rule.block.kind == kind
     assert dict(rule.block.params) == params
     assert (rule.stages, rule.min_channels, rule.max_channels, rule.include, rule.exclude, rule.every) == (
-        None,
+        STAGES.get(name),
         None,
         None,
         (),

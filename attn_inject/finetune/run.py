@@ -312,8 +312,11 @@ def _stoppable(config: FinetuneConfig) -> Iterator[None]:
         f"the last finished epoch is kept: continue with the same command and --resume (--out {config.out})"
     )
 
+    received: list[Stopped] = []
+
     def on_term(signum: int, frame: Any) -> None:
-        raise Stopped(f"stopped by SIGTERM; {hint}", 143)
+        received.append(Stopped(f"stopped by SIGTERM; {hint}", 143))
+        raise received[-1]
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
@@ -323,6 +326,12 @@ def _stoppable(config: FinetuneConfig) -> Iterator[None]:
         raise
     except KeyboardInterrupt:
         raise Stopped(f"interrupted (SIGINT); {hint}", 130) from None
+    except Exception:
+        # the signal arrived in code that wraps what it raises (an import's class body
+        # turns it into a RuntimeError): still the signal's stop, not an error
+        if received:
+            raise received[0] from None
+        raise
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
