@@ -354,7 +354,7 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
             continue
         t0 = time.perf_counter()
         try:
-            patched = inject(model, row.recipe, input_size=size, target=target)
+            patched = inject(model, plans[row.recipe].recipe, input_size=size, target=target)
             report = validate(model, patched, input_size=size, device="cpu", seeds=1, checks=IDENTITY_CHECKS)
             verdict = (
                 "ok"
