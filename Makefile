@@ -4,7 +4,8 @@
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
 #   make finetune-demo   the digits fine-tuning evidence (examples/digits_finetune.py; minutes on 2 cores)
 # All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
-# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv);
+# the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv), `make zoo-kinds`
+# every block kind on a sample (docs/zoo-kinds.md);
 # `make bench` every benchmark, on an idle machine (writes docs/benchmarks.md).
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint zoo-test zoo zoo-plan bench finetune-demo clean
+.PHONY: demo test lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+zoo-kinds: $(STAMP)
+	$(BIN)/python examples/zoo_kinds.py --out docs
 
 zoo-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo

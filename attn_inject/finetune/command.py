@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["add_parser", "command"]
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
+__all__ = ["add_parser", "add_training_options", "command", "config_from_args"]
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -23,6 +28,15 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--data", required=True, metavar="DIR", help="DIR/train and DIR/val, a folder per class")
     p.add_argument("--epochs", required=True, type=int, metavar="N")
     p.add_argument("--out", required=True, metavar="RUNDIR", help="where the results go")
+    add_training_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last epoch")
+    p.add_argument("--force", action="store_true", help="start over in a RUNDIR that holds results")
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The options of a fine-tune that ``finetune`` and ``search`` share. Long on purpose: a
+    flat declaration, one statement per option in the order ``--help`` shows them."""
     p.add_argument("--batch-size", type=int, default=64, help="per process (default: 64)")
     p.add_argument("--image-size", type=int, metavar="PX", help="default: the model's own input size")
     p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default: 1e-3)")
@@ -79,46 +93,24 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="intra-op threads per process (default: the process's share of the cores, less one "
         "for the data loader workers)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the run in RUNDIR from its last epoch")
-    p.add_argument("--force", action="store_true", help="start over in a RUNDIR that holds results")
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> FinetuneConfig:
+    """The fine-tune ``args`` describe; ``fixed`` sets the fields the caller decides
+    (``checkpoint``, ``out``, ``seed``...)."""
+    from .config import FinetuneConfig
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if values.get("scale"):
+        values["scale"] = tuple(values["scale"])
+    return FinetuneConfig(**{**values, **fixed})
 
 
 def command(args: argparse.Namespace) -> int:
-    from .config import FinetuneConfig
     from .run import run
 
-    config = FinetuneConfig(
-        checkpoint=args.checkpoint,
-        data=args.data,
-        epochs=args.epochs,
-        out=args.out,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        lr=args.lr,
-        attn_lr_scale=args.attn_lr_scale,
-        frozen_epochs=args.frozen_epochs,
-        opt=args.opt,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        layer_decay=args.layer_decay,
-        num_classes=args.num_classes,
-        clip_grad=args.clip_grad,
-        amp=args.amp,
-        amp_dtype=args.amp_dtype,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        model_ema=args.model_ema,
-        model_ema_decay=args.model_ema_decay,
-        no_aug=args.no_aug,
-        hflip=args.hflip,
-        scale=tuple(args.scale) if args.scale else None,
-        workers=args.workers,
-        threads=args.threads,
-        seed=args.seed,
-        resume=args.resume,
-        force=args.force,
-    )
+    config = config_from_args(args)
     result = run(config)
     if args.json:
         import json

@@ -337,10 +337,15 @@ def _stoppable(config: FinetuneConfig) -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def run(config: FinetuneConfig) -> RunResult:
-    """Fine-tune per ``config`` (see the module docstring); returns what was measured."""
+EpochHook = Callable[[dict[str, float]], None]
+
+
+def run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult:
+    """Fine-tune per ``config`` (see the module docstring); returns what was measured.
+    ``on_epoch(row)`` is called with each epoch's summary row once its files are written
+    (``attn-inject search`` reports it to its pruner, which may stop the run there)."""
     with _stoppable(config), _threads(config):
-        return _run(config)
+        return _run(config, on_epoch)
 
 
 def default_threads(workers: int) -> tuple[int, int]:
@@ -380,7 +385,7 @@ def _threads_line(config: FinetuneConfig, context: Context) -> str:
     return f"finetune: {threads_text} and {workers} per process, {where} (--threads, --workers)"
 
 
-def _run(config: FinetuneConfig) -> RunResult:
+def _run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult:
     config.check()
     folders = check_folders(config.data)
     check_out(config)
@@ -399,12 +404,18 @@ def _run(config: FinetuneConfig) -> RunResult:
                 f"--data {config.data}: each of the {context.world} processes gets {share} training image; "
                 "BatchNorm needs at least 2 in a batch: add images or use fewer processes"
             )
-        return _train(config, folders, start, context)
+        return _train(config, folders, start, context, on_epoch)
     finally:
         teardown(context)
 
 
-def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, context: Context) -> RunResult:
+def _train(
+    config: FinetuneConfig,
+    folders: Folders,
+    start: StartingPoint,
+    context: Context,
+    on_epoch: EpochHook | None = None,
+) -> RunResult:
     import yaml
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -578,6 +589,8 @@ def _train(config: FinetuneConfig, folders: Folders, start: StartingPoint, conte
             write_summary(history, out / SUMMARY)
             plot_curves({Path(config.out).name or "run": history}, out / CURVES)
         context.barrier()
+        if on_epoch is not None:
+            on_epoch(dict(row))
     _log(
         context,
         f"done in {time.perf_counter() - started:.1f} s: best top-1 {best_top1:.2f} "

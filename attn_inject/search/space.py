@@ -1,0 +1,141 @@
+"""A search space (YAML): every dimension a list of values, each point a recipe.
+
+    block: [se, eca, cbam, "timm:gc"]        # required: block kinds (attn-inject blocks)
+    at: [residual_branch, stage_output]      # required: positions
+    stages: [all, [-1], [-2, -1]]            # optional: "all" or stage indices (default: all)
+    ratio: [8, 16]                           # optional: reduction ratio, where the kind has one
+    spatial_kernel: [3, 7]                   # optional: CBAM's spatial kernel
+    init: [identity, paper]                  # optional (default: identity)
+    attn_lr_scale: [1, 10]                   # optional: the new blocks' lr scale (default: the fine-tune's)
+
+A dimension a kind does not have (``ratio`` of ECA) is left out of that kind's points, so
+points that differ only there are one point. Timm's kinds get ``ratio`` as ``rd_ratio =
+1/ratio`` and run through a permute on channels-last maps. Each point is checked as a
+recipe; a space with no valid point is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..blocks import block_param_names, permutes
+from ..recipe import RecipeError, load_recipe, read_recipe_file, read_yaml
+from ..values import is_int, is_number
+from .candidates import Candidate
+from .errors import SearchError
+
+__all__ = ["DIMENSIONS", "MAX_POINTS", "load_space", "point_candidate"]
+
+DIMENSIONS = ("block", "at", "stages", "ratio", "spatial_kernel", "init", "attn_lr_scale")
+MAX_POINTS = 10_000  # a space larger than this is refused: each point is tens of fine-tunes
+
+
+def _values(data: Mapping[str, Any], key: str, default: list[Any] | None, source: str) -> list[Any]:
+    if key not in data:
+        if default is None:
+            raise SearchError(f"{source}: {key}: missing; a space needs {key!r} (a list of values)")
+        return default
+    value = data[key]
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise SearchError(f"{source}: {key}: an empty list; give at least one value")
+    return values
+
+
+def _stages(value: Any, source: str) -> tuple[int, ...] | None:
+    if value == "all" or value is None:
+        return None
+    if isinstance(value, list) and value and all(is_int(s) for s in value):
+        return tuple(int(s) for s in value)
+    raise SearchError(f"{source}: stages: {value!r} is not allowed; 'all' or a list of stage indices")
+
+
+def point_candidate(point: Mapping[str, Any]) -> Candidate:
+    """The candidate of one point (a value per dimension, ``None`` where it has none)."""
+    kind = point["block"]
+    names = block_param_names(kind) or []
+    params: dict[str, Any] = {}
+    if point.get("ratio") is not None:
+        if "ratio" in names:
+            params["ratio"] = point["ratio"]
+        elif "rd_ratio" in names:
+            params["rd_ratio"] = 1.0 / point["ratio"]
+    if point.get("spatial_kernel") is not None:
+        for name in ("spatial_kernel", "spatial_kernel_size"):
+            if name in names:
+                params[name] = point["spatial_kernel"]
+    rule: dict[str, Any] = {"block": {"kind": kind, **params}, "at": point["at"]}
+    if point.get("stages") is not None:
+        rule["stages"] = list(point["stages"])
+    if permutes(kind):
+        rule["channels_last"] = "permute"
+    label = kind + "".join(f" {k.replace('_size', '')}={v:g}" for k, v in params.items())
+    label += f" @{point['at']}"
+    if point.get("stages") is not None:
+        label += f" stages={list(point['stages'])}"
+    label += f" {point['init']}"
+    if point.get("attn_lr_scale") is not None:
+        label += f" lr x{point['attn_lr_scale']:g}"
+    recipe = {"name": label, "init": point["init"], "rules": [rule]}
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    load_recipe(text + "\n")  # checked as a recipe: raises RecipeError
+    return Candidate(label, text, point.get("attn_lr_scale"))
+
+
+def _points(data: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
+    dims = {
+        "block": _values(data, "block", None, source),
+        "at": _values(data, "at", None, source),
+        "stages": [_stages(v, source) for v in _values(data, "stages", ["all"], source)],
+        "ratio": _values(data, "ratio", [None], source),
+        "spatial_kernel": _values(data, "spatial_kernel", [None], source),
+        "init": _values(data, "init", ["identity"], source),
+        "attn_lr_scale": _values(data, "attn_lr_scale", [None], source),
+    }
+    for key in ("ratio", "spatial_kernel", "attn_lr_scale"):
+        for v in dims[key]:
+            if v is not None and not (is_number(v) and math.isfinite(v) and v > 0):
+                raise SearchError(f"{source}: {key}: {v!r} is not allowed; positive numbers")
+    size = math.prod(len(v) for v in dims.values())
+    if size > MAX_POINTS:
+        raise SearchError(f"{source}: {size} points; a space may hold at most {MAX_POINTS}")
+    return [dict(zip(dims, values, strict=True)) for values in itertools.product(*dims.values())]
+
+
+def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
+    """The distinct valid candidates of the space file at ``path``, and why the others are
+    not (one line each); a space with no valid point is refused."""
+    source = str(path)
+    try:
+        data = read_yaml(read_recipe_file(Path(path)), source)
+    except RecipeError as error:
+        raise SearchError(str(error).replace("recipe", "space")) from None
+    if not isinstance(data, Mapping):
+        raise SearchError(f"{source}: a space is a mapping of dimension: [values]")
+    unknown = sorted(str(k) for k in data if k not in DIMENSIONS)
+    if unknown:
+        raise SearchError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(DIMENSIONS)}")
+    candidates: dict[str, Candidate] = {}
+    invalid: list[str] = []
+    for point in _points(data, source):
+        try:
+            candidate = point_candidate(point)
+        except (RecipeError, ValueError) as error:
+            invalid.append(f"{point['block']} @{point['at']}: {str(error).splitlines()[0]}")
+            continue
+        candidates.setdefault(candidate.name, candidate)
+    if not candidates:
+        why = invalid[0] if invalid else "no point"
+        raise SearchError(f"{source}: the space has no valid point ({len(invalid)} invalid; first: {why})")
+    return list(candidates.values()), invalid
+
+
+def space_dimensions(candidates: Sequence[Candidate]) -> list[str]:
+    """The candidates' names, as the samplers choose among them."""
+    return [c.name for c in candidates]
