@@ -205,8 +205,10 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
     )
     from .finetune.command import add_parser as add_finetune
+    from .search.command import add_parser as add_search
 
     add_finetune(sub, common)
+    add_search(sub, common)
     return parser
 
 
@@ -608,6 +610,12 @@ def _progress(description: str, total: int, *, quiet: bool = False):
     return bar() if sys.stderr.isatty() else plain()
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.command import command
+
+    return command(args, _model_kwargs(args.model_kwargs))
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune.command import command
 
@@ -623,6 +631,7 @@ COMMANDS = {
     "validate": _cmd_validate,
     "zoo": _cmd_zoo,
     "finetune": _cmd_finetune,
+    "search": _cmd_search,
 }
 
 

@@ -1,0 +1,257 @@
+"""``attn-inject search``: which attention, where, on the user's data.
+
+checks (base, data, candidates planned on the base) ─ nothing written on failure
+  └─ the Optuna study (created, or the same search continued)
+       └─ trials: convert with the candidate ─ fine-tune (``finetune.run``) ─ per-epoch
+          top-1 to the pruner ─ RUNDIR/trials/NNNN-seedS/{start.safetensors, run/}
+            └─ the leaderboard, once no trial is left (leaderboard.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..finetune.config import FinetuneConfig
+from ..finetune.data import check_folders
+from ..planning import plan
+from .candidates import BASELINE, Candidate
+from .errors import SearchError
+from .leaderboard import Row, leaderboard, write_report
+from .space import point_candidate
+from .study import PRUNERS, SAMPLERS, StudySpec, open_study, work
+from .trial import Base, run_trial
+
+__all__ = ["SearchConfig", "SearchResult", "search"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A search: the base, the data, the candidates and how to run them."""
+
+    base: Base
+    base_identity: str  # what the base is: its file's hash, or its name and weights' hash
+    candidates: tuple[Candidate, ...]  # without the baseline
+    template: FinetuneConfig  # the fine-tune every trial runs (checkpoint, out and seed are set per trial)
+    out: str
+    repeats: int = 3
+    sampler: str = "grid"
+    pruner: str = "none"
+    n_trials: int | None = None  # TPE: trials besides the baseline
+    timeout: float | None = None
+    storage: str | None = None  # default: sqlite:///OUT/study.db
+    study: str = "attn-inject-search"
+    heartbeat: int = 60
+    space: Mapping[str, list[Any]] | None = None  # TPE: each dimension's values
+    invalid: tuple[str, ...] = ()  # points of the space that are not valid recipes
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rows: list[Row]
+    table: str
+    out: Path
+    ran: int  # trials this process ran
+
+
+def _check(config: SearchConfig) -> None:
+    if config.repeats < 1:
+        raise SearchError(f"--repeats must be at least 1, got {config.repeats}")
+    if config.sampler not in SAMPLERS:
+        raise SearchError(f"--sampler {config.sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
+    if config.pruner not in PRUNERS:
+        raise SearchError(f"--pruner {config.pruner!r} is not allowed; allowed: {', '.join(PRUNERS)}")
+    if config.sampler == "tpe" and (config.space is None or not config.n_trials or config.n_trials < 1):
+        raise SearchError("--sampler tpe searches a --space and needs --n-trials (at least 1)")
+    if config.timeout is not None and not config.timeout > 0:
+        raise SearchError(f"--timeout must be positive seconds, got {config.timeout}")
+    if config.heartbeat < 1:
+        raise SearchError(f"--heartbeat must be at least 1 second, got {config.heartbeat}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"--out {out}: exists and is not a folder")
+    config.template.check()
+
+
+def _data_identity(root: str) -> str:
+    """A hash of the data folder's file names and sizes (what the study was made on)."""
+    digest = hashlib.sha256()
+    for split in ("train", "val"):
+        for folder, dirs, files in sorted(os.walk(Path(root) / split, followlinks=True)):
+            dirs.sort()
+            for name in sorted(files):
+                path = Path(folder) / name
+                digest.update(f"{path.relative_to(root)}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    candidate: Candidate
+    params_added: int
+    flops_added: int
+
+
+def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
+    """Each candidate planned on the base: the ones that place a block, and why the others
+    do not (one line each)."""
+    model = config.base.build()
+    kept, skipped = [], []
+    for candidate in config.candidates:
+        try:
+            result = plan(model, (candidate.recipe or "") + "\n", input_size=config.base.input_size)
+        except Exception as error:
+            skipped.append(f"{candidate.name}: {str(error).splitlines()[0]}")
+            continue
+        if not len(result):
+            skipped.append(f"{candidate.name}: places no block ({result.empty_reason or 'nothing matches'})")
+            continue
+        kept.append(_Planned(candidate, result.params_added, result.flops_added))
+    return kept, skipped
+
+
+def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, Any]:
+    template = dataclasses.asdict(config.template)
+    for key in ("checkpoint", "out", "seed", "resume", "force", "data", "workers", "threads"):
+        template.pop(key, None)
+    recipes = {
+        p.candidate.name: hashlib.sha256((p.candidate.recipe or "").encode()).hexdigest()[:12]
+        for p in planned
+    }
+    return {
+        "base": config.base_identity,
+        "data": _data_identity(config.template.data),
+        "candidates": recipes if config.sampler == "grid" else sorted(map(str, (config.space or {}).items())),
+        "fine-tune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(template.items())},
+        "seeds": config.repeats,
+        "sampler": config.sampler,
+    }
+
+
+class _Objective:
+    """What one trial does: its candidate over its seeds, each a convert and a fine-tune."""
+
+    def __init__(self, config: SearchConfig, planned: Sequence[_Planned], seeds: Sequence[int]) -> None:
+        self.config = config
+        self.by_name = {p.candidate.name: p for p in planned}
+        self.by_name[BASELINE.name] = _Planned(BASELINE, 0, 0)
+        self.seeds = list(seeds)
+
+    def _sampled(self, trial: Any) -> _Planned:
+        """A TPE trial's point, dimension by dimension; its candidate planned on the base."""
+        space = self.config.space or {}
+        point = {
+            dim: trial.suggest_categorical(dim, [str(v) for v in values]) for dim, values in space.items()
+        }
+        values = {dim: next(v for v in space[dim] if str(v) == point[dim]) for dim in space}
+        values.setdefault("init", "identity")
+        if values.get("stages") == "all":
+            values["stages"] = None
+        candidate = point_candidate(values)
+        if candidate.name not in self.by_name:
+            config = dataclasses.replace(self.config, candidates=(candidate,))
+            kept, skipped = _plan_candidates(config)
+            if not kept:
+                trial.set_user_attr("skipped", skipped[0])
+                raise SearchError(skipped[0])
+            self.by_name[candidate.name] = kept[0]
+        return self.by_name[candidate.name]
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        name = trial.user_attrs.get("candidate")
+        if name is None:
+            planned, seeds = self._sampled(trial), self.seeds
+        else:
+            planned, seeds = self.by_name[name], list(trial.user_attrs.get("seeds", self.seeds))
+            if self.config.sampler == "grid":
+                trial.suggest_categorical(
+                    "candidate", [n for n in self.by_name if n != BASELINE.name] + [BASELINE.name]
+                )
+                trial.suggest_categorical("seed", self.seeds)
+        candidate = planned.candidate
+        for key, value in {
+            "candidate": candidate.name,
+            "seeds": seeds,
+            "recipe": candidate.recipe or "",
+            "params_added": planned.params_added,
+            "flops_added": planned.flops_added,
+        }.items():
+            trial.set_user_attr(key, value)
+        epochs = self.config.template.epochs
+        values, runs, seconds = [], [], []
+        for k, seed in enumerate(seeds):
+
+            def report(row: dict[str, float], k: int = k) -> None:
+                trial.report(row["eval_top1"], k * epochs + int(row["epoch"]) - 1)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: top-1 {row['eval_top1']:.2f}")
+
+            folder = Path(self.config.out) / "trials" / f"{trial.number:04d}-seed{seed}"
+            outcome = run_trial(self.config.base, candidate, seed, folder, self.config.template, report)
+            values.append(outcome.top1)
+            runs.append(str(outcome.run))
+            seconds.append(outcome.seconds_per_epoch)
+        trial.set_user_attr("values", values)
+        trial.set_user_attr("runs", runs)
+        trial.set_user_attr("seconds_per_epoch", statistics.fmean(seconds))
+        return statistics.fmean(values)
+
+
+def _records(study: Any) -> list[dict[str, Any]]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if "candidate" not in t.user_attrs or t.state.name not in ("COMPLETE", "PRUNED", "FAIL"):
+            continue
+        if t.state.name == "FAIL" and "retry_history" not in t.system_attrs and "skipped" in t.user_attrs:
+            continue
+        out.append({**t.user_attrs, "state": t.state.name})
+    return out
+
+
+def search(config: SearchConfig) -> SearchResult:
+    """Run the search ``config`` describes in this process, as one of its workers; when no
+    trial is left, write and return the leaderboard."""
+    _check(config)
+    check_folders(config.template.data)
+    planned, skipped = _plan_candidates(config)
+    if config.sampler == "grid" and not planned:
+        raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
+    out = Path(config.out).resolve()
+    seeds = [config.template.seed + k for k in range(config.repeats)]
+    spec = StudySpec(
+        name=config.study,
+        storage=config.storage or f"sqlite:///{out / 'study.db'}",
+        sampler=config.sampler,
+        pruner=config.pruner,
+        candidates=(BASELINE, *(p.candidate for p in planned)),
+        seeds=tuple(seeds),
+        epochs=config.template.epochs,
+        n_trials=config.n_trials,
+        heartbeat=config.heartbeat,
+        identity=_identity(config, planned),
+        space=config.space,
+    )
+    if config.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    study = open_study(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    ran = work(study, spec, _Objective(config, planned, seeds), config.timeout)
+    records = _records(study)
+    rows = leaderboard(records)
+    notes = [f"skipped {line}" for line in skipped]
+    notes += [f"not a valid point: {line}" for line in config.invalid]
+    notes += sorted(
+        {f"skipped {t.user_attrs['skipped']}" for t in study.get_trials() if "skipped" in t.user_attrs}
+    )
+    if not any(r.values for r in rows):
+        raise SearchError(f"no trial of study {config.study!r} finished; nothing to report")
+    table = write_report(rows, out, notes)
+    return SearchResult(rows, table, out, ran)

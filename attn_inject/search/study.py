@@ -1,0 +1,249 @@
+"""The Optuna study a search runs on, and the worker loop every process runs.
+
+- Storage: ``sqlite:///RUNDIR/study.db`` by default, or any SQLAlchemy URL (PostgreSQL for
+  workers on many machines). Each worker records a heartbeat while its trial runs; a trial
+  whose worker died is failed by the next worker that looks and retried once more by
+  Optuna's ``RetryFailedTrialCallback``.
+- Grid (an ablation): every (candidate, seed) is enqueued once when the study is created,
+  the baseline's first; workers pop the queue (a trial goes to exactly one worker: the
+  storage moves it from waiting to running in one transaction) until it is empty and no
+  trial runs. Optuna's ``GridSampler`` holds the same grid.
+- TPE (a search over a space): the baseline's seeds are enqueued; then each trial samples
+  a point dimension by dimension and fine-tunes it over every seed, until ``n_trials``.
+- The study records what it was made for (base model, data, candidates, fine-tune); a
+  command that does not match it is refused, and the same command continues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .candidates import BASELINE, Candidate
+from .errors import SearchError
+
+__all__ = ["StudySpec", "open_study", "work"]
+
+SAMPLERS = ("grid", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+MAX_RETRY = 2  # a trial whose worker died runs at most this many more times
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study is for; ``identity`` must match to continue it."""
+
+    name: str
+    storage: str
+    sampler: str
+    pruner: str
+    candidates: tuple[Candidate, ...]
+    seeds: tuple[int, ...]
+    epochs: int
+    n_trials: int | None
+    heartbeat: int
+    identity: Mapping[str, Any]
+    space: Mapping[str, list[Any]] | None = None  # the TPE dimensions
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise SearchError("attn-inject search needs Optuna: pip install 'attn-inject[search]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats and their retry are marked experimental; they are what the search relies on
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _safe_url(url: str) -> str:
+    """The URL with its password hidden, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}"
+
+
+def _storage(spec: StudySpec) -> Any:
+    optuna = _import_optuna()
+    if not spec.storage.strip():
+        raise SearchError("--storage is empty; give a SQLAlchemy URL such as sqlite:///RUNDIR/study.db")
+    storages = optuna.storages
+    # Optuna 4.9 renamed RetryFailedTrialCallback (and the argument that takes it)
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        retry = {
+            "heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        }
+    else:
+        retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
+    try:
+        return storages.RDBStorage(
+            spec.storage, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat, **retry
+        )
+    except Exception as error:  # SQLAlchemy: a bad URL, a missing driver, a server that is down
+        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line[:300]}") from None
+
+
+def _sampler(spec: StudySpec) -> Any:
+    optuna = _import_optuna()
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(
+            {"candidate": [c.name for c in spec.candidates], "seed": list(spec.seeds)}, seed=0
+        )
+    return optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, spec.n_trials or 10))
+
+
+def _pruner(spec: StudySpec) -> Any:
+    optuna = _import_optuna()
+    if spec.pruner == "median":  # after the baseline's seeds; not in a trial's first epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=len(spec.seeds), n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=spec.epochs * _steps_per_epoch(spec)
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _steps_per_epoch(spec: StudySpec) -> int:
+    return len(spec.seeds) if spec.sampler == "tpe" else 1
+
+
+def _enqueue(study: Any, spec: StudySpec) -> None:
+    """The trials a new study starts with: the baseline's seeds first."""
+    if spec.sampler == "grid":
+        for candidate in spec.candidates:
+            for seed in spec.seeds:
+                study.enqueue_trial(
+                    {"candidate": candidate.name, "seed": seed},
+                    user_attrs={"candidate": candidate.name, "seeds": [seed]},
+                )
+    else:
+        study.enqueue_trial({}, user_attrs={"candidate": BASELINE.name, "seeds": list(spec.seeds)})
+
+
+def open_study(spec: StudySpec) -> Any:
+    """The study ``spec`` names: created (and its trials enqueued) when new, else checked to
+    be the same search and continued."""
+    optuna = _import_optuna()
+    storage = _storage(spec)
+    sampler, pruner = _sampler(spec), _pruner(spec)
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+        _check_same(study, spec)
+        return study
+    for key, value in spec.identity.items():
+        study.set_user_attr(key, value)
+    _enqueue(study, spec)
+    study.set_user_attr("ready", True)
+    return study
+
+
+def _check_same(study: Any, spec: StudySpec) -> None:
+    deadline = time.monotonic() + 60
+    while not study.user_attrs.get("ready") and time.monotonic() < deadline:
+        time.sleep(0.2)  # another worker is creating it
+    recorded = study.user_attrs
+    for key, value in spec.identity.items():
+        if recorded.get(key) != value:
+            raise SearchError(
+                f"study {spec.name!r} in {_safe_url(spec.storage)} was made for another {key} "
+                f"({str(recorded.get(key))[:120]!r}, here {str(value)[:120]!r}); "
+                "use another --study (or --out), or the command that made it"
+            )
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial_id: int, interval: int) -> Iterator[None]:
+    """Record a heartbeat for ``trial_id`` every ``interval`` seconds while the trial runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _pop_waiting(study: Any) -> Any | None:
+    """A waiting trial, moved to running for this worker alone; None when none waits."""
+    optuna = _import_optuna()
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    for frozen in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                return optuna.trial.Trial(study, frozen._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _count(study: Any, *states: Any) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+Objective = Callable[[Any], float]
+
+
+def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | None = None) -> int:
+    """Run trials until the study is complete (or ``timeout`` seconds pass); returns how
+    many this worker ran. A pruned trial is told as pruned, a trial that raised as failed."""
+    optuna = _import_optuna()
+    from optuna.trial import TrialState
+
+    began, ran = time.monotonic(), 0
+    while timeout is None or time.monotonic() - began < timeout:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
+        trial = _pop_waiting(study)
+        if trial is None and spec.sampler == "tpe" and spec.n_trials is not None:
+            searched = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("candidate") != BASELINE.name and "retry_history" not in t.system_attrs
+            ]
+            if len(searched) < spec.n_trials:
+                trial = study.ask()
+        if trial is None:
+            if _count(study, TrialState.RUNNING):
+                time.sleep(min(5.0, spec.heartbeat))  # another worker's trial may yet need a retry
+                continue
+            break
+        ran += 1
+        with _heartbeat(study._storage, trial._trial_id, spec.heartbeat):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            except (Exception, KeyboardInterrupt) as error:
+                trial.set_user_attr("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                study.tell(trial, state=TrialState.FAIL)
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                continue
+        study.tell(trial, value)
+    return ran
+
+
+def seeds_of(trial: Any) -> Sequence[int]:
+    return list(trial.user_attrs.get("seeds", []))
