@@ -3,6 +3,7 @@
 #   make test    the test suite (CPU, a few minutes on 2 cores)
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
 #   make finetune-demo   the digits fine-tuning evidence (examples/digits_finetune.py; minutes on 2 cores)
+#   make search-demo     attn-inject search on a digits transfer task (examples/search_demo.py; minutes)
 # All create .venv on first use. `make zoo-test` runs the wider identity tests, `make zoo`
 # the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv), `make zoo-kinds`
 # every block kind on a sample (docs/zoo-kinds.md);
@@ -14,13 +15,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo clean
+.PHONY: demo test lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,dev]"
+	$(BIN)/python -m pip install -q -e ".[test,dev,search]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -33,6 +34,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+search-demo: $(STAMP)
+	$(BIN)/python examples/search_demo.py --out build/search --docs docs
 
 zoo-kinds: $(STAMP)
 	$(BIN)/python examples/zoo_kinds.py --out docs

@@ -29,12 +29,12 @@ def build():
     return _build
 
 
-def meta_model(name: str) -> torch.nn.Module:
+def meta_model(name: str, **kwargs) -> torch.nn.Module:
     source, _, bare = name.partition(":")
     with torch.device("meta"):
         if source == "tv":
-            return torchvision.models.get_model(bare, weights=None)
-        return timm.create_model(bare, pretrained=False)
+            return torchvision.models.get_model(bare, weights=None, **kwargs)
+        return timm.create_model(bare, pretrained=False, **kwargs)
 
 
 def blocks_of(patched: torch.nn.Module) -> torch.nn.ModuleDict:

@@ -194,7 +194,7 @@ def write_report(rows: Sequence[Row], out: Path, notes: Sequence[str] = ()) -> s
     _pareto(rows, out / "pareto.png")
     best = next((r for r in rows if r.values), None)
     if best is not None:
-        _, folder = max(best.runs)
+        _, folder = max(best.runs, key=lambda run: run[0])  # ties: the earliest trial
         source = Path(folder) / "last.safetensors"
         write_atomic(out / "best.safetensors", lambda tmp: shutil.copyfile(source, tmp))
     return render_table(header, body) + "".join(f"\n{n}" for n in notes)

@@ -25,7 +25,7 @@ from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .leaderboard import Row, leaderboard, write_report
 from .space import point_candidate
-from .study import PRUNERS, SAMPLERS, StudySpec, open_study, work
+from .study import PRUNERS, SAMPLERS, StudySpec, import_optuna, open_study, work
 from .trial import Base, run_trial
 
 __all__ = ["SearchConfig", "SearchResult", "search"]
@@ -61,6 +61,7 @@ class SearchResult:
 
 
 def _check(config: SearchConfig) -> None:
+    import_optuna()  # missing: one line naming the extra, before anything is written
     if config.repeats < 1:
         raise SearchError(f"--repeats must be at least 1, got {config.repeats}")
     if config.sampler not in SAMPLERS:
@@ -228,7 +229,7 @@ def search(config: SearchConfig) -> SearchResult:
     seeds = [config.template.seed + k for k in range(config.repeats)]
     spec = StudySpec(
         name=config.study,
-        storage=config.storage or f"sqlite:///{out / 'study.db'}",
+        storage=f"sqlite:///{out / 'study.db'}" if config.storage is None else config.storage,
         sampler=config.sampler,
         pruner=config.pruner,
         candidates=(BASELINE, *(p.candidate for p in planned)),

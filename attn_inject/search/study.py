@@ -27,7 +27,7 @@ from typing import Any
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 
-__all__ = ["StudySpec", "open_study", "work"]
+__all__ = ["StudySpec", "import_optuna", "open_study", "work"]
 
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
@@ -51,7 +51,7 @@ class StudySpec:
     space: Mapping[str, list[Any]] | None = None  # the TPE dimensions
 
 
-def _import_optuna() -> Any:
+def import_optuna() -> Any:
     try:
         import optuna
     except ImportError:
@@ -73,7 +73,7 @@ def _safe_url(url: str) -> str:
 
 
 def _storage(spec: StudySpec) -> Any:
-    optuna = _import_optuna()
+    optuna = import_optuna()
     if not spec.storage.strip():
         raise SearchError("--storage is empty; give a SQLAlchemy URL such as sqlite:///RUNDIR/study.db")
     storages = optuna.storages
@@ -94,7 +94,7 @@ def _storage(spec: StudySpec) -> Any:
 
 
 def _sampler(spec: StudySpec) -> Any:
-    optuna = _import_optuna()
+    optuna = import_optuna()
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler(
             {"candidate": [c.name for c in spec.candidates], "seed": list(spec.seeds)}, seed=0
@@ -103,7 +103,7 @@ def _sampler(spec: StudySpec) -> Any:
 
 
 def _pruner(spec: StudySpec) -> Any:
-    optuna = _import_optuna()
+    optuna = import_optuna()
     if spec.pruner == "median":  # after the baseline's seeds; not in a trial's first epoch
         return optuna.pruners.MedianPruner(n_startup_trials=len(spec.seeds), n_warmup_steps=1)
     if spec.pruner == "hyperband":
@@ -133,11 +133,13 @@ def _enqueue(study: Any, spec: StudySpec) -> None:
 def open_study(spec: StudySpec) -> Any:
     """The study ``spec`` names: created (and its trials enqueued) when new, else checked to
     be the same search and continued."""
-    optuna = _import_optuna()
+    optuna = import_optuna()
     storage = _storage(spec)
     sampler, pruner = _sampler(spec), _pruner(spec)
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize"
+        )
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
         _check_same(study, spec)
@@ -185,7 +187,7 @@ def _heartbeat(storage: Any, trial_id: int, interval: int) -> Iterator[None]:
 
 def _pop_waiting(study: Any) -> Any | None:
     """A waiting trial, moved to running for this worker alone; None when none waits."""
-    optuna = _import_optuna()
+    optuna = import_optuna()
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -208,7 +210,7 @@ Objective = Callable[[Any], float]
 def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | None = None) -> int:
     """Run trials until the study is complete (or ``timeout`` seconds pass); returns how
     many this worker ran. A pruned trial is told as pruned, a trial that raised as failed."""
-    optuna = _import_optuna()
+    optuna = import_optuna()
     from optuna.trial import TrialState
 
     began, ran = time.monotonic(), 0

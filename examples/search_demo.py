@@ -1,0 +1,144 @@
+"""``attn-inject search`` on a transfer task with real data: scikit-learn's digits (shipped
+with scikit-learn, nothing downloaded).
+
+1. pretrain a timm ``resnet10t`` (random init) on the digits 0-4 and save its weights;
+2. search on the digits 5-9 with few training images per class (so that accuracy is not
+   saturated): the baseline (no block) and SE-standard, SE-PRE, SE-POST, SE-Identity
+   (SENet Table 14), ECA and CBAM after every stage, all at identity, each fine-tuned over
+   three seeds (``attn-inject search``, SQLite study in the run folder);
+3. the leaderboard, the Pareto plot and the best candidate's weights are in the run folder;
+   ``--docs`` copies the leaderboard and the plot there.
+
+    python examples/search_demo.py --out build/search [--docs docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attn_inject.finetune.distributed import Context
+from attn_inject.finetune.loop import evaluate, train_one_epoch
+from attn_inject.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from digits_finetune import loaders
+
+MODEL = "timm:resnet10t"
+SIZE = 32
+CANDIDATES = ("se_resnet", "se_pre", "se_post", "se_identity", "eca_resnet", "cbam_after_every_stage")
+
+
+def write_split(root: Path, digits: range, train_per_class: int, val_per_class: int | None) -> Path:
+    """``digits`` as an ImageFolder: the first ``train_per_class`` images of each in train/,
+    the next ``val_per_class`` (None: all the rest) in val/; grey as RGB, upscaled."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    seen: dict[int, int] = {}
+    for i, label in enumerate(data.target.tolist()):
+        if label not in digits:
+            continue
+        k = seen[label] = seen.get(label, 0) + 1
+        if val_per_class is not None and k > train_per_class + val_per_class:
+            continue
+        folder = root / ("train" if k <= train_per_class else "val") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[i] * (255 / 16)).clip(0, 255).astype("uint8")
+        image = Image.fromarray(pixels, mode="L").resize((SIZE, SIZE), Image.BICUBIC).convert("RGB")
+        image.save(folder / f"{i:04d}.png")
+    return root
+
+
+def pretrain(root: Path, out: Path, epochs: int) -> float:
+    """resnet10t from random init on ``root`` with timm's AdamW and cosine schedule; its
+    weights to ``out``; returns the last validation top-1."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    random.seed(0)
+    torch.manual_seed(0)
+    model = build_model(MODEL, num_classes=5)
+    train_loader, val_loader = loaders(root, model)
+    context = Context(0, 1, 0, torch.device("cpu"))
+    optimizer = create_optimizer_v2(model, "adamw", lr=3e-3, weight_decay=0.05)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, "cosine", num_epochs=epochs, step_on_epochs=False, updates_per_epoch=len(train_loader)
+    )
+    updates, top1 = 0, 0.0
+    for epoch in range(epochs):
+        metrics, updates = train_one_epoch(
+            model, train_loader, optimizer, context, scheduler=scheduler, num_updates=updates
+        )
+        top1 = evaluate(model, val_loader, context)["top1"]
+        print(
+            f"pretrain epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, val top-1 {top1:.2f}",
+            flush=True,
+        )
+    torch.save(model.state_dict(), out)
+    return top1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="build/search", type=Path)
+    parser.add_argument("--docs", type=Path, help="copy the leaderboard and the Pareto plot into this folder")
+    parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-per-class", type=int, default=8)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out: Path = args.out
+    source, target, weights = out / "digits0-4", out / "digits5-9", out / "resnet10t_digits0-4.pth"
+    if not (source / "train").is_dir():
+        write_split(source, range(0, 5), train_per_class=140, val_per_class=None)
+    if not (target / "train").is_dir():
+        write_split(target, range(5, 10), train_per_class=args.train_per_class, val_per_class=None)
+    if not weights.is_file():
+        top1 = pretrain(source, weights, args.pretrain_epochs)
+        print(f"pretrained on digits 0-4: val top-1 {top1:.2f}", flush=True)
+    command = [
+        sys.executable, "-m", "attn_inject", "search", "--model", MODEL, "--model-kwargs", "num_classes=5",
+        "--base-checkpoint", str(weights), "--data", str(target), "--out", str(out / "run"),
+        "--recipes", *CANDIDATES, "--epochs", str(args.epochs), "--repeats", str(args.repeats),
+        "--image-size", str(SIZE), "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
+    ]  # fmt: skip
+    print("$ attn-inject " + " ".join(command[3:]), flush=True)
+    subprocess.run(command, check=True)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"done in {minutes:.1f} min on {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    if args.docs:
+        board = (out / "run" / "leaderboard.md").read_text().split("\n", 2)[2].strip()
+        machine = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, no GPU"
+        section = f"Measured by `make search-demo` in {minutes:.1f} min on {machine}.\n\n{board}\n"
+        page = args.docs / "search.md"
+        text = page.read_text()
+        start, end = text.index(START) + len(START), text.index(END)
+        page.write_text(text[:start] + "\n" + section + text[end:])
+        shutil.copyfile(out / "run" / "pareto.png", args.docs / "search-pareto.png")
+    return 0
+
+
+START, END = "<!-- search-demo:start -->", "<!-- search-demo:end -->"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,362 @@
+"""``attn-inject search`` with real components: real fine-tunes on real (tiny) digits, a real
+Optuna study on SQLite and on a PostgreSQL server the test starts, worker processes that
+share it, one killed mid-trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attn_inject as ai
+from attn_inject.cli import main
+
+optuna = pytest.importorskip("optuna")
+
+REPO = Path(__file__).resolve().parent.parent
+T975_1 = 12.706  # Student's t(0.975) with one degree of freedom: two seeds
+
+
+def write_digits(root: Path, digits: tuple[int, ...], per_class: int, size: int = 32) -> Path:
+    """scikit-learn's digits ``digits`` as an ImageFolder, ``per_class`` images each, one in
+    four in val/."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    counts: dict[int, int] = {}
+    for i, label in enumerate(data.target.tolist()):
+        if label not in digits or counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        split = "val" if counts[label] % 4 == 0 else "train"
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[i] * (255 / 16)).clip(0, 255).astype("uint8")
+        Image.fromarray(pixels, mode="L").resize((size, size)).convert("RGB").save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"), (0, 1), per_class=16)
+
+
+def args(
+    data: Path, out: Path, *recipes: str, repeats: int = 2, epochs: int = 1, classes: int = 2
+) -> list[str]:
+    return [
+        "search", "--model", "timm:resnet10t", "--model-kwargs", f"num_classes={classes}",
+        "--data", str(data), "--out", str(out), "--recipes", *recipes,
+        "--epochs", str(epochs), "--repeats", str(repeats), "--image-size", "32",
+        "--batch-size", "8", "--lr", "3e-3", "--workers", "0", "--threads", "1",
+    ]  # fmt: skip
+
+
+def study_of(out: Path):
+    return optuna.load_study(study_name="attn-inject-search", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def finished(study) -> list[tuple[str, tuple[int, ...]]]:
+    return sorted(
+        (t.user_attrs["candidate"], tuple(t.user_attrs["seeds"]))
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    )
+
+
+def last_top1(run: str) -> float:
+    with open(Path(run) / "summary.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["eval_top1"])
+
+
+def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_right_leaderboard(
+    data, tmp_path, capsys
+):
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text(
+        "name: nothing\nrules:\n  - block: se\n    at: stage_output\n    include: ['^no_such$']\n"
+    )
+    out = tmp_path / "run"
+    recipes = ("se_resnet", "eca_after_every_stage", "cbam_after_every_stage", str(nothing))
+    assert main(args(data, out, *recipes)) == 0
+    printed = capsys.readouterr().out
+    study = study_of(out)
+    names = ["baseline", "se_resnet", "eca_after_every_stage", "cbam_after_every_stage"]
+    assert finished(study) == sorted((n, (s,)) for n in names for s in (0, 1))  # each once
+    with open(out / "leaderboard.csv") as f:
+        rows = {r["candidate"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(names)
+    by_candidate: dict[str, list[float]] = {}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        (run,) = t.user_attrs["runs"]
+        assert t.user_attrs["values"] == [last_top1(run)]  # the fine-tune's own last validation top-1
+        by_candidate.setdefault(t.user_attrs["candidate"], []).append(last_top1(run))
+    for name, values in by_candidate.items():
+        mean, half = statistics.fmean(values), T975_1 * statistics.stdev(values) / math.sqrt(2)
+        assert rows[name]["top-1 mean ± 95%"] == f"{mean:.2f} ± {half:.2f}", name
+        assert rows[name]["seeds"] == "2"
+        assert [float(v) for v in rows[name]["seed_values"].split()] == pytest.approx(
+            sorted(values, key=values.index)
+        )
+    base = by_candidate["baseline"]
+    se = by_candidate["se_resnet"]
+    diff = statistics.fmean(se) - statistics.fmean(base)
+    assert rows["se_resnet"]["Δ baseline ± 95%"].startswith(f"{diff:+.2f} ± ")
+    assert (
+        rows["se_resnet"]["params added"]
+        == f"{ai.plan(_base(), 'se_resnet', input_size=(3, 32, 32)).params_added:,}"
+    )
+    assert rows["baseline"]["params added"] == "0"
+    assert "skipped nothing: places no block" in (out / "leaderboard.md").read_text()
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = max(names, key=lambda n: (statistics.fmean(by_candidate[n]), -names.index(n)))
+    ordered = list(rows)
+    assert ordered[0] == best or statistics.fmean(by_candidate[ordered[0]]) == statistics.fmean(
+        by_candidate[best]
+    )
+    best_runs = [
+        t.user_attrs["runs"][0]
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs["candidate"] == ordered[0]
+    ]
+    best_file = max(best_runs, key=last_top1)
+    assert (out / "best.safetensors").read_bytes() == (Path(best_file) / "last.safetensors").read_bytes()
+    assert ai.load(out / "best.safetensors") is not None
+    assert "baseline" in printed and "beyond noise" in printed
+
+
+def _base():
+    import timm
+
+    return timm.create_model("resnet10t", num_classes=2)
+
+
+def _worker(data: Path, out: Path, *extra: str, recipes=("se_resnet",), **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "attn_inject", "--json", *args(data, out, *recipes, **kw), *extra],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _ran(process) -> int:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    return json.loads(stdout.strip().splitlines()[-1])["ran"]
+
+
+def test_two_workers_on_one_sqlite_study_run_every_trial_exactly_once(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    workers = [_worker(data, out), _worker(data, out)]
+    ran = [_ran(w) for w in workers]
+    study = study_of(out)
+    grid = sorted((n, (s,)) for n in ("baseline", "se_resnet") for s in (0, 1))
+    assert finished(study) == grid and sum(ran) == len(grid) == len(study.trials)
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    first = _worker(data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=3)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("trials/*/run/summary.csv")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # killed once a fine-tune is under way
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    second = _worker(data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=3)
+    _ran(second)
+    study = study_of(out)
+    states = [t.state for t in study.trials]
+    assert finished(study) == [("baseline", (0,)), ("se_resnet", (0,))]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed worker's, then retried
+    failed = next(t for t in study.trials if t.state == optuna.trial.TrialState.FAIL)
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of Debian's ``postgresql`` package on a free local port, stopped
+    afterwards (run as the ``postgres`` user when the tests run as root)."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver psycopg2 is not installed")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="attn-inject-pg-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = folder / "data"
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_on_one_postgresql_study_run_every_trial_exactly_once(data, tmp_path, postgres):
+    out = tmp_path / "run"
+    out.mkdir()
+    workers = [_worker(data, out, "--storage", postgres) for _ in range(2)]
+    ran = [_ran(w) for w in workers]
+    study = optuna.load_study(study_name="attn-inject-search", storage=postgres)
+    grid = sorted((n, (s,)) for n in ("baseline", "se_resnet") for s in (0, 1))
+    assert finished(study) == grid and sum(ran) == len(grid) == len(study.trials)
+    assert not (out / "study.db").exists()  # the study lives on the server
+
+
+class Zero(torch.nn.Module):
+    """Erases the features it is given: a candidate that is clearly worse."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0
+
+
+@pytest.fixture
+def zero_block():
+    ai.register_block("zero_test", Zero)
+    yield
+    from attn_inject.blocks import _BLOCKS
+
+    _BLOCKS.pop("zero_test", None)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """resnet10t trained on the digits until it tells them apart: a base whose fine-tune
+    starts right, so that a candidate that erases the features is clearly worse."""
+    from attn_inject.finetune.config import FinetuneConfig
+    from attn_inject.finetune.run import run
+
+    folder = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    from attn_inject.search.trial import BASELINE_RECIPE  # no block
+
+    model = ai.inject(_base(), BASELINE_RECIPE, input_size=(3, 32, 32), allow_empty=True)
+    ai.save(model, folder / "start.safetensors", model_name="timm:resnet10t", model_kwargs={"num_classes": 2})
+    config = FinetuneConfig(
+        str(folder / "start.safetensors"), str(data), 6, str(folder / "run"), batch_size=8, image_size=32,
+        lr=3e-3, workers=0, threads=2, no_aug=True,
+    )  # fmt: skip
+    result = run(config)
+    assert result.history[-1]["eval_top1"] == 100.0, result.history
+    base = ai.serialize.load_base_weights(folder / "run" / "last.safetensors")
+    torch.save(base.state_dict(), folder / "base.pth")
+    return folder / "base.pth"
+
+
+def test_the_median_pruner_stops_a_clearly_worse_trial(data, trained, tmp_path, zero_block, capsys):
+    recipe = tmp_path / "zeroed.yaml"
+    recipe.write_text("name: zeroed\ninit: paper\nrules:\n  - block: zero_test\n    at: stage_output\n")
+    out = tmp_path / "run"
+    argv = [
+        *args(data, out, str(recipe), repeats=1, epochs=3),
+        "--pruner",
+        "median",
+        "--base-checkpoint",
+        str(trained),
+        *("--lr", "1e-4", "--no-aug"),  # a fine-tune that keeps what the base knows
+    ]
+    assert main(argv) == 0
+    study = study_of(out)
+    states = {t.user_attrs["candidate"]: t for t in study.trials}
+    assert states["baseline"].state == optuna.trial.TrialState.COMPLETE
+    assert states["baseline"].value > 80, "the baseline must be right for the comparison to mean something"
+    pruned = states["zeroed"]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert max(pruned.intermediate_values) < 2  # stopped before its last epoch
+    assert "| zeroed | 0 |" in (out / "leaderboard.md").read_text()
+
+
+def test_rerunning_the_command_continues_the_study_and_a_study_of_other_data_is_refused(
+    data, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(["--json", *args(data, out, "se_resnet", repeats=1), "--timeout", "0.001"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ran"]
+    assert first == 1 and finished(study_of(out)) == [("baseline", (0,))]
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    next(iter(sorted((other / "train" / "0").iterdir()))).unlink()
+    message = _one_line_error(capsys, args(other, out, "se_resnet", repeats=1))
+    assert "was made for another data" in message and "--study" in message
+    assert len(study_of(out).trials) == 2 and len(list((out / "trials").iterdir())) == 1  # left alone
+    assert main(["--json", *args(data, out, "se_resnet", repeats=1)]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ran"]
+    assert second == 1 and finished(study_of(out)) == [("baseline", (0,)), ("se_resnet", (0,))]
+    assert main(["--json", *args(data, out, "se_resnet", repeats=1)]) == 0  # complete: nothing left
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ran"] == 0
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_gets_one_line_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert "--storage is empty" in _one_line_error(capsys, [*args(data, out, "se_resnet"), "--storage", ""])
+    message = _one_line_error(
+        capsys, [*args(data, out, "se_resnet"), "--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/x"]
+    )
+    assert "cannot open it" in message and "secret" not in message
+    space = tmp_path / "space.yaml"
+    space.write_text("block: [cbam]\nat: [stage_output]\nspatial_kernel: [4]\n")
+    argv = [a if a != "--recipes" else "--space" for a in args(data, out, str(space))]
+    assert "the space has no valid point" in _one_line_error(capsys, argv)
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    assert "pip install 'attn-inject[search]'" in _one_line_error(capsys, args(data, out, "se_resnet"))
+    assert not out.exists()
