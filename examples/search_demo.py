@@ -94,9 +94,9 @@ def main() -> int:
     parser.add_argument("--out", default="build/search", type=Path)
     parser.add_argument("--docs", type=Path, help="copy the leaderboard and the Pareto plot into this folder")
     parser.add_argument("--pretrain-epochs", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-per-class", type=int, default=8)
+    parser.add_argument("--train-per-class", type=int, default=16)
     args = parser.parse_args()
     started = time.perf_counter()
     out: Path = args.out
@@ -112,7 +112,7 @@ def main() -> int:
         sys.executable, "-m", "attn_inject", "search", "--model", MODEL, "--model-kwargs", "num_classes=5",
         "--base-checkpoint", str(weights), "--data", str(target), "--out", str(out / "run"),
         "--recipes", *CANDIDATES, "--epochs", str(args.epochs), "--repeats", str(args.repeats),
-        "--image-size", str(SIZE), "--batch-size", "16", "--lr", "1e-3", "--workers", "0",
+        "--image-size", str(SIZE), "--batch-size", "16", "--lr", "2e-3", "--workers", "0",
     ]  # fmt: skip
     print("$ attn-inject " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True)

@@ -111,10 +111,15 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
         assert [float(v) for v in rows[name]["seed_values"].split()] == pytest.approx(
             sorted(values, key=values.index)
         )
-    base = by_candidate["baseline"]
-    se = by_candidate["se_resnet"]
-    diff = statistics.fmean(se) - statistics.fmean(base)
-    assert rows["se_resnet"]["Δ baseline ± 95%"].startswith(f"{diff:+.2f} ± ")
+    seeds = {
+        (t.user_attrs["candidate"], t.user_attrs["seeds"][0]): t.user_attrs["values"][0]
+        for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    }
+    pairs = [seeds[("se_resnet", s)] - seeds[("baseline", s)] for s in (0, 1)]  # paired by seed
+    half = T975_1 * statistics.stdev(pairs) / math.sqrt(2)
+    assert rows["se_resnet"]["Δ baseline ± 95%"] == f"{statistics.fmean(pairs):+.2f} ± {half:.2f}"
+    beyond = "yes" if abs(statistics.fmean(pairs)) > half else "no"
+    assert rows["se_resnet"]["beyond noise"] == beyond
     assert (
         rows["se_resnet"]["params added"]
         == f"{ai.plan(_base(), 'se_resnet', input_size=(3, 32, 32)).params_added:,}"
@@ -135,6 +140,15 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     best_file = max(best_runs, key=last_top1)
     assert (out / "best.safetensors").read_bytes() == (Path(best_file) / "last.safetensors").read_bytes()
     assert ai.load(out / "best.safetensors") is not None
+
+    # the study is a file like any other: a run folder written into it is never read
+    import sqlite3
+
+    with sqlite3.connect(out / "study.db") as db:
+        db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'runs'", ('["/etc"]',))
+    (out / "best.safetensors").unlink()
+    assert main(args(data, out, *recipes)) == 0
+    assert (out / "best.safetensors").read_bytes() == (Path(best_file) / "last.safetensors").read_bytes()
     assert "baseline" in printed and "beyond noise" in printed
 
 
@@ -360,3 +374,42 @@ def test_bad_input_gets_one_line_and_writes_nothing(data, tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "optuna", None)
     assert "pip install 'attn-inject[search]'" in _one_line_error(capsys, args(data, out, "se_resnet"))
     assert not out.exists()
+
+
+def test_tpe_searches_a_space_point_by_point_and_records_each_trials_recipe(data, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("block: [se, eca]\nat: [stage_output]\nratio: [4, 16]\n")
+    out = tmp_path / "run"
+    argv = [a if a != "--recipes" else "--space" for a in args(data, out, str(space), repeats=1)]
+    assert main([*argv, "--sampler", "tpe", "--n-trials", "2"]) == 0
+    study = study_of(out)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 3 == len(study.trials)  # the baseline and two sampled points
+    sampled = [t for t in trials if t.user_attrs["candidate"] != "baseline"]
+    for t in sampled:
+        assert set(t.params) == {"block", "at", "ratio"}
+        recipe = ai.load_recipe(t.user_attrs["recipe"] + "\n")
+        (rule,) = recipe.rules
+        assert rule.block.kind == t.params["block"] and rule.at == "stage_output"
+        assert rule.block.params.get("ratio") == (
+            int(t.params["ratio"]) if t.params["block"] == "se" else None
+        )
+        assert t.user_attrs["params_added"] > 0
+    assert "baseline" in (out / "leaderboard.md").read_text()
+
+
+def test_a_space_drops_what_a_kind_does_not_have_and_refuses_unknown_keys(tmp_path):
+    from attn_inject.search import SearchError, load_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text("block: [eca, cbam]\nat: [residual_branch]\nspatial_kernel: [3, 7]\n")
+    candidates, invalid = load_space(space)
+    assert sorted(c.name for c in candidates) == [
+        "cbam spatial_kernel=3 @residual_branch identity",
+        "cbam spatial_kernel=7 @residual_branch identity",
+        "eca @residual_branch identity",  # ECA has no spatial kernel: one point, not two
+    ]
+    assert invalid == []
+    space.write_text("block: [se]\nat: [residual_branch]\nwidth: [3]\n")
+    with pytest.raises(SearchError, match="unknown key 'width'; allowed: block, at, stages"):
+        load_space(space)

@@ -3,9 +3,11 @@ the difference from the baseline and whether it exceeds the noise, what the bloc
 the time per epoch. Written as ``leaderboard.md`` and ``.csv``, ``pareto.png`` (accuracy
 against FLOPs added, the Pareto front marked) and ``best.safetensors``.
 
-The interval is Student's t on the seeds' values (mean ± t(0.975, n-1) · s / √n); the
-difference from the baseline is Welch's, and it exceeds the noise when its 95% interval
-leaves out zero. With one seed there is no interval, and nothing is called beyond the noise.
+The interval is Student's t on the seeds' values (mean ± t(0.975, n-1) · s / √n). The
+difference from the baseline is paired over the seeds both ran (a seed fixes the data order
+and augmentation of every candidate alike), Welch's where they ran different seeds; it
+exceeds the noise when its 95% interval leaves out zero. With one seed there is no interval,
+and nothing is called beyond the noise.
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ class Row:
 
     candidate: str
     values: list[float] = field(default_factory=list)  # final validation top-1, one per finished seed
+    seeds: list[int] = field(default_factory=list)  # the seed of each value
     runs: list[tuple[float, str]] = field(default_factory=list)  # (top-1, run folder)
     pruned: int = 0
     failed: int = 0
     params_added: int = 0
     flops_added: int = 0
     seconds_per_epoch: list[float] = field(default_factory=list)
-    recipe: str = ""
 
     @property
     def mean(self) -> float:
@@ -62,9 +64,16 @@ class Row:
         return t_quantile(n - 1) * statistics.stdev(self.values) / math.sqrt(n) if n > 1 else math.nan
 
     def difference(self, baseline: Row) -> tuple[float, float]:
-        """(mean - the baseline's mean, half-width of Welch's 95% interval of it)."""
-        a, b = self.values, baseline.values
+        """(mean - the baseline's mean, half-width of the 95% interval of it). Paired over the
+        seeds both ran where there are two or more: a seed fixes the data order and the
+        augmentation of every candidate's fine-tune alike, so the seed-to-seed swing, most of
+        the noise, cancels. Welch's interval otherwise."""
         diff = self.mean - baseline.mean
+        common = sorted(set(self.by_seed) & set(baseline.by_seed))
+        if len(common) >= 2 and len(common) == len(self.by_seed) == len(baseline.by_seed):
+            pairs = [self.by_seed[s] - baseline.by_seed[s] for s in common]
+            return diff, t_quantile(len(pairs) - 1) * statistics.stdev(pairs) / math.sqrt(len(pairs))
+        a, b = self.values, baseline.values
         if len(a) < 2 or len(b) < 2:
             return diff, math.nan
         va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
@@ -74,18 +83,26 @@ class Row:
         df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
         return diff, t_quantile(df) * se
 
+    @property
+    def by_seed(self) -> dict[int, float]:
+        """Each seed's top-1 (averaged where a candidate ran a seed more than once)."""
+        seen: dict[int, list[float]] = {}
+        for seed, value in zip(self.seeds, self.values, strict=True):
+            seen.setdefault(seed, []).append(value)
+        return {seed: statistics.fmean(v) for seed, v in seen.items()}
+
 
 def leaderboard(trials: Sequence[Mapping]) -> list[Row]:
     """Rows from trial records (``candidate``, ``state``, ``values``, ``runs``, ``params_added``,
-    ``flops_added``, ``seconds_per_epoch``, ``recipe``), best mean first, the baseline included."""
+    ``flops_added``, ``seconds_per_epoch``), best mean first, the baseline included."""
     rows: dict[str, Row] = {}
     for t in trials:
         row = rows.setdefault(t["candidate"], Row(t["candidate"]))
         row.params_added = t.get("params_added", row.params_added)
         row.flops_added = t.get("flops_added", row.flops_added)
-        row.recipe = t.get("recipe", row.recipe)
         if t["state"] == "COMPLETE":
             row.values += list(t["values"])
+            row.seeds += list(t["seeds"])
             row.runs += list(zip(t["values"], t["runs"], strict=True))
             row.seconds_per_epoch.append(t["seconds_per_epoch"])
         elif t["state"] == "PRUNED":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,9 @@ from typing import Any
 
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import check_folders
+from ..messages import cut
 from ..planning import plan
+from ..values import is_int, is_number
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .leaderboard import Row, leaderboard, write_report
@@ -140,8 +143,8 @@ class _Objective:
 
     def __init__(self, config: SearchConfig, planned: Sequence[_Planned], seeds: Sequence[int]) -> None:
         self.config = config
-        self.by_name = {p.candidate.name: p for p in planned}
-        self.by_name[BASELINE.name] = _Planned(BASELINE, 0, 0)
+        self.by_name = {BASELINE.name: _Planned(BASELINE, 0, 0), **{p.candidate.name: p for p in planned}}
+        self.names = list(self.by_name)  # the grid's choices, in the order the study records them
         self.seeds = list(seeds)
 
     def _sampled(self, trial: Any) -> _Planned:
@@ -173,9 +176,7 @@ class _Objective:
         else:
             planned, seeds = self.by_name[name], list(trial.user_attrs.get("seeds", self.seeds))
             if self.config.sampler == "grid":
-                trial.suggest_categorical(
-                    "candidate", [n for n in self.by_name if n != BASELINE.name] + [BASELINE.name]
-                )
+                trial.suggest_categorical("candidate", self.names)
                 trial.suggest_categorical("seed", self.seeds)
         candidate = planned.candidate
         for key, value in {
@@ -206,15 +207,40 @@ class _Objective:
         return statistics.fmean(values)
 
 
-def _records(study: Any) -> list[dict[str, Any]]:
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        if "candidate" not in t.user_attrs or t.state.name not in ("COMPLETE", "PRUNED", "FAIL"):
+def _records(study: Any, out: Path) -> list[dict[str, Any]]:
+    """The finished trials as the leaderboard reads them. The study is a file like any other:
+    its values are checked and cut, and a trial's run folder is where this search puts it
+    (``out/trials/NNNN-seedS/run``), never a path read from the study."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    records = []
+    for t in trials:
+        attrs = t.user_attrs
+        name = attrs.get("candidate")
+        if not isinstance(name, str) or t.state.name not in ("COMPLETE", "PRUNED", "FAIL"):
             continue
-        if t.state.name == "FAIL" and "retry_history" not in t.system_attrs and "skipped" in t.user_attrs:
+        if t.state.name == "FAIL" and (t.number in retried or "skipped" in attrs):
+            continue  # run again, or a sampled point that places no block (listed apart)
+        seeds = [int(s) for s in attrs.get("seeds", []) if is_int(s)][:1000]
+        values = [float(v) for v in attrs.get("values", []) if is_number(v) and 0 <= v <= 100]
+        if t.state.name == "COMPLETE" and len(values) != len(seeds):
             continue
-        out.append({**t.user_attrs, "state": t.state.name})
-    return out
+        seconds = attrs.get("seconds_per_epoch")
+        records.append(
+            {
+                "candidate": cut(name, 80),
+                "state": t.state.name,
+                "values": values,
+                "seeds": seeds,
+                "runs": [str(out / "trials" / f"{t.number:04d}-seed{s}" / "run") for s in seeds],
+                "params_added": int(attrs["params_added"]) if is_int(attrs.get("params_added")) else 0,
+                "flops_added": int(attrs["flops_added"]) if is_int(attrs.get("flops_added")) else 0,
+                "seconds_per_epoch": float(seconds)
+                if is_number(seconds) and math.isfinite(seconds)
+                else math.nan,
+            }
+        )
+    return records
 
 
 def search(config: SearchConfig) -> SearchResult:
@@ -222,7 +248,8 @@ def search(config: SearchConfig) -> SearchResult:
     trial is left, write and return the leaderboard."""
     _check(config)
     check_folders(config.template.data)
-    planned, skipped = _plan_candidates(config)
+    # grid: every candidate planned now; TPE: each sampled point when it is drawn
+    planned, skipped = _plan_candidates(config) if config.sampler == "grid" else ([], [])
     if config.sampler == "grid" and not planned:
         raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
     out = Path(config.out).resolve()
@@ -245,7 +272,7 @@ def search(config: SearchConfig) -> SearchResult:
     study = open_study(spec)
     out.mkdir(parents=True, exist_ok=True)
     ran = work(study, spec, _Objective(config, planned, seeds), config.timeout)
-    records = _records(study)
+    records = _records(study, out)
     rows = leaderboard(records)
     notes = [f"skipped {line}" for line in skipped]
     notes += [f"not a valid point: {line}" for line in config.invalid]

@@ -237,12 +237,13 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
             except optuna.TrialPruned:
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
-            except (Exception, KeyboardInterrupt) as error:
-                trial.set_user_attr("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            except Exception as error:  # recorded and counted; the other trials go on
+                text = str(error).strip().splitlines()
+                trial.set_user_attr("error", f"{type(error).__name__}: {text[0][:300] if text else ''}")
                 study.tell(trial, state=TrialState.FAIL)
-                if isinstance(error, KeyboardInterrupt):
-                    raise
                 continue
+            # A stop (SIGINT, SIGTERM) leaves the trial running: its heartbeat ends, and the
+            # next worker to look (or the rerun) fails it and runs it again.
         study.tell(trial, value)
     return ran
 
