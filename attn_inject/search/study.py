@@ -32,6 +32,7 @@ __all__ = ["StudySpec", "import_optuna", "open_study", "work"]
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 MAX_RETRY = 2  # a trial whose worker died runs at most this many more times
+CREATE_ATTEMPTS = 5  # opening a new database that another worker is creating
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ def _safe_url(url: str) -> str:
     if not sep or "://" not in head:
         return url
     scheme, _, credentials = head.partition("://")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{tail}"
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{tail}"
 
 
 def _storage(spec: StudySpec) -> Any:
@@ -84,13 +85,28 @@ def _storage(spec: StudySpec) -> Any:
         }
     else:
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
-    try:
-        return storages.RDBStorage(
-            spec.storage, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat, **retry
-        )
-    except Exception as error:  # SQLAlchemy: a bad URL, a missing driver, a server that is down
-        line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line[:300]}") from None
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    attempt = 0
+    while True:
+        try:
+            return storages.RDBStorage(
+                spec.storage, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat, **retry
+            )
+        except (IntegrityError, ProgrammingError) as error:
+            # workers started together on a new database both create its tables: the one
+            # that loses finds them made on its next try
+            attempt += 1
+            if attempt == CREATE_ATTEMPTS:
+                raise _unopened(spec, error) from None
+            time.sleep(0.2 * attempt)
+        except Exception as error:  # a bad URL, a missing driver, a server that is down
+            raise _unopened(spec, error) from None
+
+
+def _unopened(spec: StudySpec, error: Exception) -> SearchError:
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line[:300]}")
 
 
 def _sampler(spec: StudySpec) -> Any:
