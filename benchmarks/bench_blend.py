@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Table, emit, interleaved, ms, parser
+from common import Table, block_workload, emit, interleaved, ms, parser
 
 import attn_inject as ai
 from attn_inject.blocks import Blended
@@ -85,11 +85,7 @@ def bench(device: torch.device, batch: int, shapes: tuple[tuple[int, int, int], 
 
 def main(argv: list[str] | None = None) -> str:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        batch, shapes, rounds = 2, ((32, 8, 8),), 1
-    else:
-        batch, shapes, rounds = 16, ((256, 56, 56), (1024, 14, 14)), 20
+    device, batch, shapes, rounds = block_workload(args.quick)
     table = bench(device, batch, shapes, rounds)
     return emit("The identity blend: full map against attention map", [table], args.out, args.quick)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Table, emit, interleaved, ms, parser
+from common import Table, block_workload, emit, interleaved, ms, parser
 
 import attn_inject as ai
 
@@ -133,11 +133,7 @@ def bench(device: torch.device, batch: int, shapes: tuple[tuple[int, int, int], 
 
 def main(argv: list[str] | None = None) -> str:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        batch, shapes, rounds = 2, ((32, 8, 8),), 1
-    else:
-        batch, shapes, rounds = 16, ((256, 56, 56), (1024, 14, 14)), 20
+    device, batch, shapes, rounds = block_workload(args.quick)
     return emit("Blocks vs their formulas", [bench(device, batch, shapes, rounds)], args.out, args.quick)
 
 

@@ -162,3 +162,12 @@ def emit(section: str, tables: Sequence[Table], out: str | None, quick: bool) ->
         Path(out).write_text(text)
         print(f"wrote {out}")
     return text
+
+
+def block_workload(quick: bool) -> tuple[torch.device, int, tuple[tuple[int, int, int], ...], int]:
+    """Device, batch, (C, H, W) maps and rounds of the block benchmarks: a ResNet-50 stage-2
+    and stage-4 map at batch 16 over 20 rounds (``--quick``: one tiny map, one round)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        return device, 2, ((32, 8, 8),), 1
+    return device, 16, ((256, 56, 56), (1024, 14, 14)), 20
