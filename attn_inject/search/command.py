@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="which attention, where: fine-tune each candidate over seeds next to a baseline (Optuna)",
         description="Convert the base model with each candidate recipe (or each point of a space), "
         "fine-tune it on DIR over several seeds, next to a baseline with no block, and rank them "
-        "with 95%% intervals. Run the same command on more processes or machines (a shared "
+        "with 95% intervals. Run the same command on more processes or machines (a shared "
         "--storage) to share the trials; rerun it to continue.",
     )
     base = p.add_mutually_exclusive_group(required=True)

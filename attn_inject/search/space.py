@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,3 @@ def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
         why = invalid[0] if invalid else "no point"
         raise SearchError(f"{source}: the space has no valid point ({len(invalid)} invalid; first: {why})")
     return list(candidates.values()), invalid
-
-
-def space_dimensions(candidates: Sequence[Candidate]) -> list[str]:
-    """The candidates' names, as the samplers choose among them."""
-    return [c.name for c in candidates]
