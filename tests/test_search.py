@@ -413,3 +413,16 @@ def test_a_space_drops_what_a_kind_does_not_have_and_refuses_unknown_keys(tmp_pa
     space.write_text("block: [se]\nat: [residual_branch]\nwidth: [3]\n")
     with pytest.raises(SearchError, match="unknown key 'width'; allowed: block, at, stages"):
         load_space(space)
+
+
+def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_trial(data, trained, tmp_path):
+    saved = trained.parent / "run" / "last.safetensors"  # ai.save's file, no block in it
+    out = tmp_path / "run"
+    argv = [a for a in args(data, out, "se_resnet", repeats=1) if a not in ("--model", "timm:resnet10t")]
+    argv = [a for a in argv if a not in ("--model-kwargs", "num_classes=2")]
+    assert main([*argv, "--checkpoint", str(saved)]) == 0
+    base = ai.serialize.load_base_weights(saved).state_dict()
+    for start in sorted(out.glob("trials/*/start.safetensors")):
+        weights = ai.serialize.load_base_weights(start).state_dict()
+        assert all(torch.equal(weights[k], base[k]) for k in base)
+    assert len(finished(study_of(out))) == 2
