@@ -63,8 +63,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_models.py --out $(BENCH)/2-models.md
 	$(BIN)/python benchmarks/bench_blocks.py --out $(BENCH)/3-blocks.md
 	$(BIN)/python benchmarks/bench_blend.py --out $(BENCH)/4-blend.md
+	$(BIN)/python benchmarks/bench_finetune.py --out $(BENCH)/5-finetune.md
 	$(BIN)/python benchmarks/collect.py $(BENCH)/1-inject.md $(BENCH)/2-models.md $(wildcard docs/gpu/*.md) \
-		$(BENCH)/3-blocks.md $(BENCH)/4-blend.md --out docs/benchmarks.md
+		$(BENCH)/3-blocks.md $(BENCH)/4-blend.md $(BENCH)/5-finetune.md --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
