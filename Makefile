@@ -43,10 +43,8 @@ search-demo: $(STAMP)
 zoo-kinds: $(STAMP)
 	$(BIN)/python examples/zoo_kinds.py --out docs
 
-zoo-# Two test processes of one thread each: the fastest split of 2 cores (one process on two
-# threads leaves a core idle through the many small steps; two on two threads each oversubscribe).
-test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m zoo
+zoo-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m zoo
 
 zoo: $(STAMP)
 	$(BIN)/attn-inject zoo --identity-check --identity-every 5

@@ -584,6 +584,50 @@ def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
     return hidden
 
 
+def _check_stages(rule: Rule, key: str, recipe: Recipe, model: str, stages: Sequence[Stage]) -> None:
+    """Refuse a rule whose ``stages`` name a stage the model does not have."""
+    if rule.stages is None:
+        return
+    bad = [s for s in rule.stages if not -len(stages) <= s < len(stages)]
+    if bad:
+        raise PlanError(
+            f"recipe {recipe.name!r} {key}.stages: {bad} out of range; {model} has "
+            f"{len(stages)} stages ({', '.join(s.name for s in stages) or 'none found'}): "
+            f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
+        )
+
+
+def _unusable(candidate: Candidate, rule: Rule) -> str | None:
+    """Why ``rule``'s block cannot go at ``candidate`` (its layout, its token grid), or None."""
+    kind, node = rule.block.kind, candidate.node.name
+    if candidate.skip_reason:
+        return candidate.skip_reason
+    if candidate.layout != NCHW and rule.channels_last != "permute" and permutes(kind):
+        return (
+            f"node {node!r} is {candidate.layout} and block {kind!r} "
+            "takes NCHW maps only; the rule's channels_last: permute applies it through a permute"
+        )
+    grid = candidate.token_grid
+    if grid is None:
+        return None
+    if grid.prefix_varies:
+        return (
+            f"the number of tokens before the grid of node {node!r} ({grid}) changes "
+            "with the input size; a block passes a fixed number of them through"
+        )
+    if grid.order is not None and uses_grid(kind) and not accepts_order(kind):
+        return (
+            f"node {node!r} holds its token grid ({grid}) in another order than "
+            f"raster and block {kind!r} needs the grid but takes no 'order' argument"
+        )
+    if grid.dynamic and uses_grid(kind):
+        return (
+            f"the token grid of node {node!r} ({grid}) changes with the input size "
+            f"(dynamic image size); block {kind!r} needs a fixed H' x W' grid"
+        )
+    return None
+
+
 def _match_rules(
     graph: AnnotatedGraph,
     stages: list[Stage],
@@ -601,14 +645,7 @@ def _match_rules(
     taken: dict[tuple, int] = {}
     for r, rule in enumerate(rules, start=first):
         key = f"rules[{r}]" if r < len(recipe.rules) else f"fallback[{r - len(recipe.rules)}]"
-        if rule.stages is not None:
-            bad = [s for s in rule.stages if not -len(stages) <= s < len(stages)]
-            if bad:
-                raise PlanError(
-                    f"recipe {recipe.name!r} {key}.stages: {bad} out of range; {model} has "
-                    f"{len(stages)} stages ({', '.join(s.name for s in stages) or 'none found'}): "
-                    f"use 0..{len(stages) - 1} or -{len(stages)}..-1"
-                )
+        _check_stages(rule, key, recipe, model, stages)
         matches = [
             c
             for c in find_candidates(graph, rule.at, stages, rule.channels_last)
@@ -618,63 +655,13 @@ def _match_rules(
         for k, candidate in enumerate(matches):
             if k % rule.every:
                 continue
-            reason = candidate.skip_reason
-            if (
-                reason is None
-                and candidate.layout != NCHW
-                and rule.channels_last != "permute"
-                and permutes(rule.block.kind)
-            ):
-                reason = (
-                    f"node {candidate.node.name!r} is {candidate.layout} and block {rule.block.kind!r} "
-                    "takes NCHW maps only; the rule's channels_last: permute applies it through a permute"
-                )
-            grid = candidate.token_grid
-            if reason is None and grid is not None and grid.prefix_varies:
-                reason = (
-                    f"the number of tokens before the grid of node {candidate.node.name!r} ({grid}) changes "
-                    "with the input size; a block passes a fixed number of them through"
-                )
-            if (
-                reason is None
-                and grid is not None
-                and grid.order is not None
-                and uses_grid(rule.block.kind)
-                and not accepts_order(rule.block.kind)
-            ):
-                reason = (
-                    f"node {candidate.node.name!r} holds its token grid ({grid}) in another order than "
-                    f"raster and block {rule.block.kind!r} needs the grid but takes no 'order' argument"
-                )
-            if reason is None and grid is not None and grid.dynamic and uses_grid(rule.block.kind):
-                reason = (
-                    f"the token grid of node {candidate.node.name!r} ({grid}) changes with the input size "
-                    f"(dynamic image size); block {rule.block.kind!r} needs a fixed H' x W' grid"
-                )
+            reason = _unusable(candidate, rule)
+            if reason is None and _earlier_block(candidate, graph):
+                reason = "a block of an earlier injection already acts on this edge"
+            if reason is None and candidate.edge in taken:
+                reason = f"rule {taken[candidate.edge]} already puts a block on this edge"
             if reason:
                 skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
-                continue
-            if _earlier_block(candidate, graph):
-                skipped.append(
-                    SkippedPoint(
-                        candidate.name,
-                        rule.at,
-                        candidate.node.name,
-                        r,
-                        "a block of an earlier injection already acts on this edge",
-                    )
-                )
-                continue
-            if candidate.edge in taken:
-                skipped.append(
-                    SkippedPoint(
-                        candidate.name,
-                        rule.at,
-                        candidate.node.name,
-                        r,
-                        f"rule {taken[candidate.edge]} already puts a block on this edge",
-                    )
-                )
                 continue
             taken[candidate.edge] = r
             chosen.append((graph.index[candidate.node], r, candidate, rule))

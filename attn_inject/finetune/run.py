@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -409,23 +409,12 @@ def _run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult
         teardown(context)
 
 
-def _train(
-    config: FinetuneConfig,
-    folders: Folders,
-    start: StartingPoint,
-    context: Context,
-    on_epoch: EpochHook | None = None,
-) -> RunResult:
+def _prepare_out(config: FinetuneConfig, context: Context) -> Path:
+    """RUNDIR made ready by the main process: a killed run's temporaries removed, old results
+    removed under ``--force``, ``args.yaml`` written for a new or extended run."""
     import yaml
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, NativeScaler
-
-    from .. import save
-    from .curves import plot_curves
 
     out = Path(config.out)
-    _log(context, _threads_line(config, context))
     if context.main:
         out.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS:  # left by a run killed while writing (as convert cleans its own)
@@ -438,6 +427,31 @@ def _train(
             text = yaml.safe_dump(config.to_dict(), sort_keys=False)
             write_atomic(out / ARGS, lambda tmp: tmp.write_text(text))
     context.barrier()
+    return out
+
+
+@dataclass
+class _Training:
+    """What trains: the model, its data, optimizer, schedule, EMA and precision."""
+
+    model: nn.Module
+    cfg: dict[str, Any]
+    sampler: Any
+    train_loader: Any
+    val_loader: Any
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    precision: Precision
+    scaler: Any
+
+
+def _training(config: FinetuneConfig, folders: Folders, start: StartingPoint, context: Context) -> _Training:
+    """The model on its device with timm's data config, optimizer (the param groups of
+    :func:`param_groups`), cosine schedule, EMA and loss scaler, as ``config`` asks."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
 
     model = start.model.to(context.device)
     if start.reinitialised:
@@ -450,9 +464,7 @@ def _train(
     _seed(config, 0, context.rank)
     cfg, sampler, train_loader, val_loader = _loaders(config, folders, model, context)
     dtype = torch.float16 if config.amp_dtype == "float16" else torch.bfloat16
-    precision = Precision(config.amp, dtype)
     scaler = NativeScaler(device=context.device.type) if config.amp and dtype == torch.float16 else None
-
     optimizer = create_optimizer_v2(
         model,
         config.opt,
@@ -477,65 +489,159 @@ def _train(
         updates_per_epoch=len(train_loader),
     )
     ema = ModelEmaV3(model, decay=config.model_ema_decay, use_warmup=True) if config.model_ema else None
+    return _Training(
+        model,
+        cfg,
+        sampler,
+        train_loader,
+        val_loader,
+        optimizer,
+        scheduler,
+        ema,
+        Precision(config.amp, dtype),
+        scaler,
+    )
 
-    first_epoch, num_updates = 0, 0
-    history: list[dict[str, float]] = []
-    best_top1, best_epoch = -math.inf, -1
-    if config.resume:
-        state = load_state(out / RESUME, config.epochs)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        first_epoch, num_updates = int(state["epoch"]), int(state["num_updates"])
-        history = [dict(r) for r in state["history"]]
-        best_top1, best_epoch = float(state["best_top1"]), int(state["best_epoch"])
-        _log(context, f"resuming {out} at epoch {first_epoch + 1} of {config.epochs}")
-        planned = int(scheduler.t_initial / max(len(train_loader), 1))  # the schedule's own length
-        if config.epochs > planned:
-            _log(
-                context,
-                f"extended from {planned} to {config.epochs} epochs: the cosine schedule runs its "
-                f"{planned} epochs as planned, then holds its floor (min lr {config.lr * 0.01:g})",
-            )
-    else:
-        scheduler.step_update(num_updates=0)  # every group at its lr_scale from the first step
 
+@dataclass
+class _Progress:
+    """Where the run stands: the next epoch, the optimizer steps taken, the epochs' rows and
+    the best one."""
+
+    first_epoch: int = 0
+    num_updates: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_top1: float = -math.inf
+    best_epoch: int = -1
+
+
+def _resumed(config: FinetuneConfig, t: _Training, out: Path, context: Context) -> _Progress:
+    """The progress of a new run, or the saved state of the one ``--resume`` continues (its
+    model, optimizer, schedule, EMA and scaler restored)."""
+    if not config.resume:
+        t.scheduler.step_update(num_updates=0)  # every group at its lr_scale from the first step
+        return _Progress()
+    state = load_state(out / RESUME, config.epochs)
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(state["ema"])
+    if t.scaler is not None and "scaler" in state:
+        t.scaler.load_state_dict(state["scaler"])
+    progress = _Progress(
+        int(state["epoch"]),
+        int(state["num_updates"]),
+        [dict(r) for r in state["history"]],
+        float(state["best_top1"]),
+        int(state["best_epoch"]),
+    )
+    _log(context, f"resuming {out} at epoch {progress.first_epoch + 1} of {config.epochs}")
+    planned = int(t.scheduler.t_initial / max(len(t.train_loader), 1))  # the schedule's own length
+    if config.epochs > planned:
+        _log(
+            context,
+            f"extended from {planned} to {config.epochs} epochs: the cosine schedule runs its "
+            f"{planned} epochs as planned, then holds its floor (min lr {config.lr * 0.01:g})",
+        )
+    return progress
+
+
+def _write_epoch(
+    config: FinetuneConfig,
+    t: _Training,
+    p: _Progress,
+    epoch: int,
+    improved: bool,
+    eval_metrics: dict[str, float],
+    folders: Folders,
+    start: StartingPoint,
+) -> None:
+    """What the main process writes after an epoch: last (and best) weights with their
+    manifest, the resume state, the summary and the curves."""
+    from .. import save
+    from .curves import plot_curves
+
+    out = Path(config.out)
+    scored = t.ema.module if t.ema is not None else t.model
+    training = {
+        "source": str(config.checkpoint),
+        "data": str(config.data),
+        "classes": list(folders.classes),
+        "epoch": epoch + 1,
+        "epochs": config.epochs,
+        "weights": "ema" if t.ema is not None else "model",
+        "val": {k: round(v, 4) for k, v in eval_metrics.items()},
+        "reinitialised": list(start.reinitialised),
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in t.cfg.items()},
+        "args": config.to_dict(),
+    }
+    save(scored, out / LAST, force=True, training=training)
+    if improved:
+        save(scored, out / BEST, force=True, training=training)
+    state = {
+        "epoch": epoch + 1,
+        "num_updates": p.num_updates,
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "history": p.history,
+        "best_top1": p.best_top1,
+        "best_epoch": p.best_epoch,
+        "seed": config.seed,
+    }
+    if t.ema is not None:
+        state["ema"] = t.ema.module.state_dict()
+    if t.scaler is not None:
+        state["scaler"] = t.scaler.state_dict()
+    save_state(out / RESUME, state)
+    write_summary(p.history, out / SUMMARY)
+    plot_curves({out.name or "run": p.history}, out / CURVES)
+
+
+def _train(
+    config: FinetuneConfig,
+    folders: Folders,
+    start: StartingPoint,
+    context: Context,
+    on_epoch: EpochHook | None = None,
+) -> RunResult:
+    out = _prepare_out(config, context)
+    _log(context, _threads_line(config, context))
+    t = _training(config, folders, start, context)
+    p = _resumed(config, t, out, context)
     wrapped, frozen = None, None
     started = time.perf_counter()
-    for epoch in range(first_epoch, config.epochs):
+    for epoch in range(p.first_epoch, config.epochs):
         want_frozen = epoch < config.frozen_epochs
         if want_frozen != frozen:
-            freeze_base(model, want_frozen, head=True)
-            frozen, wrapped = want_frozen, _wrap(model, config, context)
+            freeze_base(t.model, want_frozen, head=True)
+            frozen, wrapped = want_frozen, _wrap(t.model, config, context)
         assert wrapped is not None
         _seed(config, epoch, context.rank)
-        sampler.set_epoch(epoch)
+        t.sampler.set_epoch(epoch)
         label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
-        with _progress(context, label, len(train_loader)) as on_step:
-            train_metrics, num_updates = train_one_epoch(
+        with _progress(context, label, len(t.train_loader)) as on_step:
+            train_metrics, p.num_updates = train_one_epoch(
                 wrapped,
-                train_loader,
-                optimizer,
+                t.train_loader,
+                t.optimizer,
                 context,
-                scheduler=scheduler,
-                num_updates=num_updates,
-                precision=precision,
-                scaler=scaler,
+                scheduler=t.scheduler,
+                num_updates=p.num_updates,
+                precision=t.precision,
+                scaler=t.scaler,
                 clip_grad=config.clip_grad,
-                ema=ema,
+                ema=t.ema,
                 channels_last=config.channels_last,
                 on_step=on_step,
             )
         # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
-        base_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
-        scheduler.step(epoch + 1)
-        scored = ema.module if ema is not None else model
+        base_lr = t.optimizer.param_groups[0]["lr"] / t.optimizer.param_groups[0].get("lr_scale", 1.0)
+        t.scheduler.step(epoch + 1)
+        scored = t.ema.module if t.ema is not None else t.model
         eval_metrics = evaluate(
-            scored, val_loader, context, precision=precision, channels_last=config.channels_last
+            scored, t.val_loader, context, precision=t.precision, channels_last=config.channels_last
         )
         row = {
             "epoch": float(epoch + 1),  # numbered from 1, as the log and the manifest number them
@@ -544,10 +650,10 @@ def _train(
             **{f"eval_{k}": v for k, v in eval_metrics.items()},
             "lr": base_lr,
         }
-        history.append(row)
-        improved = eval_metrics["top1"] > best_top1
+        p.history.append(row)
+        improved = eval_metrics["top1"] > p.best_top1
         if improved:
-            best_top1, best_epoch = eval_metrics["top1"], epoch
+            p.best_top1, p.best_epoch = eval_metrics["top1"], epoch
         _log(
             context,
             f"{label}: train loss {row['train_loss']:.4f}, val loss {row['eval_loss']:.4f}, "
@@ -555,45 +661,13 @@ def _train(
             f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
         )
         if context.main:
-            training = {
-                "source": str(config.checkpoint),
-                "data": str(config.data),
-                "classes": list(folders.classes),
-                "epoch": epoch + 1,
-                "epochs": config.epochs,
-                "weights": "ema" if ema is not None else "model",
-                "val": {k: round(v, 4) for k, v in eval_metrics.items()},
-                "reinitialised": list(start.reinitialised),
-                "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-                "args": config.to_dict(),
-            }
-            save(scored, out / LAST, force=True, training=training)
-            if improved:
-                save(scored, out / BEST, force=True, training=training)
-            state = {
-                "epoch": epoch + 1,
-                "num_updates": num_updates,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "best_top1": best_top1,
-                "best_epoch": best_epoch,
-                "seed": config.seed,
-            }
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            save_state(out / RESUME, state)
-            write_summary(history, out / SUMMARY)
-            plot_curves({Path(config.out).name or "run": history}, out / CURVES)
+            _write_epoch(config, t, p, epoch, improved, eval_metrics, folders, start)
         context.barrier()
         if on_epoch is not None:
             on_epoch(dict(row))
     _log(
         context,
-        f"done in {time.perf_counter() - started:.1f} s: best top-1 {best_top1:.2f} "
-        f"at epoch {best_epoch + 1}; wrote {out}/{{{', '.join(OUTPUTS)}}}",
+        f"done in {time.perf_counter() - started:.1f} s: best top-1 {p.best_top1:.2f} "
+        f"at epoch {p.best_epoch + 1}; wrote {out}/{{{', '.join(OUTPUTS)}}}",
     )
-    return RunResult(out, history, best_epoch, best_top1, start.reinitialised)
+    return RunResult(out, p.history, p.best_epoch, p.best_top1, start.reinitialised)
