@@ -442,28 +442,21 @@ def _reject_unknown(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: s
             raise fail(f"{prefix}{_key_name(key)}", f"unknown key; allowed keys: {', '.join(allowed)}")
 
 
-def _parse_rule(data: Any, key: str, fail) -> Rule:
-    if not isinstance(data, Mapping):
-        raise fail(key, f"must be a mapping with keys {', '.join(RULE_KEYS)}")
-    _reject_unknown(data, RULE_KEYS, f"{key}.", fail)
-    for required in ("block", "at"):
-        if required not in data:
-            raise fail(f"{key}.{required}", "missing; every rule needs 'block' and 'at'")
-    block = _parse_block(data["block"], f"{key}.block", fail)
-    at = data["at"]
-    if at not in POSITIONS:
-        raise fail(f"{key}.at", f"unknown position {shown(at)}; allowed: {', '.join(POSITIONS)}")
+def _parse_stages(data: Mapping[str, Any], key: str, fail) -> tuple[int, ...] | None:
     stages = data.get("stages")
-    if stages is not None:
-        if is_int(stages):
-            stages = [stages]
-        if not isinstance(stages, list) or not stages or any(not is_int(s) for s in stages):
-            raise fail(
-                f"{key}.stages",
-                "must be a list of stage indices (integers, negatives count from the end), "
-                f"got {shown(stages)}",
-            )
-        stages = tuple(stages)
+    if stages is None:
+        return None
+    if is_int(stages):
+        stages = [stages]
+    if not isinstance(stages, list) or not stages or any(not is_int(s) for s in stages):
+        raise fail(
+            f"{key}.stages",
+            f"must be a list of stage indices (integers, negatives count from the end), got {shown(stages)}",
+        )
+    return tuple(stages)
+
+
+def _parse_bounds(data: Mapping[str, Any], key: str, fail) -> dict[str, int | None]:
     bounds: dict[str, int | None] = {}
     for bound in ("min_channels", "max_channels"):
         value = data.get(bound)
@@ -475,6 +468,10 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
             f"{key}.min_channels",
             f"{bounds['min_channels']} is greater than max_channels {bounds['max_channels']}",
         )
+    return bounds
+
+
+def _parse_patterns(data: Mapping[str, Any], key: str, fail) -> dict[str, tuple[str, ...]]:
     patterns: dict[str, tuple[str, ...]] = {}
     for which in ("include", "exclude"):
         value = data.get(which, [])
@@ -492,6 +489,23 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
                     f"{key}.{which}", f"invalid regular expression {shown(pattern)}: {error}"
                 ) from None
         patterns[which] = tuple(value)
+    return patterns
+
+
+def _parse_rule(data: Any, key: str, fail) -> Rule:
+    if not isinstance(data, Mapping):
+        raise fail(key, f"must be a mapping with keys {', '.join(RULE_KEYS)}")
+    _reject_unknown(data, RULE_KEYS, f"{key}.", fail)
+    for required in ("block", "at"):
+        if required not in data:
+            raise fail(f"{key}.{required}", "missing; every rule needs 'block' and 'at'")
+    block = _parse_block(data["block"], f"{key}.block", fail)
+    at = data["at"]
+    if at not in POSITIONS:
+        raise fail(f"{key}.at", f"unknown position {shown(at)}; allowed: {', '.join(POSITIONS)}")
+    stages = _parse_stages(data, key, fail)
+    bounds = _parse_bounds(data, key, fail)
+    patterns = _parse_patterns(data, key, fail)
     every = data.get("every", 1)
     if not is_int(every) or every < 1:
         raise fail(f"{key}.every", f"must be an integer >= 1 (1 keeps every match), got {shown(every)}")

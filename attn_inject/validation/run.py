@@ -62,19 +62,8 @@ def validate(
     original, patched = on_device(original, patched, target)
     context = _context(original, patched, specs, target, input_size, batch, seeds, dtypes)
     results, measured = _run_checks(context, specs, batch)
-    if checks is None:  # the checks not run by default, said so
-        results += [
-            Check(
-                s.name, SKIPPED, where(target, context.dtype, "eval"), "not asked for: checks='all' runs it"
-            )
-            for s in registered()
-            if not s.default
-        ]
-    order = {spec.name: i for i, spec in enumerate(registered())}
-    results.sort(key=lambda c: order.get(c.name.split()[0], len(order)))
+    results = _reported(results, context, target, asked=checks is not None)
     root = context.reference.root
-    if root:  # points by their name in the model passed in
-        results = [dataclasses.replace(c, point=f"{root}.{c.point}") if c.point else c for c in results]
     return ValidationReport(
         device=device_name(target),
         input_shape=tuple(context.inputs[0].shape),
@@ -88,6 +77,27 @@ def validate(
         params_planned=context.params_planned,
         finite=measured.finite,
     )
+
+
+def _reported(
+    results: list[Check], context: ValidationContext, target: torch.device, asked: bool
+) -> list[Check]:
+    """The checks in the registry's order, those not run by default said so (unless the
+    caller chose the checks), points named as in the model passed in."""
+    if not asked:
+        results = results + [
+            Check(
+                s.name, SKIPPED, where(target, context.dtype, "eval"), "not asked for: checks='all' runs it"
+            )
+            for s in registered()
+            if not s.default
+        ]
+    order = {spec.name: i for i, spec in enumerate(registered())}
+    results = sorted(results, key=lambda c: order.get(c.name.split()[0], len(order)))
+    root = context.reference.root
+    if root:
+        results = [dataclasses.replace(c, point=f"{root}.{c.point}") if c.point else c for c in results]
+    return results
 
 
 def _record_plan(patched: nn.Module) -> Plan:
