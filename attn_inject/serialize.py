@@ -151,7 +151,6 @@ def save(
     differ the file is not written and the error says where. ``training`` (plain values)
     records the fine-tuning run that produced the weights in the manifest."""
     from . import inserted_blocks
-    from .models import ModelKwargsError, check_model_kwargs, resolve
 
     refuse_wrapper(patched, "save()")
     info = patched_record(patched)
@@ -159,21 +158,7 @@ def save(
         raise CheckpointError(
             "save() needs a model returned by attn_inject.inject (it has no attn_inject plan)"
         )
-    name = getattr(info, "base_model", None) if model_name is None else model_name or None
-    if name is None and model_name is None:
-        raise CheckpointError(
-            f"cannot save: which builder made this {type(patched).__name__} is not known (it was not built "
-            "by timm.create_model or attn_inject.models.build_model), so ai.load(path) could not rebuild "
-            "it; pass model_name='tv:NAME' or 'timm:NAME' (and model_kwargs=), or model_name='' to save it "
-            "unnamed and load it with ai.load(path, model=...)"
-        )
-    recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
-    try:
-        kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
-    except ModelKwargsError as error:
-        raise CheckpointError(f"cannot save: {error}") from None
-    if name is not None:
-        name = ":".join(resolve(name))
+    name, kwargs = _base_named(patched, info, model_name, model_kwargs)
     steps = [
         Injection(p.recipe.text, p.init, p.target, tuple(p.input_size))
         for p in getattr(info, "plans", (info.plan,))
@@ -197,16 +182,43 @@ def save(
         later=tuple(steps[1:]),
         training=dict(training) if training is not None else None,
     )
-    if training is not None:
-        try:
-            json.dumps(training)
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(
-                "save(training=...) must be plain values (numbers, strings, lists, dicts): "
-                f"{shown(str(error))}"
-            ) from None
+    _check_plain(training)
     write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
+
+
+def _check_plain(training: Mapping[str, Any] | None) -> None:
+    if training is None:
+        return
+    try:
+        json.dumps(training)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"save(training=...) must be plain values (numbers, strings, lists, dicts): {shown(str(error))}"
+        ) from None
+
+
+def _base_named(
+    patched: nn.Module, info: Any, model_name: str | None, model_kwargs: Mapping[str, Any] | None
+) -> tuple[str | None, dict[str, Any]]:
+    """The base model's qualified name (None: saved unnamed) and builder arguments, from the
+    caller or the patched model's record; refused when no builder is known."""
+    from .models import ModelKwargsError, check_model_kwargs, resolve
+
+    name = getattr(info, "base_model", None) if model_name is None else model_name or None
+    if name is None and model_name is None:
+        raise CheckpointError(
+            f"cannot save: which builder made this {type(patched).__name__} is not known (it was not built "
+            "by timm.create_model or attn_inject.models.build_model), so ai.load(path) could not rebuild "
+            "it; pass model_name='tv:NAME' or 'timm:NAME' (and model_kwargs=), or model_name='' to save it "
+            "unnamed and load it with ai.load(path, model=...)"
+        )
+    recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
+    try:
+        kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
+    except ModelKwargsError as error:
+        raise CheckpointError(f"cannot save: {error}") from None
+    return (":".join(resolve(name)) if name is not None else None), kwargs
 
 
 def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], steps: list[Injection]) -> None:
