@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AttnInjectError, InputTypeError
@@ -398,9 +399,6 @@ def _default_input_size(name: str, model: Any, recipe: Any, target: str | None) 
 
 
 def _check_output(path: str, force: bool) -> None:
-    import os
-    from pathlib import Path
-
     out = Path(path)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {path}: the output must be a .safetensors file")
@@ -495,13 +493,10 @@ def _status(message: str, *, quiet: bool = False):
     return Console(stderr=True).status(message)
 
 
-def _cmd_zoo(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
+def _zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
+    """The zoo's recipes, model names and output folder, each checked before any model is built."""
     from .recipe import load_recipe
-    from .zoo import ZooRecord, default_recipes, list_zoo, sweep
-    from .zoo_report import write_csv, write_markdown
+    from .zoo import default_recipes, list_zoo
 
     recipes = args.recipes or default_recipes()
     for recipe in recipes:
@@ -516,6 +511,16 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder")
+    return recipes, names, out
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    import time
+
+    from .zoo import ZooRecord, sweep
+    from .zoo_report import write_csv, write_markdown
+
+    recipes, names, out = _zoo_inputs(args)
     start = time.perf_counter()
     records: list[ZooRecord] = []
     with _progress(
