@@ -208,11 +208,9 @@ def sweep_model(
     identity_max_params: int = IDENTITY_MAX_PARAMS,
 ) -> ModelResult:
     """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
-    from .graph.layout import NCHW, layout_of
     from .graph.shapes import ShapeError
-    from .graph.trace import tracing_strategy
     from .models import build_for_planning, input_size_for
-    from .planning import plan_prepared, prepare, resolve_target
+    from .planning import prepare, resolve_target
     from .recipe import load_recipe
 
     warnings.filterwarnings("ignore")
@@ -238,8 +236,22 @@ def sweep_model(
     except Exception as error:
         status = "shapes" if isinstance(error, ShapeError) else "trace"
         return fail(status, _reason(error), fx_plain=_fx_plain(model), target=target)
+    common = _common_record(source, bare, model, prepared, target)
+    plans: dict = {}
+    rows = [_recipe_record(common, prepared, recipe, plans) for recipe in loaded]
+    if identity_check:
+        rows = _check_identity(name, rows, plans, prepared.base_params, identity_max_params, target)
+    seconds = time.perf_counter() - start
+    return ModelResult(source, bare, tuple(rows), seconds)
+
+
+def _common_record(source: str, bare: str, model: nn.Module, prepared, target: str) -> ZooRecord:
+    """What every recipe's row of a model shares: how it traced, its stages and parameters."""
+    from .graph.layout import NCHW, layout_of
+    from .graph.trace import tracing_strategy
+
     graph = prepared.graph
-    common = ZooRecord(  # what every recipe's row shares
+    return ZooRecord(
         source,
         bare,
         recipe="",
@@ -254,35 +266,30 @@ def sweep_model(
         base_params=prepared.base_params,
         stage_agreement=stage_agreement(model, prepared.stages, target),
     )
-    plans = {}
-    rows = []
-    for recipe in loaded:
-        t0 = time.perf_counter()
-        try:
-            plans[recipe.name] = plan_prepared(prepared, recipe)
-        except Exception as error:
-            rows.append(replace(common, recipe=recipe.name, status="plan", reason=_reason(error)))
-            continue
-        p = plans[recipe.name]
-        reason = p.empty_reason
-        rows.append(
-            replace(
-                common,
-                recipe=recipe.name,
-                status="ok",
-                reason=reason,
-                points=len(p),
-                nhwc_points=sum(1 for point in p if point.layout == "NHWC"),
-                token_points=sum(1 for point in p if point.layout == "tokens"),
-                params_added=p.params_added,
-                seconds=time.perf_counter() - t0,
-                **_class_kept(p),
-            )
-        )
-    if identity_check:
-        rows = _check_identity(name, rows, plans, prepared.base_params, identity_max_params, target)
-    seconds = time.perf_counter() - start
-    return ModelResult(source, bare, tuple(rows), seconds)
+
+
+def _recipe_record(common: ZooRecord, prepared, recipe, plans: dict) -> ZooRecord:
+    """One recipe's row: its plan's points by layout and what they add (``plans`` gets the plan)."""
+    from .planning import plan_prepared
+
+    t0 = time.perf_counter()
+    try:
+        plans[recipe.name] = plan_prepared(prepared, recipe)
+    except Exception as error:
+        return replace(common, recipe=recipe.name, status="plan", reason=_reason(error))
+    p = plans[recipe.name]
+    return replace(
+        common,
+        recipe=recipe.name,
+        status="ok",
+        reason=p.empty_reason,
+        points=len(p),
+        nhwc_points=sum(1 for point in p if point.layout == "NHWC"),
+        token_points=sum(1 for point in p if point.layout == "tokens"),
+        params_added=p.params_added,
+        seconds=time.perf_counter() - t0,
+        **_class_kept(p),
+    )
 
 
 class _ClassKept(TypedDict, total=False):
