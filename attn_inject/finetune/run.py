@@ -599,6 +599,49 @@ def _write_epoch(
     plot_curves({out.name or "run": p.history}, out / CURVES)
 
 
+def _epoch(
+    config: FinetuneConfig,
+    t: _Training,
+    p: _Progress,
+    wrapped: nn.Module,
+    epoch: int,
+    label: str,
+    context: Context,
+) -> dict[str, float]:
+    """Train one epoch and evaluate: the epoch's summary row (``p.num_updates`` advanced)."""
+    _seed(config, epoch, context.rank)
+    t.sampler.set_epoch(epoch)
+    with _progress(context, label, len(t.train_loader)) as on_step:
+        train_metrics, p.num_updates = train_one_epoch(
+            wrapped,
+            t.train_loader,
+            t.optimizer,
+            context,
+            scheduler=t.scheduler,
+            num_updates=p.num_updates,
+            precision=t.precision,
+            scaler=t.scaler,
+            clip_grad=config.clip_grad,
+            ema=t.ema,
+            channels_last=config.channels_last,
+            on_step=on_step,
+        )
+    # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
+    base_lr = t.optimizer.param_groups[0]["lr"] / t.optimizer.param_groups[0].get("lr_scale", 1.0)
+    t.scheduler.step(epoch + 1)
+    scored = t.ema.module if t.ema is not None else t.model
+    eval_metrics = evaluate(
+        scored, t.val_loader, context, precision=t.precision, channels_last=config.channels_last
+    )
+    return {
+        "epoch": float(epoch + 1),  # numbered from 1, as the log and the manifest number them
+        "train_loss": train_metrics["loss"],
+        "train_gate": mean_gate(scored),
+        **{f"eval_{k}": v for k, v in eval_metrics.items()},
+        "lr": base_lr,
+    }
+
+
 def _train(
     config: FinetuneConfig,
     folders: Folders,
@@ -618,50 +661,21 @@ def _train(
             freeze_base(t.model, want_frozen, head=True)
             frozen, wrapped = want_frozen, _wrap(t.model, config, context)
         assert wrapped is not None
-        _seed(config, epoch, context.rank)
-        t.sampler.set_epoch(epoch)
         label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
-        with _progress(context, label, len(t.train_loader)) as on_step:
-            train_metrics, p.num_updates = train_one_epoch(
-                wrapped,
-                t.train_loader,
-                t.optimizer,
-                context,
-                scheduler=t.scheduler,
-                num_updates=p.num_updates,
-                precision=t.precision,
-                scaler=t.scaler,
-                clip_grad=config.clip_grad,
-                ema=t.ema,
-                channels_last=config.channels_last,
-                on_step=on_step,
-            )
-        # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
-        base_lr = t.optimizer.param_groups[0]["lr"] / t.optimizer.param_groups[0].get("lr_scale", 1.0)
-        t.scheduler.step(epoch + 1)
-        scored = t.ema.module if t.ema is not None else t.model
-        eval_metrics = evaluate(
-            scored, t.val_loader, context, precision=t.precision, channels_last=config.channels_last
-        )
-        row = {
-            "epoch": float(epoch + 1),  # numbered from 1, as the log and the manifest number them
-            "train_loss": train_metrics["loss"],
-            "train_gate": mean_gate(scored),
-            **{f"eval_{k}": v for k, v in eval_metrics.items()},
-            "lr": base_lr,
-        }
+        row = _epoch(config, t, p, wrapped, epoch, label, context)
         p.history.append(row)
-        improved = eval_metrics["top1"] > p.best_top1
+        improved = row["eval_top1"] > p.best_top1
         if improved:
-            p.best_top1, p.best_epoch = eval_metrics["top1"], epoch
+            p.best_top1, p.best_epoch = row["eval_top1"], epoch
         _log(
             context,
             f"{label}: train loss {row['train_loss']:.4f}, val loss {row['eval_loss']:.4f}, "
-            f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {base_lr:.3g}, "
+            f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {row['lr']:.3g}, "
             f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
         )
         if context.main:
-            _write_epoch(config, t, p, epoch, improved, eval_metrics, folders, start)
+            metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
+            _write_epoch(config, t, p, epoch, improved, metrics, folders, start)
         context.barrier()
         if on_epoch is not None:
             on_epoch(dict(row))
