@@ -316,10 +316,8 @@ IDENTITY_CHECKS = ("identity", "parameters", "shapes", "finite")
 
 
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
-    from .injection import inject
     from .models import build_model
     from .planning import plan_prepared, prepare
-    from .validation import validate
 
     wanted = [r for r in rows if r.status == "ok" and r.points]
     if not wanted:
@@ -343,42 +341,35 @@ def _check_identity(name, rows, plans, base_params, max_params, target) -> list[
             return False
 
     size = _identity_size(runs_on, planned, fits)
-    out = []
-    for row in rows:
-        if row not in wanted:
-            out.append(row)
-            continue
-        if size is None:
-            out.append(
-                replace(
-                    row,
-                    identity=(
-                        "skipped: no input size up to the planned one "
-                        "that the model accepts with the same points"
-                    ),
-                )
-            )
-            continue
-        t0 = time.perf_counter()
-        try:
-            patched = inject(model, plans[row.recipe].recipe, input_size=size, target=target)
-            report = validate(model, patched, input_size=size, device="cpu", seeds=1, checks=IDENTITY_CHECKS)
-            verdict = (
-                "ok"
-                if report.passed
-                else "failed: " + ("identity" if not report.identity_ok else "params/finite")
-            )
-            out.append(
-                replace(
-                    row,
-                    identity=verdict,
-                    identity_rel_diff=report.relative_diff,
-                    seconds=row.seconds + time.perf_counter() - t0,
-                )
-            )
-        except Exception as error:
-            out.append(replace(row, identity=f"error: {_reason(error)}"))
-    return out
+    if size is None:
+        skip = "skipped: no input size up to the planned one that the model accepts with the same points"
+        return [replace(r, identity=skip) if r in wanted else r for r in rows]
+    return [_identity_of(model, row, plans, size, target) if row in wanted else row for row in rows]
+
+
+def _identity_of(
+    model: nn.Module, row: ZooRecord, plans: dict, size: tuple[int, ...], target: str
+) -> ZooRecord:
+    """``row`` with its recipe injected into the real ``model`` at ``size`` and checked for
+    identity (and parameters, finiteness) against it."""
+    from .injection import inject
+    from .validation import validate
+
+    t0 = time.perf_counter()
+    try:
+        patched = inject(model, plans[row.recipe].recipe, input_size=size, target=target)
+        report = validate(model, patched, input_size=size, device="cpu", seeds=1, checks=IDENTITY_CHECKS)
+    except Exception as error:
+        return replace(row, identity=f"error: {_reason(error)}")
+    verdict = (
+        "ok" if report.passed else "failed: " + ("identity" if not report.identity_ok else "params/finite")
+    )
+    return replace(
+        row,
+        identity=verdict,
+        identity_rel_diff=report.relative_diff,
+        seconds=row.seconds + time.perf_counter() - t0,
+    )
 
 
 def _worker(args: tuple) -> ModelResult:
