@@ -569,7 +569,6 @@ def figure(diagram: Diagram):
     figure in the layout's coordinates (y down), every box a ``FancyBboxPatch``, every arrow a
     ``FancyArrowPatch``, every text a ``Text`` on its baseline."""
     from matplotlib.figure import Figure
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     fig = Figure(
         figsize=(diagram.width / POINTS_PER_INCH, diagram.height / POINTS_PER_INCH), dpi=POINTS_PER_INCH
@@ -580,54 +579,64 @@ def figure(diagram: Diagram):
     ax.set_ylim(diagram.height, 0)
     ax.set_axis_off()
 
-    def text(t: Text, gid: str) -> None:
-        ha = {"start": "left", "middle": "center", "end": "right"}[t.anchor]
-        artist = ax.text(
-            t.x,
-            t.y,
-            t.text,
-            fontsize=t.size,
-            color=t.color,
-            ha=ha,
-            va="baseline",
-            fontweight="bold" if t.bold else "normal",
-            parse_math=False,  # a module name is text, "$" included
-            gid=gid,
-        )
-        artist.set_clip_on(False)
-
     for i, a in enumerate(diagram.arrows):
-        ax.add_patch(
-            FancyArrowPatch(
-                (a.x1, a.y1),
-                (a.x2, a.y2),
-                arrowstyle=f"-|>,head_length={ARROW_HEAD * 0.1:.2f},head_width={ARROW_HEAD * 0.055:.3f}",
-                mutation_scale=10,
-                color=a.color,
-                linewidth=1.5,
-                shrinkA=0,
-                shrinkB=0,
-                gid=f"{_GID}arrow-{i}",
-            )
-        )
+        ax.add_patch(_arrow_patch(a, f"{_GID}arrow-{i}"))
     for j, b in enumerate(diagram.boxes):
-        ax.add_patch(
-            FancyBboxPatch(
-                (b.x, b.y),
-                b.w,
-                b.h,
-                boxstyle=f"round,pad=0,rounding_size={b.radius}" if b.radius else "square,pad=0",
-                facecolor=b.fill,
-                edgecolor="none" if b.stroke == "none" else b.stroke,
-                linewidth=1,
-                gid=_box_gid(j),
-            )
-        )
+        ax.add_patch(_box_patch(b, _box_gid(j)))
         for k, t in enumerate(b.texts):
-            text(t, f"{_box_gid(j)}-text-{k}")
+            _draw_text(ax, t, f"{_box_gid(j)}-text-{k}")
     for k, t in enumerate(diagram.texts):
-        text(t, f"{_GID}text-{k}")
+        _draw_text(ax, t, f"{_GID}text-{k}")
     return fig
+
+
+def _draw_text(ax: Any, t: Text, gid: str) -> None:
+    """``t`` on its baseline in ``ax``, as text (never parsed as mathtext), not clipped."""
+    ha = {"start": "left", "middle": "center", "end": "right"}[t.anchor]
+    artist = ax.text(
+        t.x,
+        t.y,
+        t.text,
+        fontsize=t.size,
+        color=t.color,
+        ha=ha,
+        va="baseline",
+        fontweight="bold" if t.bold else "normal",
+        parse_math=False,  # a module name is text, "$" included
+        gid=gid,
+    )
+    artist.set_clip_on(False)
+
+
+def _arrow_patch(a: Arrow, gid: str) -> Any:
+    from matplotlib.patches import FancyArrowPatch
+
+    return FancyArrowPatch(
+        (a.x1, a.y1),
+        (a.x2, a.y2),
+        arrowstyle=f"-|>,head_length={ARROW_HEAD * 0.1:.2f},head_width={ARROW_HEAD * 0.055:.3f}",
+        mutation_scale=10,
+        color=a.color,
+        linewidth=1.5,
+        shrinkA=0,
+        shrinkB=0,
+        gid=gid,
+    )
+
+
+def _box_patch(b: Box, gid: str) -> Any:
+    from matplotlib.patches import FancyBboxPatch
+
+    return FancyBboxPatch(
+        (b.x, b.y),
+        b.w,
+        b.h,
+        boxstyle=f"round,pad=0,rounding_size={b.radius}" if b.radius else "square,pad=0",
+        facecolor=b.fill,
+        edgecolor="none" if b.stroke == "none" else b.stroke,
+        linewidth=1,
+        gid=gid,
+    )
 
 
 def _classes(b: Box) -> str:
