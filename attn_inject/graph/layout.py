@@ -187,18 +187,14 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
     return None
 
 
-SPLIT_METHODS = {"chunk", "split", "tensor_split"}
-SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.functional.split}
-
-
 def _splits(node: fx.Node) -> bool:
     """A chunk()/split() of a tensor, whose items keep its layout (not any function that
     returns a tuple, such as MViTv2's ``reshape_post_pool``, whose first item is reshaped)."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_method":
-        return node.target in SPLIT_METHODS
-    return node.op == "call_function" and node.target in SPLIT_FUNCTIONS
+        return node.target in ops.SPLIT_METHODS
+    return node.op == "call_function" and node.target in ops.SPLIT_FUNCTIONS
 
 
 def _is_pad(node: fx.Node) -> bool:
@@ -368,13 +364,10 @@ def _sliced_grid(node: fx.Node) -> TokenGrid | None:
     return TokenGrid(grid.prefix - start, grid.height, grid.width)
 
 
-SPLITS = {"chunk", "split", "tensor_split", "unbind"}
-
-
 def _is_split(node: fx.Node) -> bool:
     return (
         node.op in ("call_method", "call_function")
-        and getattr(node.target, "__name__", node.target) in SPLITS
+        and getattr(node.target, "__name__", node.target) in ops.SPLIT_NAMES
     )
 
 

@@ -186,6 +186,13 @@ DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten"
 DATA_MOVEMENT_METHODS |= {"swapaxes", "swapdims", "movedim", "moveaxis"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}
 DATA_MOVEMENT_FUNCTIONS |= {torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis}
+# Splits of one tensor into pieces of its rank along one dimension: each piece keeps the
+# tensor's layout (a channel split of a map is still a map).
+SPLIT_METHODS = {"chunk", "split", "tensor_split"}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split, torch.functional.split}
+# Those and ``unbind`` (pieces one rank lower), by name: an item of any of them split off
+# the channels of tokens still holds the tokens' grid.
+SPLIT_NAMES = SPLIT_METHODS | {"unbind"}
 # What an in-place write can go through to reach the tensor it writes into.
 VIEW_METHODS = DATA_MOVEMENT_METHODS | {"narrow", "select", "squeeze", "unsqueeze", "expand", "__getitem__"}
 VIEW_METHODS |= {"chunk", "split", "unbind"}
