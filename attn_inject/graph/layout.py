@@ -1,12 +1,12 @@
 """Which tensors are feature maps, and which are tokens of a known patch grid.
 
-Every node with a 4-D output gets ``meta["layout"]``: ``"NCHW"``, ``"NHWC"`` (after a
+Every node with a 4-D output gets a :class:`Layout`: ``NCHW``, ``NHWC`` (after a
 ``permute(0, 2, 3, 1)``, as inside ConvNeXt or Swin blocks) or ``None`` (unknown); 3-D
 token tensors get ``"NLC"`` (B, N, C) or ``"NCL"`` (B, C, N) when they come from a
 feature map by flatten / reshape / transpose, so a vision transformer's tokens reshaped back
 to a map (Swin, PiT, DaViT, SAM) are known maps again.
 
-Tokens also get ``meta["grid"]``, a :class:`TokenGrid`, where the graph proves that
+Tokens also get a :class:`TokenGrid`, where the graph proves that
 ``N = prefix + H' * W'``: the H' x W' map's positions in raster order (a patch embedding
 flattened), after ``prefix`` tokens concatenated in front (class, register, distillation
 tokens, as in timm's ViT, DeiT, EVA, CaiT; or any tokens that are not a grid's, such as
@@ -26,8 +26,10 @@ NCHW maps, NHWC maps and tokens with a grid; a tensor of unknown layout is never
 
 from __future__ import annotations
 
+import enum
 import inspect
 import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,10 +50,27 @@ __all__ = [
     "spatial_size",
 ]
 
-NCHW = "NCHW"
-NHWC = "NHWC"
-NLC = "NLC"  # tokens: (B, H*W, C)
-NCL = "NCL"  # (B, C, H*W)
+
+class Layout(str, enum.Enum):
+    """What a tensor is: a feature map (``NCHW``, ``NHWC``) or tokens (``NLC``: (B, N, C),
+    ``NCL``: (B, C, N)). A ``str`` too, so that it compares, hashes and prints as its name."""
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+    NLC = "NLC"
+    NCL = "NCL"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+NCHW, NHWC, NLC, NCL = Layout.NCHW, Layout.NHWC, Layout.NLC, Layout.NCL
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
@@ -95,13 +114,36 @@ class TokenGrid:
         return f"{front}{self.height}x{self.width}{reordered}"
 
 
-def layout_of(node: fx.Node) -> str | None:
-    return node.meta.get("layout")
+META_KEY = "attn_inject_layout"  # the one ``node.meta`` key of what this module infers
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """What is known of a node's output: its layout, the token grid of tokens, and, for a
+    kept-whole module returning a tuple, the layout and grid of each item it returns."""
+
+    kind: Layout | None = None
+    grid: TokenGrid | None = None
+    returned: tuple[tuple[str | None, TokenGrid | None] | None, ...] | None = None
+
+
+def _record(node: fx.Node) -> NodeLayout:
+    return node.meta.get(META_KEY) or NodeLayout()
+
+
+def _set(node: fx.Node, kind: str | None, grid: TokenGrid | None = None) -> None:
+    """Record ``kind`` and ``grid`` for ``node`` (what it returns, if known, is kept)."""
+    layout = Layout(kind) if kind is not None else None
+    node.meta[META_KEY] = replace(_record(node), kind=layout, grid=grid)
+
+
+def layout_of(node: fx.Node) -> Layout | None:
+    return _record(node).kind
 
 
 def grid_of(node: fx.Node) -> TokenGrid | None:
     """The token grid of a node's (B, N, C) or (B, C, N) output, when proven."""
-    return node.meta.get("grid")
+    return _record(node).grid
 
 
 def spatial_size(node: fx.Node) -> tuple[int, int] | None:
@@ -123,57 +165,81 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in node.all_input_nodes if tensor_meta(n) is not None]
 
 
-def _infer(node: fx.Node, root: nn.Module) -> str | None:
-    out = tensor_meta(node)
-    if out is None or out.dim() not in (3, 4):
+def _is_item(node: fx.Node, root: nn.Module) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def _is_cat(node: fx.Node, root: nn.Module) -> bool:
+    return node.op == "call_function" and node.target is torch.cat
+
+
+def _input_layout(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    return NCHW if out.dim() == 4 else None  # an image; a convolution's output
+
+
+def _unknown(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    return None  # a constant; a function that only moves elements (replayed, never read by its shape)
+
+
+def _spatial(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    """Pooling, padding, resampling: NCHW stays NCHW; padding keeps any known layout that
+    keeps its channel count."""
+    inputs = _tensor_inputs(node)
+    if not inputs or out.dim() != 4:
         return None
-    if node.op == "placeholder":
-        return NCHW if out.dim() == 4 else None
-    if node.op == "get_attr":
+    first = inputs[0]
+    if _is_pad(node):
+        t, layout = tensor_meta(first), layout_of(first)
+        channel = CHANNEL_DIM.get(layout) if layout is not None else None
+        if channel is None or t is None or t.dim() != 4:
+            return None
+        return layout if t.shape[channel] == out.shape[channel] else None
+    return NCHW if layout_of(first) == NCHW else None
+
+
+def _permuted(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    source = layout_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    return PERMUTES.get((source, _normalised(ops.permute_dims(node), out.dim())))
+
+
+def _moved(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    return _reshaped(node) or _through_data_movement(node) or _space_to_depth(node)
+
+
+def _item(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    """An item of a kept-whole module's returned tuple, or of a chunk()/split(): its layout."""
+    container = node.args[0]
+    if not isinstance(container, fx.Node):
         return None
-    if ops.is_conv(node, root):
-        return NCHW if out.dim() == 4 else None
+    if (returned := _returned_item(node)) is not None:
+        return returned[0]
+    if tensor_meta(container) is None and _splits(container):
+        assert isinstance(container.args[0], fx.Node)
+        container = container.args[0]  # an item of chunk()/split()
+    t = tensor_meta(container)
+    return layout_of(container) if t is not None and t.dim() == out.dim() else None
+
+
+def _concatenated(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    if not isinstance(tensors, (list, tuple)):
+        return None
+    layouts = {layout_of(t) for t in tensors if isinstance(t, fx.Node)} - {None}
+    return layouts.pop() if len(layouts) == 1 else None  # e.g. a class token before the NLC tokens
+
+
+def _linear(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    """A linear layer maps the last dimension: channels when the map is NHWC / tokens NLC."""
+    inputs = _tensor_inputs(node)
+    source = layout_of(inputs[0]) if inputs else None
+    return source if source in (NHWC, NLC) else None
+
+
+def _elementwise(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
+    """Anything else: the one layout of its inputs of the output's shape; a module mapping one
+    map to another; a ``...2d`` module on an NCHW map."""
     inputs = _tensor_inputs(node)
     first = inputs[0] if inputs else None
-    if ops.is_spatial(node, root):
-        if first is None or out.dim() != 4:
-            return None
-        if _is_pad(node):  # padding keeps any known layout that keeps its channel count
-            t, layout = tensor_meta(first), layout_of(first)
-            channel = CHANNEL_DIM.get(layout) if layout is not None else None
-            if channel is None or t is None or t.dim() != 4:
-                return None
-            return layout if t.shape[channel] == out.shape[channel] else None
-        return NCHW if layout_of(first) == NCHW else None
-    if ops.is_permute(node):
-        source = layout_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        return PERMUTES.get((source, _normalised(ops.permute_dims(node), out.dim())))
-    if ops.is_data_movement(node):
-        return _reshaped(node) or _through_data_movement(node) or _space_to_depth(node)
-    if node.op == "call_function" and node.target is operator.getitem:
-        container = node.args[0]
-        if isinstance(container, fx.Node):
-            if (returned := _returned_item(node)) is not None:
-                return returned[0]
-            if tensor_meta(container) is None and _splits(container):
-                assert isinstance(container.args[0], fx.Node)
-                container = container.args[0]  # an item of chunk()/split()
-            t = tensor_meta(container)
-            if t is not None and t.dim() == out.dim():
-                return layout_of(container)
-        return None
-    if node.op == "call_function" and node.target is torch.cat:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-        if not isinstance(tensors, (list, tuple)):
-            return None
-        layouts = {layout_of(t) for t in tensors if isinstance(t, fx.Node)} - {None}
-        return layouts.pop() if len(layouts) == 1 else None  # e.g. a class token before the NLC tokens
-    if ops.is_linear(node, root):
-        # A linear layer maps the last dimension: channels when the map is NHWC / tokens NLC.
-        source = layout_of(first) if first is not None else None
-        return source if source in (NHWC, NLC) else None
-    if ops.moves_data_only(node):
-        return None  # a function that only moves elements: replayed, never read by its shape
     same_shape = {layout_of(n) for n in inputs if (t := tensor_meta(n)) is not None and t.shape == out.shape}
     known = same_shape - {None}
     if len(known) == 1:
@@ -185,6 +251,34 @@ def _infer(node: fx.Node, root: nn.Module) -> str | None:
         if name.endswith("2d"):
             return NCHW
     return None
+
+
+Rule = tuple[Callable[[fx.Node, nn.Module], bool], Callable[[fx.Node, torch.Tensor, nn.Module], "str | None"]]
+# How a node's layout follows from its inputs': the first rule whose test holds decides (as
+# torch.ao maps patterns to handlers); a node no rule claims is read as element-wise.
+RULES: tuple[Rule, ...] = (
+    (lambda node, root: node.op == "placeholder", _input_layout),
+    (lambda node, root: node.op == "get_attr", _unknown),
+    (ops.is_conv, _input_layout),
+    (ops.is_spatial, _spatial),
+    (lambda node, root: ops.is_permute(node), _permuted),
+    (lambda node, root: ops.is_data_movement(node), _moved),
+    (_is_item, _item),
+    (_is_cat, _concatenated),
+    (ops.is_linear, _linear),
+    (lambda node, root: ops.moves_data_only(node), _unknown),
+)
+
+
+def _infer(node: fx.Node, root: nn.Module) -> str | None:
+    """The layout of a node's 3-D or 4-D output, by the first of :data:`RULES` that applies."""
+    out = tensor_meta(node)
+    if out is None or out.dim() not in (3, 4):
+        return None
+    for applies, layout in RULES:
+        if applies(node, root):
+            return layout(node, out, root)
+    return _elementwise(node, out, root)
 
 
 def _splits(node: fx.Node) -> bool:
@@ -416,29 +510,30 @@ def _grid_reshaped_to_map(node: fx.Node) -> bool:
 
 
 def annotate_layouts(
-    model: nn.Module, graph: fx.Graph, inputs: dict[str, tuple[str | None, TokenGrid | None]] | None = None
+    model: nn.Module, graph: fx.Graph, inputs: Mapping[str, tuple[str | None, TokenGrid | None]] | None = None
 ) -> None:
-    """Write ``meta["layout"]`` on every node (``None`` for what is neither a known map nor
-    known tokens) and ``meta["grid"]`` on tokens of a proven grid. ``inputs``: the layout and
-    grid of each placeholder by name, for a graph traced from one module of a larger model
-    (by default a 4-D input is an NCHW image)."""
+    """Record a :class:`NodeLayout` on every node, under ``meta[META_KEY]``: its layout
+    (``None`` for what is neither a known map nor known tokens) and the grid of tokens of a
+    proven grid. ``inputs``: the layout and grid of each placeholder by name, for a graph
+    traced from one module of a larger model (by default a 4-D input is an NCHW image)."""
     for node in graph.nodes:
-        node.meta.pop("returned", None)
+        node.meta.pop(META_KEY, None)
         if inputs is not None and node.op == "placeholder":
-            node.meta["layout"], node.meta["grid"] = inputs.get(str(node.target), (None, None))
+            _set(node, *inputs.get(str(node.target), (None, None)))
             continue
         layout = _infer(node, model)
         if layout is None and (returned := _read_inside(node, model)) is not None:
             if tensor_meta(node) is not None:
-                node.meta["layout"], node.meta["grid"] = returned[0] or (None, None)
+                _set(node, *(returned[0] or (None, None)))
                 continue
-            node.meta["returned"] = returned
-        node.meta["layout"] = layout
-        node.meta["grid"] = _infer_grid(node, model) if layout in TOKEN_DIM else None
+            node.meta[META_KEY] = NodeLayout(returned=returned)
+        _set(node, layout)
+        if layout in TOKEN_DIM:  # the grid is read from the node's own layout
+            _set(node, layout, _infer_grid(node, model))
         if layout in (NCHW, NHWC) and ops.is_data_movement(node) and not _grid_reshaped_to_map(node):
-            node.meta["layout"] = layout = None
+            _set(node, layout := None)
         if layout is None and (moved := _replayed(node) or _pooled(node)) is not None:
-            node.meta["layout"], node.meta["grid"] = moved
+            _set(node, *moved)
 
 
 def _read_inside(
@@ -488,7 +583,7 @@ def _returned_item(node: fx.Node) -> tuple[str | None, TokenGrid | None] | None:
     container, index = node.args[0], node.args[1] if len(node.args) > 1 else None
     if not isinstance(container, fx.Node) or not isinstance(index, int):
         return None
-    returned = container.meta.get("returned")
+    returned = _record(container).returned
     if returned is None or not -len(returned) <= index < len(returned):
         return None
     return returned[index]
@@ -746,10 +841,7 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     gridded = [n for n in graph.nodes if grid_of(n) is not None]
     if not gridded:
         return
-    saved = {
-        n: (n.meta.get("val"), n.meta.get("layout"), n.meta.get("grid"), n.meta.get("returned"))
-        for n in graph.nodes
-    }
+    saved = {n: (n.meta.get("val"), n.meta.get(META_KEY)) for n in graph.nodes}
     probe = (*input_shape[:-2], 2 * input_shape[-2], 2 * input_shape[-1])
     probed: dict[fx.Node, TokenGrid | None] = {}
     try:
@@ -762,16 +854,19 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
             annotate_layouts(model, graph)
             probed = {n: grid_of(n) for n in changed}
     finally:
-        for node, (value, layout, grid, returned) in saved.items():
-            node.meta["val"], node.meta["layout"], node.meta["grid"] = value, layout, grid
-            node.meta["returned"] = returned
+        for node, (value, record) in saved.items():
+            node.meta["val"] = value
+            if record is None:
+                node.meta.pop(META_KEY, None)
+            else:
+                node.meta[META_KEY] = record
     for node in changed:
         grid, at_probe = grid_of(node), probed.get(node)
         if grid is not None and grid.order is not None and at_probe is None:
-            node.meta["grid"] = None  # reordered tokens proven at the planned size only
+            _set(node, layout_of(node), None)  # reordered tokens proven at the planned size only
         elif grid is not None:
             varies = at_probe is not None and at_probe.prefix != grid.prefix
-            node.meta["grid"] = replace(grid, dynamic=True, prefix_varies=varies)
+            _set(node, layout_of(node), replace(grid, dynamic=True, prefix_varies=varies))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
