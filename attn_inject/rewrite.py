@@ -31,6 +31,7 @@ from .blocks import layout_kwargs, make_block
 from .derive import Around, derive_around, derive_graph
 from .errors import AttnInjectError
 from .graph.analysis import AnnotatedGraph
+from .graph.layout import META_KEY as LAYOUT_KEY
 from .graph.trace import HOOK_DICTS
 from .planning import InsertionPoint, Plan
 from .record import InjectionInfo, patched_record, set_record
@@ -38,7 +39,7 @@ from .scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_train
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
-ANNOTATIONS = ("val", "layout", "tensor_meta")
+ANNOTATIONS = ("val", LAYOUT_KEY, "tensor_meta")  # what the analysis wrote on each node
 BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 
 
