@@ -32,7 +32,6 @@ from .models import wrapper_of
 from .patterns import search
 from .recipe import BlockSpec, Recipe, Rule, load_recipe
 from .scopes import Placement, place
-from .tables import render_table
 from .targets import default_target, get_target, target_input_size
 from .values import is_int
 
@@ -250,55 +249,16 @@ class Plan(Sequence[InsertionPoint]):
 
     def table(self) -> str:
         """The plan as a plain-text table (with a layout column when a block is not on an
-        NCHW map), and where each block lives."""
-        layouts = any(p.layout != NCHW for p in self.points)
-        header = (
-            "#",
-            "name",
-            "position",
-            "channels",
-            *(("layout",) if layouts else ()),
-            "block",
-            "params",
-            "lives in",
-        )
-        rows = [
-            (
-                str(i),
-                p.name,
-                p.position,
-                str(p.channels),
-                *((p.layout_text,) if layouts else ()),
-                str(p.block),
-                f"{p.params:,}",
-                p.key,
-            )
-            for i, p in enumerate(self.points)
-        ]
-        lines = render_table(header, rows).split("\n")
-        share = 100 * self.params_added / self.base_params if self.base_params else 0.0
-        flops_share = 100 * self.flops_added / self.base_flops if self.base_flops else 0.0
-        if self.target:
-            lines.insert(0, f"in {self.target}:")
-        lines.append(
-            f"{len(self.points)} blocks, +{self.params_added:,} parameters "
-            f"({share:.2f}% of {self.base_params:,}), +{_giga(self.flops_added)} FLOPs "
-            f"({flops_share:.2f}% of {_giga(self.base_flops)} per image), init={self.init}"
-        )
-        if self.used_fallback:
-            primary = positions_of(self.recipe.rules)
-            lines.append(f"no block at {primary} in this model: the recipe's fallback rules placed these")
-        return "\n".join(lines)
+        NCHW map), and where each block lives (:func:`attn_inject.plan_table.plan_table`)."""
+        from .plan_table import plan_table
+
+        return plan_table(self)
 
     def __str__(self) -> str:
         return self.table()
 
 
 VIDEO_FRAMES = 16
-
-
-def _giga(flops: int) -> str:
-    return f"{flops / 1e9:.3g} G" if flops >= 1e8 else f"{flops / 1e6:.3g} M"
 
 
 def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, ...]:

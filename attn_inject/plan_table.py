@@ -1,0 +1,63 @@
+"""A plan as the plain-text table ``attn-inject plan`` prints: a row per insertion point,
+then the totals (parameters and FLOPs added, as a share of the base)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .blocks import NCHW
+from .tables import render_table
+
+if TYPE_CHECKING:
+    from .planning import Plan
+
+__all__ = ["plan_table"]
+
+
+def _giga(flops: int) -> str:
+    return f"{flops / 1e9:.3g} G" if flops >= 1e8 else f"{flops / 1e6:.3g} M"
+
+
+def plan_table(plan: Plan) -> str:
+    """``plan``'s points (a layout column when a block is not on an NCHW map), where each
+    block lives, and the totals."""
+    from .planning import positions_of
+
+    layouts = any(p.layout != NCHW for p in plan.points)
+    header = (
+        "#",
+        "name",
+        "position",
+        "channels",
+        *(("layout",) if layouts else ()),
+        "block",
+        "params",
+        "lives in",
+    )
+    rows = [
+        (
+            str(i),
+            p.name,
+            p.position,
+            str(p.channels),
+            *((p.layout_text,) if layouts else ()),
+            str(p.block),
+            f"{p.params:,}",
+            p.key,
+        )
+        for i, p in enumerate(plan.points)
+    ]
+    lines = render_table(header, rows).split("\n")
+    share = 100 * plan.params_added / plan.base_params if plan.base_params else 0.0
+    flops_share = 100 * plan.flops_added / plan.base_flops if plan.base_flops else 0.0
+    if plan.target:
+        lines.insert(0, f"in {plan.target}:")
+    lines.append(
+        f"{len(plan.points)} blocks, +{plan.params_added:,} parameters "
+        f"({share:.2f}% of {plan.base_params:,}), +{_giga(plan.flops_added)} FLOPs "
+        f"({flops_share:.2f}% of {_giga(plan.base_flops)} per image), init={plan.init}"
+    )
+    if plan.used_fallback:
+        primary = positions_of(plan.recipe.rules)
+        lines.append(f"no block at {primary} in this model: the recipe's fallback rules placed these")
+    return "\n".join(lines)
