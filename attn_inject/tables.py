@@ -28,3 +28,9 @@ def render_table(
     ]
     lines.insert(1, indent + "  ".join(rule))
     return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """``header`` and ``rows`` as the lines of a Markdown table, ``|`` in a cell escaped."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import InputError, InputTypeError
 from .files import write_text_atomic
+from .tables import markdown_table
 from .zoo import ZooRecord
 
 __all__ = ["RESIDUAL_FAMILIES", "read_csv", "write_csv", "write_markdown"]
@@ -112,9 +113,7 @@ def _by_model(records: Sequence[ZooRecord]) -> dict[tuple[str, str], list[ZooRec
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return [*out, ""]
+    return [*markdown_table(header, rows), ""]
 
 
 def write_markdown(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -31,6 +30,8 @@ from attn_inject.finetune.loop import evaluate, train_one_epoch
 from attn_inject.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from common import cpu_model
 from digits_finetune import loaders
 
 MODEL = "timm:resnet10t"
@@ -131,13 +132,6 @@ def main() -> int:
 
 
 START, END = "<!-- search-demo:start -->", "<!-- search-demo:end -->"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

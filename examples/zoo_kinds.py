@@ -14,7 +14,7 @@ from pathlib import Path
 
 from attn_inject.blocks import list_blocks, permutes
 from attn_inject.files import write_text_atomic
-from attn_inject.tables import render_table
+from attn_inject.tables import markdown_table, render_table
 from attn_inject.zoo import ZooRecord, sweep
 from attn_inject.zoo_report import write_csv
 
@@ -64,10 +64,7 @@ def markdown(records: Sequence[ZooRecord], kinds: Sequence[str], seconds: float,
         recipe = f"{kind.replace(':', '_')}_after_every_stage"
         rows.append([f"`{kind}`", *(cell(by[(m, recipe)]) if (m, recipe) in by else "-" for m in SAMPLE)])
     header = ["kind", *(m.split(":", 1)[1] for m in SAMPLE)]
-    table = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        + ["| " + " | ".join(r) + " |" for r in rows]
-    )
+    table = "\n".join(markdown_table(header, rows))
     failed = [r for r in records if r.status != "ok"]
     reasons = "\n".join(f"- {r.source}:{r.model}, {r.recipe}: {r.reason}" for r in failed) or "- none"
     skipped = sorted({(r.model, r.recipe) for r in records if r.status == "ok" and not r.points})

@@ -6,7 +6,6 @@ import argparse
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -102,7 +101,7 @@ def command(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> int:
     from .candidates import from_recipes
     from .errors import SearchError
     from .run import SearchConfig, search
-    from .space import load_space
+    from .space import read_space, space_candidates
 
     if args.base_checkpoint and not args.model:
         raise SearchError("--base-checkpoint goes with --model (a --checkpoint file holds its weights)")
@@ -111,13 +110,8 @@ def command(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> int:
     invalid: list[str] = []
     space = None
     if args.space:
-        candidates, invalid = load_space(args.space)
-        from ..recipe import read_recipe_file, read_yaml
-
-        space = {
-            k: v if isinstance(v, list) else [v]
-            for k, v in read_yaml(read_recipe_file(Path(args.space)), args.space).items()
-        }
+        space = read_space(args.space)
+        candidates, invalid = space_candidates(space, args.space)
     else:
         candidates = from_recipes(args.recipes)
     size = (3, args.image_size, args.image_size) if args.image_size else None

@@ -148,9 +148,9 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
 
 
 def _markdown(header: list[str], body: list[list[str]], notes: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
-    return "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in notes)
+    from ..tables import markdown_table
+
+    return "\n".join(markdown_table(header, body)) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
 def _pareto(rows: Sequence[Row], path: Path) -> None:

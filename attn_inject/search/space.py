@@ -30,7 +30,7 @@ from ..values import is_int, is_number
 from .candidates import Candidate
 from .errors import SearchError
 
-__all__ = ["DIMENSIONS", "MAX_POINTS", "load_space", "point_candidate"]
+__all__ = ["DIMENSIONS", "MAX_POINTS", "load_space", "point_candidate", "read_space", "space_candidates"]
 
 DIMENSIONS = ("block", "at", "stages", "ratio", "spatial_kernel", "init", "attn_lr_scale")
 MAX_POINTS = 10_000  # a space larger than this is refused: each point is tens of fine-tunes
@@ -108,9 +108,9 @@ def _points(data: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
     return [dict(zip(dims, values, strict=True)) for values in itertools.product(*dims.values())]
 
 
-def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
-    """The distinct valid candidates of the space file at ``path``, and why the others are
-    not (one line each); a space with no valid point is refused."""
+def read_space(path: str | Path) -> dict[str, list[Any]]:
+    """The space file at ``path``: each dimension's values as a list, read with every limit
+    of a recipe file; unknown keys refused."""
     source = str(path)
     try:
         data = read_yaml(read_recipe_file(Path(path)), source)
@@ -121,9 +121,15 @@ def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
     unknown = sorted(str(k) for k in data if k not in DIMENSIONS)
     if unknown:
         raise SearchError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(DIMENSIONS)}")
+    return {str(k): v if isinstance(v, list) else [v] for k, v in data.items()}
+
+
+def space_candidates(space: Mapping[str, list[Any]], source: str) -> tuple[list[Candidate], list[str]]:
+    """The distinct valid candidates of ``space``, and why the other points are not (one line
+    each); a space with no valid point is refused."""
     candidates: dict[str, Candidate] = {}
     invalid: list[str] = []
-    for point in _points(data, source):
+    for point in _points(space, source):
         try:
             candidate = point_candidate(point)
         except (RecipeError, ValueError) as error:
@@ -134,3 +140,8 @@ def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
         why = invalid[0] if invalid else "no point"
         raise SearchError(f"{source}: the space has no valid point ({len(invalid)} invalid; first: {why})")
     return list(candidates.values()), invalid
+
+
+def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:
+    """:func:`space_candidates` of the space file at ``path``."""
+    return space_candidates(read_space(path), str(path))
