@@ -44,11 +44,15 @@ def _atomic_write(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def _row_key(record: ZooRecord) -> tuple[str, str, str]:
+    return (record.source, record.model, record.recipe)
+
+
 def write_csv(records: Sequence[ZooRecord], path: str | os.PathLike) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(ZooRecord.columns())
-    for r in sorted(records, key=lambda r: (r.source, r.model, r.recipe)):
+    for r in sorted(records, key=_row_key):
         writer.writerow(
             ["" if v is None else (f"{v:.3g}" if isinstance(v, float) else v) for v in astuple(r)]
         )
@@ -126,7 +130,9 @@ def write_markdown(
     identity_every: int | None = None,
     machine: str | None = None,
 ) -> None:
-    """Write the report: summary first, then the exceptions, each with its reason."""
+    """Write the report: summary first, then the exceptions, each with its reason. Rows are
+    in the csv's order (source, model, recipe), whatever order the sweep finished in."""
+    records = sorted(records, key=_row_key)
     models = _by_model(records)
     machine = machine or f"{platform.machine()}, {os.cpu_count()} CPU cores"
     lines = [
@@ -174,7 +180,8 @@ def _preamble(
             if identity_every and identity_every > 1
             else ""
         )
-        + "One row per model and recipe is in [zoo.csv](zoo.csv)."
+        + "One row per model and recipe is in [zoo.csv](zoo.csv). Every block kind (timm's "
+        "attention modules and SimAM) on a sample of models is in [zoo-kinds.md](zoo-kinds.md)."
     )
 
 

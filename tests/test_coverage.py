@@ -348,6 +348,26 @@ def test_zoo_csv_reads_back_every_field_and_rejects_bad_cells(tmp_path):
         read_csv(tmp_path / "bad.csv")
 
 
+def test_zoo_report_does_not_depend_on_the_order_the_sweep_finished_in(tmp_path):
+    from attn_inject.zoo import ZooRecord
+
+    records = [
+        ZooRecord("timm", name, recipe, "ok", fx_plain=True, points=points, stage_agreement=agreement)
+        for name, points, agreement in [
+            ("b", 4, "differs: s1 has 8 channels in the graph, feature_info says 4"),
+            ("a", 0, "differs: s0 has 6 channels in the graph, feature_info says 3"),
+            ("c", 2, "agree"),
+        ]
+        for recipe in ("se_resnet", "cbam_after_every_stage")
+    ]
+    texts = []
+    for order in (records, records[::-1]):
+        write_markdown(order, tmp_path / "zoo.md", command="test", seconds=1.0, machine="m")
+        texts.append((tmp_path / "zoo.md").read_text())
+    assert texts[0] == texts[1]
+    assert texts[0].index("| a | differs") < texts[0].index("| b | differs")
+
+
 def test_zoo_command_writes_both_files_and_rejects_bad_input(tmp_path, capsys):
     assert (
         main(
