@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import AttnInjectError
 from .messages import shown
-from .values import is_int
+from .values import is_int, is_number
 
 __all__ = [
     "ARCHITECTURE_KWARGS",
@@ -115,11 +115,9 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "name":
         return isinstance(value, str) and _NAME.fullmatch(value) is not None
     if kind == "rate":
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number and math.isfinite(value) and 0 <= value <= 1
+        return is_number(value) and math.isfinite(value) and 0 <= value <= 1
     if kind == "factor":
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return number and math.isfinite(value) and 0 < value <= 64
+        return is_number(value) and math.isfinite(value) and 0 < value <= 64
     if kind == "flag":
         return isinstance(value, bool)
     if kind == "indices":

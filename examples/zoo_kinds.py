@@ -63,7 +63,7 @@ def markdown(records: Sequence[ZooRecord], kinds: Sequence[str], seconds: float,
     for kind in kinds:
         recipe = f"{kind.replace(':', '_')}_after_every_stage"
         rows.append([f"`{kind}`", *(cell(by[(m, recipe)]) if (m, recipe) in by else "-" for m in SAMPLE)])
-    header = ["kind", *(m.split(":", 1)[1] for m in SAMPLE)]
+    header = ["kind", *SAMPLE]
     table = "\n".join(markdown_table(header, rows))
     failed = [r for r in records if r.status != "ok"]
     reasons = "\n".join(f"- {r.source}:{r.model}, {r.recipe}: {r.reason}" for r in failed) or "- none"

@@ -4,19 +4,16 @@ test also runs without its flag, so a flag that were ignored would fail it."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch import nn
 
+import attn_inject.finetune.run as run_module
 from attn_inject.cli import main
 from attn_inject.finetune.distributed import Context
 from attn_inject.finetune.loop import Precision, train_one_epoch
 
 from .test_finetune_run import finetune_args, save_patched, write_folder
-
-run_module = importlib.import_module("attn_inject.finetune.run")
 
 CPU = Context(0, 1, 0, torch.device("cpu"))
 

@@ -4,7 +4,6 @@ they were; the report serialises."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import types
 
@@ -14,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_inject as ai
-
-runtimes = importlib.import_module("attn_inject.validation.runtimes")
-running = importlib.import_module("attn_inject.validation.run")
+import attn_inject.validation.run as running
+import attn_inject.validation.runtimes as runtimes
 
 SMALL = (3, 32, 32)
 FAST = ("reference", "identity", "parameters", "shapes", "finite")

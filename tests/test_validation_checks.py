@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import types
 
 import pytest
@@ -14,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_inject as ai
-
-registry = importlib.import_module("attn_inject.validation.registry")
-runtimes = importlib.import_module("attn_inject.validation.runtimes")
+import attn_inject.validation.registry as registry
+import attn_inject.validation.runtimes as runtimes
 
 SIZE = (3, 16, 16)
 RECIPE = {"name": "se_branch", "rules": [{"at": "residual_branch", "block": {"kind": "se", "ratio": 4}}]}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, InputTypeError
+from ..messages import first_line
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock
@@ -313,5 +314,5 @@ def check_block_params(kind: str, params: dict[str, Any]) -> None:
     except BlockParamError:
         raise
     except Exception as error:  # a user block's own checks, or torch refusing a size
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"block {kind!r} cannot be built with {params}: {first_line}") from None
+        line = first_line(error) or type(error).__name__
+        raise InputError(f"block {kind!r} cannot be built with {params}: {line}") from None

@@ -27,12 +27,7 @@ class BlockParamError(AttnInjectError, ValueError):
 
 
 def positive_number(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
         raise BlockParamError(name, value, "a positive number")
     return value
 
@@ -45,12 +40,7 @@ def number(name: str, value: Any) -> float:
 
 def ratio(name: str, value: Any) -> float:
     """A reduction ratio: hidden width = channels / ratio, so at least 1."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 1
-    ):
+    if not is_number(value) or not math.isfinite(value) or value < 1:
         raise BlockParamError(name, value, "a number >= 1 (hidden width = channels / ratio)")
     return value
 

@@ -168,12 +168,7 @@ def _checked_state(state: Any, path: Path, epochs: int | None) -> dict[str, Any]
 
     def whole(key: str, low: int, high: int | None) -> int:
         value = state.get(key)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
+        if not is_int(value) or value < low or (high is not None and value > high):
             allowed = f"an integer from {low}" + (f" to {high}" if high is not None else "")
             raise fail(f"'{key}' must be {allowed}, got {shown(value)}")
         return value

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import check_folders
-from ..messages import cut
+from ..messages import cut, first_line
 from ..planning import plan
 from ..values import is_int, is_number
 from .candidates import BASELINE, Candidate
@@ -111,7 +111,7 @@ def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
         try:
             result = plan(model, (candidate.recipe or "") + "\n", input_size=config.base.input_size)
         except Exception as error:
-            skipped.append(f"{candidate.name}: {str(error).splitlines()[0]}")
+            skipped.append(f"{candidate.name}: {first_line(error) or type(error).__name__}")
             continue
         if not len(result):
             skipped.append(f"{candidate.name}: places no block ({result.empty_reason or 'nothing matches'})")

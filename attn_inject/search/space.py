@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from ..blocks import block_param_names, permutes
+from ..messages import first_line
 from ..recipe import RecipeError, load_recipe, read_recipe_file, read_yaml
 from ..values import is_int, is_number
 from .candidates import Candidate
@@ -133,7 +134,7 @@ def space_candidates(space: Mapping[str, list[Any]], source: str) -> tuple[list[
         try:
             candidate = point_candidate(point)
         except (RecipeError, ValueError) as error:
-            invalid.append(f"{point['block']} @{point['at']}: {str(error).splitlines()[0]}")
+            invalid.append(f"{point['block']} @{point['at']}: {first_line(error) or type(error).__name__}")
             continue
         candidates.setdefault(candidate.name, candidate)
     if not candidates:

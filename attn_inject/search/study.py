@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..messages import first_line
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 
@@ -105,8 +106,8 @@ def _storage(spec: StudySpec) -> Any:
 
 
 def _unopened(spec: StudySpec, error: Exception) -> SearchError:
-    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line[:300]}")
+    line = first_line(error, 300) or type(error).__name__
+    return SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line}")
 
 
 def _sampler(spec: StudySpec) -> Any:
