@@ -560,3 +560,31 @@ def test_sigterm_inside_code_that_wraps_the_exception_still_stops_as_sigterm(tmp
     assert stopped.value.code == 143 and "--resume" in str(stopped.value)
     with pytest.raises(RuntimeError), _stoppable(types.SimpleNamespace(out=tmp_path)):
         raise RuntimeError("a real error stays one")
+
+
+def test_sigterm_whose_exception_a_library_swallows_still_stops_the_run(checkpoint, data, tmp_path):
+    """A signal that lands in a finaliser is printed as "Exception ignored" and lost: the run
+    raises the stop again after its next step, and keeps every finished epoch."""
+    import signal
+
+    from attn_inject.finetune.config import FinetuneConfig
+    from attn_inject.finetune.run import Stopped, run
+
+    def swallowing_hook(row: dict) -> None:  # as a finaliser or an `except BaseException` would
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException:
+            pass
+
+    import time
+
+    out = tmp_path / "run"
+    config = FinetuneConfig(
+        str(checkpoint), str(data), 5, str(out), batch_size=4, image_size=PX, workers=0, threads=1
+    )
+    with pytest.raises(Stopped) as stopped:
+        run(config, on_epoch=swallowing_hook)
+    assert stopped.value.code == 143 and "--resume" in str(stopped.value)
+    assert len(read_rows(out / "summary.csv")) == 1  # the first epoch kept, the second stopped
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

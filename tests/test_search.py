@@ -311,3 +311,35 @@ def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_tria
         weights = ai.serialize.load_base_weights(start).state_dict()
         assert all(torch.equal(weights[k], base[k]) for k in base)
     assert len(finished(study_of(out))) == 2
+
+
+@pytest.mark.parametrize(
+    "message, retried",
+    [
+        ("table studies already exists", True),  # SQLite: another worker made the tables first
+        ("database is locked", True),
+        ("unable to open database file", False),  # a bad path: refused at once
+    ],
+)
+def test_opening_a_new_database_retries_only_a_lost_creation_race(monkeypatch, message, retried):
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from attn_inject.search import study as study_module
+
+    calls = []
+
+    def storage(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OperationalError("CREATE TABLE studies", {}, Exception(message))
+        return "opened"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
+    spec = study_module.StudySpec("s", "sqlite:///x.db", "grid", "none", (), (0,), 1, None, 10, {})
+    if retried:
+        assert study_module._storage(spec) == "opened" and len(calls) == 2
+    else:
+        with pytest.raises(ai.AttnInjectError, match=f"cannot open it: .*{message}"):
+            study_module._storage(spec)
+        assert len(calls) == 1

@@ -300,9 +300,13 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _stoppable(config: FinetuneConfig) -> Iterator[None]:
+def _stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
     """SIGTERM and SIGINT end the run as an exception, so that no temporary file is left
-    and the message says how to resume (SIGTERM would otherwise kill the process as is)."""
+    and the message says how to resume (SIGTERM would otherwise kill the process as is).
+
+    Yields ``stop_if_requested``, which the run calls after every step and epoch: a signal
+    that lands in a finaliser (printed as "Exception ignored") or in a library that catches
+    everything loses its exception, and the stop is raised again there."""
     hint = (
         f"the last finished epoch is kept: continue with the same command and --resume (--out {config.out})"
     )
@@ -313,10 +317,14 @@ def _stoppable(config: FinetuneConfig) -> Iterator[None]:
         received.append(Stopped(f"stopped by SIGTERM; {hint}", 143))
         raise received[-1]
 
+    def stop_if_requested() -> None:
+        if received:
+            raise received[0]
+
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
     try:
-        yield
+        yield stop_if_requested
     except Stopped:
         raise
     except KeyboardInterrupt:
@@ -339,8 +347,8 @@ def run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured.
     ``on_epoch(row)`` is called with each epoch's summary row once its files are written
     (``attn-inject search`` reports it to its pruner, which may stop the run there)."""
-    with _stoppable(config), _threads(config):
-        return _run(config, on_epoch)
+    with _stoppable(config) as stop_if_requested, _threads(config):
+        return _run(config, on_epoch, stop_if_requested)
 
 
 def default_threads(workers: int) -> tuple[int, int]:
@@ -380,7 +388,11 @@ def _threads_line(config: FinetuneConfig, context: Context) -> str:
     return f"finetune: {threads_text} and {workers} per process, {where} (--threads, --workers)"
 
 
-def _run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult:
+def _run(
+    config: FinetuneConfig,
+    on_epoch: EpochHook | None = None,
+    stop_if_requested: Callable[[], None] = lambda: None,
+) -> RunResult:
     config.check()
     folders = check_folders(config.data)
     check_out(config)
@@ -399,7 +411,7 @@ def _run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult
                 f"--data {config.data}: each of the {context.world} processes gets {share} training image; "
                 "BatchNorm needs at least 2 in a batch: add images or use fewer processes"
             )
-        return _train(config, folders, start, context, on_epoch)
+        return _train(config, folders, start, context, on_epoch, stop_if_requested)
     finally:
         teardown(context)
 
@@ -602,11 +614,17 @@ def _epoch(
     epoch: int,
     label: str,
     context: Context,
+    stop_if_requested: Callable[[], None],
 ) -> dict[str, float]:
     """Train one epoch and evaluate: the epoch's summary row (``p.num_updates`` advanced)."""
     _seed(config, epoch, context.rank)
     t.sampler.set_epoch(epoch)
-    with _progress(context, label, len(t.train_loader)) as on_step:
+    with _progress(context, label, len(t.train_loader)) as advance:
+
+        def on_step(loss: float) -> None:
+            advance(loss)
+            stop_if_requested()
+
         train_metrics, p.num_updates = train_one_epoch(
             wrapped,
             t.train_loader,
@@ -643,6 +661,7 @@ def _train(
     start: StartingPoint,
     context: Context,
     on_epoch: EpochHook | None = None,
+    stop_if_requested: Callable[[], None] = lambda: None,
 ) -> RunResult:
     out = _prepare_out(config, context)
     _log(context, _threads_line(config, context))
@@ -657,7 +676,7 @@ def _train(
             frozen, wrapped = want_frozen, _wrap(t.model, config, context)
         assert wrapped is not None
         label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
-        row = _epoch(config, t, p, wrapped, epoch, label, context)
+        row = _epoch(config, t, p, wrapped, epoch, label, context, stop_if_requested)
         p.history.append(row)
         improved = row["eval_top1"] > p.best_top1
         if improved:
@@ -671,6 +690,7 @@ def _train(
         if context.main:
             metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
             _write_epoch(config, t, p, epoch, improved, metrics, folders, start)
+        stop_if_requested()
         context.barrier()
         if on_epoch is not None:
             on_epoch(dict(row))

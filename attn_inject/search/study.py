@@ -86,23 +86,33 @@ def _storage(spec: StudySpec) -> Any:
         }
     else:
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
     attempt = 0
     while True:
         try:
             return storages.RDBStorage(
                 spec.storage, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat, **retry
             )
-        except (IntegrityError, ProgrammingError) as error:
+        except Exception as error:
+            if not _lost_creation_race(error):  # a bad URL, a missing driver, a server that is down
+                raise _unopened(spec, error) from None
             # workers started together on a new database both create its tables: the one
             # that loses finds them made on its next try
             attempt += 1
             if attempt == CREATE_ATTEMPTS:
                 raise _unopened(spec, error) from None
             time.sleep(0.2 * attempt)
-        except Exception as error:  # a bad URL, a missing driver, a server that is down
-            raise _unopened(spec, error) from None
+
+
+def _lost_creation_race(error: Exception) -> bool:
+    """Whether ``error`` is what a worker meets when another creates the same new database's
+    tables at the same moment: PostgreSQL's duplicate key or object, SQLite's "table ...
+    already exists" or "database is locked"."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(error, (IntegrityError, ProgrammingError)):
+        return True
+    message = str(error)
+    return isinstance(error, OperationalError) and ("already exists" in message or "is locked" in message)
 
 
 def _unopened(spec: StudySpec, error: Exception) -> SearchError:
