@@ -30,9 +30,8 @@ from typing import Any
 
 import yaml
 
-from .blocks import BlockParamError, block_param_names, check_block_params, list_blocks
-from .blocks.timm_attention import PREFIX as TIMM_PREFIX
-from .errors import AttnInjectError
+from .blocks import BlockParamError, block_factory, block_param_names, check_block_params, list_blocks
+from .errors import AttnInjectError, InputError
 from .messages import cut, shown
 from .patterns import PatternError, compile_pattern
 from .values import is_int
@@ -542,14 +541,12 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
         )
     params = {k: v for k, v in data.items() if k != "kind"}
     kind = data["kind"]
-    if kind not in list_blocks():
-        known = isinstance(kind, str) and kind.startswith(TIMM_PREFIX)
-        where = (
-            "the installed timm has no such attention, or does not offer it (attn-inject blocks); "
-            if known
-            else ""
-        )
-        raise fail(f"{key}.kind", f"unknown block {shown(kind)}: {where}allowed: {', '.join(list_blocks())}")
+    if not isinstance(kind, str):
+        raise fail(f"{key}.kind", f"unknown block {shown(kind)}: allowed: {', '.join(list_blocks())}")
+    try:
+        block_factory(kind)  # reaches timm only for a 'timm:' kind
+    except InputError as error:
+        raise fail(f"{key}.kind", str(error)) from None
     if "init" in params:
         raise fail(f"{key}.init", "init is set for the whole recipe (top-level 'init'), not per block")
     allowed = block_param_names(kind)

@@ -90,7 +90,7 @@ def default_recipes() -> list[str]:
 
     def built_in(name: str) -> bool:
         recipe = get_recipe(name)
-        return all(rule.block.kind in BUILT_IN for rule in (*recipe.rules, *recipe.fallback))
+        return all(rule.block.kind in BUILT_IN for rule in recipe.all_rules)
 
     return [name for name in list_recipes() if built_in(name)]
 

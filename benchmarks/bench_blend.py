@@ -15,27 +15,17 @@ peer is the block at ``init="paper"``, with no blend. Forward + backward, median
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Table, block_workload, emit, interleaved, ms, parser
+from common import Table, backward_step, block_workload, emit, interleaved, ms, parser
 
 import attn_inject as ai
 from attn_inject.blocks import Blended
 
 KINDS = ("se", "eca", "cbam")
-
-
-def _step(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def call() -> object:
-        x.grad = None
-        block(x).sum().backward()
-        return x.grad
-
-    return call
 
 
 def forms(kind: str, channels: int, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -68,7 +58,9 @@ def bench(device: torch.device, batch: int, shapes: tuple[tuple[int, int, int], 
                 for name in ("map-level blend", "full-map blend"):
                     torch.testing.assert_close(blocks[name](x), blocks["paper"](x))
             medians = interleaved(
-                {name: _step(block, x) for name, block in blocks.items()}, rounds, sync=device.type == "cuda"
+                {name: backward_step(block, x) for name, block in blocks.items()},
+                rounds,
+                sync=device.type == "cuda",
             )
             base = medians["paper"]
             table.rows.append(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Table, block_workload, emit, interleaved, ms, parser
+from common import Table, backward_step, block_workload, emit, interleaved, ms, parser
 
 import attn_inject as ai
 
@@ -73,15 +73,6 @@ BLOCKS = (
 )
 
 
-def _step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
-    def call() -> object:
-        x.grad = None
-        fn(x).sum().backward()
-        return x.grad
-
-    return call
-
-
 def bench(device: torch.device, batch: int, shapes: tuple[tuple[int, int, int], ...], rounds: int) -> Table:
     table = Table(
         f"Blocks, forward + backward, batch {batch}, on {device.type}",
@@ -111,7 +102,11 @@ def bench(device: torch.device, batch: int, shapes: tuple[tuple[int, int, int], 
                 with torch.no_grad():
                     torch.testing.assert_close(formula(x), paper(x))
                 medians = interleaved(
-                    {"plain": _step(formula, x), "paper": _step(paper, x), "identity": _step(identity, x)},
+                    {
+                        "plain": backward_step(formula, x),
+                        "paper": backward_step(paper, x),
+                        "identity": backward_step(identity, x),
+                    },
                     rounds,
                     sync=sync,
                 )

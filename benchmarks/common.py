@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from attn_inject.tables import markdown_table
+
 
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
@@ -100,6 +102,17 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     return max(0, peak - before) / 1024
 
 
+def backward_step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], object]:
+    """One timed call: ``fn(x)`` forward and backward (``x`` requires grad), for ``interleaved``."""
+
+    def call() -> object:
+        x.grad = None
+        fn(x).sum().backward()
+        return x.grad
+
+    return call
+
+
 @dataclass
 class Table:
     """One result table: a title, a note, column names and rows."""
@@ -113,9 +126,7 @@ class Table:
         lines = [f"### {self.title}", ""]
         if self.note:
             lines += [self.note, ""]
-        lines.append("| " + " | ".join(self.columns) + " |")
-        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines += markdown_table(self.columns, self.rows)
         return "\n".join(lines) + "\n"
 
     def text(self) -> str:

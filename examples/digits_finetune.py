@@ -79,35 +79,43 @@ def loaders(root: Path, model: torch.nn.Module, batch_size: int = 64):
     return train_loader, val_loader
 
 
-def train_baseline(root: Path, out: Path, epochs: int) -> tuple[torch.nn.Module, float]:
-    """A random-init resnet10t trained on the digits with timm's AdamW and cosine schedule."""
+def train_from_scratch(
+    root: Path, epochs: int, num_classes: int, seed: int = SEED, label: str = "baseline"
+) -> tuple[torch.nn.Module, float]:
+    """A random-init resnet10t trained on ``root`` with timm's AdamW and cosine schedule; the
+    model and its last validation top-1."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
 
-    random.seed(SEED)  # timm's random-resized crop draws from Python's RNG
-    torch.manual_seed(SEED)  # weights, colour jitter, shuffling
-    model = build_model(MODEL, num_classes=10)
+    random.seed(seed)  # timm's random-resized crop draws from Python's RNG
+    torch.manual_seed(seed)  # weights, colour jitter, shuffling
+    model = build_model(MODEL, num_classes=num_classes)
     train_loader, val_loader = loaders(root, model)
     context = Context(0, 1, 0, torch.device("cpu"))
     optimizer = create_optimizer_v2(model, "adamw", lr=3e-3, weight_decay=0.05)
     scheduler, _ = create_scheduler_v2(
         optimizer, "cosine", num_epochs=epochs, step_on_epochs=False, updates_per_epoch=len(train_loader)
     )
-    updates = 0
+    updates, top1 = 0, 0.0
     for epoch in range(epochs):
         metrics, updates = train_one_epoch(
             model, train_loader, optimizer, context, scheduler=scheduler, num_updates=updates
         )
-        result = evaluate(model, val_loader, context)
+        top1 = evaluate(model, val_loader, context)["top1"]
         print(
-            f"baseline epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, "
-            f"val top-1 {result['top1']:.2f}",
+            f"{label} epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, val top-1 {top1:.2f}",
             flush=True,
         )
+    return model, top1
+
+
+def train_baseline(root: Path, out: Path, epochs: int) -> tuple[torch.nn.Module, float]:
+    """The baseline: a random-init resnet10t trained on the ten digits, saved to ``out``."""
     import safetensors.torch
 
+    model, top1 = train_from_scratch(root, epochs, num_classes=10)
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
-    return model.eval(), result["top1"]
+    return model.eval(), top1
 
 
 def attn_inject(*args: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -25,14 +24,10 @@ from pathlib import Path
 
 import torch
 
-from attn_inject.finetune.distributed import Context
-from attn_inject.finetune.loop import evaluate, train_one_epoch
-from attn_inject.models import build_model
-
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from common import cpu_model
-from digits_finetune import loaders
+from digits_finetune import train_from_scratch
 
 MODEL = "timm:resnet10t"
 SIZE = 32
@@ -62,30 +57,9 @@ def write_split(root: Path, digits: range, train_per_class: int, val_per_class: 
 
 
 def pretrain(root: Path, out: Path, epochs: int) -> float:
-    """resnet10t from random init on ``root`` with timm's AdamW and cosine schedule; its
+    """resnet10t from random init on ``root`` (digits_finetune's recipe, five classes); its
     weights to ``out``; returns the last validation top-1."""
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    random.seed(0)
-    torch.manual_seed(0)
-    model = build_model(MODEL, num_classes=5)
-    train_loader, val_loader = loaders(root, model)
-    context = Context(0, 1, 0, torch.device("cpu"))
-    optimizer = create_optimizer_v2(model, "adamw", lr=3e-3, weight_decay=0.05)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, "cosine", num_epochs=epochs, step_on_epochs=False, updates_per_epoch=len(train_loader)
-    )
-    updates, top1 = 0, 0.0
-    for epoch in range(epochs):
-        metrics, updates = train_one_epoch(
-            model, train_loader, optimizer, context, scheduler=scheduler, num_updates=updates
-        )
-        top1 = evaluate(model, val_loader, context)["top1"]
-        print(
-            f"pretrain epoch {epoch + 1}/{epochs}: train loss {metrics['loss']:.4f}, val top-1 {top1:.2f}",
-            flush=True,
-        )
+    model, top1 = train_from_scratch(root, epochs, num_classes=5, seed=0, label="pretrain")
     torch.save(model.state_dict(), out)
     return top1
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import subprocess
@@ -588,3 +589,22 @@ def test_sigterm_whose_exception_a_library_swallows_still_stops_the_run(checkpoi
     assert stopped.value.code == 143 and "--resume" in str(stopped.value)
     assert len(read_rows(out / "summary.csv")) == 1  # the first epoch kept, the second stopped
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_caller_that_decoded_the_images_is_not_made_to_decode_them_again(
+    checkpoint, data, tmp_path, monkeypatch
+):
+    """A search decodes the data once for all its trials; each trial's run checks the layout
+    only."""
+    from attn_inject.finetune import data as data_module
+    from attn_inject.finetune.config import FinetuneConfig
+    from attn_inject.finetune.run import run
+
+    decoded = []
+    monkeypatch.setattr(data_module, "_decode", decoded.append)
+    config = FinetuneConfig(str(checkpoint), str(data), 1, str(tmp_path / "a"), batch_size=4, image_size=PX)
+    run(config, images_checked=True)
+    assert decoded == []
+    run(dataclasses.replace(config, out=str(tmp_path / "b")))
+    images = sorted(p for p in Path(data).rglob("*") if p.is_file())
+    assert sorted(decoded) == images  # every image of train/ and val/, each decoded once

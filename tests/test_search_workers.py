@@ -72,7 +72,11 @@ def _postgres_bin(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+
+    def version(path: Path) -> tuple[int, ...]:  # /usr/lib/postgresql/15/bin/NAME: 15 above 9.6
+        return tuple(int(part) for part in path.parent.parent.name.split(".") if part.isdigit())
+
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=version)
     return str(candidates[-1]) if candidates else None
 
 

@@ -20,7 +20,6 @@ other layouts through a permute (:mod:`attn_inject.blocks.wrapped`).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, InputTypeError
-from ..messages import first_line
+from ..messages import first_line, shown
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock
@@ -39,7 +38,7 @@ from .params import BlockParamError
 from .simam import SimAM
 from .squeeze_excite import SqueezeExcite, hidden_width
 from .timm_attention import PREFIX as TIMM_PREFIX
-from .timm_attention import module_class, parameter_names, timm_block, timm_kinds
+from .timm_attention import module_class, parameter_names, timm_block, timm_kind, timm_kinds
 from .wrapped import Blended
 
 __all__ = [
@@ -108,27 +107,22 @@ def list_blocks() -> list[str]:
     return sorted([*_BLOCKS, *(k.kind for k in timm_kinds() if not k.refused)])
 
 
-@functools.cache
-def _timm_factory(kind: str) -> BlockFactory:
-    return timm_block(kind)
-
-
 def block_factory(kind: str) -> BlockFactory:
     if kind in _BLOCKS:
         return _BLOCKS[kind]
     if isinstance(kind, str) and kind.startswith(TIMM_PREFIX):
-        known = {k.kind: k for k in timm_kinds()}
-        if kind in known and known[kind].refused:
+        found = timm_kind(kind)
+        if found is not None and found.refused:
             raise InputError(
-                f"block kind {kind!r} is not offered: timm's {known[kind].module} {known[kind].refused}"
+                f"block kind {shown(kind)} is not offered: timm's {found.module} {found.refused}"
             )
-        if kind in known:
-            return _timm_factory(kind)
+        if found is not None:
+            return timm_block(kind)
         offered = ", ".join(k.kind for k in timm_kinds() if not k.refused) or "none"
         raise InputError(
-            f"unknown block kind {kind!r}: the installed timm has no such attention; it offers {offered}"
+            f"unknown block kind {shown(kind)}: the installed timm has no such attention; it offers {offered}"
         )
-    raise InputError(f"unknown block kind {kind!r}; registered kinds: {', '.join(list_blocks())}")
+    raise InputError(f"unknown block kind {shown(kind)}; registered kinds: {', '.join(list_blocks())}")
 
 
 def _accepts(kind: str, argument: str) -> bool:
@@ -277,7 +271,7 @@ def _timm_paper(name: str) -> str:
     """The title line and arXiv address of the docstring of timm's module for kind ``name``."""
     doc = getattr(inspect.getmodule(module_class(name)), "__doc__", None) or ""
     found = re.search(r"https?://arxiv\.org/abs/[\d.]+", doc)
-    title = (doc.strip().splitlines() or [""])[0].strip()
+    title = first_line(doc)
     return ", ".join(s for s in (title, found.group(0) if found else "") if s)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..messages import error_line
 from .layout import NCHW
 from .params import BlockParamError
 from .wrapped import Blended
@@ -83,8 +84,7 @@ def _classify(name: str) -> TimmKind:
             module = create_attn(name, PROBE[1])
             out = module(torch.randn(PROBE, generator=torch.Generator().manual_seed(0)))
     except Exception as error:
-        text = str(error).strip().splitlines()
-        why = f"{type(error).__name__}: {text[0][:120]}" if text else type(error).__name__
+        why = error_line(error, 120)
         return TimmKind(name, label, f"does not build and run from the channel count alone ({why})")
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != PROBE:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -102,11 +102,15 @@ def timm_kinds() -> tuple[TimmKind, ...]:
     return tuple(_classify(name) for name in names)
 
 
-def offered(kind: str) -> TimmKind | None:
-    """The offered timm kind called ``kind`` (``"timm:gc"``), None for any other name."""
-    if not kind.startswith(PREFIX):
-        return None
-    return next((k for k in timm_kinds() if k.kind == kind and not k.refused), None)
+@functools.cache
+def _by_kind() -> dict[str, TimmKind]:
+    return {k.kind: k for k in timm_kinds()}
+
+
+def timm_kind(kind: str) -> TimmKind | None:
+    """The installed timm's kind called ``kind`` (``"timm:gc"``), offered or refused; None
+    when timm has no such kind."""
+    return _by_kind().get(kind)
 
 
 def module_class(name: str) -> Any:
@@ -147,12 +151,11 @@ def _checked_params(kind: str, params: dict[str, Any]) -> None:
             raise BlockParamError(name, value, f"a number, a string or a boolean for block {kind!r}")
 
 
+@functools.cache
 def timm_block(kind: str) -> Any:
-    """The factory of ``kind`` (an offered ``"timm:..."`` name): ``factory(channels, init=...,
-    layout=..., **params)`` builds timm's module and wraps it."""
-    found = offered(kind)
-    if found is None:
-        raise KeyError(kind)
+    """The factory of ``kind`` (an offered ``"timm:..."`` name, see :func:`timm_kind`):
+    ``factory(channels, init=..., layout=..., **params)`` builds timm's module and wraps it."""
+    found = _by_kind()[kind]
 
     def build(
         channels: int,
@@ -170,6 +173,5 @@ def timm_block(kind: str) -> Any:
 
     build.__name__ = build.__qualname__ = f"timm_{found.name}"
     build.__doc__ = f"timm's {found.module} (``create_attn({found.name!r}, channels, **params)``)."
-    build.uses_grid = True  # type: ignore[attr-defined]
     build.permutes = True  # type: ignore[attr-defined]
     return build

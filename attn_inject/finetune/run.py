@@ -343,12 +343,16 @@ def _stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
 EpochHook = Callable[[dict[str, float]], None]
 
 
-def run(config: FinetuneConfig, on_epoch: EpochHook | None = None) -> RunResult:
+def run(
+    config: FinetuneConfig, on_epoch: EpochHook | None = None, *, images_checked: bool = False
+) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured.
     ``on_epoch(row)`` is called with each epoch's summary row once its files are written
-    (``attn-inject search`` reports it to its pruner, which may stop the run there)."""
+    (``attn-inject search`` reports it to its pruner, which may stop the run there).
+    ``images_checked``: the caller decoded every image of ``config.data`` already (a search
+    does once for all its trials); the folders' layout is still checked."""
     with _stoppable(config) as stop_if_requested, _threads(config):
-        return _run(config, on_epoch, stop_if_requested)
+        return _run(config, on_epoch, stop_if_requested, images_checked)
 
 
 def default_threads(workers: int) -> tuple[int, int]:
@@ -392,9 +396,10 @@ def _run(
     config: FinetuneConfig,
     on_epoch: EpochHook | None = None,
     stop_if_requested: Callable[[], None] = lambda: None,
+    images_checked: bool = False,
 ) -> RunResult:
     config.check()
-    folders = check_folders(config.data)
+    folders = check_folders(config.data, verify=not images_checked)
     check_out(config)
     start = load_for_finetuning(config.checkpoint, config.num_classes)
     if start.num_classes != len(folders.classes):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..finetune.config import FinetuneConfig
+from ..finetune.config import RESUME_FREE, FinetuneConfig
 from ..finetune.data import check_folders
 from ..messages import cut, first_line
 from ..planning import plan
@@ -121,9 +121,8 @@ def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
 
 
 def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, Any]:
-    template = dataclasses.asdict(config.template)
-    for key in ("checkpoint", "out", "seed", "resume", "force", "data", "workers", "threads"):
-        template.pop(key, None)
+    per_trial = (*RESUME_FREE, "checkpoint", "seed", "data")  # set per trial, or not computed
+    template = {k: v for k, v in sorted(config.template.to_dict().items()) if k not in per_trial}
     recipes = {
         p.candidate.name: hashlib.sha256((p.candidate.recipe or "").encode()).hexdigest()[:12]
         for p in planned
@@ -132,7 +131,7 @@ def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, An
         "base": config.base_identity,
         "data": _data_identity(config.template.data),
         "candidates": recipes if config.sampler == "grid" else sorted(map(str, (config.space or {}).items())),
-        "fine-tune": {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(template.items())},
+        "fine-tune": template,
         "seeds": config.repeats,
         "sampler": config.sampler,
     }
@@ -154,9 +153,6 @@ class _Objective:
             dim: trial.suggest_categorical(dim, [str(v) for v in values]) for dim, values in space.items()
         }
         values = {dim: next(v for v in space[dim] if str(v) == point[dim]) for dim in space}
-        values.setdefault("init", "identity")
-        if values.get("stages") == "all":
-            values["stages"] = None
         candidate = point_candidate(values)
         if candidate.name not in self.by_name:
             config = dataclasses.replace(self.config, candidates=(candidate,))
@@ -265,7 +261,6 @@ def search(config: SearchConfig) -> SearchResult:
         n_trials=config.n_trials,
         heartbeat=config.heartbeat,
         identity=_identity(config, planned),
-        space=config.space,
     )
     if config.storage is None:
         out.mkdir(parents=True, exist_ok=True)

@@ -52,14 +52,17 @@ def _values(data: Mapping[str, Any], key: str, default: list[Any] | None, source
 def _stages(value: Any, source: str) -> tuple[int, ...] | None:
     if value == "all" or value is None:
         return None
-    if isinstance(value, list) and value and all(is_int(s) for s in value):
+    if isinstance(value, (list, tuple)) and value and all(is_int(s) for s in value):
         return tuple(int(s) for s in value)
     raise SearchError(f"{source}: stages: {value!r} is not allowed; 'all' or a list of stage indices")
 
 
 def point_candidate(point: Mapping[str, Any]) -> Candidate:
-    """The candidate of one point (a value per dimension, ``None`` where it has none)."""
+    """The candidate of one point (a value per dimension; one it lacks or holds ``None`` for
+    takes the space's default: every stage, ``init: identity``, the recipe's own values)."""
     kind = point["block"]
+    stages = _stages(point.get("stages"), "a point")
+    init = point.get("init") or "identity"
     names = block_param_names(kind) or []
     params: dict[str, Any] = {}
     if point.get("ratio") is not None:
@@ -72,18 +75,18 @@ def point_candidate(point: Mapping[str, Any]) -> Candidate:
             if name in names:
                 params[name] = point["spatial_kernel"]
     rule: dict[str, Any] = {"block": {"kind": kind, **params}, "at": point["at"]}
-    if point.get("stages") is not None:
-        rule["stages"] = list(point["stages"])
+    if stages is not None:
+        rule["stages"] = list(stages)
     if permutes(kind):
         rule["channels_last"] = "permute"
     label = kind + "".join(f" {k.replace('_size', '')}={v:g}" for k, v in params.items())
     label += f" @{point['at']}"
-    if point.get("stages") is not None:
-        label += f" stages={list(point['stages'])}"
-    label += f" {point['init']}"
+    if stages is not None:
+        label += f" stages={list(stages)}"
+    label += f" {init}"
     if point.get("attn_lr_scale") is not None:
         label += f" lr x{point['attn_lr_scale']:g}"
-    recipe = {"name": label, "init": point["init"], "rules": [rule]}
+    recipe = {"name": label, "init": init, "rules": [rule]}
     text = yaml.safe_dump(recipe, sort_keys=False)
     load_recipe(text + "\n")  # checked as a recipe: raises RecipeError
     return Candidate(label, text, point.get("attn_lr_scale"))

@@ -20,11 +20,11 @@ import contextlib
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..messages import first_line
+from ..messages import error_line, first_line
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 
@@ -50,7 +50,6 @@ class StudySpec:
     n_trials: int | None
     heartbeat: int
     identity: Mapping[str, Any]
-    space: Mapping[str, list[Any]] | None = None  # the TPE dimensions
 
 
 def import_optuna() -> Any:
@@ -265,15 +264,10 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
             except Exception as error:  # recorded and counted; the other trials go on
-                text = str(error).strip().splitlines()
-                trial.set_user_attr("error", f"{type(error).__name__}: {text[0][:300] if text else ''}")
+                trial.set_user_attr("error", error_line(error, 300))
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             # A stop (SIGINT, SIGTERM) leaves the trial running: its heartbeat ends, and the
             # next worker to look (or the rerun) fails it and runs it again.
         study.tell(trial, value)
     return ran
-
-
-def seeds_of(trial: Any) -> Sequence[int]:
-    return list(trial.user_attrs.get("seeds", []))

@@ -81,6 +81,6 @@ def run_trial(
         force=True,
     )
     began = time.perf_counter()
-    result = run(config, on_epoch=on_epoch)
+    result = run(config, on_epoch=on_epoch, images_checked=True)  # search() decoded them once
     seconds = (time.perf_counter() - began) / max(1, len(result.history))
     return TrialOutcome(float(result.history[-1]["eval_top1"]), seconds, Path(config.out))
