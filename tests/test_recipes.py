@@ -538,3 +538,20 @@ def test_numbers_that_cost_unbounded_time_are_refused_in_one_line(value, says):
     with pytest.raises(ai.RecipeError, match=r"<text>: invalid YAML at line 4") as info:
         ai.load_recipe(text)
     assert says in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 500
+
+
+def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kinds():
+    """timm's kinds are built and run once to be classified; only a 'timm:' kind needs that."""
+    import subprocess
+    import sys
+
+    code = (
+        "from attn_inject.blocks.timm_attention import timm_kinds\n"
+        "from attn_inject.recipe import get_recipe\n"
+        "get_recipe('cbam_after_every_stage'); get_recipe('se_resnet')\n"
+        "assert timm_kinds.cache_info().currsize == 0, 'probed for a built-in recipe'\n"
+        "get_recipe('gc_resnet')\n"
+        "assert timm_kinds.cache_info().currsize == 1\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
