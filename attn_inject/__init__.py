@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from ._version import __version__
 from .blocks import BlockInfo, BlockParamError, create_block, describe_blocks, list_blocks, register_block
 from .checkpoint import CheckpointError
 from .derive import base_class, rewritten_forward
@@ -24,8 +25,6 @@ from .record import InjectionInfo, patched_record
 from .rewrite import find_blocks
 from .serialize import Manifest, load, read_manifest, save
 from .validation import ValidationError, ValidationReport, register_check, validate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "POSITIONS",
@@ -48,6 +47,7 @@ __all__ = [
     "TraceError",
     "ValidationError",
     "ValidationReport",
+    "__version__",
     "base_class",
     "block_parameters",
     "create_block",

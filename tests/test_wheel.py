@@ -67,3 +67,29 @@ def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
         "print(len(ai.inserted_blocks(m)))"
     )
     assert run(python, "-c", code, cwd=tmp_path).stdout.strip() == "8"
+
+
+def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
+    """Every ``docs/...`` link of the README resolves inside the sdist, and its metadata
+    carries the version ``attn_inject.__version__`` reports and the classifiers."""
+    import re
+    import tarfile
+
+    run(
+        sys.executable,
+        "-c",
+        f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})",
+        cwd=ROOT,
+    )
+    (sdist,) = tmp_path.glob("attn_inject-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        pkg_info = archive.extractfile(next(m for m in archive.getmembers() if m.name.endswith("/PKG-INFO")))
+        metadata = pkg_info.read().decode() if pkg_info else ""
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()))
+    assert linked and linked <= names, sorted(linked - names)
+    assert "recipes/se_resnet.yaml" in names
+    import attn_inject
+
+    assert f"Version: {attn_inject.__version__}\n" in metadata
+    assert "Classifier: Typing :: Typed" in metadata
