@@ -75,11 +75,20 @@ def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     import re
     import tarfile
 
+    import shutil
+
+    # From the tracked files alone: an egg-info left by an editable install lists files too.
+    source = tmp_path / "source"
+    tracked = run("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     run(
         sys.executable,
         "-c",
         f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})",
-        cwd=ROOT,
+        cwd=source,
     )
     (sdist,) = tmp_path.glob("attn_inject-*.tar.gz")
     with tarfile.open(sdist) as archive:
