@@ -4,11 +4,16 @@ into a fresh virtual environment outside it, it carries its recipes, its type hi
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
+
+import attn_inject
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,11 +77,6 @@ def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
 def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     """Every ``docs/...`` link of the README resolves inside the sdist, and its metadata
     carries the version ``attn_inject.__version__`` reports and the classifiers."""
-    import re
-    import tarfile
-
-    import shutil
-
     # From the tracked files alone: an egg-info left by an editable install lists files too.
     source = tmp_path / "source"
     tracked = run("git", "ls-files", "-z", cwd=ROOT).stdout.split("\0")
@@ -98,7 +98,5 @@ def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     linked = set(re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()))
     assert linked and linked <= names, sorted(linked - names)
     assert "recipes/se_resnet.yaml" in names
-    import attn_inject
-
     assert f"Version: {attn_inject.__version__}\n" in metadata
     assert "Classifier: Typing :: Typed" in metadata
