@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx, nn
+from torch import _jit_internal, fx, nn
 
 from .errors import InputError
 
@@ -131,9 +131,11 @@ def base_class(module: nn.Module) -> type[nn.Module]:
     return spec.base if spec is not None else type(module)
 
 
-def _compile(source: str, name: str, namespace: dict[str, Any]) -> Any:
-    """Run ``source`` as a file of its own that ``inspect`` and TorchScript can read back."""
+def _compile(source: str, name: str, namespace: dict[str, Any], line: int = 1) -> Any:
+    """Run ``source`` as a file of its own that ``inspect`` and TorchScript can read back,
+    starting at line ``line`` of it."""
     filename = f"<attn-inject-{next(_counter)}>"
+    source = "\n" * (line - 1) + source
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]
@@ -214,6 +216,7 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
         raise InputError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
     namespace = _namespace(base)
     params, call = _signature_text(signature, namespace)
+    overloads = _script_overloads(base)
     lines = [f"def forward({params}:"]
     for name, blocks in around.before:
         for block in blocks:
@@ -221,15 +224,37 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     lines.append(f"    out = self.{INNER_FORWARD}({', '.join(call)})")
     lines += [f"    out = self.{block}(out)" for block in around.after]
     lines.append("    return out")
-    forward = _compile("\n".join(lines) + "\n", "forward", namespace)
+    # TorchScript takes the overloads of a method only from code within its class's lines.
+    line = base.forward.__code__.co_firstlineno if overloads else 1
+    forward = _compile("\n".join(lines) + "\n", "forward", namespace, line)
     forward.__signature__ = signature
     forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
-    attributes = {"forward": forward, INNER_FORWARD: _renamed(base.forward, INNER_FORWARD)}
+    inner = _renamed(base.forward, INNER_FORWARD)
+    if overloads:
+        _add_script_overloads(inner, base.__name__, overloads)
+    attributes = {"forward": forward, INNER_FORWARD: inner}
     if issubclass(base, nn.ModuleDict):
         attributes.update(_dict_without({*around.after, *(b for _, names in around.before for b in names)}))
     cls = _make_class(base, attributes, _Spec(base, around))
     _AROUND_CLASSES[(base, around)] = cls
     return cls
+
+
+def _script_overloads(base: type[nn.Module]) -> list[Any]:
+    """The signatures TorchScript compiles ``base.forward`` for, where its class declares them
+    with ``torch.jit._overload_method`` (torchvision's ``_DenseLayer`` takes a tensor or a
+    list of them); [] where it declares none. A generated ``forward`` of the same module and
+    name is compiled for them too; the forward it calls must be overloaded alike."""
+    by_class = _jit_internal._overloaded_methods.get(_jit_internal._qualified_name(base.forward), {})
+    return list(by_class.get(base.__name__, ()))  # looked up by the class's name, as TorchScript does
+
+
+def _add_script_overloads(method: Any, class_name: str, overloads: list[Any]) -> None:
+    """Declare ``overloads`` for ``method`` of the class named ``class_name``, as
+    ``torch.jit._overload_method`` would have in the class's own code."""
+    name = _jit_internal._qualified_name(method)
+    _jit_internal._overloaded_methods.setdefault(name, {})[class_name] = overloads
+    _jit_internal._overloaded_method_class_fileno[(name, class_name)] = method.__code__.co_firstlineno
 
 
 def _dict_without(blocks: set[str]) -> dict[str, Any]:

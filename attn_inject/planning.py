@@ -21,7 +21,9 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_order, layout_kwargs, make_block, permutes, uses_grid
+from .blocks.proof import block_name, run_block
 from .errors import AttnInjectError, InputError
+from .graph import ops
 from .graph.analysis import AnnotatedGraph, annotate
 from .graph.layout import NCHW
 from .graph.positions import Candidate, find_candidates, stage_index
@@ -355,14 +357,21 @@ class BlockCosts:
         return self._params[key]
 
     def flops(
-        self, block: BlockSpec, shape: tuple[int, ...], channels: int, init: str, layout: Mapping[str, Any]
+        self,
+        block: BlockSpec,
+        shape: tuple[int, ...],
+        channels: int,
+        init: str,
+        layout: Mapping[str, Any],
+        key_name: str = "",
     ) -> int:
-        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape)."""
+        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape);
+        a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
         if key not in self._flops:
             module = _meta_block(block, channels, init, layout)
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                module(torch.empty((1, *shape), device="meta"))
+            with FlopCounterMode(display=False) as counter:
+                run_block(module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind))
             self._flops[key] = counter.get_total_flops()
         return self._flops[key]
 
@@ -400,6 +409,14 @@ def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     if candidate.consumers is not None:
         return any(is_block(n) for n in candidate.consumers)
     return bool(candidate.node.users) and all(is_block(n) for n in candidate.node.users)
+
+
+def _read_by_output(candidate: Candidate, graph: AnnotatedGraph) -> bool:
+    """Whether the model's output depends on what a block at ``candidate`` would return:
+    on the node, or (an edge) on one of the consumers that would read the block."""
+    if candidate.consumers is None:
+        return graph.reaches_output(candidate.node)
+    return any(graph.reaches_output(c) and not ops.reads_shape_only(c) for c in candidate.consumers)
 
 
 def build_plan(
@@ -492,7 +509,7 @@ def _point(
         rule=r,
         key=placement.key,
         layout=layout.layout,
-        flops=costs.flops(rule.block, shape, channels, init, block_layout),
+        flops=costs.flops(rule.block, shape, channels, init, block_layout, placement.key),
         prefix=layout.prefix,
         grid=layout.grid,
         reordered=grid is not None and grid.order is not None,
@@ -616,6 +633,11 @@ def _match_rules(
             if k % rule.every:
                 continue
             reason = _unusable(candidate, rule)
+            if reason is None and not _read_by_output(candidate, graph):
+                reason = (
+                    f"the model's output does not depend on node {candidate.node.name!r}, "
+                    "so a block there would change nothing and get no gradient"
+                )
             if reason is None and _earlier_block(candidate, graph):
                 reason = "a block of an earlier injection already acts on this edge"
             if reason is None and candidate.edge in taken:
@@ -644,11 +666,47 @@ def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target
     """Trace and annotate ``model``'s submodule ``target`` ('' for the whole model) at
     ``input_size`` (default: the model's own) and find its stages."""
     sub = get_target(model, target)
+    _refuse_quantized(sub, model_name(model))
     size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
     graph = annotate(sub, (BATCH, *size))
     feature_info = getattr(model, "feature_info", None) if not target else None
     stages = tuple(find_stages(graph, feature_info))
     return Prepared(graph, stages, target, model_name(model), count_params(model))
+
+
+QUANTIZED_PACKAGES = ("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")
+FLOAT_IN_QUANTIZED = ("torch.ao.nn.quantized.reference.",)  # float modules that live there
+FLOAT_CLASSES = ("FloatFunctional",)  # a quantizable model's float adds and concatenations
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """The modules of ``model`` that compute on quantized tensors (``torch.ao`` converted
+    layers, ``QFunctional``, ``Quantize``), as "name (Class)"; a quantizable model still in
+    float (its ``QuantStub`` and ``FloatFunctional``) has none."""
+    found = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        where = f"{cls.__module__}."
+        if (
+            where.startswith(QUANTIZED_PACKAGES)
+            and not where.startswith(FLOAT_IN_QUANTIZED)
+            and cls.__name__ not in FLOAT_CLASSES
+        ):
+            found.append(f"{name or type(model).__name__} ({cls.__name__})")
+    return found
+
+
+def _refuse_quantized(model: nn.Module, name: str) -> None:
+    """Refuse a quantized model: its layers run on quantized tensors, which neither the
+    meta-device analysis nor a float block can take."""
+    found = quantized_modules(model)
+    if found:
+        more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+        raise PlanError(
+            f"{name} is quantized ({', '.join(found[:2])}{more} compute on quantized tensors); "
+            "attention blocks go into float models: inject into the model before it is quantized "
+            "(torchvision: quantize=False)"
+        )
 
 
 def resolve_target(model: nn.Module, recipe: Recipe, target: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,8 @@ class AnnotatedGraph:
     ``ancestors[i]`` is a bitset (a Python int) of the indices of every node that node ``i``
     depends on; ``from_input`` the bitset of nodes that depend on the values of the model input (a
     shape query such as ``x.shape`` ends that dependence: a positional embedding built from
-    the input's size is not a function of its values).
+    the input's size is not a function of its values); ``to_output`` the bitset of nodes whose
+    values the model's output depends on (:func:`reaching_output`).
     """
 
     root: nn.Module
@@ -53,6 +55,11 @@ class AnnotatedGraph:
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
     calls: tuple[ModuleCall, ...] = ()  # every submodule call of the trace, in the order they ended
+    to_output: int = -1  # every node, unless computed
+
+    def reaches_output(self, node: fx.Node) -> bool:
+        """Whether the model's output depends on the values ``node`` produces."""
+        return bool(self.to_output >> self.index[node] & 1)
 
     def count_flops(self) -> int:
         """FLOPs of one sample (the multiply-adds of convolutions, linear layers and matmuls,
@@ -96,8 +103,22 @@ class AnnotatedGraph:
         return scope_of(node) or node.name
 
 
+def on_cpu() -> contextlib.AbstractContextManager[object]:
+    """The CPU as default device while the analysis runs: it replays layouts on small real
+    tensors, which a default device of ``meta`` (timm's tests build models in
+    ``with torch.device("meta")``) would leave without values. A no-op where the CPU already
+    is the default (a device context routes every torch call through Python)."""
+    return contextlib.nullcontext() if torch.get_default_device().type == "cpu" else torch.device("cpu")
+
+
 def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
-    """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch)."""
+    """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch),
+    whatever the default device (:func:`on_cpu`)."""
+    with on_cpu():
+        return _annotate(model, input_shape)
+
+
+def _annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     traced = trace(model)
     graph = traced.graph
     propagate_shapes(model, graph, input_shape)
@@ -149,4 +170,27 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         module_inputs,
         opaque=traced.opaque,
         calls=traced.calls,
+        to_output=reaching_output(nodes, index),
     )
+
+
+def reaching_output(nodes: list[fx.Node], index: dict[fx.Node, int]) -> int:
+    """The bitset of the nodes whose values reach the graph's output: the output itself, a
+    node one of them reads the values of (a shape query such as ``x.shape`` reads none), and a
+    tensor written in place (``buf[:, :c] = y``, ``buf.copy_(y)``) into one of them. A block on
+    any other node would get no gradient and change nothing the model returns (PiT's
+    last-stage tokens, which its head, reading the class token, never reads)."""
+    live = [False] * len(nodes)
+    writes = {index[n]: index[w] for n in nodes if (w := ops.written_in_place(n)) is not None}
+    while True:
+        for node in reversed(nodes):
+            i = index[node]
+            if not live[i] and (
+                node.op == "output"
+                or any(live[index[u]] and not ops.reads_shape_only(u) for u in node.users)
+                or (i in writes and live[writes[i]])
+            ):
+                live[i] = True
+        if not any(live[w] and not live[i] for i, w in writes.items()):  # a write seen too early
+            break
+    return int("".join("1" if alive else "0" for alive in reversed(live)) or "0", 2)

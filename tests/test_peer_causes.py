@@ -1,0 +1,137 @@
+"""What timm's and torchvision's own model tests do to a patched model: build it on the meta
+device, script it, quantize it, and back-propagate into every parameter."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import attn_inject as ai
+from attn_inject.errors import AttnInjectError
+
+from .conftest import meta_model
+
+CONV_OUTPUT = {
+    "name": "se_after_each_conv",
+    "rules": [{"block": {"kind": "se", "ratio": 4}, "name": "se", "at": "conv_output"}],
+}
+
+
+def _keys(plan: ai.Plan) -> list[tuple[str, str, str]]:
+    return [(p.name, p.node, p.key) for p in plan]
+
+
+def test_inject_inside_a_meta_default_device_places_what_it_places_on_the_cpu():
+    cpu_plan = ai.plan(timm.create_model("hiera_tiny_224"), "cbam_after_every_stage")
+    with torch.device("meta"):  # timm's tests build their models this way
+        model = timm.create_model("hiera_tiny_224")
+        patched = ai.inject(model, "cbam_after_every_stage")
+    plan = patched.attn_inject.plan
+    assert len(cpu_plan) == 4  # one block after each of Hiera's four stages
+    assert _keys(plan) == _keys(cpu_plan)
+    blocks = ai.inserted_blocks(patched)
+    assert sorted(blocks) == sorted(p.key for p in cpu_plan)
+    assert all(t.is_meta for b in blocks.values() for t in b.parameters())
+
+
+def test_a_model_on_the_meta_device_plans_like_the_same_model_on_the_cpu():
+    on_cpu = ai.plan(timm.create_model("hiera_tiny_224"), "cbam_after_every_stage")
+    on_meta = ai.plan(meta_model("timm:hiera_tiny_224"), "cbam_after_every_stage")
+    assert _keys(on_meta) == _keys(on_cpu)
+    with torch.device("meta"):
+        assert _keys(ai.plan(meta_model("timm:hiera_tiny_224"), "cbam_after_every_stage")) == _keys(on_cpu)
+        assert on_meta.base_flops > 0  # the lazy FLOP count also runs under a meta default
+
+
+def _scripted(model: nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, still supported
+        return torch.jit.script(model)
+
+
+def test_densenet_with_se_blocks_scripts_and_the_script_computes_what_the_model_does():
+    # _DenseLayer.forward declares TorchScript overloads (a tensor or a list of tensors).
+    torch.manual_seed(0)
+    model = torchvision.models.densenet121().eval()
+    patched = ai.inject(model, "se_resnet", init="paper").eval()
+    assert len(ai.inserted_blocks(patched)) > 0
+    scripted = _scripted(patched)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got, original = patched(x), scripted(x), model(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(expected, original)  # the paper's init: the blocks act
+
+
+def test_a_quantized_model_is_refused_in_one_line_naming_why():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notes
+        model = torchvision.models.quantization.resnet18(quantize=True)
+    for allow_empty in (False, True):
+        with pytest.raises(AttnInjectError) as caught:
+            ai.inject(model, "se_resnet", allow_empty=allow_empty)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert "quantized" in message and "quantize=False" in message
+    with pytest.raises(ai.PlanError, match="quantized"):
+        ai.plan(model, "se_resnet")
+
+
+def test_a_quantizable_model_still_in_float_takes_a_block_in_every_residual_unit():
+    model = torchvision.models.quantization.resnet18(quantize=False).eval()
+    units = [n for n, m in model.named_modules() if type(m).__name__ == "QuantizableBasicBlock"]
+    patched = ai.inject(model, "se_resnet").eval()
+    assert [p.name for p in patched.attn_inject.plan] == units
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), model(x), rtol=0, atol=0)
+
+
+def test_pit_takes_no_block_on_the_last_tokens_its_head_never_reads():
+    # PiT's head reads the class token only: the last stage's grid of tokens reaches no output.
+    plan = ai.plan(meta_model("timm:pit_ti_224"), "cbam_after_every_stage")
+    assert [p.name for p in plan] == ["transformers.0", "transformers.1"]
+    (skipped,) = plan.skipped
+    assert skipped.name == "transformers.2" and "output does not depend" in skipped.reason
+
+
+def test_every_block_inserted_into_pit_gets_a_gradient():
+    torch.manual_seed(0)
+    model = timm.create_model("pit_ti_224", img_size=112)
+    patched = ai.inject(model, "cbam_after_every_stage", init="paper").train()
+    patched(torch.randn(2, 3, 112, 112)).sum().backward()
+    blocks = ai.inserted_blocks(patched)
+    assert len(blocks) == 2
+    for name, block in blocks.items():
+        grads = [p.grad for p in block.parameters()]
+        assert all(g is not None for g in grads), name
+        assert all(g.abs().sum() > 0 for g in grads), name
+
+
+class Discards(nn.Module):
+    """Computes ``side`` and drops it; writes ``kept`` into the buffer it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.side = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.kept = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        self.side(x)  # a result nothing reads
+        out = x.new_zeros(x.shape[0], 16, x.shape[2], x.shape[3])
+        out.narrow(1, 8, 8).copy_(self.kept(x))  # read through the buffer written in place
+        return out + x.sum(1, keepdim=True)
+
+
+def test_a_convolution_whose_result_is_dropped_takes_no_block_and_one_written_in_place_does():
+    plan = ai.plan(Discards(), CONV_OUTPUT, input_size=(3, 16, 16))
+    assert sorted(p.name for p in plan) == ["kept.0", "stem.0"]
+    assert [s.name for s in plan.skipped] == ["side.0"]
+    assert "output does not depend" in plan.skipped[0].reason
