@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ __all__ = [
     "build_shapes_only",
     "check_model_kwargs",
     "input_size_for",
+    "timm_kwargs_of",
     "wrapper_of",
 ]
 
@@ -47,8 +49,9 @@ _LARGEST = 1 << 24  # a count beyond this is no architecture anyone builds
 _NAME = re.compile(r"[A-Za-z0-9_]{0,64}")  # a registered layer / pool name, never a path or module
 
 # The builder arguments a model may be rebuilt with, by the kind of value each takes. Only
-# arguments that shape the architecture: none loads weights, downloads or names a file
-# (``pretrained``, ``checkpoint_path``, ``weights``, ``pretrained_cfg_overlay``... are refused).
+# arguments that shape the architecture or describe its data: none loads weights, downloads or
+# names a file (``pretrained``, ``checkpoint_path``, ``weights``... are refused, and so are the
+# keys of ``pretrained_cfg_overlay`` that say where weights come from).
 ARCHITECTURE_KWARGS: dict[str, str] = {
     "num_classes": "count",
     "in_chans": "count",
@@ -89,6 +92,7 @@ ARCHITECTURE_KWARGS: dict[str, str] = {
     "zero_init_residual": "flag",
     "out_indices": "indices",
     "replace_stride_with_dilation": "flags",
+    "pretrained_cfg_overlay": "config",
 }
 _KINDS = {
     "count": f"an integer from 0 to {_LARGEST}",
@@ -99,7 +103,43 @@ _KINDS = {
     "flag": "true or false",
     "indices": "an integer or a list of up to 16 integers from -64 to 64",
     "flags": "a list of up to 8 true / false",
+    "config": "a mapping of timm pretrained_cfg keys to plain values",
 }
+
+# The keys of timm's ``PretrainedCfg`` an overlay may set: the data it expects (size, crop,
+# mean, std...), its head and its description. Never where weights come from or how they
+# load (``url``, ``file``, ``state_dict``, ``hf_hub_id``, ``hf_hub_filename``, ``source``,
+# ``custom_load``) nor the architecture's name (``architecture``).
+PRETRAINED_CFG_KEYS = (
+    "tag",
+    "input_size",
+    "test_input_size",
+    "min_input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "test_crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "label_offset",
+    "label_names",
+    "label_descriptions",
+    "pool_size",
+    "test_pool_size",
+    "first_conv",
+    "classifier",
+    "license",
+    "description",
+    "origin_url",
+    "paper_name",
+    "paper_ids",
+    "notes",
+)
+MAX_OVERLAY_CHARS = 1 << 16  # an overlay as JSON; ImageNet-1k's 1,000 label names take about 13 kB
+_MAX_TEXT = 1000
+_MAX_ITEMS = 1024
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -110,7 +150,7 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "count":
         return _is_int(value, 0, _LARGEST)
     if kind == "size":
-        items = value if isinstance(value, list) and len(value) == 2 else [value]
+        items = value if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
         return all(_is_int(v, 1, 8192) for v in items)
     if kind == "name":
         return isinstance(value, str) and _NAME.fullmatch(value) is not None
@@ -121,10 +161,14 @@ def _fits(kind: str, value: Any) -> bool:
     if kind == "flag":
         return isinstance(value, bool)
     if kind == "indices":
-        items = value if isinstance(value, list) and len(value) <= 16 else [value]
+        items = value if isinstance(value, (list, tuple)) and len(value) <= 16 else [value]
         return all(_is_int(v, -64, 64) for v in items)
+    if kind == "config":
+        return isinstance(value, Mapping)  # each key and value: _check_overlay
     if kind == "flags":
-        return isinstance(value, list) and len(value) <= 8 and all(isinstance(v, bool) for v in value)
+        return (
+            isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, bool) for v in value)
+        )
     raise AssertionError(kind)
 
 
@@ -145,7 +189,88 @@ def check_model_kwargs(kwargs: Any, source: str = "model kwargs") -> dict[str, A
             raise ModelKwargsError(
                 f"{source}: {key}={shown(value)} is not allowed; {key} must be {_KINDS[kind]}"
             )
-    return dict(kwargs)
+        if kind == "config":
+            _check_overlay(value, source)
+    return {key: _as_json(value) for key, value in kwargs.items()}
+
+
+_SIZES = "null or 3 integers from 1 to 8192 (C H W)"
+_PLAIN = (
+    f"a plain value: null, true / false, a number, a string of at most {_MAX_TEXT} characters, "
+    f"a list of up to {_MAX_ITEMS} of them, or a mapping of strings to them"
+)
+# The overlay keys timm's builder reads as architecture arguments (in_chans, img_size, num_classes).
+_OVERLAY_KINDS = {
+    "input_size": (_SIZES, lambda v: v is None or _sizes(v)),
+    "num_classes": (f"an integer from 0 to {_LARGEST}", lambda v: _is_int(v, 0, _LARGEST)),
+}
+
+
+def _sizes(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v, 1, 8192) for v in value)
+
+
+def _scalar(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if is_int(value):
+        return abs(value) <= 1 << 53
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= _MAX_TEXT
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return len(value) <= _MAX_ITEMS and all(_scalar(v) for v in value)
+    if isinstance(value, Mapping):
+        return len(value) <= _MAX_ITEMS and all(
+            isinstance(k, str) and len(k) <= _MAX_TEXT and _scalar(v) for k, v in value.items()
+        )
+    return _scalar(value)
+
+
+def _check_overlay(overlay: Mapping[Any, Any], source: str) -> None:
+    """Refuse a ``pretrained_cfg_overlay`` key that is not in :data:`PRETRAINED_CFG_KEYS`, or a
+    value that is not plain data of bounded size."""
+    for key, value in overlay.items():
+        if key not in PRETRAINED_CFG_KEYS:
+            raise ModelKwargsError(
+                f"{source}: 'pretrained_cfg_overlay' is not allowed to set {shown(key)}: only timm's data, "
+                "head and description settings are (never where weights come from or how they load); "
+                f"allowed: {', '.join(PRETRAINED_CFG_KEYS)}"
+            )
+        what, fits = _OVERLAY_KINDS.get(key, (_PLAIN, _plain_value))
+        if key in ("test_input_size", "min_input_size"):
+            what, fits = _SIZES, _OVERLAY_KINDS["input_size"][1]
+        if not fits(value):
+            raise ModelKwargsError(
+                f"{source}: pretrained_cfg_overlay[{key!r}]={shown(value)} is not allowed; it must be {what}"
+            )
+    if len(json.dumps(_as_json(overlay))) > MAX_OVERLAY_CHARS:
+        raise ModelKwargsError(
+            f"{source}: pretrained_cfg_overlay is not allowed: it takes more than {MAX_OVERLAY_CHARS} "
+            "characters as JSON"
+        )
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` with its tuples as lists, as a manifest holds it."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _as_json(v) for k, v in value.items()}
+    return value
+
+
+def _as_timm(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` as timm's builder takes them: an overlay's lists as tuples, as in timm's
+    ``PretrainedCfg`` (so that the built model's ``pretrained_cfg`` equals one built from Python)."""
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay is None:
+        return dict(kwargs)
+    as_tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in overlay.items()}
+    return {**kwargs, "pretrained_cfg_overlay": as_tuples}
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,7 +324,7 @@ def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any)
         if source == "timm":
             import timm
 
-            model = timm.create_model(bare, pretrained=False, **kwargs)
+            model = timm.create_model(bare, pretrained=False, **_as_timm(given))
         else:
             import torchvision
 
@@ -230,6 +355,62 @@ def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
         )
         return f"timm:{cfg['architecture']}", kwargs
     return None
+
+
+def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder arguments that rebuild the timm model ``model`` as it is now: ``kwargs``
+    (what ``model`` recorded of its builder) with what timm keeps on the model where it
+    differs from what ``name(**kwargs)`` builds: ``features_only`` and ``out_indices`` of a
+    ``FeatureListNet``, ``num_classes`` and ``global_pool`` (``reset_classifier`` changes
+    them), ``drop_path_rate`` (the largest ``DropPath`` rate), and the keys of its
+    ``pretrained_cfg`` in :data:`PRETRAINED_CFG_KEYS` as ``pretrained_cfg_overlay``.
+    ``kwargs`` as given for another model, or when ``name`` cannot be built; the caller
+    checks that the result rebuilds ``model``.
+
+        >>> model = timm.create_model("resnet18", drop_path_rate=0.1); model.reset_classifier(5)
+        >>> timm_kwargs_of(model, "timm:resnet18", {"num_classes": 1000})
+        {'num_classes': 5, 'drop_path_rate': 0.1}
+    """
+    out = dict(kwargs)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if resolve(name)[0] != "timm" or not isinstance(cfg, dict):
+        return out
+    from timm.models import FeatureListNet
+
+    if isinstance(model, FeatureListNet):
+        out["features_only"] = True
+    try:
+        default = build_shapes_only(name, **out)
+    except Exception:
+        return out
+    built = _timm_settings(default)
+    for key, value in _timm_settings(model).items():
+        if value is not None and value != built[key]:
+            out[key] = value
+    default_cfg = getattr(default, "pretrained_cfg", None) or {}
+    # Where its weights came from (url, file, hf_hub_id...) is not recorded: the file holds them.
+    changed = {key: cfg.get(key) for key in PRETRAINED_CFG_KEYS if cfg.get(key) != default_cfg.get(key)}
+    if changed:
+        out["pretrained_cfg_overlay"] = {**out.get("pretrained_cfg_overlay", {}), **changed}
+    return out
+
+
+def _timm_settings(model: nn.Module) -> dict[str, Any]:
+    """The builder arguments a timm model keeps: None where it does not keep one."""
+    from timm.layers import DropPath
+    from timm.models import FeatureListNet
+
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # a SelectAdaptivePool2d, or a name (ViT)
+    num_classes = getattr(model, "num_classes", None)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    # The last block gets the whole rate; 12 digits undo the float32 (ViT) or division rounding.
+    return {
+        "num_classes": num_classes if is_int(num_classes) else None,
+        "global_pool": pool if isinstance(pool, str) else None,
+        "drop_path_rate": float(f"{max(rates):.12g}") if rates else 0.0,
+        "out_indices": list(model.feature_info.out_indices) if isinstance(model, FeatureListNet) else None,
+    }
 
 
 def input_size_for(name: str, model: nn.Module | None = None) -> tuple[int, ...] | None:

@@ -11,9 +11,10 @@ A saved file rebuilds exactly the saved network, or nothing:
   that is not the network being saved (a builder argument it could not know);
 - ``load`` treats the file as untrusted data: the manifest is checked field by field, its
   recipe is parsed as recipe text only (never as a name or a path), its builder arguments
-  are limited to those that shape the architecture (never ones that load, download or name
-  a file), and the model is rebuilt on the meta device and compared with the file's tensor
-  shapes and recorded architecture before anything is allocated. Nothing is unpickled.
+  are limited to those that shape the architecture or describe its data (never ones that
+  load, download or name a file), and the model is rebuilt on the meta device and compared
+  with the file's tensor shapes and recorded architecture before anything is allocated.
+  Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -142,10 +143,13 @@ def save(
     """Write ``patched`` (a model returned by ``inject``) to ``path`` (``.safetensors``),
     atomically; an existing file is kept unless ``force``. ``model_name`` / ``model_kwargs``
     name the base model when the patched model cannot tell (a torchvision model you built
-    yourself: ``model_name="tv:resnet18"``; a timm model built with ``global_pool="max"``:
-    ``model_kwargs={"global_pool": "max"}``). A model whose builder is not known is refused
-    unless ``model_name=""``, which records no name: the file is then loaded with
-    ``load(path, model=...)``.
+    yourself: ``model_name="tv:resnet18"``; a timm model built with ``act_layer="gelu"``:
+    ``model_kwargs={"act_layer": "gelu"}``). Without ``model_kwargs``, what timm keeps on a
+    timm model is recorded as it is now: its class count and pooling (``reset_classifier``
+    before or after ``inject``), ``features_only`` and ``out_indices``, its drop-path rate
+    and its ``pretrained_cfg`` (as ``pretrained_cfg_overlay``). A model whose builder is not
+    known is refused unless ``model_name=""``, which records no name: the file is then
+    loaded with ``load(path, model=...)``.
 
     The model named is rebuilt on the meta device and compared with ``patched``; if they
     differ the file is not written and the error says where. ``training`` (plain values)
@@ -203,7 +207,7 @@ def _base_named(
 ) -> tuple[str | None, dict[str, Any]]:
     """The base model's qualified name (None: saved unnamed) and builder arguments, from the
     caller or the patched model's record; refused when no builder is known."""
-    from .models import ModelKwargsError, check_model_kwargs, resolve
+    from .models import ModelKwargsError, check_model_kwargs, resolve, timm_kwargs_of
 
     name = getattr(info, "base_model", None) if model_name is None else model_name or None
     if name is None and model_name is None:
@@ -214,11 +218,15 @@ def _base_named(
             "unnamed and load it with ai.load(path, model=...)"
         )
     recorded = dict(getattr(info, "base_kwargs", ()) or ()) if model_name is None else {}
+    qualified = ":".join(resolve(name)) if name is not None else None
     try:
+        if model_kwargs is None and qualified is not None:
+            # What timm keeps on the model: changes made after it was built (reset_classifier) too.
+            recorded = timm_kwargs_of(patched, qualified, recorded)
         kwargs = check_model_kwargs(model_kwargs if model_kwargs is not None else recorded, "model_kwargs")
     except ModelKwargsError as error:
         raise CheckpointError(f"cannot save: {error}") from None
-    return (":".join(resolve(name)) if name is not None else None), kwargs
+    return qualified, kwargs
 
 
 def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], steps: list[Injection]) -> None:
