@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AttnInjectError, InputTypeError
+from .finetune.config import SettingError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,7 +36,7 @@ DEMO_RECIPE = "cbam_after_every_stage"
 
 
 class UsageError(AttnInjectError):
-    """Bad command-line input: exit code 2."""
+    """Bad command-line input: exit code 2 (as is a fine-tune's ``SettingError``)."""
 
 
 class CommandError(AttnInjectError):
@@ -255,6 +256,7 @@ def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
+    from .messages import cut, shown
     from .recipe import get_recipe, list_recipes, load_recipe
 
     if args.action == "show":
@@ -264,7 +266,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
         _emit(args, recipe.text.rstrip(), recipe.to_dict())
         return 0
     if args.name:
-        raise UsageError(f"unexpected argument {args.name!r}; did you mean 'recipes show {args.name}'?")
+        name = shown(args.name, 60)
+        raise UsageError(f"unexpected argument {name}; did you mean 'recipes show {cut(args.name, 60)}'?")
     recipes = [get_recipe(name) for name in list_recipes()]
     width = max(len(r.name) for r in recipes)
     text = "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes)
@@ -617,8 +620,12 @@ def _progress(description: str, total: int, *, quiet: bool = False):
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search.command import command
+    from .search.errors import SearchUsageError
 
-    return command(args, _model_kwargs(args.model_kwargs))
+    try:
+        return command(args, _model_kwargs(args.model_kwargs))
+    except SearchUsageError as error:
+        raise UsageError(str(error)) from None
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -646,14 +653,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if sys.stdout is None:  # started with its standard output closed (``>&-``)
+        print("attn-inject: error: standard output is closed; give it a file or /dev/null", file=sys.stderr)
+        return 1
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a full disk or a closed reader fails here, not silently at exit
+        return code
     except BrokenPipeError:  # the reader went away (``| head``): end quietly, as git does
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except UsageError as error:
-        print(f"attn-inject: error: {error}", file=sys.stderr)
+    except (UsageError, SettingError) as error:
+        print(f"attn-inject: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
         print(f"attn-inject: {str(error).strip() or 'interrupted'}", file=sys.stderr)

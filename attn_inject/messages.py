@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_SHOWN", "cut", "error_line", "first_line", "shown"]
+__all__ = ["MAX_SHOWN", "cut", "error_line", "first_line", "shown", "shown_apart"]
 
 MAX_SHOWN = 80  # characters of a value that an error message quotes
 
@@ -43,3 +43,30 @@ def first_line(error: BaseException | str, limit: int = 200) -> str:
 def error_line(error: BaseException, limit: int = 200) -> str:
     """``Type: first line`` of an error, for a report that quotes a library's failure."""
     return f"{type(error).__name__}: {first_line(error, limit)}"
+
+
+_wide = reprlib.Repr()
+_wide.maxlevel = 6
+_wide.maxlist = _wide.maxtuple = _wide.maxset = _wide.maxdict = 64
+_wide.maxstring = _wide.maxother = _wide.maxlong = 4096
+
+
+def shown_apart(a: Any, b: Any, limit: int = MAX_SHOWN) -> tuple[str, str]:
+    """``shown(a)`` and ``shown(b)`` for a message that compares them: each cut to ``limit``
+    characters around the first character where the two differ, so that the difference
+    shows (``'...runs/a/in.safetensors'`` and ``'...runs/b/in.safetensors'``, not two equal
+    beginnings)."""
+    left, right = (_wide.repr(v).replace("\n", "\\n").replace("\r", "\\r") for v in (a, b))
+    pairs = enumerate(zip(left, right, strict=False))
+    same = next((i for i, (x, y) in pairs if x != y), min(len(left), len(right)))
+    start = max(0, min(same - limit // 3, max(len(left), len(right)) - limit))
+
+    def window(text: str) -> str:
+        if len(text) <= limit:
+            return text
+        begin = min(start, len(text) - limit)
+        head = "..." if begin else ""
+        tail = "..." if begin + limit < len(text) else ""
+        return head + text[begin + len(head) : begin + limit - len(tail)] + tail
+
+    return window(left), window(right)

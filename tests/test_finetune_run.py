@@ -323,7 +323,7 @@ def test_a_checkpoint_without_manifest_is_one_line(data, tmp_path, capsys):
 
 
 def test_zero_classes_and_a_wrong_class_count_are_refused(checkpoint, data, tmp_path, capsys):
-    assert main(finetune_args(checkpoint, data, tmp_path / "run", "--num-classes", "0")) == 1
+    assert main(finetune_args(checkpoint, data, tmp_path / "run", "--num-classes", "0")) == 2  # usage
     assert "--num-classes must be at least 1" in capsys.readouterr().err
     four = save_patched(tmp_path / "four.safetensors", num_classes=4)
     assert main(finetune_args(four, data, tmp_path / "run")) == 1
@@ -335,7 +335,7 @@ def test_an_unknown_optimizer_and_layer_decay_without_group_matcher_write_nothin
     checkpoint, data, tmp_path, capsys
 ):
     out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out, "--opt", "nosuchopt")) == 1
+    assert main(finetune_args(checkpoint, data, out, "--opt", "nosuchopt")) == 2  # a usage error
     assert "--opt nosuchopt: not a timm optimizer" in capsys.readouterr().err
     torchvision_file = tmp_path / "tv.safetensors"
     base = build_model("tv:resnet18", num_classes=len(CLASSES))  # torchvision: no group_matcher
@@ -556,6 +556,7 @@ def test_sigterm_inside_code_that_wraps_the_exception_still_stops_as_sigterm(tmp
 
     import time
 
+    (tmp_path / "resume.pth").write_bytes(b"")  # a finished epoch: the stop advises --resume
     with pytest.raises(Stopped) as stopped, _stoppable(types.SimpleNamespace(out=tmp_path)):
         import_like()
     assert stopped.value.code == 143 and "--resume" in str(stopped.value)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..messages import cut
 from ..values import is_int
 
-__all__ = ["RESUME_FREE", "FinetuneConfig"]
+__all__ = ["RESUME_FREE", "FinetuneConfig", "SettingError"]
 
 # Settings a resumed run may change: they do not change what is computed.
 RESUME_FREE = ("resume", "force", "workers", "threads", "out")
+
+
+class SettingError(InputError):
+    """A setting out of its range: the command line is wrong (``attn-inject`` exits 2)."""
 
 
 @dataclass(frozen=True)
@@ -47,31 +55,59 @@ class FinetuneConfig:
     force: bool = False
 
     def check(self) -> None:
-        """Raise ValueError (one line) for a setting out of range."""
-        if self.epochs < 1:
-            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise InputError(f"--num-classes must be at least 1, got {self.num_classes}")
+        """Raise :class:`SettingError` (one line, naming the option) for a setting out of range."""
+        whole = (
+            ("--epochs", self.epochs, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--num-classes", self.num_classes, 1),
+            ("--image-size", self.image_size, 8),
+            ("--workers", self.workers, 0),
+            ("--threads", self.threads, 1),
+        )
+        for option, value, low in whole:
+            if value is not None and value < low:
+                raise SettingError(f"{option} must be at least {low}, got {value}")
         if not 0 <= self.frozen_epochs <= self.epochs:
-            raise InputError(
+            raise SettingError(
                 f"--frozen-epochs must be between 0 and --epochs ({self.epochs}), got {self.frozen_epochs}"
             )
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise InputError(f"--warmup-epochs must be between 0 and --epochs - 1, got {self.warmup_epochs}")
-        if self.image_size is not None and self.image_size < 8:
-            raise InputError(f"--image-size must be at least 8, got {self.image_size}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
-        if self.workers < 0:
-            raise InputError(f"--workers must be 0 or more, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"--threads must be at least 1, got {self.threads}")
+            raise SettingError(
+                f"--warmup-epochs must be between 0 and --epochs - 1, got {self.warmup_epochs}"
+            )
+        self._check_numbers()
         if self.amp_dtype not in ("bfloat16", "float16"):
-            raise InputError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
-        if not 0 <= self.hflip <= 1:
-            raise InputError(f"--hflip must be a probability in [0, 1], got {self.hflip}")
+            raise SettingError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
+        self._check_places()
+
+    def _check_numbers(self) -> None:
+        """The real-valued settings: finite, each in its range."""
+        ranges = (
+            ("--lr", self.lr, "a positive number", lambda v: v > 0),
+            ("--attn-lr-scale", self.attn_lr_scale, "a positive number", lambda v: v > 0),
+            ("--weight-decay", self.weight_decay, "zero or a positive number", lambda v: v >= 0),
+            ("--layer-decay", self.layer_decay, "in (0, 1]", lambda v: 0 < v <= 1),
+            ("--clip-grad", self.clip_grad, "a positive number", lambda v: v > 0),
+            ("--model-ema-decay", self.model_ema_decay, "in [0, 1)", lambda v: 0 <= v < 1),
+            ("--hflip", self.hflip, "a probability in [0, 1]", lambda v: 0 <= v <= 1),
+        )
+        for option, value, allowed, fits in ranges:
+            if value is not None and not (math.isfinite(value) and fits(value)):
+                raise SettingError(f"{option} must be {allowed}, got {value}")
+        if self.scale is not None:
+            low, high = self.scale
+            if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+                raise SettingError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1, got {low} {high}")
+
+    def _check_places(self) -> None:
+        """``--out`` may not lie inside ``--data``: its files (curves.png) would be read as
+        training images by the next run."""
+        out, data = Path(os.path.realpath(self.out)), Path(os.path.realpath(self.data))
+        if out == data or data in out.parents:
+            raise SettingError(
+                f"--out {cut(self.out, 200)} is inside --data {cut(self.data, 200)}: the run's files would "
+                "become training images; put RUNDIR outside the data folder"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

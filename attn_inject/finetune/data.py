@@ -7,7 +7,9 @@ Everything is checked once up front, before any output is written: only regular 
 folders (links resolved once; a link that leads back into the folders, or to a folder seen
 twice, is refused, as is a FIFO, a device or a dangling link named like an image), and
 every image fully decoded (``Image.load()``, not just its header), so that nothing fails
-mid-epoch. Each bad file is named.
+mid-epoch. An image of 16-bit or 32-bit values (a 16-bit grayscale PNG, PIL mode ``I;16``;
+a float TIFF, mode ``F``) is refused: torchvision's loader converts each image to 8-bit RGB
+by clipping, which turns such an image white. Each bad file is named.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AttnInjectError
+from ..files import file_kind
 
 __all__ = ["DataError", "Folders", "check_folders", "data_config", "image_folders"]
 
@@ -70,25 +73,34 @@ def _images(folder: Path, seen: dict[str, Path]) -> list[Path]:
                 stack.append(path)
             elif path.suffix.lower() in IMG_EXTENSIONS:
                 if not stat.S_ISREG(mode):
-                    raise DataError(
-                        f"--data: {path} is not a regular file (a FIFO, device or socket); remove it"
-                    )
+                    raise DataError(f"--data: {path} is not a regular file ({file_kind(mode)}); remove it")
                 found.append(path)
     return sorted(found)
 
 
+# PIL modes of more than 8 bits a value: ``convert("RGB")`` clips them to 255
+WIDE_MODES = ("I", "F")
+
+
 def _decode(path: Path) -> None:
-    """Decode the whole image once (``verify()`` reads headers only: a truncated JPEG passes it)."""
+    """Decode the whole image once (``verify()`` reads headers only: a truncated JPEG passes
+    it), and refuse one of wide values (see the module docstring)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
+            mode = image.mode
     except Exception as error:
         raise DataError(
             f"cannot decode image {path}: {type(error).__name__}: {str(error) or 'unreadable'}; "
             "remove or replace it"
         ) from None
+    if mode.startswith(WIDE_MODES):
+        raise DataError(
+            f"--data: {path} is a PIL mode {mode} image (more than 8 bits a value), which the loader's "
+            "conversion to 8-bit RGB would clip to white; save the images with 8 bits a channel (L, RGB)"
+        )
 
 
 def check_folders(root: str | Path, *, verify: bool = True) -> Folders:

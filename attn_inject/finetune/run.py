@@ -30,9 +30,9 @@ from torch import nn
 
 from ..errors import AttnInjectError
 from ..files import write_atomic
-from ..messages import first_line, shown
+from ..messages import cut, error_line, first_line, shown, shown_apart
 from ..values import is_int, is_number
-from .config import FinetuneConfig
+from .config import FinetuneConfig, SettingError
 from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
 from .freeze import freeze_base
@@ -73,7 +73,9 @@ class RunResult:
 # checks before anything is written
 
 
-def check_out(config: FinetuneConfig) -> None:
+def check_out(config: FinetuneConfig) -> dict[str, Any] | None:
+    """Refuse an output folder that is not one the run may write (one line, before anything
+    is written); under ``--resume``, the checked resume state (else None)."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: exists and is not a folder")
@@ -81,7 +83,6 @@ def check_out(config: FinetuneConfig) -> None:
     if config.resume:
         if not (out / RESUME).is_file() or not (out / ARGS).is_file():
             raise RunError(f"--resume: {out} holds no run to resume (no {RESUME} and {ARGS})")
-        from ..messages import shown as quoted
         from ..recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
 
         with open(out / ARGS, "rb") as f:
@@ -97,19 +98,63 @@ def check_out(config: FinetuneConfig) -> None:
         differ = config.differences(saved)
         if differ:
             now = config.to_dict()
-            shown = ", ".join(
-                f"{k}={quoted(saved.get(k), 60)} in the run, {quoted(now[k], 60)} now" for k in differ
-            )
+            pairs = [(k, *shown_apart(saved.get(k), now[k], 60)) for k in differ]
+            listed = ", ".join(f"{k}={was} in the run, {given} now" for k, was, given in pairs[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
             raise RunError(
-                f"--resume: settings differ from the run in {out} ({shown}); resume with the same ones"
+                f"--resume: settings differ from the run in {out} ({listed}{more}); resume with the same ones"
                 + (" (more --epochs extend the run)" if "epochs" in differ else "")
             )
-        load_state(out / RESUME, config.epochs)  # its fields too, before anything is written
-    elif found and not config.force:
+        return load_state(out / RESUME, config.epochs)  # its fields too, before anything is written
+    if found and not config.force:
         raise RunError(
             f"--out {out} holds the results of an earlier run ({', '.join(found)}); "
             "pass --resume to continue it or --force to start over"
         )
+    return None
+
+
+def check_resume_fits(state: dict[str, Any], model: nn.Module, config: FinetuneConfig) -> None:
+    """Refuse a resume state written for another model or run (another checkpoint's
+    ``resume.pth`` copied in): its weights and optimizer groups must fit ``model``, the
+    model this run trains. One line, before anything is written."""
+    path = Path(config.out) / RESUME
+    mine = model.state_dict()
+    theirs = state["model"]
+
+    def refuse(what: str) -> RunError:
+        return RunError(
+            f"--resume: {path} is the state of another model or run ({what}); resume the run "
+            "that wrote it (its --out), or start over here with --force"
+        )
+
+    missing = [k for k in mine if k not in theirs]
+    extra = [k for k in theirs if k not in mine]
+    if missing or extra:
+        name = missing[0] if missing else extra[0]
+        where = "not in the state" if missing else "not in the model"
+        raise refuse(f"{len(missing) + len(extra)} weight names differ, e.g. {shown(name, 60)} {where}")
+    for key, tensor in mine.items():
+        saved = theirs[key]
+        if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(tensor.shape):
+            got = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise refuse(f"{shown(key, 60)} is {got} in the state, {tuple(tensor.shape)} in the model")
+    groups = param_groups(
+        model,
+        config.lr,
+        weight_decay=config.weight_decay,
+        attn_lr_scale=config.attn_lr_scale,
+        layer_decay=config.layer_decay,
+    )
+    saved_groups = state["optimizer"].get("param_groups")
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = (
+        [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in saved_groups]
+        if isinstance(saved_groups, list)
+        else None
+    )
+    if saved_sizes != sizes:
+        raise refuse(f"its optimizer holds parameter groups of {saved_sizes} parameters, this run's {sizes}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,8 +323,8 @@ def _check_optimizer(config: FinetuneConfig, model: nn.Module) -> None:
     try:
         get_optimizer_info(config.opt.lower().split("_")[-1])
     except ValueError:
-        raise RunError(
-            f"--opt {config.opt}: not a timm optimizer; e.g. adamw, sgd, lamb, lion "
+        raise SettingError(
+            f"--opt {cut(config.opt, 60)}: not a timm optimizer; e.g. adamw, sgd, lamb, lion "
             "(timm.optim.list_optimizers() lists them)"
         ) from None
     param_groups(
@@ -302,19 +347,29 @@ class Stopped(KeyboardInterrupt):
 @contextlib.contextmanager
 def _stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
     """SIGTERM and SIGINT end the run as an exception, so that no temporary file is left
-    and the message says how to resume (SIGTERM would otherwise kill the process as is).
+    and the message says how to resume, or that nothing was saved when no epoch had ended
+    (SIGTERM would otherwise kill the process as is).
 
     Yields ``stop_if_requested``, which the run calls after every step and epoch: a signal
     that lands in a finaliser (printed as "Exception ignored") or in a library that catches
     everything loses its exception, and the stop is raised again there."""
-    hint = (
-        f"the last finished epoch is kept: continue with the same command and --resume (--out {config.out})"
-    )
+
+    def hint() -> str:
+        """Read when the signal lands: ``--resume`` needs a resume state to continue from."""
+        if (Path(config.out) / RESUME).is_file():
+            return (
+                "the last finished epoch is kept: continue with the same command and --resume "
+                f"(--out {cut(config.out, 200)})"
+            )
+        return (
+            "no epoch had ended, so nothing was saved to resume from; "
+            "start again with the same command and --force"
+        )
 
     received: list[Stopped] = []
 
     def on_term(signum: int, frame: Any) -> None:
-        received.append(Stopped(f"stopped by SIGTERM; {hint}", 143))
+        received.append(Stopped(f"stopped by SIGTERM; {hint()}", 143))
         raise received[-1]
 
     def stop_if_requested() -> None:
@@ -328,7 +383,7 @@ def _stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
     except Stopped:
         raise
     except KeyboardInterrupt:
-        raise Stopped(f"interrupted (SIGINT); {hint}", 130) from None
+        raise Stopped(f"interrupted (SIGINT); {hint()}", 130) from None
     except Exception:
         # the signal arrived in code that wraps what it raises (an import's class body
         # turns it into a RuntimeError): still the signal's stop, not an error
@@ -400,7 +455,7 @@ def _run(
 ) -> RunResult:
     config.check()
     folders = check_folders(config.data, verify=not images_checked)
-    check_out(config)
+    resume_state = check_out(config)
     start = load_for_finetuning(config.checkpoint, config.num_classes)
     if start.num_classes != len(folders.classes):
         raise RunError(
@@ -408,6 +463,9 @@ def _run(
             f"pass --num-classes {len(folders.classes)} to train a new classifier"
         )
     _check_optimizer(config, start.model)
+    if resume_state is not None:
+        check_resume_fits(resume_state, start.model, config)
+        del resume_state
     context = setup()
     try:
         share = math.ceil(folders.counts["train"] / context.world)
@@ -534,13 +592,19 @@ def _resumed(config: FinetuneConfig, t: _Training, out: Path, context: Context) 
         t.scheduler.step_update(num_updates=0)  # every group at its lr_scale from the first step
         return _Progress()
     state = load_state(out / RESUME, config.epochs)
-    t.model.load_state_dict(state["model"])
-    t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
-    if t.ema is not None:
-        t.ema.module.load_state_dict(state["ema"])
-    if t.scaler is not None and "scaler" in state:
-        t.scaler.load_state_dict(state["scaler"])
+    try:
+        t.model.load_state_dict(state["model"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        if t.ema is not None:
+            t.ema.module.load_state_dict(state["ema"])
+        if t.scaler is not None and "scaler" in state:
+            t.scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:  # a file changed since the check
+        raise RunError(
+            f"--resume: {out / RESUME} is the state of another model or run ({error_line(error, 160)}); "
+            "resume the run that wrote it (its --out), or start over here with --force"
+        ) from None
     progress = _Progress(
         int(state["epoch"]),
         int(state["num_updates"]),
@@ -622,9 +686,11 @@ def _epoch(
     stop_if_requested: Callable[[], None],
 ) -> dict[str, float]:
     """Train one epoch and evaluate: the epoch's summary row (``p.num_updates`` advanced)."""
-    _seed(config, epoch, context.rank)
-    t.sampler.set_epoch(epoch)
     with _progress(context, label, len(t.train_loader)) as advance:
+        # Seeded once the bar is open: importing rich draws from ``random`` (rich.style), and
+        # only a terminal gets a bar; nothing between here and the first batch depends on it.
+        _seed(config, epoch, context.rank)
+        t.sampler.set_epoch(epoch)
 
         def on_step(loss: float) -> None:
             advance(loss)
