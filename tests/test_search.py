@@ -112,8 +112,7 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     pairs = [seeds[("se_resnet", s)] - seeds[("baseline", s)] for s in (0, 1)]  # paired by seed
     half = T975_1 * statistics.stdev(pairs) / math.sqrt(2)
     assert rows["se_resnet"]["Δ baseline ± 95%"] == f"{statistics.fmean(pairs):+.2f} ± {half:.2f}"
-    beyond = "yes" if abs(statistics.fmean(pairs)) > half else "no"
-    assert rows["se_resnet"]["beyond noise"] == beyond
+    assert rows["se_resnet"]["beyond noise"] == "n/a"  # two seeds a side are too few to tell
     assert (
         rows["se_resnet"]["params added"]
         == f"{ai.plan(_base(), 'se_resnet', input_size=(3, 32, 32)).params_added:,}"

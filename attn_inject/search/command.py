@@ -35,7 +35,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--model-kwargs", nargs="+", default=[], metavar="K=V", help="builder arguments of --model"
     )
     p.add_argument("--data", required=True, metavar="DIR", help="DIR/train and DIR/val, a folder per class")
-    p.add_argument("--out", required=True, metavar="RUNDIR", help="trials, study.db and the leaderboard")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="RUNDIR",
+        help="study.db; the trials and the leaderboard (in RUNDIR/NAME for a --study NAME of your own)",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--recipes", nargs="+", metavar="R", help="an ablation: these recipes (names or files)")
     what.add_argument("--space", metavar="SPACE.yaml", help="a search space (docs/search.md)")
@@ -49,7 +54,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///RUNDIR/study.db)")
     p.add_argument(
-        "--study", default="attn-inject-search", metavar="NAME", help="(default: attn-inject-search)"
+        "--study",
+        default="attn-inject-search",
+        metavar="NAME",
+        help="letters, digits, '.', '_', '-' (default: attn-inject-search)",
     )
     p.add_argument(
         "--heartbeat", type=int, default=60, metavar="S", help="a dead worker's trial is retried after 2 S"
@@ -96,17 +104,37 @@ def _base(
     return Base(build_base, name, kwargs, input_size), identity
 
 
+def _check_usage(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> None:
+    """The mistakes of the command line itself, refused before anything is read: exit 2."""
+    from .errors import SearchError, SearchUsageError
+    from .layout import check_study_name
+    from .records import MAX_SEEDS
+
+    if args.base_checkpoint and not args.model:
+        raise SearchUsageError("--base-checkpoint goes with --model (a --checkpoint file holds its weights)")
+    if model_kwargs and not args.model:
+        raise SearchUsageError("--model-kwargs goes with --model (a --checkpoint file records its own)")
+    if not 1 <= args.repeats <= MAX_SEEDS:
+        raise SearchUsageError(f"--repeats must be from 1 to {MAX_SEEDS}, got {args.repeats}")
+    if args.sampler == "tpe" and (not args.space or args.n_trials is None or args.n_trials < 1):
+        raise SearchUsageError("--sampler tpe searches a --space and needs --n-trials (at least 1)")
+    if args.heartbeat < 1:
+        raise SearchUsageError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise SearchUsageError(f"--timeout must be positive seconds, got {args.timeout}")
+    try:
+        check_study_name(args.study)
+    except SearchError as error:
+        raise SearchUsageError(str(error)) from None
+
+
 def command(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> int:
     from ..finetune.command import config_from_args
     from .candidates import from_recipes
-    from .errors import SearchError
     from .run import SearchConfig, search
     from .space import read_space, space_candidates
 
-    if args.base_checkpoint and not args.model:
-        raise SearchError("--base-checkpoint goes with --model (a --checkpoint file holds its weights)")
-    if model_kwargs and not args.model:
-        raise SearchError("--model-kwargs goes with --model (a --checkpoint file records its own)")
+    _check_usage(args, model_kwargs)
     invalid: list[str] = []
     space = None
     if args.space:
@@ -138,10 +166,15 @@ def command(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> int:
     if args.json:
         print(
             json.dumps(
-                {"out": str(result.out), "leaderboard": str(result.out / "leaderboard.md"), "ran": result.ran}
+                {
+                    "out": str(result.out),
+                    "leaderboard": str(result.out / "leaderboard.md"),
+                    "files": [str(f) for f in result.files],
+                    "ran": result.ran,
+                }
             )
         )
     else:
         print(result.table)
-        print(f"\nwrote {result.out}/leaderboard.md, leaderboard.csv, pareto.png, best.safetensors")
+        print(f"\nwrote {result.out}/: {', '.join(f.name for f in result.files)}")
     return 0

@@ -6,37 +6,97 @@ against FLOPs added, the Pareto front marked) and ``best.safetensors``.
 The interval is Student's t on the seeds' values (mean ± t(0.975, n-1) · s / √n). The
 difference from the baseline is paired over the seeds both ran (a seed fixes the data order
 and augmentation of every candidate alike), Welch's where they ran different seeds; it
-exceeds the noise when its 95% interval leaves out zero. With one seed there is no interval,
-and nothing is called beyond the noise.
+exceeds the noise when its 95% interval leaves out zero, both sides ran at least three seeds
+and the interval has a width (two seeds, or differences all equal, say nothing of the noise:
+"n/a"). The quantile is exact for fractional degrees of freedom (Welch's).
+
+The report is built whole in memory from checked trial records (:mod:`.records`), then its
+files are written together, each atomically: a failure leaves the previous report as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib
 import io
 import math
 import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..files import write_atomic, write_text_atomic
+from ..files import atomic_path
 from .candidates import BASELINE
+from .layout import Layout
+from .records import Outcome, TrialRecord
 
-__all__ = ["Row", "leaderboard", "t_quantile", "write_report"]
+__all__ = ["Report", "Row", "leaderboard", "t_quantile", "t_quantile_exact", "write_report"]
 
-# t(0.975, df) for df = 1..30; beyond, the normal's 1.96 is within 2%.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)  # fmt: skip
+T_LEVEL = 0.975  # two-sided 95%
+MIN_SEEDS_BEYOND_NOISE = 3  # seeds a side needs before a difference is called beyond the noise
 
 
 def t_quantile(df: float) -> float:
-    """Student's t at 0.975 for ``df`` degrees of freedom (rounded down: conservative)."""
-    if df < 1:
+    """Student's t at 0.975 for ``df`` degrees of freedom, fractional ``df`` (Welch's) kept:
+    scipy's ``t.ppf`` where scipy is installed, else :func:`t_quantile_exact`. Infinite for
+    ``df <= 0`` (no interval)."""
+    if not df > 0:
         return math.inf
-    return _T975[int(df) - 1] if df < len(_T975) + 1 else 1.96
+    try:
+        stats = importlib.import_module("scipy.stats")
+    except ImportError:
+        return t_quantile_exact(df)
+    return float(stats.t.ppf(T_LEVEL, df))
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction
+    (Lentz's method), on the side of ``x`` where it converges fast."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 10_000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * f / a
+
+
+def t_quantile_exact(df: float, level: float = T_LEVEL) -> float:
+    """Student's t quantile at ``level`` (above 0.5) for ``df > 0`` degrees of freedom,
+    without scipy: P(T > t) = I_{df/(df+t²)}(df/2, 1/2) / 2, solved for x = df/(df+t²) by
+    bisection (I is increasing in x) to the last bit."""
+    tail = 2 * (1 - level)
+    low, high = 0.0, 1.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        if _incomplete_beta(df / 2, 0.5, middle) < tail:
+            low = middle
+        else:
+            high = middle
+    x = (low + high) / 2
+    return math.sqrt(df * (1 - x) / x)
 
 
 @dataclass
@@ -46,7 +106,7 @@ class Row:
     candidate: str
     values: list[float] = field(default_factory=list)  # final validation top-1, one per finished seed
     seeds: list[int] = field(default_factory=list)  # the seed of each value
-    runs: list[tuple[float, str]] = field(default_factory=list)  # (top-1, run folder)
+    runs: list[tuple[float, Path]] = field(default_factory=list)  # (top-1, run folder)
     pruned: int = 0
     failed: int = 0
     params_added: int = 0
@@ -63,15 +123,21 @@ class Row:
         n = len(self.values)
         return t_quantile(n - 1) * statistics.stdev(self.values) / math.sqrt(n) if n > 1 else math.nan
 
+    def _paired(self, baseline: Row) -> list[float] | None:
+        """The differences per seed, where both ran the same two or more seeds."""
+        common = sorted(set(self.by_seed) & set(baseline.by_seed))
+        if len(common) >= 2 and len(common) == len(self.by_seed) == len(baseline.by_seed):
+            return [self.by_seed[s] - baseline.by_seed[s] for s in common]
+        return None
+
     def difference(self, baseline: Row) -> tuple[float, float]:
         """(mean - the baseline's mean, half-width of the 95% interval of it). Paired over the
         seeds both ran where there are two or more: a seed fixes the data order and the
         augmentation of every candidate's fine-tune alike, so the seed-to-seed swing, most of
         the noise, cancels. Welch's interval otherwise."""
         diff = self.mean - baseline.mean
-        common = sorted(set(self.by_seed) & set(baseline.by_seed))
-        if len(common) >= 2 and len(common) == len(self.by_seed) == len(baseline.by_seed):
-            pairs = [self.by_seed[s] - baseline.by_seed[s] for s in common]
+        pairs = self._paired(baseline)
+        if pairs is not None:
             return diff, t_quantile(len(pairs) - 1) * statistics.stdev(pairs) / math.sqrt(len(pairs))
         a, b = self.values, baseline.values
         if len(a) < 2 or len(b) < 2:
@@ -83,6 +149,16 @@ class Row:
         df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
         return diff, t_quantile(df) * se
 
+    def beyond_noise(self, baseline: Row) -> str:
+        """ "yes" when the difference's 95% interval leaves out zero, "no" when it holds zero,
+        "n/a" when it cannot tell: fewer than three seeds a side, or no spread at all."""
+        pairs = self._paired(baseline)
+        sides = (len(pairs),) if pairs is not None else (len(self.by_seed), len(baseline.by_seed))
+        diff, half = self.difference(baseline)
+        if min(sides) < MIN_SEEDS_BEYOND_NOISE or not half > 0 or not math.isfinite(half):
+            return "n/a"
+        return "yes" if abs(diff) > half else "no"
+
     @property
     def by_seed(self) -> dict[int, float]:
         """Each seed's top-1 (averaged where a candidate ran a seed more than once)."""
@@ -92,22 +168,21 @@ class Row:
         return {seed: statistics.fmean(v) for seed, v in seen.items()}
 
 
-def leaderboard(trials: Sequence[Mapping]) -> list[Row]:
-    """Rows from trial records (``candidate``, ``state``, ``values``, ``runs``, ``params_added``,
-    ``flops_added``, ``seconds_per_epoch``), best mean first, the baseline included."""
+def leaderboard(records: Sequence[TrialRecord]) -> list[Row]:
+    """Rows from checked trial records, best mean first, the baseline included."""
     rows: dict[str, Row] = {}
-    for t in trials:
-        row = rows.setdefault(t["candidate"], Row(t["candidate"]))
-        row.params_added = t.get("params_added", row.params_added)
-        row.flops_added = t.get("flops_added", row.flops_added)
-        if t["state"] == "COMPLETE":
-            row.values += list(t["values"])
-            row.seeds += list(t["seeds"])
-            row.runs += list(zip(t["values"], t["runs"], strict=True))
-            row.seconds_per_epoch.append(t["seconds_per_epoch"])
-        elif t["state"] == "PRUNED":
+    for t in records:
+        row = rows.setdefault(t.candidate, Row(t.candidate))
+        row.params_added, row.flops_added = t.params_added, t.flops_added
+        if t.outcome is Outcome.COMPLETE:
+            row.values += t.values
+            row.seeds += t.seeds
+            row.runs += zip(t.values, t.runs, strict=True)
+            if not math.isnan(t.seconds_per_epoch):
+                row.seconds_per_epoch.append(t.seconds_per_epoch)
+        elif t.outcome is Outcome.PRUNED:
             row.pruned += 1
-        elif t["state"] == "FAIL":
+        else:
             row.failed += 1
     return sorted(rows.values(), key=lambda r: (-r.mean if r.values else math.inf, r.candidate))
 
@@ -128,8 +203,7 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
             delta, beyond = "-", "-"
         else:
             diff, half = r.difference(baseline)
-            delta = f"{diff:+.2f} ± {_fmt(half)}"
-            beyond = "n/a" if math.isnan(half) else ("yes" if abs(diff) > half else "no")
+            delta, beyond = f"{diff:+.2f} ± {_fmt(half)}", r.beyond_noise(baseline)
         out.append(
             [
                 r.candidate,
@@ -153,9 +227,18 @@ def _markdown(header: list[str], body: list[list[str]], notes: Sequence[str]) ->
     return "\n".join(markdown_table(header, body)) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
 
-def _pareto(rows: Sequence[Row], path: Path) -> None:
+def _pareto(rows: Sequence[Row]) -> bytes:
     """Mean top-1 against FLOPs added, with the intervals; the front (no candidate both
-    more accurate and cheaper) joined and labelled."""
+    more accurate and cheaper) joined and labelled. A PNG, in memory. The labels are the
+    candidates' names as given: drawn as plain text (no TeX, no mathtext), so a ``$`` in a
+    name is a dollar sign, whatever the user's matplotlibrc says."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.usetex": False, "text.parse_math": False}):
+        return _draw_pareto(rows)
+
+
+def _draw_pareto(rows: Sequence[Row]) -> bytes:
     from matplotlib.figure import Figure
 
     done = [r for r in rows if r.values]
@@ -165,6 +248,7 @@ def _pareto(rows: Sequence[Row], path: Path) -> None:
         if not any(o.mean >= r.mean and o.flops_added <= r.flops_added and o is not r and
                    (o.mean > r.mean or o.flops_added < r.flops_added) for o in done)
     ]  # fmt: skip
+    plain: dict[str, Any] = {"usetex": False, "parse_math": False}
     figure = Figure(figsize=(7, 4.5), dpi=120)
     ax = figure.subplots()
     for r in done:
@@ -178,7 +262,12 @@ def _pareto(rows: Sequence[Row], path: Path) -> None:
             capsize=3,
         )
         ax.annotate(
-            r.candidate, (r.flops_added / 1e6, r.mean), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            r.candidate,
+            (r.flops_added / 1e6, r.mean),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+            **plain,
         )
     line = sorted(front, key=lambda r: r.flops_added)
     ax.plot(
@@ -188,30 +277,70 @@ def _pareto(rows: Sequence[Row], path: Path) -> None:
         color="#c0392b",
         label="Pareto front",
     )
-    ax.set_xlabel("FLOPs added per image (M)")
-    ax.set_ylabel("validation top-1 (%), mean ± 95%")
+    ax.set_xlabel("FLOPs added per image (M)", **plain)
+    ax.set_ylabel("validation top-1 (%), mean ± 95%", **plain)
     ax.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
-def write_report(rows: Sequence[Row], out: Path, notes: Sequence[str] = ()) -> str:
-    """Write leaderboard.md / .csv, pareto.png and best.safetensors into ``out``; returns the
-    table as text."""
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` wrote: the table as text, the files, and the notes (one line
+    each) under the table."""
+
+    table: str
+    files: tuple[Path, ...]
+    notes: tuple[str, ...]
+
+
+def _best_run(rows: Sequence[Row], layout: Layout) -> tuple[Path | None, str | None]:
+    """The file of the best candidate's best seed (ties: the earliest trial), or None and a
+    line saying why there is none here."""
+    best = next((r for r in rows if r.values), None)
+    if best is None:
+        return None, "best.safetensors: no finished trial"
+    top1, folder = max(best.runs, key=lambda run: run[0])
+    try:
+        source = layout.inside(folder / "last.safetensors", "the best run's file")
+    except Exception as error:
+        return None, f"best.safetensors not written: {error}"
+    if not source.is_file():
+        return None, (
+            f"best.safetensors not written: {best.candidate}'s best run ({top1:.2f}) has no "
+            f"{folder.name}/last.safetensors here (another machine's run folder, or removed)"
+        )
+    return source, None
+
+
+def write_report(rows: Sequence[Row], layout: Layout, notes: Sequence[str] = ()) -> Report:
+    """Write leaderboard.md / .csv, pareto.png and best.safetensors into the study's folder,
+    all built first and written together; a best run whose file is not here leaves no
+    best.safetensors (an older one is removed) and a note."""
     from ..tables import render_table
 
+    best, why = _best_run(rows, layout)
+    notes = [*notes, *([why] if why else [])]
     header, body = table_rows(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["candidate", "seed_values", *header[1:]])
     for r, cells in zip(rows, body, strict=True):
         writer.writerow([r.candidate, " ".join(f"{v:.4f}" for v in r.values), *cells[1:]])
-    write_text_atomic(out / "leaderboard.csv", buffer.getvalue())
-    write_text_atomic(out / "leaderboard.md", "# Search leaderboard\n\n" + _markdown(header, body, notes))
-    _pareto(rows, out / "pareto.png")
-    best = next((r for r in rows if r.values), None)
-    if best is not None:
-        _, folder = max(best.runs, key=lambda run: run[0])  # ties: the earliest trial
-        source = Path(folder) / "last.safetensors"
-        write_atomic(out / "best.safetensors", lambda tmp: shutil.copyfile(source, tmp))
-    return render_table(header, body) + "".join(f"\n{n}" for n in notes)
+    texts = {
+        layout.leaderboard_csv: buffer.getvalue().encode(),
+        layout.leaderboard_md: ("# Search leaderboard\n\n" + _markdown(header, body, notes)).encode(),
+        layout.pareto: _pareto(rows),
+    }
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:  # every file renamed into place when all are written
+        for path, data in texts.items():
+            stack.enter_context(atomic_path(path)).write_bytes(data)
+        if best is not None:
+            shutil.copyfile(best, stack.enter_context(atomic_path(layout.best)))
+    if best is None:
+        layout.best.unlink(missing_ok=True)
+    files = (*texts, *([layout.best] if best is not None else []))
+    return Report(render_table(header, body) + "".join(f"\n{n}" for n in notes), files, tuple(notes))

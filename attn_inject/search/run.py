@@ -3,17 +3,18 @@
 checks (base, data, candidates planned on the base) ─ nothing written on failure
   └─ the Optuna study (created, or the same search continued)
        └─ trials: convert with the candidate ─ fine-tune (``finetune.run``) ─ per-epoch
-          top-1 to the pruner ─ RUNDIR/trials/NNNN-seedS/{start.safetensors, run/}
-            └─ the leaderboard, once no trial is left (leaderboard.py)
+          top-1 to the pruner ─ trials/NNNN-seedS/{start.safetensors, run/} (layout.py)
+            └─ the leaderboard, once no trial is left, from the checked trials (records.py,
+               leaderboard.py)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,13 @@ from typing import Any
 
 from ..finetune.config import RESUME_FREE, FinetuneConfig
 from ..finetune.data import check_folders
-from ..messages import cut, first_line
+from ..messages import cut, first_line, shown
 from ..planning import plan
-from ..values import is_int, is_number
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
+from .layout import DEFAULT_STUDY, Layout
 from .leaderboard import Row, leaderboard, write_report
+from .records import MAX_SEEDS, check_candidate, check_seeds, read_trials
 from .space import point_candidate
 from .study import PRUNERS, SAMPLERS, StudySpec, import_optuna, open_study, work
 from .trial import Base, run_trial
@@ -49,7 +51,7 @@ class SearchConfig:
     n_trials: int | None = None  # TPE: trials besides the baseline
     timeout: float | None = None
     storage: str | None = None  # default: sqlite:///OUT/study.db
-    study: str = "attn-inject-search"
+    study: str = DEFAULT_STUDY  # its trials and report go to OUT (the default) or OUT/NAME
     heartbeat: int = 60
     space: Mapping[str, list[Any]] | None = None  # TPE: each dimension's values
     invalid: tuple[str, ...] = ()  # points of the space that are not valid recipes
@@ -59,14 +61,16 @@ class SearchConfig:
 class SearchResult:
     rows: list[Row]
     table: str
-    out: Path
+    out: Path  # the study's folder: OUT, or OUT/NAME for --study NAME
     ran: int  # trials this process ran
+    files: tuple[Path, ...] = ()  # the report's files written
 
 
 def _check(config: SearchConfig) -> None:
     import_optuna()  # missing: one line naming the extra, before anything is written
-    if config.repeats < 1:
-        raise SearchError(f"--repeats must be at least 1, got {config.repeats}")
+    if not 1 <= config.repeats <= MAX_SEEDS:
+        raise SearchError(f"--repeats must be from 1 to {MAX_SEEDS}, got {config.repeats}")
+    Layout.of(config.out, config.study)  # the study's name checked
     if config.sampler not in SAMPLERS:
         raise SearchError(f"--sampler {config.sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
     if config.pruner not in PRUNERS:
@@ -140,8 +144,11 @@ def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, An
 class _Objective:
     """What one trial does: its candidate over its seeds, each a convert and a fine-tune."""
 
-    def __init__(self, config: SearchConfig, planned: Sequence[_Planned], seeds: Sequence[int]) -> None:
+    def __init__(
+        self, config: SearchConfig, planned: Sequence[_Planned], seeds: Sequence[int], layout: Layout
+    ) -> None:
         self.config = config
+        self.layout = layout
         self.by_name = {BASELINE.name: _Planned(BASELINE, 0, 0), **{p.candidate.name: p for p in planned}}
         self.names = list(self.by_name)  # the grid's choices, in the order the study records them
         self.seeds = list(seeds)
@@ -149,10 +156,13 @@ class _Objective:
     def _sampled(self, trial: Any) -> _Planned:
         """A TPE trial's point, dimension by dimension; its candidate planned on the base."""
         space = self.config.space or {}
-        point = {
-            dim: trial.suggest_categorical(dim, [str(v) for v in values]) for dim, values in space.items()
-        }
-        values = {dim: next(v for v in space[dim] if str(v) == point[dim]) for dim in space}
+        values = {}
+        for dim, choices in space.items():
+            picked = trial.suggest_categorical(dim, [str(v) for v in choices])  # a fixed one too
+            found = [v for v in choices if str(v) == picked]
+            if not found:  # enqueued with a value the space does not hold
+                raise SearchError(f"trial {trial.number}: {dim} {shown(picked)} is not a value of the space")
+            values[dim] = found[0]
         candidate = point_candidate(values)
         if candidate.name not in self.by_name:
             config = dataclasses.replace(self.config, candidates=(candidate,))
@@ -169,11 +179,14 @@ class _Objective:
         name = trial.user_attrs.get("candidate")
         if name is None:
             planned, seeds = self._sampled(trial), self.seeds
-        else:
-            planned, seeds = self.by_name[name], list(trial.user_attrs.get("seeds", self.seeds))
+        else:  # an enqueued trial: what the study says it is, checked
+            what = f"trial {trial.number}"
+            planned = self.by_name[check_candidate(name, self.by_name, f"{what}: candidate")]
+            seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
             if self.config.sampler == "grid":
                 trial.suggest_categorical("candidate", self.names)
                 trial.suggest_categorical("seed", self.seeds)
+        folders = [self.layout.trial_folder(trial.number, seed) for seed in seeds]
         candidate = planned.candidate
         for key, value in {
             "candidate": candidate.name,
@@ -185,14 +198,13 @@ class _Objective:
             trial.set_user_attr(key, value)
         epochs = self.config.template.epochs
         values, runs, seconds = [], [], []
-        for k, seed in enumerate(seeds):
+        for k, (seed, folder) in enumerate(zip(seeds, folders, strict=True)):
 
             def report(row: dict[str, float], k: int = k) -> None:
                 trial.report(row["eval_top1"], k * epochs + int(row["epoch"]) - 1)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: top-1 {row['eval_top1']:.2f}")
 
-            folder = Path(self.config.out) / "trials" / f"{trial.number:04d}-seed{seed}"
             outcome = run_trial(self.config.base, candidate, seed, folder, self.config.template, report)
             values.append(outcome.top1)
             runs.append(str(outcome.run))
@@ -201,42 +213,6 @@ class _Objective:
         trial.set_user_attr("runs", runs)
         trial.set_user_attr("seconds_per_epoch", statistics.fmean(seconds))
         return statistics.fmean(values)
-
-
-def _records(study: Any, out: Path) -> list[dict[str, Any]]:
-    """The finished trials as the leaderboard reads them. The study is a file like any other:
-    its values are checked and cut, and a trial's run folder is where this search puts it
-    (``out/trials/NNNN-seedS/run``), never a path read from the study."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    records = []
-    for t in trials:
-        attrs = t.user_attrs
-        name = attrs.get("candidate")
-        if not isinstance(name, str) or t.state.name not in ("COMPLETE", "PRUNED", "FAIL"):
-            continue
-        if t.state.name == "FAIL" and (t.number in retried or "skipped" in attrs):
-            continue  # run again, or a sampled point that places no block (listed apart)
-        seeds = [int(s) for s in attrs.get("seeds", []) if is_int(s)][:1000]
-        values = [float(v) for v in attrs.get("values", []) if is_number(v) and 0 <= v <= 100]
-        if t.state.name == "COMPLETE" and len(values) != len(seeds):
-            continue
-        seconds = attrs.get("seconds_per_epoch")
-        records.append(
-            {
-                "candidate": cut(name, 80),
-                "state": t.state.name,
-                "values": values,
-                "seeds": seeds,
-                "runs": [str(out / "trials" / f"{t.number:04d}-seed{s}" / "run") for s in seeds],
-                "params_added": int(attrs["params_added"]) if is_int(attrs.get("params_added")) else 0,
-                "flops_added": int(attrs["flops_added"]) if is_int(attrs.get("flops_added")) else 0,
-                "seconds_per_epoch": float(seconds)
-                if is_number(seconds) and math.isfinite(seconds)
-                else math.nan,
-            }
-        )
-    return records
 
 
 def search(config: SearchConfig) -> SearchResult:
@@ -248,7 +224,8 @@ def search(config: SearchConfig) -> SearchResult:
     planned, skipped = _plan_candidates(config) if config.sampler == "grid" else ([], [])
     if config.sampler == "grid" and not planned:
         raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
-    out = Path(config.out).resolve()
+    layout = Layout.of(config.out, config.study)
+    out = layout.out
     seeds = [config.template.seed + k for k in range(config.repeats)]
     spec = StudySpec(
         name=config.study,
@@ -266,15 +243,20 @@ def search(config: SearchConfig) -> SearchResult:
         out.mkdir(parents=True, exist_ok=True)
     study = open_study(spec)
     out.mkdir(parents=True, exist_ok=True)
-    ran = work(study, spec, _Objective(config, planned, seeds), config.timeout)
-    records = _records(study, out)
+    ran = work(study, spec, _Objective(config, planned, seeds, layout), config.timeout)
+    trials = study.get_trials(deepcopy=False)
+    known = {BASELINE.name, *(c.name for c in config.candidates)}
+    records, left_out = read_trials(trials, layout, known)
+    for line in left_out:
+        print(f"attn-inject search: {line}", file=sys.stderr)
     rows = leaderboard(records)
     notes = [f"skipped {line}" for line in skipped]
     notes += [f"not a valid point: {line}" for line in config.invalid]
     notes += sorted(
-        {f"skipped {t.user_attrs['skipped']}" for t in study.get_trials() if "skipped" in t.user_attrs}
+        {f"skipped {cut(str(t.user_attrs['skipped']), 200)}" for t in trials if "skipped" in t.user_attrs}
     )
+    notes += left_out
     if not any(r.values for r in rows):
         raise SearchError(f"no trial of study {config.study!r} finished; nothing to report")
-    table = write_report(rows, out, notes)
-    return SearchResult(rows, table, out, ran)
+    report = write_report(rows, layout, notes)
+    return SearchResult(rows, report.table, layout.folder, ran, report.files)

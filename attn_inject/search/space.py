@@ -1,17 +1,18 @@
 """A search space (YAML): every dimension a list of values, each point a recipe.
 
-    block: [se, eca, cbam, "timm:gc"]        # required: block kinds (attn-inject blocks)
-    at: [residual_branch, stage_output]      # required: positions
+    block: [se, eca, cbam, "timm:gc"]        # required: block kinds (names)
+    at: [residual_branch, stage_output]      # required: positions (names)
     stages: [all, [-1], [-2, -1]]            # optional: "all" or stage indices (default: all)
-    ratio: [8, 16]                           # optional: reduction ratio, where the kind has one
-    spatial_kernel: [3, 7]                   # optional: CBAM's spatial kernel
+    ratio: [8, 16]                           # optional: reduction ratio (1 to 1024), where the kind has one
+    spatial_kernel: [3, 7]                   # optional: CBAM's spatial kernel (1 to 31)
     init: [identity, paper]                  # optional (default: identity)
-    attn_lr_scale: [1, 10]                   # optional: the new blocks' lr scale (default: the fine-tune's)
+    attn_lr_scale: [1, 10]                   # optional: the new blocks' lr scale (0.001 to 1000)
 
 A dimension a kind does not have (``ratio`` of ECA) is left out of that kind's points, so
 points that differ only there are one point. Timm's kinds get ``ratio`` as ``rd_ratio =
 1/ratio`` and run through a permute on channels-last maps. Each point is checked as a
-recipe; a space with no valid point is refused.
+recipe; a space with no valid point is refused, and so is a space where two different
+points would read as one name (``ratio: [8, 8.0]``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..blocks import block_param_names, permutes
-from ..messages import first_line
+from ..messages import first_line, shown
 from ..recipe import RecipeError, load_recipe, read_recipe_file, read_yaml
 from ..values import is_int, is_number
 from .candidates import Candidate
@@ -35,6 +36,11 @@ __all__ = ["DIMENSIONS", "MAX_POINTS", "load_space", "point_candidate", "read_sp
 
 DIMENSIONS = ("block", "at", "stages", "ratio", "spatial_kernel", "init", "attn_lr_scale")
 MAX_POINTS = 10_000  # a space larger than this is refused: each point is tens of fine-tunes
+NAMES = ("block", "at", "init")  # dimensions whose values are names
+# the numeric dimensions' ranges: a reduction ratio keeps at least channels/1024 hidden
+# units (timm's kinds take rd_ratio = 1/ratio, so at most 1), a kernel fits a feature map,
+# an lr scale keeps the blocks' learning rate within reason
+RANGES = {"ratio": (1, 1024), "spatial_kernel": (1, 31), "attn_lr_scale": (1e-3, 1000)}
 
 
 def _values(data: Mapping[str, Any], key: str, default: list[Any] | None, source: str) -> list[Any]:
@@ -54,7 +60,7 @@ def _stages(value: Any, source: str) -> tuple[int, ...] | None:
         return None
     if isinstance(value, (list, tuple)) and value and all(is_int(s) for s in value):
         return tuple(int(s) for s in value)
-    raise SearchError(f"{source}: stages: {value!r} is not allowed; 'all' or a list of stage indices")
+    raise SearchError(f"{source}: stages: {shown(value)} is not allowed; 'all' or a list of stage indices")
 
 
 def point_candidate(point: Mapping[str, Any]) -> Candidate:
@@ -102,10 +108,16 @@ def _points(data: Mapping[str, Any], source: str) -> list[dict[str, Any]]:
         "init": _values(data, "init", ["identity"], source),
         "attn_lr_scale": _values(data, "attn_lr_scale", [None], source),
     }
-    for key in ("ratio", "spatial_kernel", "attn_lr_scale"):
+    for key in NAMES:
         for v in dims[key]:
-            if v is not None and not (is_number(v) and math.isfinite(v) and v > 0):
-                raise SearchError(f"{source}: {key}: {v!r} is not allowed; positive numbers")
+            if not isinstance(v, str) or not v or len(v) > 200:
+                raise SearchError(f"{source}: {key}: {shown(v)} is not allowed; {key} takes names (strings)")
+    for key, (low, high) in RANGES.items():
+        for v in dims[key]:
+            if v is not None and not (is_number(v) and math.isfinite(v) and low <= v <= high):
+                raise SearchError(
+                    f"{source}: {key}: {shown(v)} is not allowed; numbers from {low:g} to {high:g}"
+                )
     size = math.prod(len(v) for v in dims.values())
     if size > MAX_POINTS:
         raise SearchError(f"{source}: {size} points; a space may hold at most {MAX_POINTS}")
@@ -132,6 +144,7 @@ def space_candidates(space: Mapping[str, list[Any]], source: str) -> tuple[list[
     """The distinct valid candidates of ``space``, and why the other points are not (one line
     each); a space with no valid point is refused."""
     candidates: dict[str, Candidate] = {}
+    points: dict[str, dict[str, Any]] = {}
     invalid: list[str] = []
     for point in _points(space, source):
         try:
@@ -139,11 +152,21 @@ def space_candidates(space: Mapping[str, list[Any]], source: str) -> tuple[list[
         except (RecipeError, ValueError) as error:
             invalid.append(f"{point['block']} @{point['at']}: {first_line(error) or type(error).__name__}")
             continue
-        candidates.setdefault(candidate.name, candidate)
+        same = candidates.setdefault(candidate.name, candidate)
+        first = points.setdefault(candidate.name, point)
+        if same != candidate:  # the same name, another recipe or lr scale
+            raise SearchError(
+                f"{source}: the points {_shown_point(first)} and {_shown_point(point)} both read as "
+                f"{candidate.name!r}; give values that differ as names (8 and 8.0 do not)"
+            )
     if not candidates:
         why = invalid[0] if invalid else "no point"
         raise SearchError(f"{source}: the space has no valid point ({len(invalid)} invalid; first: {why})")
     return list(candidates.values()), invalid
+
+
+def _shown_point(point: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {shown(v, 40)}" for k, v in point.items() if v is not None) + "}"
 
 
 def load_space(path: str | Path) -> tuple[list[Candidate], list[str]]:

@@ -3,7 +3,9 @@
 - Storage: ``sqlite:///RUNDIR/study.db`` by default, or any SQLAlchemy URL (PostgreSQL for
   workers on many machines). Each worker records a heartbeat while its trial runs; a trial
   whose worker died is failed by the next worker that looks and retried once more by
-  Optuna's ``RetryFailedTrialCallback``.
+  Optuna's ``RetryFailedTrialCallback``; so is a running trial that never recorded a
+  heartbeat (its worker died before its first beat, or the row was forged), two heartbeat
+  intervals after its start.
 - Grid (an ablation): every (candidate, seed) is enqueued once when the study is created,
   the baseline's first; workers pop the queue (a trial goes to exactly one worker: the
   storage moves it from waiting to running in one transaction) until it is empty and no
@@ -17,6 +19,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import re
+import sys
 import threading
 import time
 import warnings
@@ -24,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..messages import error_line, first_line
+from ..messages import cut, error_line, first_line, shown
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 
@@ -63,14 +68,23 @@ def import_optuna() -> Any:
     return optuna
 
 
+MAX_URL_SHOWN = 120  # characters of a storage URL a message quotes
+
+
 def _safe_url(url: str) -> str:
-    """The URL with its password hidden, for messages."""
-    head, sep, tail = url.partition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, credentials = head.partition("://")
-    user, colon, _ = credentials.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{tail}"
+    """The URL with its password hidden (all of it, ``@`` and ``/`` included: everything from
+    the user name's ``:`` to the last ``@`` before the query) and a ``password=`` query value
+    hidden, cut to one short line, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        rest, question, query = rest.partition("?")
+        credentials, at, host = rest.rpartition("@")
+        if at:
+            user, colon, _ = credentials.partition(":")
+            rest = f"{user}{':***' if colon else ''}@{host}"
+        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", query)
+        url = f"{scheme}://{rest}{question}{query}"
+    return cut(url, MAX_URL_SHOWN)
 
 
 def _storage(spec: StudySpec) -> Any:
@@ -186,7 +200,7 @@ def _check_same(study: Any, spec: StudySpec) -> None:
         if recorded.get(key) != value:
             raise SearchError(
                 f"study {spec.name!r} in {_safe_url(spec.storage)} was made for another {key} "
-                f"({str(recorded.get(key))[:120]!r}, here {str(value)[:120]!r}); "
+                f"({shown(recorded.get(key))}, here {shown(value)}); "
                 "use another --study (or --out), or the command that made it"
             )
 
@@ -230,6 +244,73 @@ def _count(study: Any, *states: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def say(line: str) -> None:
+    """One line for the person running the search, on stderr."""
+    print(f"attn-inject search: {line}", file=sys.stderr, flush=True)
+
+
+def _with_heartbeat(storage: Any, study_id: int) -> set[int]:
+    """The ids of the study's trials that have a heartbeat row (Optuna keeps them in a table
+    of their own, which its public API does not read)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = getattr(storage, "_backend", storage)  # under Optuna's cache
+    with _create_scoped_session(backend.scoped_session) as session:
+        rows = (
+            session.query(models.TrialHeartbeatModel.trial_id)
+            .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+            .filter(models.TrialModel.study_id == study_id)
+            .all()
+        )
+    return {row[0] for row in rows}
+
+
+class _Beatless:
+    """Fails the running trials that never recorded a heartbeat, two heartbeat intervals
+    after their start. Optuna's own check skips them (its clock is the last beat), so a trial
+    whose worker died before its first beat would keep every other worker waiting for ever.
+    A trial's start is its ``datetime_start``; where that is missing or in the future (a
+    forged row, another machine's clock) it is when this worker first saw the trial."""
+
+    def __init__(self, interval: int) -> None:
+        self.grace = 2 * interval
+        self.first_seen: dict[int, float] = {}
+
+    def __call__(self, study: Any) -> None:
+        from optuna.trial import TrialState
+
+        storage = study._storage
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return
+        beating = _with_heartbeat(storage, study._study_id)
+        now, clock = datetime.datetime.now(), time.monotonic()
+        for trial in running:
+            if trial._trial_id in beating:
+                continue
+            seen = self.first_seen.setdefault(trial._trial_id, clock)
+            start = trial.datetime_start
+            age = (now - start).total_seconds() if isinstance(start, datetime.datetime) else -1.0
+            if max(age, clock - seen) <= self.grace:
+                continue
+            try:
+                if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
+            except Exception:  # another worker failed or finished it first
+                continue
+            since = f"since {start:%Y-%m-%d %H:%M:%S}" if age >= 0 else "with no start time"
+            say(
+                f"trial {trial.number} has run {since} without a heartbeat (its worker died before its "
+                f"first beat, or the row was written by hand); failed after {self.grace} s, to be run again"
+            )
+            # Optuna 4.9 renamed the getter of the retry callback
+            getter = getattr(storage, "get_heartbeat_stale_trial_callback", None)
+            callback = getter() if getter else storage.get_failed_trial_callback()
+            if callback is not None:
+                callback(study, storage.get_trial(trial._trial_id))
+
+
 Objective = Callable[[Any], float]
 
 
@@ -239,9 +320,11 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
     optuna = import_optuna()
     from optuna.trial import TrialState
 
-    began, ran = time.monotonic(), 0
+    began, ran, waiting = time.monotonic(), 0, False
+    beatless = _Beatless(spec.heartbeat)
     while timeout is None or time.monotonic() - began < timeout:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
+        beatless(study)  # and one that never beat
         trial = _pop_waiting(study)
         if trial is None and spec.sampler == "tpe" and spec.n_trials is not None:
             searched = [
@@ -252,10 +335,15 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
             if len(searched) < spec.n_trials:
                 trial = study.ask()
         if trial is None:
-            if _count(study, TrialState.RUNNING):
+            running = _count(study, TrialState.RUNNING)
+            if running:
+                if not waiting:
+                    say(f"waiting for {running} running trial(s) of other workers (or of a worker that died)")
+                    waiting = True
                 time.sleep(min(5.0, spec.heartbeat))  # another worker's trial may yet need a retry
                 continue
             break
+        waiting = False
         ran += 1
         with _heartbeat(study._storage, trial._trial_id, spec.heartbeat):
             try:
@@ -264,7 +352,9 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
             except Exception as error:  # recorded and counted; the other trials go on
-                trial.set_user_attr("error", error_line(error, 300))
+                line = error_line(error, 300)
+                say(f"trial {trial.number} failed: {line}")
+                trial.set_user_attr("error", line)
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             # A stop (SIGINT, SIGTERM) leaves the trial running: its heartbeat ends, and the
