@@ -362,7 +362,7 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
     (what ``model`` recorded of its builder) with what timm keeps on the model where it
     differs from what ``name(**kwargs)`` builds: ``features_only`` and ``out_indices`` of a
     ``FeatureListNet``, ``num_classes`` and ``global_pool`` (``reset_classifier`` changes
-    them), ``drop_path_rate`` (the largest ``DropPath`` rate), and the keys of its
+    them), ``drop_path_rate`` (from its ``DropPath`` rates), and the keys of its
     ``pretrained_cfg`` in :data:`PRETRAINED_CFG_KEYS` as ``pretrained_cfg_overlay``.
     ``kwargs`` as given for another model, or when ``name`` cannot be built; the caller
     checks that the result rebuilds ``model``.
@@ -387,6 +387,8 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
     for key, value in _timm_settings(model).items():
         if value is not None and value != built[key]:
             out[key] = value
+    if out.get("drop_path_rate", 0) != kwargs.get("drop_path_rate", 0) and out["drop_path_rate"] > 0:
+        out["drop_path_rate"] = _drop_path_rate(out["drop_path_rate"], name, out)
     default_cfg = getattr(default, "pretrained_cfg", None) or {}
     # Where its weights came from (url, file, hf_hub_id...) is not recorded: the file holds them.
     changed = {key: cfg.get(key) for key in PRETRAINED_CFG_KEYS if cfg.get(key) != default_cfg.get(key)}
@@ -403,14 +405,30 @@ def _timm_settings(model: nn.Module) -> dict[str, Any]:
     pool = getattr(model, "global_pool", None)
     pool = getattr(pool, "pool_type", pool)  # a SelectAdaptivePool2d, or a name (ViT)
     num_classes = getattr(model, "num_classes", None)
-    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
-    # The last block gets the whole rate; 12 digits undo the float32 (ViT) or division rounding.
     return {
         "num_classes": num_classes if is_int(num_classes) else None,
         "global_pool": pool if isinstance(pool, str) else None,
-        "drop_path_rate": float(f"{max(rates):.12g}") if rates else 0.0,
+        "drop_path_rate": _largest_drop_path(model),
         "out_indices": list(model.feature_info.out_indices) if isinstance(model, FeatureListNet) else None,
     }
+
+
+def _largest_drop_path(model: nn.Module) -> float:
+    from timm.layers import DropPath
+
+    return max((m.drop_prob for m in model.modules() if isinstance(m, DropPath)), default=0.0)
+
+
+def _drop_path_rate(largest: float, name: str, kwargs: Mapping[str, Any]) -> float:
+    """The ``drop_path_rate`` whose schedule ends at ``largest``: timm's schedules are
+    proportional to the rate (the last block gets all of it in ResNet and ViT, (n-1)/n of it
+    in EfficientNet), so a build at rate 1 gives the factor. 12 digits undo the float32 (ViT)
+    and division rounding."""
+    try:
+        factor = _largest_drop_path(build_shapes_only(name, **{**kwargs, "drop_path_rate": 1.0}))
+    except Exception:
+        factor = 1.0
+    return float(f"{largest / (factor or 1.0):.12g}")
 
 
 def input_size_for(name: str, model: nn.Module | None = None) -> tuple[int, ...] | None:

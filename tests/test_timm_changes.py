@@ -130,9 +130,11 @@ def test_an_overlay_naming_where_weights_come_from_is_not_recorded(tmp_path):
     assert {k: v for k, v in patched.pretrained_cfg.items() if k != "file"} == loaded.pretrained_cfg
 
 
-def test_a_drop_path_rate_loads_as_saved(tmp_path):
+# ResNet's last block gets the whole rate, MobileNetV3's (like EfficientNet's) 11/12 of it.
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_a_drop_path_rate_loads_as_saved(tmp_path, name):
     torch.manual_seed(0)
-    patched = trained(timm.create_model("resnet18", drop_path_rate=0.1))
+    patched = trained(timm.create_model(name, drop_path_rate=0.1))
     loaded = round_trip(patched, tmp_path)
     assert ai.read_manifest(tmp_path / "m.safetensors").base_kwargs["drop_path_rate"] == 0.1
     assert drop_path_rates(loaded) == drop_path_rates(patched) != []
