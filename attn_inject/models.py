@@ -399,7 +399,6 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
 
 def _timm_settings(model: nn.Module) -> dict[str, Any]:
     """The builder arguments a timm model keeps: None where it does not keep one."""
-    from timm.layers import DropPath
     from timm.models import FeatureListNet
 
     pool = getattr(model, "global_pool", None)
