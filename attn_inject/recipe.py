@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,7 @@ import yaml
 
 from .blocks import BlockParamError, block_factory, block_param_names, check_block_params, list_blocks
 from .errors import AttnInjectError, InputError
+from .files import NotRegularFileError, file_kind, open_regular
 from .messages import cut, shown
 from .patterns import PatternError, compile_pattern
 from .values import is_int
@@ -220,14 +222,20 @@ MAX_YAML_VALUES = 10_000  # values a recipe may hold once its aliases are expand
 
 
 def read_recipe_file(path: Path) -> str:
-    """The text of a recipe file: UTF-8, at most ``MAX_RECIPE_BYTES``; else one clear error."""
-    if path.is_dir():
-        raise RecipeError(f"{path}: is a directory, not a recipe file")
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+    """The text of a recipe file: UTF-8, at most ``MAX_RECIPE_BYTES``; else one clear error
+    (a folder, a FIFO or a device such as ``/dev/zero`` is named as such and never read)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
+    except NotRegularFileError as error:
+        if stat.S_ISDIR(error.mode):
+            raise RecipeError(f"{path}: is a directory, not a recipe file") from None
+        raise RecipeError(
+            f"{path}: is {file_kind(error.mode)}, not a regular file; a recipe is a YAML file "
+            f"(UTF-8 text, at most {MAX_RECIPE_BYTES} bytes)"
+        ) from None
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as error:
         raise RecipeError(f"{path}: cannot read the recipe file: {error.strerror or error}") from None
     if len(data) > MAX_RECIPE_BYTES:

@@ -555,3 +555,92 @@ def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kind
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
+
+
+# --- timm kinds: sizes bounded, kernel sizes odd, numbers never negative ----------------------
+
+
+def timm_rule(block: str) -> str:
+    return f"rules:\n  - block: {block}\n    at: stage_output\n"
+
+
+def se_parameters(channels: int, hidden: int) -> int:
+    """timm's SEModule: two 1x1 convolutions with biases, C -> hidden -> C."""
+    return channels * hidden + hidden + hidden * channels + channels
+
+
+def test_a_timm_block_is_bounded_by_an_mlp_four_times_as_wide_as_its_channels():
+    budget = 2 * 4 * 64 * 64 + 64 * 64 + 4096  # the documented budget at 64 channels
+    assert se_parameters(64, 256) <= budget < se_parameters(64, 320)
+    ai.load_recipe(timm_rule("{kind: 'timm:se', rd_channels: 256}"))  # 4x as wide: allowed
+    with pytest.raises(ai.RecipeError) as info:
+        ai.load_recipe(timm_rule("{kind: 'timm:se', rd_channels: 320}"))
+    message = str(info.value)
+    assert message.startswith("<text>: rules[0].block.rd_channels: 320 is not allowed;"), message
+    assert f"within {budget:,} parameters for 64 channels" in message
+    assert f"it would hold {se_parameters(64, 320):,}" in message
+
+
+@pytest.mark.parametrize("ratio, shown", [("300", "300"), ("1.0e+4", "10000.0")])
+def test_a_huge_rd_ratio_is_refused_before_anything_is_allocated(ratio, shown):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ai.RecipeError) as info:
+            ai.load_recipe(timm_rule(f"{{kind: 'timm:gc', rd_ratio: {ratio}}}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    start = f"<text>: rules[0].block.rd_ratio: {shown} is not allowed; must be a value that"
+    assert message.startswith(start), message
+    assert "'timm:gc'" in message and "parameters for 64 channels" in message and "MiB" in message
+    assert peak < 20 * 2**20, peak  # counted on the meta device: nothing the size of the block
+
+
+def test_the_budget_grows_with_the_channels_of_each_insertion_point():
+    with pytest.raises(ai.BlockParamError, match=r"rd_channels=300 is not allowed.*for 16 channels"):
+        ai.create_block("timm:se", 16, rd_channels=300)  # a recipe checked at 64 channels allows it
+    assert isinstance(ai.create_block("timm:se", 256, rd_channels=300), torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    "block, says",
+    [
+        ("{kind: 'timm:gc', rd_ratio: -0.5}", "rd_ratio: -0.5 is not allowed; must be a finite number >= 0"),
+        ("{kind: 'timm:gc', rd_ratio: 0.0}", "rd_ratio: 0.0 is not allowed; must be a positive number"),
+        ("{kind: 'timm:gc', rd_ratio: 1.0e4}", "YAML reads '1.0e4' as text, not a number"),
+        ("{kind: 'timm:cbam', spatial_kernel_size: 8}", "spatial_kernel_size: 8 is not allowed; must be odd"),
+        ("{kind: 'timm:eca', kernel_size: 4}", "kernel_size: 4 is not allowed; must be odd"),
+    ],
+)
+def test_a_timm_parameter_that_would_fail_later_or_silently_is_refused_at_the_recipe(block, says):
+    with pytest.raises(ai.RecipeError) as info:
+        ai.load_recipe(timm_rule(block))
+    assert says in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_an_odd_kernel_size_keeps_the_map_size_that_an_even_one_changes():
+    from timm.layers import create_attn
+
+    x = torch.randn(1, 64, 8, 12)
+    assert create_attn("cbam", 64, spatial_kernel_size=7)(x).shape == x.shape
+    with pytest.raises(RuntimeError):  # what the recipe check now keeps from reaching a plan
+        create_attn("cbam", 64, spatial_kernel_size=8)(x)
+    recipe = ai.load_recipe(timm_rule("{kind: 'timm:cbam', spatial_kernel_size: 9}"))
+    assert recipe.rules[0].block.params == {"spatial_kernel_size": 9}
+
+
+def test_a_block_that_cannot_be_built_is_named_with_its_parameters_cut(monkeypatch):
+    from attn_inject import blocks
+
+    def fussy(channels: int, **params: Any) -> torch.nn.Module:
+        raise ValueError("no such option")
+
+    monkeypatch.setitem(blocks._BLOCKS, "fussy_block", fussy)
+    with pytest.raises(ai.RecipeError) as info:
+        ai.load_recipe(timm_rule("{kind: fussy_block, x: " + "y" * 300_000 + "}"))
+    message = str(info.value)
+    assert "block 'fussy_block' cannot be built with {'x': 'yyy" in message and "no such option" in message
+    assert len(message) < 600 and "\n" not in message
