@@ -309,4 +309,4 @@ def check_block_params(kind: str, params: dict[str, Any]) -> None:
         raise
     except Exception as error:  # a user block's own checks, or torch refusing a size
         line = first_line(error) or type(error).__name__
-        raise InputError(f"block {kind!r} cannot be built with {params}: {line}") from None
+        raise InputError(f"block {shown(kind)} cannot be built with {shown(params)}: {line}") from None
