@@ -48,9 +48,12 @@ class ChannelAttention(nn.Module):
         return self.fc2(self.act(self.fc1(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Both descriptors go through the shared layers as one batch of 2B.
-        pooled = torch.cat([x.mean(self.dims, keepdim=True), x.amax(self.dims, keepdim=True)])
-        avg_logits, max_logits = self.excite(pooled).chunk(2)
+        # Both descriptors go through the shared layers as one batch of 2B, stacked on a new
+        # leading axis and split on it again: no size of 2 is ever read off the batch
+        # dimension, so the block exports with a dynamic batch (torch.export, ONNX).
+        pooled = torch.stack([x.mean(self.dims, keepdim=True), x.amax(self.dims, keepdim=True)])
+        logits = self.excite(pooled.flatten(0, 1))
+        avg_logits, max_logits = logits.unflatten(0, (2, -1)).unbind(0)
         return gate(x, avg_logits + max_logits, self.blend)
 
 
