@@ -7,9 +7,11 @@ from typing import Any
 
 from torch import nn
 
+from .blocks.proof import BlockProofError
 from .errors import AttnInjectError
 from .models import base_model_of
 from .planning import analyse, positions_of
+from .randomness import check_seed, own_random_state
 from .recipe import Recipe
 from .rewrite import RewriteError, rewrite
 
@@ -28,6 +30,7 @@ def inject(
     allow_empty: bool = False,
     input_size: Sequence[int] | None = None,
     target: str | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Return ``model`` with the recipe's attention blocks inserted where they act.
 
@@ -42,18 +45,30 @@ def inject(
     in that submodule. ``result.attn_inject`` holds the plan; injecting into a patched
     model adds the new recipe's points to it.
 
+    Each block is proved before it joins the model (:mod:`attn_inject.blocks.proof`): one
+    that does not compute its input at ``init="identity"``, fails on its point's shape or is
+    not deterministic in eval mode is refused, naming it. Randomness is the caller's: the
+    blocks' initial weights are drawn from a state forked from torch's global one, or from
+    ``seed`` (one seed gives one model), and torch's, Python's and NumPy's global random
+    states are as they were after the call.
+
         >>> patched = inject(timm.create_model("resnet50"), "se_resnet")
         >>> patched.layer1[0].se             # the new block, where timm's seresnet50 has it
     """
-    graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
-    if not plan.points and not allow_empty:
-        positions = positions_of(plan.recipe.all_rules)
-        raise InjectError(
-            f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
-            f"(positions: {positions}): {plan.empty_reason}. Pass allow_empty=True to accept an "
-            "unchanged model."
-        )
-    try:
-        return rewrite(model, graph, plan, base_model_of(model))
-    except RewriteError as error:
-        raise InjectError(str(error)) from None
+    seed = check_seed(seed)
+    with own_random_state(seed):
+        try:
+            graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
+        except BlockProofError as error:  # a block that fails on its point's shape while planned
+            raise InjectError(str(error)) from None
+        if not plan.points and not allow_empty:
+            positions = positions_of(plan.recipe.all_rules)
+            raise InjectError(
+                f"recipe {plan.recipe.name!r} matches nothing in {plan.model_name} "
+                f"(positions: {positions}): {plan.empty_reason}. Pass allow_empty=True to accept an "
+                "unchanged model."
+            )
+        try:
+            return rewrite(model, graph, plan, base_model_of(model))
+        except (RewriteError, BlockProofError) as error:
+            raise InjectError(str(error)) from None

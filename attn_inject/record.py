@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .planning import Plan, merge_plans
 
-__all__ = ["RECORD_ATTRIBUTE", "InjectionInfo", "patched_record", "set_record"]
+__all__ = ["RECORD_ATTRIBUTE", "InjectionInfo", "blocks_digest", "patched_record", "set_record"]
 
 RECORD_ATTRIBUTE = "attn_inject"  # a plain attribute of the patched model, not a module or a tensor
 
@@ -17,12 +20,16 @@ RECORD_ATTRIBUTE = "attn_inject"  # a plain attribute of the patched model, not 
 @dataclass(frozen=True)
 class InjectionInfo:
     """What a patched model remembers: the plan of each injection, in order (recipe, init,
-    model name, input size, where each block lives), and the base model's builder.
-    ``patched.attn_inject`` holds it."""
+    model name, input size, where each block lives), the base model's builder, and what
+    ``validate`` needs to know whether the model must still compute the original: whether it
+    did when ``inject`` returned it, and the digest of its blocks then
+    (:func:`blocks_digest`). ``patched.attn_inject`` holds it."""
 
     plans: tuple[Plan, ...]
     base_model: str | None = None  # e.g. "tv:resnet18": what ``ai.save`` records to rebuild it
     base_kwargs: tuple[tuple[str, Any], ...] = ()
+    computes_original: bool = False  # every injection at init="identity", earlier blocks unchanged
+    block_digest: str = ""  # of the blocks as inserted; '' where unknown (weights on the meta device)
 
     @property
     def plan(self) -> Plan:
@@ -33,6 +40,29 @@ class InjectionInfo:
     def block_keys(self) -> list[str]:
         """The inserted blocks' qualified names, from the model ``inject`` returned."""
         return [p.qualified_key(plan.target) for plan in self.plans for p in plan]
+
+
+def blocks_digest(model: nn.Module, keys: Iterable[str]) -> str:
+    """sha256 over the ``state_dict`` of each block of ``model`` named in ``keys``, in that
+    order: every key, dtype, shape and the tensor's bytes; '' when a block is missing or its
+    weights are on the meta device (nothing to digest)."""
+    digest = hashlib.sha256()
+    for key in keys:
+        try:
+            block = model.get_submodule(key)
+        except AttributeError:
+            return ""
+        for name, tensor in block.state_dict().items():
+            if tensor.is_meta:
+                return ""
+            digest.update(f"{key}.{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def patched_record(model: nn.Module) -> InjectionInfo | None:

@@ -12,14 +12,17 @@ and each stays an instance of its own class (:mod:`attn_inject.derive`):
   and the graph's code becomes the forward of a generated subclass, with the same signature.
 
 Every module on the path from the model to a changed module is a shallow copy (its other
-children, parameters and buffers are the original's), so the model passed in is not
-changed, every ``state_dict`` key stays, and everything else keeps its class and its code.
+children, parameters and buffers are the original's, its registries its own: see
+:mod:`attn_inject.copies`), so the model passed in is not changed, every ``state_dict`` key
+stays, and everything else keeps its class and its code. Each block is proved before it
+joins the model (:mod:`attn_inject.blocks.proof`): at ``init="identity"`` the patched model
+computes exactly what the original does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,13 +31,15 @@ import torch
 from torch import fx, nn
 
 from .blocks import layout_kwargs, make_block
+from .blocks.proof import prove_block
+from .copies import shallow_copy
 from .derive import Around, derive_around, derive_graph
 from .errors import AttnInjectError
 from .graph.analysis import AnnotatedGraph
 from .graph.layout import META_KEY as LAYOUT_KEY
 from .graph.trace import HOOK_DICTS
 from .planning import InsertionPoint, Plan
-from .record import InjectionInfo, patched_record, set_record
+from .record import InjectionInfo, blocks_digest, patched_record, set_record
 from .scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
@@ -59,8 +64,11 @@ def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted."""
+def build_block(
+    point: InsertionPoint, init: str, device: torch.device, dtype: torch.dtype, key: str = ""
+) -> nn.Module:
+    """The block of ``point`` for its layout, on ``device`` in ``dtype``, flagged as inserted,
+    proved (:func:`~attn_inject.blocks.proof.prove_block`; ``key`` names it in an error)."""
     # A device context routes every torch call of the block's __init__ through Python: only
     # when the default device is not already the model's.
     on_device = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
@@ -68,19 +76,8 @@ def build_block(point: InsertionPoint, init: str, device: torch.device, dtype: t
         block = make_block(point.block.kind, point.channels, point.block.params, init, layout_kwargs(point))
     block = block.to(dtype=dtype)
     setattr(block, BLOCK_FLAG, True)
+    prove_block(block, key or point.key, point.block.kind, point.shape, init, device, dtype)
     return block
-
-
-def shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object of the same class sharing every child, parameter and buffer, with
-    its own registries of them (adding a child to it leaves the original alone). Hooks stay
-    shared: a hook the user registered before ``inject`` acts on both, and its handle's
-    ``remove()`` removes it from both."""
-    new = copy.copy(module)
-    for key, value in vars(module).items():
-        if isinstance(value, (dict, set)) and key.startswith("_") and key not in HOOK_DICTS:
-            new.__dict__[key] = copy.copy(value)
-    return new
 
 
 class _Tree:
@@ -202,7 +199,7 @@ def rewrite(
     device, dtype = _reference_tensor(sub)
     prefix = f"{plan.target}." if plan.target else ""
     tree = _Tree(model)
-    blocks = {point.key: build_block(point, plan.init, device, dtype) for point in plan}
+    blocks = {point.key: build_block(point, plan.init, device, dtype, prefix + point.key) for point in plan}
     owners, around = _by_attach(plan, graph)
     baked: list[str] = []
     for owner, points in owners.items():
@@ -225,7 +222,7 @@ def rewrite(
             stacklevel=3,
         )
     patched = tree.root
-    set_record(patched, _record(model, plan, base))
+    set_record(patched, _record(model, patched, plan, base))
     return patched
 
 
@@ -274,11 +271,25 @@ def _owner_scope(
     return ScopeTrace("", sub, whole, copied, inner, arguments=arguments)
 
 
-def _record(model: nn.Module, plan: Plan, base: tuple[str, dict[str, Any]] | None) -> InjectionInfo:
+def _record(
+    model: nn.Module, patched: nn.Module, plan: Plan, base: tuple[str, dict[str, Any]] | None
+) -> InjectionInfo:
     """What the patched model remembers: the plans of earlier injections into ``model``,
-    then this one, and the base model's builder."""
+    then this one, the base model's builder, and whether it computes the model first passed
+    to ``inject`` (every injection at identity, earlier blocks unchanged since), with the
+    digest of its blocks as they are now."""
     earlier = patched_record(model)
     plans = (*earlier.plans, plan) if earlier is not None else (plan,)
     if base is None and earlier is not None and earlier.base_model:
         base = (earlier.base_model, dict(earlier.base_kwargs))
-    return InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
+    earlier_kept = earlier is None or (
+        earlier.computes_original
+        and bool(earlier.block_digest)
+        and blocks_digest(model, earlier.block_keys) == earlier.block_digest
+    )
+    info = InjectionInfo(plans, *(base[0], tuple(sorted(base[1].items()))) if base else ())
+    return dataclasses.replace(
+        info,
+        computes_original=earlier_kept and (plan.init == "identity" or not plan.points),
+        block_digest=blocks_digest(patched, info.block_keys),
+    )

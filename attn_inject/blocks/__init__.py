@@ -86,10 +86,18 @@ BUILT_IN = {
 def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False) -> BlockFactory:
     """Make ``factory(channels, **params)`` available as block kind ``name``.
 
-    The factory must return a module mapping (B, C, H, W) to (B, C, H, W). Blocks that accept
-    an ``init`` argument receive the recipe's ``init`` ("identity" or "paper"); one that does
-    not is blended with its input at ``init="identity"`` (:class:`Blended`), so that it is
-    inserted function-preserving too.
+    The factory must return a module mapping (B, C, H, W) to (B, C, H, W). A factory says
+    what it handles by naming it in its signature; ``**kwargs`` says nothing:
+
+    - ``init``: the factory receives the recipe's ``init`` ("identity" or "paper") and its
+      block must compute its input exactly at ``"identity"``; a factory without an explicit
+      ``init`` parameter is blended with its input there (:class:`Blended`);
+    - ``layout`` (with ``prefix``, ``grid``, ``order``): the block is given the point's
+      layout; without, it is given NCHW maps, other layouts through a permute.
+
+    ``inject`` proves each block at insertion (:mod:`attn_inject.blocks.proof`): one that
+    raises, returns no tensor, changes its input's shape or dtype, is not deterministic in
+    eval mode, or does not compute its input at ``init="identity"`` is refused by name.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise InputError(f"block name {name!r} must be a Python identifier ('timm:' names are timm's kinds)")
@@ -126,15 +134,16 @@ def block_factory(kind: str) -> BlockFactory:
 
 
 def _accepts(kind: str, argument: str) -> bool:
-    signature = inspect.signature(block_factory(kind))
-    return argument in signature.parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
-    )
+    """Whether block ``kind``'s factory names ``argument`` in its signature (``**kwargs``
+    does not count: it declares nothing)."""
+    parameter = inspect.signature(block_factory(kind)).parameters.get(argument)
+    return parameter is not None and parameter.kind is not inspect.Parameter.VAR_KEYWORD
 
 
 def accepts_init(kind: str) -> bool:
-    """Whether the block kind takes an ``init`` argument (built-in and timm kinds do; a
-    block that does not is blended with its input at ``init="identity"``)."""
+    """Whether the block kind's factory has an explicit ``init`` parameter (built-in and timm
+    kinds do; a block whose factory has none, ``**kwargs`` included, is blended with its
+    input at ``init="identity"``)."""
     return _accepts(kind, "init")
 
 

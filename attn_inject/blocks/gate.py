@@ -14,8 +14,13 @@ autocast (the blend, a 0-dim weight, is not cast). Not in the papers.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
+
+BLEND = "blend"  # the attribute name of every blend parameter (here and in blocks.wrapped)
 
 
 def make_blend(init: str) -> nn.Parameter | None:
@@ -31,3 +36,25 @@ def gate(x: torch.Tensor, logits: torch.Tensor, blend: torch.Tensor | None) -> t
     if blend is not None:
         attention = torch.lerp(torch.ones_like(attention), attention, blend)
     return x * attention
+
+
+def blend_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The blend parameters of ``module`` and its children."""
+    return [p for name, p in module.named_parameters() if name.split(".")[-1] == BLEND]
+
+
+@contextlib.contextmanager
+def blends_at_one(blends: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Every blend in ``blends`` at 1 (the blocks at full strength, as in the papers) for the
+    duration, then back to its own value."""
+    params = list(blends)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.fill_(1.0)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)

@@ -21,7 +21,14 @@ from .autocast_check import check_autocast
 from .context import Measurement, ValidationContext
 from .devices import cudnn_settings
 from .gradients import GRADIENT_TOLERANCE, check_gradients, gradient_tolerance
-from .output_checks import check_finite, check_identity, check_parameters, check_reference, check_shapes
+from .output_checks import (
+    check_deterministic,
+    check_finite,
+    check_identity,
+    check_parameters,
+    check_reference,
+    check_shapes,
+)
 from .registry import TRACE, CheckSpec, check_names, register_check
 from .report import FAILED, IDENTITY_TOLERANCE, PASSED, SKIPPED, Check, ValidationError, ValidationReport
 from .run import validate
@@ -56,6 +63,7 @@ register_check("gradients", check_gradients)  # one backward; blends; inserted w
 register_check("parameters", check_parameters)  # parameters added == the plan's
 register_check("shapes", check_shapes)  # output shapes and dtypes
 register_check("finite", check_finite)
+register_check("deterministic", check_deterministic)  # two eval runs under other random states agree
 register_check("compile", check_compile, default=False)  # torch.compile matches eager (minutes on a CPU)
 register_check("export", check_export)  # torch.export.export, its module matches eager
 register_check("autocast", check_autocast, needs=[TRACE])  # bf16 / fp16 vs the reference (CUDA by default)

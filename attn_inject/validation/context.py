@@ -4,17 +4,20 @@ sees."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..blocks.gate import blend_parameters
 from ..graph.trace import eval_mode
+from ..record import blocks_digest, patched_record
 from ..reference import HookError, Reference
 from .compare import block_inputs, locate, max_diff, outputs, share_of_scale
 from .report import IDENTITY_TOLERANCE
 
-__all__ = ["Measurement", "ValidationContext", "measure"]
+__all__ = ["Measurement", "ValidationContext", "identity_expected", "measure"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,13 @@ class ValidationContext:
     device: torch.device
     dtype: torch.dtype
     dtypes: tuple[torch.dtype, ...]  # autocast dtypes asked for, with the models' own
-    identity: bool  # every block has a blend and every blend is 0
+    identity: bool  # patched must compute the plain original (see identity_expected)
     skip: frozenset[str]  # unreachable points, skipped by the reference (identity there)
     unreachable: str  # why no reference can be built ('' when it can)
     params_added: int
     params_planned: int
     measurement: Measurement | None = None
+    identity_note: str = ""  # why identity is expected, or why not (identity_expected)
 
     @property
     def reference_problem(self) -> str:
@@ -68,10 +72,29 @@ class ValidationContext:
 
     def blends(self) -> dict[str, list[nn.Parameter]]:
         """Each block's blend parameters, by block key."""
-        return {
-            key: [p for name, p in block.named_parameters() if name.split(".")[-1] == "blend"]
-            for key, block in self.reference.blocks.items()
-        }
+        return {key: blend_parameters(block) for key, block in self.reference.blocks.items()}
+
+
+def identity_expected(patched: nn.Module, blends: Mapping[str, Sequence[torch.Tensor]]) -> tuple[bool, str]:
+    """Whether ``patched`` (the model ``inject`` returned) must compute the plain original,
+    and why or why not: yes while its blocks are those ``inject`` proved at
+    ``init="identity"`` (their digest unchanged since), or every block has a blend and every
+    blend is 0 (``blends``: each block's blend parameters, by key)."""
+    record = patched_record(patched)
+    assert record is not None, "validate refuses a model inject did not return"
+    unchanged = bool(record.block_digest) and blocks_digest(patched, record.block_keys) == record.block_digest
+    if record.computes_original and unchanged:
+        return True, "the blocks are as inserted at init='identity'"
+    if blends and all(bool(b) and not any(bool(p.detach().any()) for p in b) for b in blends.values()):
+        return True, "every blend is 0"
+    if not record.computes_original:
+        return False, "inserted at init='paper' and not every blend is 0"
+    if not record.block_digest:
+        return (
+            False,
+            "no digest of the blocks was recorded (meta device) and not every blend is 0",
+        )
+    return False, "the blocks changed since insertion (their digest differs) and not every blend is 0"
 
 
 def measure(context: ValidationContext) -> Measurement:

@@ -1,14 +1,28 @@
 """The checks that read the evaluation pass's :class:`~.context.Measurement`: the reference,
-identity, shapes and finiteness, and the parameter count against the plan."""
+identity, shapes and finiteness, and the parameter count against the plan; and the one that
+runs the models twice more: determinism in eval mode."""
 
 from __future__ import annotations
 
-from .compare import share_of_scale
+import torch
+from torch import nn
+
+from ..blocks.gate import blends_at_one
+from ..graph.trace import eval_mode
+from ..randomness import cuda_devices, seed_torch
+from .compare import max_diff, outputs, share_of_scale
 from .context import Measurement, ValidationContext
 from .devices import where
 from .report import FAILED, PASSED, SKIPPED, Check
 
-__all__ = ["check_finite", "check_identity", "check_parameters", "check_reference", "check_shapes"]
+__all__ = [
+    "check_deterministic",
+    "check_finite",
+    "check_identity",
+    "check_parameters",
+    "check_reference",
+    "check_shapes",
+]
 
 
 def _measured(context: ValidationContext) -> Measurement:
@@ -44,7 +58,9 @@ def check_reference(context: ValidationContext) -> Check:
 
 
 def check_identity(context: ValidationContext) -> Check:
-    """Patched == the plain original while every blend is 0."""
+    """Patched == the plain original while its blocks are as inserted at identity, or every
+    blend is 0; skipped, saying which, when the blocks changed since or were inserted at
+    ``init="paper"``."""
     m, tol = _measured(context), context.tolerance()
     share = share_of_scale(m.identity_diff, m.identity_scale)
     if not context.identity:
@@ -52,7 +68,7 @@ def check_identity(context: ValidationContext) -> Check:
             "identity",
             SKIPPED,
             _eval_where(context),
-            f"not every blend is 0 (init=paper or trained blocks): max |patched - original| = "
+            f"{context.identity_note or 'not every blend is 0'}: max |patched - original| = "
             f"{m.identity_diff:.3g}; the reference check covers it",
         )
     ok = share <= tol
@@ -64,6 +80,8 @@ def check_identity(context: ValidationContext) -> Check:
     )
     point, why = m.located if (not ok and m.located is not None) else ("", "")
     detail = f"{exact}; {_batches(context)}" + (f"; {why}" if why else "")
+    if context.identity_note:
+        detail += f" ({context.identity_note})"
     values = {"max_abs_diff": m.identity_diff, "relative_diff": share}
     return Check("identity", PASSED if ok else FAILED, _eval_where(context), detail, point, values)
 
@@ -90,3 +108,44 @@ def check_parameters(context: ValidationContext) -> Check:
         f"{context.params_planned:,})"
     )
     return Check("parameters", PASSED if ok else FAILED, "model", detail)
+
+
+def check_deterministic(context: ValidationContext) -> Check:
+    """Two eval runs of the patched model on the same input under different global random
+    states agree exactly, where the original's do; every blend is set to 1 for the check
+    (so a blend of 0 does not hide a noisy block) and put back, and the caller's random
+    states are restored."""
+    x = context.inputs[0]
+    where_ = _eval_where(context)
+    plain = _two_runs(context.original, x, context.device)
+    if not _same(*plain):
+        return Check("deterministic", SKIPPED, where_, "the original itself differs between two eval runs")
+    with blends_at_one(p for ps in context.blends().values() for p in ps):
+        first, second = _two_runs(context.patched, x, context.device)
+    ok = _same(first, second)
+    diff, _ = max_diff(first, second)
+    detail = (
+        "two eval runs under different random states agree exactly, every blend at 1"
+        if ok
+        else f"two eval runs under different random states differ by up to {diff:.3g} (every blend at 1): "
+        "a block draws random numbers in eval mode"
+    )
+    return Check("deterministic", PASSED if ok else FAILED, where_, detail, values={"max_abs_diff": diff})
+
+
+def _two_runs(model: nn.Module, x: torch.Tensor, device: torch.device) -> list[list[torch.Tensor]]:
+    """``model``'s outputs for ``x`` in eval mode, under global seed 1 then 2."""
+    cuda = cuda_devices(device)
+    runs = []
+    with torch.random.fork_rng(devices=cuda), eval_mode(model), torch.no_grad():
+        for seed in (1, 2):
+            seed_torch(seed, cuda)
+            runs.append(outputs(model, x))
+    return runs
+
+
+def _same(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return len(first) == len(second) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+        for a, b in zip(first, second, strict=True)
+    )

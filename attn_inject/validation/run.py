@@ -15,7 +15,7 @@ from ..names import join_names
 from ..planning import Plan, count_params, default_input_size
 from ..record import patched_record
 from ..reference import Reference
-from .context import Measurement, ValidationContext, measure
+from .context import Measurement, ValidationContext, identity_expected, measure
 from .devices import cudnn_settings, device_name, on_device, resolve_device, tensors_of, where
 from .registry import TRACE, CheckSpec, checks_for, registered
 from .report import SKIPPED, Check, ValidationError, ValidationReport
@@ -138,7 +138,8 @@ def _context(
         for key, block in reference.blocks.items()
     }
     at_identity = {key: bool(b) and all(not bool(p.detach().any()) for p in b) for key, b in blends.items()}
-    not_identity = [p.key for p in reference.unreachable if not at_identity.get(p.key, False)]
+    identity, identity_note = identity_expected(patched, blends)
+    not_identity = [p.key for p in reference.unreachable if not (identity or at_identity.get(p.key, False))]
     if dtypes is None:
         dtypes = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,)
     return ValidationContext(
@@ -149,7 +150,8 @@ def _context(
         device=device,
         dtype=dtype,
         dtypes=tuple(dtypes),
-        identity=bool(blends) and all(at_identity.values()),
+        identity=identity,
+        identity_note=identity_note,
         skip=frozenset(p.key for p in reference.unreachable),
         unreachable=(
             f"no hook reaches {', '.join(not_identity[:3])}, whose blocks are not at identity"

@@ -1,0 +1,231 @@
+"""Identity is proved at insertion: at ``init="identity"`` every block, built-in, timm's or
+registered, leaves the patched model computing exactly the original, or ``inject`` refuses
+it naming the block; ``validate`` checks identity whenever the blocks are those proved, and
+fails a block that draws random numbers in eval mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import attn_inject as ai
+from attn_inject import blocks as blocks_module
+from attn_inject.blocks import Blended
+
+SIZE = (3, 64, 64)
+X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def recipe(kind: str) -> dict:
+    return {"rules": [{"block": kind, "at": "stage_output", "stages": [0]}]}
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Registrations made in a test do not leak into other tests."""
+    monkeypatch.setattr(blocks_module, "_BLOCKS", dict(blocks_module._BLOCKS))
+
+
+class ScaleKwargs(nn.Module):
+    """Takes ``**kwargs``: that declares nothing, so it must be blended at identity."""
+
+    def __init__(self, channels: int, **kwargs) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class ClaimsInit(nn.Module):
+    """Declares ``init`` and ignores it."""
+
+    def __init__(self, channels: int, init: str = "paper") -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class ZeroResidual(nn.Module):
+    """Declares ``init`` and honours it without a blend: ``x + conv(x)``, the conv zero."""
+
+    def __init__(self, channels: int, init: str = "paper") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        if init == "identity":
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class Raises(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("broken on purpose")
+
+
+class ReturnsTuple(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x,)
+
+
+class Pools(nn.Module):
+    """Returns (B, C, 1, 1): the blend would broadcast it back to the map's shape."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
+class Doubles(nn.Module):
+    """Declares ``init`` and returns float64: the dtype changes."""
+
+    def __init__(self, channels: int, init: str = "paper") -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+class Noisy(nn.Module):
+    """Adds a little noise in eval mode too."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-6 * torch.randn_like(x)
+
+
+def same_output(patched: nn.Module, model: nn.Module) -> bool:
+    with torch.no_grad():
+        return torch.equal(patched.eval()(X), model(X))
+
+
+def test_a_factory_taking_kwargs_is_blended_and_the_patched_model_computes_the_original(registry, resnet):
+    ai.register_block("scale", ScaleKwargs)
+    patched = ai.inject(resnet, recipe("scale"), init="identity", input_size=SIZE)
+    (block,) = ai.inserted_blocks(patched).values()
+    assert isinstance(block, Blended) and isinstance(block.block, ScaleKwargs)
+    assert same_output(patched, resnet)
+    assert not ai.blocks.accepts_init("scale")
+
+
+@pytest.mark.parametrize("kind", ["se", "eca", "cbam", "simam", "timm:gc", "timm:eca", "timm:cbam"])
+def test_every_shipped_and_timm_block_computes_the_original_at_identity(resnet, kind):
+    patched = ai.inject(resnet, recipe(kind), init="identity", input_size=SIZE)
+    assert same_output(patched, resnet)
+
+
+def test_builtin_blocks_keep_their_state_dict_keys(resnet):
+    patched = ai.inject(resnet, recipe("se"), init="identity", input_size=SIZE)
+    (_, block), *_ = ai.inserted_blocks(patched).items()
+    assert sorted(block.state_dict()) == ["blend", "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "says"),
+    [
+        (ClaimsInit, "does not compute its input at init='identity'"),
+        (Raises, "fails on a (1, 64, 16, 16) float32 input: RuntimeError: broken on purpose"),
+        (ReturnsTuple, "returns tuple for a (1, 64, 16, 16) float32 input"),
+        (Pools, "returns (1, 64, 1, 1) float32 for a (1, 64, 16, 16) float32 input"),
+        (Doubles, "returns (1, 64, 16, 16) float64 for a (1, 64, 16, 16) float32 input"),
+        (Noisy, "is not deterministic in eval mode"),
+    ],
+)
+def test_a_block_that_fails_its_proof_is_refused_in_one_line_naming_it(registry, resnet, factory, says):
+    ai.register_block("suspect", factory)
+    before = copy.deepcopy(resnet.state_dict())
+    with pytest.raises(ai.InjectError) as refused:
+        ai.inject(resnet, recipe("suspect"), init="identity", input_size=SIZE)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "block 'layer1." in message and "(kind 'suspect')" in message
+    assert says in message
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("factory", [Raises, ReturnsTuple, Noisy])
+def test_a_broken_block_is_refused_at_init_paper_too(registry, resnet, factory):
+    ai.register_block("suspect", factory)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'suspect'\)"):
+        ai.inject(resnet, recipe("suspect"), init="paper", input_size=SIZE)
+
+
+def test_validate_checks_identity_of_blocks_without_a_blend_while_they_are_as_inserted(registry, resnet):
+    ai.register_block("zero_residual", ZeroResidual)
+    patched = ai.inject(resnet, recipe("zero_residual"), init="identity", input_size=SIZE)
+    (block,) = ai.inserted_blocks(patched).values()
+    assert not [n for n, _ in block.named_parameters() if n.endswith("blend")]
+    assert patched.attn_inject.computes_original and patched.attn_inject.block_digest
+    report = ai.validate(resnet, patched, checks=["identity"], seeds=1)
+    (identity,) = report.checks
+    assert identity.status == "passed" and "as inserted at init='identity'" in identity.detail
+
+    with torch.no_grad():
+        block.conv.bias.add_(0.5)  # trained: the blocks changed since insertion
+    (changed,) = ai.validate(resnet, patched, checks=["identity"], seeds=1).checks
+    assert changed.status == "skipped" and "changed since insertion" in changed.detail
+
+
+def test_validate_fails_identity_when_a_block_proved_at_insertion_no_longer_computes_its_input(resnet):
+    patched = ai.inject(resnet, recipe("se"), init="identity", input_size=SIZE)
+    (block,) = ai.inserted_blocks(patched).values()
+    block.forward = lambda x: x * 2  # the weights (and their digest) unchanged, the result not
+    (identity,) = ai.validate(resnet, patched, checks=["identity"], seeds=1).checks
+    assert identity.status == "failed"
+
+
+def test_validate_says_identity_is_skipped_because_of_init_paper(resnet):
+    patched = ai.inject(resnet, recipe("se"), init="paper", input_size=SIZE)
+    assert not patched.attn_inject.computes_original
+    (identity,) = ai.validate(resnet, patched, checks=["identity"], seeds=1).checks
+    assert identity.status == "skipped" and "init='paper'" in identity.detail
+
+
+def test_a_second_injection_computes_the_original_only_while_the_first_blocks_are_untouched(resnet):
+    later = {"rules": [{"block": "eca", "at": "stage_output", "stages": [1]}]}
+    first = ai.inject(resnet, recipe("se"), init="identity", input_size=SIZE)
+    second = ai.inject(first, later, init="identity", input_size=SIZE)
+    assert second.attn_inject.computes_original
+    with torch.no_grad():
+        next(iter(ai.inserted_blocks(first).values())).fc1.bias.add_(1.0)
+    third = ai.inject(first, later, init="identity", input_size=SIZE)
+    assert not third.attn_inject.computes_original
+
+
+def test_validate_fails_a_block_that_draws_random_numbers_in_eval_mode(resnet):
+    patched = ai.inject(resnet, recipe("se"), init="identity", input_size=SIZE)
+    (block,) = ai.inserted_blocks(patched).values()
+    block.attend = lambda x: x + 1e-7 * torch.randn_like(x)  # noise after the proof
+    (deterministic,) = ai.validate(resnet, patched, checks=["deterministic"], seeds=1).checks
+    assert deterministic.status == "failed" and "differ" in deterministic.detail
+    assert float(block.blend) == 0.0  # set to 1 for the check only
+
+
+def test_validate_passes_the_determinism_of_a_correct_model(resnet):
+    patched = ai.inject(resnet, recipe("cbam"), init="identity", input_size=SIZE)
+    state = torch.random.get_rng_state()
+    (deterministic,) = ai.validate(resnet, patched, checks=["deterministic"], seeds=1).checks
+    assert deterministic.status == "passed"
+    assert torch.equal(torch.random.get_rng_state(), state)  # its two seeds were its own
