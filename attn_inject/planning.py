@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .blocks import accepts_order, layout_kwargs, make_block, permutes, uses_grid
+from .blocks.proof import block_name, run_block
 from .errors import AttnInjectError, InputError
 from .graph import ops
 from .graph.analysis import AnnotatedGraph, annotate
@@ -356,14 +357,21 @@ class BlockCosts:
         return self._params[key]
 
     def flops(
-        self, block: BlockSpec, shape: tuple[int, ...], channels: int, init: str, layout: Mapping[str, Any]
+        self,
+        block: BlockSpec,
+        shape: tuple[int, ...],
+        channels: int,
+        init: str,
+        layout: Mapping[str, Any],
+        key_name: str = "",
     ) -> int:
-        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape)."""
+        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape);
+        a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
         if key not in self._flops:
             module = _meta_block(block, channels, init, layout)
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                module(torch.empty((1, *shape), device="meta"))
+            with FlopCounterMode(display=False) as counter:
+                run_block(module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind))
             self._flops[key] = counter.get_total_flops()
         return self._flops[key]
 
@@ -501,7 +509,7 @@ def _point(
         rule=r,
         key=placement.key,
         layout=layout.layout,
-        flops=costs.flops(rule.block, shape, channels, init, block_layout),
+        flops=costs.flops(rule.block, shape, channels, init, block_layout, placement.key),
         prefix=layout.prefix,
         grid=layout.grid,
         reordered=grid is not None and grid.order is not None,
