@@ -1,10 +1,11 @@
 """The ``attn-inject`` command line (also ``python -m attn_inject``).
 
 Exit codes: 0 success; 2 the command line is wrong (an unknown option, a malformed or
-disallowed option value such as ``--model-kwargs pretrained=true`` or ``--input-size 64 64``):
-fix the command; 1 a well-formed request that could not be carried out (a model or recipe
-that does not exist, an input file that is missing, invalid or refused, a failed validation,
-an output that exists or cannot be written); 130 interrupted (SIGINT); SIGTERM ends the
+disallowed option value such as ``--model-kwargs pretrained=true``, ``--input-size 64 64`` or
+a fine-tune setting out of its range, ``--epochs 0``): fix the command; 1 a well-formed
+request that could not be carried out (a model or recipe that does not exist, an input file
+that is missing, invalid or refused, a failed validation, an output that exists or cannot
+be written, a closed standard output); 130 interrupted (SIGINT); SIGTERM ends the
 process as the signal does (143 in a shell), removing any partly written output. Errors are
 one line on stderr; ``--debug`` shows the traceback.
 """
