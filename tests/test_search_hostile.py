@@ -331,3 +331,15 @@ def test_a_base_checkpoint_without_model_exits_2(data, tmp_path, capsys):
     argv += ["--checkpoint", str(tmp_path / "base.safetensors"), "--base-checkpoint", str(tmp_path / "x.pth")]
     assert main(argv) == 2
     assert "--base-checkpoint goes with --model" in capsys.readouterr().err
+
+
+def test_a_waiting_trial_is_claimed_by_one_worker_only(tmp_path):
+    from attn_inject.search.study import _claim
+
+    spec = _spec(tmp_path)
+    study = open_study(spec)
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    other = study_of_spec(spec)  # a second worker's view of the same study
+    assert _claim(study._storage, waiting._trial_id) is True
+    assert _claim(other._storage, waiting._trial_id) is False  # it saw "waiting" too, once
+    assert [t.state for t in study_of_spec(spec).trials] == [TrialState.RUNNING]

@@ -8,7 +8,7 @@
   intervals after its start.
 - Grid (an ablation): every (candidate, seed) is enqueued once when the study is created,
   the baseline's first; workers pop the queue (a trial goes to exactly one worker: the
-  storage moves it from waiting to running in one transaction) until it is empty and no
+  storage moves it from waiting to running in one conditional UPDATE) until it is empty and no
   trial runs. Optuna's ``GridSampler`` holds the same grid.
 - TPE (a search over a space): the baseline's seeds are enqueued; then each trial samples
   a point dimension by dimension and fine-tunes it over every seed, until ``n_trials``.
@@ -225,6 +225,28 @@ def _heartbeat(storage: Any, trial_id: int, interval: int) -> Iterator[None]:
         thread.join()
 
 
+def _claim(storage: Any, trial_id: int) -> bool:
+    """Move ``trial_id`` from waiting to running in one conditional UPDATE, true for the one
+    worker whose UPDATE changed the row. Optuna's own ``set_trial_state_values`` reads the
+    state, then writes it: on SQLite (no row locks) two workers can both read "waiting" and
+    both run the trial."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    backend = getattr(storage, "_backend", storage)  # under Optuna's cache
+    with _create_scoped_session(backend.scoped_session) as session:
+        changed = (
+            session.query(models.TrialModel)
+            .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.WAITING)
+            .update(
+                {"state": TrialState.RUNNING, "datetime_start": datetime.datetime.now()},
+                synchronize_session=False,
+            )
+        )
+    return bool(changed == 1)
+
+
 def _pop_waiting(study: Any) -> Any | None:
     """A waiting trial, moved to running for this worker alone; None when none waits."""
     optuna = import_optuna()
@@ -232,12 +254,19 @@ def _pop_waiting(study: Any) -> Any | None:
 
     storage = study._storage
     for frozen in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                return optuna.trial.Trial(study, frozen._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
+        if _claim(storage, frozen._trial_id):
+            return optuna.trial.Trial(study, frozen._trial_id)
     return None
+
+
+def _tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> None:
+    """Optuna's ``tell``, unless the trial was finished meanwhile (failed by another worker
+    that took this one for dead): then a line, and the other trials go on."""
+    optuna = import_optuna()
+    try:
+        study.tell(trial, value, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        say(f"trial {trial.number} was finished by another worker meanwhile; its result is not recorded")
 
 
 def _count(study: Any, *states: Any) -> int:
@@ -349,15 +378,15 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
-                study.tell(trial, state=TrialState.PRUNED)
+                _tell(study, trial, state=TrialState.PRUNED)
                 continue
             except Exception as error:  # recorded and counted; the other trials go on
                 line = error_line(error, 300)
                 say(f"trial {trial.number} failed: {line}")
                 trial.set_user_attr("error", line)
-                study.tell(trial, state=TrialState.FAIL)
+                _tell(study, trial, state=TrialState.FAIL)
                 continue
             # A stop (SIGINT, SIGTERM) leaves the trial running: its heartbeat ends, and the
             # next worker to look (or the rerun) fails it and runs it again.
-        study.tell(trial, value)
+        _tell(study, trial, value)
     return ran
