@@ -411,12 +411,18 @@ def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     return bool(candidate.node.users) and all(is_block(n) for n in candidate.node.users)
 
 
-def _read_by_output(candidate: Candidate, graph: AnnotatedGraph) -> bool:
-    """Whether the model's output depends on what a block at ``candidate`` would return:
-    on the node, or (an edge) on one of the consumers that would read the block."""
+def _unread(candidate: Candidate, graph: AnnotatedGraph) -> str | None:
+    """Why the model's output would not depend on what a block at ``candidate`` returns (no
+    reader of the node's values reaches an output), or None where it would."""
+    node = candidate.node.name
     if candidate.consumers is None:
-        return graph.reaches_output(candidate.node)
-    return any(graph.reaches_output(c) and not ops.reads_shape_only(c) for c in candidate.consumers)
+        if graph.reaches_output(candidate.node):
+            return None
+        return f"the model's output does not depend on node {node!r}"
+    if any(graph.reaches_output(c) and not ops.reads_shape_only(c) for c in candidate.consumers):
+        return None
+    readers = ", ".join(repr(c.name) for c in candidate.consumers[:2])
+    return f"the model's output does not depend on the values node {node!r} passes to {readers}"
 
 
 def build_plan(
@@ -633,11 +639,8 @@ def _match_rules(
             if k % rule.every:
                 continue
             reason = _unusable(candidate, rule)
-            if reason is None and not _read_by_output(candidate, graph):
-                reason = (
-                    f"the model's output does not depend on node {candidate.node.name!r}, "
-                    "so a block there would change nothing and get no gradient"
-                )
+            if reason is None and (unread := _unread(candidate, graph)):
+                reason = f"{unread}, so a block there would change nothing and get no gradient"
             if reason is None and _earlier_block(candidate, graph):
                 reason = "a block of an earlier injection already acts on this edge"
             if reason is None and candidate.edge in taken:

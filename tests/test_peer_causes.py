@@ -135,3 +135,13 @@ def test_a_convolution_whose_result_is_dropped_takes_no_block_and_one_written_in
     assert sorted(p.name for p in plan) == ["kept.0", "stem.0"]
     assert [s.name for s in plan.skipped] == ["side.0"]
     assert "output does not depend" in plan.skipped[0].reason
+
+
+def test_no_block_on_an_edge_whose_reader_takes_only_the_shape():
+    # hieradet's pooled shortcut is read by ``shortcut.shape`` on SE-PRE's edge: a block there
+    # would change nothing; its real readers are the additions.
+    plan = ai.plan(meta_model("timm:hieradet_small"), "se_pre")
+    unread = [s for s in plan.skipped if "passes to" in s.reason]
+    assert [s.name for s in unread] == ["blocks.1", "blocks.3", "blocks.14"]
+    assert all("getattr" in s.reason and "no gradient" in s.reason for s in unread)
+    assert len(plan) == 29
