@@ -4,15 +4,23 @@ and ``torch.export``."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..graph.trace import eval_mode
-from ..messages import error_line, first_line
+from ..messages import cut, error_line, first_line
 from .compare import max_diff, outputs, share_of_scale
 from .context import ValidationContext
 from .devices import where
 from .report import FAILED, PASSED, SKIPPED, Check
 
-__all__ = ["COMPILE_TOLERANCE", "check_compile", "check_export", "compile_backend"]
+__all__ = [
+    "COMPILE_TOLERANCE",
+    "check_compile",
+    "check_export",
+    "compile_backend",
+    "export_any_batch",
+    "export_batches",
+]
 
 COMPILE_TOLERANCE = 1e-4  # fp32: a compiler may fuse and reorder
 
@@ -55,28 +63,87 @@ def check_compile(context: ValidationContext) -> Check:
 
 
 def check_export(context: ValidationContext) -> Check:
-    """``torch.export.export`` of the patched model runs and its module matches eager;
-    skipped when the original does not export either."""
+    """``torch.export.export`` of the patched model with a dynamic batch dimension runs, and
+    its module matches eager at two batch sizes (see :func:`export_batches`); failed when the
+    patched model exports only at a fixed batch while the original exports with any, skipped
+    when the original does not export (at all, or with a dynamic batch) either."""
     place = where(context.device, context.dtype, "eval")
-    x = context.inputs[0]
+    first, second = export_batches(context.inputs[0])
+    example = max(first, second, key=len)  # a batch of 1 would be specialised, never dynamic
     with eval_mode(context.original), eval_mode(context.patched):
         try:
-            program = torch.export.export(context.patched, (x,))
+            program = export_any_batch(context.patched, example)
         except Exception as error:
-            failure = error_line(error, 160)
-            try:  # only now is the original's own export worth its time
-                torch.export.export(context.original, (x,))
-            except Exception as original_error:
-                why = error_line(original_error, 120)
-                return Check("export", SKIPPED, place, f"the original does not export: {why}")
-            return Check(
-                "export", FAILED, place, f"the original exports, the patched model does not: {failure}"
-            )
+            return _export_failure(context, example, error, place)
         with torch.no_grad():
-            eager = outputs(context.patched, x)
-            exported = outputs(program.module(), x)
-    what = "torch.export.export runs; its module vs eager"
-    return against_eager("export", place, exported, eager, context.tolerance(), what)
+            got = [outputs(program.module(), x) for x in (first, second)]
+            eager = [outputs(context.patched, x) for x in (first, second)]
+    tol = context.tolerance()
+    shares = [share_of_scale(*max_diff(g, e)) for g, e in zip(got, eager, strict=True)]
+    at = ", ".join(f"{share:.3g} at batch {len(x)}" for x, share in zip((first, second), shares, strict=True))
+    return Check(
+        "export",
+        PASSED if max(shares) <= tol else FAILED,
+        place,
+        f"torch.export.export with a dynamic batch runs; its module vs eager: {at} "
+        f"(shares of the output scale, tolerance {tol:g})",
+        values={"relative_diff": max(shares)},
+    )
+
+
+def export_batches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two batches an export is compared at: ``x`` and its first sample, or for a batch of
+    one, ``x`` and ``x`` three times over."""
+    if len(x) > 1:
+        return x, x[:1]
+    return x, x.repeat((3,) + (1,) * (x.dim() - 1))
+
+
+def export_any_batch(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` on ``x`` with dimension 0 dynamic; raises when the
+    export would fix the batch to the example's (a guard that specialises it)."""
+    return torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def _export_failure(context: ValidationContext, x: torch.Tensor, error: Exception, place: str) -> Check:
+    """The export check when the patched model does not export with a dynamic batch: failed
+    where the original does export (with a dynamic batch, or at all where the patched model
+    does not export at all), skipped where the original does not either."""
+    failure = _why(error)
+    # only now are the original's own exports, and the patched model's static one, worth their time
+    original_any = _export_error(context.original, x, dynamic=True)
+    if original_any:
+        original_fixed = _export_error(context.original, x, dynamic=False)
+        if original_fixed:
+            return Check("export", SKIPPED, place, f"the original does not export: {original_fixed}")
+    if _export_error(context.patched, x, dynamic=False):
+        return Check("export", FAILED, place, f"the original exports, the patched model does not: {failure}")
+    if original_any:
+        why = f"the original does not export with a dynamic batch either: {original_any}"
+        return Check("export", SKIPPED, place, why)
+    why = f"the patched model exports only at batch {len(x)}, the original with any batch: {failure}"
+    return Check("export", FAILED, place, why)
+
+
+def _export_error(model: nn.Module, x: torch.Tensor, dynamic: bool) -> str:
+    """Why ``model`` does not export on ``x`` (with a dynamic batch or at its fixed one); ''
+    when it does."""
+    try:
+        if dynamic:
+            export_any_batch(model, x)
+        else:
+            torch.export.export(model, (x,))
+    except Exception as error:
+        return _why(error, 120)
+    return ""
+
+
+def _why(error: Exception, limit: int = 160) -> str:
+    """An export error on one line: where a guard fixed a dynamic dimension, the sentence that
+    says so (the first line of such an error only points at a log)."""
+    sentences = [part.strip(" -") for line in str(error).splitlines() for part in line.split(". ")]
+    said = next((part for part in sentences if "specialized" in part), "")
+    return f"{type(error).__name__}: {cut(said, limit)}" if said else error_line(error, limit)
 
 
 def against_eager(
