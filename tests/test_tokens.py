@@ -434,8 +434,12 @@ def test_blocks_of_tokens_are_a_reordered_grid_and_the_map_they_are_put_back_int
     graph = annotate(model, (1, *SIZE))
     layouts = {n.name: layout_of(n) for n in graph.nodes}
     assert (layouts["deblockify"], layouts["permute_1"]) == ("NHWC", "NCHW")  # the map put back
-    cbam = {"rules": [{"block": {"kind": "cbam", "ratio": 4}, "at": "residual_branch"}]}  # 8 hidden units
-    for recipe in (cbam, "se_resnet"):
+    # 8 hidden units each: at the recipes' ratio 16 the 32 channels give 2, which one draw of
+    # weights can leave both dead (no gradient through the ReLU), failing the gradients check
+    # for a reason of the draw, not of the layout under test
+    cbam = {"rules": [{"block": {"kind": "cbam", "ratio": 4}, "at": "residual_branch"}]}
+    se = {"rules": [{"block": {"kind": "se", "ratio": 4}, "at": "residual_branch"}]}
+    for recipe in (cbam, se):
         for init in ("identity", "paper"):
             report = ai.validate(model, patched_model(model, recipe, init=init), input_size=SIZE)
             assert report.passed and (init == "paper" or report.max_abs_diff == 0), report
