@@ -322,6 +322,16 @@ def _guard(name: str, value: Any, where: str) -> list[str]:
     return [f"    if {test}:", f"        raise RuntimeError({message!r})"]
 
 
+def _guard_empty(param: inspect.Parameter, where: str) -> list[str]:
+    """Lines that refuse ``*args`` / ``**kwargs`` that are not empty, as the trace had them."""
+    star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+    message = (
+        f"{where}'s forward was rewritten for a call without {star}{param.name}; call it without "
+        "them, or inject into a model whose rewritten modules are not given them"
+    )
+    return [f"    if {param.name}:", f"        raise RuntimeError({message!r})"]
+
+
 def derive_graph(
     module: nn.Module,
     graph: fx.Graph,
@@ -341,7 +351,10 @@ def derive_graph(
     checks: list[str] = []
     passed: list[str] = []
     for i, param in enumerate(signature.parameters.values()):
-        if i == 0 or param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        if i == 0:
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            checks += _guard_empty(param, where)  # traced empty (trace.fixed_arity)
             continue
         if param.name in traced:
             value = traced[param.name]

@@ -261,6 +261,7 @@ def _owner_scope(
         readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
         return extract_scope(sub, graph, calls[owner], producers, readers)
     whole = fx.Graph()
+    whole.set_codegen(graph.graph._codegen)  # the output's type, where the trace kept it
     copied: dict[fx.Node, fx.Node] = {}
     whole.output(whole.graph_copy(graph.graph, copied))
     for node in whole.nodes:

@@ -11,6 +11,11 @@ Two strategies, tried in order:
 1. ``whole``: the model's forward is traced through, with every optional argument of the
    root's ``forward`` fixed to its default (``concrete_args``: ``mask=None`` stays ``None``
    instead of becoming a graph input whose ``if mask is not None`` fx cannot decide).
+   A root ``forward(x, *args, **kwargs)``, or one a decorator wraps in ``(*args, **kwargs)``
+   (``functools.wraps``: HF transformers' ``@can_return_tuple``), is traced for the call
+   ``model(x)``: its named parameters (``inspect.signature`` follows ``__wrapped__``) are the
+   graph's inputs, ``*args`` and ``**kwargs`` are empty (:func:`fixed_arity`), and the
+   decorator's own code runs as part of the trace.
 2. ``opaque``: when tracing fails inside a submodule (control flow on a traced value, a
    proxy iterated...), that innermost submodule becomes a leaf, kept whole and called as it
    is, and tracing starts again; up to ``MAX_OPAQUE`` times. The rest of the model stays
@@ -23,9 +28,9 @@ A failure in the root's own forward code has no submodule to isolate: it raises
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
@@ -37,8 +42,11 @@ __all__ = [
     "OpaqueModule",
     "TraceError",
     "TraceResult",
+    "TypedOutputCodeGen",
     "caches_kept",
     "eval_mode",
+    "fixed_arity",
+    "keep_output_type",
     "mode",
     "thread_in_place",
     "timm_notrace",
@@ -185,6 +193,21 @@ class ModelTracer(fx.Tracer):
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
+        self.output_type: type | None = None  # the root's output, a dict that is a dataclass
+
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Any, list[Any]]:
+        fixed = fixed_arity(root_fn) if is_module else None
+        fn, args = super().create_args_for_root(fixed or root_fn, is_module, concrete_args)
+
+        def returning(*given: Any) -> Any:
+            out = fn(*given)
+            if isinstance(out, dict) and dataclasses.is_dataclass(out):
+                self.output_type = type(out)
+            return out
+
+        return returning, args
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         before = _last_node(self.graph)
@@ -275,7 +298,7 @@ def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             m.__dict__["training"] = flag
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModuleCall:
     """One call of a submodule while tracing: the graph nodes its forward created (in order),
     the graph values it was given, and the node it returned (None: not a single tensor)."""
@@ -333,7 +356,7 @@ def is_timm_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("timm.")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OpaqueModule:
     """A submodule fx could not trace through, kept whole (no block can go inside it)."""
 
@@ -344,7 +367,7 @@ class OpaqueModule:
         return f"{self.name}: {self.reason}"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TraceResult:
     """The traced graph, the strategy that produced it, and the submodules kept opaque."""
 
@@ -356,6 +379,48 @@ class TraceResult:
 def tracing_strategy(opaque: tuple[OpaqueModule, ...]) -> str:
     """How a model was traced: "whole", or "opaque" when submodules were kept whole."""
     return "opaque" if opaque else "whole"
+
+
+OUTPUT_TYPE = "_attn_inject_output_type"  # the name of the output's class in generated code
+
+
+class TypedOutputCodeGen(fx.graph.CodeGen):
+    """fx's code for a graph whose output fx keeps as a ``dict`` but the model returned as
+    a dict that is also a dataclass (HF transformers' ``ModelOutput``): the generated
+    ``return`` rebuilds that class from the dict (``return BaseModelOutput(**{...})``), so
+    a rewritten forward returns what the model's own did."""
+
+    def __init__(self, output_type: type) -> None:
+        super().__init__()
+        self.output_type = output_type
+
+    def generate_output(
+        self,
+        output_args: Any,
+        *,
+        descs: Any = None,
+        repr_fn: Callable[[object], str] | None = None,
+    ) -> str:
+        plain = super().generate_output(output_args, repr_fn=repr_fn).removeprefix("return ")
+        return f"return {OUTPUT_TYPE}(**{plain})"
+
+    def _gen_python_code(self, *args: Any, **kwargs: Any) -> Any:
+        code = super()._gen_python_code(*args, **kwargs)
+        code.globals[OUTPUT_TYPE] = self.output_type
+        return code
+
+    def process_outputs(self, outputs: Any) -> Any:
+        return self.output_type(**outputs)
+
+
+def keep_output_type(graph: fx.Graph, output_type: type | None) -> None:
+    """Have ``graph``'s code return ``output_type`` where fx made the model's output a
+    plain dict (:class:`TypedOutputCodeGen`)."""
+    if output_type is None or type(graph._codegen) is not fx.graph.CodeGen:
+        return
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if output is not None and output.args and isinstance(output.args[0], dict):
+        graph.set_codegen(TypedOutputCodeGen(output_type))
 
 
 def thread_in_place(graph: fx.Graph) -> None:
@@ -380,6 +445,55 @@ def _is_in_place(name: object) -> bool:
 def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:240]
+
+
+def fixed_arity(forward: Callable[..., Any]) -> Callable[..., Any] | None:
+    """``forward`` (a function of ``self``) as a function of its named parameters alone, with
+    ``*args`` and ``**kwargs`` empty, when it takes them or a decorator wraps it; None when
+    fx can trace it as it is, or when it names no parameter (nothing to trace it for).
+
+    ``@can_return_tuple def forward(self, pixel_values=None, **kwargs)`` becomes::
+
+        def forward(self, pixel_values=_default_pixel_values):
+            return _root(self, pixel_values)
+
+    where ``_root`` is the decorated function, so the decorator runs as part of the trace.
+    fx alone reads the parameters of the innermost function but calls the outer one with
+    them, and turns ``*args`` into one traced value that the code cannot unpack."""
+    if not inspect.isfunction(forward):
+        return None
+    try:
+        signature = inspect.signature(forward)  # follows __wrapped__ to the real parameters
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())[1:]
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    wrapped = inspect.unwrap(forward) is not forward
+    if not wrapped and not any(p.kind in variadic for p in parameters):
+        return None
+    named = [p for p in parameters if p.kind not in variadic]
+    if not named:
+        return None
+    namespace: dict[str, Any] = {"_root": forward}
+    params: list[str] = ["self"]
+    call: list[str] = ["self"]
+    # A default only where every later parameter has one (the function must compile).
+    defaulted = len(named)
+    while defaulted > 0 and named[defaulted - 1].default is not inspect.Parameter.empty:
+        defaulted -= 1
+    for i, p in enumerate(named):
+        text = p.name
+        if i >= defaulted:
+            namespace[f"_default_{p.name}"] = p.default
+            text += f"=_default_{p.name}"
+        params.append(text)
+        call.append(f"{p.name}={p.name}" if p.kind is inspect.Parameter.KEYWORD_ONLY else p.name)
+    source = f"def forward({', '.join(params)}):\n    return _root({', '.join(call)})\n"
+    name = getattr(forward, "__qualname__", "forward")
+    exec(compile(source, f"<fixed arity of {name}>", "exec"), namespace)
+    function = namespace["forward"]
+    function.__qualname__ = name
+    return function
 
 
 def default_concrete_args(model: nn.Module) -> dict[str, Any]:
@@ -497,6 +611,7 @@ def _trace(
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
                 thread_in_place(graph)
+                keep_output_type(graph, tracer.output_type)
                 return TraceResult(graph, tuple(opaque), tuple(tracer.calls))
             except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
                 failed = tracer.failed_in
