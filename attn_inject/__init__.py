@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import hf
 from ._version import __version__
 from .blocks import BlockInfo, BlockParamError, create_block, describe_blocks, list_blocks, register_block
 from .checkpoint import CheckpointError
@@ -55,6 +56,7 @@ __all__ = [
     "freeze_base",
     "gates",
     "get_recipe",
+    "hf",
     "inject",
     "inserted_blocks",
     "list_blocks",

@@ -38,8 +38,9 @@ class Architecture:
 
 
 # Plain attributes that do not change what a model computes (the head's size is compared by
-# its tensors' shapes; checkpointing trades memory for time), or that a model sets as it runs.
-UNCOMPARED = frozenset({"training", "grad_checkpointing", "num_classes", "attn_inject"})
+# its tensors' shapes; checkpointing trades memory for time), or that a model sets as it runs
+# (transformers' ``name_or_path``: the folder it was loaded from).
+UNCOMPARED = frozenset({"training", "grad_checkpointing", "num_classes", "attn_inject", "name_or_path"})
 _SIMPLE = (bool, int, float, str, type(None))
 
 

@@ -1,0 +1,332 @@
+"""Models from outside timm and torchvision: variadic root forwards (Ultralytics'
+``forward(x, *args, **kwargs)``, decorators that wrap ``forward``), HF transformers' vision
+models built from tiny configs with random weights, and their save / load round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import attn_inject as ai
+from attn_inject.derive import derived_spec
+from attn_inject.graph.trace import fixed_arity, trace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --- variadic root forwards (no transformers needed) -------------------------------------------
+
+
+class Backbone(nn.Module):
+    """Four stride-2 convolutions with functional ReLUs in the root's own code, so a block
+    after a stage is placed in the root's rewritten forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.stem, self.c1, self.c2, self.c3):
+            x = torch.relu(conv(x))
+        return x
+
+
+class VariadicRoot(Backbone):
+    """Ultralytics' root signature."""
+
+    def forward(self, x, *args, **kwargs):
+        for extra in args:
+            x = x + extra
+        if kwargs.get("augment"):
+            x = x.flip(-1)
+        return self.features(x).mean((2, 3))
+
+
+def doubled(forward):
+    """A decorator that hides ``forward``'s parameters behind ``(self, *args, **kwargs)``."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        scale = kwargs.pop("scale", 2.0)
+        return forward(self, *args, **kwargs) * scale
+
+    return wrapper
+
+
+class WrappedRoot(Backbone):
+    @doubled
+    def forward(self, x, shift=None, **kwargs):
+        if shift is not None:
+            x = x + shift
+        return self.features(x).mean((2, 3))
+
+
+class TwiceWrappedRoot(Backbone):
+    @doubled
+    @doubled
+    def forward(self, x, *, shift=None):
+        if shift is not None:
+            x = x + shift
+        return self.features(x).mean((2, 3))
+
+
+INPUT = (3, 64, 64)
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(2, *INPUT, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cls", [VariadicRoot, WrappedRoot, TwiceWrappedRoot])
+def test_variadic_root_injects_identity_exact_for_the_plain_call(cls):
+    torch.manual_seed(0)
+    model = cls().eval()
+    patched = ai.inject(model, "se_after_every_stage", input_size=INPUT)
+    assert ai.inserted_blocks(patched), "the root's stages are open to insertion"
+    assert type(patched).__mro__[1] is cls or type(patched) is cls
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+
+
+def test_decorator_runs_as_part_of_the_traced_forward():
+    """The wrapper's own code (a scale of 2) is in the graph: the traced forward computes
+    twice the undecorated one, as the model does."""
+    torch.manual_seed(0)
+    model = WrappedRoot().eval()
+    graph = trace(model).graph
+    gm = torch.fx.GraphModule(model, graph)
+    x = _inputs()
+    with torch.no_grad():
+        plain = model.features(x).mean((2, 3))
+        assert torch.equal(gm(x), plain * 2.0)
+
+
+def test_rewritten_variadic_root_refuses_extra_arguments():
+    """The root's forward is rewritten for ``model(x)``: ``*args`` and ``**kwargs`` were
+    empty in the trace, and a call that passes some is refused rather than ignored."""
+    torch.manual_seed(0)
+    model = VariadicRoot().eval()
+    patched = ai.inject(model, "se_after_every_stage", input_size=INPUT)
+    spec = derived_spec(patched)
+    assert spec is not None and spec.graph is not None, "blocks in the root's code: its forward is rewritten"
+    x = _inputs()
+    with pytest.raises(RuntimeError, match=r"without \*args"):
+        patched(x, torch.ones(1))
+    with pytest.raises(RuntimeError, match=r"without \*\*kwargs"):
+        patched(x, augment=True)
+
+
+def test_fixed_arity_names_the_real_parameters():
+    fixed = fixed_arity(WrappedRoot.forward)
+    assert fixed is not None
+    assert list(inspect.signature(fixed).parameters) == ["self", "x", "shift"]
+    assert inspect.signature(fixed).parameters["shift"].default is None
+    kw_only = fixed_arity(TwiceWrappedRoot.forward)
+    assert kw_only is not None and list(inspect.signature(kw_only).parameters) == ["self", "x", "shift"]
+    assert fixed_arity(Backbone.features) is None  # nothing to fix: fx traces it as it is
+    assert fixed_arity(lambda self, *args, **kwargs: None) is None  # no parameter to trace it for
+
+
+@dataclasses.dataclass
+class Output(OrderedDict):
+    """A dict that is also a dataclass, as transformers' ModelOutput."""
+
+    features: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                self[f.name] = getattr(self, f.name)
+
+
+class DictOutputRoot(Backbone):
+    def forward(self, x):
+        features = self.features(x)
+        return Output(features=features, pooled=features.mean((2, 3)))
+
+
+def test_rewritten_root_returns_its_own_output_type():
+    torch.manual_seed(0)
+    model = DictOutputRoot().eval()
+    patched = ai.inject(model, "se_after_every_stage", input_size=INPUT)
+    spec = derived_spec(patched)
+    assert spec is not None and spec.graph is not None
+    x = _inputs()
+    with torch.no_grad():
+        want, got = model(x), patched(x)
+    assert type(got) is Output
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name])
+    assert torch.equal(got.pooled, want.pooled)
+
+
+# --- HF transformers ---------------------------------------------------------------------------
+
+
+def _hf():
+    return pytest.importorskip("transformers", reason="HF transformers is not installed (attn-inject[hf])")
+
+
+def _configs(T):
+    """(model class, config, image size): tiny, built with random weights, nothing downloaded."""
+    stages = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    vit = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    two = dict(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2])
+    return {
+        "resnet": (T.ResNetModel, T.ResNetConfig(embedding_size=16, **stages), 64),
+        "regnet": (T.RegNetModel, T.RegNetConfig(embedding_size=16, groups_width=8, **stages), 64),
+        "efficientnet": (
+            T.EfficientNetModel,
+            T.EfficientNetConfig(
+                image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320
+            ),
+            64,
+        ),
+        "bit": (T.BitModel, T.BitConfig(embedding_size=16, num_groups=4, **stages), 64),
+        "convnext": (T.ConvNextModel, T.ConvNextConfig(image_size=64, **stages), 64),
+        "convnextv2": (T.ConvNextV2Model, T.ConvNextV2Config(image_size=64, **stages), 64),
+        "poolformer": (T.PoolFormerModel, T.PoolFormerConfig(padding=[2, 1], **two), 64),
+        "segformer": (
+            T.SegformerModel,
+            T.SegformerConfig(sr_ratios=[2, 1], num_attention_heads=[1, 2], mlp_ratios=[2, 2], **two),
+            64,
+        ),
+        "dinov2": (T.Dinov2Model, T.Dinov2Config(**vit), 32),
+        "vit": (T.ViTModel, T.ViTConfig(intermediate_size=64, **vit), 32),
+    }
+
+
+@functools.cache
+def _hf_model(name: str):
+    T = _hf()
+    cls, config, size = _configs(T)[name]
+    torch.manual_seed(0)
+    return cls(config).eval(), size
+
+
+# Each model with a recipe that places blocks in it (every recipe is run on a few models).
+INJECTING = [
+    ("resnet", "se_resnet"),
+    ("regnet", "cbam_after_every_stage"),
+    ("efficientnet", "se_after_every_stage"),
+    ("bit", "se_resnet"),
+    ("convnext", "cbam_after_every_stage"),
+    ("convnextv2", "se_resnet"),
+    ("poolformer", "se_after_every_stage"),
+    ("segformer", "se_resnet"),
+    ("dinov2", "se_resnet"),
+]
+
+
+def _assert_same_output(want, got) -> None:
+    assert type(got) is type(want)
+    assert list(got.keys()) == list(want.keys())
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.parametrize(("name", "recipe"), INJECTING)
+def test_hf_model_injects_identity_exact_on_every_output_field(name, recipe):
+    model, size = _hf_model(name)
+    patched = ai.inject(model, recipe, init="identity", input_size=(3, size, size))
+    assert len(ai.inserted_blocks(patched)) > 0
+    assert ai.base_class(patched) is type(model) and type(patched).__name__ == type(model).__name__
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_same_output(model(x), patched(x))
+    report = ai.validate(model, patched, checks=("reference", "identity"), seeds=1, device="cpu")
+    assert report.passed, str(report)
+
+
+def test_hf_decorated_forward_still_answers_return_dict_false():
+    """ConvNext's forward is wrapped by ``@can_return_tuple``; its blocks live in its stages,
+    so the decorator runs as written and ``return_dict=False`` still gives a tuple."""
+    model, size = _hf_model("convnext")
+    patched = ai.inject(model, "se_after_every_stage", input_size=(3, size, size))
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = model(x, return_dict=False), patched(x, return_dict=False)
+    assert isinstance(got, tuple) and len(got) == len(want)
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_hf_root_rewritten_keeps_its_model_output_and_refuses_other_flags():
+    """PoolFormer's last stage ends in the root's own code: its forward is rewritten, returns
+    the same ModelOutput class, and a flag that would change what it computes is refused."""
+    model, size = _hf_model("poolformer")
+    patched = ai.inject(model, "se_after_every_stage", input_size=(3, size, size))
+    spec = derived_spec(patched)
+    assert spec is not None and spec.graph is not None
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _assert_same_output(model(x), patched(x))
+    with pytest.raises(RuntimeError, match="output_hidden_states"):
+        patched(x, output_hidden_states=True)
+
+
+def test_hf_save_pretrained_round_trip_keeps_the_blocks(tmp_path):
+    T = _hf()
+    model, size = _hf_model("resnet")
+    patched = ai.inject(model, "se_after_every_stage", init="paper", input_size=(3, size, size))
+    ai.hf.save_pretrained(patched, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["attn_inject"]["weights"] == "attn_inject.safetensors"
+    assert config["model_type"] == "resnet"
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    state = torch.random.get_rng_state()
+    for cls in (T.ResNetModel, T.AutoModel):
+        loaded = ai.hf.from_pretrained(cls, tmp_path)
+        assert type(loaded).__name__ == "ResNetModel"
+        assert set(ai.inserted_blocks(loaded)) == set(ai.inserted_blocks(patched))
+        with torch.no_grad():
+            _assert_same_output(patched(x), loaded(x))
+    assert torch.equal(torch.random.get_rng_state(), state), "loading leaves the caller's random state"
+    # The blocks are not identity (init="paper"): a model without them computes something else.
+    with torch.no_grad():
+        assert not torch.equal(model(x).last_hidden_state, patched(x).last_hidden_state)
+
+
+def test_hf_plain_from_pretrained_on_a_patched_folder_fails_instead_of_dropping_blocks(tmp_path):
+    T = _hf()
+    model, size = _hf_model("resnet")
+    ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), tmp_path)
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        T.ResNetModel.from_pretrained(tmp_path)
+
+
+def test_hf_from_pretrained_refuses_a_plain_folder_another_class_and_a_bad_entry(tmp_path):
+    T = _hf()
+    model, size = _hf_model("resnet")
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    with pytest.raises(ai.AttnInjectError, match="has no 'attn_inject' entry"):
+        ai.hf.from_pretrained(T.ResNetModel, plain)
+    folder = tmp_path / "patched"
+    ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), folder)
+    with pytest.raises(ai.AttnInjectError, match="ResNetForImageClassification"):
+        ai.hf.from_pretrained(T.ResNetForImageClassification, folder)
+    with pytest.raises(ai.AttnInjectError, match="exists"):
+        ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["attn_inject"]["weights"] = "../elsewhere.safetensors"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ai.AttnInjectError, match="must name weights"):
+        ai.hf.from_pretrained(T.ResNetModel, folder)
+    with pytest.raises(ai.AttnInjectError, match="PreTrainedModel"):
+        other = ai.inject(VariadicRoot().eval(), "se_after_every_stage", input_size=INPUT)
+        ai.hf.save_pretrained(other, folder)
