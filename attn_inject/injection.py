@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from .blocks.proof import BlockProofError
 from .errors import AttnInjectError
 from .models import base_model_of
-from .planning import analyse, positions_of
+from .planning import QuantizedModelError, analyse, positions_of
 from .randomness import check_seed, own_random_state
 from .recipe import Recipe
 from .rewrite import RewriteError, rewrite
@@ -59,6 +60,11 @@ def inject(
     with own_random_state(seed):
         try:
             graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
+        except QuantizedModelError as error:
+            if not allow_empty:
+                raise
+            warnings.warn(f"{error}; the model is returned unchanged (allow_empty=True)", stacklevel=2)
+            return model
         except BlockProofError as error:  # a block that fails on its point's shape while planned
             raise InjectError(str(error)) from None
         if not plan.points and not allow_empty:

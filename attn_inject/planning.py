@@ -41,6 +41,7 @@ __all__ = [
     "InsertionPoint",
     "Plan",
     "PlanError",
+    "QuantizedModelError",
     "SkippedPoint",
     "build_plan",
     "default_input_size",
@@ -53,6 +54,10 @@ BATCH = 2  # two samples: batch norm in training mode refuses one value per chan
 
 class PlanError(AttnInjectError, ValueError):
     """The recipe cannot be matched against this model (e.g. a stage index out of range)."""
+
+
+class QuantizedModelError(PlanError):
+    """The model computes on quantized tensors: no block can go into it."""
 
 
 @dataclass(frozen=True)
@@ -705,7 +710,7 @@ def _refuse_quantized(model: nn.Module, name: str) -> None:
     found = quantized_modules(model)
     if found:
         more = f" and {len(found) - 2} more" if len(found) > 2 else ""
-        raise PlanError(
+        raise QuantizedModelError(
             f"{name} is quantized ({', '.join(found[:2])}{more} compute on quantized tensors); "
             "attention blocks go into float models: inject into the model before it is quantized "
             "(torchvision: quantize=False)"
