@@ -93,6 +93,29 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         help="intra-op threads per process (default: the process's share of the cores, less one "
         "for the data loader workers)",
     )
+    p.add_argument(
+        "--log-interval",
+        type=int,
+        default=50,
+        metavar="STEPS",
+        help="in a pipe or a file: a line every STEPS optimizer steps with loss, lr, images/s and "
+        "ETA (default: 50)",
+    )
+    p.add_argument(
+        "--log-tensorboard",
+        metavar="DIR",
+        help="TensorBoard event files in DIR (pip install tensorboard)",
+    )
+    p.add_argument(
+        "--log-mlflow",
+        action="store_true",
+        help="log to MLflow at MLFLOW_TRACKING_URI (pip install mlflow-skinny)",
+    )
+    p.add_argument(
+        "--log-wandb",
+        action="store_true",
+        help="log to Weights & Biases, WANDB_PROJECT / WANDB_MODE from the environment (pip install wandb)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> FinetuneConfig:

@@ -15,7 +15,17 @@ from ..values import is_int
 __all__ = ["RESUME_FREE", "FinetuneConfig", "SettingError"]
 
 # Settings a resumed run may change: they do not change what is computed.
-RESUME_FREE = ("resume", "force", "workers", "threads", "out")
+RESUME_FREE = (
+    "resume",
+    "force",
+    "workers",
+    "threads",
+    "out",
+    "log_interval",
+    "log_tensorboard",
+    "log_mlflow",
+    "log_wandb",
+)
 
 
 class SettingError(InputError):
@@ -53,6 +63,10 @@ class FinetuneConfig:
     seed: int = 0
     resume: bool = False
     force: bool = False
+    log_interval: int = 50  # optimizer steps between two progress lines in a pipe
+    log_tensorboard: str | None = None  # a folder for TensorBoard's event files
+    log_mlflow: bool = False  # to MLflow (MLFLOW_TRACKING_URI)
+    log_wandb: bool = False  # to Weights & Biases (WANDB_* settings)
 
     def check(self) -> None:
         """Raise :class:`SettingError` (one line, naming the option) for a setting out of range."""
@@ -63,6 +77,7 @@ class FinetuneConfig:
             ("--image-size", self.image_size, 8),
             ("--workers", self.workers, 0),
             ("--threads", self.threads, 1),
+            ("--log-interval", self.log_interval, 1),
         )
         for option, value, low in whole:
             if value is not None and value < low:
@@ -79,6 +94,9 @@ class FinetuneConfig:
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise SettingError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
         self._check_places()
+        from .trackers import check_installed
+
+        check_installed(self)
 
     def _check_numbers(self) -> None:
         """The real-valued settings: finite, each in its range."""

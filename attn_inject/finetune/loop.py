@@ -51,11 +51,13 @@ def train_one_epoch(
     clip_grad: float | None = None,
     ema: Any = None,
     channels_last: bool = False,
-    on_step: Callable[[float], None] | None = None,
+    on_step: Callable[[float, int], None] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Train one pass over ``loader``. ``scheduler`` (timm) gets ``step_update`` after
     every optimizer step, ``ema`` (timm ``ModelEmaV3``) ``update``; ``scaler`` is timm's
-    ``NativeScaler`` for fp16. Returns ``({"loss": mean over all ranks}, num_updates)``."""
+    ``NativeScaler`` for fp16; ``on_step(loss, images)`` is called after every step with
+    the step's loss and its number of images (this process's). Returns
+    ``({"loss": mean over all ranks}, num_updates)``."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     model.train()
     total, count = 0.0, 0.0
@@ -81,7 +83,7 @@ def train_one_epoch(
         total += float(loss.detach()) * len(targets)
         count += len(targets)
         if on_step is not None:
-            on_step(float(loss.detach()))
+            on_step(float(loss.detach()), len(targets))
     total, count = context.sum([total, count])
     return {"loss": total / max(count, 1)}, num_updates
 

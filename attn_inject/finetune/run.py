@@ -39,7 +39,9 @@ from .freeze import freeze_base
 from .gates import mean_gate
 from .groups import param_groups
 from .loop import Precision, evaluate, train_one_epoch
+from .progress import RunClock, epoch_progress
 from .starting_point import StartingPoint, load_for_finetuning
+from .trackers import UNLABELLED, RunLabel, Trackers, tracking
 
 __all__ = ["OUTPUTS", "RunError", "RunResult", "run"]
 
@@ -282,26 +284,6 @@ def _log(context: Context, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _progress(context: Context, label: str, total: int) -> Iterator[Callable[[float], None]]:
-    """A rich progress bar on a terminal; nothing otherwise (the epoch line says it all)."""
-    if not context.main or not sys.stderr.isatty():
-        yield lambda loss: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-    )
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(label, total=total, loss=math.nan)
-        yield lambda loss: progress.update(task, advance=1, loss=loss)
-
-
 def _wrap(model: nn.Module, config: FinetuneConfig, context: Context) -> nn.Module:
     """DDP around the model under torchrun (rebuilt whenever the trainable set changes),
     then torch.compile when asked."""
@@ -399,15 +381,20 @@ EpochHook = Callable[[dict[str, float]], None]
 
 
 def run(
-    config: FinetuneConfig, on_epoch: EpochHook | None = None, *, images_checked: bool = False
+    config: FinetuneConfig,
+    on_epoch: EpochHook | None = None,
+    *,
+    images_checked: bool = False,
+    label: RunLabel = UNLABELLED,
 ) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured.
     ``on_epoch(row)`` is called with each epoch's summary row once its files are written
     (``attn-inject search`` reports it to its pruner, which may stop the run there).
     ``images_checked``: the caller decoded every image of ``config.data`` already (a search
-    does once for all its trials); the folders' layout is still checked."""
+    does once for all its trials); the folders' layout is still checked. ``label`` names
+    the run in the trackers ``config`` asks for (:mod:`.trackers`)."""
     with _stoppable(config) as stop_if_requested, _threads(config):
-        return _run(config, on_epoch, stop_if_requested, images_checked)
+        return _run(config, on_epoch, stop_if_requested, images_checked, label)
 
 
 def default_threads(workers: int) -> tuple[int, int]:
@@ -452,6 +439,7 @@ def _run(
     on_epoch: EpochHook | None = None,
     stop_if_requested: Callable[[], None] = lambda: None,
     images_checked: bool = False,
+    label: RunLabel = UNLABELLED,
 ) -> RunResult:
     config.check()
     folders = check_folders(config.data, verify=not images_checked)
@@ -474,7 +462,7 @@ def _run(
                 f"--data {config.data}: each of the {context.world} processes gets {share} training image; "
                 "BatchNorm needs at least 2 in a batch: add images or use fewer processes"
             )
-        return _train(config, folders, start, context, on_epoch, stop_if_requested)
+        return _train(config, folders, start, context, on_epoch, stop_if_requested, label)
     finally:
         teardown(context)
 
@@ -684,16 +672,28 @@ def _epoch(
     label: str,
     context: Context,
     stop_if_requested: Callable[[], None],
+    clock: RunClock,
+    trackers: Trackers,
 ) -> dict[str, float]:
     """Train one epoch and evaluate: the epoch's summary row (``p.num_updates`` advanced)."""
-    with _progress(context, label, len(t.train_loader)) as advance:
+    with epoch_progress(
+        main=context.main,
+        world=context.world,
+        label=label,
+        total=len(t.train_loader),
+        interval=config.log_interval,
+        lr=lambda: _base_lr(t.optimizer),
+        first_update=p.num_updates,
+        clock=clock,
+        trackers=trackers,
+    ) as advance:
         # Seeded once the bar is open: importing rich draws from ``random`` (rich.style), and
         # only a terminal gets a bar; nothing between here and the first batch depends on it.
         _seed(config, epoch, context.rank)
         t.sampler.set_epoch(epoch)
 
-        def on_step(loss: float) -> None:
-            advance(loss)
+        def on_step(loss: float, images: int) -> None:
+            advance(loss, images)
             stop_if_requested()
 
         train_metrics, p.num_updates = train_one_epoch(
@@ -710,8 +710,7 @@ def _epoch(
             channels_last=config.channels_last,
             on_step=on_step,
         )
-    # The base learning rate of the epoch's last step (the new blocks run at attn_lr_scale x).
-    base_lr = t.optimizer.param_groups[0]["lr"] / t.optimizer.param_groups[0].get("lr_scale", 1.0)
+    base_lr = _base_lr(t.optimizer)  # the epoch's last step's
     t.scheduler.step(epoch + 1)
     scored = t.ema.module if t.ema is not None else t.model
     eval_metrics = evaluate(
@@ -726,6 +725,18 @@ def _epoch(
     }
 
 
+def _base_lr(optimizer: Any) -> float:
+    """The base learning rate of the step just taken (the new blocks run at attn_lr_scale x)."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"] / group.get("lr_scale", 1.0))
+
+
+def _tracked(row: dict[str, float]) -> dict[str, float]:
+    """An epoch's summary row as the trackers name its figures."""
+    names = {"train_loss": "train/epoch_loss", "train_gate": "train/gate"}
+    return {names.get(k, k.replace("eval_", "eval/")): v for k, v in row.items()}
+
+
 def _train(
     config: FinetuneConfig,
     folders: Folders,
@@ -733,21 +744,41 @@ def _train(
     context: Context,
     on_epoch: EpochHook | None = None,
     stop_if_requested: Callable[[], None] = lambda: None,
+    label: RunLabel = UNLABELLED,
 ) -> RunResult:
     out = _prepare_out(config, context)
     _log(context, _threads_line(config, context))
     t = _training(config, folders, start, context)
     p = _resumed(config, t, out, context)
+    with tracking(config, label, context.main) as trackers:
+        return _epochs(config, folders, start, context, on_epoch, stop_if_requested, t, p, trackers)
+
+
+def _epochs(
+    config: FinetuneConfig,
+    folders: Folders,
+    start: StartingPoint,
+    context: Context,
+    on_epoch: EpochHook | None,
+    stop_if_requested: Callable[[], None],
+    t: _Training,
+    p: _Progress,
+    trackers: Trackers,
+) -> RunResult:
+    """The epochs left to run, each trained, evaluated, written and logged."""
+    out = Path(config.out)
     wrapped, frozen = None, None
     started = time.perf_counter()
+    clock = RunClock(config.epochs - p.first_epoch)
     for epoch in range(p.first_epoch, config.epochs):
+        epoch_began = time.perf_counter()
         want_frozen = epoch < config.frozen_epochs
         if want_frozen != frozen:
             freeze_base(t.model, want_frozen, head=True)
             frozen, wrapped = want_frozen, _wrap(t.model, config, context)
         assert wrapped is not None
         label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
-        row = _epoch(config, t, p, wrapped, epoch, label, context, stop_if_requested)
+        row = _epoch(config, t, p, wrapped, epoch, label, context, stop_if_requested, clock, trackers)
         p.history.append(row)
         improved = row["eval_top1"] > p.best_top1
         if improved:
@@ -758,11 +789,13 @@ def _train(
             f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {row['lr']:.3g}, "
             f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
         )
+        trackers.log(_tracked(row), p.num_updates)
         if context.main:
             metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
             _write_epoch(config, t, p, epoch, improved, metrics, folders, start)
         stop_if_requested()
         context.barrier()
+        clock.epoch_done(time.perf_counter() - epoch_began)
         if on_epoch is not None:
             on_epoch(dict(row))
     _log(
