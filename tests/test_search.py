@@ -100,7 +100,9 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
         by_candidate.setdefault(t.user_attrs["candidate"], []).append(last_top1(run))
     for name, values in by_candidate.items():
         mean, half = statistics.fmean(values), T975_1 * statistics.stdev(values) / math.sqrt(2)
-        assert rows[name]["top-1 mean ± 95%"] == f"{mean:.2f} ± {half:.2f}", name
+        assert float(rows[name]["top1_mean"]) == pytest.approx(mean, abs=1e-9), name
+        assert float(rows[name]["top1_ci95"]) == pytest.approx(half, rel=1e-3), name  # t to 5 digits
+        assert f"| {name} | 2 | {mean:.2f} ± {half:.2f} |" in (out / "leaderboard.md").read_text()
         assert rows[name]["seeds"] == "2"
         assert [float(v) for v in rows[name]["seed_values"].split()] == pytest.approx(
             sorted(values, key=values.index)
@@ -111,13 +113,16 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     }
     pairs = [seeds[("se_resnet", s)] - seeds[("baseline", s)] for s in (0, 1)]  # paired by seed
     half = T975_1 * statistics.stdev(pairs) / math.sqrt(2)
-    assert rows["se_resnet"]["Δ baseline ± 95%"] == f"{statistics.fmean(pairs):+.2f} ± {half:.2f}"
-    assert rows["se_resnet"]["beyond noise"] == "n/a"  # two seeds a side are too few to tell
-    assert (
-        rows["se_resnet"]["params added"]
-        == f"{ai.plan(_base(), 'se_resnet', input_size=(3, 32, 32)).params_added:,}"
-    )
-    assert rows["baseline"]["params added"] == "0"
+    assert float(rows["se_resnet"]["delta"]) == pytest.approx(statistics.fmean(pairs), abs=1e-9)
+    assert float(rows["se_resnet"]["delta_ci95"]) == pytest.approx(half, rel=1e-3)
+    assert f"{statistics.fmean(pairs):+.2f} ± {half:.2f}" in (out / "leaderboard.md").read_text()
+    assert rows["se_resnet"]["beyond_noise"] == "n/a"  # two seeds a side are too few to tell
+    planned = ai.plan(_base(), "se_resnet", input_size=(3, 32, 32))
+    assert int(rows["se_resnet"]["params_added"]) == planned.params_added
+    assert int(rows["se_resnet"]["flops_added"]) == planned.flops_added
+    assert f"| {planned.params_added:,} |" in (out / "leaderboard.md").read_text()  # readable there
+    assert rows["baseline"]["params_added"] == "0" and rows["baseline"]["delta"] == ""
+    assert float(rows["baseline"]["s_per_epoch"]) > 0
     assert "skipped nothing: places no block" in (out / "leaderboard.md").read_text()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = max(names, key=lambda n: (statistics.fmean(by_candidate[n]), -names.index(n)))

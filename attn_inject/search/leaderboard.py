@@ -29,11 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_path
+from ..messages import cut
 from .candidates import BASELINE
 from .layout import Layout
 from .records import Outcome, TrialRecord
 
-__all__ = ["Report", "Row", "leaderboard", "t_quantile", "t_quantile_exact", "write_report"]
+__all__ = [
+    "CSV_COLUMNS",
+    "Report",
+    "Row",
+    "leaderboard",
+    "numeric_csv",
+    "pareto_figure",
+    "t_quantile",
+    "t_quantile_exact",
+    "write_report",
+]
 
 T_LEVEL = 0.975  # two-sided 95%
 MIN_SEEDS_BEYOND_NOISE = 3  # seeds a side needs before a difference is called beyond the noise
@@ -221,6 +232,53 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
+CSV_COLUMNS = (
+    "candidate", "seeds", "seed_values", "top1_mean", "top1_ci95", "delta", "delta_ci95",
+    "beyond_noise", "params_added", "flops_added", "s_per_epoch", "pruned", "failed",
+)  # fmt: skip
+
+
+def _number(value: float) -> str:
+    """A figure as a CSV cell: the shortest text that reads back as the same float; an
+    empty cell where there is none (NaN), which pandas and ``float`` readers take as missing."""
+    return "" if math.isnan(value) else repr(float(value))
+
+
+def numeric_csv(rows: Sequence[Row]) -> str:
+    """The leaderboard as CSV, one column per figure (:data:`CSV_COLUMNS`), each cell a plain
+    number: top-1 and its 95% half-width in %, the difference from the baseline and its
+    half-width in points (empty for the baseline itself), parameters and FLOPs added per
+    image as integers, seconds per epoch. ``seed_values`` lists each seed's top-1,
+    space-separated; ``beyond_noise`` is yes, no or n/a."""
+    baseline = next((r for r in rows if r.candidate == BASELINE.name), None)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        diff, half, beyond = math.nan, math.nan, ""
+        if baseline is not None and r is not baseline and r.values and baseline.values:
+            (diff, half), beyond = r.difference(baseline), r.beyond_noise(baseline)
+        seconds = statistics.fmean(r.seconds_per_epoch) if r.seconds_per_epoch else math.nan
+        writer.writerow(
+            [
+                r.candidate,
+                len(r.values),
+                " ".join(repr(v) for v in r.values),
+                _number(r.mean),
+                _number(r.interval),
+                _number(diff),
+                _number(half),
+                beyond,
+                r.params_added,
+                r.flops_added,
+                _number(seconds),
+                r.pruned,
+                r.failed,
+            ]
+        )
+    return buffer.getvalue()
+
+
 def _markdown(header: list[str], body: list[list[str]], notes: Sequence[str]) -> str:
     from ..tables import markdown_table
 
@@ -228,17 +286,62 @@ def _markdown(header: list[str], body: list[list[str]], notes: Sequence[str]) ->
 
 
 def _pareto(rows: Sequence[Row]) -> bytes:
-    """Mean top-1 against FLOPs added, with the intervals; the front (no candidate both
-    more accurate and cheaper) joined and labelled. A PNG, in memory. The labels are the
-    candidates' names as given: drawn as plain text (no TeX, no mathtext), so a ``$`` in a
-    name is a dollar sign, whatever the user's matplotlibrc says."""
+    """:func:`pareto_figure` as a PNG, in memory."""
+    buffer = io.BytesIO()
+    pareto_figure(rows).savefig(buffer, format="png", bbox_inches="tight")  # the label column too
+    return buffer.getvalue()
+
+
+LABEL_POINTS = 7  # the labels' font size
+LINE_INCHES = 1.5 * LABEL_POINTS / 72  # a label's slot in the column: 1.5 lines
+MAX_LABEL = 60  # characters of a name drawn
+
+
+def pareto_figure(rows: Sequence[Row]) -> Any:
+    """Mean top-1 against FLOPs added, with the intervals; the front (no candidate both more
+    accurate and cheaper) joined and drawn in red. A matplotlib ``Figure``.
+
+    - **Labels never overlap**: they stand in a column right of the axes, one slot each,
+      in the order of the points' heights, each joined to its point by a thin line (the
+      figure grows taller when the slots need it). Names are drawn as plain text (no TeX,
+      no mathtext), so a ``$`` in a name is a dollar sign, whatever the matplotlibrc says.
+    - **The axes follow the data**: the y axis spans the means, and each interval as far as
+      it stays within [0, 100] and within the means' span (at least 2 points) of them, then
+      a margin; an interval that runs further (two seeds give t = 12.7) is cut at the edge,
+      and a triangle marks the cut end."""
     import matplotlib
 
     with matplotlib.rc_context({"text.usetex": False, "text.parse_math": False}):
         return _draw_pareto(rows)
 
 
-def _draw_pareto(rows: Sequence[Row]) -> bytes:
+def _y_limits(done: Sequence[Row]) -> tuple[float, float]:
+    means = [r.mean for r in done]
+    low, high = min(means), max(means)
+    span = max(high - low, 2.0)
+    floor, ceiling = max(0.0, low - span), min(100.0, high + span)
+    for r in done:
+        if not math.isnan(r.interval):
+            low = min(low, max(r.mean - r.interval, floor))
+            high = max(high, min(r.mean + r.interval, ceiling))
+    margin = 0.08 * max(high - low, 2.0)
+    return low - margin, high + margin
+
+
+def _slots(wanted: Sequence[float], gap: float) -> list[float]:
+    """Heights (axes fraction) for labels that want ``wanted`` (highest first): each at
+    least ``gap`` below the one above, the column moved up where it runs below 0 and kept
+    under 1 where it fits."""
+    placed: list[float] = []
+    for y in wanted:
+        placed.append(min(y, placed[-1] - gap) if placed else min(y, 1.0))
+    if placed and placed[-1] < 0:
+        shift = -placed[-1]
+        placed = [y + shift for y in placed]
+    return placed
+
+
+def _draw_pareto(rows: Sequence[Row]) -> Any:
     from matplotlib.figure import Figure
 
     done = [r for r in rows if r.values]
@@ -249,26 +352,24 @@ def _draw_pareto(rows: Sequence[Row]) -> bytes:
                    (o.mean > r.mean or o.flops_added < r.flops_added) for o in done)
     ]  # fmt: skip
     plain: dict[str, Any] = {"usetex": False, "parse_math": False}
-    figure = Figure(figsize=(7, 4.5), dpi=120)
+    top, bottom = 0.92, 0.13  # of the figure's height: the axes
+    height = max(4.5, (len(done) * LINE_INCHES + 0.3) / (top - bottom))
+    figure = Figure(figsize=(9, height), dpi=120)
+    figure.subplots_adjust(left=0.09, right=0.66, top=top, bottom=bottom)
     ax = figure.subplots()
+    if not done:
+        return figure
+    low, high = _y_limits(done)
+    ax.set_ylim(low, high)
     for r in done:
-        on = r in front
-        ax.errorbar(
-            r.flops_added / 1e6,
-            r.mean,
-            yerr=None if math.isnan(r.interval) else r.interval,
-            fmt="o",
-            color="#c0392b" if on else "#7f8c8d",
-            capsize=3,
-        )
-        ax.annotate(
-            r.candidate,
-            (r.flops_added / 1e6, r.mean),
-            fontsize=7,
-            xytext=(4, 3),
-            textcoords="offset points",
-            **plain,
-        )
+        color = "#c0392b" if r in front else "#7f8c8d"
+        x = r.flops_added / 1e6
+        half = 0.0 if math.isnan(r.interval) else r.interval
+        below, above = min(half, max(r.mean - low, 0.0)), min(half, max(high - r.mean, 0.0))
+        ax.errorbar(x, r.mean, yerr=[[below], [above]] if half else None, fmt="o", color=color, capsize=3)
+        for cut_end, edge, marker in ((below < half, low, "v"), (above < half, high, "^")):
+            if cut_end:
+                ax.plot([x], [edge], marker=marker, color=color, markersize=5, clip_on=False)
     line = sorted(front, key=lambda r: r.flops_added)
     ax.plot(
         [r.flops_added / 1e6 for r in line],
@@ -277,13 +378,26 @@ def _draw_pareto(rows: Sequence[Row]) -> bytes:
         color="#c0392b",
         label="Pareto front",
     )
+    gap = LINE_INCHES / (height * (top - bottom))
+    order = sorted(done, key=lambda r: (-r.mean, r.flops_added, r.candidate))
+    wanted = [(r.mean - low) / (high - low) for r in order]
+    for r, y in zip(order, _slots(wanted, gap), strict=True):
+        ax.annotate(
+            cut(r.candidate, MAX_LABEL),
+            (r.flops_added / 1e6, r.mean),
+            xytext=(1.03, y),
+            textcoords="axes fraction",
+            va="center",
+            fontsize=LABEL_POINTS,
+            color="#c0392b" if r in front else "#333333",
+            arrowprops={"arrowstyle": "-", "color": "#bbbbbb", "lw": 0.6, "shrinkA": 0, "shrinkB": 3},
+            annotation_clip=False,
+            **plain,
+        )
     ax.set_xlabel("FLOPs added per image (M)", **plain)
     ax.set_ylabel("validation top-1 (%), mean ± 95%", **plain)
     ax.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
 
 
 @dataclass(frozen=True)
@@ -315,23 +429,22 @@ def _best_run(rows: Sequence[Row], layout: Layout) -> tuple[Path | None, str | N
     return source, None
 
 
-def write_report(rows: Sequence[Row], layout: Layout, notes: Sequence[str] = ()) -> Report:
+def write_report(
+    rows: Sequence[Row], layout: Layout, notes: Sequence[str] = (), about: Sequence[str] = ()
+) -> Report:
     """Write leaderboard.md / .csv, pareto.png and best.safetensors into the study's folder,
     all built first and written together; a best run whose file is not here leaves no
-    best.safetensors (an older one is removed) and a note."""
+    best.safetensors (an older one is removed) and a note. ``about``: lines above the
+    Markdown table (what was searched, on which data)."""
     from ..tables import render_table
 
     best, why = _best_run(rows, layout)
     notes = [*notes, *([why] if why else [])]
     header, body = table_rows(rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["candidate", "seed_values", *header[1:]])
-    for r, cells in zip(rows, body, strict=True):
-        writer.writerow([r.candidate, " ".join(f"{v:.4f}" for v in r.values), *cells[1:]])
+    title = "# Search leaderboard\n\n" + "".join(f"{line}\n\n" for line in about)
     texts = {
-        layout.leaderboard_csv: buffer.getvalue().encode(),
-        layout.leaderboard_md: ("# Search leaderboard\n\n" + _markdown(header, body, notes)).encode(),
+        layout.leaderboard_csv: numeric_csv(rows).encode(),
+        layout.leaderboard_md: (title + _markdown(header, body, notes)).encode(),
         layout.pareto: _pareto(rows),
     }
     layout.folder.mkdir(parents=True, exist_ok=True)

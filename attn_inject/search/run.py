@@ -21,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from ..finetune.config import RESUME_FREE, FinetuneConfig
-from ..finetune.data import check_folders
+from ..finetune.data import Folders, check_folders
+from ..finetune.trackers import RunLabel
 from ..messages import cut, first_line, shown
 from ..planning import plan
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .layout import DEFAULT_STUDY, Layout
 from .leaderboard import Row, leaderboard, write_report
+from .progress import TrialClock
 from .records import MAX_SEEDS, check_candidate, check_seeds, read_trials
 from .space import point_candidate
-from .study import PRUNERS, SAMPLERS, StudySpec, import_optuna, open_study, work
+from .study import PRUNERS, SAMPLERS, StudySpec, import_optuna, open_study, say, work
 from .trial import Base, run_trial
 
 __all__ = ["SearchConfig", "SearchResult", "search"]
@@ -124,6 +126,40 @@ def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
     return kept, skipped
 
 
+def _about(folders: Folders) -> dict[str, Any]:
+    """What the study records of its data beside the hash: where it was, its classes and
+    images per split (not checked when the study is continued: a moved folder is the same
+    data)."""
+    return {
+        "data_path": str(folders.root.resolve()),
+        "data_classes": list(folders.classes[:MAX_CLASSES_RECORDED]),
+        "data_class_count": len(folders.classes),
+        "data_images": {split: int(n) for split, n in folders.counts.items()},
+    }
+
+
+MAX_CLASSES_RECORDED = 100  # class names a study records (the count is whole)
+
+
+def _about_lines(config: SearchConfig, folders: Folders, identity: Mapping[str, Any]) -> list[str]:
+    """The lines above the leaderboard: the base model and the data, as this search saw them."""
+    classes = folders.classes
+    names = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
+    counts = folders.counts
+    return [
+        f"Base: {cut(config.base_identity, 200)}.",
+        f"Data: {cut(str(folders.root.resolve()), 200)}: {len(classes)} classes ({cut(names, 300)}), "
+        f"{counts.get('train', 0):,} training and {counts.get('val', 0):,} validation images; "
+        f"file names and sizes hash {identity['data']}.",
+        f"Fine-tune: {config.template.epochs} epochs, seeds {cut(', '.join(map(str, _seeds(config))), 200)}; "
+        "top-1: validation top-1 (%) after the last epoch.",
+    ]
+
+
+def _seeds(config: SearchConfig) -> list[int]:
+    return [config.template.seed + k for k in range(config.repeats)]
+
+
 def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, Any]:
     per_trial = (*RESUME_FREE, "checkpoint", "seed", "data")  # set per trial, or not computed
     template = {k: v for k, v in sorted(config.template.to_dict().items()) if k not in per_trial}
@@ -145,10 +181,16 @@ class _Objective:
     """What one trial does: its candidate over its seeds, each a convert and a fine-tune."""
 
     def __init__(
-        self, config: SearchConfig, planned: Sequence[_Planned], seeds: Sequence[int], layout: Layout
+        self,
+        config: SearchConfig,
+        planned: Sequence[_Planned],
+        seeds: Sequence[int],
+        layout: Layout,
+        clock: TrialClock,
     ) -> None:
         self.config = config
         self.layout = layout
+        self.clock = clock
         self.by_name = {BASELINE.name: _Planned(BASELINE, 0, 0), **{p.candidate.name: p for p in planned}}
         self.names = list(self.by_name)  # the grid's choices, in the order the study records them
         self.seeds = list(seeds)
@@ -183,9 +225,8 @@ class _Objective:
             what = f"trial {trial.number}"
             planned = self.by_name[check_candidate(name, self.by_name, f"{what}: candidate")]
             seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
-            if self.config.sampler == "grid":
+            if self.config.sampler == "grid":  # the seed is an attribute, not a parameter
                 trial.suggest_categorical("candidate", self.names)
-                trial.suggest_categorical("seed", self.seeds)
         folders = [self.layout.trial_folder(trial.number, seed) for seed in seeds]
         candidate = planned.candidate
         for key, value in {
@@ -196,6 +237,7 @@ class _Objective:
             "flops_added": planned.flops_added,
         }.items():
             trial.set_user_attr(key, value)
+        self.clock.started(trial, candidate.name, seeds)
         epochs = self.config.template.epochs
         values, runs, seconds = [], [], []
         for k, (seed, folder) in enumerate(zip(seeds, folders, strict=True)):
@@ -205,7 +247,14 @@ class _Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: top-1 {row['eval_top1']:.2f}")
 
-            outcome = run_trial(self.config.base, candidate, seed, folder, self.config.template, report)
+            label = RunLabel(
+                f"{self.layout.study}/{folder.name}",
+                self.layout.study,
+                (("candidate", candidate.name), ("seed", str(seed)), ("trial", str(trial.number))),
+            )
+            outcome = run_trial(
+                self.config.base, candidate, seed, folder, self.config.template, report, label
+            )
             values.append(outcome.top1)
             runs.append(str(outcome.run))
             seconds.append(outcome.seconds_per_epoch)
@@ -219,14 +268,15 @@ def search(config: SearchConfig) -> SearchResult:
     """Run the search ``config`` describes in this process, as one of its workers; when no
     trial is left, write and return the leaderboard."""
     _check(config)
-    check_folders(config.template.data)
+    folders = check_folders(config.template.data)
     # grid: every candidate planned now; TPE: each sampled point when it is drawn
     planned, skipped = _plan_candidates(config) if config.sampler == "grid" else ([], [])
     if config.sampler == "grid" and not planned:
         raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
     layout = Layout.of(config.out, config.study)
     out = layout.out
-    seeds = [config.template.seed + k for k in range(config.repeats)]
+    seeds = _seeds(config)
+    identity = _identity(config, planned)
     spec = StudySpec(
         name=config.study,
         storage=f"sqlite:///{out / 'study.db'}" if config.storage is None else config.storage,
@@ -237,13 +287,17 @@ def search(config: SearchConfig) -> SearchResult:
         epochs=config.template.epochs,
         n_trials=config.n_trials,
         heartbeat=config.heartbeat,
-        identity=_identity(config, planned),
+        identity=identity,
+        about=_about(folders),
     )
     if config.storage is None:
         out.mkdir(parents=True, exist_ok=True)
     study = open_study(spec)
     out.mkdir(parents=True, exist_ok=True)
-    ran = work(study, spec, _Objective(config, planned, seeds, layout), config.timeout)
+    clock = TrialClock(
+        len(spec.candidates) * len(seeds) if config.sampler == "grid" else 1 + (config.n_trials or 0), say
+    )
+    ran = work(study, spec, _Objective(config, planned, seeds, layout, clock), config.timeout, clock)
     trials = study.get_trials(deepcopy=False)
     known = {BASELINE.name, *(c.name for c in config.candidates)}
     records, left_out = read_trials(trials, layout, known)
@@ -258,5 +312,5 @@ def search(config: SearchConfig) -> SearchResult:
     notes += left_out
     if not any(r.values for r in rows):
         raise SearchError(f"no trial of study {config.study!r} finished; nothing to report")
-    report = write_report(rows, layout, notes)
+    report = write_report(rows, layout, notes, _about_lines(config, folders, identity))
     return SearchResult(rows, report.table, layout.folder, ran, report.files)

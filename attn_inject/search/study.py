@@ -13,7 +13,11 @@
 - TPE (a search over a space): the baseline's seeds are enqueued; then each trial samples
   a point dimension by dimension and fine-tunes it over every seed, until ``n_trials``.
 - The study records what it was made for (base model, data, candidates, fine-tune); a
-  command that does not match it is refused, and the same command continues it.
+  command that does not match it is refused, and the same command continues it. It also
+  records, unchecked, where the data was and what it held (``data_path``,
+  ``data_classes``, ``data_images``), and names its objective (``val_top1_mean``). A
+  trial's seeds are its attribute (``seeds``), not a parameter: Optuna's parameter
+  importances credit the candidate alone.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..messages import cut, error_line, first_line, shown
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
+from .progress import TrialClock
 
 __all__ = ["StudySpec", "import_optuna", "open_study", "work"]
 
 SAMPLERS = ("grid", "tpe")
 PRUNERS = ("none", "median", "hyperband")
+METRIC = "val_top1_mean"  # the objective: validation top-1 (%) after the last epoch, mean over seeds
 MAX_RETRY = 2  # a trial whose worker died runs at most this many more times
 CREATE_ATTEMPTS = 5  # opening a new database that another worker is creating
 
@@ -55,6 +61,7 @@ class StudySpec:
     n_trials: int | None
     heartbeat: int
     identity: Mapping[str, Any]
+    about: Mapping[str, Any] = field(default_factory=dict)  # recorded beside it, not checked
 
 
 def import_optuna() -> Any:
@@ -136,9 +143,8 @@ def _unopened(spec: StudySpec, error: Exception) -> SearchError:
 def _sampler(spec: StudySpec) -> Any:
     optuna = import_optuna()
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(
-            {"candidate": [c.name for c in spec.candidates], "seed": list(spec.seeds)}, seed=0
-        )
+        # the seed is a trial attribute, not a searched parameter: the candidate alone is
+        return optuna.samplers.GridSampler({"candidate": [c.name for c in spec.candidates]}, seed=0)
     return optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, spec.n_trials or 10))
 
 
@@ -163,7 +169,7 @@ def _enqueue(study: Any, spec: StudySpec) -> None:
         for candidate in spec.candidates:
             for seed in spec.seeds:
                 study.enqueue_trial(
-                    {"candidate": candidate.name, "seed": seed},
+                    {"candidate": candidate.name},
                     user_attrs={"candidate": candidate.name, "seeds": [seed]},
                 )
     else:
@@ -184,7 +190,8 @@ def open_study(spec: StudySpec) -> Any:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
         _check_same(study, spec)
         return study
-    for key, value in spec.identity.items():
+    study.set_metric_names([METRIC])
+    for key, value in {**spec.about, **spec.identity}.items():
         study.set_user_attr(key, value)
     _enqueue(study, spec)
     study.set_user_attr("ready", True)
@@ -343,9 +350,17 @@ class _Beatless:
 Objective = Callable[[Any], float]
 
 
-def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | None = None) -> int:
+def work(
+    study: Any,
+    spec: StudySpec,
+    objective: Objective,
+    timeout: float | None = None,
+    clock: TrialClock | None = None,
+) -> int:
     """Run trials until the study is complete (or ``timeout`` seconds pass); returns how
-    many this worker ran. A pruned trial is told as pruned, a trial that raised as failed."""
+    many this worker ran. A pruned trial is told as pruned, a trial that raised as failed.
+    ``clock`` (started by the objective) says how each trial ended and where the search
+    stands."""
     optuna = import_optuna()
     from optuna.trial import TrialState
 
@@ -379,14 +394,22 @@ def work(study: Any, spec: StudySpec, objective: Objective, timeout: float | Non
                 value = objective(trial)
             except optuna.TrialPruned:
                 _tell(study, trial, state=TrialState.PRUNED)
+                _ended(clock, study, trial, "pruned")
                 continue
             except Exception as error:  # recorded and counted; the other trials go on
                 line = error_line(error, 300)
                 say(f"trial {trial.number} failed: {line}")
                 trial.set_user_attr("error", line)
                 _tell(study, trial, state=TrialState.FAIL)
+                _ended(clock, study, trial, "failed")
                 continue
             # A stop (SIGINT, SIGTERM) leaves the trial running: its heartbeat ends, and the
             # next worker to look (or the rerun) fails it and runs it again.
         _tell(study, trial, value)
+        _ended(clock, study, trial, f"top-1 {value:.2f}")
     return ran
+
+
+def _ended(clock: TrialClock | None, study: Any, trial: Any, outcome: str) -> None:
+    if clock is not None:
+        clock.ended(study, trial.number, outcome)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..finetune.config import FinetuneConfig
 from ..finetune.run import run
+from ..finetune.trackers import UNLABELLED, RunLabel
 from ..injection import inject
 from ..serialize import save
 from .candidates import Candidate
@@ -66,8 +67,10 @@ def run_trial(
     folder: Path,
     template: FinetuneConfig,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    label: RunLabel = UNLABELLED,
 ) -> TrialOutcome:
-    """Convert and fine-tune into ``folder`` (``start.safetensors`` and ``run/``)."""
+    """Convert and fine-tune into ``folder`` (``start.safetensors`` and ``run/``); ``label``
+    names the fine-tune in the trackers the template asks for."""
     folder.mkdir(parents=True, exist_ok=True)
     start = folder / "start.safetensors"
     convert(base, candidate, seed, start)
@@ -81,6 +84,6 @@ def run_trial(
         force=True,
     )
     began = time.perf_counter()
-    result = run(config, on_epoch=on_epoch, images_checked=True)  # search() decoded them once
+    result = run(config, on_epoch=on_epoch, images_checked=True, label=label)  # search() decoded them once
     seconds = (time.perf_counter() - began) / max(1, len(result.history))
     return TrialOutcome(float(result.history[-1]["eval_top1"]), seconds, Path(config.out))
