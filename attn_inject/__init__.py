@@ -19,12 +19,14 @@ from .errors import AttnInjectError, InputError
 from .finetune import freeze_base, gates, param_groups
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
+from .hub import save_pretrained
 from .injection import InjectError, inject
 from .planning import InsertionPoint, Plan, PlanError, SkippedPoint, plan
 from .recipe import POSITIONS, BlockSpec, Recipe, RecipeError, Rule, get_recipe, list_recipes, load_recipe
 from .record import InjectionInfo, patched_record
 from .rewrite import find_blocks
 from .serialize import Manifest, load, read_manifest, save
+from .timm_bridge import register_timm_model
 from .validation import ValidationError, ValidationReport, register_check, validate
 
 __all__ = [
@@ -68,8 +70,10 @@ __all__ = [
     "read_manifest",
     "register_block",
     "register_check",
+    "register_timm_model",
     "rewritten_forward",
     "save",
+    "save_pretrained",
     "validate",
 ]
 

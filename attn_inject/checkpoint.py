@@ -5,11 +5,16 @@
     >>> write_safetensors("patched.safetensors", model.state_dict(), {"recipe": text})
 
 PyTorch files are loaded with ``torch.load(..., weights_only=True)`` only: a pickle that
-holds anything besides tensors and plain containers is refused, never executed.
+holds anything besides tensors and plain containers is refused, never executed. timm's
+training checkpoints (``train.py`` writes ``checkpoint-N.pth.tar``, ``model_best.pth.tar``)
+keep their command line as an ``argparse.Namespace``: that one class is allowed while such a
+file is read (never for the process), and each Namespace must then hold plain values only
+(None, bools, numbers, strings, lists, tuples and dicts of them, bounded in size).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -18,7 +23,8 @@ import tempfile
 import threading
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +34,34 @@ import torch
 from torch import nn
 
 from .errors import AttnInjectError
-from .messages import cut, first_line
+from .messages import cut, first_line, shown
+from .values import is_number
 
 __all__ = [
     "SAFETENSORS_SUFFIX",
     "TORCH_SUFFIXES",
+    "TRAINING_SUFFIX",
     "CheckpointError",
+    "TrainingCheckpoint",
     "check_fits",
+    "is_torch_file_name",
     "read_safetensors_metadata",
     "read_safetensors_shapes",
     "read_state_dict",
+    "read_training_checkpoint",
     "unwrap_state_dict",
     "write_safetensors",
 ]
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+TRAINING_SUFFIX = ".pth.tar"  # timm's train.py (CheckpointSaver): a torch.save zip, despite the name
 SAFETENSORS_SUFFIX = ".safetensors"
+# The entries of a training checkpoint that hold an EMA copy of the weights (timm: state_dict_ema).
+EMA_KEYS = ("state_dict_ema", "model_ema")
+# What a Namespace in a checkpoint may hold: plain values, this many in all, this deep.
+MAX_NAMESPACE_VALUES = 10_000
+MAX_NAMESPACE_DEPTH = 6
+MAX_NAMESPACE_TEXT = 1 << 16
 
 # Where training scripts keep the weights, in the order they are tried.
 # "state_dict" comes before "state_dict_ema" so the raw weights win when both are present.
@@ -68,25 +86,81 @@ class CheckpointError(AttnInjectError, ValueError):
     """A checkpoint cannot be read, does not fit the model, or cannot be written."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in a ``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file, unwrapped
-    (see :func:`unwrap_state_dict`) and on the CPU."""
+def is_torch_file_name(path: str | os.PathLike) -> bool:
+    """A name ``torch.save`` files go by: ``.pth``, ``.pt``, ``.bin`` or timm's ``.pth.tar``."""
+    name = Path(path).name.lower()
+    return name.endswith(TRAINING_SUFFIX) or Path(name).suffix in TORCH_SUFFIXES
+
+
+def read_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors``, ``.pth``, ``.pt``, ``.bin`` or ``.pth.tar`` file,
+    unwrapped (see :func:`unwrap_state_dict`) and on the CPU. ``use_ema``: the EMA copy of
+    a training checkpoint (timm's ``state_dict_ema``), refused when it has none."""
+    obj = _read_checkpoint(Path(path))
+    if use_ema:
+        obj = _ema_of(obj, Path(path))
+    return unwrap_state_dict(obj, source=f"checkpoint {Path(path)}")
+
+
+@dataclass(frozen=True)
+class TrainingCheckpoint:
+    """What a timm training checkpoint holds besides the optimizer: the weights (EMA or
+    not), the model name it was trained as (``arch``), its epoch and command line (``args``,
+    plain values), each None where the file has none."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: str | None
+    epoch: int | None
+    args: Mapping[str, Any]
+
+
+def read_training_checkpoint(path: str | os.PathLike, *, use_ema: bool = False) -> TrainingCheckpoint:
+    """A training checkpoint (timm's ``.pth.tar``, or any ``torch.save`` of a dict with a
+    state dict inside), read with :func:`read_state_dict`'s rules."""
     p = Path(path)
+    obj = _read_checkpoint(p)
+    weights = unwrap_state_dict(_ema_of(obj, p) if use_ema else obj, source=f"checkpoint {p}")
+    top = obj if isinstance(obj, Mapping) else {}
+    arch, epoch, args = top.get("arch"), top.get("epoch"), top.get("args")
+    return TrainingCheckpoint(
+        state_dict=weights,
+        arch=arch if isinstance(arch, str) and len(arch) <= 200 else None,
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+        args=dict(vars(args)) if isinstance(args, argparse.Namespace) else {},
+    )
+
+
+def _read_checkpoint(p: Path) -> Any:
+    """The object a checkpoint file holds: tensors and plain containers only."""
     if not p.exists():
         raise CheckpointError(f"cannot read checkpoint {p}: no such file")
     if not p.is_file():
         raise CheckpointError(f"cannot read checkpoint {p}: it is a directory, not a file")
-    suffix = p.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        obj: Any = _load_safetensors(p)
-    elif suffix in TORCH_SUFFIXES:
-        obj = _load_torch(p)
+    if p.suffix.lower() == SAFETENSORS_SUFFIX:
+        return _load_safetensors(p)
+    if is_torch_file_name(p):
+        return _load_torch(p)
+    allowed = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES, TRAINING_SUFFIX))
+    raise CheckpointError(
+        f"cannot read checkpoint {p}: unknown suffix {p.suffix or '(none)'!r}; allowed: {allowed}"
+    )
+
+
+def _ema_of(obj: Any, p: Path) -> Any:
+    """The EMA weights of a training checkpoint, or one line saying it has none."""
+    if isinstance(obj, Mapping):
+        for key in EMA_KEYS:
+            if obj.get(key) is not None:
+                return obj[key]
+        keys = [cut(str(k), 40) for k in obj]
+        seen = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+        what = f"its top-level keys are {seen or '(none)'}"
     else:
-        allowed = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES))
-        raise CheckpointError(
-            f"cannot read checkpoint {p}: unknown suffix {p.suffix or '(none)'!r}; allowed: {allowed}"
-        )
-    return unwrap_state_dict(obj, source=f"checkpoint {p}")
+        what = f"it holds a {type(obj).__name__}, not a training checkpoint"
+    raise CheckpointError(
+        f"checkpoint {p} has no EMA weights ({' or '.join(EMA_KEYS)}): {what}; drop use_ema (--use-ema) "
+        "to read its weights"
+    )
 
 
 @contextlib.contextmanager
@@ -133,7 +207,10 @@ def _load_torch(p: Path) -> Any:
             warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
             # A sparse tensor is refused in one line once read; torch's note about checking it is noise.
             warnings.filterwarnings("ignore", message=".*Validating sparse tensor invariants")
-            return torch.load(p, map_location="cpu", weights_only=True)
+            # timm's train.py saves its command line (args) as a Namespace: allowed while this
+            # file is read, then checked to hold plain values only.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
     except Exception as e:
@@ -149,6 +226,49 @@ def _load_torch(p: Path) -> Any:
             f"cannot read checkpoint {p}: not a readable PyTorch checkpoint (truncated, corrupt or "
             f"another format): {_first_line(e)}"
         ) from e
+    _check_namespaces(obj, p)
+    return obj
+
+
+def _check_namespaces(obj: Any, p: Path) -> None:
+    """Refuse a checkpoint whose ``argparse.Namespace`` (timm's ``args``) holds anything but
+    plain values, or more of them than a command line has."""
+    budget = [MAX_NAMESPACE_VALUES]
+
+    def plain(value: Any, depth: int) -> bool:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > MAX_NAMESPACE_DEPTH:
+            return False
+        if value is None or isinstance(value, bool) or is_number(value):
+            return True
+        if isinstance(value, (torch.device, torch.dtype)):  # e.g. args.device as torch keeps it
+            return True
+        if isinstance(value, str):
+            return len(value) <= MAX_NAMESPACE_TEXT
+        if isinstance(value, (list, tuple)):
+            return all(plain(v, depth + 1) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, (str, int)) and plain(v, depth + 1) for k, v in value.items())
+        return False
+
+    def walk(value: Any, where: str, depth: int) -> None:
+        if isinstance(value, argparse.Namespace):
+            for key, item in vars(value).items():
+                if not plain(item, 0):
+                    raise CheckpointError(
+                        f"refused checkpoint {p}: {where}.{cut(str(key), 60)} holds {shown(item, 60)}; "
+                        f"an argparse.Namespace may hold only plain values (None, bools, numbers, strings, "
+                        f"lists, tuples and dicts of them; at most {MAX_NAMESPACE_VALUES:,} in all)"
+                    )
+        elif depth < 32 and isinstance(value, (Mapping, list, tuple)):
+            items: Iterable[tuple[Any, Any]] = (
+                value.items() if isinstance(value, Mapping) else enumerate(value)
+            )
+            for key, item in items:
+                if isinstance(item, (argparse.Namespace, Mapping, list, tuple)):
+                    walk(item, f"{where}[{cut(str(key), 40)!r}]", depth + 1)
+
+    walk(obj, "checkpoint", 0)
 
 
 def _looks_like_torch_file(p: Path) -> bool:

@@ -139,9 +139,14 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="IN",
         help=(
-            ".pth/.pt/.bin (read with weights_only=True) or .safetensors; "
-            "a state dict or a training checkpoint"
+            ".pth/.pt/.bin/.pth.tar (read with weights_only=True) or .safetensors; "
+            "a state dict or a training checkpoint (timm's train.py: model_best.pth.tar)"
         ),
+    )
+    convert.add_argument(
+        "--use-ema",
+        action="store_true",
+        help="read a training checkpoint's EMA weights (state_dict_ema) instead of its state_dict",
     )
     convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
     convert.add_argument("--out", required=True, metavar="OUT.safetensors")
@@ -432,7 +437,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
     name = ":".join(resolve(args.model))
     with _status(f"reading {args.checkpoint}", quiet=args.json):
-        state = read_state_dict(args.checkpoint)
+        state = read_state_dict(args.checkpoint, use_ema=args.use_ema)
     with _status(f"building {name}", quiet=args.json):
         torch.manual_seed(0)
         model = build_model(name, **kwargs).eval()

@@ -15,6 +15,11 @@ A saved file rebuilds exactly the saved network, or nothing:
   load, download or name a file), and the model is rebuilt on the meta device and compared
   with the file's tensor shapes and recorded architecture before anything is allocated.
   Nothing is unpickled.
+
+``load`` also reads the two other forms a patched model takes outside this package: a folder
+in timm's hub layout (``config.json`` + ``model.safetensors``, written by
+``attn_inject.hub.save_pretrained``), and a timm training checkpoint (``.pth.tar``), whose
+weights are loaded into the network that the file its run started from describes.
 """
 
 from __future__ import annotations
@@ -35,18 +40,31 @@ from .checkpoint import (
     TORCH_SUFFIXES,
     CheckpointError,
     check_fits,
+    is_torch_file_name,
     read_safetensors_metadata,
     read_safetensors_shapes,
     read_state_dict,
+    read_training_checkpoint,
     write_safetensors,
 )
 from .errors import InputError
+from .files import NotRegularFileError, open_regular
 from .messages import cut, shown
 from .recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
 from .record import patched_record
 from .values import is_int
 
-__all__ = ["FORMAT", "Manifest", "load", "read_manifest", "save"]
+__all__ = [
+    "FORMAT",
+    "HUB_CONFIG",
+    "HUB_KEY",
+    "HUB_WEIGHTS",
+    "Manifest",
+    "load",
+    "read_manifest",
+    "save",
+    "weights_path",
+]
 
 FORMAT = 1
 MANIFEST_KEY = "attn_inject.manifest"
@@ -54,6 +72,26 @@ MAX_MANIFEST_CHARS = 4 << 20  # a manifest is a few kB per hundred modules
 MAX_RECIPE_CHARS = 1 << 16
 MAX_INPUT_ELEMENTS = 1 << 24  # one sample of the shape-inference input: 64 MB in float32
 _TARGET = re.compile(r"[\w.]{0,200}")
+
+# timm's hub layout (timm.models._hub: save_for_hf, push_to_hf_hub): a folder holding these.
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = "model.safetensors"
+HUB_KEY = "attn_inject"  # config.json's entry for what timm's own fields cannot say
+MAX_CONFIG_BYTES = 8 << 20  # ImageNet-21k's label names and descriptions fit in a few MB
+# What config.json records of the manifest, each equal to model.safetensors' own.
+HUB_FIELDS = (
+    "base_model",
+    "base_kwargs",
+    "recipe",
+    "init",
+    "target",
+    "input_size",
+    "plan",
+    "blocks",
+    "later",
+)
+# The attribute of a timm model entrypoint made by register_timm_model: the file it rebuilds.
+REGISTERED_SOURCE = "attn_inject_source"
 
 
 @dataclass(frozen=True)
@@ -305,7 +343,9 @@ def _bounded_int(text: str) -> int:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """The manifest of a file written by :func:`save`, checked field by field, or a clear error."""
+    """The manifest of a file written by :func:`save` (or of a hub folder's weights), checked
+    field by field, or a clear error."""
+    path = weights_path(path)
     _refuse_torch_file(path)
     metadata = read_safetensors_metadata(path)
     text = metadata.get(MANIFEST_KEY)
@@ -664,24 +704,154 @@ def check_file(path: str | os.PathLike) -> tuple[Manifest, Recipe, Mapping[str, 
     """Every check ``load`` makes before it allocates anything: the manifest, its recipe (from
     its text only), the base model it names rebuilt on the meta device and patched, against
     every tensor shape, the plan and the architecture the file records."""
-    manifest, recipe, _, shapes = _checked_base(path, None, build=False)
+    manifest, recipe, _, shapes = _checked_base(weights_path(path), None, build=False)
     return manifest, recipe, shapes
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    like: str | os.PathLike | None = None,
+    use_ema: bool = False,
+) -> nn.Module:
     """The patched model saved at ``path``, with its weights.
 
-    The base model is rebuilt by name from the manifest (checked first on the meta device
-    against every tensor shape and the recorded architecture), or ``model`` (the base,
-    unpatched architecture) is used for a custom one; the manifest's recipe is injected
-    again and the file's weights loaded strictly.
+    ``path`` is a file written by :func:`save`, a folder in timm's hub layout
+    (``attn_inject.save_pretrained``), or a timm training checkpoint (``.pth.tar``: weights
+    only). The base model is rebuilt by name from the manifest (checked first on the meta
+    device against every tensor shape and the recorded architecture), or ``model`` (the
+    base, unpatched architecture) is used for a custom one; the manifest's recipe is
+    injected again and the weights loaded strictly.
+
+    A training checkpoint holds no manifest: ``like`` names the file (or folder) its run
+    started from, whose manifest describes the network (with the class count of the run's
+    ``--num-classes``); without it, a checkpoint whose ``arch`` is a name registered with
+    ``register_timm_model`` uses the file registered. ``use_ema``: its EMA weights
+    (``state_dict_ema``).
     """
+    if is_torch_file_name(path):
+        return _load_training_checkpoint(path, model, like, use_ema)
+    if like is not None or use_ema:
+        given = "like=" if like is not None else "use_ema=True"
+        raise InputError(f"load({given}) is for a training checkpoint (.pth.tar, .pth); {path} is not one")
+    path = weights_path(path)
     manifest, recipe, base, shapes = _checked_base(path, model)
     assert base is not None
     patched = inject_recorded(base, manifest, recipe, path)
     _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
     patched.load_state_dict(read_state_dict(path), strict=True)
     return patched
+
+
+def _load_training_checkpoint(
+    path: str | os.PathLike, model: nn.Module | None, like: str | os.PathLike | None, use_ema: bool
+) -> nn.Module:
+    """A training checkpoint's weights in the network the file ``like`` (or the one registered
+    under the checkpoint's ``arch``) describes, rebuilt with the run's class count."""
+    from .models import ModelKwargsError, build_model, build_shapes_only, check_model_kwargs, resolve
+
+    checkpoint = read_training_checkpoint(path, use_ema=use_ema)
+    source = like if like is not None else _registered_source(checkpoint.arch)
+    if source is None:
+        arch = f" of {shown(checkpoint.arch, 60)}" if checkpoint.arch else ""
+        raise CheckpointError(
+            f"{path} is a training checkpoint{arch}: weights only, with no attn-inject manifest; pass the "
+            "file (or folder) its run started from: attn_inject.load(path, like='start.safetensors'), or "
+            "register that file under the checkpoint's model name first (attn_inject.register_timm_model)"
+        )
+    source = weights_path(source)
+    manifest, recipe, _, _ = _checked_base(source, model, build=False)
+    kwargs = dict(manifest.base_kwargs)
+    classes = checkpoint.args.get("num_classes")  # the run's --num-classes, when it gave one
+    if is_int(classes) and classes != kwargs.get("num_classes"):
+        try:
+            kwargs = check_model_kwargs({**kwargs, "num_classes": classes}, f"{path}: args.num_classes")
+        except ModelKwargsError as error:
+            raise CheckpointError(str(error)) from None
+    what = f"the network {source} describes"
+    if model is None:
+        if manifest.base_model is None:
+            raise CheckpointError(
+                f"{source} does not name its base model; pass it: attn_inject.load(path, like=..., model=...)"
+            )
+        name = ":".join(resolve(manifest.base_model))
+        what = f"{name} with {shown(kwargs, 200)} and the recipe of {source}"
+        twin = inject_recorded(build_shapes_only(name, **kwargs), manifest, recipe, source)
+        meta = {k: torch.empty(v.shape, device="meta") for k, v in checkpoint.state_dict.items()}
+        check_fits(twin, meta, source=f"checkpoint {path} ({what})")
+        model = build_model(name, **kwargs)
+    patched = inject_recorded(model, manifest, recipe, source)
+    info = patched_record(patched)
+    assert info is not None
+    _check_plan(info.plan, manifest, source, what, f"the file {source}")
+    check_fits(patched, checkpoint.state_dict, source=f"checkpoint {path} ({what})")
+    patched.load_state_dict(checkpoint.state_dict, strict=True)
+    return patched
+
+
+def _registered_source(arch: str | None) -> Path | None:
+    """The file a timm model name was registered from by ``register_timm_model``; None for
+    a name that is not one (the name is only looked up, never run)."""
+    if arch is None:
+        return None
+    try:
+        import timm.models
+    except ImportError:
+        return None
+    if not timm.models.is_model(arch):
+        return None
+    source = getattr(timm.models.model_entrypoint(arch), REGISTERED_SOURCE, None)
+    return source if isinstance(source, Path) else None
+
+
+def weights_path(path: str | os.PathLike) -> Path:
+    """The safetensors file ``path`` names: ``path`` itself, or, for a folder in timm's hub
+    layout, its ``model.safetensors`` once its ``config.json`` is found to describe it."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    config_path, weights = p / HUB_CONFIG, p / HUB_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{p} is a folder without {HUB_WEIGHTS}; a saved model is a .safetensors file or a folder "
+            f"written by attn_inject.save_pretrained ({HUB_CONFIG} + {HUB_WEIGHTS})"
+        )
+    config = _read_hub_config(config_path)
+    recorded = config.get(HUB_KEY)
+    if not isinstance(recorded, dict):
+        raise CheckpointError(
+            f"{config_path} has no {HUB_KEY!r} entry: it was not written by attn_inject.save_pretrained "
+            "(a timm model folder holds no attention recipe: timm.create_model('local-dir:...') builds it)"
+        )
+    saved = json.loads(read_manifest(weights).to_json())
+    for field in HUB_FIELDS:
+        if recorded.get(field) != saved.get(field):
+            raise CheckpointError(
+                f"{config_path}: {HUB_KEY}.{field} is {shown(recorded.get(field), 60)}, but {HUB_WEIGHTS} "
+                f"records {shown(saved.get(field), 60)}; the folder's files are from different models"
+            )
+    return weights
+
+
+def _read_hub_config(path: Path) -> dict[str, Any]:
+    """A hub folder's ``config.json``: a JSON object of at most ``MAX_CONFIG_BYTES``."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is a folder without {HUB_CONFIG}") from None
+    except (OSError, NotRegularFileError) as error:
+        raise CheckpointError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes; a model's config is a few kB")
+    try:
+        config = json.loads(data.decode("utf-8"), parse_int=_bounded_int)
+    except (ValueError, RecursionError, InputError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({shown(str(error))})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {shown(config)}")
+    return config
 
 
 def block_weight_names(patched: nn.Module) -> tuple[str, ...]:
@@ -694,6 +864,7 @@ def block_weight_names(patched: nn.Module) -> tuple[str, ...]:
 def load_base_weights(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """The base model with the file's base weights (the blocks' left out): the reference a
     saved patched model is validated against."""
+    path = weights_path(path)
     manifest, recipe, base, _ = _checked_base(path, model)
     assert base is not None
     prefixes = block_weight_names(inject_recorded(base, manifest, recipe, path))
