@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import AttnInjectError, InputTypeError
 from .finetune.config import SettingError
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Insert SE / ECA / CBAM attention into timm and torchvision CNNs.",
         parents=[_common_flags(False)],
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = _common_flags(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

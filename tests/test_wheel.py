@@ -100,3 +100,11 @@ def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     assert "recipes/se_resnet.yaml" in names
     assert f"Version: {attn_inject.__version__}\n" in metadata
     assert "Classifier: Typing :: Typed" in metadata
+
+
+def test_the_command_reports_the_version_the_package_metadata_holds():
+    import importlib.metadata
+
+    done = run(sys.executable, "-m", "attn_inject", "--version", cwd=ROOT)
+    assert done.stdout.strip() == f"attn-inject {importlib.metadata.version('attn-inject')}"
+    assert attn_inject.__version__ == importlib.metadata.version("attn-inject")
