@@ -29,7 +29,7 @@ from common import Table, emit, parser
 from digits_finetune import write_digits
 
 import attn_inject as ai
-from attn_inject.models import build_model
+from attn_inject.models.build import build_model
 
 
 def _run(command: list[str], out: Path) -> float:

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
-from attn_inject.planning import plan_prepared, prepare
-from attn_inject.recipe import load_recipe
-from attn_inject.rewrite import build_block, rewrite
+from attn_inject.planning.match import plan_prepared, prepare
+from attn_inject.recipes.recipe import load_recipe
+from attn_inject.surgery.rewrite import build_block, rewrite
 
 MODELS = (
     ("resnet50", ("se_resnet", "cbam_after_every_stage")),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from attn_inject.tables import markdown_table
+from attn_inject.core.tables import markdown_table
 
 
 def cpu_model() -> str:

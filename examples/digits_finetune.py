@@ -31,7 +31,7 @@ from attn_inject.finetune.curves import plot_curves, read_summary
 from attn_inject.finetune.data import check_folders, data_config, image_folders
 from attn_inject.finetune.distributed import Context
 from attn_inject.finetune.loop import evaluate, predict, train_one_epoch
-from attn_inject.models import build_model
+from attn_inject.models.build import build_model
 
 MODEL = "timm:resnet10t"
 RECIPE = "cbam_after_every_stage"

@@ -15,8 +15,8 @@ import sys
 import torch
 
 import attn_inject as ai
-from attn_inject.messages import cut
-from attn_inject.tables import markdown_table
+from attn_inject.core.messages import cut
+from attn_inject.core.tables import markdown_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attn_inject.blocks import list_blocks, permutes
-from attn_inject.files import write_text_atomic
-from attn_inject.tables import markdown_table, render_table
-from attn_inject.zoo import ZooRecord, sweep
-from attn_inject.zoo_report import write_csv
+from attn_inject.core.files import write_text_atomic
+from attn_inject.core.tables import markdown_table, render_table
+from attn_inject.zoo.report import write_csv
+from attn_inject.zoo.sweep import ZooRecord, sweep
 
 SAMPLE = (
     "timm:resnet18",

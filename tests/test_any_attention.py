@@ -15,8 +15,8 @@ from torch import nn
 import attn_inject as ai
 from attn_inject.blocks import Blended, SimAM, make_block, permutes
 from attn_inject.blocks.timm_attention import PREFIX, timm_kinds
-from attn_inject.checkpoint import read_safetensors_metadata
-from attn_inject.serialize import MANIFEST_KEY
+from attn_inject.saving.checkpoint import read_safetensors_metadata
+from attn_inject.saving.file import MANIFEST_KEY
 
 SIZE = (3, 64, 64)
 OFFERED = [k.kind for k in timm_kinds() if not k.refused]

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from attn_inject.checkpoint import (
+from attn_inject.saving.checkpoint import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
     CheckpointError,

@@ -12,9 +12,9 @@ import torch
 import torchvision
 
 import attn_inject as ai
-from attn_inject.cli import main
-from attn_inject.models import build_model
-from attn_inject.serialize import MANIFEST_KEY
+from attn_inject.cli.main import main
+from attn_inject.models.build import build_model
+from attn_inject.saving.file import MANIFEST_KEY
 
 SIZE = (3, 64, 64)
 
@@ -239,8 +239,8 @@ def test_files_without_manifest_or_from_another_format_are_refused(tmp_path, che
     with pytest.raises(ai.CheckpointError, match="no attn-inject manifest"):
         ai.load(bare)
     _code, out = convert(tmp_path, checkpoints["plain"])
-    tensors = ai.checkpoint.read_state_dict(out)
-    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(out)[MANIFEST_KEY])
+    tensors = ai.saving.checkpoint.read_state_dict(out)
+    manifest = json.loads(ai.saving.checkpoint.read_safetensors_metadata(out)[MANIFEST_KEY])
     manifest.update(format=99, versions={**manifest["versions"], "attn_inject": "9.0"})
     save_file(tensors, tmp_path / "future.safetensors", metadata={MANIFEST_KEY: json.dumps(manifest)})
     with pytest.raises(

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 import attn_inject as ai
-from attn_inject import diagram as diagram_module
-from attn_inject.diagram import plan_layout, save_diagram, to_svg
-from attn_inject.planning import InsertionPoint, Plan
-from attn_inject.recipe import BlockSpec, Recipe
+from attn_inject.planning import diagram as diagram_module
+from attn_inject.planning.diagram import plan_layout, save_diagram, to_svg
+from attn_inject.planning.points import InsertionPoint, Plan
+from attn_inject.recipes.recipe import BlockSpec, Recipe
 
 from .conftest import SIZE, meta_model
 

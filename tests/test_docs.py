@@ -12,7 +12,7 @@ import timm
 import torch
 
 import attn_inject as ai
-from attn_inject.cli import _parser
+from attn_inject.cli.main import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import attn_inject as ai
-from attn_inject.derive import derived_spec
 from attn_inject.graph.trace import fixed_arity, trace
+from attn_inject.surgery.derive import derived_spec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import attn_inject as ai
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 
 RULE = "rules:\n  - block: {kind: se, ratio: 8}\n    at: stage_output\n"
 ALIAS_BOMB = "\n".join(

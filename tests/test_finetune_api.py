@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import attn_inject as ai
-from attn_inject.models import build_model
+from attn_inject.models.build import build_model
 
 SIZE = (3, 32, 32)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import attn_inject.finetune.run as run_module
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.finetune.distributed import Context
 from attn_inject.finetune.loop import Precision, train_one_epoch
 

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.finetune import run as run_module
 
 from .test_finetune_run import CLASSES, PX, REPO, finetune_args, save_patched, write_folder

@@ -19,13 +19,13 @@ import yaml
 from PIL import Image
 
 import attn_inject as ai
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.finetune import run as run_module
 from attn_inject.finetune.data import check_folders, data_config, image_folders
 from attn_inject.finetune.distributed import Context
 from attn_inject.finetune.loop import evaluate, predict
 from attn_inject.finetune.starting_point import load_for_finetuning
-from attn_inject.models import build_model
+from attn_inject.models.build import build_model
 
 PX = 32
 MODEL = "timm:test_resnet"  # a 0.4 M-parameter timm ResNet: fast on two cores

@@ -323,7 +323,7 @@ def test_deep_copies_and_ema_keep_every_changed_class():
     ],
 )
 def test_a_deep_copy_of_every_patched_model_saves_and_loads(recipe, init, tmp_path):
-    from attn_inject.models import build_model
+    from attn_inject.models.build import build_model
 
     torch.manual_seed(0)
     patched = ai.inject(build_model("timm:resnet10t"), recipe, init=init, input_size=(3, 32, 32))

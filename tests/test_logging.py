@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.finetune import trackers as trackers_module
 
 from .test_finetune_run import finetune_args, read_rows, save_patched, write_folder

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import attn_inject as ai
-from attn_inject.errors import AttnInjectError
+from attn_inject.core.errors import AttnInjectError
 
 from .conftest import meta_model
 

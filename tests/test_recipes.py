@@ -1,7 +1,7 @@
 """Recipes: the built-ins, the four ways to give a recipe, and the errors for bad ones.
 
 Expected values (positions, block kinds, allowed keys and values) are written out by hand
-here, not read from ``attn_inject.recipe``, so that a change to what the loader allows shows
+here, not read from ``attn_inject.recipes.recipe``, so that a change to what the loader allows shows
 up as a failing test rather than passing silently.
 """
 
@@ -547,7 +547,7 @@ def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kind
 
     code = (
         "from attn_inject.blocks.timm_attention import timm_kinds\n"
-        "from attn_inject.recipe import get_recipe\n"
+        "from attn_inject.recipes.recipe import get_recipe\n"
         "get_recipe('cbam_after_every_stage'); get_recipe('se_resnet')\n"
         "assert timm_kinds.cache_info().currsize == 0, 'probed for a built-in recipe'\n"
         "get_recipe('gc_resnet')\n"

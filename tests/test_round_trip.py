@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import attn_inject as ai
-from attn_inject.models import build_model, build_shapes_only
+from attn_inject.models.build import build_model, build_shapes_only
 
 REGISTER_PARAMETER = torch.nn.Module.register_parameter
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attn_inject as ai
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 
 optuna = pytest.importorskip("optuna")
 
@@ -194,7 +194,7 @@ def trained(data, tmp_path_factory) -> Path:
     )  # fmt: skip
     result = run(config)
     assert result.history[-1]["eval_top1"] == 100.0, result.history
-    base = ai.serialize.load_base_weights(folder / "run" / "last.safetensors")
+    base = ai.saving.file.load_base_weights(folder / "run" / "last.safetensors")
     torch.save(base.state_dict(), folder / "base.pth")
     return folder / "base.pth"
 
@@ -310,9 +310,9 @@ def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_tria
     argv = [a for a in args(data, out, "se_resnet", repeats=1) if a not in ("--model", "timm:resnet10t")]
     argv = [a for a in argv if a not in ("--model-kwargs", "num_classes=2")]
     assert main([*argv, "--checkpoint", str(saved)]) == 0
-    base = ai.serialize.load_base_weights(saved).state_dict()
+    base = ai.saving.file.load_base_weights(saved).state_dict()
     for start in sorted(out.glob("trials/*/start.safetensors")):
-        weights = ai.serialize.load_base_weights(start).state_dict()
+        weights = ai.saving.file.load_base_weights(start).state_dict()
         assert all(torch.equal(weights[k], base[k]) for k in base)
     assert len(finished(study_of(out))) == 2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.search import leaderboard as board
 from attn_inject.search.layout import Layout
 from attn_inject.search.leaderboard import Row, t_quantile, t_quantile_exact, write_report

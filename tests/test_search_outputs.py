@@ -14,7 +14,7 @@ import statistics
 
 import pytest
 
-from attn_inject.cli import main
+from attn_inject.cli.main import main
 from attn_inject.search.leaderboard import CSV_COLUMNS, Row, pareto_figure
 
 from .test_search import args, data, optuna, study_of

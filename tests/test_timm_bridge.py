@@ -17,10 +17,10 @@ import torch
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import attn_inject as ai
-from attn_inject.checkpoint import CheckpointError, read_state_dict, read_training_checkpoint
-from attn_inject.cli import main
-from attn_inject.models import build_model
-from attn_inject.timm_train import main as timm_train
+from attn_inject.cli.main import main
+from attn_inject.models.build import build_model
+from attn_inject.saving.checkpoint import CheckpointError, read_state_dict, read_training_checkpoint
+from attn_inject.saving.timm_train import main as timm_train
 
 SIZE = (3, 64, 64)
 RECIPE = "se_resnet"

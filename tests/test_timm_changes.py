@@ -18,9 +18,9 @@ import torch
 from timm.layers import DropPath
 
 import attn_inject as ai
-from attn_inject.checkpoint import read_safetensors_metadata
-from attn_inject.models import ModelKwargsError, build_model, check_model_kwargs
-from attn_inject.serialize import MANIFEST_KEY
+from attn_inject.models.build import ModelKwargsError, build_model, check_model_kwargs
+from attn_inject.saving.checkpoint import read_safetensors_metadata
+from attn_inject.saving.file import MANIFEST_KEY
 
 SIZE = (3, 64, 64)
 OVERLAY = {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "input_size": (3, 160, 160), "crop_pct": 0.9}

@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 
 import attn_inject as ai
-from attn_inject.cli import main
-from attn_inject.models import build_model
-from attn_inject.serialize import MANIFEST_KEY
+from attn_inject.cli.main import main
+from attn_inject.models.build import build_model
+from attn_inject.saving.file import MANIFEST_KEY
 
 SIZE = (3, 64, 64)
 BYTES_READ = 1 << 20  # a refusal reads the file's header (a few kB), never its tensors
@@ -61,7 +61,7 @@ def saved(tmp_path_factory) -> pathlib.Path:
 
 def with_manifest(saved: pathlib.Path, out: pathlib.Path, **changes) -> pathlib.Path:
     """A copy of ``saved`` whose manifest has ``changes`` (``None`` values remove the field)."""
-    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    manifest = json.loads(ai.saving.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
     manifest.update(changes)
     manifest = {k: v for k, v in manifest.items() if v is not None}
     tensors = safetensors.torch.load_file(saved)
@@ -116,7 +116,7 @@ LOADER = textwrap.dedent(
     import json, resource, sys
     import attn_inject as ai
     from attn_inject.finetune.starting_point import load_for_finetuning
-    from attn_inject.models import resolve
+    from attn_inject.models.build import resolve
 
     def bytes_read():  # every byte read by a system call, files and pipes alike
         with open("/proc/self/io") as f:
@@ -244,7 +244,7 @@ def test_a_garbled_manifest_field_gets_one_line_naming_it(saved, tmp_path, case)
 def test_a_huge_tensor_name_in_the_file_is_cut_in_the_message(saved, tmp_path):
     tensors = safetensors.torch.load_file(saved)
     tensors["x" * 100_000] = torch.zeros(1)
-    metadata = ai.checkpoint.read_safetensors_metadata(saved)
+    metadata = ai.saving.checkpoint.read_safetensors_metadata(saved)
     safetensors.torch.save_file(tensors, tmp_path / "x.safetensors", metadata=metadata)
     with pytest.raises(ai.CheckpointError, match="1 unexpected key") as info:
         ai.load(tmp_path / "x.safetensors")
@@ -261,7 +261,7 @@ def test_manifest_that_is_not_json_or_not_an_object_is_refused(saved, tmp_path):
 
 
 def test_a_block_placed_elsewhere_than_in_the_file_is_named(saved, tmp_path):
-    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    manifest = json.loads(ai.saving.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
     plan = manifest["plan"]
     plan["points"][0]["key"] = "layer1.moved_se"
     edited = with_manifest(saved, tmp_path / "moved.safetensors", plan=plan)
@@ -276,7 +276,7 @@ def test_a_block_placed_elsewhere_than_in_the_file_is_named(saved, tmp_path):
     [("position", "post_block"), ("consumers", ["add_3"]), ("attach", "graph"), ("node", "bn1")],
 )
 def test_a_plan_that_disagrees_with_its_recipe_is_refused(saved, tmp_path, field, value):
-    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
+    manifest = json.loads(ai.saving.checkpoint.read_safetensors_metadata(saved)[MANIFEST_KEY])
     plan = manifest["plan"]
     plan["points"][1][field] = value  # same keys, so the weights would load into another network
     edited = with_manifest(saved, tmp_path / "edited.safetensors", plan=plan)
@@ -284,7 +284,7 @@ def test_a_plan_that_disagrees_with_its_recipe_is_refused(saved, tmp_path, field
         ai.CheckpointError, match=rf"plan point 1 \(\S+\) has {field}=.*saved for another network"
     ):
         ai.load(edited)
-    from attn_inject.serialize import load_base_weights  # validate's reference: the same door
+    from attn_inject.saving.file import load_base_weights  # validate's reference: the same door
 
     with pytest.raises(ai.CheckpointError, match=rf"plan point 1 .* has {field}="):
         load_base_weights(edited)
@@ -313,7 +313,7 @@ def test_attributes_that_change_what_the_model_computes_are_compared(tmp_path):
         )
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob("v.*"))
     manifest = json.loads(
-        ai.checkpoint.read_safetensors_metadata(tmp_path / "kept.safetensors")[MANIFEST_KEY]
+        ai.saving.checkpoint.read_safetensors_metadata(tmp_path / "kept.safetensors")[MANIFEST_KEY]
     )
     manifest["attributes"] = [
         [n, t.replace("drop_rate=0.5", "drop_rate=0.0")] for n, t in manifest["attributes"]
@@ -343,7 +343,9 @@ def test_what_a_changed_module_runs_is_part_of_the_architecture(tmp_path):
     torch.manual_seed(0)
     patched = ai.inject(build_model("timm:resnet10t"), "cbam_after_every_stage", input_size=SIZE)
     ai.save(patched, tmp_path / "m.safetensors")
-    manifest = json.loads(ai.checkpoint.read_safetensors_metadata(tmp_path / "m.safetensors")[MANIFEST_KEY])
+    manifest = json.loads(
+        ai.saving.checkpoint.read_safetensors_metadata(tmp_path / "m.safetensors")[MANIFEST_KEY]
+    )
     changed = [[n, t] for n, t in manifest["attributes"] if "around=" in t]
     assert changed and all("after(cbam)" in t for _, t in changed)  # each stage's last block runs one
     edited_attributes = [

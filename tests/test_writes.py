@@ -16,8 +16,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from attn_inject.checkpoint import CheckpointError, remove_stale_temporaries, write_safetensors
-from attn_inject.cli import main
+from attn_inject.cli.main import main
+from attn_inject.saving.checkpoint import CheckpointError, remove_stale_temporaries, write_safetensors
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -44,11 +44,11 @@ STALLED_WRITER = textwrap.dedent(
     safetensors.torch.save_file = stalled
     mode, out = sys.argv[1], sys.argv[3]
     if mode == "convert":
-        from attn_inject.cli import main
+        from attn_inject.cli.main import main
         sys.exit(main(["convert", "--model", "timm:resnet10t", "--checkpoint", sys.argv[4],
                        "--recipe", "se_resnet", "--out", out, "--input-size", "3", "64", "64"]))
     import torch
-    from attn_inject.checkpoint import CheckpointError, write_safetensors
+    from attn_inject.saving.checkpoint import CheckpointError, write_safetensors
     try:
         write_safetensors(out, {"w": torch.zeros(1000, 1000)}, {"writer": sys.argv[2]})
     except CheckpointError as error:

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..errors import InputError, InputTypeError
-from ..messages import first_line, shown
+from ..core.errors import InputError, InputTypeError
+from ..core.messages import first_line, shown
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock

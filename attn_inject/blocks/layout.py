@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..values import is_int
+from ..core.values import is_int
 from .params import BlockParamError
 
 __all__ = [

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..errors import AttnInjectError
-from ..messages import shown
-from ..values import is_int, is_number
+from ..core.errors import AttnInjectError
+from ..core.messages import shown
+from ..core.values import is_int, is_number
 
 INIT_MODES = ("identity", "paper")
 

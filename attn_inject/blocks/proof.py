@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnInjectError
+from ..core.errors import AttnInjectError
+from ..core.messages import error_line, shown
+from ..core.randomness import cuda_devices, seed_torch
 from ..graph.trace import eval_mode
-from ..messages import error_line, shown
-from ..randomness import cuda_devices, seed_torch
 from .gate import blend_parameters, blends_at_one
 from .wrapped import Blended
 

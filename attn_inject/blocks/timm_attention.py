@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..messages import error_line
-from ..values import is_int, is_number
+from ..core.messages import error_line
+from ..core.values import is_int, is_number
 from .layout import NCHW
 from .params import BlockParamError
 from .wrapped import Blended

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..messages import cut
-from ..values import is_int
+from ..core.errors import InputError
+from ..core.messages import cut
+from ..core.values import is_int
 
 __all__ = ["RESUME_FREE", "FinetuneConfig", "SettingError"]
 
@@ -94,8 +95,6 @@ class FinetuneConfig:
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise SettingError(f"--amp-dtype must be bfloat16 or float16, got {self.amp_dtype}")
         self._check_places()
-        from .trackers import check_installed
-
         check_installed(self)
 
     def _check_numbers(self) -> None:
@@ -141,3 +140,39 @@ class FinetuneConfig:
         names = [f.name for f in fields(self) if f.name not in RESUME_FREE]
         extended = is_int(saved.get("epochs")) and self.epochs > saved["epochs"]
         return [n for n in names if saved.get(n) != mine[n] and not (n == "epochs" and extended)]
+
+
+# flag, the module imported, what to install
+TRACKER_PACKAGES = (
+    ("--log-tensorboard", "tensorboard", "tensorboard"),
+    ("--log-mlflow", "mlflow", "mlflow-skinny"),
+    ("--log-wandb", "wandb", "wandb"),
+)
+
+
+def trackers_wanted(config: FinetuneConfig) -> dict[str, bool]:
+    return {
+        "--log-tensorboard": config.log_tensorboard is not None,
+        "--log-mlflow": config.log_mlflow,
+        "--log-wandb": config.log_wandb,
+    }
+
+
+def check_installed(config: FinetuneConfig) -> None:
+    """Each tracker ``config`` asks for is installed; else one line naming the package to
+    install (:class:`SettingError`: exit 2). Nothing is imported."""
+    wanted = trackers_wanted(config)
+    for flag, module, package in TRACKER_PACKAGES:
+        if wanted[flag] and not _installed(module):
+            raise SettingError(
+                f"{flag} needs the {module} package, which is not installed: pip install {package}"
+            )
+    if config.log_tensorboard is not None and not config.log_tensorboard.strip():
+        raise SettingError("--log-tensorboard takes a folder, got an empty name")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import, or a module set to None
+        return False

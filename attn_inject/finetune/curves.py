@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..files import write_atomic
+from ..core.files import write_atomic
 
 __all__ = ["plot_curves", "read_summary"]
 

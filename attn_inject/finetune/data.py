@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import AttnInjectError
-from ..files import file_kind
+from ..core.errors import AttnInjectError
+from ..core.files import file_kind
 
 __all__ = ["DataError", "Folders", "check_folders", "data_config", "image_folders"]
 

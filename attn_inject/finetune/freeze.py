@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .distributed import unwrap
 
 __all__ = ["freeze_base", "head_names"]
@@ -41,7 +41,7 @@ def freeze_base(model: nn.Module, frozen: bool = True, *, head: bool = False) ->
     """Freeze (or, with ``frozen=False``, unfreeze) everything but the inserted blocks and,
     with ``head=True``, the classifier (:func:`head_names`). Returns the names of the
     parameters that train afterwards."""
-    from .. import inserted_blocks
+    from ..surgery.record import inserted_blocks
 
     model = unwrap(model)
     trained = list(inserted_blocks(model))

@@ -25,7 +25,7 @@ def gates(model: nn.Module) -> dict[str, float]:
     """Every blend parameter of the inserted blocks, by qualified name (block name, then the
     parameter's name inside the block), as a float. Empty when the blocks were inserted at
     ``init="paper"`` (they have no blend)."""
-    from .. import inserted_blocks
+    from ..surgery.record import inserted_blocks
 
     out: dict[str, float] = {}
     for block_name, block in inserted_blocks(unwrap(model)).items():

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .distributed import unwrap
 from .gates import BLEND
 
@@ -65,7 +65,7 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups for ``model`` (a patched model): see the module docstring. Each group
     is ``{"params", "param_names", "name", "lr", "initial_lr", "lr_scale", "weight_decay"}``."""
-    from .. import inserted_blocks
+    from ..surgery.record import inserted_blocks
 
     model = unwrap(model)
     for label, value in (("lr", lr), ("attn_lr_scale", attn_lr_scale)):

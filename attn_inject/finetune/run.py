@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnInjectError
-from ..files import write_atomic
-from ..messages import cut, error_line, first_line, shown, shown_apart
-from ..values import is_int, is_number
+from ..core.errors import AttnInjectError
+from ..core.files import write_atomic
+from ..core.messages import cut, error_line, first_line, shown, shown_apart
+from ..core.values import is_int, is_number
 from .config import FinetuneConfig, SettingError
 from .data import DataError, Folders, check_folders, data_config, image_folders
 from .distributed import Context, setup, teardown
@@ -85,7 +85,7 @@ def check_out(config: FinetuneConfig) -> dict[str, Any] | None:
     if config.resume:
         if not (out / RESUME).is_file() or not (out / ARGS).is_file():
             raise RunError(f"--resume: {out} holds no run to resume (no {RESUME} and {ARGS})")
-        from ..recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
+        from ..recipes.recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
 
         with open(out / ARGS, "rb") as f:
             raw = f.read(MAX_RECIPE_BYTES + 1)
@@ -182,7 +182,7 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def _saved_epochs(out: Path) -> int:
     """The ``epochs`` an earlier run in ``out`` recorded (0 when there is none readable)."""
-    from ..recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
+    from ..recipes.recipe import MAX_RECIPE_BYTES, RecipeError, read_yaml
 
     try:
         with open(out / ARGS, "rb") as f:
@@ -623,7 +623,7 @@ def _write_epoch(
 ) -> None:
     """What the main process writes after an epoch: last (and best) weights with their
     manifest, the resume state, the summary and the curves."""
-    from .. import save
+    from ..saving.file import save
     from .curves import plot_curves
 
     out = Path(config.out)

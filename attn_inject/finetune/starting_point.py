@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_state_dict
-from ..errors import InputError
+from ..core.errors import InputError
+from ..saving.checkpoint import CheckpointError, read_state_dict
 
 __all__ = ["StartingPoint", "load_for_finetuning"]
 
@@ -48,9 +48,8 @@ def load_for_finetuning(path: str | os.PathLike, num_classes: int | None = None)
     """The patched model saved at ``path``; see the module docstring. Every path goes through
     ``load``'s checks first: the file is checked on the meta device, and the model rebuilt
     with new classes is checked there too, before any real weight is allocated."""
-    from .. import load, read_manifest
-    from ..models import build_model, build_shapes_only, resolve
-    from ..serialize import check_file, inject_recorded
+    from ..models.build import build_model, build_shapes_only, resolve
+    from ..saving.file import check_file, inject_recorded, load, read_manifest
 
     if num_classes is not None and num_classes < 1:
         raise InputError(f"--num-classes must be at least 1, got {num_classes}")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AttnInjectError
-from ..messages import cut, error_line
-from .config import SettingError
+from ..core.errors import AttnInjectError
+from ..core.messages import cut, error_line
+from .config import TRACKER_PACKAGES, trackers_wanted
 
 if TYPE_CHECKING:
     from .config import FinetuneConfig
@@ -41,47 +41,12 @@ __all__ = [
     "RunLabel",
     "TrackerError",
     "Trackers",
-    "check_installed",
     "open_trackers",
     "tracking",
 ]
 
-# flag, the module imported, what to install
-_PACKAGES = (
-    ("--log-tensorboard", "tensorboard", "tensorboard"),
-    ("--log-mlflow", "mlflow", "mlflow-skinny"),
-    ("--log-wandb", "wandb", "wandb"),
-)
 DEFAULT_PROJECT = "attn-inject"  # the MLflow experiment / W&B project unless the environment names one
 MAX_PARAM = 500  # characters of a setting's value MLflow is given (its limit on old servers)
-
-
-def _wanted(config: FinetuneConfig) -> dict[str, bool]:
-    return {
-        "--log-tensorboard": config.log_tensorboard is not None,
-        "--log-mlflow": config.log_mlflow,
-        "--log-wandb": config.log_wandb,
-    }
-
-
-def check_installed(config: FinetuneConfig) -> None:
-    """Each tracker ``config`` asks for is installed; else one line naming the package to
-    install (:class:`SettingError`: exit 2). Nothing is imported."""
-    wanted = _wanted(config)
-    for flag, module, package in _PACKAGES:
-        if wanted[flag] and not _installed(module):
-            raise SettingError(
-                f"{flag} needs the {module} package, which is not installed: pip install {package}"
-            )
-    if config.log_tensorboard is not None and not config.log_tensorboard.strip():
-        raise SettingError("--log-tensorboard takes a folder, got an empty name")
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent that fails to import, or a module set to None
-        return False
 
 
 @dataclass(frozen=True)
@@ -235,9 +200,9 @@ def open_trackers(config: FinetuneConfig, label: RunLabel, main: bool = True) ->
         return Trackers([])
     params = {k: v for k, v in config.to_dict().items() if v is not None}
     opened: list[_Tracker] = []
-    wanted = _wanted(config)
+    wanted = trackers_wanted(config)
     try:
-        for flag, _, _ in _PACKAGES:
+        for flag, _, _ in TRACKER_PACKAGES:
             if not wanted[flag]:
                 continue
             try:

@@ -1,1 +1,2 @@
-"""Graph analysis: trace, shapes, layouts, residual additions, stages, insertion positions."""
+"""Graph analysis: tracing, tensor shapes and layouts, residual additions and stages, annotated
+on the traced graph for planning to read."""

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
 
-from ..errors import AttnInjectError
-from ..messages import cut, error_line
+from ..core.errors import AttnInjectError
+from ..core.messages import cut, error_line
 from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..errors import AttnInjectError
+from ..core.errors import AttnInjectError
 
 __all__ = [
     "ModelTracer",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..recipe import load_recipe
+from ..recipes.recipe import load_recipe
 from .errors import SearchError
 
 __all__ = ["BASELINE", "Candidate", "from_recipes"]

@@ -77,9 +77,9 @@ def _digest(path: str) -> str:
 def _base(
     args: argparse.Namespace, kwargs: dict[str, Any], input_size: tuple[int, ...] | None
 ) -> tuple[Any, str]:
-    from ..checkpoint import check_fits, read_state_dict
-    from ..models import build_model, resolve
-    from ..serialize import load_base_weights, read_manifest
+    from ..models.build import build_model, resolve
+    from ..saving.checkpoint import check_fits, read_state_dict
+    from ..saving.file import load_base_weights, read_manifest
     from .trial import Base
 
     if args.checkpoint:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import AttnInjectError
+from ..core.errors import AttnInjectError
 
 __all__ = ["SearchError", "SearchUsageError"]
 

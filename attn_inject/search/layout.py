@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..messages import shown
-from ..values import is_int
+from ..core.messages import shown
+from ..core.values import is_int
 from .errors import SearchError
 
 __all__ = ["DEFAULT_STUDY", "MAX_SEED", "Layout", "check_study_name"]

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_path
-from ..messages import cut
+from ..core.files import atomic_path
+from ..core.messages import cut
 from .candidates import BASELINE
 from .layout import Layout
 from .records import Outcome, TrialRecord
@@ -280,7 +280,7 @@ def numeric_csv(rows: Sequence[Row]) -> str:
 
 
 def _markdown(header: list[str], body: list[list[str]], notes: Sequence[str]) -> str:
-    from ..tables import markdown_table
+    from ..core.tables import markdown_table
 
     return "\n".join(markdown_table(header, body)) + "\n" + "".join(f"\n{n}\n" for n in notes)
 
@@ -436,7 +436,7 @@ def write_report(
     all built first and written together; a best run whose file is not here leaves no
     best.safetensors (an older one is removed) and a note. ``about``: lines above the
     Markdown table (what was searched, on which data)."""
-    from ..tables import render_table
+    from ..core.tables import render_table
 
     best, why = _best_run(rows, layout)
     notes = [*notes, *([why] if why else [])]

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.messages import cut
+from ..core.values import is_int
 from ..finetune.progress import duration
-from ..messages import cut
-from ..values import is_int
 
 __all__ = ["TrialClock"]
 

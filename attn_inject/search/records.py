@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..messages import cut, shown
-from ..values import is_int, is_number
+from ..core.messages import cut, shown
+from ..core.values import is_int, is_number
 from .errors import SearchError
 from .layout import Layout
 

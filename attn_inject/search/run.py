@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.messages import cut, first_line, shown
 from ..finetune.config import RESUME_FREE, FinetuneConfig
 from ..finetune.data import Folders, check_folders
 from ..finetune.trackers import RunLabel
-from ..messages import cut, first_line, shown
-from ..planning import plan
+from ..planning.match import plan
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .layout import DEFAULT_STUDY, Layout

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from ..blocks import block_param_names, permutes
-from ..messages import first_line, shown
-from ..recipe import RecipeError, load_recipe, read_recipe_file, read_yaml
-from ..values import is_int, is_number
+from ..core.messages import first_line, shown
+from ..core.values import is_int, is_number
+from ..recipes.recipe import RecipeError, load_recipe, read_recipe_file, read_yaml
 from .candidates import Candidate
 from .errors import SearchError
 

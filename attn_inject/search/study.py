@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..messages import cut, error_line, first_line, shown
+from ..core.messages import cut, error_line, first_line, shown
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .progress import TrialClock

@@ -16,8 +16,8 @@ from torch import nn
 from ..finetune.config import FinetuneConfig
 from ..finetune.run import run
 from ..finetune.trackers import UNLABELLED, RunLabel
-from ..injection import inject
-from ..serialize import save
+from ..saving.file import save
+from ..surgery.inject import inject
 from .candidates import Candidate
 
 __all__ = ["BASELINE_RECIPE", "Base", "TrialOutcome", "run_trial"]

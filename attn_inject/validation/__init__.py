@@ -3,7 +3,7 @@ skipped with its reason, and where it ran.
 
 The reference is independent of the rewrite: the original model run as written, with each
 inserted block applied at its point by hooks on the original's modules
-(:mod:`attn_inject.reference`), calling the patched model's own blocks. Patched and
+(:mod:`attn_inject.validation.reference`), calling the patched model's own blocks. Patched and
 reference must agree for any blend and any weights (``init="paper"``, trained blocks); at
 identity (every blend 0) the patched model must also match the plain original.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.messages import first_line
 from ..graph.trace import eval_mode
-from ..messages import first_line
 from .compare import outputs
 from .context import ValidationContext
 from .devices import where

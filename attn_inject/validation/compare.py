@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..graph.trace import mode
-from ..reference import PointHooks
 from .devices import tensors_of
+from .reference import PointHooks
 from .report import IDENTITY_TOLERANCE, ValidationError
 
 __all__ = [

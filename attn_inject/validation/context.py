@@ -12,9 +12,9 @@ from torch import nn
 
 from ..blocks.gate import blend_parameters
 from ..graph.trace import eval_mode
-from ..record import blocks_digest, patched_record
-from ..reference import HookError, Reference
+from ..surgery.record import blocks_digest, patched_record
 from .compare import block_inputs, locate, max_diff, outputs, share_of_scale
+from .reference import HookError, Reference
 from .report import IDENTITY_TOLERANCE
 
 __all__ = ["Measurement", "ValidationContext", "identity_expected", "measure"]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..blocks.gate import blends_at_one
+from ..core.randomness import cuda_devices, seed_torch
 from ..graph.trace import eval_mode
-from ..randomness import cuda_devices, seed_torch
 from .compare import max_diff, outputs, share_of_scale
 from .context import Measurement, ValidationContext
 from .devices import where

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .context import ValidationContext
 from .report import Check
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import AttnInjectError
-from ..tables import render_table
+from ..core.errors import AttnInjectError
+from ..core.tables import render_table
 
 __all__ = [
     "FAILED",

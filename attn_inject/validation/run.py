@@ -9,14 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..messages import first_line
-from ..names import join_names
-from ..planning import Plan, count_params, default_input_size
-from ..record import patched_record
-from ..reference import Reference
+from ..core.errors import InputError
+from ..core.messages import first_line
+from ..core.names import join_names
+from ..models.facts import count_params, default_input_size
+from ..planning.points import Plan
+from ..surgery.record import patched_record
 from .context import Measurement, ValidationContext, identity_expected, measure
 from .devices import cudnn_settings, device_name, on_device, resolve_device, tensors_of, where
+from .reference import Reference
 from .registry import TRACE, CheckSpec, checks_for, registered
 from .report import SKIPPED, Check, ValidationError, ValidationReport
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.messages import cut, error_line, first_line
 from ..graph.trace import eval_mode
-from ..messages import cut, error_line, first_line
 from .compare import max_diff, outputs, share_of_scale
 from .context import ValidationContext
 from .devices import where

@@ -23,7 +23,7 @@ import copy
 import functools
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,12 +31,12 @@ from typing import Any
 
 import yaml
 
-from .blocks import BlockParamError, block_factory, block_param_names, check_block_params, list_blocks
-from .errors import AttnInjectError, InputError
-from .files import NotRegularFileError, file_kind, open_regular
-from .messages import cut, shown
+from ..blocks import BlockParamError, block_factory, block_param_names, check_block_params, list_blocks
+from ..core.errors import AttnInjectError, InputError
+from ..core.files import NotRegularFileError, file_kind, open_regular
+from ..core.messages import cut, shown
+from ..core.values import is_int
 from .patterns import PatternError, compile_pattern
-from .values import is_int
 
 __all__ = [
     "POSITIONS",
@@ -48,6 +48,7 @@ __all__ = [
     "list_recipes",
     "load_recipe",
     "parse_recipe_text",
+    "positions_of",
 ]
 
 POSITIONS = (
@@ -172,7 +173,7 @@ def _builtin_dir() -> Path:
     packaged = resources.files("attn_inject") / "builtin_recipes"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"  # a source checkout: the repository's recipes/
 
 
 def builtin_recipe_paths() -> dict[str, Path]:
@@ -590,3 +591,8 @@ def _text_number_hint(value: Any) -> str:
 def _key_name(key: Any) -> str:
     """A mapping key as an error names it: a string as is (cut), anything else as its repr."""
     return cut(key, 40) if isinstance(key, str) else shown(key, 40)
+
+
+def positions_of(rules: Sequence[Rule]) -> str:
+    """The positions ``rules`` name, each once, in order: "residual_branch, conv_output"."""
+    return ", ".join(dict.fromkeys(r.at for r in rules))

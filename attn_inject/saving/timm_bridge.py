@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+from ..core.messages import cut, shown
+from ..recipes.recipe import Recipe
 from . import timm_entrypoints
 from .checkpoint import CheckpointError, read_state_dict
-from .errors import InputError
-from .messages import cut, shown
-from .recipe import Recipe
-from .serialize import REGISTERED_SOURCE, Manifest, check_file, inject_recorded, weights_path
+from .file import REGISTERED_SOURCE, Manifest, check_file, inject_recorded, weights_path
 
 __all__ = ["register_timm_model"]
 
@@ -112,7 +112,7 @@ def _build_base(
     manifest: Manifest, kwargs: Mapping[str, Any], overlay: Mapping[str, Any] | None
 ) -> nn.Module:
     """The recorded base model built with the caller's arguments over the recorded ones."""
-    from .models import ModelKwargsError, build_model
+    from ..models.build import ModelKwargsError, build_model
 
     given = {k: v for k, v in kwargs.items() if k not in ("device", "dtype")}
     merged: dict[str, Any] = {**manifest.base_kwargs, **given}
@@ -129,7 +129,7 @@ def _build_base(
         pass  # an argument of the caller's that is no architecture argument (bn_momentum): timm takes it
     import timm
 
-    from .models import resolve
+    from ..models.build import resolve
 
     with torch.device(device):
         return timm.create_model(resolve(manifest.base_model)[1], pretrained=False, **merged)

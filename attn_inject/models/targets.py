@@ -2,7 +2,7 @@
 
 ``inject(model, recipe, target="backbone.body")`` plans and rewrites only that submodule;
 torchvision detection, segmentation and optical-flow models get their backbone (the part
-that is a CNN on images) when no target is given. The rewrite (:mod:`attn_inject.rewrite`)
+that is a CNN on images) when no target is given. The rewrite (:mod:`attn_inject.surgery.rewrite`)
 puts the changed modules back into shallow copies of their ancestors, so the model passed in
 is never changed and every ``state_dict`` key keeps its name.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import AttnInjectError
+from ..core.errors import AttnInjectError
 
 __all__ = ["TargetError", "default_target", "get_target", "target_input_size"]
 

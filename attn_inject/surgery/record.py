@@ -1,19 +1,32 @@
-"""What a patched model remembers, and the one way to read it: :func:`patched_record`."""
+"""What a patched model remembers, and the one way to read it: :func:`patched_record`; and the
+blocks it was given, found by their flag (:func:`inserted_blocks`)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .planning import Plan, merge_plans
+from ..core.errors import InputError
+from ..planning.points import Plan, merge_plans
 
-__all__ = ["RECORD_ATTRIBUTE", "InjectionInfo", "blocks_digest", "patched_record", "set_record"]
+__all__ = [
+    "BLOCK_FLAG",
+    "RECORD_ATTRIBUTE",
+    "InjectionInfo",
+    "block_parameters",
+    "blocks_digest",
+    "find_blocks",
+    "inserted_blocks",
+    "patched_record",
+    "set_record",
+]
 
+BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 RECORD_ATTRIBUTE = "attn_inject"  # a plain attribute of the patched model, not a module or a tensor
 
 
@@ -73,3 +86,22 @@ def patched_record(model: nn.Module) -> InjectionInfo | None:
 
 def set_record(model: nn.Module, info: InjectionInfo) -> None:
     vars(model)[RECORD_ATTRIBUTE] = info
+
+
+def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Every inserted block in ``model``, by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if getattr(m, BLOCK_FLAG, False)}
+
+
+def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
+    """The attention blocks ``inject`` inserted into ``patched``, by qualified module name,
+    in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
+    if patched_record(patched) is None:
+        raise InputError("not a patched model: it has no attn_inject plan")
+    return find_blocks(patched)
+
+
+def block_parameters(patched: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters of the inserted blocks, e.g. for their own optimizer param group."""
+    for block in inserted_blocks(patched).values():
+        yield from block.parameters()

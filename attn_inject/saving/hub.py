@@ -25,10 +25,10 @@ from typing import Any
 
 from torch import nn
 
+from ..core.files import write_text_atomic
+from ..core.messages import error_line, shown
 from .checkpoint import CheckpointError
-from .files import write_text_atomic
-from .messages import error_line, shown
-from .serialize import HUB_CONFIG, HUB_FIELDS, HUB_KEY, HUB_WEIGHTS, Manifest, refuse_wrapper, save
+from .file import HUB_CONFIG, HUB_FIELDS, HUB_KEY, HUB_WEIGHTS, Manifest, refuse_wrapper, save
 
 __all__ = ["save_pretrained"]
 
@@ -72,7 +72,7 @@ def save_pretrained(
 
 
 def _recipe_name(patched: nn.Module) -> str:
-    from .record import patched_record
+    from ..surgery.record import patched_record
 
     info = patched_record(patched)
     plans = getattr(info, "plans", None) or ((info.plan,) if info is not None else ())

@@ -8,12 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from .blocks.proof import BlockProofError
-from .errors import AttnInjectError
-from .models import base_model_of
-from .planning import QuantizedModelError, analyse, positions_of
-from .randomness import check_seed, own_random_state
-from .recipe import Recipe
+from ..blocks.proof import BlockProofError
+from ..core.errors import AttnInjectError
+from ..core.randomness import check_seed, own_random_state
+from ..models.build import base_model_of
+from ..planning.match import analyse
+from ..planning.points import QuantizedModelError
+from ..recipes.recipe import Recipe, positions_of
 from .rewrite import RewriteError, rewrite
 
 __all__ = ["InjectError", "inject"]

@@ -18,7 +18,7 @@ A saved file rebuilds exactly the saved network, or nothing:
 
 ``load`` also reads the two other forms a patched model takes outside this package: a folder
 in timm's hub layout (``config.json`` + ``model.safetensors``, written by
-``attn_inject.hub.save_pretrained``), and a timm training checkpoint (``.pth.tar``), whose
+``attn_inject.saving.hub.save_pretrained``), and a timm training checkpoint (``.pth.tar``), whose
 weights are loaded into the network that the file its run started from describes.
 """
 
@@ -35,6 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.errors import InputError
+from ..core.files import NotRegularFileError, open_regular
+from ..core.messages import cut, shown
+from ..core.values import is_int
+from ..recipes.recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
+from ..surgery.record import patched_record
 from .architecture import Architecture, ModuleEntry, architecture, first_difference
 from .checkpoint import (
     TORCH_SUFFIXES,
@@ -47,12 +53,6 @@ from .checkpoint import (
     read_training_checkpoint,
     write_safetensors,
 )
-from .errors import InputError
-from .files import NotRegularFileError, open_regular
-from .messages import cut, shown
-from .recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
-from .record import patched_record
-from .values import is_int
 
 __all__ = [
     "FORMAT",
@@ -148,7 +148,7 @@ class Manifest:
 def versions() -> dict[str, str]:
     import torchvision
 
-    from . import __version__
+    from .._version import __version__
 
     out = {"attn_inject": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
     try:
@@ -162,7 +162,7 @@ def versions() -> dict[str, str]:
 
 def refuse_wrapper(model: nn.Module, where: str) -> None:
     """A clear error for a model inside a DataParallel / DDP / torch.compile wrapper."""
-    from .models import wrapper_of
+    from ..models.build import wrapper_of
 
     hint = wrapper_of(model)
     if hint is not None:
@@ -192,7 +192,7 @@ def save(
     The model named is rebuilt on the meta device and compared with ``patched``; if they
     differ the file is not written and the error says where. ``training`` (plain values)
     records the fine-tuning run that produced the weights in the manifest."""
-    from . import inserted_blocks
+    from ..surgery.record import inserted_blocks
 
     refuse_wrapper(patched, "save()")
     info = patched_record(patched)
@@ -245,7 +245,7 @@ def _base_named(
 ) -> tuple[str | None, dict[str, Any]]:
     """The base model's qualified name (None: saved unnamed) and builder arguments, from the
     caller or the patched model's record; refused when no builder is known."""
-    from .models import ModelKwargsError, check_model_kwargs, resolve, timm_kwargs_of
+    from ..models.build import ModelKwargsError, check_model_kwargs, resolve, timm_kwargs_of
 
     name = getattr(info, "base_model", None) if model_name is None else model_name or None
     if name is None and model_name is None:
@@ -274,7 +274,7 @@ def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], step
         "or build it with attn_inject.models.build_model, which records them, "
         'or save it unnamed (model_name="") and load it with ai.load(path, model=...)'
     )
-    from .models import build_shapes_only
+    from ..models.build import build_shapes_only
 
     given = shown(kwargs, 200)
     try:
@@ -305,7 +305,7 @@ def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], step
 
 def _inject_all(base: nn.Module, steps: list[tuple[Recipe, Injection]]) -> nn.Module:
     """``base`` with each injection repeated, in order."""
-    from .injection import inject
+    from ..surgery.inject import inject
 
     patched = base
     for recipe, step in steps:
@@ -411,7 +411,7 @@ class _ManifestReader:
         return value
 
     def manifest(self) -> Manifest:
-        from .models import ModelKwargsError, check_model_kwargs
+        from ..models.build import ModelKwargsError, check_model_kwargs
 
         base_model = self.get("base_model")
         if base_model is not None and (not isinstance(base_model, str) or not 0 < len(base_model) <= 200):
@@ -661,7 +661,7 @@ def _checked_base(
     """The manifest, its recipe, and the base model to load into: ``model`` when given, else
     the model it names, built (unless ``build`` is false) only after its meta-device twin has
     matched the file."""
-    from .models import ModelNameError, build_model, build_shapes_only, resolve
+    from ..models.build import ModelNameError, build_model, build_shapes_only, resolve
 
     manifest = read_manifest(path)
     recipe = _recipe_of(manifest, path)
@@ -749,7 +749,7 @@ def _load_training_checkpoint(
 ) -> nn.Module:
     """A training checkpoint's weights in the network the file ``like`` (or the one registered
     under the checkpoint's ``arch``) describes, rebuilt with the run's class count."""
-    from .models import ModelKwargsError, build_model, build_shapes_only, check_model_kwargs, resolve
+    from ..models.build import ModelKwargsError, build_model, build_shapes_only, check_model_kwargs, resolve
 
     checkpoint = read_training_checkpoint(path, use_ema=use_ema)
     source = like if like is not None else _registered_source(checkpoint.arch)
@@ -856,7 +856,7 @@ def _read_hub_config(path: Path) -> dict[str, Any]:
 
 def block_weight_names(patched: nn.Module) -> tuple[str, ...]:
     """The prefixes (``"<module>."``) of the inserted blocks' weights in ``patched``."""
-    from . import inserted_blocks
+    from ..surgery.record import inserted_blocks
 
     return tuple(f"{name}." for name in inserted_blocks(patched))
 

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import AttnInjectError, InputError
-from .graph.analysis import AnnotatedGraph
-from .graph.shapes import tensor_meta
-from .names import join_names, relative_name
-from .planning import InsertionPoint, Plan, prepare
-from .record import patched_record
-from .rewrite import find_blocks
+from ..core.errors import AttnInjectError, InputError
+from ..core.names import join_names, relative_name
+from ..graph.analysis import AnnotatedGraph
+from ..graph.shapes import tensor_meta
+from ..planning.match import prepare
+from ..planning.points import InsertionPoint, Plan
+from ..surgery.record import find_blocks, patched_record
 
 __all__ = ["HookError", "PointHooks", "Reference", "common_target"]
 

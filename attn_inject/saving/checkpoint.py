@@ -33,9 +33,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import AttnInjectError
-from .messages import cut, first_line, shown
-from .values import is_number
+from ..core.errors import AttnInjectError
+from ..core.messages import cut, first_line, shown
+from ..core.values import is_number
 
 __all__ = [
     "SAFETENSORS_SUFFIX",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .blocks import NCHW
-from .tables import render_table
+from ..blocks import NCHW
+from ..core.tables import render_table
+from ..recipes.recipe import positions_of
 
 if TYPE_CHECKING:
-    from .planning import Plan
+    from .points import Plan
 
 __all__ = ["plan_table"]
 
@@ -21,7 +22,6 @@ def _giga(flops: int) -> str:
 def plan_table(plan: Plan) -> str:
     """``plan``'s points (a layout column when a block is not on an NCHW map), where each
     block lives, and the totals."""
-    from .planning import positions_of
 
     layouts = any(p.layout != NCHW for p in plan.points)
     header = (

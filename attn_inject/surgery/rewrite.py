@@ -1,8 +1,8 @@
 """The rewrite pass: local surgery.
 
 Each planned block becomes a child of the module where it acts (``layer1.0.se``), as in a
-hand-built model. Only the modules that run a block change (see :mod:`attn_inject.scopes`),
-and each stays an instance of its own class (:mod:`attn_inject.derive`):
+hand-built model. Only the modules that run a block change (see :mod:`attn_inject.planning.scopes`),
+and each stays an instance of its own class (:mod:`attn_inject.surgery.derive`):
 
 - a slot: the block takes the module's None attribute, and its code calls it as written;
 - after / before: the module becomes a generated subclass that runs the block on what it
@@ -13,7 +13,7 @@ and each stays an instance of its own class (:mod:`attn_inject.derive`):
 
 Every module on the path from the model to a changed module is a shallow copy (its other
 children, parameters and buffers are the original's, its registries its own: see
-:mod:`attn_inject.copies`), so the model passed in is not changed, every ``state_dict`` key
+:mod:`attn_inject.surgery.copies`), so the model passed in is not changed, every ``state_dict`` key
 stays, and everything else keeps its class and its code. Each block is proved before it
 joins the model (:mod:`attn_inject.blocks.proof`): at ``init="identity"`` the patched model
 computes exactly what the original does.
@@ -30,31 +30,25 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .blocks import layout_kwargs, make_block
-from .blocks.proof import prove_block
+from ..blocks import layout_kwargs, make_block
+from ..blocks.proof import prove_block
+from ..core.errors import AttnInjectError
+from ..graph.analysis import AnnotatedGraph
+from ..graph.layout import META_KEY as LAYOUT_KEY
+from ..graph.trace import HOOK_DICTS
+from ..planning.points import InsertionPoint, Plan
+from ..planning.scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 from .copies import shallow_copy
 from .derive import Around, derive_around, derive_graph
-from .errors import AttnInjectError
-from .graph.analysis import AnnotatedGraph
-from .graph.layout import META_KEY as LAYOUT_KEY
-from .graph.trace import HOOK_DICTS
-from .planning import InsertionPoint, Plan
-from .record import InjectionInfo, blocks_digest, patched_record, set_record
-from .scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
+from .record import BLOCK_FLAG, InjectionInfo, blocks_digest, find_blocks, patched_record, set_record
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
 
 ANNOTATIONS = ("val", LAYOUT_KEY, "tensor_meta")  # what the analysis wrote on each node
-BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 
 
 class RewriteError(AttnInjectError, ValueError):
     """A module that must be rewritten cannot be, e.g. a hook would be baked into its trace."""
-
-
-def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Every inserted block in ``model``, by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if getattr(m, BLOCK_FLAG, False)}
 
 
 def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -3,7 +3,7 @@
 For each model: build it on the meta device (on the CPU when it cannot be), trace and
 annotate it once, plan every recipe, compare its stages with timm's ``feature_info``, and,
 with ``identity_check``, build it for real and check identity at a small input size. The
-results are :class:`ZooRecord` rows (one per model and recipe) that :mod:`.zoo_report`
+results are :class:`ZooRecord` rows (one per model and recipe) that :mod:`.report`
 turns into ``docs/zoo.md`` and ``docs/zoo.csv``.
 """
 
@@ -21,7 +21,7 @@ from typing import TypedDict
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..core.errors import InputError
 
 __all__ = [
     "IDENTITY_MAX_PARAMS",
@@ -85,8 +85,8 @@ class ModelResult:
 def default_recipes() -> list[str]:
     """The recipes a sweep plans by default: every shipped recipe of the built-in blocks. The
     shipped recipes of timm's kinds run on a sample with ``--recipes`` (docs/zoo.md)."""
-    from .blocks import BUILT_IN
-    from .recipe import get_recipe, list_recipes
+    from ..blocks import BUILT_IN
+    from ..recipes.recipe import get_recipe, list_recipes
 
     def built_in(name: str) -> bool:
         recipe = get_recipe(name)
@@ -123,7 +123,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _fx_plain(model: nn.Module) -> bool:
-    from .graph.trace import eval_mode
+    from ..graph.trace import eval_mode
 
     try:
         with eval_mode(model):
@@ -135,7 +135,7 @@ def _fx_plain(model: nn.Module) -> bool:
 
 def _stage_channels(stage) -> int | None:
     """A stage's channels: of its feature map (NCHW or NHWC), or of its tokens (B, N, C)."""
-    from .graph.shapes import tensor_meta
+    from ..graph.shapes import tensor_meta
 
     if stage.channels is not None:
         return int(stage.channels)
@@ -147,7 +147,7 @@ def stage_agreement(model: nn.Module, stages: Sequence, target: str) -> str:
     """Whether the stages found match timm's ``feature_info`` at reduction >= 4:
     "agree", "n/a" (no feature_info), "unchecked: why" (feature_info names modules the model
     does not have, so there is nothing to compare with), or "differs: why"."""
-    from .graph.stages import stage_entries
+    from ..graph.stages import stage_entries
 
     info = getattr(model, "feature_info", None)
     if info is None or target:
@@ -208,10 +208,10 @@ def sweep_model(
     identity_max_params: int = IDENTITY_MAX_PARAMS,
 ) -> ModelResult:
     """Every record of one model (``timm:NAME`` or ``tv:NAME``)."""
-    from .graph.shapes import ShapeError
-    from .models import build_for_planning, input_size_for
-    from .planning import prepare, resolve_target
-    from .recipe import load_recipe
+    from ..graph.shapes import ShapeError
+    from ..models.build import build_for_planning, input_size_for
+    from ..planning.match import prepare, resolve_target
+    from ..recipes.recipe import load_recipe
 
     warnings.filterwarnings("ignore")
     source, _, bare = name.partition(":")
@@ -247,8 +247,8 @@ def sweep_model(
 
 def _common_record(source: str, bare: str, model: nn.Module, prepared, target: str) -> ZooRecord:
     """What every recipe's row of a model shares: how it traced, its stages and parameters."""
-    from .graph.layout import NCHW, layout_of
-    from .graph.trace import tracing_strategy
+    from ..graph.layout import NCHW, layout_of
+    from ..graph.trace import tracing_strategy
 
     graph = prepared.graph
     return ZooRecord(
@@ -270,7 +270,7 @@ def _common_record(source: str, bare: str, model: nn.Module, prepared, target: s
 
 def _recipe_record(common: ZooRecord, prepared, recipe, plans: dict) -> ZooRecord:
     """One recipe's row: its plan's points by layout and what they add (``plans`` gets the plan)."""
-    from .planning import plan_prepared
+    from ..planning.match import plan_prepared
 
     t0 = time.perf_counter()
     try:
@@ -316,8 +316,8 @@ IDENTITY_CHECKS = ("identity", "parameters", "shapes", "finite")
 
 
 def _check_identity(name, rows, plans, base_params, max_params, target) -> list[ZooRecord]:
-    from .models import build_model
-    from .planning import plan_prepared, prepare
+    from ..models.build import build_model
+    from ..planning.match import plan_prepared, prepare
 
     wanted = [r for r in rows if r.status == "ok" and r.points]
     if not wanted:
@@ -352,8 +352,8 @@ def _identity_of(
 ) -> ZooRecord:
     """``row`` with its recipe injected into the real ``model`` at ``size`` and checked for
     identity (and parameters, finiteness) against it."""
-    from .injection import inject
-    from .validation import validate
+    from ..surgery.inject import inject
+    from ..validation import validate
 
     t0 = time.perf_counter()
     try:

@@ -14,10 +14,10 @@ from dataclasses import astuple, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, InputTypeError
-from .files import write_text_atomic
-from .tables import markdown_table
-from .zoo import ZooRecord
+from ..core.errors import InputError, InputTypeError
+from ..core.files import write_text_atomic
+from ..core.tables import markdown_table
+from .sweep import ZooRecord
 
 __all__ = ["RESIDUAL_FAMILIES", "read_csv", "write_csv", "write_markdown"]
 

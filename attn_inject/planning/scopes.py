@@ -1,7 +1,7 @@
 """Scopes: which module runs each block, and which module holds it.
 
 The whole model is traced once to find the insertion points; the surgery itself is local and
-every module it changes stays an instance of its own class (:mod:`attn_inject.derive`). For
+every module it changes stays an instance of its own class (:mod:`attn_inject.surgery.derive`). For
 each point (a producer node and the consumers that read the block's output), the first of
 these that applies:
 
@@ -39,11 +39,11 @@ from typing import Any
 
 from torch import fx, nn
 
-from .derive import holds_nodes
-from .errors import AttnInjectError
-from .graph.analysis import AnnotatedGraph, module_stack
-from .graph.trace import ModuleCall, reads_training
-from .names import relative_name
+from ..core.errors import AttnInjectError
+from ..core.names import relative_name
+from ..graph.analysis import AnnotatedGraph, module_stack
+from ..graph.trace import ModuleCall, reads_training
+from ..surgery.derive import derived_spec, holds_nodes
 
 __all__ = ["Attach", "Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
 
@@ -399,8 +399,6 @@ class Placer:
     def _derivable(self, path: str) -> bool:
         """Whether a block can run around the module's own forward: its class's (a forward
         set on the instance, as timm's FasterNet does, is not a method a subclass replaces)."""
-        from .derive import derived_spec  # derive imports nothing of the engine
-
         module = self.root.get_submodule(path)
         spec = derived_spec(module)
         return "forward" not in vars(module) and (spec is None or spec.graph is None)

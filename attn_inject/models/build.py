@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AttnInjectError
-from .messages import shown
-from .values import is_int, is_number
+from ..core.errors import AttnInjectError
+from ..core.messages import shown
+from ..core.values import is_int, is_number
+from ..surgery.record import patched_record
 
 __all__ = [
     "ARCHITECTURE_KWARGS",
@@ -343,8 +344,6 @@ def base_model_of(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
     recorded = getattr(model, BASE_ATTRIBUTE, None)
     if recorded is not None:
         return recorded[0], dict(recorded[1])
-    from .record import patched_record
-
     info = patched_record(model)  # patched again: the first patch's base
     if info is not None and info.base_model:
         return info.base_model, dict(info.base_kwargs)

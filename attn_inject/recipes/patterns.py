@@ -13,7 +13,7 @@ from typing import Any
 
 import re2
 
-from .errors import AttnInjectError
+from ..core.errors import AttnInjectError
 
 __all__ = ["MAX_PATTERN", "PatternError", "compile_pattern", "search"]
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from . import ops
-from .analysis import AnnotatedGraph, scope_of
-from .layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
-from .residual import ResidualUnit, find_residual_units
-from .shapes import tensor_meta
-from .stages import Stage
+from ..graph import ops
+from ..graph.analysis import AnnotatedGraph, scope_of
+from ..graph.layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
+from ..graph.residual import ResidualUnit, find_residual_units
+from ..graph.shapes import tensor_meta
+from ..graph.stages import Stage
 
 __all__ = ["TOKENS", "Candidate", "block_layout", "feature_map_problem", "find_candidates", "stage_index"]
 

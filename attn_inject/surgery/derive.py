@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import _jit_internal, fx, nn
 
-from .errors import InputError
+from ..core.errors import InputError
 
 __all__ = [
     "INNER_FORWARD",

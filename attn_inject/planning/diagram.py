@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from .errors import InputError
-from .files import atomic_path
-from .planning import InsertionPoint, Plan
+from ..core.errors import InputError
+from ..core.files import atomic_path
+from .points import InsertionPoint, Plan
 
 __all__ = ["Arrow", "Box", "Diagram", "Text", "plan_layout", "save_diagram", "to_png", "to_svg"]
 

@@ -22,14 +22,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import AttnInjectError, InputTypeError
-from .finetune.config import SettingError
+from .._version import __version__
+from ..blocks import describe_blocks
+from ..core.errors import AttnInjectError, InputTypeError
+from ..core.messages import cut, first_line, shown
+from ..core.tables import render_table
+from ..finetune.command import add_parser as add_finetune
+from ..finetune.command import command as finetune_command
+from ..finetune.config import SettingError
+from ..models.build import (
+    ModelKwargsError,
+    build_for_planning,
+    build_model,
+    check_model_kwargs,
+    input_size_for,
+    resolve,
+)
+from ..planning.diagram import save_diagram
+from ..planning.match import plan, resolve_target
+from ..planning.points import Plan
+from ..recipes.recipe import get_recipe, list_recipes, load_recipe
+from ..saving.checkpoint import check_fits, read_state_dict
+from ..saving.file import load, load_base_weights, read_manifest, save
+from ..search.command import add_parser as add_search
+from ..search.command import command as search_command
+from ..search.errors import SearchUsageError
+from ..surgery.inject import inject
+from ..surgery.record import patched_record
+from ..validation import check_names, validate
+from ..zoo.report import write_csv, write_markdown
+from ..zoo.sweep import ZooRecord, default_recipes, list_zoo, sweep
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from .planning import Plan
 
 __all__ = ["main"]
 
@@ -214,8 +239,6 @@ def _parser() -> argparse.ArgumentParser:
     zoo.add_argument(
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
     )
-    from .finetune.command import add_parser as add_finetune
-    from .search.command import add_parser as add_search
 
     add_finetune(sub, common)
     add_search(sub, common)
@@ -226,9 +249,6 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
     """``--model-kwargs K=V ...``: each V read as a YAML scalar or list, each K checked
     against the builder arguments that shape the architecture."""
     import yaml
-
-    from .messages import cut, shown
-    from .models import ModelKwargsError, check_model_kwargs
 
     out = {}
     for pair in pairs:
@@ -251,7 +271,6 @@ def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _plan_of(patched: nn.Module) -> Plan:
     """The plan ``inject`` recorded on the model it returned."""
-    from .record import patched_record
 
     info = patched_record(patched)
     if info is None:
@@ -264,8 +283,6 @@ def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from .messages import cut, shown
-    from .recipe import get_recipe, list_recipes, load_recipe
 
     if args.action == "show":
         if not args.name:
@@ -284,8 +301,6 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
-    from .blocks import describe_blocks
-    from .tables import render_table
 
     infos = describe_blocks()
     offered = [i for i in infos if i.offered]
@@ -303,9 +318,6 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .models import build_for_planning, resolve
-    from .planning import plan
-    from .recipe import load_recipe
 
     if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
         raise UsageError(f"--diagram {args.diagram}: the file must end in .svg or .png")
@@ -322,8 +334,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         text += "\nskipped:\n" + "\n".join(f"  {s}" for s in result.skipped)
     data = result.to_dict()
     if args.diagram:
-        from .diagram import save_diagram
-
         save_diagram(result, args.diagram)
         text += f"\ndiagram: {args.diagram}"
         data["diagram"] = args.diagram
@@ -333,10 +343,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import torch
-
-    from .injection import inject
-    from .models import build_model
-    from .validation import validate
 
     _positive_sizes(args.input_size)
     torch.manual_seed(0)
@@ -362,7 +368,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _checks(value: str | None) -> tuple[str, ...] | str | None:
     """``--checks``: 'all', a comma-separated list, or None (validate's default: all but compile)."""
-    from .validation import check_names
 
     if value is None or value.strip() == "all":
         return value and "all"
@@ -403,8 +408,6 @@ def _input_size(values: Sequence[int] | None, like: Sequence[int] | None = None)
 def _default_input_size(name: str, model: Any, recipe: Any, target: str | None) -> tuple[int, ...] | None:
     """The whole model's input size for shape inference, or None when a submodule is
     patched (the API then infers the submodule's own)."""
-    from .models import input_size_for
-    from .planning import resolve_target
 
     return None if resolve_target(model, recipe, target) else input_size_for(name, model)
 
@@ -424,13 +427,6 @@ def _check_output(path: str, force: bool) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     import torch
-
-    from .checkpoint import check_fits, read_state_dict
-    from .injection import inject
-    from .models import build_model, resolve
-    from .recipe import load_recipe
-    from .serialize import save
-    from .validation import validate
 
     _check_output(args.out, args.force)
     checks = _checks(args.checks)  # bad input fails before any work
@@ -471,8 +467,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .serialize import load, load_base_weights, read_manifest
-    from .validation import validate
 
     checks = _checks(args.checks)
     with _status(f"reading {args.file}", quiet=args.json):
@@ -506,8 +500,6 @@ def _status(message: str, *, quiet: bool = False):
 
 def _zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
     """The zoo's recipes, model names and output folder, each checked before any model is built."""
-    from .recipe import load_recipe
-    from .zoo import default_recipes, list_zoo
 
     recipes = args.recipes or default_recipes()
     for recipe in recipes:
@@ -527,9 +519,6 @@ def _zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
     import time
-
-    from .zoo import ZooRecord, sweep
-    from .zoo_report import write_csv, write_markdown
 
     recipes, names, out = _zoo_inputs(args)
     start = time.perf_counter()
@@ -627,19 +616,16 @@ def _progress(description: str, total: int, *, quiet: bool = False):
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search.command import command
-    from .search.errors import SearchUsageError
 
     try:
-        return command(args, _model_kwargs(args.model_kwargs))
+        return search_command(args, _model_kwargs(args.model_kwargs))
     except SearchUsageError as error:
         raise UsageError(str(error)) from None
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune.command import command
 
-    return command(args)
+    return finetune_command(args)
 
 
 COMMANDS = {
@@ -694,7 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    from .messages import first_line
 
     return first_line(error, 600) or type(error).__name__
 

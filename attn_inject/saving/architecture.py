@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .messages import shown
+from ..core.messages import shown
 
 __all__ = ["Architecture", "ModuleEntry", "architecture", "first_difference"]
 
@@ -66,7 +66,7 @@ def plain_attributes(module: nn.Module) -> str:
 
 
 def _changed_code(module: nn.Module) -> list[str]:
-    from .derive import derived_spec
+    from ..surgery.derive import derived_spec
 
     spec = derived_spec(module)
     if spec is None:

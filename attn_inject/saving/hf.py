@@ -34,12 +34,12 @@ from typing import Any
 
 from torch import nn
 
+from ..core.files import write_text_atomic
+from ..core.messages import shown
+from ..core.randomness import own_random_state
+from ..surgery.record import patched_record
 from .checkpoint import CheckpointError
-from .files import write_text_atomic
-from .messages import shown
-from .randomness import own_random_state
-from .record import patched_record
-from .serialize import load, save
+from .file import load, save
 
 __all__ = ["CONFIG_KEY", "WEIGHTS", "from_pretrained", "save_pretrained"]
 
