@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
-__all__ = ["is_int", "is_number"]
+__all__ = ["CONSTANT_TYPES", "is_int", "is_number"]
+
+# the plain values a graph holds as constants and generated code writes as literals
+CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
 def is_int(value: Any) -> TypeGuard[int]:

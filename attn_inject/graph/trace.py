@@ -36,6 +36,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..core.errors import AttnInjectError
+from ..core.markers import BLOCK_FLAG
 
 __all__ = [
     "ModelTracer",
@@ -267,7 +268,7 @@ class ModelTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if getattr(m, "_attn_inject_block", False):
+        if getattr(m, BLOCK_FLAG, False):
             return True
         if isinstance(m, self.leaf_types) and not traceable_despite_notrace(m):
             return True

@@ -41,6 +41,7 @@ from torch import fx, nn
 
 from ..core.errors import AttnInjectError
 from ..core.names import relative_name
+from ..core.values import CONSTANT_TYPES
 from ..graph.analysis import AnnotatedGraph, module_stack
 from ..graph.trace import ModuleCall, reads_training
 from ..surgery.derive import derived_spec, holds_nodes
@@ -114,12 +115,9 @@ def _unpack(
         raise ScopeError(f"{what} holds graph values in a {type(value).__name__}")
 
 
-SIMPLE_CONSTANTS = (type(None), bool, int, float, str)
-
-
 def _simple(value: Any) -> bool:
     """A value a graph can hold as an argument: a node, a plain constant, or tuples/lists of them."""
-    if isinstance(value, (fx.Node, *SIMPLE_CONSTANTS)):
+    if isinstance(value, (fx.Node, *CONSTANT_TYPES)):
         return True
     if isinstance(value, (tuple, list)):
         return all(_simple(v) for v in value)

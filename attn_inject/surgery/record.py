@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
+from ..core.markers import BLOCK_FLAG
 from ..planning.points import Plan, merge_plans
 
 __all__ = [
@@ -26,7 +27,6 @@ __all__ = [
     "set_record",
 ]
 
-BLOCK_FLAG = "_attn_inject_block"  # set on every inserted block: a leaf to later traces
 RECORD_ATTRIBUTE = "attn_inject"  # a plain attribute of the patched model, not a module or a tensor
 
 
