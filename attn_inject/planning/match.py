@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..blocks import accepts_order, layout_kwargs, make_block, permutes, uses_grid
 from ..blocks.proof import block_name, run_block
 from ..core.errors import InputError
+from ..core.markers import BLOCK_FLAG
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, annotate
 from ..graph.layout import NCHW
@@ -108,7 +109,7 @@ def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     node is one, a consumer is one, or (an edge to every user) every user is one."""
 
     def is_block(node: fx.Node) -> bool:
-        return node.op == "call_module" and getattr(graph.module(node), "_attn_inject_block", False)
+        return node.op == "call_module" and getattr(graph.module(node), BLOCK_FLAG, False)
 
     if is_block(candidate.node):
         return True
@@ -257,7 +258,7 @@ def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
     hidden = []
     for node in graph.nodes:
         module = graph.module(node)
-        if module is None or getattr(module, "_attn_inject_block", False):
+        if module is None or getattr(module, BLOCK_FLAG, False):
             continue
         if last is not None and graph.index[node] > last:
             break

@@ -34,6 +34,7 @@ from typing import Any
 from torch import _jit_internal, fx, nn
 
 from ..core.errors import InputError
+from ..core.values import CONSTANT_TYPES
 
 __all__ = [
     "INNER_FORWARD",
@@ -50,7 +51,6 @@ INNER_FORWARD = "forward_without_attention"  # the base class's forward, as a me
 GRAPH_FORWARD = "forward_rewritten"  # the rewritten graph's code, as a method of the subclass
 SPEC = "_attn_inject_derived"  # on a generated class: what it adds to its base
 _counter = itertools.count()
-SIMPLE = (type(None), bool, int, float, str)
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ def _guard(name: str, value: Any, where: str) -> list[str]:
     """Lines that refuse an argument other than the constant the trace fixed it to."""
     if value is None:
         test = f"{name} is not None"
-    elif isinstance(value, SIMPLE):
+    elif isinstance(value, CONSTANT_TYPES):
         test = f"{name} != {value!r}"
     else:
         return []
