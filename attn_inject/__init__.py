@@ -7,7 +7,15 @@
 """
 
 from ._version import __version__
-from .blocks import BlockInfo, BlockParamError, create_block, describe_blocks, list_blocks, register_block
+from .blocks import (
+    BlockInfo,
+    BlockParamError,
+    create_block,
+    describe_blocks,
+    list_blocks,
+    register_block,
+    unregister_block,
+)
 from .core.errors import AttnInjectError
 from .core.errors import InputError as InputError  # reachable as ai.InputError, as before
 from .finetune import freeze_base, gates, param_groups
@@ -80,5 +88,6 @@ __all__ = [
     "rewritten_forward",
     "save",
     "save_pretrained",
+    "unregister_block",
     "validate",
 ]

@@ -145,9 +145,7 @@ class Doubler(nn.Module):
 def with_doubler():
     ai.register_block("doubler_test", Doubler)
     yield "doubler_test"
-    from attn_inject.blocks import _BLOCKS
-
-    _BLOCKS.pop("doubler_test", None)
+    ai.unregister_block("doubler_test")
 
 
 def test_a_users_module_is_inserted_function_preserving_and_is_the_module_at_blend_one(

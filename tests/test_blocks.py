@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import attn_inject as ai
-import attn_inject.blocks as blocks_module
 
 KINDS = ("se", "eca", "cbam")
 
@@ -508,9 +507,12 @@ def test_unknown_block_kind_raises_value_error_listing_known_kinds():
 
 
 @pytest.fixture
-def isolated_registry(monkeypatch):
-    """Registrations made in a test do not leak into other tests."""
-    monkeypatch.setattr(blocks_module, "_BLOCKS", dict(blocks_module._BLOCKS))
+def isolated_registry():
+    """Blocks registered in a test are unregistered after it."""
+    before = set(ai.list_blocks())
+    yield
+    for name in set(ai.list_blocks()) - before:
+        ai.unregister_block(name)
 
 
 class ScaleByTwo(torch.nn.Module):
@@ -553,3 +555,21 @@ def test_registering_a_builtin_name_without_overwrite_raises(isolated_registry):
     with pytest.raises(ValueError, match="se"):
         ai.register_block("se", ScaleByTwo)
     assert type(ai.create_block("se", 32)).__name__ == "SqueezeExcite"
+
+
+def test_an_unregistered_block_is_gone_and_its_kind_refused_again():
+    ai.register_block("scale_by_two", ScaleByTwo)
+    assert ai.unregister_block("scale_by_two") is ScaleByTwo
+    assert "scale_by_two" not in ai.list_blocks()
+    with pytest.raises(ValueError, match="unknown block kind 'scale_by_two'"):
+        ai.create_block("scale_by_two", 4)
+    with pytest.raises(ValueError, match="'scale_by_two' is not registered"):
+        ai.unregister_block("scale_by_two")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_built_in_block_cannot_be_unregistered(kind):
+    with pytest.raises(ValueError) as info:
+        ai.unregister_block(kind)
+    assert f"block '{kind}' is built in" in str(info.value) and "\n" not in str(info.value)
+    assert kind in ai.list_blocks()

@@ -13,7 +13,6 @@ import torchvision
 from torch import nn
 
 import attn_inject as ai
-from attn_inject import blocks as blocks_module
 from attn_inject.blocks import Blended
 
 SIZE = (3, 64, 64)
@@ -31,9 +30,12 @@ def resnet() -> nn.Module:
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """Registrations made in a test do not leak into other tests."""
-    monkeypatch.setattr(blocks_module, "_BLOCKS", dict(blocks_module._BLOCKS))
+def registry():
+    """Blocks registered in a test are unregistered after it."""
+    before = set(ai.list_blocks())
+    yield
+    for name in set(ai.list_blocks()) - before:
+        ai.unregister_block(name)
 
 
 class ScaleKwargs(nn.Module):

@@ -632,15 +632,16 @@ def test_an_odd_kernel_size_keeps_the_map_size_that_an_even_one_changes():
     assert recipe.rules[0].block.params == {"spatial_kernel_size": 9}
 
 
-def test_a_block_that_cannot_be_built_is_named_with_its_parameters_cut(monkeypatch):
-    from attn_inject import blocks
-
+def test_a_block_that_cannot_be_built_is_named_with_its_parameters_cut():
     def fussy(channels: int, **params: Any) -> torch.nn.Module:
         raise ValueError("no such option")
 
-    monkeypatch.setitem(blocks._BLOCKS, "fussy_block", fussy)
-    with pytest.raises(ai.RecipeError) as info:
-        ai.load_recipe(timm_rule("{kind: fussy_block, x: " + "y" * 300_000 + "}"))
+    ai.register_block("fussy_block", fussy)
+    try:
+        with pytest.raises(ai.RecipeError) as info:
+            ai.load_recipe(timm_rule("{kind: fussy_block, x: " + "y" * 300_000 + "}"))
+    finally:
+        ai.unregister_block("fussy_block")
     message = str(info.value)
     assert "block 'fussy_block' cannot be built with {'x': 'yyy" in message and "no such option" in message
     assert len(message) < 600 and "\n" not in message

@@ -170,9 +170,7 @@ class Zero(torch.nn.Module):
 def zero_block():
     ai.register_block("zero_test", Zero)
     yield
-    from attn_inject.blocks import _BLOCKS
-
-    _BLOCKS.pop("zero_test", None)
+    ai.unregister_block("zero_test")
 
 
 @pytest.fixture(scope="module")

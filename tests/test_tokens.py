@@ -141,14 +141,16 @@ class MapsOnlyGate(nn.Module):
         return x * self.scale
 
 
-def test_a_block_without_a_layout_argument_is_kept_off_tokens(monkeypatch):
-    from attn_inject import blocks
-
-    monkeypatch.setattr(blocks, "_BLOCKS", dict(blocks._BLOCKS))  # registered for this test only
+def test_a_block_without_a_layout_argument_is_kept_off_tokens():
     ai.register_block("maps_only_gate", MapsOnlyGate)
-    plan = ai.plan(
-        TinyViT().eval(), {"rules": [{"block": "maps_only_gate", "at": "residual_branch"}]}, input_size=SIZE
-    )
+    try:
+        plan = ai.plan(
+            TinyViT().eval(),
+            {"rules": [{"block": "maps_only_gate", "at": "residual_branch"}]},
+            input_size=SIZE,
+        )
+    finally:
+        ai.unregister_block("maps_only_gate")  # registered for this test only
     assert plan == [] and len(plan.skipped) == 4
     assert "block 'maps_only_gate' takes NCHW maps only" in plan.skipped[0].reason
 

@@ -64,6 +64,7 @@ __all__ = [
     "make_block",
     "permutes",
     "register_block",
+    "unregister_block",
     "uses_grid",
 ]
 
@@ -107,6 +108,17 @@ def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False)
         raise InputError(f"block {name!r} is already registered; pass overwrite=True to replace it")
     _BLOCKS[name] = factory
     return factory
+
+
+def unregister_block(name: str) -> BlockFactory:
+    """Remove block kind ``name`` that :func:`register_block` added, and return its factory
+    (so a test can put the registry back as it was). The built-in kinds and timm's stay."""
+    if name in BUILT_IN:
+        raise InputError(f"block {shown(name)} is built in and cannot be unregistered; registered kinds can")
+    if name not in _BLOCKS:
+        registered = ", ".join(sorted(set(_BLOCKS) - set(BUILT_IN))) or "none"
+        raise InputError(f"block {shown(name)} is not registered; registered kinds: {registered}")
+    return _BLOCKS.pop(name)
 
 
 def list_blocks() -> list[str]:
