@@ -41,7 +41,7 @@ from .saving.timm_bridge import register_timm_model
 from .surgery.derive import base_class, rewritten_forward
 from .surgery.inject import InjectError, inject
 from .surgery.record import InjectionInfo, block_parameters, inserted_blocks
-from .validation import ValidationError, ValidationReport, register_check, validate
+from .validation import ValidationError, ValidationReport, register_check, unregister_check, validate
 
 __all__ = [
     "POSITIONS",
@@ -89,5 +89,6 @@ __all__ = [
     "save",
     "save_pretrained",
     "unregister_block",
+    "unregister_check",
     "validate",
 ]

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import attn_inject as ai
-import attn_inject.validation.registry as registry
 import attn_inject.validation.runtimes as runtimes
 
 SIZE = (3, 16, 16)
@@ -105,8 +104,18 @@ def test_the_parameter_check_fails_on_a_parameter_the_plan_did_not_add():
     assert outcome.status == "failed" and "DIFFERS from the plan's" in outcome.detail
 
 
-def test_a_registered_check_runs_on_a_context_it_cannot_change(monkeypatch):
-    monkeypatch.setattr(registry, "_CHECKS", dict(registry._CHECKS))  # the registry as it was, after
+@pytest.fixture
+def checks_kept():
+    """Checks registered in a test are unregistered after it."""
+    before = ai.validation.check_names()
+    yield
+    for name in ai.validation.check_names():
+        if name not in before:
+            ai.unregister_check(name)
+    assert ai.validation.check_names() == before
+
+
+def test_a_registered_check_runs_on_a_context_it_cannot_change(checks_kept):
     seen = []
 
     def blends_at_zero(context):
@@ -126,3 +135,42 @@ def test_a_registered_check_runs_on_a_context_it_cannot_change(monkeypatch):
         ai.register_check("blends", blends_at_zero)
     with pytest.raises(ai.AttnInjectError, match="allowed: 'trace'"):
         ai.register_check("other", blends_at_zero, needs=["gpu"])
+
+
+BUILT_IN_CHECKS = (
+    "reference",
+    "identity",
+    "train",
+    "gradients",
+    "parameters",
+    "shapes",
+    "finite",
+    "deterministic",
+    "compile",
+    "export",
+    "autocast",
+)
+
+
+def test_an_unregistered_check_is_gone_from_the_names_and_refused_when_asked(checks_kept):
+    def always(context):
+        return ai.validation.Check("always", "passed", "model", "")
+
+    spec = ai.register_check("always", always)
+    assert (*BUILT_IN_CHECKS, "always") == ai.validation.CHECKS  # the view follows the registry
+    assert "always" in ai.validation.CHECKS and ai.validation.CHECKS[-1] == "always"
+    assert ai.unregister_check("always") is spec
+    assert ai.validation.CHECKS == BUILT_IN_CHECKS and "always" not in ai.validation.CHECKS
+    model, patched = _models()
+    with pytest.raises(ValueError, match="unknown checks \\['always'\\]"):
+        ai.validate(model, patched, device="cpu", seeds=1, checks=("always",))
+    with pytest.raises(ValueError, match="check 'always' is not registered"):
+        ai.unregister_check("always")
+
+
+@pytest.mark.parametrize("name", ["identity", "export"])
+def test_a_built_in_check_cannot_be_unregistered(name):
+    with pytest.raises(ValueError) as info:
+        ai.unregister_check(name)
+    assert f"check '{name}' is built in" in str(info.value) and "\n" not in str(info.value)
+    assert name in ai.validation.CHECKS

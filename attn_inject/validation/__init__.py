@@ -29,7 +29,16 @@ from .output_checks import (
     check_reference,
     check_shapes,
 )
-from .registry import TRACE, CheckSpec, check_names, register_check
+from .registry import (
+    CHECKS,
+    TRACE,
+    CheckNames,
+    CheckSpec,
+    check_names,
+    register_check,
+    seal_built_in,
+    unregister_check,
+)
 from .report import FAILED, IDENTITY_TOLERANCE, PASSED, SKIPPED, Check, ValidationError, ValidationReport
 from .run import validate
 from .runtimes import COMPILE_TOLERANCE, check_compile, check_export
@@ -44,6 +53,7 @@ __all__ = [
     "PASSED",
     "SKIPPED",
     "Check",
+    "CheckNames",
     "CheckSpec",
     "Measurement",
     "ValidationContext",
@@ -53,6 +63,7 @@ __all__ = [
     "cudnn_settings",
     "gradient_tolerance",
     "register_check",
+    "unregister_check",
     "validate",
 ]
 
@@ -68,4 +79,4 @@ register_check("compile", check_compile, default=False)  # torch.compile matches
 register_check("export", check_export)  # torch.export.export, its module matches eager
 register_check("autocast", check_autocast, needs=[TRACE])  # bf16 / fp16 vs the reference (CUDA by default)
 
-CHECKS = check_names()  # the built-in checks, in report order
+seal_built_in()  # the checks above stay registered; CHECKS is a live view of every name

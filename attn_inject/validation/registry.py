@@ -5,18 +5,33 @@ check as they register a block::
     ...     bad = [k for k, ps in context.blends().items() if any(p.isnan().any() for p in ps)]
     ...     return Check("blends", FAILED if bad else PASSED, "model", ", ".join(bad) or "no NaN")
     >>> register_check("blends", no_nan_blends)
+    >>> unregister_check("blends")                 # and gone again
+
+:data:`CHECKS` is a live view of the registered names: it follows every registration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from ..core.errors import InputError
+from ..core.messages import shown
 from .context import ValidationContext
 from .report import Check
 
-__all__ = ["TRACE", "CheckSpec", "check_names", "checks_for", "register_check", "registered"]
+__all__ = [
+    "CHECKS",
+    "TRACE",
+    "CheckNames",
+    "CheckSpec",
+    "check_names",
+    "checks_for",
+    "register_check",
+    "registered",
+    "unregister_check",
+]
 
 TRACE = "trace"  # the check compares with the reference, so the original must be traced
 
@@ -36,6 +51,7 @@ class CheckSpec:
 
 
 _CHECKS: dict[str, CheckSpec] = {}
+_BUILT_IN: set[str] = set()  # the package's own checks, which stay registered
 
 
 def register_check(
@@ -62,6 +78,22 @@ def register_check(
     return spec
 
 
+def unregister_check(name: str) -> CheckSpec:
+    """Remove check ``name`` that :func:`register_check` added, and return it (so a test can
+    put the registry back as it was). The built-in checks stay."""
+    if name in _BUILT_IN:
+        raise InputError(f"check {shown(name)} is built in and cannot be unregistered; registered checks can")
+    if name not in _CHECKS:
+        added = ", ".join(n for n in _CHECKS if n not in _BUILT_IN) or "none"
+        raise InputError(f"check {shown(name)} is not registered; registered checks: {added}")
+    return _CHECKS.pop(name)
+
+
+def seal_built_in() -> None:
+    """Mark the checks registered so far as the package's own (called once, by the package)."""
+    _BUILT_IN.update(_CHECKS)
+
+
 def registered() -> tuple[CheckSpec, ...]:
     return tuple(_CHECKS.values())
 
@@ -69,6 +101,40 @@ def registered() -> tuple[CheckSpec, ...]:
 def check_names() -> tuple[str, ...]:
     """The registered checks' names, in report order."""
     return tuple(_CHECKS)
+
+
+class CheckNames(Sequence[str]):
+    """The registered checks' names in report order, read at each use: a check registered or
+    unregistered later is in it or gone from it. Compares equal to the tuple of the names."""
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        return check_names()[index]
+
+    def __len__(self) -> int:
+        return len(_CHECKS)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(check_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in _CHECKS
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CheckNames):
+            return True
+        return isinstance(other, tuple) and check_names() == other
+
+    __hash__ = None  # type: ignore[assignment]  # changes as checks are registered
+
+    def __repr__(self) -> str:
+        return repr(check_names())
+
+
+CHECKS = CheckNames()
 
 
 def checks_for(asked: Sequence[str] | str | None) -> tuple[CheckSpec, ...]:
