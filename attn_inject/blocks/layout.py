@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core.layouts import BLOCK_LAYOUTS, Layout
 from ..core.values import is_int
 from .params import BlockParamError
 
@@ -42,20 +43,19 @@ __all__ = [
     "check_layout",
 ]
 
-NCHW = "NCHW"
-NHWC = "NHWC"
-TOKENS = "tokens"
-LAYOUTS = (NCHW, NHWC, TOKENS)
+NCHW, NHWC, TOKENS = Layout.NCHW, Layout.NHWC, Layout.TOKENS
+LAYOUTS = BLOCK_LAYOUTS
 LAYOUT_PARAMS = ("layout", "prefix", "grid", "order")  # set by the planner from the graph, never by a recipe
 
 
 def check_layout(
     layout: Any, prefix: Any, grid: Any, uses_grid: bool = True, order: Any = None
-) -> tuple[str, int, tuple[int, int], list[int] | None]:
+) -> tuple[Layout, int, tuple[int, int], list[int] | None]:
     """The validated ``(layout, prefix, grid, order)``; grid is (0, 0) for a map layout, and
     for tokens given no grid when the block does not use one."""
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise BlockParamError("layout", layout, "one of " + ", ".join(repr(a) for a in LAYOUTS))
+    layout = Layout(layout)
     if not is_int(prefix) or prefix < 0:
         raise BlockParamError("prefix", prefix, "a non-negative integer (tokens before the grid)")
     if layout != TOKENS:

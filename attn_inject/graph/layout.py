@@ -26,7 +26,6 @@ NCHW maps, NHWC maps and tokens with a grid; a tensor of unknown layout is never
 
 from __future__ import annotations
 
-import enum
 import inspect
 import operator
 from collections.abc import Callable, Mapping
@@ -36,11 +35,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..core.layouts import CHANNEL_DIM, Layout
 from . import ops
 from .inside import trace_at
 from .shapes import propagate_shapes, tensor_meta
 
 __all__ = [
+    "Layout",
     "TokenGrid",
     "annotate_grid_dynamics",
     "annotate_layouts",
@@ -49,25 +50,6 @@ __all__ = [
     "layout_of",
     "spatial_size",
 ]
-
-
-class Layout(str, enum.Enum):
-    """What a tensor is: a feature map (``NCHW``, ``NHWC``) or tokens (``NLC``: (B, N, C),
-    ``NCL``: (B, C, N)). A ``str`` too, so that it compares, hashes and prints as its name."""
-
-    NCHW = "NCHW"
-    NHWC = "NHWC"
-    NLC = "NLC"
-    NCL = "NCL"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 NCHW, NHWC, NLC, NCL = Layout.NCHW, Layout.NHWC, Layout.NLC, Layout.NCL
@@ -79,7 +61,6 @@ PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
     (NLC, (0, 2, 1)): NCL,
     (NCL, (0, 2, 1)): NLC,
 }
-CHANNEL_DIM = {NCHW: 1, NHWC: 3}
 TRANSPOSED = {NLC: NCL, NCL: NLC}
 
 
@@ -190,7 +171,7 @@ def _spatial(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
     first = inputs[0]
     if _is_pad(node):
         t, layout = tensor_meta(first), layout_of(first)
-        channel = CHANNEL_DIM.get(layout) if layout is not None else None
+        channel = CHANNEL_DIM[layout] if layout in (NCHW, NHWC) else None
         if channel is None or t is None or t.dim() != 4:
             return None
         return layout if t.shape[channel] == out.shape[channel] else None

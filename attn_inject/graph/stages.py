@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from ..core.layouts import CHANNEL_DIM
 from . import ops
 from .analysis import AnnotatedGraph, module_stack
 from .layout import NCHW, NHWC, NLC, grid_of, grid_size, layout_of
@@ -95,14 +96,13 @@ def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
     return max(1, round(graph.input_shape[-2] / hw[0]))
 
 
-CHANNEL_DIM = {(4, NCHW): 1, (4, NHWC): 3, (3, NLC): 2, (4, NLC): 3}
-
-
 def _channels(node: fx.Node) -> int | None:
+    """The channels of a 4-D map, or of (B, N, C) tokens (also (B, T, N, C)); else None."""
     t, layout = tensor_meta(node), layout_of(node)
-    if t is None or layout is None or (t.dim(), layout) not in CHANNEL_DIM:
+    if t is None or layout is None:
         return None
-    return int(t.shape[CHANNEL_DIM[(t.dim(), layout)]])
+    known = t.dim() == 4 if layout in (NCHW, NHWC) else layout == NLC and t.dim() in (3, 4)
+    return int(t.shape[CHANNEL_DIM[layout]]) if known else None
 
 
 def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
