@@ -18,7 +18,8 @@ from .blocks import (
 )
 from .core.errors import AttnInjectError
 from .core.errors import InputError as InputError  # reachable as ai.InputError, as before
-from .finetune import freeze_base, gates, param_groups
+from .finetune import blends, freeze_base, param_groups
+from .finetune import gates as gates  # deprecated: blends
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
 from .planning.match import plan
@@ -38,11 +39,14 @@ from .saving.checkpoint import CheckpointError
 from .saving.file import Manifest, load, read_manifest, save
 from .saving.hub import save_pretrained
 from .saving.timm_bridge import register_timm_model
-from .surgery.derive import base_class, rewritten_forward
+from .surgery.derive import base_class, has_rewritten_forward
+from .surgery.derive import rewritten_forward as rewritten_forward  # deprecated: has_rewritten_forward
 from .surgery.inject import InjectError, inject
 from .surgery.record import InjectionInfo, block_parameters, inserted_blocks
 from .validation import ValidationError, ValidationReport, register_check, unregister_check, validate
 
+# deprecated names, kept for one release (each warns, naming the new one; not in __all__):
+# gates -> blends, rewritten_forward -> has_rewritten_forward
 __all__ = [
     "POSITIONS",
     "AttnInjectError",
@@ -66,12 +70,13 @@ __all__ = [
     "ValidationReport",
     "__version__",
     "base_class",
+    "blends",
     "block_parameters",
     "create_block",
     "describe_blocks",
     "freeze_base",
-    "gates",
     "get_recipe",
+    "has_rewritten_forward",
     "hf",
     "inject",
     "inserted_blocks",
@@ -85,7 +90,6 @@ __all__ = [
     "register_block",
     "register_check",
     "register_timm_model",
-    "rewritten_forward",
     "save",
     "save_pretrained",
     "unregister_block",

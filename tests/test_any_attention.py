@@ -13,7 +13,7 @@ from timm.layers import create_attn
 from torch import nn
 
 import attn_inject as ai
-from attn_inject.blocks import Blended, SimAM, make_block, permutes
+from attn_inject.blocks import Blended, SimAM, block_for_point, permutes
 from attn_inject.blocks.timm_attention import PREFIX, timm_kinds
 from attn_inject.saving.checkpoint import read_safetensors_metadata
 from attn_inject.saving.file import MANIFEST_KEY
@@ -72,7 +72,7 @@ def test_a_timm_kind_is_planned_inserted_equal_to_timms_module_and_exact_at_iden
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     identity = ai.inject(resnet, recipe(kind), init="identity", input_size=SIZE).eval()
-    assert len(ai.inserted_blocks(identity)) == 4 and len(ai.gates(identity)) == 4
+    assert len(ai.inserted_blocks(identity)) == 4 and len(ai.blends(identity)) == 4
     with torch.no_grad():
         assert torch.equal(identity(image), resnet(image))
     assert all(
@@ -90,7 +90,7 @@ def test_a_timm_kind_keeps_its_own_keys_under_one_name_and_its_blend_beside_them
     (name,) = ai.inserted_blocks(patched)
     own = set(create_attn("gc", 64).state_dict())
     assert _new_keys(patched, resnet) == {f"{name}.blend"} | {f"{name}.block.{k}" for k in own}
-    assert name.endswith(".gc") and ai.gates(patched) == {f"{name}.blend": 0.0}
+    assert name.endswith(".gc") and ai.blends(patched) == {f"{name}.blend": 0.0}
 
 
 def test_the_blend_runs_from_the_input_at_zero_to_the_block_at_one():
@@ -125,7 +125,7 @@ def test_simam_follows_the_papers_energy_formula():
 
 def test_simam_is_inserted_exact_at_identity_with_one_blend_per_block(resnet, image):
     patched = ai.inject(resnet, recipe("simam", at="residual_branch"), init="identity", input_size=SIZE)
-    assert len(ai.gates(patched)) == len(ai.inserted_blocks(patched)) == 4
+    assert len(ai.blends(patched)) == len(ai.inserted_blocks(patched)) == 4
     with torch.no_grad():
         assert torch.equal(patched(image), resnet(image))
 
@@ -178,12 +178,12 @@ def test_an_nchw_only_block_runs_on_other_layouts_through_a_permute(layout):
     grid, prefix = (4, 5), 2
     nchw = torch.randn(3, 16, *grid)
     if layout == "NHWC":
-        block = make_block("timm:gc", 16, {}, "paper", {"layout": "NHWC"}).eval()
+        block = block_for_point("timm:gc", 16, {}, "paper", {"layout": "NHWC"}).eval()
         block.block.load_state_dict(inner.state_dict())
         x = nchw.permute(0, 2, 3, 1)
         expected = inner(nchw).permute(0, 2, 3, 1)
     else:
-        block = make_block("timm:gc", 16, {}, "paper", {"layout": "tokens", "prefix": prefix, "grid": grid})
+        block = block_for_point("timm:gc", 16, {}, "paper", {"layout": "tokens", "prefix": prefix, "grid": grid})
         block.block.load_state_dict(inner.state_dict())
         cls = torch.randn(3, prefix, 16)
         x = torch.cat([cls, nchw.flatten(2).transpose(1, 2)], dim=1)
@@ -191,7 +191,7 @@ def test_an_nchw_only_block_runs_on_other_layouts_through_a_permute(layout):
     with torch.no_grad():
         torch.testing.assert_close(block(x), expected)
         assert torch.equal(
-            make_block(
+            block_for_point(
                 "timm:gc",
                 16,
                 {},

@@ -1,4 +1,4 @@
-"""``ai.param_groups``, ``ai.freeze_base`` and ``ai.gates`` on patched models."""
+"""``ai.param_groups``, ``ai.freeze_base`` and ``ai.blends`` on patched models."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_freeze_base_trains_only_the_blocks_and_keeps_frozen_norm_statistics(pat
     assert not bn.training  # stays in eval mode through model.train()
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
     assert all(torch.equal(p, weights[n]) for n, p in patched.named_parameters() if n in weights)
-    assert any(float(v) != 0 for v in ai.gates(patched).values())  # the blocks learned
+    assert any(float(v) != 0 for v in ai.blends(patched).values())  # the blocks learned
 
 
 def test_freeze_base_with_the_head_and_unfreezing_restore_training(patched):
@@ -186,18 +186,18 @@ def test_freeze_base_keeps_the_state_dict_keys(patched):
     assert list(patched.state_dict()) == keys
 
 
-# --- gates -----------------------------------------------------------------------------
+# --- blends ----------------------------------------------------------------------------
 
 
 def test_gates_name_every_blend_and_start_at_zero(patched):
-    values = ai.gates(patched)
+    values = ai.blends(patched)
     expected = {f"{b}.{part}.blend" for b in ai.inserted_blocks(patched) for part in ("channel", "spatial")}
     assert set(values) == expected
     assert all(v == 0.0 for v in values.values())
     name = sorted(values)[0]
     dict(patched.named_parameters())[name].data.fill_(0.25)
-    assert ai.gates(patched)[name] == 0.25
+    assert ai.blends(patched)[name] == 0.25
 
 
 def test_blocks_inserted_at_paper_init_have_no_gates():
-    assert ai.gates(patched_model(init="paper")) == {}
+    assert ai.blends(patched_model(init="paper")) == {}

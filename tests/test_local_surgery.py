@@ -23,7 +23,7 @@ X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
 
 def _rewritten(patched: nn.Module) -> set[str]:
     """The modules whose forward is a rewritten graph (every other one runs its own code)."""
-    return {name for name, m in patched.named_modules() if ai.rewritten_forward(m)}
+    return {name for name, m in patched.named_modules() if ai.has_rewritten_forward(m)}
 
 
 def _changed(patched: nn.Module) -> set[str]:

@@ -8,9 +8,10 @@ so one registry builds any of them::
 
 The built-in blocks also act natively on channels-last maps and on token grids (see
 :mod:`attn_inject.blocks.layout`); ``layout_kwargs(point)`` gives the arguments for the
-layout of an insertion point, and :func:`make_block` builds the block of a point::
+layout of an insertion point, and :func:`block_for_point` builds the block of a point::
 
-    >>> make_block(point.block.kind, point.channels, point.block.params, "identity", layout_kwargs(point))
+    >>> block_for_point(
+    ...     point.block.kind, point.channels, point.block.params, "identity", layout_kwargs(point))
 
 timm's attention modules are kinds too (``create_block("timm:gc", 256)``, see
 :mod:`attn_inject.blocks.timm_attention`); a block without a blend of its own is made
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..core.deprecation import deprecated_alias
 from ..core.errors import InputError, InputTypeError
 from ..core.messages import first_line, shown
 from .cbam import CBAM
@@ -53,6 +55,7 @@ __all__ = [
     "SqueezeExcite",
     "accepts_layout",
     "accepts_order",
+    "block_for_point",
     "block_param_names",
     "check_block_params",
     "create_block",
@@ -61,7 +64,6 @@ __all__ = [
     "hidden_width",
     "layout_kwargs",
     "list_blocks",
-    "make_block",
     "permutes",
     "register_block",
     "unregister_block",
@@ -233,7 +235,7 @@ def create_block(kind: str, channels: int, **params: Any) -> nn.Module:
     return block_factory(kind)(channels, **params)
 
 
-def make_block(
+def block_for_point(
     kind: str, channels: int, params: Mapping[str, Any], init: str, layout: Mapping[str, Any]
 ) -> nn.Module:
     """The block of an insertion point: ``kind`` with ``params``, for ``init`` and the
@@ -252,6 +254,9 @@ def make_block(
         return block
     # a block on its own layout is only blended: the blend is elementwise on any shape
     return Blended(block, "paper" if takes_init else init, **({} if native else layout))
+
+
+make_block = deprecated_alias(block_for_point, "make_block", since="0.2.0")
 
 
 @dataclass(frozen=True)

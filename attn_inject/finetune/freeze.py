@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..core.deprecation import renamed_arguments
 from ..core.errors import InputError
 from .distributed import unwrap
 
@@ -37,13 +38,14 @@ def head_names(model: nn.Module) -> tuple[str, ...]:
     return (linear[-1],) if linear else ()
 
 
-def freeze_base(model: nn.Module, frozen: bool = True, *, head: bool = False) -> list[str]:
+@renamed_arguments("0.2.0", model="patched")
+def freeze_base(patched: nn.Module, frozen: bool = True, *, head: bool = False) -> list[str]:
     """Freeze (or, with ``frozen=False``, unfreeze) everything but the inserted blocks and,
     with ``head=True``, the classifier (:func:`head_names`). Returns the names of the
     parameters that train afterwards."""
     from ..surgery.record import inserted_blocks
 
-    model = unwrap(model)
+    model = unwrap(patched)
     trained = list(inserted_blocks(model))
     if head:
         heads = head_names(model)

@@ -4,8 +4,10 @@ At ``init="identity"`` every attention map is blended with one, ``a' = 1 + blend
 (see :mod:`attn_inject.blocks.gate`): ``blend == 0`` is the identity, ``blend == 1`` the
 paper's block. Logging the blends during fine-tuning shows whether the blocks are used.
 
-    >>> ai.gates(patched)
+    >>> ai.blends(patched)
     {'layer1.channel.blend': 0.0, 'layer1.spatial.blend': 0.0, ...}
+
+``gates`` is the deprecated name of :func:`blends` (it returns blends, not gates).
 """
 
 from __future__ import annotations
@@ -14,28 +16,32 @@ import math
 
 from torch import nn
 
+from ..core.deprecation import deprecated_alias
 from .distributed import unwrap
 
-__all__ = ["gates", "mean_gate"]
+__all__ = ["blends", "gates", "mean_gate"]
 
 BLEND = "blend"
 
 
-def gates(model: nn.Module) -> dict[str, float]:
+def blends(patched: nn.Module) -> dict[str, float]:
     """Every blend parameter of the inserted blocks, by qualified name (block name, then the
     parameter's name inside the block), as a float. Empty when the blocks were inserted at
     ``init="paper"`` (they have no blend)."""
     from ..surgery.record import inserted_blocks
 
     out: dict[str, float] = {}
-    for block_name, block in inserted_blocks(unwrap(model)).items():
+    for block_name, block in inserted_blocks(unwrap(patched)).items():
         for name, param in block.named_parameters():
             if name == BLEND or name.endswith("." + BLEND):
                 out[f"{block_name}.{name}"] = float(param.detach().float().mean())
     return out
 
 
-def mean_gate(model: nn.Module) -> float:
-    """The mean of :func:`gates` (NaN when the blocks have no blend)."""
-    values = list(gates(model).values())
+def mean_gate(patched: nn.Module) -> float:
+    """The mean of :func:`blends` (NaN when the blocks have no blend)."""
+    values = list(blends(patched).values())
     return sum(values) / len(values) if values else math.nan
+
+
+gates = deprecated_alias(blends, "gates", since="0.2.0")

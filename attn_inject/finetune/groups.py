@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.deprecation import renamed_arguments
 from ..core.errors import InputError
 from .distributed import unwrap
 from .gates import BLEND
@@ -55,19 +56,20 @@ class GroupKey:
         return f"{layer}{where}_{'decay' if self.decay else 'no_decay'}"
 
 
+@renamed_arguments("0.2.0", model="patched")
 def param_groups(
-    model: nn.Module,
+    patched: nn.Module,
     lr: float,
     *,
     weight_decay: float = 0.05,
     attn_lr_scale: float = 10.0,
     layer_decay: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Parameter groups for ``model`` (a patched model): see the module docstring. Each group
+    """Parameter groups for ``patched`` (a model ``inject`` returned): see the module docstring. Each group
     is ``{"params", "param_names", "name", "lr", "initial_lr", "lr_scale", "weight_decay"}``."""
     from ..surgery.record import inserted_blocks
 
-    model = unwrap(model)
+    model = unwrap(patched)
     for label, value in (("lr", lr), ("attn_lr_scale", attn_lr_scale)):
         if not value > 0:
             raise InputError(f"{label} must be positive, got {value}")

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..blocks import accepts_order, layout_kwargs, make_block, permutes, uses_grid
+from ..blocks import accepts_order, block_for_point, layout_kwargs, permutes, uses_grid
 from ..blocks.proof import block_name, run_block
 from ..core.errors import InputError
 from ..core.markers import BLOCK_FLAG
@@ -44,7 +44,7 @@ BATCH = 2  # two samples: batch norm in training mode refuses one value per chan
 
 def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> nn.Module:
     with torch.device("meta"):
-        return make_block(block.kind, channels, block.params, init, layout)
+        return block_for_point(block.kind, channels, block.params, init, layout)
 
 
 class BlockCosts:

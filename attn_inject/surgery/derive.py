@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import _jit_internal, fx, nn
 
+from ..core.deprecation import deprecated_alias
 from ..core.errors import InputError
 from ..core.values import CONSTANT_TYPES
 
@@ -43,6 +44,7 @@ __all__ = [
     "derive_around",
     "derive_graph",
     "derived_spec",
+    "has_rewritten_forward",
     "holds_nodes",
     "rewritten_forward",
 ]
@@ -119,10 +121,13 @@ def derived_spec(module: nn.Module) -> _Spec | None:
     return spec if isinstance(spec, _Spec) else None
 
 
-def rewritten_forward(module: nn.Module) -> bool:
+def has_rewritten_forward(module: nn.Module) -> bool:
     """Whether ``module``'s forward is a rewritten graph (not its class's own code)."""
     spec = derived_spec(module)
     return spec is not None and spec.graph is not None
+
+
+rewritten_forward = deprecated_alias(has_rewritten_forward, "rewritten_forward", since="0.2.0")
 
 
 def base_class(module: nn.Module) -> type[nn.Module]:

@@ -21,7 +21,6 @@ __all__ = [
     "InjectionInfo",
     "block_parameters",
     "blocks_digest",
-    "find_blocks",
     "inserted_blocks",
     "patched_record",
     "set_record",
@@ -88,17 +87,12 @@ def set_record(model: nn.Module, info: InjectionInfo) -> None:
     vars(model)[RECORD_ATTRIBUTE] = info
 
 
-def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Every inserted block in ``model``, by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if getattr(m, BLOCK_FLAG, False)}
-
-
 def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
     """The attention blocks ``inject`` inserted into ``patched``, by qualified module name,
     in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
     if patched_record(patched) is None:
         raise InputError("not a patched model: it has no attn_inject plan")
-    return find_blocks(patched)
+    return {name: m for name, m in patched.named_modules() if getattr(m, BLOCK_FLAG, False)}
 
 
 def block_parameters(patched: nn.Module) -> Iterator[nn.Parameter]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..blocks import layout_kwargs, make_block
+from ..blocks import block_for_point, layout_kwargs
 from ..blocks.proof import prove_block
 from ..core.errors import AttnInjectError
 from ..graph.analysis import AnnotatedGraph
@@ -40,9 +40,9 @@ from ..planning.points import InsertionPoint, Plan
 from ..planning.scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 from .copies import shallow_copy
 from .derive import Around, derive_around, derive_graph
-from .record import BLOCK_FLAG, InjectionInfo, blocks_digest, find_blocks, patched_record, set_record
+from .record import BLOCK_FLAG, InjectionInfo, blocks_digest, patched_record, set_record
 
-__all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "find_blocks", "rewrite"]
+__all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "rewrite"]
 
 ANNOTATIONS = ("val", LAYOUT_KEY, "tensor_meta")  # what the analysis wrote on each node
 
@@ -67,7 +67,9 @@ def build_block(
     # when the default device is not already the model's.
     on_device = contextlib.nullcontext() if torch.get_default_device() == device else torch.device(device)
     with on_device:
-        block = make_block(point.block.kind, point.channels, point.block.params, init, layout_kwargs(point))
+        block = block_for_point(
+            point.block.kind, point.channels, point.block.params, init, layout_kwargs(point)
+        )
     block = block.to(dtype=dtype)
     setattr(block, BLOCK_FLAG, True)
     prove_block(block, key or point.key, point.block.kind, point.shape, init, device, dtype)

@@ -32,7 +32,7 @@ from ..graph.analysis import AnnotatedGraph
 from ..graph.shapes import tensor_meta
 from ..planning.match import prepare
 from ..planning.points import InsertionPoint, Plan
-from ..surgery.record import find_blocks, patched_record
+from ..surgery.record import inserted_blocks, patched_record
 
 __all__ = ["HookError", "PointHooks", "Reference", "common_target"]
 
@@ -171,7 +171,7 @@ class Reference:
         prefix = f"{root}." if root else ""
         blocks = {
             name[len(prefix) :]: block
-            for name, block in find_blocks(patched).items()
+            for name, block in inserted_blocks(patched).items()
             if name.startswith(prefix)
         }
         if not trace:

@@ -1,4 +1,4 @@
-"""``validate(original, patched)``: build the context once, measure once, run each check
+"""``validate(model, patched)``: build the context once, measure once, run each check
 asked for in report order, and gather the report."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.deprecation import renamed_arguments
 from ..core.errors import InputError
 from ..core.messages import first_line
 from ..core.names import join_names
@@ -24,8 +25,9 @@ from .report import SKIPPED, Check, ValidationError, ValidationReport
 __all__ = ["validate"]
 
 
+@renamed_arguments("0.2.0", original="model")
 def validate(
-    original: nn.Module,
+    model: nn.Module,
     patched: nn.Module,
     *,
     input_size: Sequence[int] | None = None,
@@ -35,12 +37,13 @@ def validate(
     dtypes: Sequence[torch.dtype] | None = None,
     checks: Sequence[str] | str | None = None,
 ) -> ValidationReport:
-    """Check ``patched`` against ``original`` and report each check (see :data:`CHECKS`).
+    """Check ``patched`` against ``model`` (the model it was injected into) and report each
+    check (see :data:`CHECKS`). ``original=`` is the deprecated name of ``model``.
 
     ``seeds`` random batches of ``batch`` at ``input_size`` (C, H, W; default the plan's)
-    run through the patched model, the plain original and the reference (the original with
+    run through the patched model, the plain model and the reference (the model with
     the patched model's blocks applied by hooks): patched vs reference within 1e-5 of the
-    output scale in fp32 for any blend, and vs the plain original while every blend is 0;
+    output scale in fp32 for any blend, and vs the plain model while every blend is 0;
     the same in train mode under one RNG state, BatchNorm statistics compared; gradients;
     parameters added vs the plan; shapes, dtypes, finiteness; ``torch.compile`` and
     ``torch.export`` against eager; bf16 / fp16 autocast (``dtypes``, default on CUDA).
@@ -52,7 +55,7 @@ def validate(
     """
     if patched_record(patched) is None:
         raise ValidationError("the second model is not a patched model (it has no attn_inject plan)")
-    if any(t.is_meta for t in tensors_of(original, patched)):
+    if any(t.is_meta for t in tensors_of(model, patched)):
         raise ValidationError(
             "the model's weights are on the meta device; materialise them before validating"
         )
@@ -60,8 +63,8 @@ def validate(
         raise InputError(f"batch and seeds must be at least 1, got batch={batch}, seeds={seeds}")
     specs = checks_for(checks)
     target = resolve_device(device)
-    original, patched = on_device(original, patched, target)
-    context = _context(original, patched, specs, target, input_size, batch, seeds, dtypes)
+    model, patched = on_device(model, patched, target)
+    context = _context(model, patched, specs, target, input_size, batch, seeds, dtypes)
     results, measured = _run_checks(context, specs, batch)
     results = _reported(results, context, target, asked=checks is not None)
     root = context.reference.root
