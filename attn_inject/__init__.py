@@ -22,10 +22,10 @@ from .finetune import blends, freeze_base, param_groups
 from .finetune import gates as gates  # deprecated: blends
 from .graph.shapes import ShapeError
 from .graph.trace import TraceError
+from .planning.candidates import POSITIONS, register_position, unregister_position
 from .planning.match import plan
 from .planning.points import InsertionPoint, Plan, PlanError, SkippedPoint
 from .recipes.recipe import (
-    POSITIONS,
     BlockSpec,
     Recipe,
     RecipeError,
@@ -89,10 +89,12 @@ __all__ = [
     "read_manifest",
     "register_block",
     "register_check",
+    "register_position",
     "register_timm_model",
     "save",
     "save_pretrained",
     "unregister_block",
     "unregister_check",
+    "unregister_position",
     "validate",
 ]

@@ -17,14 +17,29 @@ grid), and the reason it cannot take a block, if any::
 In a transformer block the attention and the MLP are two residual branches:
 ``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``; their outputs are tokens of the same grid as
 the residual stream they are added to.
+
+Each position is a handler in one table, as torch.ao's backend_config maps a pattern to how
+it is handled: ``handler(query)`` yields the candidates of a :class:`PositionQuery` (the
+annotated graph, its stages, the rule's ``channels_last``). A new position is one
+registration away, and then a recipe's ``at:`` may name it::
+
+    >>> def after_every_pool(query):
+    ...     for node in query.graph.nodes:
+    ...         if node.op == "call_module" and isinstance(query.graph.module(node), nn.MaxPool2d):
+    ...             yield query.candidate(str(node.target), node)
+    >>> register_position("after_pool", after_every_pool)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import fx
 
+from ..core.errors import InputError, InputTypeError
+from ..core.messages import shown
+from ..core.views import NamesView
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, scope_of
 from ..graph.layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
@@ -32,7 +47,20 @@ from ..graph.residual import ResidualUnit, find_residual_units
 from ..graph.shapes import tensor_meta
 from ..graph.stages import Stage
 
-__all__ = ["TOKENS", "Candidate", "block_layout", "feature_map_problem", "find_candidates", "stage_index"]
+__all__ = [
+    "POSITIONS",
+    "TOKENS",
+    "Candidate",
+    "PositionHandler",
+    "PositionQuery",
+    "block_layout",
+    "feature_map_problem",
+    "find_candidates",
+    "position_names",
+    "register_position",
+    "stage_index",
+    "unregister_position",
+]
 
 TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens, or (B, T, N, C) reordered
 CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: -1}
@@ -143,48 +171,93 @@ def _stream(unit: ResidualUnit) -> fx.Node | None:
     return unit.add if block_layout(unit.add) is not None else None
 
 
-def _residual(
-    graph: AnnotatedGraph, units: list[ResidualUnit], position: str, channels_last: str
-) -> list[Candidate]:
+@dataclass(frozen=True)
+class PositionQuery:
+    """What a position handler reads: the annotated graph, its stages, the position's name and
+    the rule's ``channels_last`` ("native", "permute" or "skip")."""
+
+    graph: AnnotatedGraph
+    stages: tuple[Stage, ...]
+    position: str
+    channels_last: str = "native"
+
+    def candidate(
+        self,
+        name: str,
+        node: fx.Node,
+        consumers: tuple[fx.Node, ...] | None = None,
+        anchor: fx.Node | None = None,
+        reason: str | None = None,
+        like: fx.Node | None = None,
+    ) -> Candidate:
+        """A candidate after ``node`` named ``name``, read by ``consumers`` (None: every user);
+        ``anchor`` (default: ``node``) places it in the graph; ``reason``, or the reason
+        ``node``'s output is no feature map or tokens (:func:`feature_map_problem`), skips it."""
+        return _candidate(
+            self.graph,
+            self.position,
+            name,
+            node,
+            consumers,
+            node if anchor is None else anchor,
+            reason,
+            self.channels_last,
+            like,
+        )
+
+
+PositionHandler = Callable[[PositionQuery], Iterable[Candidate]]
+
+
+def _unit_name(graph: AnnotatedGraph, unit: ResidualUnit) -> str:
+    # the innermost module of the addition: the block, not a container it happens to end
+    return scope_of(unit.add) or graph.name_of(unit.add)
+
+
+def _residual_branch(query: PositionQuery) -> list[Candidate]:
+    graph = query.graph
+    return [
+        query.candidate(
+            _unit_name(graph, unit), unit.branch_end, (unit.branch_next,), unit.add, like=_stream(unit)
+        )
+        for unit in find_residual_units(graph)
+    ]
+
+
+def _identity_branch(query: PositionQuery) -> list[Candidate]:
+    graph = query.graph
+    return [
+        query.candidate(_unit_name(graph, unit), unit.shortcut, (unit.add,), unit.add)
+        for unit in find_residual_units(graph)
+    ]
+
+
+def _post_block(query: PositionQuery) -> list[Candidate]:
+    graph = query.graph
+    return [
+        query.candidate(_unit_name(graph, unit), unit.add, None, unit.add)
+        for unit in find_residual_units(graph)
+    ]
+
+
+def _pre_block(query: PositionQuery) -> list[Candidate]:
     out = []
-    for unit in units:
-        # the innermost module of the addition: the block, not a container it happens to end
-        name = scope_of(unit.add) or graph.name_of(unit.add)
-        if position == "residual_branch":
-            out.append(
-                _candidate(
-                    graph,
-                    position,
-                    name,
-                    unit.branch_end,
-                    (unit.branch_next,),
-                    unit.add,
-                    channels_last=channels_last,
-                    like=_stream(unit),
-                )
-            )
-        elif position == "identity_branch":
-            out.append(
-                _candidate(
-                    graph, position, name, unit.shortcut, (unit.add,), unit.add, channels_last=channels_last
-                )
-            )
-        elif position == "post_block":
-            out.append(
-                _candidate(graph, position, name, unit.add, None, unit.add, channels_last=channels_last)
-            )
-        elif position == "pre_block":
-            reason = (
-                None
-                if unit.branch_entries
-                else (f"the residual branch of {name!r} shares its first op with the shortcut")
-            )
-            out.append(
-                _candidate(
-                    graph, position, name, unit.fork, unit.branch_entries, unit.add, reason, channels_last
-                )
-            )
+    for unit in find_residual_units(query.graph):
+        name = _unit_name(query.graph, unit)
+        reason = (
+            None
+            if unit.branch_entries
+            else (f"the residual branch of {name!r} shares its first op with the shortcut")
+        )
+        out.append(query.candidate(name, unit.fork, unit.branch_entries, unit.add, reason))
     return out
+
+
+def _stage_outputs(query: PositionQuery) -> list[Candidate]:
+    return [
+        query.candidate(s.name, s.node, None, s.node, s.skip_reason and f"stage {s.index} {s.skip_reason}")
+        for s in query.stages
+    ]
 
 
 def _conv_outputs(graph: AnnotatedGraph, channels_last: str) -> list[Candidate]:
@@ -203,28 +276,72 @@ def _conv_outputs(graph: AnnotatedGraph, channels_last: str) -> list[Candidate]:
     return out
 
 
+def _conv_output(query: PositionQuery) -> list[Candidate]:
+    return _conv_outputs(query.graph, query.channels_last)
+
+
+# The positions, in the order an error lists them: each name and its handler.
+_POSITIONS: dict[str, PositionHandler] = {
+    "residual_branch": _residual_branch,
+    "pre_block": _pre_block,
+    "post_block": _post_block,
+    "identity_branch": _identity_branch,
+    "stage_output": _stage_outputs,
+    "conv_output": _conv_output,
+}
+BUILT_IN = frozenset(_POSITIONS)
+
+
+def position_names() -> tuple[str, ...]:
+    """Every position a recipe's ``at:`` may name: the built-in ones, then the registered."""
+    return tuple(_POSITIONS)
+
+
+POSITIONS = NamesView(position_names)  # live: follows register_position and unregister_position
+
+
+def register_position(name: str, handler: PositionHandler, *, overwrite: bool = False) -> PositionHandler:
+    """Make ``handler(query) -> [Candidate, ...]`` the position called ``name`` (a recipe's
+    ``at: name``). The handler reads a :class:`PositionQuery` and builds each candidate with
+    ``query.candidate(...)``; the candidates are sorted into graph order."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise InputError(f"position name {shown(name)} must be a Python identifier")
+    if not callable(handler):
+        raise InputTypeError(f"position handler for {name!r} must be callable, got {type(handler).__name__}")
+    if name in BUILT_IN:
+        raise InputError(f"position {name!r} is built in and cannot be replaced; register another name")
+    if name in _POSITIONS and not overwrite:
+        raise InputError(f"position {name!r} is already registered; pass overwrite=True to replace it")
+    _POSITIONS[name] = handler
+    return handler
+
+
+def unregister_position(name: str) -> PositionHandler:
+    """Remove position ``name`` that :func:`register_position` added, and return its handler.
+    The built-in positions stay."""
+    if name in BUILT_IN:
+        raise InputError(
+            f"position {shown(name)} is built in and cannot be unregistered; registered ones can"
+        )
+    if name not in _POSITIONS:
+        added = ", ".join(n for n in _POSITIONS if n not in BUILT_IN) or "none"
+        raise InputError(f"position {shown(name)} is not registered; registered positions: {added}")
+    return _POSITIONS.pop(name)
+
+
 def find_candidates(
     graph: AnnotatedGraph, position: str, stages: list[Stage], channels_last: str = "native"
 ) -> list[Candidate]:
     """Every candidate for ``position``, in graph order."""
-    if position == "stage_output":
-        found = [
-            _candidate(
-                graph,
-                position,
-                s.name,
-                s.node,
-                None,
-                s.node,
-                s.skip_reason and f"stage {s.index} {s.skip_reason}",
-                channels_last,
-            )
-            for s in stages
-        ]
-    elif position == "conv_output":
-        found = _conv_outputs(graph, channels_last)
-    else:
-        found = _residual(graph, find_residual_units(graph), position, channels_last)
+    handler = _POSITIONS.get(position)
+    if handler is None:
+        raise InputError(f"unknown position {shown(position)}; allowed: {', '.join(_POSITIONS)}")
+    found = list(handler(PositionQuery(graph, tuple(stages), position, channels_last)))
+    wrong = [c for c in found if not isinstance(c, Candidate)]
+    if wrong:
+        raise InputTypeError(
+            f"position {position!r} gave a {type(wrong[0]).__name__}; a handler yields query.candidate(...)"
+        )
     return sorted(found, key=lambda c: graph.index[c.node])
 
 

@@ -36,6 +36,7 @@ from ..core.errors import AttnInjectError, InputError
 from ..core.files import NotRegularFileError, file_kind, open_regular
 from ..core.messages import cut, shown
 from ..core.values import is_int
+from ..planning.candidates import POSITIONS  # live: the built-in and registered positions
 from .patterns import PatternError, compile_pattern
 
 __all__ = [
@@ -51,14 +52,6 @@ __all__ = [
     "positions_of",
 ]
 
-POSITIONS = (
-    "residual_branch",
-    "pre_block",
-    "post_block",
-    "identity_branch",
-    "stage_output",
-    "conv_output",
-)
 INIT_MODES = ("identity", "paper")
 RECIPE_KEYS = ("name", "description", "init", "target", "rules", "fallback")
 RULE_KEYS = (

@@ -32,7 +32,6 @@ from .output_checks import (
 from .registry import (
     CHECKS,
     TRACE,
-    CheckNames,
     CheckSpec,
     check_names,
     register_check,
@@ -53,7 +52,6 @@ __all__ = [
     "PASSED",
     "SKIPPED",
     "Check",
-    "CheckNames",
     "CheckSpec",
     "Measurement",
     "ValidationContext",

@@ -12,19 +12,18 @@ check as they register a block::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import overload
 
 from ..core.errors import InputError
 from ..core.messages import shown
+from ..core.views import NamesView
 from .context import ValidationContext
 from .report import Check
 
 __all__ = [
     "CHECKS",
     "TRACE",
-    "CheckNames",
     "CheckSpec",
     "check_names",
     "checks_for",
@@ -103,38 +102,7 @@ def check_names() -> tuple[str, ...]:
     return tuple(_CHECKS)
 
 
-class CheckNames(Sequence[str]):
-    """The registered checks' names in report order, read at each use: a check registered or
-    unregistered later is in it or gone from it. Compares equal to the tuple of the names."""
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
-    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
-        return check_names()[index]
-
-    def __len__(self) -> int:
-        return len(_CHECKS)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(check_names())
-
-    def __contains__(self, name: object) -> bool:
-        return name in _CHECKS
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, CheckNames):
-            return True
-        return isinstance(other, tuple) and check_names() == other
-
-    __hash__ = None  # type: ignore[assignment]  # changes as checks are registered
-
-    def __repr__(self) -> str:
-        return repr(check_names())
-
-
-CHECKS = CheckNames()
+CHECKS = NamesView(check_names)  # live: follows register_check and unregister_check
 
 
 def checks_for(asked: Sequence[str] | str | None) -> tuple[CheckSpec, ...]:

@@ -1,0 +1,46 @@
+"""A live view of a registry's names: read at each use, so it follows every registration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import overload
+
+__all__ = ["NamesView"]
+
+
+class NamesView(Sequence[str]):
+    """The names ``names()`` gives now, as a read-only sequence: a name registered or
+    unregistered later is in it or gone from it. Compares equal to the tuple of the names.
+
+    >>> CHECKS = NamesView(check_names)
+    >>> "identity" in CHECKS, CHECKS == ("reference", "identity", ...)
+    """
+
+    def __init__(self, names: Callable[[], tuple[str, ...]]) -> None:
+        self._names = names
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[str, ...]: ...
+    def __getitem__(self, index: int | slice) -> str | tuple[str, ...]:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NamesView):
+            return self._names() == other._names()
+        return isinstance(other, tuple) and self._names() == other
+
+    __hash__ = None  # type: ignore[assignment]  # its value changes as names are registered
+
+    def __repr__(self) -> str:
+        return repr(self._names())
