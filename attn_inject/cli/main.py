@@ -40,7 +40,7 @@ from ..models.build import (
 )
 from ..planning.diagram import save_diagram
 from ..planning.match import plan, resolve_target
-from ..planning.points import Plan
+from ..planning.points import Attach, Plan
 from ..recipes.recipe import get_recipe, list_recipes, load_recipe
 from ..saving.checkpoint import check_fits, read_state_dict
 from ..saving.file import load, load_base_weights, read_manifest, save
@@ -351,11 +351,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = validate(model, patched, input_size=args.input_size, checks=_checks(args.checks))
     plan = _plan_of(patched)
     kept = "keeps its class" if isinstance(patched, type(model)) else "lost its class"
-    owners = sorted({p.owner for p in plan if p.attach == "graph"})
-    around = sorted({p.owner for p in plan if p.attach in ("after", "before")})
+    owners = sorted({p.owner for p in plan if p.attach == Attach.GRAPH})
+    around = sorted({p.owner for p in plan if p.attach in (Attach.AFTER, Attach.BEFORE)})
     surgery = (
         f"{type(model).__name__} {kept}; blocks in a slot of the module's own code: "
-        f"{sum(p.attach == 'slot' for p in plan)}; modules running blocks around their own forward: "
+        f"{sum(p.attach == Attach.SLOT for p in plan)}; modules running blocks around their own forward: "
         f"{len(around)}; modules with a rewritten forward: {', '.join(owners) or 'none'}"
     )
     text = (

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..core.errors import AttnInjectError
+from ..core.vocabulary import Word
 from ..graph.trace import OpaqueModule, tracing_strategy
 from ..recipes.recipe import BlockSpec, Recipe, Rule, positions_of
 from .table import plan_table
@@ -30,6 +31,17 @@ class PlanError(AttnInjectError, ValueError):
 
 class QuantizedModelError(PlanError):
     """The model computes on quantized tensors: no block can go into it."""
+
+
+class Attach(Word):
+    """How a block is run: in timm's ``None`` slot of its module's own code, after or before
+    its module's own forward, or in the graph of a module's rewritten forward
+    (:mod:`attn_inject.planning.scopes`)."""
+
+    SLOT = "slot"
+    AFTER = "after"
+    BEFORE = "before"
+    GRAPH = "graph"
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,7 @@ class InsertionPoint:
     module: str = ""  # the module the block is a child of ('' is the model or its target)
     block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
     owner: str = ""  # the module whose forward runs it (``scopes.Attach`` says how)
-    attach: str = "graph"  # a ``scopes.Attach`` value: "slot", "after", "before" or "graph"
+    attach: Attach = Attach.GRAPH  # "slot", "after", "before" or "graph"
     argument: str = ""  # attach == "before": the parameter of the module's forward it acts on
     scope_note: str = ""  # why a wider module than the block's own runs it, if one does
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import inspect
 import operator
 from dataclasses import dataclass, field
@@ -45,20 +44,12 @@ from ..core.values import CONSTANT_TYPES
 from ..graph.analysis import AnnotatedGraph, module_stack
 from ..graph.trace import ModuleCall, reads_training
 from ..surgery.derive import derived_spec, holds_nodes
+from .points import Attach
 
 __all__ = ["Attach", "Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
 
 
-class Attach(str, enum.Enum):
-    """How a block is run (see the module's docstring)."""
-
-    SLOT = "slot"
-    AFTER = "after"
-    BEFORE = "before"
-    GRAPH = "graph"
-
-
-SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT.value, Attach.AFTER.value, Attach.BEFORE.value, Attach.GRAPH.value
+SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT, Attach.AFTER, Attach.BEFORE, Attach.GRAPH
 
 
 class ScopeError(AttnInjectError, RuntimeError):
@@ -74,7 +65,7 @@ class Placement:
     module: str
     name: str
     owner: str
-    attach: str
+    attach: Attach
     note: str = ""
     argument: str = ""
 

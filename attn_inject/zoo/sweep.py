@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
+from ..core.layouts import Layout
+from ..planning.points import Attach
 
 __all__ = [
     "IDENTITY_MAX_PARAMS",
@@ -284,8 +286,8 @@ def _recipe_record(common: ZooRecord, prepared, recipe, plans: dict) -> ZooRecor
         status="ok",
         reason=p.empty_reason,
         points=len(p),
-        nhwc_points=sum(1 for point in p if point.layout == "NHWC"),
-        token_points=sum(1 for point in p if point.layout == "tokens"),
+        nhwc_points=sum(1 for point in p if point.layout == Layout.NHWC),
+        token_points=sum(1 for point in p if point.layout == Layout.TOKENS),
         params_added=p.params_added,
         seconds=time.perf_counter() - t0,
         **_class_kept(p),
@@ -303,8 +305,8 @@ def _class_kept(plan) -> _ClassKept:
     rewritten forward; and if not, why (the first scope note)."""
     if not plan.points:
         return _ClassKept()
-    owners = {p.owner for p in plan if p.attach == "graph"}
-    root = [p for p in plan if p.attach == "graph" and p.owner == ""]
+    owners = {p.owner for p in plan if p.attach == Attach.GRAPH}
+    root = [p for p in plan if p.attach == Attach.GRAPH and p.owner == ""]
     reason = ""
     if root:
         notes = [p.scope_note for p in root if p.scope_note]
