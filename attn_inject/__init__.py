@@ -21,7 +21,7 @@ from .core.errors import InputError as InputError  # reachable as ai.InputError,
 from .finetune import blends, freeze_base, param_groups
 from .finetune import gates as gates  # deprecated: blends
 from .graph.shapes import ShapeError
-from .graph.trace import TraceError
+from .graph.trace import TraceError, register_leaf_module, unregister_leaf_module
 from .planning.candidates import POSITIONS, register_position, unregister_position
 from .planning.match import plan
 from .planning.points import InsertionPoint, Plan, PlanError, SkippedPoint
@@ -89,12 +89,14 @@ __all__ = [
     "read_manifest",
     "register_block",
     "register_check",
+    "register_leaf_module",
     "register_position",
     "register_timm_model",
     "save",
     "save_pretrained",
     "unregister_block",
     "unregister_check",
+    "unregister_leaf_module",
     "unregister_position",
     "validate",
 ]

@@ -74,3 +74,66 @@ def test_a_position_handler_that_yields_no_candidates_is_named():
             ai.plan(resnet18(), {"rules": [{"block": "se", "at": "broken"}]}, input_size=SIZE)
     finally:
         ai.unregister_position("broken")
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x)) + x
+
+
+class WithInner(nn.Module):
+    def __init__(self, block: nn.Module | None = None) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.inner = block if block is not None else Inner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.stem(x))
+
+
+def called_modules(model: nn.Module) -> list[str]:
+    from attn_inject.graph.trace import trace
+
+    return [str(n.target) for n in trace(model).graph.nodes if n.op == "call_module"]
+
+
+@pytest.mark.parametrize("named_by", ["class", "dotted name"])
+def test_a_registered_leaf_module_is_traced_whole_until_unregistered(named_by):
+    model = WithInner().eval()
+    assert called_modules(model) == ["stem", "inner.conv", "inner.act"]  # traced through
+    leaf = Inner if named_by == "class" else f"{__name__}.Inner"
+    assert ai.register_leaf_module(leaf) == f"{__name__}.Inner"
+    try:
+        assert called_modules(model) == ["stem", "inner"]
+        points = ai.plan(model, {"rules": [{"block": "se", "at": "conv_output"}]}, input_size=(3, 8, 8))
+        assert [p.node for p in points] == ["stem"]  # none inside the leaf
+    finally:
+        ai.unregister_leaf_module(leaf)
+    assert called_modules(model) == ["stem", "inner.conv", "inner.act"]
+    with pytest.raises(ValueError, match="is not registered"):
+        ai.unregister_leaf_module(leaf)
+
+
+@pytest.mark.parametrize("kind", ["se", "eca", "cbam", "simam", "timm:gc"])
+def test_every_block_of_the_package_is_a_leaf_inserted_or_not(kind):
+    block = ai.create_block(kind, 8)  # SimAM, and Blended for timm's kinds: no list names them
+    assert called_modules(WithInner(block).eval()) == ["stem", "inner"]
+
+
+@pytest.mark.parametrize("leaf", [Inner(), "Inner", "no such.Class", 3])
+def test_a_leaf_module_that_is_no_module_class_is_refused_in_one_line(leaf):
+    with pytest.raises(ValueError, match=r"must be an nn\.Module class or its dotted name"):
+        ai.register_leaf_module(leaf)
+
+
+def test_the_packages_blocks_stay_leaves():
+    from attn_inject.blocks import LayoutBlock
+
+    with pytest.raises(ValueError, match="is built in and cannot be unregistered"):
+        ai.unregister_leaf_module(LayoutBlock)
+    assert called_modules(WithInner(ai.create_block("simam", 8)).eval()) == ["stem", "inner"]

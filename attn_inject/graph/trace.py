@@ -1,10 +1,12 @@
 """Tracing a model into a torch.fx graph.
 
 Leaves (modules kept whole as ``call_module``) are torch.nn's own, timm's registered
-non-traceable modules, the package's attention blocks (so a patched model can be patched
-again), and small modules whose forward depends on ``self.training`` (DropPath,
-StochasticDepth): traced through, their train-time behaviour would be frozen to the mode at
-trace time. Functions timm registers as non-traceable are wrapped whole.
+non-traceable modules, the package's attention blocks (every inserted block, found by its
+marker, and every block class of the package, so a patched model can be patched again), the
+classes registered with :func:`register_leaf_module`, and small modules whose forward depends
+on ``self.training`` (DropPath, StochasticDepth): traced through, their train-time behaviour
+would be frozen to the mode at trace time. Functions timm registers as non-traceable are
+wrapped whole.
 
 Two strategies, tried in order:
 
@@ -35,8 +37,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..core.errors import AttnInjectError
+from ..core.errors import AttnInjectError, InputError
 from ..core.markers import BLOCK_FLAG
+from ..core.messages import shown
 
 __all__ = [
     "ModelTracer",
@@ -49,11 +52,13 @@ __all__ = [
     "fixed_arity",
     "keep_output_type",
     "mode",
+    "register_leaf_module",
     "thread_in_place",
     "timm_notrace",
     "trace",
     "tracing_guards",
     "tracing_strategy",
+    "unregister_leaf_module",
 ]
 
 MAX_OPAQUE = 32
@@ -132,7 +137,7 @@ def size_only_methods(module: nn.Module) -> tuple[str, ...]:
     """The methods of ``module`` that :data:`SIZE_ONLY_METHODS` records as one call."""
     cls = type(module)
     for klass in cls.__mro__:
-        names = SIZE_ONLY_METHODS.get(f"{klass.__module__}.{klass.__qualname__}")
+        names = SIZE_ONLY_METHODS.get(_dotted(klass))
         if names:
             return tuple(n for n in names if callable(getattr(module, n, None)))
     return ()
@@ -171,15 +176,70 @@ def _recording(tracer: fx.Tracer, path: str, name: str, method: Callable) -> Cal
     return call
 
 
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Module classes traced as leaves, by dotted name; a subclass is a leaf too. The package's
+# blocks all derive from LayoutBlock (SE, ECA, CBAM, SimAM, and Blended, which wraps timm's
+# kinds and registered blocks without a blend of their own).
+_LEAF_MODULES: dict[str, None] = {"attn_inject.blocks.layout.LayoutBlock": None}
+_BUILT_IN_LEAVES = frozenset(_LEAF_MODULES)
+
+
+def _leaf_name(module_class: type | str) -> str:
+    if isinstance(module_class, type) and issubclass(module_class, nn.Module):
+        return _dotted(module_class)
+    dotted = isinstance(module_class, str) and "." in module_class
+    if dotted and all(part.isidentifier() for part in str(module_class).split(".")):
+        return str(module_class)
+    raise InputError(
+        f"leaf module {shown(module_class)} must be an nn.Module class or its dotted name "
+        "('package.module.Class')"
+    )
+
+
+def register_leaf_module(module_class: type | str) -> str:
+    """Trace every instance of ``module_class`` (an ``nn.Module`` class, or its dotted name
+    ``"package.module.Class"`` so that the class need not be imported) and of its subclasses
+    whole, as one ``call_module`` node: no block goes inside it, and code fx cannot trace in
+    its forward stays out of the trace. Returns the dotted name; registering it again is a
+    no-op."""
+    name = _leaf_name(module_class)
+    _LEAF_MODULES[name] = None
+    return name
+
+
+def unregister_leaf_module(module_class: type | str) -> str:
+    """Trace ``module_class`` through again, as before :func:`register_leaf_module`; the
+    package's own blocks stay leaves."""
+    name = _leaf_name(module_class)
+    if name in _BUILT_IN_LEAVES:
+        raise InputError(
+            f"leaf module {shown(name)} is built in and cannot be unregistered; registered ones can"
+        )
+    if name not in _LEAF_MODULES:
+        added = ", ".join(n for n in _LEAF_MODULES if n not in _BUILT_IN_LEAVES) or "none"
+        raise InputError(f"leaf module {shown(name)} is not registered; registered leaf modules: {added}")
+    del _LEAF_MODULES[name]
+    return name
+
+
+def registered_leaf(module: nn.Module) -> bool:
+    """Whether ``module``'s class, or a class it derives from, is a registered leaf."""
+    return any(_dotted(klass) in _LEAF_MODULES for klass in type(module).__mro__)
+
+
 def traceable_despite_notrace(module: nn.Module) -> bool:
     """Whether a module timm keeps whole can be traced through in this instance."""
     cls = type(module)
-    condition = TRACEABLE_WHEN.get(f"{cls.__module__}.{cls.__qualname__}")
+    condition = TRACEABLE_WHEN.get(_dotted(cls))
     return condition is not None and condition(module)
 
 
 class ModelTracer(fx.Tracer):
-    """An fx tracer with timm's leaves, attention blocks and train-dependent modules as leaves."""
+    """An fx tracer with timm's leaves, attention blocks, registered leaf modules and
+    train-dependent modules as leaves."""
 
     def __init__(
         self,
@@ -188,9 +248,7 @@ class ModelTracer(fx.Tracer):
         opaque: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
-        from ..blocks import CBAM, EfficientChannelAttention, SqueezeExcite
-
-        self.leaf_types = (*tuple(leaf_types), SqueezeExcite, EfficientChannelAttention, CBAM)
+        self.leaf_types = tuple(leaf_types)
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
@@ -268,7 +326,7 @@ class ModelTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if getattr(m, BLOCK_FLAG, False):
+        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
             return True
         if isinstance(m, self.leaf_types) and not traceable_despite_notrace(m):
             return True
