@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,11 +37,34 @@ from torch import fx, nn
 
 from ..core.layouts import CHANNEL_DIM, Layout
 from . import ops
+from .grid_replay import pooled, replayed
 from .inside import trace_at
+from .node_layout import (
+    META_KEY,
+    NCHW,
+    NCL,
+    NHWC,
+    NLC,
+    TOKEN_DIM,
+    NodeLayout,
+    Reading,
+    TokenGrid,
+    grid_of,
+    grid_size,
+    layout_of,
+    reading_of,
+    record_of,
+    set_layout,
+    set_reading,
+    spatial_size,
+)
 from .shapes import propagate_shapes, tensor_meta
 
 __all__ = [
+    "META_KEY",
     "Layout",
+    "NodeLayout",
+    "Reading",
     "TokenGrid",
     "annotate_grid_dynamics",
     "annotate_layouts",
@@ -52,7 +75,6 @@ __all__ = [
 ]
 
 
-NCHW, NHWC, NLC, NCL = Layout.NCHW, Layout.NHWC, Layout.NLC, Layout.NCL
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
@@ -62,84 +84,6 @@ PERMUTES: dict[tuple[str | None, tuple[int, ...] | None], str] = {
     (NCL, (0, 2, 1)): NLC,
 }
 TRANSPOSED = {NLC: NCL, NCL: NLC}
-
-
-@dataclass(frozen=True)
-class TokenGrid:
-    """Tokens (B, prefix + height * width, C): ``prefix`` tokens, then a height x width grid
-    in raster order, or in ``order`` (then without a prefix, and the tokens may span more
-    than one dimension: (B, T, N, C) with T * N = height * width). ``dynamic``: the grid's
-    size follows the input size (a block with a fixed grid would break at another size);
-    ``prefix_varies``: so does the number of tokens
-    before it (a block passing a fixed prefix through would take some for grid tokens)."""
-
-    prefix: int
-    height: int
-    width: int
-    dynamic: bool = False
-    prefix_varies: bool = False
-    order: tuple[int, ...] | None = None  # raster position of each grid token; None: raster
-
-    @property
-    def tokens(self) -> int:
-        return self.prefix + self.height * self.width
-
-    def positions(self) -> torch.Tensor:
-        """The raster position of each grid token, in token order."""
-        count = self.height * self.width
-        return torch.arange(count) if self.order is None else torch.tensor(self.order, dtype=torch.long)
-
-    def __str__(self) -> str:
-        front = f"{self.prefix} + " if self.prefix else ""
-        reordered = " reordered" if self.order is not None else ""
-        return f"{front}{self.height}x{self.width}{reordered}"
-
-
-META_KEY = "attn_inject_layout"  # the one ``node.meta`` key of what this module infers
-
-
-@dataclass(frozen=True)
-class NodeLayout:
-    """What is known of a node's output: its layout, the token grid of tokens, and, for a
-    kept-whole module returning a tuple, the layout and grid of each item it returns."""
-
-    kind: Layout | None = None
-    grid: TokenGrid | None = None
-    returned: tuple[tuple[str | None, TokenGrid | None] | None, ...] | None = None
-
-
-def _record(node: fx.Node) -> NodeLayout:
-    return node.meta.get(META_KEY) or NodeLayout()
-
-
-def _set(node: fx.Node, kind: str | None, grid: TokenGrid | None = None) -> None:
-    """Record ``kind`` and ``grid`` for ``node`` (what it returns, if known, is kept)."""
-    layout = Layout(kind) if kind is not None else None
-    node.meta[META_KEY] = replace(_record(node), kind=layout, grid=grid)
-
-
-def layout_of(node: fx.Node) -> Layout | None:
-    return _record(node).kind
-
-
-def grid_of(node: fx.Node) -> TokenGrid | None:
-    """The token grid of a node's (B, N, C) or (B, C, N) output, when proven."""
-    return _record(node).grid
-
-
-def spatial_size(node: fx.Node) -> tuple[int, int] | None:
-    """(H, W) of a node's 4-D output of known layout."""
-    t = tensor_meta(node)
-    lay = layout_of(node)
-    if t is None or t.dim() != 4 or lay not in (NCHW, NHWC):
-        return None
-    return (t.shape[2], t.shape[3]) if lay == NCHW else (t.shape[1], t.shape[2])
-
-
-def grid_size(node: fx.Node) -> tuple[int, int] | None:
-    """(H', W') of tokens with a proven grid, else (H, W) of a map of known layout."""
-    grid = grid_of(node)
-    return (grid.height, grid.width) if grid is not None else spatial_size(node)
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -193,7 +137,7 @@ def _item(node: fx.Node, out: torch.Tensor, root: nn.Module) -> str | None:
     if not isinstance(container, fx.Node):
         return None
     if (returned := _returned_item(node)) is not None:
-        return returned[0]
+        return returned.layout
     if tensor_meta(container) is None and _splits(container):
         assert isinstance(container.args[0], fx.Node)
         container = container.args[0]  # an item of chunk()/split()
@@ -307,7 +251,7 @@ def _resampled(source: fx.Node, out: torch.Tensor) -> str | None:
     return None
 
 
-def _reshaped(node: fx.Node) -> str | None:
+def _reshaped(node: fx.Node) -> Layout | None:
     """One reshape / flatten / transpose between a map and its tokens."""
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
@@ -316,21 +260,42 @@ def _reshaped(node: fx.Node) -> str | None:
     if source_meta is None or node_meta is None:
         return None
     layout, t, out = layout_of(source), source_meta.shape, node_meta.shape
-    if node.target in ("transpose", torch.transpose):
-        dims = tuple(a for a in node.args[1:3] if isinstance(a, int))
-        if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2] and layout is not None:
-            return TRANSPOSED.get(layout)
+    if layout is None:
         return None
-    if len(t) == 4 and len(out) == 3 and out[0] == t[0]:
-        if layout == NCHW and tuple(out) == (t[0], t[1], t[2] * t[3]):
-            return NCL
-        if layout == NHWC and tuple(out) == (t[0], t[1] * t[2], t[3]):
-            return NLC
-    if len(t) == 3 and len(out) == 4 and out[0] == t[0]:
-        if layout == NCL and out[1] == t[1] and out[2] * out[3] == t[2]:
-            return NCHW
-        if layout == NLC and out[3] == t[2] and out[1] * out[2] == t[1]:
-            return NHWC
+    if node.target in ("transpose", torch.transpose):
+        return _transposed(node, layout, t)
+    if len(out) == 0 or len(t) == 0 or out[0] != t[0]:
+        return None
+    if len(t) == 4 and len(out) == 3:
+        return _flattened(layout, t, out)
+    if len(t) == 3 and len(out) == 4:
+        return _unflattened(layout, t, out)
+    return None
+
+
+def _transposed(node: fx.Node, layout: Layout, t: torch.Size) -> Layout | None:
+    """``transpose(1, 2)`` of (B, N, C) or (B, C, N) tokens: the other token layout."""
+    dims = tuple(a for a in node.args[1:3] if isinstance(a, int))
+    if len(t) == 3 and len(dims) == 2 and sorted(d % 3 for d in dims) == [1, 2]:
+        return TRANSPOSED.get(layout)
+    return None
+
+
+def _flattened(layout: Layout, t: torch.Size, out: torch.Size) -> Layout | None:
+    """A map's positions flattened into one token dimension: NCHW -> NCL, NHWC -> NLC."""
+    if layout == NCHW and tuple(out) == (t[0], t[1], t[2] * t[3]):
+        return NCL
+    if layout == NHWC and tuple(out) == (t[0], t[1] * t[2], t[3]):
+        return NLC
+    return None
+
+
+def _unflattened(layout: Layout, t: torch.Size, out: torch.Size) -> Layout | None:
+    """Tokens split into a map's two spatial dimensions: NCL -> NCHW, NLC -> NHWC."""
+    if layout == NCL and out[1] == t[1] and out[2] * out[3] == t[2]:
+        return NCHW
+    if layout == NLC and out[3] == t[2] and out[1] * out[2] == t[1]:
+        return NHWC
     return None
 
 
@@ -371,9 +336,6 @@ def _through_data_movement(node: fx.Node) -> str | None:
     return None
 
 
-TOKEN_DIM = {NLC: 1, NCL: 2}
-
-
 def _token_count(node: fx.Node) -> int | None:
     t, layout = tensor_meta(node), layout_of(node)
     if t is None or layout is None or layout not in TOKEN_DIM:
@@ -398,16 +360,12 @@ def _same_grid(nodes: list[fx.Node]) -> TokenGrid | None:
 def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
     """``cat([prefix tokens..., grid tokens], token dim)``: the grid with a longer prefix;
     ``cat`` over channels of tokens on one grid: that grid."""
-    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out, layout = tensor_meta(node), layout_of(node)
     if out is None or layout not in TOKEN_DIM or not isinstance(dim, int):
         return None
-    if not isinstance(tensors, (list, tuple)) or not tensors:
-        return None
-    parts = [t for t in tensors if isinstance(t, fx.Node)]
-    metas = [tensor_meta(t) for t in parts]
-    if len(parts) != len(tensors) or any(m is None for m in metas):
+    parts = _concatenated_parts(node)
+    if parts is None:
         return None
     token_dim = TOKEN_DIM[layout]
     if dim % out.dim() != token_dim:
@@ -416,8 +374,19 @@ def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
     grid = grid_of(last)
     if grid is None or any(grid_of(t) is not None for t in front):
         return None  # one grid, last: what comes before it is passed through as prefix tokens
-    extra = sum(int(m.shape[token_dim]) for m in metas[:-1] if m is not None)
+    extra = sum(int(meta.shape[token_dim]) for t in front if (meta := tensor_meta(t)) is not None)
     return TokenGrid(grid.prefix + extra, grid.height, grid.width)
+
+
+def _concatenated_parts(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors a ``cat`` joins, when there are some and each is a node of known shape."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    if not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    parts = [t for t in tensors if isinstance(t, fx.Node)]
+    if len(parts) != len(tensors) or any(tensor_meta(t) is None for t in parts):
+        return None
+    return parts
 
 
 def _sliced_grid(node: fx.Node) -> TokenGrid | None:
@@ -454,27 +423,39 @@ def _infer_grid(node: fx.Node, root: nn.Module) -> TokenGrid | None:
     if t is None:
         return None
     if ops.is_data_movement(node) and source is not None:
-        s = tensor_meta(source)
-        hw = spatial_size(source)
-        if s is not None and s.dim() == 4 and hw is not None:  # a map flattened into tokens
-            return _fits(TokenGrid(0, hw[0], hw[1]), node)
-        if s is not None and s.dim() == 3:  # transpose between NLC and NCL, a reshape keeping tokens
-            return _fits(grid_of(source), node)
-        return None
+        return _fits(_moved_grid(source), node)
     if node.op == "call_function" and node.target is torch.cat:
         return _fits(_concatenated_grid(node), node)
     if node.op == "call_function" and node.target is operator.getitem:
-        whole = node.args[0]
-        if (returned := _returned_item(node)) is not None:
-            return _fits(returned[1], node)
-        if isinstance(whole, fx.Node) and tensor_meta(whole) is None:
-            split = whole.args[0] if _is_split(whole) else None  # chunk() over channels keeps the tokens
-            return _fits(grid_of(split), node) if isinstance(split, fx.Node) else None
-        return _fits(_sliced_grid(node), node)
+        return _fits(_item_grid(node), node)
     if ops.is_linear(node, root) and source is not None:
         return _fits(grid_of(source), node)
     same_shape = [n for n in inputs if (m := tensor_meta(n)) is not None and m.shape == t.shape]
     return _fits(_same_grid(same_shape), node)
+
+
+def _moved_grid(source: fx.Node) -> TokenGrid | None:
+    """The grid of tokens made by one data-movement op from ``source``: a map flattened
+    into tokens, or tokens transposed between NLC and NCL or reshaped keeping them."""
+    s = tensor_meta(source)
+    hw = spatial_size(source)
+    if s is not None and s.dim() == 4 and hw is not None:
+        return TokenGrid(0, hw[0], hw[1])
+    if s is not None and s.dim() == 3:
+        return grid_of(source)
+    return None
+
+
+def _item_grid(node: fx.Node) -> TokenGrid | None:
+    """The grid of ``container[index]``: an item a kept-whole module returns, a chunk of
+    tokens over channels, or tokens with part of their prefix sliced off."""
+    whole = node.args[0]
+    if (returned := _returned_item(node)) is not None:
+        return returned.grid
+    if isinstance(whole, fx.Node) and tensor_meta(whole) is None:
+        split = whole.args[0] if _is_split(whole) else None  # chunk() over channels keeps the tokens
+        return grid_of(split) if isinstance(split, fx.Node) else None
+    return _sliced_grid(node)
 
 
 def _grid_reshaped_to_map(node: fx.Node) -> bool:
@@ -491,7 +472,7 @@ def _grid_reshaped_to_map(node: fx.Node) -> bool:
 
 
 def annotate_layouts(
-    model: nn.Module, graph: fx.Graph, inputs: Mapping[str, tuple[str | None, TokenGrid | None]] | None = None
+    model: nn.Module, graph: fx.Graph, inputs: Mapping[str, Reading | None] | None = None
 ) -> None:
     """Record a :class:`NodeLayout` on every node, under ``meta[META_KEY]``: its layout
     (``None`` for what is neither a known map nor known tokens) and the grid of tokens of a
@@ -500,26 +481,24 @@ def annotate_layouts(
     for node in graph.nodes:
         node.meta.pop(META_KEY, None)
         if inputs is not None and node.op == "placeholder":
-            _set(node, *inputs.get(str(node.target), (None, None)))
+            set_reading(node, inputs.get(str(node.target)))
             continue
         layout = _infer(node, model)
         if layout is None and (returned := _read_inside(node, model)) is not None:
             if tensor_meta(node) is not None:
-                _set(node, *(returned[0] or (None, None)))
+                set_reading(node, returned[0])
                 continue
             node.meta[META_KEY] = NodeLayout(returned=returned)
-        _set(node, layout)
+        set_layout(node, layout)
         if layout in TOKEN_DIM:  # the grid is read from the node's own layout
-            _set(node, layout, _infer_grid(node, model))
+            set_layout(node, layout, _infer_grid(node, model))
         if layout in (NCHW, NHWC) and ops.is_data_movement(node) and not _grid_reshaped_to_map(node):
-            _set(node, layout := None)
-        if layout is None and (moved := _replayed(node) or _pooled(node)) is not None:
-            _set(node, *moved)
+            set_layout(node, layout := None)
+        if layout is None and (moved := replayed(node) or pooled(node)) is not None:
+            set_layout(node, moved.layout, moved.grid)
 
 
-def _read_inside(
-    node: fx.Node, root: nn.Module
-) -> tuple[tuple[str | None, TokenGrid | None] | None, ...] | None:
+def _read_inside(node: fx.Node, root: nn.Module) -> tuple[Reading | None, ...] | None:
     """The layout and grid of each tensor a kept-whole module returns (one item for a
     tensor, one per item for a tuple), read from its graph traced at this node's shapes
     (:mod:`.inside`), in eval and in train mode, which must agree: for a module of the
@@ -536,277 +515,47 @@ def _read_inside(
         return None
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     names = inspect.signature(module.forward).bind(*node.args, **node.kwargs).arguments
-    known = {
-        name: (layout_of(outer), grid_of(outer))
-        for name, outer in names.items()
-        if isinstance(outer, fx.Node)
-    }
-    readings = []
-    for training in (False, True):  # a module that drops tokens in training has no grid then
-        graph = trace_at(module, args, kwargs, training=training)
-        if graph is None:
-            return None
-        annotate_layouts(module, graph, inputs=known)
-        output = next(n for n in reversed(graph.nodes) if n.op == "output")
-        result = output.args[0]
-        returned = result if isinstance(result, (tuple, list)) else (result,)
-        if len(returned) != len(items):
-            return None
-        readings.append(
-            tuple((layout_of(r), grid_of(r)) if isinstance(r, fx.Node) else None for r in returned)
-        )
-    return readings[0] if readings[0] == readings[1] else None
+    known = {name: reading_of(outer) for name, outer in names.items() if isinstance(outer, fx.Node)}
+    in_eval = _read_traced(module, args, kwargs, known, len(items), training=False)
+    if in_eval is None:
+        return None
+    in_training = _read_traced(module, args, kwargs, known, len(items), training=True)
+    return in_eval if in_eval == in_training else None  # a module dropping tokens in training: no grid
 
 
-def _returned_item(node: fx.Node) -> tuple[str | None, TokenGrid | None] | None:
+def _read_traced(
+    module: nn.Module,
+    args: Any,
+    kwargs: Any,
+    known: Mapping[str, Reading | None],
+    count: int,
+    *,
+    training: bool,
+) -> tuple[Reading | None, ...] | None:
+    """The reading of each of the ``count`` tensors ``module`` returns, from its graph traced
+    at these arguments in one mode; None when it cannot be traced or returns another count."""
+    graph = trace_at(module, args, kwargs, training=training)
+    if graph is None:
+        return None
+    annotate_layouts(module, graph, inputs=known)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    result = output.args[0]
+    returned = result if isinstance(result, (tuple, list)) else (result,)
+    if len(returned) != count:
+        return None
+    return tuple(reading_of(r) if isinstance(r, fx.Node) else None for r in returned)
+
+
+def _returned_item(node: fx.Node) -> Reading | None:
     """``(layout, grid)`` of ``module(...)[i]``, where the kept-whole module's tuple output
     was read from inside it."""
     container, index = node.args[0], node.args[1] if len(node.args) > 1 else None
     if not isinstance(container, fx.Node) or not isinstance(index, int):
         return None
-    returned = _record(container).returned
+    returned = record_of(container).returned
     if returned is None or not -len(returned) <= index < len(returned):
         return None
     return returned[index]
-
-
-REPLAY_DEPTH = 16  # data-movement ops followed back from a node to a tensor of known layout
-MAX_REPLAY_ELEMENTS = 1 << 24  # a larger tensor is not replayed (its int64 numbering: 128 MB)
-
-
-class _NotReplayable(Exception):
-    pass
-
-
-def _encodable(node: fx.Node) -> tuple[int, int, int] | None:
-    """(batch, grid positions, channels) of a map, or of tokens of a fixed grid without a
-    prefix, whose elements :func:`_encoding` can number."""
-    t, layout = tensor_meta(node), layout_of(node)
-    if t is None or t.dim() < 3:
-        return None
-    if layout in (NCHW, NHWC) and t.dim() == 4:
-        h, w = spatial_size(node) or (0, 0)
-        return int(t.shape[0]), h * w, int(t.shape[CHANNEL_DIM[layout]])
-    grid = grid_of(node)
-    if layout == NLC and grid is not None and grid.prefix == 0 and not grid.dynamic:
-        return int(t.shape[0]), grid.height * grid.width, int(t.shape[-1])
-    return None
-
-
-def _encoding(node: fx.Node, batch: int, count: int, channels: int) -> torch.Tensor:
-    """Every element of an :func:`_encodable` node's output (its ``batch``, grid positions
-    and ``channels``) numbered ``(batch * positions + grid position) * channels + channel``."""
-    t, layout = tensor_meta(node), layout_of(node)
-    assert t is not None
-    b = torch.arange(batch).view(batch, *[1] * (t.dim() - 1))
-    if layout == NCHW:
-        position = torch.arange(count).view(1, 1, *t.shape[2:])
-        channel = torch.arange(channels).view(1, channels, 1, 1)
-    else:
-        grid = grid_of(node)
-        position = torch.arange(count) if grid is None else grid.positions()
-        position = position.view(1, *t.shape[1:-1], 1)
-        channel = torch.arange(channels)
-    return ((b * count + position) * channels + channel).expand(*t.shape).contiguous()
-
-
-def _replay(node: fx.Node, values: dict[fx.Node, torch.Tensor]) -> torch.Tensor:
-    """Run a data-movement node on the encodings in ``values`` (constants from the shape
-    probe for its other arguments)."""
-
-    def value(arg: fx.Node) -> Any:
-        if arg in values:
-            return values[arg]
-        known = arg.meta.get("val")
-        if isinstance(known, (int, torch.Size)) or (
-            isinstance(known, (tuple, list)) and all(isinstance(i, int) for i in known)
-        ):
-            return known
-        raise _NotReplayable(arg.name)
-
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
-    if node.op == "call_method":
-        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    assert callable(node.target)
-    return node.target(*args, **kwargs)
-
-
-def _is_moved_numbering(encoded: torch.Tensor, total: int) -> bool:
-    """Whether a replayed result holds elements of the :func:`_encoding` of ``total``
-    elements, each at most once: a chain that changed values (``* 2``) or repeated elements
-    moved no data."""
-    flat = encoded.flatten()
-    if encoded.dtype != torch.long or flat.numel() > total:
-        return False
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
-        return False
-    seen = torch.zeros(total, dtype=torch.bool)
-    seen[flat] = True
-    return int(seen.sum()) == flat.numel()
-
-
-def _decoded(encoded: torch.Tensor, count: int, channels: int) -> tuple[torch.Tensor, ...]:
-    """(batch, grid position, channel) of every element of an :func:`_encoding`."""
-    rest = encoded // channels
-    return rest // count, rest % count, encoded % channels
-
-
-def _batch_in_place(b: torch.Tensor) -> bool:
-    return torch.equal(b, torch.arange(b.shape[0]).view(-1, *[1] * (b.dim() - 1)).expand_as(b))
-
-
-def _positions_of(encoded: torch.Tensor, batch: int, count: int, channels: int) -> torch.Tensor | None:
-    """The grid position of each token of a replayed (B, *tokens, C) encoding, when batch
-    and channels are where they were and every token holds one position."""
-    if encoded.dim() < 3 or encoded.shape[0] != batch or encoded.shape[-1] != channels:
-        return None
-    b, position, channel = _decoded(encoded, count, channels)
-    if not torch.equal(channel, torch.arange(channels).expand_as(channel)) or not _batch_in_place(b):
-        return None
-    tokens = position[0, ..., 0]
-    if not torch.equal(position, tokens[None, ..., None].expand_as(position)):
-        return None
-    return tokens
-
-
-def _as_layout(
-    tokens: torch.Tensor, height: int, width: int, rank: int
-) -> tuple[str, TokenGrid | None] | None:
-    """The layout of a (B, *tokens, C) tensor whose tokens hold these grid positions: an
-    NHWC map, tokens in raster order, or tokens in another order; None unless each position
-    of the height x width grid is held once."""
-    count = height * width
-    flat = tokens.flatten()
-    if rank not in (3, 4) or flat.numel() != count:
-        return None
-    raster = torch.arange(count)
-    if not torch.equal(flat.sort().values, raster):
-        return None
-    if torch.equal(flat, raster):
-        if rank == 4 and tuple(tokens.shape) == (height, width):
-            return NHWC, None
-        if rank == 3:
-            return NLC, TokenGrid(0, height, width)
-    return NLC, TokenGrid(0, height, width, order=tuple(int(i) for i in flat))
-
-
-def _moves(node: fx.Node) -> bool:
-    return ops.is_data_movement(node) or ops.moves_data_only(node)
-
-
-def _replayed(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
-    """The layout of a chain of reshapes / permutes from a tensor of known layout, found by
-    replaying the chain on that tensor's :func:`_encoding`."""
-    out = tensor_meta(node)
-    if out is None or out.dim() not in (3, 4) or not _moves(node):
-        return None
-    chain, current = [], node
-    for _ in range(REPLAY_DEPTH):
-        if not _moves(current):
-            return None
-        chain.append(current)
-        source = current.args[0] if current.args else None
-        if not isinstance(source, fx.Node):
-            return None
-        known = _encodable(source)
-        if known is not None:
-            break
-        current = source
-    else:
-        return None
-    batch, count, channels = known
-    source_meta = tensor_meta(source)
-    if source_meta is None or source_meta.numel() > MAX_REPLAY_ELEMENTS:
-        return None
-    channels_first = out.dim() == 4 and out.shape[1] == channels != out.shape[-1]
-    patchified = out.dim() == 3 and out.shape[-1] != channels and out.shape[-1] % channels == 0
-    if out.shape[0] != batch or (out.shape[-1] != channels and not (channels_first or patchified)):
-        return None  # the channels are split or moved: neither tokens of the grid nor its map
-    values = {source: _encoding(source, batch, count, channels)}
-    try:
-        for step in reversed(chain):
-            values[step] = _replay(step, values)
-    except (_NotReplayable, RuntimeError, TypeError, ValueError, IndexError):
-        return None
-    if not _is_moved_numbering(values[node], source_meta.numel()):
-        return None
-    if patchified:
-        return _patches(values[node], batch, count, channels, grid_size(source) or (0, 0))
-    if channels_first:  # a map put back as (B, C, H, W): NCHW when its positions are raster
-        tokens = _positions_of(values[node].movedim(1, -1), batch, count, channels)
-        moved = None if tokens is None else _as_layout(tokens, *(grid_size(source) or (0, 0)), 4)
-        return (NCHW, None) if moved == (NHWC, None) else None
-    tokens = _positions_of(values[node], batch, count, channels)
-    if tokens is None:
-        return None
-    return _as_layout(tokens, *(grid_size(source) or (0, 0)), out.dim())
-
-
-def _patches(
-    encoded: torch.Tensor, batch: int, count: int, channels: int, size: tuple[int, int]
-) -> tuple[str, TokenGrid | None] | None:
-    """Tokens (B, N, K) of a patchify (NaFlex's ``batch_patchify``: (B, C, H, W) viewed as
-    p x p patches, permuted and flattened): the grid at stride p when every element of the
-    source is held once, batch in place, and each token holds every channel of one aligned
-    window."""
-    height, width = size
-    if encoded.numel() != batch * count * channels or count != height * width:
-        return None  # with each element at most once: unless every element is held
-    b, position, _ = _decoded(encoded, count, channels)
-    if encoded.shape[0] != batch or not _batch_in_place(b):
-        return None
-    if not torch.equal(position, position[:1].expand_as(position)):
-        return None
-    return _windowed(position[0], height, width, per_position=channels)
-
-
-def _windowed(
-    groups: torch.Tensor, height: int, width: int, per_position: int = 1
-) -> tuple[str, TokenGrid | None] | None:
-    """The coarse grid of groups of distinct elements (the last dimension; each grid
-    position ``per_position`` times) that each fill one aligned window of the same size."""
-    rows, columns = groups // width, groups % width
-    top, left = rows.amin(-1), columns.amin(-1)
-    spans = {
-        (int(h), int(w))
-        for h, w in zip(
-            (rows.amax(-1) - top + 1).flatten(), (columns.amax(-1) - left + 1).flatten(), strict=True
-        )
-    }
-    if len(spans) != 1:
-        return None
-    ((window_h, window_w),) = spans
-    if window_h * window_w * per_position != groups.shape[-1] or window_h * window_w < 2:
-        return None  # distinct elements in an aligned box of as many positions: exactly that window
-    if height % window_h or width % window_w or bool((top % window_h).any()) or bool((left % window_w).any()):
-        return None
-    if (height // window_h) * (width // window_w) < 2:
-        return None  # one token holding every position is no grid
-    coarse_width = width // window_w
-    coarse = (top // window_h) * coarse_width + left // window_w
-    return _as_layout(coarse, height // window_h, coarse_width, groups.dim() + 1)
-
-
-def _pooled(node: fx.Node) -> tuple[str, TokenGrid | None] | None:
-    """Max pooling over one token dimension of reordered tokens (Hiera's
-    ``x.view(B, 4, -1, C).amax(dim=1)``): the coarser grid when each pooled group of
-    tokens is an aligned window."""
-    if not (node.op == "call_method" and node.target == "amax") or len(node.args) > 2:
-        return None
-    if node.kwargs.get("keepdim", False):
-        return None
-    source, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not isinstance(source, fx.Node) or layout_of(source) != NLC or not isinstance(dim, int):
-        return None
-    t, grid = tensor_meta(source), grid_of(source)
-    if t is None or grid is None or grid.prefix or grid.dynamic or t.dim() < 4:
-        return None
-    dim %= t.dim()
-    if not 1 <= dim <= t.dim() - 2:
-        return None
-    groups = grid.positions().view(*t.shape[1:-1]).movedim(dim - 1, -1)
-    return _windowed(groups, grid.height, grid.width)
 
 
 def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
@@ -844,10 +593,10 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
     for node in changed:
         grid, at_probe = grid_of(node), probed.get(node)
         if grid is not None and grid.order is not None and at_probe is None:
-            _set(node, layout_of(node), None)  # reordered tokens proven at the planned size only
+            set_layout(node, layout_of(node), None)  # reordered tokens proven at the planned size only
         elif grid is not None:
             varies = at_probe is not None and at_probe.prefix != grid.prefix
-            _set(node, layout_of(node), replace(grid, dynamic=True, prefix_varies=varies))
+            set_layout(node, layout_of(node), replace(grid, dynamic=True, prefix_varies=varies))
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
