@@ -287,8 +287,18 @@ def test_malicious_fixture_runs_its_payload_when_loaded_unsafely(tmp_path, how):
 # --- check_fits ----------------------------------------------------------------------------
 
 
-def test_fitting_state_dict_passes_silently():
-    check_fits(tiny_model(), tiny_model().state_dict())
+def test_a_state_dict_torch_loads_strictly_passes_and_one_without_a_key_is_refused_as_torch_does():
+    model, state = tiny_model(), dict(tiny_model().state_dict())
+    with torch.device("meta"):  # only shapes are compared: a meta model is enough
+        meta = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert check_fits(model, state) is None and check_fits(meta, state) is None
+    loaded = model.load_state_dict(state, strict=True)  # the reference: torch's own strict check
+    assert loaded.missing_keys == [] and loaded.unexpected_keys == []
+    del state["0.bias"]
+    with pytest.raises(RuntimeError, match=r"Missing key.*0\.bias"):
+        model.load_state_dict(state, strict=True)
+    with pytest.raises(CheckpointError, match=r"1 missing key \(0\.bias\)"):
+        check_fits(meta, state)
 
 
 def test_missing_unexpected_and_mismatched_keys_are_all_reported_on_one_line():

@@ -137,7 +137,17 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     ]
     best_file = max(best_runs, key=last_top1)
     assert (out / "best.safetensors").read_bytes() == (Path(best_file) / "last.safetensors").read_bytes()
-    assert ai.load(out / "best.safetensors") is not None
+    best_model = ai.load(out / "best.safetensors")
+    from safetensors.torch import load_file
+
+    written = load_file(Path(best_file) / "last.safetensors")  # the tensors as the run wrote them
+    loaded = best_model.state_dict()
+    assert loaded.keys() == written.keys() and all(torch.equal(loaded[k], v) for k, v in written.items())
+    assert type(best_model) is type(_base())
+    if ordered[0] == "baseline":
+        assert best_model.attn_inject.plan.points == ()  # the plain model: no block
+    else:
+        assert best_model.attn_inject.plan.recipe.name == ordered[0]
 
     # the study is a file like any other: a run folder written into it is never read
     import sqlite3
