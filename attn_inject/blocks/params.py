@@ -12,8 +12,18 @@ from typing import Any
 from ..core.errors import AttnInjectError
 from ..core.messages import shown
 from ..core.values import is_int, is_number
+from ..core.vocabulary import Word
 
-INIT_MODES = ("identity", "paper")
+
+class Init(Word):
+    """How a block starts: computing its input (``identity``: a blend at 0, the model
+    unchanged at insertion) or as its paper initialises it (``paper``)."""
+
+    IDENTITY = "identity"
+    PAPER = "paper"
+
+
+INIT_MODES = Init.values()
 
 
 class BlockParamError(AttnInjectError, ValueError):
@@ -75,4 +85,5 @@ def channel_count(channels: Any) -> int:
 
 
 def init_mode(init: Any) -> str:
-    return choice("init", init, INIT_MODES)
+    """``init`` as its plain text, or a :class:`BlockParamError` naming what is allowed."""
+    return str(choice("init", init, INIT_MODES))

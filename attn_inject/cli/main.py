@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..blocks import describe_blocks
+from ..blocks.params import INIT_MODES
 from ..core.errors import AttnInjectError, InputTypeError
 from ..core.messages import cut, first_line, shown
 from ..core.tables import render_table
@@ -130,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar=("C", "H", "W"),
             help="input size for shape inference (default: the model's own)",
         )
-        p.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
+        p.add_argument("--init", choices=INIT_MODES, help="override the recipe's init")
         p.add_argument(
             "--model-kwargs",
             nargs="*",
@@ -177,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--recipe", "-r", required=True, help="built-in recipe name or a YAML path")
     convert.add_argument("--out", required=True, metavar="OUT.safetensors")
-    convert.add_argument("--init", choices=["identity", "paper"], help="override the recipe's init")
+    convert.add_argument("--init", choices=INIT_MODES, help="override the recipe's init")
     convert.add_argument(
         "--target", help="a submodule to patch (default: the recipe's, else the model's backbone)"
     )

@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import accepts_order, block_for_point, layout_kwargs, permutes, uses_grid
+from ..blocks.params import INIT_MODES
 from ..blocks.proof import block_name, run_block
 from ..core.errors import InputError
 from ..core.markers import BLOCK_FLAG
@@ -430,8 +431,8 @@ def plan_prepared(prepared: Prepared, recipe: Recipe, init: str | None = None) -
     """The plan of ``recipe`` on an already prepared model."""
     if init is None:
         init = recipe.init
-    elif init not in ("identity", "paper"):
-        raise InputError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+    elif init not in INIT_MODES:
+        raise InputError(f"init={init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
     return build_plan(
         prepared.graph,
         list(prepared.stages),
@@ -457,8 +458,8 @@ def analyse(
     if hint is not None:
         raise PlanError(f"got {hint} (fx traces the model itself, not its wrapper)")
     loaded = load_recipe(recipe)
-    if init is not None and init not in ("identity", "paper"):  # before the work of tracing
-        raise InputError(f"init={init!r} is not allowed; allowed: 'identity', 'paper'")
+    if init is not None and init not in INIT_MODES:  # before the work of tracing
+        raise InputError(f"init={init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
     prepared = prepare(model, input_size=input_size, target=resolve_target(model, loaded, target))
     return prepared.graph, plan_prepared(prepared, loaded, init)
 

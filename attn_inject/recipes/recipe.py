@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from ..blocks import BlockParamError, block_factory, block_param_names, check_block_params, list_blocks
+from ..blocks.params import INIT_MODES
 from ..core.errors import AttnInjectError, InputError
 from ..core.files import NotRegularFileError, file_kind, open_regular
 from ..core.messages import cut, shown
@@ -52,7 +53,6 @@ __all__ = [
     "positions_of",
 ]
 
-INIT_MODES = ("identity", "paper")
 RECIPE_KEYS = ("name", "description", "init", "target", "rules", "fallback")
 RULE_KEYS = (
     "block",

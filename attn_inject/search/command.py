@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from .study import PRUNERS, SAMPLERS, Pruner, Sampler
+
 __all__ = ["add_parser", "command"]
 
 
@@ -48,10 +50,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--repeats", type=int, default=3, metavar="K", help="seeds per candidate (default: 3)")
     p.add_argument("--n-trials", type=int, metavar="T", help="--sampler tpe: trials besides the baseline")
     p.add_argument("--timeout", type=float, metavar="S", help="start no trial after S seconds")
-    p.add_argument("--sampler", choices=["grid", "tpe"], default="grid", help="(default: grid)")
-    p.add_argument(
-        "--pruner", choices=["none", "median", "hyperband"], default="none", help="(default: none)"
-    )
+    p.add_argument("--sampler", choices=SAMPLERS, default=Sampler.GRID.value, help="(default: grid)")
+    p.add_argument("--pruner", choices=PRUNERS, default=Pruner.NONE.value, help="(default: none)")
     p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL (default: sqlite:///RUNDIR/study.db)")
     p.add_argument(
         "--study",
@@ -116,7 +116,7 @@ def _check_usage(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> None
         raise SearchUsageError("--model-kwargs goes with --model (a --checkpoint file records its own)")
     if not 1 <= args.repeats <= MAX_SEEDS:
         raise SearchUsageError(f"--repeats must be from 1 to {MAX_SEEDS}, got {args.repeats}")
-    if args.sampler == "tpe" and (not args.space or args.n_trials is None or args.n_trials < 1):
+    if args.sampler == Sampler.TPE and (not args.space or args.n_trials is None or args.n_trials < 1):
         raise SearchUsageError("--sampler tpe searches a --space and needs --n-trials (at least 1)")
     if args.heartbeat < 1:
         raise SearchUsageError(f"--heartbeat must be at least 1 second, got {args.heartbeat}")

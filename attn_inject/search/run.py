@@ -32,7 +32,7 @@ from .leaderboard import Row, leaderboard, write_report
 from .progress import TrialClock
 from .records import MAX_SEEDS, check_candidate, check_seeds, read_trials
 from .space import point_candidate
-from .study import PRUNERS, SAMPLERS, StudySpec, import_optuna, open_study, say, work
+from .study import PRUNERS, SAMPLERS, Pruner, Sampler, StudySpec, import_optuna, open_study, say, work
 from .trial import Base, run_trial
 
 __all__ = ["SearchConfig", "SearchResult", "search"]
@@ -77,7 +77,7 @@ def _check(config: SearchConfig) -> None:
         raise SearchError(f"--sampler {config.sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
     if config.pruner not in PRUNERS:
         raise SearchError(f"--pruner {config.pruner!r} is not allowed; allowed: {', '.join(PRUNERS)}")
-    if config.sampler == "tpe" and (config.space is None or not config.n_trials or config.n_trials < 1):
+    if config.sampler == Sampler.TPE and (config.space is None or not config.n_trials or config.n_trials < 1):
         raise SearchError("--sampler tpe searches a --space and needs --n-trials (at least 1)")
     if config.timeout is not None and not config.timeout > 0:
         raise SearchError(f"--timeout must be positive seconds, got {config.timeout}")
@@ -170,7 +170,9 @@ def _identity(config: SearchConfig, planned: Sequence[_Planned]) -> dict[str, An
     return {
         "base": config.base_identity,
         "data": _data_identity(config.template.data),
-        "candidates": recipes if config.sampler == "grid" else sorted(map(str, (config.space or {}).items())),
+        "candidates": (
+            recipes if config.sampler == Sampler.GRID else sorted(map(str, (config.space or {}).items()))
+        ),
         "fine-tune": template,
         "seeds": config.repeats,
         "sampler": config.sampler,
@@ -225,7 +227,7 @@ class _Objective:
             what = f"trial {trial.number}"
             planned = self.by_name[check_candidate(name, self.by_name, f"{what}: candidate")]
             seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
-            if self.config.sampler == "grid":  # the seed is an attribute, not a parameter
+            if self.config.sampler == Sampler.GRID:  # the seed is an attribute, not a parameter
                 trial.suggest_categorical("candidate", self.names)
         folders = [self.layout.trial_folder(trial.number, seed) for seed in seeds]
         candidate = planned.candidate
@@ -270,8 +272,8 @@ def search(config: SearchConfig) -> SearchResult:
     _check(config)
     folders = check_folders(config.template.data)
     # grid: every candidate planned now; TPE: each sampled point when it is drawn
-    planned, skipped = _plan_candidates(config) if config.sampler == "grid" else ([], [])
-    if config.sampler == "grid" and not planned:
+    planned, skipped = _plan_candidates(config) if config.sampler == Sampler.GRID else ([], [])
+    if config.sampler == Sampler.GRID and not planned:
         raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
     layout = Layout.of(config.out, config.study)
     out = layout.out
@@ -280,8 +282,8 @@ def search(config: SearchConfig) -> SearchResult:
     spec = StudySpec(
         name=config.study,
         storage=f"sqlite:///{out / 'study.db'}" if config.storage is None else config.storage,
-        sampler=config.sampler,
-        pruner=config.pruner,
+        sampler=Sampler(config.sampler),
+        pruner=Pruner(config.pruner),
         candidates=(BASELINE, *(p.candidate for p in planned)),
         seeds=tuple(seeds),
         epochs=config.template.epochs,
@@ -294,9 +296,10 @@ def search(config: SearchConfig) -> SearchResult:
         out.mkdir(parents=True, exist_ok=True)
     study = open_study(spec)
     out.mkdir(parents=True, exist_ok=True)
-    clock = TrialClock(
-        len(spec.candidates) * len(seeds) if config.sampler == "grid" else 1 + (config.n_trials or 0), say
+    planned_trials = (
+        len(spec.candidates) * len(seeds) if config.sampler == Sampler.GRID else 1 + (config.n_trials or 0)
     )
+    clock = TrialClock(planned_trials, say)
     ran = work(study, spec, _Objective(config, planned, seeds, layout, clock), config.timeout, clock)
     trials = study.get_trials(deepcopy=False)
     known = {BASELINE.name, *(c.name for c in config.candidates)}

@@ -34,14 +34,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.messages import cut, error_line, first_line, shown
+from ..core.vocabulary import Word
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
 from .progress import TrialClock
 
 __all__ = ["StudySpec", "import_optuna", "open_study", "work"]
 
-SAMPLERS = ("grid", "tpe")
-PRUNERS = ("none", "median", "hyperband")
+
+class Sampler(Word):
+    """How the study picks its next trial: every candidate in turn, or Optuna's TPE over a space."""
+
+    GRID = "grid"
+    TPE = "tpe"
+
+
+class Pruner(Word):
+    """Which Optuna pruner stops a trial early, if any."""
+
+    NONE = "none"
+    MEDIAN = "median"
+    HYPERBAND = "hyperband"
+
+
+SAMPLERS = Sampler.values()
+PRUNERS = Pruner.values()
 METRIC = "val_top1_mean"  # the objective: validation top-1 (%) after the last epoch, mean over seeds
 MAX_RETRY = 2  # a trial whose worker died runs at most this many more times
 CREATE_ATTEMPTS = 5  # opening a new database that another worker is creating
@@ -53,8 +70,8 @@ class StudySpec:
 
     name: str
     storage: str
-    sampler: str
-    pruner: str
+    sampler: Sampler
+    pruner: Pruner
     candidates: tuple[Candidate, ...]
     seeds: tuple[int, ...]
     epochs: int
@@ -142,7 +159,7 @@ def _unopened(spec: StudySpec, error: Exception) -> SearchError:
 
 def _sampler(spec: StudySpec) -> Any:
     optuna = import_optuna()
-    if spec.sampler == "grid":
+    if spec.sampler == Sampler.GRID:
         # the seed is a trial attribute, not a searched parameter: the candidate alone is
         return optuna.samplers.GridSampler({"candidate": [c.name for c in spec.candidates]}, seed=0)
     return optuna.samplers.TPESampler(seed=0, n_startup_trials=min(10, spec.n_trials or 10))
@@ -150,9 +167,9 @@ def _sampler(spec: StudySpec) -> Any:
 
 def _pruner(spec: StudySpec) -> Any:
     optuna = import_optuna()
-    if spec.pruner == "median":  # after the baseline's seeds; not in a trial's first epoch
+    if spec.pruner == Pruner.MEDIAN:  # after the baseline's seeds; not in a trial's first epoch
         return optuna.pruners.MedianPruner(n_startup_trials=len(spec.seeds), n_warmup_steps=1)
-    if spec.pruner == "hyperband":
+    if spec.pruner == Pruner.HYPERBAND:
         return optuna.pruners.HyperbandPruner(
             min_resource=1, max_resource=spec.epochs * _steps_per_epoch(spec)
         )
@@ -160,12 +177,12 @@ def _pruner(spec: StudySpec) -> Any:
 
 
 def _steps_per_epoch(spec: StudySpec) -> int:
-    return len(spec.seeds) if spec.sampler == "tpe" else 1
+    return len(spec.seeds) if spec.sampler == Sampler.TPE else 1
 
 
 def _enqueue(study: Any, spec: StudySpec) -> None:
     """The trials a new study starts with: the baseline's seeds first."""
-    if spec.sampler == "grid":
+    if spec.sampler == Sampler.GRID:
         for candidate in spec.candidates:
             for seed in spec.seeds:
                 study.enqueue_trial(
@@ -370,7 +387,7 @@ def work(
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
         beatless(study)  # and one that never beat
         trial = _pop_waiting(study)
-        if trial is None and spec.sampler == "tpe" and spec.n_trials is not None:
+        if trial is None and spec.sampler == Sampler.TPE and spec.n_trials is not None:
             searched = [
                 t
                 for t in study.get_trials(deepcopy=False)
