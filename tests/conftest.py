@@ -1,7 +1,9 @@
-"""Shared fixtures: small inputs, random-init models built once per session."""
+"""Shared fixtures: small inputs, random-init models built once per session and handed to each
+test as its own copy (a test that changes its model changes no other test's)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -13,7 +15,7 @@ SIZE = (3, 64, 64)
 
 
 @functools.cache
-def _build(name: str) -> torch.nn.Module:
+def _built_once(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     source, _, bare = name.partition(":")
     if source == "tv":
@@ -23,9 +25,15 @@ def _build(name: str) -> torch.nn.Module:
     return model.eval()
 
 
+def _build(name: str) -> torch.nn.Module:
+    """A copy of the model built once for ``name``: its own parameters, buffers and modes."""
+    return copy.deepcopy(_built_once(name))
+
+
 @pytest.fixture
 def build():
-    """``build("tv:resnet18")`` / ``build("timm:resnet50")``: a cached random-init model in eval mode."""
+    """``build("tv:resnet18")`` / ``build("timm:resnet50")``: a random-init model in eval mode,
+    the same weights every call (built once, deep-copied), never shared with another test."""
     return _build
 
 
