@@ -201,6 +201,19 @@ def test_export_and_compile_checks(build, monkeypatch):
     assert "backend='eager'" in report.check("compile").detail
 
 
+@pytest.mark.slow
+def test_the_compile_check_passes_with_inductor(build):
+    """The real compiler once (minutes of C++ on a CPU; `make test-slow`); the default run uses
+    the eager backend above."""
+    model = build("tv:resnet18")
+    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+    if runtimes.compile_backend(torch.device("cpu"))[0] != "inductor":
+        pytest.skip(runtimes.compile_backend(torch.device("cpu"))[1])
+    report = ai.validate(model, patched, device="cpu", seeds=1, input_size=SMALL, checks=("compile",))
+    assert statuses(report) == {"compile": "passed"}, report
+    assert report.check("compile").where.endswith("backend inductor")
+
+
 class DataDependentHead(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.mean() > 100:  # a branch on a tensor's value: fx keeps it whole, torch.export refuses it
