@@ -46,7 +46,16 @@ from ..graph.trace import ModuleCall, reads_training
 from ..surgery.derive import derived_spec, holds_nodes
 from .points import Attach
 
-__all__ = ["Attach", "Placement", "ScopeError", "ScopeTrace", "extract_scope", "place", "reads_training"]
+__all__ = [
+    "Attach",
+    "Placement",
+    "Refusal",
+    "ScopeError",
+    "ScopeTrace",
+    "extract_scope",
+    "place",
+    "reads_training",
+]
 
 
 SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT, Attach.AFTER, Attach.BEFORE, Attach.GRAPH
@@ -54,6 +63,29 @@ SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT, Attach.AFTER, Attach.BEFORE, Attach.GR
 
 class ScopeError(AttnInjectError, RuntimeError):
     """A module cannot be rewritten on its own."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why one module cannot run a block's graph: a line naming the module and what is wrong
+    (the plan records it as the point's note when a wider module is used)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """The module whose graph runs a block, and why each narrower candidate could not."""
+
+    module: str
+    refusals: tuple[Refusal, ...] = ()
+
+    @property
+    def note(self) -> str:
+        return "; ".join(str(r) for r in self.refusals)
 
 
 @dataclass(frozen=True)
@@ -146,17 +178,23 @@ def _kept_whole(
             continue
         if sum(1 for c in graph.calls if c.path == child.path) != 1:
             continue
-        results = {node for node, _ in _result_nodes(child.result)}
-        own = set(child.nodes)
-        if not results or not results <= own or own & readers or (own - results) & producers:
-            continue
-        if any(u not in own for n in own - results for u in n.users):
-            continue
-        if not all(_simple(v) for _, v in child.arguments):
-            continue
-        kept.append(child)
-        covered |= own
+        if _stays_whole(child, producers, readers):
+            kept.append(child)
+            covered |= set(child.nodes)
     return kept
+
+
+def _stays_whole(child: ModuleCall, producers: set[fx.Node], readers: set[fx.Node]) -> bool:
+    """Whether a submodule's one call can stay a call: no block's reader inside, no block's
+    producer but what it returns, values leaving only through what it returns, and graph
+    values or plain constants as its arguments."""
+    results = {node for node, _ in _result_nodes(child.result)}
+    own = set(child.nodes)
+    if not results or not results <= own or own & readers or (own - results) & producers:
+        return False
+    if any(u not in own for n in own - results for u in n.users):
+        return False
+    return all(_simple(v) for _, v in child.arguments or ())
 
 
 # The module itself, as a graph of its own forward reads it (``self.forward.__self__`` is
@@ -279,11 +317,11 @@ class _Calls:
             if n > 1:
                 self.single.pop(path, None)
 
-    def why_not(self, path: str) -> str | None:
+    def why_not(self, path: str) -> Refusal | None:
         if self.count.get(path, 0) > 1:
-            return f"{path} is called {self.count[path]} times"
+            return Refusal(f"{path} is called {self.count[path]} times")
         if path not in self.single:
-            return f"{path} is kept whole"
+            return Refusal(f"{path} is kept whole")
         return None
 
 
@@ -296,9 +334,9 @@ def _module_path(node: fx.Node, leaf_calls: dict[fx.Node, str]) -> str:
 
 
 def _ancestors(path: str) -> list[str]:
-    """``path`` and every module above it, innermost first, ending with the root ''."""
+    """``path`` and every module above it, innermost first, the root '' left out."""
     parts = path.split(".") if path else []
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)] + [""]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _common(paths: list[str]) -> str:
@@ -359,7 +397,7 @@ class Placer:
         self.graph = graph
         self.calls = _Calls(graph)
         self.leaf_calls = {c.output: c.path for c in graph.calls if c.leaf and c.output is not None}
-        self.traceable: dict[str, str | None] = {}  # path -> None, or why it cannot be traced alone
+        self.traceable: dict[str, Refusal | None] = {}  # path -> None, or why it cannot be traced alone
         objects: dict[int, int] = {}
         for call in graph.calls:
             with contextlib.suppress(AttributeError):
@@ -369,16 +407,16 @@ class Placer:
         self.once = [c for c in graph.calls if c.path and objects.get(id(root.get_submodule(c.path)), 0) == 1]
         self.slots: dict[tuple[str, str, str], bool] = {}
 
-    def _trace_problem(self, path: str) -> str | None:
+    def _trace_problem(self, path: str) -> Refusal | None:
         if path not in self.traceable:
             why = self.calls.why_not(path)
             if why is None and reads_training(self.root.get_submodule(path)):
-                why = f"{path}'s forward reads self.training, which a rewrite would fix to eval"
+                why = Refusal(f"{path}'s forward reads self.training, which a rewrite would fix to eval")
             if why is None:
                 try:
                     extract_scope(self.root, self.graph, self.calls.single[path])
                 except ScopeError as error:
-                    why = str(error)
+                    why = Refusal(str(error))
             self.traceable[path] = why
         return self.traceable[path]
 
@@ -472,7 +510,8 @@ class Placer:
         before = self.before_site(producer, readers)
         if before is not None:
             return Placement(before[0], name, before[0], BEFORE, argument=before[1])
-        module, note = self._graph_owner(producer, consumers)
+        owner = self._graph_owner(producer, consumers)
+        module, note = owner.module, owner.note
         returning = self.calls.returned_by.get(producer, [])
         if returning and module not in returning:
             outer = returning[-1]
@@ -481,39 +520,47 @@ class Placer:
                 name = f"{via}_{name}" if not via.isdigit() else name
         return Placement(module, name, module, GRAPH, note)
 
-    def _graph_owner(self, producer: fx.Node, consumers: list[fx.Node] | None) -> tuple[str, str]:
+    def _graph_owner(self, producer: fx.Node, consumers: list[fx.Node] | None) -> _Owner:
+        """The module whose graph runs a block on ``producer`` for ``consumers`` (None: all):
+        the outermost module returning it that can stand alone, when it is read only outside
+        them; else the innermost module holding every reader that can; else the root, which
+        holds every point."""
         readers = list(producer.users) if consumers is None else consumers
-        notes: list[str] = []
+        refusals: list[Refusal] = []
         if consumers is None:
-            returning = [
-                p
-                for p in reversed(self.calls.returned_by.get(producer, []))
-                if self.calls.why_not(p) is None and not any(self._inside(r, p) for r in readers)
-            ]
-            for path in returning:
+            for path in self._returning(producer, readers):
                 why = self._trace_problem(path)
                 if why is None:
-                    return path, ""
-                notes.append(why)
+                    return _Owner(path)
+                refusals.append(why)
         deepest = _common([_module_path(r, self.leaf_calls) for r in readers if r.op != "output"])
         if any(r.op == "output" for r in readers):
             deepest = ""
         for path in _ancestors(deepest):
-            if not path:
-                return "", "; ".join(notes)
-            why = self.calls.why_not(path)
-            if why is None and not all(self._inside(r, path) for r in readers):
-                why = f"{path} does not hold every reader"
-            if why is None and not (
-                self._inside(producer, path) or producer in self.calls.single[path].inputs
-            ):
-                why = f"{path} is not given the block's input"
+            why = self._holding_refusal(path, producer, readers)
             if why is None:
-                why = self._trace_problem(path)
-            if why is None:
-                return path, "; ".join(notes)
-            notes.append(why)
-        raise AssertionError("unreachable: the root always holds a point")
+                return _Owner(path, tuple(refusals))
+            refusals.append(why)
+        return _Owner("", tuple(refusals))
+
+    def _returning(self, producer: fx.Node, readers: list[fx.Node]) -> list[str]:
+        """The modules that return ``producer``, outermost first, called once, with no
+        reader inside."""
+        return [
+            p
+            for p in reversed(self.calls.returned_by.get(producer, []))
+            if self.calls.why_not(p) is None and not any(self._inside(r, p) for r in readers)
+        ]
+
+    def _holding_refusal(self, path: str, producer: fx.Node, readers: list[fx.Node]) -> Refusal | None:
+        """Why module ``path`` cannot run a block on ``producer`` for ``readers`` in its own
+        graph; None when it can."""
+        why = self.calls.why_not(path)
+        if why is None and not all(self._inside(r, path) for r in readers):
+            why = Refusal(f"{path} does not hold every reader")
+        if why is None and not (self._inside(producer, path) or producer in self.calls.single[path].inputs):
+            why = Refusal(f"{path} is not given the block's input")
+        return self._trace_problem(path) if why is None else why
 
 
 def _parameter_of(module: nn.Module, call: fx.Node, producer: fx.Node) -> str | None:
