@@ -183,7 +183,9 @@ def test_an_nchw_only_block_runs_on_other_layouts_through_a_permute(layout):
         x = nchw.permute(0, 2, 3, 1)
         expected = inner(nchw).permute(0, 2, 3, 1)
     else:
-        block = block_for_point("timm:gc", 16, {}, "paper", {"layout": "tokens", "prefix": prefix, "grid": grid})
+        block = block_for_point(
+            "timm:gc", 16, {}, "paper", {"layout": "tokens", "prefix": prefix, "grid": grid}
+        )
         block.block.load_state_dict(inner.state_dict())
         cls = torch.randn(3, prefix, 16)
         x = torch.cat([cls, nchw.flatten(2).transpose(1, 2)], dim=1)

@@ -82,7 +82,9 @@ def test_make_block_is_the_old_name_of_block_for_point():
     with pytest.warns(DeprecationWarning, match=r"use block_for_point\(\)"):
         old = blocks.make_block("se", 16, {"ratio": 4}, "paper", {})
     assert type(old) is type(new)
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True)
+    )
     assert "make_block" not in blocks.__all__
 
 
