@@ -148,3 +148,33 @@ def test_a_model_whose_builder_needs_real_tensors_is_checked_without_allocating_
     patched = patched_model(build_model("tv:regnet_x_400mf"), {})
     ai.save(patched, tmp_path / "m.safetensors")
     assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, {})
+
+
+def test_building_shapes_only_changes_nothing_outside_its_own_thread():
+    """The shapes-only build moves what its own thread registers to the meta device, through
+    torch's registration hooks: ``nn.Module`` itself and other threads are untouched."""
+    import threading
+
+    from attn_inject.models import build
+
+    methods = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
+    inside, elsewhere = threading.Event(), threading.Event()
+    built: dict[str, torch.nn.Module] = {}
+
+    def other_thread() -> None:
+        inside.wait(timeout=60)
+        built["other"] = torch.nn.BatchNorm2d(4)
+        elsewhere.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with build._registered_on_meta():
+        assert (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer) == methods
+        inside.set()
+        assert elsewhere.wait(timeout=60)
+        built["here"] = torch.nn.BatchNorm2d(4)
+    worker.join()
+    assert all(t.is_meta for t in [*built["here"].parameters(), *built["here"].buffers()])
+    assert not any(t.is_meta for t in [*built["other"].parameters(), *built["other"].buffers()])
+    after = torch.nn.Linear(2, 2)
+    assert not after.weight.is_meta

@@ -10,11 +10,16 @@ import inspect
 import json
 import math
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from ..core.errors import AttnInjectError
 from ..core.messages import shown
@@ -480,30 +485,41 @@ def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
             return build_model(name, device="cpu", **kwargs)
 
 
+# Registration on the meta device, for this thread only: torch's global registration hooks
+# are installed once and act while a thread is inside ``_registered_on_meta`` (another
+# thread's modules, and every module after the context, register as they always do).
+_ON_META = threading.local()
+_META_HOOKS: list[Any] = []  # the two handles, once installed
+_HOOKS_LOCK = threading.Lock()
+
+
+def _parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    if getattr(_ON_META, "depth", 0) and param is not None and not param.is_meta:
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return None
+
+
+def _buffer_on_meta(module: nn.Module, name: str, buffer: torch.Tensor | None) -> torch.Tensor | None:
+    if getattr(_ON_META, "depth", 0) and buffer is not None and not buffer.is_meta:
+        return buffer.to("meta")
+    return None
+
+
 @contextlib.contextmanager
 def _registered_on_meta() -> Iterator[None]:
-    """Move each parameter and buffer to the meta device as a module registers it."""
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    def buffer_on_meta(
-        module: nn.Module, name: str, buffer: torch.Tensor | None, persistent: bool = True
-    ) -> None:
-        register_buffer(module, name, buffer, persistent=persistent)
-        if buffer is not None:
-            module._buffers[name] = buffer.to("meta")
-
-    nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign,assignment]
-    nn.Module.register_buffer = buffer_on_meta  # type: ignore[method-assign,assignment]
+    """Move each parameter and buffer to the meta device as a module of this thread
+    registers it (torch's module registration hooks; the process-wide ``nn.Module`` is not
+    changed)."""
+    with _HOOKS_LOCK:
+        if not _META_HOOKS:
+            # torch's hints say the hooks return None; a returned tensor replaces the registered one
+            _META_HOOKS.append(register_module_parameter_registration_hook(_parameter_on_meta))  # type: ignore[arg-type]
+            _META_HOOKS.append(register_module_buffer_registration_hook(_buffer_on_meta))  # type: ignore[arg-type]
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+        _ON_META.depth -= 1
 
 
 def wrapper_of(model: nn.Module) -> str | None:
