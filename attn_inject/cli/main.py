@@ -13,62 +13,36 @@ one line on stderr; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._version import __version__
-from ..blocks import describe_blocks
 from ..blocks.params import INIT_MODES
-from ..core.errors import AttnInjectError, InputTypeError
-from ..core.messages import cut, first_line, shown
-from ..core.tables import render_table
+from ..core.errors import AttnInjectError
+from ..core.messages import first_line
 from ..finetune.command import add_parser as add_finetune
 from ..finetune.command import command as finetune_command
 from ..finetune.config import SettingError
-from ..models.build import (
-    ModelKwargsError,
-    build_for_planning,
-    build_model,
-    check_model_kwargs,
-    input_size_for,
-    resolve,
-)
-from ..planning.diagram import save_diagram
-from ..planning.match import plan, resolve_target
-from ..planning.points import Attach, Plan
-from ..recipes.recipe import get_recipe, list_recipes, load_recipe
-from ..saving.checkpoint import check_fits, read_state_dict
-from ..saving.file import load, load_base_weights, read_manifest, save
 from ..search.command import add_parser as add_search
 from ..search.command import command as search_command
 from ..search.errors import SearchUsageError
-from ..surgery.inject import inject
-from ..surgery.record import patched_record
-from ..validation import check_names, validate
-from ..zoo.report import write_csv, write_markdown
-from ..zoo.sweep import ZooRecord, default_recipes, list_zoo, sweep
-
-if TYPE_CHECKING:
-    from torch import nn
+from .blocks import command as blocks_command
+from .convert import command as convert_command
+from .demo import command as demo_command
+from .errors import UsageError
+from .options import parse_model_kwargs
+from .plan import command as plan_command
+from .recipes import command as recipes_command
+from .validate import command as validate_command
+from .zoo import command as zoo_command
 
 __all__ = ["main"]
 
 DEMO_MODEL = "timm:resnet50"
 DEMO_RECIPE = "cbam_after_every_stage"
-
-
-class UsageError(AttnInjectError):
-    """Bad command-line input: exit code 2 (as is a fine-tune's ``SettingError``)."""
-
-
-class CommandError(AttnInjectError):
-    """The command cannot go on (e.g. its output exists): exit code 1."""
 
 
 CHECKS_HELP = (
@@ -246,399 +220,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
-    """``--model-kwargs K=V ...``: each V read as a YAML scalar or list, each K checked
-    against the builder arguments that shape the architecture."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--model-kwargs takes KEY=VALUE pairs, got {shown(pair)}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            problem = getattr(error, "problem", None) or "not a plain value"
-            raise UsageError(
-                f"--model-kwargs {shown(pair)}: the value must be a number, a string, true/false or a "
-                f"list ({cut(problem, 100)})"
-            ) from None
+def _search(args: argparse.Namespace) -> int:
+    """``attn-inject search``, its own usage errors read as the command line's."""
     try:
-        return check_model_kwargs(out, "--model-kwargs")
-    except ModelKwargsError as error:
-        raise UsageError(str(error)) from None
-
-
-def _plan_of(patched: nn.Module) -> Plan:
-    """The plan ``inject`` recorded on the model it returned."""
-
-    info = patched_record(patched)
-    if info is None:
-        raise InputTypeError(f"{type(patched).__name__} has no attn_inject plan: not a model inject returned")
-    return info.plan
-
-
-def _emit(args: argparse.Namespace, text: str, data: Any) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
-
-
-def _cmd_recipes(args: argparse.Namespace) -> int:
-
-    if args.action == "show":
-        if not args.name:
-            raise UsageError("recipes show needs a recipe name")
-        recipe = load_recipe(args.name)
-        _emit(args, recipe.text.rstrip(), recipe.to_dict())
-        return 0
-    if args.name:
-        name = shown(args.name, 60)
-        raise UsageError(f"unexpected argument {name}; did you mean 'recipes show {cut(args.name, 60)}'?")
-    recipes = [get_recipe(name) for name in list_recipes()]
-    width = max(len(r.name) for r in recipes)
-    text = "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes)
-    _emit(args, text, [r.to_dict() for r in recipes])
-    return 0
-
-
-def _cmd_blocks(args: argparse.Namespace) -> int:
-
-    infos = describe_blocks()
-    offered = [i for i in infos if i.offered]
-    refused = [i for i in infos if not i.offered]
-    rows = [
-        (i.kind, i.source, "any" if i.parameters is None else ", ".join(i.parameters) or "-", i.paper)
-        for i in offered
-    ]
-    text = render_table(("kind", "source", "parameters", "paper"), rows, rule_under_last=False)
-    if refused:
-        text += "\n\nnot offered (the installed timm's kinds that are not an attention over their input):\n"
-        text += "\n".join(f"  {i.kind}: {i.reason}" for i in refused)
-    _emit(args, text, [dataclasses.asdict(i) for i in infos])
-    return 0
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-
-    if args.diagram and not args.diagram.lower().endswith((".svg", ".png")):
-        raise UsageError(f"--diagram {args.diagram}: the file must end in .svg or .png")
-    _positive_sizes(args.input_size)
-    model = build_for_planning(args.model, **_model_kwargs(args.model_kwargs))
-    recipe = load_recipe(args.recipe)
-    size = args.input_size or _default_input_size(args.model, model, recipe, args.target)
-    result = plan(model, recipe, init=args.init, input_size=size, target=args.target)
-    result = dataclasses.replace(result, model_name=":".join(resolve(args.model)))
-    text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
-    if result.opaque:
-        text += "\nkept whole (fx cannot trace through them):\n" + "\n".join(f"  {o}" for o in result.opaque)
-    if result.skipped:
-        text += "\nskipped:\n" + "\n".join(f"  {s}" for s in result.skipped)
-    data = result.to_dict()
-    if args.diagram:
-        save_diagram(result, args.diagram)
-        text += f"\ndiagram: {args.diagram}"
-        data["diagram"] = args.diagram
-    _emit(args, text, data)
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    _positive_sizes(args.input_size)
-    torch.manual_seed(0)
-    model = build_model(args.model, **_model_kwargs(args.model_kwargs))
-    patched = inject(model, args.recipe, init=args.init, input_size=args.input_size, target=args.target)
-    report = validate(model, patched, input_size=args.input_size, checks=_checks(args.checks))
-    plan = _plan_of(patched)
-    kept = "keeps its class" if isinstance(patched, type(model)) else "lost its class"
-    owners = sorted({p.owner for p in plan if p.attach == Attach.GRAPH})
-    around = sorted({p.owner for p in plan if p.attach in (Attach.AFTER, Attach.BEFORE)})
-    surgery = (
-        f"{type(model).__name__} {kept}; blocks in a slot of the module's own code: "
-        f"{sum(p.attach == Attach.SLOT for p in plan)}; modules running blocks around their own forward: "
-        f"{len(around)}; modules with a rewritten forward: {', '.join(owners) or 'none'}"
-    )
-    text = (
-        f"{plan.model_name} + {plan.recipe.name}, input {tuple(plan.input_size)}\n{plan.table()}\n"
-        f"{surgery}\n{report}"
-    )
-    _emit(args, text, {"plan": plan.to_dict(), "validation": report.to_dict()})
-    return 0 if report.passed else 1
-
-
-def _checks(value: str | None) -> tuple[str, ...] | str | None:
-    """``--checks``: 'all', a comma-separated list, or None (validate's default: all but compile)."""
-
-    if value is None or value.strip() == "all":
-        return value and "all"
-    names = tuple(c.strip() for c in value.split(",") if c.strip())
-    unknown = [c for c in names if c not in check_names()]
-    if unknown or not names:
-        raise UsageError(
-            f"--checks {value}: unknown {', '.join(unknown) or 'empty'}; "
-            f"allowed: all, {', '.join(check_names())}"
-        )
-    return names
-
-
-def _positive_sizes(values: Sequence[int] | None) -> None:
-    if values is not None and (min(values) < 1 or max(values) > 8192):
-        raise UsageError(f"--input-size takes sizes from 1 to 8192, got {' '.join(map(str, values))}")
-
-
-def _input_size(values: Sequence[int] | None, like: Sequence[int] | None = None) -> tuple[int, ...] | None:
-    """``--input-size`` as a tuple: C H W, or C T H W for video; with ``like`` (the size the
-    model was planned at), as many values and the same channel count."""
-    if values is None:
-        return None
-    _positive_sizes(values)
-    got = " ".join(map(str, values))
-    if like is not None:
-        wanted = " ".join(map(str, like))
-        if len(values) != len(like) or values[0] != like[0]:
-            raise UsageError(
-                f"--input-size {got}: the model takes {len(like)} sizes with {like[0]} channels first, "
-                f"like its plan's {wanted}"
-            )
-    elif len(values) not in (3, 4):
-        raise UsageError(f"--input-size takes C H W (or C T H W for video), got {got}")
-    return tuple(values)
-
-
-def _default_input_size(name: str, model: Any, recipe: Any, target: str | None) -> tuple[int, ...] | None:
-    """The whole model's input size for shape inference, or None when a submodule is
-    patched (the API then infers the submodule's own)."""
-
-    return None if resolve_target(model, recipe, target) else input_size_for(name, model)
-
-
-def _check_output(path: str, force: bool) -> None:
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out {path}: the output must be a .safetensors file")
-    if out.exists() and not force:
-        raise CommandError(f"{path} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        what = "is a file, not a folder" if out.parent.exists() else "does not exist"
-        raise CommandError(f"{path}: folder {out.parent} {what}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise CommandError(f"{path}: folder {out.parent} is not writable (permission denied)")
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    import torch
-
-    _check_output(args.out, args.force)
-    checks = _checks(args.checks)  # bad input fails before any work
-    kwargs = _model_kwargs(args.model_kwargs)
-    size = _input_size(args.input_size)
-    recipe = load_recipe(args.recipe)  # a bad recipe fails before any work
-    name = ":".join(resolve(args.model))
-    with _status(f"reading {args.checkpoint}", quiet=args.json):
-        state = read_state_dict(args.checkpoint, use_ema=args.use_ema)
-    with _status(f"building {name}", quiet=args.json):
-        torch.manual_seed(0)
-        model = build_model(name, **kwargs).eval()
-        check_fits(model, state, source=f"checkpoint {args.checkpoint}")
-        model.load_state_dict(state, strict=True)
-        del state
-    with _status(f"injecting {recipe.name}", quiet=args.json):
-        size = size or _default_input_size(name, model, recipe, args.target)
-        patched = inject(model, recipe, init=args.init, input_size=size, target=args.target)
-    plan = _plan_of(patched)
-    report = None
-    if args.validate:
-        with _status("validating", quiet=args.json):
-            report = validate(model, patched, device=args.device, checks=checks)
-        if not report.passed:
-            data = {"plan": plan.to_dict(), "validation": report.to_dict(), "written": None}
-            _emit(args, f"{report}\nnothing written: validation failed", data)
-            return 1
-    with _status(f"writing {args.out}", quiet=args.json):
-        save(patched, args.out, model_name=name, model_kwargs=kwargs, force=args.force)
-    text = f"{name} + {plan.recipe.name}\n{plan.table()}"
-    if report is not None:
-        text += f"\n{report}"
-    text += f"\nwrote {args.out}"
-    _emit(
-        args, text, {"plan": plan.to_dict(), "validation": report and report.to_dict(), "written": args.out}
-    )
-    return 0
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-
-    checks = _checks(args.checks)
-    with _status(f"reading {args.file}", quiet=args.json):
-        manifest = read_manifest(args.file)
-        size = _input_size(args.input_size, like=manifest.input_size)
-        patched = load(args.file).eval()
-        reference = load_base_weights(args.file).eval()
-    with _status("validating", quiet=args.json):
-        report = validate(reference, patched, input_size=size, device=args.device, checks=checks)
-    plan = _plan_of(patched)
-    text = (
-        f"{args.file}: {manifest.base_model} + {plan.recipe.name} ({len(plan)} blocks), "
-        f"written by attn-inject {manifest.versions.get('attn_inject', '?')}\n{report}"
-    )
-    _emit(args, text, {"manifest": json.loads(manifest.to_json()), "validation": report.to_dict()})
-    return 0 if report.passed else 1
-
-
-def _status(message: str, *, quiet: bool = False):
-    """A spinner on stderr while a long step runs (nothing when quiet or without rich)."""
-    import contextlib
-
-    if quiet:
-        return contextlib.nullcontext()
-    try:
-        from rich.console import Console
-    except ImportError:
-        return contextlib.nullcontext()
-    return Console(stderr=True).status(message)
-
-
-def _zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
-    """The zoo's recipes, model names and output folder, each checked before any model is built."""
-
-    recipes = args.recipes or default_recipes()
-    for recipe in recipes:
-        load_recipe(recipe)  # a bad name fails here, before any model is built
-    if args.identity_every < 1:
-        raise UsageError(f"--identity-every must be at least 1, got {args.identity_every}")
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
-    names = list_zoo(args.source, args.filter)
-    if not names:
-        raise UsageError(f"no model from {args.source!r} matches --filter {args.filter!r}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is not a folder")
-    return recipes, names, out
-
-
-def _cmd_zoo(args: argparse.Namespace) -> int:
-    import time
-
-    recipes, names, out = _zoo_inputs(args)
-    start = time.perf_counter()
-    records: list[ZooRecord] = []
-    with _progress(
-        f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
-    ) as advance:
-        for result in sweep(
-            names,
-            recipes,
-            identity_check=args.identity_check,
-            identity_every=args.identity_every,
-            jobs=args.jobs,
-        ):
-            records.extend(result.records)
-            advance(f"{result.source}:{result.model}")
-    seconds = time.perf_counter() - start
-    identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
-    command = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
-    write_csv(records, out / "zoo.csv")
-    write_markdown(
-        records,
-        out / "zoo.md",
-        command=command.strip(),
-        seconds=seconds,
-        identity_seconds=identity_seconds,
-        identity_every=args.identity_every if args.identity_check else None,
-    )
-    failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
-    summary = {
-        "models": len(names),
-        "records": len(records),
-        "failed_models": failed,
-        "seconds": round(seconds, 1),
-        "report": str(out / "zoo.md"),
-        "csv": str(out / "zoo.csv"),
-    }
-    text = (
-        f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
-        f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}"
-    )
-    _emit(args, text, summary)
-    return 0
-
-
-def _progress(description: str, total: int, *, quiet: bool = False):
-    """A context manager yielding ``advance(label)``: a progress bar on stderr."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def plain():
-        """Not a terminal (a log file, CI): a line every 5%."""
-        import time
-
-        start, done, step = time.perf_counter(), [0], max(1, total // 20)
-
-        def advance(label: str) -> None:
-            done[0] += 1
-            if not quiet and (done[0] % step == 0 or done[0] == total):
-                elapsed = time.perf_counter() - start
-                left = elapsed / done[0] * (total - done[0])
-                print(
-                    f"{description}: {done[0]}/{total} ({elapsed:.0f} s, about {left:.0f} s left) {label}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        yield advance
-
-    @contextlib.contextmanager
-    def bar():
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[last]}"),
-        )
-        with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
-            task = progress.add_task(description, total=total, last="")
-            yield lambda label: progress.update(task, advance=1, last=label)
-
-    return bar() if sys.stderr.isatty() else plain()
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
-
-    try:
-        return search_command(args, _model_kwargs(args.model_kwargs))
+        return search_command(args, parse_model_kwargs(args.model_kwargs))
     except SearchUsageError as error:
         raise UsageError(str(error)) from None
 
 
-def _cmd_finetune(args: argparse.Namespace) -> int:
-
-    return finetune_command(args)
-
-
 COMMANDS = {
-    "recipes": _cmd_recipes,
-    "blocks": _cmd_blocks,
-    "plan": _cmd_plan,
-    "demo": _cmd_demo,
-    "convert": _cmd_convert,
-    "validate": _cmd_validate,
-    "zoo": _cmd_zoo,
-    "finetune": _cmd_finetune,
-    "search": _cmd_search,
+    "recipes": recipes_command,
+    "blocks": blocks_command,
+    "plan": plan_command,
+    "demo": demo_command,
+    "convert": convert_command,
+    "validate": validate_command,
+    "zoo": zoo_command,
+    "finetune": finetune_command,
+    "search": _search,
 }
 
 
@@ -681,7 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-
     return first_line(error, 600) or type(error).__name__
 
 

@@ -1,0 +1,79 @@
+"""``attn-inject zoo``: plan every shipped recipe on every model; write zoo.md and zoo.csv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..recipes.recipe import load_recipe
+from ..zoo.report import write_csv, write_markdown
+from ..zoo.sweep import ZooRecord, default_recipes, list_zoo, sweep
+from .errors import UsageError
+from .output import emit, progress
+
+__all__ = ["command"]
+
+
+def zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
+    """The zoo's recipes, model names and output folder, each checked before any model is built."""
+    recipes = args.recipes or default_recipes()
+    for recipe in recipes:
+        load_recipe(recipe)  # a bad name fails here, before any model is built
+    if args.identity_every < 1:
+        raise UsageError(f"--identity-every must be at least 1, got {args.identity_every}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    names = list_zoo(args.source, args.filter)
+    if not names:
+        raise UsageError(f"no model from {args.source!r} matches --filter {args.filter!r}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
+    return recipes, names, out
+
+
+def command(args: argparse.Namespace) -> int:
+    recipes, names, out = zoo_inputs(args)
+    start = time.perf_counter()
+    records: list[ZooRecord] = []
+    with progress(
+        f"zoo: {len(names)} models x {len(recipes)} recipes", len(names), quiet=args.json
+    ) as advance:
+        for result in sweep(
+            names,
+            recipes,
+            identity_check=args.identity_check,
+            identity_every=args.identity_every,
+            jobs=args.jobs,
+        ):
+            records.extend(result.records)
+            advance(f"{result.source}:{result.model}")
+    seconds = time.perf_counter() - start
+    identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
+    command_line = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
+    write_csv(records, out / "zoo.csv")
+    write_markdown(
+        records,
+        out / "zoo.md",
+        command=command_line.strip(),
+        seconds=seconds,
+        identity_seconds=identity_seconds,
+        identity_every=args.identity_every if args.identity_check else None,
+    )
+    failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
+    summary = {
+        "models": len(names),
+        "records": len(records),
+        "failed_models": failed,
+        "seconds": round(seconds, 1),
+        "report": str(out / "zoo.md"),
+        "csv": str(out / "zoo.csv"),
+    }
+    text = (
+        f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
+        f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}"
+    )
+    emit(args, text, summary)
+    return 0
