@@ -21,6 +21,7 @@ from PIL import Image
 import attn_inject as ai
 from attn_inject.cli.main import main
 from attn_inject.finetune import run as run_module
+from attn_inject.finetune import threads as threads_module
 from attn_inject.finetune.data import check_folders, data_config, image_folders
 from attn_inject.finetune.distributed import Context
 from attn_inject.finetune.loop import evaluate, predict
@@ -535,17 +536,18 @@ def test_threads_are_chosen_stated_first_and_put_back(checkpoint, data, tmp_path
     first = capsys.readouterr().err.strip().splitlines()[0]
     assert first.startswith("finetune: 1 intra-op thread and 0 data loader workers per process, 1 process on")
     assert seen == [1] and torch.get_num_threads() == before
-    monkeypatch.setattr(run_module.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert run_module.default_threads(workers=2) == (7, 8)  # a core left for the workers
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert threads_module.default_threads(workers=2) == (7, 8)  # a core left for the workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert run_module.default_threads(workers=0) == (4, 8)  # torchrun's two processes share them
+    assert threads_module.default_threads(workers=0) == (4, 8)  # torchrun's two processes share them
 
 
 def test_sigterm_inside_code_that_wraps_the_exception_still_stops_as_sigterm(tmp_path):
     import signal
     import types
 
-    from attn_inject.finetune.run import Stopped, _stoppable
+    from attn_inject.finetune.stopping import Stopped
+    from attn_inject.finetune.stopping import stoppable as _stoppable
 
     def import_like() -> None:  # a class body's __set_name__ wraps what it raises
         try:
@@ -570,7 +572,8 @@ def test_sigterm_whose_exception_a_library_swallows_still_stops_the_run(checkpoi
     import signal
 
     from attn_inject.finetune.config import FinetuneConfig
-    from attn_inject.finetune.run import Stopped, run
+    from attn_inject.finetune.run import run
+    from attn_inject.finetune.stopping import Stopped
 
     def swallowing_hook(row: dict) -> None:  # as a finaliser or an `except BaseException` would
         try:

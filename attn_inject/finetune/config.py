@@ -135,7 +135,7 @@ class FinetuneConfig:
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """The settings that differ from a saved run's ``args.yaml`` (those that change what
         is computed). More ``epochs`` than the run's is not a difference: the run is extended
-        (see :func:`attn_inject.finetune.run.check_out`)."""
+        (see :func:`attn_inject.finetune.folder.check_out`)."""
         mine = self.to_dict()
         names = [f.name for f in fields(self) if f.name not in RESUME_FREE]
         extended = is_int(saved.get("epochs")) and self.epochs > saved["epochs"]

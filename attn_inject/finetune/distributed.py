@@ -5,6 +5,7 @@ process and nothing is initialised. Rank 0 writes; metrics are summed over ranks
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    def log(self, text: str) -> None:
+        """``text`` on stderr, from the main process only."""
+        if self.main:
+            print(text, file=sys.stderr, flush=True)
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """``values`` summed over every rank (in float64)."""
