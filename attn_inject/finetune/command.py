@@ -88,6 +88,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default: 2)")
     p.add_argument(
+        "--no-verify-images",
+        dest="verify_images",
+        action="store_false",
+        help="skip decoding every image before training (a full pass over the data). Only for a "
+        "dataset you trust: a truncated, corrupt or hostile image then fails mid-epoch, in a data "
+        "loader worker, instead of before anything is written",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         help="intra-op threads per process (default: the process's share of the cores, less one "

@@ -26,6 +26,7 @@ RESUME_FREE = (
     "log_tensorboard",
     "log_mlflow",
     "log_wandb",
+    "verify_images",
 )
 
 
@@ -68,6 +69,7 @@ class FinetuneConfig:
     log_tensorboard: str | None = None  # a folder for TensorBoard's event files
     log_mlflow: bool = False  # to MLflow (MLFLOW_TRACKING_URI)
     log_wandb: bool = False  # to Weights & Biases (WANDB_* settings)
+    verify_images: bool = True  # decode every image before training (False: a dataset you trust)
 
     def check(self) -> None:
         """Raise :class:`SettingError` (one line, naming the option) for a setting out of range."""

@@ -79,7 +79,7 @@ def _run(
     label: RunLabel = UNLABELLED,
 ) -> RunResult:
     config.check()
-    folders = check_folders(config.data, verify=not images_checked)
+    folders = check_folders(config.data, verify=config.verify_images and not images_checked)
     resume_state = check_out(config)
     start = load_for_finetuning(config.checkpoint, config.num_classes)
     if start.num_classes != len(folders.classes):

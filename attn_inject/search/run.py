@@ -270,7 +270,7 @@ def search(config: SearchConfig) -> SearchResult:
     """Run the search ``config`` describes in this process, as one of its workers; when no
     trial is left, write and return the leaderboard."""
     _check(config)
-    folders = check_folders(config.template.data)
+    folders = check_folders(config.template.data, verify=config.template.verify_images)
     # grid: every candidate planned now; TPE: each sampled point when it is drawn
     planned, skipped = _plan_candidates(config) if config.sampler == Sampler.GRID else ([], [])
     if config.sampler == Sampler.GRID and not planned:
