@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 import attn_inject as ai
@@ -356,3 +357,37 @@ def test_save_pretrained_keeps_an_earlier_save_without_force(patched, tmp_path):
         ai.save_pretrained(patched, folder)
     assert (folder / "config.json").read_bytes() == before
     ai.save_pretrained(patched, folder, force=True)
+
+
+def test_finetune_starts_from_a_train_py_checkpoint_and_its_ema_weights(start, tmp_path):
+    """``finetune --checkpoint X.pth.tar --like START [--use-ema]``: the run starts from the
+    checkpoint's weights (or its EMA's) in the network the start file describes."""
+    from attn_inject.finetune.starting_point import load_for_finetuning
+
+    torch.manual_seed(1)
+    path = _train_py_checkpoint(ai.load(start), tmp_path, arch="not_registered_here", num_classes=5)
+    raw = torch.load(path, map_location="cpu", weights_only=False)  # our own file: the control
+    for use_ema, key in ((False, "state_dict"), (True, "state_dict_ema")):
+        begun = load_for_finetuning(path, like=start, use_ema=use_ema)
+        assert begun.num_classes == 5 and begun.reinitialised == ()
+        state = begun.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in raw[key].items()), key
+    with pytest.raises(CheckpointError, match="--num-classes 3 is for a file written by convert"):
+        load_for_finetuning(path, 3, like=start)
+    with pytest.raises(ai.InputError, match="--use-ema is for a timm training checkpoint"):
+        load_for_finetuning(start, use_ema=True)
+
+    data = tmp_path / "data"
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(5):
+            folder = data / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 255, (32, 32, 3), generator=torch.Generator().manual_seed(i + c))
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
+    code = main(
+        ["finetune", "--checkpoint", str(path), "--like", str(start), "--use-ema", "--data", str(data),
+         "--epochs", "1", "--out", str(tmp_path / "run"), "--batch-size", "4", "--image-size", "32",
+         "--workers", "0", "--threads", "1"]
+    )  # fmt: skip
+    assert code == 0 and (tmp_path / "run" / "summary.csv").is_file()

@@ -23,7 +23,19 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "(ImageFolder layout). Under torchrun --nproc_per_node=N it runs DDP.",
     )
     p.add_argument(
-        "--checkpoint", required=True, metavar="P.safetensors", help="a file written by convert / ai.save"
+        "--checkpoint",
+        required=True,
+        metavar="P.safetensors",
+        help="a file written by convert / ai.save, or a timm train.py checkpoint (.pth.tar, weights only)",
+    )
+    p.add_argument(
+        "--like",
+        metavar="FILE",
+        help="for a .pth.tar checkpoint: the file written by convert / ai.save its timm run started from, "
+        "whose manifest describes the network (default: the file registered under its 'arch')",
+    )
+    p.add_argument(
+        "--use-ema", action="store_true", help="for a .pth.tar checkpoint: its EMA weights (state_dict_ema)"
     )
     p.add_argument("--data", required=True, metavar="DIR", help="DIR/train and DIR/val, a folder per class")
     p.add_argument("--epochs", required=True, type=int, metavar="N")

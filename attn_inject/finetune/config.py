@@ -40,6 +40,8 @@ class FinetuneConfig:
     data: str
     epochs: int
     out: str
+    like: str | None = None  # for a timm training checkpoint: the file its run started from
+    use_ema: bool = False  # for a timm training checkpoint: its EMA weights
     batch_size: int = 64
     image_size: int | None = None
     lr: float = 1e-3

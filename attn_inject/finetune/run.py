@@ -81,7 +81,9 @@ def _run(
     config.check()
     folders = check_folders(config.data, verify=config.verify_images and not images_checked)
     resume_state = check_out(config)
-    start = load_for_finetuning(config.checkpoint, config.num_classes)
+    start = load_for_finetuning(
+        config.checkpoint, config.num_classes, like=config.like, use_ema=config.use_ema
+    )
     if start.num_classes != len(folders.classes):
         raise RunError(
             f"the model has {start.num_classes} classes, --data {config.data} has {len(folders.classes)}; "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
-from ..saving.checkpoint import CheckpointError, read_state_dict
+from ..saving.checkpoint import CheckpointError, is_torch_file_name, read_state_dict
 
 __all__ = ["StartingPoint", "load_for_finetuning"]
 
@@ -44,15 +44,28 @@ def _class_count(model: nn.Module) -> int | None:
     return None
 
 
-def load_for_finetuning(path: str | os.PathLike, num_classes: int | None = None) -> StartingPoint:
+def load_for_finetuning(
+    path: str | os.PathLike,
+    num_classes: int | None = None,
+    *,
+    like: str | os.PathLike | None = None,
+    use_ema: bool = False,
+) -> StartingPoint:
     """The patched model saved at ``path``; see the module docstring. Every path goes through
     ``load``'s checks first: the file is checked on the meta device, and the model rebuilt
-    with new classes is checked there too, before any real weight is allocated."""
+    with new classes is checked there too, before any real weight is allocated. A timm
+    training checkpoint (``.pth.tar``) is read as ``load(path, like=like, use_ema=use_ema)``
+    does: weights only, the network from ``like``'s manifest."""
     from ..models.build import build_model, build_shapes_only, resolve
     from ..saving.file import check_file, inject_recorded, load, read_manifest
 
     if num_classes is not None and num_classes < 1:
         raise InputError(f"--num-classes must be at least 1, got {num_classes}")
+    if is_torch_file_name(path):
+        return _from_training_checkpoint(path, num_classes, like, use_ema)
+    if like is not None or use_ema:
+        given = "--like" if like is not None else "--use-ema"
+        raise InputError(f"{given} is for a timm training checkpoint (.pth.tar, .pth); {path} is not one")
     manifest = read_manifest(path)  # a file without a manifest fails here, with its name
     if num_classes is None or num_classes == manifest.base_kwargs.get("num_classes"):
         model = load(path)
@@ -83,3 +96,21 @@ def load_for_finetuning(path: str | os.PathLike, num_classes: int | None = None)
     tensors = read_state_dict(path)
     model.load_state_dict({k: v for k, v in tensors.items() if k not in changed}, strict=False)
     return StartingPoint(model, num_classes, changed)
+
+
+def _from_training_checkpoint(
+    path: str | os.PathLike, num_classes: int | None, like: str | os.PathLike | None, use_ema: bool
+) -> StartingPoint:
+    """A timm ``train.py`` checkpoint's weights in the network ``like`` describes."""
+    from ..saving.file import load
+
+    model = load(path, like=like, use_ema=use_ema)
+    count = _class_count(model)
+    if count is None:
+        raise CheckpointError(f"{path}: cannot tell how many classes its model has")
+    if num_classes is not None and num_classes != count:
+        raise CheckpointError(
+            f"{path} holds a {count}-class model; --num-classes {num_classes} is for a file written by "
+            "convert / ai.save: write this one as such first (ai.save(ai.load(CKPT, like=START), OUT))"
+        )
+    return StartingPoint(model, count)
