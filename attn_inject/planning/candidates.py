@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..core.errors import InputError, InputTypeError
+from ..core.layouts import BLOCK_LAYOUTS, CHANNEL_DIM, Layout
 from ..core.messages import shown
 from ..core.views import NamesView
 from ..graph import ops
@@ -62,8 +63,7 @@ __all__ = [
     "unregister_position",
 ]
 
-TOKENS = "tokens"  # the block layout of (B, prefix + H' * W', C) tokens, or (B, T, N, C) reordered
-CHANNEL_DIM = {NCHW: 1, NHWC: 3, TOKENS: -1}
+TOKENS = Layout.TOKENS  # the block layout of (B, prefix + H' * W', C) tokens, or (B, T, N, C) reordered
 
 
 def block_layout(node: fx.Node) -> str | None:
@@ -104,7 +104,8 @@ class Candidate:
 
     @property
     def channels(self) -> int | None:
-        t, dim = tensor_meta(self.node), CHANNEL_DIM.get(self.layout or "")
+        t = tensor_meta(self.node)
+        dim = CHANNEL_DIM.get(Layout(self.layout)) if self.layout in BLOCK_LAYOUTS else None
         return None if t is None or dim is None else int(t.shape[dim])
 
     @property
