@@ -16,24 +16,10 @@ from attn_inject.surgery.derive import INNER_FORWARD, base_class, has_rewritten_
 from attn_inject.surgery.record import patched_record
 from attn_inject.surgery.rewrite import BLOCK_FLAG, build_block, rewrite
 
+from .small_modules import SlotUnit
+
 SIZE = (3, 32, 32)
 X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
-
-
-class SlotUnit(nn.Module):
-    """timm's residual unit built without attention: ``self.se = None``, called when set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.se = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        if self.se is not None:
-            y = self.se(y)
-        return torch.relu(y + x)
 
 
 class InlineResidual(nn.Module):
@@ -56,7 +42,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=4, padding=1)
-        self.body = nn.Sequential(SlotUnit(), InlineResidual())
+        self.body = nn.Sequential(SlotUnit(8), InlineResidual())
         self.head = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,23 +12,9 @@ from torch import fx, nn
 from attn_inject.graph.analysis import AnnotatedGraph, annotate, scope_of
 from attn_inject.planning.scopes import Attach, Placement, ScopeError, extract_scope, place
 
+from .small_modules import SlotUnit
+
 SHAPE = (1, 4, 8, 8)
-
-
-class SlotUnit(nn.Module):
-    """timm's bottleneck built without attention: ``self.se = None``, called when set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.se = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        if self.se is not None:
-            y = self.se(y)
-        return torch.relu(y + x)
 
 
 class Stage(nn.Module):
