@@ -288,7 +288,11 @@ def test_the_namespace_is_allowed_only_while_a_checkpoint_is_read(tmp_path):
     assert checkpoint.args == {"model": "m", "num_classes": 2} and torch.equal(
         checkpoint.state_dict["w"], torch.ones(1)
     )
-    assert list(torch.serialization.get_safe_globals()) == before
+    after = list(torch.serialization.get_safe_globals())
+    # nothing of ours stays allowed; torch may add its own classes as its modules import lazily
+    added = [g for g in after if g not in before]
+    assert argparse.Namespace not in after
+    assert all(getattr(g, "__module__", "").startswith("torch.") for g in added), added
     with pytest.raises(Exception, match="Namespace"):  # torch's own loader still refuses it
         torch.load(path, weights_only=True)
 

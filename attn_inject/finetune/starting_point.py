@@ -61,7 +61,7 @@ def load_for_finetuning(
 
     if num_classes is not None and num_classes < 1:
         raise InputError(f"--num-classes must be at least 1, got {num_classes}")
-    if is_torch_file_name(path):
+    if is_torch_file_name(path) and (like is not None or use_ema or str(path).endswith(".pth.tar")):
         return _from_training_checkpoint(path, num_classes, like, use_ema)
     if like is not None or use_ema:
         given = "--like" if like is not None else "--use-ema"
