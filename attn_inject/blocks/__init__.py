@@ -33,6 +33,7 @@ from torch import nn
 from ..core.deprecation import deprecated_alias
 from ..core.errors import InputError, InputTypeError
 from ..core.messages import first_line, shown
+from ..core.views import unregistered
 from .cbam import CBAM
 from .eca import EfficientChannelAttention, eca_kernel_size
 from .layout import LAYOUT_PARAMS, LAYOUTS, NCHW, NHWC, TOKENS, LayoutBlock
@@ -115,12 +116,7 @@ def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False)
 def unregister_block(name: str) -> BlockFactory:
     """Remove block kind ``name`` that :func:`register_block` added, and return its factory
     (so a test can put the registry back as it was). The built-in kinds and timm's stay."""
-    if name in BUILT_IN:
-        raise InputError(f"block {shown(name)} is built in and cannot be unregistered; registered kinds can")
-    if name not in _BLOCKS:
-        registered = ", ".join(sorted(set(_BLOCKS) - set(BUILT_IN))) or "none"
-        raise InputError(f"block {shown(name)} is not registered; registered kinds: {registered}")
-    return _BLOCKS.pop(name)
+    return unregistered(_BLOCKS, name, BUILT_IN, "block", "kinds")
 
 
 def list_blocks() -> list[str]:

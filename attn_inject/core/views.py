@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import overload
+from collections.abc import Callable, Container, Iterator, Sequence
+from typing import TypeVar, overload
 
-__all__ = ["NamesView"]
+from .errors import InputError
+from .messages import shown
+
+__all__ = ["NamesView", "unregistered"]
+
+V = TypeVar("V")
 
 
 class NamesView(Sequence[str]):
@@ -44,3 +49,17 @@ class NamesView(Sequence[str]):
 
     def __repr__(self) -> str:
         return repr(self._names())
+
+
+def unregistered(table: dict[str, V], name: str, built_in: Container[str], what: str, plural: str) -> V:
+    """Remove ``name`` from a registry ``table`` and return its entry; a built-in name or one
+    never registered is one :class:`InputError` naming what is registered (``what`` and
+    ``plural`` name the kind: "block", "kinds")."""
+    if name in built_in:
+        raise InputError(
+            f"{what} {shown(name)} is built in and cannot be unregistered; registered {plural} can"
+        )
+    if name not in table:
+        added = ", ".join(n for n in table if n not in built_in) or "none"
+        raise InputError(f"{what} {shown(name)} is not registered; registered {plural}: {added}")
+    return table.pop(name)

@@ -40,6 +40,7 @@ from torch import fx, nn
 from ..core.errors import AttnInjectError, InputError
 from ..core.markers import BLOCK_FLAG
 from ..core.messages import shown
+from ..core.views import unregistered
 
 __all__ = [
     "ModelTracer",
@@ -214,14 +215,7 @@ def unregister_leaf_module(module_class: type | str) -> str:
     """Trace ``module_class`` through again, as before :func:`register_leaf_module`; the
     package's own blocks stay leaves."""
     name = _leaf_name(module_class)
-    if name in _BUILT_IN_LEAVES:
-        raise InputError(
-            f"leaf module {shown(name)} is built in and cannot be unregistered; registered ones can"
-        )
-    if name not in _LEAF_MODULES:
-        added = ", ".join(n for n in _LEAF_MODULES if n not in _BUILT_IN_LEAVES) or "none"
-        raise InputError(f"leaf module {shown(name)} is not registered; registered leaf modules: {added}")
-    del _LEAF_MODULES[name]
+    unregistered(_LEAF_MODULES, name, _BUILT_IN_LEAVES, "leaf module", "leaf modules")
     return name
 
 

@@ -40,7 +40,7 @@ from torch import fx
 from ..core.errors import InputError, InputTypeError
 from ..core.layouts import BLOCK_LAYOUTS, CHANNEL_DIM, Layout
 from ..core.messages import shown
-from ..core.views import NamesView
+from ..core.views import NamesView, unregistered
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, scope_of
 from ..graph.layout import NCHW, NHWC, NLC, TokenGrid, grid_of, layout_of
@@ -320,14 +320,7 @@ def register_position(name: str, handler: PositionHandler, *, overwrite: bool = 
 def unregister_position(name: str) -> PositionHandler:
     """Remove position ``name`` that :func:`register_position` added, and return its handler.
     The built-in positions stay."""
-    if name in BUILT_IN:
-        raise InputError(
-            f"position {shown(name)} is built in and cannot be unregistered; registered ones can"
-        )
-    if name not in _POSITIONS:
-        added = ", ".join(n for n in _POSITIONS if n not in BUILT_IN) or "none"
-        raise InputError(f"position {shown(name)} is not registered; registered positions: {added}")
-    return _POSITIONS.pop(name)
+    return unregistered(_POSITIONS, name, BUILT_IN, "position", "positions")
 
 
 def find_candidates(

@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..core.errors import InputError
-from ..core.messages import shown
-from ..core.views import NamesView
+from ..core.views import NamesView, unregistered
 from .context import ValidationContext
 from .report import Check
 
@@ -80,12 +79,7 @@ def register_check(
 def unregister_check(name: str) -> CheckSpec:
     """Remove check ``name`` that :func:`register_check` added, and return it (so a test can
     put the registry back as it was). The built-in checks stay."""
-    if name in _BUILT_IN:
-        raise InputError(f"check {shown(name)} is built in and cannot be unregistered; registered checks can")
-    if name not in _CHECKS:
-        added = ", ".join(n for n in _CHECKS if n not in _BUILT_IN) or "none"
-        raise InputError(f"check {shown(name)} is not registered; registered checks: {added}")
-    return _CHECKS.pop(name)
+    return unregistered(_CHECKS, name, _BUILT_IN, "check", "checks")
 
 
 def seal_built_in() -> None:
