@@ -2,9 +2,11 @@
 
 ``inject(model, recipe, target="backbone.body")`` plans and rewrites only that submodule;
 torchvision detection, segmentation and optical-flow models get their backbone (the part
-that is a CNN on images) when no target is given. The rewrite (:mod:`attn_inject.surgery.rewrite`)
-puts the changed modules back into shallow copies of their ancestors, so the model passed in
-is never changed and every ``state_dict`` key keeps its name.
+that is a CNN on images) when no target is given, and segmentation-models-pytorch models
+their encoder (so a stage recipe acts on the encoder's stages, not on the decoder's blocks).
+The rewrite (:mod:`attn_inject.surgery.rewrite`) puts the changed modules back into shallow
+copies of their ancestors, so the model passed in is never changed and every ``state_dict``
+key keeps its name.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from torch import nn
 
 from ..core.errors import AttnInjectError
 
-__all__ = ["TargetError", "default_target", "get_target", "target_input_size"]
+__all__ = ["TargetError", "default_target", "get_target", "returns_its_stages", "target_input_size"]
 
 
 class TargetError(AttnInjectError, ValueError):
     """The target names no submodule of the model."""
 
 
+SMP_PACKAGE = "segmentation_models_pytorch."
+
+
 def default_target(model: nn.Module) -> str | None:
-    """The backbone of a torchvision detection / segmentation / optical-flow model, else None."""
+    """The backbone of a torchvision detection / segmentation / optical-flow model, the
+    encoder of a segmentation-models-pytorch model, else None."""
     module = type(model).__module__
+    if module.startswith(SMP_PACKAGE):
+        return "encoder" if isinstance(getattr(model, "encoder", None), nn.Module) else None
     if module.startswith("torchvision.models.optical_flow"):
         return "feature_encoder" if hasattr(model, "feature_encoder") else None
     if not module.startswith(("torchvision.models.detection", "torchvision.models.segmentation")):
@@ -33,6 +41,15 @@ def default_target(model: nn.Module) -> str | None:
     if isinstance(getattr(backbone, "body", None), nn.Module):
         return "backbone.body"  # BackboneWithFPN: the CNN under the FPN
     return "backbone"
+
+
+def returns_its_stages(module: nn.Module) -> bool:
+    """Whether ``module``'s forward returns every stage's map, so its stages end at what it
+    returns: a segmentation-models-pytorch encoder (its ``out_channels`` lists one map per
+    stage, the input first), which its decoder reads at each stage's end."""
+    return type(module).__module__.startswith(SMP_PACKAGE) and isinstance(
+        getattr(module, "out_channels", None), (list, tuple)
+    )
 
 
 def target_input_size(model: nn.Module, target: str) -> tuple[int, int, int] | None:

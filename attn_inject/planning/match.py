@@ -31,12 +31,13 @@ from ..graph.shapes import tensor_meta
 from ..graph.stages import Stage, find_stages
 from ..models.build import wrapper_of
 from ..models.facts import count_params, default_input_size, model_name
-from ..models.targets import default_target, get_target, target_input_size
+from ..models.targets import default_target, get_target, returns_its_stages, target_input_size
 from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
 from .scopes import Placement, place
+from .stage_ends import ends_at_maps, returned_stage_entries
 
 __all__ = ["analyse", "build_plan", "plan", "plan_prepared", "prepare", "resolve_target"]
 
@@ -181,6 +182,7 @@ def build_plan(
         stages=tuple(s.name for s in stages),
         skipped=tuple(skipped),
         opaque=graph.opaque,
+        assumptions=graph.assumptions,
         flop_count=LazyCount(graph.count_flops),
         used_fallback=used_fallback,
         fallback_refused=refused,
@@ -380,8 +382,11 @@ def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target
     _refuse_quantized(sub, model_name(model))
     size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
     graph = annotate(sub, (BATCH, *size))
-    feature_info = getattr(model, "feature_info", None) if not target else None
-    stages = tuple(find_stages(graph, feature_info))
+    if not target:
+        feature_info = getattr(model, "feature_info", None)
+    else:  # a backbone that returns every stage's map says where its stages end
+        feature_info = returned_stage_entries(graph) if returns_its_stages(sub) else None
+    stages = tuple(ends_at_maps(graph, find_stages(graph, feature_info)))
     return Prepared(graph, stages, target, model_name(model), count_params(model))
 
 

@@ -1,0 +1,103 @@
+"""Stage ends that the graph's stage finder (:mod:`attn_inject.graph.stages`) cannot see by
+itself, read off the same annotated graph:
+
+- a backbone that returns every stage's map (a segmentation-models-pytorch encoder:
+  :func:`attn_inject.models.targets.returns_its_stages`) says where its stages end by what
+  it returns: each returned feature map at reduction >= 4 is a stage end
+  (:func:`returned_stage_entries`, given to ``find_stages`` as timm's ``feature_info`` is);
+- a stage whose stretch runs on into a head that reads its map as other tokens (open_clip's
+  ``ModifiedResNet``: the attention pool flattens layer4's map into sequence-first tokens,
+  attends, and keeps the class token) ends at its last feature map, not at the head's
+  output (:func:`ends_at_maps`)::
+
+      layer4 -> reshape (B, C, HW) -> permute (HW, B, C) -> cat, add, attention -> x[0]
+      ^ the stage ends here               (no layout: the stretch used to end at x[0])
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import fx
+
+from ..core.layouts import CHANNEL_DIM
+from ..graph.analysis import AnnotatedGraph
+from ..graph.layout import NCHW, NHWC, grid_size, layout_of
+from ..graph.shapes import tensor_meta
+from ..graph.stages import MIN_STAGE_REDUCTION, Stage, output_dominators
+
+__all__ = ["ends_at_maps", "returned_stage_entries"]
+
+
+def _is_map(node: fx.Node) -> bool:
+    """A 4-D feature map of known layout."""
+    t = tensor_meta(node)
+    return t is not None and t.dim() == 4 and layout_of(node) in (NCHW, NHWC)
+
+
+def _channels(node: fx.Node) -> int:
+    t, layout = tensor_meta(node), layout_of(node)
+    assert t is not None and layout is not None
+    return int(t.shape[CHANNEL_DIM[layout]])
+
+
+def _reduction(graph: AnnotatedGraph, node: fx.Node) -> int | None:
+    hw = grid_size(node)
+    if hw is None or hw[0] == 0:
+        return None
+    return max(1, round(graph.input_shape[-2] / hw[0]))
+
+
+def _returned(graph: AnnotatedGraph) -> list[fx.Node]:
+    """The values the graph returns, in the order it returns them."""
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    return list(output.all_input_nodes) if output is not None else []
+
+
+def returned_stage_entries(graph: AnnotatedGraph) -> list[dict] | None:
+    """``feature_info``-like entries (module, num_chs, reduction) for a graph that returns
+    two or more feature maps at reduction >= 4, each the output of a module: one entry per
+    map, in graph order (a dilated encoder's last stages share a resolution and are still
+    two stages). None for any other graph (one such map, or a returned map that is not a
+    module's output), whose stages the dominators find."""
+    ends: list[fx.Node] = []
+    for node in _returned(graph):
+        if not _is_map(node) or not graph.depends_on_input(node) or node in ends:
+            continue
+        reduction = _reduction(graph, node)
+        if reduction is None or reduction < MIN_STAGE_REDUCTION:
+            continue
+        if graph.module_outputs.get(graph.name_of(node)) is not node:
+            return None
+        ends.append(node)
+    if len(ends) < 2:
+        return None
+    return [
+        {"module": graph.name_of(node), "num_chs": _channels(node), "reduction": _reduction(graph, node)}
+        for node in sorted(ends, key=graph.index.__getitem__)
+    ]
+
+
+def ends_at_maps(graph: AnnotatedGraph, stages: list[Stage]) -> list[Stage]:
+    """``stages`` with each end that is neither a feature map nor tokens (a head's output,
+    reached through a map moved into a layout the graph does not know) moved back to the
+    stage's last feature map on every path to the output, at the stage's reduction."""
+    dominators = output_dominators(graph)
+    position = {node: i for i, node in enumerate(dominators)}
+    moved = []
+    for stage in stages:
+        t = tensor_meta(stage.node)
+        if stage.skip_reason is None or (t is not None and t.dim() in (3, 4)) or stage.node not in position:
+            moved.append(stage)
+            continue
+        earlier = reversed(dominators[: position[stage.node]])
+        end = next(
+            (n for n in earlier if _is_map(n) and _reduction(graph, n) == stage.reduction),
+            None,
+        )
+        if end is None:
+            moved.append(stage)
+            continue
+        name = graph.name_of(end)
+        moved.append(replace(stage, name=name, node=end, channels=_channels(end), skip_reason=None))
+    return moved
