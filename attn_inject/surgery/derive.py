@@ -52,6 +52,10 @@ __all__ = [
 INNER_FORWARD = "forward_without_attention"  # the base class's forward, as a method of the subclass
 GRAPH_FORWARD = "forward_rewritten"  # the rewritten graph's code, as a method of the subclass
 SPEC = "_attn_inject_derived"  # on a generated class: what it adds to its base
+# Methods that code assigns to ``module.forward`` of an instance, bypassing the class's forward:
+# Ultralytics' ``fuse()`` folds BatchNorm into a Conv, then sets ``m.forward = m.forward_fuse``.
+# The blocks run around these too, with the same code as around ``forward``.
+SWAPPED_FORWARDS = ("forward_fuse",)
 _counter = itertools.count()
 
 
@@ -222,22 +226,32 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     namespace = _namespace(base)
     params, call = _signature_text(signature, namespace)
     overloads = _script_overloads(base)
-    lines = [f"def forward({params}:"]
-    for name, blocks in around.before:
-        for block in blocks:
-            lines.append(f"    {name} = self.{block}({name})")
-    lines.append(f"    out = self.{INNER_FORWARD}({', '.join(call)})")
-    lines += [f"    out = self.{block}(out)" for block in around.after]
-    lines.append("    return out")
+
+    def around_code(name: str, inner: str) -> str:
+        lines = [f"def {name}({params}:"]
+        for argument, blocks in around.before:
+            for block in blocks:
+                lines.append(f"    {argument} = self.{block}({argument})")
+        lines.append(f"    out = self.{inner}({', '.join(call)})")
+        lines += [f"    out = self.{block}(out)" for block in around.after]
+        lines.append("    return out")
+        return "\n".join(lines) + "\n"
+
     # TorchScript takes the overloads of a method only from code within its class's lines.
     line = base.forward.__code__.co_firstlineno if overloads else 1
-    forward = _compile("\n".join(lines) + "\n", "forward", namespace, line)
+    forward = _compile(around_code("forward", INNER_FORWARD), "forward", namespace, line)
     forward.__signature__ = signature
     forward.__annotations__ = dict(getattr(base.forward, "__annotations__", {}))
     inner = _renamed(base.forward, INNER_FORWARD)
     if overloads:
         _add_script_overloads(inner, base.__name__, overloads)
     attributes = {"forward": forward, INNER_FORWARD: inner}
+    for name in SWAPPED_FORWARDS:
+        variant = getattr(base, name, None)
+        if inspect.isfunction(variant) and inspect.signature(variant) == signature:
+            inner_name = f"{name}_without_attention"
+            attributes[name] = _compile(around_code(name, inner_name), name, namespace)
+            attributes[inner_name] = _renamed(variant, inner_name)
     if issubclass(base, nn.ModuleDict):
         attributes.update(_dict_without({*around.after, *(b for _, names in around.before for b in names)}))
     cls = _make_class(base, attributes, _Spec(base, around))
