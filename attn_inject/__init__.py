@@ -34,7 +34,7 @@ from .recipes.recipe import (
     list_recipes,
     load_recipe,
 )
-from .saving import hf
+from .saving import hf, ultralytics
 from .saving.checkpoint import CheckpointError
 from .saving.file import Manifest, load, read_manifest, save
 from .saving.hub import save_pretrained
@@ -94,6 +94,7 @@ __all__ = [
     "register_timm_model",
     "save",
     "save_pretrained",
+    "ultralytics",
     "unregister_block",
     "unregister_check",
     "unregister_leaf_module",
