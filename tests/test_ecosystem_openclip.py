@@ -1,0 +1,55 @@
+"""open_clip image towers: a stage recipe reaches every stage of the ModifiedResNet (layer4
+too, whose map the attention pool reads as sequence-first tokens), identity-exact at
+insertion, and the save / load round trip of a tower saved unnamed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attn_inject as ai
+
+from .ecosystem_checks import assert_identity_at_insertion, assert_save_load_round_trip
+
+open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed (attn-inject[open_clip])")
+
+SIZE = 64
+
+
+def _tower(name: str):
+    """The image tower of ``name`` with random weights at SIZE px (the position embeddings
+    sized for it)."""
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None, force_image_size=SIZE).visual.eval()
+
+
+@pytest.fixture(scope="module")
+def rn50():
+    return _tower("RN50")
+
+
+def test_stage_recipe_reaches_every_stage_of_the_modified_resnet_layer4_included(rn50):
+    plan = ai.plan(rn50, "se_after_every_stage", input_size=(3, SIZE, SIZE))
+    assert [p.name for p in plan] == ["layer1", "layer2", "layer3", "layer4"]
+    widths = [getattr(rn50, f"layer{i}")[-1].conv3.out_channels for i in range(1, 5)]
+    assert [p.channels for p in plan] == widths == [256, 512, 1024, 2048]
+    assert not plan.skipped
+
+
+@pytest.mark.parametrize("recipe", ["se_resnet", "cbam_after_every_stage"])
+def test_modified_resnet_injects_identity_exact_and_keeps_its_class(rn50, recipe):
+    patched = ai.inject(rn50, recipe, init="identity", input_size=(3, SIZE, SIZE))
+    assert_identity_at_insertion(rn50, patched, SIZE)
+
+
+def test_vision_transformer_injects_identity_exact_and_keeps_its_class():
+    tower = _tower("ViT-B-32")
+    patched = ai.inject(tower, "se_resnet", init="identity", input_size=(3, SIZE, SIZE))
+    assert len(ai.inserted_blocks(patched)) == 2 * len(tower.transformer.resblocks)
+    assert_identity_at_insertion(tower, patched, SIZE)
+
+
+def test_open_clip_tower_saved_unnamed_loads_onto_the_users_builder(rn50, tmp_path):
+    patched = ai.inject(rn50, "se_after_every_stage", init="paper", input_size=(3, SIZE, SIZE))
+    rebuilt = open_clip.create_model("RN50", pretrained=None, force_image_size=SIZE).visual
+    assert_save_load_round_trip(patched, rn50, rebuilt, tmp_path, SIZE)
