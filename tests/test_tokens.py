@@ -524,12 +524,35 @@ class PatchifiedViT(nn.Module):
         return self.head(self.blocks(x)[:, 0])
 
 
+@pytest.fixture
+def embed_kept_whole():
+    """PatchEmbed registered as a leaf, as timm registers NaFlex's embedding: kept whole
+    (fx would otherwise trace its rank branch with the sizes specialised)."""
+    ai.register_leaf_module(PatchEmbed)
+    yield
+    ai.unregister_leaf_module(PatchEmbed)
+
+
+def test_a_rank_branch_is_traced_with_the_rank_specialised_and_checked():
+    torch.manual_seed(0)
+    model = PatchifiedViT().eval()
+    plan = ai.plan(model, "se_resnet", input_size=SIZE)
+    assert plan.opaque == () and plan.tracing == "specialised"
+    assert any(a.use == "bool" and a.module == "embed" and a.value is True for a in plan.assumptions)
+    assert [(p.name, p.prefix, p.grid) for p in plan] == [
+        (f"blocks.{i}", 1, (GRID, GRID)) for i in (0, 0, 1, 1)
+    ]
+    patched = patched_model(model, "se_resnet")
+    x = torch.randn(2, *SIZE)
+    assert torch.equal(patched(x), model(x))
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_a_kept_whole_module_is_read_inside_for_the_patch_grid_it_returns(channels_last):
+def test_a_kept_whole_module_is_read_inside_for_the_patch_grid_it_returns(channels_last, embed_kept_whole):
     torch.manual_seed(0)
     model = PatchifiedViT(channels_last=channels_last).eval()
     plan = ai.plan(model, "se_resnet", input_size=SIZE)
-    assert [o.name for o in plan.opaque] == ["embed"]  # kept whole: no block inside it
+    assert plan.tracing == "whole" and not any(p.name.startswith("embed") for p in plan)  # no block inside it
     assert [(p.name, p.prefix, p.grid) for p in plan] == [
         (f"blocks.{i}", 1, (GRID, GRID)) for i in (0, 0, 1, 1)
     ]
@@ -591,7 +614,7 @@ class CachingEmbed(PatchEmbed):
         return tokens + self.cache[key], grid
 
 
-def test_reading_a_kept_whole_module_leaves_its_caches_as_they_were():
+def test_reading_a_kept_whole_module_leaves_its_caches_as_they_were(embed_kept_whole):
     torch.manual_seed(0)
     model = PatchifiedViT()
     model.embed = CachingEmbed()
@@ -623,9 +646,9 @@ class ArgumentViT(PatchifiedViT):
         return self.head(self.blocks(x)[:, 0])
 
 
-def test_a_kept_whole_module_given_plain_arguments_is_read_with_them():
+def test_a_kept_whole_module_given_plain_arguments_is_read_with_them(embed_kept_whole):
     plan = ai.plan(ArgumentViT().eval(), "se_resnet", input_size=SIZE)
-    assert [o.name for o in plan.opaque] == ["embed"]
+    assert plan.tracing == "whole"
     assert [(p.prefix, p.grid) for p in plan] == [(1, (GRID, GRID))] * 4
 
 
@@ -640,7 +663,7 @@ class DroppingEmbed(PatchEmbed):
         return tokens, grid
 
 
-def test_a_kept_whole_module_whose_tokens_differ_in_training_gives_no_grid():
+def test_a_kept_whole_module_whose_tokens_differ_in_training_gives_no_grid(embed_kept_whole):
     model = PatchifiedViT()
     model.embed = DroppingEmbed()
     plan = ai.plan(model.eval(), "se_resnet", input_size=SIZE)

@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import ops
 from .layout import annotate_grid_dynamics, annotate_layouts
 from .shapes import propagate_shapes, tensor_meta
-from .trace import ModuleCall, OpaqueModule, trace
+from .specialise import specialising_tracer
+from .trace import Assumption, ModuleCall, OpaqueModule, TraceError, TraceResult, trace
 
-__all__ = ["AnnotatedGraph", "annotate", "scope_of"]
+__all__ = ["AnnotatedGraph", "annotate", "scope_of", "trace_for"]
 
 
 def module_stack(node: fx.Node) -> list[str]:
@@ -54,6 +55,7 @@ class AnnotatedGraph:
     module_outputs: dict[str, fx.Node] = field(default_factory=dict)
     module_inputs: dict[str, fx.Node] = field(default_factory=dict)
     opaque: tuple[OpaqueModule, ...] = ()
+    assumptions: tuple[Assumption, ...] = ()  # plain values the trace fixed for this input
     calls: tuple[ModuleCall, ...] = ()  # every submodule call of the trace, in the order they ended
     to_output: int = -1  # every node, unless computed
 
@@ -118,8 +120,29 @@ def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         return _annotate(model, input_shape)
 
 
+def trace_for(model: nn.Module, input_shape: tuple[int, ...]) -> TraceResult:
+    """fx's own trace of ``model``; where it fails or keeps submodules whole, the trace with
+    the sizes the code needs as plain values specialised for ``input_shape``
+    (:mod:`attn_inject.graph.specialise`), when that keeps fewer whole. A model fx traces as
+    it is keeps its plain trace, valid for every input size."""
+    plain: TraceResult | None = None
+    with contextlib.suppress(TraceError):
+        plain = trace(model)
+    if plain is not None and not plain.opaque:
+        return plain
+    try:
+        specialised = trace(model, specialising_tracer(model, input_shape))
+    except TraceError:
+        if plain is None:
+            raise
+        return plain
+    if plain is None or len(specialised.opaque) < len(plain.opaque):
+        return specialised
+    return plain
+
+
 def _annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
-    traced = trace(model)
+    traced = trace_for(model, input_shape)
     graph = traced.graph
     propagate_shapes(model, graph, input_shape)
     annotate_layouts(model, graph)
@@ -169,6 +192,7 @@ def _annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
         module_outputs,
         module_inputs,
         opaque=traced.opaque,
+        assumptions=traced.assumptions,
         calls=traced.calls,
         to_output=reaching_output(nodes, index),
     )

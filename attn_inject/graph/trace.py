@@ -43,16 +43,19 @@ from ..core.messages import shown
 from ..core.views import unregistered
 
 __all__ = [
+    "Assumption",
     "ModelTracer",
     "OpaqueModule",
     "TraceError",
     "TraceResult",
+    "TracerFactory",
     "TypedOutputCodeGen",
     "caches_kept",
     "eval_mode",
     "fixed_arity",
     "keep_output_type",
     "mode",
+    "plain_tracer",
     "register_leaf_module",
     "thread_in_place",
     "timm_notrace",
@@ -247,6 +250,7 @@ class ModelTracer(fx.Tracer):
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
         self.output_type: type | None = None  # the root's output, a dict that is a dataclass
+        self.assumptions: list[Assumption] = []  # plain values the code needed (none here: fx refuses)
 
     def create_args_for_root(
         self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
@@ -421,17 +425,34 @@ class OpaqueModule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Assumption:
+    """A traced value the model's code needed as a plain one (``bool``, ``int``, a length),
+    fixed to what the planned input gives and checked at every call of a rewritten forward
+    (:mod:`attn_inject.graph.specialise`)."""
+
+    module: str  # where the code ran ("" for the root)
+    use: str  # bool, int, float or len
+    source: str  # the graph value, by its node's name
+    value: Any
+
+    def __str__(self) -> str:
+        return f"{self.use}({self.source}) == {self.value!r} in {self.module or 'the root'}"
+
+
+@dataclasses.dataclass(frozen=True)
 class TraceResult:
-    """The traced graph, the strategy that produced it, and the submodules kept opaque."""
+    """The traced graph, the submodules kept opaque, and the sizes specialised."""
 
     graph: fx.Graph
     opaque: tuple[OpaqueModule, ...] = ()
     calls: tuple[ModuleCall, ...] = ()
+    assumptions: tuple[Assumption, ...] = ()
 
 
-def tracing_strategy(opaque: tuple[OpaqueModule, ...]) -> str:
-    """How a model was traced: "whole", or "opaque" when submodules were kept whole."""
-    return "opaque" if opaque else "whole"
+def tracing_strategy(opaque: tuple[OpaqueModule, ...], assumptions: tuple[Assumption, ...] = ()) -> str:
+    """How a model was traced: "whole"; "specialised" when sizes were fixed to the planned
+    input's; "opaque" when submodules were kept whole."""
+    return "opaque" if opaque else "specialised" if assumptions else "whole"
 
 
 OUTPUT_TYPE = "_attn_inject_output_type"  # the name of the output's class in generated code
@@ -564,8 +585,23 @@ def default_concrete_args(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def trace(model: nn.Module) -> TraceResult:
-    """Trace ``model`` in eval mode; node targets name the model's own submodules."""
+TracerFactory = Callable[
+    [tuple[type, ...], tuple[Callable, ...], frozenset[str], dict[str, Any]], ModelTracer
+]
+
+
+def plain_tracer(
+    leaf_types: tuple[type, ...],
+    functions: tuple[Callable, ...],
+    opaque: frozenset[str],
+    concrete: dict[str, Any],
+) -> ModelTracer:
+    return ModelTracer(leaf_types, functions, opaque)
+
+
+def trace(model: nn.Module, make_tracer: TracerFactory = plain_tracer) -> TraceResult:
+    """Trace ``model`` in eval mode; node targets name the model's own submodules. A
+    submodule fx cannot trace through is kept whole (:class:`OpaqueModule`)."""
     leaf_types: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     if is_timm_model(model) or isinstance(model, fx.GraphModule):
@@ -573,7 +609,7 @@ def trace(model: nn.Module) -> TraceResult:
     concrete = default_concrete_args(model) if not isinstance(model, fx.GraphModule) else {}
     opaque: list[OpaqueModule] = []
     with tracing_guards(model):
-        return _trace(model, leaf_types, functions, concrete, opaque)
+        return _trace(model, leaf_types, functions, concrete, opaque, make_tracer)
 
 
 @contextlib.contextmanager
@@ -634,21 +670,33 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def caches_kept(model: nn.Module) -> Iterator[None]:
-    """Restore the model's plain dict attributes after tracing: a cache filled while tracing
-    (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep proxies
-    of this graph and hand them to the next trace."""
+    """Restore the model's own state after tracing or a meta pass: a cache filled while
+    tracing (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep
+    proxies of this graph and hand them to the next trace, and a forward that stores what it
+    computed (Ultralytics' ``Detect`` keeps ``self.anchors`` and ``self.shape``) would keep
+    proxies or meta tensors, which the model's next real call would use. Every public
+    attribute a forward rebinds or adds is put back, and every plain dict refilled."""
+    modules = list(model.modules())
+    attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules]
     caches = [
-        (value, dict(value))
-        for m in model.modules()
-        for key, value in vars(m).items()
-        if type(value) is dict and not key.startswith("_")
+        (value, dict(value)) for _, saved in attributes for value in saved.values() if type(value) is dict
     ]
     try:
         yield
     finally:
-        for cache, saved in caches:
+        for cache, content in caches:
             cache.clear()
-            cache.update(saved)
+            cache.update(content)
+        for m, saved in attributes:
+            state = vars(m)
+            for key in [k for k in state if not k.startswith("_") and k not in saved]:
+                del state[key]
+            for key, value in saved.items():
+                if state.get(key, _MISSING) is not value:
+                    state[key] = value
+
+
+_MISSING = object()
 
 
 def _trace(
@@ -657,15 +705,16 @@ def _trace(
     functions: tuple[Callable, ...],
     concrete: dict[str, Any],
     opaque: list[OpaqueModule],
+    make_tracer: TracerFactory,
 ) -> TraceResult:
     while True:
-        tracer = ModelTracer(leaf_types, functions, frozenset(o.name for o in opaque))
+        tracer = make_tracer(leaf_types, functions, frozenset(o.name for o in opaque), concrete)
         with eval_mode(model), size_only_calls_recorded(model, tracer):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
                 thread_in_place(graph)
                 keep_output_type(graph, tracer.output_type)
-                return TraceResult(graph, tuple(opaque), tuple(tracer.calls))
+                return TraceResult(graph, tuple(opaque), tuple(tracer.calls), tuple(tracer.assumptions))
             except Exception as error:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
                 failed = tracer.failed_in
                 if failed is None or len(opaque) >= MAX_OPAQUE:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..core.errors import AttnInjectError
 from ..core.vocabulary import Word
-from ..graph.trace import OpaqueModule, tracing_strategy
+from ..graph.trace import Assumption, OpaqueModule, tracing_strategy
 from ..recipes.recipe import BlockSpec, Recipe, Rule, positions_of
 from .table import plan_table
 
@@ -162,6 +162,7 @@ class Plan(Sequence[InsertionPoint]):
     skipped: tuple[SkippedPoint, ...] = field(default_factory=tuple)
     target: str = ""
     opaque: tuple[OpaqueModule, ...] = ()
+    assumptions: tuple[Assumption, ...] = ()  # plain values the trace fixed for input_size
     used_fallback: bool = False  # the recipe's rules matched nothing here; its fallback placed the points
     fallback_refused: str = ""  # why the fallback was not used where the rules matched nothing
     flop_count: LazyCount = field(default_factory=lambda: LazyCount(0), compare=False, repr=False)
@@ -173,8 +174,9 @@ class Plan(Sequence[InsertionPoint]):
 
     @property
     def tracing(self) -> str:
-        """How the model was traced: "whole", or "opaque" when submodules were kept whole."""
-        return tracing_strategy(self.opaque)
+        """How the model was traced: "whole"; "specialised" when sizes the code needed as
+        plain values were fixed for ``input_size``; "opaque" when submodules were kept whole."""
+        return tracing_strategy(self.opaque, self.assumptions)
 
     def __len__(self) -> int:
         return len(self.points)
@@ -232,6 +234,7 @@ class Plan(Sequence[InsertionPoint]):
             "target": self.target,
             "tracing": self.tracing,
             "opaque": [asdict(o) for o in self.opaque],
+            "assumptions": [str(a) for a in self.assumptions],
             "used_fallback": self.used_fallback,
             "fallback_refused": self.fallback_refused,
             "points": [p.to_dict() for p in self.points],
@@ -273,6 +276,7 @@ def merge_plans(plans: Sequence[Plan]) -> Plan:
         recipe=recipe,
         init=recipe.init,
         opaque=tuple(o for p in plans for o in p.opaque),
+        assumptions=tuple(a for p in plans for a in p.assumptions),
         used_fallback=any(p.used_fallback for p in plans),
         fallback_refused="; ".join(p.fallback_refused for p in plans if p.fallback_refused),
     )
