@@ -28,6 +28,13 @@ def command(args: argparse.Namespace) -> int:
     text = f"{result.model_name} + {result.recipe.name}, input {tuple(result.input_size)}\n{result.table()}"
     if result.opaque:
         text += "\nkept whole (fx cannot trace through them):\n" + "\n".join(f"  {o}" for o in result.opaque)
+    if result.assumptions:
+        shown = "\n".join(f"  {a}" for a in result.assumptions[:5])
+        more = len(result.assumptions) - 5
+        text += (
+            f"\ntraced with sizes fixed for input {tuple(result.input_size)} (a rewritten forward checks "
+            f"them at every call):\n{shown}" + (f"\n  ... and {more} more" if more > 0 else "")
+        )
     if result.skipped:
         text += "\nskipped:\n" + "\n".join(f"  {s}" for s in result.skipped)
     data = result.to_dict()

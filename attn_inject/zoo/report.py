@@ -194,6 +194,7 @@ def _source_summary(models: dict) -> list[str]:
             continue
         planned = [v for v in mine.values() if all(r.status == "ok" for r in v)]
         whole = sum(1 for v in planned if v[0].tracing == "whole")
+        specialised = sum(1 for v in planned if v[0].tracing == "specialised")
         opaque = sum(1 for v in planned if v[0].tracing == "opaque")
         targeted = sum(1 for v in planned if v[0].target)
         plain = [v for v in mine.values() if v[0].fx_plain is not None]
@@ -203,6 +204,7 @@ def _source_summary(models: dict) -> list[str]:
                 len(mine),
                 f"{len(planned)} ({_pct(len(planned), len(mine))})",
                 whole,
+                specialised,
                 opaque,
                 targeted,
                 f"{sum(1 for v in plain if v[0].fx_plain)} of {len(plain)}",
@@ -214,6 +216,7 @@ def _source_summary(models: dict) -> list[str]:
             "architectures",
             "plan succeeds",
             "traced whole",
+            "sizes specialised",
             "with opaque submodules",
             "backbone target",
             "plain `fx.symbolic_trace` succeeds",

@@ -258,7 +258,7 @@ def _common_record(source: str, bare: str, model: nn.Module, prepared, target: s
         bare,
         recipe="",
         status="",
-        tracing=tracing_strategy(graph.opaque),
+        tracing=tracing_strategy(graph.opaque, graph.assumptions),
         opaque="; ".join(o.name for o in graph.opaque),
         fx_plain=_fx_plain(model) if not target else None,
         target=target,
