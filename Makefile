@@ -8,6 +8,8 @@
 # the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv), `make zoo-kinds`
 # every block kind on a sample (docs/zoo-kinds.md);
 # `make bench` every benchmark, on an idle machine (writes docs/benchmarks.md).
+# `make peer-timm` / `make peer-torchvision VISION=path/to/vision`: the peers' own model tests on
+# patched models against plain ones (docs/peers.md; an hour or more on 2 cores).
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +17,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo clean
+.PHONY: demo test test-slow lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo \
+	peer-timm peer-torchvision clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +58,16 @@ zoo: $(STAMP)
 
 zoo-plan: $(STAMP)
 	$(BIN)/attn-inject zoo --out build/zoo
+
+# timm's tests/test_models.py from its source distribution, torchvision's test/test_models.py from a
+# pytorch/vision checkout at the installed version's tag (it publishes no source distribution);
+# both run from build/peers/, outside the project, with peers/plugin.py patching what they build.
+VISION ?=
+peer-timm: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m peers.run timm
+
+peer-torchvision: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m peers.run torchvision $(if $(VISION),--source $(VISION))
 
 finetune-demo: $(STAMP)
 	$(BIN)/python examples/digits_finetune.py --out build/digits --docs docs
