@@ -11,6 +11,9 @@ key keeps its name.
 
 from __future__ import annotations
 
+import inspect
+import re
+
 from torch import nn
 
 from ..core.errors import AttnInjectError
@@ -82,4 +85,40 @@ def get_target(model: nn.Module, target: str) -> nn.Module:
             f"target {target!r} is not a submodule of {type(model).__name__}; "
             f"the children of {where} are: {children}"
         ) from None
+    _refuse_routed_container(model, target, sub)
     return sub
+
+
+def _refuse_routed_container(model: nn.Module, target: str, sub: nn.Module) -> None:
+    """A container its parent never calls but iterates, routing each layer's input itself
+    (Ultralytics' ``for m in self.model: x = y[m.f] ...``): traced alone it would be a plain
+    chain, which is not the network; refused, naming what to pass instead."""
+    if not isinstance(sub, (nn.Sequential, nn.ModuleList)):
+        return
+    parent_path, _, attribute = target.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if not _iterated_never_called(type(parent), attribute):
+        return
+    raise TargetError(
+        f"target {target!r}: {type(parent).__name__} never calls this {type(sub).__name__}, it iterates it "
+        f"(for ... in self.{attribute}) and routes each layer's input itself, so traced alone it is not "
+        f"the network; pass the module that runs it: target={parent_path!r}"
+    )
+
+
+def _iterated_never_called(cls: type, attribute: str) -> bool:
+    """Whether the code of ``cls`` (and of its bases outside torch) loops over
+    ``self.<attribute>`` and never calls it."""
+    sources = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        try:
+            sources.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            return False  # code we cannot read: nothing to say
+    code = "\n".join(sources)
+    name = re.escape(attribute)
+    loops = re.search(rf"\bfor\b[^\n]*\bin\b[^\n]*\bself\.{name}\b(?!\s*[.(\[])", code)
+    called = re.search(rf"self\.{name}\s*\(|\(\s*self\.{name}\s*[,)]", code)
+    return loops is not None and called is None
