@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from ..core.layouts import CHANNEL_DIM
+from ..core.values import is_int
 from . import ops
 from .analysis import AnnotatedGraph, module_stack
 from .layout import NCHW, NHWC, NLC, grid_of, grid_size, layout_of
@@ -124,27 +125,52 @@ def _check(node: fx.Node, expected_channels: int | None = None) -> str | None:
 
 
 def stage_entries(feature_info) -> list[dict]:
-    """timm ``feature_info`` entries (a list of dicts or a ``FeatureInfo``) at reduction >= 4."""
+    """timm ``feature_info`` entries (a list of dicts or a ``FeatureInfo``) at reduction >= 4.
+
+    A features-only model's ``FeatureInfo`` lists every feature of the model it wraps, with
+    ``out_indices`` naming those it returns; the layers after the last of them are cut off or
+    pruned to ``nn.Identity`` (``features_only=True, out_indices=(1, 2)``), so their entries,
+    which no longer describe a stage the model runs, are left out."""
     try:
         entries = [dict(e) for e in feature_info]
     except TypeError:
         entries = [dict(e) for e in getattr(feature_info, "info", [])]
+    indices = getattr(feature_info, "out_indices", None)
+    if isinstance(indices, (tuple, list)) and indices and all(is_int(i) for i in indices):
+        last = max(i % len(entries) for i in indices) if entries else -1
+        entries = entries[: last + 1]
     return [e for e in entries if e.get("reduction", 0) >= MIN_STAGE_REDUCTION]
+
+
+def _module_prefix(graph: AnnotatedGraph, modules: list[str]) -> str | None:
+    """The path under which every one of ``modules`` is a module with an output in the graph:
+    '' when they are the model's own; a child's path (with its dot) when the model wraps the
+    one they name (timm's ``FeatureGetterNet`` lists ``stages.0`` of its ``model``); else None.
+    """
+    if all(m in graph.module_outputs for m in modules):
+        return ""
+    first = "." + modules[0]
+    prefixes = sorted(
+        {path[: -len(modules[0])] for path in graph.module_outputs if path.endswith(first)}, key=len
+    )
+    return next((p for p in prefixes if all(p + m in graph.module_outputs for m in modules)), None)
 
 
 def _stages_from_feature_info(graph: AnnotatedGraph, feature_info) -> list[Stage] | None:
     entries = stage_entries(feature_info)
     if not entries:
         return None
+    prefix = _module_prefix(graph, [str(e.get("module", "")) for e in entries])
+    if prefix is None:
+        return None
     stages: list[Stage] = []
     for entry in entries:
-        node = graph.module_outputs.get(entry.get("module", ""))
-        if node is None:
-            return None
+        name = prefix + str(entry.get("module", ""))
+        node = graph.module_outputs[name]
         stages.append(
             Stage(
                 len(stages),
-                entry["module"],
+                name,
                 node,
                 _channels(node),
                 int(entry["reduction"]),

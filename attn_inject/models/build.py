@@ -91,6 +91,7 @@ ARCHITECTURE_KWARGS: dict[str, str] = {
     "dropout": "rate",
     "attention_dropout": "rate",
     "features_only": "flag",
+    "feature_cls": "name",
     "class_token": "flag",
     "qkv_bias": "flag",
     "aux_logits": "flag",
@@ -365,11 +366,12 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
     """The builder arguments that rebuild the timm model ``model`` as it is now: ``kwargs``
     (what ``model`` recorded of its builder) with what timm keeps on the model where it
     differs from what ``name(**kwargs)`` builds: ``features_only`` and ``out_indices`` of a
-    ``FeatureListNet``, ``num_classes`` and ``global_pool`` (``reset_classifier`` changes
-    them), ``drop_path_rate`` (from its ``DropPath`` rates), and the keys of its
-    ``pretrained_cfg`` in :data:`PRETRAINED_CFG_KEYS` as ``pretrained_cfg_overlay``.
-    ``kwargs`` as given for another model, or when ``name`` cannot be built; the caller
-    checks that the result rebuilds ``model``.
+    ``FeatureListNet`` or a ``FeatureGetterNet`` (with ``feature_cls="getter"``),
+    ``num_classes`` and ``global_pool`` (``reset_classifier`` changes them),
+    ``drop_path_rate`` (from its ``DropPath`` rates), and the keys of its ``pretrained_cfg``
+    in :data:`PRETRAINED_CFG_KEYS` as ``pretrained_cfg_overlay``. ``kwargs`` as given for
+    another model, or when ``name`` cannot be built; the caller checks that the result
+    rebuilds ``model``.
 
         >>> model = timm.create_model("resnet18", drop_path_rate=0.1); model.reset_classifier(5)
         >>> timm_kwargs_of(model, "timm:resnet18", {"num_classes": 1000})
@@ -379,10 +381,12 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
     cfg = getattr(model, "pretrained_cfg", None)
     if resolve(name)[0] != "timm" or not isinstance(cfg, dict):
         return out
-    from timm.models import FeatureListNet
+    from timm.models._features import FeatureGetterNet
 
-    if isinstance(model, FeatureListNet):
+    if _is_feature_net(model):
         out["features_only"] = True
+    if isinstance(model, FeatureGetterNet):
+        out["feature_cls"] = "getter"
     try:
         default = build_shapes_only(name, **out)
     except Exception:
@@ -401,18 +405,26 @@ def timm_kwargs_of(model: nn.Module, name: str, kwargs: Mapping[str, Any]) -> di
     return out
 
 
+def _is_feature_net(model: nn.Module) -> bool:
+    """A timm ``features_only`` model whose features are recorded: a ``FeatureListNet`` or a
+    ``FeatureGetterNet`` (``feature_cls="getter"``: the model's ``forward_intermediates``)."""
+    from timm.models import FeatureListNet
+    from timm.models._features import FeatureGetterNet
+
+    return isinstance(model, (FeatureListNet, FeatureGetterNet))
+
+
 def _timm_settings(model: nn.Module) -> dict[str, Any]:
     """The builder arguments a timm model keeps: None where it does not keep one."""
-    from timm.models import FeatureListNet
-
     pool = getattr(model, "global_pool", None)
     pool = getattr(pool, "pool_type", pool)  # a SelectAdaptivePool2d, or a name (ViT)
     num_classes = getattr(model, "num_classes", None)
+    indices = getattr(getattr(model, "feature_info", None), "out_indices", None)
     return {
         "num_classes": num_classes if is_int(num_classes) else None,
         "global_pool": pool if isinstance(pool, str) else None,
         "drop_path_rate": _largest_drop_path(model),
-        "out_indices": list(model.feature_info.out_indices) if isinstance(model, FeatureListNet) else None,
+        "out_indices": list(indices) if _is_feature_net(model) and indices is not None else None,
     }
 
 

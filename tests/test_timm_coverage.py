@@ -1,0 +1,166 @@
+"""Stage recipes on the timm families where users expect a block in every stage (HGNetV2,
+TinyViT, Twins, XCiT), and timm's ``FeatureGetterNet`` (``features_only=True,
+feature_cls="getter"``: the features of the model's ``forward_intermediates``).
+
+The reference for the stages is timm's own ``feature_info`` (its entries at reduction >= 4,
+their channels); for placement, the outputs of the untouched model: equal at insertion, and,
+once a block is no longer the identity, changed from that stage's feature map on and not
+before it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import attn_inject as ai
+
+SIZE = 64
+STAGE_RECIPES = ("se_after_every_stage", "eca_after_every_stage", "cbam_after_every_stage")
+DYNAMIC_GRID = "changes with the input size"  # why CBAM cannot go on tokens of such a grid
+
+# name, builder arguments, the stages CBAM cannot take (their tokens' grid follows the input size)
+FAMILIES = [
+    ("hgnetv2_b0", {}, set()),
+    ("tiny_vit_5m_224", {}, set()),
+    ("twins_svt_small", {"img_size": SIZE}, {3}),  # the last stage ends as tokens, then the norm
+    ("xcit_nano_12_p16_224", {"img_size": SIZE}, set(range(12))),  # every block's tokens
+]
+
+
+def feature_info_stages(model: torch.nn.Module) -> list[dict]:
+    """timm's stages of ``model``: its ``feature_info`` entries at reduction >= 4."""
+    return [dict(e) for e in model.feature_info if e["reduction"] >= 4]
+
+
+def x_batch() -> torch.Tensor:
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def as_list(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
+def family(request):
+    name, kwargs, without_cbam = request.param
+    torch.manual_seed(0)
+    return name, timm.create_model(name, **kwargs).eval(), without_cbam
+
+
+@pytest.mark.parametrize("recipe", STAGE_RECIPES)
+def test_every_feature_info_stage_gets_one_block_or_a_reason(family, recipe):
+    name, model, without_cbam = family
+    expected = feature_info_stages(model)
+    plan = ai.plan(model, recipe, input_size=(3, SIZE, SIZE))
+    assert len(plan.stages) == len(expected), plan.stages
+    skipped = {s.name: s.reason for s in plan.skipped}
+    cannot = without_cbam if recipe == "cbam_after_every_stage" else set()
+    for i, (stage, entry) in enumerate(zip(plan.stages, expected, strict=True)):
+        points = [p for p in plan.points if p.stage == i]
+        if i in cannot:
+            assert points == [] and DYNAMIC_GRID in skipped[stage], (name, stage)
+            continue
+        assert [p.channels for p in points] == [entry["num_chs"]], (name, stage)
+        assert stage not in skipped
+    assert len(plan.points) == len(expected) - len(cannot)
+
+
+def test_stage_blocks_are_the_identity_at_insertion_and_keep_each_class(family):
+    _, model, without_cbam = family
+    recipe = "se_after_every_stage" if without_cbam else "cbam_after_every_stage"
+    patched = ai.inject(model, recipe, input_size=(3, SIZE, SIZE))
+    assert len(ai.inserted_blocks(patched)) == len(feature_info_stages(model))
+    assert isinstance(patched, type(model)) and type(patched).__name__ == type(model).__name__
+    for key in ai.inserted_blocks(patched):
+        owner = key.rpartition(".")[0]
+        changed, original = patched.get_submodule(owner), model.get_submodule(owner)
+        assert isinstance(changed, type(original)) and type(changed).__name__ == type(original).__name__
+    x = x_batch()
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+
+
+def test_hgnetv2_se_resnet_puts_one_block_in_each_residual_hgblock():
+    # In HGNetV2 only the blocks after a stage's first add their input back (residual=True);
+    # the first of each stage changes the channels and has no shortcut.
+    from timm.models.hgnet import HighPerfGpuBlock
+
+    model = timm.create_model("hgnetv2_b0").eval()
+    residual = {n for n, m in model.named_modules() if isinstance(m, HighPerfGpuBlock) and m.residual}
+    plan = ai.plan(model, "se_resnet", input_size=(3, SIZE, SIZE))
+    assert residual and {p.name for p in plan.points} == residual
+    assert not plan.used_fallback
+
+
+# FeatureGetterNet -----------------------------------------------------------------------------
+
+
+def getter(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, features_only=True, feature_cls="getter", **kwargs).eval()
+
+
+GETTERS = [
+    ("resnet18", {}, "cbam_after_every_stage"),
+    ("resnet18", {"out_indices": (1, 3)}, "cbam_after_every_stage"),
+    ("hgnetv2_b0", {}, "cbam_after_every_stage"),
+    ("tiny_vit_5m_224", {}, "cbam_after_every_stage"),
+    # feature_info names each block ("blocks.3") of the wrapped model ("model.blocks.3")
+    ("xcit_nano_12_p16_224", {"img_size": SIZE}, "se_after_every_stage"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "recipe"), GETTERS, ids=[f"{n}-{k}" for n, k, _ in GETTERS])
+def test_feature_getter_gets_a_block_per_stage_it_runs_identity_on_every_map(name, kwargs, recipe):
+    model = getter(name, **kwargs)
+    info = model.feature_info
+    last = max(info.out_indices)
+    # every stage up to the last one returned: the later ones are pruned away
+    expected = [e["num_chs"] for e in list(info)[: last + 1] if e["reduction"] >= 4]
+    patched = ai.inject(model, recipe, input_size=(3, SIZE, SIZE))
+    points = patched.attn_inject.plan.points
+    assert [p.channels for p in points] == expected
+    assert all(p.name.startswith("model.") for p in points)  # the stages of the wrapped model
+    assert type(patched) is type(model)
+    x = x_batch()
+    with torch.no_grad():
+        got, want = as_list(patched(x)), as_list(model(x))
+    assert len(got) == len(want) == len(info.out_indices)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_feature_getter_block_changes_its_own_map_and_the_later_ones_only():
+    model = getter("resnet18")
+    patched = ai.inject(model, "se_after_every_stage", input_size=(3, SIZE, SIZE))
+    blocks = ai.inserted_blocks(patched)
+    key = next(k for k in blocks if k.startswith("model.layer2."))
+    with torch.no_grad():
+        for name, p in blocks[key].named_parameters():
+            if name.endswith("blend"):
+                p.fill_(0.5)
+        got, want = as_list(patched(x_batch())), as_list(model(x_batch()))
+    modules = model.feature_info.module_name()  # the module of each returned map
+    changed = [m for m, g, w in zip(modules, got, want, strict=True) if not torch.equal(g, w)]
+    assert changed == ["layer2", "layer3", "layer4"]
+
+
+def test_feature_getter_with_chosen_outputs_loads_as_saved(tmp_path):
+    model = getter("resnet18", out_indices=(1, 3))
+    patched = ai.inject(model, "se_after_every_stage", input_size=(3, SIZE, SIZE))
+    with torch.no_grad():
+        for block in ai.inserted_blocks(patched).values():
+            for name, p in block.named_parameters():
+                if name.endswith("blend"):
+                    p.fill_(0.5)
+    ai.save(patched, tmp_path / "m.safetensors")
+    manifest = ai.read_manifest(tmp_path / "m.safetensors")
+    assert manifest.base_kwargs == {"features_only": True, "feature_cls": "getter", "out_indices": [1, 3]}
+    loaded = ai.load(tmp_path / "m.safetensors").eval()
+    assert type(loaded) is type(patched) and repr(loaded) == repr(patched)
+    assert loaded.feature_info.out_indices == (1, 3)
+    with torch.no_grad():
+        got, want = as_list(loaded(x_batch())), as_list(patched(x_batch()))
+    assert [g.shape[1] for g in got] == [64, 256]  # layer1 and layer3
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
