@@ -1,0 +1,100 @@
+"""planning/stage_ends.py's own contract on hand-built models: the maps a backbone returns
+end its stages, and a stage that runs into a head reading its map as sequence-first tokens
+ends at its last map."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attn_inject.graph.analysis import annotate
+from attn_inject.graph.stages import find_stages
+from attn_inject.planning.stage_ends import ends_at_maps, returned_stage_entries
+
+SHAPE = (2, 3, 64, 64)
+
+
+def _down(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Returns the input and every stage's map, as an smp encoder does; the last two stages
+    share a resolution (a dilated stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _down(3, 8)
+        self.layer1 = _down(8, 16)
+        self.layer2 = _down(16, 24)
+        self.layer3 = nn.Sequential(nn.Conv2d(24, 32, 3, padding=2, dilation=2), nn.ReLU())
+
+    def forward(self, x):
+        features = [x]
+        for layer in (self.stem, self.layer1, self.layer2, self.layer3):
+            x = layer(x)
+            features.append(x)
+        return features
+
+
+def test_every_returned_map_at_stride_4_or_deeper_ends_a_stage_dilated_ones_too():
+    entries = returned_stage_entries(annotate(Encoder(), SHAPE))
+    assert entries == [
+        {"module": "layer1", "num_chs": 16, "reduction": 4},
+        {"module": "layer2", "num_chs": 24, "reduction": 8},
+        {"module": "layer3", "num_chs": 32, "reduction": 8},
+    ]
+
+
+class OneMap(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1, self.layer2 = _down(3, 8), _down(8, 16)
+
+    def forward(self, x):
+        return self.layer2(self.layer1(x))
+
+
+class NotAModuleOutput(OneMap):
+    def forward(self, x):
+        a = self.layer1(x)
+        return [a, self.layer2(a) * 2]
+
+
+def test_a_single_map_or_a_returned_value_no_module_computes_gives_no_entries():
+    assert returned_stage_entries(annotate(OneMap(), SHAPE)) is None
+    assert returned_stage_entries(annotate(NotAModuleOutput(), SHAPE)) is None
+
+
+class AttentionPooled(nn.Module):
+    """Three stride-2 stages, then a pool that reads the last map as sequence-first tokens
+    with a class token (open_clip's ModifiedResNet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.layer1, self.layer2 = _down(3, 8), _down(8, 16), _down(16, 32)
+        self.attn = nn.MultiheadAttention(32, 2)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        tokens = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
+        out, _ = self.attn(tokens[:1], tokens, tokens, need_weights=False)
+        return out[0]
+
+
+def test_a_stage_running_into_a_token_head_ends_at_its_last_map():
+    graph = annotate(AttentionPooled(), SHAPE)
+    stages = ends_at_maps(graph, find_stages(graph))
+    assert [(s.name, s.channels, s.reduction, s.skip_reason) for s in stages] == [
+        ("layer1", 16, 4, None),
+        ("layer2", 32, 8, None),
+    ]
+    last = stages[-1].node
+    assert tuple(last.meta["val"].shape) == (2, 32, 8, 8)
+
+
+def test_usable_stage_ends_are_left_as_they_are():
+    graph = annotate(OneMap(), SHAPE)
+    found = find_stages(graph)
+    assert ends_at_maps(graph, found) == found
