@@ -269,7 +269,7 @@ def test_plan_command_prints_totals_and_draws_a_diagram(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "+44,940 parameters (0.38% of 11,689,512)" in text and "FLOPs" in text
+    assert "+44,940 parameters (0.38% of 11,689,512)" in text and "MACs per image" in text
     assert svg.read_text().startswith("<svg") or "<svg" in svg.read_text()[:200]
     assert main(["plan", "tv:resnet18", "--recipe", "se_resnet", "--diagram", str(tmp_path / "x.jpg")]) == 2
     assert not (tmp_path / "x.jpg").exists()

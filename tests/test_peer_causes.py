@@ -45,7 +45,7 @@ def test_a_model_on_the_meta_device_plans_like_the_same_model_on_the_cpu():
     assert _keys(on_meta) == _keys(on_cpu)
     with torch.device("meta"):
         assert _keys(ai.plan(meta_model("timm:hiera_tiny_224"), "cbam_after_every_stage")) == _keys(on_cpu)
-        assert on_meta.base_flops > 0  # the lazy FLOP count also runs under a meta default
+        assert on_meta.base_macs > 0  # the lazy MAC count also runs under a meta default
 
 
 def _scripted(model: nn.Module) -> torch.jit.ScriptModule:

@@ -119,7 +119,7 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     assert rows["se_resnet"]["beyond_noise"] == "n/a"  # two seeds a side are too few to tell
     planned = ai.plan(_base(), "se_resnet", input_size=(3, 32, 32))
     assert int(rows["se_resnet"]["params_added"]) == planned.params_added
-    assert int(rows["se_resnet"]["flops_added"]) == planned.flops_added
+    assert int(rows["se_resnet"]["macs_added"]) == planned.macs_added
     assert f"| {planned.params_added:,} |" in (out / "leaderboard.md").read_text()  # readable there
     assert rows["baseline"]["params_added"] == "0" and rows["baseline"]["delta"] == ""
     assert float(rows["baseline"]["s_per_epoch"]) > 0

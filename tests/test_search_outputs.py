@@ -97,7 +97,7 @@ def test_a_search_reports_each_trial_writes_numbers_and_logs_each_fine_tune(
             12.7062 * statistics.stdev(seen) / math.sqrt(2), rel=1e-4, abs=1e-9
         )
         assert float(rows[name]["s_per_epoch"]) > 0
-        assert int(rows[name]["params_added"]) >= 0 and int(rows[name]["flops_added"]) >= 0
+        assert int(rows[name]["params_added"]) >= 0 and int(rows[name]["macs_added"]) >= 0
     assert float(rows["se_resnet"]["delta"]) == pytest.approx(
         statistics.fmean(values["se_resnet"]) - statistics.fmean(values["baseline"])
     )
@@ -121,15 +121,15 @@ def test_a_search_reports_each_trial_writes_numbers_and_logs_each_fine_tune(
     frame = pandas.read_csv(out / "leaderboard.csv")
     for column in ("top1_mean", "top1_ci95", "delta", "delta_ci95", "s_per_epoch"):
         assert frame[column].dtype.kind == "f", column
-    for column in ("params_added", "flops_added", "seeds", "pruned", "failed"):
+    for column in ("params_added", "macs_added", "seeds", "pruned", "failed"):
         assert frame[column].dtype.kind == "i", column
 
 
 # --- the Pareto plot -------------------------------------------------------------------------
 
 
-def _row(name: str, values: list[float], flops: int = 0) -> Row:
-    return Row(name, values=values, seeds=list(range(len(values))), flops_added=flops)
+def _row(name: str, values: list[float], macs: int = 0) -> Row:
+    return Row(name, values=values, seeds=list(range(len(values))), macs_added=macs)
 
 
 def _labels(figure):

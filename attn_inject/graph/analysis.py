@@ -15,7 +15,26 @@ from .shapes import propagate_shapes, tensor_meta
 from .specialise import specialising_tracer
 from .trace import Assumption, ModuleCall, OpaqueModule, TraceError, TraceResult, trace
 
-__all__ = ["AnnotatedGraph", "annotate", "scope_of", "trace_for"]
+__all__ = ["FLOPS_PER_MAC", "AnnotatedGraph", "MacCounter", "annotate", "scope_of", "trace_for"]
+
+FLOPS_PER_MAC = 2  # torch's FlopCounterMode counts each multiply-add as two operations
+
+
+class MacCounter(FlopCounterMode):
+    """torch's FlopCounterMode, read in multiply-adds (MACs) as timm's benchmark and fvcore
+    report them: one per multiply-add of convolutions, linear layers and matmuls
+    (elementwise operations, pooling and normalisation are not counted)::
+
+        >>> with MacCounter() as counter:
+        ...     model(x)
+        >>> counter.total_macs()
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+
+    def total_macs(self) -> int:
+        return self.get_total_flops() // FLOPS_PER_MAC
 
 
 def module_stack(node: fx.Node) -> list[str]:
@@ -63,12 +82,12 @@ class AnnotatedGraph:
         """Whether the model's output depends on the values ``node`` produces."""
         return bool(self.to_output >> self.index[node] & 1)
 
-    def count_flops(self) -> int:
-        """FLOPs of one sample (the multiply-adds of convolutions, linear layers and matmuls,
-        x2): a second pass over the meta graph, run only when a figure asks for it."""
-        with FlopCounterMode(display=False) as counter:
+    def count_macs(self) -> int:
+        """Multiply-adds of one sample (:class:`MacCounter`): a second pass over the meta
+        graph, run only when a figure asks for it."""
+        with MacCounter() as counter:
             propagate_shapes(self.root, self.graph, self.input_shape)
-        return counter.get_total_flops() // max(1, self.input_shape[0])
+        return counter.total_macs() // max(1, self.input_shape[0])
 
     def depends_on_input(self, node: fx.Node) -> bool:
         return bool(self.from_input >> self.index[node] & 1)

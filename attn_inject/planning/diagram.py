@@ -526,7 +526,7 @@ class _Row:
 
 
 def _footer(plan: Plan, points: tuple[InsertionPoint, ...], footer_y: float) -> tuple[list[Text], float]:
-    """Totals from the points themselves, FLOPs and skipped candidates; and the last line's y."""
+    """Totals from the points themselves, multiply-adds and skipped candidates; and the last line's y."""
     added = sum(p.params for p in points)
     share = ""
     if plan.base_params:
@@ -535,12 +535,12 @@ def _footer(plan: Plan, points: tuple[InsertionPoint, ...], footer_y: float) -> 
     footer = f"{_count(len(points)) if points else '0 blocks'}, +{added:,} parameters{share}"
     texts = [Text(MARGIN, footer_y, footer, 13, bold=True)]
     bottom = footer_y
-    if plan.base_flops:
-        flops = sum(p.flops for p in points)
+    if plan.base_macs:
+        macs = sum(p.macs for p in points)
         bottom += 18
         line = (
-            f"+{flops / 1e6:,.1f} M FLOPs per image "
-            f"({100 * flops / plan.base_flops:.2f}% of {plan.base_flops / 1e9:,.2f} G)"
+            f"+{macs / 1e6:,.1f} M MACs per image "
+            f"({100 * macs / plan.base_macs:.2f}% of {plan.base_macs / 1e9:,.2f} G MACs)"
         )
         texts.append(Text(MARGIN, bottom, line, SMALL_SIZE, MUTED))
     if plan.skipped:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..blocks import accepts_order, block_for_point, layout_kwargs, permutes, uses_grid
 from ..blocks.params import INIT_MODES
@@ -25,7 +24,7 @@ from ..blocks.proof import block_name, run_block
 from ..core.errors import InputError
 from ..core.markers import BLOCK_FLAG
 from ..graph import ops
-from ..graph.analysis import AnnotatedGraph, annotate
+from ..graph.analysis import AnnotatedGraph, MacCounter, annotate
 from ..graph.layout import NCHW
 from ..graph.shapes import tensor_meta
 from ..graph.stages import Stage, find_stages
@@ -50,13 +49,13 @@ def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str,
 
 
 class BlockCosts:
-    """The parameters and FLOPs each block adds, built once on the meta device per distinct
+    """The parameters and multiply-adds each block adds, built once on the meta device per distinct
     block, size, init and layout, for the plan being built (a block kind registered again
     between two plans is counted afresh)."""
 
     def __init__(self) -> None:
         self._params: dict[tuple, int] = {}
-        self._flops: dict[tuple, int] = {}
+        self._macs: dict[tuple, int] = {}
 
     @staticmethod
     def _key(block: BlockSpec, size: Any, init: str, layout: Mapping[str, Any]) -> tuple:
@@ -70,7 +69,7 @@ class BlockCosts:
             self._params[key] = count_params(_meta_block(block, channels, init, layout))
         return self._params[key]
 
-    def flops(
+    def macs(
         self,
         block: BlockSpec,
         shape: tuple[int, ...],
@@ -79,15 +78,15 @@ class BlockCosts:
         layout: Mapping[str, Any],
         key_name: str = "",
     ) -> int:
-        """FLOPs of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape);
+        """Multiply-adds of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's shape);
         a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
-        if key not in self._flops:
+        if key not in self._macs:
             module = _meta_block(block, channels, init, layout)
-            with FlopCounterMode(display=False) as counter:
+            with MacCounter() as counter:
                 run_block(module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind))
-            self._flops[key] = counter.get_total_flops()
-        return self._flops[key]
+            self._macs[key] = counter.total_macs()
+        return self._macs[key]
 
 
 def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:
@@ -183,7 +182,7 @@ def build_plan(
         skipped=tuple(skipped),
         opaque=graph.opaque,
         assumptions=graph.assumptions,
-        flop_count=LazyCount(graph.count_flops),
+        mac_count=LazyCount(graph.count_macs),
         used_fallback=used_fallback,
         fallback_refused=refused,
     )
@@ -225,7 +224,7 @@ def _point(
         rule=r,
         key=placement.key,
         layout=layout.layout,
-        flops=costs.flops(rule.block, shape, channels, init, block_layout, placement.key),
+        macs=costs.macs(rule.block, shape, channels, init, block_layout, placement.key),
         prefix=layout.prefix,
         grid=layout.grid,
         reordered=grid is not None and grid.order is not None,

@@ -8,8 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.deprecation import warn_renamed
 from ..core.errors import AttnInjectError
 from ..core.vocabulary import Word
+from ..graph.analysis import FLOPS_PER_MAC
 from ..graph.trace import Assumption, OpaqueModule, tracing_strategy
 from ..recipes.recipe import BlockSpec, Recipe, Rule, positions_of
 from .table import plan_table
@@ -67,7 +69,7 @@ class InsertionPoint:
     rule: int
     key: str
     layout: str = "NCHW"
-    flops: int = 0  # per sample
+    macs: int = 0  # multiply-adds per sample, as timm and fvcore count them
     prefix: int = 0  # tokens before the grid (class, register, distillation tokens)
     grid: tuple[int, int] | None = None  # (H', W') of tokens
     reordered: bool = False  # tokens hold the grid in another order than raster (Hiera, Nest)
@@ -94,6 +96,12 @@ class InsertionPoint:
     attach: Attach = Attach.GRAPH  # "slot", "after", "before" or "graph"
     argument: str = ""  # attach == "before": the parameter of the module's forward it acts on
     scope_note: str = ""  # why a wider module than the block's own runs it, if one does
+
+    @property
+    def flops(self) -> int:
+        """Deprecated since 0.2.0: ``2 * macs`` (use :attr:`macs`)."""
+        warn_renamed("InsertionPoint.flops", "InsertionPoint.macs (flops = 2 x macs)", "0.2.0")
+        return FLOPS_PER_MAC * self.macs
 
     def qualified_key(self, target: str = "") -> str:
         """The block's name from the model ``inject`` returned (its target included)."""
@@ -130,7 +138,7 @@ class SkippedPoint:
 
 
 class LazyCount:
-    """A count computed on first use and kept: the model's FLOPs take a second pass over the
+    """A count computed on first use and kept: the model's multiply-adds take a second pass over the
     graph, which injecting does not need. Pickling and copying compute it first, so a plan
     never carries the graph it came from."""
 
@@ -165,12 +173,20 @@ class Plan(Sequence[InsertionPoint]):
     assumptions: tuple[Assumption, ...] = ()  # plain values the trace fixed for input_size
     used_fallback: bool = False  # the recipe's rules matched nothing here; its fallback placed the points
     fallback_refused: str = ""  # why the fallback was not used where the rules matched nothing
-    flop_count: LazyCount = field(default_factory=lambda: LazyCount(0), compare=False, repr=False)
+    mac_count: LazyCount = field(default_factory=lambda: LazyCount(0), compare=False, repr=False)
+
+    @property
+    def base_macs(self) -> int:
+        """Multiply-adds per sample of the model (or its target), as timm and fvcore count
+        them (one per multiply-add of convolutions, linear layers and matmuls), counted on
+        first use."""
+        return self.mac_count.value()
 
     @property
     def base_flops(self) -> int:
-        """FLOPs per sample of the model (or its target), counted on first use."""
-        return self.flop_count.value()
+        """Deprecated since 0.2.0: ``2 * base_macs`` (use :attr:`base_macs`)."""
+        warn_renamed("Plan.base_flops", "Plan.base_macs (flops = 2 x macs)", "0.2.0")
+        return FLOPS_PER_MAC * self.base_macs
 
     @property
     def tracing(self) -> str:
@@ -217,8 +233,15 @@ class Plan(Sequence[InsertionPoint]):
         return sum(p.params for p in self.points)
 
     @property
+    def macs_added(self) -> int:
+        """Multiply-adds per sample the blocks add."""
+        return sum(p.macs for p in self.points)
+
+    @property
     def flops_added(self) -> int:
-        return sum(p.flops for p in self.points)
+        """Deprecated since 0.2.0: ``2 * macs_added`` (use :attr:`macs_added`)."""
+        warn_renamed("Plan.flops_added", "Plan.macs_added (flops = 2 x macs)", "0.2.0")
+        return FLOPS_PER_MAC * self.macs_added
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -228,8 +251,8 @@ class Plan(Sequence[InsertionPoint]):
             "input_size": list(self.input_size),
             "base_params": self.base_params,
             "params_added": self.params_added,
-            "base_flops": self.base_flops,
-            "flops_added": self.flops_added,
+            "base_macs": self.base_macs,
+            "macs_added": self.macs_added,
             "stages": list(self.stages),
             "target": self.target,
             "tracing": self.tracing,

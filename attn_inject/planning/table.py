@@ -1,5 +1,5 @@
 """A plan as the plain-text table ``attn-inject plan`` prints: a row per insertion point,
-then the totals (parameters and FLOPs added, as a share of the base)."""
+then the totals (parameters and multiply-adds added, as a share of the base)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["plan_table"]
 
 
-def _giga(flops: int) -> str:
-    return f"{flops / 1e9:.3g} G" if flops >= 1e8 else f"{flops / 1e6:.3g} M"
+def _giga(count: int) -> str:
+    return f"{count / 1e9:.3g} G" if count >= 1e8 else f"{count / 1e6:.3g} M"
 
 
 def plan_table(plan: Plan) -> str:
@@ -49,13 +49,13 @@ def plan_table(plan: Plan) -> str:
     ]
     lines = render_table(header, rows).split("\n")
     share = 100 * plan.params_added / plan.base_params if plan.base_params else 0.0
-    flops_share = 100 * plan.flops_added / plan.base_flops if plan.base_flops else 0.0
+    macs_share = 100 * plan.macs_added / plan.base_macs if plan.base_macs else 0.0
     if plan.target:
         lines.insert(0, f"in {plan.target}:")
     lines.append(
         f"{len(plan.points)} blocks, +{plan.params_added:,} parameters "
-        f"({share:.2f}% of {plan.base_params:,}), +{_giga(plan.flops_added)} FLOPs "
-        f"({flops_share:.2f}% of {_giga(plan.base_flops)} per image), init={plan.init}"
+        f"({share:.2f}% of {plan.base_params:,}), +{_giga(plan.macs_added)} MACs "
+        f"({macs_share:.2f}% of {_giga(plan.base_macs)} MACs per image), init={plan.init}"
     )
     if plan.used_fallback:
         primary = positions_of(plan.recipe.rules)

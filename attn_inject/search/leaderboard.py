@@ -1,7 +1,7 @@
 """The search's report: per candidate, validation top-1 over seeds with its 95% interval,
 the difference from the baseline and whether it exceeds the noise, what the blocks add, and
 the time per epoch. Written as ``leaderboard.md`` and ``.csv``, ``pareto.png`` (accuracy
-against FLOPs added, the Pareto front marked) and ``best.safetensors``.
+against multiply-adds added, the Pareto front marked) and ``best.safetensors``.
 
 The interval is Student's t on the seeds' values (mean ± t(0.975, n-1) · s / √n). The
 difference from the baseline is paired over the seeds both ran (a seed fixes the data order
@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.deprecation import warn_renamed
 from ..core.files import atomic_path
 from ..core.messages import cut
+from ..graph.analysis import FLOPS_PER_MAC
 from .candidates import BASELINE
 from .layout import Layout
 from .records import Outcome, TrialRecord
@@ -121,8 +123,14 @@ class Row:
     pruned: int = 0
     failed: int = 0
     params_added: int = 0
-    flops_added: int = 0
+    macs_added: int = 0  # multiply-adds per image
     seconds_per_epoch: list[float] = field(default_factory=list)
+
+    @property
+    def flops_added(self) -> int:
+        """Deprecated since 0.2.0: ``2 * macs_added`` (use :attr:`macs_added`)."""
+        warn_renamed("Row.flops_added", "Row.macs_added (flops = 2 x macs)", "0.2.0")
+        return FLOPS_PER_MAC * self.macs_added
 
     @property
     def mean(self) -> float:
@@ -184,7 +192,7 @@ def leaderboard(records: Sequence[TrialRecord]) -> list[Row]:
     rows: dict[str, Row] = {}
     for t in records:
         row = rows.setdefault(t.candidate, Row(t.candidate))
-        row.params_added, row.flops_added = t.params_added, t.flops_added
+        row.params_added, row.macs_added = t.params_added, t.macs_added
         if t.outcome is Outcome.COMPLETE:
             row.values += t.values
             row.seeds += t.seeds
@@ -206,7 +214,7 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     baseline = next((r for r in rows if r.candidate == BASELINE.name), None)
     header = [
         "candidate", "seeds", "top-1 mean ± 95%", "Δ baseline ± 95%", "beyond noise",
-        "params added", "FLOPs added", "s/epoch", "pruned", "failed",
+        "params added", "MACs added", "s/epoch", "pruned", "failed",
     ]  # fmt: skip
     out = []
     for r in rows:
@@ -223,7 +231,7 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
                 delta,
                 beyond,
                 f"{r.params_added:,}",
-                f"{r.flops_added / 1e6:.2f} M",
+                f"{r.macs_added / 1e6:.2f} M",
                 _fmt(statistics.fmean(r.seconds_per_epoch), 1) if r.seconds_per_epoch else "n/a",
                 str(r.pruned),
                 str(r.failed),
@@ -234,7 +242,7 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
 
 CSV_COLUMNS = (
     "candidate", "seeds", "seed_values", "top1_mean", "top1_ci95", "delta", "delta_ci95",
-    "beyond_noise", "params_added", "flops_added", "s_per_epoch", "pruned", "failed",
+    "beyond_noise", "params_added", "macs_added", "s_per_epoch", "pruned", "failed",
 )  # fmt: skip
 
 
@@ -247,7 +255,7 @@ def _number(value: float) -> str:
 def numeric_csv(rows: Sequence[Row]) -> str:
     """The leaderboard as CSV, one column per figure (:data:`CSV_COLUMNS`), each cell a plain
     number: top-1 and its 95% half-width in %, the difference from the baseline and its
-    half-width in points (empty for the baseline itself), parameters and FLOPs added per
+    half-width in points (empty for the baseline itself), parameters and multiply-adds added per
     image as integers, seconds per epoch. ``seed_values`` lists each seed's top-1,
     space-separated; ``beyond_noise`` is yes, no or n/a."""
     baseline = next((r for r in rows if r.candidate == BASELINE.name), None)
@@ -270,7 +278,7 @@ def numeric_csv(rows: Sequence[Row]) -> str:
                 _number(half),
                 beyond,
                 r.params_added,
-                r.flops_added,
+                r.macs_added,
                 _number(seconds),
                 r.pruned,
                 r.failed,
@@ -298,7 +306,7 @@ MAX_LABEL = 60  # characters of a name drawn
 
 
 def pareto_figure(rows: Sequence[Row]) -> Any:
-    """Mean top-1 against FLOPs added, with the intervals; the front (no candidate both more
+    """Mean top-1 against multiply-adds (MACs) added, with the intervals; the front (no candidate both more
     accurate and cheaper) joined and drawn in red. A matplotlib ``Figure``.
 
     - **Labels never overlap**: they stand in a column right of the axes, one slot each,
@@ -348,8 +356,8 @@ def _draw_pareto(rows: Sequence[Row]) -> Any:
     front = [
         r
         for r in done
-        if not any(o.mean >= r.mean and o.flops_added <= r.flops_added and o is not r and
-                   (o.mean > r.mean or o.flops_added < r.flops_added) for o in done)
+        if not any(o.mean >= r.mean and o.macs_added <= r.macs_added and o is not r and
+                   (o.mean > r.mean or o.macs_added < r.macs_added) for o in done)
     ]  # fmt: skip
     plain: dict[str, Any] = {"usetex": False, "parse_math": False}
     top, bottom = 0.92, 0.13  # of the figure's height: the axes
@@ -363,28 +371,28 @@ def _draw_pareto(rows: Sequence[Row]) -> Any:
     ax.set_ylim(low, high)
     for r in done:
         color = "#c0392b" if r in front else "#7f8c8d"
-        x = r.flops_added / 1e6
+        x = r.macs_added / 1e6
         half = 0.0 if math.isnan(r.interval) else r.interval
         below, above = min(half, max(r.mean - low, 0.0)), min(half, max(high - r.mean, 0.0))
         ax.errorbar(x, r.mean, yerr=[[below], [above]] if half else None, fmt="o", color=color, capsize=3)
         for cut_end, edge, marker in ((below < half, low, "v"), (above < half, high, "^")):
             if cut_end:
                 ax.plot([x], [edge], marker=marker, color=color, markersize=5, clip_on=False)
-    line = sorted(front, key=lambda r: r.flops_added)
+    line = sorted(front, key=lambda r: r.macs_added)
     ax.plot(
-        [r.flops_added / 1e6 for r in line],
+        [r.macs_added / 1e6 for r in line],
         [r.mean for r in line],
         "-",
         color="#c0392b",
         label="Pareto front",
     )
     gap = LINE_INCHES / (height * (top - bottom))
-    order = sorted(done, key=lambda r: (-r.mean, r.flops_added, r.candidate))
+    order = sorted(done, key=lambda r: (-r.mean, r.macs_added, r.candidate))
     wanted = [(r.mean - low) / (high - low) for r in order]
     for r, y in zip(order, _slots(wanted, gap), strict=True):
         ax.annotate(
             cut(r.candidate, MAX_LABEL),
-            (r.flops_added / 1e6, r.mean),
+            (r.macs_added / 1e6, r.mean),
             xytext=(1.03, y),
             textcoords="axes fraction",
             va="center",
@@ -394,7 +402,7 @@ def _draw_pareto(rows: Sequence[Row]) -> Any:
             annotation_clip=False,
             **plain,
         )
-    ax.set_xlabel("FLOPs added per image (M)", **plain)
+    ax.set_xlabel("MACs added per image (M)", **plain)
     ax.set_ylabel("validation top-1 (%), mean ± 95%", **plain)
     ax.legend(loc="lower right", fontsize=8)
     return figure

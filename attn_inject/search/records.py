@@ -18,6 +18,7 @@ from typing import Any
 
 from ..core.messages import cut, shown
 from ..core.values import is_int, is_number
+from ..graph.analysis import FLOPS_PER_MAC
 from .errors import SearchError
 from .layout import Layout
 
@@ -25,7 +26,7 @@ __all__ = ["MAX_NAME", "MAX_SEEDS", "Outcome", "TrialRecord", "check_seeds", "re
 
 MAX_SEEDS = 1000  # seeds one trial may run (--repeats at most)
 MAX_NAME = 200  # characters of a candidate's name
-MAX_ADDED = 10**15  # parameters or FLOPs a candidate's blocks may add
+MAX_ADDED = 10**15  # parameters or multiply-adds a candidate's blocks may add
 
 
 class Outcome(enum.Enum):
@@ -47,7 +48,7 @@ class TrialRecord:
     values: tuple[float, ...]  # final validation top-1 per seed (COMPLETE), else ()
     runs: tuple[Path, ...]  # the run folder per seed, where this search puts it
     params_added: int
-    flops_added: int
+    macs_added: int  # multiply-adds per image
     seconds_per_epoch: float  # NaN when not recorded
 
 
@@ -75,6 +76,14 @@ def _count(attrs: dict[str, Any], key: str) -> int:
     if not is_int(value) or not 0 <= value <= MAX_ADDED:
         raise SearchError(f"{key} {shown(value)} is not allowed; an integer 0 to {MAX_ADDED:.0e}")
     return value
+
+
+def _macs(attrs: dict[str, Any]) -> int:
+    """The multiply-adds a trial's blocks add: ``macs_added``, or in a study written before
+    the figures were counted in MACs, its ``flops_added`` halved."""
+    if "macs_added" not in attrs and "flops_added" in attrs:
+        return _count(attrs, "flops_added") // FLOPS_PER_MAC
+    return _count(attrs, "macs_added")
 
 
 def _values(value: Any, n: int) -> tuple[float, ...]:
@@ -108,7 +117,7 @@ def _record(trial: Any, layout: Layout, known: Collection[str]) -> TrialRecord:
         values=values,
         runs=tuple(layout.trial_folder(trial.number, s) / "run" for s in seeds),
         params_added=_count(attrs, "params_added"),
-        flops_added=_count(attrs, "flops_added"),
+        macs_added=_macs(attrs),
         seconds_per_epoch=(
             _seconds(attrs.get("seconds_per_epoch")) if outcome is Outcome.COMPLETE else math.nan
         ),

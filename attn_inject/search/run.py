@@ -105,7 +105,7 @@ def _data_identity(root: str) -> str:
 class _Planned:
     candidate: Candidate
     params_added: int
-    flops_added: int
+    macs_added: int
 
 
 def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
@@ -122,7 +122,7 @@ def _plan_candidates(config: SearchConfig) -> tuple[list[_Planned], list[str]]:
         if not len(result):
             skipped.append(f"{candidate.name}: places no block ({result.empty_reason or 'nothing matches'})")
             continue
-        kept.append(_Planned(candidate, result.params_added, result.flops_added))
+        kept.append(_Planned(candidate, result.params_added, result.macs_added))
     return kept, skipped
 
 
@@ -236,7 +236,7 @@ class _Objective:
             "seeds": seeds,
             "recipe": candidate.recipe or "",
             "params_added": planned.params_added,
-            "flops_added": planned.flops_added,
+            "macs_added": planned.macs_added,
         }.items():
             trial.set_user_attr(key, value)
         self.clock.started(trial, candidate.name, seeds)

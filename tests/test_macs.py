@@ -1,0 +1,109 @@
+"""Multiply-adds (MACs) as timm and fvcore report them: one per multiply-add of convolutions
+and linear layers, for the model and for each block the plan adds."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import attn_inject as ai
+from attn_inject.search.layout import DEFAULT_STUDY, Layout
+from attn_inject.search.leaderboard import Row
+from attn_inject.search.records import read_trials
+
+from .conftest import meta_model
+
+TIMM_RESNET50_GMACS = 4.11  # timm's published results table: resnet50 at 224 px, 4.11 GMACs
+
+
+def _hooked_macs(model: nn.Module, size: tuple[int, ...]) -> int:
+    """Conv and linear multiply-adds from each module's weight shape and output size, counted
+    with forward hooks on a meta run (independent of torch's FlopCounterMode)."""
+    total = 0
+
+    def count(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = module.weight[0].numel()  # in_channels / groups x kernel, or in_features
+        total += output.numel() * per_output
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, *size), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def test_resnet50_base_macs_are_timms_published_figure_and_the_layers_sum():
+    model = meta_model("timm:resnet50").eval()
+    plan = ai.plan(model, "se_resnet", input_size=(3, 224, 224))
+    assert plan.base_macs == _hooked_macs(model, (3, 224, 224))
+    assert plan.base_macs / 1e9 == pytest.approx(TIMM_RESNET50_GMACS, rel=0.01)
+    assert "MACs" in plan.table() and "FLOPs" not in plan.table()
+
+
+def test_each_blocks_macs_are_its_formula():
+    model = meta_model("tv:resnet18")
+    c, h, w = 64, 56, 56  # layer1.0's residual branch at 224 px
+    hidden = c // 16  # the excitation MLP's width, ratio 16
+    k = 3  # ECA's adaptive kernel for 64 channels: int((log2 64 + 1) / 2) = 3
+    expected = {
+        "se": 2 * c * hidden,  # squeeze to hidden, excite back to c, on the pooled 1x1 map
+        "eca": c * k,  # a k-tap 1-d convolution across the channels
+        "cbam": 2 * (2 * c * hidden) + h * w * 2 * 7 * 7,  # shared MLP on avg and max; 7x7 conv 2->1
+    }
+    for kind, macs in expected.items():
+        recipe = {"rules": [{"block": kind, "at": "residual_branch", "stages": [0]}]}
+        first = ai.plan(model, recipe, input_size=(3, 224, 224))[0]
+        assert (first.name, first.shape) == ("layer1.0", (c, h, w))
+        assert first.macs == macs, kind
+
+
+def test_plan_json_names_macs():
+    plan = ai.plan(meta_model("tv:resnet18"), "se_resnet", input_size=(3, 64, 64))
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["base_macs"] == plan.base_macs > 0
+    assert data["macs_added"] == sum(p["macs"] for p in data["points"]) == plan.macs_added > 0
+    assert not any("flops" in key for key in data) and "flops" not in data["points"][0]
+
+
+def test_the_old_flop_names_warn_naming_the_new_one_and_return_twice_the_macs():
+    plan = ai.plan(meta_model("tv:resnet18"), "se_resnet", input_size=(3, 64, 64))
+    row = Row("se_resnet", macs_added=1234)
+    for read, new, macs in (
+        (lambda: plan.base_flops, "Plan.base_macs", plan.base_macs),
+        (lambda: plan.flops_added, "Plan.macs_added", plan.macs_added),
+        (lambda: plan[0].flops, "InsertionPoint.macs", plan[0].macs),
+        (lambda: row.flops_added, "Row.macs_added", 1234),
+    ):
+        with pytest.warns(DeprecationWarning, match=new):
+            assert read() == 2 * macs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plan.base_macs and plan.macs_added and plan[0].macs  # the new names are quiet
+
+
+def _trial(number: int, attrs: dict) -> SimpleNamespace:
+    return SimpleNamespace(
+        number=number,
+        state=SimpleNamespace(name="COMPLETE"),
+        user_attrs={"candidate": "se", "seeds": [0], "values": [50.0], **attrs},
+        system_attrs={},
+    )
+
+
+def test_a_study_written_in_flops_reads_as_macs(tmp_path):
+    trials = [_trial(0, {"flops_added": 2000}), _trial(1, {"macs_added": 700}), _trial(2, {})]
+    records, skipped = read_trials(trials, Layout.of(tmp_path, DEFAULT_STUDY), {"se"})
+    assert skipped == []
+    assert [r.macs_added for r in records] == [1000, 700, 0]
+    _, bad = read_trials([_trial(3, {"flops_added": -2})], Layout.of(tmp_path, DEFAULT_STUDY), {"se"})
+    assert len(bad) == 1 and "flops_added" in bad[0]
