@@ -107,6 +107,8 @@ GETTERS = [
     ("resnet18", {"out_indices": (1, 3)}, "cbam_after_every_stage"),
     ("hgnetv2_b0", {}, "cbam_after_every_stage"),
     ("tiny_vit_5m_224", {}, "cbam_after_every_stage"),
+    # its stem runs a slice of its stem Sequential (self.stem[:-1](x)): traced through to its members
+    ("vovnet39a", {}, "cbam_after_every_stage"),
     # feature_info names each block ("blocks.3") of the wrapped model ("model.blocks.3")
     ("xcit_nano_12_p16_224", {"img_size": SIZE}, "se_after_every_stage"),
 ]

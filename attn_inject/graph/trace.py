@@ -267,6 +267,10 @@ class ModelTracer(fx.Tracer):
         return returning, args
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, nn.Sequential) and not self._installed(m):
+            # A slice of an installed Sequential (VoVNet's ``self.stem[:-1](x)``): a new
+            # container of installed members, traced through to them.
+            return forward(*args, **kwargs)
         before = _last_node(self.graph)
         arguments = None  # read before the call, which may edit a list it is given (HRNet)
         try:
@@ -284,6 +288,13 @@ class ModelTracer(fx.Tracer):
             raise
         self._record_call(m, before, args, kwargs, arguments, result)
         return result
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
     def _record_call(
         self,
