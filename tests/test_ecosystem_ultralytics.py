@@ -140,6 +140,33 @@ def test_se_resnet_reaches_every_bottleneck_residual_and_computes_the_base(yolo_
         assert same_outputs(base.model.eval()(x), yolo.model.eval()(x))
 
 
+@pytest.mark.parametrize(
+    ("task", "yaml"),
+    [
+        ("DetectionModel", "yolo11n.yaml"),
+        ("SegmentationModel", "yolo11n-seg.yaml"),
+        ("ClassificationModel", "yolo11n-cls.yaml"),
+    ],
+)
+def test_a_stage_recipe_ends_the_backbone_stages_and_leaves_the_heads(yolo_home, task, yaml):
+    from ultralytics.nn import tasks
+
+    base = getattr(tasks, task)(yaml, verbose=False).eval()
+    backbone = len(base.yaml["backbone"])
+    plan = ai.plan(base, "cbam_after_every_stage", input_size=(3, SIZE, SIZE))
+    # the last backbone layer at strides 4, 8, 16 and 32: YOLO's P2 to P5
+    assert [p.name for p in plan] == [f"model.{i}" for i in (2, 4, 6, backbone - 1)]
+    assert [p.channels for p in plan] == [
+        base.model[i].cv2.conv.out_channels for i in (2, 4, 6, backbone - 1)
+    ]
+    patched = ai.inject(base, "cbam_after_every_stage", input_size=(3, SIZE, SIZE), init="identity")
+    head = len(base.model) - 1
+    assert not any(key.startswith(f"model.{head}.") for key in ai.inserted_blocks(patched))
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert same_outputs(base(x), patched(x))
+
+
 def test_blocks_survive_ultralytics_fuse(yolo_home):
     """fuse() folds BatchNorm into each Conv and swaps in its forward_fuse: a block living in
     a Conv still runs (as in validation, predict and export)."""

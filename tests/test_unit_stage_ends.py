@@ -9,7 +9,7 @@ from torch import nn
 
 from attn_inject.graph.analysis import annotate
 from attn_inject.graph.stages import find_stages
-from attn_inject.planning.stage_ends import ends_at_maps, returned_stage_entries
+from attn_inject.planning.stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
 SHAPE = (2, 3, 64, 64)
 
@@ -98,3 +98,45 @@ def test_usable_stage_ends_are_left_as_they_are():
     graph = annotate(OneMap(), SHAPE)
     found = find_stages(graph)
     assert ends_at_maps(graph, found) == found
+
+
+class LayerList(nn.Module):
+    """A network built from a layer list that names its backbone (as Ultralytics' YAML
+    models are): layers run in order, each reading the layer its ``f`` names; the last layer,
+    a head, reads the backbone's stride-8 map again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yaml = {"backbone": [[-1, 1, "Conv", []]] * 4, "head": [[[-1, 1], 1, "Head", []]]}
+        layers = [
+            _down(3, 8),
+            _down(8, 16),
+            _down(16, 24),
+            nn.Conv2d(24, 24, 3, padding=1),
+            nn.Conv2d(40, 8, 1),
+        ]
+        for i, layer in enumerate(layers):
+            layer.f, layer.i = (-1 if i < 4 else [-1, 1]), i
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: list[torch.Tensor] = []
+        for m in self.model:
+            if m.f != -1:
+                x = torch.cat(
+                    [nn.functional.interpolate(y[j], size=x.shape[-2:]) if j != -1 else x for j in m.f], 1
+                )
+            x = m(x)
+            y.append(x)
+        return x
+
+
+def test_a_declared_backbone_ends_a_stage_at_its_last_layer_per_stride_and_none_in_the_head():
+    model = LayerList().eval()
+    graph = annotate(model, SHAPE)
+    entries = declared_backbone_entries(model, graph)
+    assert entries == [
+        {"module": "model.1", "num_chs": 16, "reduction": 4},
+        {"module": "model.3", "num_chs": 24, "reduction": 8},
+    ]
+    assert declared_backbone_entries(Encoder(), annotate(Encoder(), SHAPE)) is None  # no layer list

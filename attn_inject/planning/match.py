@@ -36,7 +36,7 @@ from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
 from .scopes import Placement, place
-from .stage_ends import ends_at_maps, returned_stage_entries
+from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
 __all__ = ["analyse", "build_plan", "plan", "plan_prepared", "prepare", "resolve_target"]
 
@@ -382,7 +382,7 @@ def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target
     size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
     graph = annotate(sub, (BATCH, *size))
     if not target:
-        feature_info = getattr(model, "feature_info", None)
+        feature_info = getattr(model, "feature_info", None) or declared_backbone_entries(model, graph)
     else:  # a backbone that returns every stage's map says where its stages end
         feature_info = returned_stage_entries(graph) if returns_its_stages(sub) else None
     stages = tuple(ends_at_maps(graph, find_stages(graph, feature_info)))

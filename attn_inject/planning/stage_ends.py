@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from torch import fx
+from torch import fx, nn
 
 from ..core.layouts import CHANNEL_DIM
 from ..graph.analysis import AnnotatedGraph
@@ -26,7 +26,7 @@ from ..graph.layout import NCHW, NHWC, grid_size, layout_of
 from ..graph.shapes import tensor_meta
 from ..graph.stages import MIN_STAGE_REDUCTION, Stage, output_dominators
 
-__all__ = ["ends_at_maps", "returned_stage_entries"]
+__all__ = ["declared_backbone_entries", "ends_at_maps", "returned_stage_entries"]
 
 
 def _is_map(node: fx.Node) -> bool:
@@ -75,6 +75,34 @@ def returned_stage_entries(graph: AnnotatedGraph) -> list[dict] | None:
     return [
         {"module": graph.name_of(node), "num_chs": _channels(node), "reduction": _reduction(graph, node)}
         for node in sorted(ends, key=graph.index.__getitem__)
+    ]
+
+
+def declared_backbone_entries(model: nn.Module, graph: AnnotatedGraph) -> list[dict] | None:
+    """``feature_info``-like entries for a model built from a layer list that names its
+    backbone (Ultralytics: ``model.yaml["backbone"]``, the layers ``model.model[0..n-1]``,
+    run by the model's own forward through each layer's ``f`` routing): in the backbone, the
+    last layer at each reduction >= 4 ends a stage (YOLO's P2 to P5). The neck and the heads
+    after the backbone are no stage. None for any other model."""
+    spec, layers = getattr(model, "yaml", None), getattr(model, "model", None)
+    if not isinstance(spec, dict) or not isinstance(spec.get("backbone"), list):
+        return None
+    if not isinstance(layers, nn.Sequential) or not all(hasattr(m, "f") for m in layers):
+        return None
+    count = min(len(spec["backbone"]), len(layers))
+    last: dict[int, fx.Node] = {}  # reduction -> the last backbone layer's output at it
+    for i in range(count):
+        node = graph.module_outputs.get(f"model.{i}")
+        if node is None or not _is_map(node):
+            continue
+        reduction = _reduction(graph, node)
+        if reduction is not None and reduction >= MIN_STAGE_REDUCTION:
+            last[reduction] = node
+    if not last:
+        return None
+    return [
+        {"module": graph.name_of(node), "num_chs": _channels(node), "reduction": reduction}
+        for reduction, node in sorted(last.items())
     ]
 
 
