@@ -4,7 +4,7 @@ Every model is built from a tiny config with random weights (nothing downloaded)
 at ``init="identity"`` with each recipe, and its output compared field by field with the
 original's (``torch.equal`` on every ``ModelOutput`` field).
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python examples/hf_coverage.py   # about a minute on one core
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python examples/hf_coverage.py   # a few minutes on one core
 """
 
 from __future__ import annotations

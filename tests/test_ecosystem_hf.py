@@ -207,6 +207,15 @@ def _configs(T):
         ),
         "dinov2": (T.Dinov2Model, T.Dinov2Config(**vit), 32),
         "vit": (T.ViTModel, T.ViTConfig(intermediate_size=64, **vit), 32),
+        "deit": (T.DeiTModel, T.DeiTConfig(intermediate_size=64, **vit), 32),
+        "mobilenetv2": (T.MobileNetV2Model, T.MobileNetV2Config(image_size=64, depth_multiplier=0.25), 64),
+        "swin": (
+            T.SwinModel,
+            T.SwinConfig(
+                image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4
+            ),
+            32,
+        ),
     }
 
 
@@ -229,6 +238,10 @@ INJECTING = [
     ("poolformer", "se_after_every_stage"),
     ("segformer", "se_resnet"),
     ("dinov2", "se_resnet"),
+    ("vit", "se_resnet"),  # the root's `if` on the input's dtype, decided by the meta pass
+    ("deit", "cbam_after_every_stage"),
+    ("mobilenetv2", "se_after_every_stage"),  # int() of sizes in its TensorFlow-style padding
+    ("swin", "se_after_every_stage"),  # the first stage's end; the last one's is not reached
 ]
 
 
@@ -330,3 +343,104 @@ def test_hf_from_pretrained_refuses_a_plain_folder_another_class_and_a_bad_entry
     with pytest.raises(ai.AttnInjectError, match="PreTrainedModel"):
         other = ai.inject(VariadicRoot().eval(), "se_after_every_stage", input_size=INPUT)
         ai.hf.save_pretrained(other, folder)
+
+
+# --- transformers.Trainer: checkpoints that keep the blocks ------------------------------------
+
+
+def _trainer_pieces(T, seed: int):
+    """A patched tiny ResNet classifier (blends at 0) and 16 random labelled images."""
+    config = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1] * 4, num_labels=3)
+    torch.manual_seed(seed)
+    model = T.ResNetForImageClassification(config)
+    patched = ai.inject(model, "se_after_every_stage", input_size=(3, 32, 32))
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g)
+    data = [{"pixel_values": images[i], "labels": labels[i]} for i in range(16)]
+    return patched, data
+
+
+def _trainer(T, patched, data, out, **kwargs):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    args = T.TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **kwargs,
+    )
+    return T.Trainer(model=patched, args=args, train_dataset=data, callbacks=[ai.hf.KeepBlocks()])
+
+
+def _blends(model) -> dict[str, float]:
+    return {k: float(v) for k, v in model.state_dict().items() if k.endswith(".blend")}
+
+
+def test_hf_trainer_checkpoints_reload_with_their_trained_blocks_and_resume(tmp_path):
+    from safetensors.torch import load_file
+
+    T = _hf()
+    patched, data = _trainer_pieces(T, seed=0)
+    blocks = set(ai.inserted_blocks(patched))
+    assert blocks and all(b == 0.0 for b in _blends(patched).values())
+    _trainer(T, patched, data, tmp_path / "run").train()
+    trained = {k: v.clone() for k, v in patched.state_dict().items()}
+    assert all(b != 0.0 for b in _blends(patched).values()), "training moved every blend from 0"
+
+    last, middle = tmp_path / "run" / "checkpoint-4", tmp_path / "run" / "checkpoint-2"
+    for folder in (middle, last):
+        assert (folder / "attn_inject_config.json").is_file() and (folder / "model.safetensors").is_file()
+        assert not (folder / "config.json").exists(), "a plain from_pretrained finds no config to build"
+    loaded = ai.hf.from_pretrained(T.AutoModelForImageClassification, last)
+    assert type(loaded).__name__ == "ResNetForImageClassification"
+    assert set(ai.inserted_blocks(loaded)) == blocks
+    got = loaded.state_dict()
+    assert set(got) == set(trained)
+    for key, value in trained.items():
+        assert torch.equal(got[key], value), key
+    # checkpoint-2 holds the weights of step 2, as the Trainer itself wrote them: not step 4's.
+    at_two = ai.hf.from_pretrained(T.ResNetForImageClassification, middle).state_dict()
+    assert all(torch.equal(at_two[k], v) for k, v in load_file(middle / "model.safetensors").items())
+    assert any(not torch.equal(at_two[k], trained[k]) for k in at_two if k.endswith(".blend"))
+
+    for auto in (T.AutoModel, T.AutoModelForImageClassification):
+        with pytest.raises(ValueError, match="model_type"):
+            auto.from_pretrained(last)
+
+    # Resume from step 2 in a fresh patched model (another initialisation): the Trainer loads
+    # the checkpoint and runs steps 3 and 4, ending where the uninterrupted run ended.
+    fresh, _ = _trainer_pieces(T, seed=1)
+    resumed = _trainer(T, fresh, data, tmp_path / "again")
+    resumed.train(resume_from_checkpoint=str(middle))
+    assert resumed.state.global_step == 4
+    for key, value in fresh.state_dict().items():
+        assert torch.allclose(value, trained[key], rtol=0, atol=1e-6), key
+
+
+def test_hf_keep_blocks_refuses_a_plain_model_and_push_to_hub_and_names_an_unkept_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    T = _hf()
+    patched, _ = _trainer_pieces(T, seed=0)
+    keep = ai.hf.KeepBlocks()
+    assert isinstance(keep, T.TrainerCallback)
+    args = SimpleNamespace(push_to_hub=False, should_save=True, output_dir=str(tmp_path))
+    keep.on_train_begin(args, None, None, model=patched)
+    with pytest.raises(ai.AttnInjectError, match="no attention blocks"):
+        keep.on_train_begin(args, None, None, model=ai.base_class(patched)(patched.config))
+    with pytest.raises(ai.AttnInjectError, match="push_to_hub"):
+        keep.on_train_begin(SimpleNamespace(push_to_hub=True), None, None, model=patched)
+    # A checkpoint the Trainer wrote without the callback: config.json records no blocks.
+    unkept = tmp_path / "checkpoint-2"
+    patched.save_pretrained(unkept)
+    (unkept / "trainer_state.json").write_text("{}")
+    with pytest.raises(ai.AttnInjectError, match=r"without attn_inject\.hf\.KeepBlocks"):
+        ai.hf.from_pretrained(T.ResNetForImageClassification, unkept)
+    # on_save for a step whose folder holds no model.safetensors says what it keeps.
+    with pytest.raises(ai.AttnInjectError, match=r"no model\.safetensors"):
+        keep.on_save(args, SimpleNamespace(global_step=3), None, model=patched)
