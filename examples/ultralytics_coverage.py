@@ -25,6 +25,8 @@ MODELS = (
     "yolov8n.yaml",
     "yolov8n-seg.yaml",
     "yolov8n-cls.yaml",
+    "yolov8n-pose.yaml",
+    "yolov8n-obb.yaml",
     "yolo11n.yaml",
     "yolo11n-seg.yaml",
     "yolo11n-cls.yaml",
