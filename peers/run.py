@@ -65,6 +65,7 @@ TORCHVISION_MODELS = (
     "keypointrcnn_resnet50_fpn", "fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large",
 )
 # fmt: on
+TORCHVISION_IMAGE = Path("assets", "encode_jpeg", "grace_hopper_517x606.jpg")
 
 
 @dataclass(frozen=True)
@@ -297,17 +298,24 @@ def torchvision_suite(source: Path | None, models: Sequence[str]) -> Suite:
                 f"checkout of pytorch/vision at tag v{version} (its test/test_models.py)"
             )
         shutil.copytree(source / "test", folder / "test", ignore=shutil.ignore_patterns("expect", "assets"))
+        # of the (large) assets folder, the one image test_models.py reads (detection's real_image models)
+        image = source / "test" / TORCHVISION_IMAGE
+        if image.is_file():
+            (folder / "test" / TORCHVISION_IMAGE).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image, folder / "test" / TORCHVISION_IMAGE)
     return Suite("torchvision", folder, "test/test_models.py", tuple(models), version)
 
 
 def accept_expected(suite: Suite, timeout: float | None) -> None:
     """torchvision compares outputs with files its repository keeps: write them from plain
-    torchvision (the suite's own ``EXPECTTEST_ACCEPT=1``) once, into build/."""
+    torchvision (the suite's own ``EXPECTTEST_ACCEPT=1``) into build/, for the models that have
+    none yet (``ModelTester.test_<model>_expect.pkl``)."""
     expect = suite.folder / "test" / "expect"
-    if expect.is_dir() and any(expect.iterdir()):
-        return
     expect.mkdir(parents=True, exist_ok=True)
-    accepting = replace(suite, environ={**suite.environ, "EXPECTTEST_ACCEPT": "1"})
+    missing = tuple(m for m in suite.models if not (expect / f"ModelTester.test_{m}_expect.pkl").exists())
+    if not missing:
+        return
+    accepting = replace(suite, models=missing, environ={**suite.environ, "EXPECTTEST_ACCEPT": "1"})
     run_config(accepting, CONFIGS["plain"], timeout=timeout)
 
 
