@@ -197,7 +197,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="R",
         help="recipes to plan (default: every shipped recipe of the built-in blocks)",
     )
-    zoo.add_argument("--filter", metavar="GLOB", help="only models whose name matches, e.g. 'resnet*'")
+    zoo.add_argument(
+        "--filter",
+        nargs="+",
+        metavar="GLOB",
+        help="only models whose name matches one of these, e.g. 'resnet*' 'hrnet*'",
+    )
     zoo.add_argument(
         "--identity-check",
         action="store_true",
@@ -211,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --identity-check, check every Nth model of the sorted list only (default: 1, all)",
     )
     zoo.add_argument("--jobs", type=int, help="worker processes (default: one per CPU)")
+    zoo.add_argument(
+        "--update",
+        action="store_true",
+        help="sweep only the models --filter names and replace their rows in DIR/zoo.csv, then "
+        "rewrite DIR/zoo.md from every row (the identity sample stays every Nth of the full list)",
+    )
     zoo.add_argument(
         "--out", default="docs", metavar="DIR", help="where zoo.md and zoo.csv go (default: docs)"
     )

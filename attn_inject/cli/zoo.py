@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..recipes.recipe import load_recipe
-from ..zoo.report import write_csv, write_markdown
+from ..zoo.report import Update, previous_sweep, read_csv, write_csv, write_markdown
 from ..zoo.sweep import ZooRecord, default_recipes, list_zoo, sweep
 from .errors import UsageError
 from .output import emit, progress
@@ -27,15 +27,26 @@ def zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     names = list_zoo(args.source, args.filter)
     if not names:
-        raise UsageError(f"no model from {args.source!r} matches --filter {args.filter!r}")
+        shown = " ".join(repr(p) for p in args.filter or [])
+        raise UsageError(f"no model from {args.source!r} matches --filter {shown}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is not a folder")
+    if args.update and not args.filter:
+        raise UsageError("--update sweeps the models --filter names: give --filter GLOB [GLOB ...]")
+    if args.update and not (out / "zoo.csv").is_file():
+        raise UsageError(
+            f"--update replaces rows of {out / 'zoo.csv'}, which does not exist: run the full sweep first"
+        )
     return recipes, names, out
 
 
 def command(args: argparse.Namespace) -> int:
     recipes, names, out = zoo_inputs(args)
+    kept = read_csv(out / "zoo.csv") if args.update else []
+    full_sweep = previous_sweep(out / "zoo.md") if args.update else None  # read before any work
+    swept = {tuple(n.split(":", 1)) for n in names}
+    kept = [r for r in kept if (r.source, r.model) not in swept]
     start = time.perf_counter()
     records: list[ZooRecord] = []
     with progress(
@@ -47,21 +58,11 @@ def command(args: argparse.Namespace) -> int:
             identity_check=args.identity_check,
             identity_every=args.identity_every,
             jobs=args.jobs,
+            sample_from=list_zoo(args.source) if args.update else None,
         ):
             records.extend(result.records)
             advance(f"{result.source}:{result.model}")
     seconds = time.perf_counter() - start
-    identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
-    command_line = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
-    write_csv(records, out / "zoo.csv")
-    write_markdown(
-        records,
-        out / "zoo.md",
-        command=command_line.strip(),
-        seconds=seconds,
-        identity_seconds=identity_seconds,
-        identity_every=args.identity_every if args.identity_check else None,
-    )
     failed = sorted({f"{r.source}:{r.model}" for r in records if r.status != "ok"})
     summary = {
         "models": len(names),
@@ -74,6 +75,23 @@ def command(args: argparse.Namespace) -> int:
     text = (
         f"{len(names) - len(failed)} of {len(names)} models planned in {seconds / 60:.1f} min; "
         f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}"
+    )
+    identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
+    command_line = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
+    update = None
+    if full_sweep is not None:  # the report keeps saying how the rows not swept here were made
+        update = Update(command_line.strip(), len(names), seconds)
+        records = kept + records
+        command_line, seconds, identity_seconds = full_sweep
+    write_csv(records, out / "zoo.csv")
+    write_markdown(
+        records,
+        out / "zoo.md",
+        command=command_line.strip(),
+        seconds=seconds,
+        identity_seconds=identity_seconds,
+        identity_every=args.identity_every if args.identity_check else None,
+        update=update,
     )
     emit(args, text, summary)
     return 0

@@ -97,8 +97,9 @@ def default_recipes() -> list[str]:
     return [name for name in list_recipes() if built_in(name)]
 
 
-def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:
-    """Qualified names (``timm:NAME`` / ``tv:NAME``) of the models to sweep."""
+def list_zoo(source: str = "all", patterns: Sequence[str] | str | None = None) -> list[str]:
+    """Qualified names (``timm:NAME`` / ``tv:NAME``) of the models to sweep, in the sweep's
+    order; with ``patterns``, those whose name matches one of them."""
     if source not in ("timm", "torchvision", "all"):
         raise InputError(f"source {source!r} is not allowed; allowed: timm, torchvision, all")
     names: list[str] = []
@@ -110,11 +111,12 @@ def list_zoo(source: str = "all", pattern: str | None = None) -> list[str]:
         import torchvision
 
         names += [f"tv:{n}" for n in torchvision.models.list_models()]
-    if pattern:
+    if patterns:
+        chosen = [patterns] if isinstance(patterns, str) else list(patterns)
         names = [
             n
             for n in names
-            if fnmatch.fnmatchcase(n.partition(":")[2], pattern) or fnmatch.fnmatchcase(n, pattern)
+            if any(fnmatch.fnmatchcase(n.partition(":")[2], p) or fnmatch.fnmatchcase(n, p) for p in chosen)
         ]
     return names
 
@@ -388,15 +390,18 @@ def sweep(
     identity_every: int = 1,
     identity_max_params: int = IDENTITY_MAX_PARAMS,
     jobs: int | None = None,
+    sample_from: Sequence[str] | None = None,
 ) -> Iterator[ModelResult]:
     """Sweep ``names`` in ``jobs`` worker processes (default: one per CPU), yielding each
     model's result as it finishes. With ``identity_check``, models 0, N, 2N... of ``names``
-    (N = ``identity_every``) are also built and checked for identity."""
+    (N = ``identity_every``), or of ``sample_from`` when given (the full list a partial
+    sweep updates), are also built and checked for identity."""
     names = list(names)
     jobs = max(1, jobs or os.cpu_count() or 1)
+    positions = {n: i for i, n in enumerate(sample_from or names)}
     tasks = [
-        (n, tuple(recipes), identity_check and i % identity_every == 0, identity_max_params)
-        for i, n in enumerate(names)
+        (n, tuple(recipes), identity_check and positions.get(n, 1) % identity_every == 0, identity_max_params)
+        for n in names
     ]
     if jobs == 1:
         for task in tasks:
