@@ -145,15 +145,20 @@ def trace_for(model: nn.Module, input_shape: tuple[int, ...]) -> TraceResult:
     (:mod:`attn_inject.graph.specialise`), when that keeps fewer whole. A model fx traces as
     it is keeps its plain trace, valid for every input size."""
     plain: TraceResult | None = None
-    with contextlib.suppress(TraceError):
+    failure: TraceError | None = None
+    try:
         plain = trace(model)
+    except TraceError as error:
+        failure = error
     if plain is not None and not plain.opaque:
         return plain
     try:
         specialised = trace(model, specialising_tracer(model, input_shape))
-    except TraceError:
-        if plain is None:
-            raise
+    except TraceError as error:
+        if failure is not None:
+            again = str(error).partition("): ")[2] or str(error)
+            raise TraceError(f"{failure}; traced again with its sizes specialised: {again}") from error
+        assert plain is not None
         return plain
     if plain is None or len(specialised.opaque) < len(plain.opaque):
         return specialised
