@@ -178,3 +178,23 @@ def test_building_shapes_only_changes_nothing_outside_its_own_thread():
     assert not any(t.is_meta for t in [*built["other"].parameters(), *built["other"].buffers()])
     after = torch.nn.Linear(2, 2)
     assert not after.weight.is_meta
+
+
+def test_saving_one_network_again_checks_its_rebuild_once(tmp_path, monkeypatch):
+    import attn_inject.saving.file as saving
+
+    patched = patched_model(build_model("timm:resnet10t"), {})
+    calls = []
+    check = saving._check_rebuilds
+    monkeypatch.setattr(saving, "_check_rebuilds", lambda *a: calls.append(a[1]) or check(*a))
+    monkeypatch.setattr(saving, "_REBUILDS_CHECKED", {})
+    for epoch in range(3):  # as a fine-tuning run saves after every epoch
+        ai.save(patched, tmp_path / "last.safetensors", force=True, training={"epoch": epoch})
+    assert calls == ["timm:resnet10t"]
+    with torch.no_grad():
+        patched.conv1[0].weight.zero_()  # new weights, same network: still checked once
+    ai.save(patched, tmp_path / "last.safetensors", force=True)
+    changed = patched_model(timm.create_model("resnet10t", num_classes=10, act_layer="gelu"), {})
+    with pytest.raises(ai.CheckpointError, match="GELU"):  # another network is checked, and refused
+        ai.save(changed, tmp_path / "other.safetensors")
+    assert calls == ["timm:resnet10t"] * 2

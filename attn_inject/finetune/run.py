@@ -13,6 +13,7 @@ replays exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..core.files import write_atomic
 from .config import FinetuneConfig
 from .data import DataError, Folders, check_folders
 from .distributed import Context, setup, teardown
@@ -136,8 +138,8 @@ def _write_epoch(
         "args": config.to_dict(),
     }
     save(scored, out / LAST, force=True, training=training)
-    if improved:
-        save(scored, out / BEST, force=True, training=training)
+    if improved:  # the same bytes: copied, not serialised again
+        write_atomic(out / BEST, lambda temporary: shutil.copyfile(out / LAST, temporary))
     state = {
         "epoch": epoch + 1,
         "num_updates": p.num_updates,

@@ -207,7 +207,7 @@ def save(
     ]
     saved = architecture(patched)
     if name is not None:
-        _check_rebuilds(saved, name, kwargs, steps)
+        _check_rebuilds_once(saved, name, kwargs, steps)
     first = steps[0]
     manifest = Manifest(
         base_model=name,
@@ -265,6 +265,29 @@ def _base_named(
     except ModelKwargsError as error:
         raise CheckpointError(f"cannot save: {error}") from None
     return qualified, kwargs
+
+
+_REBUILDS_CHECKED: dict[tuple[Any, ...], None] = {}  # the last few architectures found to rebuild
+_REBUILDS_KEPT = 8
+
+
+def _check_rebuilds_once(
+    saved: Architecture, name: str, kwargs: dict[str, Any], steps: list[Injection]
+) -> None:
+    """:func:`_check_rebuilds`, skipped for an architecture, builder and recipes it passed
+    already (a fine-tuning run saves the same network after every epoch)."""
+    try:
+        key: tuple[Any, ...] | None = (saved, name, json.dumps(kwargs, sort_keys=True), tuple(steps))
+        hash(key)
+    except TypeError:  # values json or hash cannot take: check every time
+        key = None
+    if key is not None and key in _REBUILDS_CHECKED:
+        return
+    _check_rebuilds(saved, name, kwargs, steps)
+    if key is not None:
+        _REBUILDS_CHECKED[key] = None
+        while len(_REBUILDS_CHECKED) > _REBUILDS_KEPT:
+            del _REBUILDS_CHECKED[next(iter(_REBUILDS_CHECKED))]
 
 
 def _check_rebuilds(saved: Architecture, name: str, kwargs: dict[str, Any], steps: list[Injection]) -> None:
