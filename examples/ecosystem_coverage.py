@@ -23,6 +23,7 @@ import attn_inject as ai
 from attn_inject.core.messages import cut
 from attn_inject.core.tables import markdown_table
 from attn_inject.surgery.record import patched_record
+from attn_inject.validation.compare import tensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,17 +70,6 @@ LIBRARIES: dict[str, Callable[[], Iterator[tuple[str, Builder]]]] = {
     "open_clip": open_clip_models,
     "mmpretrain": mmpretrain_models,
 }
-
-
-def tensors(value: object) -> list[torch.Tensor]:
-    """Every tensor in an output (a tensor, or lists, tuples and dicts of them), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors(v)]
-    return []
 
 
 def same_output(want: object, got: object) -> bool:

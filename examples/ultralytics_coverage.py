@@ -18,6 +18,7 @@ import torch
 import attn_inject as ai
 from attn_inject.core.messages import cut
 from attn_inject.core.tables import markdown_table
+from attn_inject.validation.compare import tensors
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -35,16 +36,6 @@ MODELS = (
 )
 RECIPES = ("se_resnet", "cbam_after_every_stage")
 SIZE = 64
-
-
-def tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors(v)]
-    return []
 
 
 def same_outputs(want: object, got: object) -> bool:

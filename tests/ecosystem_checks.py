@@ -6,21 +6,11 @@ import torch
 from torch import nn
 
 import attn_inject as ai
-
-
-def output_tensors(value: object) -> list[torch.Tensor]:
-    """Every tensor of a model's output (a tensor, or lists, tuples and dicts of them), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in output_tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in output_tensors(v)]
-    return []
+from attn_inject.validation.compare import tensors
 
 
 def assert_same_outputs(want: object, got: object) -> None:
-    a, b = output_tensors(want), output_tensors(got)
+    a, b = tensors(want), tensors(got)
     assert len(a) == len(b) > 0
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert torch.equal(x, y), f"output tensor {i} differs"
@@ -56,4 +46,4 @@ def assert_save_load_round_trip(
     x = inputs(size, seed=2)
     with torch.no_grad():
         assert_same_outputs(patched(x), loaded(x))
-        assert not torch.equal(output_tensors(model(x))[-1], output_tensors(patched(x))[-1])
+        assert not torch.equal(tensors(model(x))[-1], tensors(patched(x))[-1])

@@ -21,6 +21,7 @@ import torch
 
 import attn_inject as ai
 from attn_inject.surgery.record import patched_record
+from attn_inject.validation.compare import tensors
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ultralytics") is None,
@@ -95,17 +96,6 @@ def tiny_yolo(name: str = "yolov8n.yaml"):
 
     torch.manual_seed(0)
     return YOLO(name)
-
-
-def tensors(value) -> list[torch.Tensor]:
-    """Every tensor of a nested output (tuples, lists, dicts), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors(v)]
-    return []
 
 
 def same_outputs(a, b) -> bool:
