@@ -104,7 +104,7 @@ class SpecialisingTracer(ShapedTracer):
         return iter([items[i] for i in range(count)])
 
     def length(self, obj: fx.Proxy) -> int:
-        value = obj.node.meta.get("val") if "val" in obj.node.meta else self._value(obj.node)
+        value = self._value(obj.node)
         if not isinstance(value, (tuple, list, torch.Tensor, torch.Size)):
             raise fx.proxy.TraceError(f"len() of {obj.node.name}, whose value the meta pass does not give")
         size = self.create_proxy("call_function", len, (obj,), {})
