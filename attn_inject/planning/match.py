@@ -420,7 +420,8 @@ def _refuse_quantized(model: nn.Module, name: str) -> None:
         raise QuantizedModelError(
             f"{name} is quantized ({', '.join(found[:2])}{more} compute on quantized tensors); "
             "attention blocks go into float models: inject into the model before it is quantized "
-            "(torchvision: quantize=False)"
+            "(torchvision: quantize=False), then quantize the patched model with torch.ao's FX graph mode "
+            "(prepare_fx, convert_fx)"
         )
 
 

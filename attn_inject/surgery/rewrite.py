@@ -40,6 +40,7 @@ from ..planning.points import InsertionPoint, Plan
 from ..planning.scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
 from .copies import shallow_copy
 from .derive import Around, derive_around, derive_graph
+from .quantization import EAGER_QUANTIZATION_NOTE, eager_quantization_ready
 from .record import BLOCK_FLAG, InjectionInfo, blocks_digest, patched_record, set_record
 
 __all__ = ["BLOCK_FLAG", "InjectionInfo", "RewriteError", "rewrite"]
@@ -217,6 +218,8 @@ def rewrite(
             "so its rewritten code runs as in eval mode (e.g. an inline dropout is off in training)",
             stacklevel=3,
         )
+    if len(plan) and eager_quantization_ready(model):
+        warnings.warn(f"{plan.model_name}: {EAGER_QUANTIZATION_NOTE}", stacklevel=3)
     patched = tree.root
     set_record(patched, _record(model, patched, plan, base))
     return patched
