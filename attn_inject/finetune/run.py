@@ -5,6 +5,7 @@ under torchrun (DDP), with timm's optimizer, scheduler, EMA, data config and sum
       └─ load (new head if --num-classes) ─ timm data config + transforms
            └─ epochs: [frozen: blocks + head] train ─ evaluate ─ rank 0 writes
                 RUNDIR/args.yaml, summary.csv, curves.png, last/best.safetensors, resume.pth
+                (a copy of the epoch's state, written while the next epoch trains)
 
 Randomness is re-seeded from (seed, epoch, rank) at every epoch start, so a resumed run
 replays exactly what an uninterrupted one would have done.
@@ -26,6 +27,7 @@ from ..core.files import write_atomic
 from .config import FinetuneConfig
 from .data import DataError, Folders, check_folders
 from .distributed import Context, setup, teardown
+from .epoch_writer import EpochWriter, epoch_writer
 from .folder import check_out, prepare_out, write_summary
 from .freeze import freeze_base
 from .gates import mean_gate
@@ -64,8 +66,10 @@ def run(
     label: RunLabel = UNLABELLED,
 ) -> RunResult:
     """Fine-tune per ``config`` (see the module docstring); returns what was measured.
-    ``on_epoch(row)`` is called with each epoch's summary row once its files are written
-    (``attn-inject search`` reports it to its pruner, which may stop the run there).
+    ``on_epoch(row)`` is called with each epoch's summary row once the epoch has ended
+    (``attn-inject search`` reports it to its pruner, which may stop the run there); its
+    files are written on a thread of their own while the next epoch trains (:mod:`.epoch_writer`),
+    and all of them when the run returns or raises.
     ``images_checked``: the caller decoded every image of ``config.data`` already (a search
     does once for all its trials); the folders' layout is still checked. ``label`` names
     the run in the trackers ``config`` asks for (:mod:`.trackers`)."""
@@ -117,10 +121,12 @@ def _write_epoch(
     eval_metrics: dict[str, float],
     folders: Folders,
     start: StartingPoint,
+    writer: EpochWriter,
 ) -> None:
     """What the main process writes after an epoch: last (and best) weights with their
-    manifest, the resume state, the summary and the curves."""
-    from ..saving.file import save
+    manifest, the resume state, the summary and the curves; copied now, written by
+    ``writer`` while the next epoch trains."""
+    from ..saving.file import manifest_of, write_weights
     from .curves import plot_curves
 
     out = Path(config.out)
@@ -137,9 +143,7 @@ def _write_epoch(
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in t.cfg.items()},
         "args": config.to_dict(),
     }
-    save(scored, out / LAST, force=True, training=training)
-    if improved:  # the same bytes: copied, not serialised again
-        write_atomic(out / BEST, lambda temporary: shutil.copyfile(out / LAST, temporary))
+    manifest = manifest_of(scored, training=training)
     state = {
         "epoch": epoch + 1,
         "num_updates": p.num_updates,
@@ -155,9 +159,18 @@ def _write_epoch(
         state["ema"] = t.ema.module.state_dict()
     if t.scaler is not None:
         state["scaler"] = t.scaler.state_dict()
-    save_state(out / RESUME, state)
-    write_summary(p.history, out / SUMMARY)
-    plot_curves({out.name or "run": p.history}, out / CURVES)
+    state = writer.snapshot(state)
+    weights = state["ema"] if t.ema is not None else state["model"]
+
+    def write() -> None:
+        write_weights(out / LAST, weights, manifest, force=True)
+        if improved:  # the same bytes: copied, not serialised again
+            write_atomic(out / BEST, lambda temporary: shutil.copyfile(out / LAST, temporary))
+        save_state(out / RESUME, state)
+        write_summary(state["history"], out / SUMMARY)
+        plot_curves({out.name or "run": state["history"]}, out / CURVES)
+
+    writer.submit(write)
 
 
 def _epoch(
@@ -267,33 +280,34 @@ def _epochs(
     wrapped, frozen = None, None
     started = time.perf_counter()
     clock = RunClock(config.epochs - p.first_epoch)
-    for epoch in range(p.first_epoch, config.epochs):
-        epoch_began = time.perf_counter()
-        want_frozen = epoch < config.frozen_epochs
-        if want_frozen != frozen:
-            freeze_base(t.model, want_frozen, head=True)
-            frozen, wrapped = want_frozen, wrap(t.model, config, context)
-        assert wrapped is not None
-        label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
-        row = _epoch(config, t, p, wrapped, epoch, label, context, stop_if_requested, clock, trackers)
-        p.history.append(row)
-        improved = row["eval_top1"] > p.best_top1
-        if improved:
-            p.best_top1, p.best_epoch = row["eval_top1"], epoch
-        context.log(
-            f"{label}: train loss {row['train_loss']:.4f}, val loss {row['eval_loss']:.4f}, "
-            f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {row['lr']:.3g}, "
-            f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
-        )
-        trackers.log(_tracked(row), p.num_updates)
-        if context.main:
-            metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
-            _write_epoch(config, t, p, epoch, improved, metrics, folders, start)
-        stop_if_requested()
-        context.barrier()
-        clock.epoch_done(time.perf_counter() - epoch_began)
-        if on_epoch is not None:
-            on_epoch(dict(row))
+    with epoch_writer() as writer:  # the last epoch's files written when the block ends
+        for epoch in range(p.first_epoch, config.epochs):
+            epoch_began = time.perf_counter()
+            want_frozen = epoch < config.frozen_epochs
+            if want_frozen != frozen:
+                freeze_base(t.model, want_frozen, head=True)
+                frozen, wrapped = want_frozen, wrap(t.model, config, context)
+            assert wrapped is not None
+            label = f"epoch {epoch + 1}/{config.epochs}{' (base frozen)' if frozen else ''}"
+            row = _epoch(config, t, p, wrapped, epoch, label, context, stop_if_requested, clock, trackers)
+            p.history.append(row)
+            improved = row["eval_top1"] > p.best_top1
+            if improved:
+                p.best_top1, p.best_epoch = row["eval_top1"], epoch
+            context.log(
+                f"{label}: train loss {row['train_loss']:.4f}, val loss {row['eval_loss']:.4f}, "
+                f"top-1 {row['eval_top1']:.2f}, top-5 {row['eval_top5']:.2f}, lr {row['lr']:.3g}, "
+                f"gate {row['train_gate']:.4f}{' (best)' if improved else ''}",
+            )
+            trackers.log(_tracked(row), p.num_updates)
+            if context.main:
+                metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
+                _write_epoch(config, t, p, epoch, improved, metrics, folders, start, writer)
+            stop_if_requested()
+            context.barrier()
+            clock.epoch_done(time.perf_counter() - epoch_began)
+            if on_epoch is not None:
+                on_epoch(dict(row))
     context.log(
         f"done in {time.perf_counter() - started:.1f} s: best top-1 {p.best_top1:.2f} "
         f"at epoch {p.best_epoch + 1}; wrote {out}/{{{', '.join(OUTPUTS)}}}",

@@ -35,7 +35,7 @@ def stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
     everything loses its exception, and the stop is raised again there."""
 
     def hint() -> str:
-        """Read when the signal lands: ``--resume`` needs a resume state to continue from."""
+        """Read as the stop leaves the run: ``--resume`` needs a resume state to continue from."""
         if (Path(config.out) / RESUME).is_file():
             return (
                 "the last finished epoch is kept: continue with the same command and --resume "
@@ -49,26 +49,33 @@ def stoppable(config: FinetuneConfig) -> Iterator[Callable[[], None]]:
     received: list[Stopped] = []
 
     def on_term(signum: int, frame: Any) -> None:
-        received.append(Stopped(f"stopped by SIGTERM; {hint()}", 143))
+        received.append(Stopped("stopped by SIGTERM", 143))
         raise received[-1]
 
     def stop_if_requested() -> None:
         if received:
             raise received[0]
 
+    def advised(stop: Stopped) -> Stopped:
+        """The stop as it leaves the run, its advice read then: the run has waited for the
+        files of its last finished epoch (written while the next one trained)."""
+        return Stopped(f"{stop}; {hint()}", stop.code)
+
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
     try:
         yield stop_if_requested
-    except Stopped:
-        raise
+    except Stopped as stop:
+        if any(stop is mine for mine in received):
+            raise advised(stop) from None
+        raise  # a nested run's, advised already
     except KeyboardInterrupt:
-        raise Stopped(f"interrupted (SIGINT); {hint()}", 130) from None
+        raise advised(Stopped("interrupted (SIGINT)", 130)) from None
     except Exception:
         # the signal arrived in code that wraps what it raises (an import's class body
         # turns it into a RuntimeError): still the signal's stop, not an error
         if received:
-            raise received[0] from None
+            raise advised(received[0]) from None
         raise
     finally:
         if main_thread:

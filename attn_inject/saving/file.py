@@ -61,9 +61,11 @@ __all__ = [
     "HUB_WEIGHTS",
     "Manifest",
     "load",
+    "manifest_of",
     "read_manifest",
     "save",
     "weights_path",
+    "write_weights",
 ]
 
 FORMAT = 1
@@ -192,6 +194,21 @@ def save(
     The model named is rebuilt on the meta device and compared with ``patched``; if they
     differ the file is not written and the error says where. ``training`` (plain values)
     records the fine-tuning run that produced the weights in the manifest."""
+    manifest = manifest_of(patched, model_name=model_name, model_kwargs=model_kwargs, training=training)
+    write_weights(path, patched.state_dict(), manifest, force=force)
+    return manifest
+
+
+def manifest_of(
+    patched: nn.Module,
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """The manifest :func:`save` writes for ``patched``, checked as ``save`` checks it, nothing
+    written. With :func:`write_weights`, a caller can write weights it copied earlier (a
+    fine-tuning run writes an epoch's weights while the next one trains)."""
     from ..surgery.record import inserted_blocks
 
     refuse_wrapper(patched, "save()")
@@ -225,8 +242,15 @@ def save(
         training=dict(training) if training is not None else None,
     )
     _check_plain(training)
-    write_safetensors(path, patched.state_dict(), {MANIFEST_KEY: manifest.to_json()}, force=force)
     return manifest
+
+
+def write_weights(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], manifest: Manifest, *, force: bool = False
+) -> None:
+    """``tensors`` (the state dict of the model ``manifest`` describes) and ``manifest`` to
+    ``path``, atomically, as :func:`save` writes them."""
+    write_safetensors(path, tensors, {MANIFEST_KEY: manifest.to_json()}, force=force)
 
 
 def _check_plain(training: Mapping[str, Any] | None) -> None:
