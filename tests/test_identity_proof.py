@@ -231,3 +231,144 @@ def test_validate_passes_the_determinism_of_a_correct_model(resnet):
     (deterministic,) = ai.validate(resnet, patched, checks=["deterministic"], seeds=1).checks
     assert deterministic.status == "passed"
     assert torch.equal(torch.random.get_rng_state(), state)  # its two seeds were its own
+
+
+def residual_recipe(kind: str) -> dict:
+    """A block on the residual branch of each of layer1's two BasicBlocks: two points of one
+    shape, (64, 16, 16) at 64 px."""
+    return {"rules": [{"block": kind, "at": "residual_branch", "stages": [0]}]}
+
+
+def built_for_the_model() -> bool:
+    """Whether a factory is called to build a block for the model (planning builds blocks
+    on the meta device too, to count their parameters and multiply-adds)."""
+    return not torch.empty(0).is_meta
+
+
+class SecondDoubles(nn.Module):
+    """Declares ``init``; the first instance it builds for the model computes its input at
+    identity, every later one doubles it."""
+
+    built = 0
+
+    def __init__(self, channels: int, init: str = "paper") -> None:
+        super().__init__()
+        type(self).built += built_for_the_model()
+        self.factor = 1.0 if type(self).built <= 1 else 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_a_factory_computing_its_input_for_its_first_instance_only_is_refused_at_the_second(registry, resnet):
+    SecondDoubles.built = 0
+    ai.register_block("first_only", SecondDoubles)
+    second = r"block 'layer1\.1\.[\w.]+' \(kind 'first_only'\) does not compute"
+    with pytest.raises(ai.InjectError, match=second):
+        ai.inject(resnet, residual_recipe("first_only"), init="identity", input_size=SIZE)
+    assert SecondDoubles.built == 2
+
+
+def _moved_blend(block: ai.blocks.SqueezeExcite) -> None:
+    with torch.no_grad():
+        block.blend.fill_(0.5)
+
+
+def _not_a_number(block: ai.blocks.SqueezeExcite) -> None:
+    with torch.no_grad():
+        block.fc2.bias.fill_(float("nan"))
+
+
+def _doubling_hook(block: ai.blocks.SqueezeExcite) -> None:
+    block.register_forward_hook(lambda module, args, out: out * 2)
+
+
+def _method_on_the_instance(block: ai.blocks.SqueezeExcite) -> None:
+    block.attend = lambda x: x * 2
+
+
+def _another_part(block: ai.blocks.SqueezeExcite) -> None:
+    class Doubling(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    block.pool = "avg"
+    block.blend = None  # the design's blend gone: the map is not blended towards one
+    block.act = Doubling()
+
+
+@pytest.mark.parametrize(
+    "change", [_moved_blend, _not_a_number, _doubling_hook, _method_on_the_instance, _another_part]
+)
+def test_a_built_in_block_changed_after_the_first_of_its_design_is_proved_alone(registry, resnet, change):
+    """A user's factory returning the built-in SE block, the second instance changed: it does
+    not share the first one's proof, and is refused."""
+    built = []
+
+    def factory(channels: int, init: str = "paper") -> nn.Module:
+        block = ai.blocks.SqueezeExcite(channels, init=init)
+        if built_for_the_model():
+            built.append(block)
+            if len(built) == 2:
+                change(block)
+        return block
+
+    ai.register_block("changed_se", factory)
+    with pytest.raises(ai.InjectError, match=r"block 'layer1\.1\.[\w.]+' \(kind 'changed_se'\)"):
+        ai.inject(resnet, residual_recipe("changed_se"), init="identity", input_size=SIZE)
+    assert len(built) == 2
+
+
+def test_built_in_blocks_of_one_design_share_one_proof_and_still_compute_the_original(resnet, monkeypatch):
+    runs = []
+    attend = ai.blocks.SqueezeExcite.attend
+
+    def counted(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta:  # planning counts a block's multiply-adds on the meta device
+            runs.append(tuple(x.shape))
+        return attend(self, x)
+
+    monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", counted)
+    patched = ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    assert len(ai.inserted_blocks(patched)) == 2
+    # one proof: the identity run, then two at full strength; none for the second block
+    assert runs == [(1, 64, 16, 16)] * 3
+    runs.clear()
+    assert same_output(patched, resnet)
+
+
+class WritesItsInput(nn.Module):
+    """Scales its input in place and returns it: blended at identity, the blend then reads the
+    input already changed."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(2)
+
+
+def test_a_block_writing_into_its_input_is_refused_at_identity(registry, resnet):
+    ai.register_block("writes_input", WritesItsInput)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'writes_input'\) does not compute its input"):
+        ai.inject(resnet, recipe("writes_input"), init="identity", input_size=SIZE)
+
+
+def test_a_global_hook_changing_later_blocks_gets_each_block_proved(resnet):
+    """A global forward hook runs around every block: one that leaves the first SE block as
+    it is and doubles every other one must see the second proved, and refused."""
+    seen: list[int] = []
+
+    def doubles_later_blocks(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(module, ai.blocks.SqueezeExcite) or out.is_meta:
+            return None
+        if not seen:
+            seen.append(id(module))
+        return out if id(module) == seen[0] else out * 2
+
+    handle = torch.nn.modules.module.register_module_forward_hook(doubles_later_blocks)
+    try:
+        with pytest.raises(ai.InjectError, match=r"block 'layer1\.1\.[\w.]+' \(kind 'se'\) does not compute"):
+            ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    finally:
+        handle.remove()

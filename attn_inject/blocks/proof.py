@@ -1,7 +1,7 @@
 """The proof each block gives at insertion, before it joins the model.
 
-``inject`` builds every block, then runs it once, in eval mode and without gradients, on a
-random tensor of its point's shape and layout at batch 1 (drawn from a private
+``inject`` builds every block, then runs it in eval mode and without gradients on a random
+tensor of its point's shape and layout at batch 1 (drawn from a private
 ``torch.Generator``: the global random state is not touched). The block is refused, with
 one line naming it and its kind, when it
 
@@ -12,13 +12,47 @@ one line naming it and its kind, when it
   random states (restored after), with every blend at 1 so that a blend of 0 does not hide
   the block, its outputs differ.
 
-On the meta device only the shape and dtype are checked (there are no values to compare).
+A block of unknown code (a registered factory's, timm's) is given a copy of the probe each
+run and compared with the probe as drawn, so that one writing into its input is not proved
+by its own write. On the meta device only the shape and dtype are checked (there are no
+values to compare).
+
+Within one ``inject`` call (:func:`shared_proofs`) the probe of each shape is drawn once,
+and a passed proof stands for every later block of the same *design*: the same built-in
+class made of the same built-in parts (every module's exact type is one of
+``SqueezeExcite``, ``EfficientChannelAttention``, ``CBAM``, ``SimAM``, their inner modules,
+or the ``torch.nn`` layers they are built of), the same plain attributes on every module
+(what the constructor's arguments became: ratio, pool, layout, prefix, grid, init, ...),
+the same parameter names, shapes, dtypes and devices, the same buffers (values included),
+no hook on any module and no global module hook, at the same point shape, dtype, device
+and init. Why that is sound:
+
+- whether the block raises, returns one tensor and keeps the shape and dtype is decided by
+  its code and those attributes and shapes, never by the values of its weights;
+- determinism in eval mode is a property of the code: the built-in blocks draw no random
+  numbers, whatever their weights;
+- at ``init="identity"`` a built-in block returns ``x * a'`` with ``a' = 1 + blend * (a -
+  1)`` (:mod:`attn_inject.blocks.gate`) and ``a`` a sigmoid, or SimAM's map of the input
+  alone: with every blend exactly 0 and finite weights ``a'`` is exactly 1 and the block
+  returns its input bit for bit, whatever the weights' values. So a later block of the
+  design reuses the proof only when its blends are all 0 and its weights all finite
+  (checked on the block itself, which costs a few small reductions); otherwise it is
+  proved in full.
+
+Nothing else shares a proof: a block whose factory is a user's (even one returning a
+built-in block that its code then changed: a hook, a method set on the instance, another
+part, a blend moved from 0), timm's, or a :class:`Blended` user's module, is proved on its
+own, every instance, since its result may depend on its weights, or on how many were built
+before it (a factory returning identity for the first instance only is refused at the
+second). A failed proof is never shared: the block that fails is refused by name.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,17 +61,92 @@ from torch import nn
 from ..core.errors import AttnInjectError
 from ..core.messages import error_line, shown
 from ..core.randomness import cuda_devices, seed_torch
-from ..graph.trace import eval_mode
-from .gate import blend_parameters, blends_at_one
+from ..graph.trace import HOOK_DICTS, eval_mode
+from .cbam import CBAM, ChannelAttention, ConvChannelAttention, SpatialAttention
+from .eca import ChannelConv, EfficientChannelAttention
+from .gate import BLEND, blend_parameters, blends_at_one
+from .simam import SimAM
+from .squeeze_excite import SqueezeExcite
 from .wrapped import Blended
 
-__all__ = ["BlockProofError", "block_name", "prove_block", "run_block"]
+__all__ = ["BlockProofError", "block_name", "prove_block", "run_block", "shared_proofs"]
 
 PROBE_SEED = 0  # the private generator's seed: the same probe for every injection
+
+# Built-in blocks whose output is their input times gates blended towards one.
+GATED_BLOCKS = frozenset({SqueezeExcite, EfficientChannelAttention, CBAM, SimAM})
+# Every module type a built-in block is made of (exact types: a subclass is another code).
+BUILT_IN_PARTS = GATED_BLOCKS | {
+    ChannelAttention,
+    ConvChannelAttention,
+    SpatialAttention,
+    ChannelConv,
+    nn.Conv2d,
+    nn.Linear,
+    nn.ReLU,
+    nn.BatchNorm2d,
+    nn.Identity,
+}
+# What every nn.Module keeps in its __dict__ that does not decide its forward's result (the
+# forward hooks are in HOOK_DICTS, which must be empty).
+_MODULE_BOOKKEEPING = frozenset(
+    {
+        "training",
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "_non_persistent_buffers_set",
+        "_is_full_backward_hook",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_hooks_always_called",
+    "_global_forward_hooks_with_kwargs",
+    "_global_forward_pre_hooks",
+    "_global_module_registration_hooks",
+    "_global_parameter_registration_hooks",
+    "_global_buffer_registration_hooks",
+)
 
 
 class BlockProofError(AttnInjectError, ValueError):
     """A block that fails its proof at insertion (see the module's docstring)."""
+
+
+@dataclass(frozen=True)
+class _Proofs:
+    """What the blocks of one injection share: each shape's probe, the designs proved."""
+
+    probes: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+    passed: set[Hashable] = field(default_factory=set)
+
+    def probe(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, device, dtype)
+        if key not in self.probes:
+            self.probes[key] = _drawn_probe(shape, device, dtype)
+        return self.probes[key]
+
+
+_SHARED: ContextVar[_Proofs | None] = ContextVar("attn_inject_shared_proofs", default=None)
+
+
+@contextlib.contextmanager
+def shared_proofs() -> Iterator[None]:
+    """Within: the blocks proved share their probes and, where sound, their proofs (see the
+    module's docstring); ``inject`` proves each call's blocks in one. Nested: the outer one."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set(_Proofs())
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def prove_block(
@@ -51,31 +160,116 @@ def prove_block(
 ) -> None:
     """Raise :class:`BlockProofError` unless ``block`` (at ``key``, of ``kind``, for a point
     of ``shape`` without its batch) passes the proof at ``init``."""
-    name = block_name(key, kind)
-    probe = torch.randn((1, *shape), generator=torch.Generator().manual_seed(PROBE_SEED))
-    probe = probe.to(device, dtype)
-    out = run_block(block, probe, name)
-    if device.type == "meta":
+    proofs = _SHARED.get() or _Proofs()
+    design = _design(block, shape, init, device, dtype)
+    if design is not None and design in proofs.passed and _as_proved(block, init):
         return
-    if init == "identity" and not torch.equal(out, probe):
-        diff = float((out.float() - probe.float()).abs().max())
-        raise BlockProofError(
-            f"{name} does not compute its input at init='identity' (max |out - in| = {diff:.3g}); "
-            "a factory with an explicit 'init' parameter must be function-preserving there "
-            "(one without is blended with its input)"
-        )
-    cuda = cuda_devices(device)
+    probe = proofs.probe(shape, device, dtype)
+    _prove(block, block_name(key, kind), probe, init, own_code=design is not None)
+    if design is not None:
+        proofs.passed.add(design)
+
+
+def _prove(block: nn.Module, name: str, probe: torch.Tensor, init: str, own_code: bool) -> None:
+    """The proof in full on ``probe``; a block of unknown code (not ``own_code``) is given a
+    copy each run."""
+
+    def given() -> torch.Tensor:
+        return probe if own_code else probe.clone()
+
+    if probe.device.type == "meta":
+        run_block(block, given(), name)
+        return
+    if init == "identity":
+        out = run_block(block, given(), name)
+        if not torch.equal(out, probe):
+            diff = float((out.float() - probe.float()).abs().max())
+            raise BlockProofError(
+                f"{name} does not compute its input at init='identity' (max |out - in| = {diff:.3g}); "
+                "a factory with an explicit 'init' parameter must be function-preserving there "
+                "(one without is blended with its input)"
+            )
+    cuda = cuda_devices(probe.device)
     with blends_at_one(blend_parameters(block)), torch.random.fork_rng(devices=cuda):
         seed_torch(1, cuda)
-        first = run_block(block, probe, name)
+        first = run_block(block, given(), name)
         seed_torch(2, cuda)
-        second = run_block(block, probe, name)
-    if not torch.allclose(first, second, rtol=0.0, atol=0.0, equal_nan=True):
+        second = run_block(block, given(), name)
+    if not (torch.equal(first, second) or torch.allclose(first, second, rtol=0.0, atol=0.0, equal_nan=True)):
         diff = float((first.float() - second.float()).abs().nan_to_num().max())
         raise BlockProofError(
             f"{name} is not deterministic in eval mode: two runs on the same input differ by up to "
             f"{diff:.3g}; a block must give one output for one input (randomness only in train mode)"
         )
+
+
+def _drawn_probe(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if device.type == "meta":
+        return torch.empty((1, *shape), device=device, dtype=dtype)
+    probe = torch.randn((1, *shape), generator=torch.Generator().manual_seed(PROBE_SEED))
+    return probe.to(device, dtype)
+
+
+def _design(
+    block: nn.Module, shape: tuple[int, ...], init: str, device: torch.device, dtype: torch.dtype
+) -> Hashable | None:
+    """What decides a built-in block's proof (see the module's docstring), or None for a
+    block that is proved on its own."""
+    if type(block) not in GATED_BLOCKS or _global_hooks():
+        return None
+    modules = []
+    for path, module in block.named_modules(remove_duplicate=False):
+        if type(module) not in BUILT_IN_PARTS or any(module.__dict__.get(k) for k in HOOK_DICTS):
+            return None
+        attributes = []
+        for name, value in module.__dict__.items():
+            if name in _MODULE_BOOKKEEPING or name in HOOK_DICTS:
+                continue
+            plain = _plain(value)
+            if plain is None:
+                return None
+            attributes.append((name, plain))
+        modules.append((path, type(module), tuple(sorted(attributes))))
+    parameters = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in block.named_parameters())
+    buffers = tuple(
+        (n, tuple(b.shape), b.dtype, b.device, () if b.is_meta else tuple(b.flatten().tolist()))
+        for n, b in block.named_buffers()
+    )
+    return (tuple(modules), parameters, buffers, shape, init, device, dtype)
+
+
+def _plain(value: Any) -> Hashable | None:
+    """``value`` with its type as a hashable key when it is plain data (numbers, strings,
+    None, dtypes, tuples and lists of them), else None."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return None if any(i is None for i in items) else (type(value), tuple(items))
+    return None
+
+
+def _global_hooks() -> bool:
+    """Whether a global module hook is registered (it runs around every block's forward)."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _as_proved(block: nn.Module, init: str) -> bool:
+    """Whether a block of a proved design passes as the proved one did: at
+    ``init="identity"`` its blends exactly 0 and its weights finite (nothing else depends on
+    their values)."""
+    if init != "identity":
+        return True
+    with torch.no_grad():
+        for name, parameter in block.named_parameters():
+            if parameter.is_meta:
+                continue
+            if name.rpartition(".")[2] == BLEND and bool(parameter.ne(0).any()):
+                return False
+            if not bool(torch.isfinite(parameter).all()):
+                return False
+    return True
 
 
 def block_name(key: str, kind: str) -> str:

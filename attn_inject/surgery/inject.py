@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..blocks.proof import BlockProofError
+from ..blocks.proof import BlockProofError, shared_proofs
 from ..core.errors import AttnInjectError
 from ..core.randomness import check_seed, own_random_state
 from ..models.build import base_model_of
@@ -49,7 +49,8 @@ def inject(
 
     Each block is proved before it joins the model (:mod:`attn_inject.blocks.proof`): one
     that does not compute its input at ``init="identity"``, fails on its point's shape or is
-    not deterministic in eval mode is refused, naming it. Randomness is the caller's: the
+    not deterministic in eval mode is refused, naming it; the blocks of one call share a
+    probe per shape, and built-in blocks of one design one proof. Randomness is the caller's: the
     blocks' initial weights are drawn from a state forked from torch's global one, or from
     ``seed`` (one seed gives one model), and torch's, Python's and NumPy's global random
     states are as they were after the call.
@@ -58,7 +59,7 @@ def inject(
         >>> patched.layer1[0].se             # the new block, where timm's seresnet50 has it
     """
     seed = check_seed(seed)
-    with own_random_state(seed):
+    with own_random_state(seed), shared_proofs():
         try:
             graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
         except QuantizedModelError as error:

@@ -72,9 +72,10 @@ def blocks_digest(model: nn.Module, keys: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The tensor's bytes as a buffer over its (contiguous, CPU) storage: no copy to hash."""
     flat = tensor.detach().reshape(-1).contiguous().cpu()
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return flat.view(torch.uint8).numpy().data if flat.numel() else b""
 
 
 def patched_record(model: nn.Module) -> InjectionInfo | None:
