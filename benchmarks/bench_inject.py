@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
+from attn_inject.blocks.proof import shared_proofs
 from attn_inject.planning.match import plan_prepared, prepare
 from attn_inject.recipes.recipe import load_recipe
 from attn_inject.surgery.rewrite import build_block, rewrite
@@ -87,10 +88,21 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
     return rows
 
 
+def _proved_together(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the proofs of the blocks it builds shared, as inside ``inject``."""
+
+    def call() -> object:
+        with shared_proofs():
+            return fn()
+
+    return call
+
+
 def bench_phases(name: str, recipe: str, rounds: int) -> list[list[str]]:
     """Where ``inject``'s time goes: tracing and shape inference, matching and placing, the
     rewrite, and inside the rewrite the construction of the blocks alone (their weights'
-    random init, which a hand-built model with the same blocks pays in ``create_model``)."""
+    random init, which a hand-built model with the same blocks pays in ``create_model``, and
+    their proof at insertion)."""
     model = timm.create_model(name).eval()
     loaded = load_recipe(recipe)
     prepared = prepare(model)
@@ -100,8 +112,10 @@ def bench_phases(name: str, recipe: str, rounds: int) -> list[list[str]]:
         "torch.fx.symbolic_trace": _symbolic_trace(model),
         "trace + shapes + stages": lambda: prepare(model),
         "match + place": lambda: plan_prepared(prepared, loaded),
-        "rewrite": lambda: rewrite(model, prepared.graph, plan),
-        "  of which: building the blocks": lambda: [build_block(p, plan.init, device, dtype) for p in plan],
+        "rewrite": _proved_together(lambda: rewrite(model, prepared.graph, plan)),
+        "  of which: building the blocks": _proved_together(
+            lambda: [build_block(p, plan.init, device, dtype) for p in plan]
+        ),
         "ai.inject (all of it)": lambda: ai.inject(model, recipe),
     }
     medians = interleaved(phases, rounds)
