@@ -241,7 +241,7 @@ INJECTING = [
     ("vit", "se_resnet"),  # the root's `if` on the input's dtype, decided by the meta pass
     ("deit", "cbam_after_every_stage"),
     ("mobilenetv2", "se_after_every_stage"),  # int() of sizes in its TensorFlow-style padding
-    ("swin", "se_after_every_stage"),  # the first stage's end; the last one's is not reached
+    ("swin", "cbam_after_every_stage"),  # the last stage ends before the pooler's (B, C, N) transpose
 ]
 
 
@@ -263,6 +263,13 @@ def test_hf_model_injects_identity_exact_on_every_output_field(name, recipe):
         _assert_same_output(model(x), patched(x))
     report = ai.validate(model, patched, checks=("reference", "identity"), seeds=1, device="cpu")
     assert report.passed, str(report)
+
+
+def test_hf_swin_gets_a_block_at_every_stage_end_the_last_before_its_pooler():
+    model, size = _hf_model("swin")
+    plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, size, size))
+    assert [p.name for p in plan] == ["encoder.layers.0.blocks.0", "layernorm"]
+    assert not plan.skipped
 
 
 def test_hf_decorated_forward_still_answers_return_dict_false():

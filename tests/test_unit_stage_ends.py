@@ -94,6 +94,39 @@ def test_a_stage_running_into_a_token_head_ends_at_its_last_map():
     assert tuple(last.meta["val"].shape) == (2, 32, 8, 8)
 
 
+class TokensPooledChannelsFirst(nn.Module):
+    """Two patch-merging stages on (B, N, C) tokens, a final norm, then the tokens turned
+    channels-first for a 1-D pool (transformers' SwinModel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.merge = nn.Linear(32, 16)
+        self.norm = nn.LayerNorm(16)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        x = self.patch(x)  # (B, 8, 16, 16)
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (B, 256, 8) tokens at stride 4
+        grid = tokens.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5)
+        tokens = self.merge(grid.reshape(b, (h // 2) * (w // 2), 4 * c))  # (B, 64, 16) at stride 8
+        tokens = self.norm(tokens)
+        return self.pool(tokens.transpose(1, 2)).flatten(1)
+
+
+def test_tokens_turned_channels_first_for_a_pool_end_their_stage_at_the_tokens_before():
+    graph = annotate(TokensPooledChannelsFirst(), SHAPE)
+    found = find_stages(graph)
+    assert found[-1].node.meta["val"].dim() == 3 and found[-1].node.target == "transpose"
+    stages = ends_at_maps(graph, found)
+    last = stages[-1]
+    assert (last.name, last.reduction, last.skip_reason) == ("norm", 8, None)
+    assert tuple(last.node.meta["val"].shape) == (2, 64, 16)
+    # the stride-4 stage ends in the merge's 6-D reshuffle, moved back to its tokens as before
+    assert [(s.name, s.reduction, s.skip_reason) for s in stages[:-1]] == [("transpose", 4, None)]
+
+
 def test_usable_stage_ends_are_left_as_they_are():
     graph = annotate(OneMap(), SHAPE)
     found = find_stages(graph)

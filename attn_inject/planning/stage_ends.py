@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from ..core.layouts import CHANNEL_DIM
 from ..graph.analysis import AnnotatedGraph
-from ..graph.layout import NCHW, NHWC, grid_size, layout_of
+from ..graph.layout import NCHW, NCL, NHWC, NLC, grid_of, grid_size, layout_of
 from ..graph.shapes import tensor_meta
 from ..graph.stages import MIN_STAGE_REDUCTION, Stage, output_dominators
 
@@ -33,6 +33,25 @@ def _is_map(node: fx.Node) -> bool:
     """A 4-D feature map of known layout."""
     t = tensor_meta(node)
     return t is not None and t.dim() == 4 and layout_of(node) in (NCHW, NHWC)
+
+
+def _is_grid_tokens(node: fx.Node) -> bool:
+    """(B, N, C) tokens of a proven patch grid."""
+    return layout_of(node) == NLC and grid_of(node) is not None
+
+
+def _is_stage_value(node: fx.Node) -> bool:
+    return _is_map(node) or _is_grid_tokens(node)
+
+
+def _past_the_stage(stage: Stage) -> bool:
+    """A stage end that is the stage's value moved on into a head's layout: a skipped end
+    with no layout at all (a head's output), or tokens turned channels-first, (B, C, N), for a
+    1-D pool (transformers' ``SwinModel``: ``layernorm`` -> ``transpose(1, 2)`` -> pooler)."""
+    t = tensor_meta(stage.node)
+    if t is not None and t.dim() == 3 and layout_of(stage.node) == NCL:
+        return True
+    return stage.skip_reason is not None and (t is None or t.dim() not in (3, 4))
 
 
 def _channels(node: fx.Node) -> int:
@@ -114,13 +133,12 @@ def ends_at_maps(graph: AnnotatedGraph, stages: list[Stage]) -> list[Stage]:
     position = {node: i for i, node in enumerate(dominators)}
     moved = []
     for stage in stages:
-        t = tensor_meta(stage.node)
-        if stage.skip_reason is None or (t is not None and t.dim() in (3, 4)) or stage.node not in position:
+        if not _past_the_stage(stage) or stage.node not in position:
             moved.append(stage)
             continue
         earlier = reversed(dominators[: position[stage.node]])
         end = next(
-            (n for n in earlier if _is_map(n) and _reduction(graph, n) == stage.reduction),
+            (n for n in earlier if _is_stage_value(n) and _reduction(graph, n) == stage.reduction),
             None,
         )
         if end is None:
