@@ -42,7 +42,7 @@ from ..core.errors import AttnInjectError
 from ..core.names import relative_name
 from ..core.values import CONSTANT_TYPES
 from ..graph.analysis import AnnotatedGraph, module_stack
-from ..graph.trace import ModuleCall, reads_training
+from ..graph.trace import HOOK_DICTS, ModuleCall, reads_training
 from ..surgery.derive import derived_spec, holds_nodes
 from .points import Attach
 
@@ -406,6 +406,8 @@ class Placer:
         # Module calls of objects called once (a module shared under two names is called twice).
         self.once = [c for c in graph.calls if c.path and objects.get(id(root.get_submodule(c.path)), 0) == 1]
         self.slots: dict[tuple[str, str, str], bool] = {}
+        # Slot verdicts by what decides them (see _code_design): one trace per design, not per module.
+        self.slot_designs: dict[tuple[Any, ...], bool] = {}
 
     def _trace_problem(self, path: str) -> Refusal | None:
         if path not in self.traceable:
@@ -492,9 +494,16 @@ class Placer:
             return None
         key = (deepest, name, target[len(deepest) + 1 :])
         if key not in self.slots:
-            self.slots[key] = _calls_slot(
-                host, name, key[2], every_reader=set(readers) == set(producer.users)
-            )
+            every_reader = set(readers) == set(producer.users)
+            design = _code_design(host)
+            alike = None if design is None else (design, name, key[2], every_reader)
+            if alike is None or alike not in self.slot_designs:
+                verdict = _calls_slot(host, name, key[2], every_reader=every_reader)
+                if alike is None:
+                    self.slots[key] = verdict
+                    return deepest if verdict else None
+                self.slot_designs[alike] = verdict
+            self.slots[key] = self.slot_designs[alike]
         return deepest if self.slots[key] else None
 
     def choose(self, producer: fx.Node, consumers: list[fx.Node] | None, name: str) -> Placement:
@@ -612,6 +621,37 @@ def _calls_slot(host: nn.Module, name: str, producer: str, every_reader: bool) -
     if not isinstance(given, fx.Node) or given.op != "call_module" or given.target != producer:
         return False
     return not every_reader or list(given.users) == [calls[0]]
+
+
+def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
+    """What a trace of ``host`` alone depends on, as a key; None where it cannot be told.
+
+    fx runs the code of ``host`` and of every submodule it traces through, and stops at
+    torch.nn's own layers: so the trace is decided by the classes, the plain attributes
+    (None, numbers, strings) and the parameter and buffer names of the traced modules, and
+    only the class of each leaf layer. Two bottlenecks that differ in channels and stride
+    share one; one with a downsample branch does not. Any other attribute (a function, a
+    tensor, an object) is keyed by its identity, and a module with hooks is not keyed."""
+    parts: list[tuple[Any, ...]] = []
+    for path, module in host.named_modules():
+        if any(getattr(module, hooks, None) for hooks in HOOK_DICTS):
+            return None
+        cls = type(module)
+        if path and cls.__module__.startswith("torch.nn.") and not isinstance(module, nn.Sequential):
+            parts.append((path, cls))
+            continue
+        attributes = tuple(
+            sorted(
+                (k, v if isinstance(v, CONSTANT_TYPES) else ("object", id(v)))
+                for k, v in vars(module).items()
+                if not k.startswith("_")
+            )
+        )
+        tensors = tuple(k for k, v in module._parameters.items() if v is not None)
+        tensors += tuple(f"buffer:{k}" for k, v in module._buffers.items() if v is not None)
+        children = tuple((k, v is None) for k, v in module._modules.items())
+        parts.append((path, cls, attributes, tensors, children))
+    return tuple(parts)
 
 
 def _free(host: nn.Module, name: str, rewritten: bool) -> bool:
