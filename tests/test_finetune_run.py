@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +55,26 @@ def data(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("data"), {"train": 4, "val": 3})
 
 
+@functools.cache
+def _patched_bytes(num_classes: int, init: str, recipe: str) -> bytes:
+    """The file ``save_patched`` writes, built once per session for each argument set (the
+    build is seeded, so every build gives these bytes)."""
+    torch.manual_seed(0)
+    base = build_model(MODEL, num_classes=num_classes)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "patched.safetensors"
+        ai.save(ai.inject(base, recipe, init=init, input_size=(3, PX, PX)), path)
+        return path.read_bytes()
+
+
 def save_patched(
     path: Path,
     num_classes: int = len(CLASSES),
     init: str = "identity",
     recipe: str = "cbam_after_every_stage",
 ) -> Path:
-    torch.manual_seed(0)
-    base = build_model(MODEL, num_classes=num_classes)
-    ai.save(ai.inject(base, recipe, init=init, input_size=(3, PX, PX)), path)
+    """``MODEL`` (seed 0) patched with ``recipe``, saved at ``path``: a file of the test's own."""
+    path.write_bytes(_patched_bytes(num_classes, init, recipe))
     return path
 
 
@@ -87,6 +100,8 @@ def finetune_args(checkpoint: Path, data: Path, out: Path, *extra: str, epochs: 
         str(PX),
         "--workers",
         "0",
+        "--threads",  # one intra-op thread: the suite's processes share the cores
+        "1",
         *extra,
     ]
 
@@ -606,7 +621,9 @@ def test_a_caller_that_decoded_the_images_is_not_made_to_decode_them_again(
 
     decoded = []
     monkeypatch.setattr(data_module, "_decode", decoded.append)
-    config = FinetuneConfig(str(checkpoint), str(data), 1, str(tmp_path / "a"), batch_size=4, image_size=PX)
+    config = FinetuneConfig(
+        str(checkpoint), str(data), 1, str(tmp_path / "a"), batch_size=4, image_size=PX, threads=1
+    )
     run(config, images_checked=True)
     assert decoded == []
     run(dataclasses.replace(config, out=str(tmp_path / "b")))
