@@ -11,7 +11,12 @@ same cosine schedule stepped per update (no warm-up, floor lr / 100), no augment
 data-loader workers and intra-op threads. ``train.py`` runs unmodified through ``python -m
 attn_inject.timm_train --register NAME=FILE`` (the patched model under a timm name,
 ``--initial-checkpoint`` the same file), on the CPU without timm's prefetcher (the same
-data path as ours: transforms normalise in the loader). ``train.py`` is not in timm's
+data path as ours: transforms normalise in the loader). Each epoch both validate once and
+write ``summary.csv`` and a checkpoint with the model and the optimizer's moments
+(``train.py``: ``last.pth.tar``, hard-linked as ``checkpoint-N`` and, improved, ``model_best``;
+attn-inject: ``resume.pth``, with ``last.safetensors``, ``best.safetensors`` and
+``curves.png``, copied at the epoch's end and written while the next epoch trains).
+``train.py`` is not in timm's
 package: pass a checkout's file with ``--timm-train`` (for the installed timm,
 ``https://raw.githubusercontent.com/huggingface/pytorch-image-models/v<version>/train.py``).
 

@@ -80,10 +80,11 @@ def train_one_epoch(
             ema.update(unwrap(model), step=num_updates)
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
-        total += float(loss.detach()) * len(targets)
+        value = float(loss.detach())  # the step's one host sync, as train.py's loss.item()
+        total += value * len(targets)
         count += len(targets)
         if on_step is not None:
-            on_step(float(loss.detach()), len(targets))
+            on_step(value, len(targets))
     total, count = context.sum([total, count])
     return {"loss": total / max(count, 1)}, num_updates
 
