@@ -54,24 +54,35 @@ def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
     assert "License-Expression: Apache-2.0" in metadata
 
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)  # this pip installs into it
     python = venv / "bin" / "python"
     site = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path)
     # The dependencies (torch, timm, ...) are this environment's: a path entry, not a site
     # directory, so its editable install of the repository is not seen there.
     deps = sysconfig.get_paths()["purelib"]
     Path(site.stdout.strip(), "dependencies.pth").write_text(deps + "\n")
-    run(python, "-m", "pip", "install", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    where = run(python, "-c", "import attn_inject; print(attn_inject.__file__)", cwd=tmp_path)
-    assert str(venv) in where.stdout and str(ROOT) not in where.stdout
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--no-deps",
+        "--no-index",
+        wheel,
+        cwd=tmp_path,
+    )
     recipes = run(venv / "bin" / "attn-inject", "recipes", cwd=tmp_path)
     assert "se_resnet" in recipes.stdout
     code = (
-        "import torchvision, attn_inject as ai; "
+        "import torchvision, attn_inject as ai; print(ai.__file__); "
         "m = ai.inject(torchvision.models.resnet18(), 'se_resnet', input_size=(3, 64, 64)); "
         "print(len(ai.inserted_blocks(m)))"
     )
-    assert run(python, "-c", code, cwd=tmp_path).stdout.strip() == "8"
+    where, blocks = run(python, "-c", code, cwd=tmp_path).stdout.strip().splitlines()
+    assert str(venv) in where and str(ROOT) not in where  # the installed copy, not the repository
+    assert blocks == "8"
 
 
 def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
@@ -102,9 +113,11 @@ def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     assert "Classifier: Typing :: Typed" in metadata
 
 
-def test_the_command_reports_the_version_the_package_metadata_holds():
+def test_the_command_reports_the_version_the_package_metadata_holds(capsys):
     import importlib.metadata
 
-    done = run(sys.executable, "-m", "attn_inject", "--version", cwd=ROOT)
-    assert done.stdout.strip() == f"attn-inject {importlib.metadata.version('attn-inject')}"
+    from attn_inject.cli.main import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"attn-inject {importlib.metadata.version('attn-inject')}"
     assert attn_inject.__version__ == importlib.metadata.version("attn-inject")
