@@ -197,8 +197,8 @@ def trained(data, tmp_path_factory) -> Path:
     model = ai.inject(_base(), BASELINE_RECIPE, input_size=(3, 32, 32), allow_empty=True)
     ai.save(model, folder / "start.safetensors", model_name="timm:resnet10t", model_kwargs={"num_classes": 2})
     config = FinetuneConfig(
-        str(folder / "start.safetensors"), str(data), 6, str(folder / "run"), batch_size=8, image_size=32,
-        lr=3e-3, workers=0, threads=2, no_aug=True,
+        str(folder / "start.safetensors"), str(data), 3, str(folder / "run"), batch_size=8, image_size=32,
+        lr=3e-3, workers=0, threads=1, no_aug=True,
     )  # fmt: skip
     result = run(config)
     assert result.history[-1]["eval_top1"] == 100.0, result.history
