@@ -29,9 +29,10 @@ RECIPE = "se_resnet"
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory) -> Path:
-    """A patched resnet18 (5 classes, random init) saved as train.py's starting point."""
+    """A patched resnet10t (5 classes, random init) saved as train.py's starting point: timm's
+    smallest ResNet with resnet18's blocks and head."""
     torch.manual_seed(0)
-    patched = ai.inject(build_model("timm:resnet18", num_classes=5), RECIPE, input_size=SIZE)
+    patched = ai.inject(build_model("timm:resnet10t", num_classes=5), RECIPE, input_size=SIZE)
     path = tmp_path_factory.mktemp("start") / "start.safetensors"
     ai.save(patched, path)
     return path
@@ -68,8 +69,8 @@ def _as_train_py_builds(name: str, **kwargs):
 
 
 def test_registered_name_builds_the_patched_network_and_loads_the_start_file_strictly(start):
-    ai.register_timm_model("resnet18_se_t1", start)
-    model = _as_train_py_builds("resnet18_se_t1", num_classes=5, checkpoint_path=str(start)).eval()
+    ai.register_timm_model("resnet10t_se_t1", start)
+    model = _as_train_py_builds("resnet10t_se_t1", num_classes=5, checkpoint_path=str(start)).eval()
     # every tensor is the file's (timm's load_checkpoint loads strictly: no key left over)
     want = _file_tensors(start)
     got = model.state_dict()
@@ -83,8 +84,8 @@ def test_registered_name_builds_the_patched_network_and_loads_the_start_file_str
 
 
 def test_registered_name_takes_the_callers_builder_arguments(start):
-    ai.register_timm_model("resnet18_se_t2", start)
-    model = _as_train_py_builds("resnet18_se_t2", num_classes=3, drop_path_rate=0.1)
+    ai.register_timm_model("resnet10t_se_t2", start)
+    model = _as_train_py_builds("resnet10t_se_t2", num_classes=3, drop_path_rate=0.1)
     assert model.fc.out_features == 3
     drop = [m.drop_prob for m in model.modules() if isinstance(m, timm.layers.DropPath)]
     assert max(drop) == pytest.approx(0.1)
@@ -92,8 +93,8 @@ def test_registered_name_takes_the_callers_builder_arguments(start):
 
 
 def test_pretrained_loads_the_files_weights_and_a_new_head_keeps_its_initialisation(start):
-    ai.register_timm_model("resnet18_se_t3", start)
-    model = timm.create_model("resnet18_se_t3", pretrained=True, num_classes=3)
+    ai.register_timm_model("resnet10t_se_t3", start)
+    model = timm.create_model("resnet10t_se_t3", pretrained=True, num_classes=3)
     want = _file_tensors(start)
     got = model.state_dict()
     assert model.fc.weight.shape == (3, 512)
@@ -111,7 +112,7 @@ def test_register_refuses_a_file_that_is_not_a_saved_model(tmp_path):
     path = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="no attn-inject manifest"):
-        ai.register_timm_model("resnet18_se_t4", path)
+        ai.register_timm_model("resnet10t_se_t4", path)
 
 
 def test_timm_train_registers_then_runs_the_script_with_its_arguments(start, tmp_path):
@@ -124,11 +125,11 @@ def test_timm_train_registers_then_runs_the_script_with_its_arguments(start, tmp
         " open(sys.argv[1], 'w'))\n"
     )
     code = timm_train(
-        ["--register", f"resnet18_se_t5={start}", str(script), str(out), "resnet18_se_t5", str(start)]
+        ["--register", f"resnet10t_se_t5={start}", str(script), str(out), "resnet10t_se_t5", str(start)]
     )
     assert code == 0
     got = json.loads(out.read_text())
-    assert got["argv"] == [str(out), "resnet18_se_t5", str(start)]
+    assert got["argv"] == [str(out), "resnet10t_se_t5", str(start)]
     assert got["blocks"] > 0
 
 
@@ -163,8 +164,8 @@ def test_timm_train_py_trains_a_registered_patched_model_and_its_checkpoint_load
     data = _dataset(tmp_path / "data")
     out = tmp_path / "runs"
     command = [
-        sys.executable, "-m", "attn_inject.timm_train", "--register", f"resnet18_se={start}", str(TRAIN_PY),
-        "--data-dir", str(data), "--model", "resnet18_se", "--initial-checkpoint", str(start),
+        sys.executable, "-m", "attn_inject.timm_train", "--register", f"resnet10t_se={start}", str(TRAIN_PY),
+        "--data-dir", str(data), "--model", "resnet10t_se", "--initial-checkpoint", str(start),
         "--num-classes", "5", "--img-size", "64", "--epochs", "1", "-b", "4", "--workers", "0",
         "--device", "cpu", "--no-prefetcher", "--model-ema", "--output", str(out), "--experiment", "t",
         "--warmup-epochs", "0", "--log-interval", "1",
@@ -205,10 +206,10 @@ def _train_py_checkpoint(model, folder: Path, *, arch: str, num_classes: int, em
 
 
 def test_train_py_checkpoint_of_a_patched_model_loads_back_exactly(start, tmp_path):
-    ai.register_timm_model("resnet18_se_t6", start)
+    ai.register_timm_model("resnet10t_se_t6", start)
     torch.manual_seed(1)
-    trained = timm.create_model("resnet18_se_t6", num_classes=4, pretrained=True)
-    path = _train_py_checkpoint(trained, tmp_path, arch="resnet18_se_t6", num_classes=4)
+    trained = timm.create_model("resnet10t_se_t6", num_classes=4, pretrained=True)
+    path = _train_py_checkpoint(trained, tmp_path, arch="resnet10t_se_t6", num_classes=4)
     raw = torch.load(path, map_location="cpu", weights_only=False)  # the control: trusted here, our own file
     assert isinstance(raw["args"], argparse.Namespace) and {"optimizer", "state_dict_ema", "saver"} <= set(
         raw
@@ -235,13 +236,13 @@ def test_train_py_checkpoint_without_a_manifest_source_names_what_to_pass(start,
 
 def test_convert_reads_a_train_py_checkpoint_and_its_ema_weights(tmp_path):
     torch.manual_seed(2)
-    base = timm.create_model("resnet18", num_classes=3)
-    path = _train_py_checkpoint(base, tmp_path, arch="resnet18", num_classes=3)
+    base = timm.create_model("resnet10t", num_classes=3)
+    path = _train_py_checkpoint(base, tmp_path, arch="resnet10t", num_classes=3)
     raw = torch.load(path, map_location="cpu", weights_only=False)
     for flags, key in (([], "state_dict"), (["--use-ema"], "state_dict_ema")):
         out = tmp_path / f"{key}.safetensors"
         code = main(
-            ["convert", "--model", "timm:resnet18", "--model-kwargs", "num_classes=3",
+            ["convert", "--model", "timm:resnet10t", "--model-kwargs", "num_classes=3",
              "--checkpoint", str(path), "--recipe", RECIPE, "--input-size", *map(str, SIZE),
              "--out", str(out), *flags]
         )  # fmt: skip
@@ -253,7 +254,7 @@ def test_convert_reads_a_train_py_checkpoint_and_its_ema_weights(tmp_path):
 def test_use_ema_on_a_checkpoint_without_ema_weights_is_one_line(tmp_path):
     torch.manual_seed(3)
     path = _train_py_checkpoint(
-        timm.create_model("resnet18", num_classes=3), tmp_path, arch="r", num_classes=3, ema=False
+        timm.create_model("resnet10t", num_classes=3), tmp_path, arch="r", num_classes=3, ema=False
     )
     with pytest.raises(
         CheckpointError, match=r"has no EMA weights .*top-level keys are .*state_dict"
@@ -303,7 +304,7 @@ def test_the_namespace_is_allowed_only_while_a_checkpoint_is_read(tmp_path):
 @pytest.fixture(scope="module")
 def patched():
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=7, pretrained_cfg_overlay={"mean": (0.5, 0.5, 0.5)})
+    model = timm.create_model("resnet10t", num_classes=7, pretrained_cfg_overlay={"mean": (0.5, 0.5, 0.5)})
     return ai.inject(model, RECIPE, input_size=SIZE).eval()
 
 
@@ -315,7 +316,7 @@ def test_save_pretrained_writes_timms_layout_with_the_recipe_and_plan(patched, t
     assert config["num_classes"] == 7 and config["num_features"] == 512
     assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]
     recorded = config["attn_inject"]
-    assert recorded["base_model"] == "timm:resnet18"
+    assert recorded["base_model"] == "timm:resnet10t"
     assert recorded["recipe"] == ai.get_recipe(RECIPE).text
     keys = [p["key"] for p in recorded["plan"]["points"]]
     assert keys == [p.key for p in patched.attn_inject.plan]
@@ -335,8 +336,8 @@ def test_timm_local_dir_fails_naming_the_loader_or_builds_once_registered(patche
     ai.save_pretrained(patched, folder)
     with pytest.raises(RuntimeError, match=r"attn_inject\.load\(folder\)"):
         timm.create_model(f"local-dir:{folder}")
-    ai.register_timm_model("resnet18_se_hub", folder)
-    model = timm.create_model("resnet18_se_hub", pretrained=True).eval()
+    ai.register_timm_model("resnet10t_se_hub", folder)
+    model = timm.create_model("resnet10t_se_hub", pretrained=True).eval()
     with torch.no_grad():
         assert torch.equal(model(_x()), patched(_x()))
 
