@@ -7,12 +7,11 @@ coloured rectangles on noise, labelled with their known boxes."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 import attn_inject as ai
+from attn_inject.cli.main import main as cli_main
 from attn_inject.surgery.record import patched_record
 from attn_inject.validation.compare import tensors
 
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SIZE = 64
+TRAIN_SIZE = 32  # the training run's images and imgsz: YOLO's largest stride, one cell at P5
 COLOURS = {0: (220, 40, 40), 1: (40, 40, 220)}  # class 0: red, class 1: blue
 INTEGRATIONS = ("clearml", "comet", "dvc", "hub", "mlflow", "neptune", "raytune", "tensorboard", "wandb")
 
@@ -60,7 +61,7 @@ def yolo_home(tmp_path_factory):
                 os.environ[k] = v
 
 
-def draw_dataset(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+def draw_dataset(root: Path, counts: dict[str, int], seed: int = 0, size: int = TRAIN_SIZE) -> Path:
     """A YOLO-format detection set: per image two rectangles of known colour on noise; the
     labels are their boxes (class, centre, size, relative to the image)."""
     from PIL import Image
@@ -70,15 +71,15 @@ def draw_dataset(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i in range(n):
-            image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
+            image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
             lines = []
             for _ in range(2):
                 cls = int(rng.integers(0, 2))
-                w, h = (int(v) for v in rng.integers(14, 28, 2))
-                x0, y0 = int(rng.integers(0, SIZE - w)), int(rng.integers(0, SIZE - h))
+                w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+                x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
                 image[y0 : y0 + h, x0 : x0 + w] = COLOURS[cls]
-                cx, cy = (x0 + w / 2) / SIZE, (y0 + h / 2) / SIZE
-                lines.append(f"{cls} {cx:.6f} {cy:.6f} {w / SIZE:.6f} {h / SIZE:.6f}")
+                cx, cy = (x0 + w / 2) / size, (y0 + h / 2) / size
+                lines.append(f"{cls} {cx:.6f} {cy:.6f} {w / size:.6f} {h / size:.6f}")
             Image.fromarray(image).save(root / "images" / split / f"{i}.png")
             (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
     data = root / "data.yaml"
@@ -88,7 +89,7 @@ def draw_dataset(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset(yolo_home, tmp_path_factory) -> Path:
-    return draw_dataset(tmp_path_factory.mktemp("shapes"), {"train": 8, "val": 4})
+    return draw_dataset(tmp_path_factory.mktemp("shapes"), {"train": 4, "val": 2})
 
 
 def tiny_yolo(name: str = "yolov8n.yaml"):
@@ -96,6 +97,21 @@ def tiny_yolo(name: str = "yolov8n.yaml"):
 
     torch.manual_seed(0)
     return YOLO(name)
+
+
+@pytest.fixture(scope="module")
+def injected_once(yolo_home):
+    """yolov8n and the YOLO ``ai.ultralytics.inject`` returns for it with se_resnet at
+    SIZE, built once for the module; tests take copies (:func:`se_yolo`), never these."""
+    base = tiny_yolo()
+    return base, ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+
+
+@pytest.fixture
+def se_yolo(injected_once):
+    """(base, patched): this test's own deep copies of the module's yolov8n and its
+    se_resnet patch (a test that trains or changes them changes no other test's)."""
+    return copy.deepcopy(injected_once)
 
 
 def same_outputs(a, b) -> bool:
@@ -114,9 +130,8 @@ def open_blends(model: torch.nn.Module, value: float = 1.0) -> None:
                     p.fill_(value)
 
 
-def test_se_resnet_reaches_every_bottleneck_residual_and_computes_the_base(yolo_home):
-    base = tiny_yolo()
-    yolo = ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+def test_se_resnet_reaches_every_bottleneck_residual_and_computes_the_base(se_yolo):
+    base, yolo = se_yolo
     # the residual bottlenecks: C2f's Bottleneck with a shortcut (the backbone's; the neck's have none)
     from ultralytics.nn.modules.block import Bottleneck
 
@@ -139,17 +154,22 @@ def test_se_resnet_reaches_every_bottleneck_residual_and_computes_the_base(yolo_
     ],
 )
 def test_a_stage_recipe_ends_the_backbone_stages_and_leaves_the_heads(yolo_home, task, yaml):
+    """The plan read from the record ``inject`` leaves is the one it placed its blocks by
+    (one analysis of the model instead of two)."""
     from ultralytics.nn import tasks
 
     base = getattr(tasks, task)(yaml, verbose=False).eval()
     backbone = len(base.yaml["backbone"])
-    plan = ai.plan(base, "cbam_after_every_stage", input_size=(3, SIZE, SIZE))
+    patched = ai.inject(base, "cbam_after_every_stage", input_size=(3, SIZE, SIZE), init="identity")
+    record = patched_record(patched)
+    assert record is not None
+    plan = record.plan
     # the last backbone layer at strides 4, 8, 16 and 32: YOLO's P2 to P5
     assert [p.name for p in plan] == [f"model.{i}" for i in (2, 4, 6, backbone - 1)]
     assert [p.channels for p in plan] == [
         base.model[i].cv2.conv.out_channels for i in (2, 4, 6, backbone - 1)
     ]
-    patched = ai.inject(base, "cbam_after_every_stage", input_size=(3, SIZE, SIZE), init="identity")
+    assert sorted(ai.inserted_blocks(patched)) == sorted(record.block_keys)
     head = len(base.model) - 1
     assert not any(key.startswith(f"model.{head}.") for key in ai.inserted_blocks(patched))
     x = torch.rand(2, 3, SIZE, SIZE)
@@ -157,11 +177,10 @@ def test_a_stage_recipe_ends_the_backbone_stages_and_leaves_the_heads(yolo_home,
         assert same_outputs(base(x), patched(x))
 
 
-def test_blocks_survive_ultralytics_fuse(yolo_home):
+def test_blocks_survive_ultralytics_fuse(se_yolo):
     """fuse() folds BatchNorm into each Conv and swaps in its forward_fuse: a block living in
     a Conv still runs (as in validation, predict and export)."""
-    base = tiny_yolo()
-    yolo = ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+    base, yolo = se_yolo
     open_blends(yolo.model)
     x = torch.rand(1, 3, SIZE, SIZE)
     model = yolo.model.eval()
@@ -185,16 +204,19 @@ def in_folder(folder: Path):
         os.chdir(before)
 
 
-def test_bridged_training_keeps_blocks_through_ema_checkpoints_resume_and_reload(dataset, tmp_path):
+def test_bridged_training_keeps_blocks_through_ema_checkpoints_resume_and_reload(dataset, se_yolo, tmp_path):
+    """One tiny run (4 images of TRAIN_SIZE px, 2 epochs) holds every fact: validation at
+    insertion, the refusal without the bridge, EMA and checkpoints, learned blends, resume and
+    predict from best.pt."""
     from ultralytics import YOLO
 
-    base = tiny_yolo()
-    yolo = ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+    base, yolo = se_yolo
     keys = sorted(ai.inserted_blocks(yolo.model))
     start = ai.blends(yolo.model)
     common = dict(
-        data=str(dataset), imgsz=SIZE, batch=4, nbs=4, workers=0, device="cpu", plots=False, verbose=False
-    )
+        data=str(dataset), imgsz=TRAIN_SIZE, batch=4, nbs=4, workers=0, device="cpu", plots=False,
+        verbose=False,
+    )  # fmt: skip
     runs = tmp_path / "runs"
 
     with in_folder(tmp_path):
@@ -238,22 +260,21 @@ def test_bridged_training_keeps_blocks_through_ema_checkpoints_resume_and_reload
         assert sorted(ai.inserted_blocks(resumed.trainer.model)) == keys
         assert sorted(ai.inserted_blocks(YOLO(str(weights / "last.pt")).model)) == keys
         results = YOLO(str(weights / "best.pt")).predict(
-            str(images[0]), imgsz=SIZE, device="cpu", verbose=False
+            str(images[0]), imgsz=TRAIN_SIZE, device="cpu", verbose=False
         )
         assert len(results) == 1
 
 
-def test_a_different_class_count_rebuilds_the_head_and_keeps_blocks_and_weights(dataset, tmp_path):
+def test_a_different_class_count_rebuilds_the_head_and_keeps_blocks_and_weights(dataset, se_yolo, tmp_path):
     """A model built for 80 classes fine-tuned on 2: the network is built for 2 classes, the
     recipe injected again, and every weight whose name and shape match copied (blocks too)."""
-    base = tiny_yolo()
-    yolo = ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+    _, yolo = se_yolo
     open_blends(yolo.model, 0.5)
     task_trainer = ai.ultralytics.trainer(yolo)(
         overrides=dict(
             data=str(dataset),
             model="yolov8n.yaml",
-            imgsz=SIZE,
+            imgsz=TRAIN_SIZE,
             device="cpu",
             project=str(tmp_path),
             plots=False,
@@ -268,8 +289,8 @@ def test_a_different_class_count_rebuilds_the_head_and_keeps_blocks_and_weights(
             assert torch.equal(value, expected[key]), key
 
 
-def test_bridge_and_inject_refuse_what_is_not_a_patched_yolo(yolo_home):
-    base = tiny_yolo()
+def test_bridge_and_inject_refuse_what_is_not_a_patched_yolo(se_yolo):
+    base, _ = se_yolo
     with pytest.raises(ai.ultralytics.UltralyticsError, match="patch it first"):
         ai.ultralytics.trainer(base)
     with pytest.raises(ai.ultralytics.UltralyticsError, match="takes an Ultralytics YOLO"):
@@ -278,9 +299,8 @@ def test_bridge_and_inject_refuse_what_is_not_a_patched_yolo(yolo_home):
         ai.ultralytics.trainer(base.model)
 
 
-def test_save_and_load_a_patched_yolo_unnamed(yolo_home, tmp_path):
-    base = tiny_yolo()
-    yolo = ai.ultralytics.inject(base, "se_resnet", input_size=(3, SIZE, SIZE))
+def test_save_and_load_a_patched_yolo_unnamed(se_yolo, tmp_path):
+    _, yolo = se_yolo
     open_blends(yolo.model, 0.25)
     path = tmp_path / "yolo-se.safetensors"
     ai.save(yolo.model, path, model_name="")
@@ -291,26 +311,29 @@ def test_save_and_load_a_patched_yolo_unnamed(yolo_home, tmp_path):
         assert same_outputs(again.eval()(x), yolo.model.eval()(x))
 
 
-def test_cli_refuses_an_ultralytics_pt_without_unpickling_it(yolo_home, tmp_path):
+def test_cli_refuses_an_ultralytics_pt_without_unpickling_it(se_yolo, tmp_path, capsys):
     """A .pt from Ultralytics is a pickle of the whole model: convert and validate refuse it in
     one line, and nothing in it runs (a pickle that would write a file, were it unpickled,
-    writes none)."""
+    writes none). The CLI's main runs in this process: a reader that unpickled would run the
+    trap here just the same."""
     marker = tmp_path / "unpickled"
     checkpoint = tmp_path / "best.pt"
-    torch.save({"model": tiny_yolo().model, "trap": Trap(str(marker))}, checkpoint)
-    cli = [sys.executable, "-m", "attn_inject"]
+    torch.save({"model": se_yolo[0].model, "trap": Trap(str(marker))}, checkpoint)
     commands = {
-        "is a PyTorch checkpoint, not a file written by attn-inject": [*cli, "validate", str(checkpoint)],
+        "is a PyTorch checkpoint, not a file written by attn-inject": ["validate", str(checkpoint)],
         "never unpickled": [
-            *cli, "convert", "--model", "tv:resnet18", "--checkpoint", str(checkpoint),
+            "convert", "--model", "tv:resnet18", "--checkpoint", str(checkpoint),
             "--recipe", "se_resnet", "--out", str(tmp_path / "out.safetensors"),
         ],
     }  # fmt: skip
+    capsys.readouterr()
     for said, command in commands.items():
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
-        assert len(lines) == 1 and said in lines[0], done.stderr
+        with in_folder(tmp_path):
+            code = cli_main(command)
+        stderr = capsys.readouterr().err
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code != 0 and "Traceback" not in stderr, stderr
+        assert len(lines) == 1 and said in lines[0], stderr
     assert not marker.exists()
 
 
