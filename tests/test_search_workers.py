@@ -1,5 +1,6 @@
 """``attn-inject search`` across processes: worker processes sharing one study, on SQLite and
-on a PostgreSQL server the test starts, and a worker killed mid-trial."""
+on a PostgreSQL server the test starts, and a worker killed mid-trial. In each test one worker
+is a process of its own and the other runs in the test's process, beside it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from attn_inject.cli.main import main
 
 from .test_search import REPO, args, data, finished, optuna, study_of
 
@@ -38,27 +41,43 @@ def _ran(process) -> int:
     return json.loads(stdout.strip().splitlines()[-1])["ran"]
 
 
-def test_two_workers_on_one_sqlite_study_run_every_trial_exactly_once(data, tmp_path):
+def _started_a_trial(process, out: Path) -> None:
+    """Wait until the worker ``process`` has begun its first trial under ``out``."""
+    deadline = time.monotonic() + 120
+    while not (out / "trials").is_dir() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+
+
+def _ran_here(capsys, data: Path, out: Path, *extra: str, recipes=("se_resnet",), **kw) -> int:
+    """A worker in this test's own process (the other workers are processes of their own):
+    the number of trials it ran."""
+    capsys.readouterr()
+    assert main(["--json", *args(data, out, *recipes, **kw), *extra]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ran"]
+
+
+def test_two_workers_on_one_sqlite_study_run_every_trial_exactly_once(data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    workers = [_worker(data, out), _worker(data, out)]
-    ran = [_ran(w) for w in workers]
+    other = _worker(data, out)
+    _started_a_trial(other, out)  # the study is shared while both work
+    ran = [_ran_here(capsys, data, out), _ran(other)]
     study = study_of(out)
     grid = sorted((n, (s,)) for n in ("baseline", "se_resnet") for s in (0, 1))
     assert finished(study) == grid and sum(ran) == len(grid) == len(study.trials)
 
 
-def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(data, tmp_path):
+def test_a_worker_killed_mid_trial_has_its_trial_retried_and_the_study_completes(data, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    first = _worker(data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=3)
+    # two epochs: the kill lands after the first epoch's files, inside the trial
+    first = _worker(data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=2)
     deadline = time.monotonic() + 120
     while not list(out.glob("trials/*/run/summary.csv")) and time.monotonic() < deadline:
         time.sleep(0.1)  # killed once a fine-tune is under way
     first.send_signal(signal.SIGKILL)
     first.communicate()
-    second = _worker(data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=3)
-    _ran(second)
+    _ran_here(capsys, data, out, "--heartbeat", "1", recipes=("se_resnet",), repeats=1, epochs=2)
     study = study_of(out)
     states = [t.state for t in study.trials]
     assert finished(study) == [("baseline", (0,)), ("se_resnet", (0,))]
@@ -123,11 +142,12 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_workers_on_one_postgresql_study_run_every_trial_exactly_once(data, tmp_path, postgres):
+def test_two_workers_on_one_postgresql_study_run_every_trial_exactly_once(data, tmp_path, postgres, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    workers = [_worker(data, out, "--storage", postgres) for _ in range(2)]
-    ran = [_ran(w) for w in workers]
+    other = _worker(data, out, "--storage", postgres)
+    _started_a_trial(other, out)
+    ran = [_ran_here(capsys, data, out, "--storage", postgres), _ran(other)]
     study = optuna.load_study(study_name="attn-inject-search", storage=postgres)
     grid = sorted((n, (s,)) for n in ("baseline", "se_resnet") for s in (0, 1))
     assert finished(study) == grid and sum(ran) == len(grid) == len(study.trials)
