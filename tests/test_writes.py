@@ -45,8 +45,9 @@ STALLED_WRITER = textwrap.dedent(
     mode, out = sys.argv[1], sys.argv[3]
     if mode == "convert":
         from attn_inject.cli.main import main
-        sys.exit(main(["convert", "--model", "timm:resnet10t", "--checkpoint", sys.argv[4],
-                       "--recipe", "se_resnet", "--out", out, "--input-size", "3", "64", "64"]))
+        sys.exit(main(["convert", "--model", "timm:test_resnet", "--checkpoint", sys.argv[4],
+                       "--recipe", "se_resnet", "--out", out, "--input-size", "3", "32", "32",
+                       "--checks", "finite"]))
     import torch
     from attn_inject.saving.checkpoint import CheckpointError, write_safetensors
     try:
@@ -92,16 +93,17 @@ def stalled_writer(tmp_path: pathlib.Path, mode: str, *extra: str) -> subprocess
     return process
 
 
-def resnet10t_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
+def small_resnet_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
+    """timm's ``test_resnet`` (0.4 M parameters) as a PyTorch checkpoint."""
     import timm
 
     checkpoint = tmp_path / "in.pth"
-    torch.save(timm.create_model("resnet10t").state_dict(), checkpoint)
+    torch.save(timm.create_model("test_resnet").state_dict(), checkpoint)
     return checkpoint
 
 
 def test_sigterm_during_convert_leaves_no_file(tmp_path):
-    process = stalled_writer(tmp_path, "convert", str(resnet10t_checkpoint(tmp_path)))
+    process = stalled_writer(tmp_path, "convert", str(small_resnet_checkpoint(tmp_path)))
     assert len(leftovers(tmp_path)) == 1  # the complete temporary file, not yet renamed
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == -signal.SIGTERM  # ended by the signal, as asked
