@@ -25,8 +25,11 @@ def resnet18():
     return torchvision.models.resnet18().eval()
 
 
-@pytest.fixture
-def checkpoints(tmp_path, resnet18):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, resnet18):
+    """resnet18's weights as a plain and a wrapped PyTorch checkpoint, written once for the
+    module in a folder of their own (tests read them; none writes there)."""
+    tmp_path = tmp_path_factory.mktemp("checkpoints")
     plain = tmp_path / "plain.pth"
     torch.save(resnet18.state_dict(), plain)
     wrapped = tmp_path / "wrapped.pth"
