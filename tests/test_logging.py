@@ -4,6 +4,9 @@ with each tool's own reader and compared with the run's ``summary.csv``."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import re
 import sys
 from pathlib import Path
@@ -36,16 +39,52 @@ def step_lines(err: str) -> list[re.Match]:
     return [m for m in map(LINE.match, err.splitlines()) if m]
 
 
-@pytest.mark.parametrize("interval, logged_steps", [(1, [1, 2, 3]), (2, [2, 3])])
-def test_a_pipe_gets_a_line_every_log_interval_with_loss_lr_throughput_and_eta(
-    checkpoint, data, tmp_path, capsys, interval, logged_steps
-):
-    out = tmp_path / "run"
-    argv = finetune_args(checkpoint, data, out, "--log-interval", str(interval), epochs=2)
-    assert main(argv) == 0
-    lines = step_lines(capsys.readouterr().err)  # capsys is not a terminal: no bar, lines
+@dataclasses.dataclass(frozen=True)
+class LoggedRun:
+    """A finished two-epoch fine-tune: its folder, what it printed, and where it logged."""
+
+    out: Path
+    err: str
+    board: Path | None = None
+    mlflow_uri: str | None = None
+
+
+def _logged_run(checkpoint: Path, data: Path, folder: Path, interval: int, trackers: bool) -> LoggedRun:
+    out, board, uri = folder / "run", folder / "tb", (folder / "mlruns").as_uri()
+    extra = ["--log-interval", str(interval)]
+    if trackers:
+        extra += ["--log-tensorboard", str(board), "--log-mlflow"]
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(io.StringIO()) as err:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store, kept for tests
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        assert main(finetune_args(checkpoint, data, out, *extra, epochs=2)) == 0
+    if not trackers:
+        return LoggedRun(out, err.getvalue())
+    return LoggedRun(out, err.getvalue(), board, uri)
+
+
+@pytest.fixture(scope="module")
+def every_step(checkpoint, data, tmp_path_factory) -> LoggedRun:
+    """A run printing into a pipe (not a terminal: lines, no bar) at every step."""
+    return _logged_run(checkpoint, data, tmp_path_factory.mktemp("every"), 1, trackers=False)
+
+
+@pytest.fixture(scope="module")
+def tracked(checkpoint, data, tmp_path_factory) -> LoggedRun:
+    """One run read by several tests: every 2 steps into a pipe, TensorBoard and MLflow."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    return _logged_run(checkpoint, data, tmp_path_factory.mktemp("tracked"), 2, trackers=True)
+
+
+@pytest.mark.parametrize("run, logged_steps", [("every_step", [1, 2, 3]), ("tracked", [2, 3])])
+def test_a_pipe_gets_a_line_every_log_interval_with_loss_lr_throughput_and_eta(request, run, logged_steps):
+    """``--log-interval 1`` and ``2``: a line at every step, and every other step plus the last."""
+    done: LoggedRun = request.getfixturevalue(run)
+    lines = step_lines(done.err)
     assert [(int(m[1]), int(m[3])) for m in lines] == [(e, s) for e in (1, 2) for s in logged_steps]
-    summary = read_rows(out / "summary.csv")
+    summary = read_rows(done.out / "summary.csv")
     for epoch, row in enumerate(summary, start=1):
         last = [m for m in lines if int(m[1]) == epoch][-1]
         assert int(last[4]) == STEPS and int(last[5]) == 100
@@ -63,54 +102,37 @@ def test_a_log_interval_below_one_exits_2(checkpoint, data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_event_files_hold_the_summary_per_epoch_and_the_steps(checkpoint, data, tmp_path):
-    pytest.importorskip("tensorboard")
+def test_tensorboard_event_files_hold_the_summary_per_epoch_and_the_steps(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, board = tmp_path / "run", tmp_path / "tb"
-    argv = finetune_args(
-        checkpoint, data, out, "--log-tensorboard", str(board), "--log-interval", "2", epochs=2
-    )
-    assert main(argv) == 0
-    events = EventAccumulator(str(board))
+    events = EventAccumulator(str(tracked.board))
     events.Reload()
-    summary = read_rows(out / "summary.csv")
+    summary = read_rows(tracked.out / "summary.csv")
     top1 = [(e.step, e.value) for e in events.Scalars("eval/top1")]
     assert top1 == [(STEPS * k, pytest.approx(float(r["eval_top1"]))) for k, r in enumerate(summary, 1)]
     losses = [(e.step, e.value) for e in events.Scalars("train/epoch_loss")]
     assert [v for _, v in losses] == pytest.approx([float(r["train_loss"]) for r in summary], rel=1e-5)
-    assert [e.step for e in events.Scalars("train/loss")] == [
-        2,
-        3,
-        5,
-        6,
-    ]  # every 2 steps and each epoch's last
+    # every 2 steps and each epoch's last
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 5, 6]
     assert all(e.value > 0 for e in events.Scalars("train/images_per_s"))
     assert "settings" in "".join(events.Tags()["tensors"])
 
 
-def test_mlflow_records_params_metrics_and_a_finished_run(checkpoint, data, tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+def test_mlflow_records_params_metrics_and_a_finished_run(tracked):
     from mlflow.tracking import MlflowClient
 
-    uri = (tmp_path / "mlruns").as_uri()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store, kept for tests
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out, "--log-mlflow", epochs=2)) == 0
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=tracked.mlflow_uri)
     experiment = client.get_experiment_by_name("attn-inject")
     (found,) = client.search_runs([experiment.experiment_id])
     assert found.info.status == "FINISHED"
     assert found.data.params["lr"] == "0.001" and found.data.params["epochs"] == "2"
-    summary = read_rows(out / "summary.csv")
+    summary = read_rows(tracked.out / "summary.csv")
     history = client.get_metric_history(found.info.run_id, "eval/top1")
     assert [(m.step, m.value) for m in history] == [
         (STEPS * k, pytest.approx(float(r["eval_top1"]))) for k, r in enumerate(summary, 1)
     ]
     steps = [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")]
-    assert steps == [3, 6]  # --log-interval 50: each epoch's last step
+    assert steps == [2, 3, 5, 6]  # --log-interval 2: every 2 steps and each epoch's last
 
 
 @pytest.mark.parametrize("flag, module, package", [("--log-mlflow", "mlflow", "mlflow-skinny"),
