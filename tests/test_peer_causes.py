@@ -22,14 +22,25 @@ CONV_OUTPUT = {
 }
 
 
+# Hiera's four stages, one block each, 16 channels wide: the layout of hiera_tiny_224 at a
+# fraction of its cost (what is planned depends on the stages, not on their depth or width)
+TINY_HIERA = {"stages": (1, 1, 1, 1), "embed_dim": 16, "num_heads": 1}
+
+
 def _keys(plan: ai.Plan) -> list[tuple[str, str, str]]:
     return [(p.name, p.node, p.key) for p in plan]
 
 
-def test_inject_inside_a_meta_default_device_places_what_it_places_on_the_cpu():
-    cpu_plan = ai.plan(timm.create_model("hiera_tiny_224"), "cbam_after_every_stage")
+@pytest.fixture(scope="module")
+def hiera_cpu_plan() -> ai.Plan:
+    """The plan of the tiny Hiera built on the CPU: the reference the meta-device tests compare to."""
+    return ai.plan(timm.create_model("hiera_tiny_224", **TINY_HIERA), "cbam_after_every_stage")
+
+
+def test_inject_inside_a_meta_default_device_places_what_it_places_on_the_cpu(hiera_cpu_plan):
+    cpu_plan = hiera_cpu_plan
     with torch.device("meta"):  # timm's tests build their models this way
-        model = timm.create_model("hiera_tiny_224")
+        model = timm.create_model("hiera_tiny_224", **TINY_HIERA)
         patched = ai.inject(model, "cbam_after_every_stage")
     plan = patched.attn_inject.plan
     assert len(cpu_plan) == 4  # one block after each of Hiera's four stages
@@ -39,12 +50,13 @@ def test_inject_inside_a_meta_default_device_places_what_it_places_on_the_cpu():
     assert all(t.is_meta for b in blocks.values() for t in b.parameters())
 
 
-def test_a_model_on_the_meta_device_plans_like_the_same_model_on_the_cpu():
-    on_cpu = ai.plan(timm.create_model("hiera_tiny_224"), "cbam_after_every_stage")
-    on_meta = ai.plan(meta_model("timm:hiera_tiny_224"), "cbam_after_every_stage")
+def test_a_model_on_the_meta_device_plans_like_the_same_model_on_the_cpu(hiera_cpu_plan):
+    on_cpu = hiera_cpu_plan
+    on_meta = ai.plan(meta_model("timm:hiera_tiny_224", **TINY_HIERA), "cbam_after_every_stage")
     assert _keys(on_meta) == _keys(on_cpu)
     with torch.device("meta"):
-        assert _keys(ai.plan(meta_model("timm:hiera_tiny_224"), "cbam_after_every_stage")) == _keys(on_cpu)
+        tiny = meta_model("timm:hiera_tiny_224", **TINY_HIERA)
+        assert _keys(ai.plan(tiny, "cbam_after_every_stage")) == _keys(on_cpu)
         assert on_meta.base_macs > 0  # the lazy MAC count also runs under a meta default
 
 
@@ -56,8 +68,11 @@ def _scripted(model: nn.Module) -> torch.jit.ScriptModule:
 
 def test_densenet_with_se_blocks_scripts_and_the_script_computes_what_the_model_does():
     # _DenseLayer.forward declares TorchScript overloads (a tensor or a list of tensors).
+    # A DenseNet of four blocks of two narrow layers: densenet121's classes at a tenth of its script.
     torch.manual_seed(0)
-    model = torchvision.models.densenet121().eval()
+    model = torchvision.models.DenseNet(
+        growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2
+    ).eval()
     patched = ai.inject(model, "se_resnet", init="paper").eval()
     assert len(ai.inserted_blocks(patched)) > 0
     scripted = _scripted(patched)
@@ -87,7 +102,8 @@ def test_a_quantized_model_is_refused_in_one_line_naming_why():
 def test_a_quantizable_model_still_in_float_takes_a_block_in_every_residual_unit():
     model = torchvision.models.quantization.resnet18(quantize=False).eval()
     units = [n for n, m in model.named_modules() if type(m).__name__ == "QuantizableBasicBlock"]
-    with pytest.warns(UserWarning, match="prepare_fx"):  # its eager-mode fuse_model cannot (see test_quantization)
+    # its eager-mode fuse_model cannot (see test_quantization)
+    with pytest.warns(UserWarning, match="prepare_fx"):
         patched = ai.inject(model, "se_resnet").eval()
     assert [p.name for p in patched.attn_inject.plan] == units
     x = torch.randn(2, 3, 64, 64)
