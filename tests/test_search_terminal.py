@@ -1,5 +1,6 @@
 """``attn-inject search`` gives one result for one seed whether it prints to a terminal (a
-progress bar, which imports rich) or into a pipe: every trial's ``summary.csv`` byte for byte."""
+progress bar, which imports rich; a fresh interpreter on a pseudo-terminal) or not (this
+process, into a buffer): every trial's ``summary.csv`` byte for byte."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_finetune_inputs import run_in_a_pipe, run_on_a_terminal
+from .test_finetune_inputs import run_here, run_on_a_terminal
 from .test_search import args, write_digits
 
 pytest.importorskip("optuna")
@@ -23,7 +24,7 @@ def summaries(out: Path) -> dict[str, bytes]:
 def test_one_seed_gives_the_same_search_in_a_pipe_and_on_a_terminal(tmp_path):
     data = write_digits(tmp_path / "digits", (0, 1), per_class=8)
     piped, terminal = tmp_path / "piped", tmp_path / "terminal"
-    run_in_a_pipe(args(data, piped, "se_resnet", repeats=1))
+    run_here(args(data, piped, "se_resnet", repeats=1))  # no terminal: this process, printing into a buffer
     screen = run_on_a_terminal(args(data, terminal, "se_resnet", repeats=1))
     assert b"\x1b[" in screen  # the terminal run drew with rich
     assert summaries(piped) == summaries(terminal)
