@@ -474,9 +474,13 @@ def test_sigterm_ends_the_run_with_how_to_resume_and_no_temporary_file(checkpoin
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(checkpoint, data, tmp_path):
+def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(
+    checkpoint, data, finished_run, tmp_path
+):
+    import shutil
+
     out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out)) == 0
+    shutil.copytree(finished_run, out)  # a finished run of its own
     stale = [
         out / ".resume.pth.0badf00d.tmp",
         out / ".curves.png.0badf00d.tmp.png",
