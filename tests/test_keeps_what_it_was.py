@@ -18,9 +18,13 @@ import attn_inject as ai
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
+# ViT-Tiny's blocks, prefix token and 4 x 4 grid at 64 px, four blocks deep instead of twelve
+VIT_DEPTH = 4
+
+
 def _vit(**kwargs) -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=64, **kwargs).eval()
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=VIT_DEPTH, **kwargs).eval()
 
 
 # Swin's structure (shifted windows in pairs of blocks, patch merging, the mask) at an eighth
@@ -61,13 +65,13 @@ def test_every_changed_module_is_an_instance_of_its_own_class_with_its_methods(r
 def test_containers_keep_their_length_and_intermediates_carry_the_blocks():
     model = _vit()
     patched = ai.inject(model, "cbam_after_every_stage", init="paper")
-    assert len(patched.blocks) == len(model.blocks) == 12
+    assert len(patched.blocks) == len(model.blocks) == VIT_DEPTH
     assert [type(b) for b in patched.blocks] == [type(b) for b in patched.blocks]
     assert all(isinstance(b, type(model.blocks[0])) for b in patched.blocks)
     with torch.no_grad():
         final, inner = patched.forward_intermediates(X64)
         _, plain = model.forward_intermediates(X64)
-        assert len(inner) == len(plain) == 12
+        assert len(inner) == len(plain) == VIT_DEPTH
         assert torch.equal(final, patched.forward_features(X64))
         h = patched.patch_embed(X64)
         h = patched.norm_pre(patched.patch_drop(patched._pos_embed(h)))
@@ -263,15 +267,17 @@ def test_a_token_grid_changed_after_inject_is_one_clear_error():
 @pytest.mark.parametrize("recipe", ["se_resnet", "cbam_after_every_stage", "se_post"])
 def test_static_and_dynamic_size_swin_get_the_same_points_and_load_each_others_weights(recipe):
     """``strict_img_size=False`` builds each shifted-window mask from the input's sizes
-    (``get_attn_mask(x)``): traced as one call, the blocks around it stay open to insertion."""
+    (``get_attn_mask(x)``): traced as one call, the blocks around it stay open to insertion.
+    The plans compared are the ones each ``inject`` recorded and placed its blocks by."""
     torch.manual_seed(0)
     static = _swin()
     dynamic = _swin(strict_img_size=False)
-    static_plan, dynamic_plan = ai.plan(static, recipe), ai.plan(dynamic, recipe)
-    assert not dynamic_plan.opaque
-    assert [p.key for p in dynamic_plan] == [p.key for p in static_plan]
     patched_static = ai.inject(static, recipe, init="paper")
     patched_dynamic = ai.inject(dynamic, recipe, init="paper")
+    static_plan, dynamic_plan = patched_static.attn_inject.plan, patched_dynamic.attn_inject.plan
+    assert not dynamic_plan.opaque
+    assert [p.key for p in dynamic_plan] == [p.key for p in static_plan]
+    assert sorted(ai.inserted_blocks(patched_dynamic)) == sorted(patched_dynamic.attn_inject.block_keys)
     patched_dynamic.load_state_dict(patched_static.state_dict())
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
