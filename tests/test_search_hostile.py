@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -32,12 +33,27 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def finished_study(data, tmp_path_factory) -> Path:
+    """The --out of a finished search (the baseline and se_resnet, one seed each) on SQLite:
+    tests take a copy of their own (the study reads its trial folders from where it is)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(args(data, out, "se_resnet", repeats=1)) == 0
+    return out
+
+
+def copy_of(finished: Path, out: Path) -> Path:
+    shutil.copytree(finished, out)
+    return out
+
+
 # --- a second study in the same --out ------------------------------------------------------
 
 
-def test_a_second_study_in_the_same_out_keeps_its_own_trials_and_report(data, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(args(data, out, "se_resnet", repeats=1)) == 0
+def test_a_second_study_in_the_same_out_keeps_its_own_trials_and_report(
+    data, finished_study, tmp_path, capsys
+):
+    out = copy_of(finished_study, tmp_path / "run")
     first = {k: v for k, v in _tree(out).items() if k != "study.db"}
     assert "trials/0000-seed0/run/last.safetensors" in first and "leaderboard.md" in first
     assert main([*args(data, out, "eca_after_every_stage", repeats=1), "--study", "second"]) == 0
@@ -127,12 +143,10 @@ def _forge_complete(study, candidate, seeds, values, **attrs) -> None:
 
 
 def test_forged_trials_lead_nowhere_outside_out_and_the_report_skips_them_one_line_each(
-    data, tmp_path, capsys
+    data, finished_study, tmp_path, capsys
 ):
-    out = tmp_path / "nest" / "run"
+    out = copy_of(finished_study, tmp_path / "nest" / "run")
     argv = args(data, out, "se_resnet", repeats=1)
-    assert main(argv) == 0
-    capsys.readouterr()
     study = study_of(out)
     # waiting trials whose seeds would be paths, or too large for any generator
     for seeds in (["0/../../X"], [10**200], "0", []):
@@ -164,10 +178,10 @@ def test_forged_trials_lead_nowhere_outside_out_and_the_report_skips_them_one_li
     assert (out / "best.safetensors").is_file()
 
 
-def test_a_best_run_whose_file_is_not_here_leaves_no_stale_best_file(data, tmp_path, capsys):
-    out = tmp_path / "run"
+def test_a_best_run_whose_file_is_not_here_leaves_no_stale_best_file(data, finished_study, tmp_path, capsys):
+    out = copy_of(finished_study, tmp_path / "run")
     argv = args(data, out, "se_resnet", repeats=1)
-    assert main(argv) == 0 and (out / "best.safetensors").is_file()
+    assert (out / "best.safetensors").is_file()
     for weights in out.glob("trials/*/run/last.safetensors"):  # another machine's runs, say
         weights.unlink()
     assert main(argv) == 0
