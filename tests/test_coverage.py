@@ -99,17 +99,17 @@ def test_failure_in_the_roots_own_forward_names_the_reason():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, strategy",
+    "name, kwargs, input_size, strategy",
     [
-        ("timm:hiera_tiny_224", {}, "whole"),
-        ("timm:gemma4_vit_167m", {"depth": 2}, "opaque"),
-    ],  # 2 of 16 blocks: fast
+        ("timm:hiera_tiny_224", {}, None, "whole"),
+        ("timm:gemma4_vit_167m", {"depth": 1}, (3, 64, 64), "opaque"),
+    ],  # 1 of 16 blocks, a 4 x 4 patch grid instead of its 48 x 48: fast
 )
-def test_timm_models_plain_fx_cannot_trace_now_plan(name, kwargs, strategy):
+def test_timm_models_plain_fx_cannot_trace_now_plan(name, kwargs, input_size, strategy):
     model = meta_model(name, **kwargs)
     with pytest.raises((RuntimeError, torch.fx.proxy.TraceError)):
         torch.fx.symbolic_trace(model)
-    plan = ai.plan(model, "se_resnet")
+    plan = ai.plan(model, "se_resnet", input_size=input_size)
     assert plan.tracing == strategy
 
 
@@ -134,7 +134,7 @@ def test_detection_model_gets_its_backbone_by_default_and_stays_unchanged():
     with torch.no_grad():
         reference, output = model.backbone(x), patched.backbone(x)
     assert all(torch.equal(reference[k], output[k]) for k in reference)
-    assert ai.validate(model, patched).passed
+    assert ai.validate(model, patched, input_size=SIZE).passed
 
 
 @pytest.mark.parametrize(
