@@ -58,6 +58,35 @@ class ShapedProxy(fx.Proxy):
         return super().__iter__()
 
 
+# Code that never calls a module or a function fx patched: torch's operators, on tensors.
+TORCH_FUNCTION_MODULES = frozenset(
+    {
+        "torch",
+        "torch.functional",
+        "torch.nn.functional",
+        "torch._C._nn",
+        "torch._C._VariableFunctions",
+        "_operator",
+    }
+)
+_UNPATCHED = contextlib.nullcontext()
+
+
+def _may_call_modules(kind: str, target: Any, values: tuple[Any, Any]) -> bool:
+    """Whether evaluating a node may run code that calls a module or a function fx has
+    patched for the trace, which must then be set aside (they would record nodes): a module,
+    an attribute fetch, or any function but torch's operators and a tensor's own methods.
+    Setting the patches aside costs two writes per patched function, for every node."""
+    if kind == "call_method":
+        args = values[0]
+        return not (args and isinstance(args[0], torch.Tensor))
+    if kind == "call_function":
+        if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+            return False
+        return getattr(target, "__module__", None) not in TORCH_FUNCTION_MODULES
+    return True
+
+
 class ShapedTracer(ModelTracer):
     """Traces one module for given inputs, evaluating every node on meta tensors as it is
     created; its leaves are the model trace's (:class:`ModelTracer`)."""
@@ -83,8 +112,8 @@ class ShapedTracer(ModelTracer):
             if self.evaluator is None:
                 self.evaluator = MetaInterpreter(self.root_module, graph=self.graph)
             evaluator = self.evaluator
-            with _patches_reverted():
-                values = fx.node.map_arg((node.args, node.kwargs), self._value)
+            values = fx.node.map_arg((node.args, node.kwargs), self._value)
+            with _patches_reverted() if _may_call_modules(kind, node.target, values) else _UNPATCHED:
                 node.meta["val"] = all_meta(getattr(evaluator, kind)(node.target, *values))
         return proxy
 
