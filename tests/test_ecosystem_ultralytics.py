@@ -300,8 +300,13 @@ def test_bridge_and_inject_refuse_what_is_not_a_patched_yolo(se_yolo):
 
 
 def test_save_and_load_a_patched_yolo_unnamed(se_yolo, tmp_path):
+    """Saved after it has run, as a trained model is: the shape Detect caches while running
+    is not part of the network, so the fresh build it is loaded onto matches."""
     _, yolo = se_yolo
     open_blends(yolo.model, 0.25)
+    with torch.no_grad():
+        yolo.model.eval()(torch.rand(1, 3, SIZE, SIZE))
+    assert isinstance(vars(yolo.model.model[-1]).get("shape"), torch.Size)
     path = tmp_path / "yolo-se.safetensors"
     ai.save(yolo.model, path, model_name="")
     again = ai.load(path, model=tiny_yolo().model)

@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..core.messages import shown
@@ -45,6 +46,8 @@ _SIMPLE = (bool, int, float, str, type(None))
 
 
 def _plain(value: object) -> bool:
+    if isinstance(value, torch.Size):  # a shape seen while running (Ultralytics' Detect caches its input's)
+        return False
     if isinstance(value, _SIMPLE):
         return True
     return (
