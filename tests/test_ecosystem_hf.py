@@ -4,11 +4,13 @@ models built from tiny configs with random weights, and their save / load round 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
 import json
 import os
+import shutil
 from collections import OrderedDict
 
 import pytest
@@ -245,6 +247,18 @@ INJECTING = [
 ]
 
 
+@functools.cache
+def _injected_once(name: str, recipe: str):
+    model, size = _hf_model(name)
+    return ai.inject(model, recipe, init="identity", input_size=(3, size, size))
+
+
+def _injected(name: str, recipe: str):
+    """``name`` injected with ``recipe`` at identity: injected once per module, each test its
+    own copy."""
+    return copy.deepcopy(_injected_once(name, recipe))
+
+
 def _assert_same_output(want, got) -> None:
     assert type(got) is type(want)
     assert list(got.keys()) == list(want.keys())
@@ -255,7 +269,7 @@ def _assert_same_output(want, got) -> None:
 @pytest.mark.parametrize(("name", "recipe"), INJECTING)
 def test_hf_model_injects_identity_exact_on_every_output_field(name, recipe):
     model, size = _hf_model(name)
-    patched = ai.inject(model, recipe, init="identity", input_size=(3, size, size))
+    patched = _injected(name, recipe)
     assert len(ai.inserted_blocks(patched)) > 0
     assert ai.base_class(patched) is type(model) and type(patched).__name__ == type(model).__name__
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -266,8 +280,8 @@ def test_hf_model_injects_identity_exact_on_every_output_field(name, recipe):
 
 
 def test_hf_swin_gets_a_block_at_every_stage_end_the_last_before_its_pooler():
-    model, size = _hf_model("swin")
-    plan = ai.plan(model, "cbam_after_every_stage", input_size=(3, size, size))
+    """The plan the injection recorded and placed its blocks by."""
+    plan = _injected("swin", "cbam_after_every_stage").attn_inject.plan
     assert [p.name for p in plan] == ["encoder.layers.0.blocks.0", "layernorm"]
     assert not plan.skipped
 
@@ -276,7 +290,7 @@ def test_hf_decorated_forward_still_answers_return_dict_false():
     """ConvNext's forward is wrapped by ``@can_return_tuple``; its blocks live in its stages,
     so the decorator runs as written and ``return_dict=False`` still gives a tuple."""
     model, size = _hf_model("convnext")
-    patched = ai.inject(model, "se_after_every_stage", input_size=(3, size, size))
+    patched = _injected("convnext", "cbam_after_every_stage")
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want, got = model(x, return_dict=False), patched(x, return_dict=False)
@@ -289,7 +303,7 @@ def test_hf_root_rewritten_keeps_its_model_output_and_refuses_other_flags():
     """PoolFormer's last stage ends in the root's own code: its forward is rewritten, returns
     the same ModelOutput class, and a flag that would change what it computes is refused."""
     model, size = _hf_model("poolformer")
-    patched = ai.inject(model, "se_after_every_stage", input_size=(3, size, size))
+    patched = _injected("poolformer", "se_after_every_stage")
     spec = derived_spec(patched)
     assert spec is not None and spec.graph is not None
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(3))
@@ -321,27 +335,34 @@ def test_hf_save_pretrained_round_trip_keeps_the_blocks(tmp_path):
         assert not torch.equal(model(x).last_hidden_state, patched(x).last_hidden_state)
 
 
-def test_hf_plain_from_pretrained_on_a_patched_folder_fails_instead_of_dropping_blocks(tmp_path):
+@pytest.fixture(scope="module")
+def saved_resnet(tmp_path_factory):
+    """The tiny ResNet with identity blocks after every stage, saved by ``ai.hf.save_pretrained``
+    once per module (tests that edit it edit a copy)."""
+    _hf()
+    folder = tmp_path_factory.mktemp("hf") / "patched"
+    ai.hf.save_pretrained(_injected("resnet", "se_after_every_stage"), folder)
+    return folder
+
+
+def test_hf_plain_from_pretrained_on_a_patched_folder_fails_instead_of_dropping_blocks(saved_resnet):
     T = _hf()
-    model, size = _hf_model("resnet")
-    ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), tmp_path)
     with pytest.raises(OSError, match=r"model\.safetensors"):
-        T.ResNetModel.from_pretrained(tmp_path)
+        T.ResNetModel.from_pretrained(saved_resnet)
 
 
-def test_hf_from_pretrained_refuses_a_plain_folder_another_class_and_a_bad_entry(tmp_path):
+def test_hf_from_pretrained_refuses_a_plain_folder_another_class_and_a_bad_entry(tmp_path, saved_resnet):
     T = _hf()
-    model, size = _hf_model("resnet")
+    model, _ = _hf_model("resnet")
     plain = tmp_path / "plain"
     model.save_pretrained(plain)
     with pytest.raises(ai.AttnInjectError, match="has no 'attn_inject' entry"):
         ai.hf.from_pretrained(T.ResNetModel, plain)
-    folder = tmp_path / "patched"
-    ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), folder)
+    folder = shutil.copytree(saved_resnet, tmp_path / "patched")
     with pytest.raises(ai.AttnInjectError, match="ResNetForImageClassification"):
         ai.hf.from_pretrained(T.ResNetForImageClassification, folder)
     with pytest.raises(ai.AttnInjectError, match="exists"):
-        ai.hf.save_pretrained(ai.inject(model, "se_after_every_stage", input_size=(3, size, size)), folder)
+        ai.hf.save_pretrained(_injected("resnet", "se_after_every_stage"), folder)
     config = json.loads((folder / "config.json").read_text())
     config["attn_inject"]["weights"] = "../elsewhere.safetensors"
     (folder / "config.json").write_text(json.dumps(config))
