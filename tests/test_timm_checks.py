@@ -23,19 +23,28 @@ X = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(
+    scope="module",
     params=[pytest.param((m, r), id=f"{m}-{r}") for m in MODELS for r in RECIPES]
     + [
         pytest.param((m, r), id=f"{m}-{r}", marks=pytest.mark.zoo)
         for m in WIDER
         for r in RECIPES
         if (m, r) != ("densenet121", "se_resnet")  # DenseNet concatenates: no residual addition
-    ]
+    ],
 )
-def pair(request):
+def injected(request):
+    """The model and its injection, made once per module for each model and recipe."""
     name, recipe = request.param
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     return name, model, ai.inject(model, recipe, input_size=SIZE), recipe
+
+
+@pytest.fixture
+def pair(injected):
+    """(name, model, patched, recipe), the model and the patched model each test's own copies."""
+    name, model, patched, recipe = injected
+    return name, copy.deepcopy(model), copy.deepcopy(patched), recipe
 
 
 def test_backward_gives_every_parameter_a_gradient(pair):
