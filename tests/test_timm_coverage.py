@@ -20,12 +20,17 @@ SIZE = 64
 STAGE_RECIPES = ("se_after_every_stage", "eca_after_every_stage", "cbam_after_every_stage")
 DYNAMIC_GRID = "changes with the input size"  # why CBAM cannot go on tokens of such a grid
 
-# name, builder arguments, the stages CBAM cannot take (their tokens' grid follows the input size)
+# name, builder arguments, the stages CBAM cannot take (their tokens' grid follows the input size);
+# the transformers are built shallower: TinyViT one block a stage, Twins a local and a global
+# attention block a stage, XCiT three blocks (a stage each)
+TINY_VIT = {"depths": (1, 1, 1, 1)}
+XCIT = {"img_size": SIZE, "depth": 3}
 FAMILIES = [
     ("hgnetv2_b0", {}, set()),
-    ("tiny_vit_5m_224", {}, set()),
-    ("twins_svt_small", {"img_size": SIZE}, {3}),  # the last stage ends as tokens, then the norm
-    ("xcit_nano_12_p16_224", {"img_size": SIZE}, set(range(12))),  # every block's tokens
+    ("tiny_vit_5m_224", TINY_VIT, set()),
+    # the last stage ends as tokens, then the norm
+    ("twins_svt_small", {"img_size": SIZE, "depths": (2, 2, 2, 2)}, {3}),
+    ("xcit_nano_12_p16_224", XCIT, set(range(3))),  # every block's tokens
 ]
 
 
@@ -103,14 +108,14 @@ def getter(name: str, **kwargs) -> torch.nn.Module:
 
 
 GETTERS = [
-    ("resnet18", {}, "cbam_after_every_stage"),
-    ("resnet18", {"out_indices": (1, 3)}, "cbam_after_every_stage"),
+    ("resnet10t", {}, "cbam_after_every_stage"),
+    ("resnet10t", {"out_indices": (1, 3)}, "cbam_after_every_stage"),
     ("hgnetv2_b0", {}, "cbam_after_every_stage"),
-    ("tiny_vit_5m_224", {}, "cbam_after_every_stage"),
+    ("tiny_vit_5m_224", TINY_VIT, "cbam_after_every_stage"),
     # its stem runs a slice of its stem Sequential (self.stem[:-1](x)): traced through to its members
-    ("vovnet39a", {}, "cbam_after_every_stage"),
+    ("ese_vovnet19b_slim_dw", {}, "cbam_after_every_stage"),
     # feature_info names each block ("blocks.3") of the wrapped model ("model.blocks.3")
-    ("xcit_nano_12_p16_224", {"img_size": SIZE}, "se_after_every_stage"),
+    ("xcit_nano_12_p16_224", XCIT, "se_after_every_stage"),
 ]
 
 
@@ -134,7 +139,7 @@ def test_feature_getter_gets_a_block_per_stage_it_runs_identity_on_every_map(nam
 
 
 def test_feature_getter_block_changes_its_own_map_and_the_later_ones_only():
-    model = getter("resnet18")
+    model = getter("resnet10t")
     patched = ai.inject(model, "se_after_every_stage", input_size=(3, SIZE, SIZE))
     blocks = ai.inserted_blocks(patched)
     key = next(k for k in blocks if k.startswith("model.layer2."))
@@ -149,7 +154,7 @@ def test_feature_getter_block_changes_its_own_map_and_the_later_ones_only():
 
 
 def test_feature_getter_with_chosen_outputs_loads_as_saved(tmp_path):
-    model = getter("resnet18", out_indices=(1, 3))
+    model = getter("resnet10t", out_indices=(1, 3))
     patched = ai.inject(model, "se_after_every_stage", input_size=(3, SIZE, SIZE))
     with torch.no_grad():
         for block in ai.inserted_blocks(patched).values():
