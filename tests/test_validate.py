@@ -4,12 +4,14 @@ they were; the report serialises."""
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import attn_inject as ai
@@ -39,9 +41,22 @@ def run_instead(patched: nn.Module, host: str, forward) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def test_identity_injection_passes_and_matches_the_plain_original_bit_for_bit(build):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+@pytest.fixture(scope="module")
+def se_resnet18_once() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    return model, ai.inject(model, "se_resnet", input_size=SMALL)
+
+
+@pytest.fixture
+def se_resnet18(se_resnet18_once) -> tuple[nn.Module, nn.Module]:
+    """torchvision's resnet18 and its se_resnet injection at 32 px: injected once per module,
+    both models each test's own copies."""
+    return copy.deepcopy(se_resnet18_once)
+
+
+def test_identity_injection_passes_and_matches_the_plain_original_bit_for_bit(se_resnet18):
+    model, patched = se_resnet18
     report = ai.validate(model, patched, device="cpu", checks=FAST)
     assert statuses(report) == dict.fromkeys(FAST, "passed")
     assert report.max_abs_diff == 0 and report.identity_expected and report.params_ok
@@ -67,9 +82,8 @@ def test_trained_blends_of_two_injections_are_checked_in_eval_and_train_mode(bui
     assert not report.unreachable
 
 
-def test_a_negated_block_output_fails_naming_its_point(build):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_a_negated_block_output_fails_naming_its_point(se_resnet18):
+    model, patched = se_resnet18
     run_instead(patched, "layer2.0.bn2", lambda m, x: -m.se(m.forward_without_attention(x)))
     at_identity = ai.validate(model, patched, device="cpu", seeds=1, checks=("identity", "reference"))
     assert not at_identity.passed and not at_identity.identity_ok
@@ -83,9 +97,8 @@ def test_a_negated_block_output_fails_naming_its_point(build):
     assert "layer2.0.bn2.se" in str(trained)
 
 
-def test_a_consumer_wired_to_the_wrong_node_fails_naming_its_point(build):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_a_consumer_wired_to_the_wrong_node_fails_naming_its_point(se_resnet18):
+    model, patched = se_resnet18
     set_blends(patched, 0.5)
 
     def unused(m, x):  # the block runs, the residual add reads its input
@@ -141,9 +154,8 @@ def test_train_mode_catches_a_dropout_lost_in_the_rewrite():
     assert report.check("train").point == "body.0.bn.se"
 
 
-def test_gradients_with_frozen_parameters_and_a_cut_gradient(build):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_gradients_with_frozen_parameters_and_a_cut_gradient(se_resnet18):
+    model, patched = se_resnet18
     frozen = [p for name, p in model.named_parameters() if name.startswith(("conv1", "bn1", "layer1"))]
     try:
         for p in frozen:
@@ -192,9 +204,12 @@ def test_points_no_hook_reaches_are_reported_not_guessed(build):
     )
 
 
-def test_export_and_compile_checks(build, monkeypatch):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_export_and_compile_checks(monkeypatch):
+    """On a small residual network with an SE block in each branch: what is compiled and
+    exported does not depend on the network's size."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    patched = ai.inject(model, SMALL_RECIPE, input_size=SMALL)
     monkeypatch.setattr(runtimes, "compile_backend", lambda device: ("eager", "no compiler in this test"))
     report = ai.validate(model, patched, device="cpu", seeds=1, checks=("compile", "export"))
     assert statuses(report) == {"compile": "passed", "export": "passed"}, report
@@ -248,9 +263,8 @@ def test_report_serialises_to_json_with_every_check(build):
     assert all({"status", "where", "detail", "point"} <= set(c) for c in data["checks"])
 
 
-def test_unknown_checks_and_missing_cuda_are_refused(build):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_unknown_checks_and_missing_cuda_are_refused(se_resnet18):
+    model, patched = se_resnet18
     with pytest.raises(ValueError, match="unknown checks"):
         ai.validate(model, patched, device="cpu", checks=("speed",))
     if not torch.cuda.is_available():
@@ -258,9 +272,8 @@ def test_unknown_checks_and_missing_cuda_are_refused(build):
             ai.validate(model, patched, device="cuda")
 
 
-def test_running_out_of_memory_is_one_clear_error(build, monkeypatch):
-    model = build("tv:resnet18")
-    patched = ai.inject(model, "se_resnet", input_size=SMALL)
+def test_running_out_of_memory_is_one_clear_error(se_resnet18, monkeypatch):
+    model, patched = se_resnet18
 
     def out_of_memory(context):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
