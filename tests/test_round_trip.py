@@ -3,7 +3,8 @@
 timm's builder arguments change the network without changing the model's name: a model
 built with ``global_pool="max"`` and rebuilt without it loads strictly (same keys and
 shapes) and computes something else. The references here are independent of the code under
-test: the models' own ``repr`` and their outputs on the same batch.
+test: the models' own ``repr`` and their outputs on the same batch. The timm model is
+``test_resnet``, timm's tiny ResNet (a deep stem, one block a stage).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def assert_same_network(loaded: torch.nn.Module, saved: torch.nn.Module, kwargs:
 def test_model_built_by_name_round_trips_to_the_same_network(tmp_path, case):
     kwargs = ARGUMENTS[case]
     torch.manual_seed(0)
-    patched = patched_model(build_model("timm:resnet10t", **kwargs), kwargs)
+    patched = patched_model(build_model("timm:test_resnet", **kwargs), kwargs)
     ai.save(patched, tmp_path / "m.safetensors")
     assert ai.read_manifest(tmp_path / "m.safetensors").base_kwargs == kwargs
     assert_same_network(ai.load(tmp_path / "m.safetensors"), patched, kwargs)
@@ -73,7 +74,7 @@ def test_model_built_by_name_round_trips_to_the_same_network(tmp_path, case):
 def test_a_timm_model_whose_arguments_timm_keeps_round_trips_without_them(tmp_path, case):
     kwargs = ARGUMENTS[case]
     torch.manual_seed(0)
-    patched = patched_model(timm.create_model("resnet10t", **kwargs), kwargs)
+    patched = patched_model(timm.create_model("test_resnet", **kwargs), kwargs)
     ai.save(patched, tmp_path / "m.safetensors")
     recorded = ai.read_manifest(tmp_path / "m.safetensors").base_kwargs
     assert all(recorded[key] == value for key, value in kwargs.items())
@@ -84,7 +85,7 @@ def test_a_timm_model_whose_arguments_timm_keeps_round_trips_without_them(tmp_pa
 def test_save_refuses_a_timm_model_whose_arguments_it_cannot_know_until_they_are_given(tmp_path, case):
     kwargs = ARGUMENTS[case]
     torch.manual_seed(0)
-    patched = patched_model(timm.create_model("resnet10t", **kwargs), kwargs)
+    patched = patched_model(timm.create_model("test_resnet", **kwargs), kwargs)
     path = tmp_path / "m.safetensors"
     with pytest.raises(ai.CheckpointError) as info:
         ai.save(patched, path)
@@ -98,34 +99,34 @@ def test_save_refuses_a_timm_model_whose_arguments_it_cannot_know_until_they_are
     ai.save(patched, tmp_path / "unnamed.safetensors", model_name="")
     with pytest.raises(ai.CheckpointError, match="does not name its base model"):
         ai.load(tmp_path / "unnamed.safetensors")
-    base = timm.create_model("resnet10t", **kwargs)
+    base = timm.create_model("test_resnet", **kwargs)
     assert_same_network(ai.load(tmp_path / "unnamed.safetensors", model=base), patched, kwargs)
 
 
 def test_save_names_the_first_module_that_differs(tmp_path):
-    patched = patched_model(timm.create_model("resnet10t", num_classes=10, act_layer="gelu"), {})
+    patched = patched_model(timm.create_model("test_resnet", num_classes=10, act_layer="gelu"), {})
     with pytest.raises(ai.CheckpointError, match=r"conv1\.2: this model has 'GELU\(\)', the rebuilt one"):
         ai.save(patched, tmp_path / "m.safetensors")
 
 
 def test_load_refuses_a_given_model_that_is_not_the_saved_network(tmp_path):
     kwargs = ARGUMENTS["global_pool"]
-    ai.save(patched_model(build_model("timm:resnet10t", **kwargs), kwargs), tmp_path / "m.safetensors")
-    other = timm.create_model("resnet10t", num_classes=10)  # same keys and shapes, average pooling
+    ai.save(patched_model(build_model("timm:test_resnet", **kwargs), kwargs), tmp_path / "m.safetensors")
+    other = timm.create_model("test_resnet", num_classes=10)  # same keys and shapes, average pooling
     with pytest.raises(ai.CheckpointError) as info:
         ai.load(tmp_path / "m.safetensors", model=other)
     message = str(info.value)
     assert "\n" not in message and "is not the network saved in the file" in message
     assert "global_pool.pool: the file has 'AdaptiveMaxPool2d" in message
-    same = timm.create_model("resnet10t", **kwargs)
+    same = timm.create_model("test_resnet", **kwargs)
     assert repr(ai.load(tmp_path / "m.safetensors", model=same).global_pool) == repr(same.global_pool)
 
 
 def test_a_head_replaced_after_injection_is_caught_at_save(tmp_path):
-    patched = patched_model(build_model("timm:resnet10t"), {})
-    patched.fc = torch.nn.Linear(512, 7)
+    patched = patched_model(build_model("timm:test_resnet"), {})
+    patched.fc = torch.nn.Linear(96, 7)
     with pytest.raises(
-        ai.CheckpointError, match=r"fc: this model has 'Linear\(in_features=512, out_features=7"
+        ai.CheckpointError, match=r"fc: this model has 'Linear\(in_features=96, out_features=7"
     ):
         ai.save(patched, tmp_path / "m.safetensors")
     ai.save(patched, tmp_path / "m.safetensors", model_kwargs={"num_classes": 7})
@@ -183,18 +184,18 @@ def test_building_shapes_only_changes_nothing_outside_its_own_thread():
 def test_saving_one_network_again_checks_its_rebuild_once(tmp_path, monkeypatch):
     import attn_inject.saving.file as saving
 
-    patched = patched_model(build_model("timm:resnet10t"), {})
+    patched = patched_model(build_model("timm:test_resnet"), {})
     calls = []
     check = saving._check_rebuilds
     monkeypatch.setattr(saving, "_check_rebuilds", lambda *a: calls.append(a[1]) or check(*a))
     monkeypatch.setattr(saving, "_REBUILDS_CHECKED", {})
     for epoch in range(3):  # as a fine-tuning run saves after every epoch
         ai.save(patched, tmp_path / "last.safetensors", force=True, training={"epoch": epoch})
-    assert calls == ["timm:resnet10t"]
+    assert calls == ["timm:test_resnet"]
     with torch.no_grad():
         patched.conv1[0].weight.zero_()  # new weights, same network: still checked once
     ai.save(patched, tmp_path / "last.safetensors", force=True)
-    changed = patched_model(timm.create_model("resnet10t", num_classes=10, act_layer="gelu"), {})
+    changed = patched_model(timm.create_model("test_resnet", num_classes=10, act_layer="gelu"), {})
     with pytest.raises(ai.CheckpointError, match="GELU"):  # another network is checked, and refused
         ai.save(changed, tmp_path / "other.safetensors")
-    assert calls == ["timm:resnet10t"] * 2
+    assert calls == ["timm:test_resnet"] * 2
