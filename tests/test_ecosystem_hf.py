@@ -275,7 +275,23 @@ def test_hf_model_injects_identity_exact_on_every_output_field(name, recipe):
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _assert_same_output(model(x), patched(x))
-    report = ai.validate(model, patched, checks=("reference", "identity"), seeds=1, device="cpu")
+
+
+# validate's reference (the blocks applied by hooks to the untouched model) on one model of each
+# kind of placement: blocks in a CNN's units, in the root's rewritten code, in a transformer's
+# residual units, CBAM on a token grid and on Swin's windowed stages; the other models under -m zoo
+VALIDATED = {"resnet", "poolformer", "segformer", "deit", "swin"}
+
+
+@pytest.mark.parametrize(
+    ("name", "recipe"),
+    [pytest.param(n, r, marks=() if n in VALIDATED else pytest.mark.zoo) for n, r in INJECTING],
+)
+def test_hf_model_injected_passes_validate(name, recipe):
+    model, _ = _hf_model(name)
+    report = ai.validate(
+        model, _injected(name, recipe), checks=("reference", "identity"), seeds=1, device="cpu"
+    )
     assert report.passed, str(report)
 
 
