@@ -56,6 +56,13 @@ class BlockCosts:
     def __init__(self) -> None:
         self._params: dict[tuple, int] = {}
         self._macs: dict[tuple, int] = {}
+        self._blocks: dict[tuple, nn.Module] = {}  # each meta block, built once for both counts
+
+    def _block(self, block: BlockSpec, channels: int, init: str, layout: Mapping[str, Any]) -> nn.Module:
+        key = self._key(block, channels, init, layout)
+        if key not in self._blocks:
+            self._blocks[key] = _meta_block(block, channels, init, layout)
+        return self._blocks[key]
 
     @staticmethod
     def _key(block: BlockSpec, size: Any, init: str, layout: Mapping[str, Any]) -> tuple:
@@ -66,7 +73,7 @@ class BlockCosts:
         arguments (``blocks.layout_kwargs``)."""
         key = self._key(block, channels, init, layout)
         if key not in self._params:
-            self._params[key] = count_params(_meta_block(block, channels, init, layout))
+            self._params[key] = count_params(self._block(block, channels, init, layout))
         return self._params[key]
 
     def macs(
@@ -82,7 +89,7 @@ class BlockCosts:
         a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
         if key not in self._macs:
-            module = _meta_block(block, channels, init, layout)
+            module = self._block(block, channels, init, layout)
             with MacCounter() as counter:
                 run_block(module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind))
             self._macs[key] = counter.total_macs()
