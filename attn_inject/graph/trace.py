@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -211,6 +212,7 @@ def register_leaf_module(module_class: type | str) -> str:
     no-op."""
     name = _leaf_name(module_class)
     _LEAF_MODULES[name] = None
+    _LEAF_CLASSES.clear()
     return name
 
 
@@ -219,12 +221,21 @@ def unregister_leaf_module(module_class: type | str) -> str:
     package's own blocks stay leaves."""
     name = _leaf_name(module_class)
     unregistered(_LEAF_MODULES, name, _BUILT_IN_LEAVES, "leaf module", "leaf modules")
+    _LEAF_CLASSES.clear()
     return name
 
 
 def registered_leaf(module: nn.Module) -> bool:
     """Whether ``module``'s class, or a class it derives from, is a registered leaf."""
-    return any(_dotted(klass) in _LEAF_MODULES for klass in type(module).__mro__)
+    cls = type(module)
+    known = _LEAF_CLASSES.get(cls)
+    if known is None:
+        known = _LEAF_CLASSES[cls] = any(_dotted(klass) in _LEAF_MODULES for klass in cls.__mro__)
+    return known
+
+
+# registered_leaf's answer per class, for the registry as it is (emptied when it changes).
+_LEAF_CLASSES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def traceable_despite_notrace(module: nn.Module) -> bool:
@@ -246,6 +257,7 @@ class ModelTracer(fx.Tracer):
     ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = tuple(leaf_types)
+        self._listed: dict[type, bool] = {}  # whether a class is one of leaf_types, by class
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
@@ -337,7 +349,10 @@ class ModelTracer(fx.Tracer):
             return True
         if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
             return True
-        if isinstance(m, self.leaf_types) and not traceable_despite_notrace(m):
+        listed = self._listed.get(type(m))
+        if listed is None:
+            listed = self._listed[type(m)] = isinstance(m, self.leaf_types)
+        if listed and not traceable_despite_notrace(m):
             return True
         if isinstance(m, nn.Sequential):
             return False
