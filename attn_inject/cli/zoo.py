@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -39,6 +38,30 @@ def zoo_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
             f"--update replaces rows of {out / 'zoo.csv'}, which does not exist: run the full sweep first"
         )
     return recipes, names, out
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The sweep's command as the report names it: the options it was given, from the parsed
+    arguments (not ``sys.argv``: ``main`` may be called with other arguments than the
+    process's own)."""
+    parts = ["attn-inject zoo"]
+    if args.source != "all":
+        parts += ["--source", args.source]
+    if args.recipes:
+        parts += ["--recipes", *args.recipes]
+    if args.identity_check:
+        parts.append("--identity-check")
+    if args.identity_every != 1:
+        parts += ["--identity-every", str(args.identity_every)]
+    if args.jobs is not None:
+        parts += ["--jobs", str(args.jobs)]
+    if args.update:
+        parts.append("--update")
+    if args.filter:
+        parts += ["--filter", *args.filter]
+    if str(args.out) != "docs":
+        parts += ["--out", str(args.out)]
+    return " ".join(parts)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -77,7 +100,7 @@ def command(args: argparse.Namespace) -> int:
         f"report: {out / 'zoo.md'}, rows: {out / 'zoo.csv'}"
     )
     identity_seconds = sum(r.seconds for r in records if r.identity) if args.identity_check else None
-    command_line = "attn-inject zoo " + " ".join(a for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
+    command_line = _command_line(args)
     update = None
     if full_sweep is not None:  # the report keeps saying how the rows not swept here were made
         update = Update(command_line.strip(), len(names), seconds)
