@@ -631,7 +631,8 @@ def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
     (None, numbers, strings) and the parameter and buffer names of the traced modules, and
     only the class of each leaf layer. Two bottlenecks that differ in channels and stride
     share one; one with a downsample branch does not. Any other attribute (a function, a
-    tensor, an object) is keyed by its identity, and a module with hooks is not keyed."""
+    tensor, an object) is keyed by its identity, a plain value with its type (``1`` is not
+    ``True``), and a module with hooks is not keyed."""
     parts: list[tuple[Any, ...]] = []
     for path, module in host.named_modules():
         if any(getattr(module, hooks, None) for hooks in HOOK_DICTS):
@@ -642,7 +643,7 @@ def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
             continue
         attributes = tuple(
             sorted(
-                (k, v if isinstance(v, CONSTANT_TYPES) else ("object", id(v)))
+                (k, (type(v), v) if isinstance(v, CONSTANT_TYPES) else ("object", id(v)))
                 for k, v in vars(module).items()
                 if not k.startswith("_")
             )
