@@ -22,9 +22,9 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test,dev,search]"
+	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir $(TORCH)
+	$(BIN)/python -m pip install -q --no-cache-dir -e ".[test,dev,search]"
 	touch $(STAMP)
 
 demo: $(STAMP)

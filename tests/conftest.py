@@ -9,9 +9,32 @@ import functools
 import pytest
 import timm
 import torch
+import torch._ops
+import torch.jit._builtins
 import torchvision
 
 SIZE = (3, 64, 64)
+
+
+def _refresh_forgetting_the_replaced_op(packet, _refresh=torch._ops._refresh_packet) -> None:
+    """torch's ``_refresh_packet`` with the replaced op's id taken out of TorchScript's builtin table.
+
+    When a library adds an overload to an op that has a packet already (torch.ao's
+    ``quantized_decomposed`` ops do, on importing ``quantize_fx``), torch swaps the packet's op
+    and registers the new one by ``id``, but leaves the old op's ``id`` in the table. Once the old
+    op is freed, a list that CPython puts at its address (a conv's
+    ``_reversed_padding_repeated_twice``) is taken for that builtin, and ``torch.jit.script``
+    fails on it now and then with "builtin cannot be used as a value". The test processes import
+    ``quantize_fx``, so they forget the replaced op as it is replaced.
+    """
+    replaced = packet._op
+    _refresh(packet)
+    table = torch.jit._builtins._builtin_table
+    if table is not None and packet._op is not replaced:
+        table.pop(id(replaced), None)
+
+
+torch._ops._refresh_packet = _refresh_forgetting_the_replaced_op
 
 
 @functools.cache
