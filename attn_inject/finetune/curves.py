@@ -41,7 +41,8 @@ def plot_curves(
     ``baseline_top1`` adds a reference line to the accuracy panel."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(12, 3.6), dpi=120, layout="constrained")
+    figure = Figure(figsize=(12, 3.6), dpi=120)
+    figure.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.9, wspace=0.2)
     loss, accuracy, gate = figure.subplots(1, 3)
     colours = [f"C{i}" for i in range(10)]
     for i, (label, rows) in enumerate(runs.items()):
@@ -61,13 +62,19 @@ def plot_curves(
     accuracy.set(title="val accuracy (%)", xlabel="epoch")
     gate.set(title="mean blend gate (0 = identity, 1 = paper block)", xlabel="epoch")
     gate.title.set_fontsize(9)
+    epochs_drawn = [
+        int(r["epoch"]) for rows in runs.values() for r in rows if not math.isnan(r.get("epoch", math.nan))
+    ]
     for axes in (loss, accuracy, gate):
         axes.grid(alpha=0.3)
+        if epochs_drawn:  # whole epochs on the axis, a single one included
+            axes.set_xlim(min(epochs_drawn) - 0.5, max(epochs_drawn) + 0.5)
         axes.xaxis.get_major_locator().set_params(integer=True)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)
     if not gate.get_lines():
         gate.text(0.5, 0.5, "no blend gates (init=paper)", ha="center", va="center", transform=gate.transAxes)
     target = Path(path)
-    metadata = {"Software": None} if target.suffix.lower() == ".png" else None
-    write_atomic(target, lambda tmp: figure.savefig(tmp, metadata=metadata), suffix=target.suffix)
+    png = target.suffix.lower() == ".png"
+    options = {"metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}} if png else {}
+    write_atomic(target, lambda tmp: figure.savefig(tmp, **options), suffix=target.suffix)
