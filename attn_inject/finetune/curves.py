@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..core.files import write_atomic
 
@@ -76,5 +77,7 @@ def plot_curves(
         gate.text(0.5, 0.5, "no blend gates (init=paper)", ha="center", va="center", transform=gate.transAxes)
     target = Path(path)
     png = target.suffix.lower() == ".png"
-    options = {"metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}} if png else {}
+    options: dict[str, Any] = (
+        {"metadata": {"Software": None}, "pil_kwargs": {"compress_level": 1}} if png else {}
+    )
     write_atomic(target, lambda tmp: figure.savefig(tmp, **options), suffix=target.suffix)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import ops
 from .layout import annotate_grid_dynamics, annotate_layouts
@@ -20,7 +19,7 @@ __all__ = ["FLOPS_PER_MAC", "AnnotatedGraph", "MacCounter", "annotate", "scope_o
 FLOPS_PER_MAC = 2  # torch's FlopCounterMode counts each multiply-add as two operations
 
 
-class MacCounter(FlopCounterMode):
+class MacCounter(contextlib.AbstractContextManager["MacCounter"]):
     """torch's FlopCounterMode, read in multiply-adds (MACs) as timm's benchmark and fvcore
     report them: one per multiply-add of convolutions, linear layers and matmuls
     (elementwise operations, pooling and normalisation are not counted)::
@@ -28,13 +27,25 @@ class MacCounter(FlopCounterMode):
         >>> with MacCounter() as counter:
         ...     model(x)
         >>> counter.total_macs()
+
+    ``torch.utils.flop_counter`` is imported on first use: it imports ``torch.export`` and
+    Triton, a third of a second that a command counting no MACs does not pay.
     """
 
     def __init__(self) -> None:
-        super().__init__(display=False)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode(display=False)
+
+    def __enter__(self) -> MacCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
 
     def total_macs(self) -> int:
-        return self.get_total_flops() // FLOPS_PER_MAC
+        return self._mode.get_total_flops() // FLOPS_PER_MAC
 
 
 def module_stack(node: fx.Node) -> list[str]:
