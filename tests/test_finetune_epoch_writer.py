@@ -215,3 +215,65 @@ def test_a_write_that_fails_fails_the_run_with_one_line_and_no_temporary(
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "No space left on device" in last, last
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# --- when the curves are drawn ------------------------------------------------------------
+
+
+def test_the_curves_schedule_draws_the_first_epoch_then_at_most_every_period_and_the_last(monkeypatch):
+    from attn_inject.finetune import curves
+
+    now = [100.0]
+    monkeypatch.setattr(curves.time, "monotonic", lambda: now[0])
+    schedule = curves.CurvesSchedule(every_s=60.0)
+    assert schedule.due(1, last=False)  # the first epoch is drawn
+    schedule.drawn(1)
+    now[0] += 59.0
+    assert not schedule.due(2, last=False)
+    assert schedule.due(2, last=True)  # the last epoch always
+    now[0] += 1.0
+    assert schedule.due(2, last=False)  # a period after the last drawing
+    schedule.drawn(2)
+    assert not schedule.due(2, last=True)  # nothing new to draw
+
+
+def _drawn_rows(monkeypatch) -> list[int]:
+    """The number of epochs each drawing of the curves showed, in order."""
+    import attn_inject.finetune.curves as curves
+
+    real, drawn = curves.plot_curves, []
+
+    def counting(runs, path, **kwargs):
+        drawn.append(len(next(iter(runs.values()))))
+        real(runs, path, **kwargs)
+
+    monkeypatch.setattr(curves, "plot_curves", counting)
+    return drawn
+
+
+def test_short_epochs_draw_the_curves_after_the_first_and_the_last(checkpoint, data, tmp_path, monkeypatch):
+    drawn = _drawn_rows(monkeypatch)
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, epochs=3)) == 0
+    assert drawn == [1, 3] and (out / "curves.png").stat().st_size > 0
+    assert len(read_rows(out / "summary.csv")) == 3  # the summary is written every epoch
+
+
+def test_a_run_stopped_with_epochs_not_drawn_draws_them_before_it_ends(
+    checkpoint, data, tmp_path, capsys, monkeypatch
+):
+    drawn = _drawn_rows(monkeypatch)
+    real_train, calls = run_module.train_one_epoch, []
+
+    def train(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # two epochs done, the second not drawn (under a minute after the first)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_one_epoch", train)
+    out = tmp_path / "run"
+    assert main(finetune_args(checkpoint, data, out, epochs=3)) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert drawn == [1, 2] and len(read_rows(out / "summary.csv")) == 2
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

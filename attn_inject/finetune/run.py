@@ -13,10 +13,12 @@ replays exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..core.files import write_atomic
 from .config import FinetuneConfig
+from .curves import CurvesSchedule
 from .data import DataError, Folders, check_folders
 from .distributed import Context, setup, teardown
 from .epoch_writer import EpochWriter, epoch_writer
@@ -122,10 +125,11 @@ def _write_epoch(
     folders: Folders,
     start: StartingPoint,
     writer: EpochWriter,
+    curves: CurvesSchedule,
 ) -> None:
     """What the main process writes after an epoch: last (and best) weights with their
-    manifest, the resume state, the summary and the curves; copied now, written by
-    ``writer`` while the next epoch trains."""
+    manifest, the resume state, the summary and, when ``curves`` says so, the curves;
+    copied now, written by ``writer`` while the next epoch trains."""
     from ..saving.file import manifest_of, write_weights
     from .curves import plot_curves
 
@@ -161,6 +165,9 @@ def _write_epoch(
         state["scaler"] = t.scaler.state_dict()
     state = writer.snapshot(state)
     weights = state["ema"] if t.ema is not None else state["model"]
+    draw = curves.due(len(p.history), last=epoch + 1 == config.epochs)
+    if draw:
+        curves.drawn(len(p.history))
 
     def write() -> None:
         write_weights(out / LAST, weights, manifest, force=True)
@@ -168,9 +175,37 @@ def _write_epoch(
             write_atomic(out / BEST, lambda temporary: shutil.copyfile(out / LAST, temporary))
         save_state(out / RESUME, state)
         write_summary(state["history"], out / SUMMARY)
-        plot_curves({out.name or "run": state["history"]}, out / CURVES)
+        if draw:
+            plot_curves({out.name or "run": state["history"]}, out / CURVES)
 
     writer.submit(write)
+
+
+def _draw_curves_left(
+    config: FinetuneConfig, p: Progress, writer: EpochWriter, curves: CurvesSchedule
+) -> None:
+    """A run that stops (a signal, an error) with epochs its curves do not show yet draws
+    them before it ends; a failure to draw leaves the stop's own exception to go on."""
+    from .curves import plot_curves
+
+    if not curves.due(len(p.history), last=True):
+        return
+    out, history = Path(config.out), copy.deepcopy(p.history)
+    curves.drawn(len(history))
+    with contextlib.suppress(Exception):
+        writer.submit(lambda: plot_curves({out.name or "run": history}, out / CURVES))
+
+
+@contextlib.contextmanager
+def _curves_drawn_on_stop(
+    config: FinetuneConfig, p: Progress, writer: EpochWriter, curves: CurvesSchedule, main: bool
+) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if main:
+            _draw_curves_left(config, p, writer, curves)
+        raise
 
 
 def _epoch(
@@ -280,8 +315,9 @@ def _epochs(
     wrapped, frozen = None, None
     started = time.perf_counter()
     clock = RunClock(config.epochs - p.first_epoch)
-    with epoch_writer() as writer:  # the last epoch's files written when the block ends
-        for epoch in range(p.first_epoch, config.epochs):
+    curves = CurvesSchedule()
+    with epoch_writer() as writer, _curves_drawn_on_stop(config, p, writer, curves, context.main):
+        for epoch in range(p.first_epoch, config.epochs):  # the last epoch's files written at the end
             epoch_began = time.perf_counter()
             want_frozen = epoch < config.frozen_epochs
             if want_frozen != frozen:
@@ -302,7 +338,7 @@ def _epochs(
             trackers.log(_tracked(row), p.num_updates)
             if context.main:
                 metrics = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
-                _write_epoch(config, t, p, epoch, improved, metrics, folders, start, writer)
+                _write_epoch(config, t, p, epoch, improved, metrics, folders, start, writer, curves)
             stop_if_requested()
             context.barrier()
             clock.epoch_done(time.perf_counter() - epoch_began)
