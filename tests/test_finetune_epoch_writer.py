@@ -220,13 +220,16 @@ def test_a_write_that_fails_fails_the_run_with_one_line_and_no_temporary(
 # --- when the curves are drawn ------------------------------------------------------------
 
 
-def test_the_curves_schedule_draws_the_first_epoch_then_at_most_every_period_and_the_last(monkeypatch):
+def test_the_curves_schedule_draws_at_most_every_period_and_the_last_epoch(monkeypatch):
     from attn_inject.finetune import curves
 
     now = [100.0]
     monkeypatch.setattr(curves.time, "monotonic", lambda: now[0])
     schedule = curves.CurvesSchedule(every_s=60.0)
-    assert schedule.due(1, last=False)  # the first epoch is drawn
+    now[0] += 30.0
+    assert not schedule.due(1, last=False)  # half a period after the run began
+    now[0] += 30.0
+    assert schedule.due(1, last=False)
     schedule.drawn(1)
     now[0] += 59.0
     assert not schedule.due(2, last=False)
@@ -251,11 +254,11 @@ def _drawn_rows(monkeypatch) -> list[int]:
     return drawn
 
 
-def test_short_epochs_draw_the_curves_after_the_first_and_the_last(checkpoint, data, tmp_path, monkeypatch):
+def test_short_epochs_draw_the_curves_once_at_the_end(checkpoint, data, tmp_path, monkeypatch):
     drawn = _drawn_rows(monkeypatch)
     out = tmp_path / "run"
     assert main(finetune_args(checkpoint, data, out, epochs=3)) == 0
-    assert drawn == [1, 3] and (out / "curves.png").stat().st_size > 0
+    assert drawn == [3] and (out / "curves.png").stat().st_size > 0
     assert len(read_rows(out / "summary.csv")) == 3  # the summary is written every epoch
 
 
@@ -267,7 +270,7 @@ def test_a_run_stopped_with_epochs_not_drawn_draws_them_before_it_ends(
 
     def train(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # two epochs done, the second not drawn (under a minute after the first)
+        if len(calls) == 3:  # two epochs done in under a minute: not drawn yet
             os.kill(os.getpid(), signal.SIGTERM)
         return real_train(*args, **kwargs)
 
@@ -275,5 +278,5 @@ def test_a_run_stopped_with_epochs_not_drawn_draws_them_before_it_ends(
     out = tmp_path / "run"
     assert main(finetune_args(checkpoint, data, out, epochs=3)) == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
-    assert drawn == [1, 2] and len(read_rows(out / "summary.csv")) == 2
+    assert drawn == [2] and len(read_rows(out / "summary.csv")) == 2
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

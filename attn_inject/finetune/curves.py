@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,18 @@ CURVES_EVERY_S = 60.0  # a run redraws its curves after an epoch at most this of
 
 @dataclass
 class CurvesSchedule:
-    """When a run draws ``curves.png``: after its first epoch, after an epoch when
-    ``every_s`` seconds have passed since the last drawing, after its last epoch, and when it
-    stops with epochs not drawn yet. Drawing takes a third of a second of matplotlib: on short
+    """When a run draws ``curves.png``: after an epoch when ``every_s`` seconds have passed
+    since the run began or since the last drawing, after its last epoch, and when it stops
+    with epochs not drawn yet. Drawing takes a third of a second of matplotlib: on short
     epochs, drawing after every one would cost more than the epoch."""
 
     every_s: float = CURVES_EVERY_S
     drawn_rows: int = 0
-    drawn_at: float = -math.inf
+    drawn_at: float = field(default_factory=lambda: time.monotonic())
 
     def due(self, rows: int, last: bool) -> bool:
         """Whether to draw the ``rows`` epochs so far (``last``: the run's final epoch)."""
-        return rows > self.drawn_rows and (
-            last or self.drawn_rows == 0 or time.monotonic() - self.drawn_at >= self.every_s
-        )
+        return rows > self.drawn_rows and (last or time.monotonic() - self.drawn_at >= self.every_s)
 
     def drawn(self, rows: int) -> None:
         self.drawn_rows, self.drawn_at = rows, time.monotonic()
