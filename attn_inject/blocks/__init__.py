@@ -21,6 +21,7 @@ other layouts through a permute (:mod:`attn_inject.blocks.wrapped`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -146,8 +147,19 @@ def block_factory(kind: str) -> BlockFactory:
 def _accepts(kind: str, argument: str) -> bool:
     """Whether block ``kind``'s factory names ``argument`` in its signature (``**kwargs``
     does not count: it declares nothing)."""
-    parameter = inspect.signature(block_factory(kind)).parameters.get(argument)
-    return parameter is not None and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    factory = block_factory(kind)
+    try:
+        return argument in _named_parameters(factory)
+    except TypeError:  # a factory that cannot be hashed is read every time
+        return argument in _named_parameters.__wrapped__(factory)
+
+
+@functools.lru_cache(maxsize=256)
+def _named_parameters(factory: BlockFactory) -> frozenset[str]:
+    """The parameters ``factory``'s signature names, ``**kwargs`` left out (read once per
+    factory: a signature costs more than building a small block)."""
+    parameters = inspect.signature(factory).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def accepts_init(kind: str) -> bool:

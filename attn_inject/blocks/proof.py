@@ -271,7 +271,8 @@ def _as_proved(block: nn.Module, init: str) -> bool:
             # A finite sum means every value is finite (a NaN or an infinity makes the sum
             # NaN or infinite); a sum that overflows only sends the block to its full proof.
             values = torch.view_as_real(parameter) if parameter.is_complex() else parameter
-            sums.append(values.sum(dtype=torch.float64).reshape(1))
+            wide = torch.float32 if values.is_floating_point() and values.element_size() < 4 else None
+            sums.append(values.sum(dtype=wide).reshape(1).double())
         if not sums:
             return True
         any_blend_moved = bool(torch.cat(blends).any()) if blends else False

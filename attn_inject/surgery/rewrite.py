@@ -71,7 +71,8 @@ def build_block(
         block = block_for_point(
             point.block.kind, point.channels, point.block.params, init, layout_kwargs(point)
         )
-    block = block.to(dtype=dtype)
+    if any(t.dtype != dtype for t in (*block.parameters(), *block.buffers()) if t.is_floating_point()):
+        block = block.to(dtype=dtype)
     setattr(block, BLOCK_FLAG, True)
     prove_block(block, key or point.key, point.block.kind, point.shape, init, device, dtype)
     return block
