@@ -22,7 +22,7 @@ from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
 from attn_inject.blocks.proof import shared_proofs
-from attn_inject.planning.match import plan_prepared, prepare
+from attn_inject.planning.match import forget_kept_results, plan_prepared, prepare
 from attn_inject.recipes.recipe import load_recipe
 from attn_inject.surgery.rewrite import build_block, rewrite
 
@@ -42,6 +42,13 @@ QUICK_PHASES = (("resnet18", "se_resnet"),)
 
 def _symbolic_trace(model: torch.nn.Module) -> Callable[[], object]:
     return lambda: torch.fx.symbolic_trace(model)
+
+
+def _first_call(model: torch.nn.Module, recipe: str) -> object:
+    """``inject`` as a process's first call for this architecture does it: what planning
+    keeps across calls (slot verdicts, built-in blocks' costs) dropped first."""
+    forget_kept_results()
+    return ai.inject(model, recipe, allow_empty=True)
 
 
 def _runs(fn: Callable[[], object]) -> str:
@@ -67,12 +74,16 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
     }
     for recipe in recipes:
         candidates[f"ai.inject({recipe})"] = lambda r=recipe: ai.inject(model, r, allow_empty=True)
+    if not meta:  # a process's first injection of this architecture: nothing kept from before
+        for recipe in recipes:
+            candidates[f"ai.inject({recipe}), first call"] = lambda r=recipe: _first_call(model, r)
     failed = {label: why for label, fn in candidates.items() if (why := _runs(fn))}
     working = {label: fn for label, fn in candidates.items() if label not in failed}
     medians = interleaved(working, rounds, warmup=0)
     peer = medians.get("torch.fx.symbolic_trace")
     builder = medians.get(f"timm.create_model{' (meta)' if meta else ''}")
     blocks = {f"ai.inject({r})": str(len(ai.plan(model, r))) for r in recipes}
+    blocks |= {f"{label}, first call": count for label, count in blocks.items()}
     rows = []
     for label in candidates:
         size = f"{params / 1e6:.1f} M"

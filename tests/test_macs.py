@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import attn_inject as ai
@@ -107,3 +108,47 @@ def test_a_study_written_in_flops_reads_as_macs(tmp_path):
     assert [r.macs_added for r in records] == [1000, 700, 0]
     _, bad = read_trials([_trial(3, {"flops_added": -2})], Layout.of(tmp_path, DEFAULT_STUDY), {"se"})
     assert len(bad) == 1 and "flops_added" in bad[0]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"layout": "NHWC"}, {"layout": "tokens", "grid": (7, 7), "prefix": 1}],
+    ids=["NCHW", "NHWC", "tokens"],
+)
+def test_the_counter_gives_torchs_flop_counter_count_on_every_built_in_block(layout):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attn_inject.graph.analysis import MacCounter
+
+    shape = {"NCHW": (1, 64, 7, 7), "NHWC": (1, 7, 7, 64), "tokens": (1, 50, 64)}[
+        layout.get("layout", "NCHW")
+    ]
+    counted = 0
+    for kind in (k for k in ai.list_blocks() if not k.startswith("timm:")):
+        with torch.device("meta"):
+            block = ai.create_block(kind, 64, **layout).eval()
+        x = torch.empty(shape, device="meta")
+        with MacCounter() as ours:
+            block(x)
+        with FlopCounterMode(display=False) as torchs:
+            block(x)
+        assert ours.total_macs() == torchs.get_total_flops() // 2, kind
+        counted += ours.total_macs() > 0
+    assert counted >= 3  # the blocks with convolutions or linear layers were counted
+
+
+def test_a_built_in_kind_registered_again_is_counted_afresh_not_from_the_kept_costs():
+    from attn_inject.blocks import SqueezeExcite
+
+    model = torchvision.models.resnet18()
+    built_in = ai.plan(model, "se_resnet", input_size=(3, 64, 64))
+    ai.register_block(
+        "se", lambda channels, **kw: SqueezeExcite(channels, **{**kw, "ratio": 4}), overwrite=True
+    )
+    try:
+        wider = ai.plan(model, "se_resnet", input_size=(3, 64, 64))
+    finally:
+        ai.register_block("se", SqueezeExcite, overwrite=True)
+    assert [p.macs for p in wider] != [p.macs for p in built_in]
+    assert [p.params for p in wider] != [p.params for p in built_in]
+    assert [p.macs for p in ai.plan(model, "se_resnet", input_size=(3, 64, 64))] == [p.macs for p in built_in]

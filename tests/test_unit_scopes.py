@@ -205,3 +205,41 @@ def test_a_module_called_twice_cannot_run_the_block_a_wider_one_does_and_the_pla
     (placement,) = place(model, graph, [(first, None)], ["se"])
     assert (placement.module, placement.owner, placement.attach) == ("", "", Attach.GRAPH)
     assert placement.note == "inner is called 2 times"
+
+
+# --- what planning keeps across calls --------------------------------------------------------
+
+
+def test_slot_verdicts_are_kept_across_calls_and_give_the_plan_traced_afresh(build, monkeypatch):
+    import attn_inject as ai
+    from attn_inject.planning import scopes
+    from attn_inject.planning.match import forget_kept_results
+
+    model = build("timm:resnet18")  # BasicBlock's `se = None`: a slot, traced to be told
+    real, traced = scopes._calls_slot, []
+
+    def counting(*args, **kwargs):
+        traced.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scopes, "_calls_slot", counting)
+    forget_kept_results()
+    fresh = ai.plan(model, "se_resnet")
+    assert traced and {p.attach for p in fresh} == {Attach.SLOT}
+    traced.clear()
+    kept = ai.plan(model, "se_resnet")
+    assert traced == []  # every verdict kept from the call before
+    assert [(p.key, p.attach, p.owner) for p in kept] == [(p.key, p.attach, p.owner) for p in fresh]
+
+
+def test_a_design_that_names_a_tensor_is_not_kept_across_calls(monkeypatch):
+    from attn_inject.planning import scopes
+
+    unit = SlotUnit()
+    unit.scale = torch.ones(1)  # a plain attribute: keyed by identity, and not kept alive here
+    design = scopes._code_design(unit)
+    assert design is not None and any(v is unit.scale for v in design[1])
+    scopes.forget_slot_verdicts()
+    this_call: dict = {}
+    scopes._slot_verdict(unit, "se", "bn", True, this_call)
+    assert len(this_call) == 1 and not scopes._verdicts

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
 from .layout import annotate_grid_dynamics, annotate_layouts
@@ -20,22 +23,24 @@ FLOPS_PER_MAC = 2  # torch's FlopCounterMode counts each multiply-add as two ope
 
 
 class MacCounter(contextlib.AbstractContextManager["MacCounter"]):
-    """torch's FlopCounterMode, read in multiply-adds (MACs) as timm's benchmark and fvcore
-    report them: one per multiply-add of convolutions, linear layers and matmuls
-    (elementwise operations, pooling and normalisation are not counted)::
+    """Multiply-adds (MACs) as timm's benchmark and fvcore report them: one per multiply-add
+    of convolutions, linear layers and matmuls (elementwise operations, pooling and
+    normalisation are not counted)::
 
         >>> with MacCounter() as counter:
         ...     model(x)
         >>> counter.total_macs()
 
-    ``torch.utils.flop_counter`` is imported on first use: it imports ``torch.export`` and
-    Triton, a third of a second that a command counting no MACs does not pay.
+    The counts are torch's (``torch.utils.flop_counter``'s formulas, its operators decomposed
+    as its ``FlopCounterMode`` decomposes them), read in MACs; without that mode's per-module
+    tracking, which costs more than the count on a small block. The formulas are imported on
+    first use (``torch.utils.flop_counter`` imports Triton).
     """
 
     def __init__(self) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import flop_registry
 
-        self._mode = FlopCounterMode(display=False)
+        self._mode = _CountingMode(flop_registry)
 
     def __enter__(self) -> MacCounter:
         self._mode.__enter__()
@@ -45,7 +50,30 @@ class MacCounter(contextlib.AbstractContextManager["MacCounter"]):
         self._mode.__exit__(*exc)
 
     def total_macs(self) -> int:
-        return self._mode.get_total_flops() // FLOPS_PER_MAC
+        return self._mode.flops // FLOPS_PER_MAC
+
+
+class _CountingMode(TorchDispatchMode):
+    """Runs each operator and adds its FLOPs by torch's formula for it, if any."""
+
+    def __init__(self, formulas: Mapping[Any, Callable[..., int]]) -> None:
+        super().__init__()
+        self.formulas = formulas
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        higher_order = isinstance(func, torch._ops.HigherOrderOperator)
+        if not higher_order and func is not torch.ops.prim.device.default:
+            with self:  # as FlopCounterMode: an operator that decomposes is counted by its parts
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        formula = None if higher_order else self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def module_stack(node: fx.Node) -> list[str]:

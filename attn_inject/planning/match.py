@@ -11,16 +11,18 @@ candidates of its position, and returns a :class:`Plan`, a sequence of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ..blocks import accepts_order, block_for_point, layout_kwargs, permutes, uses_grid
+from ..blocks import accepts_order, block_factory, block_for_point, layout_kwargs, permutes, uses_grid
 from ..blocks.params import INIT_MODES
-from ..blocks.proof import block_name, run_block
+from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
 from ..core.markers import BLOCK_FLAG
 from ..graph import ops
@@ -35,10 +37,18 @@ from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
-from .scopes import Placement, place
+from .scopes import Placement, forget_slot_verdicts, place
 from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
-__all__ = ["analyse", "build_plan", "plan", "plan_prepared", "prepare", "resolve_target"]
+__all__ = [
+    "analyse",
+    "build_plan",
+    "forget_kept_results",
+    "plan",
+    "plan_prepared",
+    "prepare",
+    "resolve_target",
+]
 
 BATCH = 2  # two samples: batch norm in training mode refuses one value per channel
 
@@ -48,10 +58,43 @@ def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str,
         return block_for_point(block.kind, channels, block.params, init, layout)
 
 
+# The costs of built-in blocks, kept across plans: a built-in block's parameters and
+# multiply-adds follow from its class, arguments and input shape alone, and counting them
+# runs the block on the meta device (a few milliseconds each, through torch's Python meta
+# kernels). Bounded; keyed by the class itself, so a kind registered again is counted afresh.
+_KEPT_COSTS = 4096
+_built_in_costs: collections.OrderedDict[tuple[Any, ...], int] = collections.OrderedDict()
+_built_in_costs_lock = threading.Lock()
+
+
+def forget_kept_results() -> None:
+    """Drop what planning keeps across calls: built-in blocks' costs and slot verdicts, so
+    that the next plan computes them as a process's first plan does."""
+    with _built_in_costs_lock:
+        _built_in_costs.clear()
+    forget_slot_verdicts()
+
+
+def _kept_cost(key: tuple[Any, ...] | None, count: Callable[[], int]) -> int:
+    """``count()``, kept under ``key`` across plans (None: not kept)."""
+    if key is None:
+        return count()
+    with _built_in_costs_lock:
+        if key in _built_in_costs:
+            _built_in_costs.move_to_end(key)
+            return _built_in_costs[key]
+    value = count()
+    with _built_in_costs_lock:
+        _built_in_costs[key] = value
+        while len(_built_in_costs) > _KEPT_COSTS:
+            _built_in_costs.popitem(last=False)
+    return value
+
+
 class BlockCosts:
     """The parameters and multiply-adds each block adds, built once on the meta device per distinct
     block, size, init and layout, for the plan being built (a block kind registered again
-    between two plans is counted afresh)."""
+    between two plans is counted afresh); a built-in block's, once per process."""
 
     def __init__(self) -> None:
         self._params: dict[tuple, int] = {}
@@ -73,7 +116,10 @@ class BlockCosts:
         arguments (``blocks.layout_kwargs``)."""
         key = self._key(block, channels, init, layout)
         if key not in self._params:
-            self._params[key] = count_params(self._block(block, channels, init, layout))
+            self._params[key] = _kept_cost(
+                _built_in(block, ("params", *key)),
+                lambda: count_params(self._block(block, channels, init, layout)),
+            )
         return self._params[key]
 
     def macs(
@@ -89,11 +135,25 @@ class BlockCosts:
         a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
         if key not in self._macs:
-            module = self._block(block, channels, init, layout)
-            with MacCounter() as counter:
-                run_block(module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind))
-            self._macs[key] = counter.total_macs()
+
+            def count() -> int:
+                module = self._block(block, channels, init, layout)
+                with MacCounter() as counter:
+                    run_block(
+                        module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind)
+                    )
+                return counter.total_macs()
+
+            self._macs[key] = _kept_cost(_built_in(block, ("macs", *key)), count)
         return self._macs[key]
+
+
+def _built_in(block: BlockSpec, key: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``key`` with the block's class when its kind builds a built-in block (see
+    :data:`~attn_inject.blocks.proof.GATED_BLOCKS`), else None: a registered factory's
+    costs may depend on more than its arguments."""
+    factory = block_factory(block.kind)
+    return (factory, *key) if factory in GATED_BLOCKS else None
 
 
 def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:

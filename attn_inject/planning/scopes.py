@@ -29,13 +29,16 @@ Every other module keeps its code, and every module its class.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import inspect
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..core.errors import AttnInjectError
@@ -406,7 +409,8 @@ class Placer:
         # Module calls of objects called once (a module shared under two names is called twice).
         self.once = [c for c in graph.calls if c.path and objects.get(id(root.get_submodule(c.path)), 0) == 1]
         self.slots: dict[tuple[str, str, str], bool] = {}
-        # Slot verdicts by what decides them (see _code_design): one trace per design, not per module.
+        # Slot verdicts of this call by what decides them (see _code_design), for the designs
+        # not kept across calls.
         self.slot_designs: dict[tuple[Any, ...], bool] = {}
 
     def _trace_problem(self, path: str) -> Refusal | None:
@@ -495,15 +499,7 @@ class Placer:
         key = (deepest, name, target[len(deepest) + 1 :])
         if key not in self.slots:
             every_reader = set(readers) == set(producer.users)
-            design = _code_design(host)
-            alike = None if design is None else (design, name, key[2], every_reader)
-            if alike is None or alike not in self.slot_designs:
-                verdict = _calls_slot(host, name, key[2], every_reader=every_reader)
-                if alike is None:
-                    self.slots[key] = verdict
-                    return deepest if verdict else None
-                self.slot_designs[alike] = verdict
-            self.slots[key] = self.slot_designs[alike]
+            self.slots[key] = _slot_verdict(host, name, key[2], every_reader, self.slot_designs)
         return deepest if self.slots[key] else None
 
     def choose(self, producer: fx.Node, consumers: list[fx.Node] | None, name: str) -> Placement:
@@ -623,8 +619,60 @@ def _calls_slot(host: nn.Module, name: str, producer: str, every_reader: bool) -
     return not every_reader or list(given.users) == [calls[0]]
 
 
-def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
-    """What a trace of ``host`` alone depends on, as a key; None where it cannot be told.
+# Slot verdicts by what decides them (see _code_design), kept across calls: one trace per
+# design, not per module, and not again for the same design in a later call (a trace of one
+# module alone costs fx's fixed patching, about 3 ms). Bounded; each entry holds the objects
+# its key names by identity, so that no other object can take their ids while it is kept.
+_KEPT_VERDICTS = 512
+_verdicts: collections.OrderedDict[tuple[Any, ...], tuple[bool, tuple[Any, ...]]] = collections.OrderedDict()
+_verdicts_lock = threading.Lock()
+
+
+def _slot_verdict(
+    host: nn.Module, name: str, producer: str, every_reader: bool, this_call: dict[tuple[Any, ...], bool]
+) -> bool:
+    """:func:`_calls_slot`, traced once per code design and fx configuration: across calls,
+    or within ``this_call`` for a design that names a tensor (not kept alive here)."""
+    design = _code_design(host)
+    if design is None:
+        return _calls_slot(host, name, producer, every_reader=every_reader)
+    key = (design[0], name, producer, every_reader, _fx_wrapped())
+    if any(isinstance(v, torch.Tensor) for v in design[1]):
+        if key not in this_call:
+            this_call[key] = _calls_slot(host, name, producer, every_reader=every_reader)
+        return this_call[key]
+    with _verdicts_lock:
+        kept = _verdicts.get(key)
+        if kept is not None:
+            _verdicts.move_to_end(key)
+            return kept[0]
+    verdict = _calls_slot(host, name, producer, every_reader=every_reader)
+    with _verdicts_lock:
+        _verdicts[key] = (verdict, design[1])
+        while len(_verdicts) > _KEPT_VERDICTS:
+            _verdicts.popitem(last=False)
+    return verdict
+
+
+def forget_slot_verdicts() -> None:
+    """Drop the slot verdicts kept across calls (a benchmark of a first call uses it)."""
+    with _verdicts_lock:
+        _verdicts.clear()
+
+
+def _fx_wrapped() -> tuple[int, int]:
+    """How many functions and methods fx wraps in every trace (``torch.fx.wrap``): a library
+    that registers one later may change what a trace records."""
+    from torch.fx import _symbolic_trace
+
+    functions = getattr(_symbolic_trace, "_wrapped_fns_to_patch", ())
+    methods = getattr(_symbolic_trace, "_wrapped_methods_to_patch", ())
+    return len(functions), len(methods)
+
+
+def _code_design(host: nn.Module) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
+    """What a trace of ``host`` alone depends on, as a key, with the objects the key names
+    by identity; None where it cannot be told.
 
     fx runs the code of ``host`` and of every submodule it traces through, and stops at
     torch.nn's own layers: so the trace is decided by the classes, the plain attributes
@@ -634,6 +682,7 @@ def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
     tensor, an object) is keyed by its identity, a plain value with its type (``1`` is not
     ``True``), and a module with hooks is not keyed."""
     parts: list[tuple[Any, ...]] = []
+    held: list[Any] = []
     for path, module in host.named_modules():
         if any(getattr(module, hooks, None) for hooks in HOOK_DICTS):
             return None
@@ -648,11 +697,14 @@ def _code_design(host: nn.Module) -> tuple[Any, ...] | None:
                 if not k.startswith("_")
             )
         )
+        held += [
+            v for k, v in vars(module).items() if not k.startswith("_") and not isinstance(v, CONSTANT_TYPES)
+        ]
         tensors = tuple(k for k, v in module._parameters.items() if v is not None)
         tensors += tuple(f"buffer:{k}" for k, v in module._buffers.items() if v is not None)
         children = tuple((k, v is None) for k, v in module._modules.items())
         parts.append((path, cls, attributes, tensors, children))
-    return tuple(parts)
+    return tuple(parts), tuple(held)
 
 
 def _free(host: nn.Module, name: str, rewritten: bool) -> bool:
