@@ -79,7 +79,7 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
             candidates[f"ai.inject({recipe}), first call"] = lambda r=recipe: _first_call(model, r)
     failed = {label: why for label, fn in candidates.items() if (why := _runs(fn))}
     working = {label: fn for label, fn in candidates.items() if label not in failed}
-    medians = interleaved(working, rounds, warmup=0)
+    medians = interleaved(working, rounds, warmup=0, collect_garbage=True)
     peer = medians.get("torch.fx.symbolic_trace")
     builder = medians.get(f"timm.create_model{' (meta)' if meta else ''}")
     blocks = {f"ai.inject({r})": str(len(ai.plan(model, r))) for r in recipes}
@@ -129,7 +129,7 @@ def bench_phases(name: str, recipe: str, rounds: int) -> list[list[str]]:
         ),
         "ai.inject (all of it)": lambda: ai.inject(model, recipe),
     }
-    medians = interleaved(phases, rounds)
+    medians = interleaved(phases, rounds, collect_garbage=True)
     peer = medians["torch.fx.symbolic_trace"]
     return [[name, recipe, label, ms(seconds), f"{seconds / peer:.2f}"] for label, seconds in medians.items()]
 
@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> str:
             "peak MiB",
         ],
         note=(
-            f"Medians of {rounds} interleaved rounds. `ai.inject` traces the whole model, infers shapes "
-            "on the meta device, plans, and rewrites only the modules that run a block."
+            f"Medians of {rounds} interleaved rounds, Python's cyclic garbage collected before each "
+            "timed call. `ai.inject` traces the whole model, infers shapes on the meta device, plans, "
+            "and rewrites only the modules that run a block; a first call has nothing kept from an "
+            "earlier one (slot verdicts, built-in blocks' costs)."
         ),
     )
     for name, recipes in models:
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> str:
     phases = Table(
         "Where inject's time goes (CPU)",
         ["model", "recipe", "phase", "median ms", "ratio to symbolic_trace"],
-        note=f"Medians of {rounds} interleaved rounds of each phase alone.",
+        note=f"Medians of {rounds} interleaved rounds of each phase alone, garbage collected before each.",
     )
     for name, recipe in QUICK_PHASES if args.quick else PHASES:
         phases.rows += bench_phases(name, recipe, rounds)

@@ -42,15 +42,23 @@ def machine() -> str:
 
 
 def interleaved(
-    candidates: dict[str, Callable[[], object]], rounds: int, sync: bool = False, warmup: int = 1
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    sync: bool = False,
+    warmup: int = 1,
+    collect_garbage: bool = False,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in alternation over ``rounds``."""
+    """Median seconds per call of each candidate, timed in alternation over ``rounds``;
+    ``collect_garbage``: Python's cyclic garbage collected before each timed call, so that a
+    candidate does not pay for the cycles the one before it left (fx graphs are cycles)."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     for _ in range(rounds):
         for name, fn in candidates.items():
+            if collect_garbage:
+                gc.collect()
             if sync:
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -16,7 +16,10 @@ import torchvision
 SIZE = (3, 64, 64)
 
 
-def _refresh_forgetting_the_replaced_op(packet, _refresh=torch._ops._refresh_packet) -> None:
+_REFRESH_PACKET = getattr(torch._ops, "_refresh_packet", None)
+
+
+def _refresh_forgetting_the_replaced_op(packet, _refresh=_REFRESH_PACKET) -> None:
     """torch's ``_refresh_packet`` with the replaced op's id taken out of TorchScript's builtin table.
 
     When a library adds an overload to an op that has a packet already (torch.ao's
@@ -34,7 +37,8 @@ def _refresh_forgetting_the_replaced_op(packet, _refresh=torch._ops._refresh_pac
         table.pop(id(replaced), None)
 
 
-torch._ops._refresh_packet = _refresh_forgetting_the_replaced_op
+if _REFRESH_PACKET is not None:  # a torch without it refreshes no packet
+    torch._ops._refresh_packet = _refresh_forgetting_the_replaced_op
 
 
 @functools.cache
