@@ -13,6 +13,8 @@ import torch._ops
 import torch.jit._builtins
 import torchvision
 
+import attn_inject as ai
+
 SIZE = (3, 64, 64)
 
 
@@ -41,8 +43,8 @@ if _REFRESH_PACKET is not None:  # a torch without it refreshes no packet
     torch._ops._refresh_packet = _refresh_forgetting_the_replaced_op
 
 
-@functools.cache
-def _built_once(name: str) -> torch.nn.Module:
+def _seeded_build(name: str) -> torch.nn.Module:
+    """``tv:NAME`` or ``timm:NAME``, random init from seed 0, in eval mode."""
     torch.manual_seed(0)
     source, _, bare = name.partition(":")
     if source == "tv":
@@ -50,6 +52,23 @@ def _built_once(name: str) -> torch.nn.Module:
     else:
         model = timm.create_model(bare, pretrained=False)
     return model.eval()
+
+
+_built_once = functools.cache(_seeded_build)
+
+
+@functools.cache
+def _injected_once(name: str, recipe: str, size: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = _seeded_build(name)
+    return model, ai.inject(model, recipe, input_size=size)
+
+
+@pytest.fixture
+def injected():
+    """``injected("tv:resnet18", "se_resnet", (3, 32, 32))``: the model and its injection,
+    made once per session; each call gets its own copy of the two, copied together so that
+    the modules the patched model shares with the model stay shared."""
+    return lambda name, recipe, input_size: copy.deepcopy(_injected_once(name, recipe, input_size))
 
 
 def _build(name: str) -> torch.nn.Module:

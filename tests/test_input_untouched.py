@@ -65,19 +65,10 @@ def exercise(model: nn.Module) -> None:
     model.zero_grad(set_to_none=True)
 
 
-@pytest.fixture(scope="module")
-def pair_once() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    return model, ai.inject(model, "se_resnet", input_size=SIZE)
-
-
 @pytest.fixture
-def pair(pair_once) -> tuple[nn.Module, nn.Module]:
-    """The model and its injection, made once per module; each test gets its own copy of the
-    two, copied together so that the modules the patched model shares with the model stay
-    shared."""
-    model, patched = copy.deepcopy(pair_once)
+def pair(injected) -> tuple[nn.Module, nn.Module]:
+    """torchvision's resnet18 and its se_resnet injection, each test's own copies."""
+    model, patched = injected("tv:resnet18", "se_resnet", SIZE)
     assert model.layer1[0].conv1 is patched.layer1[0].conv1
     return model, patched
 

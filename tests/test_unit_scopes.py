@@ -239,7 +239,7 @@ def test_a_design_that_names_a_tensor_is_not_kept_across_calls(monkeypatch):
     unit.scale = torch.ones(1)  # a plain attribute: keyed by identity, and not kept alive here
     design = scopes._code_design(unit)
     assert design is not None and any(v is unit.scale for v in design[1])
-    scopes.forget_slot_verdicts()
+    scopes.slot_verdicts.clear()
     this_call: dict = {}
     scopes._slot_verdict(unit, "se", "bn", True, this_call)
-    assert len(this_call) == 1 and not scopes._verdicts
+    assert len(this_call) == 1 and len(scopes.slot_verdicts) == 0

@@ -4,14 +4,12 @@ they were; the report serialises."""
 
 from __future__ import annotations
 
-import copy
 import json
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import attn_inject as ai
@@ -41,18 +39,10 @@ def run_instead(patched: nn.Module, host: str, forward) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-@pytest.fixture(scope="module")
-def se_resnet18_once() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
-    return model, ai.inject(model, "se_resnet", input_size=SMALL)
-
-
 @pytest.fixture
-def se_resnet18(se_resnet18_once) -> tuple[nn.Module, nn.Module]:
-    """torchvision's resnet18 and its se_resnet injection at 32 px: injected once per module,
-    both models each test's own copies."""
-    return copy.deepcopy(se_resnet18_once)
+def se_resnet18(injected) -> tuple[nn.Module, nn.Module]:
+    """torchvision's resnet18 and its se_resnet injection at 32 px, each test's own copies."""
+    return injected("tv:resnet18", "se_resnet", SMALL)
 
 
 def test_identity_injection_passes_and_matches_the_plain_original_bit_for_bit(se_resnet18):

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..core.files import write_atomic
+from . import curves as drawing
 from .config import FinetuneConfig
 from .curves import CurvesSchedule
 from .data import DataError, Folders, check_folders
@@ -131,7 +132,6 @@ def _write_epoch(
     manifest, the resume state, the summary and, when ``curves`` says so, the curves;
     copied now, written by ``writer`` while the next epoch trains."""
     from ..saving.file import manifest_of, write_weights
-    from .curves import plot_curves
 
     out = Path(config.out)
     scored = t.ema.module if t.ema is not None else t.model
@@ -176,7 +176,7 @@ def _write_epoch(
         save_state(out / RESUME, state)
         write_summary(state["history"], out / SUMMARY)
         if draw:
-            plot_curves({out.name or "run": state["history"]}, out / CURVES)
+            _draw_curves(out, state["history"])
 
     writer.submit(write)
 
@@ -186,14 +186,16 @@ def _draw_curves_left(
 ) -> None:
     """A run that stops (a signal, an error) with epochs its curves do not show yet draws
     them before it ends; a failure to draw leaves the stop's own exception to go on."""
-    from .curves import plot_curves
-
     if not curves.due(len(p.history), last=True):
         return
     out, history = Path(config.out), copy.deepcopy(p.history)
     curves.drawn(len(history))
     with contextlib.suppress(Exception):
-        writer.submit(lambda: plot_curves({out.name or "run": history}, out / CURVES))
+        writer.submit(lambda: _draw_curves(out, history))
+
+
+def _draw_curves(out: Path, history: list[dict[str, float]]) -> None:
+    drawing.plot_curves({out.name or "run": history}, out / CURVES)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,6 @@ candidates of its position, and returns a :class:`Plan`, a sequence of
 
 from __future__ import annotations
 
-import collections
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,7 @@ from ..blocks import accepts_order, block_factory, block_for_point, layout_kwarg
 from ..blocks.params import INIT_MODES
 from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
+from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, MacCounter, annotate
@@ -37,7 +36,7 @@ from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
-from .scopes import Placement, forget_slot_verdicts, place
+from .scopes import Placement, place, slot_verdicts
 from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
 __all__ = [
@@ -62,33 +61,19 @@ def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str,
 # multiply-adds follow from its class, arguments and input shape alone, and counting them
 # runs the block on the meta device (a few milliseconds each, through torch's Python meta
 # kernels). Bounded; keyed by the class itself, so a kind registered again is counted afresh.
-_KEPT_COSTS = 4096
-_built_in_costs: collections.OrderedDict[tuple[Any, ...], int] = collections.OrderedDict()
-_built_in_costs_lock = threading.Lock()
+_built_in_costs: Kept[int] = Kept(4096)
 
 
 def forget_kept_results() -> None:
     """Drop what planning keeps across calls: built-in blocks' costs and slot verdicts, so
     that the next plan computes them as a process's first plan does."""
-    with _built_in_costs_lock:
-        _built_in_costs.clear()
-    forget_slot_verdicts()
+    _built_in_costs.clear()
+    slot_verdicts.clear()
 
 
 def _kept_cost(key: tuple[Any, ...] | None, count: Callable[[], int]) -> int:
     """``count()``, kept under ``key`` across plans (None: not kept)."""
-    if key is None:
-        return count()
-    with _built_in_costs_lock:
-        if key in _built_in_costs:
-            _built_in_costs.move_to_end(key)
-            return _built_in_costs[key]
-    value = count()
-    with _built_in_costs_lock:
-        _built_in_costs[key] = value
-        while len(_built_in_costs) > _KEPT_COSTS:
-            _built_in_costs.popitem(last=False)
-    return value
+    return count() if key is None else _built_in_costs.get(key, count)
 
 
 class BlockCosts:

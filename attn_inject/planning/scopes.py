@@ -29,12 +29,11 @@ Every other module keeps its code, and every module its class.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
+import functools
 import inspect
 import operator
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ import torch
 from torch import fx, nn
 
 from ..core.errors import AttnInjectError
+from ..core.kept import Kept
 from ..core.names import relative_name
 from ..core.values import CONSTANT_TYPES
 from ..graph.analysis import AnnotatedGraph, module_stack
@@ -621,11 +621,9 @@ def _calls_slot(host: nn.Module, name: str, producer: str, every_reader: bool) -
 
 # Slot verdicts by what decides them (see _code_design), kept across calls: one trace per
 # design, not per module, and not again for the same design in a later call (a trace of one
-# module alone costs fx's fixed patching, about 3 ms). Bounded; each entry holds the objects
-# its key names by identity, so that no other object can take their ids while it is kept.
-_KEPT_VERDICTS = 512
-_verdicts: collections.OrderedDict[tuple[Any, ...], tuple[bool, tuple[Any, ...]]] = collections.OrderedDict()
-_verdicts_lock = threading.Lock()
+# module alone costs fx's fixed patching, about 3 ms). Each entry holds the objects its key
+# names by identity.
+slot_verdicts: Kept[bool] = Kept(512)
 
 
 def _slot_verdict(
@@ -641,23 +639,8 @@ def _slot_verdict(
         if key not in this_call:
             this_call[key] = _calls_slot(host, name, producer, every_reader=every_reader)
         return this_call[key]
-    with _verdicts_lock:
-        kept = _verdicts.get(key)
-        if kept is not None:
-            _verdicts.move_to_end(key)
-            return kept[0]
-    verdict = _calls_slot(host, name, producer, every_reader=every_reader)
-    with _verdicts_lock:
-        _verdicts[key] = (verdict, design[1])
-        while len(_verdicts) > _KEPT_VERDICTS:
-            _verdicts.popitem(last=False)
-    return verdict
-
-
-def forget_slot_verdicts() -> None:
-    """Drop the slot verdicts kept across calls (a benchmark of a first call uses it)."""
-    with _verdicts_lock:
-        _verdicts.clear()
+    trace = functools.partial(_calls_slot, host, name, producer, every_reader=every_reader)
+    return slot_verdicts.get(key, trace, held=design[1])
 
 
 def _fx_wrapped() -> tuple[int, int]:

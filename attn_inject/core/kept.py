@@ -1,0 +1,43 @@
+"""Results kept across calls: a bounded table, least recently used first out, safe to share
+between threads. Each entry may hold objects alive beside its value (those its key names by
+identity, so that no other object can take their ids while the entry is kept)."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Kept"]
+
+V = TypeVar("V")
+
+
+class Kept(Generic[V]):
+    """At most ``size`` results by key; :meth:`get` computes one that is not kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[Hashable, tuple[V, Any]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], V], held: Any = None) -> V:
+        """The value kept under ``key``, else ``compute()``'s, kept with ``held``."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        value = compute()
+        with self._lock:
+            self._entries[key] = (value, held)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
