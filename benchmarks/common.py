@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,18 +55,31 @@ def interleaved(
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            if collect_garbage:
-                gc.collect()
-            if sync:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if sync:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+    with _heap_frozen() if collect_garbage else contextlib.nullcontext():
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                if collect_garbage:
+                    gc.collect()
+                if sync:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if sync:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Within: what the process held before, garbage included, is left out of every
+    collection (``gc.freeze``), so that collecting the candidates' own garbage costs the same
+    in a small script as in a large process (a test run holding thousands of models' objects)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -90,7 +103,11 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     """MiB by which one call of ``fn`` raises peak memory above what was in use before it:
     CUDA's peak allocation on a GPU, the process's peak resident set on Linux (reset through
     ``/proc/self/clear_refs``); ``None`` where neither can be measured."""
-    gc.collect()
+    with _heap_frozen():
+        return _peak_memory(fn, device)
+
+
+def _peak_memory(fn: Callable[[], object], device: torch.device | str) -> float | None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -1,27 +1,78 @@
 """Shared fixtures: small inputs, random-init models built once per session and handed to each
-test as its own copy (a test that changes its model changes no other test's)."""
+test as its own copy (a test that changes its model changes no other test's).
+
+torch, timm and the package are imported where a test process needs them, not at this file's
+import: pytest-xdist's controller, which only hands files to its workers, then starts in a
+fraction of a second instead of importing torch first."""
 
 from __future__ import annotations
 
 import copy
 import functools
+from typing import TYPE_CHECKING
 
 import pytest
-import timm
-import torch
-import torch._ops
-import torch.jit._builtins
-import torchvision
 
-import attn_inject as ai
+if TYPE_CHECKING:
+    import torch
 
 SIZE = (3, 64, 64)
 
+# The files whose tests start other processes or fine-tune (tens of seconds each), longest
+# first. They are handed out first, so that the two test processes of `make test` end
+# together instead of one waiting for the other's last long file.
+LONG_FILES = (
+    "test_search_workers.py",
+    "test_finetune_run.py",
+    "test_search.py",
+    "test_inject.py",
+    "test_keeps_what_it_was.py",
+    "test_export.py",
+    "test_tokens.py",
+    "test_ecosystem_ultralytics.py",
+    "test_error_contract.py",
+    "test_wheel.py",
+    "test_convert.py",
+    "test_coverage.py",
+    "test_search_terminal.py",
+    "test_local_surgery.py",
+    "test_ecosystem_hf.py",
+    "test_search_hostile.py",
+    "test_finetune_inputs.py",
+    "test_writes.py",
+    "test_untrusted_files.py",
+)
 
-_REFRESH_PACKET = getattr(torch._ops, "_refresh_packet", None)
+
+def _runs_tests(config: pytest.Config) -> bool:
+    """False in pytest-xdist's controller, which hands the tests to its workers and runs none."""
+    return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
 
 
-def _refresh_forgetting_the_replaced_op(packet, _refresh=_REFRESH_PACKET) -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    if _runs_tests(config):
+        _forget_replaced_ops()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long files first, in the order of ``LONG_FILES``; the rest as collected."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def _forget_replaced_ops() -> None:
+    """Install :func:`_refresh_forgetting_the_replaced_op` (a torch without ``_refresh_packet``
+    refreshes no packet)."""
+    import torch._ops
+    import torch.jit._builtins
+
+    refresh = getattr(torch._ops, "_refresh_packet", None)
+    if refresh is not None and not getattr(refresh, "forgets_replaced_ops", False):
+        torch._ops._refresh_packet = functools.partial(_refresh_forgetting_the_replaced_op, refresh=refresh)
+        torch._ops._refresh_packet.forgets_replaced_ops = True  # type: ignore[attr-defined]
+
+
+def _refresh_forgetting_the_replaced_op(packet, refresh) -> None:
     """torch's ``_refresh_packet`` with the replaced op's id taken out of TorchScript's builtin table.
 
     When a library adds an overload to an op that has a packet already (torch.ao's
@@ -32,19 +83,21 @@ def _refresh_forgetting_the_replaced_op(packet, _refresh=_REFRESH_PACKET) -> Non
     fails on it now and then with "builtin cannot be used as a value". The test processes import
     ``quantize_fx``, so they forget the replaced op as it is replaced.
     """
+    import torch.jit._builtins
+
     replaced = packet._op
-    _refresh(packet)
+    refresh(packet)
     table = torch.jit._builtins._builtin_table
     if table is not None and packet._op is not replaced:
         table.pop(id(replaced), None)
 
 
-if _REFRESH_PACKET is not None:  # a torch without it refreshes no packet
-    torch._ops._refresh_packet = _refresh_forgetting_the_replaced_op
-
-
 def _seeded_build(name: str) -> torch.nn.Module:
     """``tv:NAME`` or ``timm:NAME``, random init from seed 0, in eval mode."""
+    import timm
+    import torch
+    import torchvision
+
     torch.manual_seed(0)
     source, _, bare = name.partition(":")
     if source == "tv":
@@ -59,6 +112,8 @@ _built_once = functools.cache(_seeded_build)
 
 @functools.cache
 def _injected_once(name: str, recipe: str, size: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module]:
+    import attn_inject as ai
+
     model = _seeded_build(name)
     return model, ai.inject(model, recipe, input_size=size)
 
@@ -84,6 +139,10 @@ def build():
 
 
 def meta_model(name: str, **kwargs) -> torch.nn.Module:
+    import timm
+    import torch
+    import torchvision
+
     source, _, bare = name.partition(":")
     with torch.device("meta"):
         if source == "tv":
@@ -93,6 +152,8 @@ def meta_model(name: str, **kwargs) -> torch.nn.Module:
 
 def blocks_of(patched: torch.nn.Module) -> torch.nn.ModuleDict:
     """The inserted blocks of a patched model as one ModuleDict (dots in names become '/')."""
+    import torch
+
     import attn_inject as ai
 
     return torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in ai.inserted_blocks(patched).items()})

@@ -320,15 +320,7 @@ def test_a_built_in_block_changed_after_the_first_of_its_design_is_proved_alone(
 
 
 def test_built_in_blocks_of_one_design_share_one_proof_and_still_compute_the_original(resnet, monkeypatch):
-    runs = []
-    attend = ai.blocks.SqueezeExcite.attend
-
-    def counted(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_meta:  # planning counts a block's multiply-adds on the meta device
-            runs.append(tuple(x.shape))
-        return attend(self, x)
-
-    monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", counted)
+    runs = _counting_attend(monkeypatch)
     patched = ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
     assert len(ai.inserted_blocks(patched)) == 2
     # one proof: the identity run, then two at full strength; none for the second block
@@ -372,3 +364,62 @@ def test_a_global_hook_changing_later_blocks_gets_each_block_proved(resnet):
             ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
     finally:
         handle.remove()
+
+
+def _counting_attend(monkeypatch) -> list[tuple[int, ...]]:
+    """Each real (not meta) run of ``SqueezeExcite.attend``, by input shape; the method
+    replaced on the class, which makes it a design of its own."""
+    runs: list[tuple[int, ...]] = []
+    attend = ai.blocks.SqueezeExcite.attend
+
+    def counted(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta:
+            runs.append(tuple(x.shape))
+        return attend(self, x)
+
+    monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", counted)
+    return runs
+
+
+def test_a_design_proved_in_one_call_is_not_proved_again_in_the_next_until_forgotten(resnet, monkeypatch):
+    from attn_inject.planning.match import forget_kept_results
+
+    runs = _counting_attend(monkeypatch)
+    first = ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    assert runs == [(1, 64, 16, 16)] * 3  # proved: the identity run, then two at full strength
+    runs.clear()
+    second = ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    assert runs == []  # the design's proof kept from the call before
+    assert same_output(second, resnet) and same_output(first, resnet)
+    runs.clear()
+    forget_kept_results()
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    assert runs == [(1, 64, 16, 16)] * 3
+
+
+def test_a_method_replaced_on_the_class_between_calls_gets_the_blocks_proved_again(resnet, monkeypatch):
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)  # the design kept
+
+    def doubling(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", doubling)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'se'\) does not compute its input"):
+        ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+
+
+def test_a_kept_design_still_refuses_a_later_block_whose_blend_moved(registry, resnet):
+    """The design kept from an earlier call stands only for blocks at blend 0 with finite
+    weights: one built with its blend moved is proved in full, and refused."""
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+
+    def moved(channels: int, init: str = "paper") -> nn.Module:
+        block = ai.blocks.SqueezeExcite(channels, init=init)
+        if block.blend is not None:
+            with torch.no_grad():
+                block.blend.fill_(0.5)
+        return block
+
+    ai.register_block("moved_se", moved)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'moved_se'\) does not compute its input"):
+        ai.inject(resnet, residual_recipe("moved_se"), init="identity", input_size=SIZE)

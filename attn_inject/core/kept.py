@@ -29,11 +29,24 @@ class Kept(Generic[V]):
                 self._entries.move_to_end(key)
                 return self._entries[key][0]
         value = compute()
+        self.put(key, value, held)
+        return value
+
+    def put(self, key: Hashable, value: V, held: Any = None) -> None:
+        """Keep ``value`` under ``key`` (with ``held``), the least recently used out past ``size``."""
         with self._lock:
             self._entries[key] = (value, held)
+            self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-        return value
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is kept (it becomes the most recently used)."""
+        with self._lock:
+            if key not in self._entries:
+                return False
+            self._entries.move_to_end(key)
+            return True
 
     def clear(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..blocks import accepts_order, block_factory, block_for_point, layout_kwargs, permutes, uses_grid
 from ..blocks.params import INIT_MODES
-from ..blocks.proof import GATED_BLOCKS, block_name, run_block
+from ..blocks.proof import GATED_BLOCKS, block_name, proved_designs, run_block
 from ..core.errors import InputError
 from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
@@ -65,10 +65,12 @@ _built_in_costs: Kept[int] = Kept(4096)
 
 
 def forget_kept_results() -> None:
-    """Drop what planning keeps across calls: built-in blocks' costs and slot verdicts, so
-    that the next plan computes them as a process's first plan does."""
+    """Drop what planning and the proof keep across calls: built-in blocks' costs, slot
+    verdicts and the block designs proved, so that the next ``inject`` computes them as a
+    process's first does."""
     _built_in_costs.clear()
     slot_verdicts.clear()
+    proved_designs.clear()
 
 
 def _kept_cost(key: tuple[Any, ...] | None, count: Callable[[], int]) -> int:
