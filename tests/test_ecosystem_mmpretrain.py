@@ -12,18 +12,23 @@ import attn_inject as ai
 
 from .ecosystem_checks import assert_identity_at_insertion, assert_save_load_round_trip
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # mmcv-lite: "Fail to import MultiScaleDeformableAttention" (unused)
-    models = pytest.importorskip(
-        "mmpretrain.models", reason="mmpretrain is not installed (attn-inject[mmpretrain])"
-    )
+
+def _models():
+    """``mmpretrain.models``, imported when a test runs (it takes a second), or the test
+    skipped where mmpretrain is not installed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mmcv-lite: "Fail to import MultiScaleDeformableAttention" (unused)
+        return pytest.importorskip(
+            "mmpretrain.models", reason="mmpretrain is not installed (attn-inject[mmpretrain])"
+        )
+
 
 SIZE = 64
 
 
 def _resnet(depth: int = 18):
     torch.manual_seed(0)
-    model = models.ResNet(depth=depth)
+    model = _models().ResNet(depth=depth)
     model.eval()  # mmpretrain's ResNet.train() returns None: not models.ResNet(...).eval()
     return model
 
@@ -46,4 +51,4 @@ def test_mmpretrain_resnet_injects_identity_exact_and_keeps_its_class(recipe):
 def test_mmpretrain_resnet_saved_unnamed_loads_onto_the_users_builder(tmp_path):
     model = _resnet()
     patched = ai.inject(model, "se_resnet", init="paper", input_size=(3, SIZE, SIZE))
-    assert_save_load_round_trip(patched, model, models.ResNet(depth=18), tmp_path, SIZE)
+    assert_save_load_round_trip(patched, model, _models().ResNet(depth=18), tmp_path, SIZE)

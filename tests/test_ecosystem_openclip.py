@@ -13,19 +13,25 @@ import attn_inject as ai
 
 from .ecosystem_checks import assert_identity_at_insertion, assert_save_load_round_trip
 
-open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed (attn-inject[open_clip])")
-
 SIZE = 64
+
+
+def _open_clip() -> None:
+    """open_clip imported when a test runs (it takes a second), or the test skipped where it
+    is not installed."""
+    pytest.importorskip("open_clip", reason="open_clip is not installed (attn-inject[open_clip])")
 
 
 def _modified_resnet():
     """RN50's tower class, one bottleneck a stage, width 16: stages of 64 to 512 channels."""
+    _open_clip()
     from open_clip.modified_resnet import ModifiedResNet
 
     return ModifiedResNet(layers=[1, 1, 1, 1], output_dim=64, heads=2, image_size=SIZE, width=16)
 
 
 def _vision_transformer():
+    _open_clip()
     from open_clip.transformer import VisionTransformer
 
     return VisionTransformer(
