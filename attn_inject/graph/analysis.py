@@ -174,7 +174,7 @@ def on_cpu() -> contextlib.AbstractContextManager[object]:
 def annotate(model: nn.Module, input_shape: tuple[int, ...]) -> AnnotatedGraph:
     """Trace ``model`` and annotate its graph for an input of ``input_shape`` (with batch),
     whatever the default device (:func:`on_cpu`)."""
-    with on_cpu():
+    with on_cpu(), ops.modules_known(model):
         return _annotate(model, input_shape)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import types
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +91,35 @@ SPATIAL_FUNCTIONS = {
 }
 
 
+_KNOWN: ContextVar[tuple[nn.Module, dict[str, nn.Module]] | None] = ContextVar(
+    "attn_inject_known_modules", default=None
+)
+
+
+@contextlib.contextmanager
+def modules_known(root: nn.Module) -> Iterator[None]:
+    """Within: :func:`module_of` finds ``root``'s submodules in a table made once, not by
+    walking each dotted name (an analysis asks hundreds of times; ``root`` must not gain or
+    lose a submodule meanwhile). Nested: the outer table, when its root is ``root``."""
+    known = _KNOWN.get()
+    if known is not None and known[0] is root:
+        yield
+        return
+    token = _KNOWN.set((root, dict(root.named_modules())))
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
+
+
 def module_of(node: fx.Node, root: nn.Module) -> nn.Module | None:
     if node.op != "call_module":
         return None
+    known = _KNOWN.get()
+    if known is not None and known[0] is root:
+        found = known[1].get(str(node.target))
+        if found is not None:
+            return found
     return root.get_submodule(str(node.target))
 
 

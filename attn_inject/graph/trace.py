@@ -701,8 +701,9 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
     proxies of this graph and hand them to the next trace, and a forward that stores what it
     computed (Ultralytics' ``Detect`` keeps ``self.anchors`` and ``self.shape``) would keep
     proxies or meta tensors, which the model's next real call would use. Every public
-    attribute a forward rebinds or adds is put back, and every plain dict refilled."""
-    modules = list(model.modules())
+    attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
+    module but torch.nn's own layers (whose forwards store nothing)."""
+    modules = [m for m in model.modules() if not type(m).__module__.startswith(_TORCH_LAYERS)]
     attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules]
     caches = [
         (value, dict(value)) for _, saved in attributes for value in saved.values() if type(value) is dict
@@ -723,6 +724,7 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
 
 
 _MISSING = object()
+_TORCH_LAYERS = "torch.nn.modules."  # torch.nn's own layer classes are defined under it
 
 
 def _trace(

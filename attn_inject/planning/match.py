@@ -492,15 +492,16 @@ def plan_prepared(prepared: Prepared, recipe: Recipe, init: str | None = None) -
         init = recipe.init
     elif init not in INIT_MODES:
         raise InputError(f"init={init!r} is not allowed; allowed: {', '.join(INIT_MODES)}")
-    return build_plan(
-        prepared.graph,
-        list(prepared.stages),
-        recipe,
-        init,
-        prepared.model_name,
-        prepared.base_params,
-        prepared.target,
-    )
+    with ops.modules_known(prepared.graph.root):
+        return build_plan(
+            prepared.graph,
+            list(prepared.stages),
+            recipe,
+            init,
+            prepared.model_name,
+            prepared.base_params,
+            prepared.target,
+        )
 
 
 def analyse(
