@@ -541,17 +541,23 @@ def test_numbers_that_cost_unbounded_time_are_refused_in_one_line(value, says):
 
 
 def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kinds():
-    """timm's kinds are built and run once to be classified; only a 'timm:' kind needs that."""
+    """timm's kinds are built and run once to be classified; only a 'timm:' kind needs that.
+    Listing the shipped recipes (``attn-inject recipes``) resolves no kind, so imports no
+    timm, and lists the recipes that ``get_recipe`` gives."""
     import subprocess
     import sys
 
     code = (
+        "import sys\n"
         "from attn_inject.blocks.timm_attention import timm_kinds\n"
-        "from attn_inject.recipes.recipe import get_recipe\n"
+        "from attn_inject.recipes.recipe import get_recipe, list_recipes, listed_recipes\n"
+        "listed = listed_recipes()\n"
+        "assert 'timm' not in sys.modules, 'listing the recipes imported timm'\n"
         "get_recipe('cbam_after_every_stage'); get_recipe('se_resnet')\n"
         "assert timm_kinds.cache_info().currsize == 0, 'probed for a built-in recipe'\n"
         "get_recipe('gc_resnet')\n"
         "assert timm_kinds.cache_info().currsize == 1\n"
+        "assert listed == [get_recipe(name) for name in list_recipes()]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.messages import cut, shown
-from ..recipes.recipe import get_recipe, list_recipes, load_recipe
+from ..recipes.recipe import listed_recipes, load_recipe
 from .errors import UsageError
 from .output import emit
 
@@ -22,7 +22,7 @@ def command(args: argparse.Namespace) -> int:
     if args.name:
         name = shown(args.name, 60)
         raise UsageError(f"unexpected argument {name}; did you mean 'recipes show {cut(args.name, 60)}'?")
-    recipes = [get_recipe(name) for name in list_recipes()]
+    recipes = listed_recipes()
     width = max(len(r.name) for r in recipes)
     text = "\n".join(f"{r.name.ljust(width)}  {r.description}" for r in recipes)
     emit(args, text, [r.to_dict() for r in recipes])

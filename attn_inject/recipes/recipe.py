@@ -179,6 +179,16 @@ def list_recipes() -> list[str]:
     return list(builtin_recipe_paths())
 
 
+def listed_recipes() -> list[Recipe]:
+    """Every built-in recipe, its blocks' kinds and parameters not resolved (that waits for
+    the recipe's use, as ``get_recipe`` does it): what ``attn-inject recipes`` lists, without
+    importing timm for a ``timm:`` kind."""
+    return [
+        parse_recipe(_read_yaml(path.read_text(), str(path)), str(path), check_blocks=False)
+        for path in builtin_recipe_paths().values()
+    ]
+
+
 def get_recipe(name: str) -> Recipe:
     """The built-in recipe ``name``, parsed; a clear error listing the names otherwise."""
     paths = builtin_recipe_paths()
@@ -386,8 +396,10 @@ def _read_yaml(text: str, source: str) -> Any:
         raise RecipeError(f"{source}: invalid YAML: nested too deeply") from None
 
 
-def parse_recipe(data: Any, source: str) -> Recipe:
-    """Check ``data`` (a parsed recipe) key by key and build a :class:`Recipe`."""
+def parse_recipe(data: Any, source: str, *, check_blocks: bool = True) -> Recipe:
+    """Check ``data`` (a parsed recipe) key by key and build a :class:`Recipe`;
+    ``check_blocks=False`` leaves each block's kind and parameters to the recipe's use (for
+    listing the shipped recipes: a ``timm:`` kind is resolved by importing timm)."""
 
     def fail(key: str, message: str) -> RecipeError:
         return RecipeError(f"{source}: {key}: {message}")
@@ -417,7 +429,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         raise fail(
             "rules", f"must be a non-empty list of rules (each with 'block' and 'at'), got {shown(rules)}"
         )
-    parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail) for i, rule in enumerate(rules))
+    parsed = tuple(_parse_rule(rule, f"rules[{i}]", fail, check_blocks) for i, rule in enumerate(rules))
     fallback = data.get("fallback", [])
     if not isinstance(fallback, list):
         raise fail(
@@ -425,7 +437,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
             "must be a list of rules (each with 'block' and 'at'), used where 'rules' place no block; "
             f"got {shown(fallback)}",
         )
-    backup = tuple(_parse_rule(rule, f"fallback[{i}]", fail) for i, rule in enumerate(fallback))
+    backup = tuple(_parse_rule(rule, f"fallback[{i}]", fail, check_blocks) for i, rule in enumerate(fallback))
     return Recipe(
         name=name,
         rules=parsed,
@@ -493,14 +505,14 @@ def _parse_patterns(data: Mapping[str, Any], key: str, fail) -> dict[str, tuple[
     return patterns
 
 
-def _parse_rule(data: Any, key: str, fail) -> Rule:
+def _parse_rule(data: Any, key: str, fail, check_blocks: bool = True) -> Rule:
     if not isinstance(data, Mapping):
         raise fail(key, f"must be a mapping with keys {', '.join(RULE_KEYS)}")
     _reject_unknown(data, RULE_KEYS, f"{key}.", fail)
     for required in ("block", "at"):
         if required not in data:
             raise fail(f"{key}.{required}", "missing; every rule needs 'block' and 'at'")
-    block = _parse_block(data["block"], f"{key}.block", fail)
+    block = _parse_block(data["block"], f"{key}.block", fail, check_blocks)
     at = data["at"]
     if at not in POSITIONS:
         raise fail(f"{key}.at", f"unknown position {shown(at)}; allowed: {', '.join(POSITIONS)}")
@@ -533,7 +545,7 @@ def _parse_rule(data: Any, key: str, fail) -> Rule:
     )
 
 
-def _parse_block(data: Any, key: str, fail) -> BlockSpec:
+def _parse_block(data: Any, key: str, fail, check_blocks: bool = True) -> BlockSpec:
     if isinstance(data, str):
         data = {"kind": data}
     if not isinstance(data, Mapping) or "kind" not in data:
@@ -545,6 +557,8 @@ def _parse_block(data: Any, key: str, fail) -> BlockSpec:
     kind = data["kind"]
     if not isinstance(kind, str):
         raise fail(f"{key}.kind", f"unknown block {shown(kind)}: allowed: {', '.join(list_blocks())}")
+    if not check_blocks:
+        return BlockSpec(kind=kind, params=dict(params))
     try:
         block_factory(kind)  # reaches timm only for a 'timm:' kind
     except InputError as error:
