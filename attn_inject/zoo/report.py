@@ -180,7 +180,7 @@ def write_markdown(
             [
                 f"The rows of {update.models} models were swept again by `{update.command}` in "
                 f"{update.seconds / 60:.1f} min on {machine}, on {time.strftime('%Y-%m-%d', time.gmtime())}, "
-                "and replace theirs; every other row is the full sweep's.",
+                "and replace theirs; every other row is the full sweep's or an earlier update's.",
                 "",
             ]
             if update
