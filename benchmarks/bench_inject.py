@@ -22,7 +22,8 @@ from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
 from attn_inject.blocks.proof import shared_proofs
-from attn_inject.planning.match import forget_kept_results, plan_prepared, prepare
+from attn_inject.core.kept import forget_kept_results
+from attn_inject.planning.match import plan_prepared, prepare
 from attn_inject.recipes.recipe import load_recipe
 from attn_inject.surgery.rewrite import build_block, rewrite
 

@@ -64,7 +64,6 @@ def _forget_replaced_ops() -> None:
     """Install :func:`_refresh_forgetting_the_replaced_op` (a torch without ``_refresh_packet``
     refreshes no packet)."""
     import torch._ops
-    import torch.jit._builtins
 
     refresh = getattr(torch._ops, "_refresh_packet", None)
     if refresh is not None and not getattr(refresh, "forgets_replaced_ops", False):

@@ -382,7 +382,7 @@ def _counting_attend(monkeypatch) -> list[tuple[int, ...]]:
 
 
 def test_a_design_proved_in_one_call_is_not_proved_again_in_the_next_until_forgotten(resnet, monkeypatch):
-    from attn_inject.planning.match import forget_kept_results
+    from attn_inject.core.kept import forget_kept_results
 
     runs = _counting_attend(monkeypatch)
     first = ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)

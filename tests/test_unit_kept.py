@@ -28,3 +28,14 @@ def test_put_replaces_a_kept_value():
     kept.put("k", "old", held=object())
     kept.put("k", "new")
     assert kept.get("k", lambda: "computed") == "new" and len(kept) == 1
+
+
+def test_forget_kept_results_empties_every_table():
+    from attn_inject.core.kept import forget_kept_results
+
+    first: Kept[int] = Kept(4)
+    second: Kept[int] = Kept(4)
+    first.put("a", 1)
+    second.put("b", 2)
+    forget_kept_results()
+    assert len(first) == 0 and len(second) == 0

@@ -212,8 +212,8 @@ def test_a_module_called_twice_cannot_run_the_block_a_wider_one_does_and_the_pla
 
 def test_slot_verdicts_are_kept_across_calls_and_give_the_plan_traced_afresh(build, monkeypatch):
     import attn_inject as ai
+    from attn_inject.core.kept import forget_kept_results
     from attn_inject.planning import scopes
-    from attn_inject.planning.match import forget_kept_results
 
     model = build("timm:resnet18")  # BasicBlock's `se = None`: a slot, traced to be told
     real, traced = scopes._calls_slot, []

@@ -1,15 +1,17 @@
 """Results kept across calls: a bounded table, least recently used first out, safe to share
 between threads. Each entry may hold objects alive beside its value (those its key names by
-identity, so that no other object can take their ids while the entry is kept)."""
+identity, so that no other object can take their ids while the entry is kept).
+:func:`forget_kept_results` empties every table."""
 
 from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Kept"]
+__all__ = ["Kept", "forget_kept_results"]
 
 V = TypeVar("V")
 
@@ -21,6 +23,7 @@ class Kept(Generic[V]):
         self.size = size
         self._entries: collections.OrderedDict[Hashable, tuple[V, Any]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        _TABLES.add(self)
 
     def get(self, key: Hashable, compute: Callable[[], V], held: Any = None) -> V:
         """The value kept under ``key``, else ``compute()``'s, kept with ``held``."""
@@ -54,3 +57,14 @@ class Kept(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+_TABLES: weakref.WeakSet[Kept[Any]] = weakref.WeakSet()
+
+
+def forget_kept_results() -> None:
+    """Empty every table of results kept across calls (planning's slot verdicts and built-in
+    blocks' costs, the proved block designs), so that the next ``inject`` computes them as a
+    process's first does."""
+    for table in list(_TABLES):
+        table.clear()

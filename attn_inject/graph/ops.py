@@ -112,15 +112,20 @@ def modules_known(root: nn.Module) -> Iterator[None]:
         _KNOWN.reset(token)
 
 
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """``root.get_submodule(path)``, from the table of :func:`modules_known` when ``root`` is its."""
+    known = _KNOWN.get()
+    if known is not None and known[0] is root:
+        found = known[1].get(path)
+        if found is not None:
+            return found
+    return root.get_submodule(path)
+
+
 def module_of(node: fx.Node, root: nn.Module) -> nn.Module | None:
     if node.op != "call_module":
         return None
-    known = _KNOWN.get()
-    if known is not None and known[0] is root:
-        found = known[1].get(str(node.target))
-        if found is not None:
-            return found
-    return root.get_submodule(str(node.target))
+    return submodule(root, str(node.target))
 
 
 def _matches(node: fx.Node, root: nn.Module, modules, functions, methods=frozenset()) -> bool:

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from ..blocks import accepts_order, block_factory, block_for_point, layout_kwargs, permutes, uses_grid
 from ..blocks.params import INIT_MODES
-from ..blocks.proof import GATED_BLOCKS, block_name, proved_designs, run_block
+from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
 from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
@@ -36,13 +36,12 @@ from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
-from .scopes import Placement, place, slot_verdicts
+from .scopes import Placement, place
 from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
 __all__ = [
     "analyse",
     "build_plan",
-    "forget_kept_results",
     "plan",
     "plan_prepared",
     "prepare",
@@ -62,15 +61,6 @@ def _meta_block(block: BlockSpec, channels: int, init: str, layout: Mapping[str,
 # runs the block on the meta device (a few milliseconds each, through torch's Python meta
 # kernels). Bounded; keyed by the class itself, so a kind registered again is counted afresh.
 _built_in_costs: Kept[int] = Kept(4096)
-
-
-def forget_kept_results() -> None:
-    """Drop what planning and the proof keep across calls: built-in blocks' costs, slot
-    verdicts and the block designs proved, so that the next ``inject`` computes them as a
-    process's first does."""
-    _built_in_costs.clear()
-    slot_verdicts.clear()
-    proved_designs.clear()
 
 
 def _kept_cost(key: tuple[Any, ...] | None, count: Callable[[], int]) -> int:

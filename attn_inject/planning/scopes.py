@@ -44,6 +44,7 @@ from ..core.errors import AttnInjectError
 from ..core.kept import Kept
 from ..core.names import relative_name
 from ..core.values import CONSTANT_TYPES
+from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, module_stack
 from ..graph.trace import HOOK_DICTS, ModuleCall, reads_training
 from ..surgery.derive import derived_spec, holds_nodes
@@ -218,7 +219,7 @@ def extract_scope(
     block's reader and no producer but their result stay single ``call_module`` nodes, so
     their own code runs as written. Raises :class:`ScopeError` when the call cannot stand
     alone."""
-    module = root.get_submodule(call.path)
+    module = ops.submodule(root, call.path)
     if call.arguments is None:
         raise ScopeError(f"{call.path} takes *args or **kwargs")
     copy = _ScopeCopy(root, call)
@@ -404,10 +405,12 @@ class Placer:
         objects: dict[int, int] = {}
         for call in graph.calls:
             with contextlib.suppress(AttributeError):
-                key = id(root.get_submodule(call.path))
+                key = id(ops.submodule(root, call.path))
                 objects[key] = objects.get(key, 0) + 1
         # Module calls of objects called once (a module shared under two names is called twice).
-        self.once = [c for c in graph.calls if c.path and objects.get(id(root.get_submodule(c.path)), 0) == 1]
+        self.once = [
+            c for c in graph.calls if c.path and objects.get(id(ops.submodule(root, c.path)), 0) == 1
+        ]
         self.slots: dict[tuple[str, str, str], bool] = {}
         # Slot verdicts of this call by what decides them (see _code_design), for the designs
         # not kept across calls.
@@ -416,7 +419,7 @@ class Placer:
     def _trace_problem(self, path: str) -> Refusal | None:
         if path not in self.traceable:
             why = self.calls.why_not(path)
-            if why is None and reads_training(self.root.get_submodule(path)):
+            if why is None and reads_training(ops.submodule(self.root, path)):
                 why = Refusal(f"{path}'s forward reads self.training, which a rewrite would fix to eval")
             if why is None:
                 try:
@@ -432,7 +435,7 @@ class Placer:
     def _derivable(self, path: str) -> bool:
         """Whether a block can run around the module's own forward: its class's (a forward
         set on the instance, as timm's FasterNet does, is not a method a subclass replaces)."""
-        module = self.root.get_submodule(path)
+        module = ops.submodule(self.root, path)
         spec = derived_spec(module)
         return "forward" not in vars(module) and (spec is None or spec.graph is None)
 
@@ -450,14 +453,14 @@ class Placer:
             and self._derivable(c.path)
         ]
         for call in found:  # innermost first: calls are listed in the order they ended
-            if not call.leaf and not iterates_children(self.root.get_submodule(call.path)):
+            if not call.leaf and not iterates_children(ops.submodule(self.root, call.path)):
                 return call.path
         leaves = [c for c in found if c.leaf]
         if leaves:
             return leaves[0].path
         for call in found:  # a dict of modules that loops over its own items: it hides its blocks
-            if isinstance(self.root.get_submodule(call.path), nn.ModuleDict) and not _loops_children(
-                self.root.get_submodule(call.path)
+            if isinstance(ops.submodule(self.root, call.path), nn.ModuleDict) and not _loops_children(
+                ops.submodule(self.root, call.path)
             ):
                 return call.path
         return None
@@ -470,13 +473,13 @@ class Placer:
                 continue
             if any(u in call.nodes for u in producer.users if u not in readers):
                 continue
-            if not self._derivable(call.path) or iterates_children(self.root.get_submodule(call.path)):
+            if not self._derivable(call.path) or iterates_children(ops.submodule(self.root, call.path)):
                 continue
             if call.leaf:
                 reader = readers[0] if len(readers) == 1 else None
                 if reader is None or reader.op != "call_module":
                     continue
-                name = _parameter_of(self.root.get_submodule(call.path), reader, producer)
+                name = _parameter_of(ops.submodule(self.root, call.path), reader, producer)
             else:
                 given = [n for n, v in call.arguments or () if v is producer]
                 name = given[0] if len(given) == 1 and set(call.inputs) == {producer} else None
@@ -490,7 +493,7 @@ class Placer:
             return None
         if self.calls.why_not(deepest) is not None or not self._inside(producer, deepest):
             return None
-        host = self.root.get_submodule(deepest)
+        host = ops.submodule(self.root, deepest)
         if name not in vars(host) or vars(host)[name] is not None or name in host._modules:
             return None
         target = str(producer.target)
@@ -731,7 +734,7 @@ def place(
                 module, name = outer, f"{via}_{name}" if not via.isdigit() else name
             attach, owner = GRAPH, outer
         used = taken.setdefault(module, set())
-        host = root.get_submodule(module)
+        host = ops.submodule(root, module)
         slot = attach == SLOT
         unique, n = name, 2
         while unique in used or (

@@ -184,7 +184,7 @@ def listed_recipes() -> list[Recipe]:
     the recipe's use, as ``get_recipe`` does it): what ``attn-inject recipes`` lists, without
     importing timm for a ``timm:`` kind."""
     return [
-        parse_recipe(_read_yaml(path.read_text(), str(path)), str(path), check_blocks=False)
+        parse_recipe_text(read_recipe_file(path), source=str(path), check_blocks=False)
         for path in builtin_recipe_paths().values()
     ]
 
@@ -358,8 +358,9 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:float", _bounded_number("float"
 CACHED_RECIPE_CHARS = 1 << 16  # recipes up to this size are read as YAML once per text
 
 
-def parse_recipe_text(text: str, source: str) -> Recipe:
-    """A :class:`Recipe` from YAML text; ``source`` names it in errors."""
+def parse_recipe_text(text: str, source: str, *, check_blocks: bool = True) -> Recipe:
+    """A :class:`Recipe` from YAML text; ``source`` names it in errors (``check_blocks``:
+    see :func:`parse_recipe`)."""
     if not isinstance(text, str):
         raise RecipeError(f"{source}: recipe text must be a string, got a {type(text).__name__}")
     if len(text) > MAX_RECIPE_BYTES:
@@ -368,7 +369,8 @@ def parse_recipe_text(text: str, source: str) -> Recipe:
         data = copy.deepcopy(_read_yaml_once(text, source))  # the checks below may not change it
     else:
         data = _read_yaml(text, source)
-    return parse_recipe(data, source)  # checked every time: the registered blocks may change
+    # checked every time: the registered blocks may change
+    return parse_recipe(data, source, check_blocks=check_blocks)
 
 
 @functools.lru_cache(maxsize=64)
