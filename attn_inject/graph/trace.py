@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..core.errors import AttnInjectError, InputError
@@ -245,6 +246,38 @@ def traceable_despite_notrace(module: nn.Module) -> bool:
     return condition is not None and condition(module)
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorNames:
+    """A module's parameters and buffers, each under the first name its
+    ``named_parameters()`` / ``named_buffers()`` gives it (the name fx's own walk finds).
+    The tables hold the tensors, so an ``id`` is never one of a tensor freed since."""
+
+    root: nn.Module
+    parameters: dict[int, tuple[str, torch.Tensor]]
+    buffers: dict[int, tuple[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, root: nn.Module) -> TensorNames:
+        parameters: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, p in root.named_parameters():
+            parameters.setdefault(id(p), (name, p))
+        buffers: dict[int, tuple[str, torch.Tensor]] = {}
+        for name, b in root.named_buffers():
+            buffers.setdefault(id(b), (name, b))
+        return cls(root, parameters, buffers)
+
+    def parameter(self, value: torch.Tensor) -> str | None:
+        return _named(self.parameters, value)
+
+    def buffer(self, value: torch.Tensor) -> str | None:
+        return _named(self.buffers, value)
+
+
+def _named(table: dict[int, tuple[str, torch.Tensor]], value: torch.Tensor) -> str | None:
+    found = table.get(id(value))
+    return found[0] if found is not None and found[1] is value else None
+
+
 class ModelTracer(fx.Tracer):
     """An fx tracer with timm's leaves, attention blocks, registered leaf modules and
     train-dependent modules as leaves."""
@@ -263,6 +296,44 @@ class ModelTracer(fx.Tracer):
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
         self.output_type: type | None = None  # the root's output, a dict that is a dataclass
         self.assumptions: list[Assumption] = []  # plain values the code needed (none here: fx refuses)
+        self._tensor_names: TensorNames | None = None
+
+    def trace(self, root: nn.Module | Callable[..., Any], concrete_args: Any = None) -> fx.Graph:
+        self._tensor_names = None  # read from this root when first needed
+        return super().trace(root, concrete_args)
+
+    def _names(self) -> TensorNames:
+        if self._tensor_names is None or self._tensor_names.root is not self.root:
+            self._tensor_names = TensorNames.of(self.root)
+        return self._tensor_names
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        """fx's own ``getattr`` (a parameter, or a buffer, read as a module attribute becomes
+        a ``get_attr`` proxy, one per name), with the name found in a table of the root's
+        tensors instead of a walk of every parameter per read, which made a trace quadratic
+        in the model's size (timm's norm layers read their weights as attributes)."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self.param_shapes_constant:  # fx's ParameterProxy: left to fx, as it is
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        names = self._names()
+        name = names.parameter(attr_val) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = names.buffer(attr_val)
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)  # fx's walk, as ever
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's own ``create_arg``; a parameter or buffer of the root is found by the table."""
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            names = self._names()
+            name = names.parameter(a) if isinstance(a, nn.Parameter) else names.buffer(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
 
     def create_args_for_root(
         self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None

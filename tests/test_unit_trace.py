@@ -1,0 +1,104 @@
+"""graph/trace.py's tracer against fx's own: the same graph, with a model's parameters and
+buffers found by one table per trace instead of a walk of the model per read."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from attn_inject.graph.trace import ModelTracer, TensorNames
+
+
+class FunctionalNorm(nn.Module):
+    """Reads its weight, bias and running statistics as attributes (as timm's norm layers do)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False)
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+
+class Tied(nn.Module):
+    """Two convolutions sharing one weight, a norm, and a parameter passed to a function as a
+    value (not read through a module attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = FunctionalConv(4)
+        self.second = FunctionalConv(4)
+        self.second.weight = self.first.weight  # tied: fx names it by its first name
+        self.norm = FunctionalNorm(4)
+        self.scale = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
+        self.params = [self.scale]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.second(self.first(x)))
+        return torch.mul(x, self.params[0])  # a Parameter as a plain argument: create_arg
+
+
+def _get_attrs(graph: fx.Graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+
+
+def test_parameters_and_buffers_get_the_names_fx_gives_them():
+    model = Tied()
+    ours = ModelTracer().trace(model)
+    theirs = fx.Tracer().trace(model)
+    assert _get_attrs(ours) == _get_attrs(theirs)
+    assert "second.weight" not in _get_attrs(ours) and "first.weight" in _get_attrs(ours)
+    assert {"norm.running_mean", "norm.running_var", "scale"} <= set(_get_attrs(ours))
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(fx.GraphModule(model, ours)(x), model(x), rtol=0, atol=0)
+
+
+def test_a_trace_reads_the_models_parameters_once_not_once_per_attribute_read(monkeypatch):
+    model = nn.Sequential(*(FunctionalNorm(4) for _ in range(12)), FunctionalConv(4))
+    walks = {"parameters": 0, "buffers": 0}
+    for kind in walks:
+        original = getattr(nn.Module, f"named_{kind}")
+
+        def counted(self, *args, _kind=kind, _original=original, **kwargs):
+            if self is model:
+                walks[_kind] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(nn.Module, f"named_{kind}", counted)
+    graph = ModelTracer().trace(model)
+    assert len(_get_attrs(graph)) == 12 * 4 + 1
+    assert walks == {"parameters": 1, "buffers": 1}
+
+
+def test_a_buffer_replaced_during_the_trace_is_traced_as_fx_traces_it():
+    class Refreshing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.cache = torch.ones(4)  # a new tensor under the same name, after the table
+            return x + self.cache.view(1, 4, 1, 1)
+
+    ours = ModelTracer().trace(Refreshing())
+    theirs = fx.Tracer().trace(Refreshing())
+    assert _get_attrs(ours) == _get_attrs(theirs) != []
+
+
+def test_a_tensor_the_table_does_not_hold_has_no_name():
+    names = TensorNames.of(nn.Linear(2, 2))
+    assert names.parameter(torch.zeros(2)) is None and names.buffer(torch.zeros(2)) is None
+    assert names.parameter(names.root.weight) == "weight"
