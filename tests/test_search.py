@@ -22,6 +22,8 @@ optuna = pytest.importorskip("optuna")
 
 REPO = Path(__file__).resolve().parent.parent
 T975_1 = 12.706  # Student's t(0.975) with one degree of freedom: two seeds
+SEARCHED = "test_resnet"  # the base of most searches: a 0.4 M-parameter timm ResNet, fast trials
+TRAINED = "resnet10t"  # learns these digits to 100% in 3 epochs: the pruner test's base
 
 
 def write_digits(root: Path, digits: tuple[int, ...], per_class: int, size: int = 32) -> Path:
@@ -50,10 +52,16 @@ def data(tmp_path_factory) -> Path:
 
 
 def args(
-    data: Path, out: Path, *recipes: str, repeats: int = 2, epochs: int = 1, classes: int = 2
+    data: Path,
+    out: Path,
+    *recipes: str,
+    repeats: int = 2,
+    epochs: int = 1,
+    classes: int = 2,
+    model: str = SEARCHED,
 ) -> list[str]:
     return [
-        "search", "--model", "timm:resnet10t", "--model-kwargs", f"num_classes={classes}",
+        "search", "--model", f"timm:{model}", "--model-kwargs", f"num_classes={classes}",
         "--data", str(data), "--out", str(out), "--recipes", *recipes,
         "--epochs", str(epochs), "--repeats", str(repeats), "--image-size", "32",
         "--batch-size", "8", "--lr", "3e-3", "--workers", "0", "--threads", "1",
@@ -160,10 +168,10 @@ def test_a_grid_of_three_candidates_and_a_baseline_over_two_seeds_gives_the_righ
     assert "baseline" in printed and "beyond noise" in printed
 
 
-def _base():
+def _base(name: str = SEARCHED):
     import timm
 
-    return timm.create_model("resnet10t", num_classes=2)
+    return timm.create_model(name, num_classes=2)
 
 
 class Zero(torch.nn.Module):
@@ -185,7 +193,7 @@ def zero_block():
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory) -> Path:
-    """resnet10t trained on the digits until it tells them apart: a base whose fine-tune
+    """``TRAINED`` trained on the digits until it tells them apart: a base whose fine-tune
     starts right, so that a candidate that erases the features is clearly worse."""
     from attn_inject.finetune.config import FinetuneConfig
     from attn_inject.finetune.run import run
@@ -194,8 +202,10 @@ def trained(data, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     from attn_inject.search.trial import BASELINE_RECIPE  # no block
 
-    model = ai.inject(_base(), BASELINE_RECIPE, input_size=(3, 32, 32), allow_empty=True)
-    ai.save(model, folder / "start.safetensors", model_name="timm:resnet10t", model_kwargs={"num_classes": 2})
+    model = ai.inject(_base(TRAINED), BASELINE_RECIPE, input_size=(3, 32, 32), allow_empty=True)
+    ai.save(
+        model, folder / "start.safetensors", model_name=f"timm:{TRAINED}", model_kwargs={"num_classes": 2}
+    )
     config = FinetuneConfig(
         str(folder / "start.safetensors"), str(data), 3, str(folder / "run"), batch_size=8, image_size=32,
         lr=3e-3, workers=0, threads=1, no_aug=True,
@@ -212,7 +222,7 @@ def test_the_median_pruner_stops_a_clearly_worse_trial(data, trained, tmp_path, 
     recipe.write_text("name: zeroed\ninit: paper\nrules:\n  - block: zero_test\n    at: stage_output\n")
     out = tmp_path / "run"
     argv = [
-        *args(data, out, str(recipe), repeats=1, epochs=3),
+        *args(data, out, str(recipe), repeats=1, epochs=3, model=TRAINED),
         "--pruner",
         "median",
         "--base-checkpoint",
@@ -315,7 +325,7 @@ def test_a_space_drops_what_a_kind_does_not_have_and_refuses_unknown_keys(tmp_pa
 def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_trial(data, trained, tmp_path):
     saved = trained.parent / "run" / "last.safetensors"  # ai.save's file, no block in it
     out = tmp_path / "run"
-    argv = [a for a in args(data, out, "se_resnet", repeats=1) if a not in ("--model", "timm:resnet10t")]
+    argv = [a for a in args(data, out, "se_resnet", repeats=1) if a not in ("--model", f"timm:{SEARCHED}")]
     argv = [a for a in argv if a not in ("--model-kwargs", "num_classes=2")]
     assert main([*argv, "--checkpoint", str(saved)]) == 0
     base = ai.saving.file.load_base_weights(saved).state_dict()

@@ -22,7 +22,7 @@ from attn_inject.search.layout import Layout
 from attn_inject.search.leaderboard import Row, t_quantile, t_quantile_exact, write_report
 from attn_inject.search.study import StudySpec, _safe_url, open_study, work
 
-from .test_search import args, data, optuna, study_of
+from .test_search import SEARCHED, args, data, optuna, study_of
 
 __all__ = ["data"]  # the digits fixture, shared with test_search.py
 
@@ -346,7 +346,7 @@ def test_command_line_mistakes_exit_2_and_write_nothing(data, tmp_path, capsys, 
 
 
 def test_a_base_checkpoint_without_model_exits_2(data, tmp_path, capsys):
-    argv = [a for a in args(data, tmp_path / "run", "se_resnet") if a not in ("--model", "timm:resnet10t")]
+    argv = [a for a in args(data, tmp_path / "run", "se_resnet") if a not in ("--model", f"timm:{SEARCHED}")]
     argv = [a for a in argv if a not in ("--model-kwargs", "num_classes=2")]
     argv += ["--checkpoint", str(tmp_path / "base.safetensors"), "--base-checkpoint", str(tmp_path / "x.pth")]
     assert main(argv) == 2
