@@ -1,8 +1,12 @@
 """graph/trace.py's tracer against fx's own: the same graph, with a model's parameters and
-buffers found by one table per trace instead of a walk of the model per read."""
+buffers found by one table per trace instead of a walk of the model per read, and the code
+that unpacks a traced value read once per code object instead of at every unpacking."""
 
 from __future__ import annotations
 
+import dis
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -102,3 +106,49 @@ def test_a_tensor_the_table_does_not_hold_has_no_name():
     names = TensorNames.of(nn.Linear(2, 2))
     assert names.parameter(torch.zeros(2)) is None and names.buffer(torch.zeros(2)) is None
     assert names.parameter(names.root.weight) == "weight"
+
+
+class Unpacking(nn.Module):
+    """Unpacks traced values, a tensor's and an attribute's (``x.shape``), again and again."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            a, b = x.chunk(2, 1)
+            n, c, h, w = x.shape
+            x = torch.cat([b, a], 1).reshape(n, c, h, w)
+        return x
+
+
+def _ops(graph: fx.Graph) -> list[tuple[str, str]]:
+    return [(n.op, str(n.target)) for n in graph.nodes]
+
+
+def test_unpacking_traces_as_fx_traces_it_and_reads_the_code_once(monkeypatch):
+    reads: list[object] = []
+    original = dis.get_instructions
+
+    def counted(code, *args, **kwargs):
+        reads.append(code)
+        return original(code, *args, **kwargs)
+
+    monkeypatch.setattr(dis, "get_instructions", counted)
+    model = Unpacking()
+    ours = ModelTracer().trace(model)
+    assert reads.count(Unpacking.forward.__code__) == 1  # fx reads it at each of the 8 unpackings
+    reads.clear()
+    theirs = fx.Tracer().trace(model)
+    assert reads.count(Unpacking.forward.__code__) == 8
+    assert _ops(ours) == _ops(theirs)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(fx.GraphModule(model, ours)(x), model(x), rtol=0, atol=0)
+
+
+def test_iterating_other_than_by_unpacking_fails_as_in_fx():
+    class Listing(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(list(x.chunk(2, 1)), 1)
+
+    with pytest.raises(fx.proxy.TraceError, match="Proxy object cannot be iterated"):
+        fx.Tracer().trace(Listing())
+    with pytest.raises(fx.proxy.TraceError, match="Proxy object cannot be iterated"):
+        ModelTracer().trace(Listing())

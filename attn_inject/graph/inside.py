@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .shapes import MetaInterpreter, all_meta, tensor_meta
-from .trace import ModelTracer, mode, thread_in_place, timm_notrace, tracing_guards
+from .trace import ModelProxy, ModelTracer, mode, thread_in_place, timm_notrace, tracing_guards
 
 __all__ = ["ShapedTracer", "trace_at"]
 
@@ -35,7 +35,7 @@ CONCRETE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", 
 CONCRETE_METHODS = frozenset({"dim", "size", "numel", "ndimension", "is_floating_point", "is_complex"})
 
 
-class ShapedProxy(fx.Proxy):
+class ShapedProxy(ModelProxy):
     """A proxy whose shape, rank, dtype and device are those of its meta tensor."""
 
     def __getattr__(self, name: str) -> Any:

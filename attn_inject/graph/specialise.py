@@ -19,12 +19,11 @@ from typing import Any, cast
 
 import torch
 from torch import fx, nn
-from torch.fx.proxy import Attribute
 
 from ..core.messages import cut
 from .inside import ShapedTracer
 from .shapes import model_dtype
-from .trace import Assumption, ModelTracer, TracerFactory
+from .trace import Assumption, ModelAttribute, ModelProxy, ModelTracer, TracerFactory
 
 __all__ = ["SpecialisingTracer", "specialising_tracer"]
 
@@ -56,12 +55,12 @@ def _proxy(value: SpecialisedValue) -> fx.Proxy:
     return cast(fx.Proxy, value)
 
 
-class SpecialisedProxy(SpecialisedValue, fx.Proxy):
-    def __getattr__(self, name: str) -> Attribute:
+class SpecialisedProxy(SpecialisedValue, ModelProxy):
+    def __getattr__(self, name: str) -> ModelAttribute:
         return SpecialisedAttribute(self, name)
 
 
-class SpecialisedAttribute(SpecialisedValue, Attribute):
+class SpecialisedAttribute(SpecialisedValue, ModelAttribute):
     pass
 
 
