@@ -33,7 +33,7 @@ demo: $(STAMP)
 # Two test processes of one thread each: the fastest split of 2 cores (one process on two
 # threads leaves a core idle through the many small steps; two on two threads each oversubscribe).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder
 
 # The tests marked slow (minutes each: torch.compile with inductor's C++ compiler).
 test-slow: $(STAMP)

@@ -19,28 +19,30 @@ if TYPE_CHECKING:
 SIZE = (3, 64, 64)
 
 # The files whose tests start other processes or fine-tune (tens of seconds each), longest
-# first. They are handed out first, so that the two test processes of `make test` end
-# together instead of one waiting for the other's last long file.
+# first (each file's time in a full run). They are handed out first, so that the two test
+# processes of `make test` end together instead of one waiting for the other's last long
+# file; `make test` passes pytest-xdist's --no-loadscope-reorder, which otherwise hands out
+# the files with the most tests first, whatever their time.
 LONG_FILES = (
-    "test_search_workers.py",
     "test_finetune_run.py",
-    "test_search.py",
-    "test_inject.py",
+    "test_search_workers.py",
     "test_keeps_what_it_was.py",
     "test_export.py",
-    "test_tokens.py",
-    "test_ecosystem_ultralytics.py",
-    "test_error_contract.py",
-    "test_wheel.py",
     "test_convert.py",
+    "test_inject.py",
+    "test_ecosystem_ultralytics.py",
+    "test_search.py",
+    "test_tokens.py",
     "test_coverage.py",
-    "test_search_terminal.py",
     "test_local_surgery.py",
     "test_ecosystem_hf.py",
+    "test_error_contract.py",
+    "test_wheel.py",
     "test_search_hostile.py",
-    "test_finetune_inputs.py",
-    "test_writes.py",
     "test_untrusted_files.py",
+    "test_writes.py",
+    "test_search_terminal.py",
+    "test_finetune_inputs.py",
 )
 
 
