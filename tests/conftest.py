@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 from typing import TYPE_CHECKING
 
 import pytest
@@ -54,6 +55,14 @@ def _runs_tests(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if _runs_tests(config):
         _forget_replaced_ops()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test process ends: every object it holds moves to the permanent generation, so that
+    the interpreter's last collections on the way out do not walk the millions the tests
+    left (about a second per half a million objects on 2 cores; the controller waits for it)."""
+    if _runs_tests(config):
+        gc.freeze()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
