@@ -46,8 +46,8 @@ def _symbolic_trace(model: torch.nn.Module) -> Callable[[], object]:
 
 
 def _first_call(model: torch.nn.Module, recipe: str) -> object:
-    """``inject`` as a process's first call for this architecture does it: what planning
-    keeps across calls (slot verdicts, built-in blocks' costs) dropped first."""
+    """``inject`` as a process's first call for this architecture does it: every result kept
+    across calls (``forget_kept_results``) dropped first."""
     forget_kept_results()
     return ai.inject(model, recipe, allow_empty=True)
 
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> str:
             f"Medians of {rounds} interleaved rounds, Python's cyclic garbage collected before each "
             "timed call. `ai.inject` traces the whole model, infers shapes on the meta device, plans, "
             "and rewrites only the modules that run a block; a first call has nothing kept from an "
-            "earlier one (slot verdicts, built-in blocks' costs, proved block designs), timed in a "
+            "earlier one (slot verdicts, built-in blocks' costs, proved block designs, the code read "
+            "for unpacking traced values), timed in a "
             "second interleaved run with the same peers, its ratios against that run's peers."
         ),
     )

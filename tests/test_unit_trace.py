@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from attn_inject.core.kept import forget_kept_results
 from attn_inject.graph.trace import ModelTracer, TensorNames
 
 
@@ -123,7 +124,7 @@ def _ops(graph: fx.Graph) -> list[tuple[str, str]]:
     return [(n.op, str(n.target)) for n in graph.nodes]
 
 
-def test_unpacking_traces_as_fx_traces_it_and_reads_the_code_once(monkeypatch):
+def test_unpacking_traces_as_fx_traces_it_and_reads_the_code_once_until_forgotten(monkeypatch):
     reads: list[object] = []
     original = dis.get_instructions
 
@@ -132,6 +133,7 @@ def test_unpacking_traces_as_fx_traces_it_and_reads_the_code_once(monkeypatch):
         return original(code, *args, **kwargs)
 
     monkeypatch.setattr(dis, "get_instructions", counted)
+    forget_kept_results()
     model = Unpacking()
     ours = ModelTracer().trace(model)
     assert reads.count(Unpacking.forward.__code__) == 1  # fx reads it at each of the 8 unpackings
@@ -139,6 +141,12 @@ def test_unpacking_traces_as_fx_traces_it_and_reads_the_code_once(monkeypatch):
     theirs = fx.Tracer().trace(model)
     assert reads.count(Unpacking.forward.__code__) == 8
     assert _ops(ours) == _ops(theirs)
+    reads.clear()
+    ModelTracer().trace(model)
+    assert Unpacking.forward.__code__ not in reads  # kept across traces
+    forget_kept_results()  # as a process's first trace: read again
+    ModelTracer().trace(model)
+    assert reads.count(Unpacking.forward.__code__) == 1
     x = torch.randn(2, 4, 3, 3)
     torch.testing.assert_close(fx.GraphModule(model, ours)(x), model(x), rtol=0, atol=0)
 

@@ -33,7 +33,6 @@ import bisect
 import contextlib
 import dataclasses
 import dis
-import functools
 import inspect
 import sys
 import weakref
@@ -44,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from ..core.errors import AttnInjectError, InputError
+from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
 from ..core.messages import shown
 from ..core.views import unregistered
@@ -284,12 +284,21 @@ def _named(table: dict[int, tuple[str, torch.Tensor]], value: torch.Tensor) -> s
     return found[0] if found is not None and found[1] is value else None
 
 
-@functools.lru_cache(maxsize=4096)
-def _instructions(code: Any) -> tuple[tuple[int, ...], tuple[tuple[str, Any], ...]]:
-    """The offsets and (opname, argval) of ``code``'s instructions, read once per code object
-    (code objects never change)."""
-    listed = list(dis.get_instructions(code))
-    return tuple(i.offset for i in listed), tuple((i.opname, i.argval) for i in listed)
+Instructions = tuple[tuple[int, ...], tuple[tuple[str, Any], ...]]
+
+# Each code object's instructions, read once across traces (code objects never change);
+# bounded, and emptied by ``forget_kept_results`` as every result kept across calls is.
+_read_code: Kept[Instructions] = Kept(4096)
+
+
+def _instructions(code: Any) -> Instructions:
+    """The offsets and (opname, argval) of ``code``'s instructions."""
+
+    def read() -> Instructions:
+        listed = list(dis.get_instructions(code))
+        return tuple(i.offset for i in listed), tuple((i.opname, i.argval) for i in listed)
+
+    return _read_code.get(code, read)
 
 
 def unpacked_count(code: Any, last_instruction: int) -> int | None:
