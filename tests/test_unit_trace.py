@@ -103,6 +103,65 @@ def test_a_buffer_replaced_during_the_trace_is_traced_as_fx_traces_it():
     assert _get_attrs(ours) == _get_attrs(theirs) != []
 
 
+class Rope(nn.Module):
+    """Re-registers a buffer in its forward, the old tensor still held as another buffer
+    (as Hugging Face's dynamic rotary embeddings do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        frequencies = torch.arange(4.0)
+        self.register_buffer("inv_freq", frequencies, persistent=False)
+        self.register_buffer("original_inv_freq", frequencies, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * self.inv_freq
+        self.register_buffer("inv_freq", self.original_inv_freq * 2, persistent=False)
+        return y + self.original_inv_freq
+
+
+class Reassigned(nn.Module):
+    """A tied weight whose first owner gets a new weight in the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.a.weight)
+        self.a.weight = nn.Parameter(torch.zeros(2, 2))
+        return F.linear(x, self.b.weight)
+
+
+class Deleted(nn.Module):
+    """Deletes a buffer in its forward, then uses the tensor from a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("buf", torch.ones(2))
+        self.kept = [self.buf]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.buf
+        del self.buf
+        return x + self.kept[0]
+
+
+@pytest.mark.parametrize("build", [Rope, Reassigned, Deleted])
+def test_tensors_the_forward_re_registers_replaces_or_deletes_are_named_as_fx_names_them(build):
+    torch.manual_seed(0)
+    ours_root = build()
+    torch.manual_seed(0)
+    theirs_root = build()
+    ours, theirs = ModelTracer().trace(ours_root), fx.Tracer().trace(theirs_root)
+    assert _get_attrs(ours) == _get_attrs(theirs)
+    if build is Deleted:
+        return  # both graphs read the buffer the trace deleted: neither runs on its root
+    x = torch.ones(4) if build is Rope else torch.ones(2, 2)
+    out = fx.GraphModule(ours_root, ours)(x)  # each on the root it traced, changed by that trace
+    torch.testing.assert_close(out, fx.GraphModule(theirs_root, theirs)(x), rtol=0, atol=0)
+
+
 def test_a_tensor_the_table_does_not_hold_has_no_name():
     names = TensorNames.of(nn.Linear(2, 2))
     assert names.parameter(torch.zeros(2)) is None and names.buffer(torch.zeros(2)) is None

@@ -252,36 +252,52 @@ def traceable_despite_notrace(module: nn.Module) -> bool:
     return condition is not None and condition(module)
 
 
-@dataclasses.dataclass(frozen=True)
+NamedTensors = dict[int, tuple[str, torch.Tensor]]  # id -> (first name, the tensor)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class TensorNames:
     """A module's parameters and buffers, each under the first name its
     ``named_parameters()`` / ``named_buffers()`` gives it (the name fx's own walk finds).
-    The tables hold the tensors, so an ``id`` is never one of a tensor freed since."""
+    The tables hold the tensors, so an ``id`` is never one of a tensor freed since. A name
+    is given only while it still holds its tensor: a forward that re-registers, replaces or
+    deletes a tensor during the trace sends that tensor to fx's own walk. (One change stays
+    unseen: a tensor the forward also registers under a name that comes before its own,
+    which fx would then name by that name; both name the same tensor.)"""
 
     root: nn.Module
-    parameters: dict[int, tuple[str, torch.Tensor]]
-    buffers: dict[int, tuple[str, torch.Tensor]]
+    parameters: NamedTensors
+    buffers: NamedTensors
 
     @classmethod
     def of(cls, root: nn.Module) -> TensorNames:
-        parameters: dict[int, tuple[str, torch.Tensor]] = {}
+        parameters: NamedTensors = {}
         for name, p in root.named_parameters():
             parameters.setdefault(id(p), (name, p))
-        buffers: dict[int, tuple[str, torch.Tensor]] = {}
+        buffers: NamedTensors = {}
         for name, b in root.named_buffers():
             buffers.setdefault(id(b), (name, b))
         return cls(root, parameters, buffers)
 
     def parameter(self, value: torch.Tensor) -> str | None:
-        return _named(self.parameters, value)
+        return self._named(self.parameters, value, "_parameters")
 
     def buffer(self, value: torch.Tensor) -> str | None:
-        return _named(self.buffers, value)
+        return self._named(self.buffers, value, "_buffers")
 
-
-def _named(table: dict[int, tuple[str, torch.Tensor]], value: torch.Tensor) -> str | None:
-    found = table.get(id(value))
-    return found[0] if found is not None and found[1] is value else None
+    def _named(self, table: NamedTensors, value: torch.Tensor, slots: str) -> str | None:
+        """``value``'s name in ``table`` while that name still holds it in the module tree."""
+        found = table.get(id(value))
+        if found is None or found[1] is not value:
+            return None
+        name = found[0]
+        path, _, leaf = name.rpartition(".")
+        module = self.root
+        for part in path.split(".") if path else ():
+            module = module.__dict__.get("_modules", {}).get(part)
+            if module is None:
+                return None
+        return name if module.__dict__.get(slots, {}).get(leaf) is value else None
 
 
 Instructions = tuple[tuple[int, ...], tuple[tuple[str, Any], ...]]
