@@ -410,3 +410,7 @@ def sweep(
     context = multiprocessing.get_context("spawn")
     with context.Pool(jobs, maxtasksperchild=25) as pool:
         yield from pool.imap_unordered(_worker, tasks, chunksize=1)
+        # every model swept: the workers end on their own (leaving the block terminates them,
+        # which can leave a semaphore behind for the resource tracker to warn about)
+        pool.close()
+        pool.join()
