@@ -290,14 +290,12 @@ class TensorNames:
         found = table.get(id(value))
         if found is None or found[1] is not value:
             return None
-        name = found[0]
-        path, _, leaf = name.rpartition(".")
-        module = self.root
-        for part in path.split(".") if path else ():
-            module = module.__dict__.get("_modules", {}).get(part)
-            if module is None:
-                return None
-        return name if module.__dict__.get(slots, {}).get(leaf) is value else None
+        path, _, leaf = found[0].rpartition(".")
+        try:
+            module = self.root.get_submodule(path)
+        except AttributeError:  # a module on the way removed during the trace
+            return None
+        return found[0] if getattr(module, slots).get(leaf) is value else None
 
 
 Instructions = tuple[tuple[int, ...], tuple[tuple[str, Any], ...]]
@@ -382,7 +380,7 @@ class ModelTracer(fx.Tracer):
         return ModelProxy(node, self)
 
     def _names(self) -> TensorNames:
-        if self._tensor_names is None or self._tensor_names.root is not self.root:
+        if self._tensor_names is None:  # once per trace (``trace`` resets it)
             self._tensor_names = TensorNames.of(self.root)
         return self._tensor_names
 
