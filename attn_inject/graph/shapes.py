@@ -4,13 +4,14 @@ Each node's output is computed on ``meta`` tensors and stored in ``node.meta["va
 torch.fx's FakeTensorProp does). Leaf modules run with meta copies of their weights, so a
 model whose weights are real, on the GPU, or already on the meta device all work the same
 and nothing of the model changes. Modules that keep their input's shape (norms,
-activations, dropout) are not run at all: their output is their input's meta tensor; plain
-convolutions and linear layers run their functional form on meta weights directly.
+activations, dropout) are not run at all: their output is their input's meta tensor; the
+commonest convolutions, linear layers, activations, arithmetic, means and layer norms get
+their output from their inputs' sizes (:mod:`attn_inject.graph.shape_rules`), where torch's
+meta kernels are Python decompositions.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Any, overload
 
 import torch
@@ -20,6 +21,7 @@ from torch.func import functional_call
 
 from ..core.errors import AttnInjectError
 from ..core.messages import cut, error_line
+from .shape_rules import function_shape, method_shape, module_shape
 from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
@@ -59,31 +61,16 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-SAME_SHAPE_ARITHMETIC = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub)
-
-
-def _alike(a: Any, b: Any) -> bool:
-    """Two contiguous floating meta tensors of one shape and dtype (whose sum or product
-    the meta kernel makes contiguous too)."""
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.is_meta
-        and b.is_meta
-        and a.is_floating_point()
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.is_contiguous()
-        and b.is_contiguous()
-    )
-
-
 class MetaInterpreter(fx.Interpreter):
     """Runs a graph on meta tensors; modules that read tensor values run on zeros."""
 
     def run_node(self, n: fx.Node) -> Any:
+        """fx's ``run_node`` without its bookkeeping for tracers (a context naming the current
+        node, which only ``make_fx`` reads, and a debug log line): it was half the time of a
+        node whose shape a rule gives."""
         try:
-            result = super().run_node(n)
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as error:
             first = cut((str(error).strip().splitlines() or [""])[0], 300).rstrip(".")
             raise ShapeError(
@@ -99,15 +86,15 @@ class MetaInterpreter(fx.Interpreter):
         return result
 
     def call_function(self, target, args, kwargs):
-        if (
-            len(args) == 2
-            and not kwargs
-            and any(target is f for f in SAME_SHAPE_ARITHMETIC)
-            and _alike(*args)
-        ):
-            return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")  # the meta kernel's
+        known = function_shape(target, args, kwargs)
+        if known is not None:
+            return known
         # fx hands functions immutable containers; wrapped model functions may edit theirs.
         return super().call_function(target, _mutable(args), _mutable(kwargs))
+
+    def call_method(self, target, args, kwargs):
+        known = method_shape(target, args, kwargs)
+        return known if known is not None else super().call_method(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
@@ -116,10 +103,17 @@ class MetaInterpreter(fx.Interpreter):
         return value
 
     def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
+        # The interpreter's table of submodules by name, made once, instead of a walk along
+        # the dotted name through nn.Module's __getattr__ at every call.
+        module = self.submodules.get(target)
+        if module is None:
+            module = self.fetch_attr(target)
         single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
         if single and isinstance(module, SHAPE_PRESERVING):
             return args[0]
+        known = module_shape(module, args, kwargs)
+        if known is not None:
+            return known
         forward = type(module).forward
         if single and forward in _CONV_FORWARDS:
             return module._conv_forward(args[0], _meta(module.weight), _meta(module.bias))

@@ -30,11 +30,13 @@ A failure in the root's own forward code has no submodule to isolate: it raises
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import dataclasses
 import dis
 import inspect
 import sys
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -352,6 +354,19 @@ class ModelAttribute(fx.proxy.Attribute, ModelProxy):
     """fx's attribute proxy (``x.shape``), iterated as :class:`ModelProxy` is."""
 
 
+# Argument types fx's create_arg returns as they are (its base types' commonest).
+_AS_THEY_ARE = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device})
+
+
+class ModuleStack(collections.OrderedDict):
+    """fx's stack of the modules being called, copied into every node's
+    ``meta["nn_module_stack"]`` as an ``OrderedDict`` by a plain constructor call: ``copy.copy``
+    rebuilds it through ``__reduce_ex__``, a tenth of a whole trace."""
+
+    def __copy__(self) -> collections.OrderedDict:
+        return collections.OrderedDict(self)
+
+
 class ModelTracer(fx.Tracer):
     """An fx tracer with timm's leaves, attention blocks, registered leaf modules and
     train-dependent modules as leaves."""
@@ -363,6 +378,7 @@ class ModelTracer(fx.Tracer):
         opaque: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
+        self.module_stack = ModuleStack()
         self.leaf_types = tuple(leaf_types)
         self._listed: dict[type, bool] = {}  # whether a class is one of leaf_types, by class
         self.opaque = opaque
@@ -371,9 +387,13 @@ class ModelTracer(fx.Tracer):
         self.output_type: type | None = None  # the root's output, a dict that is a dataclass
         self.assumptions: list[Assumption] = []  # plain values the code needed (none here: fx refuses)
         self._tensor_names: TensorNames | None = None
+        self._leaves: dict[tuple[int, str], tuple[nn.Module, bool]] = {}  # (module, name) -> leaf
+        self._signatures: dict[Callable, inspect.Signature] = {}  # forward -> its signature
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: Any = None) -> fx.Graph:
         self._tensor_names = None  # read from this root when first needed
+        self._leaves = {}
+        self._signatures = {}
         return super().trace(root, concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -404,8 +424,20 @@ class ModelTracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
     def create_arg(self, a: Any) -> Any:
-        """fx's own ``create_arg``; a parameter or buffer of the root is found by the table."""
-        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+        """fx's own ``create_arg``; a parameter or buffer of the root is found by the table,
+        and the commonest arguments take fx's answer directly: a proxy its node, a plain
+        constant itself, a plain tuple or list each of its items' (fx reaches the same answers
+        after half a dozen checks for rarer kinds)."""
+        kind = type(a)
+        if kind in _AS_THEY_ARE:
+            return a
+        if isinstance(a, fx.Proxy):
+            return a.node
+        if kind is tuple:
+            return tuple([self.create_arg(item) for item in a])
+        if kind is list:
+            return [self.create_arg(item) for item in a]
+        if isinstance(a, torch.Tensor):
             names = self._names()
             name = names.parameter(a) if isinstance(a, nn.Parameter) else names.buffer(a)
             if name is not None:
@@ -435,7 +467,7 @@ class ModelTracer(fx.Tracer):
         arguments = None  # read before the call, which may edit a list it is given (HRNet)
         try:
             if not self.is_leaf_module(m, self.path_of_module(m)):
-                arguments = _bound_arguments(m, args, kwargs)
+                arguments = _bound_arguments(m, args, kwargs, self._signatures)
         except NameError:
             pass
         try:
@@ -493,6 +525,18 @@ class ModelTracer(fx.Tracer):
         )
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Whether fx records ``m`` as one node; asked three times a call (here, by fx's
+        ``call_module`` and when the call is recorded), and answered once per module and
+        name in a trace."""
+        key = (id(m), module_qualified_name)
+        found = self._leaves.get(key)
+        if found is not None and found[0] is m:
+            return found[1]
+        leaf = self._is_leaf(m, module_qualified_name)
+        self._leaves[key] = (m, leaf)
+        return leaf
+
+    def _is_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
         if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
@@ -571,16 +615,28 @@ def _as_nodes(value: Any) -> Any:
     return fx.node.map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
 
 
-def _bound_arguments(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple[str, Any], ...] | None:
-    """The call's arguments by ``forward`` parameter name, in order (None: *args / **kwargs)."""
+def _bound_arguments(
+    m: nn.Module, args: tuple, kwargs: dict, signatures: dict[Any, inspect.Signature]
+) -> tuple[tuple[str, Any], ...] | None:
+    """The call's arguments by ``forward`` parameter name, in order (None: *args / **kwargs).
+    ``signatures`` keeps each class's ``forward`` signature (``self`` first) for the trace."""
+    method: Any = m.forward
+    function: Any = getattr(method, "__func__", None)  # the class's plain function, bound to ``m``
+    by_class = isinstance(function, types.FunctionType) and getattr(method, "__self__", None) is m
     try:
-        signature = inspect.signature(m.forward)
-        bound = signature.bind(*args, **kwargs)
+        if by_class:
+            signature = signatures.get(function) or inspect.signature(function)
+            signatures[function] = signature
+            bound = signature.bind(m, *args, **kwargs)
+        else:
+            signature = inspect.signature(method)
+            bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return None
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         return None
-    return tuple((name, _as_nodes(value)) for name, value in bound.arguments.items())
+    named = [(name, _as_nodes(value)) for name, value in bound.arguments.items()]
+    return tuple(named[1:] if by_class else named)  # without ``self``
 
 
 def is_timm_model(model: nn.Module) -> bool:
