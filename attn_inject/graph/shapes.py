@@ -62,7 +62,13 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
 
 
 class MetaInterpreter(fx.Interpreter):
-    """Runs a graph on meta tensors; modules that read tensor values run on zeros."""
+    """Runs a graph on meta tensors; modules that read tensor values run on zeros. With
+    ``rules`` off every node runs its torch kernels (a :class:`~attn_inject.graph.analysis.MacCounter`
+    counts the operators a pass dispatches)."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph | None = None, rules: bool = True) -> None:
+        super().__init__(module, graph=graph)
+        self.rules = rules
 
     def run_node(self, n: fx.Node) -> Any:
         """fx's ``run_node`` without its bookkeeping for tracers (a context naming the current
@@ -86,14 +92,14 @@ class MetaInterpreter(fx.Interpreter):
         return result
 
     def call_function(self, target, args, kwargs):
-        known = function_shape(target, args, kwargs)
+        known = function_shape(target, args, kwargs) if self.rules else None
         if known is not None:
             return known
         # fx hands functions immutable containers; wrapped model functions may edit theirs.
         return super().call_function(target, _mutable(args), _mutable(kwargs))
 
     def call_method(self, target, args, kwargs):
-        known = method_shape(target, args, kwargs)
+        known = method_shape(target, args, kwargs) if self.rules else None
         return known if known is not None else super().call_method(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
@@ -111,7 +117,7 @@ class MetaInterpreter(fx.Interpreter):
         single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
         if single and isinstance(module, SHAPE_PRESERVING):
             return args[0]
-        known = module_shape(module, args, kwargs)
+        known = module_shape(module, args, kwargs) if self.rules else None
         if known is not None:
             return known
         forward = type(module).forward
@@ -196,8 +202,11 @@ def model_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
-    """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``."""
+def propagate_shapes(
+    model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...], rules: bool = True
+) -> None:
+    """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``; with
+    ``rules`` off, every node through torch's kernels (:class:`MetaInterpreter`)."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
     with eval_mode(model), caches_kept(model), torch.no_grad():
-        MetaInterpreter(model, graph=graph).run(x)
+        MetaInterpreter(model, graph=graph, rules=rules).run(x)

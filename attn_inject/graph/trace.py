@@ -380,7 +380,7 @@ class ModelTracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap_functions)
         self.module_stack = ModuleStack()
         self.leaf_types = tuple(leaf_types)
-        self._listed: dict[type, bool] = {}  # whether a class is one of leaf_types, by class
+        self._classes: dict[type, _ClassTraits] = {}  # what the leaf rule reads of each class
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
@@ -539,18 +539,35 @@ class ModelTracer(fx.Tracer):
     def _is_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
+        cls = type(m)
+        own = m.__dict__.get(BLOCK_FLAG)  # set on the instance, read without __getattr__'s miss
+        if (own if own is not None else getattr(cls, BLOCK_FLAG, False)) or registered_leaf(m):
             return True
-        listed = self._listed.get(type(m))
-        if listed is None:
-            listed = self._listed[type(m)] = isinstance(m, self.leaf_types)
-        if listed and not traceable_despite_notrace(m):
+        traits = self._classes.get(cls)
+        if traits is None:
+            traits = self._classes[cls] = _ClassTraits(
+                listed=isinstance(m, self.leaf_types),
+                sequential=isinstance(m, nn.Sequential),
+                torch_leaf=super().is_leaf_module(m, module_qualified_name),
+                reads_training=reads_training(m),
+            )
+        if traits.listed and not traceable_despite_notrace(m):
             return True
-        if isinstance(m, nn.Sequential):
+        if traits.sequential:
             return False
-        if super().is_leaf_module(m, module_qualified_name):
-            return True
-        return depends_on_training(m)
+        return traits.torch_leaf or (traits.reads_training and depends_on_training(m))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassTraits:
+    """What :meth:`ModelTracer.is_leaf_module` reads of a module's class, read once a trace:
+    one of the tracer's leaf types, a Sequential, a leaf by fx's own rule (torch.nn's
+    layers), a forward that reads ``self.training``."""
+
+    listed: bool
+    sequential: bool
+    torch_leaf: bool
+    reads_training: bool
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +54,8 @@ class RewriteError(AttnInjectError, ValueError):
 
 
 def _reference_tensor(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in list(model.parameters()) + list(model.buffers()):
+    """The device and dtype of the model's first floating parameter (else buffer)."""
+    for p in itertools.chain(model.parameters(), model.buffers()):
         if p.is_floating_point():
             return p.device, p.dtype
     return torch.device("cpu"), torch.float32
