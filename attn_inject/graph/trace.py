@@ -49,6 +49,7 @@ from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
 from ..core.messages import shown
 from ..core.views import unregistered
+from .ops import named_submodules, submodules
 
 __all__ = [
     "Assumption",
@@ -162,7 +163,7 @@ def size_only_calls_recorded(model: nn.Module, tracer: fx.Tracer) -> Iterator[No
     """While ``tracer`` traces ``model``, a call of a size-only method with a traced value
     becomes one ``call_method`` node on its module (reached by ``get_attr``)."""
     patched: list[tuple[nn.Module, str]] = []
-    for path, module in model.named_modules():
+    for path, module in named_submodules(model):
         for name in size_only_methods(module):
             if name in vars(module):
                 continue
@@ -367,6 +368,14 @@ class ModuleStack(collections.OrderedDict):
         return collections.OrderedDict(self)
 
 
+class ModuleScope(fx.proxy.Scope):
+    """fx's scope of the module being called, which fx copies at every module call to restore
+    it after: copied by a plain constructor call instead of ``copy.copy``'s generic path."""
+
+    def __copy__(self) -> fx.proxy.Scope:
+        return fx.proxy.Scope(self.module_path, self.module_type)
+
+
 class ModelTracer(fx.Tracer):
     """An fx tracer with timm's leaves, attention blocks, registered leaf modules and
     train-dependent modules as leaves."""
@@ -379,6 +388,7 @@ class ModelTracer(fx.Tracer):
     ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
         self.module_stack = ModuleStack()
+        self.scope = ModuleScope("", None)
         self.leaf_types = tuple(leaf_types)
         self._classes: dict[type, _ClassTraits] = {}  # what the leaf rule reads of each class
         self.opaque = opaque
@@ -426,8 +436,8 @@ class ModelTracer(fx.Tracer):
     def create_arg(self, a: Any) -> Any:
         """fx's own ``create_arg``; a parameter or buffer of the root is found by the table,
         and the commonest arguments take fx's answer directly: a proxy its node, a plain
-        constant itself, a plain tuple or list each of its items' (fx reaches the same answers
-        after half a dozen checks for rarer kinds)."""
+        constant itself, a plain tuple, list or dict of named values each of its items' (fx
+        reaches the same answers after half a dozen checks for rarer kinds)."""
         kind = type(a)
         if kind in _AS_THEY_ARE:
             return a
@@ -437,6 +447,8 @@ class ModelTracer(fx.Tracer):
             return tuple([self.create_arg(item) for item in a])
         if kind is list:
             return [self.create_arg(item) for item in a]
+        if kind is dict and all(type(key) is str for key in a):
+            return {key: self.create_arg(value) for key, value in a.items()}
         if isinstance(a, torch.Tensor):
             names = self._names()
             name = names.parameter(a) if isinstance(a, nn.Parameter) else names.buffer(a)
@@ -580,7 +592,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     """Every module in train (or eval) mode for the duration, then each one's own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in submodules(model)]
     for m, _ in flags:
         m.__dict__["training"] = training  # the flag only: cheaper than Module.__setattr__
     try:
@@ -882,7 +894,9 @@ HOOK_DICTS = (
 def hooks_off(model: nn.Module) -> Iterator[None]:
     """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
-    saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
+    saved = [
+        (m, key, value) for m in submodules(model) for key in HOOK_DICTS if (value := m.__dict__.get(key))
+    ]
     for m, key, value in saved:
         m.__dict__[key] = type(value)()
     try:
@@ -902,7 +916,7 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
     The flags are restored afterwards; code that is not rewritten still checkpoints."""
     flags = [
         (m, key)
-        for m in model.modules()
+        for m in submodules(model)
         for key in CHECKPOINT_FLAGS
         if isinstance(m.__dict__.get(key), bool) and m.__dict__[key]
     ]
@@ -924,7 +938,7 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
     proxies or meta tensors, which the model's next real call would use. Every public
     attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
     module but torch.nn's own layers (whose forwards store nothing)."""
-    modules = [m for m in model.modules() if not type(m).__module__.startswith(_TORCH_LAYERS)]
+    modules = [m for m in submodules(model) if not type(m).__module__.startswith(_TORCH_LAYERS)]
     attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules]
     caches = [
         (value, dict(value)) for _, saved in attributes for value in saved.values() if type(value) is dict

@@ -422,9 +422,10 @@ def prepare(model: nn.Module, *, input_size: Sequence[int] | None = None, target
     """Trace and annotate ``model``'s submodule ``target`` ('' for the whole model) at
     ``input_size`` (default: the model's own) and find its stages."""
     sub = get_target(model, target)
-    _refuse_quantized(sub, model_name(model))
-    size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
-    graph = annotate(sub, (BATCH, *size))
+    with ops.modules_known(sub):  # one table of its submodules for the checks and the analysis
+        _refuse_quantized(sub, model_name(model))
+        size = default_input_size(sub if target else model, input_size or target_input_size(model, target))
+        graph = annotate(sub, (BATCH, *size))
     if not target:
         feature_info = getattr(model, "feature_info", None) or declared_backbone_entries(model, graph)
     else:  # a backbone that returns every stage's map says where its stages end
@@ -443,7 +444,7 @@ def quantized_modules(model: nn.Module) -> list[str]:
     layers, ``QFunctional``, ``Quantize``), as "name (Class)"; a quantizable model still in
     float (its ``QuantStub`` and ``FloatFunctional``) has none."""
     found = []
-    for name, module in model.named_modules():
+    for name, module in ops.named_submodules(model):
         cls = type(module)
         where = f"{cls.__module__}."
         if (
