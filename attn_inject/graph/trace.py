@@ -939,9 +939,13 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
     attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
     module but torch.nn's own layers (whose forwards store nothing)."""
     modules = [m for m in submodules(model) if not type(m).__module__.startswith(_TORCH_LAYERS)]
-    attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for m in modules]
+    # Each module's whole __dict__ copied at C speed; only its public part is put back.
+    attributes = [(m, vars(m).copy()) for m in modules]
     caches = [
-        (value, dict(value)) for _, saved in attributes for value in saved.values() if type(value) is dict
+        (value, dict(value))
+        for _, saved in attributes
+        for key, value in saved.items()
+        if type(value) is dict and key[:1] != "_"
     ]
     try:
         yield
@@ -951,10 +955,10 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
             cache.update(content)
         for m, saved in attributes:
             state = vars(m)
-            for key in [k for k in state if not k.startswith("_") and k not in saved]:
+            for key in [k for k in state if k not in saved and k[:1] != "_"]:
                 del state[key]
             for key, value in saved.items():
-                if state.get(key, _MISSING) is not value:
+                if key[:1] != "_" and state.get(key, _MISSING) is not value:
                     state[key] = value
 
 
