@@ -18,6 +18,7 @@ from attn_inject.graph import shapes
 from attn_inject.graph.shape_rules import function_shape, method_shape, module_shape
 from attn_inject.graph.shapes import propagate_shapes
 from attn_inject.graph.trace import trace
+from attn_inject.planning.match import BATCH
 
 RNG = random.Random(0)
 
@@ -277,7 +278,7 @@ def test_a_graphs_shapes_with_the_rules_equal_those_without(name, monkeypatch):
     kernels alone, and the rules do answer for nodes of the model."""
     model = timm.create_model(name).eval()
     graph = trace(model).graph
-    size = (1, 3, *model.pretrained_cfg["input_size"][1:])
+    size = (BATCH, 3, *model.pretrained_cfg["input_size"][1:])  # as the analysis plans
     answered = []
 
     def counting(rule):
