@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_inject.graph import shapes
-from attn_inject.graph.shape_rules import function_shape, method_shape, module_shape
+from attn_inject.graph.shape_rules import (
+    BINARY_FUNCTIONS,
+    UNARY_FUNCTIONS,
+    function_shape,
+    method_shape,
+    module_shape,
+)
 from attn_inject.graph.shapes import propagate_shapes
 from attn_inject.graph.trace import trace
 from attn_inject.planning.match import BATCH
@@ -77,7 +83,13 @@ UNARY = [
     (F.leaky_relu, (0.2,)),
     (F.elu, (1.0,)),
     (F.mish, ()),
+    (F.sigmoid, ()),
+    (F.tanh, ()),
 ]
+
+
+def test_every_activation_the_rules_know_is_checked_here():
+    assert {fn for fn, _ in UNARY} == set(UNARY_FUNCTIONS)
 
 
 @pytest.mark.parametrize("fn, extra", UNARY, ids=lambda v: getattr(v, "__name__", ""))
@@ -97,18 +109,6 @@ def test_an_activation_in_place_or_on_a_half_tensor_subclass_goes_to_the_kernel(
     assert function_shape(F.relu, (torch.empty(3, dtype=torch.int64, device="meta"),), {}) is None
 
 
-BINARY = [
-    operator.add,
-    operator.mul,
-    operator.sub,
-    operator.truediv,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.div,
-]
-
-
 def _broadcast_partners(shape):
     """Shapes that broadcast with ``shape``: itself, per-channel, per-row, scalars, lower rank."""
     partners = {tuple(shape), (), (1,) * len(shape)}
@@ -120,7 +120,7 @@ def _broadcast_partners(shape):
     return sorted(partners)
 
 
-@pytest.mark.parametrize("fn", BINARY, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", BINARY_FUNCTIONS, ids=lambda f: f.__name__)  # every one the rules know
 def test_arithmetic_broadcasts_as_the_kernel_does(fn):
     known = 0
     for shape in SHAPES:
