@@ -305,3 +305,57 @@ def test_a_graphs_shapes_with_the_rules_equal_those_without(name, monkeypatch):
     for rule in ("function_shape", "method_shape", "module_shape"):
         monkeypatch.setattr(shapes, rule, lambda *args: None)
     assert values() == with_rules
+
+
+class OwnPadding(nn.Conv2d):
+    """TF-style "same" padding inside ``_conv_forward`` (as timm's ``Conv2dSame``)."""
+
+    def _conv_forward(self, x, weight, bias):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_convolution_with_its_own_conv_forward_goes_to_the_kernel():
+    conv = OwnPadding(8, 8, 3, stride=2)
+    assert module_shape(conv, (meta((2, 8, 9, 9)),), {}) is None
+
+
+def test_tensors_recording_gradients_or_empty_go_to_the_kernel():
+    """A rule's result records no gradient and picks no strides for an empty tensor: those
+    inputs keep the kernel's answer (a traced ``if y.requires_grad`` reads it)."""
+    x = meta((2, 49, 16))
+    grad = meta((1, 49, 16)).requires_grad_()
+    empty = torch.empty(2, 8, 16, device="meta")[:, :0]
+    assert function_shape(operator.add, (x, grad), {}) is None
+    assert function_shape(F.gelu, (grad,), {}) is None
+    assert function_shape(F.layer_norm, (x, (16,), meta((16,)).requires_grad_()), {}) is None
+    assert function_shape(F.relu, (empty,), {}) is None
+    assert function_shape(operator.mul, (empty, 2), {}) is None
+    assert function_shape(torch.roll, (empty, 1, 2), {}) is None
+
+
+@pytest.mark.parametrize(
+    "fn, args, kwargs",
+    [
+        (F.gelu, (), {"approximate": "bogus"}),
+        (F.relu, (), {"foo": 1}),
+        (torch.relu, (1,), {}),
+        (F.layer_norm, ((16.0,),), {}),
+        (operator.add, (2**64,), {}),
+        (torch.roll, (2**64, 1), {}),
+        (torch.mean, (1,), {"dim": 2}),
+    ],
+    ids=[
+        "gelu-bogus",
+        "relu-kwarg",
+        "relu-extra",
+        "norm-float",
+        "add-huge",
+        "roll-huge",
+        "mean-dim-twice",
+    ],
+)
+def test_a_call_the_kernel_refuses_gets_no_rule(fn, args, kwargs):
+    x = meta((2, 49, 16))
+    with pytest.raises((TypeError, RuntimeError, ValueError, OverflowError)):
+        fn(x, *args, **kwargs)
+    assert function_shape(fn, (x, *args), kwargs) is None

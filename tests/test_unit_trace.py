@@ -219,3 +219,61 @@ def test_iterating_other_than_by_unpacking_fails_as_in_fx():
         fx.Tracer().trace(Listing())
     with pytest.raises(fx.proxy.TraceError, match="Proxy object cannot be iterated"):
         ModelTracer().trace(Listing())
+
+
+class Delegating(nn.Module):
+    """A wrapper that forwards attribute reads it lacks to the module it wraps (as
+    torch.compile's OptimizedModule does)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_wrapper_that_forwards_the_block_marker_is_kept_whole():
+    from attn_inject.core.markers import BLOCK_FLAG
+    from attn_inject.graph.trace import trace
+
+    block = nn.Conv2d(8, 8, 1)
+    setattr(block, BLOCK_FLAG, True)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Delegating(block))
+    called = [str(n.target) for n in trace(model).graph.nodes if n.op == "call_module"]
+    assert called == ["0", "1"]
+
+
+class TrainOnly(nn.Module):
+    """No parametrised children and a forward that reads ``self.training``: a leaf."""
+
+    def forward(self, x):
+        return x.mean((2, 3)) if self.training else x
+
+
+class MadeOnFirstCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        if "head" not in self._modules:  # a submodule the first call creates
+            self.head = TrainOnly()
+        return self.head(self.conv(x))
+
+
+def test_a_submodule_a_forward_creates_is_set_aside_like_every_other():
+    """The guards around each step read the model as it is then: a submodule created by the
+    first trace is in eval mode for the meta pass, as it was before the analysis kept a table."""
+    from attn_inject.graph.analysis import annotate
+
+    model = MadeOnFirstCall().eval()
+    graph = annotate(model, (2, 3, 8, 8)).graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    assert [tuple(n.meta["val"].shape) for n in output.all_input_nodes] == [(2, 8, 8, 8)]

@@ -110,7 +110,7 @@ class ShapedTracer(ModelTracer):
             node.meta["val"] = self._placeholder_value(str(target))
         elif kind in ("call_function", "call_method", "call_module", "get_attr"):
             if self.evaluator is None:
-                self.evaluator = MetaInterpreter(self.root_module, graph=self.graph)
+                self.evaluator = MetaInterpreter(self.root_module, graph=self.graph, fixed_modules=False)
             evaluator = self.evaluator
             values = fx.node.map_arg((node.args, node.kwargs), self._value)
             with _patches_reverted() if _may_call_modules(kind, node.target, values) else _UNPATCHED:

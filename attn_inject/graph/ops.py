@@ -113,20 +113,11 @@ def modules_known(root: nn.Module) -> Iterator[None]:
 
 
 def named_submodules(root: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """``root.named_modules()``, from the table of :func:`modules_known` when ``root`` is its
-    (the guards around a trace and a meta pass each read every module once)."""
+    """``root.named_modules()``, from the table of :func:`modules_known` when ``root`` is its."""
     known = _KNOWN.get()
     if known is not None and known[0] is root:
         return known[1].items()
     return root.named_modules()
-
-
-def submodules(root: nn.Module) -> Iterable[nn.Module]:
-    """``root.modules()``, as :func:`named_submodules` finds them."""
-    known = _KNOWN.get()
-    if known is not None and known[0] is root:
-        return known[1].values()
-    return root.modules()
 
 
 def submodule(root: nn.Module, path: str) -> nn.Module:

@@ -27,8 +27,16 @@ Rule = Callable[[tuple, dict], "torch.Tensor | None"]
 
 
 def _plain(value: Any) -> bool:
-    """A plain floating tensor on the meta device (no subclass, no complex)."""
-    return type(value) is torch.Tensor and value.is_meta and value.is_floating_point()
+    """A plain floating tensor on the meta device (no subclass, no complex), not empty (a
+    kernel picks its own strides for an empty one) and not recording gradients (a result
+    of one would record them too)."""
+    return (
+        type(value) is torch.Tensor
+        and value.is_meta
+        and value.is_floating_point()
+        and not value.requires_grad
+        and 0 not in value.shape
+    )
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -47,7 +55,12 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return type(value) in (int, float)
+    """A Python float, or an int a kernel takes as a scalar (within int64)."""
+    return type(value) is float or (type(value) is int and -(2**63) <= value < 2**63)
+
+
+def _false(value: Any) -> bool:
+    return value is False
 
 
 def _contiguous(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -76,16 +89,30 @@ def _like(t: torch.Tensor) -> torch.Tensor | None:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def _unary(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """An elementwise function of one tensor (an activation): its input's shape and strides."""
-    if not args or kwargs.get("inplace") or (len(args) > 1 and args[-1] is True):
-        return None
-    x = args[0]
-    if not _plain(x) or not _dense(x) or any(not _number(a) and not isinstance(a, str) for a in args[1:]):
-        return None
-    if any(not _number(v) and not isinstance(v, str) for v in kwargs.values()):
-        return None
-    return _like(x)
+Checks = tuple[tuple[str, Callable[[Any], bool]], ...]
+
+
+def _unary(checks: Checks) -> Rule:
+    """The rule of an elementwise function of one tensor (an activation) that takes the
+    arguments ``checks`` names after the tensor, in its signature's order, each only with a
+    value its check accepts: the input's shape and strides."""
+    names = tuple(name for name, _ in checks)
+    accepts = dict(checks)
+
+    def rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if not args or len(args) - 1 > len(names):
+            return None
+        given = dict(zip(names, args[1:], strict=False))
+        for name, value in kwargs.items():
+            if name in given or name not in accepts:
+                return None
+            given[name] = value
+        x = args[0]
+        if not all(accepts[name](value) for name, value in given.items()) or not _plain(x) or not _dense(x):
+            return None
+        return _like(x)
+
+    return rule
 
 
 def _binary(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -146,6 +173,8 @@ def _mean(args: tuple, kwargs: dict) -> torch.Tensor | None:
     x, *rest = args
     if not _plain(x) or not _canonical(x) or len(rest) > 2:
         return None
+    if (rest and "dim" in kwargs) or (len(rest) > 1 and "keepdim" in kwargs):
+        return None  # an argument given twice: the kernel's error
     dim = rest[0] if rest else kwargs.get("dim")
     keepdim = rest[1] if len(rest) > 1 else kwargs.get("keepdim", False)
     if type(keepdim) is not bool or x.ndim == 0:
@@ -171,6 +200,8 @@ def _layer_norm(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if not _canonical(x) and (1 in x.shape or not _dense(x)):
         return None  # a kernel keeps what ``contiguous()`` leaves of a size-1 dim's stride
     shape = tuple(shape)
+    if not all(type(size) is int for size in shape):
+        return None
     if not shape or len(shape) > x.ndim or tuple(x.shape[-len(shape) :]) != shape:
         return None
     for name in ("weight", "bias"):
@@ -191,29 +222,41 @@ def _roll(args: tuple, kwargs: dict) -> torch.Tensor | None:
     dims = args[2] if len(args) > 2 else kwargs.get("dims")
     as_tuple = lambda v: (v,) if type(v) is int else tuple(v) if isinstance(v, (tuple, list)) else None  # noqa: E731
     shifts, dims = as_tuple(shifts), as_tuple(dims)
-    if not shifts or not dims or len(shifts) != len(dims) or not all(type(v) is int for v in shifts + dims):
+    if (
+        not shifts
+        or not dims
+        or len(shifts) != len(dims)
+        or not all(_number(v) and type(v) is int for v in shifts + dims)
+    ):
         return None
     if not all(-x.ndim <= d < x.ndim for d in dims):
         return None
     return _contiguous(x.shape, x.dtype)
 
 
-UNARY_FUNCTIONS = (
-    torch.relu,
-    F.relu,
-    F.relu6,
-    F.silu,
-    F.gelu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.leaky_relu,
-    F.elu,
-    F.mish,
-    torch.sigmoid,
-    F.sigmoid,
-    torch.tanh,
-    F.tanh,
-)
+def _finite(value: Any) -> bool:
+    return _number(value) and math.isfinite(value)
+
+
+_INPLACE: Checks = (("inplace", _false),)
+# Each activation the rules know, with the arguments it takes after the tensor.
+UNARY_ARGUMENTS: dict[Callable, Checks] = {
+    torch.relu: (),
+    F.relu: _INPLACE,
+    F.relu6: _INPLACE,
+    F.silu: _INPLACE,
+    F.gelu: (("approximate", lambda v: v in ("none", "tanh")),),
+    F.hardswish: _INPLACE,
+    F.hardsigmoid: _INPLACE,
+    F.leaky_relu: (("negative_slope", _finite), *_INPLACE),
+    F.elu: (("alpha", _finite), *_INPLACE),
+    F.mish: _INPLACE,
+    torch.sigmoid: (),
+    F.sigmoid: (),
+    torch.tanh: (),
+    F.tanh: (),
+}
+UNARY_FUNCTIONS = tuple(UNARY_ARGUMENTS)
 BINARY_FUNCTIONS = (
     operator.add,
     operator.mul,
@@ -225,14 +268,14 @@ BINARY_FUNCTIONS = (
     torch.div,
 )
 FUNCTION_RULES: dict[Callable, Rule] = {
-    **{f: _unary for f in UNARY_FUNCTIONS},
+    **{f: _unary(checks) for f, checks in UNARY_ARGUMENTS.items()},
     **{f: _binary for f in BINARY_FUNCTIONS},
     torch.mean: _mean,
     F.layer_norm: _layer_norm,
     torch.roll: _roll,
 }
 METHOD_RULES: dict[str, Rule] = {
-    **{name: _unary for name in ("relu", "sigmoid", "tanh")},
+    **{name: _unary(()) for name in ("relu", "sigmoid", "tanh")},
     **{name: _binary for name in ("add", "mul", "sub", "div")},
     "mean": _mean,
     "roll": _roll,
@@ -254,7 +297,9 @@ def method_shape(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return rule(args, kwargs) if rule is not None else None
 
 
-CONV_FORWARDS = {nn.Conv1d.forward: 1, nn.Conv2d.forward: 2, nn.Conv3d.forward: 3}
+CONV_CLASSES: dict[Callable, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
+    cls.forward: cls for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+}
 
 
 def _conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, spatial: int) -> torch.Tensor | None:
@@ -295,8 +340,11 @@ def module_shape(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
         return None
     x = args[0]
     forward = type(module).forward
-    spatial = CONV_FORWARDS.get(forward)
-    if spatial is not None:
+    conv = CONV_CLASSES.get(forward)
+    if conv is not None:
+        if getattr(type(module), "_conv_forward", None) is not conv._conv_forward:  # own padding
+            return None
+        spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv]
         return _conv(module, x, spatial)  # type: ignore[arg-type]
     if forward is nn.Linear.forward:
         weight: Any = module.weight

@@ -62,13 +62,17 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
 
 
 class MetaInterpreter(fx.Interpreter):
-    """Runs a graph on meta tensors; modules that read tensor values run on zeros. With
-    ``rules`` off every node runs its torch kernels (a :class:`~attn_inject.graph.analysis.MacCounter`
-    counts the operators a pass dispatches)."""
+    """Runs a graph on meta tensors; modules that read tensor values run on zeros. Modules
+    are found in the table made when it starts unless ``fixed_modules`` is off (a trace
+    running beside it may replace one). With ``rules`` off every node runs its torch
+    kernels (a :class:`~attn_inject.graph.analysis.MacCounter` counts what they dispatch)."""
 
-    def __init__(self, module: nn.Module, graph: fx.Graph | None = None, rules: bool = True) -> None:
+    def __init__(
+        self, module: nn.Module, graph: fx.Graph | None = None, rules: bool = True, fixed_modules: bool = True
+    ) -> None:
         super().__init__(module, graph=graph)
         self.rules = rules
+        self.fixed_modules = fixed_modules  # False: a trace running beside it may change them
 
     def run_node(self, n: fx.Node) -> Any:
         """fx's ``run_node`` without its bookkeeping for tracers (a context naming the current
@@ -111,7 +115,7 @@ class MetaInterpreter(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         # The interpreter's table of submodules by name, made once, instead of a walk along
         # the dotted name through nn.Module's __getattr__ at every call.
-        module = self.submodules.get(target)
+        module = self.submodules.get(target) if self.fixed_modules else None
         if module is None:
             module = self.fetch_attr(target)
         single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)

@@ -49,7 +49,6 @@ from ..core.kept import Kept
 from ..core.markers import BLOCK_FLAG
 from ..core.messages import shown
 from ..core.views import unregistered
-from .ops import named_submodules, submodules
 
 __all__ = [
     "Assumption",
@@ -163,7 +162,7 @@ def size_only_calls_recorded(model: nn.Module, tracer: fx.Tracer) -> Iterator[No
     """While ``tracer`` traces ``model``, a call of a size-only method with a traced value
     becomes one ``call_method`` node on its module (reached by ``get_attr``)."""
     patched: list[tuple[nn.Module, str]] = []
-    for path, module in named_submodules(model):
+    for path, module in model.named_modules():
         for name in size_only_methods(module):
             if name in vars(module):
                 continue
@@ -552,8 +551,7 @@ class ModelTracer(fx.Tracer):
         if module_qualified_name in self.opaque:
             return True
         cls = type(m)
-        own = m.__dict__.get(BLOCK_FLAG)  # set on the instance, read without __getattr__'s miss
-        if (own if own is not None else getattr(cls, BLOCK_FLAG, False)) or registered_leaf(m):
+        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):  # a wrapper may forward the read
             return True
         traits = self._classes.get(cls)
         if traits is None:
@@ -592,7 +590,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     """Every module in train (or eval) mode for the duration, then each one's own flag back."""
-    flags = [(m, m.training) for m in submodules(model)]
+    flags = [(m, m.training) for m in model.modules()]
     for m, _ in flags:
         m.__dict__["training"] = training  # the flag only: cheaper than Module.__setattr__
     try:
@@ -894,9 +892,7 @@ HOOK_DICTS = (
 def hooks_off(model: nn.Module) -> Iterator[None]:
     """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
-    saved = [
-        (m, key, value) for m in submodules(model) for key in HOOK_DICTS if (value := m.__dict__.get(key))
-    ]
+    saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
     for m, key, value in saved:
         m.__dict__[key] = type(value)()
     try:
@@ -916,7 +912,7 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
     The flags are restored afterwards; code that is not rewritten still checkpoints."""
     flags = [
         (m, key)
-        for m in submodules(model)
+        for m in model.modules()
         for key in CHECKPOINT_FLAGS
         if isinstance(m.__dict__.get(key), bool) and m.__dict__[key]
     ]
@@ -938,7 +934,7 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
     proxies or meta tensors, which the model's next real call would use. Every public
     attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
     module but torch.nn's own layers (whose forwards store nothing)."""
-    modules = [m for m in submodules(model) if not type(m).__module__.startswith(_TORCH_LAYERS)]
+    modules = [m for m in model.modules() if not type(m).__module__.startswith(_TORCH_LAYERS)]
     # Each module's whole __dict__ copied at C speed; only its public part is put back.
     attributes = [(m, vars(m).copy()) for m in modules]
     caches = [
