@@ -212,5 +212,6 @@ def propagate_shapes(
     """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``; with
     ``rules`` off, every node through torch's kernels (:class:`MetaInterpreter`)."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
-    with eval_mode(model), caches_kept(model), torch.no_grad():
+    modules = list(model.modules())
+    with eval_mode(model, modules), caches_kept(model, modules), torch.no_grad():
         MetaInterpreter(model, graph=graph, rules=rules).run(x)

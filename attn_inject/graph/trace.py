@@ -38,7 +38,7 @@ import inspect
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -158,11 +158,13 @@ def size_only_methods(module: nn.Module) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def size_only_calls_recorded(model: nn.Module, tracer: fx.Tracer) -> Iterator[None]:
+def size_only_calls_recorded(
+    model: nn.Module, tracer: fx.Tracer, named: Sequence[tuple[str, nn.Module]] | None = None
+) -> Iterator[None]:
     """While ``tracer`` traces ``model``, a call of a size-only method with a traced value
     becomes one ``call_method`` node on its module (reached by ``get_attr``)."""
     patched: list[tuple[nn.Module, str]] = []
-    for path, module in model.named_modules():
+    for path, module in model.named_modules() if named is None else named:
         for name in size_only_methods(module):
             if name in vars(module):
                 continue
@@ -581,16 +583,17 @@ class _ClassTraits:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode for the duration, then restore each module's own flag."""
-    with mode(model, training=False):
+def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Put every module in eval mode for the duration, then restore each module's own flag
+    (``modules``: the model's, when the caller has just listed them)."""
+    with mode(model, training=False, modules=modules):
         yield model
 
 
 @contextlib.contextmanager
-def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+def mode(model: nn.Module, training: bool, modules: Sequence[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Every module in train (or eval) mode for the duration, then each one's own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     for m, _ in flags:
         m.__dict__["training"] = training  # the flag only: cheaper than Module.__setattr__
     try:
@@ -872,8 +875,9 @@ def trace(model: nn.Module, make_tracer: TracerFactory = plain_tracer) -> TraceR
 @contextlib.contextmanager
 def tracing_guards(model: nn.Module) -> Iterator[None]:
     """What tracing ``model`` needs set aside and put back: its caches, gradient
-    checkpointing and hooks (below)."""
-    with caches_kept(model), checkpointing_off(model), hooks_off(model):
+    checkpointing and hooks (below), its modules listed once for the three."""
+    modules = list(model.modules())
+    with caches_kept(model, modules), checkpointing_off(model, modules), hooks_off(model, modules):
         yield
 
 
@@ -889,7 +893,7 @@ HOOK_DICTS = (
 
 
 @contextlib.contextmanager
-def hooks_off(model: nn.Module) -> Iterator[None]:
+def hooks_off(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
     saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
@@ -906,13 +910,13 @@ CHECKPOINT_FLAGS = ("grad_checkpointing", "memory_efficient")  # timm's and torc
 
 
 @contextlib.contextmanager
-def checkpointing_off(model: nn.Module) -> Iterator[None]:
+def checkpointing_off(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Gradient checkpointing switched off for the duration: the checkpointed path reads
     ``x.requires_grad`` and calls ``torch.utils.checkpoint``, which a trace cannot keep.
     The flags are restored afterwards; code that is not rewritten still checkpoints."""
     flags = [
         (m, key)
-        for m in model.modules()
+        for m in (model.modules() if modules is None else modules)
         for key in CHECKPOINT_FLAGS
         if isinstance(m.__dict__.get(key), bool) and m.__dict__[key]
     ]
@@ -926,7 +930,7 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def caches_kept(model: nn.Module) -> Iterator[None]:
+def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Restore the model's own state after tracing or a meta pass: a cache filled while
     tracing (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep
     proxies of this graph and hand them to the next trace, and a forward that stores what it
@@ -934,9 +938,10 @@ def caches_kept(model: nn.Module) -> Iterator[None]:
     proxies or meta tensors, which the model's next real call would use. Every public
     attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
     module but torch.nn's own layers (whose forwards store nothing)."""
-    modules = [m for m in model.modules() if not type(m).__module__.startswith(_TORCH_LAYERS)]
+    listed = model.modules() if modules is None else modules
+    own = [m for m in listed if not type(m).__module__.startswith(_TORCH_LAYERS)]
     # Each module's whole __dict__ copied at C speed; only its public part is put back.
-    attributes = [(m, vars(m).copy()) for m in modules]
+    attributes = [(m, vars(m).copy()) for m in own]
     caches = [
         (value, dict(value))
         for _, saved in attributes
@@ -972,7 +977,8 @@ def _trace(
 ) -> TraceResult:
     while True:
         tracer = make_tracer(leaf_types, functions, frozenset(o.name for o in opaque), concrete)
-        with eval_mode(model), size_only_calls_recorded(model, tracer):
+        named = list(model.named_modules())  # as they are for this attempt
+        with eval_mode(model, [m for _, m in named]), size_only_calls_recorded(model, tracer, named):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
                 thread_in_place(graph)
