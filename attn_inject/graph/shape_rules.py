@@ -83,7 +83,7 @@ def _like(t: torch.Tensor) -> torch.Tensor | None:
     memory. ``None`` where a dim of size 1 makes that order ambiguous (the kernel then picks
     strides of its own for it)."""
     if _canonical(t):
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return _contiguous(t.shape, t.dtype)
     if 1 in t.shape or not _dense(t):
         return None
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
@@ -297,8 +297,9 @@ def method_shape(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return rule(args, kwargs) if rule is not None else None
 
 
-CONV_CLASSES: dict[Callable, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {
-    cls.forward: cls for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# torch's own convolutions by their forward: the class and its count of spatial dims.
+CONV_CLASSES: dict[Callable, tuple[type[nn.modules.conv._ConvNd], int]] = {
+    cls.forward: (cls, spatial) for spatial, cls in enumerate((nn.Conv1d, nn.Conv2d, nn.Conv3d), 1)
 }
 
 
@@ -312,7 +313,6 @@ def _conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, spatial: i
         or weight.dtype != x.dtype
         or (bias is not None and bias.dtype != x.dtype)
         or x.shape[1] != weight.shape[1] * module.groups
-        or x.shape[1] == 0
         or module.padding_mode != "zeros"
     ):
         return None
@@ -342,9 +342,9 @@ def module_shape(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
     forward = type(module).forward
     conv = CONV_CLASSES.get(forward)
     if conv is not None:
-        if getattr(type(module), "_conv_forward", None) is not conv._conv_forward:  # own padding
+        cls, spatial = conv
+        if getattr(type(module), "_conv_forward", None) is not cls._conv_forward:  # own padding
             return None
-        spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv]
         return _conv(module, x, spatial)  # type: ignore[arg-type]
     if forward is nn.Linear.forward:
         weight: Any = module.weight

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from ..core.errors import AttnInjectError
 from ..core.messages import cut, error_line
-from .shape_rules import function_shape, method_shape, module_shape
+from .shape_rules import CONV_CLASSES, function_shape, method_shape, module_shape
 from .trace import caches_kept, eval_mode
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
@@ -125,7 +125,7 @@ class MetaInterpreter(fx.Interpreter):
         if known is not None:
             return known
         forward = type(module).forward
-        if single and forward in _CONV_FORWARDS:
+        if single and forward in CONV_CLASSES:
             return module._conv_forward(args[0], _meta(module.weight), _meta(module.bias))
         if single and forward is nn.Linear.forward:
             return F.linear(args[0], _meta(module.weight), _meta(module.bias))
@@ -184,9 +184,6 @@ def _mutable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _mutable(v) for k, v in value.items()}
     return value
-
-
-_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 
 @overload

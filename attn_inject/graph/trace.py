@@ -391,7 +391,7 @@ class ModelTracer(fx.Tracer):
         self.module_stack = ModuleStack()
         self.scope = ModuleScope("", None)
         self.leaf_types = tuple(leaf_types)
-        self._classes: dict[type, _ClassTraits] = {}  # what the leaf rule reads of each class
+        self._listed: dict[type, bool] = {}  # whether a class is one of leaf_types, by class
         self.opaque = opaque
         self.failed_in: tuple[str, BaseException] | None = None  # innermost traced-through module
         self.calls: list[ModuleCall] = []  # every module call, in the order the calls ended
@@ -552,34 +552,18 @@ class ModelTracer(fx.Tracer):
     def _is_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        cls = type(m)
-        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):  # a wrapper may forward the read
+        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
             return True
-        traits = self._classes.get(cls)
-        if traits is None:
-            traits = self._classes[cls] = _ClassTraits(
-                listed=isinstance(m, self.leaf_types),
-                sequential=isinstance(m, nn.Sequential),
-                torch_leaf=super().is_leaf_module(m, module_qualified_name),
-                reads_training=reads_training(m),
-            )
-        if traits.listed and not traceable_despite_notrace(m):
+        listed = self._listed.get(type(m))
+        if listed is None:
+            listed = self._listed[type(m)] = isinstance(m, self.leaf_types)
+        if listed and not traceable_despite_notrace(m):
             return True
-        if traits.sequential:
+        if isinstance(m, nn.Sequential):
             return False
-        return traits.torch_leaf or (traits.reads_training and depends_on_training(m))
-
-
-@dataclasses.dataclass(frozen=True)
-class _ClassTraits:
-    """What :meth:`ModelTracer.is_leaf_module` reads of a module's class, read once a trace:
-    one of the tracer's leaf types, a Sequential, a leaf by fx's own rule (torch.nn's
-    layers), a forward that reads ``self.training``."""
-
-    listed: bool
-    sequential: bool
-    torch_leaf: bool
-    reads_training: bool
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        return depends_on_training(m)
 
 
 @contextlib.contextmanager
@@ -896,7 +880,12 @@ HOOK_DICTS = (
 def hooks_off(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """The modules' own hooks set aside while tracing: a hook would otherwise run on proxies
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
-    saved = [(m, key, value) for m in model.modules() for key in HOOK_DICTS if (value := m.__dict__.get(key))]
+    saved = [
+        (m, key, value)
+        for m in (model.modules() if modules is None else modules)
+        for key in HOOK_DICTS
+        if (value := m.__dict__.get(key))
+    ]
     for m, key, value in saved:
         m.__dict__[key] = type(value)()
     try:
