@@ -13,9 +13,9 @@ import torchvision
 from torch import nn
 
 import attn_inject as ai
-from attn_inject.search.layout import DEFAULT_STUDY, Layout
 from attn_inject.search.leaderboard import Row
 from attn_inject.search.records import read_trials
+from attn_inject.search.study_files import DEFAULT_STUDY, StudyFiles
 
 from .conftest import meta_model
 
@@ -103,10 +103,10 @@ def _trial(number: int, attrs: dict) -> SimpleNamespace:
 
 def test_a_study_written_in_flops_reads_as_macs(tmp_path):
     trials = [_trial(0, {"flops_added": 2000}), _trial(1, {"macs_added": 700}), _trial(2, {})]
-    records, skipped = read_trials(trials, Layout.of(tmp_path, DEFAULT_STUDY), {"se"})
+    records, skipped = read_trials(trials, StudyFiles.of(tmp_path, DEFAULT_STUDY), {"se"})
     assert skipped == []
     assert [r.macs_added for r in records] == [1000, 700, 0]
-    _, bad = read_trials([_trial(3, {"flops_added": -2})], Layout.of(tmp_path, DEFAULT_STUDY), {"se"})
+    _, bad = read_trials([_trial(3, {"flops_added": -2})], StudyFiles.of(tmp_path, DEFAULT_STUDY), {"se"})
     assert len(bad) == 1 and "flops_added" in bad[0]
 
 

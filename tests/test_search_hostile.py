@@ -18,9 +18,9 @@ import pytest
 
 from attn_inject.cli.main import main
 from attn_inject.search import leaderboard as board
-from attn_inject.search.layout import Layout
 from attn_inject.search.leaderboard import Row, t_quantile, t_quantile_exact, write_report
 from attn_inject.search.study import StudySpec, _safe_url, open_study, work
+from attn_inject.search.study_files import StudyFiles
 
 from .test_search import SEARCHED, args, data, optuna, study_of
 
@@ -193,32 +193,32 @@ def test_a_best_run_whose_file_is_not_here_leaves_no_stale_best_file(data, finis
 # --- the report: plain-text labels, written whole ---------------------------------------------
 
 
-def _rows(tmp_path: Path, names: list[str]) -> tuple[list[Row], Layout]:
-    layout = Layout.of(tmp_path / "out", "attn-inject-search")
+def _rows(tmp_path: Path, names: list[str]) -> tuple[list[Row], StudyFiles]:
+    study_files = StudyFiles.of(tmp_path / "out", "attn-inject-search")
     rows = []
     for k, name in enumerate(names):
-        run = layout.trial_folder(k, 0) / "run"
+        run = study_files.trial_folder(k, 0) / "run"
         run.mkdir(parents=True)
         (run / "last.safetensors").write_bytes(f"weights of {k}".encode())
         rows.append(Row(name, values=[50.0 + k, 52.0 + k], seeds=[0, 1], runs=[(52.0 + k, run)] * 2))
-    return rows[::-1], layout  # best first, as leaderboard() orders them
+    return rows[::-1], study_files  # best first, as leaderboard() orders them
 
 
 def test_candidate_names_with_tex_are_drawn_as_plain_text(tmp_path, monkeypatch):
     import matplotlib
 
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc
-    rows, layout = _rows(tmp_path, ["baseline", "se $x^{$", r"eca \frac{"])
-    report = write_report(rows, layout)
-    assert layout.pareto.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert layout.best.read_bytes() == b"weights of 2"
-    assert "se $x^{$" in layout.leaderboard_md.read_text() and layout.best in report.files
+    rows, study_files = _rows(tmp_path, ["baseline", "se $x^{$", r"eca \frac{"])
+    report = write_report(rows, study_files)
+    assert study_files.pareto.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert study_files.best.read_bytes() == b"weights of 2"
+    assert "se $x^{$" in study_files.leaderboard_md.read_text() and study_files.best in report.files
 
 
 def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
-    rows, layout = _rows(tmp_path, ["baseline", "se"])
-    write_report(rows, layout)
-    before = _tree(layout.folder)
+    rows, study_files = _rows(tmp_path, ["baseline", "se"])
+    write_report(rows, study_files)
+    before = _tree(study_files.folder)
 
     def broken(rows):
         raise RuntimeError("the plot failed")
@@ -226,8 +226,8 @@ def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monk
     monkeypatch.setattr(board, "_pareto", broken)
     rows[1].values = [90.0, 91.0]  # another table, never written
     with pytest.raises(RuntimeError):
-        write_report(rows, layout)
-    assert _tree(layout.folder) == before  # nothing new, no temporary file left
+        write_report(rows, study_files)
+    assert _tree(study_files.folder) == before  # nothing new, no temporary file left
 
 
 # --- the statistics ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Optuna (``pip install 'attn-inject[search]'``).
 - :mod:`.space`: a search space file, each point a recipe;
 - :mod:`.trial`: one trial, a convert and a real fine-tune;
 - :mod:`.study`: the Optuna study, its storage and the worker loop;
-- :mod:`.layout`: where a study's trials and report go in ``--out``;
+- :mod:`.study_files`: where a study's trials and report go in ``--out``;
 - :mod:`.records`: the study's trials as the report reads them, every value checked;
 - :mod:`.leaderboard`: the report, with intervals over seeds;
 - :mod:`.run`: the search from its checks to its report.

@@ -107,8 +107,8 @@ def _base(
 def _check_usage(args: argparse.Namespace, model_kwargs: dict[str, Any]) -> None:
     """The mistakes of the command line itself, refused before anything is read: exit 2."""
     from .errors import SearchError, SearchUsageError
-    from .layout import check_study_name
     from .records import MAX_SEEDS
+    from .study_files import check_study_name
 
     if args.base_checkpoint and not args.model:
         raise SearchUsageError("--base-checkpoint goes with --model (a --checkpoint file holds its weights)")

@@ -32,8 +32,8 @@ from ..core.files import atomic_path
 from ..core.messages import cut
 from ..graph.analysis import FLOPS_PER_MAC
 from .candidates import BASELINE
-from .layout import Layout
 from .records import Outcome, TrialRecord
+from .study_files import StudyFiles
 
 __all__ = [
     "CSV_COLUMNS",
@@ -413,7 +413,7 @@ class Report:
     notes: tuple[str, ...]
 
 
-def _best_run(rows: Sequence[Row], layout: Layout) -> tuple[Path | None, str | None]:
+def _best_run(rows: Sequence[Row], study_files: StudyFiles) -> tuple[Path | None, str | None]:
     """The file of the best candidate's best seed (ties: the earliest trial), or None and a
     line saying why there is none here."""
     best = next((r for r in rows if r.values), None)
@@ -421,7 +421,7 @@ def _best_run(rows: Sequence[Row], layout: Layout) -> tuple[Path | None, str | N
         return None, "best.safetensors: no finished trial"
     top1, folder = max(best.runs, key=lambda run: run[0])
     try:
-        source = layout.inside(folder / "last.safetensors", "the best run's file")
+        source = study_files.inside(folder / "last.safetensors", "the best run's file")
     except Exception as error:
         return None, f"best.safetensors not written: {error}"
     if not source.is_file():
@@ -433,7 +433,7 @@ def _best_run(rows: Sequence[Row], layout: Layout) -> tuple[Path | None, str | N
 
 
 def write_report(
-    rows: Sequence[Row], layout: Layout, notes: Sequence[str] = (), about: Sequence[str] = ()
+    rows: Sequence[Row], study_files: StudyFiles, notes: Sequence[str] = (), about: Sequence[str] = ()
 ) -> Report:
     """Write leaderboard.md / .csv, pareto.png and best.safetensors into the study's folder,
     all built first and written together; a best run whose file is not here leaves no
@@ -441,22 +441,22 @@ def write_report(
     Markdown table (what was searched, on which data)."""
     from ..core.tables import render_table
 
-    best, why = _best_run(rows, layout)
+    best, why = _best_run(rows, study_files)
     notes = [*notes, *([why] if why else [])]
     header, body = table_rows(rows)
     title = "# Search leaderboard\n\n" + "".join(f"{line}\n\n" for line in about)
     texts = {
-        layout.leaderboard_csv: numeric_csv(rows).encode(),
-        layout.leaderboard_md: (title + _markdown(header, body, notes)).encode(),
-        layout.pareto: _pareto(rows),
+        study_files.leaderboard_csv: numeric_csv(rows).encode(),
+        study_files.leaderboard_md: (title + _markdown(header, body, notes)).encode(),
+        study_files.pareto: _pareto(rows),
     }
-    layout.folder.mkdir(parents=True, exist_ok=True)
+    study_files.folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:  # every file renamed into place when all are written
         for path, data in texts.items():
             stack.enter_context(atomic_path(path)).write_bytes(data)
         if best is not None:
-            shutil.copyfile(best, stack.enter_context(atomic_path(layout.best)))
+            shutil.copyfile(best, stack.enter_context(atomic_path(study_files.best)))
     if best is None:
-        layout.best.unlink(missing_ok=True)
-    files = (*texts, *([layout.best] if best is not None else []))
+        study_files.best.unlink(missing_ok=True)
+    files = (*texts, *([study_files.best] if best is not None else []))
     return Report(render_table(header, body) + "".join(f"\n{n}" for n in notes), files, tuple(notes))

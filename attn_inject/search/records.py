@@ -4,7 +4,7 @@ The study database is a file like any other: anyone who can write it can put any
 any attribute. Nothing read from it is used before it is checked for type, range and length:
 a trial that fails a check is left out of the report with one line saying why, its values
 are never quoted uncut, and a trial's run folder is where this search puts it
-(``Layout.trial_folder``), never a path read from the study.
+(``StudyFiles.trial_folder``), never a path read from the study.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..core.messages import cut, shown
 from ..core.values import is_int, is_number
 from ..graph.analysis import FLOPS_PER_MAC
 from .errors import SearchError
-from .layout import Layout
+from .study_files import StudyFiles
 
 __all__ = ["MAX_NAME", "MAX_SEEDS", "Outcome", "TrialRecord", "check_seeds", "read_trials"]
 
@@ -54,7 +54,7 @@ class TrialRecord:
 
 def check_seeds(value: Any, what: str) -> tuple[int, ...]:
     """``value`` as a trial's seeds: a list of 1 to MAX_SEEDS integers from 0 to 2**32 - 1."""
-    from .layout import MAX_SEED
+    from .study_files import MAX_SEED
 
     if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_SEEDS:
         raise SearchError(f"{what} {shown(value)} is not allowed; a list of 1 to {MAX_SEEDS} seeds")
@@ -103,7 +103,7 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
-def _record(trial: Any, layout: Layout, known: Collection[str]) -> TrialRecord:
+def _record(trial: Any, study_files: StudyFiles, known: Collection[str]) -> TrialRecord:
     attrs = trial.user_attrs
     outcome = Outcome(trial.state.name)
     name = check_candidate(attrs.get("candidate"), known, "candidate")
@@ -115,7 +115,7 @@ def _record(trial: Any, layout: Layout, known: Collection[str]) -> TrialRecord:
         outcome=outcome,
         seeds=seeds,
         values=values,
-        runs=tuple(layout.trial_folder(trial.number, s) / "run" for s in seeds),
+        runs=tuple(study_files.trial_folder(trial.number, s) / "run" for s in seeds),
         params_added=_count(attrs, "params_added"),
         macs_added=_macs(attrs),
         seconds_per_epoch=(
@@ -125,7 +125,7 @@ def _record(trial: Any, layout: Layout, known: Collection[str]) -> TrialRecord:
 
 
 def read_trials(
-    trials: Sequence[Any], layout: Layout, known: Collection[str]
+    trials: Sequence[Any], study_files: StudyFiles, known: Collection[str]
 ) -> tuple[list[TrialRecord], list[str]]:
     """The finished trials (Optuna's ``FrozenTrial``) that pass every check, and a line for
     each that does not. A failed trial that was run again, or a sampled point that places no
@@ -139,7 +139,7 @@ def read_trials(
         if t.state.name == "FAIL" and (t.number in retried or "skipped" in t.user_attrs):
             continue
         try:
-            records.append(_record(t, layout, known))
+            records.append(_record(t, study_files, known))
         except SearchError as error:
             skipped.append(f"trial {t.number}: {cut(str(error), 200)}; left out")
     return records, skipped

@@ -3,7 +3,7 @@
 checks (base, data, candidates planned on the base) ─ nothing written on failure
   └─ the Optuna study (created, or the same search continued)
        └─ trials: convert with the candidate ─ fine-tune (``finetune.run``) ─ per-epoch
-          top-1 to the pruner ─ trials/NNNN-seedS/{start.safetensors, run/} (layout.py)
+          top-1 to the pruner ─ trials/NNNN-seedS/{start.safetensors, run/} (study_files.py)
             └─ the leaderboard, once no trial is left, from the checked trials (records.py,
                leaderboard.py)
 """
@@ -27,12 +27,12 @@ from ..finetune.trackers import RunLabel
 from ..planning.match import plan
 from .candidates import BASELINE, Candidate
 from .errors import SearchError
-from .layout import DEFAULT_STUDY, Layout
 from .leaderboard import Row, leaderboard, write_report
 from .progress import TrialClock
 from .records import MAX_SEEDS, check_candidate, check_seeds, read_trials
 from .space import point_candidate
 from .study import PRUNERS, SAMPLERS, Pruner, Sampler, StudySpec, import_optuna, open_study, say, work
+from .study_files import DEFAULT_STUDY, StudyFiles
 from .trial import Base, run_trial
 
 __all__ = ["SearchConfig", "SearchResult", "search"]
@@ -72,7 +72,7 @@ def _check(config: SearchConfig) -> None:
     import_optuna()  # missing: one line naming the extra, before anything is written
     if not 1 <= config.repeats <= MAX_SEEDS:
         raise SearchError(f"--repeats must be from 1 to {MAX_SEEDS}, got {config.repeats}")
-    Layout.of(config.out, config.study)  # the study's name checked
+    StudyFiles.of(config.out, config.study)  # the study's name checked
     if config.sampler not in SAMPLERS:
         raise SearchError(f"--sampler {config.sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
     if config.pruner not in PRUNERS:
@@ -187,11 +187,11 @@ class _Objective:
         config: SearchConfig,
         planned: Sequence[_Planned],
         seeds: Sequence[int],
-        layout: Layout,
+        study_files: StudyFiles,
         clock: TrialClock,
     ) -> None:
         self.config = config
-        self.layout = layout
+        self.study_files = study_files
         self.clock = clock
         self.by_name = {BASELINE.name: _Planned(BASELINE, 0, 0), **{p.candidate.name: p for p in planned}}
         self.names = list(self.by_name)  # the grid's choices, in the order the study records them
@@ -229,7 +229,7 @@ class _Objective:
             seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
             if self.config.sampler == Sampler.GRID:  # the seed is an attribute, not a parameter
                 trial.suggest_categorical("candidate", self.names)
-        folders = [self.layout.trial_folder(trial.number, seed) for seed in seeds]
+        folders = [self.study_files.trial_folder(trial.number, seed) for seed in seeds]
         candidate = planned.candidate
         for key, value in {
             "candidate": candidate.name,
@@ -250,8 +250,8 @@ class _Objective:
                     raise optuna.TrialPruned(f"epoch {int(row['epoch'])}: top-1 {row['eval_top1']:.2f}")
 
             label = RunLabel(
-                f"{self.layout.study}/{folder.name}",
-                self.layout.study,
+                f"{self.study_files.study}/{folder.name}",
+                self.study_files.study,
                 (("candidate", candidate.name), ("seed", str(seed)), ("trial", str(trial.number))),
             )
             outcome = run_trial(
@@ -275,8 +275,8 @@ def search(config: SearchConfig) -> SearchResult:
     planned, skipped = _plan_candidates(config) if config.sampler == Sampler.GRID else ([], [])
     if config.sampler == Sampler.GRID and not planned:
         raise SearchError("no candidate places a block in the base model: " + "; ".join(skipped)[:400])
-    layout = Layout.of(config.out, config.study)
-    out = layout.out
+    study_files = StudyFiles.of(config.out, config.study)
+    out = study_files.out
     seeds = _seeds(config)
     identity = _identity(config, planned)
     spec = StudySpec(
@@ -300,10 +300,10 @@ def search(config: SearchConfig) -> SearchResult:
         len(spec.candidates) * len(seeds) if config.sampler == Sampler.GRID else 1 + (config.n_trials or 0)
     )
     clock = TrialClock(planned_trials, say)
-    ran = work(study, spec, _Objective(config, planned, seeds, layout, clock), config.timeout, clock)
+    ran = work(study, spec, _Objective(config, planned, seeds, study_files, clock), config.timeout, clock)
     trials = study.get_trials(deepcopy=False)
     known = {BASELINE.name, *(c.name for c in config.candidates)}
-    records, left_out = read_trials(trials, layout, known)
+    records, left_out = read_trials(trials, study_files, known)
     for line in left_out:
         print(f"attn-inject search: {line}", file=sys.stderr)
     rows = leaderboard(records)
@@ -315,5 +315,5 @@ def search(config: SearchConfig) -> SearchResult:
     notes += left_out
     if not any(r.values for r in rows):
         raise SearchError(f"no trial of study {config.study!r} finished; nothing to report")
-    report = write_report(rows, layout, notes, _about_lines(config, folders, identity))
-    return SearchResult(rows, report.table, layout.folder, ran, report.files)
+    report = write_report(rows, study_files, notes, _about_lines(config, folders, identity))
+    return SearchResult(rows, report.table, study_files.folder, ran, report.files)

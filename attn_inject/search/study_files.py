@@ -22,7 +22,7 @@ from ..core.messages import shown
 from ..core.values import is_int
 from .errors import SearchError
 
-__all__ = ["DEFAULT_STUDY", "MAX_SEED", "Layout", "check_study_name"]
+__all__ = ["DEFAULT_STUDY", "MAX_SEED", "StudyFiles", "check_study_name"]
 
 DEFAULT_STUDY = "attn-inject-search"
 MAX_SEED = 2**32 - 1  # numpy's seeds run from 0 to 2**32 - 1
@@ -45,14 +45,14 @@ def check_study_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Layout:
+class StudyFiles:
     """The files of study ``study`` in the folder ``out`` (resolved)."""
 
     out: Path
     study: str
 
     @classmethod
-    def of(cls, out: str | Path, study: str) -> Layout:
+    def of(cls, out: str | Path, study: str) -> StudyFiles:
         return cls(Path(out).resolve(), check_study_name(study))
 
     @property
