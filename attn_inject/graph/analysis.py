@@ -64,7 +64,7 @@ class _CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         higher_order = isinstance(func, torch._ops.HigherOrderOperator)
-        if not higher_order and func is not torch.ops.prim.device.default:
+        if not higher_order and func is not torch.ops.prim.device.default and _decomposes(func):
             with self:  # as FlopCounterMode: an operator that decomposes is counted by its parts
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:
@@ -74,6 +74,15 @@ class _CountingMode(TorchDispatchMode):
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
         return out
+
+
+_IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+def _decomposes(func: Any) -> bool:
+    """Whether ``func.decompose`` would find a decomposition (its two branches, read without
+    running it): entering the mode again to call it costs more than most operators do."""
+    return _IMPLICIT in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _IMPLICIT)
 
 
 def module_stack(node: fx.Node) -> list[str]:
