@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn_inject.graph import shapes
+from attn_inject.graph.analysis import MacCounter
 from attn_inject.graph.shape_rules import (
     BINARY_FUNCTIONS,
+    FUNCTION_RULES,
+    METHOD_RULES,
     UNARY_FUNCTIONS,
     function_shape,
     method_shape,
@@ -305,6 +308,65 @@ def test_a_graphs_shapes_with_the_rules_equal_those_without(name, monkeypatch):
     for rule in ("function_shape", "method_shape", "module_shape"):
         monkeypatch.setattr(shapes, rule, lambda *args: None)
     assert values() == with_rules
+
+
+def _calls_of_every_rule():
+    """One call of each function and method the rules know, on meta tensors."""
+    x, w = meta((2, 8, 5, 5)), meta((5,))
+    extra = dict(UNARY)
+    calls = [lambda fn=fn: fn(x, *extra[fn]) for fn in UNARY_FUNCTIONS]
+    calls += [lambda fn=fn: fn(x, meta((8, 1, 1))) for fn in BINARY_FUNCTIONS]
+    calls += [
+        lambda: torch.mean(x, (2, 3)),
+        lambda: F.layer_norm(x, (5,), w, w),
+        lambda: torch.roll(x, 1, 2),
+    ]
+    calls += [lambda name=name: getattr(x, name)() for name in ("relu", "sigmoid", "tanh")]
+    calls += [lambda name=name: getattr(x, name)(x) for name in ("add", "mul", "sub", "div")]
+    calls += [lambda: x.mean((2, 3)), lambda: x.roll(1, 2)]
+    return calls
+
+
+def test_no_function_or_method_rule_stands_for_an_operator_the_mac_counter_counts():
+    """A counted pass lets these rules answer: their kernels must dispatch nothing it counts."""
+    calls = _calls_of_every_rule()
+    assert len(calls) == len(FUNCTION_RULES) + len(METHOD_RULES)
+    for call in calls:
+        with MacCounter() as counter:
+            call()
+        assert counter.total_macs() == 0
+    with MacCounter() as counter:  # the counter does count a convolution and a linear layer
+        nn.Conv2d(8, 4, 1, device="meta")(meta((1, 8, 2, 2)))
+        nn.Linear(8, 4, device="meta")(meta((3, 8)))
+    assert counter.total_macs() == 8 * 4 * 4 + 3 * 8 * 4
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_convnext", "test_vit", "test_maxvit"])
+def test_a_counted_pass_counts_what_every_kernel_alone_counts(name, monkeypatch):
+    """The multiply-add count's pass (``counted``): the function and method rules answer, the
+    convolutions and linear layers run their kernels, and the count is the one every node
+    through its kernel gives."""
+    model = timm.create_model(name).eval()
+    graph = trace(model).graph
+    size = (BATCH, 3, *model.pretrained_cfg["input_size"][1:])
+
+    def count(**how):
+        with MacCounter() as counter:
+            propagate_shapes(model, graph, size, **how)
+        return counter.total_macs()
+
+    everything = count(rules=False)
+    answered = []
+    for rule in ("function_shape", "method_shape"):
+        original = getattr(shapes, rule)
+        monkeypatch.setattr(shapes, rule, lambda *a, rule=original: answered.append(rule(*a)) or answered[-1])
+
+    def no_module_rule(*args):
+        raise AssertionError("a counted pass asks no module rule")
+
+    monkeypatch.setattr(shapes, "module_shape", no_module_rule)
+    assert count(counted=True) == everything > 0
+    assert sum(a is not None for a in answered) >= 3
 
 
 class OwnPadding(nn.Conv2d):

@@ -82,7 +82,9 @@ _IMPLICIT = torch._C.DispatchKey.CompositeImplicitAutograd
 def _decomposes(func: Any) -> bool:
     """Whether ``func.decompose`` would find a decomposition (its two branches, read without
     running it): entering the mode again to call it costs more than most operators do."""
-    return _IMPLICIT in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _IMPLICIT)
+    return _IMPLICIT in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), _IMPLICIT
+    )
 
 
 def module_stack(node: fx.Node) -> list[str]:
@@ -132,10 +134,10 @@ class AnnotatedGraph:
 
     def count_macs(self) -> int:
         """Multiply-adds of one sample (:class:`MacCounter`): a second pass over the meta
-        graph, every node through torch's kernels (the counter counts what they dispatch),
-        run only when a figure asks for it."""
+        graph, the nodes the counter counts through torch's kernels (it counts what they
+        dispatch), run only when a figure asks for it."""
         with MacCounter() as counter:
-            propagate_shapes(self.root, self.graph, self.input_shape, rules=False)
+            propagate_shapes(self.root, self.graph, self.input_shape, counted=True)
         return counter.total_macs() // max(1, self.input_shape[0])
 
     def depends_on_input(self, node: fx.Node) -> bool:

@@ -65,13 +65,22 @@ class MetaInterpreter(fx.Interpreter):
     """Runs a graph on meta tensors; modules that read tensor values run on zeros. Modules
     are found in the table made when it starts unless ``fixed_modules`` is off (a trace
     running beside it may replace one). With ``rules`` off every node runs its torch
-    kernels (a :class:`~attn_inject.graph.analysis.MacCounter` counts what they dispatch)."""
+    kernels. A ``counted`` run (a :class:`~attn_inject.graph.analysis.MacCounter` counts
+    what the kernels dispatch) runs torch's convolutions and linear layers through their
+    kernels, which the counter counts; the function and method rules stand for operators it
+    counts none of (activations, arithmetic, means, layer norms, rolls), and still answer."""
 
     def __init__(
-        self, module: nn.Module, graph: fx.Graph | None = None, rules: bool = True, fixed_modules: bool = True
+        self,
+        module: nn.Module,
+        graph: fx.Graph | None = None,
+        rules: bool = True,
+        fixed_modules: bool = True,
+        counted: bool = False,
     ) -> None:
         super().__init__(module, graph=graph)
         self.rules = rules
+        self.module_rules = rules and not counted
         self.fixed_modules = fixed_modules  # False: a trace running beside it may change them
 
     def run_node(self, n: fx.Node) -> Any:
@@ -121,7 +130,7 @@ class MetaInterpreter(fx.Interpreter):
         single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
         if single and isinstance(module, SHAPE_PRESERVING):
             return args[0]
-        known = module_shape(module, args, kwargs) if self.rules else None
+        known = module_shape(module, args, kwargs) if self.module_rules else None
         if known is not None:
             return known
         forward = type(module).forward
@@ -204,11 +213,12 @@ def model_dtype(module: nn.Module) -> torch.dtype:
 
 
 def propagate_shapes(
-    model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...], rules: bool = True
+    model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...], rules: bool = True, counted: bool = False
 ) -> None:
     """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``; with
-    ``rules`` off, every node through torch's kernels (:class:`MetaInterpreter`)."""
+    ``rules`` off, every node through torch's kernels; ``counted``: for a multiply-add count
+    (:class:`MetaInterpreter`)."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
     modules = list(model.modules())
     with eval_mode(model, modules), caches_kept(model, modules), torch.no_grad():
-        MetaInterpreter(model, graph=graph, rules=rules).run(x)
+        MetaInterpreter(model, graph=graph, rules=rules, counted=counted).run(x)
