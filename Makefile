@@ -1,6 +1,7 @@
 # Two commands from a fresh clone:
 #   make demo    plan and inject cbam_after_every_stage into a random-init timm resnet50, check identity
-#   make test    the test suite (CPU, a few minutes on 2 cores); make test-slow: the slow ones
+#   make test    the test suite (CPU, a few minutes on 2 cores); make test-slow: the slow ones;
+#                make test-processes: the multi-process workflows (CI runs them too)
 #   make lint    ruff check, ruff format --check and mypy (what CI runs before the tests)
 #   make finetune-demo   the digits fine-tuning evidence (examples/digits_finetune.py; minutes on 2 cores)
 #   make search-demo     attn-inject search on a digits transfer task (examples/search_demo.py; minutes)
@@ -17,7 +18,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo \
+.PHONY: demo test test-slow test-processes lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo \
 	peer-timm peer-torchvision clean
 
 $(STAMP): pyproject.toml
@@ -34,6 +35,11 @@ demo: $(STAMP)
 # threads leaves a core idle through the many small steps; two on two threads each oversubscribe).
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder
+
+# The tests that run whole commands in several processes at once (search workers, torchrun,
+# a pipe beside a terminal, a wheel built and installed): about a minute more, run by CI.
+test-processes: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m processes
 
 # The tests marked slow (minutes each: torch.compile with inductor's C++ compiler).
 test-slow: $(STAMP)

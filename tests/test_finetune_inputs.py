@@ -79,6 +79,7 @@ def run_on_a_terminal(args: list[str]) -> bytes:
     return printed
 
 
+@pytest.mark.processes
 def test_one_seed_gives_the_same_run_in_a_pipe_and_on_a_terminal(checkpoint, data, tmp_path):
     """Only a terminal shows a progress bar, and importing rich draws from ``random``: the
     run is seeded after it, so the bar changes nothing that is computed. The terminal's run is

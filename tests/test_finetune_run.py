@@ -495,6 +495,7 @@ def test_temporary_files_of_a_killed_run_are_removed_at_the_next_start(
 # --- many processes ------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_torchrun_two_processes_on_gloo(checkpoint, data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -523,6 +524,7 @@ def test_cuda_amp_channels_last_and_compile(checkpoint, data, tmp_path):
     assert len(read_rows(out / "summary.csv")) == 1
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_torchrun_two_processes_on_nccl(checkpoint, data, tmp_path):
     out = tmp_path / "nccl"

@@ -21,6 +21,7 @@ def summaries(out: Path) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.processes
 def test_one_seed_gives_the_same_search_in_a_pipe_and_on_a_terminal(tmp_path):
     data = write_digits(tmp_path / "digits", (0, 1), per_class=8)
     piped, terminal = tmp_path / "piped", tmp_path / "terminal"

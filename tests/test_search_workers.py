@@ -23,6 +23,8 @@ from .test_search import REPO, args, data, finished, optuna, study_of
 
 __all__ = ["data"]  # the digits fixture, shared with test_search.py
 
+pytestmark = pytest.mark.processes
+
 
 def _worker(data: Path, out: Path, *extra: str, recipes=("se_resnet",), **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -13,6 +13,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import attn_inject
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,7 @@ def run(*command: str | Path, cwd: Path, env: dict[str, str] | None = None) -> s
     return done
 
 
+@pytest.mark.processes
 def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
     build = run(
         sys.executable,
@@ -85,6 +88,7 @@ def test_the_wheel_installs_outside_the_repository_and_runs(tmp_path):
     assert blocks == "8"
 
 
+@pytest.mark.processes
 def test_the_source_distribution_carries_the_docs_the_readme_links_to(tmp_path):
     """Every ``docs/...`` link of the README resolves inside the sdist, and its metadata
     carries the version ``attn_inject.__version__`` reports and the classifiers."""
