@@ -23,6 +23,8 @@ from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 import attn_inject as ai
 from attn_inject.blocks.proof import shared_proofs
 from attn_inject.core.kept import forget_kept_results
+from attn_inject.graph.analysis import MacCounter
+from attn_inject.graph.shapes import propagate_shapes
 from attn_inject.planning.match import plan_prepared, prepare
 from attn_inject.recipes.recipe import load_recipe
 from attn_inject.surgery.rewrite import build_block, rewrite
@@ -37,6 +39,8 @@ MODELS = (
 META_MODEL = ("regnety_2560", ("cbam_after_every_stage",))  # 1.28 B parameters
 QUICK_MODELS = (("resnet18", ("se_resnet",)),)
 QUICK_META_MODEL = ("regnety_008", ("cbam_after_every_stage",))
+MAC_COUNT_MODELS = ("resnet50", "convnext_base", "efficientnet_b3", "swin_base_patch4_window7_224")
+QUICK_MAC_COUNT_MODELS = ("resnet18",)
 PHASES = (("resnet50", "se_resnet"), ("resnet50", "cbam_after_every_stage"))
 QUICK_PHASES = (("resnet18", "se_resnet"),)
 
@@ -110,6 +114,24 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
     return rows
 
 
+def bench_mac_count(name: str, rounds: int) -> list[str]:
+    """A plan's multiply-add count (``plan.base_macs``, its pass over the meta graph: the
+    function and method shape rules answer, torch's convolutions and linear layers run the
+    kernels the counter counts) against the same count with every node through its kernel."""
+    graph = prepare(timm.create_model(name).eval()).graph
+
+    def every_kernel() -> int:
+        with MacCounter() as counter:
+            propagate_shapes(graph.root, graph.graph, graph.input_shape, rules=False)
+        return counter.total_macs() // graph.input_shape[0]
+
+    count = graph.count_macs()
+    same = "yes" if every_kernel() == count else "NO"
+    medians = interleaved({"pass": graph.count_macs, "kernels": every_kernel}, rounds, collect_garbage=True)
+    ratio = f"{medians['pass'] / medians['kernels']:.2f}"
+    return [name, f"{count / 1e9:.2f} G", ms(medians["pass"]), ms(medians["kernels"]), ratio, same]
+
+
 def _proved_together(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` with the proofs of the blocks it builds shared, as inside ``inject``."""
 
@@ -181,7 +203,27 @@ def main(argv: list[str] | None = None) -> str:
     )
     for name, recipe in QUICK_PHASES if args.quick else PHASES:
         phases.rows += bench_phases(name, recipe, rounds)
-    return emit("Engine", [table, phases], args.out, args.quick)
+    counts = Table(
+        "A plan's multiply-add count (CPU)",
+        [
+            "model",
+            "MACs per image",
+            "its pass, median ms",
+            "every node through its kernel, ms",
+            "ratio",
+            "same count",
+        ],
+        note=(
+            f"Medians of {rounds} interleaved rounds, garbage collected before each. `plan.base_macs` is "
+            "counted when a figure asks for it (a plan's table, a saved manifest), in a pass over the meta "
+            "graph where the shape rules answer for the functions and methods the counter counts nothing "
+            "of and torch's convolutions and linear layers run the kernels it counts."
+        ),
+    )
+    counts.rows = [
+        bench_mac_count(name, rounds) for name in (QUICK_MAC_COUNT_MODELS if args.quick else MAC_COUNT_MODELS)
+    ]
+    return emit("Engine", [table, phases, counts], args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def load(name: str):
                 "torch.fx.symbolic_trace",
                 "timm.create_model (meta)",
                 "of which: building",
+                "A plan's multiply-add count",
+                "| yes |",  # the same count with every node through its kernel
             ],
         ),
         ("bench_models", ["resnet18 + se_resnet", "train step batch 2"]),
