@@ -117,17 +117,17 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
 def bench_mac_count(name: str, rounds: int) -> list[str]:
     """A plan's multiply-add count (``plan.base_macs``, its pass over the meta graph: the
     function and method shape rules answer, torch's convolutions and linear layers run the
-    kernels the counter counts) against the same count with every node through its kernel."""
+    kernels the counter counts) against the same count without shape rules."""
     graph = prepare(timm.create_model(name).eval()).graph
 
-    def every_kernel() -> int:
+    def without_rules() -> int:
         with MacCounter() as counter:
             propagate_shapes(graph.root, graph.graph, graph.input_shape, rules=False)
         return counter.total_macs() // graph.input_shape[0]
 
     count = graph.count_macs()
-    same = "yes" if every_kernel() == count else "NO"
-    medians = interleaved({"pass": graph.count_macs, "kernels": every_kernel}, rounds, collect_garbage=True)
+    same = "yes" if without_rules() == count else "NO"
+    medians = interleaved({"pass": graph.count_macs, "kernels": without_rules}, rounds, collect_garbage=True)
     ratio = f"{medians['pass'] / medians['kernels']:.2f}"
     return [name, f"{count / 1e9:.2f} G", ms(medians["pass"]), ms(medians["kernels"]), ratio, same]
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> str:
             "model",
             "MACs per image",
             "its pass, median ms",
-            "every node through its kernel, ms",
+            "without shape rules, ms",
             "ratio",
             "same count",
         ],

@@ -25,7 +25,7 @@ SIZE = (3, 64, 64)
 # file; `make test` passes pytest-xdist's --no-loadscope-reorder, which otherwise hands out
 # the files with the most tests first, whatever their time.
 LONG_FILES = (
-    # only in make test-processes
+    # all or most of their time in make test-processes
     "test_search_workers.py",
     "test_search_terminal.py",
     "test_wheel.py",

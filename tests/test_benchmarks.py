@@ -36,7 +36,7 @@ def load(name: str):
                 "timm.create_model (meta)",
                 "of which: building",
                 "A plan's multiply-add count",
-                "| yes |",  # the same count with every node through its kernel
+                "| yes |",  # the same count without shape rules
             ],
         ),
         ("bench_models", ["resnet18 + se_resnet", "train step batch 2"]),

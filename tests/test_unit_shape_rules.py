@@ -13,13 +13,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import flop_registry
 
 from attn_inject.graph import shapes
-from attn_inject.graph.analysis import MacCounter
+from attn_inject.graph.analysis import MacCounter, _CountingMode
 from attn_inject.graph.shape_rules import (
     BINARY_FUNCTIONS,
     FUNCTION_RULES,
     METHOD_RULES,
+    STOOD_FOR,
     UNARY_FUNCTIONS,
     function_shape,
     method_shape,
@@ -27,7 +29,7 @@ from attn_inject.graph.shape_rules import (
 )
 from attn_inject.graph.shapes import propagate_shapes
 from attn_inject.graph.trace import trace
-from attn_inject.planning.match import BATCH
+from attn_inject.planning.match import BATCH, prepare
 
 RNG = random.Random(0)
 
@@ -312,29 +314,57 @@ def test_a_graphs_shapes_with_the_rules_equal_those_without(name, monkeypatch):
 
 def _calls_of_every_rule():
     """One call of each function and method the rules know, on meta tensors."""
-    x, w = meta((2, 8, 5, 5)), meta((5,))
+    x, y, w = meta((2, 8, 5, 5)), meta((8, 1, 1)), meta((5,))
     extra = dict(UNARY)
     calls = [lambda fn=fn: fn(x, *extra[fn]) for fn in UNARY_FUNCTIONS]
-    calls += [lambda fn=fn: fn(x, meta((8, 1, 1))) for fn in BINARY_FUNCTIONS]
+    calls += [lambda fn=fn: fn(x, y) for fn in BINARY_FUNCTIONS]
     calls += [
         lambda: torch.mean(x, (2, 3)),
         lambda: F.layer_norm(x, (5,), w, w),
         lambda: torch.roll(x, 1, 2),
     ]
-    calls += [lambda name=name: getattr(x, name)() for name in ("relu", "sigmoid", "tanh")]
-    calls += [lambda name=name: getattr(x, name)(x) for name in ("add", "mul", "sub", "div")]
-    calls += [lambda: x.mean((2, 3)), lambda: x.roll(1, 2)]
+    method_args = {"add": (x,), "mul": (x,), "sub": (x,), "div": (x,), "mean": ((2, 3),), "roll": (1, 2)}
+    calls += [lambda name=name: getattr(x, name)(*method_args.get(name, ())) for name in METHOD_RULES]
     return calls
 
 
 def test_no_function_or_method_rule_stands_for_an_operator_the_mac_counter_counts():
-    """A counted pass lets these rules answer: their kernels must dispatch nothing it counts."""
+    """A counted pass lets these rules answer: their kernels must dispatch nothing it counts,
+    and nothing but the operators the rules are said to stand for (``STOOD_FOR``)."""
     calls = _calls_of_every_rule()
     assert len(calls) == len(FUNCTION_RULES) + len(METHOD_RULES)
     for call in calls:
         with MacCounter() as counter:
             call()
         assert counter.total_macs() == 0
+
+    class Looked(dict):  # the formulas the counter looks up: every operator it runs
+        def get(self, key, default=None):
+            looked.add(key)
+            return default
+
+    looked: set = set()
+    for call in calls:
+        with _CountingMode(Looked()):
+            call()
+    assert looked <= STOOD_FOR, looked - STOOD_FOR
+    assert not STOOD_FOR & set(flop_registry)  # torch's own formulas count none of them
+
+
+def test_a_formula_registered_for_an_operator_a_rule_stands_for_turns_the_rules_off(monkeypatch):
+    """Should torch (or a user) give a formula to an operator a rule answers for, the
+    count still sees it: the counted pass then runs every node through its kernel."""
+    model = timm.create_model("test_efficientnet").eval()
+    graph = prepare(model).graph  # its squeeze-excitation blocks take means
+    plain = graph.count_macs()
+    monkeypatch.setitem(
+        flop_registry, torch.ops.aten.mean, lambda *args, out_val, **kwargs: 2 * out_val.numel()
+    )
+    with MacCounter() as counter:
+        propagate_shapes(graph.root, graph.graph, graph.input_shape, rules=False)
+    with_means = counter.total_macs() // BATCH
+    assert with_means > plain
+    assert graph.count_macs() == with_means
     with MacCounter() as counter:  # the counter does count a convolution and a linear layer
         nn.Conv2d(8, 4, 1, device="meta")(meta((1, 8, 2, 2)))
         nn.Linear(8, 4, device="meta")(meta((3, 8)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import ops
 from .layout import annotate_grid_dynamics, annotate_layouts
+from .shape_rules import STOOD_FOR
 from .shapes import propagate_shapes, tensor_meta
 from .specialise import specialising_tracer
 from .trace import Assumption, ModuleCall, OpaqueModule, TraceError, TraceResult, trace
@@ -51,6 +52,11 @@ class MacCounter(contextlib.AbstractContextManager["MacCounter"]):
 
     def total_macs(self) -> int:
         return self._mode.flops // FLOPS_PER_MAC
+
+    def counts_any(self, operators: Collection[Any]) -> bool:
+        """Whether one of ``operators`` (packets, ``torch.ops.aten.mean``) has a formula here
+        (torch's registry grows when a formula is registered)."""
+        return any(op in self._mode.formulas for op in operators)
 
 
 class _CountingMode(TorchDispatchMode):
@@ -134,10 +140,14 @@ class AnnotatedGraph:
 
     def count_macs(self) -> int:
         """Multiply-adds of one sample (:class:`MacCounter`): a second pass over the meta
-        graph, the nodes the counter counts through torch's kernels (it counts what they
-        dispatch), run only when a figure asks for it."""
+        graph, run only when a figure asks for it, where every node runs its torch kernels
+        (the counter counts what they dispatch) but those a function or method shape rule
+        answers for. The rules stand for operators the counter counts none of
+        (:data:`~attn_inject.graph.shape_rules.STOOD_FOR`); should a formula be registered
+        for one of them, they stay silent too."""
         with MacCounter() as counter:
-            propagate_shapes(self.root, self.graph, self.input_shape, counted=True)
+            rules = not counter.counts_any(STOOD_FOR)
+            propagate_shapes(self.root, self.graph, self.input_shape, rules=rules, counted=True)
         return counter.total_macs() // max(1, self.input_shape[0])
 
     def depends_on_input(self, node: fx.Node) -> bool:

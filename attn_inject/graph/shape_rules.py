@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["function_shape", "method_shape", "module_shape"]
+__all__ = ["STOOD_FOR", "function_shape", "method_shape", "module_shape"]
 
 Rule = Callable[[tuple, dict], "torch.Tensor | None"]
 
@@ -280,6 +280,20 @@ METHOD_RULES: dict[str, Rule] = {
     "mean": _mean,
     "roll": _roll,
 }
+
+
+# The operators the function and method rules stand for, as torch's dispatcher sees them
+# (``F.relu6`` runs ``hardtanh``, ``F.layer_norm`` decomposes into ``native_layer_norm``):
+# what a pass that lets these rules answer never dispatches (the tests record each rule's
+# call and check that it dispatches nothing else).
+aten = torch.ops.aten
+STOOD_FOR = frozenset(
+    {
+        *(aten.relu, aten.hardtanh, aten.silu, aten.gelu, aten.hardswish, aten.hardsigmoid),
+        *(aten.leaky_relu, aten.elu, aten.mish, aten.sigmoid, aten.tanh),
+        *(aten.add, aten.mul, aten.sub, aten.div, aten.mean, aten.native_layer_norm, aten.roll),
+    }
+)
 
 
 def function_shape(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:

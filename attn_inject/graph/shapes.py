@@ -64,11 +64,13 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
 class MetaInterpreter(fx.Interpreter):
     """Runs a graph on meta tensors; modules that read tensor values run on zeros. Modules
     are found in the table made when it starts unless ``fixed_modules`` is off (a trace
-    running beside it may replace one). With ``rules`` off every node runs its torch
-    kernels. A ``counted`` run (a :class:`~attn_inject.graph.analysis.MacCounter` counts
-    what the kernels dispatch) runs torch's convolutions and linear layers through their
-    kernels, which the counter counts; the function and method rules stand for operators it
-    counts none of (activations, arithmetic, means, layer norms, rolls), and still answer."""
+    running beside it may replace one). With ``rules`` off no shape rule answers: every
+    node runs its torch kernels, but modules that keep their input's shape
+    (``SHAPE_PRESERVING``: norms, activations, dropout), which return it as it is. A
+    ``counted`` run (a :class:`~attn_inject.graph.analysis.MacCounter` counts what the
+    kernels dispatch) runs torch's convolutions and linear layers through their kernels,
+    which the counter counts; the function and method rules stand for operators it counts
+    none of (activations, arithmetic, means, layer norms, rolls), and still answer."""
 
     def __init__(
         self,
@@ -216,7 +218,7 @@ def propagate_shapes(
     model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...], rules: bool = True, counted: bool = False
 ) -> None:
     """Annotate every node of ``graph`` (traced from ``model``) with ``meta["val"]``; with
-    ``rules`` off, every node through torch's kernels; ``counted``: for a multiply-add count
+    ``rules`` off, without shape rules; ``counted``: for a multiply-add count
     (:class:`MetaInterpreter`)."""
     x = torch.empty(input_shape, dtype=model_dtype(model), device="meta")
     modules = list(model.modules())
