@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -21,10 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Table, emit, interleaved, mib, ms, parser, peak_memory
 
 import attn_inject as ai
-from attn_inject.blocks.proof import shared_proofs
+from attn_inject.blocks.proof import proved_designs, shared_proofs
 from attn_inject.core.kept import forget_kept_results
 from attn_inject.graph.analysis import MacCounter
 from attn_inject.graph.shapes import propagate_shapes
+from attn_inject.planning import match, scopes
 from attn_inject.planning.match import plan_prepared, prepare
 from attn_inject.recipes.recipe import load_recipe
 from attn_inject.surgery.rewrite import build_block, rewrite
@@ -39,6 +41,14 @@ MODELS = (
 META_MODEL = ("regnety_2560", ("cbam_after_every_stage",))  # 1.28 B parameters
 QUICK_MODELS = (("resnet18", ("se_resnet",)),)
 QUICK_META_MODEL = ("regnety_008", ("cbam_after_every_stage",))
+FIRST_CALL_MODELS = (("efficientnet_b3", "cbam_after_every_stage"), ("resnet50", "se_resnet"))
+QUICK_FIRST_CALL_MODELS = (("resnet18", "se_resnet"),)
+# What a first call computes that a repeated one finds kept, table by table.
+KEPT_TABLES = {
+    "built-in blocks' costs": match._built_in_costs,
+    "slot verdicts": scopes.slot_verdicts,
+    "proved block designs": proved_designs,
+}
 MAC_COUNT_MODELS = ("resnet50", "convnext_base", "efficientnet_b3", "swin_base_patch4_window7_224")
 QUICK_MAC_COUNT_MODELS = ("resnet18",)
 PHASES = (("resnet50", "se_resnet"), ("resnet50", "cbam_after_every_stage"))
@@ -112,6 +122,30 @@ def bench_model(name: str, recipes: tuple[str, ...], rounds: int, meta: bool = F
                 [name, size, label, blocks.get(label, ""), ms(medians[label]), ratio, to_builder, mib(peak)]
             )
     return rows
+
+
+def bench_first_call(name: str, recipe: str, rounds: int) -> list[list[str]]:
+    """What a first call adds to a repeated one: ``inject`` with one kept table emptied before
+    each call, then with every one (a process's first call), against a repeated call."""
+    model = timm.create_model(name).eval()
+
+    def dropping(tables: list[Any]) -> Callable[[], object]:
+        def call() -> object:
+            for table in tables:
+                table.clear()
+            return ai.inject(model, recipe, allow_empty=True)
+
+        return call
+
+    calls = {"repeated call": dropping([])}
+    calls |= {f"{label} dropped": dropping([table]) for label, table in KEPT_TABLES.items()}
+    calls["first call (every kept table dropped)"] = lambda: _first_call(model, recipe)
+    medians = interleaved(calls, rounds, collect_garbage=True)
+    repeated = medians["repeated call"]
+    return [
+        [name, recipe, label, ms(seconds), "" if label == "repeated call" else f"+{ms(seconds - repeated)}"]
+        for label, seconds in medians.items()
+    ]
 
 
 def bench_mac_count(name: str, rounds: int) -> list[str]:
@@ -203,6 +237,17 @@ def main(argv: list[str] | None = None) -> str:
     )
     for name, recipe in QUICK_PHASES if args.quick else PHASES:
         phases.rows += bench_phases(name, recipe, rounds)
+    first = Table(
+        "What a first call adds (CPU)",
+        ["model", "recipe", "call", "median ms", "added to a repeated call, ms"],
+        note=(
+            f"Medians of {rounds} interleaved rounds, garbage collected before each: `inject` with one table "
+            "of results kept across calls emptied before each call, and with every one (a process's first "
+            "call), against a repeated call."
+        ),
+    )
+    for name, recipe in QUICK_FIRST_CALL_MODELS if args.quick else FIRST_CALL_MODELS:
+        first.rows += bench_first_call(name, recipe, rounds)
     counts = Table(
         "A plan's multiply-add count (CPU)",
         [
@@ -223,7 +268,7 @@ def main(argv: list[str] | None = None) -> str:
     counts.rows = [
         bench_mac_count(name, rounds) for name in (QUICK_MAC_COUNT_MODELS if args.quick else MAC_COUNT_MODELS)
     ]
-    return emit("Engine", [table, phases, counts], args.out, args.quick)
+    return emit("Engine", [table, phases, first, counts], args.out, args.quick)
 
 
 if __name__ == "__main__":

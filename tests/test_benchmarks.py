@@ -35,6 +35,8 @@ def load(name: str):
                 "torch.fx.symbolic_trace",
                 "timm.create_model (meta)",
                 "of which: building",
+                "What a first call adds",
+                "proved block designs dropped",
                 "A plan's multiply-add count",
                 "| yes |",  # the same count without shape rules
             ],
