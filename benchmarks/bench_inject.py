@@ -143,7 +143,13 @@ def bench_first_call(name: str, recipe: str, rounds: int) -> list[list[str]]:
     medians = interleaved(calls, rounds, collect_garbage=True)
     repeated = medians["repeated call"]
     return [
-        [name, recipe, label, ms(seconds), "" if label == "repeated call" else f"+{ms(seconds - repeated)}"]
+        [
+            name,
+            recipe,
+            label,
+            ms(seconds),
+            "" if label == "repeated call" else f"{(seconds - repeated) * 1e3:+.2f}",
+        ]
         for label, seconds in medians.items()
     ]
 
