@@ -624,7 +624,7 @@ def _calls_slot(host: nn.Module, name: str, producer: str, every_reader: bool) -
 
 # Slot verdicts by what decides them (see _code_design), kept across calls: one trace per
 # design, not per module, and not again for the same design in a later call (a trace of one
-# module alone costs fx's fixed patching, about 3 ms). Each entry holds the objects its key
+# module alone costs fx's fixed patching, a few milliseconds). Each entry holds the objects its key
 # names by identity.
 slot_verdicts: Kept[bool] = Kept(512)
 
