@@ -38,7 +38,7 @@ import inspect
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -566,6 +566,11 @@ class ModelTracer(fx.Tracer):
         return depends_on_training(m)
 
 
+def _listed(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterable[nn.Module]:
+    """``modules`` where the caller has just listed the model's modules, else a walk of them."""
+    return model.modules() if modules is None else modules
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Put every module in eval mode for the duration, then restore each module's own flag
@@ -577,7 +582,7 @@ def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> I
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool, modules: Sequence[nn.Module] | None = None) -> Iterator[nn.Module]:
     """Every module in train (or eval) mode for the duration, then each one's own flag back."""
-    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
+    flags = [(m, m.training) for m in _listed(model, modules)]
     for m, _ in flags:
         m.__dict__["training"] = training  # the flag only: cheaper than Module.__setattr__
     try:
@@ -882,7 +887,7 @@ def hooks_off(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> I
     (a capture hook would keep them) and be baked into the graph. They are put back after."""
     saved = [
         (m, key, value)
-        for m in (model.modules() if modules is None else modules)
+        for m in _listed(model, modules)
         for key in HOOK_DICTS
         if (value := m.__dict__.get(key))
     ]
@@ -905,7 +910,7 @@ def checkpointing_off(model: nn.Module, modules: Sequence[nn.Module] | None = No
     The flags are restored afterwards; code that is not rewritten still checkpoints."""
     flags = [
         (m, key)
-        for m in (model.modules() if modules is None else modules)
+        for m in _listed(model, modules)
         for key in CHECKPOINT_FLAGS
         if isinstance(m.__dict__.get(key), bool) and m.__dict__[key]
     ]
@@ -927,8 +932,7 @@ def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     proxies or meta tensors, which the model's next real call would use. Every public
     attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
     module but torch.nn's own layers (whose forwards store nothing)."""
-    listed = model.modules() if modules is None else modules
-    own = [m for m in listed if not type(m).__module__.startswith(_TORCH_LAYERS)]
+    own = [m for m in _listed(model, modules) if not type(m).__module__.startswith(_TORCH_LAYERS)]
     # Each module's whole __dict__ copied at C speed; only its public part is put back.
     attributes = [(m, vars(m).copy()) for m in own]
     caches = [
