@@ -15,14 +15,15 @@ import timm
 import torch
 
 import attn_inject as ai
+from attn_inject.blocks import block_for_point
 
 SIZE = 64
 STAGE_RECIPES = ("se_after_every_stage", "eca_after_every_stage", "cbam_after_every_stage")
-DYNAMIC_GRID = "changes with the input size"  # why CBAM cannot go on tokens of such a grid
 
-# name, builder arguments, the stages CBAM cannot take (their tokens' grid follows the input size);
-# the transformers are built shallower: TinyViT one block a stage, Twins a local and a global
-# attention block a stage, XCiT three blocks (a stage each)
+# name, builder arguments, the stages whose tokens' grid follows the input size (CBAM there is
+# given the grid's height and width at each call); the transformers are built shallower:
+# TinyViT one block a stage, Twins a local and a global attention block a stage, XCiT three
+# blocks (a stage each)
 TINY_VIT = {"depths": (1, 1, 1, 1)}
 XCIT = {"img_size": SIZE, "depth": 3}
 FAMILIES = [
@@ -32,6 +33,7 @@ FAMILIES = [
     ("twins_svt_small", {"img_size": SIZE, "depths": (2, 2, 2, 2)}, {3}),
     ("xcit_nano_12_p16_224", XCIT, set(range(3))),  # every block's tokens
 ]
+SIZED = [f for f in FAMILIES if f[2]]
 
 
 def feature_info_stages(model: torch.nn.Module) -> list[dict]:
@@ -49,42 +51,77 @@ def as_list(out) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f[0] for f in FAMILIES])
 def family(request):
-    name, kwargs, without_cbam = request.param
+    name, kwargs, sized = request.param
     torch.manual_seed(0)
-    return name, timm.create_model(name, **kwargs).eval(), without_cbam
+    return name, timm.create_model(name, **kwargs).eval(), sized
 
 
 @pytest.mark.parametrize("recipe", STAGE_RECIPES)
-def test_every_feature_info_stage_gets_one_block_or_a_reason(family, recipe):
-    name, model, without_cbam = family
+def test_every_feature_info_stage_gets_one_block(family, recipe):
+    name, model, sized = family
     expected = feature_info_stages(model)
     plan = ai.plan(model, recipe, input_size=(3, SIZE, SIZE))
     assert len(plan.stages) == len(expected), plan.stages
-    skipped = {s.name: s.reason for s in plan.skipped}
-    cannot = without_cbam if recipe == "cbam_after_every_stage" else set()
+    assert not plan.skipped, plan.skipped
     for i, (stage, entry) in enumerate(zip(plan.stages, expected, strict=True)):
         points = [p for p in plan.points if p.stage == i]
-        if i in cannot:
-            assert points == [] and DYNAMIC_GRID in skipped[stage], (name, stage)
-            continue
         assert [p.channels for p in points] == [entry["num_chs"]], (name, stage)
-        assert stage not in skipped
-    assert len(plan.points) == len(expected) - len(cannot)
+        # only CBAM needs the grid's H' x W': where it follows the input, read at each call
+        reads_size = recipe == "cbam_after_every_stage" and i in sized
+        assert [p.grid_from is not None for p in points] == [reads_size], (name, stage)
+    assert len(plan.points) == len(expected)
 
 
 def test_stage_blocks_are_the_identity_at_insertion_and_keep_each_class(family):
-    _, model, without_cbam = family
-    recipe = "se_after_every_stage" if without_cbam else "cbam_after_every_stage"
-    patched = ai.inject(model, recipe, input_size=(3, SIZE, SIZE))
+    _, model, sized = family
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=(3, SIZE, SIZE))
     assert len(ai.inserted_blocks(patched)) == len(feature_info_stages(model))
     assert isinstance(patched, type(model)) and type(patched).__name__ == type(model).__name__
     for key in ai.inserted_blocks(patched):
         owner = key.rpartition(".")[0]
         changed, original = patched.get_submodule(owner), model.get_submodule(owner)
         assert isinstance(changed, type(original)) and type(changed).__name__ == type(original).__name__
-    x = x_batch()
+    # a model whose grids follow the input runs at another size too, non-square
+    sizes = [(SIZE, SIZE), (2 * SIZE, SIZE)] if sized else [(SIZE, SIZE)]
+    for height, width in sizes:
+        x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x)), (height, width)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "sized"), SIZED, ids=[f[0] for f in SIZED])
+def test_cbam_on_a_grid_that_follows_the_input_is_given_its_size_at_each_call(name, kwargs, sized):
+    """A trained block at a non-square size the plan was not made at: it is given the grid's
+    H' x W' of that size (H / reduction, W / reduction), and computes what a block built for
+    that fixed grid computes with the same weights."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    patched = ai.inject(model, "cbam_after_every_stage", input_size=(3, SIZE, SIZE), init="paper")
+    reductions = [e["reduction"] for e in feature_info_stages(model)]
+    blocks = ai.inserted_blocks(patched)
+    seen: dict[str, tuple] = {}
+    points = [p for p in patched.attn_inject.plan if p.stage in sized]
+    for point in points:
+        record = lambda module, args, out, key=point.key: seen.__setitem__(key, (args, out))  # noqa: E731
+        blocks[point.key].register_forward_hook(record)
+    height, width = 2 * SIZE, SIZE
     with torch.no_grad():
-        assert torch.equal(patched(x), model(x))
+        patched(torch.randn(2, 3, height, width))
+    assert sorted(seen) == sorted(p.key for p in points)
+    for point in points:
+        (tokens, grid_height, grid_width), out = seen[point.key]
+        reduction = reductions[point.stage]
+        assert (grid_height, grid_width) == (height // reduction, width // reduction), point.key
+        fixed = block_for_point(
+            point.block.kind,
+            point.channels,
+            point.block.params,
+            "paper",
+            {"layout": "tokens", "prefix": point.prefix, "grid": (grid_height, grid_width)},
+        )
+        fixed.load_state_dict(blocks[point.key].state_dict())
+        with torch.no_grad():
+            assert torch.equal(fixed(tokens), out), point.key
 
 
 def test_hgnetv2_se_resnet_puts_one_block_in_each_residual_hgblock():

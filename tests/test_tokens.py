@@ -178,16 +178,36 @@ def test_timm_vit_blocks_get_se_on_both_branches_and_cbam_after_each_block():
     assert [(p.name, p.channels) for p in cbam] == [(e["module"], e["num_chs"]) for e in model.feature_info]
 
 
-def test_dynamic_grid_skips_cbam_with_the_reason_and_se_runs_at_any_size():
+def test_dynamic_grid_gets_cbam_given_its_size_at_each_call_and_se_runs_at_any_size():
+    """timm's ``dynamic_img_size``: the grid follows the input. CBAM is given the grid's
+    H' x W' as sizes of the patch embedding's map (the ViT's blocks are not given them, so
+    the model's graph runs the blocks); SE squeezes over however many grid tokens there are."""
     model = small_vit(dynamic_img_size=True)
     cbam = ai.plan(model, "cbam_after_every_stage", input_size=SIZE)
-    assert cbam == [] and len(cbam.skipped) == 2
-    assert all("changes with the input size (dynamic image size)" in s.reason for s in cbam.skipped)
-    patched = patched_model(model, "se_resnet")
-    assert Counter(p.layout for p in patched.attn_inject.plan) == {"tokens": 4}
-    for size in (32, 64):  # SE squeezes over however many grid tokens there are
-        x = torch.randn(2, 3, size, size)
-        assert torch.equal(patched(x), model(x))
+    assert len(cbam) == 2 and not cbam.skipped
+    assert all(p.grid_from is not None and p.attach == "graph" and p.owner == "" for p in cbam)
+    assert all(p.layout_text == "tokens 1+2x2 (any size)" for p in cbam)
+    for recipe in ("se_resnet", "cbam_after_every_stage"):
+        patched = patched_model(model, recipe)
+        assert Counter(p.layout for p in patched.attn_inject.plan) == {
+            "tokens": len(patched.attn_inject.plan)
+        }
+        for height, width in ((32, 32), (64, 64), (64, 32)):
+            x = torch.randn(2, 3, height, width)
+            assert torch.equal(patched(x), model(x)), (recipe, height, width)
+    trained = ai.inject(model, "cbam_after_every_stage", input_size=SIZE, init="paper")
+    seen: list[tuple] = []
+    for block in ai.inserted_blocks(trained).values():
+        block.register_forward_hook(lambda module, args, out: seen.append((module, args, out)))
+    with torch.no_grad():
+        trained(torch.randn(2, 3, 64, 32))
+    assert len(seen) == 2
+    for block, (tokens, height, width), out in seen:
+        assert (height, width) == (64 // 16, 32 // 16)  # the patch embedding's map, not the planned 2x2
+        fixed = ai.blocks.CBAM(tokens.shape[-1], layout="tokens", prefix=1, grid=(height, width))
+        fixed.load_state_dict(block.state_dict())
+        with torch.no_grad():
+            assert torch.equal(fixed(tokens), out)
 
 
 FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_after_every_stage get
@@ -195,7 +215,7 @@ FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_
     ("deit_tiny_distilled_patch16_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),
     ("eva02_tiny_patch14_224", {"img_size": 56}, 56, {"tokens"}, {"tokens"}),
     ("cait_xxs24_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),
-    ("xcit_nano_12_p16_224", {"img_size": 64}, 64, {"tokens"}, set()),  # a dynamic grid: no CBAM
+    ("xcit_nano_12_p16_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),  # CBAM given the grid's size
     ("levit_128s", {"img_size": 128}, 128, {"tokens"}, {"tokens"}),
     ("mvitv2_tiny", {}, 224, {"tokens"}, {"NCHW"}),  # CBAM on the patch embedding's map (grid dynamic)
     ("swin_tiny_patch4_window7_224", {}, 224, {"tokens", "NHWC"}, {"NHWC"}),  # windowed attention: NHWC

@@ -68,6 +68,7 @@ __all__ = [
     "list_blocks",
     "permutes",
     "register_block",
+    "takes_grid_at_call",
     "unregister_block",
     "uses_grid",
 ]
@@ -193,6 +194,15 @@ def uses_grid(kind: str) -> bool:
     so that the grid must be fixed; SE and ECA only pool over the grid tokens. True for a
     block that does not say (``uses_grid = False`` on its class)."""
     return bool(getattr(block_factory(kind), "uses_grid", True))
+
+
+def takes_grid_at_call(kind: str) -> bool:
+    """Whether block ``kind`` on tokens takes the grid's height and width at each call
+    (``block(x, height, width)``), so it can go on a grid that follows the input size: the
+    built-in blocks, timm's kinds, and a registered block run through a permute; a
+    registered block with a ``layout`` of its own only where its class says so
+    (``grid_at_call = True``)."""
+    return bool(getattr(block_factory(kind), "grid_at_call", False)) or not accepts_layout(kind)
 
 
 class HasLayout(Protocol):

@@ -93,6 +93,7 @@ class LayoutBlock(nn.Module):
     around ``attend``. ``uses_grid``: the block needs the grid's H' x W' shape."""
 
     uses_grid = True
+    grid_at_call = True  # forward takes the grid's height and width, for a grid that follows the input size
     __constants__: ClassVar[list[str]] = ["reordered"]  # TorchScript compiles the gathers only where used
 
     def __init__(
@@ -122,7 +123,9 @@ class LayoutBlock(nn.Module):
         tokens (``self.tokens`` without ``self.grid_view``)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The block on ``x``; ``height`` and ``width``: the grid's H' x W' at this call, for
+        tokens whose grid follows the input size (the planned grid where not given)."""
         if not self.tokens:
             return self.attend(x)
         shape = x.shape
@@ -130,15 +133,18 @@ class LayoutBlock(nn.Module):
         tokens = x[:, self.prefix :]
         if self.grid_view:
             b, n, c = tokens.shape[0], tokens.shape[1], tokens.shape[2]
+            grid_height, grid_width = self.grid[0], self.grid[1]
+            if height is not None and width is not None:
+                grid_height, grid_width = height, width
             torch._assert(
-                n == self.grid[0] * self.grid[1],
+                n == grid_height * grid_width,
                 "this block was planned for a token grid of a size the model no longer gives (after "
                 "set_input_size or at another input size): inject into the model as it is now",
             )
             if self.reordered:
                 assert isinstance(self.raster, torch.Tensor)
                 tokens = tokens.index_select(1, self.raster)
-            out = self.attend(tokens.reshape(b, self.grid[0], self.grid[1], c)).reshape(b, n, c)
+            out = self.attend(tokens.reshape(b, grid_height, grid_width, c)).reshape(b, n, c)
             if self.reordered:
                 assert isinstance(self.order, torch.Tensor)
                 out = out.index_select(1, self.order)

@@ -256,4 +256,5 @@ def timm_block(kind: str) -> Any:
     build.__name__ = build.__qualname__ = f"timm_{found.name}"
     build.__doc__ = f"timm's {found.module} (``create_attn({found.name!r}, channels, **params)``)."
     build.permutes = True  # type: ignore[attr-defined]
+    build.grid_at_call = True  # type: ignore[attr-defined]  # a Blended: forward(x, height, width)
     return build

@@ -375,7 +375,7 @@ def _concatenated_grid(node: fx.Node) -> TokenGrid | None:
     if grid is None or any(grid_of(t) is not None for t in front):
         return None  # one grid, last: what comes before it is passed through as prefix tokens
     extra = sum(int(meta.shape[token_dim]) for t in front if (meta := tensor_meta(t)) is not None)
-    return TokenGrid(grid.prefix + extra, grid.height, grid.width)
+    return TokenGrid(grid.prefix + extra, grid.height, grid.width, source=grid.source)
 
 
 def _concatenated_parts(node: fx.Node) -> list[fx.Node] | None:
@@ -405,7 +405,7 @@ def _sliced_grid(node: fx.Node) -> TokenGrid | None:
     start = cut.start or 0
     if not isinstance(start, int) or not 0 <= start <= grid.prefix:
         return None
-    return TokenGrid(grid.prefix - start, grid.height, grid.width)
+    return TokenGrid(grid.prefix - start, grid.height, grid.width, source=grid.source)
 
 
 def _is_split(node: fx.Node) -> bool:
@@ -440,7 +440,7 @@ def _moved_grid(source: fx.Node) -> TokenGrid | None:
     s = tensor_meta(source)
     hw = spatial_size(source)
     if s is not None and s.dim() == 4 and hw is not None:
-        return TokenGrid(0, hw[0], hw[1])
+        return TokenGrid(0, hw[0], hw[1], source=source)
     if s is not None and s.dim() == 3:
         return grid_of(source)
     return None
@@ -555,7 +555,10 @@ def _returned_item(node: fx.Node) -> Reading | None:
     returned = record_of(container).returned
     if returned is None or not -len(returned) <= index < len(returned):
         return None
-    return returned[index]
+    reading = returned[index]
+    if reading is None or reading.grid is None:
+        return reading
+    return replace(reading, grid=replace(reading.grid, source=None))  # its map is in the module's graph
 
 
 def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple[int, ...]) -> None:
@@ -596,7 +599,10 @@ def annotate_grid_dynamics(model: nn.Module, graph: fx.Graph, input_shape: tuple
             set_layout(node, layout_of(node), None)  # reordered tokens proven at the planned size only
         elif grid is not None:
             varies = at_probe is not None and at_probe.prefix != grid.prefix
-            set_layout(node, layout_of(node), replace(grid, dynamic=True, prefix_varies=varies))
+            # the grid's map, where the probe size proves it too: H' x W' read from it at a call
+            source = grid.source if at_probe is not None and at_probe.source is grid.source else None
+            dynamic = replace(grid, dynamic=True, prefix_varies=varies, source=source)
+            set_layout(node, layout_of(node), dynamic)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -7,7 +7,7 @@ reshapes and permutes); this module holds only the record and its readers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -45,7 +45,10 @@ class TokenGrid:
     than one dimension: (B, T, N, C) with T * N = height * width). ``dynamic``: the grid's
     size follows the input size (a block with a fixed grid would break at another size);
     ``prefix_varies``: so does the number of tokens
-    before it (a block passing a fixed prefix through would take some for grid tokens)."""
+    before it (a block passing a fixed prefix through would take some for grid tokens).
+    ``source``: the map of this graph the raster grid was flattened from, whose spatial size
+    is the grid's at any input size (where the graph shows one): a block that needs H' x W'
+    on a dynamic grid reads them from it at each call."""
 
     prefix: int
     height: int
@@ -53,6 +56,7 @@ class TokenGrid:
     dynamic: bool = False
     prefix_varies: bool = False
     order: tuple[int, ...] | None = None  # raster position of each grid token; None: raster
+    source: fx.Node | None = field(default=None, compare=False, repr=False)
 
     @property
     def tokens(self) -> int:

@@ -224,6 +224,24 @@ def reads_shape_only(node: fx.Node) -> bool:
     return node.target in SHAPE_FUNCTIONS
 
 
+def reads_size(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
+    """Whether ``node`` is size ``dim`` of ``tensor``'s output (a 4-D map): ``x.shape[d]``,
+    ``x.size(d)`` or ``x.size()[d]``, ``d`` counted from either end."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
+        whole, index = node.args[0], node.args[1]
+        return whole is tensor and isinstance(index, int) and index % 4 == dim
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return False
+    whole, index = node.args
+    if not isinstance(whole, fx.Node) or not isinstance(index, int) or index % 4 != dim:
+        return False
+    if whole.op == "call_function" and whole.target is getattr:
+        return whole.args == (tensor, "shape")
+    return (
+        whole.op == "call_method" and whole.target == "size" and whole.args == (tensor,) and not whole.kwargs
+    )
+
+
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
 DATA_MOVEMENT_METHODS |= {"swapaxes", "swapdims", "movedim", "moveaxis"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..blocks import accepts_order, block_factory, block_for_point, layout_kwargs, permutes, uses_grid
+from ..blocks import (
+    accepts_order,
+    block_factory,
+    block_for_point,
+    layout_kwargs,
+    permutes,
+    takes_grid_at_call,
+    uses_grid,
+)
 from ..blocks.params import INIT_MODES
 from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
@@ -27,6 +35,7 @@ from ..core.markers import BLOCK_FLAG
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, MacCounter, annotate
 from ..graph.layout import NCHW
+from ..graph.node_layout import layout_of
 from ..graph.shapes import tensor_meta
 from ..graph.stages import Stage, find_stages
 from ..models.build import wrapper_of
@@ -36,7 +45,7 @@ from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
 from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
-from .scopes import Placement, place
+from .scopes import GridFrom, Placement, place
 from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
 __all__ = [
@@ -208,7 +217,8 @@ def build_plan(
     chosen.sort(key=lambda item: item[:2])
     edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
     names = [rule.block_name for _, _, _, rule in chosen]
-    placements = place(graph.root, graph, edges, names)
+    grids = [_grid_from(candidate, rule) for _, _, candidate, rule in chosen]
+    placements = place(graph.root, graph, edges, names, grids)
     costs = BlockCosts()
     points = tuple(
         _point(graph, stages, candidate, rule, r, init, placement, costs)
@@ -255,6 +265,7 @@ def _point(
         grid.order if grid is not None and uses_grid(rule.block.kind) else None,
     )
     block_layout = layout_kwargs(layout)
+    sized = _grid_from(candidate, rule)
     return InsertionPoint(
         name=candidate.name,
         position=rule.at,
@@ -273,6 +284,8 @@ def _point(
         grid=layout.grid,
         reordered=grid is not None and grid.order is not None,
         order=layout.order,
+        grid_from=None if sized is None else (sized[0].name, sized[1], sized[2]),
+        grid_arguments=placement.grid_arguments,
         module=placement.module,
         block_name=placement.name,
         owner=placement.owner,
@@ -356,12 +369,28 @@ def _unusable(candidate: Candidate, rule: Rule) -> str | None:
             f"node {node!r} holds its token grid ({grid}) in another order than "
             f"raster and block {kind!r} needs the grid but takes no 'order' argument"
         )
-    if grid.dynamic and uses_grid(kind):
+    if grid.dynamic and uses_grid(kind) and grid.source is None:
         return (
             f"the token grid of node {node!r} ({grid}) changes with the input size "
-            f"(dynamic image size); block {kind!r} needs a fixed H' x W' grid"
+            f"(dynamic image size), and the graph shows no map its H' x W' are read from; "
+            f"block {kind!r} needs them"
+        )
+    if grid.dynamic and uses_grid(kind) and not takes_grid_at_call(kind):
+        return (
+            f"the token grid of node {node!r} ({grid}) changes with the input size "
+            f"(dynamic image size); block {kind!r} needs a fixed H' x W' grid (its forward takes "
+            "no height and width: grid_at_call)"
         )
     return None
+
+
+def _grid_from(candidate: Candidate, rule: Rule) -> GridFrom | None:
+    """The map whose sizes give the grid's H' x W' at each call, with its height and width
+    dims: for a block that needs the grid on tokens whose grid follows the input size."""
+    grid = candidate.token_grid
+    if grid is None or not grid.dynamic or not uses_grid(rule.block.kind) or grid.source is None:
+        return None
+    return (grid.source, *((2, 3) if layout_of(grid.source) == NCHW else (1, 2)))
 
 
 def _match_rules(

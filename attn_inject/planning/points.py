@@ -55,7 +55,9 @@ class InsertionPoint:
     (H, W, C)), or "tokens" (``shape`` (N, C), or (T, N, C) for tokens over two dimensions)
     with N = ``prefix`` + H' x W' (``grid``, None for maps), ``reordered`` where the tokens
     hold the grid in another order than raster (``order``, each token's raster position, for a
-    block that needs the grid). ``blocks.layout_kwargs(point)`` gives the block's arguments."""
+    block that needs the grid), ``grid_from`` where the grid follows the input size and the
+    block needs it (the block is then called with the grid's H' and W' as the model computes
+    them). ``blocks.layout_kwargs(point)`` gives the block's arguments."""
 
     name: str
     position: str
@@ -74,12 +76,22 @@ class InsertionPoint:
     grid: tuple[int, int] | None = None  # (H', W') of tokens
     reordered: bool = False  # tokens hold the grid in another order than raster (Hiera, Nest)
     order: tuple[int, ...] | None = None  # each token's raster position, for a block that needs it
+    # (node, dim, dim): a grid that follows the input size, its H' and W' read at each call
+    # from the sizes of that node's map (the grid's size at the planned input is ``grid``)
+    grid_from: tuple[str, int, int] | None = None
+    # attach "after": the module's parameters given the grid's H' and W' (passed to the block)
+    grid_arguments: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:  # from a manifest's lists: keep the tuple the dataclass declares
             object.__setattr__(self, "grid", tuple(int(s) for s in self.grid))
         if self.order is not None:
             object.__setattr__(self, "order", tuple(int(i) for i in self.order))
+        if self.grid_from is not None:
+            node, height, width = self.grid_from
+            object.__setattr__(self, "grid_from", (str(node), int(height), int(width)))
+        if self.grid_arguments is not None:
+            object.__setattr__(self, "grid_arguments", tuple(str(n) for n in self.grid_arguments))
 
     @property
     def layout_text(self) -> str:
@@ -88,7 +100,8 @@ class InsertionPoint:
             return self.layout
         front = f"{self.prefix}+" if self.prefix else ""
         reordered = " reordered" if self.reordered else ""
-        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}{reordered}"
+        sized = " (any size)" if self.grid_from is not None else ""
+        return f"{self.layout} {front}{self.grid[0]}x{self.grid[1]}{reordered}{sized}"
 
     module: str = ""  # the module the block is a child of ('' is the model or its target)
     block_name: str = ""  # its attribute name there: ``key == f"{module}.{block_name}"``
@@ -120,6 +133,8 @@ class InsertionPoint:
         out["shape"] = list(self.shape)
         out["grid"] = None if self.grid is None else list(self.grid)
         out["order"] = None if self.order is None else list(self.order)
+        out["grid_from"] = None if self.grid_from is None else list(self.grid_from)
+        out["grid_arguments"] = None if self.grid_arguments is None else list(self.grid_arguments)
         return out
 
 

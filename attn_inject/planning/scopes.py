@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import operator
@@ -59,10 +60,12 @@ __all__ = [
     "extract_scope",
     "place",
     "reads_training",
+    "root_scope",
 ]
 
 
 SLOT, AFTER, BEFORE, GRAPH = Attach.SLOT, Attach.AFTER, Attach.BEFORE, Attach.GRAPH
+GridFrom = tuple[fx.Node, int, int]  # a map and its height and width dims: a dynamic grid's size
 
 
 class ScopeError(AttnInjectError, RuntimeError):
@@ -96,7 +99,8 @@ class _Owner:
 class Placement:
     """Where one block goes: a child ``name`` of module ``module`` ('' is the model), run by
     the code of ``owner`` as ``attach`` says (``argument``: the parameter a "before" block
-    takes)."""
+    takes; ``grid_arguments``: the parameters of an "after" block's module that give its
+    dynamic grid's height and width)."""
 
     module: str
     name: str
@@ -104,6 +108,7 @@ class Placement:
     attach: Attach
     note: str = ""
     argument: str = ""
+    grid_arguments: tuple[str, str] | None = None
 
     @property
     def key(self) -> str:
@@ -170,7 +175,7 @@ def _kept_whole(
     own code runs as written): no block's reader lies inside and no block's producer except
     what it returns, values leave it only through what it returns, and its arguments are
     graph values or plain constants."""
-    prefix = call.path + "."
+    prefix = call.path + "." if call.path else ""
     span = set(call.nodes)
     kept: list[ModuleCall] = []
     covered: set[fx.Node] = set()
@@ -222,6 +227,32 @@ def extract_scope(
     module = ops.submodule(root, call.path)
     if call.arguments is None:
         raise ScopeError(f"{call.path} takes *args or **kwargs")
+    return _copied(root, graph, call, module, producers, readers)
+
+
+def root_scope(
+    root: nn.Module, graph: AnnotatedGraph, producers: set[fx.Node], readers: set[fx.Node]
+) -> ScopeTrace:
+    """The whole trace as the root's own graph, with its inputs: as :func:`extract_scope`
+    for a module, submodules holding no block's reader and no producer but their result stay
+    single calls."""
+    nodes = tuple(n for n in graph.graph.nodes if n.op != "output")
+    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
+    call = ModuleCall("", False, nodes, (), None, result=output.args[0])
+    scope = _copied(root, graph, call, root, producers, readers)
+    scope.graph.set_codegen(graph.graph._codegen)  # the output's type, where the trace kept it
+    arguments = tuple((str(n.target), scope.node_map[n]) for n in nodes if n.op == "placeholder")
+    return dataclasses.replace(scope, arguments=arguments)
+
+
+def _copied(
+    root: nn.Module,
+    graph: AnnotatedGraph,
+    call: ModuleCall,
+    module: nn.Module,
+    producers: set[fx.Node] | None,
+    readers: set[fx.Node] | None,
+) -> ScopeTrace:
     copy = _ScopeCopy(root, call)
     kept = _kept_whole(graph, call, producers or set(), readers or set())
     whole = {child.nodes[0]: child for child in kept}
@@ -250,7 +281,7 @@ class _ScopeCopy:
     the trace mapped to its copy, targets made relative to the module."""
 
     def __init__(self, root: nn.Module, call: ModuleCall) -> None:
-        self.root, self.call, self.prefix = root, call, call.path + "."
+        self.root, self.call, self.prefix = root, call, call.path + "." if call.path else ""
         self.own = fx.Graph()
         self.node_map: dict[fx.Node, fx.Node] = {}
         self.constants: dict[str, Any] = {}
@@ -262,6 +293,8 @@ class _ScopeCopy:
     def value_of(self, node: fx.Node) -> fx.Node:
         if node in self.node_map:
             return self.node_map[node]
+        if not self.call.path:
+            raise ScopeError(f"the model's graph reads {node.name} before it is made")
         if node.op == "get_attr" and str(node.target).startswith(self.prefix):  # fetched before the call
             self.node_map[node] = self.own.get_attr(str(node.target)[len(self.prefix) :])
             return self.node_map[node]
@@ -505,20 +538,32 @@ class Placer:
             self.slots[key] = _slot_verdict(host, name, key[2], every_reader, self.slot_designs)
         return deepest if self.slots[key] else None
 
-    def choose(self, producer: fx.Node, consumers: list[fx.Node] | None, name: str) -> Placement:
-        """Where a block on ``producer`` read by ``consumers`` (None: all) goes."""
+    def choose(
+        self, producer: fx.Node, consumers: list[fx.Node] | None, name: str, grid_from: GridFrom | None = None
+    ) -> Placement:
+        """Where a block on ``producer`` read by ``consumers`` (None: all) goes; ``grid_from``:
+        the map (and its dims) giving a dynamic grid's H' x W', which the block is also given:
+        by the module returning ``producer`` where its call is given those sizes, else by a
+        graph that computes the map."""
         readers = list(producer.users) if consumers is None else consumers
         every = set(readers) == set(producer.users)
-        slot = self.slot_site(producer, readers, name)
-        if slot is not None:
-            return Placement(slot, name, slot, SLOT)
-        after = self.after_site(producer, readers) if every else None
-        if after is not None:
-            return Placement(after, name, after, AFTER)
-        before = self.before_site(producer, readers)
-        if before is not None:
-            return Placement(before[0], name, before[0], BEFORE, argument=before[1])
-        owner = self._graph_owner(producer, consumers)
+        source = grid_from[0] if grid_from is not None else None
+        if grid_from is not None:
+            after = self.after_site(producer, readers) if every else None
+            sizes = self._size_parameters(after, grid_from) if after is not None else None
+            if after is not None and sizes is not None:
+                return Placement(after, name, after, AFTER, grid_arguments=sizes)
+        else:
+            slot = self.slot_site(producer, readers, name)
+            if slot is not None:
+                return Placement(slot, name, slot, SLOT)
+            after = self.after_site(producer, readers) if every else None
+            if after is not None:
+                return Placement(after, name, after, AFTER)
+            before = self.before_site(producer, readers)
+            if before is not None:
+                return Placement(before[0], name, before[0], BEFORE, argument=before[1])
+        owner = self._graph_owner(producer, consumers, source)
         module, note = owner.module, owner.note
         returning = self.calls.returned_by.get(producer, [])
         if returning and module not in returning:
@@ -528,16 +573,18 @@ class Placer:
                 name = f"{via}_{name}" if not via.isdigit() else name
         return Placement(module, name, module, GRAPH, note)
 
-    def _graph_owner(self, producer: fx.Node, consumers: list[fx.Node] | None) -> _Owner:
+    def _graph_owner(
+        self, producer: fx.Node, consumers: list[fx.Node] | None, source: fx.Node | None = None
+    ) -> _Owner:
         """The module whose graph runs a block on ``producer`` for ``consumers`` (None: all):
         the outermost module returning it that can stand alone, when it is read only outside
         them; else the innermost module holding every reader that can; else the root, which
-        holds every point."""
+        holds every point. Each computes ``source`` too, where it is given."""
         readers = list(producer.users) if consumers is None else consumers
         refusals: list[Refusal] = []
         if consumers is None:
             for path in self._returning(producer, readers):
-                why = self._trace_problem(path)
+                why = self._source_refusal(path, source) or self._trace_problem(path)
                 if why is None:
                     return _Owner(path)
                 refusals.append(why)
@@ -545,7 +592,7 @@ class Placer:
         if any(r.op == "output" for r in readers):
             deepest = ""
         for path in _ancestors(deepest):
-            why = self._holding_refusal(path, producer, readers)
+            why = self._source_refusal(path, source) or self._holding_refusal(path, producer, readers)
             if why is None:
                 return _Owner(path, tuple(refusals))
             refusals.append(why)
@@ -559,6 +606,29 @@ class Placer:
             for p in reversed(self.calls.returned_by.get(producer, []))
             if self.calls.why_not(p) is None and not any(self._inside(r, p) for r in readers)
         ]
+
+    def _size_parameters(self, path: str, grid_from: GridFrom) -> tuple[str, str] | None:
+        """The parameters of module ``path``'s one call that are given the sizes of the map
+        ``grid_from`` names (as ``x.shape[d]`` or ``x.size(d)``), height then width."""
+        call = self.calls.single.get(path)
+        if call is None or not call.arguments:
+            return None
+        source, *dims = grid_from
+        found = []
+        for dim in dims:
+            given = [
+                n for n, v in call.arguments if isinstance(v, fx.Node) and ops.reads_size(v, source, dim)
+            ]
+            if not given:
+                return None
+            found.append(given[0])
+        return found[0], found[1]
+
+    def _source_refusal(self, path: str, source: fx.Node | None) -> Refusal | None:
+        """Why module ``path`` cannot pass ``source`` to a block: it does not compute it."""
+        if source is None or self._inside(source, path):
+            return None
+        return Refusal(f"{path} does not compute {source.name}, the map the grid's H' x W' are read from")
 
     def _holding_refusal(self, path: str, producer: fx.Node, readers: list[fx.Node]) -> Refusal | None:
         """Why module ``path`` cannot run a block on ``producer`` for ``readers`` in its own
@@ -705,12 +775,14 @@ def place(
     graph: AnnotatedGraph,
     edges: list[tuple[fx.Node, list[fx.Node] | None]],
     names: list[str],
+    grids: list[GridFrom | None] | None = None,
 ) -> list[Placement]:
-    """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique)."""
+    """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique);
+    ``grids[i]``: the map giving its dynamic grid's size (see :meth:`Placer.choose`)."""
     placer = Placer(root, graph)
     chosen = [
-        placer.choose(producer, consumers, name)
-        for (producer, consumers), name in zip(edges, names, strict=True)
+        placer.choose(producer, consumers, name, grid)
+        for (producer, consumers), name, grid in zip(edges, names, grids or [None] * len(edges), strict=True)
     ]
     owners = sorted(
         {c.owner for c in chosen if c.attach == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
@@ -743,5 +815,6 @@ def place(
             unique, n = f"{name}_{n}", n + 1
         used.add(unique)
         argument = placement.argument if attach == BEFORE else ""
-        placements.append(Placement(module, unique, owner, attach, placement.note, argument))
+        sizes = placement.grid_arguments if attach == AFTER else None  # a graph reads them from the map
+        placements.append(Placement(module, unique, owner, attach, placement.note, argument, sizes))
     return placements

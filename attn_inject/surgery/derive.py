@@ -62,17 +62,33 @@ _counter = itertools.count()
 @dataclass(frozen=True)
 class Around:
     """Blocks a module runs around its own forward: ``before`` maps a parameter name to the
-    blocks applied to that argument, in order; ``after`` the blocks applied to its result."""
+    blocks applied to that argument, in order; ``after`` the blocks applied to its result;
+    ``sizes`` maps a block to the two parameters it is also given (a token grid's height and
+    width, for a grid that follows the input size)."""
 
     before: tuple[tuple[str, tuple[str, ...]], ...] = ()
     after: tuple[str, ...] = ()
+    sizes: tuple[tuple[str, tuple[str, str]], ...] = ()
 
-    def add(self, *, before: str | None = None, after: str | None = None, block: str) -> Around:
+    def add(
+        self,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        block: str,
+        sizes: tuple[str, str] | None = None,
+    ) -> Around:
+        given = self.sizes if sizes is None else (*self.sizes, (block, (sizes[0], sizes[1])))
         if after is not None or before is None:
-            return Around(self.before, (*self.after, block))
+            return Around(self.before, (*self.after, block), given)
         names = dict(self.before)
         names[before] = (*names.get(before, ()), block)
-        return Around(tuple(names.items()), self.after)
+        return Around(tuple(names.items()), self.after, given)
+
+    def call(self, block: str, value: str) -> str:
+        """The code that runs ``block`` on ``value`` (with its sizes' parameters)."""
+        extra = "".join(f", {name}" for name in dict(self.sizes).get(block, ()))
+        return f"self.{block}({value}{extra})"
 
 
 @dataclass(frozen=True)
@@ -221,6 +237,7 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
     signature = inspect.signature(base.forward)
     names = [p.name for p in signature.parameters.values()][1:]
     missing = [name for name, _ in around.before if name not in names]
+    missing += [name for _, pair in around.sizes for name in pair if name not in names]
     if missing:
         raise InputError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
     namespace = _namespace(base)
@@ -231,9 +248,9 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
         lines = [f"def {name}({params}:"]
         for argument, blocks in around.before:
             for block in blocks:
-                lines.append(f"    {argument} = self.{block}({argument})")
+                lines.append(f"    {argument} = {around.call(block, argument)}")
         lines.append(f"    out = self.{inner}({', '.join(call)})")
-        lines += [f"    out = self.{block}(out)" for block in around.after]
+        lines += [f"    out = {around.call(block, 'out')}" for block in around.after]
         lines.append("    return out")
         return "\n".join(lines) + "\n"
 
@@ -317,11 +334,12 @@ def derive_around(module: nn.Module, around: Around) -> None:
         raise InputError(f"{spec.base.__qualname__}'s forward is already rewritten")
     if spec is not None:
         merged = spec.around
+        sizes = dict(around.sizes)
         for name, blocks in around.before:
             for block in blocks:
-                merged = merged.add(before=name, block=block)
+                merged = merged.add(before=name, block=block, sizes=sizes.get(block))
         for block in around.after:
-            merged = merged.add(after="", block=block)
+            merged = merged.add(after="", block=block, sizes=sizes.get(block))
         around = merged
     module.__class__ = _around_class(base_class(module), around)
 

@@ -34,11 +34,12 @@ from torch import fx, nn
 from ..blocks import block_for_point, layout_kwargs
 from ..blocks.proof import prove_block
 from ..core.errors import AttnInjectError
+from ..graph import ops
 from ..graph.analysis import AnnotatedGraph
 from ..graph.layout import META_KEY as LAYOUT_KEY
 from ..graph.trace import HOOK_DICTS
 from ..planning.points import InsertionPoint, Plan
-from ..planning.scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training
+from ..planning.scopes import AFTER, BEFORE, GRAPH, ScopeTrace, extract_scope, reads_training, root_scope
 from .copies import shallow_copy
 from .derive import Around, derive_around, derive_graph
 from .quantization import EAGER_QUANTIZATION_NOTE, eager_quantization_ready
@@ -113,15 +114,22 @@ def _all_but(reader: fx.Node) -> Callable[[fx.Node], bool]:
     return lambda user: user is not reader
 
 
-def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]]) -> None:
-    """Add a ``call_module`` node for each point to the scope's own graph and rewire."""
+def _insert(
+    scope: ScopeTrace,
+    points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]],
+    model_nodes: dict[str, fx.Node],
+) -> None:
+    """Add a ``call_module`` node for each point to the scope's own graph and rewire
+    (``model_nodes``: the model's trace by node name)."""
     graph = scope.graph
+    sizes = _GridSizes(scope, model_nodes)
     # Edge insertions first: an all-users insertion on the same producer then wraps them.
     for point, producer_in_model, consumers_in_model in sorted(points, key=lambda p: p[2] is None):
         producer = scope.node_map[producer_in_model]
         target = point.key[len(scope.path) + 1 :] if scope.path else point.key
+        arguments = (producer, *sizes.of(point, producer))
         with graph.inserting_after(producer):  # the block acts on the point's layout natively
-            node = graph.call_module(target, (producer,))
+            node = graph.call_module(target, arguments)
         if consumers_in_model is None:
             producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
         else:
@@ -131,6 +139,52 @@ def _insert(scope: ScopeTrace, points: list[tuple[InsertionPoint, fx.Node, list[
             if any(c not in scope.node_map for c in consumers_in_model):
                 _returned_through(scope, producer_in_model, consumers_in_model, producer, node)
     graph.lint()
+
+
+class _GridSizes:
+    """The nodes giving a dynamic grid's H' and W' in a scope's graph: the model's own reads
+    of its map's sizes where the scope has them before the block (a module's parameters given
+    them, or ``x.shape[d]`` in its code), else ``size(d)`` of the map, read right after it is
+    made. One pair per map and dims, shared by its blocks."""
+
+    def __init__(self, scope: ScopeTrace, model_nodes: dict[str, fx.Node]) -> None:
+        self.scope = scope
+        self.model_nodes = model_nodes
+        self.position = {node: i for i, node in enumerate(scope.graph.nodes)}
+        self.made: dict[tuple[str, int, int], tuple[fx.Node, fx.Node]] = {}
+
+    def of(self, point: InsertionPoint, producer: fx.Node) -> tuple[fx.Node, ...]:
+        """``()`` for a point of fixed layout, else the (height, width) nodes of its grid."""
+        if point.grid_from is None:
+            return ()
+        name, height_dim, width_dim = point.grid_from
+        source = self.model_nodes[name]
+        reads = [self._read(source, dim, producer) for dim in (height_dim, width_dim)]
+        if reads[0] is not None and reads[1] is not None:
+            return reads[0], reads[1]
+        if point.grid_from not in self.made:
+            if source not in self.scope.node_map:
+                raise RewriteError(
+                    f"the block at {point.node} reads its grid's size from node {name!r}, which "
+                    f"{self.scope.path or 'the model'} does not compute"
+                )
+            mapped = self.scope.node_map[source]
+            graph = self.scope.graph
+            with graph.inserting_after(mapped):
+                height = graph.call_method("size", (mapped, height_dim))
+            with graph.inserting_after(height):
+                width = graph.call_method("size", (mapped, width_dim))
+            self.made[point.grid_from] = (height, width)
+        return self.made[point.grid_from]
+
+    def _read(self, source: fx.Node, dim: int, producer: fx.Node) -> fx.Node | None:
+        """The scope's node for the model's read of size ``dim`` of ``source``, where one
+        comes before ``producer`` in the scope's graph."""
+        before = self.position.get(producer, -1)
+        for node, mapped in self.scope.node_map.items():
+            if ops.reads_size(node, source, dim) and self.position.get(mapped, before) < before:
+                return mapped
+        return None
 
 
 def _returned_through(
@@ -201,12 +255,13 @@ def rewrite(
     tree = _Tree(model)
     blocks = {point.key: build_block(point, plan.init, device, dtype, prefix + point.key) for point in plan}
     owners, around = _by_attach(plan, graph)
+    model_nodes = {node.name: node for node in graph.nodes}
     baked: list[str] = []
     for owner, points in owners.items():
         scope = _owner_scope(sub, graph, owner, points)
         _refuse_hooks(scope, prefix + owner)
         baked += _reading_training(scope, prefix + owner)
-        _insert(scope, points)
+        _insert(scope, points, model_nodes)
         tree.replace(prefix + owner, _rewritten(scope.module, scope, prefix + owner))
     for point in plan:
         host = tree.writable(prefix + point.module)
@@ -242,7 +297,8 @@ def _by_attach(plan: Plan, graph: AnnotatedGraph) -> tuple[GraphPoints, dict[str
             consumers = None if point.consumers is None else [by_name[c] for c in point.consumers]
             owners.setdefault(point.owner, []).append((point, by_name[point.node], consumers))
         elif point.attach == AFTER:
-            around[point.module] = around.get(point.module, Around()).add(after="", block=point.block_name)
+            wrapped = around.get(point.module, Around())
+            around[point.module] = wrapped.add(after="", block=point.block_name, sizes=point.grid_arguments)
         elif point.attach == BEFORE:
             wrapped = around.get(point.module, Around())
             around[point.module] = wrapped.add(before=point.argument, block=point.block_name)
@@ -256,22 +312,21 @@ def _owner_scope(
     points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]],
 ) -> ScopeTrace:
     """The graph ``owner``'s forward becomes: its own call traced alone, or for the root
-    ('') the whole trace without the analysis' annotations."""
+    ('') the whole trace without the analysis' annotations; in both, submodules that hold
+    none of the points stay calls."""
+    producers = {producer for _, producer, _ in points}
+    readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
+    # the maps a dynamic grid's size is read from stay in the scope's own graph too
+    grid_maps = {point.grid_from[0] for point, _, _ in points if point.grid_from is not None}
+    readers |= {node for node in graph.nodes if node.name in grid_maps}
     if owner:
         calls = {c.path: c for c in graph.calls if not c.leaf}
-        producers = {producer for _, producer, _ in points}
-        readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
         return extract_scope(sub, graph, calls[owner], producers, readers)
-    whole = fx.Graph()
-    whole.set_codegen(graph.graph._codegen)  # the output's type, where the trace kept it
-    copied: dict[fx.Node, fx.Node] = {}
-    whole.output(whole.graph_copy(graph.graph, copied))
-    for node in whole.nodes:
+    scope = root_scope(sub, graph, producers, readers)
+    for node in scope.graph.nodes:
         for key in ANNOTATIONS:
             node.meta.pop(key, None)
-    arguments = tuple((str(n.target), n) for n in whole.nodes if n.op == "placeholder")
-    inner = tuple(c.path for c in graph.calls if not c.leaf)
-    return ScopeTrace("", sub, whole, copied, inner, arguments=arguments)
+    return scope
 
 
 def _record(
