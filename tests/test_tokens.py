@@ -178,36 +178,100 @@ def test_timm_vit_blocks_get_se_on_both_branches_and_cbam_after_each_block():
     assert [(p.name, p.channels) for p in cbam] == [(e["module"], e["num_chs"]) for e in model.feature_info]
 
 
-def test_dynamic_grid_gets_cbam_given_its_size_at_each_call_and_se_runs_at_any_size():
-    """timm's ``dynamic_img_size``: the grid follows the input. CBAM is given the grid's
-    H' x W' as sizes of the patch embedding's map (the ViT's blocks are not given them, so
-    the model's graph runs the blocks); SE squeezes over however many grid tokens there are."""
+def test_dynamic_grid_in_timm_vit_skips_cbam_with_the_reason_and_se_runs_at_any_size():
+    """timm's ``dynamic_img_size``: the grid follows the input, and only the root's forward
+    computes the patch map (the blocks are given tokens only). A CBAM block there would be
+    run by the root's forward alone, which timm's forward_features and forward_intermediates
+    do not call: skipped with that reason. SE needs no grid and runs at any size."""
     model = small_vit(dynamic_img_size=True)
     cbam = ai.plan(model, "cbam_after_every_stage", input_size=SIZE)
-    assert len(cbam) == 2 and not cbam.skipped
-    assert all(p.grid_from is not None and p.attach == "graph" and p.owner == "" for p in cbam)
-    assert all(p.layout_text == "tokens 1+2x2 (any size)" for p in cbam)
-    for recipe in ("se_resnet", "cbam_after_every_stage"):
-        patched = patched_model(model, recipe)
-        assert Counter(p.layout for p in patched.attn_inject.plan) == {
-            "tokens": len(patched.attn_inject.plan)
-        }
-        for height, width in ((32, 32), (64, 64), (64, 32)):
-            x = torch.randn(2, 3, height, width)
-            assert torch.equal(patched(x), model(x)), (recipe, height, width)
-    trained = ai.inject(model, "cbam_after_every_stage", input_size=SIZE, init="paper")
+    assert cbam == [] and len(cbam.skipped) == 2
+    assert all(
+        "follows the input size" in s.reason and "forward_intermediates" in s.reason for s in cbam.skipped
+    )
+    patched = patched_model(model, "se_resnet")
+    assert Counter(p.layout for p in patched.attn_inject.plan) == {"tokens": 4}
+    for size in (32, 64):  # SE squeezes over however many grid tokens there are
+        x = torch.randn(2, 3, size, size)
+        assert torch.equal(patched(x), model(x))
+
+
+class GridFollowsInput(nn.Module):
+    """Patches flattened to tokens with no position embedding: the grid follows the input
+    size, and only the root's forward computes the patch map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.blocks = nn.Sequential(Block(DIM), Block(DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.blocks(tokens).mean(1)
+
+
+def test_dynamic_grid_cbam_is_given_its_size_at_each_call_by_the_graph_that_computes_the_map():
+    torch.manual_seed(0)
+    model = GridFollowsInput().eval()
+    plan = ai.plan(model, "cbam_resnet", input_size=SIZE)  # on both branches of each block
+    assert len(plan) == 4 and not plan.skipped
+    assert all(p.grid_from is not None and p.attach == "graph" and p.owner == "" for p in plan)
+    assert [p.layout_text for p in plan] == [f"tokens {GRID}x{GRID} (any size)"] * 4
+    patched = patched_model(model, "cbam_resnet")  # at identity
+    for height, width in ((32, 32), (64, 64), (64, 32)):
+        x = torch.randn(2, 3, height, width)
+        assert torch.equal(patched(x), model(x)), (height, width)
+    trained = ai.inject(model, "cbam_resnet", input_size=SIZE, init="paper")
     seen: list[tuple] = []
     for block in ai.inserted_blocks(trained).values():
         block.register_forward_hook(lambda module, args, out: seen.append((module, args, out)))
     with torch.no_grad():
         trained(torch.randn(2, 3, 64, 32))
-    assert len(seen) == 2
+    assert len(seen) == 4
     for block, (tokens, height, width), out in seen:
-        assert (height, width) == (64 // 16, 32 // 16)  # the patch embedding's map, not the planned 2x2
-        fixed = ai.blocks.CBAM(tokens.shape[-1], layout="tokens", prefix=1, grid=(height, width))
+        assert (height, width) == (64 // PATCH, 32 // PATCH)  # the patch map's, not the planned grid
+        fixed = ai.blocks.CBAM(DIM, layout="tokens", grid=(height, width))
         fixed.load_state_dict(block.state_dict())
         with torch.no_grad():
             assert torch.equal(fixed(tokens), out)
+
+
+class HalvesInTraining(nn.Module):
+    """Reads ``self.training`` in its code, as a dropout written inline does (with a layer of
+    its own, so the trace goes through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return x * 0.5 if self.training else x
+
+
+class GridFollowsInputThenHalves(GridFollowsInput):
+    def __init__(self) -> None:
+        super().__init__()
+        self.halves = HalvesInTraining()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.halves(super().forward(x))
+
+
+def test_the_roots_rewritten_forward_keeps_a_submodule_without_a_point_as_its_own_call():
+    """The blocks run in the root's graph; ``halves`` holds no point, so the graph calls it and
+    its own code runs (in training too) instead of being inlined as traced in eval mode."""
+    torch.manual_seed(0)
+    model = GridFollowsInputThenHalves().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "reads self.training" warning
+        patched = ai.inject(model, "cbam_resnet", input_size=SIZE)
+    assert {p.owner for p in patched.attn_inject.plan} == {""}
+    x = torch.randn(2, 3, 64, 32)
+    for training in (False, True):
+        patched.train(training), model.train(training)
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x)), training
 
 
 FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_after_every_stage get

@@ -192,3 +192,39 @@ def test_a_dict_of_layers_with_a_block_keeps_its_length_keys_and_iteration():
     assert len(module) == 2 and list(module) == ["a", "b"] and list(module.keys()) == ["a", "b"]
     assert "after" not in module and [name for name, _ in module.named_children()] == ["a", "b", "after"]
     assert torch.equal(module(X), X * 2.0 * 3.0 * 5.0)  # the forward's loop did not run the block twice
+
+
+class Sized(nn.Module):
+    """A block given two sizes besides its input: it adds their product, so the sizes it was
+    given are visible in the output."""
+
+    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        return x + (height or 0) * (width or 0)
+
+
+class TakesSizes(nn.Module):
+    """A module called with its tokens' grid size, as XCiT's blocks are (``blk(x, H, W)``)."""
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_block_after_is_given_the_parameters_its_sizes_name():
+    module = TakesSizes()
+    module.add_module("cbam", Sized())
+    module.add_module("plain", Times(3.0))
+    derive_around(module, Around().add(after="", block="cbam", sizes=("H", "W")).add(after="", block="plain"))
+    assert torch.equal(module(X, 4, 5), (X * 2 + 20) * 3.0)
+    assert torch.equal(module(X, W=2, H=3), (X * 2 + 6) * 3.0)  # by name, as the call gives them
+    # deriving again keeps the first block's sizes
+    module.add_module("more", Sized())
+    derive_around(module, Around().add(after="", block="more", sizes=("W", "H")))
+    assert dict(derived_spec(module).around.sizes) == {"cbam": ("H", "W"), "more": ("W", "H")}
+    assert torch.equal(module(X, 4, 5), (X * 2 + 20) * 3.0 + 20)
+
+
+def test_sizes_from_a_parameter_the_forward_does_not_take_are_refused():
+    module = TakesSizes()
+    module.add_module("cbam", Sized())
+    with pytest.raises(InputError, match="has no parameter 'height'"):
+        derive_around(module, Around().add(after="", block="cbam", sizes=("height", "W")))

@@ -49,3 +49,22 @@ def test_a_node_that_calls_no_module_has_none():
     graph = fx.symbolic_trace(Net()).graph
     placeholder = next(iter(graph.nodes))
     assert ops.module_of(placeholder, Net()) is None
+
+
+class Sizes(nn.Module):
+    """Reads of a map's sizes in each spelling fx records."""
+
+    def forward(self, x):
+        y = x * 2
+        return (x.shape[2], x.shape[-1], x.size(2), x.size(-1), x.size()[3], y.shape[2], x.shape[1])
+
+
+def test_a_read_of_a_maps_size_is_recognised_in_each_spelling_and_dim():
+    graph = fx.symbolic_trace(Sizes()).graph
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    output = next(n for n in graph.nodes if n.op == "output")
+    reads = list(output.args[0])
+    height = [ops.reads_size(n, x, 2) for n in reads]
+    width = [ops.reads_size(n, x, 3) for n in reads]
+    assert height == [True, False, True, False, False, False, False]  # y's size is another tensor's
+    assert width == [False, True, False, True, True, False, False]

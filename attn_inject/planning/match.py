@@ -44,7 +44,7 @@ from ..models.targets import default_target, get_target, returns_its_stages, tar
 from ..recipes.patterns import search
 from ..recipes.recipe import BlockSpec, Recipe, Rule, load_recipe, positions_of
 from .candidates import Candidate, find_candidates, stage_index
-from .points import InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
+from .points import Attach, InsertionPoint, LazyCount, Plan, PlanError, QuantizedModelError, SkippedPoint
 from .scopes import GridFrom, Placement, place
 from .stage_ends import declared_backbone_entries, ends_at_maps, returned_stage_entries
 
@@ -215,10 +215,7 @@ def build_plan(
             chosen, _ = _match_rules(graph, stages, recipe, name, recipe.fallback, len(recipe.rules), skipped)
             used_fallback = bool(chosen)
     chosen.sort(key=lambda item: item[:2])
-    edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
-    names = [rule.block_name for _, _, _, rule in chosen]
-    grids = [_grid_from(candidate, rule) for _, _, candidate, rule in chosen]
-    placements = place(graph.root, graph, edges, names, grids)
+    placements = _placed(graph, chosen, skipped)
     costs = BlockCosts()
     points = tuple(
         _point(graph, stages, candidate, rule, r, init, placement, costs)
@@ -240,6 +237,43 @@ def build_plan(
         used_fallback=used_fallback,
         fallback_refused=refused,
     )
+
+
+def _placed(
+    graph: AnnotatedGraph, chosen: list[tuple[int, int, Candidate, Rule]], skipped: list[SkippedPoint]
+) -> list[Placement]:
+    """Where each chosen point's block goes. A block on a grid that follows the input size
+    whose H' x W' only the root's own forward can give is skipped (and dropped from
+    ``chosen``) in a model with timm's other entry points: ``forward_features`` and
+    ``forward_intermediates`` run its stages without the root's forward, so without the block."""
+    edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
+    names = [rule.block_name for _, _, _, rule in chosen]
+    grids = [_grid_from(candidate, rule) for _, _, candidate, rule in chosen]
+    entries = _other_entries(graph.root)
+
+    def root_only(placement: Placement, grid: GridFrom | None) -> bool:
+        return (
+            bool(entries) and grid is not None and placement.owner == "" and placement.attach == Attach.GRAPH
+        )
+
+    placements = place(graph.root, graph, edges, names, grids, refuse=root_only)
+    for (_, r, candidate, rule), placement, grid in zip(chosen, placements, grids, strict=True):
+        if placement is None and grid is not None:
+            reason = (
+                f"its token grid follows the input size, and only {type(graph.root).__name__}.forward "
+                f"computes {grid[0].name}, the map its H' x W' are read from: a block run there would "
+                f"be skipped by {' and '.join(entries)}, which run the stages without that forward"
+            )
+            skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
+    chosen[:] = [item for item, placement in zip(chosen, placements, strict=True) if placement is not None]
+    return [p for p in placements if p is not None]
+
+
+def _other_entries(model: nn.Module) -> list[str]:
+    """timm's methods that run a model's stages besides its forward."""
+    return [
+        name for name in ("forward_features", "forward_intermediates") if callable(getattr(model, name, None))
+    ]
 
 
 def _point(

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import inspect
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,12 +237,10 @@ def root_scope(
     """The whole trace as the root's own graph, with its inputs: as :func:`extract_scope`
     for a module, submodules holding no block's reader and no producer but their result stay
     single calls."""
-    nodes = tuple(n for n in graph.graph.nodes if n.op != "output")
-    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
-    call = ModuleCall("", False, nodes, (), None, result=output.args[0])
+    call = _root_call(graph)
     scope = _copied(root, graph, call, root, producers, readers)
     scope.graph.set_codegen(graph.graph._codegen)  # the output's type, where the trace kept it
-    arguments = tuple((str(n.target), scope.node_map[n]) for n in nodes if n.op == "placeholder")
+    arguments = tuple((str(n.target), scope.node_map[n]) for n in call.nodes if n.op == "placeholder")
     return dataclasses.replace(scope, arguments=arguments)
 
 
@@ -544,10 +543,9 @@ class Placer:
         """Where a block on ``producer`` read by ``consumers`` (None: all) goes; ``grid_from``:
         the map (and its dims) giving a dynamic grid's H' x W', which the block is also given:
         by the module returning ``producer`` where its call is given those sizes, else by a
-        graph that computes the map."""
+        graph that computes the map or is given its sizes."""
         readers = list(producer.users) if consumers is None else consumers
         every = set(readers) == set(producer.users)
-        source = grid_from[0] if grid_from is not None else None
         if grid_from is not None:
             after = self.after_site(producer, readers) if every else None
             sizes = self._size_parameters(after, grid_from) if after is not None else None
@@ -563,7 +561,7 @@ class Placer:
             before = self.before_site(producer, readers)
             if before is not None:
                 return Placement(before[0], name, before[0], BEFORE, argument=before[1])
-        owner = self._graph_owner(producer, consumers, source)
+        owner = self._graph_owner(producer, consumers, grid_from)
         module, note = owner.module, owner.note
         returning = self.calls.returned_by.get(producer, [])
         if returning and module not in returning:
@@ -574,17 +572,17 @@ class Placer:
         return Placement(module, name, module, GRAPH, note)
 
     def _graph_owner(
-        self, producer: fx.Node, consumers: list[fx.Node] | None, source: fx.Node | None = None
+        self, producer: fx.Node, consumers: list[fx.Node] | None, grid_from: GridFrom | None = None
     ) -> _Owner:
         """The module whose graph runs a block on ``producer`` for ``consumers`` (None: all):
         the outermost module returning it that can stand alone, when it is read only outside
         them; else the innermost module holding every reader that can; else the root, which
-        holds every point. Each computes ``source`` too, where it is given."""
+        holds every point. Each gives the block its grid's size too, where it needs one."""
         readers = list(producer.users) if consumers is None else consumers
         refusals: list[Refusal] = []
         if consumers is None:
             for path in self._returning(producer, readers):
-                why = self._source_refusal(path, source) or self._trace_problem(path)
+                why = self._source_refusal(path, grid_from) or self._trace_problem(path)
                 if why is None:
                     return _Owner(path)
                 refusals.append(why)
@@ -592,7 +590,7 @@ class Placer:
         if any(r.op == "output" for r in readers):
             deepest = ""
         for path in _ancestors(deepest):
-            why = self._source_refusal(path, source) or self._holding_refusal(path, producer, readers)
+            why = self._source_refusal(path, grid_from) or self._holding_refusal(path, producer, readers)
             if why is None:
                 return _Owner(path, tuple(refusals))
             refusals.append(why)
@@ -624,11 +622,15 @@ class Placer:
             found.append(given[0])
         return found[0], found[1]
 
-    def _source_refusal(self, path: str, source: fx.Node | None) -> Refusal | None:
-        """Why module ``path`` cannot pass ``source`` to a block: it does not compute it."""
-        if source is None or self._inside(source, path):
+    def _source_refusal(self, path: str, grid_from: GridFrom | None) -> Refusal | None:
+        """Why module ``path`` cannot give a block its grid's size: it neither computes the
+        map nor is given its sizes."""
+        if grid_from is None or self._inside(grid_from[0], path) or self._size_parameters(path, grid_from):
             return None
-        return Refusal(f"{path} does not compute {source.name}, the map the grid's H' x W' are read from")
+        return Refusal(
+            f"{path} neither computes {grid_from[0].name}, the map the grid's H' x W' are read "
+            "from, nor is given its sizes"
+        )
 
     def _holding_refusal(self, path: str, producer: fx.Node, readers: list[fx.Node]) -> Refusal | None:
         """Why module ``path`` cannot run a block on ``producer`` for ``readers`` in its own
@@ -776,16 +778,22 @@ def place(
     edges: list[tuple[fx.Node, list[fx.Node] | None]],
     names: list[str],
     grids: list[GridFrom | None] | None = None,
-) -> list[Placement]:
+    refuse: Callable[[Placement, GridFrom | None], bool] | None = None,
+) -> list[Placement | None]:
     """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique);
-    ``grids[i]``: the map giving its dynamic grid's size (see :meth:`Placer.choose`)."""
+    ``grids[i]``: the map giving its dynamic grid's size (see :meth:`Placer.choose`). An edge
+    whose own choice ``refuse`` turns down gets None, and places none of the others."""
     placer = Placer(root, graph)
-    chosen = [
+    grids = grids or [None] * len(edges)
+    chosen: list[Placement | None] = [
         placer.choose(producer, consumers, name, grid)
-        for (producer, consumers), name, grid in zip(edges, names, grids or [None] * len(edges), strict=True)
+        for (producer, consumers), name, grid in zip(edges, names, grids, strict=True)
     ]
+    if refuse is not None:
+        chosen = [None if c is None or refuse(c, grid) else c for c, grid in zip(chosen, grids, strict=True)]
     owners = sorted(
-        {c.owner for c in chosen if c.attach == GRAPH}, key=lambda p: (p.count("."), len(p)) if p else (-1, 0)
+        {c.owner for c in chosen if c is not None and c.attach == GRAPH},
+        key=lambda p: (p.count("."), len(p)) if p else (-1, 0),
     )
 
     def owner_of(module: str) -> str | None:
@@ -795,8 +803,11 @@ def place(
         return None
 
     taken: dict[str, set[str]] = {}
-    placements = []
+    placements: list[Placement | None] = []
     for placement in chosen:
+        if placement is None:
+            placements.append(None)
+            continue
         module, name, attach, owner = placement.module, placement.name, placement.attach, placement.owner
         outer = owner_of(module)
         if outer is not None and (attach != GRAPH or outer != owner):
@@ -818,3 +829,10 @@ def place(
         sizes = placement.grid_arguments if attach == AFTER else None  # a graph reads them from the map
         placements.append(Placement(module, unique, owner, attach, placement.note, argument, sizes))
     return placements
+
+
+def _root_call(graph: AnnotatedGraph) -> ModuleCall:
+    """The whole trace as one call of the root (its nodes, what it returns)."""
+    nodes = tuple(n for n in graph.graph.nodes if n.op != "output")
+    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
+    return ModuleCall("", False, nodes, (), None, result=output.args[0])
