@@ -34,7 +34,7 @@ FAMILIES = [
     ("twins_svt_small", {"img_size": SIZE, "depths": (2, 2, 2, 2)}, set(), {3}),
     ("xcit_nano_12_p16_224", XCIT, set(range(3)), set()),  # every block is given H, W
 ]
-ROOT_ONLY = "only Twins.forward computes"  # why CBAM cannot go where only the root gives the grid's size
+ROOT_ONLY = "only Twins.forward can give"  # why CBAM cannot go where only the root gives the grid's size
 SIZED = [f for f in FAMILIES if f[2]]
 
 

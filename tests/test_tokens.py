@@ -274,6 +274,86 @@ def test_the_roots_rewritten_forward_keeps_a_submodule_without_a_point_as_its_ow
             assert torch.equal(patched(x), model(x)), training
 
 
+class GivenItsGrid(Block):
+    """A transformer block called with its grid's size, as XCiT's are (``blk(x, H, W)``); it
+    mixes the tokens on their map, so a wrong size would show."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.local = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = super().forward(x)
+        b, c = x.shape[0], x.shape[2]
+        return x + self.local(x.transpose(1, 2).reshape(b, c, H, W)).flatten(2).transpose(1, 2)
+
+
+class GridGivenToBlocks(nn.Module):
+    """Patches flattened to tokens whose grid follows the input; the blocks are given its
+    size as the patch map's ``shape[2]``, ``shape[3]``; ``forward_features`` as timm's models
+    have it, and with ``root_branch`` a residual unit on the map in the root's own forward."""
+
+    def __init__(self, root_branch: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.mix = nn.Conv2d(DIM, DIM, 3, padding=1) if root_branch else None
+        self.blocks = nn.ModuleList([GivenItsGrid(DIM), GivenItsGrid(DIM)])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self.patch(x)
+        if self.mix is not None:
+            grid = grid + F.relu(self.mix(grid))
+        height, width = grid.shape[2], grid.shape[3]
+        x = grid.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x, height, width)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(1)
+
+
+GRID_POSITIONS = ["stage_output", "residual_branch", "pre_block", "identity_branch"]
+
+
+@pytest.mark.parametrize("position", GRID_POSITIONS)
+def test_cbam_in_blocks_given_their_grid_runs_at_every_size_with_the_sizes_of_that_call(position):
+    """Each position on blocks given their grid's size: after the block (its parameters passed
+    on), on a branch or at the block's input (its rewritten forward, given them too)."""
+    torch.manual_seed(0)
+    model = GridGivenToBlocks().eval()
+    recipe = {"rules": [{"block": "cbam", "at": position}]}
+    plan = ai.plan(model, recipe, input_size=SIZE)
+    assert plan and not plan.skipped and all(p.grid_from is not None for p in plan)
+    assert all(p.owner.startswith("blocks.") for p in plan), [(p.key, p.owner) for p in plan]
+    identity = patched_model(model, recipe)
+    trained = ai.inject(model, recipe, input_size=SIZE, init="paper")
+    seen: list[tuple[int, int]] = []
+    for block in ai.inserted_blocks(trained).values():
+        block.register_forward_hook(lambda module, args, out: seen.append(tuple(args[1:])))
+    for height, width in ((32, 32), (64, 32), (32, 64)):
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            assert torch.equal(identity(x), model(x)), (position, height, width)
+            trained(x)
+        assert set(seen) == {(height // PATCH, width // PATCH)}, (position, height, width)
+        seen.clear()
+
+
+def test_a_dynamic_grid_block_drawn_into_the_roots_forward_is_skipped_on_a_model_with_other_entries():
+    """A residual unit on the map in the root's own forward makes the root rewrite its graph,
+    which would run every block inside it: the CBAM blocks on the grid would then be invisible
+    to ``forward_features``; they are skipped with the reason, and the unit's own block is not."""
+    torch.manual_seed(0)
+    model = GridGivenToBlocks(root_branch=True).eval()
+    plan = ai.plan(model, "cbam_resnet", input_size=SIZE)
+    assert [p.grid_from for p in plan] == [None]  # the root's unit on the map
+    assert plan.skipped and all("forward_features" in s.reason for s in plan.skipped)
+    patched = patched_model(model, "cbam_resnet")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(patched(x), model(x))
+
+
 FAMILIES = [  # name, builder arguments, input size, layouts se_resnet and cbam_after_every_stage get
     ("vit_tiny_patch16_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),
     ("deit_tiny_distilled_patch16_224", {"img_size": 64}, 64, {"tokens"}, {"tokens"}),

@@ -201,8 +201,11 @@ def takes_grid_at_call(kind: str) -> bool:
     (``block(x, height, width)``), so it can go on a grid that follows the input size: the
     built-in blocks, timm's kinds, and a registered block run through a permute; a
     registered block with a ``layout`` of its own only where its class says so
-    (``grid_at_call = True``)."""
-    return bool(getattr(block_factory(kind), "grid_at_call", False)) or not accepts_layout(kind)
+    (``grid_at_call = True``) and it takes an ``init`` (one without is blended with its input
+    at ``init="identity"`` by a wrapper that would not pass the sizes on)."""
+    if not accepts_layout(kind):
+        return True
+    return bool(getattr(block_factory(kind), "grid_at_call", False)) and accepts_init(kind)
 
 
 class HasLayout(Protocol):

@@ -133,14 +133,19 @@ class LayoutBlock(nn.Module):
         tokens = x[:, self.prefix :]
         if self.grid_view:
             b, n, c = tokens.shape[0], tokens.shape[1], tokens.shape[2]
-            grid_height, grid_width = self.grid[0], self.grid[1]
             if height is not None and width is not None:
                 grid_height, grid_width = height, width
-            torch._assert(
-                n == grid_height * grid_width,
-                "this block was planned for a token grid of a size the model no longer gives (after "
-                "set_input_size or at another input size): inject into the model as it is now",
-            )
+                torch._assert(
+                    n == grid_height * grid_width,
+                    "the grid's height x width this block was given do not hold its tokens",
+                )
+            else:
+                grid_height, grid_width = self.grid[0], self.grid[1]
+                torch._assert(
+                    n == grid_height * grid_width,
+                    "this block was planned for a token grid of a size the model no longer gives (after "
+                    "set_input_size or at another input size): inject into the model as it is now",
+                )
             if self.reordered:
                 assert isinstance(self.raster, torch.Tensor)
                 tokens = tokens.index_select(1, self.raster)

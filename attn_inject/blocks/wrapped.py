@@ -29,7 +29,7 @@ class Blended(LayoutBlock):
     """``block`` (held as ``self.block``, its own ``state_dict`` keys under that one name) on
     the point's layout, blended with its input at ``init="identity"``."""
 
-    uses_grid = True  # a grid-token point is viewed as a map: the grid must be fixed
+    uses_grid = True  # a grid-token point is viewed as a map: its planned grid, or the size given at a call
 
     def __init__(
         self,

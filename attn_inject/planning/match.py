@@ -243,9 +243,10 @@ def _placed(
     graph: AnnotatedGraph, chosen: list[tuple[int, int, Candidate, Rule]], skipped: list[SkippedPoint]
 ) -> list[Placement]:
     """Where each chosen point's block goes. A block on a grid that follows the input size
-    whose H' x W' only the root's own forward can give is skipped (and dropped from
-    ``chosen``) in a model with timm's other entry points: ``forward_features`` and
-    ``forward_intermediates`` run its stages without the root's forward, so without the block."""
+    that the root's own forward would run (it alone can give the grid's H' x W', or it runs
+    the module holding the block) is skipped, and dropped from ``chosen``, in a model with
+    timm's other entry points: ``forward_features`` and ``forward_intermediates`` run its
+    stages without the root's forward, so without the block."""
     edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
     names = [rule.block_name for _, _, _, rule in chosen]
     grids = [_grid_from(candidate, rule) for _, _, candidate, rule in chosen]
@@ -261,8 +262,8 @@ def _placed(
         if placement is None and grid is not None:
             reason = (
                 f"its token grid follows the input size, and only {type(graph.root).__name__}.forward "
-                f"computes {grid[0].name}, the map its H' x W' are read from: a block run there would "
-                f"be skipped by {' and '.join(entries)}, which run the stages without that forward"
+                f"can give the block the grid's H' x W' (the sizes of {grid[0].name}): a block run there "
+                f"would be skipped by {' and '.join(entries)}, which run the stages without that forward"
             )
             skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
     chosen[:] = [item for item, placement in zip(chosen, placements, strict=True) if placement is not None]

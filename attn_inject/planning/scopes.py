@@ -782,15 +782,29 @@ def place(
 ) -> list[Placement | None]:
     """A :class:`Placement` for each edge, named ``names[i]`` in its module (made unique);
     ``grids[i]``: the map giving its dynamic grid's size (see :meth:`Placer.choose`). An edge
-    whose own choice ``refuse`` turns down gets None, and places none of the others."""
+    whose placement ``refuse`` turns down gets None, and the others are placed without it."""
     placer = Placer(root, graph)
     grids = grids or [None] * len(edges)
     chosen: list[Placement | None] = [
         placer.choose(producer, consumers, name, grid)
         for (producer, consumers), name, grid in zip(edges, names, grids, strict=True)
     ]
-    if refuse is not None:
-        chosen = [None if c is None or refuse(c, grid) else c for c, grid in zip(chosen, grids, strict=True)]
+    while True:
+        placements = _merged(root, chosen)
+        turned_down = [
+            i
+            for i, (placement, grid) in enumerate(zip(placements, grids, strict=True))
+            if placement is not None and refuse is not None and refuse(placement, grid)
+        ]
+        if not turned_down:
+            return placements
+        for i in turned_down:  # without it, an owner it brought may go: the others are merged again
+            chosen[i] = None
+
+
+def _merged(root: nn.Module, chosen: list[Placement | None]) -> list[Placement | None]:
+    """The placements once owners are merged: a block in a module whose code a graph owner's
+    rewritten forward inlines is run by that owner; names are made unique in each module."""
     owners = sorted(
         {c.owner for c in chosen if c is not None and c.attach == GRAPH},
         key=lambda p: (p.count("."), len(p)) if p else (-1, 0),

@@ -128,7 +128,9 @@ def _insert(
         producer = scope.node_map[producer_in_model]
         target = point.key[len(scope.path) + 1 :] if scope.path else point.key
         arguments = (producer, *sizes.of(point, producer))
-        with graph.inserting_after(producer):  # the block acts on the point's layout natively
+        with graph.inserting_after(
+            _latest(graph, arguments)
+        ):  # the block acts on the point's layout natively
             node = graph.call_module(target, arguments)
         if consumers_in_model is None:
             producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
@@ -166,7 +168,7 @@ class _GridSizes:
             if source not in self.scope.node_map:
                 raise RewriteError(
                     f"the block at {point.node} reads its grid's size from node {name!r}, which "
-                    f"{self.scope.path or 'the model'} does not compute"
+                    f"{self.scope.path or 'the model'} neither computes nor reads the sizes of before it"
                 )
             mapped = self.scope.node_map[source]
             graph = self.scope.graph
@@ -179,12 +181,24 @@ class _GridSizes:
 
     def _read(self, source: fx.Node, dim: int, producer: fx.Node) -> fx.Node | None:
         """The scope's node for the model's read of size ``dim`` of ``source``, where one
-        comes before ``producer`` in the scope's graph."""
+        comes before ``producer`` in the scope's graph or is one of the scope's arguments
+        (the block then goes after the last argument it reads)."""
         before = self.position.get(producer, -1)
         for node, mapped in self.scope.node_map.items():
-            if ops.reads_size(node, source, dim) and self.position.get(mapped, before) < before:
+            if not ops.reads_size(node, source, dim):
+                continue
+            if mapped.op == "placeholder" or self.position.get(mapped, before) < before:
                 return mapped
         return None
+
+
+def _latest(graph: fx.Graph, nodes: tuple[fx.Node, ...]) -> fx.Node:
+    """The one of ``nodes`` that comes last in ``graph``."""
+    wanted, last = set(nodes), nodes[0]
+    for node in graph.nodes:
+        if node in wanted:
+            last = node
+    return last
 
 
 def _returned_through(
