@@ -34,7 +34,8 @@ FAMILIES = [
     ("twins_svt_small", {"img_size": SIZE, "depths": (2, 2, 2, 2)}, set(), {3}),
     ("xcit_nano_12_p16_224", XCIT, set(range(3)), set()),  # every block is given H, W
 ]
-ROOT_ONLY = "only Twins.forward can give"  # why CBAM cannot go where only the root gives the grid's size
+# why CBAM cannot go where only the root gives the grid's size
+ROOT_ONLY = "the block would run in Twins.forward, rewritten"
 SIZED = [f for f in FAMILIES if f[2]]
 
 
@@ -129,6 +130,22 @@ def test_cbam_on_a_grid_that_follows_the_input_is_given_its_size_at_each_call(na
         fixed.load_state_dict(blocks[point.key].state_dict())
         with torch.no_grad():
             assert torch.equal(fixed(tokens), out), point.key
+
+
+def test_xcit_branches_keep_their_blocks_when_the_class_attention_points_are_skipped():
+    """XCiT's class-attention blocks are not given the grid's size, so only the root's forward
+    could run a CBAM block there: those points are skipped. That must not take the branch
+    points of the blocks given ``H, W`` with them: those run in their own block's forward."""
+    torch.manual_seed(0)
+    model = timm.create_model("xcit_nano_12_p16_224", **XCIT).eval()
+    plan = ai.plan(model, "cbam_resnet", input_size=(3, SIZE, SIZE))
+    assert len(plan) == 9 and {p.owner for p in plan} == {"blocks.0", "blocks.1", "blocks.2"}
+    assert plan.skipped and {s.name for s in plan.skipped} == {"cls_attn_blocks.0", "cls_attn_blocks.1"}
+    patched = ai.inject(model, "cbam_resnet", input_size=(3, SIZE, SIZE))
+    for height, width in ((SIZE, SIZE), (2 * SIZE, SIZE)):
+        x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x)), (height, width)
 
 
 def test_hgnetv2_se_resnet_puts_one_block_in_each_residual_hgblock():

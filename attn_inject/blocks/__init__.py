@@ -190,9 +190,10 @@ def permutes(kind: str) -> bool:
 
 
 def uses_grid(kind: str) -> bool:
-    """Whether block ``kind`` on tokens needs the grid's H' x W' shape (CBAM's spatial map),
-    so that the grid must be fixed; SE and ECA only pool over the grid tokens. True for a
-    block that does not say (``uses_grid = False`` on its class)."""
+    """Whether block ``kind`` on tokens needs the grid's H' x W' shape (CBAM's spatial map):
+    its planned grid, or on a grid that follows the input size the size given at each call
+    (:func:`takes_grid_at_call`); SE and ECA only pool over the grid tokens. True for a block
+    that does not say (``uses_grid = False`` on its class)."""
     return bool(getattr(block_factory(kind), "uses_grid", True))
 
 

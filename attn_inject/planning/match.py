@@ -216,6 +216,7 @@ def build_plan(
             used_fallback = bool(chosen)
     chosen.sort(key=lambda item: item[:2])
     placements = _placed(graph, chosen, skipped)
+    used_fallback = used_fallback and bool(chosen)  # its points may all have been turned down
     costs = BlockCosts()
     points = tuple(
         _point(graph, stages, candidate, rule, r, init, placement, costs)
@@ -261,9 +262,10 @@ def _placed(
     for (_, r, candidate, rule), placement, grid in zip(chosen, placements, grids, strict=True):
         if placement is None and grid is not None:
             reason = (
-                f"its token grid follows the input size, and only {type(graph.root).__name__}.forward "
-                f"can give the block the grid's H' x W' (the sizes of {grid[0].name}): a block run there "
-                f"would be skipped by {' and '.join(entries)}, which run the stages without that forward"
+                f"its token grid follows the input size, and the block would run in "
+                f"{type(graph.root).__name__}.forward, rewritten (no module below it gives the block "
+                f"the grid's H' x W', the sizes of {grid[0].name}, or that forward holds the block's "
+                f"module): {' and '.join(entries)} run the stages without it, so they would skip the block"
             )
             skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
     chosen[:] = [item for item, placement in zip(chosen, placements, strict=True) if placement is not None]

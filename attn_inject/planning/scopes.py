@@ -791,14 +791,20 @@ def place(
     ]
     while True:
         placements = _merged(root, chosen)
+        if refuse is None:
+            return placements
+        # First the edges whose own choice is turned down; only when none is left, those a
+        # merged owner drew in (the owner an own choice brought may go with it).
         turned_down = [
-            i
-            for i, (placement, grid) in enumerate(zip(placements, grids, strict=True))
-            if placement is not None and refuse is not None and refuse(placement, grid)
+            i for i, (c, grid) in enumerate(zip(chosen, grids, strict=True)) if c and refuse(c, grid)
         ]
         if not turned_down:
+            turned_down = [
+                i for i, (p, grid) in enumerate(zip(placements, grids, strict=True)) if p and refuse(p, grid)
+            ]
+        if not turned_down:
             return placements
-        for i in turned_down:  # without it, an owner it brought may go: the others are merged again
+        for i in turned_down:
             chosen[i] = None
 
 
