@@ -219,8 +219,8 @@ def build_plan(
     used_fallback = used_fallback and bool(chosen)  # its points may all have been turned down
     costs = BlockCosts()
     points = tuple(
-        _point(graph, stages, candidate, rule, r, init, placement, costs)
-        for (_, r, candidate, rule), placement in zip(chosen, placements, strict=True)
+        _point(graph, stages, candidate, rule, r, init, placement, sized, costs)
+        for (_, r, candidate, rule), (placement, sized) in zip(chosen, placements, strict=True)
     )
     return Plan(
         points=points,
@@ -242,10 +242,11 @@ def build_plan(
 
 def _placed(
     graph: AnnotatedGraph, chosen: list[tuple[int, int, Candidate, Rule]], skipped: list[SkippedPoint]
-) -> list[Placement]:
-    """Where each chosen point's block goes. A block on a grid that follows the input size
-    that the root's own forward would run (it alone can give the grid's H' x W', or it runs
-    the module holding the block) is skipped, and dropped from ``chosen``, in a model with
+) -> list[tuple[Placement, GridFrom | None]]:
+    """Where each chosen point's block goes, with the map giving its grid's size (for a block
+    that needs the grid of tokens whose grid follows the input size). Such a block that the
+    root's own forward would run (it alone can give the grid's H' x W', or it runs the module
+    holding the block) is skipped, and dropped from ``chosen``, in a model with
     timm's other entry points: ``forward_features`` and ``forward_intermediates`` run its
     stages without the root's forward, so without the block."""
     edges = [(c.node, None if c.consumers is None else list(c.consumers)) for _, _, c, _ in chosen]
@@ -269,7 +270,7 @@ def _placed(
             )
             skipped.append(SkippedPoint(candidate.name, rule.at, candidate.node.name, r, reason))
     chosen[:] = [item for item, placement in zip(chosen, placements, strict=True) if placement is not None]
-    return [p for p in placements if p is not None]
+    return [(p, grid) for p, grid in zip(placements, grids, strict=True) if p is not None]
 
 
 def _other_entries(model: nn.Module) -> list[str]:
@@ -287,6 +288,7 @@ def _point(
     r: int,
     init: str,
     placement: Placement,
+    sized: GridFrom | None,
     costs: BlockCosts,
 ) -> InsertionPoint:
     """The point of ``rule`` (number ``r``) at ``candidate``, whole: its tensor, layout,
@@ -302,7 +304,6 @@ def _point(
         grid.order if grid is not None and uses_grid(rule.block.kind) else None,
     )
     block_layout = layout_kwargs(layout)
-    sized = _grid_from(candidate, rule)
     return InsertionPoint(
         name=candidate.name,
         position=rule.at,
@@ -406,17 +407,15 @@ def _unusable(candidate: Candidate, rule: Rule) -> str | None:
             f"node {node!r} holds its token grid ({grid}) in another order than "
             f"raster and block {kind!r} needs the grid but takes no 'order' argument"
         )
-    if grid.dynamic and uses_grid(kind) and grid.source is None:
+    if not grid.dynamic or not uses_grid(kind):
+        return None
+    changes = f"the token grid of node {node!r} ({grid}) changes with the input size (dynamic image size)"
+    if grid.source is None:
+        return f"{changes}, and the graph shows no map its H' x W' are read from; block {kind!r} needs them"
+    if not takes_grid_at_call(kind):
         return (
-            f"the token grid of node {node!r} ({grid}) changes with the input size "
-            f"(dynamic image size), and the graph shows no map its H' x W' are read from; "
-            f"block {kind!r} needs them"
-        )
-    if grid.dynamic and uses_grid(kind) and not takes_grid_at_call(kind):
-        return (
-            f"the token grid of node {node!r} ({grid}) changes with the input size "
-            f"(dynamic image size); block {kind!r} needs a fixed H' x W' grid (its forward takes "
-            "no height and width: grid_at_call)"
+            f"{changes}; block {kind!r} needs a fixed H' x W' grid (its forward takes no height and "
+            "width: grid_at_call)"
         )
     return None
 

@@ -244,6 +244,13 @@ def root_scope(
     return dataclasses.replace(scope, arguments=arguments)
 
 
+def _root_call(graph: AnnotatedGraph) -> ModuleCall:
+    """The whole trace as one call of the root (its nodes, what it returns)."""
+    nodes = tuple(n for n in graph.graph.nodes if n.op != "output")
+    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
+    return ModuleCall("", False, nodes, (), None, result=output.args[0])
+
+
 def _copied(
     root: nn.Module,
     graph: AnnotatedGraph,
@@ -849,10 +856,3 @@ def _merged(root: nn.Module, chosen: list[Placement | None]) -> list[Placement |
         sizes = placement.grid_arguments if attach == AFTER else None  # a graph reads them from the map
         placements.append(Placement(module, unique, owner, attach, placement.note, argument, sizes))
     return placements
-
-
-def _root_call(graph: AnnotatedGraph) -> ModuleCall:
-    """The whole trace as one call of the root (its nodes, what it returns)."""
-    nodes = tuple(n for n in graph.graph.nodes if n.op != "output")
-    output = next(n for n in reversed(graph.graph.nodes) if n.op == "output")
-    return ModuleCall("", False, nodes, (), None, result=output.args[0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import warnings
 from collections.abc import Callable
@@ -128,9 +129,8 @@ def _insert(
         producer = scope.node_map[producer_in_model]
         target = point.key[len(scope.path) + 1 :] if scope.path else point.key
         arguments = (producer, *sizes.of(point, producer))
-        with graph.inserting_after(
-            _latest(graph, arguments)
-        ):  # the block acts on the point's layout natively
+        after = _latest(graph, arguments) if len(arguments) > 1 else producer
+        with graph.inserting_after(after):  # the block acts on the point's layout natively
             node = graph.call_module(target, arguments)
         if consumers_in_model is None:
             producer.replace_all_uses_with(node, delete_user_cb=_all_but(node))
@@ -152,8 +152,12 @@ class _GridSizes:
     def __init__(self, scope: ScopeTrace, model_nodes: dict[str, fx.Node]) -> None:
         self.scope = scope
         self.model_nodes = model_nodes
-        self.position = {node: i for i, node in enumerate(scope.graph.nodes)}
         self.made: dict[tuple[str, int, int], tuple[fx.Node, fx.Node]] = {}
+
+    @functools.cached_property
+    def position(self) -> dict[fx.Node, int]:
+        """Each node's place in the scope's graph as copied (read only for a dynamic grid)."""
+        return {node: i for i, node in enumerate(self.scope.graph.nodes)}
 
     def of(self, point: InsertionPoint, producer: fx.Node) -> tuple[fx.Node, ...]:
         """``()`` for a point of fixed layout, else the (height, width) nodes of its grid."""
@@ -268,11 +272,11 @@ def rewrite(
     prefix = f"{plan.target}." if plan.target else ""
     tree = _Tree(model)
     blocks = {point.key: build_block(point, plan.init, device, dtype, prefix + point.key) for point in plan}
-    owners, around = _by_attach(plan, graph)
     model_nodes = {node.name: node for node in graph.nodes}
+    owners, around = _by_attach(plan, model_nodes)
     baked: list[str] = []
     for owner, points in owners.items():
-        scope = _owner_scope(sub, graph, owner, points)
+        scope = _owner_scope(sub, graph, owner, points, model_nodes)
         _refuse_hooks(scope, prefix + owner)
         baked += _reading_training(scope, prefix + owner)
         _insert(scope, points, model_nodes)
@@ -300,10 +304,10 @@ def rewrite(
 GraphPoints = dict[str, list[tuple[InsertionPoint, fx.Node, "list[fx.Node] | None"]]]
 
 
-def _by_attach(plan: Plan, graph: AnnotatedGraph) -> tuple[GraphPoints, dict[str, Around]]:
-    """The points each rewritten owner runs in its graph (with their producer and readers),
-    and the blocks each module runs around its own forward."""
-    by_name = {node.name: node for node in graph.nodes}
+def _by_attach(plan: Plan, by_name: dict[str, fx.Node]) -> tuple[GraphPoints, dict[str, Around]]:
+    """The points each rewritten owner runs in its graph (with their producer and readers,
+    found in ``by_name``, the model's trace by node name), and the blocks each module runs
+    around its own forward."""
     owners: GraphPoints = {}
     around: dict[str, Around] = {}
     for point in plan:
@@ -324,6 +328,7 @@ def _owner_scope(
     graph: AnnotatedGraph,
     owner: str,
     points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]],
+    model_nodes: dict[str, fx.Node],
 ) -> ScopeTrace:
     """The graph ``owner``'s forward becomes: its own call traced alone, or for the root
     ('') the whole trace without the analysis' annotations; in both, submodules that hold
@@ -331,8 +336,7 @@ def _owner_scope(
     producers = {producer for _, producer, _ in points}
     readers = {r for _, producer, consumers in points for r in (consumers or producer.users)}
     # the maps a dynamic grid's size is read from stay in the scope's own graph too
-    grid_maps = {point.grid_from[0] for point, _, _ in points if point.grid_from is not None}
-    readers |= {node for node in graph.nodes if node.name in grid_maps}
+    readers |= {model_nodes[point.grid_from[0]] for point, _, _ in points if point.grid_from is not None}
     if owner:
         calls = {c.path: c for c in graph.calls if not c.leaf}
         return extract_scope(sub, graph, calls[owner], producers, readers)
