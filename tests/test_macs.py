@@ -152,3 +152,88 @@ def test_a_built_in_kind_registered_again_is_counted_afresh_not_from_the_kept_co
     assert [p.macs for p in wider] != [p.macs for p in built_in]
     assert [p.params for p in wider] != [p.params for p in built_in]
     assert [p.macs for p in ai.plan(model, "se_resnet", input_size=(3, 64, 64))] == [p.macs for p in built_in]
+
+
+# Every option of the built-in blocks that changes a layer, at each layout, for the closed forms.
+BUILT_IN_OPTIONS = {
+    "se": [{}, {"pool": "max"}, {"ratio": 4, "bias": False}, {"divisor": 8}],
+    "eca": [{}, {"kernel_size": 5}, {"gamma": 1, "b": 2}],
+    "cbam": [
+        {},
+        {"ratio": 8, "bias": False},
+        {"spatial_kernel": 3},
+        {"channel": "conv", "spatial_norm": True},
+    ],
+    "simam": [{}],
+}
+BLOCK_LAYOUTS = [
+    ((48, 9, 7), {}),
+    ((9, 7, 48), {"layout": "NHWC"}),
+    ((1 + 9 * 7, 48), {"layout": "tokens", "prefix": 1, "grid": (9, 7)}),
+    ((63, 48), {"layout": "tokens", "grid": (9, 7), "order": list(range(62, -1, -1))}),
+    ((3, 21, 48), {"layout": "tokens", "grid": (9, 7)}),  # Nest's (B, T, N, C) tokens
+    ((2 + 20, 48), {"layout": "tokens", "prefix": 2}),  # SE, ECA and SimAM pool the tokens
+]
+
+
+def _built_in_blocks():
+    for kind, options in BUILT_IN_OPTIONS.items():
+        for params in options:
+            for shape, layout in BLOCK_LAYOUTS:
+                if kind == "cbam" and "grid" not in layout and layout.get("layout") == "tokens":
+                    continue  # CBAM's spatial map needs the grid
+                for init in ("paper", "identity"):
+                    with torch.device("meta"):
+                        block = ai.create_block(kind, 48, init=init, **params, **layout)
+                    yield f"{kind} {params} {layout.get('layout', 'NCHW')} {init}", block.train(), shape
+
+
+def test_each_built_in_blocks_closed_form_count_is_what_the_counter_counts_running_it():
+    from attn_inject.blocks.costs import closed_form_macs
+    from attn_inject.graph.analysis import MacCounter
+
+    seen = 0
+    for label, block, shape in _built_in_blocks():
+        with MacCounter() as counter:
+            block(torch.empty((2, *shape), device="meta"))
+        assert closed_form_macs(block, shape) == counter.total_macs() // 2, label  # per sample
+        seen += 1
+    assert seen == 2 * (4 + 3 + 1) * len(BLOCK_LAYOUTS) + 2 * 4 * (len(BLOCK_LAYOUTS) - 1)
+
+
+def test_the_closed_forms_leave_out_only_operators_the_counter_counts_nothing_of():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attn_inject.blocks.costs import UNCOUNTED
+
+    ran: set = set()
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.add(func._overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    for _, block, shape in _built_in_blocks():
+        with Recording():
+            block(torch.empty((2, *shape), device="meta"))
+    aten = torch.ops.aten
+    assert ran - UNCOUNTED == {aten.convolution, aten.addmm, aten.mm}
+
+
+def test_a_formula_registered_for_an_operator_the_blocks_run_has_them_counted_by_running():
+    from torch.utils.flop_counter import flop_registry
+
+    from attn_inject.core.kept import forget_kept_results
+
+    model = meta_model("tv:resnet18")
+    recipe = {"rules": [{"block": "cbam", "at": "residual_branch", "stages": [0]}]}
+    closed = ai.plan(model, recipe, input_size=(3, 64, 64))[0]
+    c, h, w = closed.shape
+    forget_kept_results()
+    flop_registry[torch.ops.aten.sigmoid] = lambda *args, out_val, **kwargs: 2 * out_val.numel()
+    try:
+        counted = ai.plan(model, recipe, input_size=(3, 64, 64))[0]
+    finally:
+        del flop_registry[torch.ops.aten.sigmoid]
+        forget_kept_results()
+    assert counted.macs == closed.macs + c + h * w  # one more per channel and per position: the two gates

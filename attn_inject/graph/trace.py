@@ -46,7 +46,7 @@ from torch import fx, nn
 
 from ..core.errors import AttnInjectError, InputError
 from ..core.kept import Kept
-from ..core.markers import BLOCK_FLAG
+from ..core.markers import is_inserted_block
 from ..core.messages import shown
 from ..core.views import unregistered
 
@@ -552,7 +552,7 @@ class ModelTracer(fx.Tracer):
     def _is_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if getattr(m, BLOCK_FLAG, False) or registered_leaf(m):
+        if is_inserted_block(m) or registered_leaf(m):
             return True
         listed = self._listed.get(type(m))
         if listed is None:

@@ -27,11 +27,12 @@ from ..blocks import (
     takes_grid_at_call,
     uses_grid,
 )
+from ..blocks.costs import UNCOUNTED, closed_form_macs
 from ..blocks.params import INIT_MODES
 from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
 from ..core.kept import Kept
-from ..core.markers import BLOCK_FLAG
+from ..core.markers import is_inserted_block
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, MacCounter, annotate
 from ..graph.layout import NCHW
@@ -124,7 +125,12 @@ class BlockCosts:
 
             def count() -> int:
                 module = self._block(block, channels, init, layout)
-                with MacCounter() as counter:
+                counter = MacCounter()
+                # a built-in block's count in closed form, while torch counts what it did
+                known = None if counter.counts_any(UNCOUNTED) else closed_form_macs(module, shape)
+                if known is not None:
+                    return known
+                with counter:
                     run_block(
                         module, torch.empty((1, *shape), device="meta"), block_name(key_name, block.kind)
                     )
@@ -163,7 +169,8 @@ def _earlier_block(candidate: Candidate, graph: AnnotatedGraph) -> bool:
     node is one, a consumer is one, or (an edge to every user) every user is one."""
 
     def is_block(node: fx.Node) -> bool:
-        return node.op == "call_module" and getattr(graph.module(node), BLOCK_FLAG, False)
+        module = graph.module(node) if node.op == "call_module" else None
+        return module is not None and is_inserted_block(module)
 
     if is_block(candidate.node):
         return True
@@ -355,7 +362,7 @@ def _hidden_modules(graph: AnnotatedGraph, stages: list[Stage]) -> list[str]:
     hidden = []
     for node in graph.nodes:
         module = graph.module(node)
-        if module is None or getattr(module, BLOCK_FLAG, False):
+        if module is None or is_inserted_block(module):
             continue
         if last is not None and graph.index[node] > last:
             break

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InputError
-from ..core.markers import BLOCK_FLAG
+from ..core.markers import BLOCK_FLAG, is_inserted_block
 from ..planning.points import Plan, merge_plans
 
 __all__ = [
@@ -93,7 +93,7 @@ def inserted_blocks(patched: nn.Module) -> dict[str, nn.Module]:
     in module order (e.g. ``{"layer1.0.se": SqueezeExcite(...), ...}``)."""
     if patched_record(patched) is None:
         raise InputError("not a patched model: it has no attn_inject plan")
-    return {name: m for name, m in patched.named_modules() if getattr(m, BLOCK_FLAG, False)}
+    return {name: m for name, m in patched.named_modules() if is_inserted_block(m)}
 
 
 def block_parameters(patched: nn.Module) -> Iterator[nn.Parameter]:
