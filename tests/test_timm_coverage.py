@@ -148,6 +148,38 @@ def test_xcit_branches_keep_their_blocks_when_the_class_attention_points_are_ski
             assert torch.equal(patched(x), model(x)), (height, width)
 
 
+def test_twins_residual_branches_take_cbam_given_the_patch_embeddings_grid_size():
+    """Twins' blocks are called ``blk(x, size)`` with ``size = (H // p, W // p)`` from the
+    patch embedding, which the graph proves equal to the size of the map their tokens were
+    flattened from (a patch convolution, then a position convolution added to its input).
+    CBAM on every residual branch runs in its block's forward given ``size[0], size[1]``: the
+    branches SE reaches, none skipped; identity at insertion, and the sizes of each call, at
+    sizes the plan was not made at."""
+    torch.manual_seed(0)
+    model = timm.create_model("twins_svt_small", img_size=SIZE, depths=(2, 2, 2, 2)).eval()
+    se = ai.plan(model, "se_resnet", input_size=(3, SIZE, SIZE))
+    cbam = ai.plan(model, "cbam_resnet", input_size=(3, SIZE, SIZE))
+    assert [p.name for p in cbam] == [p.name for p in se] and not cbam.skipped
+    dynamic = [p for p in cbam if p.grid_from is not None]
+    owners = {f"blocks.{stage}.{block}" for stage in range(4) for block in (0, 1)}
+    assert len(dynamic) == 16 and {p.owner for p in dynamic} == owners
+    patched = ai.inject(model, "cbam_resnet", input_size=(3, SIZE, SIZE))
+    blocks = ai.inserted_blocks(patched)
+    seen: dict[str, tuple[int, int]] = {}
+    for point in dynamic:
+        record = lambda module, args, out, key=point.key: seen.__setitem__(key, tuple(args[1:]))  # noqa: E731
+        blocks[point.key].register_forward_hook(record)
+    reductions = [e["reduction"] for e in feature_info_stages(model)]
+    for height, width in ((SIZE, SIZE), (2 * SIZE, SIZE), (96, 160)):
+        seen.clear()
+        x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x)), (height, width)
+        for point in dynamic:
+            reduction = reductions[point.stage]
+            assert seen[point.key] == (height // reduction, width // reduction), (point.key, height, width)
+
+
 def test_hgnetv2_se_resnet_puts_one_block_in_each_residual_hgblock():
     # In HGNetV2 only the blocks after a stage's first add their input back (residual=True);
     # the first of each stage changes the channels and has no shortcut.

@@ -3,6 +3,7 @@ its dotted name or, within an analysis, in one table of the root's submodules.""
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from attn_inject.graph import ops
@@ -68,3 +69,72 @@ def test_a_read_of_a_maps_size_is_recognised_in_each_spelling_and_dim():
     width = [ops.reads_size(n, x, 3) for n in reads]
     assert height == [True, False, True, False, False, False, False]  # y's size is another tensor's
     assert width == [False, True, False, True, True, False, False]
+
+
+class Patches(nn.Module):
+    """Patch embeddings that give their grid's size as timm's Twins does (``H // patch``),
+    beside convolutions whose output size is not that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.padded = nn.Conv2d(3, 8, 4, stride=4, padding=1)
+        self.overlapping = nn.Conv2d(3, 8, 7, stride=4)
+        self.tall = nn.Conv2d(3, 8, (4, 2), stride=(4, 2))
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        maps = (self.patch(x), self.padded(x), self.overlapping(x), self.tall(x))
+        return maps, (h // 4, w // 4, w // 2, h // 2, x.shape[3] // 4)
+
+
+def test_a_patch_embeddings_floor_division_of_its_input_gives_its_maps_size():
+    root = Patches()
+    graph = fx.symbolic_trace(root).graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    (patch, padded, overlapping, tall), (h4, w4, w2, h2, shape_w4) = output.args[0]
+
+    def given(map_node, dim):
+        return [ops.gives_size(n, map_node, dim, root) for n in (h4, w4, w2, h2, shape_w4)]
+
+    assert given(patch, 2) == [True, False, False, False, False]
+    assert given(patch, 3) == [False, True, False, False, True]  # x.shape[3] and the unpacked w alike
+    for other in (padded, overlapping):  # (H + 2 - 4) // 4 + 1 and (H - 7) // 4 + 1 are not H // 4
+        assert given(other, 2) == given(other, 3) == [False] * 5
+    assert given(tall, 2) == [True, False, False, False, False]  # kernel = stride per dim
+    assert given(tall, 3) == [False, False, True, False, False]
+
+
+class PositionConv(nn.Module):
+    """Twins' position convolution: tokens viewed as a map of a given size, a depthwise 3x3
+    convolution added to it; beside maps whose size the given one is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.proj = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.unpadded = nn.Conv2d(8, 8, 3)
+
+    def forward(self, image):
+        b, _, h, w = image.shape
+        size = (h // 4, w // 4)
+        tokens = self.patch(image).flatten(2).transpose(1, 2)
+        y = tokens.transpose(1, 2).view(b, 8, *size)
+        kept = torch.relu(self.proj(y) + y)
+        return kept, self.strided(y), self.unpadded(y), self.proj(y) + y.mean(1, keepdim=True), size
+
+
+def test_a_size_is_followed_through_the_maps_that_keep_it_and_no_others():
+    from attn_inject.graph.analysis import annotate
+
+    root = PositionConv().eval()
+    graph = annotate(root, (1, 3, 32, 16))
+    output = next(n for n in graph.nodes if n.op == "output")
+    kept, strided, unpadded, broadcast, (height, width) = output.args[0]
+    assert ops.gives_size(height, kept, 2, root) and ops.gives_size(width, kept, 3, root)
+    assert not ops.gives_size(width, kept, 2, root) and not ops.gives_size(height, kept, 3, root)
+    for other in (strided, unpadded):  # a stride of 2, no padding: another size
+        assert not ops.gives_size(height, other, 2, root)
+    # a sum whose one input is proven (the mean over channels keeps H, W but is not proven here)
+    assert not ops.gives_size(height, broadcast, 2, root)

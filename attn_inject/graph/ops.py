@@ -242,6 +242,103 @@ def reads_size(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
     )
 
 
+def gives_size(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module, depth: int = 8) -> bool:
+    """Whether ``node`` is, for every input, size ``dim`` (2 or 3) of ``tensor``'s output, a
+    4-D map, as the graph proves it (``depth``: how far back through maps of the same size):
+
+    - read from it (:func:`reads_size`), or set by it: ``y.view(B, C, *size)`` (timm's Twins);
+    - a patch embedding's: its input's size floor-divided by the stride ``s`` of a convolution
+      whose kernel equals its stride, with no padding or dilation: ``(H - s) // s + 1`` is
+      ``H // s`` for every ``H >= s``;
+    - the size of every input of a node that keeps it: a sum of maps (broadcasting equal
+      sizes), a norm or activation, a convolution of stride 1 padded to its own reach
+      (``2 * padding == dilation * (kernel - 1)``)."""
+    if reads_size(node, tensor, dim) or _shaped_by(node, tensor, dim) or _patches(node, tensor, dim, root):
+        return True
+    inputs = _size_keeping_inputs(tensor, dim, root) if depth and dim in (2, 3) else []
+    return (
+        bool(inputs)
+        and all(_four_d(i) for i in inputs)  # broadcasting aligns every input's dims with the output's
+        and all(gives_size(node, i, dim, root, depth - 1) for i in inputs)
+    )
+
+
+def _four_d(node: fx.Node) -> bool:
+    """Whether the shape inference gave ``node`` a 4-D tensor."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() == 4
+
+
+def _shaped_by(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
+    """``tensor`` is a view or reshape to a 4-D shape whose size ``dim`` is ``node``, a size
+    (a read of one, or one floor-divided by a positive constant: never the -1 a view infers)."""
+    if not (tensor.op == "call_method" and tensor.target in ("view", "reshape")) or tensor.kwargs:
+        return False
+    shape = tensor.args[1:]
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return len(shape) == 4 and shape[dim] is node and _a_size(node)
+
+
+def _a_size(node: fx.Node) -> bool:
+    """Whether ``node`` is a tensor's size (``x.shape[d]``, ``x.size(d)``, ``x.size()[d]``) or
+    one floor-divided by a positive integer."""
+    if node.op == "call_function" and node.target is operator.floordiv and len(node.args) == 2:
+        size, divisor = node.args
+        return isinstance(size, fx.Node) and type(divisor) is int and divisor > 0 and _a_size(size)
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        return isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int)
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return False
+    whole, index = node.args
+    if not isinstance(whole, fx.Node) or not isinstance(index, int):
+        return False
+    shape_attribute = whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",)
+    return shape_attribute or (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1)
+
+
+def _patches(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
+    """``node`` is ``H // s`` of a patch embedding's input, ``tensor`` its output."""
+    if node.op != "call_function" or node.target is not operator.floordiv or node.kwargs:
+        return False
+    size, stride = node.args
+    conv = _conv2d(tensor, root)
+    if conv is None or not isinstance(size, fx.Node) or type(stride) is not int or dim not in (2, 3):
+        return False
+    axis = dim - 2
+    unpadded = conv.padding == "valid" or (isinstance(conv.padding, tuple) and conv.padding[axis] == 0)
+    patches = unpadded and conv.kernel_size[axis] == conv.stride[axis] == stride and conv.dilation[axis] == 1
+    return patches and isinstance(tensor.args[0], fx.Node) and reads_size(size, tensor.args[0], dim)
+
+
+def _size_keeping_inputs(tensor: fx.Node, dim: int, root: nn.Module) -> list[fx.Node]:
+    """The inputs whose size ``dim`` is ``tensor``'s own by what ``tensor`` computes (none
+    where that is not known)."""
+    if is_add(tensor):
+        given = [*tensor.args, *tensor.kwargs.values()]
+        inputs = [i for i in given if isinstance(i, fx.Node)]
+        return inputs if len(inputs) == len(given) else []
+    first = tensor.args[0] if tensor.args and isinstance(tensor.args[0], fx.Node) else None
+    if first is None:
+        return []
+    if is_norm(tensor, root) or is_activation(tensor, root):
+        return [first]
+    conv = _conv2d(tensor, root)
+    if conv is None or not isinstance(conv.padding, tuple):
+        return []
+    axis = dim - 2
+    kernel, dilation = conv.kernel_size[axis], conv.dilation[axis]
+    return [first] if conv.stride[axis] == 1 and 2 * conv.padding[axis] == dilation * (kernel - 1) else []
+
+
+def _conv2d(tensor: fx.Node, root: nn.Module) -> nn.Conv2d | None:
+    """The ``nn.Conv2d`` (torch's own forward) that ``tensor`` is the one-input call of."""
+    if tensor.op != "call_module" or len(tensor.args) != 1 or tensor.kwargs:
+        return None
+    conv = module_of(tensor, root)
+    return conv if isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward else None
+
+
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}
 DATA_MOVEMENT_METHODS |= {"swapaxes", "swapdims", "movedim", "moveaxis"}
 DATA_MOVEMENT_FUNCTIONS = {torch.reshape, torch.transpose, torch.flatten, torch.permute}

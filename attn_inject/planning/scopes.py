@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,6 +368,16 @@ class _Calls:
         return None
 
 
+def _argument_values(arguments: tuple[tuple[str, Any], ...]) -> Iterator[tuple[str, fx.Node]]:
+    """The graph values a call is given, each with the expression that reads it in the
+    module's forward: ``name``, or ``name[i]`` for an item of a tuple or list."""
+    for name, value in arguments:
+        if isinstance(value, fx.Node):
+            yield name, value
+        elif isinstance(value, (tuple, list)):
+            yield from ((f"{name}[{i}]", item) for i, item in enumerate(value) if isinstance(item, fx.Node))
+
+
 def _module_path(node: fx.Node, leaf_calls: dict[fx.Node, str]) -> str:
     """The innermost module whose forward created ``node`` (a leaf's call is in its parent)."""
     paths = module_stack(node)
@@ -613,8 +623,9 @@ class Placer:
         ]
 
     def _size_parameters(self, path: str, grid_from: GridFrom) -> tuple[str, str] | None:
-        """The parameters of module ``path``'s one call that are given the sizes of the map
-        ``grid_from`` names (as ``x.shape[d]`` or ``x.size(d)``), height then width."""
+        """What module ``path``'s one call is given the sizes of the map ``grid_from`` names
+        in (:func:`~attn_inject.graph.ops.gives_size`), height then width: a parameter, or an
+        item of a tuple one (``size[0]``, as timm's Twins blocks are called)."""
         call = self.calls.single.get(path)
         if call is None or not call.arguments:
             return None
@@ -622,7 +633,9 @@ class Placer:
         found = []
         for dim in dims:
             given = [
-                n for n, v in call.arguments if isinstance(v, fx.Node) and ops.reads_size(v, source, dim)
+                expression
+                for expression, value in _argument_values(call.arguments)
+                if ops.gives_size(value, source, dim, self.root)
             ]
             if not given:
                 return None

@@ -26,6 +26,7 @@ import importlib
 import inspect
 import itertools
 import linecache
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,8 +64,9 @@ _counter = itertools.count()
 class Around:
     """Blocks a module runs around its own forward: ``before`` maps a parameter name to the
     blocks applied to that argument, in order; ``after`` the blocks applied to its result;
-    ``sizes`` maps a block to the two parameters it is also given (a token grid's height and
-    width, for a grid that follows the input size)."""
+    ``sizes`` maps a block to the two values it is also given (a token grid's height and
+    width, for a grid that follows the input size): each a parameter, or an item of a tuple
+    parameter (``size[0]``)."""
 
     before: tuple[tuple[str, tuple[str, ...]], ...] = ()
     after: tuple[str, ...] = ()
@@ -228,6 +230,18 @@ def _make_class(base: type[nn.Module], attributes: Mapping[str, Any], spec: _Spe
     return type(base.__name__, (base,), namespace)
 
 
+_SIZE_EXPRESSION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[[0-9]+\])?")
+
+
+def _size_parameter(given: str) -> str:
+    """The parameter a block's size value reads: ``size`` of ``size[0]``; anything but a
+    name or a name's item is refused (it becomes code)."""
+    match = _SIZE_EXPRESSION.fullmatch(given)
+    if match is None:
+        raise InputError(f"a block's grid size must be a parameter or its item (size[0]), got {given!r}")
+    return match.group(1)
+
+
 _AROUND_CLASSES: dict[tuple[type[nn.Module], Around], type[nn.Module]] = {}
 
 
@@ -236,8 +250,9 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
         return _AROUND_CLASSES[(base, around)]
     signature = inspect.signature(base.forward)
     names = [p.name for p in signature.parameters.values()][1:]
-    missing = [name for name, _ in around.before if name not in names]
-    missing += [name for _, pair in around.sizes for name in pair if name not in names]
+    missing = [name for name, _ in around.before]
+    missing += [_size_parameter(given) for _, pair in around.sizes for given in pair]
+    missing = [name for name in missing if name not in names]
     if missing:
         raise InputError(f"{base.__qualname__}.forward has no parameter {missing[0]!r}")
     namespace = _namespace(base)

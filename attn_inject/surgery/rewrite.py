@@ -119,11 +119,12 @@ def _insert(
     scope: ScopeTrace,
     points: list[tuple[InsertionPoint, fx.Node, list[fx.Node] | None]],
     model_nodes: dict[str, fx.Node],
+    root: nn.Module,
 ) -> None:
     """Add a ``call_module`` node for each point to the scope's own graph and rewire
-    (``model_nodes``: the model's trace by node name)."""
+    (``model_nodes``: the model's trace by node name, of the module ``root``)."""
     graph = scope.graph
-    sizes = _GridSizes(scope, model_nodes)
+    sizes = _GridSizes(scope, model_nodes, root)
     # Edge insertions first: an all-users insertion on the same producer then wraps them.
     for point, producer_in_model, consumers_in_model in sorted(points, key=lambda p: p[2] is None):
         producer = scope.node_map[producer_in_model]
@@ -144,14 +145,16 @@ def _insert(
 
 
 class _GridSizes:
-    """The nodes giving a dynamic grid's H' and W' in a scope's graph: the model's own reads
-    of its map's sizes where the scope has them before the block (a module's parameters given
-    them, or ``x.shape[d]`` in its code), else ``size(d)`` of the map, read right after it is
-    made. One pair per map and dims, shared by its blocks."""
+    """The nodes giving a dynamic grid's H' and W' in a scope's graph: the model's own
+    values of its map's sizes where the scope has them before the block (a module's parameters
+    given them, ``x.shape[d]`` in its code, a patch embedding's ``H // patch``:
+    :func:`~attn_inject.graph.ops.gives_size`), else ``size(d)`` of the map, read right after
+    it is made. One pair per map and dims, shared by its blocks."""
 
-    def __init__(self, scope: ScopeTrace, model_nodes: dict[str, fx.Node]) -> None:
+    def __init__(self, scope: ScopeTrace, model_nodes: dict[str, fx.Node], root: nn.Module) -> None:
         self.scope = scope
         self.model_nodes = model_nodes
+        self.root = root
         self.made: dict[tuple[str, int, int], tuple[fx.Node, fx.Node]] = {}
 
     @functools.cached_property
@@ -189,7 +192,7 @@ class _GridSizes:
         (the block then goes after the last argument it reads)."""
         before = self.position.get(producer, -1)
         for node, mapped in self.scope.node_map.items():
-            if not ops.reads_size(node, source, dim):
+            if not ops.gives_size(node, source, dim, self.root):
                 continue
             if mapped.op == "placeholder" or self.position.get(mapped, before) < before:
                 return mapped
@@ -279,7 +282,7 @@ def rewrite(
         scope = _owner_scope(sub, graph, owner, points, model_nodes)
         _refuse_hooks(scope, prefix + owner)
         baked += _reading_training(scope, prefix + owner)
-        _insert(scope, points, model_nodes)
+        _insert(scope, points, model_nodes, sub)
         tree.replace(prefix + owner, _rewritten(scope.module, scope, prefix + owner))
     for point in plan:
         host = tree.writable(prefix + point.module)
