@@ -370,11 +370,12 @@ class _Calls:
 
 def _argument_values(arguments: tuple[tuple[str, Any], ...]) -> Iterator[tuple[str, fx.Node]]:
     """The graph values a call is given, each with the expression that reads it in the
-    module's forward: ``name``, or ``name[i]`` for an item of a tuple or list."""
+    module's forward: ``name``, or ``name[i]`` for an item of a tuple (not of a list, which the
+    forward may change before a block after it reads it)."""
     for name, value in arguments:
         if isinstance(value, fx.Node):
             yield name, value
-        elif isinstance(value, (tuple, list)):
+        elif isinstance(value, tuple):
             yield from ((f"{name}[{i}]", item) for i, item in enumerate(value) if isinstance(item, fx.Node))
 
 
