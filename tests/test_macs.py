@@ -160,9 +160,10 @@ BUILT_IN_OPTIONS = {
     "eca": [{}, {"kernel_size": 5}, {"gamma": 1, "b": 2}],
     "cbam": [
         {},
-        {"ratio": 8, "bias": False},
+        {"ratio": 8, "bias": False, "divisor": 8},
         {"spatial_kernel": 3},
         {"channel": "conv", "spatial_norm": True},
+        {"channel": "conv", "kernel_size": 5},
     ],
     "simam": [{}],
 }
@@ -198,13 +199,14 @@ def test_each_built_in_blocks_closed_form_count_is_what_the_counter_counts_runni
             block(torch.empty((2, *shape), device="meta"))
         assert closed_form_macs(block, shape) == counter.total_macs() // 2, label  # per sample
         seen += 1
-    assert seen == 2 * (4 + 3 + 1) * len(BLOCK_LAYOUTS) + 2 * 4 * (len(BLOCK_LAYOUTS) - 1)
+    assert seen == 2 * (4 + 3 + 1) * len(BLOCK_LAYOUTS) + 2 * 5 * (len(BLOCK_LAYOUTS) - 1)
 
 
 def test_the_closed_forms_leave_out_only_operators_the_counter_counts_nothing_of():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from attn_inject.blocks.costs import UNCOUNTED
+    from attn_inject.blocks.costs import COUNTED, UNCOUNTED
+    from attn_inject.blocks.proof import run_block
 
     ran: set = set()
 
@@ -213,14 +215,15 @@ def test_the_closed_forms_leave_out_only_operators_the_counter_counts_nothing_of
             ran.add(func._overloadpacket)
             return func(*args, **(kwargs or {}))
 
-    for _, block, shape in _built_in_blocks():
-        with Recording():
+    for label, block, shape in _built_in_blocks():
+        with Recording():  # in training, with gradients, and as the planner runs it
             block(torch.empty((2, *shape), device="meta"))
-    aten = torch.ops.aten
-    assert ran - UNCOUNTED == {aten.convolution, aten.addmm, aten.mm}
+            run_block(block, torch.empty((1, *shape), device="meta"), label)
+    assert ran - UNCOUNTED == COUNTED
 
 
-def test_a_formula_registered_for_an_operator_the_blocks_run_has_them_counted_by_running():
+@pytest.mark.parametrize("change", ["sigmoid counted", "convolution's formula replaced"])
+def test_a_formula_the_closed_forms_do_not_know_has_the_blocks_counted_by_running(change):
     from torch.utils.flop_counter import flop_registry
 
     from attn_inject.core.kept import forget_kept_results
@@ -229,11 +232,42 @@ def test_a_formula_registered_for_an_operator_the_blocks_run_has_them_counted_by
     recipe = {"rules": [{"block": "cbam", "at": "residual_branch", "stages": [0]}]}
     closed = ai.plan(model, recipe, input_size=(3, 64, 64))[0]
     c, h, w = closed.shape
-    forget_kept_results()
-    flop_registry[torch.ops.aten.sigmoid] = lambda *args, out_val, **kwargs: 2 * out_val.numel()
+    aten = torch.ops.aten
+    op = aten.sigmoid if change == "sigmoid counted" else aten.convolution
+    saved = flop_registry.get(op)
+    flop_registry[op] = lambda *args, out_val, **kwargs: 2 * out_val.numel()
     try:
         counted = ai.plan(model, recipe, input_size=(3, 64, 64))[0]
     finally:
-        del flop_registry[torch.ops.aten.sigmoid]
+        if saved is None:
+            del flop_registry[op]
+        else:
+            flop_registry[op] = saved
         forget_kept_results()
-    assert counted.macs == closed.macs + c + h * w  # one more per channel and per position: the two gates
+    hidden = c // 16
+    if op is aten.sigmoid:  # one more per channel and per position: the two gates
+        assert counted.macs == closed.macs + c + h * w
+    else:  # one per output value of each convolution: the MLP's 1x1s on two descriptors, the 7x7
+        assert closed.macs == 2 * (2 * c * hidden) + h * w * 2 * 7 * 7
+        assert counted.macs == 2 * (hidden + c) + h * w
+
+
+def test_a_registered_factory_of_a_built_in_class_is_counted_by_running_its_block():
+    """A factory may hand back a built-in class with other layers in it: no closed form then."""
+    from attn_inject.blocks import SqueezeExcite
+
+    def wider(channels, **kwargs):
+        block = SqueezeExcite(channels, **kwargs)
+        hidden = block.fc2.in_channels
+        block.fc1 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, hidden, 1))
+        return block
+
+    model = meta_model("tv:resnet18")
+    recipe = {"rules": [{"block": "se_wider", "at": "residual_branch", "stages": [0]}]}
+    ai.register_block("se_wider", wider)
+    try:
+        point = ai.plan(model, recipe, input_size=(3, 64, 64))[0]
+    finally:
+        ai.unregister_block("se_wider")
+    c, hidden = point.channels, point.channels // 16
+    assert point.macs == c * c * 9 + c * hidden + hidden * c

@@ -228,3 +228,26 @@ def test_sizes_from_a_parameter_the_forward_does_not_take_are_refused():
     module.add_module("cbam", Sized())
     with pytest.raises(InputError, match="has no parameter 'height'"):
         derive_around(module, Around().add(after="", block="cbam", sizes=("height", "W")))
+
+
+class TakesASize(nn.Module):
+    """A module called with its grid's size as one tuple, as timm's Twins blocks are."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return x * 2
+
+
+def test_a_block_after_is_given_the_items_of_a_tuple_parameter():
+    module = TakesASize()
+    module.add_module("cbam", Sized())
+    derive_around(module, Around().add(after="", block="cbam", sizes=("size[0]", "size[1]")))
+    assert torch.equal(module(X, (4, 5)), X * 2 + 20)
+    assert torch.equal(module(X, size=(3, 2)), X * 2 + 6)
+
+
+@pytest.mark.parametrize("given", ["size[0]; import os", "size[-1]", "size[0][1]", "size.real", "out", "out[0]"])
+def test_sizes_that_are_not_a_parameter_or_its_item_are_refused_before_any_code_is_made(given):
+    module = TakesASize()
+    module.add_module("cbam", Sized())
+    with pytest.raises(InputError, match="must be a parameter or its item"):
+        derive_around(module, Around().add(after="", block="cbam", sizes=(given, "size[1]")))

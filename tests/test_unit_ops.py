@@ -71,6 +71,13 @@ def test_a_read_of_a_maps_size_is_recognised_in_each_spelling_and_dim():
     assert width == [False, True, False, True, True, False, False]
 
 
+class OwnConv(nn.Conv2d):
+    """A convolution with code of its own: nothing about its output size is assumed."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x[:, :, 1:], weight, bias)
+
+
 class Patches(nn.Module):
     """Patch embeddings that give their grid's size as timm's Twins does (``H // patch``),
     beside convolutions whose output size is not that."""
@@ -78,29 +85,43 @@ class Patches(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.valid = nn.Conv2d(3, 8, 4, stride=4, padding="valid")
         self.padded = nn.Conv2d(3, 8, 4, stride=4, padding=1)
         self.overlapping = nn.Conv2d(3, 8, 7, stride=4)
+        self.dilated = nn.Conv2d(3, 8, 4, stride=4, dilation=2)
+        self.own = OwnConv(3, 8, 4, stride=4)
+        self.transposed = nn.ConvTranspose2d(3, 8, 4, stride=4)
+        self.hooked = nn.Conv2d(3, 8, 4, stride=4)
         self.tall = nn.Conv2d(3, 8, (4, 2), stride=(4, 2))
 
     def forward(self, x):
         _, _, h, w = x.shape
-        maps = (self.patch(x), self.padded(x), self.overlapping(x), self.tall(x))
-        return maps, (h // 4, w // 4, w // 2, h // 2, x.shape[3] // 4)
+        maps = (self.patch(x), self.valid(x), self.tall(x))
+        others = tuple(
+            m(x) for m in (self.padded, self.overlapping, self.dilated, self.own, self.transposed, self.hooked)
+        )
+        return maps, others, (h // 4, w // 4, w // 2, h // 2, x.shape[3] // 4)
 
 
 def test_a_patch_embeddings_floor_division_of_its_input_gives_its_maps_size():
-    root = Patches()
-    graph = fx.symbolic_trace(root).graph
+    from attn_inject.graph.analysis import annotate
+
+    root = Patches().eval()
+    graph = annotate(root, (1, 3, 64, 32))
+    root.hooked.register_forward_hook(lambda module, args, out: out[:, :, 1:])
     output = next(n for n in graph.nodes if n.op == "output")
-    (patch, padded, overlapping, tall), (h4, w4, w2, h2, shape_w4) = output.args[0]
+    (patch, valid, tall), others, (h4, w4, w2, h2, shape_w4) = output.args[0]
 
     def given(map_node, dim):
         return [ops.gives_size(n, map_node, dim, root) for n in (h4, w4, w2, h2, shape_w4)]
 
-    assert given(patch, 2) == [True, False, False, False, False]
-    assert given(patch, 3) == [False, True, False, False, True]  # x.shape[3] and the unpacked w alike
-    for other in (padded, overlapping):  # (H + 2 - 4) // 4 + 1 and (H - 7) // 4 + 1 are not H // 4
-        assert given(other, 2) == given(other, 3) == [False] * 5
+    for embedding in (patch, valid):
+        assert given(embedding, 2) == [True, False, False, False, False]
+        assert given(embedding, 3) == [False, True, False, False, True]  # x.shape[3] and the unpacked w
+    # another size: (H + 2 - 4) // 4 + 1, (H - 7) // 4 + 1, (H - 7) // 4 + 1 dilated, code of its own,
+    # a transposed convolution's 4 H, and a hook that crops
+    for other in others:
+        assert given(other, 2) == given(other, 3) == [False] * 5, other.target
     assert given(tall, 2) == [True, False, False, False, False]  # kernel = stride per dim
     assert given(tall, 3) == [False, False, True, False, False]
 
@@ -122,19 +143,24 @@ class PositionConv(nn.Module):
         tokens = self.patch(image).flatten(2).transpose(1, 2)
         y = tokens.transpose(1, 2).view(b, 8, *size)
         kept = torch.relu(self.proj(y) + y)
-        return kept, self.strided(y), self.unpadded(y), self.proj(y) + y.mean(1, keepdim=True), size
+        broadcast = self.proj(y) + y[:, :, :1]
+        turned = tokens.transpose(1, 2).view(b, 8, *size)
+        turned.transpose_(2, 3)
+        return kept, self.strided(y), self.unpadded(y), broadcast, self.proj(turned), size
 
 
 def test_a_size_is_followed_through_the_maps_that_keep_it_and_no_others():
     from attn_inject.graph.analysis import annotate
 
     root = PositionConv().eval()
-    graph = annotate(root, (1, 3, 32, 16))
+    graph = annotate(root, (1, 3, 32, 32))
     output = next(n for n in graph.nodes if n.op == "output")
-    kept, strided, unpadded, broadcast, (height, width) = output.args[0]
+    kept, strided, unpadded, broadcast, turned, (height, width) = output.args[0]
     assert ops.gives_size(height, kept, 2, root) and ops.gives_size(width, kept, 3, root)
     assert not ops.gives_size(width, kept, 2, root) and not ops.gives_size(height, kept, 3, root)
     for other in (strided, unpadded):  # a stride of 2, no padding: another size
         assert not ops.gives_size(height, other, 2, root)
-    # a sum whose one input is proven (the mean over channels keeps H, W but is not proven here)
+    # a sum with a map of height 1, broadcast: its height is not proven from that input
     assert not ops.gives_size(height, broadcast, 2, root)
+    # a view of the given size, then transposed in place: the size is not where the view put it
+    assert not ops.gives_size(height, turned, 2, root) and not ops.gives_size(width, turned, 3, root)

@@ -13,14 +13,16 @@ from its layers' weights and the positions of the map it sees, one sample:
 - SimAM: no product at all.
 
 Each formula gives what the counter gives: the tests run every option and layout through
-both. The counter is asked instead whenever a formula is registered for one of the other
-operators these blocks run (:data:`UNCOUNTED`), or for a subclass, whose code may differ.
+both. The planner uses them for blocks of the built-in factories only, while the counter's
+formulas are torch's own for the convolutions and matrix products and it has none for the
+other operators these blocks run (:func:`closed_forms_hold`); otherwise it runs the block.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,11 +33,12 @@ from .layout import LayoutBlock
 from .simam import SimAM
 from .squeeze_excite import SqueezeExcite
 
-__all__ = ["UNCOUNTED", "closed_form_macs"]
+__all__ = ["COUNTED", "UNCOUNTED", "closed_form_macs", "closed_forms_hold"]
 
 aten = torch.ops.aten
-# Every operator the built-in blocks dispatch apart from their convolutions and matrix
-# products (the tests run each block under a dispatch mode and check this list holds them).
+# The convolutions and matrix products the built-in blocks dispatch, and every other operator
+# they dispatch (the tests run each block under a dispatch mode and check these lists hold them).
+COUNTED = frozenset({aten.convolution, aten.addmm, aten.mm})
 UNCOUNTED = frozenset(
     {
         *(aten.mean, aten.amax, aten.sum, aten.sigmoid, aten.lerp, aten.ones_like, aten.relu, aten.relu_),
@@ -44,6 +47,16 @@ UNCOUNTED = frozenset(
         *(aten._unsafe_view, aten.alias, aten.detach, aten.empty),
     }
 )
+
+
+def closed_forms_hold(formulas: Mapping[Any, Any]) -> bool:
+    """Whether the closed forms give what a counter with ``formulas`` counts: torch's own
+    formulas (``torch.utils.flop_counter``'s) for :data:`COUNTED`, none for :data:`UNCOUNTED`."""
+    torchs = all(getattr(formulas.get(op), "__module__", None) == _TORCH_FORMULAS for op in COUNTED)
+    return torchs and not any(op in formulas for op in UNCOUNTED)
+
+
+_TORCH_FORMULAS = "torch.utils.flop_counter"
 
 
 def map_positions(block: LayoutBlock, shape: Sequence[int]) -> int:
@@ -64,8 +77,7 @@ def _weights(*layers: nn.Module) -> int:
 
 
 def _numel(weight: torch.Tensor | nn.Module) -> int:
-    assert isinstance(weight, torch.Tensor)
-    return weight.numel()
+    return cast(torch.Tensor, weight).numel()
 
 
 def _channel_map(channel: ChannelAttention, channels: int) -> int:
@@ -105,7 +117,7 @@ _FORMULAS: dict[type, Callable[..., int]] = {
 
 
 def closed_form_macs(block: nn.Module, shape: Sequence[int]) -> int | None:
-    """Multiply-adds of ``block`` on one sample of ``shape`` ((C, H, W), or its layout's
-    shape), or None where no formula is known (a registered block, a subclass)."""
+    """Multiply-adds of ``block``, as a built-in factory makes it, on one sample of ``shape``
+    ((C, H, W), or its layout's shape), or None where no formula is known (a subclass)."""
     formula = _FORMULAS.get(type(block))
     return None if formula is None else formula(block, shape)

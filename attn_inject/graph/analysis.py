@@ -53,6 +53,11 @@ class MacCounter(contextlib.AbstractContextManager["MacCounter"]):
     def total_macs(self) -> int:
         return self._mode.flops // FLOPS_PER_MAC
 
+    @property
+    def formulas(self) -> Mapping[Any, Callable[..., int]]:
+        """The formulas counted, by operator packet (torch's registry, as it is now)."""
+        return self._mode.formulas
+
     def counts_any(self, operators: Collection[Any]) -> bool:
         """Whether one of ``operators`` (packets, ``torch.ops.aten.mean``) has a formula here
         (torch's registry grows when a formula is registered)."""

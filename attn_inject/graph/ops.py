@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = [
+    "gives_size",
     "is_activation",
     "is_add",
     "is_conv",
@@ -242,25 +243,50 @@ def reads_size(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
     )
 
 
-def gives_size(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module, depth: int = 8) -> bool:
+def gives_size(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
     """Whether ``node`` is, for every input, size ``dim`` (2 or 3) of ``tensor``'s output, a
-    4-D map, as the graph proves it (``depth``: how far back through maps of the same size):
+    4-D map, as the graph proves it:
 
     - read from it (:func:`reads_size`), or set by it: ``y.view(B, C, *size)`` (timm's Twins);
     - a patch embedding's: its input's size floor-divided by the stride ``s`` of a convolution
       whose kernel equals its stride, with no padding or dilation: ``(H - s) // s + 1`` is
       ``H // s`` for every ``H >= s``;
-    - the size of every input of a node that keeps it: a sum of maps (broadcasting equal
-      sizes), a norm or activation, a convolution of stride 1 padded to its own reach
-      (``2 * padding == dilation * (kernel - 1)``)."""
+    - the size of every input of a node that keeps it (followed back at most
+      :data:`SIZE_DEPTH` nodes): a sum of 4-D maps (broadcasting equal sizes), a norm or
+      activation, a convolution of stride 1 padded to its reach (``2 * padding == dilation *
+      (kernel - 1)``).
+
+    torch's own modules only, without hooks, and no map on the way changed in place by a
+    method that moves its dimensions (``transpose_``)."""
+    if dim not in (2, 3) or not _four_d(tensor):
+        return reads_size(node, tensor, dim)
+    return _gives_size(node, tensor, dim, root, SIZE_DEPTH, {})
+
+
+SIZE_DEPTH = 8
+# In-place methods that change a tensor's shape: a map they reach holds no proven size.
+RESHAPING_IN_PLACE = {"transpose_", "t_", "squeeze_", "unsqueeze_", "resize_", "resize_as_", "as_strided_"}
+RESHAPING_IN_PLACE |= {"swapdims_", "swapaxes_", "set_"}
+
+
+def _gives_size(
+    node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module, depth: int, known: dict[fx.Node, bool]
+) -> bool:
+    if tensor in known:
+        return known[tensor]
+    known[tensor] = False  # while deciding: a cycle proves nothing
+    if any(u.op == "call_method" and u.target in RESHAPING_IN_PLACE for u in tensor.users):
+        return False
     if reads_size(node, tensor, dim) or _shaped_by(node, tensor, dim) or _patches(node, tensor, dim, root):
+        known[tensor] = True
         return True
-    inputs = _size_keeping_inputs(tensor, dim, root) if depth and dim in (2, 3) else []
-    return (
+    inputs = _size_keeping_inputs(tensor, dim, root) if depth else []
+    known[tensor] = (
         bool(inputs)
         and all(_four_d(i) for i in inputs)  # broadcasting aligns every input's dims with the output's
-        and all(gives_size(node, i, dim, root, depth - 1) for i in inputs)
+        and all(_gives_size(node, i, dim, root, depth - 1, known) for i in inputs)
     )
+    return known[tensor]
 
 
 def _four_d(node: fx.Node) -> bool:
@@ -303,12 +329,13 @@ def _patches(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
         return False
     size, stride = node.args
     conv = _conv2d(tensor, root)
-    if conv is None or not isinstance(size, fx.Node) or type(stride) is not int or dim not in (2, 3):
+    if conv is None or not isinstance(size, fx.Node) or type(stride) is not int:
         return False
-    axis = dim - 2
+    axis, given = dim - 2, tensor.args[0]
     unpadded = conv.padding == "valid" or (isinstance(conv.padding, tuple) and conv.padding[axis] == 0)
-    patches = unpadded and conv.kernel_size[axis] == conv.stride[axis] == stride and conv.dilation[axis] == 1
-    return patches and isinstance(tensor.args[0], fx.Node) and reads_size(size, tensor.args[0], dim)
+    kernel = conv.weight.shape[2 + axis]  # the weight the convolution runs, whatever kernel_size says
+    patches = unpadded and kernel == conv.stride[axis] == stride and conv.dilation[axis] == 1
+    return patches and isinstance(given, fx.Node) and _four_d(given) and reads_size(size, given, dim)
 
 
 def _size_keeping_inputs(tensor: fx.Node, dim: int, root: nn.Module) -> list[fx.Node]:
@@ -322,21 +349,31 @@ def _size_keeping_inputs(tensor: fx.Node, dim: int, root: nn.Module) -> list[fx.
     if first is None:
         return []
     if is_norm(tensor, root) or is_activation(tensor, root):
-        return [first]
+        module = module_of(tensor, root)
+        return [first] if module is None or _torchs_own(module) else []
     conv = _conv2d(tensor, root)
     if conv is None or not isinstance(conv.padding, tuple):
         return []
     axis = dim - 2
-    kernel, dilation = conv.kernel_size[axis], conv.dilation[axis]
+    kernel, dilation = conv.weight.shape[2 + axis], conv.dilation[axis]
     return [first] if conv.stride[axis] == 1 and 2 * conv.padding[axis] == dilation * (kernel - 1) else []
 
 
 def _conv2d(tensor: fx.Node, root: nn.Module) -> nn.Conv2d | None:
-    """The ``nn.Conv2d`` (torch's own forward) that ``tensor`` is the one-input call of."""
+    """The ``nn.Conv2d`` (torch's own code) that ``tensor`` is the one-input call of."""
     if tensor.op != "call_module" or len(tensor.args) != 1 or tensor.kwargs:
         return None
     conv = module_of(tensor, root)
-    return conv if isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward else None
+    if not isinstance(conv, nn.Conv2d) or not _torchs_own(conv):
+        return None
+    return conv if type(conv)._conv_forward is nn.Conv2d._conv_forward else None
+
+
+def _torchs_own(module: nn.Module) -> bool:
+    """Whether ``module`` runs torch's own ``forward`` for its class, with no hook around it."""
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    everywhere = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    return type(module).forward.__module__.startswith("torch.nn.") and not (hooked or everywhere)
 
 
 DATA_MOVEMENT_METHODS = {"view", "reshape", "transpose", "contiguous", "flatten", "unflatten", "permute"}

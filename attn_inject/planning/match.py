@@ -27,7 +27,7 @@ from ..blocks import (
     takes_grid_at_call,
     uses_grid,
 )
-from ..blocks.costs import UNCOUNTED, closed_form_macs
+from ..blocks.costs import closed_form_macs, closed_forms_hold
 from ..blocks.params import INIT_MODES
 from ..blocks.proof import GATED_BLOCKS, block_name, run_block
 from ..core.errors import InputError
@@ -122,12 +122,13 @@ class BlockCosts:
         a block that fails there is refused naming it (``key_name``: its key)."""
         key = self._key(block, (shape, channels), init, layout)
         if key not in self._macs:
+            counter = MacCounter()
+            # a built-in block's count in closed form, while torch's formulas count what they did
+            closed = _built_in(block, key) is not None and closed_forms_hold(counter.formulas)
 
             def count() -> int:
                 module = self._block(block, channels, init, layout)
-                counter = MacCounter()
-                # a built-in block's count in closed form, while torch counts what it did
-                known = None if counter.counts_any(UNCOUNTED) else closed_form_macs(module, shape)
+                known = closed_form_macs(module, shape) if closed else None
                 if known is not None:
                     return known
                 with counter:
@@ -136,7 +137,7 @@ class BlockCosts:
                     )
                 return counter.total_macs()
 
-            self._macs[key] = _kept_cost(_built_in(block, ("macs", *key)), count)
+            self._macs[key] = _kept_cost(_built_in(block, ("macs", closed, *key)), count)
         return self._macs[key]
 
 

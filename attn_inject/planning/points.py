@@ -79,7 +79,8 @@ class InsertionPoint:
     # (node, dim, dim): a grid that follows the input size, its H' and W' read at each call
     # from the sizes of that node's map (the grid's size at the planned input is ``grid``)
     grid_from: tuple[str, int, int] | None = None
-    # attach "after": the module's parameters given the grid's H' and W' (passed to the block)
+    # attach "after": the module's parameters, or their items (``size[0]``), given the grid's
+    # H' and W' (passed to the block)
     grid_arguments: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:

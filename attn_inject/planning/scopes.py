@@ -49,7 +49,7 @@ from ..core.values import CONSTANT_TYPES
 from ..graph import ops
 from ..graph.analysis import AnnotatedGraph, module_stack
 from ..graph.trace import HOOK_DICTS, ModuleCall, reads_training
-from ..surgery.derive import derived_spec, holds_nodes
+from ..surgery.derive import RESULT, derived_spec, holds_nodes
 from .points import Attach
 
 __all__ = [
@@ -100,8 +100,8 @@ class _Owner:
 class Placement:
     """Where one block goes: a child ``name`` of module ``module`` ('' is the model), run by
     the code of ``owner`` as ``attach`` says (``argument``: the parameter a "before" block
-    takes; ``grid_arguments``: the parameters of an "after" block's module that give its
-    dynamic grid's height and width)."""
+    takes; ``grid_arguments``: the parameters of an "after" block's module, or their items
+    (``size[0]``), that give its dynamic grid's height and width)."""
 
     module: str
     name: str
@@ -373,6 +373,8 @@ def _argument_values(arguments: tuple[tuple[str, Any], ...]) -> Iterator[tuple[s
     module's forward: ``name``, or ``name[i]`` for an item of a tuple (not of a list, which the
     forward may change before a block after it reads it)."""
     for name, value in arguments:
+        if name == RESULT:  # the generated forward keeps the module's result in that name
+            continue
         if isinstance(value, fx.Node):
             yield name, value
         elif isinstance(value, tuple):

@@ -26,7 +26,6 @@ import importlib
 import inspect
 import itertools
 import linecache
-import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ SPEC = "_attn_inject_derived"  # on a generated class: what it adds to its base
 # The blocks run around these too, with the same code as around ``forward``.
 SWAPPED_FORWARDS = ("forward_fuse",)
 _counter = itertools.count()
+RESULT = "out"  # the name the generated forward keeps the module's result in
 
 
 @dataclass(frozen=True)
@@ -230,16 +230,17 @@ def _make_class(base: type[nn.Module], attributes: Mapping[str, Any], spec: _Spe
     return type(base.__name__, (base,), namespace)
 
 
-_SIZE_EXPRESSION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[[0-9]+\])?")
-
-
 def _size_parameter(given: str) -> str:
     """The parameter a block's size value reads: ``size`` of ``size[0]``; anything but a
-    name or a name's item is refused (it becomes code)."""
-    match = _SIZE_EXPRESSION.fullmatch(given)
-    if match is None:
-        raise InputError(f"a block's grid size must be a parameter or its item (size[0]), got {given!r}")
-    return match.group(1)
+    name or a name's item, or the name the generated code keeps the result in, is refused
+    (it becomes code)."""
+    name, bracket, rest = given.partition("[")
+    item = not bracket or (rest.endswith("]") and rest[:-1].isdecimal() and rest[:-1].isascii())
+    if not (name.isidentifier() and item) or name == RESULT:
+        raise InputError(
+            f"a block's grid size must be a parameter or its item (size[0]), not {RESULT!r}; got {given!r}"
+        )
+    return name
 
 
 _AROUND_CLASSES: dict[tuple[type[nn.Module], Around], type[nn.Module]] = {}
@@ -264,9 +265,9 @@ def _around_class(base: type[nn.Module], around: Around) -> type[nn.Module]:
         for argument, blocks in around.before:
             for block in blocks:
                 lines.append(f"    {argument} = {around.call(block, argument)}")
-        lines.append(f"    out = self.{inner}({', '.join(call)})")
-        lines += [f"    out = {around.call(block, 'out')}" for block in around.after]
-        lines.append("    return out")
+        lines.append(f"    {RESULT} = self.{inner}({', '.join(call)})")
+        lines += [f"    {RESULT} = {around.call(block, RESULT)}" for block in around.after]
+        lines.append(f"    return {RESULT}")
         return "\n".join(lines) + "\n"
 
     # TorchScript takes the overloads of a method only from code within its class's lines.
