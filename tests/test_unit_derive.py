@@ -245,7 +245,9 @@ def test_a_block_after_is_given_the_items_of_a_tuple_parameter():
     assert torch.equal(module(X, size=(3, 2)), X * 2 + 6)
 
 
-@pytest.mark.parametrize("given", ["size[0]; import os", "size[-1]", "size[0][1]", "size.real", "out", "out[0]"])
+@pytest.mark.parametrize(
+    "given", ["size[0]; import os", "size[-1]", "size[0][1]", "size.real", "out", "out[0]"]
+)
 def test_sizes_that_are_not_a_parameter_or_its_item_are_refused_before_any_code_is_made(given):
     module = TakesASize()
     module.add_module("cbam", Sized())

@@ -98,7 +98,8 @@ class Patches(nn.Module):
         _, _, h, w = x.shape
         maps = (self.patch(x), self.valid(x), self.tall(x))
         others = tuple(
-            m(x) for m in (self.padded, self.overlapping, self.dilated, self.own, self.transposed, self.hooked)
+            m(x)
+            for m in (self.padded, self.overlapping, self.dilated, self.own, self.transposed, self.hooked)
         )
         return maps, others, (h // 4, w // 4, w // 2, h // 2, x.shape[3] // 4)
 
