@@ -137,6 +137,7 @@ class PositionConv(nn.Module):
         self.proj = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.unpadded = nn.Conv2d(8, 8, 3)
+        self.same = nn.Conv2d(8, 8, 5, padding="same", dilation=2)
 
     def forward(self, image):
         b, _, h, w = image.shape
@@ -147,7 +148,7 @@ class PositionConv(nn.Module):
         broadcast = self.proj(y) + y[:, :, :1]
         turned = tokens.transpose(1, 2).view(b, 8, *size)
         turned.transpose_(2, 3)
-        return kept, self.strided(y), self.unpadded(y), broadcast, self.proj(turned), size
+        return kept, self.strided(y), self.unpadded(y), broadcast, self.proj(turned), self.same(y), size
 
 
 def test_a_size_is_followed_through_the_maps_that_keep_it_and_no_others():
@@ -156,8 +157,9 @@ def test_a_size_is_followed_through_the_maps_that_keep_it_and_no_others():
     root = PositionConv().eval()
     graph = annotate(root, (1, 3, 32, 32))
     output = next(n for n in graph.nodes if n.op == "output")
-    kept, strided, unpadded, broadcast, turned, (height, width) = output.args[0]
+    kept, strided, unpadded, broadcast, turned, same, (height, width) = output.args[0]
     assert ops.gives_size(height, kept, 2, root) and ops.gives_size(width, kept, 3, root)
+    assert ops.gives_size(height, same, 2, root) and ops.gives_size(width, same, 3, root)
     assert not ops.gives_size(width, kept, 2, root) and not ops.gives_size(height, kept, 3, root)
     for other in (strided, unpadded):  # a stride of 2, no padding: another size
         assert not ops.gives_size(height, other, 2, root)

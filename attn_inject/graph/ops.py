@@ -228,19 +228,25 @@ def reads_shape_only(node: fx.Node) -> bool:
 def reads_size(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
     """Whether ``node`` is size ``dim`` of ``tensor``'s output (a 4-D map): ``x.shape[d]``,
     ``x.size(d)`` or ``x.size()[d]``, ``d`` counted from either end."""
+    read = _size_read(node)
+    return read is not None and read[0] is tensor and read[1] % 4 == dim
+
+
+def _size_read(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """The tensor and the dim whose size ``node`` reads (``x.shape[d]``, ``x.size(d)``,
+    ``x.size()[d]``), or None."""
     if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
-        whole, index = node.args[0], node.args[1]
-        return whole is tensor and isinstance(index, int) and index % 4 == dim
+        whole, index = node.args
+        return (whole, index) if isinstance(whole, fx.Node) and isinstance(index, int) else None
     if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
-        return False
+        return None
     whole, index = node.args
-    if not isinstance(whole, fx.Node) or not isinstance(index, int) or index % 4 != dim:
-        return False
-    if whole.op == "call_function" and whole.target is getattr:
-        return whole.args == (tensor, "shape")
-    return (
-        whole.op == "call_method" and whole.target == "size" and whole.args == (tensor,) and not whole.kwargs
-    )
+    if not isinstance(whole, fx.Node) or not isinstance(index, int):
+        return None
+    shape = whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",)
+    sizes = whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1 and not whole.kwargs
+    tensor = whole.args[0] if shape or sizes else None
+    return (tensor, index) if isinstance(tensor, fx.Node) else None
 
 
 def gives_size(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
@@ -258,6 +264,8 @@ def gives_size(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> boo
 
     torch's own modules only, without hooks, and no map on the way changed in place by a
     method that moves its dimensions (``transpose_``)."""
+    if isinstance(node.meta.get("val"), torch.Tensor):  # a size is a number
+        return False
     if dim not in (2, 3) or not _four_d(tensor):
         return reads_size(node, tensor, dim)
     return _gives_size(node, tensor, dim, root, SIZE_DEPTH, {})
@@ -307,20 +315,12 @@ def _shaped_by(node: fx.Node, tensor: fx.Node, dim: int) -> bool:
 
 
 def _a_size(node: fx.Node) -> bool:
-    """Whether ``node`` is a tensor's size (``x.shape[d]``, ``x.size(d)``, ``x.size()[d]``) or
-    one floor-divided by a positive integer."""
+    """Whether ``node`` is a tensor's size (:func:`_size_read`) or one floor-divided by a
+    positive integer."""
     if node.op == "call_function" and node.target is operator.floordiv and len(node.args) == 2:
         size, divisor = node.args
         return isinstance(size, fx.Node) and type(divisor) is int and divisor > 0 and _a_size(size)
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
-        return isinstance(node.args[0], fx.Node) and isinstance(node.args[1], int)
-    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
-        return False
-    whole, index = node.args
-    if not isinstance(whole, fx.Node) or not isinstance(index, int):
-        return False
-    shape_attribute = whole.op == "call_function" and whole.target is getattr and whole.args[1:] == ("shape",)
-    return shape_attribute or (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1)
+    return _size_read(node) is not None
 
 
 def _patches(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
@@ -331,10 +331,9 @@ def _patches(node: fx.Node, tensor: fx.Node, dim: int, root: nn.Module) -> bool:
     conv = _conv2d(tensor, root)
     if conv is None or not isinstance(size, fx.Node) or type(stride) is not int:
         return False
-    axis, given = dim - 2, tensor.args[0]
-    unpadded = conv.padding == "valid" or (isinstance(conv.padding, tuple) and conv.padding[axis] == 0)
-    kernel = conv.weight.shape[2 + axis]  # the weight the convolution runs, whatever kernel_size says
-    patches = unpadded and kernel == conv.stride[axis] == stride and conv.dilation[axis] == 1
+    kernel, conv_stride, padding, dilation = _along(conv, dim)
+    given = tensor.args[0]
+    patches = padding == 0 and kernel == conv_stride == stride and dilation == 1
     return patches and isinstance(given, fx.Node) and _four_d(given) and reads_size(size, given, dim)
 
 
@@ -352,11 +351,22 @@ def _size_keeping_inputs(tensor: fx.Node, dim: int, root: nn.Module) -> list[fx.
         module = module_of(tensor, root)
         return [first] if module is None or _torchs_own(module) else []
     conv = _conv2d(tensor, root)
-    if conv is None or not isinstance(conv.padding, tuple):
+    if conv is None:
         return []
+    kernel, stride, padding, dilation = _along(conv, dim)
+    same = padding is None or 2 * padding == dilation * (kernel - 1)  # None: padding="same"
+    return [first] if stride == 1 and same else []
+
+
+def _along(conv: nn.Conv2d, dim: int) -> tuple[int, int, int | None, int]:
+    """``conv``'s kernel (from the weight it runs, whatever ``kernel_size`` says), stride,
+    padding (None for ``"same"``) and dilation along dim ``dim`` (2 or 3) of its map."""
     axis = dim - 2
-    kernel, dilation = conv.weight.shape[2 + axis], conv.dilation[axis]
-    return [first] if conv.stride[axis] == 1 and 2 * conv.padding[axis] == dilation * (kernel - 1) else []
+    if isinstance(conv.padding, str):
+        padding = 0 if conv.padding == "valid" else None
+    else:
+        padding = conv.padding[axis]
+    return conv.weight.shape[dim], conv.stride[axis], padding, conv.dilation[axis]
 
 
 def _conv2d(tensor: fx.Node, root: nn.Module) -> nn.Conv2d | None:
