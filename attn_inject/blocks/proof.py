@@ -1,9 +1,9 @@
 """The proof each block gives at insertion, before it joins the model.
 
 ``inject`` builds every block, then runs it in eval mode and without gradients on a random
-tensor of its point's shape and layout at batch 1 (uniform on [-2, 2): a draw of 65,521
-values, repeated past that, from a private ``torch.Generator``: the global random state is
-not touched). The block is refused, with one line naming it and its kind, when it
+tensor of its point's shape and layout at batch 1 (uniform on [-2, 2): one draw of 65,521
+values a process, cut or repeated to the shape, from a private ``torch.Generator``: the
+global random state is not touched). The block is refused, with one line naming it and its kind, when it
 
 - raises, returns something other than one tensor, or changes its input's shape or dtype;
 - at ``init="identity"``, returns anything but its input bit for bit (``torch.equal``):
@@ -17,7 +17,7 @@ run and compared with the probe as drawn, so that one writing into its input is 
 by its own write. On the meta device only the shape and dtype are checked (there are no
 values to compare).
 
-Within one ``inject`` call (:func:`shared_proofs`) the probe of each shape is drawn once.
+Within one ``inject`` call (:func:`shared_proofs`) the probe of each shape is made once.
 A passed proof stands for every later block of the same *design*, in this call and in
 later ones of the process (:data:`proved_designs`, bounded): the same built-in class made
 of the same built-in parts (every module's exact type is one of ``SqueezeExcite``,
@@ -52,6 +52,7 @@ second). A failed proof is never shared: the block that fails is refused by name
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Hashable, Iterator
 from contextvars import ContextVar
@@ -218,10 +219,17 @@ def _drawn_probe(shape: tuple[int, ...], device: torch.device, dtype: torch.dtyp
     # PROBE_PERIOD values (a prime: the repeat lines up with no channel or row length), which
     # costs a copy instead of a serial draw of every value.
     size = math.prod(shape)
-    tile = torch.empty(min(size, PROBE_PERIOD))
-    tile.uniform_(-2.0, 2.0, generator=torch.Generator().manual_seed(PROBE_SEED))
-    flat = tile.repeat(-(-size // len(tile)))[:size] if size > len(tile) else tile
+    tile = _probe_tile()
+    flat = tile.repeat(-(-size // len(tile)))[:size] if size > len(tile) else tile[:size].clone()
     return flat.reshape(1, *shape).to(device, dtype)
+
+
+@functools.cache
+def _probe_tile() -> torch.Tensor:
+    """The one draw every probe is cut from (float32, on the CPU), drawn once a process. A
+    probe is a copy of it, never a view: a block may write into what it is given."""
+    tile = torch.empty(PROBE_PERIOD, dtype=torch.float32, device="cpu")
+    return tile.uniform_(-2.0, 2.0, generator=torch.Generator().manual_seed(PROBE_SEED))
 
 
 def _design(
