@@ -408,6 +408,18 @@ def test_a_method_replaced_on_the_class_between_calls_gets_the_blocks_proved_aga
         ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
 
 
+def test_a_built_in_class_whose_method_writes_into_its_input_is_refused_at_identity(resnet, monkeypatch):
+    """A method replaced on a built-in class runs in a block of that class: it is given a copy
+    of the probe too, so halving its input in place is not taken for the input itself."""
+
+    def halving_in_place(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(0.5)
+
+    monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", halving_in_place)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'se'\) does not compute its input"):
+        ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+
+
 def test_a_kept_design_still_refuses_a_later_block_whose_blend_moved(registry, resnet):
     """The design kept from an earlier call stands only for blocks at blend 0 with finite
     weights: one built with its blend moved is proved in full, and refused."""

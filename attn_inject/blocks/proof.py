@@ -12,9 +12,9 @@ global random state is not touched). The block is refused, with one line naming 
   random states (restored after), with every blend at 1 so that a blend of 0 does not hide
   the block, its outputs differ.
 
-A block of unknown code (a registered factory's, timm's) is given a copy of the probe each
-run and compared with the probe as drawn, so that one writing into its input is not proved
-by its own write. On the meta device only the shape and dtype are checked (there are no
+Every block is given a copy of the probe each run and compared with the probe as made, so
+that one writing into its input (a registered factory's, timm's, or a built-in class whose
+method was replaced) is not proved by its own write. On the meta device only the shape and dtype are checked (there are no
 values to compare).
 
 Within one ``inject`` call (:func:`shared_proofs`) the probe of each shape is made once.
@@ -174,17 +174,17 @@ def prove_block(
     if design is not None and design in proved_designs and _as_proved(block, init):
         return
     probe = proofs.probe(shape, device, dtype)
-    _prove(block, block_name(key, kind), probe, init, own_code=design is not None)
+    _prove(block, block_name(key, kind), probe, init)
     if design is not None:
         proved_designs.put(design, True)
 
 
-def _prove(block: nn.Module, name: str, probe: torch.Tensor, init: str, own_code: bool) -> None:
-    """The proof in full on ``probe``; a block of unknown code (not ``own_code``) is given a
-    copy each run."""
+def _prove(block: nn.Module, name: str, probe: torch.Tensor, init: str) -> None:
+    """The proof in full on ``probe``. The block is given a copy each run, even a built-in
+    class's: a method replaced on the class may write into its input."""
 
     def given() -> torch.Tensor:
-        return probe if own_code else probe.clone()
+        return probe.clone()
 
     if probe.device.type == "meta":
         run_block(block, given(), name)
