@@ -124,6 +124,19 @@ def test_simam_follows_the_papers_energy_formula():
     assert torch.equal(SimAM(5, init="identity").double()(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_simam_in_half_precision_keeps_large_deviations_finite_and_exact_at_identity(dtype):
+    """In float16 (t - mu)^2 overflows past a deviation of 256 and inf / inf is NaN: SimAM
+    computes its energies in float32, so a 0-255 pixel map stays exact at identity."""
+    x = torch.zeros(1, 4, 4, 4, dtype=dtype)
+    x[0, 0, 0, 0] = 300.0
+    x[0, 1] = torch.linspace(0, 255, 16, dtype=dtype).view(4, 4)
+    assert torch.equal(SimAM(4, init="identity").to(dtype)(x), x)
+    paper = SimAM(4)(x)
+    assert paper.dtype == dtype and bool(paper.isfinite().all())
+    torch.testing.assert_close(paper, SimAM(4)(x.float()).to(dtype))
+
+
 def test_simam_is_inserted_exact_at_identity_with_one_blend_per_block(resnet, image):
     patched = ai.inject(resnet, recipe("simam", at="residual_branch"), init="identity", input_size=SIZE)
     assert len(ai.blends(patched)) == len(ai.inserted_blocks(patched)) == 4

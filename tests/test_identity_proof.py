@@ -408,6 +408,27 @@ def test_a_method_replaced_on_the_class_between_calls_gets_the_blocks_proved_aga
         ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
 
 
+def test_a_registered_factory_returning_a_built_in_class_never_shares_the_built_in_proof(registry, resnet):
+    """A user's factory may build SqueezeExcite and then set weights that make its map NaN;
+    a proof kept for the built-in design must not stand for it."""
+
+    def overflowing_se(
+        channels: int, init: str = "paper", layout: str = "NCHW", prefix: int = 0
+    ) -> nn.Module:
+        block = ai.blocks.SqueezeExcite(channels, init=init, layout=layout, prefix=prefix)
+        with torch.no_grad():  # hidden units near 1e30, then +-1e30 weights: inf - inf in every logit
+            block.fc1.weight.fill_(1e30)
+            block.fc1.bias.fill_(1e30)
+            block.fc2.weight[:, 0::2].fill_(1e30)
+            block.fc2.weight[:, 1::2].fill_(-1e30)
+        return block
+
+    ai.register_block("overflowing_se", overflowing_se)
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)  # the built-in design kept
+    with pytest.raises(ai.InjectError, match=r"\(kind 'overflowing_se'\) does not compute its input"):
+        ai.inject(resnet, residual_recipe("overflowing_se"), init="identity", input_size=SIZE)
+
+
 def test_a_built_in_class_whose_method_writes_into_its_input_is_refused_at_identity(resnet, monkeypatch):
     """A method replaced on a built-in class runs in a block of that class: it is given a copy
     of the probe too, so halving its input in place is not taken for the input itself."""
@@ -416,6 +437,18 @@ def test_a_built_in_class_whose_method_writes_into_its_input_is_refused_at_ident
         return x.mul_(0.5)
 
     monkeypatch.setattr(ai.blocks.SqueezeExcite, "attend", halving_in_place)
+    with pytest.raises(ai.InjectError, match=r"\(kind 'se'\) does not compute its input"):
+        ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+
+
+def test_a_function_the_blocks_call_replaced_between_calls_gets_the_blocks_proved_again(resnet, monkeypatch):
+    """The design is the code a block runs, the package's functions its methods call among it:
+    ``squeeze_excite.gate`` replaced after a proof was kept gets the next blocks proved."""
+    import attn_inject.blocks.squeeze_excite as squeeze_excite
+
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)  # the design kept
+    gate = squeeze_excite.gate
+    monkeypatch.setattr(squeeze_excite, "gate", lambda x, logits, blend: gate(x, logits, blend) * 0.5)
     with pytest.raises(ai.InjectError, match=r"\(kind 'se'\) does not compute its input"):
         ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
 

@@ -229,6 +229,64 @@ def test_original_model_keeps_working_unchanged(build):
     )
 
 
+class _KeepsState(nn.Module):
+    """A forward that keeps state the ways models do: a counter buffer, a private counter, a
+    private cache filled on first use, a public list, a private dict, a buffer registered on
+    first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+        self._calls = 0
+        self._scale: torch.Tensor | None = None
+        self.shapes: list[tuple[int, ...]] = []
+        self._by_size: dict[int, int] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add_(1)
+        self._calls += 1
+        if self._scale is None:
+            self._scale = torch.ones(x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
+        self.shapes.append(tuple(x.shape))
+        self._by_size[x.shape[-1]] = 1
+        if "table" not in self._buffers:
+            self.register_buffer("table", torch.ones(1, device=x.device), persistent=False)
+        return x * self._scale * self.table
+
+
+class _StatefulNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.state = _KeepsState()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.state(torch.relu(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["traced", "leaf"])
+def test_a_forward_that_keeps_state_leaves_the_input_model_as_it_was(leaf):
+    """Tracing runs a traced module's code on proxies and the meta pass runs a leaf's on meta
+    inputs with its own buffers: neither may leave a write in the model the user holds."""
+    model = _StatefulNet().eval()
+    if leaf:
+        ai.register_leaf_module(_KeepsState)
+    try:
+        ai.inject(
+            model, {"rules": [{"block": "se", "at": "conv_output"}]}, init="identity", input_size=(3, 16, 16)
+        )
+    finally:
+        if leaf:
+            ai.unregister_leaf_module(_KeepsState)
+    state = model.state
+    assert state.seen.item() == 0 and state._calls == 0 and state._scale is None
+    assert state.shapes == [] and state._by_size == {} and "table" not in state._buffers
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))  # runs as a model never injected into
+    assert state.seen.item() == 1 and state._scale.device.type == "cpu" and state.shapes == [(1, 8, 16, 16)]
+
+
 def test_meta_device_model_injects_without_allocating():
     patched = ai.inject(meta_model("timm:resnet50"), "cbam_after_every_stage")
     assert all(p.is_meta for p in patched.parameters())

@@ -14,8 +14,8 @@ global random state is not touched). The block is refused, with one line naming 
 
 Every block is given a copy of the probe each run and compared with the probe as made, so
 that one writing into its input (a registered factory's, timm's, or a built-in class whose
-method was replaced) is not proved by its own write. On the meta device only the shape and dtype are checked (there are no
-values to compare).
+method was replaced) is not proved by its own write. On the meta device only the shape and
+dtype are checked (there are no values to compare).
 
 Within one ``inject`` call (:func:`shared_proofs`) the probe of each shape is made once.
 A passed proof stands for every later block of the same *design*, in this call and in
@@ -27,7 +27,8 @@ each class's own namespace, so a method replaced on the class is another design)
 plain attributes on every module (what the constructor's arguments became: ratio, pool,
 layout, prefix, grid, init, ...), the same parameter names, shapes, dtypes and devices, the
 same buffers (values included), no hook on any module and no global module hook, at the
-same point shape, dtype, device and init. Why that is sound:
+same point shape, dtype, device and init; the methods include the package's functions they
+call by a global name (``gate``). Why that is sound:
 
 - whether the block raises, returns one tensor and keeps the shape and dtype is decided by
   its code and those attributes and shapes, never by the values of its weights;
@@ -35,14 +36,16 @@ same point shape, dtype, device and init. Why that is sound:
   numbers, whatever their weights;
 - at ``init="identity"`` a built-in block returns ``x * a'`` with ``a' = 1 + blend * (a -
   1)`` (:mod:`attn_inject.blocks.gate`) and ``a`` a sigmoid, or SimAM's map of the input
-  alone: with every blend exactly 0 and finite weights ``a'`` is exactly 1 and the block
-  returns its input bit for bit, whatever the weights' values. So a later block of the
+  alone: with every blend exactly 0 and a finite map ``a'`` is exactly 1 and the block
+  returns its input bit for bit, whatever the weights' values (finite weights of the
+  built-in factories give finite logits; SimAM computes its energies in float32 for half
+  precision maps, where their squares overflow). So a later block of the
   design reuses the proof only when its blends are all 0 and its weights all finite
   (checked on the block itself, which costs a few small reductions); otherwise it is
   proved in full.
 
 Nothing else shares a proof: a block whose factory is a user's (even one returning a
-built-in block that its code then changed: a hook, a method set on the instance, another
+built-in class, whatever it then set: weights, a hook, a method on the instance, another
 part, a blend moved from 0), timm's, or a :class:`Blended` user's module, is proved on its
 own, every instance, since its result may depend on its weights, or on how many were built
 before it (a factory returning identity for the first instance only is refused at the
@@ -67,6 +70,7 @@ from ..core.kept import Kept
 from ..core.messages import error_line, shown
 from ..core.randomness import cuda_devices, seed_torch
 from ..graph.trace import HOOK_DICTS, eval_mode
+from . import block_factory
 from .cbam import CBAM, ChannelAttention, ConvChannelAttention, SpatialAttention
 from .eca import ChannelConv, EfficientChannelAttention
 from .gate import BLEND, blend_parameters, blends_at_one
@@ -170,7 +174,10 @@ def prove_block(
     """Raise :class:`BlockProofError` unless ``block`` (at ``key``, of ``kind``, for a point
     of ``shape`` without its batch) passes the proof at ``init``."""
     proofs = _SHARED.get() or _Proofs()
-    design = _design(block, shape, init, device, dtype)
+    # only a block its kind's built-in factory made shares a proof: a user's factory returning
+    # a built-in class may have set its weights to anything
+    shared = type(block) in GATED_BLOCKS and block_factory(kind) is type(block)
+    design = _design(block, shape, init, device, dtype) if shared else None
     if design is not None and design in proved_designs and _as_proved(block, init):
         return
     probe = proofs.probe(shape, device, dtype)
@@ -266,15 +273,42 @@ def _design(
 
 
 def _methods(cls: type) -> tuple[Any, ...]:
-    """The function objects in the namespaces of ``cls`` and its bases below ``nn.Module``:
-    the code a block of the class runs (a method replaced on the class changes them)."""
-    return tuple(
+    """The function objects in the namespaces of ``cls`` and its bases below ``nn.Module``,
+    with the package's functions they call by a global name: the code a block of the class
+    runs (a method replaced on the class, or ``squeeze_excite.gate`` replaced in its module,
+    changes them)."""
+    methods = tuple(
         value
         for base in cls.__mro__
         if base is not nn.Module and base is not object
         for value in vars(base).values()
         if callable(value) or isinstance(value, (staticmethod, classmethod, property))
     )
+    seen: set[int] = set()
+    return methods + tuple(called for method in methods for called in _package_globals(method, seen))
+
+
+_PACKAGE = __name__.split(".")[0]
+
+
+def _package_globals(function: Any, seen: set[int]) -> list[tuple[str, Any]]:
+    """The package's own functions and classes that ``function``'s code reads by a global
+    name, and theirs in turn, each once."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return []
+    found = []
+    for name in code.co_names:
+        value = function.__globals__.get(name)
+        if not callable(value) or id(value) in seen:
+            continue
+        module = getattr(value, "__module__", None)
+        if not isinstance(module, str) or not module.startswith(_PACKAGE):
+            continue
+        seen.add(id(value))
+        found.append((name, value))
+        found += _package_globals(value, seen)
+    return found
 
 
 def _plain(value: Any) -> Hashable | None:

@@ -8,8 +8,10 @@ closed-form solution and its own implementation), and the feature is refined as
 ``out = x * sigmoid(1 / E)``. ``lambda = 1e-4`` is the paper's. No parameters.
 
 Departures: ``init="identity"`` blends the map with one (see :mod:`attn_inject.blocks.gate`;
-not in paper); ``layout`` (see :mod:`attn_inject.blocks.layout`): the statistics over the
-spatial positions of a channels-last map, or over the grid tokens.
+not in paper); on float16 and bfloat16 maps the energies are computed in float32 (not in
+paper: the squared deviations overflow float16); ``layout`` (see
+:mod:`attn_inject.blocks.layout`): the statistics over the spatial positions of a
+channels-last map, or over the grid tokens.
 """
 
 from __future__ import annotations
@@ -49,10 +51,14 @@ class SimAM(LayoutBlock):
         n = 1
         for dim in self.map_dims:
             n *= x.shape[dim]
-        squared = (x - x.mean(self.map_dims, keepdim=True)).pow(2)
+        # In half precision (t - mu)^2 overflows past |t - mu| = 256 and inf / inf is NaN: the
+        # energies are computed in float32, the map cast back (an infinite value gates as 1).
+        half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+        wide = x.float() if half else x
+        squared = (wide - wide.mean(self.map_dims, keepdim=True)).pow(2)
         variance = squared.sum(self.map_dims, keepdim=True) / max(n - 1, 1)
         inverse_energy = squared / (4 * (variance + self.e_lambda)) + 0.5
-        return gate(x, inverse_energy, self.blend)
+        return gate(x, inverse_energy.to(x.dtype), self.blend)
 
     def extra_repr(self) -> str:
         layout = super().extra_repr()

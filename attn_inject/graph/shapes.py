@@ -17,12 +17,11 @@ from typing import Any, overload
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.func import functional_call
 
 from ..core.errors import AttnInjectError
 from ..core.messages import cut, error_line
 from .shape_rules import CONV_CLASSES, function_shape, method_shape, module_shape
-from .trace import caches_kept, eval_mode
+from .trace import caches_kept, eval_mode, writes_undone
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
 
@@ -140,15 +139,11 @@ class MetaInterpreter(fx.Interpreter):
             return module._conv_forward(args[0], _meta(module.weight), _meta(module.bias))
         if single and forward is nn.Linear.forward:
             return F.linear(args[0], _meta(module.weight), _meta(module.bias))
-        state = {
-            name: _meta(t)
-            for name, t in list(module.named_parameters(remove_duplicate=False))
-            + list(module.named_buffers(remove_duplicate=False))
-        }
         try:
-            if all(t.is_meta for t in state.values()):
+            # meta inputs through the module's own weights give meta outputs; its buffers are
+            # the model's, so a write into one (a call counter) is undone
+            with writes_undone(module.buffers()):
                 return module(*args, **kwargs)
-            return functional_call(module, state, args, kwargs, tie_weights=False, strict=False)
         except Exception as error:
             return _run_real(module, target, args, kwargs, error)
 
@@ -170,7 +165,8 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
             return torch.zeros(value.shape, dtype=value.dtype, device=device)
         return value
 
-    output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
+    with writes_undone(tensors):  # its buffers are the model's: a write into them is undone
+        output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
     return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
 
 

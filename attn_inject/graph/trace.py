@@ -73,6 +73,8 @@ __all__ = [
     "tracing_guards",
     "tracing_strategy",
     "unregister_leaf_module",
+    "values_kept",
+    "writes_undone",
 ]
 
 MAX_OPAQUE = 32
@@ -400,12 +402,25 @@ class ModelTracer(fx.Tracer):
         self._tensor_names: TensorNames | None = None
         self._leaves: dict[tuple[int, str], tuple[nn.Module, bool]] = {}  # (module, name) -> leaf
         self._signatures: dict[Callable, inspect.Signature] = {}  # forward -> its signature
+        self._read_buffers: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # see getattr
 
     def trace(self, root: nn.Module | Callable[..., Any], concrete_args: Any = None) -> fx.Graph:
         self._tensor_names = None  # read from this root when first needed
         self._leaves = {}
         self._signatures = {}
-        return super().trace(root, concrete_args)
+        self._read_buffers = {}
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            _put_back(self._read_buffers.values())
+
+    def _kept_as_read(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A buffer handed to the traced code as itself (fx's way), with its value kept to be
+        put back after the trace: code that writes into it (``self.calls.add_(1)``) runs on
+        the real tensor while tracing."""
+        if id(buffer) not in self._read_buffers and not buffer.is_meta:
+            self._read_buffers[id(buffer)] = (buffer, buffer._version, buffer.detach().clone())
+        return buffer
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ModelProxy(node, self)
@@ -429,7 +444,8 @@ class ModelTracer(fx.Tracer):
         if name is None and self.proxy_buffer_attributes:
             name = names.buffer(attr_val)
         if name is None:
-            return super().getattr(attr, attr_val, parameter_proxy_cache)  # fx's walk, as ever
+            value = super().getattr(attr, attr_val, parameter_proxy_cache)  # fx's walk, as ever
+            return self._kept_as_read(value) if value is attr_val else value
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
@@ -929,31 +945,75 @@ def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     tracing (timm's ``attention_bias_cache``, keyed by ``str(x.device)``) would otherwise keep
     proxies of this graph and hand them to the next trace, and a forward that stores what it
     computed (Ultralytics' ``Detect`` keeps ``self.anchors`` and ``self.shape``) would keep
-    proxies or meta tensors, which the model's next real call would use. Every public
-    attribute a forward rebinds or adds is put back, and every plain dict refilled, on every
-    module but torch.nn's own layers (whose forwards store nothing)."""
+    proxies or meta tensors, which the model's next real call would use. On every module but
+    torch.nn's own layers (whose forwards store nothing): every attribute a forward rebinds
+    is put back (a private ``self._calls += 1`` too), every public one it adds removed, and
+    every plain dict, list and set refilled as it was (a ``self.shapes.append(...)``, a
+    buffer registered in ``forward``: ``_buffers`` is a plain dict). New private attributes
+    stay: fx keeps the constants it meets on the root as ``_tensor_constant<i>``."""
     own = [m for m in _listed(model, modules) if not type(m).__module__.startswith(_TORCH_LAYERS)]
-    # Each module's whole __dict__ copied at C speed; only its public part is put back.
+    # Each module's whole __dict__ copied at C speed
     attributes = [(m, vars(m).copy()) for m in own]
-    caches = [
-        (value, dict(value))
+    containers = [
+        (value, kind(value))
         for _, saved in attributes
-        for key, value in saved.items()
-        if type(value) is dict and key[:1] != "_"
+        for value in saved.values()
+        if (kind := type(value)) is dict or kind is list or kind is set
     ]
     try:
         yield
     finally:
-        for cache, content in caches:
-            cache.clear()
-            cache.update(content)
+        for container, content in containers:
+            if not _same_items(container, content):
+                container.clear()
+                if type(container) is list:
+                    container.extend(content)
+                else:
+                    container.update(content)
         for m, saved in attributes:
             state = vars(m)
             for key in [k for k in state if k not in saved and k[:1] != "_"]:
                 del state[key]
             for key, value in saved.items():
-                if key[:1] != "_" and state.get(key, _MISSING) is not value:
+                if state.get(key, _MISSING) is not value:
                     state[key] = value
+
+
+def _same_items(container: Any, content: Any) -> bool:
+    """Whether a dict, list or set holds the very objects it held (by identity: ``==`` on
+    tensors is elementwise)."""
+    if len(container) != len(content):
+        return False
+    if type(container) is dict:
+        return all(container.get(key, _MISSING) is value for key, value in content.items())
+    if type(container) is list:
+        return all(a is b for a, b in zip(container, content, strict=True))
+    return all(any(a is b for b in container) for a in content) if len(content) < 64 else False
+
+
+def _put_back(kept: Iterable[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
+    """Each ``(tensor, version, value)``: the value copied back into a tensor written into
+    in place since its version was read."""
+    with torch.no_grad():
+        for tensor, version, value in kept:
+            if tensor._version != version:
+                tensor.copy_(value)
+
+
+def values_kept(tensors: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """What :func:`_put_back` needs to undo in-place writes to ``tensors`` (meta ones skipped)."""
+    return [(t, t._version, t.detach().clone()) for t in tensors if not t.is_meta]
+
+
+@contextlib.contextmanager
+def writes_undone(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Every in-place write to ``tensors`` within undone after: a module run for real to learn
+    its output's shape (its buffers are the model's own)."""
+    kept = values_kept(tensors)
+    try:
+        yield
+    finally:
+        _put_back(kept)
 
 
 _MISSING = object()
