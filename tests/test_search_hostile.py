@@ -8,10 +8,12 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import os
 import shutil
 import sqlite3
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from attn_inject.cli.main import main
 from attn_inject.search import leaderboard as board
 from attn_inject.search.leaderboard import Row, t_quantile, t_quantile_exact, write_report
-from attn_inject.search.study import StudySpec, _safe_url, open_study, work
+from attn_inject.search.study import StudySpec, open_study, safe_url, work
 from attn_inject.search.study_files import StudyFiles
 
 from .test_search import SEARCHED, args, data, optuna, study_of
@@ -193,6 +195,15 @@ def test_a_best_run_whose_file_is_not_here_leaves_no_stale_best_file(data, finis
 # --- the report: plain-text labels, written whole ---------------------------------------------
 
 
+@pytest.fixture
+def unchecked_weights(monkeypatch):
+    """The best run's file taken as it is: these tests are about the table and the figure
+    (their stand-in weights are a few bytes, not a file attn-inject wrote)."""
+    import attn_inject.saving.file
+
+    monkeypatch.setattr(attn_inject.saving.file, "check_file", lambda path: None)
+
+
 def _rows(tmp_path: Path, names: list[str]) -> tuple[list[Row], StudyFiles]:
     study_files = StudyFiles.of(tmp_path / "out", "attn-inject-search")
     rows = []
@@ -204,7 +215,7 @@ def _rows(tmp_path: Path, names: list[str]) -> tuple[list[Row], StudyFiles]:
     return rows[::-1], study_files  # best first, as leaderboard() orders them
 
 
-def test_candidate_names_with_tex_are_drawn_as_plain_text(tmp_path, monkeypatch):
+def test_candidate_names_with_tex_are_drawn_as_plain_text(tmp_path, monkeypatch, unchecked_weights):
     import matplotlib
 
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc
@@ -215,7 +226,7 @@ def test_candidate_names_with_tex_are_drawn_as_plain_text(tmp_path, monkeypatch)
     assert "se $x^{$" in study_files.leaderboard_md.read_text() and study_files.best in report.files
 
 
-def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+def test_a_report_that_fails_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch, unchecked_weights):
     rows, study_files = _rows(tmp_path, ["baseline", "se"])
     write_report(rows, study_files)
     before = _tree(study_files.folder)
@@ -314,13 +325,13 @@ def test_a_space_with_a_value_out_of_range_or_of_another_type_is_refused_in_one_
 
 
 def test_a_storage_password_is_hidden_whole_and_a_long_url_is_cut():
-    assert _safe_url("postgresql://user:p@ss/w@rd@db.host:5432/x") == "postgresql://user:***@db.host:5432/x"
+    assert safe_url("postgresql://user:p@ss/w@rd@db.host:5432/x") == "postgresql://user:***@db.host:5432/x"
     assert (
-        _safe_url("postgresql://db/x?user=u&password=s3cr@t&ssl=1")
+        safe_url("postgresql://db/x?user=u&password=s3cr@t&ssl=1")
         == "postgresql://db/x?user=u&password=***&ssl=1"
     )
-    assert _safe_url("sqlite:////tmp/a@b/study.db") == "sqlite:////tmp/a@b/study.db"  # no credentials
-    assert len(_safe_url("sqlite:///" + "x" * 5000)) <= 120
+    assert safe_url("sqlite:////tmp/a@b/study.db") == "sqlite:////tmp/a@b/study.db"  # no credentials
+    assert len(safe_url("sqlite:///" + "x" * 5000)) <= 120
 
 
 def test_a_5000_character_storage_url_is_quoted_cut(data, tmp_path, capsys):
@@ -363,3 +374,272 @@ def test_a_waiting_trial_is_claimed_by_one_worker_only(tmp_path):
     assert _claim(study._storage, waiting._trial_id) is True
     assert _claim(other._storage, waiting._trial_id) is False  # it saw "waiting" too, once
     assert [t.state for t in study_of_spec(spec).trials] == [TrialState.RUNNING]
+
+
+# --- links and special files in --out ----------------------------------------------------------
+
+
+def _one_line(err: str) -> str:
+    (line,) = err.strip().splitlines()
+    return line
+
+
+def _retry_of_the_baseline(out: Path) -> None:
+    """The baseline's finished trial marked failed and a retry of it waiting (trial 2, in
+    trials/0002-seed0), as Optuna's retry callback leaves them."""
+    study = study_of(out)
+    with sqlite3.connect(out / "study.db") as db:
+        db.execute("UPDATE trials SET state = 'FAIL' WHERE number = 0")
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            user_attrs={"candidate": "baseline", "seeds": [0]},
+            system_attrs={"fixed_params": {"candidate": "baseline"}, "failed_trial": 0},
+        )
+    )
+
+
+@pytest.mark.parametrize("linked", ["run", "start.safetensors", "folder"])
+def test_a_trial_whose_run_folder_or_start_file_is_a_link_fails_and_nothing_is_written_through_it(
+    data, finished_study, tmp_path, capsys, linked
+):
+    out = copy_of(finished_study, tmp_path / "run")
+    _retry_of_the_baseline(out)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "summary.csv").write_text("precious")
+    folder = out / "trials" / "0002-seed0"
+    if linked == "folder":  # even a link that stays inside --out
+        (out / "elsewhere").mkdir()
+        folder.symlink_to(out / "elsewhere")
+    else:
+        folder.mkdir()
+        (folder / linked).symlink_to(outside / ("summary.csv" if linked != "run" else ""))
+    main(args(data, out, "se_resnet", repeats=1))
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "trial 2 failed" in line]
+    assert "is a symbolic link" in line and "(not links), or absent" in line
+    assert [p.name for p in outside.iterdir()] == ["summary.csv"]
+    assert (outside / "summary.csv").read_text() == "precious"
+
+
+@pytest.mark.parametrize("how", ["link to a new file", "link to another database", "fifo", "journal link"])
+def test_a_study_db_that_is_a_link_or_not_a_file_is_refused_and_nothing_outside_is_touched(
+    data, tmp_path, capsys, how
+):
+    out, outside = tmp_path / "run", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    app = outside / "app.db"
+    with sqlite3.connect(app) as db:
+        db.execute("CREATE TABLE notes(x)")
+    before = app.read_bytes()
+    if how == "link to a new file":
+        (out / "study.db").symlink_to(outside / "created.db")
+    elif how == "link to another database":
+        (out / "study.db").symlink_to(app)
+    elif how == "fifo":
+        os.mkfifo(out / "study.db")
+    else:
+        (out / "study.db-journal").symlink_to(app)
+    assert main(args(data, out, "se_resnet", repeats=1)) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"{out.resolve()}/study.db" in line and "must be a regular file inside --out" in line
+    assert sorted(p.name for p in outside.iterdir()) == ["app.db"] and app.read_bytes() == before
+    assert not (out / "trials").exists()
+
+
+# --- SQL the database carries ------------------------------------------------------------------
+
+ENDLESS = "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c)"
+
+
+@pytest.mark.parametrize(
+    "sql, what",
+    [
+        (f"CREATE TRIGGER slow AFTER UPDATE ON trials BEGIN SELECT {ENDLESS}; END;", "trigger 'slow'"),
+        (
+            "ALTER TABLE study_user_attributes RENAME TO real; CREATE VIEW study_user_attributes AS "
+            f"SELECT * FROM real WHERE {ENDLESS} > 0;",
+            "view 'study_user_attributes'",
+        ),
+        (
+            "ALTER TABLE study_user_attributes RENAME TO real; CREATE VIEW study_user_attributes AS "
+            "SELECT study_user_attribute_id, study_id, key, hex(zeroblob(100000000)) AS value_json "
+            "FROM real;",
+            "view 'study_user_attributes'",
+        ),
+    ],
+    ids=["endless trigger", "endless view", "amplifying view"],
+)
+def test_a_study_db_with_a_view_or_a_trigger_is_refused_before_any_of_its_sql_runs(
+    data, finished_study, tmp_path, capsys, sql, what
+):
+    out = copy_of(finished_study, tmp_path / "run")
+    with sqlite3.connect(out / "study.db") as db:
+        db.executescript(sql)
+    before = (out / "study.db").read_bytes()
+    assert main(args(data, out, "se_resnet", repeats=1)) == 1  # at once: no hang, no 700 MB
+    line = _one_line(capsys.readouterr().err)
+    assert f"{out}/study.db: the study database holds {what}" in line
+    assert "only Optuna's tables (alembic_version, studies," in line and "no view, no trigger" in line
+    assert (out / "study.db").read_bytes() == before
+
+
+def test_the_allowed_schema_is_the_installed_optunas_own(tmp_path):
+    from attn_inject.search.database import optuna_schema
+
+    optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'fresh.db'}")  # an independent reference
+    with sqlite3.connect(tmp_path / "fresh.db") as db:
+        fresh = set(db.execute("SELECT type, name FROM sqlite_master").fetchall())
+    assert optuna_schema() == fresh
+
+
+def test_a_runaway_statement_on_the_storage_is_stopped_in_one_line_naming_the_file(tmp_path, monkeypatch):
+    from attn_inject.search import database
+    from attn_inject.search import study as study_module
+
+    spec = _spec(tmp_path)
+    open_study(spec)
+    with sqlite3.connect(tmp_path / "study.db") as db:  # SQL the schema check would refuse
+        db.execute(f"CREATE TRIGGER slow AFTER UPDATE ON trials BEGIN SELECT {ENDLESS}; END;")
+    monkeypatch.setattr(study_module, "check_sqlite", lambda path: None)
+    monkeypatch.setattr(database, "STATEMENT_SECONDS", 0.5)
+    study = open_study(spec)
+    with pytest.raises(database.StudyDatabaseError) as caught:
+        work(study, spec, lambda trial: 50.0, timeout=30)  # claiming the trial updates it
+    line = str(caught.value)
+    assert line.startswith(str(tmp_path / "study.db")) and "ran past 0.5 s and was stopped" in line
+
+
+def test_a_value_longer_than_the_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from attn_inject.search import database
+
+    spec = _spec(tmp_path)
+    open_study(spec)
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        db.execute(
+            "UPDATE study_user_attributes SET value_json = ? WHERE key = 'k'", ('"' + "x" * 5000 + '"',)
+        )
+    monkeypatch.setattr(database, "MAX_VALUE_BYTES", 1000)
+    with pytest.raises(database.StudyDatabaseError) as caught:
+        open_study(spec)
+    assert str(caught.value).startswith(str(tmp_path / "study.db")) and "at most 1,000" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE trials SET datetime_start = 'not a date' WHERE number = 0",
+        "UPDATE trials SET state = 'EXPLODED' WHERE number = 0",
+        "UPDATE trial_user_attributes SET value_json = '{bad' WHERE key = 'recipe'",
+        "UPDATE study_user_attributes SET value_json = '"
+        + "[" * 100_000
+        + "]" * 100_000
+        + "' WHERE key = 'base'",
+    ],
+    ids=["date", "state", "json", "deep json"],
+)
+def test_a_malformed_row_is_one_line_naming_the_study_db(data, finished_study, tmp_path, capsys, sql):
+    out = copy_of(finished_study, tmp_path / "run")
+    with sqlite3.connect(out / "study.db") as db:
+        db.execute(sql)
+    assert main(args(data, out, "se_resnet", repeats=1)) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"{out}/study.db: cannot read the study in it: " in line and len(line) < 600
+
+
+# --- heartbeats --------------------------------------------------------------------------------
+
+
+def test_a_running_trial_whose_heartbeat_never_moves_is_failed_and_rerun(tmp_path, capsys):
+    spec = _spec(tmp_path, heartbeat=1)
+    study = open_study(spec)
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING)
+    with sqlite3.connect(tmp_path / "study.db") as db:  # dated in the future: never stale by the date
+        db.execute(
+            "INSERT INTO trial_heartbeats(trial_id, heartbeat) VALUES (?, '9999-12-31 00:00:00')",
+            (waiting._trial_id,),
+        )
+    began = time.monotonic()
+    assert work(study, spec, lambda trial: 50.0, timeout=30) == 1
+    assert time.monotonic() - began < 10
+    trials = study_of_spec(spec).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0
+    assert "trial 0 has a heartbeat (9999-12-31 00:00:00) that has not moved for" in capsys.readouterr().err
+
+
+def test_a_heartbeat_that_cannot_be_recorded_is_one_line_and_the_beats_go_on(capsys):
+    from attn_inject.search.study import _heartbeat
+
+    class Locked:
+        calls = 0
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.calls += 1
+            raise RuntimeError("database is locked\n" + "  a traceback line\n" * 90)
+
+    storage = Locked()
+    with _heartbeat(storage, 7, 0.05):  # type: ignore[arg-type]
+        time.sleep(0.3)
+    assert storage.calls >= 3
+    line = _one_line(capsys.readouterr().err)
+    assert "recording the heartbeat of a trial failed: RuntimeError: database is locked" in line
+
+
+# --- forged waiting trials choose no compute ---------------------------------------------------
+
+
+def test_forged_waiting_trials_of_a_grid_run_nothing_the_command_did_not_ask_for(
+    data, finished_study, tmp_path, capsys
+):
+    out = copy_of(finished_study, tmp_path / "run")
+    study = study_of(out)
+    study.enqueue_trial({}, user_attrs={"seeds": [0]})  # 2: no candidate
+    study.enqueue_trial({"candidate": "../../evil"}, user_attrs={"candidate": "baseline", "seeds": [0]})
+    study.enqueue_trial({"candidate": "baseline"}, user_attrs={"candidate": "baseline", "seeds": [7, 8]})
+    study.enqueue_trial({"candidate": "baseline"}, user_attrs={"candidate": "baseline", "seeds": [0]})  # 5
+    assert main(args(data, out, "se_resnet", repeats=1)) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for number, message in [
+        (2, "has no candidate; a grid's trial names one of this search's 2 candidates"),
+        (3, "its parameter candidate '../../evil' is not its candidate 'baseline'"),
+        (4, "seeds [7, 8] are not allowed; distinct seeds of this command's (0)"),
+        (5, "baseline with seed 0 is run by trial 0 already; a study runs each candidate and seed once"),
+    ]:
+        (line,) = [line for line in lines if f"trial {number} failed" in line]
+        assert message in line, line
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000-seed0", "0001-seed0"]
+
+
+# --- the report: written whole, from files attn-inject wrote ----------------------------------------
+
+
+def test_a_report_file_that_is_a_folder_is_refused_before_any_file_is_replaced(
+    data, finished_study, tmp_path, capsys
+):
+    out = copy_of(finished_study, tmp_path / "run")
+    for name in ("leaderboard.csv", "pareto.png", "best.safetensors"):
+        (out / name).write_text("OLD")
+    (out / "leaderboard.md").unlink()
+    (out / "leaderboard.md").mkdir()
+    assert main(args(data, out, "se_resnet", repeats=1)) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert f"{out}/leaderboard.md: a folder; the report's files" in line and "regular files or absent" in line
+    for name in ("leaderboard.csv", "pareto.png", "best.safetensors"):
+        assert (out / name).read_text() == "OLD", name
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_a_best_run_file_that_is_not_a_safetensors_file_is_not_copied(data, finished_study, tmp_path, capsys):
+    out = copy_of(finished_study, tmp_path / "run")
+    for weights in out.glob("trials/*/run/last.safetensors"):  # 1 GB of zeros, sparse on disk
+        weights.unlink()
+        with open(weights, "wb") as f:
+            f.truncate(1 << 30)
+    assert main(args(data, out, "se_resnet", repeats=1)) == 0
+    assert not (out / "best.safetensors").exists()
+    report = (out / "leaderboard.md").read_text()
+    assert "/last.safetensors is not a file attn-inject wrote: " in report

@@ -29,11 +29,12 @@ from typing import Any
 
 from ..core.deprecation import warn_renamed
 from ..core.files import atomic_path
-from ..core.messages import cut
+from ..core.messages import cut, first_line
 from ..graph.analysis import FLOPS_PER_MAC
 from .candidates import BASELINE
+from .errors import SearchError
 from .records import Outcome, TrialRecord
-from .study_files import StudyFiles
+from .study_files import StudyFiles, link_or_kind
 
 __all__ = [
     "CSV_COLUMNS",
@@ -416,6 +417,8 @@ class Report:
 def _best_run(rows: Sequence[Row], study_files: StudyFiles) -> tuple[Path | None, str | None]:
     """The file of the best candidate's best seed (ties: the earliest trial), or None and a
     line saying why there is none here."""
+    from ..saving.file import check_file
+
     best = next((r for r in rows if r.values), None)
     if best is None:
         return None, "best.safetensors: no finished trial"
@@ -429,7 +432,26 @@ def _best_run(rows: Sequence[Row], study_files: StudyFiles) -> tuple[Path | None
             f"best.safetensors not written: {best.candidate}'s best run ({top1:.2f}) has no "
             f"{folder.name}/last.safetensors here (another machine's run folder, or removed)"
         )
+    try:  # a file like any other in the run folder: its manifest and every tensor's shape
+        check_file(source)  # against the model it names, so its size is that model's
+    except Exception as error:
+        return None, (
+            f"best.safetensors not written: {best.candidate}'s best run ({top1:.2f}): "
+            f"{folder.name}/last.safetensors is not a file attn-inject wrote: {cut(first_line(error), 200)}"
+        )
     return source, None
+
+
+def _check_targets(paths: Sequence[Path]) -> None:
+    """Each of the report's files absent or a regular file (not a folder, a link, a FIFO), so
+    that renaming the new ones into place cannot fail half-way for what is there."""
+    for path in paths:
+        kind = link_or_kind(path, "a regular file")
+        if kind is not None:
+            raise SearchError(
+                f"{path}: {kind}; the report's files (leaderboard.md, leaderboard.csv, pareto.png, "
+                "best.safetensors) must be regular files or absent: move it away; nothing was written"
+            )
 
 
 def write_report(
@@ -450,6 +472,7 @@ def write_report(
         study_files.leaderboard_md: (title + _markdown(header, body, notes)).encode(),
         study_files.pareto: _pareto(rows),
     }
+    _check_targets([*texts, study_files.best])
     study_files.folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:  # every file renamed into place when all are written
         for path, data in texts.items():

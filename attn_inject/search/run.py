@@ -26,12 +26,24 @@ from ..finetune.data import Folders, check_folders
 from ..finetune.trackers import RunLabel
 from ..planning.match import plan
 from .candidates import BASELINE, Candidate
+from .database import check_default_storage, naming
 from .errors import SearchError
 from .leaderboard import Row, leaderboard, write_report
 from .progress import TrialClock
 from .records import MAX_SEEDS, check_candidate, check_seeds, read_trials
 from .space import point_candidate
-from .study import PRUNERS, SAMPLERS, Pruner, Sampler, StudySpec, import_optuna, open_study, say, work
+from .study import (
+    PRUNERS,
+    SAMPLERS,
+    Pruner,
+    Sampler,
+    StudySpec,
+    import_optuna,
+    open_study,
+    safe_url,
+    say,
+    work,
+)
 from .study_files import DEFAULT_STUDY, StudyFiles
 from .trial import Base, run_trial
 
@@ -217,19 +229,59 @@ class _Objective:
             self.by_name[candidate.name] = kept[0]
         return self.by_name[candidate.name]
 
+    def _enqueued(self, trial: Any, name: object) -> tuple[_Planned, list[int]]:
+        """An enqueued trial's candidate and seeds, as the study records them, checked: one of
+        this search's candidates (in a grid, its fixed parameter the same one), seeds of this
+        command's, each (candidate, seed) run by one trial of the study (a retry replaces a
+        failed one)."""
+        from optuna.trial import TrialState
+
+        what = f"trial {trial.number}"
+        planned = self.by_name[check_candidate(name, self.by_name, f"{what}: candidate")]
+        seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
+        if not set(seeds) <= set(self.seeds) or len(set(seeds)) != len(seeds):
+            raise SearchError(
+                f"{what}: seeds {shown(seeds)} are not allowed; distinct seeds of this command's "
+                f"({cut(', '.join(map(str, self.seeds)), 100)})"
+            )
+        if self.config.sampler == Sampler.GRID:  # the seed is an attribute, not a parameter
+            fixed = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+            param = trial.params.get("candidate", fixed.get("candidate") if isinstance(fixed, dict) else None)
+            if param != name:
+                raise SearchError(
+                    f"{what}: its parameter candidate {shown(param)} is not its candidate {shown(name)}; "
+                    "a grid's trial fixes the candidate it names"
+                )
+            trial.suggest_categorical("candidate", self.names)
+        if self.config.sampler != Sampler.GRID and name != BASELINE.name:
+            return planned, seeds  # a retried TPE point: TPE may draw a point twice
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        for other in trial.study.get_trials(deepcopy=False, states=done):
+            attrs = other.user_attrs
+            theirs = attrs.get("seeds") if other.number != trial.number else None
+            if attrs.get("candidate") == name and isinstance(theirs, list):
+                again = [s for s in seeds if any(s == t for t in theirs[:MAX_SEEDS])]
+                if again:
+                    raise SearchError(
+                        f"{what}: {cut(str(name), 100)} with seed {again[0]} is run by trial {other.number} "
+                        "already; a study runs each candidate and seed once"
+                    )
+        return planned, seeds
+
     def __call__(self, trial: Any) -> float:
         import optuna
 
         name = trial.user_attrs.get("candidate")
+        if name is None and self.config.sampler == Sampler.GRID:
+            raise SearchError(
+                f"trial {trial.number} has no candidate; a grid's trial names one of this search's "
+                f"{len(self.names)} candidates"
+            )
         if name is None:
             planned, seeds = self._sampled(trial), self.seeds
         else:  # an enqueued trial: what the study says it is, checked
-            what = f"trial {trial.number}"
-            planned = self.by_name[check_candidate(name, self.by_name, f"{what}: candidate")]
-            seeds = list(check_seeds(trial.user_attrs.get("seeds", self.seeds), f"{what}: seeds"))
-            if self.config.sampler == Sampler.GRID:  # the seed is an attribute, not a parameter
-                trial.suggest_categorical("candidate", self.names)
-        folders = [self.study_files.trial_folder(trial.number, seed) for seed in seeds]
+            planned, seeds = self._enqueued(trial, name)
+        folders = [self.study_files.trial_run(trial.number, seed) for seed in seeds]
         candidate = planned.candidate
         for key, value in {
             "candidate": candidate.name,
@@ -292,16 +344,20 @@ def search(config: SearchConfig) -> SearchResult:
         identity=identity,
         about=_about(folders),
     )
-    if config.storage is None:
+    if config.storage is None:  # a link would have SQLite create or change the file it leads to
+        where = str(study_files.inside(check_default_storage(out), "study.db"))
         out.mkdir(parents=True, exist_ok=True)
-    study = open_study(spec)
-    out.mkdir(parents=True, exist_ok=True)
+    else:
+        where = f"--storage {safe_url(config.storage)}"
     planned_trials = (
         len(spec.candidates) * len(seeds) if config.sampler == Sampler.GRID else 1 + (config.n_trials or 0)
     )
     clock = TrialClock(planned_trials, say)
-    ran = work(study, spec, _Objective(config, planned, seeds, study_files, clock), config.timeout, clock)
-    trials = study.get_trials(deepcopy=False)
+    with naming(where):  # a malformed row: one line naming the file
+        study = open_study(spec)
+        out.mkdir(parents=True, exist_ok=True)
+        ran = work(study, spec, _Objective(config, planned, seeds, study_files, clock), config.timeout, clock)
+        trials = study.get_trials(deepcopy=False)
     known = {BASELINE.name, *(c.name for c in config.candidates)}
     records, left_out = read_trials(trials, study_files, known)
     for line in left_out:

@@ -5,7 +5,9 @@
   whose worker died is failed by the next worker that looks and retried once more by
   Optuna's ``RetryFailedTrialCallback``; so is a running trial that never recorded a
   heartbeat (its worker died before its first beat, or the row was forged), two heartbeat
-  intervals after its start.
+  intervals after its start, and one whose heartbeat has not moved for two intervals of this
+  worker's clock (a beat dated in the future). A SQLite file is checked before Optuna opens
+  it, and every statement on it is bounded (database.py).
 - Grid (an ablation): every (candidate, seed) is enqueued once when the study is created,
   the baseline's first; workers pop the queue (a trial goes to exactly one worker: the
   storage moves it from waiting to running in one conditional UPDATE) until it is empty and no
@@ -36,10 +38,11 @@ from typing import Any
 from ..core.messages import cut, error_line, first_line, shown
 from ..core.vocabulary import Word
 from .candidates import BASELINE, Candidate
+from .database import StudyDatabaseError, check_sqlite, engine_kwargs, sqlite_file
 from .errors import SearchError
 from .progress import TrialClock
 
-__all__ = ["StudySpec", "import_optuna", "open_study", "work"]
+__all__ = ["StudySpec", "import_optuna", "open_study", "safe_url", "work"]
 
 
 class Sampler(Word):
@@ -95,7 +98,7 @@ def import_optuna() -> Any:
 MAX_URL_SHOWN = 120  # characters of a storage URL a message quotes
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL with its password hidden (all of it, ``@`` and ``/`` included: everything from
     the user name's ``:`` to the last ``@`` before the query) and a ``password=`` query value
     hidden, cut to one short line, for messages."""
@@ -123,12 +126,21 @@ def _storage(spec: StudySpec) -> Any:
         }
     else:
         retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
+    sqlite = sqlite_file(spec.storage)
+    if sqlite is not None:  # a file someone handed us: only Optuna's tables, before Optuna opens it
+        check_sqlite(sqlite)
     attempt = 0
     while True:
         try:
             return storages.RDBStorage(
-                spec.storage, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat, **retry
+                spec.storage,
+                heartbeat_interval=spec.heartbeat,
+                grace_period=2 * spec.heartbeat,
+                engine_kwargs=engine_kwargs(spec.storage),  # every statement bounded
+                **retry,
             )
+        except StudyDatabaseError:
+            raise
         except Exception as error:
             if not _lost_creation_race(error):  # a bad URL, a missing driver, a server that is down
                 raise _unopened(spec, error) from None
@@ -154,7 +166,7 @@ def _lost_creation_race(error: Exception) -> bool:
 
 def _unopened(spec: StudySpec, error: Exception) -> SearchError:
     line = first_line(error, 300) or type(error).__name__
-    return SearchError(f"--storage {_safe_url(spec.storage)}: cannot open it: {line}")
+    return SearchError(f"--storage {safe_url(spec.storage)}: cannot open it: {line}")
 
 
 def _sampler(spec: StudySpec) -> Any:
@@ -223,7 +235,7 @@ def _check_same(study: Any, spec: StudySpec) -> None:
     for key, value in spec.identity.items():
         if recorded.get(key) != value:
             raise SearchError(
-                f"study {spec.name!r} in {_safe_url(spec.storage)} was made for another {key} "
+                f"study {spec.name!r} in {safe_url(spec.storage)} was made for another {key} "
                 f"({shown(recorded.get(key))}, here {shown(value)}); "
                 "use another --study (or --out), or the command that made it"
             )
@@ -235,8 +247,14 @@ def _heartbeat(storage: Any, trial_id: int, interval: int) -> Iterator[None]:
     stop = threading.Event()
 
     def beat() -> None:
+        told = False
         while True:
-            storage.record_heartbeat(trial_id)
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # a locked or altered database: said once, tried again
+                if not told:
+                    say(f"recording the heartbeat of a trial failed: {error_line(error, 200)}; trying again")
+                    told = True
             if stop.wait(interval):
                 return
 
@@ -302,33 +320,35 @@ def say(line: str) -> None:
     print(f"attn-inject search: {line}", file=sys.stderr, flush=True)
 
 
-def _with_heartbeat(storage: Any, study_id: int) -> set[int]:
-    """The ids of the study's trials that have a heartbeat row (Optuna keeps them in a table
-    of their own, which its public API does not read)."""
+def _heartbeats(storage: Any, study_id: int) -> dict[int, Any]:
+    """The last heartbeat of each of the study's trials that has a heartbeat row, by trial id
+    (Optuna keeps them in a table of their own, which its public API does not read)."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
     backend = getattr(storage, "_backend", storage)  # under Optuna's cache
     with _create_scoped_session(backend.scoped_session) as session:
         rows = (
-            session.query(models.TrialHeartbeatModel.trial_id)
+            session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
             .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
             .filter(models.TrialModel.study_id == study_id)
             .all()
         )
-    return {row[0] for row in rows}
+    return {row[0]: row[1] for row in rows}
 
 
-class _Beatless:
-    """Fails the running trials that never recorded a heartbeat, two heartbeat intervals
-    after their start. Optuna's own check skips them (its clock is the last beat), so a trial
-    whose worker died before its first beat would keep every other worker waiting for ever.
-    A trial's start is its ``datetime_start``; where that is missing or in the future (a
-    forged row, another machine's clock) it is when this worker first saw the trial."""
+class _Stalled:
+    """Fails the running trials whose heartbeat does not move: two heartbeat intervals of
+    this worker's clock after it last changed, as this worker saw it. Optuna's own check
+    compares the last beat with the time now, so a trial that never beat (its worker died
+    before its first beat) or whose beat is dated in the future (a forged row, another
+    machine's clock) would keep every other worker waiting for ever. A trial with no beat is
+    timed from its ``datetime_start`` where that is in the past, else from when this worker
+    first saw it."""
 
     def __init__(self, interval: int) -> None:
         self.grace = 2 * interval
-        self.first_seen: dict[int, float] = {}
+        self.seen: dict[int, tuple[Any, float]] = {}  # trial id: (its beat, when first seen so)
 
     def __call__(self, study: Any) -> None:
         from optuna.trial import TrialState
@@ -337,26 +357,37 @@ class _Beatless:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
             return
-        beating = _with_heartbeat(storage, study._study_id)
+        beats = _heartbeats(storage, study._study_id)
         now, clock = datetime.datetime.now(), time.monotonic()
         for trial in running:
-            if trial._trial_id in beating:
-                continue
-            seen = self.first_seen.setdefault(trial._trial_id, clock)
-            start = trial.datetime_start
-            age = (now - start).total_seconds() if isinstance(start, datetime.datetime) else -1.0
-            if max(age, clock - seen) <= self.grace:
-                continue
+            beat = beats.get(trial._trial_id)
+            last = self.seen.get(trial._trial_id)
+            if last is None or last[0] != beat:
+                self.seen[trial._trial_id] = last = (beat, clock)
+            still = clock - last[1]
+            if beat is None:
+                start = trial.datetime_start
+                age = (now - start).total_seconds() if isinstance(start, datetime.datetime) else -1.0
+                if max(age, still) <= self.grace:
+                    continue
+                since = f"since {start:%Y-%m-%d %H:%M:%S}" if age >= 0 else "with no start time"
+                why = (
+                    f"has run {since} without a heartbeat (its worker died before its first beat, "
+                    "or the row was written by hand)"
+                )
+            else:
+                if still <= self.grace:
+                    continue
+                why = (
+                    f"has a heartbeat ({cut(str(beat), 40)}) that has not moved for {still:.0f} s (its "
+                    "worker died, or the row was written by hand)"
+                )
             try:
                 if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                     continue
             except Exception:  # another worker failed or finished it first
                 continue
-            since = f"since {start:%Y-%m-%d %H:%M:%S}" if age >= 0 else "with no start time"
-            say(
-                f"trial {trial.number} has run {since} without a heartbeat (its worker died before its "
-                f"first beat, or the row was written by hand); failed after {self.grace} s, to be run again"
-            )
+            say(f"trial {trial.number} {why}; failed after {self.grace} s, to be run again")
             # Optuna 4.9 renamed the getter of the retry callback
             getter = getattr(storage, "get_heartbeat_stale_trial_callback", None)
             callback = getter() if getter else storage.get_failed_trial_callback()
@@ -382,10 +413,10 @@ def work(
     from optuna.trial import TrialState
 
     began, ran, waiting = time.monotonic(), 0, False
-    beatless = _Beatless(spec.heartbeat)
+    stalled = _Stalled(spec.heartbeat)
     while timeout is None or time.monotonic() - began < timeout:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
-        beatless(study)  # and one that never beat
+        stalled(study)  # and one that never beat, or whose beat never moves
         trial = _pop_waiting(study)
         if trial is None and spec.sampler == Sampler.TPE and spec.n_trials is not None:
             searched = [
@@ -409,6 +440,8 @@ def work(
         with _heartbeat(study._storage, trial._trial_id, spec.heartbeat):
             try:
                 value = objective(trial)
+            except StudyDatabaseError:
+                raise  # the database's fault, not the trial's: the search stops
             except optuna.TrialPruned:
                 _tell(study, trial, state=TrialState.PRUNED)
                 _ended(clock, study, trial, "pruned")

@@ -9,20 +9,25 @@
 A study's name is a folder name, checked: letters, digits, ``.``, ``_`` and ``-``, not a
 name the default study's files use. Every path the search writes or reads (a trial's run
 folder, a report file) is resolved and must lie inside ``--out``; a seed or a trial number
-read from the study cannot lead elsewhere.
+read from the study cannot lead elsewhere. The paths a trial writes (``trials/``, its folder,
+``run/``, ``start.safetensors``) are links nowhere: each is absent, or a plain folder or file
+(``lstat``), before a trial runs.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.files import file_kind
 from ..core.messages import shown
 from ..core.values import is_int
 from .errors import SearchError
 
-__all__ = ["DEFAULT_STUDY", "MAX_SEED", "StudyFiles", "check_study_name"]
+__all__ = ["DEFAULT_STUDY", "MAX_SEED", "StudyFiles", "check_study_name", "link_or_kind"]
 
 DEFAULT_STUDY = "attn-inject-search"
 MAX_SEED = 2**32 - 1  # numpy's seeds run from 0 to 2**32 - 1
@@ -42,6 +47,18 @@ def check_study_name(name: str) -> str:
             f"or '-', starting with a letter or digit, and not one of {', '.join(sorted(_RESERVED))}"
         )
     return name
+
+
+def link_or_kind(path: Path, want: str) -> str | None:
+    """What ``path`` itself is (``lstat``: a link is not followed) when it is neither absent
+    nor ``want`` ("a regular file" or "a folder"): "a symbolic link", "a FIFO (named pipe)"...;
+    None when it is absent or ``want``."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else file_kind(mode)
+    return None if kind == want else kind
 
 
 @dataclass(frozen=True)
@@ -97,3 +114,24 @@ class StudyFiles:
                 f"trial {number}: seed {shown(seed)} is not allowed; an integer from 0 to {MAX_SEED}"
             )
         return self.inside(self.trials / f"{number:04d}-seed{seed}", f"trial {number}'s folder")
+
+    def trial_run(self, number: object, seed: object) -> Path:
+        """:meth:`trial_folder`, for a trial about to run: ``trials/``, the folder, its ``run/``
+        and its ``start.safetensors`` each absent or a plain folder or file (no link, even to a
+        place inside OUT), so that the fine-tune's writes and removals stay in OUT."""
+        folder = self.trial_folder(number, seed)
+        name = f"{number:04d}-seed{seed}"
+        for path, want in (
+            (self.trials, "a folder"),
+            (self.trials / name, "a folder"),
+            (self.trials / name / "run", "a folder"),
+            (self.trials / name / "start.safetensors", "a regular file"),
+        ):
+            kind = link_or_kind(path, want)
+            if kind is not None:
+                raise SearchError(
+                    f"trial {number}: {path.relative_to(self.out)} in --out {shown(str(self.out))} is "
+                    f"{kind}; a trial's trials/, folder, run/ and start.safetensors must be plain "
+                    "folders and files (not links), or absent"
+                )
+        return folder
