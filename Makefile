@@ -9,8 +9,8 @@
 # the sweep of every timm and torchvision model (writes docs/zoo.md and docs/zoo.csv), `make zoo-kinds`
 # every block kind on a sample (docs/zoo-kinds.md);
 # `make bench` every benchmark, on an idle machine (writes docs/benchmarks.md).
-# `make peer-timm` / `make peer-torchvision VISION=path/to/vision`: the peers' own model tests on
-# patched models against plain ones (docs/peers.md; an hour or more on 2 cores).
+# `make peer-timm` / `make peer-timm-more` / `make peer-torchvision VISION=path/to/vision`: the peers'
+# own model tests on patched models against plain ones (docs/peers.md; an hour or more on 2 cores).
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-slow test-processes lint zoo-test zoo zoo-kinds zoo-plan bench finetune-demo search-demo \
-	peer-timm peer-torchvision clean
+	peer-timm peer-timm-more peer-torchvision clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,9 @@ zoo-plan: $(STAMP)
 VISION ?=
 peer-timm: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m peers.run timm
+
+peer-timm-more: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m peers.run timm --more --jobs 3
 
 peer-torchvision: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m peers.run torchvision $(if $(VISION),--source $(VISION))

@@ -950,15 +950,16 @@ def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     is put back (a private ``self._calls += 1`` too), every public one it adds removed, and
     every plain dict, list and set refilled as it was (a ``self.shapes.append(...)``, a
     buffer registered in ``forward``: ``_buffers`` is a plain dict). New private attributes
-    stay: fx keeps the constants it meets on the root as ``_tensor_constant<i>``."""
+    stay: fx keeps the constants it meets on the root as ``_tensor_constant<i>``; so do
+    submodules a forward creates on its first call, which the graph calls."""
     own = [m for m in _listed(model, modules) if not type(m).__module__.startswith(_TORCH_LAYERS)]
     # Each module's whole __dict__ copied at C speed
     attributes = [(m, vars(m).copy()) for m in own]
     containers = [
         (value, kind(value))
         for _, saved in attributes
-        for value in saved.values()
-        if (kind := type(value)) is dict or kind is list or kind is set
+        for key, value in saved.items()
+        if ((kind := type(value)) is dict or kind is list or kind is set) and key != "_modules"
     ]
     try:
         yield
