@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 import attn_inject as ai
@@ -237,6 +238,7 @@ class _KeepsState(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("seen_through_data", torch.zeros(()))
         self._calls = 0
         self._scale: torch.Tensor | None = None
         self.shapes: list[tuple[int, ...]] = []
@@ -244,7 +246,10 @@ class _KeepsState(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.add_(1)
+        self.seen_through_data.data += 1  # moves no version counter
         self._calls += 1
+        if not hasattr(self, "_grid"):
+            self._grid = x.shape[-2:]
         if self._scale is None:
             self._scale = torch.ones(x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
         self.shapes.append(tuple(x.shape))
@@ -272,19 +277,57 @@ def test_a_forward_that_keeps_state_leaves_the_input_model_as_it_was(leaf):
     model = _StatefulNet().eval()
     if leaf:
         ai.register_leaf_module(_KeepsState)
+    recipe = {"rules": [{"block": "se", "at": "conv_output"}]}
     try:
-        ai.inject(
-            model, {"rules": [{"block": "se", "at": "conv_output"}]}, init="identity", input_size=(3, 16, 16)
-        )
+        ai.plan(model, recipe, input_size=(3, 16, 16))
+        ai.inject(model, recipe, init="identity", input_size=(3, 16, 16))
     finally:
         if leaf:
             ai.unregister_leaf_module(_KeepsState)
+    ai.plan(model, "se_resnet", input_size=(3, 16, 16), allow_empty=True) if False else None
     state = model.state
-    assert state.seen.item() == 0 and state._calls == 0 and state._scale is None
+    assert state.seen.item() == 0 and state.seen_through_data.item() == 0
+    assert state._calls == 0 and state._scale is None and not hasattr(state, "_grid")
     assert state.shapes == [] and state._by_size == {} and "table" not in state._buffers
     with torch.no_grad():
         model(torch.randn(1, 3, 16, 16))  # runs as a model never injected into
     assert state.seen.item() == 1 and state._scale.device.type == "cpu" and state.shapes == [(1, 8, 16, 16)]
+
+
+class _PlainScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.full((1, 8, 1, 1), 2.0)  # made of constants: fx keeps the tensor
+
+
+def test_the_constants_fx_keeps_on_a_traced_module_are_not_left_on_the_input_model():
+    """fx keeps a tensor it meets as ``_tensor_constant<i>`` on the module it traces: the
+    patched model has it, the input model gets none, however many calls."""
+    model = _PlainScale().eval()
+    recipe = {"rules": [{"block": "se", "at": "conv_output"}]}
+    for _ in range(2):
+        ai.plan(model, recipe, input_size=(3, 8, 8))
+        patched = ai.inject(model, recipe, init="identity", input_size=(3, 8, 8))
+    assert not [key for key in vars(model) if key.startswith("_tensor_constant")]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+
+
+def test_a_model_made_in_inference_mode_injects_exact():
+    """Tensors made under ``torch.inference_mode`` keep no version counter: buffers the traced
+    code reads (torchvision's FrozenBatchNorm2d) are kept for undoing without one."""
+    with torch.inference_mode():
+        model = (
+            torchvision.models.resnet18(norm_layer=torchvision.ops.FrozenBatchNorm2d).eval().double().float()
+        )
+    patched = ai.inject(model, "se_resnet", init="identity", input_size=(3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
 
 
 def test_meta_device_model_injects_without_allocating():

@@ -165,7 +165,7 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
             return torch.zeros(value.shape, dtype=value.dtype, device=device)
         return value
 
-    with writes_undone(tensors):  # its buffers are the model's: a write into them is undone
+    with writes_undone(module.buffers()):  # its buffers are the model's: a write into them is undone
         output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
     return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
 

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import dis
 import inspect
+import re
 import sys
 import types
 import weakref
@@ -63,6 +64,7 @@ __all__ = [
     "caches_kept",
     "eval_mode",
     "fixed_arity",
+    "fx_constants_dropped",
     "keep_output_type",
     "mode",
     "plain_tracer",
@@ -418,8 +420,8 @@ class ModelTracer(fx.Tracer):
         """A buffer handed to the traced code as itself (fx's way), with its value kept to be
         put back after the trace: code that writes into it (``self.calls.add_(1)``) runs on
         the real tensor while tracing."""
-        if id(buffer) not in self._read_buffers and not buffer.is_meta:
-            self._read_buffers[id(buffer)] = (buffer, buffer._version, buffer.detach().clone())
+        if id(buffer) not in self._read_buffers:
+            self._read_buffers.update((id(kept[0]), kept) for kept in values_kept([buffer]))
         return buffer
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -947,11 +949,11 @@ def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
     computed (Ultralytics' ``Detect`` keeps ``self.anchors`` and ``self.shape``) would keep
     proxies or meta tensors, which the model's next real call would use. On every module but
     torch.nn's own layers (whose forwards store nothing): every attribute a forward rebinds
-    is put back (a private ``self._calls += 1`` too), every public one it adds removed, and
-    every plain dict, list and set refilled as it was (a ``self.shapes.append(...)``, a
-    buffer registered in ``forward``: ``_buffers`` is a plain dict). New private attributes
-    stay: fx keeps the constants it meets on the root as ``_tensor_constant<i>``; so do
-    submodules a forward creates on its first call, which the graph calls."""
+    is put back (a private ``self._calls += 1`` too), every one it adds removed, and every
+    plain dict, list and set refilled as it was (a ``self.shapes.append(...)``, a buffer
+    registered in ``forward``: ``_buffers`` is a plain dict). What the graph reads stays:
+    the constants fx keeps on the root as ``_tensor_constant<i>``, and submodules a forward
+    creates on its first call."""
     own = [m for m in _listed(model, modules) if not type(m).__module__.startswith(_TORCH_LAYERS)]
     # Each module's whole __dict__ copied at C speed
     attributes = [(m, vars(m).copy()) for m in own]
@@ -973,11 +975,31 @@ def caches_kept(model: nn.Module, modules: Sequence[nn.Module] | None = None) ->
                     container.update(content)
         for m, saved in attributes:
             state = vars(m)
-            for key in [k for k in state if k not in saved and k[:1] != "_"]:
+            for key in [k for k in state if k not in saved and not _FX_CONSTANT.fullmatch(k)]:
                 del state[key]
             for key, value in saved.items():
                 if state.get(key, _MISSING) is not value:
                     state[key] = value
+
+
+@contextlib.contextmanager
+def fx_constants_dropped(model: nn.Module) -> Iterator[None]:
+    """The tensor constants fx keeps on the modules it traces (``_tensor_constant<i>``, read
+    by the graph while a plan is made and copied with any module the rewrite changes) taken
+    off ``model``'s own modules after: each call would otherwise leave more on the input model.
+    Those that were there before (a GraphModule's own) stay."""
+    modules = list(model.modules())
+    had = [m for m in modules if _FIRST_CONSTANT in vars(m)]
+    before = {id(m): set(filter(_FX_CONSTANT.fullmatch, vars(m))) for m in had}
+    try:
+        yield
+    finally:
+        for m in modules:
+            state = vars(m)
+            if _FIRST_CONSTANT in state:
+                kept = before.get(id(m), set())
+                for key in [k for k in state if _FX_CONSTANT.fullmatch(k) and k not in kept]:
+                    del state[key]
 
 
 def _same_items(container: Any, content: Any) -> bool:
@@ -993,17 +1015,29 @@ def _same_items(container: Any, content: Any) -> bool:
 
 
 def _put_back(kept: Iterable[tuple[torch.Tensor, int, torch.Tensor]]) -> None:
-    """Each ``(tensor, version, value)``: the value copied back into a tensor written into
-    in place since its version was read."""
+    """Each ``(tensor, version, value)``: the value put back into a tensor written into in
+    place since (its version moved, or its values differ: a write through ``.data`` moves
+    no version), through ``.data`` so that autograd's version is not moved by the undoing."""
     with torch.no_grad():
         for tensor, version, value in kept:
-            if tensor._version != version:
-                tensor.copy_(value)
+            same_layout = tensor.shape == value.shape and tensor.dtype == value.dtype
+            if same_layout and tensor._version == version and torch.equal(tensor.data, value):
+                continue
+            if same_layout:
+                tensor.data.copy_(value)
+            else:  # resized or retyped in place: the value as it was, by its own storage
+                tensor.data = value
 
 
 def values_kept(tensors: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-    """What :func:`_put_back` needs to undo in-place writes to ``tensors`` (meta ones skipped)."""
-    return [(t, t._version, t.detach().clone()) for t in tensors if not t.is_meta]
+    """What :func:`_put_back` needs to undo in-place writes to ``tensors``: each with its
+    version and a copy. Meta tensors hold no values; inference tensors (made under
+    ``torch.inference_mode``) keep no version and cannot be written outside it."""
+    return [
+        (t, t._version, t.detach().clone())
+        for t in tensors
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided and not (t.is_meta or t.is_inference())
+    ]
 
 
 @contextlib.contextmanager
@@ -1018,6 +1052,8 @@ def writes_undone(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
 
 
 _MISSING = object()
+_FX_CONSTANT = re.compile(r"_tensor_constant\d+")  # fx's name for a tensor constant it keeps on the root
+_FIRST_CONSTANT = "_tensor_constant0"  # fx numbers them from 0 on each module
 _TORCH_LAYERS = "torch.nn.modules."  # torch.nn's own layer classes are defined under it
 
 

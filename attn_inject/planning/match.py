@@ -39,6 +39,7 @@ from ..graph.layout import NCHW
 from ..graph.node_layout import layout_of
 from ..graph.shapes import tensor_meta
 from ..graph.stages import Stage, find_stages
+from ..graph.trace import fx_constants_dropped
 from ..models.build import wrapper_of
 from ..models.facts import count_params, default_input_size, model_name
 from ..models.targets import default_target, get_target, returns_its_stages, target_input_size
@@ -603,4 +604,5 @@ def plan(
     (default: the recipe's ``target``, else a torchvision detection / segmentation model's
     backbone). Point names are relative to the target. An empty plan means nothing matched.
     """
-    return analyse(model, recipe, init=init, input_size=input_size, target=target)[1]
+    with fx_constants_dropped(model):
+        return analyse(model, recipe, init=init, input_size=input_size, target=target)[1]

@@ -11,6 +11,7 @@ from torch import nn
 from ..blocks.proof import BlockProofError, shared_proofs
 from ..core.errors import AttnInjectError
 from ..core.randomness import check_seed, own_random_state
+from ..graph.trace import fx_constants_dropped
 from ..models.build import base_model_of
 from ..planning.match import analyse
 from ..planning.points import QuantizedModelError
@@ -59,7 +60,7 @@ def inject(
         >>> patched.layer1[0].se             # the new block, where timm's seresnet50 has it
     """
     seed = check_seed(seed)
-    with own_random_state(seed), shared_proofs():
+    with own_random_state(seed), shared_proofs(), fx_constants_dropped(model):
         try:
             graph, plan = analyse(model, recipe, init=init, input_size=input_size, target=target)
         except QuantizedModelError as error:
