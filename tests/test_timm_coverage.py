@@ -264,3 +264,25 @@ def test_feature_getter_with_chosen_outputs_loads_as_saved(tmp_path):
         got, want = as_list(loaded(x_batch())), as_list(patched(x_batch()))
     assert [g.shape[1] for g in got] == [64, 256]  # layer1 and layer3
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_a_feature_getter_is_planned_at_the_size_its_model_was_built_for():
+    """timm's test_pruned_features_torchscript builds ``img_size=64`` getters: the size is read
+    off the wrapped model's patch embedding, not its pretrained configuration's 224."""
+    model = getter("convit_tiny", img_size=SIZE, out_indices=(0,))
+    patched = ai.inject(model, "se_resnet", init="identity")
+    assert patched.attn_inject.plan.input_size == (3, SIZE, SIZE)
+    x = x_batch()
+    with torch.no_grad():
+        assert all(torch.equal(g, w) for g, w in zip(as_list(patched(x)), as_list(model(x)), strict=True))
+
+
+def test_a_model_moving_a_tensor_to_a_buffers_device_is_planned_on_the_cpu():
+    """DINOv3's rotary embeddings go ``.to(device=<a buffer's device>)``: the trace keeps the
+    device as a constant, which a meta tensor cannot be copied to; the meta pass keeps it."""
+    model = timm.create_model("vit_tiny_patch16_dinov3_qkvb", depth=2).eval()
+    patched = ai.inject(model, "se_resnet", init="identity", input_size=(3, SIZE, SIZE))
+    assert len(ai.inserted_blocks(patched)) == 4
+    x = x_batch()
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))

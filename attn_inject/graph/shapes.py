@@ -114,7 +114,11 @@ class MetaInterpreter(fx.Interpreter):
 
     def call_method(self, target, args, kwargs):
         known = method_shape(target, args, kwargs) if self.rules else None
-        return known if known is not None else super().call_method(target, args, kwargs)
+        if known is not None:
+            return known
+        if target in _DEVICE_MOVES and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            args, kwargs = _kept_on_meta(target, args, kwargs)
+        return super().call_method(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
@@ -168,6 +172,27 @@ def _run_real(module: nn.Module, name: str, args: tuple, kwargs: dict, error: Ex
     with writes_undone(module.buffers()):  # its buffers are the model's: a write into them is undone
         output = module(*fx.node.map_aggregate(args, real), **fx.node.map_aggregate(kwargs, real))
     return fx.node.map_aggregate(output, lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
+
+
+# Methods that move a tensor to a device: a device the trace read off a real tensor (a
+# buffer's, ``x.to(device=self.freqs.device)``) is a constant of the graph, and a meta tensor
+# cannot be copied there; the meta pass keeps it on the meta device, every other argument
+# (a dtype) as given.
+_DEVICE_MOVES = frozenset({"to", "cpu", "cuda"})
+
+
+def _kept_on_meta(target: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if target != "to":
+        return args[:1], {}  # .cpu() / .cuda(): the meta tensor itself
+
+    def meta_device(value: Any) -> Any:
+        if isinstance(value, torch.device) or (isinstance(value, str) and value != "meta"):
+            return torch.device("meta")
+        return value
+
+    return (args[0], *map(meta_device, args[1:])), {
+        key: meta_device(value) if key == "device" else value for key, value in kwargs.items()
+    }
 
 
 def all_meta(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -50,8 +51,11 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
 
 
 def _built_size(model: nn.Module) -> tuple[int, int] | None:
-    """(H, W) the model was built for, where timm records it (``img_size=`` at creation)."""
-    for owner in (getattr(model, "patch_embed", None), model):
+    """(H, W) the model was built for, where timm records it (``img_size=`` at creation), on
+    the model or, for timm's ``features_only`` getter (``FeatureGetterNet``), the model it wraps."""
+    getter = getattr(sys.modules.get("timm.models._features"), "FeatureGetterNet", None)  # timm loaded
+    inner = model._modules.get("model") if getter is not None and isinstance(model, getter) else None
+    for owner in (getattr(model, "patch_embed", None), model, getattr(inner, "patch_embed", None), inner):
         size = getattr(owner, "img_size", None)
         if is_int(size) and size > 0:
             return (size, size)
