@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..core.errors import AttnInjectError
 from ..core.messages import cut, error_line
 from .shape_rules import CONV_CLASSES, function_shape, method_shape, module_shape
-from .trace import caches_kept, eval_mode, writes_undone
+from .trace import FX_CONSTANT, caches_kept, eval_mode, writes_undone
 
 __all__ = ["MetaInterpreter", "ShapeError", "all_meta", "propagate_shapes", "tensor_meta"]
 
@@ -83,6 +83,8 @@ class MetaInterpreter(fx.Interpreter):
         self.rules = rules
         self.module_rules = rules and not counted
         self.fixed_modules = fixed_modules  # False: a trace running beside it may change them
+        # fx's constants, which the input model no longer holds once a plan is made
+        self.fx_constants = {n.target: n.meta[FX_CONSTANT] for n in self.graph.nodes if FX_CONSTANT in n.meta}
 
     def run_node(self, n: fx.Node) -> Any:
         """fx's ``run_node`` without its bookkeeping for tracers (a context naming the current
@@ -121,7 +123,9 @@ class MetaInterpreter(fx.Interpreter):
         return super().call_method(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
+        value = self.fx_constants.get(target)
+        if value is None:
+            value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor) and value.device.type != "meta":
             value = value.to("meta")
         return value

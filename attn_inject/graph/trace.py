@@ -52,6 +52,7 @@ from ..core.messages import shown
 from ..core.views import unregistered
 
 __all__ = [
+    "FX_CONSTANT",
     "Assumption",
     "ModelAttribute",
     "ModelProxy",
@@ -65,6 +66,7 @@ __all__ = [
     "eval_mode",
     "fixed_arity",
     "fx_constants_dropped",
+    "keep_fx_constants",
     "keep_output_type",
     "mode",
     "plain_tracer",
@@ -1002,6 +1004,20 @@ def fx_constants_dropped(model: nn.Module) -> Iterator[None]:
                     del state[key]
 
 
+FX_CONSTANT = "fx_constant"  # node.meta key: the tensor a get_attr of an fx constant reads
+
+
+def keep_fx_constants(graph: fx.Graph, root: nn.Module) -> None:
+    """Each ``get_attr`` of a constant fx kept on ``root`` holds its tensor in its node's meta,
+    so the graph reads it after :func:`fx_constants_dropped` took it off the input model (a
+    plan's multiply-add count runs the graph later)."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and _FX_CONSTANT.fullmatch(str(node.target)):
+            value = vars(root).get(str(node.target))
+            if isinstance(value, torch.Tensor):
+                node.meta[FX_CONSTANT] = value
+
+
 def _same_items(container: Any, content: Any) -> bool:
     """Whether a dict, list or set holds the very objects it held (by identity: ``==`` on
     tensors is elementwise)."""
@@ -1071,6 +1087,7 @@ def _trace(
         with eval_mode(model, [m for _, m in named]), size_only_calls_recorded(model, tracer, named):
             try:
                 graph = tracer.trace(model, concrete_args=concrete or None)
+                keep_fx_constants(graph, model)
                 thread_in_place(graph)
                 keep_output_type(graph, tracer.output_type)
                 return TraceResult(graph, tuple(opaque), tuple(tracer.calls), tuple(tracer.assumptions))
