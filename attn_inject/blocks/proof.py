@@ -78,7 +78,15 @@ from .simam import SimAM
 from .squeeze_excite import SqueezeExcite
 from .wrapped import Blended
 
-__all__ = ["BlockProofError", "block_name", "prove_block", "proved_designs", "run_block", "shared_proofs"]
+__all__ = [
+    "BlockProofError",
+    "block_name",
+    "built_in_class",
+    "prove_block",
+    "proved_designs",
+    "run_block",
+    "shared_proofs",
+]
 
 PROBE_SEED = 0  # the private generator's seed: the same probe for every injection
 PROBE_PERIOD = 65_521  # values drawn for one probe at most, repeated past that
@@ -176,7 +184,7 @@ def prove_block(
     proofs = _SHARED.get() or _Proofs()
     # only a block its kind's built-in factory made shares a proof: a user's factory returning
     # a built-in class may have set its weights to anything
-    shared = type(block) in GATED_BLOCKS and block_factory(kind) is type(block)
+    shared = type(block) in GATED_BLOCKS and built_in_class(kind) is type(block)
     design = _design(block, shape, init, device, dtype) if shared else None
     if design is not None and design in proved_designs and _as_proved(block, init):
         return
@@ -237,6 +245,13 @@ def _probe_tile() -> torch.Tensor:
     probe is a copy of it, never a view: a block may write into what it is given."""
     tile = torch.empty(PROBE_PERIOD, dtype=torch.float32, device="cpu")
     return tile.uniform_(-2.0, 2.0, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+def built_in_class(kind: str) -> type | None:
+    """The built-in block class ``kind``'s factory is (:data:`GATED_BLOCKS`), or None for a
+    registered factory or timm's kinds: only those blocks share proofs and kept costs."""
+    factory = block_factory(kind)
+    return factory if factory in GATED_BLOCKS else None
 
 
 def _design(

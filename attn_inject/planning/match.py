@@ -20,7 +20,6 @@ from torch import fx, nn
 
 from ..blocks import (
     accepts_order,
-    block_factory,
     block_for_point,
     layout_kwargs,
     permutes,
@@ -29,7 +28,7 @@ from ..blocks import (
 )
 from ..blocks.costs import closed_form_macs, closed_forms_hold
 from ..blocks.params import INIT_MODES
-from ..blocks.proof import GATED_BLOCKS, block_name, run_block
+from ..blocks.proof import block_name, built_in_class, run_block
 from ..core.errors import InputError
 from ..core.kept import Kept
 from ..core.markers import is_inserted_block
@@ -146,8 +145,8 @@ def _built_in(block: BlockSpec, key: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """``key`` with the block's class when its kind builds a built-in block (see
     :data:`~attn_inject.blocks.proof.GATED_BLOCKS`), else None: a registered factory's
     costs may depend on more than its arguments."""
-    factory = block_factory(block.kind)
-    return (factory, *key) if factory in GATED_BLOCKS else None
+    factory = built_in_class(block.kind)
+    return (factory, *key) if factory is not None else None
 
 
 def _keep(rule: Rule, candidate: Candidate, stage: int | None, n_stages: int) -> bool:
