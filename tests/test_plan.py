@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -267,3 +268,15 @@ def test_a_block_on_one_edge_leaves_the_other_users_edge_free():
     pre = ai.inject(model, "se_pre", input_size=SIZE)  # SE-PRE on x -> conv1 of every unit
     stages = ai.plan(pre, "cbam_after_every_stage", input_size=SIZE)
     assert [p.name for p in stages] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.parametrize("input_size", [5, "364", ("a", 64, 64), (3.5, 64, 64), (True, 64, 64), None])
+def test_an_input_size_that_is_no_tuple_of_ints_is_refused_in_one_line(input_size):
+    model = torchvision.models.resnet18()
+    if input_size is None:  # the sizes that are allowed: a tuple, a list, a torch.Size, NumPy integers
+        for allowed in ((3, 64, 64), [64, 64], torch.Size([3, 64, 64]), (np.int64(3), 64, 64)):
+            assert ai.plan(model, "se_resnet", input_size=allowed).input_size == (3, 64, 64)
+        return
+    with pytest.raises(TypeError, match=r"^input_size must be a tuple or list of ints") as info:
+        ai.plan(model, "se_resnet", input_size=input_size)
+    assert isinstance(info.value, ai.AttnInjectError) and "\n" not in str(info.value)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
-from ..core.errors import InputError
+from ..core.errors import InputError, InputTypeError
+from ..core.messages import shown
 from ..core.values import is_int
 from ..surgery.record import patched_record
 
@@ -26,7 +29,7 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
     channels = first.in_channels if first is not None else 3
     video = isinstance(first, nn.Conv3d)
     if input_size is not None:
-        size = tuple(int(s) for s in input_size)
+        size = _sizes(input_size)
         spatial = 3 if video else 2
         if len(size) == spatial:
             size = (channels, *size)
@@ -48,6 +51,28 @@ def default_input_size(model: nn.Module, input_size: Sequence[int] | None = None
     if video:
         return (channels, VIDEO_FRAMES, 224, 224)
     return (channels, 224, 224)
+
+
+def _sizes(input_size: object) -> tuple[int, ...]:
+    """``input_size`` as a tuple of ints: a tuple, list or ``torch.Size`` of integers (a bool,
+    a float or a string is no size)."""
+    items = input_size if isinstance(input_size, (tuple, list)) else None
+    if items is None or len(items) > 8 or not all(_is_size(s) for s in items):
+        raise InputTypeError(
+            f"input_size must be a tuple or list of ints such as (3, 224, 224), got {shown(input_size, 60)}"
+        )
+    return tuple(operator.index(s) for s in items)
+
+
+def _is_size(value: Any) -> bool:
+    """An integer of any integer type (int, a NumPy or 0-dim torch integer), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _built_size(model: nn.Module) -> tuple[int, int] | None:

@@ -35,9 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import InputError
-from ..core.files import NotRegularFileError, open_regular
+from ..core.errors import InputError, InputTypeError
+from ..core.files import NotRegularFileError, file_kind, open_regular
 from ..core.messages import cut, shown
+from ..core.randomness import own_random_state
 from ..core.values import is_int
 from ..recipes.recipe import INIT_MODES, Recipe, RecipeError, parse_recipe_text
 from ..surgery.record import patched_record
@@ -60,6 +61,7 @@ __all__ = [
     "HUB_KEY",
     "HUB_WEIGHTS",
     "Manifest",
+    "checked_path",
     "load",
     "manifest_of",
     "read_manifest",
@@ -369,8 +371,12 @@ def _refuse_torch_file(path: str | os.PathLike) -> None:
     """A PyTorch checkpoint given where a converted file is expected: say how to convert it."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
+        with open_regular(p) as f:  # a FIFO is never opened for reading: it would wait for a writer
             head = f.read(4)
+    except NotRegularFileError as error:
+        raise CheckpointError(
+            f"{p}: is {file_kind(error.mode)}, not a regular file; a saved model is a .safetensors file"
+        ) from None
     except OSError:
         return  # the safetensors reader says what is wrong with the path
     # A zip (torch.save) cannot be a safetensors file (its header would be 67 MB); a pickle's
@@ -676,7 +682,7 @@ def _check_plan(plan: Any, manifest: Manifest, path: str | os.PathLike, what: st
                 )
 
 
-def _check_base_against_file(
+def check_base_against_file(
     base: nn.Module, shapes: Mapping[str, tuple[int, ...]], path: str | os.PathLike, what: str
 ) -> None:
     """Every tensor of the (meta) base model must be in the file with the same shape."""
@@ -715,7 +721,7 @@ def _checked_base(
     shapes = read_safetensors_shapes(path)
     if model is not None:
         refuse_wrapper(model, "load(model=...)")
-        _check_base_against_file(model, shapes, path, f"the model given ({type(model).__name__})")
+        check_base_against_file(model, shapes, path, f"the model given ({type(model).__name__})")
         return manifest, recipe, model, shapes
     if manifest.base_model is None:
         raise CheckpointError(
@@ -735,7 +741,7 @@ def _checked_base(
             f"is allocated ({type(error).__name__}: {shown(str(error))}); "
             "pass the base model: attn_inject.load(path, model=...)"
         ) from None
-    _check_base_against_file(twin_base, shapes, path, what)
+    check_base_against_file(twin_base, shapes, path, what)
     try:
         twin = inject_recorded(twin_base, manifest, recipe, path)
     except Exception as error:
@@ -777,18 +783,24 @@ def load(
     ``register_timm_model`` uses the file registered. ``use_ema``: its EMA weights
     (``state_dict_ema``).
     """
-    if is_torch_file_name(path):
-        return _load_training_checkpoint(path, model, like, use_ema)
-    if like is not None or use_ema:
-        given = "like=" if like is not None else "use_ema=True"
-        raise InputError(f"load({given}) is for a training checkpoint (.pth.tar, .pth); {path} is not one")
-    path = weights_path(path)
-    manifest, recipe, base, shapes = _checked_base(path, model)
-    assert base is not None
-    patched = inject_recorded(base, manifest, recipe, path)
-    _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
-    patched.load_state_dict(read_state_dict(path), strict=True)
-    return patched
+    path = checked_path(path, "load(path)")
+    if like is not None:
+        like = checked_path(like, "load(like=...)")
+    with own_random_state():  # the rebuilt model's random init is overwritten; the caller's RNG is kept
+        if is_torch_file_name(path):
+            return _load_training_checkpoint(path, model, like, use_ema)
+        if like is not None or use_ema:
+            given = "like=" if like is not None else "use_ema=True"
+            raise InputError(
+                f"load({given}) is for a training checkpoint (.pth.tar, .pth); {path} is not one"
+            )
+        path = weights_path(path)
+        manifest, recipe, base, shapes = _checked_base(path, model)
+        assert base is not None
+        patched = inject_recorded(base, manifest, recipe, path)
+        _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
+        patched.load_state_dict(read_state_dict(path), strict=True)
+        return patched
 
 
 def _load_training_checkpoint(
@@ -852,10 +864,18 @@ def _registered_source(arch: str | None) -> Path | None:
     return source if isinstance(source, Path) else None
 
 
+def checked_path(path: Any, where: str) -> Path:
+    """``path`` (a ``str`` or an ``os.PathLike``) as a ``Path``; any other value is refused
+    in one line naming ``where`` it was given."""
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
+        raise InputTypeError(f"{where}: a path (a str or a pathlib.Path) is needed, got {shown(path)}")
+    return Path(path)
+
+
 def weights_path(path: str | os.PathLike) -> Path:
     """The safetensors file ``path`` names: ``path`` itself, or, for a folder in timm's hub
     layout, its ``model.safetensors`` once its ``config.json`` is found to describe it."""
-    p = Path(path)
+    p = checked_path(path, "a saved model")
     if not p.is_dir():
         return p
     config_path, weights = p / HUB_CONFIG, p / HUB_WEIGHTS
@@ -912,9 +932,10 @@ def load_base_weights(path: str | os.PathLike, model: nn.Module | None = None) -
     """The base model with the file's base weights (the blocks' left out): the reference a
     saved patched model is validated against."""
     path = weights_path(path)
-    manifest, recipe, base, _ = _checked_base(path, model)
-    assert base is not None
-    prefixes = block_weight_names(inject_recorded(base, manifest, recipe, path))
+    with own_random_state():  # as in load: the base's random init is overwritten
+        manifest, recipe, base, _ = _checked_base(path, model)
+        assert base is not None
+        prefixes = block_weight_names(inject_recorded(base, manifest, recipe, path))
     tensors = {k: v for k, v in read_state_dict(path).items() if not k.startswith(prefixes)}
     check_fits(base, tensors, source=f"checkpoint {path}")
     base.load_state_dict(tensors, strict=True)

@@ -42,21 +42,34 @@ and must keep ``model.safetensors``, which ``resume_from_checkpoint`` reads. The
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
-from ..core.files import write_text_atomic
-from ..core.messages import shown
+from ..core.files import NotRegularFileError, open_regular, write_text_atomic
+from ..core.messages import cut, shown
 from ..core.randomness import own_random_state
+from ..core.values import is_int
+from ..models.build import ModelKwargsError, check_model_kwargs
 from ..surgery.record import patched_record
-from .checkpoint import CheckpointError
-from .file import load, save
+from .checkpoint import CheckpointError, read_safetensors_shapes
+from .file import check_base_against_file, checked_path, load, read_manifest, save
 
 __all__ = ["CHECKPOINT_CONFIG", "CONFIG_KEY", "WEIGHTS", "KeepBlocks", "from_pretrained", "save_pretrained"]
 
@@ -70,6 +83,26 @@ CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 TRAINER_STATE = "trainer_state.json"  # what marks a folder as a Trainer checkpoint
 MAX_CONFIG_BYTES = 4 << 20
+
+# What a config.json may not say, wherever it says it: these keys choose code (a module to
+# import, an attention kernel fetched from the Hub) rather than a shape.
+CODE_KEYS = frozenset(
+    {
+        "auto_map",
+        "custom_pipelines",
+        "attn_implementation",
+        "_attn_implementation",
+        "_attn_implementation_internal",
+        "experts_implementation",
+        "_experts_implementation",
+    }
+)
+# The dtypes a config may build its model in (transformers reads any other name as an
+# attribute of torch).
+CONFIG_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+# A timm model name, with or without its pretrained tag: no source ("hf-hub:", "local-dir:"),
+# no path, nothing for timm to download or open.
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]{1,100}(\.[A-Za-z0-9_]{1,100})?")
 # A transformers TrainerCallback, made on first use by __getattr__ below (declared, not
 # assigned: importing attn_inject does not import transformers).
 KeepBlocks: type
@@ -117,8 +150,17 @@ def _config_with_entry(patched: nn.Module, weights: str) -> dict[str, Any]:
     return config
 
 
-def _write_config(path: Path, config: Mapping[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _config_text(config: Mapping[str, Any], where: str) -> str:
+    """``config`` as the JSON text written to ``config.json``: checked as
+    :func:`from_pretrained` checks it, so a folder that would not load is not written."""
+    _check_config_data(config, where)
+    try:
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{where}: the model's config cannot be written as JSON ({shown(str(error))}); keep only plain "
+            "values (numbers, strings, lists, dicts) on model.config"
+        ) from None
 
 
 def save_pretrained(
@@ -133,17 +175,18 @@ def save_pretrained(
     Files already there are kept unless ``force``. Returns the weights file's path."""
     _check_hf_model(patched, "save_pretrained()")
     _check_patched(patched, "save_pretrained()")
-    root = Path(folder)
+    root = checked_path(folder, "save_pretrained(folder)")
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"cannot write {root}: it is a file, not a folder")
-    root.mkdir(parents=True, exist_ok=True)
     config_path = root / CONFIG
     if config_path.exists() and not force:
         raise CheckpointError(f"{config_path} exists; pass force=True to overwrite")
-    config = _config_with_entry(patched, WEIGHTS)
+    # Everything that can be refused is refused before anything is written.
+    text = _config_text(_config_with_entry(patched, WEIGHTS), f"save_pretrained(): {config_path}")
+    root.mkdir(parents=True, exist_ok=True)
     weights = root / WEIGHTS
     save(patched, weights, model_name="", force=force, training=training)
-    _write_config(config_path, config)
+    write_text_atomic(config_path, text)
     return weights
 
 
@@ -151,55 +194,160 @@ def from_pretrained(model_class: Any, folder: str | os.PathLike) -> nn.Module:
     """The patched model saved in ``folder``, with its weights: a folder written by
     :func:`save_pretrained`, or a ``Trainer`` checkpoint kept by :class:`KeepBlocks`.
     ``model_class`` builds the base from the folder's config: the saved class
-    (``ResNetModel``) or an auto class (``AutoModel``). Nothing is downloaded."""
+    (``ResNetModel``) or an auto class (``AutoModel``). Nothing is downloaded, no code the
+    folder names is run, and nothing is allocated before the model the config describes,
+    built on the meta device, is found to fit the weights file's tensors."""
     transformers = _transformers()
-    root = Path(folder)
-    config_path, entry = _entry(root)
+    root = checked_path(folder, "from_pretrained(folder)")
+    config_path, entry, data = _entry(root)
+    weights = root / entry["weights"]
+    read_manifest(weights)  # a file written by attn_inject.save, before its tensors are listed
+    shapes = read_safetensors_shapes(weights)
+    _check_config_data(data, str(config_path), largest=_largest_size(shapes))
     try:
-        config = transformers.AutoConfig.from_pretrained(str(config_path), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(
+            str(config_path), local_files_only=True, trust_remote_code=False
+        )
     except Exception as error:
         raise CheckpointError(f"{config_path}: transformers cannot read it ({shown(str(error))})") from None
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
-    with own_random_state():  # the base's random init is overwritten; the caller's RNG is kept
-        try:
-            if hasattr(model_class, "from_config"):
-                base = model_class.from_config(config)
-            else:
-                base = model_class(config)
-        except Exception as error:
-            raise CheckpointError(
-                f"{shown(getattr(model_class, '__name__', model_class))} cannot build the model of "
-                f"{config_path} ({type(error).__name__}: {shown(str(error))})"
-            ) from None
     saved = entry["class"].rpartition(".")[2]
-    if type(base).__name__ != saved:
-        raise CheckpointError(
-            f"{root} holds a {shown(saved)}; {shown(getattr(model_class, '__name__', model_class))} built "
-            f"a {type(base).__name__}: pass transformers.{saved} or the auto class that builds it"
-        )
-    return load(root / entry["weights"], model=base.eval())
+    with own_random_state():  # the base's random init is overwritten; the caller's RNG is kept
+        twin = _shapes_only(model_class, config, shapes, config_path, weights)
+        if type(twin).__name__ != saved:
+            raise CheckpointError(
+                f"{root} holds a {shown(saved)}; {_name(model_class)} builds a {type(twin).__name__}: pass "
+                f"transformers.{saved} or the auto class that builds it"
+            )
+        check_base_against_file(twin, shapes, weights, f"the {type(twin).__name__} {config_path} describes")
+        del twin
+        base = _built(model_class, config, config_path)
+    return load(weights, model=base.eval())
 
 
-def _entry(root: Path) -> tuple[Path, dict[str, str]]:
-    """The config file of ``root`` and its ``"attn_inject"`` entry, checked (the folder is
-    untrusted): ``config.json`` naming ``attn_inject.safetensors``, or in a checkpoint kept
-    by :class:`KeepBlocks`, ``attn_inject_config.json`` naming ``model.safetensors``."""
-    path, weights = root / CONFIG, WEIGHTS
-    if not path.is_file() and (root / CHECKPOINT_CONFIG).is_file():
-        path, weights = root / CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(
-            f"{root} has no {CONFIG}: it was not written by attn_inject.hf.save_pretrained "
-            "or kept by attn_inject.hf.KeepBlocks"
-        )
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES} bytes; a config is a few kB")
+def _name(model_class: Any) -> str:
+    return shown(getattr(model_class, "__name__", model_class))
+
+
+def _build(model_class: Any, config: Any) -> nn.Module:
+    if hasattr(model_class, "from_config"):
+        return model_class.from_config(config)
+    return model_class(config)
+
+
+def _built(model_class: Any, config: Any, config_path: Path) -> nn.Module:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({shown(str(error))})") from None
-    entry = data.get(CONFIG_KEY) if isinstance(data, dict) else None
+        return _build(model_class, config)
+    except Exception as error:
+        raise CheckpointError(
+            f"{_name(model_class)} cannot build the model of {config_path} "
+            f"({type(error).__name__}: {shown(str(error))})"
+        ) from None
+
+
+class _Budget:
+    """How much a model built from a config may register, from the weights file it must fit:
+    its own tensors, a margin for buffers a file does not hold (position indices), and the
+    modules that hold them. Counted as modules register them, on this thread only."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        values = sum(math.prod(shape) for shape in shapes.values())
+        self.limits = (2 * len(shapes) + 256, 2 * values + (1 << 22), 4 * len(shapes) + 1024)
+        self.used = [0, 0, 0]
+        self.exceeded = False
+        self.thread = threading.get_ident()
+
+    def count(self, tensors: int, values: int, modules: int) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        for i, n in enumerate((tensors, values, modules)):
+            self.used[i] += n
+        if any(used > limit for used, limit in zip(self.used, self.limits, strict=True)):
+            self.exceeded = True
+            raise _OverBudget
+
+
+class _OverBudget(Exception):
+    """A model being built registered more than its weights file justifies."""
+
+
+@contextlib.contextmanager
+def _counted(budget: _Budget, *, to_meta: bool) -> Iterator[None]:
+    """``budget`` charged for every tensor and module registered while the block runs; with
+    ``to_meta``, each parameter and buffer is moved to the meta device as it is registered."""
+
+    def on_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or threading.get_ident() != budget.thread:
+            return None
+        budget.count(1, param.numel(), 0)
+        if to_meta and not param.is_meta:
+            return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    def on_buffer(module: nn.Module, name: str, buffer: torch.Tensor | None) -> torch.Tensor | None:
+        if buffer is None or threading.get_ident() != budget.thread:
+            return None
+        budget.count(1, buffer.numel(), 0)
+        return buffer.to("meta") if to_meta and not buffer.is_meta else None
+
+    def on_module(module: nn.Module, name: str, child: nn.Module | None) -> None:
+        if child is not None:
+            budget.count(0, 0, 1)
+
+    handles = [
+        # torch's hints say these hooks return None; a returned tensor replaces the registered one
+        register_module_parameter_registration_hook(on_parameter),  # type: ignore[arg-type]
+        register_module_buffer_registration_hook(on_buffer),  # type: ignore[arg-type]
+        register_module_module_registration_hook(on_module),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _shapes_only(
+    model_class: Any, config: Any, shapes: Mapping[str, tuple[int, ...]], config_path: Path, weights: Path
+) -> nn.Module:
+    """The model ``config`` describes, every tensor on the meta device, built only as far as
+    ``weights``' tensors justify: a config that asks for more is refused while it is built.
+    Built under ``torch.device("meta")``; a model that needs real values while it is built
+    (a ``.item()`` of a drop-path schedule) is built on the CPU, each tensor moved to the meta
+    device as it is registered."""
+    last: Exception | None = None
+    for to_meta in (False, True):
+        budget = _Budget(shapes)
+        try:
+            with _counted(budget, to_meta=to_meta), torch.device("meta" if not to_meta else "cpu"):
+                return _build(model_class, copy.deepcopy(config))
+        except Exception as error:
+            if budget.exceeded:
+                tensors, values, _ = budget.limits
+                raise CheckpointError(
+                    f"{config_path} describes a larger model than {weights.name} holds (past {tensors:,} "
+                    f"tensors or {values:,} values, {len(shapes):,} tensors in the file); the config and the "
+                    "weights are not from one model"
+                ) from None
+            last = error
+    assert last is not None
+    raise CheckpointError(
+        f"{_name(model_class)} cannot build the model of {config_path} "
+        f"({type(last).__name__}: {shown(str(last))})"
+    ) from None
+
+
+def _entry(root: Path) -> tuple[Path, dict[str, str], dict[str, Any]]:
+    """The config file of ``root``, its ``"attn_inject"`` entry, checked (the folder is
+    untrusted): ``config.json`` naming ``attn_inject.safetensors``, or in a checkpoint kept
+    by :class:`KeepBlocks`, ``attn_inject_config.json`` naming ``model.safetensors``; and
+    the whole config as read, for :func:`_check_config_data`."""
+    path, weights = root / CONFIG, WEIGHTS
+    if not path.exists() and (root / CHECKPOINT_CONFIG).exists():
+        path, weights = root / CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
+    data = _read_config(path, root)
+    entry = data.get(CONFIG_KEY)
     if entry is None and (root / TRAINER_STATE).is_file():
         raise CheckpointError(
             f"{root} is a transformers Trainer checkpoint saved without attn_inject.hf.KeepBlocks: its "
@@ -221,7 +369,99 @@ def _entry(root: Path) -> tuple[Path, dict[str, str]]:
             f"{path}: entry {CONFIG_KEY!r} must name weights {weights!r} and the model's class, "
             f"got {shown(entry)}"
         )
-    return path, entry
+    return path, entry, data
+
+
+def _read_config(path: Path, root: Path) -> dict[str, Any]:
+    """``path``, a JSON object of at most ``MAX_CONFIG_BYTES``, read only if it is a regular file."""
+    try:
+        with open_regular(path) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{root} has no {CONFIG}: it was not written by attn_inject.hf.save_pretrained "
+            "or kept by attn_inject.hf.KeepBlocks"
+        ) from None
+    except NotRegularFileError as error:
+        raise CheckpointError(f"cannot read {error}") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES} bytes; a config is a few kB")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({shown(str(error))})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {shown(data)}")
+    return data
+
+
+def _largest_size(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest number a config of the model whose tensors have ``shapes`` needs: a width,
+    a class count or a table length is a tensor's dimension, a layer count at most the number
+    of tensors; sizes that are no dimension (an image size) fit under 65,536."""
+    return max([1 << 16, len(shapes), *(max(shape, default=0) for shape in shapes.values())])
+
+
+def _check_config_data(config: Mapping[str, Any], where: str, *, largest: int | None = None) -> None:
+    """Refuse a config (and each config nested in it) that says more than shapes and
+    settings: a key that names code to run (:data:`CODE_KEYS`), a backbone for transformers
+    to look up on the Hub or on disk, pretrained backbone weights, a dtype that is not a
+    float type, or a timm model behind a source or with arguments that load or download.
+    With ``largest``, also an integer above it: transformers builds lists and dicts as long
+    as a count (``num_labels`` gives ``id2label``, a layer count a list of layer types)
+    before any weight is checked."""
+
+    def refuse(key: str, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: {cut(key, 120)} {why}; a config saved with a model holds only its shapes and settings"
+        )
+
+    stack: list[tuple[str, Any]] = [("", config)]  # a stack, not recursion: any nesting is walked
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, list):
+            stack.extend((f"{prefix}[{i}]", item) for i, item in enumerate(value))
+            continue
+        if largest is not None and is_int(value) and value > largest:
+            raise refuse(
+                prefix,
+                f"is {value:,}, more than any size or count of the model its weights hold (at most "
+                f"{largest:,})",
+            )
+        if not isinstance(value, Mapping):
+            continue
+        kind = value.get("model_type")
+        for key, item in value.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            named = isinstance(item, str) and _TIMM_NAME.fullmatch(item) is not None
+            if key in CODE_KEYS:
+                raise refuse(name, "names code to run (remote code or an attention kernel) and is not read")
+            if key == "use_pretrained_backbone" and item:
+                raise refuse(name, "asks for pretrained backbone weights, which would be downloaded")
+            if key == "backbone" and item is not None and not (kind == "timm_backbone" and named):
+                raise refuse(
+                    name,
+                    f"is {shown(item, 60)}: a named backbone is looked up on the Hugging Face Hub or on "
+                    "disk; only a timm model name in a timm_backbone config is read",
+                )
+            if key in ("dtype", "torch_dtype") and not _is_config_dtype(item):
+                raise refuse(name, f"is {shown(item, 40)}; allowed: null, {', '.join(sorted(CONFIG_DTYPES))}")
+            if kind == "timm_wrapper" and key == "architecture" and not named:
+                raise refuse(name, f"is {shown(item, 60)}; a timm model name is needed (no source, no path)")
+            if kind == "timm_wrapper" and key == "model_args" and item is not None:
+                try:
+                    check_model_kwargs(item, name)
+                except ModelKwargsError as error:
+                    raise CheckpointError(f"{where}: {cut(str(error), 400)}") from None
+            stack.append((name, item))
+
+
+def _is_config_dtype(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return all(_is_config_dtype(v) and not isinstance(v, Mapping) for v in value.values())
+    return value is None or (isinstance(value, str) and value in CONFIG_DTYPES)
 
 
 def _keep_checkpoint(patched: nn.Module, folder: str | os.PathLike, *, step: int | None = None) -> Path:
@@ -239,12 +479,13 @@ def _keep_checkpoint(patched: nn.Module, folder: str | os.PathLike, *, step: int
             f"args.output_dir/{CHECKPOINT_PREFIX}-STEP as one {CHECKPOINT_WEIGHTS} (not sharded weights, "
             "not a hyperparameter search's run folders)"
         )
-    config = _config_with_entry(patched, CHECKPOINT_WEIGHTS)
+    where = f"KeepBlocks: {root / CHECKPOINT_CONFIG}"
+    text = _config_text(_config_with_entry(patched, CHECKPOINT_WEIGHTS), where)
     # First the config goes: from here on a plain from_pretrained finds no config to build.
     (root / CONFIG).unlink(missing_ok=True)
     training = {"trainer": "transformers.Trainer"} | ({"global_step": step} if step is not None else {})
     save(patched, weights, model_name="", force=True, training=training)
-    _write_config(root / CHECKPOINT_CONFIG, config)
+    write_text_atomic(root / CHECKPOINT_CONFIG, text)
     return weights
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from ..core.files import write_text_atomic
 from ..core.messages import error_line, shown
 from .checkpoint import CheckpointError
-from .file import HUB_CONFIG, HUB_FIELDS, HUB_KEY, HUB_WEIGHTS, Manifest, refuse_wrapper, save
+from .file import HUB_CONFIG, HUB_FIELDS, HUB_KEY, HUB_WEIGHTS, Manifest, checked_path, refuse_wrapper, save
 
 __all__ = ["save_pretrained"]
 
@@ -52,8 +52,9 @@ def save_pretrained(
             f"save_pretrained() writes timm's hub layout, for a timm model; this {type(patched).__name__} "
             "has no pretrained_cfg; save it with attn_inject.save(model, 'model.safetensors')"
         )
-    out = _folder(Path(folder), force)
+    target = checked_path(folder, "save_pretrained(folder)")
     config = _timm_config(patched)  # before anything is written: a model timm cannot describe fails here
+    out = _folder(target, force)
     manifest = save(patched, out / HUB_WEIGHTS, model_kwargs=model_kwargs, force=force)
     recorded = json.loads(manifest.to_json())
     base = (manifest.base_model or "").partition(":")[2]

@@ -33,7 +33,7 @@ from ..core.messages import cut, shown
 from ..recipes.recipe import Recipe
 from . import timm_entrypoints
 from .checkpoint import CheckpointError, read_state_dict
-from .file import REGISTERED_SOURCE, Manifest, check_file, inject_recorded, weights_path
+from .file import REGISTERED_SOURCE, Manifest, check_file, checked_path, inject_recorded, weights_path
 
 __all__ = ["register_timm_model"]
 
@@ -64,7 +64,7 @@ def register_timm_model(name: str, source: str | os.PathLike) -> str:
             f"register_timm_model: {name!r} is a timm model of its own; pick another name, "
             f"e.g. {name + '_attn'!r}"
         )
-    path = weights_path(source).resolve()
+    path = weights_path(checked_path(source, "register_timm_model(source)")).resolve()
     manifest, recipe, _ = check_file(path)
     if manifest.base_model is None or not manifest.base_model.startswith("timm:"):
         raise CheckpointError(
