@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 
 SIZE = (3, 64, 64)
 
-# The files whose tests start other processes or fine-tune (tens of seconds each), longest
-# first (each file's time in a full run). They are handed out first, so that the two test
-# processes of `make test` end together instead of one waiting for the other's last long
-# file; `make test` passes pytest-xdist's --no-loadscope-reorder, which otherwise hands out
-# the files with the most tests first, whatever their time.
+# The files of more than about 6 s in a full run, longest first (each file's time in a full
+# run). They are handed out first, so that the two test processes of `make test` end together
+# on the short files instead of one waiting for the other's last long file; `make test` passes
+# pytest-xdist's --no-loadscope-reorder, which otherwise hands out the files with the most tests
+# first, whatever their time.
 LONG_FILES = (
     # all or most of their time in make test-processes
     "test_search_workers.py",
@@ -34,20 +34,35 @@ LONG_FILES = (
     "test_search.py",
     "test_export.py",
     "test_keeps_what_it_was.py",
-    "test_tokens.py",
-    "test_inject.py",
-    "test_coverage.py",
-    "test_convert.py",
     "test_ecosystem_ultralytics.py",
-    "test_error_contract.py",
-    "test_ecosystem_hf.py",
-    "test_local_surgery.py",
-    "test_writes.py",
-    "test_untrusted_files.py",
-    "test_recipes.py",
-    "test_timm_bridge.py",
+    "test_inject.py",
+    "test_tokens.py",
     "test_search_hostile.py",
+    "test_ecosystem_hf.py",
+    "test_convert.py",
+    "test_coverage.py",
+    "test_error_contract.py",
+    "test_writes.py",
+    "test_local_surgery.py",
+    "test_untrusted_files.py",
+    "test_timm_coverage.py",
+    "test_timm_bridge.py",
+    "test_timm_checks.py",
+    "test_plan.py",
+    "test_round_trip.py",
+    "test_unit_shape_rules.py",
+    "test_recipes.py",
+    "test_benchmarks.py",
+    "test_docs.py",
+    "test_finetune_epoch_writer.py",
+    "test_validate.py",
+    "test_any_attention.py",
+    "test_search_outputs.py",
+    "test_timm_changes.py",
     "test_finetune_inputs.py",
+    "test_peer_causes.py",
+    "test_bridges_hostile.py",
+    "test_logging.py",
 )
 
 
@@ -56,9 +71,26 @@ def _runs_tests(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
 
 
+# A full collection in a test process walks every object the process holds (the imports of
+# torch, timm and the other libraries alone make half a million): it runs after 100 collections
+# of the middle generation instead of Python's 10. The young generations are collected as often
+# as by default.
+GC_THRESHOLDS = (700, 10, 100)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if _runs_tests(config):
         _forget_replaced_ops()
+        gc.set_threshold(*GC_THRESHOLDS)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The tests are collected: the modules imported and the items made stay to the end of the
+    process, so they move to the permanent generation, which no collection walks (a library's
+    own ``gc.collect()`` included)."""
+    if _runs_tests(session.config):
+        gc.collect()
+        gc.freeze()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

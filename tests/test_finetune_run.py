@@ -378,9 +378,20 @@ def test_an_earlier_run_is_kept_unless_resume_or_force(checkpoint, data, tmp_pat
     assert len(read_rows(out / "summary.csv")) == 1
 
 
-def test_resume_with_more_epochs_extends_the_run_at_the_schedules_floor(checkpoint, data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def finished_run(checkpoint, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("done") / "run"
+    assert main(finetune_args(checkpoint, data, out)) == 0
+    return out
+
+
+def test_resume_with_more_epochs_extends_the_run_at_the_schedules_floor(
+    checkpoint, data, finished_run, tmp_path, capsys
+):
+    import shutil
+
     out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out, epochs=1)) == 0
+    shutil.copytree(finished_run, out)  # a run of one epoch of its own
     first = read_rows(out / "summary.csv")
     assert main(finetune_args(checkpoint, data, out, "--resume", epochs=3)) == 0
     err = capsys.readouterr().err
@@ -394,18 +405,13 @@ def test_resume_with_more_epochs_extends_the_run_at_the_schedules_floor(checkpoi
     assert "epochs=3 in the run, 2 now" in capsys.readouterr().err
 
 
-def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsys):
+def test_resume_with_other_settings_is_refused(checkpoint, data, finished_run, tmp_path, capsys):
+    import shutil
+
     out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out)) == 0
+    shutil.copytree(finished_run, out)  # a finished run of its own
     assert main(finetune_args(checkpoint, data, out, "--resume", "--lr", "0.5")) == 1
     assert "lr=0.001 in the run, 0.5 now" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def finished_run(checkpoint, data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("done") / "run"
-    assert main(finetune_args(checkpoint, data, out)) == 0
-    return out
 
 
 def _resume_refused(checkpoint, data, run: Path, tmp_path: Path, capsys, edit) -> str:

@@ -5,6 +5,7 @@ length, its forward's signature, its checkpointing, tracing and scripting, and i
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import pytest
@@ -18,13 +19,30 @@ import attn_inject as ai
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
+@functools.cache
+def _built_once(name: str, kwargs: tuple, flags: tuple[bool, ...]) -> tuple[nn.Module, torch.Tensor]:
+    """``name`` built from seed 0 in eval mode, and the random state the build left."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **dict(kwargs)).eval()
+    return model, torch.get_rng_state()
+
+
+def _seeded(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` from seed 0, in eval mode: a copy of the model
+    built once for these arguments (and timm's scriptable / exportable / no-jit flags), with
+    the random state left as that build left it."""
+    flags = (timm.layers.is_scriptable(), timm.layers.is_exportable(), timm.layers.is_no_jit())
+    model, state = _built_once(name, tuple(sorted(kwargs.items())), flags)
+    torch.set_rng_state(state)
+    return copy.deepcopy(model)
+
+
 # ViT-Tiny's blocks, prefix token and 4 x 4 grid at 64 px, four blocks deep instead of twelve
 VIT_DEPTH = 4
 
 
 def _vit(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=VIT_DEPTH, **kwargs).eval()
+    return _seeded("vit_tiny_patch16_224", img_size=64, depth=VIT_DEPTH, **kwargs)
 
 
 # Swin's structure (shifted windows in pairs of blocks, patch merging, the mask) at an eighth
@@ -33,8 +51,7 @@ SWIN = {"img_size": 112, "window_size": 7, "depths": (2, 2, 2, 2), "embed_dim": 
 
 
 def _swin(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", **SWIN, **kwargs).eval()
+    return _seeded("swin_tiny_patch4_window7_224", **SWIN, **kwargs)
 
 
 def _changed(patched: nn.Module) -> dict[str, nn.Module]:
@@ -173,22 +190,21 @@ def test_inserted_blocks_trace_with_fx_and_both_feature_extractors(name, recipe)
     else:
         model, x = (_vit(), X64) if name == "vit" else (_swin(), torch.randn(1, 3, 112, 112))
     patched = ai.inject(model, recipe, init="paper")
+    # the node that gives the output, as torchvision's tracer names it: timm's extractor (the
+    # same tracer, with timm's leaf modules) gives that node the same name
+    last = _last_node(patched)
     with torch.no_grad():
         expected = patched(x)
         if name == "vit":
             assert torch.equal(fx.symbolic_trace(patched)(x), expected)
         for extractor in (timm_features, tv_features):
-            features = extractor(patched, return_nodes={_last_node(patched, extractor): "out"})
+            features = extractor(patched, return_nodes={last: "out"})
             assert torch.equal(features(x)["out"], expected)
 
 
-def _last_node(model: nn.Module, extractor) -> str:
+def _last_node(model: nn.Module) -> str:
     from torchvision.models.feature_extraction import get_graph_node_names
 
-    if extractor.__module__.startswith("timm"):
-        from timm.models._features_fx import get_graph_node_names as timm_names
-
-        return timm_names(model)[1][-1]
     return get_graph_node_names(model)[1][-1]
 
 
@@ -245,7 +261,7 @@ def test_gradient_checkpointing_makes_as_many_checkpoint_calls_as_the_original(n
     elif name == "swin":
         model, x = _swin(), torch.randn(2, 3, 112, 112)
     else:
-        model, x = timm.create_model(name).eval(), X64
+        model, x = _seeded(name), X64
     model.set_grad_checkpointing(True)
     expected = _checkpoint_calls(model, x, monkeypatch)
     assert expected > 0

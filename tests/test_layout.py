@@ -8,6 +8,8 @@ import under ``if TYPE_CHECKING:`` is for the type checker and runs never, so it
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +103,11 @@ def _loaded(source: str, target: str) -> list[str]:
     return [m for m in folders if m != source and not source.startswith(m + ".")] + [target]
 
 
-def all_imports() -> list[Import]:
+@functools.cache
+def all_imports() -> tuple[Import, ...]:
+    """Every import among the package's modules, read once for the tests that check them."""
     modules = package_modules()
-    return [i for name, path in modules.items() for i in imports_of(name, path, modules)]
+    return tuple(i for name, path in modules.items() for i in imports_of(name, path, modules))
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -117,7 +121,7 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def cycles(imports: list[Import]) -> list[str]:
+def cycles(imports: Sequence[Import]) -> list[str]:
     """Each import on a circle of imports. A function-level import counts as if it were at
     module level: one that closes a circle only works around it."""
     graph: dict[str, set[str]] = {}

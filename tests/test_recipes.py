@@ -543,9 +543,15 @@ def test_numbers_that_cost_unbounded_time_are_refused_in_one_line(value, says):
 def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kinds():
     """timm's kinds are built and run once to be classified; only a 'timm:' kind needs that.
     Listing the shipped recipes (``attn-inject recipes``) resolves no kind, so imports no
-    timm, and lists the recipes that ``get_recipe`` gives."""
+    timm, and lists the recipes that ``get_recipe`` gives.
+
+    The import check runs in a fresh process (this one has imported timm); the rest runs
+    here, on emptied caches of ``timm_attention``."""
     import subprocess
     import sys
+
+    from attn_inject.blocks import timm_attention
+    from attn_inject.recipes.recipe import get_recipe, list_recipes, listed_recipes
 
     code = (
         "import sys\n"
@@ -555,12 +561,20 @@ def test_reading_a_recipe_of_built_in_blocks_does_not_probe_timms_attention_kind
         "assert 'timm' not in sys.modules, 'listing the recipes imported timm'\n"
         "get_recipe('cbam_after_every_stage'); get_recipe('se_resnet')\n"
         "assert timm_kinds.cache_info().currsize == 0, 'probed for a built-in recipe'\n"
-        "get_recipe('gc_resnet')\n"
-        "assert timm_kinds.cache_info().currsize == 1\n"
-        "assert listed == [get_recipe(name) for name in list_recipes()]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
+
+    for cached in vars(timm_attention).values():  # timm_kinds and what is derived from it
+        if callable(getattr(cached, "cache_clear", None)):
+            cached.cache_clear()
+    listed = listed_recipes()
+    get_recipe("cbam_after_every_stage")
+    get_recipe("se_resnet")
+    assert timm_attention.timm_kinds.cache_info().currsize == 0, "probed for a built-in recipe"
+    get_recipe("gc_resnet")
+    assert timm_attention.timm_kinds.cache_info().currsize == 1
+    assert listed == [get_recipe(name) for name in list_recipes()]
 
 
 # --- timm kinds: sizes bounded, kernel sizes odd, numbers never negative ----------------------
