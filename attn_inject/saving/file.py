@@ -64,6 +64,7 @@ __all__ = [
     "checked_path",
     "load",
     "manifest_of",
+    "read_config_json",
     "read_manifest",
     "save",
     "weights_path",
@@ -884,7 +885,7 @@ def weights_path(path: str | os.PathLike) -> Path:
             f"{p} is a folder without {HUB_WEIGHTS}; a saved model is a .safetensors file or a folder "
             f"written by attn_inject.save_pretrained ({HUB_CONFIG} + {HUB_WEIGHTS})"
         )
-    config = _read_hub_config(config_path)
+    config = read_config_json(config_path, f"{config_path.parent} is a folder without {HUB_CONFIG}")
     recorded = config.get(HUB_KEY)
     if not isinstance(recorded, dict):
         raise CheckpointError(
@@ -901,13 +902,15 @@ def weights_path(path: str | os.PathLike) -> Path:
     return weights
 
 
-def _read_hub_config(path: Path) -> dict[str, Any]:
-    """A hub folder's ``config.json``: a JSON object of at most ``MAX_CONFIG_BYTES``."""
+def read_config_json(path: Path, missing: str) -> dict[str, Any]:
+    """A ``config.json`` (a hub folder's, a transformers folder's): a JSON object of at most
+    ``MAX_CONFIG_BYTES``, read only if it is a regular file, its integers bounded; ``missing``:
+    what to say when there is none."""
     try:
         with open_regular(path) as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} is a folder without {HUB_CONFIG}") from None
+        raise CheckpointError(missing) from None
     except (OSError, NotRegularFileError) as error:
         raise CheckpointError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
     if len(data) > MAX_CONFIG_BYTES:

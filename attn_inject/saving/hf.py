@@ -62,14 +62,14 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from ..core.files import NotRegularFileError, open_regular, write_text_atomic
+from ..core.files import write_text_atomic
 from ..core.messages import cut, shown
 from ..core.randomness import own_random_state
 from ..core.values import is_int
 from ..models.build import ModelKwargsError, check_model_kwargs
 from ..surgery.record import patched_record
 from .checkpoint import CheckpointError, read_safetensors_shapes
-from .file import check_base_against_file, checked_path, load, read_manifest, save
+from .file import check_base_against_file, checked_path, load, read_config_json, read_manifest, save
 
 __all__ = ["CHECKPOINT_CONFIG", "CONFIG_KEY", "WEIGHTS", "KeepBlocks", "from_pretrained", "save_pretrained"]
 
@@ -82,7 +82,6 @@ CHECKPOINT_CONFIG = "attn_inject_config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 TRAINER_STATE = "trainer_state.json"  # what marks a folder as a Trainer checkpoint
-MAX_CONFIG_BYTES = 4 << 20
 
 # What a config.json may not say, wherever it says it: these keys choose code (a module to
 # import, an attention kernel fetched from the Hub) rather than a shape.
@@ -346,7 +345,11 @@ def _entry(root: Path) -> tuple[Path, dict[str, str], dict[str, Any]]:
     path, weights = root / CONFIG, WEIGHTS
     if not path.exists() and (root / CHECKPOINT_CONFIG).exists():
         path, weights = root / CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS
-    data = _read_config(path, root)
+    data = read_config_json(
+        path,
+        f"{root} has no {CONFIG}: it was not written by attn_inject.hf.save_pretrained "
+        "or kept by attn_inject.hf.KeepBlocks",
+    )
     entry = data.get(CONFIG_KEY)
     if entry is None and (root / TRAINER_STATE).is_file():
         raise CheckpointError(
@@ -370,31 +373,6 @@ def _entry(root: Path) -> tuple[Path, dict[str, str], dict[str, Any]]:
             f"got {shown(entry)}"
         )
     return path, entry, data
-
-
-def _read_config(path: Path, root: Path) -> dict[str, Any]:
-    """``path``, a JSON object of at most ``MAX_CONFIG_BYTES``, read only if it is a regular file."""
-    try:
-        with open_regular(path) as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{root} has no {CONFIG}: it was not written by attn_inject.hf.save_pretrained "
-            "or kept by attn_inject.hf.KeepBlocks"
-        ) from None
-    except NotRegularFileError as error:
-        raise CheckpointError(f"cannot read {error}") from None
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES} bytes; a config is a few kB")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({shown(str(error))})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {shown(data)}")
-    return data
 
 
 def _largest_size(shapes: Mapping[str, tuple[int, ...]]) -> int:
