@@ -468,3 +468,19 @@ def test_a_kept_design_still_refuses_a_later_block_whose_blend_moved(registry, r
     ai.register_block("moved_se", moved)
     with pytest.raises(ai.InjectError, match=r"\(kind 'moved_se'\) does not compute its input"):
         ai.inject(resnet, residual_recipe("moved_se"), init="identity", input_size=SIZE)
+
+
+def test_a_model_built_with_its_tensors_moved_to_meta_leaves_no_global_hook_and_proofs_stay_shared(
+    resnet, monkeypatch
+):
+    """torchvision's RegNet computes its widths from tensor values, so its shapes are built on
+    the CPU with each tensor moved to meta as registered: the hooks doing it go when it ends."""
+    from attn_inject.models.build import build_shapes_only
+
+    build_shapes_only("tv:regnet_y_400mf")
+    module = torch.nn.modules.module
+    assert not module._global_parameter_registration_hooks
+    assert not module._global_buffer_registration_hooks
+    runs = _counting_attend(monkeypatch)
+    ai.inject(resnet, residual_recipe("se"), init="identity", input_size=SIZE)
+    assert runs == [(1, 64, 16, 16)] * 3  # the second block shares the first one's proof

@@ -501,7 +501,8 @@ def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
 # are installed once and act while a thread is inside ``_registered_on_meta`` (another
 # thread's modules, and every module after the context, register as they always do).
 _ON_META = threading.local()
-_META_HOOKS: list[Any] = []  # the two handles, once installed
+_META_HOOKS: list[Any] = []  # the two handles, while a build on meta runs in any thread
+_META_BUILDS = [0]  # builds on meta running, in every thread
 _HOOKS_LOCK = threading.Lock()
 
 
@@ -527,11 +528,17 @@ def _registered_on_meta() -> Iterator[None]:
             # torch's hints say the hooks return None; a returned tensor replaces the registered one
             _META_HOOKS.append(register_module_parameter_registration_hook(_parameter_on_meta))  # type: ignore[arg-type]
             _META_HOOKS.append(register_module_buffer_registration_hook(_buffer_on_meta))  # type: ignore[arg-type]
+        _META_BUILDS[0] += 1
     _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
         _ON_META.depth -= 1
+        with _HOOKS_LOCK:  # the last build out removes the hooks: a global hook left would be seen by
+            _META_BUILDS[0] -= 1  # every later module (a block's proof is then never shared)
+            if not _META_BUILDS[0]:
+                while _META_HOOKS:
+                    _META_HOOKS.pop().remove()
 
 
 def wrapper_of(model: nn.Module) -> str | None:
