@@ -33,13 +33,17 @@ demo: $(STAMP)
 
 # Two test processes of one thread each: the fastest split of 2 cores (one process on two
 # threads leaves a core idle through the many small steps; two on two threads each oversubscribe).
+# Compiled modules and pytest's rewritten test modules are cached (PYTHONDONTWRITEBYTECODE
+# cleared): the commands the tests start in processes of their own import the package compiled.
+TEST_ENV := OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder
 
-# The tests that run whole commands in several processes at once (search workers, torchrun,
-# a pipe beside a terminal, a wheel built and installed): about a minute more, run by CI.
+# The tests that run whole commands in processes of their own (search workers, torchrun, a
+# pipe beside a terminal, a wheel built and installed, a signal sent to a running command,
+# writers racing in two processes, a closed or full standard output): two minutes more, run by CI.
 test-processes: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m processes
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder -m processes
 
 # The tests marked slow (minutes each: torch.compile with inductor's C++ compiler).
 test-slow: $(STAMP)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 SIZE = (3, 64, 64)
 
-# The files of more than about 6 s in a full run, longest first (each file's time in a full
+# The files of more than about 5 s in a full run, longest first (each file's time in a full
 # run). They are handed out first, so that the two test processes of `make test` end together
 # on the short files instead of one waiting for the other's last long file; `make test` passes
 # pytest-xdist's --no-loadscope-reorder, which otherwise hands out the files with the most tests
@@ -34,35 +34,35 @@ LONG_FILES = (
     "test_search.py",
     "test_export.py",
     "test_keeps_what_it_was.py",
-    "test_ecosystem_ultralytics.py",
-    "test_inject.py",
     "test_tokens.py",
-    "test_search_hostile.py",
-    "test_ecosystem_hf.py",
     "test_convert.py",
-    "test_coverage.py",
-    "test_error_contract.py",
-    "test_writes.py",
+    "test_inject.py",
+    "test_search_hostile.py",
+    "test_ecosystem_ultralytics.py",
+    "test_ecosystem_hf.py",
     "test_local_surgery.py",
+    "test_coverage.py",
     "test_untrusted_files.py",
-    "test_timm_coverage.py",
-    "test_timm_bridge.py",
-    "test_timm_checks.py",
     "test_plan.py",
+    "test_timm_bridge.py",
     "test_round_trip.py",
-    "test_unit_shape_rules.py",
     "test_recipes.py",
-    "test_benchmarks.py",
+    "test_unit_shape_rules.py",
+    "test_search_outputs.py",
+    "test_timm_checks.py",
     "test_docs.py",
+    "test_error_contract.py",
+    "test_timm_coverage.py",
     "test_finetune_epoch_writer.py",
+    "test_bridges_hostile.py",
+    "test_finetune_inputs.py",
+    "test_benchmarks.py",
+    "test_timm_changes.py",
     "test_validate.py",
     "test_any_attention.py",
-    "test_search_outputs.py",
-    "test_timm_changes.py",
-    "test_finetune_inputs.py",
     "test_peer_causes.py",
-    "test_bridges_hostile.py",
-    "test_logging.py",
+    "test_identity_proof.py",
+    "test_macs.py",
 )
 
 

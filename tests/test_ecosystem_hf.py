@@ -488,3 +488,40 @@ def test_hf_keep_blocks_refuses_a_plain_model_and_push_to_hub_and_names_an_unkep
     # on_save for a step whose folder holds no model.safetensors says what it keeps.
     with pytest.raises(ai.AttnInjectError, match=r"no model\.safetensors"):
         keep.on_save(args, SimpleNamespace(global_step=3), None, model=patched)
+
+
+def test_a_checkpoint_whose_weights_cannot_be_kept_keeps_its_config_and_no_plain_one(tmp_path, monkeypatch):
+    """KeepBlocks failing at the weights (a full disk) leaves the checkpoint's config, under
+    the kept name, and no config.json that a plain from_pretrained would build a plain model
+    from; keeping it again finishes it."""
+    from attn_inject.saving import hf as hf_saving
+
+    T = _hf()
+    patched, _ = _trainer_pieces(T, seed=0)
+    folder = tmp_path / "checkpoint-2"
+    patched.save_pretrained(folder)  # what the Trainer writes: config.json and model.safetensors
+    (folder / "trainer_state.json").write_text("{}")
+    written = (folder / "model.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_saving, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hf_saving._keep_checkpoint(patched, folder, step=2)
+    assert not (folder / "config.json").exists()
+    kept = json.loads((folder / "attn_inject_config.json").read_text())
+    assert kept["attn_inject"]["weights"] == "model.safetensors"
+    assert kept["model_type"] == patched.config.model_type
+    assert kept["architectures"] == [type(patched).__name__]
+    assert (folder / "model.safetensors").read_bytes() == written
+    with pytest.raises(ValueError, match="model_type"):
+        T.AutoModelForImageClassification.from_pretrained(folder)
+    with pytest.raises(ai.AttnInjectError):
+        ai.hf.from_pretrained(T.ResNetForImageClassification, folder)
+
+    monkeypatch.undo()
+    hf_saving._keep_checkpoint(patched, folder, step=2)
+    loaded = ai.hf.from_pretrained(T.ResNetForImageClassification, folder)
+    assert set(ai.inserted_blocks(loaded)) == set(ai.inserted_blocks(patched))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in patched.state_dict().items())

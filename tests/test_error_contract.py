@@ -272,6 +272,7 @@ def test_a_ddp_wrapped_model_is_refused_saying_what_to_pass(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.processes
 def test_a_closed_pipe_ends_quietly():
     import subprocess
     import sys
@@ -289,6 +290,7 @@ def test_a_closed_pipe_ends_quietly():
     assert done.stderr == "" and done.returncode == 0, done.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "redirect, says",
     [(">&-", "standard output is closed"), ("> /dev/full", "No space left on device")],

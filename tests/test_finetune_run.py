@@ -459,6 +459,7 @@ def test_a_resume_state_with_wrong_fields_is_refused_in_one_line(
     assert says in _resume_refused(checkpoint, data, finished_run, tmp_path, capsys, edit)
 
 
+@pytest.mark.processes
 def test_sigterm_ends_the_run_with_how_to_resume_and_no_temporary_file(checkpoint, data, tmp_path):
     import signal
     import time

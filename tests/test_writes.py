@@ -102,6 +102,7 @@ def small_resnet_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     return checkpoint
 
 
+@pytest.mark.processes
 def test_sigterm_during_convert_leaves_no_file(tmp_path):
     process = stalled_writer(tmp_path, "convert", str(small_resnet_checkpoint(tmp_path)))
     assert len(leftovers(tmp_path)) == 1  # the complete temporary file, not yet renamed
@@ -147,6 +148,7 @@ def test_a_sigint_the_process_ignores_leaves_the_write_to_finish(tmp_path, monke
     assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
+@pytest.mark.processes
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     process = stalled_writer(tmp_path, "write")
     process.kill()  # SIGKILL: nothing can clean up
@@ -162,6 +164,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert remove_stale_temporaries(tmp_path / "out.safetensors") == []
 
 
+@pytest.mark.processes
 def test_two_writer_processes_past_the_existence_check_never_both_write(tmp_path):
     # What two converts to one --out do at their last step: both found OUT absent and wrote
     # their temporary file; then both move it into place.

@@ -459,11 +459,13 @@ def _keep_checkpoint(patched: nn.Module, folder: str | os.PathLike, *, step: int
         )
     where = f"KeepBlocks: {root / CHECKPOINT_CONFIG}"
     text = _config_text(_config_with_entry(patched, CHECKPOINT_WEIGHTS), where)
-    # First the config goes: from here on a plain from_pretrained finds no config to build.
+    # The config with the entry is written before the plain one goes, and the plain one goes
+    # before the weights are rewritten: the folder never holds neither (a write that fails
+    # leaves the config), and from here on a plain from_pretrained finds no config to build.
+    write_text_atomic(root / CHECKPOINT_CONFIG, text)
     (root / CONFIG).unlink(missing_ok=True)
     training = {"trainer": "transformers.Trainer"} | ({"global_step": step} if step is not None else {})
     save(patched, weights, model_name="", force=True, training=training)
-    write_text_atomic(root / CHECKPOINT_CONFIG, text)
     return weights
 
 
