@@ -517,8 +517,9 @@ def test_a_checkpoint_whose_weights_cannot_be_kept_keeps_its_config_and_no_plain
     assert (folder / "model.safetensors").read_bytes() == written
     with pytest.raises(ValueError, match="model_type"):
         T.AutoModelForImageClassification.from_pretrained(folder)
-    with pytest.raises(ai.AttnInjectError):
+    with pytest.raises(ai.AttnInjectError) as refused:
         ai.hf.from_pretrained(T.ResNetForImageClassification, folder)
+    assert "\n" not in str(refused.value) and "manifest" in str(refused.value), str(refused.value)
 
     monkeypatch.undo()
     hf_saving._keep_checkpoint(patched, folder, step=2)
