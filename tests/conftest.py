@@ -49,6 +49,7 @@ LONG_FILES = (
     "test_recipes.py",
     "test_unit_shape_rules.py",
     "test_search_outputs.py",
+    "test_search_hostile_db.py",
     "test_timm_checks.py",
     "test_docs.py",
     "test_error_contract.py",

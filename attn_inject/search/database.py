@@ -9,8 +9,10 @@ never code, places or unbounded time and memory:
 - **What**: before Optuna opens an existing SQLite file, a read-only connection checks that
   its schema holds only the tables and indexes of the installed Optuna's own schema (its
   models' metadata, created in memory, and alembic's version table): no view, no trigger,
-  so no SQL the file carries ever runs; and that no value is longer than
-  :data:`MAX_VALUE_BYTES`.
+  so no SQL the file carries ever runs; that no value is longer than
+  :data:`MAX_VALUE_BYTES`; and that the schema revision and version it records, if any,
+  are the installed Optuna's: Optuna adds the tables it misses to a file of another version
+  before it refuses it, and the file is never migrated.
 - **How long, how large**: every connection to a SQLite storage (:func:`engine_kwargs`)
   stops a statement that runs past :data:`STATEMENT_SECONDS` and refuses a string or blob
   over :data:`MAX_VALUE_BYTES` (SQLite's own length limit), each as one line naming the file.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sqlite3
 import stat
 import time
@@ -41,6 +44,7 @@ __all__ = [
     "check_sqlite",
     "engine_kwargs",
     "naming",
+    "optuna_revision",
     "optuna_schema",
     "sqlite_file",
 ]
@@ -203,8 +207,9 @@ def optuna_schema() -> frozenset[tuple[str, str]]:
 
 def check_sqlite(path: Path) -> None:
     """Refuse (StudyDatabaseError, one line) an existing SQLite study database whose schema
-    holds anything but Optuna's tables and indexes, or a value over :data:`MAX_VALUE_BYTES`;
-    read-only, guarded, before Optuna opens it. An absent file is fine (Optuna creates it)."""
+    holds anything but Optuna's tables and indexes, a value over :data:`MAX_VALUE_BYTES`, or
+    another Optuna's schema revision; read-only, guarded, before Optuna opens it. An absent
+    file is fine (Optuna creates it)."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -229,11 +234,42 @@ def check_sqlite(path: Path) -> None:
             for kind, table in rows:
                 if kind == "table":
                     _check_lengths(cursor, path, table)
+            # Optuna adds tables to a file of another version, and stamps it, before it refuses it
+            _check_revision(cursor, path, {name for kind, name in rows if kind == "table"})
     except sqlite3.Error as error:
         raise StudyDatabaseError(
             f"{path}: cannot read it as a study database ({first_line(error, 120)}); "
             "a study database is a SQLite file written by Optuna"
         ) from None
+
+
+@functools.cache
+def optuna_revision() -> str:
+    """The schema revision (alembic head) of the installed Optuna's study databases."""
+    from alembic.script import ScriptDirectory
+    from optuna.storages._rdb import storage
+
+    return str(ScriptDirectory(os.path.join(os.path.dirname(storage.__file__), "alembic")).get_current_head())
+
+
+def _check_revision(cursor: sqlite3.Cursor, path: Path, tables: set[str]) -> None:
+    """The schema revision and version the file records, where it records them, the installed
+    Optuna's."""
+    from optuna.storages._rdb import models
+
+    for table, column, what, want in (
+        ("alembic_version", "version_num", "revision", optuna_revision()),
+        ("version_info", "schema_version", "version", models.SCHEMA_VERSION),
+    ):
+        if table not in tables:
+            continue
+        for (value,) in cursor.execute(f"SELECT {column} FROM {table}").fetchall():
+            if value != want:
+                raise StudyDatabaseError(
+                    f"{path}: the study database has Optuna schema {what} {shown(value)}, not this "
+                    f"Optuna's {want!r}; it is opened only as it is, never migrated: upgrade a copy "
+                    "(optuna storage upgrade), or use another --out"
+                )
 
 
 def _check_lengths(cursor: sqlite3.Cursor, path: Path, table: str) -> None:

@@ -15,7 +15,8 @@
 - TPE (a search over a space): the baseline's seeds are enqueued; then each trial samples
   a point dimension by dimension and fine-tunes it over every seed, until ``n_trials``.
 - The study records what it was made for (base model, data, candidates, fine-tune); a
-  command that does not match it is refused, and the same command continues it. It also
+  command that does not match it is refused (so is a study of its name that does not
+  maximize one objective, before any trial runs), and the same command continues it. It also
   records, unchecked, where the data was and what it held (``data_path``,
   ``data_classes``, ``data_images``), and names its objective (``val_top1_mean``). A
   trial's seeds are its attribute (``seeds``), not a parameter: Optuna's parameter
@@ -228,6 +229,12 @@ def open_study(spec: StudySpec) -> Any:
 
 
 def _check_same(study: Any, spec: StudySpec) -> None:
+    directions = [d.name.lower() for d in study.directions]
+    if directions != ["maximize"]:  # a trial's top-1 refused after it ran, or the best pruned
+        raise SearchError(
+            f"study {spec.name!r} in {safe_url(spec.storage)} is to {cut(' and '.join(directions), 100)}; "
+            f"a search's study maximizes one objective ({METRIC}): use another --study (or --out)"
+        )
     deadline = time.monotonic() + 60
     while not study.user_attrs.get("ready") and time.monotonic() < deadline:
         time.sleep(0.2)  # another worker is creating it
