@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..core.randomness import cuda_devices, seed_torch
 from .compare import Buffers, max_diff, outputs, share_of_scale, tensors, train_mode
 from .context import ValidationContext
 from .devices import cudnn_settings, where
@@ -37,7 +38,7 @@ def _loss(outs: list[torch.Tensor], seed: int = 1234) -> torch.Tensor:
 def _seeded_grads(model: nn.Module, x: torch.Tensor, params: list[nn.Parameter], devices: list) -> Grads:
     """The gradients of ``params`` after one forward under seed 0 (no ``.grad`` written)."""
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
+        seed_torch(0, devices)
         loss = _loss(outputs(model, x))
     if not params or not loss.requires_grad:
         return [None] * len(params)
@@ -62,7 +63,7 @@ def _nonzero(grad: torch.Tensor | None) -> bool:
 def check_gradients(context: ValidationContext) -> Check:
     """See the module's docstring; modes and buffers are restored after."""
     x = context.inputs[0]
-    devices = [context.device] if context.device.type == "cuda" else []
+    devices = cuda_devices(context.device)
     own = [(n, p) for n, p in context.original.named_parameters() if p.requires_grad]
     patched = [(n, p) for n, p in context.patched.named_parameters() if p.requires_grad]
     buffers = Buffers(context.original, context.patched)
@@ -217,7 +218,7 @@ def _late_weights(
     if all(first.values()):
         return []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
+        seed_torch(0, devices)
         loss = _loss(tensors(functional_call(context.patched, stepped, (x,), strict=False)))
     second = torch.autograd.grad(loss, list(stepped.values()), allow_unused=True)
     buffers.restore()

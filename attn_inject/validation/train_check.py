@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.randomness import cuda_devices, seed_torch
 from .compare import Buffers, block_inputs, locate, max_diff, outputs, share_of_scale, train_mode
 from .context import ValidationContext
 from .devices import where
@@ -60,16 +61,16 @@ def check_train(context: ValidationContext) -> Check:
 def _one_batch(
     context: ValidationContext, seed: int, x: torch.Tensor, buffers: Buffers, worst: _Worst, tol: float
 ) -> None:
-    devices = [context.device] if context.device.type == "cuda" else []
+    devices = cuda_devices(context.device)
     ref_record: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        seed_torch(seed, devices)
         expected = context.expected(x, ref_record)
     ref_stats = {n: b.detach().clone() for n, b in context.original.named_buffers()}
     buffers.restore()
     got_record: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=devices), block_inputs(context.reference.blocks, got_record):
-        torch.manual_seed(seed)
+        seed_torch(seed, devices)
         got = outputs(context.patched, x)
     got_stats = {n: b.detach().clone() for n, b in context.patched.named_buffers()}
     buffers.restore()
