@@ -44,7 +44,6 @@ __all__ = [
     "check_sqlite",
     "engine_kwargs",
     "naming",
-    "optuna_revision",
     "optuna_schema",
     "sqlite_file",
 ]
@@ -244,7 +243,7 @@ def check_sqlite(path: Path) -> None:
 
 
 @functools.cache
-def optuna_revision() -> str:
+def _optuna_revision() -> str:
     """The schema revision (alembic head) of the installed Optuna's study databases."""
     from alembic.script import ScriptDirectory
     from optuna.storages._rdb import storage
@@ -258,7 +257,7 @@ def _check_revision(cursor: sqlite3.Cursor, path: Path, tables: set[str]) -> Non
     from optuna.storages._rdb import models
 
     for table, column, what, want in (
-        ("alembic_version", "version_num", "revision", optuna_revision()),
+        ("alembic_version", "version_num", "revision", _optuna_revision()),
         ("version_info", "schema_version", "version", models.SCHEMA_VERSION),
     ):
         if table not in tables:
