@@ -199,3 +199,39 @@ def test_saving_one_network_again_checks_its_rebuild_once(tmp_path, monkeypatch)
     with pytest.raises(ai.CheckpointError, match="GELU"):  # another network is checked, and refused
         ai.save(changed, tmp_path / "other.safetensors")
     assert calls == ["timm:test_resnet"] * 2
+
+
+FILLS = {"normal_", "uniform_", "trunc_normal_", "kaiming_normal_", "kaiming_uniform_", "xavier_uniform_"}
+
+
+class _FillsSeen(torch.overrides.TorchFunctionMode):
+    """Records the initialisation fills (``Tensor.normal_``, ``torch.nn.init.kaiming_normal_``...)
+    that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fills: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in FILLS:
+            self.fills.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "name", ["timm:resnet18", "timm:efficientnet_b0", "timm:vit_tiny_patch16_224", "tv:regnet_x_400mf"]
+)
+def test_a_shapes_only_build_runs_no_fill_and_builds_the_network_a_cpu_build_does(name):
+    """A meta tensor has no values for an initialisation to write: the shapes-only build
+    skips the fills (torch runs ``normal_`` on the meta device through a slow reference) and
+    builds the modules, keys, shapes and dtypes a build on the CPU does."""
+    with _FillsSeen() as on_meta:
+        shapes = build_shapes_only(name)
+    with _FillsSeen() as on_cpu:
+        real = build_model(name)
+    assert on_meta.fills == [] and on_cpu.fills
+    assert repr(shapes) == repr(real)
+    assert {k: (v.shape, v.dtype) for k, v in shapes.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in real.state_dict().items()
+    }
+    assert all(t.is_meta for t in [*shapes.parameters(), *shapes.buffers()])

@@ -20,6 +20,7 @@ from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,
 )
+from torch.overrides import TorchFunctionMode
 
 from ..core.errors import AttnInjectError
 from ..core.messages import shown
@@ -327,7 +328,8 @@ def build_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any)
     ``kwargs`` are limited to :data:`ARCHITECTURE_KWARGS` (nothing that loads or downloads)."""
     source, bare = resolve(name)
     given = check_model_kwargs(kwargs)
-    with torch.device(device):
+    on_meta = torch.device(device).type == "meta" or getattr(_ON_META, "depth", 0) > 0
+    with torch.device(device), _RandomFillsSkippedOnMeta() if on_meta else contextlib.nullcontext():
         if source == "timm":
             import timm
 
@@ -487,7 +489,8 @@ def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
     """``name`` with every parameter and buffer on the meta device: its architecture and
     shapes, no weights. Built on the meta device; a builder that computes its layer widths
     from tensor values (torchvision RegNet) is run on the CPU instead, each parameter and
-    buffer moved to the meta device as it is registered, before it is initialised."""
+    buffer moved to the meta device as it is registered, before it is initialised. The
+    initialisation's fills are skipped either way: a meta tensor has no values to fill."""
     try:
         return build_model(name, device="meta", **kwargs)
     except (ModelNameError, ModelKwargsError):
@@ -495,6 +498,39 @@ def build_shapes_only(name: str, **kwargs: Any) -> nn.Module:
     except Exception:
         with _registered_on_meta():
             return build_model(name, device="cpu", **kwargs)
+
+
+# The in-place random fills an initialisation makes (and every ``torch.nn.init`` function, all
+# of them in-place fills). A meta tensor has no values for them to write, yet torch runs
+# ``normal_`` on the meta device through its Python reference (about a millisecond a call: half
+# of a ResNet-50's build there).
+_RANDOM_FILLS = frozenset(
+    {
+        torch.Tensor.normal_,
+        torch.Tensor.uniform_,
+        torch.Tensor.exponential_,
+        torch.Tensor.log_normal_,
+        torch.Tensor.cauchy_,
+        torch.Tensor.geometric_,
+        torch.Tensor.random_,
+        torch.Tensor.bernoulli_,
+    }
+)
+
+
+class _RandomFillsSkippedOnMeta(TorchFunctionMode):
+    """An in-place fill of a meta tensor (:data:`_RANDOM_FILLS`, ``torch.nn.init``) returns the
+    tensor, as the fill does, without running it; every other call runs as it would. Active
+    in :func:`build_model` on the meta device and inside :func:`_registered_on_meta`, for the
+    calling thread only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            filled = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+            if isinstance(filled, torch.Tensor) and filled.is_meta:
+                return filled
+        return func(*args, **kwargs)
 
 
 # Registration on the meta device, for this thread only: torch's global registration hooks
