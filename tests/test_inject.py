@@ -95,11 +95,11 @@ def test_identity_init_adds_one_scalar_per_attention_map():
     assert count(identity) - count(base) == 16 * 2
 
 
-def _assert_equals_timm_model(base: str, recipe: str, reference: str) -> None:
+def _assert_equals_timm_model(base: nn.Module, recipe: str, reference: str) -> None:
     """The patched model has exactly the keys and shapes of timm's hand-built model; timm's
     weights load into it strictly and both compute the same."""
+    patched = ai.inject(base, recipe, init="paper", input_size=SIZE)
     torch.manual_seed(0)
-    patched = ai.inject(timm.create_model(base).eval(), recipe, init="paper", input_size=SIZE)
     model = timm.create_model(reference).eval()
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ours = {k: tuple(v.shape) for k, v in patched.state_dict().items()}
@@ -110,13 +110,13 @@ def _assert_equals_timm_model(base: str, recipe: str, reference: str) -> None:
         torch.testing.assert_close(patched(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_patched_resnet50_with_se_has_the_keys_and_outputs_of_timm_seresnet50():
+def test_patched_resnet50_with_se_has_the_keys_and_outputs_of_timm_seresnet50(build):
     """The papers' placement reproduces timm's hand-built SE-ResNet-50, key for key."""
-    _assert_equals_timm_model("resnet50", "se_resnet", "seresnet50")
+    _assert_equals_timm_model(build("timm:resnet50"), "se_resnet", "seresnet50")
 
 
-def test_patched_resnet50d_with_eca_has_the_keys_and_outputs_of_timm_ecaresnet50d():
-    _assert_equals_timm_model("resnet50d", "eca_resnet", "ecaresnet50d")
+def test_patched_resnet50d_with_eca_has_the_keys_and_outputs_of_timm_ecaresnet50d(build):
+    _assert_equals_timm_model(build("timm:resnet50d"), "eca_resnet", "ecaresnet50d")
 
 
 def _bottleneck_with(block, x, where, attn):
@@ -163,42 +163,41 @@ def test_positions_match_a_hand_built_resnet(build, recipe, where):
 
 
 def _nonzero_grads(model, steps, x, target):
-    """Names of block parameters that get a non-zero gradient in ``steps`` SGD steps."""
+    """For each of ``steps`` SGD steps, the names of block parameters that get a non-zero gradient."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    seen = set()
+    each_step = []
     for _ in range(steps):
         optimizer.zero_grad()
         F.cross_entropy(model(x), target).backward()
-        seen |= {
-            n for n, p in blocks_of(model).named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
-        }
+        named = blocks_of(model).named_parameters()
+        each_step.append({n for n, p in named if p.grad is not None and p.grad.abs().sum() > 0})
         optimizer.step()
-    return seen
+    return each_step
 
 
 @pytest.mark.parametrize(
     "recipe", ["se_resnet", "eca_resnet", "cbam_resnet", "cbam_after_every_stage", "se_pre"]
 )
-def test_every_new_parameter_gets_a_gradient_within_two_steps(build, recipe):
+def test_every_new_parameter_gets_a_gradient_within_two_steps(injected, recipe):
     """Identity init delays learning by at most one step. A parameter may get no gradient
     with the paper's block either (a ReLU unit of the excitation MLP dead on the whole batch
     at random init); the comparison is against the same weights at blend = 1, the paper block."""
     x, target = _input(4), torch.tensor([0, 1, 2, 3])
-    patched = ai.inject(copy.deepcopy(build("tv:resnet18")), recipe, input_size=SIZE).train()
+    _, patched = injected("tv:resnet18", recipe, SIZE)
+    patched.train()
     as_paper = copy.deepcopy(patched)
     with torch.no_grad():
         for name, p in blocks_of(as_paper).named_parameters():
             if name.endswith("blend"):
                 p.fill_(1.0)
-    learns_as_paper = _nonzero_grads(as_paper, 1, x, target) - {
-        n for n in dict(blocks_of(as_paper).named_parameters()) if n.endswith("blend")
-    }
+    (learns_as_paper,) = _nonzero_grads(as_paper, 1, x, target)
+    learns_as_paper -= {n for n in dict(blocks_of(as_paper).named_parameters()) if n.endswith("blend")}
     blends = {n for n in dict(blocks_of(patched).named_parameters()) if n.endswith("blend")}
     inner = set(dict(blocks_of(patched).named_parameters())) - blends
     assert len(learns_as_paper) >= 0.8 * len(inner)  # the comparison is not vacuous
-    first_step = _nonzero_grads(copy.deepcopy(patched), 1, x, target)
+    first_step, second_step = _nonzero_grads(patched, 2, x, target)
     assert first_step >= blends
-    seen = _nonzero_grads(patched, 2, x, target)
+    seen = first_step | second_step
     assert seen >= blends | learns_as_paper, sorted(blends | learns_as_paper - seen)
 
 
@@ -349,7 +348,7 @@ def test_timm_metadata_survives(build):
 
 
 def test_replacing_the_classifier_head(build):
-    patched = ai.inject(copy.deepcopy(build("timm:resnet50")), "se_resnet", input_size=SIZE)
+    patched = ai.inject(build("timm:resnet50"), "se_resnet", input_size=SIZE)
     patched.fc = nn.Linear(patched.num_features, 10)
     assert patched(_input()).shape == (2, 10)
     assert "fc.weight" in patched.state_dict() and patched.state_dict()["fc.weight"].shape == (10, 2048)
@@ -376,7 +375,7 @@ def test_deepcopy_and_whole_model_pickling_keep_behaviour(build):
 
 def test_dtype_device_and_mode_changes_apply_to_blocks(build):
     patched = ai.inject(
-        copy.deepcopy(build("tv:resnet18")),
+        build("tv:resnet18"),
         {"rules": [{"block": {"kind": "cbam", "spatial_norm": True}, "at": "stage_output"}]},
         input_size=SIZE,
     )
@@ -393,7 +392,7 @@ def test_dtype_device_and_mode_changes_apply_to_blocks(build):
 
 
 def test_channels_last_model_gives_same_outputs(build):
-    model = copy.deepcopy(build("tv:resnet18"))
+    model = build("tv:resnet18")
     patched = ai.inject(model, "cbam_resnet", init="paper", input_size=SIZE)
     x = _input()
     with torch.no_grad():
@@ -415,9 +414,8 @@ def test_empty_plan_raises_unless_allowed(build):
     assert ai.inserted_blocks(patched) == {}
 
 
-def test_patched_model_can_be_patched_again(build):
-    model = build("tv:resnet18")
-    once = ai.inject(model, "se_resnet", input_size=SIZE)
+def test_patched_model_can_be_patched_again(injected):
+    model, once = injected("tv:resnet18", "se_resnet", SIZE)
     twice = ai.inject(once, "cbam_after_every_stage", input_size=SIZE)
     assert len(ai.inserted_blocks(twice)) == 8 + 4
     x = _input()
@@ -425,8 +423,8 @@ def test_patched_model_can_be_patched_again(build):
         torch.testing.assert_close(twice(x), model(x), rtol=0, atol=0)
 
 
-def test_block_parameters_are_the_new_ones(build):
-    patched = ai.inject(build("tv:resnet18"), "se_resnet", input_size=SIZE)
+def test_block_parameters_are_the_new_ones(injected):
+    _, patched = injected("tv:resnet18", "se_resnet", SIZE)
     new = {id(p) for p in ai.block_parameters(patched)}
     assert new == {id(p) for p in blocks_of(patched).parameters()}
     assert sum(p.numel() for p in ai.block_parameters(patched)) == patched.attn_inject.plan.params_added

@@ -106,7 +106,7 @@ def test_rule_name_key_names_the_block():
 
 
 def test_reset_classifier_and_head_swap_work(build):
-    patched = ai.inject(copy.deepcopy(build("timm:resnet18")), "se_resnet", input_size=SIZE)
+    patched = ai.inject(build("timm:resnet18"), "se_resnet", input_size=SIZE)
     patched.reset_classifier(10)
     assert patched(X).shape == (2, 10)
     mobile = ai.inject(build("timm:mobilenetv3_small_050"), "se_resnet", input_size=SIZE)
@@ -165,9 +165,8 @@ def _saved_tensors(model: nn.Module) -> tuple[int, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_gradient_checkpointing_still_checkpoints(when):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18").train()
+def test_gradient_checkpointing_still_checkpoints(build, when):
+    model = build("timm:resnet18").train()
     plain = ai.inject(copy.deepcopy(model), "se_resnet", init="paper", input_size=SIZE).train()
     if when == "before":
         model.set_grad_checkpointing(True)
@@ -192,7 +191,7 @@ def test_densenet_with_checkpointing_on_can_be_injected():
 
 
 def test_hooks_on_untouched_modules_keep_firing(build):
-    model = copy.deepcopy(build("timm:resnet18"))
+    model = build("timm:resnet18")
     seen = []
     model.layer4.register_forward_hook(lambda m, a, out: seen.append(out.shape))
     handle = model.layer2.register_forward_hook(lambda m, a, out: out * 0.5)
@@ -207,7 +206,7 @@ def test_hooks_on_untouched_modules_keep_firing(build):
 
 
 def test_hook_inside_a_rewritten_module_is_refused_by_name(build):
-    model = copy.deepcopy(build("tv:resnet18"))
+    model = build("tv:resnet18")
     model.layer1[0].register_forward_hook(lambda m, a, out: out)  # hooks on the scope itself are kept
     model.layer1[1].bn2.register_forward_hook(lambda m, a, out: out * 2)  # a leaf: still called
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
@@ -353,7 +352,7 @@ def test_whole_model_pickling_and_original_untouched(build):
 
 
 def test_hook_handles_from_before_inject_remove_the_hook_from_a_rewritten_module(build):
-    model = copy.deepcopy(build("tv:resnet18"))
+    model = build("tv:resnet18")
     handle = model.layer1[0].register_forward_hook(lambda m, a, out: out * 0.5)
     patched = ai.inject(model, "se_resnet", input_size=SIZE)
     assert _changed(patched) >= {"layer1.0.bn2"}  # the block runs after bn2, layer1.0 is a copy

@@ -322,13 +322,29 @@ def test_a_space_drops_what_a_kind_does_not_have_and_refuses_unknown_keys(tmp_pa
         load_space(space)
 
 
-def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_trial(data, trained, tmp_path):
-    saved = trained.parent / "run" / "last.safetensors"  # ai.save's file, no block in it
+@pytest.fixture
+def saved_base(tmp_path) -> Path:
+    """``SEARCHED`` with no block, written by ``ai.save``: every floating-point weight and buffer
+    moved off its initial value, so that a trial started from anything else differs from it."""
+    from attn_inject.search.trial import BASELINE_RECIPE  # no block
+
+    torch.manual_seed(0)
+    model = ai.inject(_base(), BASELINE_RECIPE, input_size=(3, 32, 32), allow_empty=True)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand_like(tensor))
+    path = tmp_path / "base.safetensors"
+    ai.save(model, path, model_name=f"timm:{SEARCHED}", model_kwargs={"num_classes": 2})
+    return path
+
+
+def test_the_base_can_be_a_file_written_by_save_and_its_weights_start_every_trial(data, saved_base, tmp_path):
     out = tmp_path / "run"
     argv = [a for a in args(data, out, "se_resnet", repeats=1) if a not in ("--model", f"timm:{SEARCHED}")]
     argv = [a for a in argv if a not in ("--model-kwargs", "num_classes=2")]
-    assert main([*argv, "--checkpoint", str(saved)]) == 0
-    base = ai.saving.file.load_base_weights(saved).state_dict()
+    assert main([*argv, "--checkpoint", str(saved_base)]) == 0
+    base = ai.saving.file.load_base_weights(saved_base).state_dict()
     for start in sorted(out.glob("trials/*/start.safetensors")):
         weights = ai.saving.file.load_base_weights(start).state_dict()
         assert all(torch.equal(weights[k], base[k]) for k in base)

@@ -749,11 +749,10 @@ def test_tokens_cut_from_the_image_memory_are_not_a_patch_grid():
 
 
 def test_timm_naflex_vit_gets_se_on_the_grid_of_its_patchified_image():
-    plan = ai.plan(meta_model("timm:naflexvit_base_patch16_gap"), "se_resnet", input_size=(3, 64, 64))
+    model = meta_model("timm:naflexvit_base_patch16_gap")
+    plan = ai.plan(model, "se_resnet", input_size=(3, 64, 64))
     assert len(plan) == 24 and {(p.layout, p.prefix, p.grid) for p in plan} == {("tokens", 4, (4, 4))}
-    cbam = ai.plan(
-        meta_model("timm:naflexvit_base_patch16_gap"), "cbam_after_every_stage", input_size=(3, 64, 64)
-    )
+    cbam = ai.plan(model, "cbam_after_every_stage", input_size=(3, 64, 64))
     assert (
         cbam == [] and cbam.skipped and all("changes with the input size" in s.reason for s in cbam.skipped)
     )
