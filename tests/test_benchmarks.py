@@ -44,6 +44,7 @@ def load(name: str):
         ("bench_models", ["resnet18 + se_resnet", "train step batch 2"]),
         ("bench_blocks", ["cbam (channel=conv)", "channels_last"]),
         ("bench_blend", ["map-level blend ms (ratio)", "full-map blend ms (ratio)", "| cbam |"]),
+        ("bench_build", ["library builder, fills run ms", "| timm:resnet10t |", "| tv:resnet18 |"]),
     ],
 )
 def test_benchmark_smoke_run_writes_its_section(tmp_path, script, rows):

@@ -393,7 +393,13 @@ def test_hf_from_pretrained_refuses_a_plain_folder_another_class_and_a_bad_entry
 
 
 def _trainer_pieces(T, seed: int):
-    """A patched tiny ResNet classifier (blends at 0) and 16 random labelled images."""
+    """A patched tiny ResNet classifier (blends at 0) and 16 random labelled images: made once
+    per module for each seed, each call its own copy."""
+    return copy.deepcopy(_trainer_pieces_once(T, seed))
+
+
+@functools.cache
+def _trainer_pieces_once(T, seed: int):
     config = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1] * 4, num_labels=3)
     torch.manual_seed(seed)
     model = T.ResNetForImageClassification(config)

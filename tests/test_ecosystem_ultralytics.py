@@ -244,17 +244,20 @@ def test_bridged_training_keeps_blocks_through_ema_checkpoints_resume_and_reload
         assert isinstance(yolo.trainer, bridge)
         assert sorted(ai.inserted_blocks(yolo.trainer.ema.ema)) == keys
 
-        for checkpoint in (weights / "last.pt", weights / "best.pt", midway):
-            reloaded = YOLO(str(checkpoint))
-            assert sorted(ai.inserted_blocks(reloaded.model)) == keys, checkpoint.name
-        trained = YOLO(str(weights / "last.pt"))
+        reloaded = {
+            checkpoint: YOLO(str(checkpoint))
+            for checkpoint in (weights / "last.pt", weights / "best.pt", midway)
+        }
+        for checkpoint, model in reloaded.items():
+            assert sorted(ai.inserted_blocks(model.model)) == keys, checkpoint.name
+        trained = reloaded[weights / "last.pt"]
         moved = ai.blends(trained.model)
         assert moved.keys() == start.keys()
         assert any(abs(moved[k] - start[k]) > 1e-6 for k in start)  # the blends learned
         assert sorted(ai.inserted_blocks(yolo.model)) == keys  # train() reloaded best.pt, blocks kept
 
         # resume from the first epoch's checkpoint: the patched model it holds continues
-        resumed = YOLO(str(midway))
+        resumed = reloaded[midway]
         resumed.train(resume=True, trainer=ai.ultralytics.trainer(resumed))
         assert resumed.trainer.start_epoch == 1
         assert sorted(ai.inserted_blocks(resumed.trainer.model)) == keys

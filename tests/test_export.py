@@ -7,6 +7,7 @@ batch sizes."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import types
 import warnings
@@ -221,10 +222,19 @@ CBAM_RECIPE = {
 # -- recipes on a model ------------------------------------------------------------------------
 
 
-def small_resnet() -> nn.Module:
-    """resnet10t: resnet18's basic blocks, one a stage."""
+@functools.cache
+def _small_resnet_once() -> tuple[nn.Module, torch.Tensor]:
+    """resnet10t from seed 0 in eval mode, and the random state the build left."""
     torch.manual_seed(0)
-    return timm.create_model("resnet10t", pretrained=False).eval()
+    return timm.create_model("resnet10t", pretrained=False).eval(), torch.get_rng_state()
+
+
+def small_resnet() -> nn.Module:
+    """resnet10t: resnet18's basic blocks, one a stage. A copy of the model built once, with
+    the random state left as that build left it."""
+    model, state = _small_resnet_once()
+    torch.set_rng_state(state)
+    return copy.deepcopy(model)
 
 
 def small_vit() -> nn.Module:

@@ -635,7 +635,7 @@ def test_a_caller_that_decoded_the_images_is_not_made_to_decode_them_again(
     decoded = []
     monkeypatch.setattr(data_module, "_decode", decoded.append)
     config = FinetuneConfig(
-        str(checkpoint), str(data), 1, str(tmp_path / "a"), batch_size=4, image_size=PX, threads=1
+        str(checkpoint), str(data), 1, str(tmp_path / "a"), batch_size=4, image_size=PX, workers=0, threads=1
     )
     run(config, images_checked=True)
     assert decoded == []

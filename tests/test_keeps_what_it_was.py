@@ -236,7 +236,8 @@ def test_state_dict_gains_exactly_the_blocks_keys(which):
     assert {k for k in patched.state_dict() if k.startswith(blocks)} == added
 
 
-def _checkpoint_calls(model: nn.Module, x: torch.Tensor, monkeypatch) -> int:
+def _checkpoint_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """The calls to ``torch.utils.checkpoint.checkpoint`` of one training step of ``model`` on ``x``."""
     calls = 0
     original = torch.utils.checkpoint.checkpoint
 
@@ -245,16 +246,17 @@ def _checkpoint_calls(model: nn.Module, x: torch.Tensor, monkeypatch) -> int:
         calls += 1
         return original(*args, **kwargs)
 
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.utils.checkpoint, "checkpoint", counting)
         model.train()
         model(x).sum().backward()
     return calls
 
 
-@pytest.mark.parametrize("name", ["regnety_002", "convnext_atto", "vit", "efficientnet_b0", "swin"])
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_gradient_checkpointing_makes_as_many_checkpoint_calls_as_the_original(name, when, monkeypatch):
+@functools.cache
+def _checkpointed_once(name: str) -> tuple[nn.Module, torch.Tensor, int, torch.Tensor]:
+    """``name`` with gradient checkpointing on, after one training step on its input: the
+    model, the input, the checkpoint calls of that step and the random state it left."""
     torch.manual_seed(0)
     if name == "vit":
         model, x = _vit(), X64
@@ -263,14 +265,23 @@ def test_gradient_checkpointing_makes_as_many_checkpoint_calls_as_the_original(n
     else:
         model, x = _seeded(name), X64
     model.set_grad_checkpointing(True)
-    expected = _checkpoint_calls(model, x, monkeypatch)
+    calls = _checkpoint_calls(model, x)
+    return model, x, calls, torch.get_rng_state()
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "convnext_atto", "vit", "efficientnet_b0", "swin"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_makes_as_many_checkpoint_calls_as_the_original(name, when):
+    model, x, expected, state = _checkpointed_once(name)
+    model = copy.deepcopy(model)
+    torch.set_rng_state(state)
     assert expected > 0
     if when == "after":
         model.set_grad_checkpointing(False)
     patched = ai.inject(model, "cbam_after_every_stage", init="paper", input_size=tuple(x.shape[1:]))
     if when == "after":
         patched.set_grad_checkpointing(True)
-    assert _checkpoint_calls(patched, x, monkeypatch) == expected
+    assert _checkpoint_calls(patched, x) == expected
 
 
 def test_a_token_grid_changed_after_inject_is_one_clear_error():
