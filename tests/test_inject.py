@@ -97,17 +97,24 @@ def test_identity_init_adds_one_scalar_per_attention_map():
 
 def _assert_equals_timm_model(base: nn.Module, recipe: str, reference: str) -> None:
     """The patched model has exactly the keys and shapes of timm's hand-built model; timm's
-    weights load into it strictly and both compute the same."""
+    weights load into it strictly and both compute the same, where the blocks change what
+    the base model computes."""
     patched = ai.inject(base, recipe, init="paper", input_size=SIZE)
     torch.manual_seed(0)
     model = timm.create_model(reference).eval()
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     ours = {k: tuple(v.shape) for k, v in patched.state_dict().items()}
     assert ours == theirs
+    with torch.no_grad():  # timm starts each branch's last BatchNorm at zero: its block would add nothing
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
     patched.load_state_dict(model.state_dict(), strict=True)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
     x = _input()
     with torch.no_grad():
         torch.testing.assert_close(patched(x), model(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(base(x), model(x), rtol=1e-3, atol=1e-3)  # the blocks are seen
 
 
 def test_patched_resnet50_with_se_has_the_keys_and_outputs_of_timm_seresnet50(build):
