@@ -5,11 +5,12 @@ own builders under ``torch.device("meta")``.
 classes and planning a model by name build the network on the meta device: its
 architecture and shapes, nothing allocated. An initialisation's fills have no values to write
 there, and torch runs ``normal_`` on the meta device through its Python reference (about a
-millisecond a call); ``build_shapes_only`` skips the fills. The peer is the library's builder
-in ``with torch.device("meta")``, the same build with its fills run (torchvision's RegNet
-computes its widths from tensor values and cannot be built on the meta device: its peer is
-the same build with each tensor moved there as it is registered). Both builds are checked
-to give the same modules, keys, shapes and dtypes before timing. Medians of interleaved rounds.
+millisecond a call); ``build_shapes_only`` skips the fills. The peer is the library's
+builder in ``with torch.device("meta")``, the same build with its fills run (torchvision's
+RegNet computes its widths from tensor values and cannot be built on the meta device: there,
+both fall back to the build with each tensor moved to the meta device as it is registered).
+Both builds are checked to give the same modules, keys, shapes and dtypes before timing.
+Medians of interleaved rounds.
 
     python benchmarks/bench_build.py [--quick] [--out build/bench/6-build.md]
 """
@@ -20,7 +21,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
+import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,20 +44,23 @@ QUICK_MODELS = ("timm:resnet10t", "tv:resnet18")
 
 
 def _fills_run(name: str) -> Callable[[], nn.Module]:
-    """The peer: the library's own build of ``name`` on the meta device, its fills run."""
+    """The peer: the library's own build of ``name`` on the meta device, its fills run; where
+    the builder cannot run there, each tensor moved there as it is registered (what
+    ``build_shapes_only`` falls back to)."""
     source, _, bare = name.partition(":")
 
-    def peer() -> nn.Module:
-        import timm
-        import torchvision
+    def library_build() -> nn.Module:
+        if source == "timm":
+            return timm.create_model(bare, pretrained=False)
+        return torchvision.models.get_model(bare, weights=None)
 
-        if source == "tv" and bare.startswith("regnet"):
+    def peer() -> nn.Module:
+        try:
+            with torch.device("meta"):
+                return library_build()
+        except Exception:
             with build._registered_on_meta():
-                return torchvision.models.get_model(bare, weights=None)
-        with torch.device("meta"):
-            if source == "timm":
-                return timm.create_model(bare, pretrained=False)
-            return torchvision.models.get_model(bare, weights=None)
+                return library_build()
 
     return peer
 

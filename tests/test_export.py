@@ -7,7 +7,6 @@ batch sizes."""
 from __future__ import annotations
 
 import copy
-import functools
 import re
 import types
 import warnings
@@ -222,19 +221,7 @@ CBAM_RECIPE = {
 # -- recipes on a model ------------------------------------------------------------------------
 
 
-@functools.cache
-def _small_resnet_once() -> tuple[nn.Module, torch.Tensor]:
-    """resnet10t from seed 0 in eval mode, and the random state the build left."""
-    torch.manual_seed(0)
-    return timm.create_model("resnet10t", pretrained=False).eval(), torch.get_rng_state()
-
-
-def small_resnet() -> nn.Module:
-    """resnet10t: resnet18's basic blocks, one a stage. A copy of the model built once, with
-    the random state left as that build left it."""
-    model, state = _small_resnet_once()
-    torch.set_rng_state(state)
-    return copy.deepcopy(model)
+SMALL_RESNET = "timm:resnet10t"  # resnet18's basic blocks, one a stage
 
 
 def small_vit() -> nn.Module:
@@ -256,14 +243,16 @@ EXPORT_RECIPES = [
 
 
 @pytest.mark.parametrize("recipe", EXPORT_RECIPES)
-def test_every_recipe_exports_with_a_dynamic_batch_and_matches_eager_at_batch_1_and_3(recipe):
-    assert_exports_with_any_batch(paper_init(small_resnet(), recipe), IMAGE)
+def test_every_recipe_exports_with_a_dynamic_batch_and_matches_eager_at_batch_1_and_3(recipe, build):
+    torch.manual_seed(0)
+    assert_exports_with_any_batch(paper_init(build(SMALL_RESNET), recipe), IMAGE)
 
 
 @pytest.mark.zoo  # the dynamo ONNX exporter takes seconds a network: the wider sweep
 @pytest.mark.parametrize("recipe", ai.list_recipes())
-def test_every_recipe_runs_from_its_onnx_file_at_batch_1_and_3(recipe):
-    patched = paper_init(small_resnet(), recipe)
+def test_every_recipe_runs_from_its_onnx_file_at_batch_1_and_3(recipe, build):
+    torch.manual_seed(0)
+    patched = paper_init(build(SMALL_RESNET), recipe)
     assert_runs_from_its_onnx_file(patched, IMAGE)
 
 

@@ -520,9 +520,9 @@ _RANDOM_FILLS = frozenset(
 
 class _RandomFillsSkippedOnMeta(TorchFunctionMode):
     """An in-place fill of a meta tensor (:data:`_RANDOM_FILLS`, ``torch.nn.init``) returns the
-    tensor, as the fill does, without running it; every other call runs as it would. Active
-    in :func:`build_model` on the meta device and inside :func:`_registered_on_meta`, for the
-    calling thread only."""
+    tensor, as the fill does, without running it; every other call runs as it would. Entered
+    by :func:`build_model` when it builds on the meta device or inside
+    :func:`_registered_on_meta`; a mode of the calling thread only."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
