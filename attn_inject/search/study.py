@@ -235,17 +235,53 @@ def _check_same(study: Any, spec: StudySpec) -> None:
             f"study {spec.name!r} in {safe_url(spec.storage)} is to {cut(' and '.join(directions), 100)}; "
             f"a search's study maximizes one objective ({METRIC}): use another --study (or --out)"
         )
-    deadline = time.monotonic() + 60
-    while not study.user_attrs.get("ready") and time.monotonic() < deadline:
-        time.sleep(0.2)  # another worker is creating it
+    _made(study, spec)
     recorded = study.user_attrs
     for key, value in spec.identity.items():
         if recorded.get(key) != value:
+            raise _made_for_another(spec, key, recorded.get(key))
+
+
+CREATION_WAIT_S = 60  # how long a study without its ``ready`` record may be another worker's new one
+
+
+def _made(study: Any, spec: StudySpec) -> None:
+    """Wait while another worker is making the study (it records ``ready`` last), up to
+    ``CREATION_WAIT_S``; a study that cannot be one in the making is refused at once."""
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while not (recorded := study.user_attrs).get("ready") and time.monotonic() < deadline:
+        for key, value in spec.identity.items():  # a maker writes these values, or nothing yet
+            if key in recorded and recorded[key] != value:
+                raise _made_for_another(spec, key, recorded[key])
+        if (why := _not_in_the_making(study)) is not None:
             raise SearchError(
-                f"study {spec.name!r} in {safe_url(spec.storage)} was made for another {key} "
-                f"({shown(recorded.get(key))}, here {shown(value)}); "
-                "use another --study (or --out), or the command that made it"
+                f"study {spec.name!r} in {safe_url(spec.storage)} is not a search's study ({why}); "
+                "use another --study (or --out)"
             )
+        time.sleep(0.2)
+
+
+def _not_in_the_making(study: Any) -> str | None:
+    """Why ``study`` (not ``ready``) cannot be a search's study that a worker is making: a
+    maker names the one metric and enqueues trials only, each with its candidate."""
+    names = study.metric_names
+    if names is not None and list(names) != [METRIC]:
+        return f"its objective is named {cut(', '.join(map(str, names)), 100)}, not {METRIC}"
+    waiting = import_optuna().trial.TrialState.WAITING
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state != waiting:
+            return f"trial {trial.number} is {trial.state.name.lower()} before the study was ready"
+        if "candidate" not in trial.user_attrs:
+            return f"trial {trial.number} names no candidate"
+    return None
+
+
+def _made_for_another(spec: StudySpec, key: str, recorded: Any) -> SearchError:
+    return SearchError(
+        f"study {spec.name!r} in {safe_url(spec.storage)} was made for another {key} "
+        f"({shown(recorded)}, here {shown(spec.identity[key])}); "
+        "use another --study (or --out), or the command that made it"
+    )
 
 
 @contextlib.contextmanager
