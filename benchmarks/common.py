@@ -14,6 +14,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,13 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    """CPU model, cores, torch threads, GPU, torch version."""
+    """CPU model, cores, torch threads, GPU, torch version, and the interpreter (how it was
+    built moves pure-Python timings by a fifth)."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    interpreter = getattr(sys, "_base_executable", sys.executable)  # a venv's own base
     return (
         f"{cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), {gpu}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}, Python {platform.python_version()} ({interpreter})"
     )
 
 
