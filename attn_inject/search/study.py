@@ -235,8 +235,7 @@ def _check_same(study: Any, spec: StudySpec) -> None:
             f"study {spec.name!r} in {safe_url(spec.storage)} is to {cut(' and '.join(directions), 100)}; "
             f"a search's study maximizes one objective ({METRIC}): use another --study (or --out)"
         )
-    _made(study, spec)
-    recorded = study.user_attrs
+    recorded = _made(study, spec)
     for key, value in spec.identity.items():
         if recorded.get(key) != value:
             raise _made_for_another(spec, key, recorded.get(key))
@@ -245,9 +244,9 @@ def _check_same(study: Any, spec: StudySpec) -> None:
 CREATION_WAIT_S = 60  # how long a study without its ``ready`` record may be another worker's new one
 
 
-def _made(study: Any, spec: StudySpec) -> None:
-    """Wait while another worker is making the study (it records ``ready`` last), up to
-    ``CREATION_WAIT_S``; a study that cannot be one in the making is refused at once."""
+def _made(study: Any, spec: StudySpec) -> dict[str, Any]:
+    """The study's record, once another worker making it has recorded ``ready`` (last), or
+    after ``CREATION_WAIT_S``; a study that cannot be one in the making is refused at once."""
     deadline = time.monotonic() + CREATION_WAIT_S
     while not (recorded := study.user_attrs).get("ready") and time.monotonic() < deadline:
         for key, value in spec.identity.items():  # a maker writes these values, or nothing yet
@@ -259,6 +258,7 @@ def _made(study: Any, spec: StudySpec) -> None:
                 "use another --study (or --out)"
             )
         time.sleep(0.2)
+    return recorded
 
 
 def _not_in_the_making(study: Any) -> str | None:
