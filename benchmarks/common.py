@@ -1,5 +1,6 @@
 """What every benchmark shares: the machine's name, interleaved timing (candidates run in
-turn, round after round, medians compared), peak memory, and markdown output.
+turn, round after round, medians compared, or ratios taken within each round), peak
+memory, and markdown output.
 
 Each script takes ``--quick`` (a smoke run at tiny sizes: checks the script still works,
 its figures mean nothing) and ``--out FILE.md`` (its results as a markdown section, which
@@ -54,23 +55,64 @@ def interleaved(
     """Median seconds per call of each candidate, timed in alternation over ``rounds``;
     ``collect_garbage``: Python's cyclic garbage collected before each timed call, so that a
     candidate does not pay for the cycles the one before it left (fx graphs are cycles)."""
+    times = interleaved_times(candidates, rounds, sync, warmup, collect_garbage)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def interleaved_times(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    sync: bool = False,
+    warmup: int = 1,
+    collect_garbage: bool = False,
+    rotate: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds of each call of each candidate, round by round (see :func:`interleaved`);
+    ``rotate``: each round starts one candidate later than the one before, so that no
+    candidate always runs right after the same other one (a call that leaves the caches or
+    the allocator warm or cold for the next would otherwise favour one side every round)."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+    names = list(candidates)
     with _heap_frozen() if collect_garbage else contextlib.nullcontext():
-        for _ in range(rounds):
-            for name, fn in candidates.items():
+        for r in range(rounds):
+            shift = r % len(names) if rotate else 0
+            for name in names[shift:] + names[:shift]:
                 if collect_garbage:
                     gc.collect()
                 if sync:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                fn()
+                candidates[name]()
                 if sync:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+@dataclass(frozen=True)
+class RoundRatio:
+    """A candidate's time over a peer's, taken within each round: the median of the rounds'
+    ratios and their interquartile range (how far one round's ratio strays: a machine whose
+    run times move by a tenth between rounds cannot show a 3% difference in a few rounds)."""
+
+    median: float
+    low: float  # first quartile
+    high: float  # third quartile
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f}; IQR {self.low:.3f}-{self.high:.3f}"
+
+
+def round_ratio(times: Sequence[float], peer_times: Sequence[float]) -> RoundRatio:
+    """``times`` over ``peer_times`` round by round (both from one :func:`interleaved_times`)."""
+    ratios = [t / p for t, p in zip(times, peer_times, strict=True)]
+    if len(ratios) < 2:
+        return RoundRatio(ratios[0], ratios[0], ratios[0])
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return RoundRatio(statistics.median(ratios), low, high)
 
 
 @contextlib.contextmanager

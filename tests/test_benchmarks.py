@@ -66,3 +66,28 @@ def test_collect_gathers_sections_into_one_page(tmp_path):
     assert page.startswith("# Benchmarks") and page.index("Section 0") < page.index("Section 1")
     with pytest.raises(SystemExit, match="no such section"):
         load("collect").main([str(tmp_path / "missing.md"), "--out", str(tmp_path / "x.md")])
+
+
+def test_rotated_rounds_start_one_candidate_later_each_round():
+    common = load("common")
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = common.interleaved_times(calls, rounds=4, warmup=0, rotate=True)
+    assert order == [*"abc", *"bca", *"cab", *"abc"]
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 4, "b": 4, "c": 4}
+    order.clear()
+    common.interleaved_times(calls, rounds=2, warmup=0)
+    assert order == list("abcabc")
+
+
+def test_round_ratio_pairs_each_round_with_its_peer():
+    common = load("common")
+    # the machine slows down 3x in the last rounds: each round's ratio stays 1.1
+    peer = [1.0, 1.0, 1.0, 3.0, 3.0]
+    slower = [1.1, 1.1, 1.1, 3.3, 3.3]
+    ratio = common.round_ratio(slower, peer)
+    assert ratio.median == pytest.approx(1.1) and ratio.low == pytest.approx(1.1) == ratio.high
+    spread = common.round_ratio([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5)
+    assert (spread.median, spread.low, spread.high) == (3.0, 2.0, 4.0)
+    assert str(spread) == "3.000; IQR 2.000-4.000"
+    assert common.round_ratio([2.0], [1.0]) == common.RoundRatio(2.0, 2.0, 2.0)
