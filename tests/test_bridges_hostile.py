@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import collections
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from torch.nn.modules.module import register_module_parameter_registration_hook
 import attn_inject as ai
 from attn_inject.models.build import build_model
 from attn_inject.saving import hub
+from attn_inject.saving.checkpoint import read_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,6 +83,57 @@ def test_load_leaves_every_global_random_state_as_it_was(timm_saved, form):
     loaded = ai.load(timm_saved[form], **kwargs)
     assert ai.inserted_blocks(loaded)
     assert same_random_states(before, random_states())
+
+
+@pytest.mark.parametrize(
+    "allowed_before",
+    [[], [argparse.Namespace], [collections.OrderedDict, argparse.Namespace]],
+    ids=["nothing", "namespace", "two"],
+)
+def test_reading_a_train_py_checkpoint_leaves_torchs_allowed_globals_as_they_were(timm_saved, allowed_before):
+    """timm's users allow ``argparse.Namespace`` to torch's weights-only loader themselves
+    (``torch.serialization.add_safe_globals``) to read train.py's checkpoints: reading one
+    through ``load`` keeps their list as it was, neither removing nor adding an entry."""
+    kept = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed_before)
+    try:
+        loaded = ai.load(timm_saved["checkpoint"], like=timm_saved["file"])
+        after = torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
+    assert ai.inserted_blocks(loaded)
+    assert sorted(after, key=repr) == sorted(allowed_before, key=repr)
+
+
+def test_reads_of_train_py_checkpoints_in_threads_leave_torchs_allowed_globals_empty(timm_saved):
+    """Torch's list of allowed globals is one for the process: reads in several threads
+    take turns with it, so none ends while another still needs ``argparse.Namespace``, and
+    the list is empty again once every read is done."""
+    kept = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(3):
+                read_state_dict(timm_saved["checkpoint"])
+        except BaseException as error:  # handed to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        after = torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
+    assert not errors, errors[0]
+    assert after == []
 
 
 def _call_without_waiting(call, fifo: Path) -> BaseException | None:

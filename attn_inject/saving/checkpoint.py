@@ -198,6 +198,31 @@ def _refuse_compressed(p: Path) -> None:
         )
 
 
+# torch's list of globals its weights-only loader allows is one for the whole process
+_ALLOWED_GLOBALS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _namespace_allowed() -> Iterator[None]:
+    """Within: ``argparse.Namespace`` allowed to torch's weights-only loader; then torch's
+    list of allowed globals as the caller had it. torch's own ``safe_globals`` removes what
+    it added on leaving, even an entry the caller had added before (timm's users allow
+    ``argparse.Namespace`` themselves to read train.py's checkpoints), and its list is one
+    for the process: the reads of this module take turns with it, and an entry another
+    thread adds meanwhile is kept."""
+    with _ALLOWED_GLOBALS:
+        had = argparse.Namespace in torch.serialization.get_safe_globals()
+        if not had:
+            torch.serialization.add_safe_globals([argparse.Namespace])
+        try:
+            yield
+        finally:
+            if not had:
+                rest = [g for g in torch.serialization.get_safe_globals() if g is not argparse.Namespace]
+                torch.serialization.clear_safe_globals()
+                torch.serialization.add_safe_globals(rest)
+
+
 def _load_torch(p: Path) -> Any:
     if _looks_like_torch_file(p):
         _refuse_compressed(p)
@@ -209,7 +234,7 @@ def _load_torch(p: Path) -> Any:
             warnings.filterwarnings("ignore", message=".*Validating sparse tensor invariants")
             # timm's train.py saves its command line (args) as a Namespace: allowed while this
             # file is read, then checked to hold plain values only.
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with _namespace_allowed():
                 obj = torch.load(p, map_location="cpu", weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from e
