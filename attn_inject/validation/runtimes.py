@@ -3,6 +3,11 @@ and ``torch.export``."""
 
 from __future__ import annotations
 
+import itertools
+import types
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,6 +23,7 @@ __all__ = [
     "check_compile",
     "check_export",
     "compile_backend",
+    "compiled_apart",
     "export_any_batch",
     "export_batches",
 ]
@@ -41,25 +47,38 @@ def compile_backend(device: torch.device) -> tuple[str, str]:
 
 
 def check_compile(context: ValidationContext) -> Check:
-    """``torch.compile`` of the patched model matches eager."""
-    import torch._dynamo
-
+    """``torch.compile`` of the patched model matches eager. The compiled code is the check's
+    own (see :func:`compiled_apart`): the caller's compiled code stays as it was."""
     backend, why = compile_backend(context.device)
     place = where(context.device, context.dtype, "eval") + f", backend {backend}"
     x = context.inputs[0]
-    torch._dynamo.reset()
-    try:
-        with eval_mode(context.patched), torch.no_grad():
-            eager = outputs(context.patched, x)
-            try:
-                compiled = outputs(torch.compile(context.patched, backend=backend), x)
-            except Exception as error:
-                return Check("compile", FAILED, place, f"torch.compile failed: {error_line(error, 160)}")
-    finally:
-        torch._dynamo.reset()
+    with eval_mode(context.patched), torch.no_grad():
+        eager = outputs(context.patched, x)
+        try:
+            compiled = outputs(torch.compile(compiled_apart(context.patched), backend=backend), x)
+        except Exception as error:
+            return Check("compile", FAILED, place, f"torch.compile failed: {error_line(error, 160)}")
     tol = COMPILE_TOLERANCE if context.dtype == torch.float32 else context.tolerance()
     note = f"; {why}, so backend='eager'" if why else ""
     return against_eager("compile", place, compiled, eager, tol, "compiled vs eager", note)
+
+
+_CALLS = itertools.count()
+
+
+def compiled_apart(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """A function that calls ``model``, with code of its own, for ``torch.compile``. Dynamo
+    keeps what it compiles on the code object of the frame it starts from (for a module, its
+    class's ``forward``, shared with every model of that class), and its only way to drop it is
+    ``torch._dynamo.reset()``, which drops every compiled frame of the process. From a code
+    object of its own, what the check compiles is kept apart from the caller's compiled code
+    (which neither recompiles nor loses a recompile of its budget) and goes with the function."""
+
+    def call(x: torch.Tensor) -> Any:
+        return model(x)
+
+    code = call.__code__.replace(co_name=f"_compile_check_{next(_CALLS)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def check_export(context: ValidationContext) -> Check:
