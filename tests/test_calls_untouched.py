@@ -72,3 +72,40 @@ def test_compile_checks_of_one_class_never_meet_dynamos_recompile_limit(injected
         report = ai.validate(model, patched, device="cpu", batch=2, seeds=1, checks=["compile"])
         assert report.check("compile").status == "passed", report.check("compile").detail
     assert counters["frames"]["ok"] == 2
+
+
+@pytest.mark.parametrize("form", ["file", "training checkpoint"])
+def test_load_on_a_given_model_leaves_that_model_as_it_was(build, tmp_path, form):
+    """``load(path, model=base)`` builds on a copy of ``base``: the file's weights land in the
+    returned model only, and ``base`` keeps its own (the patched model shares the untouched
+    modules and parameters of the model it is made from)."""
+    torch.manual_seed(1)
+    saved = ai.inject(build("timm:resnet10t"), "se_resnet", input_size=SIZE)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.5)  # weights the base does not have
+    ai.save(saved, tmp_path / "start.safetensors", model_name="")
+    path, kwargs = tmp_path / "start.safetensors", {}
+    if form == "training checkpoint":
+        path, kwargs = tmp_path / "last.pth.tar", {"like": tmp_path / "start.safetensors"}
+        torch.save({"state_dict": saved.state_dict(), "arch": "x"}, path)
+    base = build("timm:resnet10t")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    loaded = ai.load(path, model=base, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in loaded.state_dict().items())
+    mine = {id(t) for t in [*base.parameters(), *base.buffers()]}
+    assert not mine & {id(t) for t in [*loaded.parameters(), *loaded.buffers()]}
+
+
+def test_load_on_a_model_that_cannot_be_copied_says_so_in_one_line(build, tmp_path):
+    import threading
+
+    from attn_inject.core.errors import InputError
+
+    ai.save(ai.inject(build("timm:resnet10t"), "se_resnet", input_size=SIZE), tmp_path / "m.safetensors")
+    base = build("timm:resnet10t")
+    base.lock = threading.Lock()  # copy.deepcopy cannot copy a lock
+    with pytest.raises(InputError, match=r"builds on a copy of the model.*cannot be copied") as error:
+        ai.load(tmp_path / "m.safetensors", model=base)
+    assert "\n" not in str(error.value)

@@ -24,6 +24,7 @@ weights are loaded into the network that the file its run started from describes
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -775,8 +776,9 @@ def load(
     (``attn_inject.save_pretrained``), or a timm training checkpoint (``.pth.tar``: weights
     only). The base model is rebuilt by name from the manifest (checked first on the meta
     device against every tensor shape and the recorded architecture), or ``model`` (the
-    base, unpatched architecture) is used for a custom one; the manifest's recipe is
-    injected again and the weights loaded strictly.
+    base, unpatched architecture) is used for a custom one: a deep copy of it, so that the
+    model given stays as it was; the manifest's recipe is injected again and the weights
+    loaded strictly.
 
     A training checkpoint holds no manifest: ``like`` names the file (or folder) its run
     started from, whose manifest describes the network (with the class count of the run's
@@ -784,12 +786,29 @@ def load(
     ``register_timm_model`` uses the file registered. ``use_ema``: its EMA weights
     (``state_dict_ema``).
     """
+    return _load(path, model, like, use_ema, copy_model=True)
+
+
+def load_on_own_base(path: str | os.PathLike, base: nn.Module) -> nn.Module:
+    """``load(path, model=base)`` for a base built for this load alone: not copied, so the
+    returned model shares its untouched modules and parameters (see :func:`load`)."""
+    return _load(path, base, None, False, copy_model=False)
+
+
+def _load(
+    path: str | os.PathLike,
+    model: nn.Module | None,
+    like: str | os.PathLike | None,
+    use_ema: bool,
+    *,
+    copy_model: bool,
+) -> nn.Module:
     path = checked_path(path, "load(path)")
     if like is not None:
         like = checked_path(like, "load(like=...)")
     with own_random_state():  # the rebuilt model's random init is overwritten; the caller's RNG is kept
         if is_torch_file_name(path):
-            return _load_training_checkpoint(path, model, like, use_ema)
+            return _load_training_checkpoint(path, model, like, use_ema, copy_model)
         if like is not None or use_ema:
             given = "like=" if like is not None else "use_ema=True"
             raise InputError(
@@ -798,14 +817,34 @@ def load(
         path = weights_path(path)
         manifest, recipe, base, shapes = _checked_base(path, model)
         assert base is not None
+        if model is not None and copy_model:
+            base = _copied(model)
         patched = inject_recorded(base, manifest, recipe, path)
         _check_against_file(patched, manifest, shapes, path, manifest.base_model or type(base).__name__)
         patched.load_state_dict(read_state_dict(path), strict=True)
         return patched
 
 
+def _copied(model: nn.Module) -> nn.Module:
+    """A deep copy of the model given to ``load``, which stays as it was: the patched model
+    shares the untouched modules and parameters of the model it is made from, and the file's
+    weights are loaded into them."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:
+        raise InputError(
+            f"load(model=...) builds on a copy of the model it is given, so that the model stays as it "
+            f"was; a {type(model).__name__} cannot be copied with copy.deepcopy ({type(error).__name__}: "
+            f"{shown(str(error), 120)})"
+        ) from None
+
+
 def _load_training_checkpoint(
-    path: str | os.PathLike, model: nn.Module | None, like: str | os.PathLike | None, use_ema: bool
+    path: str | os.PathLike,
+    model: nn.Module | None,
+    like: str | os.PathLike | None,
+    use_ema: bool,
+    copy_model: bool,
 ) -> nn.Module:
     """A training checkpoint's weights in the network the file ``like`` (or the one registered
     under the checkpoint's ``arch``) describes, rebuilt with the run's class count."""
@@ -841,6 +880,8 @@ def _load_training_checkpoint(
         meta = {k: torch.empty(v.shape, device="meta") for k, v in checkpoint.state_dict.items()}
         check_fits(twin, meta, source=f"checkpoint {path} ({what})")
         model = build_model(name, **kwargs)
+    elif copy_model:
+        model = _copied(model)
     patched = inject_recorded(model, manifest, recipe, source)
     info = patched_record(patched)
     assert info is not None

@@ -69,7 +69,14 @@ from ..core.values import is_int
 from ..models.build import ModelKwargsError, check_model_kwargs
 from ..surgery.record import patched_record
 from .checkpoint import CheckpointError, read_safetensors_shapes
-from .file import check_base_against_file, checked_path, load, read_config_json, read_manifest, save
+from .file import (
+    check_base_against_file,
+    checked_path,
+    load_on_own_base,
+    read_config_json,
+    read_manifest,
+    save,
+)
 
 __all__ = ["CHECKPOINT_CONFIG", "CONFIG_KEY", "WEIGHTS", "KeepBlocks", "from_pretrained", "save_pretrained"]
 
@@ -222,7 +229,7 @@ def from_pretrained(model_class: Any, folder: str | os.PathLike) -> nn.Module:
         check_base_against_file(twin, shapes, weights, f"the {type(twin).__name__} {config_path} describes")
         del twin
         base = _built(model_class, config, config_path)
-    return load(weights, model=base.eval())
+    return load_on_own_base(weights, base.eval())
 
 
 def _name(model_class: Any) -> str:
