@@ -137,3 +137,37 @@ def test_the_packages_blocks_stay_leaves():
     with pytest.raises(ValueError, match="is built in and cannot be unregistered"):
         ai.unregister_leaf_module(LayoutBlock)
     assert called_modules(WithInner(ai.create_block("simam", 8)).eval()) == ["stem", "inner"]
+
+
+# --- built-in block kinds and checks replaced, then put back ----------------------------------
+
+
+def test_a_built_in_block_kind_replaced_is_put_back_by_unregister():
+    from attn_inject.blocks import SqueezeExcite, block_factory
+
+    def wider(channels, **kwargs):
+        return SqueezeExcite(channels, **{**kwargs, "ratio": 4})
+
+    before = ai.list_blocks()
+    ai.register_block("se", wider, overwrite=True)
+    try:
+        assert block_factory("se") is wider
+    finally:
+        assert ai.unregister_block("se") is wider
+    assert block_factory("se") is SqueezeExcite and ai.list_blocks() == before
+    with pytest.raises(ai.InputError, match="'se' is built in and cannot be unregistered"):
+        ai.unregister_block("se")  # its own factory again: nothing to put back
+
+
+def test_a_built_in_check_replaced_is_put_back_by_unregister_in_its_place():
+    from attn_inject.validation.registry import registered
+
+    before = registered()
+    spec = ai.register_check("reference", lambda context: [], overwrite=True)
+    try:
+        assert [s.name for s in registered()] == [s.name for s in before]  # replaced in its place
+    finally:
+        assert ai.unregister_check("reference") is spec
+    assert registered() == before
+    with pytest.raises(ai.InputError, match="'reference' is built in and cannot be unregistered"):
+        ai.unregister_check("reference")

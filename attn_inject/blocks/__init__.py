@@ -81,6 +81,7 @@ _BLOCKS: dict[str, BlockFactory] = {
     "cbam": CBAM,
     "simam": SimAM,
 }
+_BUILT_IN_FACTORIES = dict(_BLOCKS)  # what unregister_block puts back over a replaced built-in kind
 BUILT_IN = {
     "se": "Hu et al., Squeeze-and-Excitation Networks, https://arxiv.org/abs/1709.01507",
     "eca": "Wang et al., ECA-Net, https://arxiv.org/abs/1910.03151",
@@ -117,8 +118,9 @@ def register_block(name: str, factory: BlockFactory, *, overwrite: bool = False)
 
 def unregister_block(name: str) -> BlockFactory:
     """Remove block kind ``name`` that :func:`register_block` added, and return its factory
-    (so a test can put the registry back as it was). The built-in kinds and timm's stay."""
-    return unregistered(_BLOCKS, name, BUILT_IN, "block", "kinds")
+    (so a test can put the registry back as it was). A built-in kind replaced with
+    ``overwrite=True`` gets its own factory back; the built-in kinds and timm's stay."""
+    return unregistered(_BLOCKS, name, BUILT_IN, "block", "kinds", _BUILT_IN_FACTORIES)
 
 
 def list_blocks() -> list[str]:

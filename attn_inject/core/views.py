@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from typing import TypeVar, overload
 
 from .errors import InputError
@@ -51,11 +51,25 @@ class NamesView(Sequence[str]):
         return repr(self._names())
 
 
-def unregistered(table: dict[str, V], name: str, built_in: Container[str], what: str, plural: str) -> V:
+def unregistered(
+    table: dict[str, V],
+    name: str,
+    built_in: Container[str],
+    what: str,
+    plural: str,
+    originals: Mapping[str, V] | None = None,
+) -> V:
     """Remove ``name`` from a registry ``table`` and return its entry; a built-in name or one
     never registered is one :class:`InputError` naming what is registered (``what`` and
-    ``plural`` name the kind: "block", "kinds")."""
+    ``plural`` name the kind: "block", "kinds"). A built-in name registered again over the
+    package's own entry (``originals``) gets that entry back, and the replacing one is
+    returned: the registry is as it was before the replacement."""
     if name in built_in:
+        original = originals.get(name) if originals is not None else None
+        if original is not None and table.get(name) is not original:
+            replacing = table[name]
+            table[name] = original
+            return replacing
         raise InputError(
             f"{what} {shown(name)} is built in and cannot be unregistered; registered {plural} can"
         )

@@ -49,7 +49,7 @@ class CheckSpec:
 
 
 _CHECKS: dict[str, CheckSpec] = {}
-_BUILT_IN: set[str] = set()  # the package's own checks, which stay registered
+_BUILT_IN: dict[str, CheckSpec] = {}  # the package's own checks, which stay registered
 
 
 def register_check(
@@ -78,8 +78,9 @@ def register_check(
 
 def unregister_check(name: str) -> CheckSpec:
     """Remove check ``name`` that :func:`register_check` added, and return it (so a test can
-    put the registry back as it was). The built-in checks stay."""
-    return unregistered(_CHECKS, name, _BUILT_IN, "check", "checks")
+    put the registry back as it was). A built-in check replaced with ``overwrite=True`` gets
+    its own back; the built-in checks stay."""
+    return unregistered(_CHECKS, name, _BUILT_IN, "check", "checks", _BUILT_IN)
 
 
 def seal_built_in() -> None:
