@@ -148,6 +148,29 @@ def test_a_sigint_the_process_ignores_leaves_the_write_to_finish(tmp_path, monke
     assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
+def test_a_signal_whose_handler_python_did_not_install_is_left_alone(tmp_path, monkeypatch):
+    """A program embedding Python may set a SIGTERM handler before Python starts:
+    ``signal.getsignal`` gives None for it, and Python could not put it back, so a write
+    does not take that signal over (it still takes over SIGINT)."""
+    real_getsignal, real_signal = signal.getsignal, signal.signal
+    taken: list[int] = []
+
+    def getsignal(number):
+        return None if number == signal.SIGTERM else real_getsignal(number)
+
+    def set_handler(number, handler):
+        taken.append(number)
+        return real_signal(number, handler)
+
+    monkeypatch.setattr(signal, "getsignal", getsignal)
+    monkeypatch.setattr(signal, "signal", set_handler)
+    before = real_getsignal(signal.SIGTERM)
+    write_safetensors(tmp_path / "out.safetensors", {"w": torch.ones(3)}, {})
+    assert signal.SIGTERM not in taken and signal.SIGINT in taken
+    assert real_getsignal(signal.SIGTERM) == before
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
 @pytest.mark.processes
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     process = stalled_writer(tmp_path, "write")

@@ -550,7 +550,9 @@ def _move_into_place(tmp: str, p: Path, force: bool) -> None:
 def _removed_on_signals(tmp: str) -> Iterator[None]:
     """Remove ``tmp`` if SIGTERM or SIGINT arrives, then let the signal act as it would have
     (the process ends, or KeyboardInterrupt). Only in the main thread, where handlers run,
-    and not for a signal the process ignores (a background job's SIGINT): the write goes on."""
+    not for a signal the process ignores (a background job's SIGINT): the write goes on, and
+    not for one whose handler Python did not install (``signal.getsignal`` gives None: set
+    by the program embedding Python), which Python could not put back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -567,7 +569,7 @@ def _removed_on_signals(tmp: str) -> Iterator[None]:
             os.kill(os.getpid(), signum)  # the default action: end the process, as the signal asked
 
     for number in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(number) != signal.SIG_IGN:
+        if signal.getsignal(number) not in (signal.SIG_IGN, None):
             previous[number] = signal.signal(number, handler)
     try:
         yield
