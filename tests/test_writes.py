@@ -162,10 +162,15 @@ def test_a_signal_whose_handler_python_did_not_install_is_left_alone(tmp_path, m
         taken.append(number)
         return real_signal(number, handler)
 
-    monkeypatch.setattr(signal, "getsignal", getsignal)
-    monkeypatch.setattr(signal, "signal", set_handler)
-    before = real_getsignal(signal.SIGTERM)
-    write_safetensors(tmp_path / "out.safetensors", {"w": torch.ones(3)}, {})
+    previous = real_signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        monkeypatch.setattr(signal, "getsignal", getsignal)
+        monkeypatch.setattr(signal, "signal", set_handler)
+        before = real_getsignal(signal.SIGTERM)
+        write_safetensors(tmp_path / "out.safetensors", {"w": torch.ones(3)}, {})
+        monkeypatch.undo()
+    finally:
+        real_signal(signal.SIGINT, previous)
     assert signal.SIGTERM not in taken and signal.SIGINT in taken
     assert real_getsignal(signal.SIGTERM) == before
     assert os.listdir(tmp_path) == ["out.safetensors"]
