@@ -176,6 +176,39 @@ def test_a_signal_whose_handler_python_did_not_install_is_left_alone(tmp_path, m
     assert os.listdir(tmp_path) == ["out.safetensors"]
 
 
+FAULTHANDLER_THEN_WRITE = textwrap.dedent(
+    """
+    import faulthandler, os, signal, sys
+    import torch
+    from attn_inject.saving.checkpoint import write_safetensors
+
+    # a handler set below Python: signal.getsignal still says SIG_DFL
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=False)
+    if sys.argv[2] == "write":
+        write_safetensors(sys.argv[1], {"w": torch.ones(3)}, {})
+    os.kill(os.getpid(), signal.SIGTERM)  # faulthandler prints the stack and the process goes on
+    print("alive after SIGTERM", flush=True)
+    """
+)
+
+
+@pytest.mark.processes
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("first", ["nothing", "write"])
+def test_a_handler_set_below_python_is_the_one_a_signal_meets_after_a_write(tmp_path, first):
+    """A write takes over SIGTERM while it lasts; afterwards the signal meets the handler the
+    process had, even one Python cannot see (``faulthandler.register``'s)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FAULTHANDLER_THEN_WRITE, str(tmp_path / "out.safetensors"), first],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "alive after SIGTERM" in done.stdout
+    assert (tmp_path / "out.safetensors").exists() == (first == "write")
+
+
 @pytest.mark.processes
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     process = stalled_writer(tmp_path, "write")

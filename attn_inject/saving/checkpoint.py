@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -552,7 +553,10 @@ def _removed_on_signals(tmp: str) -> Iterator[None]:
     (the process ends, or KeyboardInterrupt). Only in the main thread, where handlers run,
     not for a signal the process ignores (a background job's SIGINT): the write goes on, and
     not for one whose handler Python did not install (``signal.getsignal`` gives None: set
-    by the program embedding Python), which Python could not put back."""
+    by the program embedding Python), which Python could not put back. Afterwards each
+    signal gets back the operating system's record of its handler as it was (libc's
+    ``sigaction``), so that a handler set below Python after it started, which Python's own
+    records do not show (``faulthandler.register``'s), is the one the signal meets again."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -568,8 +572,10 @@ def _removed_on_signals(tmp: str) -> Iterator[None]:
         else:
             os.kill(os.getpid(), signum)  # the default action: end the process, as the signal asked
 
+    recorded: dict[int, bytes | None] = {}
     for number in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(number) not in (signal.SIG_IGN, None):
+            recorded[number] = _os_handler(number)
             previous[number] = signal.signal(number, handler)
     try:
         yield
@@ -577,6 +583,43 @@ def _removed_on_signals(tmp: str) -> Iterator[None]:
         for held, before in previous.items():
             if signal.getsignal(held) is handler:
                 signal.signal(held, before)
+                _put_back_os_handler(held, recorded[held])
+
+
+_SIGACTION_BYTES = 512  # more than any libc's struct sigaction (152 bytes on Linux x86-64)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, for ``sigaction``; None where it cannot be opened (Windows)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "sigaction") else None
+    except (OSError, TypeError):
+        return None
+
+
+def _os_handler(number: int) -> bytes | None:
+    """The operating system's record of what signal ``number`` runs (libc ``sigaction``), as
+    bytes to put back unread; None where it cannot be read."""
+    import ctypes
+
+    libc = _libc()
+    if libc is None:
+        return None
+    record = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    return record.raw if libc.sigaction(number, None, record) == 0 else None
+
+
+def _put_back_os_handler(number: int, record: bytes | None) -> None:
+    """Signal ``number``'s handler as :func:`_os_handler` read it (nothing when it read none)."""
+    import ctypes
+
+    libc = _libc()
+    if record is not None and libc is not None:
+        libc.sigaction(number, ctypes.create_string_buffer(record, _SIGACTION_BYTES), None)
 
 
 def _check_metadata(p: Path, metadata: Mapping[str, str]) -> dict[str, str]:
