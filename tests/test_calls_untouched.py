@@ -65,12 +65,12 @@ def test_compile_checks_of_one_class_never_meet_dynamos_recompile_limit(injected
     from attn_inject.validation import runtimes
 
     monkeypatch.setattr(runtimes, "compile_backend", lambda device: ("eager", "eager in this test"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     counters.clear()
-    for name in ("timm:resnet10t", "timm:resnet14t"):
-        model, patched = injected(name, "se_resnet", SIZE)
-        report = ai.validate(model, patched, device="cpu", batch=2, seeds=1, checks=["compile"])
-        assert report.check("compile").status == "passed", report.check("compile").detail
+    with torch._dynamo.config.patch(recompile_limit=1):  # dynamo's own way to set and put back
+        for name in ("timm:resnet10t", "timm:resnet14t"):
+            model, patched = injected(name, "se_resnet", SIZE)
+            report = ai.validate(model, patched, device="cpu", batch=2, seeds=1, checks=["compile"])
+            assert report.check("compile").status == "passed", report.check("compile").detail
     assert counters["frames"]["ok"] == 2
 
 
