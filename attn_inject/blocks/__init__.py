@@ -120,7 +120,7 @@ def unregister_block(name: str) -> BlockFactory:
     """Remove block kind ``name`` that :func:`register_block` added, and return its factory
     (so a test can put the registry back as it was). A built-in kind replaced with
     ``overwrite=True`` gets its own factory back; the built-in kinds and timm's stay."""
-    return unregistered(_BLOCKS, name, BUILT_IN, "block", "kinds", _BUILT_IN_FACTORIES)
+    return unregistered(_BLOCKS, name, _BUILT_IN_FACTORIES, "block", "kinds")
 
 
 def list_blocks() -> list[str]:

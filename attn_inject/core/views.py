@@ -51,21 +51,14 @@ class NamesView(Sequence[str]):
         return repr(self._names())
 
 
-def unregistered(
-    table: dict[str, V],
-    name: str,
-    built_in: Container[str],
-    what: str,
-    plural: str,
-    originals: Mapping[str, V] | None = None,
-) -> V:
+def unregistered(table: dict[str, V], name: str, built_in: Container[str], what: str, plural: str) -> V:
     """Remove ``name`` from a registry ``table`` and return its entry; a built-in name or one
     never registered is one :class:`InputError` naming what is registered (``what`` and
-    ``plural`` name the kind: "block", "kinds"). A built-in name registered again over the
-    package's own entry (``originals``) gets that entry back, and the replacing one is
-    returned: the registry is as it was before the replacement."""
+    ``plural`` name the kind: "block", "kinds"). Where ``built_in`` maps each built-in name to
+    the package's own entry, a built-in name registered again over it gets that entry back,
+    and the replacing one is returned: the registry is as it was before the replacement."""
     if name in built_in:
-        original = originals.get(name) if originals is not None else None
+        original = built_in.get(name) if isinstance(built_in, Mapping) else None
         if original is not None and table.get(name) is not original:
             replacing = table[name]
             table[name] = original

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import os
 import re
@@ -592,8 +593,6 @@ _SIGACTION_BYTES = 512  # more than any libc's struct sigaction (152 bytes on Li
 @functools.cache
 def _libc() -> Any:
     """The C library, for ``sigaction``; None where it cannot be opened (Windows)."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc if hasattr(libc, "sigaction") else None
@@ -604,8 +603,6 @@ def _libc() -> Any:
 def _os_handler(number: int) -> bytes | None:
     """The operating system's record of what signal ``number`` runs (libc ``sigaction``), as
     bytes to put back unread; None where it cannot be read."""
-    import ctypes
-
     libc = _libc()
     if libc is None:
         return None
@@ -615,8 +612,6 @@ def _os_handler(number: int) -> bytes | None:
 
 def _put_back_os_handler(number: int, record: bytes | None) -> None:
     """Signal ``number``'s handler as :func:`_os_handler` read it (nothing when it read none)."""
-    import ctypes
-
     libc = _libc()
     if record is not None and libc is not None:
         libc.sigaction(number, ctypes.create_string_buffer(record, _SIGACTION_BYTES), None)

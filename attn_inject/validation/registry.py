@@ -80,7 +80,7 @@ def unregister_check(name: str) -> CheckSpec:
     """Remove check ``name`` that :func:`register_check` added, and return it (so a test can
     put the registry back as it was). A built-in check replaced with ``overwrite=True`` gets
     its own back; the built-in checks stay."""
-    return unregistered(_CHECKS, name, _BUILT_IN, "check", "checks", _BUILT_IN)
+    return unregistered(_CHECKS, name, _BUILT_IN, "check", "checks")
 
 
 def seal_built_in() -> None:
